@@ -1,0 +1,460 @@
+"""The hub's initiation coordinator: who is online, what they accept, which requests wait.
+
+What the coordinator knows: which devices are online (a control channel that has registered),
+the stream names each registered, and every stream request sent to a device and not yet
+answered, with its response deadline. It gives each request a request id and a stream id.
+
+What it does not know: the registry (whether a device exists or is disabled), credentials (the
+caller checks the service's SAS token before :meth:`Coordinator.initiate`), sockets, or the
+clock. Every input takes ``now``; every output is an event or a deadline
+(:meth:`Coordinator.next_deadline`) that the caller arms and answers with
+:meth:`Coordinator.advance`.
+
+Rules:
+
+* One control channel per device. A device that registers on a second connection replaces the
+  first: :class:`DeviceReplaced` tells the caller to close the old one, whose pending requests
+  fail with ``DEVICE_NOT_ONLINE``.
+* Every :meth:`~Coordinator.initiate` is answered by exactly one of :class:`InitiationAccepted`,
+  :class:`InitiationRejected` or :class:`InitiationFailed`, carrying the request id it was
+  given (immediately, or later from a response, a disconnect, a replacement or a timeout).
+* A request never outlives its deadline once :meth:`~Coordinator.advance` has passed it; at
+  ``now == deadline`` it has timed out, and a response arriving then is ignored.
+* Memory is bounded: at most ``max_pending_per_device`` pending requests per device, and at most
+  :data:`MAX_REGISTERED_NAMES` names per device.
+"""
+
+from __future__ import annotations
+
+import base64
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .errors import ErrorCode, LocalProtocolError
+
+__all__ = [
+    "MAX_REGISTERED_NAMES",
+    "WILDCARD_NAME",
+    "Coordinator",
+    "CoordinatorEvent",
+    "DeviceReplaced",
+    "ForgetRequest",
+    "InitiationAccepted",
+    "InitiationFailed",
+    "InitiationRejected",
+    "SendStreamRequest",
+]
+
+#: The stream name that accepts every name.
+WILDCARD_NAME = "*"
+#: The most stream names one device may register.
+MAX_REGISTERED_NAMES = 1024
+_MIN_STREAM_NONCE = 16
+_MAX_STREAM_NONCE = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class SendStreamRequest:
+    """Send a stream request to the device on control connection ``connection_id``."""
+
+    connection_id: int
+    request_id: str
+    stream_id: str
+    device_id: str
+    name: str
+    #: When the device's answer is due; past it the request fails with a timeout.
+    deadline: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class InitiationAccepted:
+    """The device accepted request ``request_id``; hand the service its stream token."""
+
+    request_id: str
+    stream_id: str
+    device_id: str
+    name: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class InitiationRejected:
+    """Request ``request_id`` was refused: by the device, or because it did not register the name.
+
+    ``code`` is ``STREAM_REJECTED`` (``reason`` is the device's) or
+    ``STREAM_NAME_NOT_REGISTERED``.
+    """
+
+    request_id: str
+    stream_id: str
+    device_id: str
+    name: str
+    code: ErrorCode
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class InitiationFailed:
+    """Request ``request_id`` failed without an answer from the device.
+
+    ``code`` is ``DEVICE_NOT_ONLINE``, ``THROTTLED`` or ``DEVICE_RESPONSE_TIMEOUT``.
+    """
+
+    request_id: str
+    stream_id: str
+    device_id: str
+    name: str
+    code: ErrorCode
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForgetRequest:
+    """Tell control connection ``connection_id`` to drop request ``request_id`` (timed out)."""
+
+    connection_id: int
+    request_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceReplaced:
+    """Device ``device_id`` registered on a new connection; close the old ``connection_id``."""
+
+    device_id: str
+    connection_id: int
+
+
+CoordinatorEvent = (
+    SendStreamRequest
+    | InitiationAccepted
+    | InitiationRejected
+    | InitiationFailed
+    | ForgetRequest
+    | DeviceReplaced
+)
+
+
+@dataclass(kw_only=True)
+class _Connection:
+    device_id: str
+    names: frozenset[str]
+    #: Request ids pending on this connection, in the order they were made.
+    pending: dict[str, None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Pending:
+    request_id: str
+    connection_id: int
+    stream_id: str
+    device_id: str
+    name: str
+    deadline: float
+
+
+def _argument_invalid(message: str) -> LocalProtocolError:
+    return LocalProtocolError(ErrorCode.ARGUMENT_INVALID, message)
+
+
+def _check_now(now: float) -> None:
+    if not isinstance(now, (int, float)) or not math.isfinite(now):
+        raise _argument_invalid("now must be a finite number")
+
+
+def _check_text(what: str, value: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise _argument_invalid(f"{what} must be a non-empty string")
+
+
+class Coordinator:
+    """The hub's view of online devices and pending stream requests (sans-IO).
+
+    ``max_pending_per_device`` caps the unanswered requests of one device; one more fails with
+    ``THROTTLED``.
+    """
+
+    def __init__(self, *, max_pending_per_device: int = 100) -> None:
+        if (
+            not isinstance(max_pending_per_device, int)
+            or isinstance(max_pending_per_device, bool)
+            or max_pending_per_device < 1
+        ):
+            raise _argument_invalid("max_pending_per_device must be a positive integer")
+        self._max_pending = max_pending_per_device
+        self._connections: dict[int, _Connection] = {}
+        self._online: dict[str, int] = {}
+        self._pending: dict[str, _Pending] = {}
+        #: (deadline, request number, request id); entries of answered requests are left in
+        #: place and skipped when they surface.
+        self._deadlines: list[tuple[float, int, str]] = []
+        self._counter = 0
+
+    # -- device side -----------------------------------------------------------------------
+
+    def device_registered(
+        self, *, device_id: str, connection_id: int, names: Sequence[str], now: float
+    ) -> list[CoordinatorEvent]:
+        """Control connection ``connection_id`` of ``device_id`` registered ``names``.
+
+        A re-register on the same connection replaces its names. If another connection of the
+        same device is registered, the new one replaces it: returns :class:`DeviceReplaced`
+        for the old connection followed by ``InitiationFailed(DEVICE_NOT_ONLINE)`` for each of
+        its pending requests, oldest first. A replaced connection is forgotten: if it registers
+        again it counts as a new connection (and replaces the current one), so the caller must
+        close it on :class:`DeviceReplaced`.
+        """
+        _check_now(now)
+        _check_text("device id", device_id)
+        if isinstance(names, (str, bytes)) or not all(
+            isinstance(name, str) and name for name in names
+        ):
+            raise _argument_invalid("names must be a sequence of non-empty strings")
+        name_set = frozenset(names)
+        if len(name_set) > MAX_REGISTERED_NAMES:
+            raise _argument_invalid(f"at most {MAX_REGISTERED_NAMES} stream names per device")
+        existing = self._connections.get(connection_id)
+        if existing is not None:
+            if existing.device_id != device_id:
+                raise _argument_invalid("a connection cannot register as another device")
+            existing.names = name_set
+            return []
+        events: list[CoordinatorEvent] = []
+        old_id = self._online.get(device_id)
+        if old_id is not None:
+            events.append(DeviceReplaced(device_id=device_id, connection_id=old_id))
+            events.extend(self._drop_connection(old_id))
+        self._connections[connection_id] = _Connection(device_id=device_id, names=name_set)
+        self._online[device_id] = connection_id
+        return events
+
+    def device_disconnected(self, *, connection_id: int, now: float) -> list[CoordinatorEvent]:
+        """Control connection ``connection_id`` ended.
+
+        Its pending requests fail with ``DEVICE_NOT_ONLINE``, oldest first. Connections that
+        never registered, or were replaced, are ignored.
+        """
+        _check_now(now)
+        if connection_id not in self._connections:
+            return []
+        return self._drop_connection(connection_id)
+
+    def _drop_connection(self, connection_id: int) -> list[CoordinatorEvent]:
+        connection = self._connections.pop(connection_id)
+        if self._online.get(connection.device_id) == connection_id:
+            del self._online[connection.device_id]
+        events: list[CoordinatorEvent] = []
+        for request_id in connection.pending:
+            pending = self._pending.pop(request_id)
+            events.append(self._failed(pending, ErrorCode.DEVICE_NOT_ONLINE))
+        return events
+
+    def device_responded(
+        self, *, connection_id: int, request_id: str, accepted: bool, reason: str, now: float
+    ) -> list[CoordinatorEvent]:
+        """The device on ``connection_id`` answered request ``request_id``.
+
+        Returns :class:`InitiationAccepted`, or :class:`InitiationRejected` with
+        ``STREAM_REJECTED`` and the device's ``reason``. An answer to an unknown, answered or
+        timed-out request (``now >= deadline``), or from another connection, returns ``[]``:
+        late answers are normal.
+        """
+        _check_now(now)
+        pending = self._pending.get(request_id)
+        if pending is None or pending.connection_id != connection_id or now >= pending.deadline:
+            return []
+        self._remove(pending)
+        if accepted:
+            return [
+                InitiationAccepted(
+                    request_id=pending.request_id,
+                    stream_id=pending.stream_id,
+                    device_id=pending.device_id,
+                    name=pending.name,
+                )
+            ]
+        return [
+            InitiationRejected(
+                request_id=pending.request_id,
+                stream_id=pending.stream_id,
+                device_id=pending.device_id,
+                name=pending.name,
+                code=ErrorCode.STREAM_REJECTED,
+                reason=reason,
+            )
+        ]
+
+    # -- service side ----------------------------------------------------------------------
+
+    def initiate(
+        self,
+        *,
+        device_id: str,
+        name: str,
+        now: float,
+        response_timeout: float,
+        stream_nonce: bytes,
+    ) -> list[CoordinatorEvent]:
+        """An authorised service asks for stream ``name`` to ``device_id``.
+
+        The stream id is the base64url (unpadded) text of ``stream_nonce`` (16 to 64 random
+        bytes). Returns exactly one event, carrying a fresh request id:
+
+        * ``InitiationFailed(DEVICE_NOT_ONLINE)`` when the device has no registered channel;
+        * ``InitiationRejected(STREAM_NAME_NOT_REGISTERED)`` when it registered neither
+          ``name`` nor ``"*"``;
+        * ``InitiationFailed(THROTTLED)`` when the device has too many pending requests;
+        * otherwise :class:`SendStreamRequest`, due at ``now + response_timeout``.
+
+        Raises :class:`LocalProtocolError` (``ARGUMENT_INVALID``) on a bad argument.
+        """
+        _check_now(now)
+        _check_text("device id", device_id)
+        _check_text("stream name", name)
+        if (
+            not isinstance(response_timeout, (int, float))
+            or not math.isfinite(response_timeout)
+            or response_timeout <= 0
+        ):
+            raise _argument_invalid("response timeout must be a positive number")
+        if (
+            not isinstance(stream_nonce, bytes)
+            or not _MIN_STREAM_NONCE <= len(stream_nonce) <= _MAX_STREAM_NONCE
+        ):
+            raise _argument_invalid(
+                f"stream nonce must be {_MIN_STREAM_NONCE} to {_MAX_STREAM_NONCE} bytes"
+            )
+        stream_id = base64.urlsafe_b64encode(stream_nonce).rstrip(b"=").decode("ascii")
+        self._counter += 1
+        number = self._counter
+        request_id = str(number)
+        connection_id = self._online.get(device_id)
+        if connection_id is None:
+            return [
+                InitiationFailed(
+                    request_id=request_id,
+                    stream_id=stream_id,
+                    device_id=device_id,
+                    name=name,
+                    code=ErrorCode.DEVICE_NOT_ONLINE,
+                )
+            ]
+        connection = self._connections[connection_id]
+        if name not in connection.names and WILDCARD_NAME not in connection.names:
+            code = ErrorCode.STREAM_NAME_NOT_REGISTERED
+            return [
+                InitiationRejected(
+                    request_id=request_id,
+                    stream_id=stream_id,
+                    device_id=device_id,
+                    name=name,
+                    code=code,
+                    reason=code.message,
+                )
+            ]
+        if len(connection.pending) >= self._max_pending:
+            return [
+                InitiationFailed(
+                    request_id=request_id,
+                    stream_id=stream_id,
+                    device_id=device_id,
+                    name=name,
+                    code=ErrorCode.THROTTLED,
+                )
+            ]
+        deadline = now + response_timeout
+        pending = _Pending(
+            request_id=request_id,
+            connection_id=connection_id,
+            stream_id=stream_id,
+            device_id=device_id,
+            name=name,
+            deadline=deadline,
+        )
+        self._pending[request_id] = pending
+        connection.pending[request_id] = None
+        heapq.heappush(self._deadlines, (deadline, number, request_id))
+        self._compact()
+        return [
+            SendStreamRequest(
+                connection_id=connection_id,
+                request_id=request_id,
+                stream_id=stream_id,
+                device_id=device_id,
+                name=name,
+                deadline=deadline,
+            )
+        ]
+
+    # -- time ------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The earliest response deadline of a pending request, or None when none waits."""
+        self._drop_stale_heads()
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def advance(self, now: float) -> list[CoordinatorEvent]:
+        """Time is ``now``: fail every request whose deadline is ``<= now``.
+
+        Each gives ``InitiationFailed(DEVICE_RESPONSE_TIMEOUT)`` followed by
+        :class:`ForgetRequest` for its control connection, earliest deadline first.
+        """
+        _check_now(now)
+        events: list[CoordinatorEvent] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, request_id = heapq.heappop(self._deadlines)
+            pending = self._pending.get(request_id)
+            if pending is None:
+                continue
+            self._remove(pending)
+            events.append(self._failed(pending, ErrorCode.DEVICE_RESPONSE_TIMEOUT))
+            events.append(ForgetRequest(connection_id=pending.connection_id, request_id=request_id))
+        return events
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def is_online(self, device_id: str) -> bool:
+        """Whether ``device_id`` has a registered control channel."""
+        return device_id in self._online
+
+    def registered_names(self, device_id: str) -> frozenset[str]:
+        """The stream names ``device_id`` registered (empty when it is offline)."""
+        connection_id = self._online.get(device_id)
+        if connection_id is None:
+            return frozenset()
+        return self._connections[connection_id].names
+
+    def online_count(self) -> int:
+        """How many devices are online."""
+        return len(self._online)
+
+    def pending_count(self) -> int:
+        """How many stream requests wait for a device's answer."""
+        return len(self._pending)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _failed(self, pending: _Pending, code: ErrorCode) -> InitiationFailed:
+        return InitiationFailed(
+            request_id=pending.request_id,
+            stream_id=pending.stream_id,
+            device_id=pending.device_id,
+            name=pending.name,
+            code=code,
+        )
+
+    def _remove(self, pending: _Pending) -> None:
+        del self._pending[pending.request_id]
+        connection = self._connections.get(pending.connection_id)
+        if connection is not None:
+            connection.pending.pop(pending.request_id, None)
+
+    def _drop_stale_heads(self) -> None:
+        while self._deadlines and self._deadlines[0][2] not in self._pending:
+            heapq.heappop(self._deadlines)
+
+    def _compact(self) -> None:
+        # Lazy deletion leaves entries of answered requests behind; rebuild the heap when
+        # they outnumber the live ones, so memory stays proportional to pending requests.
+        if len(self._deadlines) > 2 * len(self._pending) + 64:
+            self._deadlines = [entry for entry in self._deadlines if entry[2] in self._pending]
+            heapq.heapify(self._deadlines)

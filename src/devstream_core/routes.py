@@ -1,0 +1,284 @@
+"""The hub's HTTP request targets: which route a method and a request target name.
+
+The hub serves everything on one HTTP/1.1 port. This module turns the method and request
+target of a request (bytes, exactly as h11 hands them over) into one route object, or refuses
+them with a :class:`RemoteProtocolError` whose code the adapter turns into the HTTP answer.
+It knows nothing about headers, bodies, credentials or whether a device exists.
+
+The routes::
+
+    POST            /twins/{deviceId}/streams/{streamName}[?api-version=...]   Initiate
+    GET             /devices/{deviceId}/streams                                ControlChannel
+    GET             /bridges/{streamId}[?role=device|service]                  BridgeJoin
+    PUT GET DELETE  /devices/{deviceId}                                        DeviceItem
+    GET             /devices                                                   DeviceList
+    GET             /healthz                                                   Health
+    GET             /metrics                                                   Metrics
+
+Rules:
+
+* The target is split into path and query at the first ``?``, the path into segments at
+  ``/``, and only then is each segment percent-decoded, exactly once: ``%2F`` inside a
+  device id is a character of the id, never a separator, and ``%2525`` stays ``%25``.
+  Fixed segments (``devices``, ``streams``, ...) match literally, case-sensitively.
+* The checks run in a fixed order, so every request gets one definite answer: target shape
+  (``MALFORMED_REQUEST``), then path (``NOT_FOUND``), then method (``METHOD_NOT_ALLOWED``),
+  then the values in the path and query (``ARGUMENT_INVALID``, naming the part at fault).
+* Error messages name the part at fault, never echo its value.
+* The query is parsed with :func:`urllib.parse.parse_qs` (at most
+  :data:`MAX_QUERY_FIELDS` fields); keys a route does not use are ignored, whatever they
+  hold. A key a route uses must appear at most once, and its value must be UTF-8.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import parse_qs, unquote_to_bytes
+
+from .common import Role
+from .control import is_valid_stream_name
+from .errors import ErrorCode, RemoteProtocolError
+
+__all__ = [
+    "ALLOWED_METHODS",
+    "MAX_TARGET_LENGTH",
+    "BridgeJoin",
+    "ControlChannel",
+    "DeviceItem",
+    "DeviceList",
+    "Health",
+    "Initiate",
+    "Metrics",
+    "Route",
+    "is_valid_device_id",
+    "is_valid_stream_id",
+    "parse_route",
+]
+
+#: The longest request target the hub accepts, in bytes.
+MAX_TARGET_LENGTH: Final = 8192
+#: The most query fields parsed; more is an invalid query.
+MAX_QUERY_FIELDS: Final = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class Initiate:
+    """``POST /twins/{deviceId}/streams/{streamName}``: a service initiates a stream.
+
+    *api_version* is the ``api-version`` query value, or ``None`` when absent (any value
+    is accepted).
+    """
+
+    device_id: str
+    stream_name: str
+    api_version: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControlChannel:
+    """``GET /devices/{deviceId}/streams``: a device opens its control channel (WebSocket)."""
+
+    device_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class BridgeJoin:
+    """``GET /bridges/{streamId}``: one side joins a stream (WebSocket).
+
+    *role* is the ``role`` query value, or ``None`` when absent (the stream token says).
+    """
+
+    stream_id: str
+    role: Role | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceItem:
+    """``PUT/GET/DELETE /devices/{deviceId}``: create, read or delete one registry entry."""
+
+    device_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceList:
+    """``GET /devices``: list the registry."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Health:
+    """``GET /healthz``: liveness."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Metrics:
+    """``GET /metrics``: Prometheus text."""
+
+
+#: Any route.
+Route = Initiate | ControlChannel | BridgeJoin | DeviceItem | DeviceList | Health | Metrics
+
+#: The methods each route answers; the adapter can send them as an ``Allow`` header.
+ALLOWED_METHODS: Final[Mapping[type[Route], frozenset[bytes]]] = {
+    Initiate: frozenset({b"POST"}),
+    ControlChannel: frozenset({b"GET"}),
+    BridgeJoin: frozenset({b"GET"}),
+    DeviceItem: frozenset({b"PUT", b"GET", b"DELETE"}),
+    DeviceList: frozenset({b"GET"}),
+    Health: frozenset({b"GET"}),
+    Metrics: frozenset({b"GET"}),
+}
+
+# Azure's device id rule: up to 128 ASCII letters, digits and - . + % _ # * ? ! ( ) , : = @ $ '
+_DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9\-.+%_#*?!(),:=@$']{1,128}")
+_STREAM_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# RFC 3986 characters of a request target in origin form (pchar, "/", "?", and "%").
+_TARGET_RE: Final = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*")
+_BAD_PERCENT_RE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def is_valid_device_id(device_id: str) -> bool:
+    """Whether *device_id* is legal: 1 to 128 ASCII letters, digits or ``-.+%_#*?!(),:=@$'``."""
+    return type(device_id) is str and _DEVICE_ID_RE.fullmatch(device_id) is not None
+
+
+def is_valid_stream_id(stream_id: str) -> bool:
+    """Whether *stream_id* is legal: 1 to 64 characters of ``[A-Za-z0-9_-]``."""
+    return type(stream_id) is str and _STREAM_ID_RE.fullmatch(stream_id) is not None
+
+
+def _error(code: ErrorCode, message: str) -> RemoteProtocolError:
+    return RemoteProtocolError(code, message)
+
+
+def _decode_segment(segment: str, part: str) -> str:
+    """Percent-decode one path segment exactly once; the result must be UTF-8."""
+    if _BAD_PERCENT_RE.search(segment):
+        raise _error(ErrorCode.ARGUMENT_INVALID, f"{part} has invalid percent-encoding")
+    try:
+        return unquote_to_bytes(segment).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _error(ErrorCode.ARGUMENT_INVALID, f"{part} is not valid UTF-8") from None
+
+
+def _device_id(segment: str) -> str:
+    device_id = _decode_segment(segment, "deviceId")
+    if not is_valid_device_id(device_id):
+        raise _error(
+            ErrorCode.ARGUMENT_INVALID,
+            "deviceId must be 1 to 128 ASCII letters, digits or characters of -.+%_#*?!(),:=@$'",
+        )
+    return device_id
+
+
+def _stream_name(segment: str) -> str:
+    name = _decode_segment(segment, "streamName")
+    if not is_valid_stream_name(name):
+        raise _error(
+            ErrorCode.ARGUMENT_INVALID, "streamName must be 1 to 64 characters of [A-Za-z0-9._-]"
+        )
+    return name
+
+
+def _stream_id(segment: str) -> str:
+    stream_id = _decode_segment(segment, "streamId")
+    if not is_valid_stream_id(stream_id):
+        raise _error(
+            ErrorCode.ARGUMENT_INVALID, "streamId must be 1 to 64 characters of [A-Za-z0-9_-]"
+        )
+    return stream_id
+
+
+def _query_value(query: str, key: str) -> str | None:
+    """The single value of *key* in *query*, or ``None`` when absent.
+
+    Percent-escapes that are not UTF-8 are an error only in the value asked for.
+    """
+    try:
+        fields = parse_qs(
+            query,
+            keep_blank_values=True,
+            errors="surrogateescape",
+            max_num_fields=MAX_QUERY_FIELDS,
+        )
+    except ValueError:
+        raise _error(
+            ErrorCode.ARGUMENT_INVALID, f"query string has more than {MAX_QUERY_FIELDS} fields"
+        ) from None
+    values = fields.get(key)
+    if values is None:
+        return None
+    if len(values) != 1:
+        raise _error(ErrorCode.ARGUMENT_INVALID, f"query parameter {key} appears more than once")
+    try:
+        values[0].encode("utf-8")
+    except UnicodeEncodeError:
+        raise _error(
+            ErrorCode.ARGUMENT_INVALID, f"query parameter {key} is not valid UTF-8"
+        ) from None
+    return values[0]
+
+
+def _role(query: str) -> Role | None:
+    value = _query_value(query, "role")
+    if value is None:
+        return None
+    for role in Role:
+        if value == role.value:
+            return role
+    raise _error(ErrorCode.ARGUMENT_INVALID, "query parameter role must be device or service")
+
+
+def _check_method(method: bytes, kind: type[Route]) -> None:
+    if method not in ALLOWED_METHODS[kind]:
+        raise _error(ErrorCode.METHOD_NOT_ALLOWED, "method not allowed for this path")
+
+
+def parse_route(method: bytes, target: bytes) -> Route:
+    """The route that *method* and request *target* name.
+
+    Raises :class:`RemoteProtocolError` with ``MALFORMED_REQUEST`` (target longer than
+    :data:`MAX_TARGET_LENGTH` bytes, not starting with ``/``, or holding characters a
+    request target may not), ``NOT_FOUND`` (no such path), ``METHOD_NOT_ALLOWED`` (path
+    known, method not; see :data:`ALLOWED_METHODS`) or ``ARGUMENT_INVALID`` (a bad id, name,
+    role, query or percent-encoding; the message names which).
+    """
+    if len(target) > MAX_TARGET_LENGTH:
+        raise _error(ErrorCode.MALFORMED_REQUEST, "request target too long")
+    if not target.startswith(b"/"):
+        raise _error(ErrorCode.MALFORMED_REQUEST, "request target must start with /")
+    if _TARGET_RE.fullmatch(target) is None:
+        raise _error(ErrorCode.MALFORMED_REQUEST, "request target holds invalid characters")
+    text = target.decode("ascii")
+    path, _, query = text.partition("?")
+    segments = path[1:].split("/")
+
+    match segments:
+        case ["twins", device, "streams", name]:
+            _check_method(method, Initiate)
+            return Initiate(
+                device_id=_device_id(device),
+                stream_name=_stream_name(name),
+                api_version=_query_value(query, "api-version"),
+            )
+        case ["devices", device, "streams"]:
+            _check_method(method, ControlChannel)
+            return ControlChannel(device_id=_device_id(device))
+        case ["bridges", stream]:
+            _check_method(method, BridgeJoin)
+            return BridgeJoin(stream_id=_stream_id(stream), role=_role(query))
+        case ["devices", device]:
+            _check_method(method, DeviceItem)
+            return DeviceItem(device_id=_device_id(device))
+        case ["devices"]:
+            _check_method(method, DeviceList)
+            return DeviceList()
+        case ["healthz"]:
+            _check_method(method, Health)
+            return Health()
+        case ["metrics"]:
+            _check_method(method, Metrics)
+            return Metrics()
+    raise _error(ErrorCode.NOT_FOUND, "no such path on the hub")

@@ -1,0 +1,454 @@
+"""HTTP/1.1 over any ``trio.abc.Stream`` with h11, and the WebSocket opening handshake.
+
+Server side: :class:`HttpServerConnection` reads requests with hard limits (header size, body
+size, time to receive a whole request), answers them, and upgrades a request to a
+:class:`~devstream_trio._ws.WebSocket`. Client side: :func:`http_request` and
+:func:`websocket_connect` speak to a hub over a stream the caller opened.
+
+Errors the peer causes become :class:`HttpError` with an :class:`ErrorCode`; the server answers
+them with a JSON body ``{"errorCode": …, "message": …}`` and the status taken from the code.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import h11
+import trio
+from wsproto.connection import Connection as WsConnection
+from wsproto.connection import ConnectionType
+
+from devstream_core.errors import DevstreamError, ErrorCode
+
+from ._ws import WebSocket
+
+__all__ = [
+    "HttpError",
+    "HttpRequest",
+    "HttpResponse",
+    "HttpServerConnection",
+    "HttpStatusError",
+    "error_body",
+    "http_request",
+    "websocket_connect",
+]
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_RECEIVE_SIZE = 65536
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    409: "Conflict",
+    413: "Payload Too Large",
+    426: "Upgrade Required",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class HttpError(DevstreamError):
+    """A request the server refuses; answered with the code's status and a JSON body."""
+
+
+def accept_token(key: bytes) -> bytes:
+    """The ``Sec-WebSocket-Accept`` value for a ``Sec-WebSocket-Key``."""
+    return base64.b64encode(hashlib.sha1(key + _GUID).digest())
+
+
+def error_body(code: ErrorCode, message: str | None = None) -> bytes:
+    """The JSON body of an error response."""
+    return json.dumps(
+        {"errorCode": int(code), "message": message if message is not None else code.message}
+    ).encode()
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpRequest:
+    """One request as the server received it (header names lower-cased)."""
+
+    method: bytes
+    target: bytes
+    headers: Headers
+    body: bytes = b""
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header *name* (lower-case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def header_tokens(self, name: bytes, *, lower: bool = True) -> list[str]:
+        """Every comma-separated token of every *name* header, stripped (and lower-cased)."""
+        tokens: list[str] = []
+        for key, value in self.headers:
+            if key == name:
+                tokens.extend(t.strip() for t in value.decode("latin-1").split(","))
+        return [t.lower() if lower else t for t in tokens if t]
+
+    @property
+    def subprotocols(self) -> list[str]:
+        """The WebSocket subprotocols the client offers, in its order and spelling."""
+        return self.header_tokens(b"sec-websocket-protocol", lower=False)
+
+    @property
+    def is_websocket_upgrade(self) -> bool:
+        """True when the request asks to open a WebSocket."""
+        return "websocket" in self.header_tokens(b"upgrade") and "upgrade" in self.header_tokens(
+            b"connection"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpResponse:
+    """One response as the client received it."""
+
+    status: int
+    headers: Headers
+    body: bytes = b""
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header *name* (lower-case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+@dataclass
+class HttpServerConnection:
+    """The server side of one HTTP/1.1 connection, with limits on everything the client sends.
+
+    ``header_timeout`` bounds the time from the first byte of a request (or from the start of
+    the connection, for the first request) until its headers and body have arrived; a client
+    that trickles its headers gets ``408``. ``idle_timeout`` bounds the wait for the next
+    request on a kept-alive connection.
+    """
+
+    stream: trio.abc.Stream
+    max_header_size: int = 16384
+    max_body_size: int = 65536
+    header_timeout: float = 10.0
+    idle_timeout: float = 30.0
+    conn: h11.Connection = field(init=False)
+    _first: bool = field(default=True, init=False)
+    _done: bool = field(default=False, init=False)
+    _upgrade_pending: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_size)
+
+    async def next_request(self) -> HttpRequest | None:
+        """Read the next request; None when the client closed or idled out between requests.
+
+        Raises :class:`HttpError` for a malformed, oversized or too slow request.
+        """
+        if self._done:
+            return None
+        if not self._first:
+            if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is h11.MUST_CLOSE:
+                return None
+            try:
+                self.conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return None
+        started = self._first
+        self._first = False
+        deadline = trio.current_time() + (self.header_timeout if started else self.idle_timeout)
+        request: h11.Request | None = None
+        body = bytearray()
+        got_bytes = False
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                if exc.error_status_hint == 431:
+                    raise HttpError(ErrorCode.HEADERS_TOO_LARGE) from exc
+                raise HttpError(
+                    ErrorCode.MALFORMED_REQUEST, f"malformed HTTP request: {exc}"
+                ) from exc
+            if event is h11.NEED_DATA:
+                with trio.move_on_at(deadline):
+                    try:
+                        data = await self.stream.receive_some(_RECEIVE_SIZE)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
+                    if data and not got_bytes and not started:
+                        # First byte of a kept-alive request: the header clock starts now.
+                        deadline = trio.current_time() + self.header_timeout
+                    got_bytes = got_bytes or bool(data)
+                    self.conn.receive_data(bytes(data))
+                    continue
+                if not got_bytes and request is None and not started:
+                    return None
+                raise HttpError(ErrorCode.REQUEST_TIMEOUT)
+            if isinstance(event, h11.Request):
+                request = event
+                # h11 only bounds a head that is still incomplete; one that arrived whole in a
+                # single read is measured here.
+                if _head_size(event) > self.max_header_size:
+                    raise HttpError(ErrorCode.HEADERS_TOO_LARGE)
+                length = _content_length(event.headers)
+                if length is not None and length > self.max_body_size:
+                    raise HttpError(ErrorCode.PAYLOAD_TOO_LARGE, "request body too large")
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > self.max_body_size:
+                    raise HttpError(ErrorCode.PAYLOAD_TOO_LARGE, "request body too large")
+            elif isinstance(event, h11.EndOfMessage):
+                assert request is not None
+                return HttpRequest(
+                    method=bytes(request.method),
+                    target=bytes(request.target),
+                    headers=[(bytes(k).lower(), bytes(v)) for k, v in request.headers],
+                    body=bytes(body),
+                )
+            elif isinstance(event, h11.ConnectionClosed):
+                if request is None and not got_bytes:
+                    return None
+                raise HttpError(ErrorCode.MALFORMED_REQUEST, "connection closed mid-request")
+            elif event is h11.PAUSED:
+                # A request that asks to switch protocols, with its body already read.
+                assert request is not None
+                self._upgrade_pending = True
+                return HttpRequest(
+                    method=bytes(request.method),
+                    target=bytes(request.target),
+                    headers=[(bytes(k).lower(), bytes(v)) for k, v in request.headers],
+                    body=bytes(body),
+                )
+
+    async def send_response(
+        self,
+        status: int,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+        body: bytes = b"",
+        *,
+        content_type: bytes | None = None,
+    ) -> None:
+        """Send a complete response with a ``Content-Length``."""
+        all_headers: Headers = list(headers)
+        if content_type is not None:
+            all_headers.append((b"content-type", content_type))
+        all_headers.append((b"content-length", str(len(body)).encode()))
+        if self._upgrade_pending:
+            # Declining an upgrade: h11 would keep the connection paused; close it instead.
+            all_headers.append((b"connection", b"close"))
+        data = self.conn.send(
+            h11.Response(status_code=status, headers=all_headers, reason=_REASONS.get(status, ""))
+        )
+        data = (data or b"") + (self.conn.send(h11.Data(data=body)) or b"") if body else data
+        data = (data or b"") + (self.conn.send(h11.EndOfMessage()) or b"")
+        await self.stream.send_all(data)
+
+    async def send_json(self, status: int, value: object, headers: Headers | None = None) -> None:
+        """Send a JSON response."""
+        await self.send_response(
+            status,
+            headers or [],
+            json.dumps(value).encode(),
+            content_type=b"application/json; charset=utf-8",
+        )
+
+    async def send_error(self, code: ErrorCode, message: str | None = None) -> None:
+        """Answer with an error response and close the connection afterwards.
+
+        Works in any state, including after h11 refused the request: the response is written
+        directly and the connection is marked for closing.
+        """
+        body = error_body(code, message)
+        status = code.http_status
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+            "content-type: application/json; charset=utf-8\r\n"
+            f"content-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n"
+        ).encode()
+        self._first = False
+        self._done = True
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.stream.send_all(head + body)
+
+    async def accept_websocket(
+        self, request: HttpRequest, *, subprotocol: str | None = None
+    ) -> WebSocket:
+        """Answer ``101 Switching Protocols`` and return the open WebSocket."""
+        key = request.header(b"sec-websocket-key")
+        version = request.header(b"sec-websocket-version")
+        if key is None or version != b"13":
+            raise HttpError(
+                ErrorCode.MALFORMED_REQUEST,
+                "WebSocket request needs Sec-WebSocket-Key and Sec-WebSocket-Version: 13",
+            )
+        headers: Headers = [
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", accept_token(key)),
+        ]
+        if subprotocol is not None:
+            headers.append((b"sec-websocket-protocol", subprotocol.encode()))
+        data = self.conn.send(h11.InformationalResponse(status_code=101, headers=headers))
+        await self.stream.send_all(data or b"")
+        trailing, _ = self.conn.trailing_data
+        ws = WsConnection(ConnectionType.SERVER, trailing_data=bytes(trailing))
+        return WebSocket(self.stream, ws, subprotocol=subprotocol)
+
+
+def _head_size(request: h11.Request) -> int:
+    """The size of a request's head on the wire, not counting optional whitespace."""
+    size = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n\r\n")
+    return size + sum(len(k) + len(v) + len(b": \r\n") for k, v in request.headers)
+
+
+def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
+    for key, value in headers:
+        if key.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class HttpStatusError(Exception):
+    """The hub answered a request (or a WebSocket handshake) with a non-success status."""
+
+    def __init__(self, response: HttpResponse) -> None:
+        self.response = response
+        self.code, self.message = _error_from_body(response)
+        super().__init__(f"HTTP {response.status}: {self.message}")
+
+
+def _error_from_body(response: HttpResponse) -> tuple[ErrorCode | None, str]:
+    try:
+        value = json.loads(response.body)
+        number = int(value["errorCode"])
+        message = str(value.get("message", ""))
+        return ErrorCode(number), message
+    except (ValueError, KeyError, TypeError):
+        return None, response.body[:200].decode("utf-8", "replace")
+
+
+async def _read_response(
+    stream: trio.abc.Stream, conn: h11.Connection, max_body: int
+) -> tuple[h11.Response | h11.InformationalResponse, bytes]:
+    head: h11.Response | h11.InformationalResponse | None = None
+    body = bytearray()
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise DevstreamError(ErrorCode.HUB_UNREACHABLE, f"bad HTTP response: {exc}") from exc
+        if event is h11.NEED_DATA:
+            try:
+                data = await stream.receive_some(_RECEIVE_SIZE)
+            except trio.BrokenResourceError as exc:
+                raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
+            conn.receive_data(bytes(data))
+            continue
+        if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+            return event, b""
+        if isinstance(event, h11.Response):
+            head = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > max_body:
+                raise DevstreamError(ErrorCode.PAYLOAD_TOO_LARGE, "response body too large")
+        elif isinstance(event, h11.EndOfMessage):
+            assert head is not None
+            return head, bytes(body)
+        elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+            raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection closed by the hub")
+
+
+async def http_request(
+    stream: trio.abc.Stream,
+    *,
+    method: str,
+    host: str,
+    target: str,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes | None = None,
+    max_body: int = 16 * 1024 * 1024,
+) -> HttpResponse:
+    """Send one request (``Connection: close``) and return the response."""
+    conn = h11.Connection(h11.CLIENT)
+    all_headers = [("host", host), ("connection", "close"), *headers]
+    if body is not None:
+        all_headers.append(("content-length", str(len(body))))
+    data = conn.send(h11.Request(method=method, target=target, headers=all_headers))
+    if body:
+        data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
+    data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
+    try:
+        await stream.send_all(data)
+    except trio.BrokenResourceError as exc:
+        raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
+    head, content = await _read_response(stream, conn, max_body)
+    return HttpResponse(
+        status=head.status_code,
+        headers=[(bytes(k).lower(), bytes(v)) for k, v in head.headers],
+        body=content,
+    )
+
+
+async def websocket_connect(
+    stream: trio.abc.Stream,
+    *,
+    host: str,
+    target: str,
+    headers: Sequence[tuple[str, str]] = (),
+    subprotocols: Sequence[str] = (),
+    nonce: bytes | None = None,
+) -> WebSocket:
+    """Run the client's opening handshake; raise :class:`HttpStatusError` if refused."""
+    key = base64.b64encode(nonce if nonce is not None else os.urandom(16))
+    conn = h11.Connection(h11.CLIENT)
+    all_headers = [
+        ("host", host),
+        ("upgrade", "websocket"),
+        ("connection", "Upgrade"),
+        ("sec-websocket-key", key.decode()),
+        ("sec-websocket-version", "13"),
+        *headers,
+    ]
+    if subprotocols:
+        all_headers.append(("sec-websocket-protocol", ", ".join(subprotocols)))
+    data = conn.send(h11.Request(method="GET", target=target, headers=all_headers))
+    data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
+    try:
+        await stream.send_all(data)
+    except trio.BrokenResourceError as exc:
+        raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
+    head, content = await _read_response(stream, conn, 1024 * 1024)
+    response = HttpResponse(
+        status=head.status_code,
+        headers=[(bytes(k).lower(), bytes(v)) for k, v in head.headers],
+        body=content,
+    )
+    if head.status_code != 101:
+        raise HttpStatusError(response)
+    if response.header(b"sec-websocket-accept") != accept_token(key):
+        raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "bad Sec-WebSocket-Accept from the hub")
+    chosen = response.header(b"sec-websocket-protocol")
+    trailing, _ = conn.trailing_data
+    ws = WsConnection(ConnectionType.CLIENT, trailing_data=bytes(trailing))
+    return WebSocket(stream, ws, subprotocol=chosen.decode() if chosen else None)

@@ -1,0 +1,192 @@
+"""A small WebSocket connection over any ``trio.abc.Stream``, driven by wsproto.
+
+The opening handshake is done elsewhere (``_http``) with h11; this module takes over once the
+``101 Switching Protocols`` has been exchanged, with a ``wsproto.connection.Connection`` and any
+bytes that arrived after the handshake.
+
+Rules:
+
+* One task reads (``receive``); any number of tasks may send: sends are serialised by a lock.
+* ``receive`` is safe to cancel: events already parsed by wsproto wait in a queue, and bytes are
+  only read from the transport when that queue is empty.
+* Pings are answered by the reader. The time of the last byte received is kept, so a keepalive
+  task can tell a silent peer from a live one.
+* A close from the peer is answered and reported as :class:`ConnectionClosed`; a transport that
+  ends without a close is reported as ``ConnectionClosed(1006)``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import trio
+from wsproto.connection import Connection, ConnectionState
+from wsproto.events import (
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    TextMessage,
+)
+from wsproto.utilities import ProtocolError as WsProtocolError
+
+__all__ = ["ABNORMAL_CLOSURE", "ConnectionClosed", "WebSocket", "payload"]
+
+#: The close code reported when the transport ended without a close frame (never sent).
+ABNORMAL_CLOSURE = 1006
+_RECEIVE_SIZE = 65536
+
+
+class ConnectionClosed(Exception):
+    """The WebSocket is closed; ``code`` and ``reason`` are the peer's (or 1006)."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(f"WebSocket closed: {code} {reason}".rstrip())
+        self.code = code
+        self.reason = reason
+
+
+class WebSocket:
+    """One open WebSocket: messages in and out, pings, close."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        connection: Connection,
+        *,
+        subprotocol: str | None = None,
+    ) -> None:
+        self.stream = stream
+        self.subprotocol = subprotocol
+        self._ws = connection
+        self._events: collections.deque[Event] = collections.deque()
+        self._send_lock = trio.StrictFIFOLock()
+        self._closed: ConnectionClosed | None = None
+        #: trio time of the last bytes received from the peer.
+        self.last_received = trio.current_time()
+        # Bytes that came in with the handshake response.
+        self._events.extend(connection.events())
+
+    @property
+    def closed(self) -> ConnectionClosed | None:
+        """Why the connection closed, or ``None`` while it is open."""
+        return self._closed
+
+    @property
+    def is_open(self) -> bool:
+        """True while messages can still be sent."""
+        return self._ws.state is ConnectionState.OPEN
+
+    async def _send(self, event: Event) -> None:
+        async with self._send_lock:
+            try:
+                data = self._ws.send(event)
+            except WsProtocolError as exc:
+                raise ConnectionClosed(
+                    self._closed.code if self._closed else ABNORMAL_CLOSURE, "closed"
+                ) from exc
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._closed = self._closed or ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
+                raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
+
+    async def send_bytes(self, data: bytes, *, message_finished: bool = True) -> None:
+        """Send binary data; ``message_finished=False`` sends a fragment of a longer message."""
+        await self._send(BytesMessage(data=data, message_finished=message_finished))
+
+    async def send_text(self, text: str, *, message_finished: bool = True) -> None:
+        """Send text data."""
+        await self._send(TextMessage(data=text, message_finished=message_finished))
+
+    async def send_message(self, event: BytesMessage | TextMessage) -> None:
+        """Send a data fragment as received from another WebSocket (relaying)."""
+        if isinstance(event, BytesMessage):
+            await self._send(BytesMessage(data=event.data, message_finished=event.message_finished))
+        else:
+            assert isinstance(event, TextMessage)
+            await self._send(TextMessage(data=event.data, message_finished=event.message_finished))
+
+    async def ping(self, payload: bytes = b"") -> None:
+        """Send a ping; the peer's pong updates :attr:`last_received`."""
+        await self._send(Ping(payload=payload))
+
+    async def send_close(self, code: int = 1000, reason: str = "") -> None:
+        """Start (or answer) the closing handshake; does nothing if already closed."""
+        if code == ABNORMAL_CLOSURE or code == 1005 or code == 1015:
+            code = 1001
+        async with self._send_lock:
+            if self._ws.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+                return
+            data = self._ws.send(CloseConnection(code=code, reason=reason))
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.stream.send_all(data)
+
+    async def receive(self) -> BytesMessage | TextMessage:
+        """Return the next data fragment; raise :class:`ConnectionClosed` at the end."""
+        while True:
+            if self._closed is not None and not self._events:
+                raise self._closed
+            while self._events:
+                event = self._events.popleft()
+                if isinstance(event, (BytesMessage, TextMessage)):
+                    return event
+                try:
+                    if isinstance(event, Ping):
+                        with contextlib.suppress(ConnectionClosed):
+                            await self._send(event.response())
+                    elif isinstance(event, CloseConnection):
+                        self._closed = ConnectionClosed(event.code, event.reason or "")
+                        # Answers the peer's close, or closes on a frame wsproto refused.
+                        await self.send_close(event.code, event.reason or "")
+                        raise self._closed
+                except trio.Cancelled:
+                    # Cancelled before the answer went out: answer on the next receive.
+                    self._events.appendleft(event)
+                    raise
+                # Pong: nothing to do beyond last_received.
+            await self._read_more()
+
+    async def _read_more(self) -> None:
+        try:
+            data = await self.stream.receive_some(_RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            self._closed = ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
+            raise self._closed
+        self.last_received = trio.current_time()
+        try:
+            self._ws.receive_data(bytes(data))
+            self._events.extend(self._ws.events())
+        except WsProtocolError as exc:
+            self._closed = ConnectionClosed(1002, "protocol error")
+            await self.send_close(1002, "protocol error")
+            raise self._closed from exc
+
+    async def aclose(self, code: int = 1000, reason: str = "", *, timeout: float = 5.0) -> None:
+        """Close politely: send a close, wait briefly for the peer's, then drop the transport.
+
+        Only call this when no other task is receiving on this WebSocket.
+        """
+        try:
+            await self.send_close(code, reason)
+            with trio.move_on_after(timeout):
+                while self._closed is None:
+                    try:
+                        await self.receive()
+                    except ConnectionClosed:
+                        break
+        finally:
+            await trio.aclose_forcefully(self.stream)
+
+    async def abort(self) -> None:
+        """Drop the transport without a closing handshake."""
+        await trio.aclose_forcefully(self.stream)
+
+
+def payload(event: BytesMessage | TextMessage) -> bytes | str:
+    """The data of a received fragment as ``bytes`` or ``str`` (wsproto may give a bytearray)."""
+    data = event.data
+    return bytes(data) if isinstance(data, bytearray) else data

@@ -1,0 +1,312 @@
+"""The device client: keep a control channel to the hub and hand accepted streams to code.
+
+::
+
+    async def echo(stream: HubStream) -> None:
+        async for data in stream:
+            await stream.send_all(data)
+
+    async with devstream_trio.open_device(connection_string) as device:
+        await device.serve({"echo": echo})
+
+* The control channel is kept up: the device pings every ``ping_interval`` seconds and treats a
+  hub silent for ``ping_interval + ping_timeout`` as gone; after a drop it reconnects with
+  exponential backoff and full jitter (``backoff_min`` doubling up to ``backoff_max``).
+* A stream request for a registered name is accepted and its handler runs in its own task; a
+  handler that raises is logged and its stream closed, and the device keeps serving.
+* A request for a name with no handler is rejected with a reason the service can read.
+* The hub refusing the device itself (wrong key, unknown or disabled device) is not retried:
+  ``serve`` raises the matching exception (``Unauthorized``, ``DeviceNotFound``,
+  ``DeviceDisabled``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+
+import trio
+
+from devstream_core import control
+from devstream_core.common import Role
+from devstream_core.credentials import ConnectionString
+from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
+
+from ._connect import HubAddress, Opener
+from ._http import HttpStatusError, websocket_connect
+from ._ws import ConnectionClosed, WebSocket, payload
+from .exceptions import HubError, HubUnreachable, error_for
+from .service import join_stream, open_transport
+from .stream import HubStream
+
+__all__ = ["CONTROL_SUBPROTOCOL", "DeviceClient", "Handler", "open_device"]
+
+log = logging.getLogger("devstream.device")
+
+CONTROL_SUBPROTOCOL = "devstream.control.v1"
+SAS_LIFETIME = 3600
+
+#: What a device runs for each accepted stream.
+Handler = Callable[[HubStream], Awaitable[None]]
+
+#: Errors that mean "this device may not connect": retrying would not help.
+PERMANENT = frozenset(
+    {
+        ErrorCode.UNAUTHORIZED,
+        ErrorCode.PERMISSION_DENIED,
+        ErrorCode.DEVICE_NOT_FOUND,
+        ErrorCode.DEVICE_DISABLED,
+        ErrorCode.INVALID_CONNECTION_STRING,
+    }
+)
+
+
+class _SessionLost(Exception):
+    """The control channel ended; reconnect."""
+
+
+class DeviceClient:
+    """A device's handle on a hub, holding a device connection string."""
+
+    def __init__(
+        self,
+        connection_string: str | ConnectionString,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        ping_interval: float = 20.0,
+        ping_timeout: float = 20.0,
+        backoff_min: float = 0.5,
+        backoff_max: float = 30.0,
+        wall_clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        opener: Opener | None = None,
+    ) -> None:
+        cs = (
+            connection_string
+            if isinstance(connection_string, ConnectionString)
+            else ConnectionString.parse(connection_string)
+        )
+        if cs.role is not Role.DEVICE or cs.device_id is None:
+            raise HubError(
+                ErrorCode.INVALID_CONNECTION_STRING,
+                "a device needs a connection string with DeviceId",
+            )
+        self.connection_string = cs
+        self.device_id: str = cs.device_id
+        self.address = HubAddress.from_connection_string(cs)
+        self.ssl_context = ssl_context
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.wall_clock = wall_clock
+        self._rng = rng or random.Random()
+        self.opener = opener
+        #: True while the control channel is up and registered.
+        self.online = False
+        #: How many times the control channel has been (re)established.
+        self.connections = 0
+
+    async def serve(
+        self,
+        handlers: Mapping[str, Handler],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Register the names in *handlers* and serve stream requests until cancelled.
+
+        ``task_status.started()`` is called once the first registration is confirmed. The key
+        ``"*"`` accepts every name not listed.
+        """
+        if not handlers:
+            raise ValueError("serve() needs at least one handler")
+        started = False
+        failures = 0
+
+        def ready() -> None:
+            nonlocal started, failures
+            failures = 0
+            if not started:
+                started = True
+                task_status.started()
+
+        # Errors leave the nursery by hand: trio would wrap them in an ExceptionGroup.
+        fatal: HubError | None = None
+        async with trio.open_nursery() as streams:
+            while True:
+                try:
+                    await self._session(handlers, streams, ready)
+                except HubError as exc:
+                    if exc.code in PERMANENT:
+                        fatal = exc
+                        streams.cancel_scope.cancel()
+                        break
+                    log.warning("device %r: %s; reconnecting", self.device_id, exc.message)
+                except _SessionLost as exc:
+                    log.info(
+                        "device %r: control channel lost (%s); reconnecting", self.device_id, exc
+                    )
+                finally:
+                    self.online = False
+                failures += 1
+                ceiling = min(self.backoff_max, self.backoff_min * 2 ** min(failures - 1, 16))
+                await trio.sleep(self._rng.uniform(self.backoff_min / 2, ceiling))
+        if fatal is not None:
+            raise fatal
+
+    async def _session(
+        self,
+        handlers: Mapping[str, Handler],
+        streams: trio.Nursery,
+        ready: Callable[[], None],
+    ) -> None:
+        transport = await open_transport(self.address, self.ssl_context, self.opener)
+        token = self.connection_string.sas_token(expiry=int(self.wall_clock()) + SAS_LIFETIME)
+        try:
+            ws = await websocket_connect(
+                transport,
+                host=self.address.host_header,
+                target=f"/devices/{urllib.parse.quote(self.device_id, safe='')}/streams",
+                headers=[("authorization", token)],
+                subprotocols=[CONTROL_SUBPROTOCOL],
+            )
+        except HttpStatusError as exc:
+            await trio.aclose_forcefully(transport)
+            raise error_for(exc.code or ErrorCode.SERVER_ERROR, exc.message) from None
+        except DevstreamError as exc:
+            await trio.aclose_forcefully(transport)
+            raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, exc.message) from exc
+        except BaseException:
+            await trio.aclose_forcefully(transport)
+            raise
+        machine = control.DeviceControl()
+        try:
+            # The reader's error leaves the nursery by hand (trio would wrap it in a group).
+            failure: ConnectionClosed | DevstreamError | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keepalive, ws, nursery.cancel_scope)
+                try:
+                    await ws.send_text(machine.send(control.Register(names=tuple(handlers))))
+                    await self._read_loop(ws, machine, handlers, streams, ready)
+                except (ConnectionClosed, DevstreamError) as exc:
+                    failure = exc
+                    nursery.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
+            raise _SessionLost("no answer to keepalive pings")
+        except ConnectionClosed as exc:
+            code, message = parse_close_reason(exc.reason)
+            if code is not None:
+                raise error_for(code, message) from None
+            raise _SessionLost(f"closed {exc.code} {exc.reason}".rstrip()) from None
+        except DevstreamError as exc:
+            if isinstance(exc, HubError):
+                raise
+            # The hub broke the control protocol: drop the channel and start afresh.
+            raise _SessionLost(exc.message) from exc
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await ws.send_close(1000, "")
+            await ws.abort()
+
+    async def _read_loop(
+        self,
+        ws: WebSocket,
+        machine: control.DeviceControl,
+        handlers: Mapping[str, Handler],
+        streams: trio.Nursery,
+        ready: Callable[[], None],
+    ) -> None:
+        while True:
+            event = await ws.receive()
+            for message in machine.receive(payload(event), message_finished=event.message_finished):
+                if isinstance(message, control.Registered):
+                    self.online = True
+                    self.connections += 1
+                    log.info("device %r online, serving %s", self.device_id, list(message.names))
+                    ready()
+                elif isinstance(message, control.StreamRequest):
+                    handler = handlers.get(message.name) or handlers.get("*")
+                    if handler is None:
+                        await ws.send_text(
+                            machine.send(
+                                control.StreamResponse(
+                                    request_id=message.request_id,
+                                    accepted=False,
+                                    reason=f"no handler for stream name {message.name!r}",
+                                )
+                            )
+                        )
+                        continue
+                    await ws.send_text(
+                        machine.send(
+                            control.StreamResponse(request_id=message.request_id, accepted=True)
+                        )
+                    )
+                    streams.start_soon(self._run_stream, message, handler)
+                elif isinstance(message, control.ErrorMessage):
+                    log.warning(
+                        "device %r: hub reports error %s: %s",
+                        self.device_id,
+                        message.code,
+                        message.message,
+                    )
+
+    async def _keepalive(self, ws: WebSocket, scope: trio.CancelScope) -> None:
+        while True:
+            await trio.sleep(self.ping_interval)
+            if trio.current_time() - ws.last_received > self.ping_interval + self.ping_timeout:
+                scope.cancel()
+                return
+            try:
+                await ws.ping()
+            except ConnectionClosed:
+                return
+
+    async def _run_stream(self, request: control.StreamRequest, handler: Handler) -> None:
+        try:
+            stream = await join_stream(
+                request.url,
+                request.token,
+                role=Role.DEVICE,
+                ssl_context=self.ssl_context,
+                opener=self.opener,
+            )
+        except DevstreamError as exc:  # HubError, or the hub lost mid-handshake
+            log.warning(
+                "device %r: could not join stream %r: %s", self.device_id, request.name, exc.message
+            )
+            return
+        stream.name = request.name
+        log.info("device %r: stream %s (%r) opened", self.device_id, stream.stream_id, request.name)
+        try:
+            await handler(stream)
+        except Exception:
+            log.exception("device %r: handler for %r failed", self.device_id, request.name)
+        finally:
+            await stream.aclose()
+            log.info("device %r: stream %s closed", self.device_id, stream.stream_id)
+
+
+@asynccontextmanager
+async def open_device(
+    connection_string: str | ConnectionString,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    ping_interval: float = 20.0,
+    ping_timeout: float = 20.0,
+    opener: Opener | None = None,
+) -> AsyncIterator[DeviceClient]:
+    """A :class:`DeviceClient` for the block; call ``serve`` on it to go online."""
+    yield DeviceClient(
+        connection_string,
+        ssl_context=ssl_context,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        opener=opener,
+    )

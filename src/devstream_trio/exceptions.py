@@ -1,0 +1,91 @@
+"""Exceptions the device and service clients raise, one class per error code that matters.
+
+Every class is a :class:`~devstream_core.errors.DevstreamError`, so ``exc.code`` is always the
+numeric error code from the hub (or from the client itself for ``HubUnreachable``).
+"""
+
+from __future__ import annotations
+
+from devstream_core.errors import DevstreamError, ErrorCode
+
+__all__ = [
+    "DeviceDisabled",
+    "DeviceNotFound",
+    "DeviceNotOnline",
+    "DeviceResponseTimeout",
+    "HubError",
+    "HubUnreachable",
+    "PermissionDenied",
+    "StreamJoinRefused",
+    "StreamNameNotRegistered",
+    "StreamRejected",
+    "Unauthorized",
+    "error_for",
+]
+
+
+class HubError(DevstreamError):
+    """The hub refused a request, or could not be reached."""
+
+
+class HubUnreachable(HubError):
+    """No connection to the hub (refused, TLS failure, dropped)."""
+
+
+class Unauthorized(HubError):
+    """The hub refused the credential (wrong key, expired token, unknown policy)."""
+
+
+class PermissionDenied(HubError):
+    """The credential is valid but lacks a permission (e.g. ``ServiceConnect``)."""
+
+
+class DeviceNotFound(HubError):
+    """No device with that id in the registry."""
+
+
+class DeviceDisabled(HubError):
+    """The device is disabled in the registry."""
+
+
+class DeviceNotOnline(HubError):
+    """The device has no control channel open to the hub."""
+
+
+class DeviceResponseTimeout(HubError):
+    """The device did not answer the stream request in time."""
+
+
+class StreamRejected(HubError):
+    """The device (or the hub on its behalf) rejected the stream; ``message`` says why."""
+
+
+class StreamNameNotRegistered(StreamRejected):
+    """The device is online but did not register this stream name."""
+
+
+class StreamJoinRefused(HubError):
+    """The streaming endpoint refused the stream token (expired, reused, wrong stream/role)."""
+
+
+_CLASSES: dict[ErrorCode, type[HubError]] = {
+    ErrorCode.HUB_UNREACHABLE: HubUnreachable,
+    ErrorCode.UNAUTHORIZED: Unauthorized,
+    ErrorCode.PERMISSION_DENIED: PermissionDenied,
+    ErrorCode.DEVICE_NOT_FOUND: DeviceNotFound,
+    ErrorCode.DEVICE_DISABLED: DeviceDisabled,
+    ErrorCode.DEVICE_NOT_ONLINE: DeviceNotOnline,
+    ErrorCode.DEVICE_RESPONSE_TIMEOUT: DeviceResponseTimeout,
+    ErrorCode.STREAM_REJECTED: StreamRejected,
+    ErrorCode.STREAM_NAME_NOT_REGISTERED: StreamNameNotRegistered,
+    ErrorCode.STREAM_TOKEN_EXPIRED: StreamJoinRefused,
+    ErrorCode.STREAM_TOKEN_REUSED: StreamJoinRefused,
+    ErrorCode.STREAM_TOKEN_WRONG_ROLE: StreamJoinRefused,
+    ErrorCode.STREAM_TOKEN_WRONG_STREAM: StreamJoinRefused,
+    ErrorCode.STREAM_TOKEN_INVALID: StreamJoinRefused,
+}
+
+
+def error_for(code: ErrorCode, message: str | None = None) -> HubError:
+    """The exception for *code*: a specific class where there is one, else :class:`HubError`."""
+    return _CLASSES.get(code, HubError)(code, message)

@@ -1,0 +1,811 @@
+"""The hub server: registry API, initiate API, device control channels and the streaming endpoint.
+
+The hub drives the sans-IO core (``Coordinator``, ``Bridge``, ``HubControl``) from trio:
+
+* each accepted connection is read by one task (:meth:`Hub.handle_connection`), which answers
+  plain HTTP requests and, for a WebSocket path, keeps the WebSocket for its lifetime;
+* one timer task (:meth:`Hub.run`) sleeps until the core's next deadline and feeds the expired
+  deadlines back in, so every timeout is a core decision;
+* time for the core is ``trio.current_time()`` (so tests run on an autojump clock); SAS
+  expiry uses the wall clock passed in (``wall_clock``), since SAS ``se`` is a Unix time.
+
+A failure on one connection never reaches another: every handler catches what its peer causes
+and answers it with the documented error code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import ssl
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from devstream_core import control
+from devstream_core.bridge import Bridge, CloseLoneSide, ClosePeer
+from devstream_core.common import Role
+from devstream_core.coordinator import (
+    Coordinator,
+    CoordinatorEvent,
+    DeviceReplaced,
+    ForgetRequest,
+    InitiationAccepted,
+    InitiationFailed,
+    InitiationRejected,
+    SendStreamRequest,
+)
+from devstream_core.credentials import (
+    SasToken,
+    device_resource,
+    parse_sas_token,
+    verify_sas_token,
+)
+from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for
+from devstream_core.registry import (
+    OWNER_POLICY,
+    Device,
+    Permission,
+    Policy,
+    device_from_json,
+    device_to_json,
+    new_key,
+)
+from devstream_core.routes import (
+    BridgeJoin,
+    ControlChannel,
+    DeviceItem,
+    DeviceList,
+    Health,
+    Initiate,
+    parse_route,
+)
+from devstream_core.routes import (
+    Metrics as MetricsRoute,
+)
+
+from ._http import HttpError, HttpRequest, HttpServerConnection
+from ._ws import ConnectionClosed, WebSocket, payload
+from .metrics import Metrics
+from .store import RegistryStore
+
+__all__ = ["Hub", "HubConfig", "serve_hub"]
+
+log = logging.getLogger("devstream.hub")
+
+CONTROL_SUBPROTOCOL = "devstream.control.v1"
+HEADER_CONNECT_TIMEOUT = b"iothub-streaming-connect-timeout-in-seconds"
+HEADER_RESPONSE_TIMEOUT = b"iothub-streaming-response-timeout-in-seconds"
+
+
+@dataclass(kw_only=True)
+class HubConfig:
+    """Limits and timeouts of a hub. The defaults suit a hub on the internet."""
+
+    #: Time a client has to send a whole request (headers and body).
+    header_timeout: float = 10.0
+    #: Time a kept-alive HTTP connection may sit idle between requests.
+    idle_timeout: float = 30.0
+    max_header_size: int = 16 * 1024
+    max_body_size: int = 64 * 1024
+    max_control_message_size: int = control.MAX_CONTROL_MESSAGE_SIZE
+    #: A control channel silent this long (no message, no ping) is dropped.
+    control_idle_timeout: float = 90.0
+    #: Response and connect timeouts when the initiate request does not say (Azure: 60 s).
+    default_timeout: float = 60.0
+    #: The largest response or connect timeout a service may ask for.
+    max_timeout: float = 300.0
+    #: Time given to a peer to answer a WebSocket close.
+    close_timeout: float = 5.0
+
+
+@dataclass
+class _Outcome:
+    event: trio.Event = field(default_factory=trio.Event)
+    result: CoordinatorEvent | None = None
+    stream_id: str = ""
+    service_token: str = ""
+
+
+@dataclass
+class _Session:
+    """One device's control channel."""
+
+    device_id: str
+    connection_id: int
+    ws: WebSocket
+    machine: control.HubControl
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    close_code: ErrorCode | None = None
+
+    async def send(self, message: control.ControlMessage) -> None:
+        await self.ws.send_text(self.machine.send(message))
+
+
+@dataclass
+class _StreamSlot:
+    """The sides of one stream that have joined the streaming endpoint."""
+
+    stream_id: str
+    sides: dict[int, WebSocket] = field(default_factory=dict)
+    paired: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+    lone_close: ErrorCode | None = None
+
+
+class Hub:
+    """A hub's state and request handlers; serve it with :func:`serve_hub`."""
+
+    def __init__(
+        self,
+        store: RegistryStore,
+        *,
+        public_url: str,
+        secret: bytes,
+        config: HubConfig | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.store = store
+        self.config = config or HubConfig()
+        self.wall_clock = wall_clock
+        self.random_bytes = random_bytes
+        self.metrics = Metrics()
+        self.coordinator = Coordinator()
+        self.bridge = Bridge(secret=secret)
+        self._sessions: dict[int, _Session] = {}
+        self._outcomes: dict[str, _Outcome] = {}
+        self._slots: dict[str, _StreamSlot] = {}
+        self._next_connection_id = 0
+        self._timer_wakeup = trio.Event()
+        #: The (host, port) :func:`serve_hub` listens on, once it does.
+        self.listen_address: tuple[str, int] | None = None
+        self.set_public_url(public_url)
+
+    # -- addresses ---------------------------------------------------------------------------
+
+    def set_public_url(self, public_url: str) -> None:
+        """Set the address clients use to reach the hub (stream URLs, SAS resource)."""
+        parsed = urllib.parse.urlsplit(public_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"public URL must be http(s)://host[:port], not {public_url!r}")
+        self.public_url = public_url.rstrip("/")
+        self.host_name = parsed.netloc.lower()
+        self.ws_url = ("wss://" if parsed.scheme == "https" else "ws://") + parsed.netloc
+        self.use_tls = parsed.scheme == "https"
+
+    # -- the timer ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Fire the core's deadlines for as long as the hub runs."""
+        task_status.started()
+        while True:
+            deadlines = [
+                d
+                for d in (self.coordinator.next_deadline(), self.bridge.next_deadline())
+                if d is not None
+            ]
+            with trio.move_on_at(min(deadlines, default=math.inf)):
+                await self._timer_wakeup.wait()
+            self._timer_wakeup = trio.Event()
+            now = trio.current_time()
+            self._dispatch(self.coordinator.advance(now))
+            for event in self.bridge.advance(now):
+                if isinstance(event, CloseLoneSide):
+                    slot = self._slots.get(event.stream_id)
+                    if slot is not None:
+                        slot.lone_close = event.code
+                        slot.done.set()
+
+    def _wake(self) -> None:
+        self._timer_wakeup.set()
+
+    def _dispatch(self, events: list[CoordinatorEvent]) -> None:
+        for event in events:
+            if isinstance(event, (InitiationAccepted, InitiationRejected, InitiationFailed)):
+                outcome = self._outcomes.get(event.request_id)
+                if outcome is not None:
+                    outcome.result = event
+                    outcome.event.set()
+            elif isinstance(event, ForgetRequest):
+                session = self._sessions.get(event.connection_id)
+                if session is not None:
+                    session.machine.forget_request(event.request_id)
+            elif isinstance(event, DeviceReplaced):
+                session = self._sessions.get(event.connection_id)
+                if session is not None:
+                    session.close_code = ErrorCode.DEVICE_NOT_ONLINE
+                    session.cancel_scope.cancel()
+
+    # -- connections -------------------------------------------------------------------------
+
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one client connection until it closes. Never raises for a client's fault."""
+        self._next_connection_id += 1
+        connection_id = self._next_connection_id
+        http = HttpServerConnection(
+            stream,
+            max_header_size=self.config.max_header_size,
+            max_body_size=self.config.max_body_size,
+            header_timeout=self.config.header_timeout,
+            idle_timeout=self.config.idle_timeout,
+        )
+        try:
+            while True:
+                try:
+                    request = await http.next_request()
+                    if request is None:
+                        break
+                    upgraded = await self._handle_request(http, request, connection_id)
+                    if upgraded:
+                        break
+                except HttpError as exc:
+                    self.metrics.http_errors[int(exc.code)] += 1
+                    log.info("HTTP error %d: %s", exc.code, exc.message)
+                    await http.send_error(exc.code, exc.message)
+                    break
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except trio.TooSlowError:
+            pass
+        except Exception:
+            log.exception("unexpected error on connection %d", connection_id)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handle_request(
+        self, http: HttpServerConnection, request: HttpRequest, connection_id: int
+    ) -> bool:
+        """Answer one request; return True if the connection became a WebSocket."""
+        try:
+            route = parse_route(request.method, request.target)
+        except DevstreamError as exc:
+            raise HttpError(exc.code, exc.message) from exc
+        if isinstance(route, (ControlChannel, BridgeJoin)):
+            if not request.is_websocket_upgrade:
+                raise HttpError(ErrorCode.UPGRADE_REQUIRED)
+            if isinstance(route, ControlChannel):
+                await self._control_channel(http, request, route, connection_id)
+            else:
+                await self._bridge_join(http, request, route, connection_id)
+            return True
+        if request.is_websocket_upgrade:
+            raise HttpError(ErrorCode.NOT_FOUND, "no WebSocket endpoint at this path")
+        if isinstance(route, Health):
+            await http.send_json(200, {"status": "ok"})
+        elif isinstance(route, MetricsRoute):
+            text = self.metrics.render(
+                devices_online=self.coordinator.online_count(),
+                streams_open=self.bridge.paired_count(),
+                streams_waiting=self.bridge.stream_count() - self.bridge.paired_count(),
+            )
+            await http.send_response(
+                200, body=text.encode(), content_type=b"text/plain; version=0.0.4"
+            )
+        elif isinstance(route, Initiate):
+            await self._initiate(http, request, route)
+        elif isinstance(route, DeviceList):
+            await self._authorize_policy(request, Permission.REGISTRY_READ)
+            devices = await self.store.list_devices()
+            await http.send_json(
+                200,
+                [
+                    device_to_json(d, connected=self.coordinator.is_online(d.device_id))
+                    for d in devices
+                ],
+            )
+        elif isinstance(route, DeviceItem):
+            await self._device_item(http, request, route)
+        return False
+
+    # -- authorisation -----------------------------------------------------------------------
+
+    async def _authorize_policy(self, request: HttpRequest, needed: Permission) -> Policy:
+        """Check a policy SAS token for *needed*; raise HttpError otherwise."""
+        token = self._sas_token(request)
+        if token.skn is None:
+            raise HttpError(ErrorCode.UNAUTHORIZED, "SAS token has no skn (policy name)")
+        policy = await self.store.get_policy(token.skn)
+        if policy is None:
+            raise HttpError(ErrorCode.UNAUTHORIZED, "unknown shared-access policy")
+        self._verify(token, [policy.primary_key, policy.secondary_key], self.host_name)
+        if needed not in policy.permissions:
+            raise HttpError(
+                ErrorCode.PERMISSION_DENIED,
+                f"policy {policy.name!r} lacks the {_permission_name(needed)} permission",
+            )
+        return policy
+
+    def _sas_token(self, request: HttpRequest) -> SasToken:
+        raw = request.header(b"authorization")
+        if raw is None:
+            raise HttpError(ErrorCode.UNAUTHORIZED, "missing Authorization header")
+        try:
+            return parse_sas_token(raw.decode("latin-1"))
+        except DevstreamError as exc:
+            raise HttpError(ErrorCode.UNAUTHORIZED, exc.message) from exc
+
+    def _verify(self, token: SasToken, keys: list[str], resource: str) -> None:
+        try:
+            verify_sas_token(token, keys=keys, resource=resource, now=self.wall_clock())
+        except DevstreamError as exc:
+            raise HttpError(ErrorCode.UNAUTHORIZED, exc.message) from exc
+
+    async def _device_or_error(self, device_id: str) -> Device:
+        device = await self.store.get_device(device_id)
+        if device is None:
+            raise HttpError(ErrorCode.DEVICE_NOT_FOUND, f"device {device_id!r} not found")
+        if device.status != "enabled":
+            raise HttpError(ErrorCode.DEVICE_DISABLED, f"device {device_id!r} is disabled")
+        return device
+
+    # -- registry ----------------------------------------------------------------------------
+
+    async def _device_item(
+        self, http: HttpServerConnection, request: HttpRequest, route: DeviceItem
+    ) -> None:
+        if request.method == b"GET":
+            await self._authorize_policy(request, Permission.REGISTRY_READ)
+            device = await self.store.get_device(route.device_id)
+            if device is None:
+                raise HttpError(ErrorCode.DEVICE_NOT_FOUND, f"device {route.device_id!r} not found")
+            await http.send_json(
+                200, device_to_json(device, connected=self.coordinator.is_online(device.device_id))
+            )
+            return
+        await self._authorize_policy(request, Permission.REGISTRY_WRITE)
+        if request.method == b"DELETE":
+            if not await self.store.delete_device(route.device_id):
+                raise HttpError(ErrorCode.DEVICE_NOT_FOUND, f"device {route.device_id!r} not found")
+            self._disconnect_device(route.device_id, ErrorCode.DEVICE_NOT_FOUND)
+            await http.send_response(204)
+            return
+        existing = await self.store.get_device(route.device_id)
+        if existing is not None and request.header(b"if-match") is None:
+            raise HttpError(
+                ErrorCode.DEVICE_ALREADY_EXISTS,
+                f"device {route.device_id!r} already exists (send If-Match: * to update it)",
+            )
+        try:
+            device = device_from_json(
+                request.body or b"{}",
+                device_id=route.device_id,
+                random_bytes=self.random_bytes(96),
+                existing=existing,
+            )
+        except DevstreamError as exc:
+            raise HttpError(exc.code, exc.message) from exc
+        await self.store.put_device(device)
+        if device.status != "enabled":
+            self._disconnect_device(device.device_id, ErrorCode.DEVICE_DISABLED)
+        await http.send_json(
+            200, device_to_json(device, connected=self.coordinator.is_online(device.device_id))
+        )
+
+    def _disconnect_device(self, device_id: str, code: ErrorCode) -> None:
+        for session in list(self._sessions.values()):
+            if session.device_id == device_id:
+                session.close_code = code
+                session.cancel_scope.cancel()
+
+    # -- initiate ----------------------------------------------------------------------------
+
+    def _timeout_header(self, request: HttpRequest, name: bytes) -> float:
+        raw = request.header(name)
+        if raw is None:
+            return self.config.default_timeout
+        try:
+            value = int(raw)
+        except ValueError:
+            value = -1
+        if not 1 <= value <= self.config.max_timeout:
+            raise HttpError(
+                ErrorCode.ARGUMENT_INVALID,
+                f"{name.decode()} must be a whole number of seconds from 1 to "
+                f"{int(self.config.max_timeout)}",
+            )
+        return float(value)
+
+    async def _initiate(
+        self, http: HttpServerConnection, request: HttpRequest, route: Initiate
+    ) -> None:
+        outcome_name = "error"
+        try:
+            await self._authorize_policy(request, Permission.SERVICE_CONNECT)
+            await self._device_or_error(route.device_id)
+            self._timeout_header(request, HEADER_CONNECT_TIMEOUT)
+            response_timeout = self._timeout_header(request, HEADER_RESPONSE_TIMEOUT)
+            outcome = await self._run_initiation(route, response_timeout)
+            result = outcome.result
+            if isinstance(result, InitiationAccepted):
+                outcome_name = "accepted"
+                url = f"{self.ws_url}/bridges/{outcome.stream_id}?role=service"
+                await http.send_response(
+                    200,
+                    [
+                        (b"iothub-streaming-is-accepted", b"True"),
+                        (b"iothub-streaming-url", url.encode()),
+                        (b"iothub-streaming-auth-token", outcome.service_token.encode()),
+                    ],
+                )
+            elif isinstance(result, InitiationRejected):
+                outcome_name = _OUTCOME_NAMES.get(result.code, "rejected")
+                await http.send_json(
+                    200,
+                    {
+                        "errorCode": int(result.code),
+                        "message": result.reason or result.code.message,
+                    },
+                    headers=[(b"iothub-streaming-is-accepted", b"False")],
+                )
+            else:
+                assert isinstance(result, InitiationFailed)
+                raise HttpError(result.code, f"device {route.device_id!r}: {result.code.message}")
+        except HttpError as exc:
+            outcome_name = _OUTCOME_NAMES.get(exc.code, "error")
+            raise
+        finally:
+            self.metrics.initiations[outcome_name] += 1
+
+    async def _run_initiation(self, route: Initiate, response_timeout: float) -> _Outcome:
+        now = trio.current_time()
+        events = self.coordinator.initiate(
+            device_id=route.device_id,
+            name=route.stream_name,
+            now=now,
+            response_timeout=response_timeout,
+            stream_nonce=self.random_bytes(16),
+        )
+        self._wake()
+        outcome = _Outcome()
+        for event in events:
+            if isinstance(event, SendStreamRequest):
+                device_token, service_token = self.bridge.create_stream(
+                    stream_id=event.stream_id,
+                    device_id=event.device_id,
+                    now=now,
+                    device_nonce=self.random_bytes(16),
+                    service_nonce=self.random_bytes(16),
+                )
+                outcome.stream_id = event.stream_id
+                outcome.service_token = service_token
+                self._outcomes[event.request_id] = outcome
+                session = self._sessions.get(event.connection_id)
+                if session is None:  # pragma: no cover - the coordinator only names live ones
+                    raise HttpError(ErrorCode.DEVICE_NOT_ONLINE)
+                # If the device vanished while we wrote, its disconnect fails the request.
+                with contextlib.suppress(ConnectionClosed, DevstreamError):
+                    await session.send(
+                        control.StreamRequest(
+                            request_id=event.request_id,
+                            name=event.name,
+                            url=f"{self.ws_url}/bridges/{event.stream_id}?role=device",
+                            token=device_token,
+                        )
+                    )
+            else:
+                outcome.result = event
+                outcome.event.set()
+        try:
+            await outcome.event.wait()
+        finally:
+            for request_id, candidate in list(self._outcomes.items()):
+                if candidate is outcome:
+                    del self._outcomes[request_id]
+        return outcome
+
+    # -- control channel ---------------------------------------------------------------------
+
+    async def _control_channel(
+        self,
+        http: HttpServerConnection,
+        request: HttpRequest,
+        route: ControlChannel,
+        connection_id: int,
+    ) -> None:
+        token = self._sas_token(request)
+        if token.skn is not None:
+            policy = await self.store.get_policy(token.skn)
+            if policy is None:
+                raise HttpError(ErrorCode.UNAUTHORIZED, "unknown shared-access policy")
+            self._verify(token, [policy.primary_key, policy.secondary_key], self.host_name)
+            if Permission.DEVICE_CONNECT not in policy.permissions:
+                raise HttpError(
+                    ErrorCode.PERMISSION_DENIED,
+                    f"policy {policy.name!r} lacks the DeviceConnect permission",
+                )
+            await self._device_or_error(route.device_id)
+        else:
+            device = await self.store.get_device(route.device_id)
+            if device is None:
+                raise HttpError(ErrorCode.DEVICE_NOT_FOUND, f"device {route.device_id!r} not found")
+            self._verify(
+                token,
+                [device.primary_key, device.secondary_key],
+                device_resource(self.host_name, route.device_id),
+            )
+            if device.status != "enabled":
+                raise HttpError(
+                    ErrorCode.DEVICE_DISABLED, f"device {route.device_id!r} is disabled"
+                )
+        offered = request.subprotocols
+        ws = await http.accept_websocket(
+            request, subprotocol=CONTROL_SUBPROTOCOL if CONTROL_SUBPROTOCOL in offered else None
+        )
+        session = _Session(
+            device_id=route.device_id,
+            connection_id=connection_id,
+            ws=ws,
+            machine=control.HubControl(max_message_size=self.config.max_control_message_size),
+        )
+        self._sessions[connection_id] = session
+        self.metrics.control_connections_total += 1
+        log.info("device %r connected (control channel %d)", route.device_id, connection_id)
+        close_code: ErrorCode | None = None
+        try:
+            with session.cancel_scope:
+                close_code = await self._control_loop(session)
+            if session.close_code is not None:
+                close_code = session.close_code
+        finally:
+            del self._sessions[connection_id]
+            self._dispatch(
+                self.coordinator.device_disconnected(
+                    connection_id=connection_id, now=trio.current_time()
+                )
+            )
+            log.info("device %r disconnected (control channel %d)", route.device_id, connection_id)
+        if close_code is not None:
+            with trio.move_on_after(self.config.close_timeout):
+                with contextlib.suppress(ConnectionClosed, DevstreamError):
+                    await session.send(
+                        control.ErrorMessage(code=int(close_code), message=close_code.message)
+                    )
+                await ws.aclose(close_code.close_code, close_reason_for(close_code))
+        else:
+            with trio.move_on_after(self.config.close_timeout):
+                await ws.aclose()
+
+    async def _control_loop(self, session: _Session) -> ErrorCode | None:
+        """Read control messages until the device leaves; return the error to close with."""
+        ws = session.ws
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._control_watchdog, session)
+            try:
+                while True:
+                    event = await ws.receive()
+                    messages = session.machine.receive(
+                        payload(event), message_finished=event.message_finished
+                    )
+                    for message in messages:
+                        await self._control_message(session, message)
+            except ConnectionClosed:
+                return None
+            except DevstreamError as exc:
+                log.info("control channel %d: %s", session.connection_id, exc.message)
+                return exc.code
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _control_watchdog(self, session: _Session) -> None:
+        """Drop a control channel that has been silent for ``control_idle_timeout``."""
+        timeout = self.config.control_idle_timeout
+        while True:
+            await trio.sleep_until(session.ws.last_received + timeout)
+            if trio.current_time() >= session.ws.last_received + timeout:
+                log.info("control channel %d idle; dropping it", session.connection_id)
+                session.cancel_scope.cancel()
+                return
+
+    async def _control_message(self, session: _Session, message: control.ControlMessage) -> None:
+        now = trio.current_time()
+        if isinstance(message, control.Register):
+            self._dispatch(
+                self.coordinator.device_registered(
+                    device_id=session.device_id,
+                    connection_id=session.connection_id,
+                    names=message.names,
+                    now=now,
+                )
+            )
+            await session.send(control.Registered(names=message.names))
+        elif isinstance(message, control.StreamResponse):
+            self._dispatch(
+                self.coordinator.device_responded(
+                    connection_id=session.connection_id,
+                    request_id=message.request_id,
+                    accepted=message.accepted,
+                    reason=message.reason,
+                    now=now,
+                )
+            )
+        elif isinstance(message, control.ErrorMessage):
+            log.info(
+                "device %r reports error %s: %s",
+                session.device_id,
+                message.code,
+                message.message,
+            )
+
+    # -- streaming endpoint ------------------------------------------------------------------
+
+    async def _bridge_join(
+        self,
+        http: HttpServerConnection,
+        request: HttpRequest,
+        route: BridgeJoin,
+        connection_id: int,
+    ) -> None:
+        raw = request.header(b"authorization")
+        token = ""
+        if raw is not None:
+            scheme, _, value = raw.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer":
+                token = value.strip()
+        if not token:
+            raise HttpError(ErrorCode.STREAM_TOKEN_INVALID, "missing Authorization: Bearer token")
+        try:
+            joined = self.bridge.join(
+                stream_id=route.stream_id,
+                token=token,
+                role=route.role,
+                connection_id=connection_id,
+                now=trio.current_time(),
+            )
+        except DevstreamError as exc:
+            raise HttpError(exc.code, exc.message) from exc
+        self._wake()
+        offered = request.subprotocols
+        slot = self._slots.setdefault(route.stream_id, _StreamSlot(stream_id=route.stream_id))
+        try:
+            ws = await http.accept_websocket(request, subprotocol=offered[0] if offered else None)
+        except BaseException:
+            self._leave(route.stream_id, connection_id)
+            raise
+        slot.sides[connection_id] = ws
+        log.info("stream %s: %s joined", route.stream_id, joined.role.value)
+        try:
+            if joined.paired:
+                assert joined.peer_connection_id is not None
+                peer = slot.sides[joined.peer_connection_id]
+                slot.paired.set()
+                self.metrics.streams_total += 1
+                if joined.role is Role.DEVICE:
+                    await self._relay(ws, peer)
+                else:
+                    await self._relay(peer, ws)
+                slot.done.set()
+            else:
+                await slot.done.wait()
+                if slot.lone_close is not None:
+                    code = slot.lone_close
+                    log.info("stream %s: %s", route.stream_id, code.message)
+                    with trio.move_on_after(self.config.close_timeout):
+                        await ws.aclose(code.close_code, close_reason_for(code))
+        finally:
+            self._leave(route.stream_id, connection_id)
+            slot.sides.pop(connection_id, None)
+            if not slot.sides:
+                self._slots.pop(route.stream_id, None)
+
+    def _leave(self, stream_id: str, connection_id: int) -> None:
+        for event in self.bridge.leave(
+            stream_id=stream_id, connection_id=connection_id, now=trio.current_time()
+        ):
+            if isinstance(event, ClosePeer):
+                pass  # the relay closes both sides itself
+
+    async def _relay(self, device: WebSocket, service: WebSocket) -> None:
+        """Forward messages both ways until one side closes, then close the other."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump, device, service, nursery.cancel_scope)
+            nursery.start_soon(self._pump, service, device, nursery.cancel_scope)
+        for side in (device, service):
+            await trio.aclose_forcefully(side.stream)
+
+    async def _pump(self, source: WebSocket, sink: WebSocket, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                event = await source.receive()
+                await sink.send_message(event)
+                self.metrics.bytes_relayed += len(event.data)
+        except ConnectionClosed as exc:
+            closed = source.closed or exc
+            code = closed.code
+            reason = closed.reason
+            if code == 1006:
+                code, reason = 1001, "peer connection lost"
+            with trio.move_on_after(self.config.close_timeout):
+                await sink.send_close(code, reason)
+        # Give the other direction a bounded time to see the close, then stop both.
+        scope.deadline = min(scope.deadline, trio.current_time() + self.config.close_timeout)
+
+
+_OUTCOME_NAMES = {
+    ErrorCode.UNAUTHORIZED: "unauthorized",
+    ErrorCode.PERMISSION_DENIED: "unauthorized",
+    ErrorCode.DEVICE_NOT_FOUND: "device_not_found",
+    ErrorCode.DEVICE_DISABLED: "device_disabled",
+    ErrorCode.DEVICE_NOT_ONLINE: "device_not_online",
+    ErrorCode.DEVICE_RESPONSE_TIMEOUT: "timeout",
+    ErrorCode.THROTTLED: "throttled",
+    ErrorCode.STREAM_REJECTED: "rejected",
+    ErrorCode.STREAM_NAME_NOT_REGISTERED: "name_not_registered",
+}
+
+
+def _permission_name(permission: Permission) -> str:
+    names = {
+        Permission.REGISTRY_READ: "RegistryRead",
+        Permission.REGISTRY_WRITE: "RegistryWrite",
+        Permission.SERVICE_CONNECT: "ServiceConnect",
+        Permission.DEVICE_CONNECT: "DeviceConnect",
+    }
+    return names.get(permission, str(permission))
+
+
+async def load_or_create_secret(store: RegistryStore) -> bytes:
+    """The hub secret that signs stream tokens, created on first use."""
+    secret = await store.get_setting("hub_secret")
+    if secret is None:
+        secret = os.urandom(32)
+        await store.set_setting("hub_secret", secret)
+    return secret
+
+
+async def ensure_owner_policy(store: RegistryStore) -> tuple[Policy, bool]:
+    """Return the owner policy, creating it with fresh keys on first start."""
+    policy = await store.get_policy(OWNER_POLICY)
+    if policy is not None:
+        return policy, False
+    policy = Policy(
+        name=OWNER_POLICY,
+        primary_key=new_key(os.urandom(32)),
+        secondary_key=new_key(os.urandom(32)),
+        permissions=Permission.REGISTRY_READ
+        | Permission.REGISTRY_WRITE
+        | Permission.SERVICE_CONNECT
+        | Permission.DEVICE_CONNECT,
+    )
+    await store.put_policy(policy)
+    return policy, True
+
+
+async def serve_hub(
+    store: RegistryStore,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    public_url: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    config: HubConfig | None = None,
+    wall_clock: Callable[[], float] = time.time,
+    task_status: trio.TaskStatus[Hub] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on *host*:*port* and serve a hub until cancelled.
+
+    ``task_status.started()`` receives the :class:`Hub`; its ``public_url`` tells the bound
+    address when ``port`` was 0 and no ``public_url`` was given.
+    """
+    secret = await load_or_create_secret(store)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound_port = listeners[0].socket.getsockname()[1]
+    scheme = "https" if ssl_context is not None else "http"
+    host_part = f"[{host}]" if ":" in host else host
+    url = public_url or f"{scheme}://{host_part}:{bound_port}"
+    hub = Hub(store, public_url=url, secret=secret, config=config, wall_clock=wall_clock)
+    hub.listen_address = (host, bound_port)
+    served: list[trio.abc.Listener[trio.abc.Stream]] = list(listeners)
+    if ssl_context is not None:
+        served = [
+            trio.SSLListener(listener, ssl_context, https_compatible=True) for listener in listeners
+        ]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        await nursery.start(trio.serve_listeners, hub.handle_connection, served)
+        task_status.started(hub)

@@ -1,0 +1,252 @@
+"""The service client: initiate streams to devices, and manage the registry.
+
+::
+
+    async with devstream_trio.open_service(connection_string) as service:
+        stream = await service.open_stream("my-device", "ssh")
+
+``open_stream`` speaks only the documented HTTP API (the Azure-compatible initiate, then a
+WebSocket to the streaming endpoint), and raises one exception class per error code
+(:mod:`devstream_trio.exceptions`).
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from devstream_core.common import Role
+from devstream_core.credentials import ConnectionString
+from devstream_core.errors import DevstreamError, ErrorCode
+
+from ._connect import HubAddress, Opener, open_hub_stream
+from ._http import HttpResponse, HttpStatusError, http_request, websocket_connect
+from .exceptions import HubError, HubUnreachable, error_for
+from .stream import HubStream
+
+__all__ = ["API_VERSION", "ServiceClient", "open_service"]
+
+API_VERSION = "2020-09-30"
+SAS_LIFETIME = 3600
+
+
+class ServiceClient:
+    """A service's handle on a hub, holding a policy connection string."""
+
+    def __init__(
+        self,
+        connection_string: str | ConnectionString,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        opener: Opener | None = None,
+    ) -> None:
+        cs = (
+            connection_string
+            if isinstance(connection_string, ConnectionString)
+            else ConnectionString.parse(connection_string)
+        )
+        if cs.role is not Role.SERVICE:
+            raise HubError(
+                ErrorCode.INVALID_CONNECTION_STRING,
+                "a service needs a connection string with SharedAccessKeyName, not DeviceId",
+            )
+        self.connection_string = cs
+        self.address = HubAddress.from_connection_string(cs)
+        self.ssl_context = ssl_context
+        self.wall_clock = wall_clock
+        self.opener = opener
+
+    def _authorization(self) -> tuple[str, str]:
+        expiry = int(self.wall_clock()) + SAS_LIFETIME
+        return ("authorization", self.connection_string.sas_token(expiry=expiry))
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        *,
+        headers: list[tuple[str, str]] | None = None,
+        body: bytes | None = None,
+    ) -> HttpResponse:
+        """Send one authorised request to the hub and return its response."""
+        stream = await open_transport(self.address, self.ssl_context, self.opener)
+        try:
+            return await http_request(
+                stream,
+                method=method,
+                host=self.address.host_header,
+                target=target,
+                headers=[self._authorization(), *(headers or [])],
+                body=body,
+            )
+        except DevstreamError as exc:
+            if isinstance(exc, HubError):
+                raise
+            raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, exc.message) from exc
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _json(self, method: str, target: str, body: object = None, **kw: Any) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        headers = [("content-type", "application/json")] if data is not None else []
+        headers += kw.get("headers", [])
+        response = await self.request(method, target, headers=headers, body=data)
+        if response.status >= 300:
+            raise _error_from_response(response)
+        return json.loads(response.body) if response.body else None
+
+    # -- streams -----------------------------------------------------------------------------
+
+    async def open_stream(
+        self,
+        device_id: str,
+        name: str,
+        *,
+        connect_timeout: int = 60,
+        response_timeout: int = 60,
+    ) -> HubStream:
+        """Initiate a stream to *device_id*'s *name* and return it once both sides are in.
+
+        Raises :class:`~devstream_trio.exceptions.StreamRejected` when the device says no,
+        and the exception for the hub's error code otherwise (``DeviceNotOnline``, …).
+        """
+        target = f"/twins/{_quote(device_id)}/streams/{_quote(name)}?api-version={API_VERSION}"
+        response = await self.request(
+            "POST",
+            target,
+            headers=[
+                ("iothub-streaming-connect-timeout-in-seconds", str(connect_timeout)),
+                ("iothub-streaming-response-timeout-in-seconds", str(response_timeout)),
+            ],
+            body=b"",
+        )
+        if response.status != 200:
+            raise _error_from_response(response)
+        accepted = response.header(b"iothub-streaming-is-accepted")
+        if accepted != b"True":
+            code, message = _body_error(response)
+            raise error_for(code or ErrorCode.STREAM_REJECTED, message or None)
+        url = (response.header(b"iothub-streaming-url") or b"").decode()
+        token = (response.header(b"iothub-streaming-auth-token") or b"").decode()
+        return await join_stream(
+            url, token, role=Role.SERVICE, ssl_context=self.ssl_context, opener=self.opener
+        )
+
+    # -- registry ----------------------------------------------------------------------------
+
+    async def create_device(self, device_id: str, *, status: str = "enabled") -> dict[str, Any]:
+        """Register a device; the answer holds its generated keys."""
+        result: dict[str, Any] = await self._json(
+            "PUT", f"/devices/{_quote(device_id)}", {"deviceId": device_id, "status": status}
+        )
+        return result
+
+    async def get_device(self, device_id: str) -> dict[str, Any]:
+        """The registry entry of a device (Azure device-identity JSON)."""
+        result: dict[str, Any] = await self._json("GET", f"/devices/{_quote(device_id)}")
+        return result
+
+    async def list_devices(self) -> list[dict[str, Any]]:
+        """Every registered device."""
+        result: list[dict[str, Any]] = await self._json("GET", "/devices")
+        return result
+
+    async def set_device_status(self, device_id: str, status: str) -> dict[str, Any]:
+        """Enable or disable a device (``"enabled"`` / ``"disabled"``)."""
+        result: dict[str, Any] = await self._json(
+            "PUT",
+            f"/devices/{_quote(device_id)}",
+            {"deviceId": device_id, "status": status},
+            headers=[("if-match", "*")],
+        )
+        return result
+
+    async def delete_device(self, device_id: str) -> None:
+        """Remove a device from the registry."""
+        await self._json("DELETE", f"/devices/{_quote(device_id)}")
+
+    def device_connection_string(self, device: dict[str, Any]) -> ConnectionString:
+        """The connection string a device uses, from its registry entry."""
+        key = device["authentication"]["symmetricKey"]["primaryKey"]
+        return ConnectionString(
+            host_name=self.connection_string.host_name,
+            device_id=device["deviceId"],
+            shared_access_key=key,
+            use_tls=self.connection_string.use_tls,
+        )
+
+
+async def open_transport(
+    address: HubAddress, ssl_context: ssl.SSLContext | None, opener: Opener | None
+) -> trio.abc.Stream:
+    if opener is not None:
+        return await opener(address)
+    return await open_hub_stream(address, ssl_context)
+
+
+async def join_stream(
+    url: str,
+    token: str,
+    *,
+    role: Role,
+    ssl_context: ssl.SSLContext | None = None,
+    opener: Opener | None = None,
+) -> HubStream:
+    """Open the WebSocket to the streaming endpoint and wrap it as a :class:`HubStream`."""
+    address = HubAddress.from_url(url)
+    parts = urllib.parse.urlsplit(url)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    stream_id = parts.path.rsplit("/", 1)[-1]
+    transport = await open_transport(address, ssl_context, opener)
+    try:
+        ws = await websocket_connect(
+            transport,
+            host=address.host_header,
+            target=target,
+            headers=[("authorization", f"Bearer {token}")],
+        )
+    except HttpStatusError as exc:
+        await trio.aclose_forcefully(transport)
+        raise error_for(exc.code or ErrorCode.SERVER_ERROR, exc.message) from None
+    except BaseException:
+        await trio.aclose_forcefully(transport)
+        raise
+    return HubStream(ws, stream_id=stream_id, role=role)
+
+
+def _quote(text: str) -> str:
+    return urllib.parse.quote(text, safe="")
+
+
+def _body_error(response: HttpResponse) -> tuple[ErrorCode | None, str]:
+    try:
+        value = json.loads(response.body)
+        return ErrorCode(int(value["errorCode"])), str(value.get("message", ""))
+    except (ValueError, KeyError, TypeError):
+        return None, ""
+
+
+def _error_from_response(response: HttpResponse) -> HubError:
+    code, message = _body_error(response)
+    if code is None:
+        return HubError(ErrorCode.SERVER_ERROR, f"hub answered HTTP {response.status}")
+    return error_for(code, message or None)
+
+
+@asynccontextmanager
+async def open_service(
+    connection_string: str | ConnectionString,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    opener: Opener | None = None,
+) -> AsyncIterator[ServiceClient]:
+    """A :class:`ServiceClient` for the block (it holds no connection between calls)."""
+    yield ServiceClient(connection_string, ssl_context=ssl_context, opener=opener)

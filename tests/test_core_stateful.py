@@ -1,0 +1,597 @@
+"""Stateful tests: the coordinator and the bridge driven together, as the hub drives them.
+
+The machine below plays the hub's glue with a plain model beside the real objects: devices
+connect, register, re-register, get replaced and disconnect; services (authorised or not, a
+stand-in for the SAS check the hub does before ``initiate``) initiate streams to registered
+names, unregistered names and offline devices; devices accept, reject or answer too late; the
+clock jumps forward (0 to 120 s) with or without ``advance``; tokens are presented by their
+rightful holders, reused, for the wrong role, for the wrong stream, forged or expired; sides
+leave. Every output is compared with what the model expects, and after every step:
+
+* a stream only ever pairs the named device's side (holding the device token of that
+  device's accepted request) with the service that initiated it, and that service was
+  authorised;
+* every token is accepted at most once, and never at or after its mint time + 60 s;
+* no pending request outlives its deadline once ``advance`` has passed it;
+* ``online_count``, ``pending_count``, ``stream_count``, ``paired_count`` and both
+  ``next_deadline`` values match the model.
+
+Rules: no clock and no randomness. Time moves in half seconds from 1000 s, so every deadline
+is exact; nonces are counter-derived.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import Counter
+from dataclasses import dataclass, field
+
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from devstream_core.bridge import Bridge, CloseLoneSide, ClosePeer, Joined, StreamExpired
+from devstream_core.common import Role
+from devstream_core.coordinator import (
+    Coordinator,
+    CoordinatorEvent,
+    DeviceReplaced,
+    ForgetRequest,
+    InitiationAccepted,
+    InitiationFailed,
+    InitiationRejected,
+    SendStreamRequest,
+)
+from devstream_core.errors import DevstreamError, ErrorCode, StreamTokenError
+from devstream_core.tokens import mint_stream_token
+
+SECRET = b"stateful-hub-secret-0123456789ab"
+LIFETIME = 60.0
+START = 1000.0
+MAX_PENDING = 3
+#: Service -> whether it holds a valid credential with the service_connect permission.
+SERVICES = {"svc-ok": True, "svc-denied": False, "svc-ok-2": True}
+DEVICES = ["dev-0", "dev-1", "dev-2"]
+
+# Clock jumps of 0 to 120 s, in half seconds; small ones often, so streams get a chance to pair.
+half_seconds = st.one_of(
+    st.integers(min_value=0, max_value=10), st.integers(min_value=0, max_value=240)
+).map(lambda n: n / 2)
+timeouts = st.integers(min_value=1, max_value=180).map(lambda n: n / 2)
+registered_names = st.lists(st.sampled_from(["ssh", "echo", "*"]), max_size=3, unique=True)
+asked_names = st.sampled_from(["ssh", "echo", "ftp"])
+
+Holder = tuple[str, str]
+ATTACKER: Holder = ("attacker", "")
+
+
+@dataclass
+class ModelRequest:
+    request_id: str
+    stream_id: str
+    device_id: str
+    name: str
+    connection_id: int
+    deadline: float
+
+
+@dataclass
+class ModelStream:
+    stream_id: str
+    device_id: str
+    service: str
+    mode: str
+    minted: float
+    tokens: dict[Role, str]
+    accepted: bool = False
+    #: "waiting", "half", "paired" or "ended".
+    state: str = "waiting"
+    sides: dict[Role, int] = field(default_factory=dict)
+    was_paired: bool = False
+
+
+@dataclass(frozen=True)
+class ModelToken:
+    stream_id: str
+    role: Role
+    minted: float
+    holder: Holder
+    forged: bool = False
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+class HubMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.coordinator = Coordinator(max_pending_per_device=MAX_PENDING)
+        self.bridge = Bridge(secret=SECRET, token_lifetime=LIFETIME)
+        self.now = START
+        self.advanced_to = START
+        self.counter = 0
+        self.next_request = 1
+        # Coordinator model.
+        self.conn_device: dict[int, str] = {}
+        self.online: dict[str, int] = {}
+        self.names: dict[str, frozenset[str]] = {}
+        self.dead_conns: list[int] = []
+        self.pending: dict[str, ModelRequest] = {}
+        self.answered: list[ModelRequest] = []
+        # Bridge model.
+        self.streams: dict[str, ModelStream] = {}
+        self.tokens: dict[str, ModelToken] = {}
+        self.used: set[str] = set()
+        self.accepted_joins: list[tuple[str, float]] = []
+        self.conn_holder: dict[int, Holder] = {}
+        self.conn_stream: dict[int, str] = {}
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def fresh(self) -> int:
+        self.counter += 1
+        return self.counter
+
+    def fresh_bytes(self) -> bytes:
+        return self.fresh().to_bytes(16, "big")
+
+    def failed(self, request: ModelRequest, code: ErrorCode) -> InitiationFailed:
+        return InitiationFailed(
+            request_id=request.request_id,
+            stream_id=request.stream_id,
+            device_id=request.device_id,
+            name=request.name,
+            code=code,
+        )
+
+    def drop_connection(self, conn: int) -> list[CoordinatorEvent]:
+        device = self.conn_device.pop(conn)
+        if self.online.get(device) == conn:
+            del self.online[device]
+            del self.names[device]
+        self.dead_conns.append(conn)
+        gone = sorted(
+            (r for r in self.pending.values() if r.connection_id == conn),
+            key=lambda r: int(r.request_id),
+        )
+        for request in gone:
+            del self.pending[request.request_id]
+            self.answered.append(request)
+        return [self.failed(r, ErrorCode.DEVICE_NOT_ONLINE) for r in gone]
+
+    # -- devices -----------------------------------------------------------------------------
+
+    @initialize(names=registered_names, timeout=timeouts)
+    def first_device_online_and_asked(self, names: list[str], timeout: float) -> None:
+        self.connect_and_register("dev-0", ["ssh", *names])
+        self.hub_initiate("svc-ok", "dev-0", "ssh", timeout, "raw")
+
+    @rule(device=st.sampled_from(DEVICES), names=registered_names)
+    def connect_and_register(self, device: str, names: list[str]) -> None:
+        conn = self.fresh()
+        expected: list[CoordinatorEvent] = []
+        old = self.online.get(device)
+        if old is not None:
+            expected.append(DeviceReplaced(device_id=device, connection_id=old))
+            expected.extend(self.drop_connection(old))
+            event(f"device replaced, {len(expected) - 1} requests failed")
+        events = self.coordinator.device_registered(
+            device_id=device, connection_id=conn, names=names, now=self.now
+        )
+        assert events == expected
+        self.conn_device[conn] = device
+        self.online[device] = conn
+        self.names[device] = frozenset(names)
+
+    @precondition(lambda self: self.conn_device)
+    @rule(data=st.data(), names=registered_names)
+    def reregister(self, data: st.DataObject, names: list[str]) -> None:
+        conn = data.draw(st.sampled_from(sorted(self.conn_device)))
+        device = self.conn_device[conn]
+        events = self.coordinator.device_registered(
+            device_id=device, connection_id=conn, names=names, now=self.now
+        )
+        assert events == []
+        self.names[device] = frozenset(names)
+
+    @rule(data=st.data(), registered=st.booleans())
+    def disconnect(self, data: st.DataObject, registered: bool) -> None:
+        if registered and self.conn_device:
+            conn = data.draw(st.sampled_from(sorted(self.conn_device)))
+            expected = self.drop_connection(conn)
+        else:
+            # A replaced or closed control channel, or one that never registered.
+            conn = data.draw(st.sampled_from([*self.dead_conns, self.fresh()]))
+            expected = []
+        assert self.coordinator.device_disconnected(connection_id=conn, now=self.now) == expected
+
+    # -- services ----------------------------------------------------------------------------
+
+    @rule(
+        data=st.data(),
+        service=st.sampled_from(sorted(SERVICES)),
+        timeout=timeouts,
+        mode=st.sampled_from(["raw", "devstream.v1"]),
+    )
+    def initiate(self, data: st.DataObject, service: str, timeout: float, mode: str) -> None:
+        # Often an online device and a name it registered; sometimes anything at all.
+        device = data.draw(
+            st.one_of(st.sampled_from(sorted(self.online) or DEVICES), st.sampled_from(DEVICES))
+        )
+        known = sorted(self.names.get(device, frozenset()) - {"*"})
+        name = data.draw(st.one_of(st.sampled_from(known or ["ssh"]), asked_names))
+        self.hub_initiate(service, device, name, timeout, mode)
+
+    def hub_initiate(self, service: str, device: str, name: str, timeout: float, mode: str) -> None:
+        """What the hub does for a service's initiate request."""
+        if not SERVICES[service]:
+            # The hub's SAS check refuses it (401) before the coordinator hears of it.
+            return
+        raw = self.fresh_bytes()
+        stream_id = b64(raw)
+        request_id = str(self.next_request)
+        self.next_request += 1
+        events = self.coordinator.initiate(
+            device_id=device,
+            name=name,
+            now=self.now,
+            response_timeout=timeout,
+            stream_nonce=raw,
+        )
+        conn = self.online.get(device)
+        common = {"request_id": request_id, "stream_id": stream_id, "device_id": device}
+        if conn is None:
+            assert events == [
+                InitiationFailed(**common, name=name, code=ErrorCode.DEVICE_NOT_ONLINE)
+            ]
+            return
+        names = self.names[device]
+        if name not in names and "*" not in names:
+            code = ErrorCode.STREAM_NAME_NOT_REGISTERED
+            assert events == [
+                InitiationRejected(**common, name=name, code=code, reason=code.message)
+            ]
+            return
+        if sum(r.device_id == device for r in self.pending.values()) >= MAX_PENDING:
+            assert events == [InitiationFailed(**common, name=name, code=ErrorCode.THROTTLED)]
+            return
+        deadline = self.now + timeout
+        assert events == [
+            SendStreamRequest(**common, connection_id=conn, name=name, deadline=deadline)
+        ]
+        self.pending[request_id] = ModelRequest(
+            request_id=request_id,
+            stream_id=stream_id,
+            device_id=device,
+            name=name,
+            connection_id=conn,
+            deadline=deadline,
+        )
+        # The hub creates the stream and puts the device token in the stream request.
+        device_token, service_token = self.bridge.create_stream(
+            stream_id=stream_id,
+            device_id=device,
+            now=self.now,
+            device_nonce=self.fresh_bytes(),
+            service_nonce=self.fresh_bytes(),
+            mode=mode,
+        )
+        self.streams[stream_id] = ModelStream(
+            stream_id=stream_id,
+            device_id=device,
+            service=service,
+            mode=mode,
+            minted=self.now,
+            tokens={Role.DEVICE: device_token, Role.SERVICE: service_token},
+        )
+        self.tokens[device_token] = ModelToken(
+            stream_id=stream_id, role=Role.DEVICE, minted=self.now, holder=("device", device)
+        )
+
+    @precondition(lambda self: self.pending or self.answered)
+    @rule(
+        data=st.data(),
+        answer=st.sampled_from(["accept", "accept", "reject", "stray"]),
+        reason=st.sampled_from(["", "busy"]),
+    )
+    def respond(self, data: st.DataObject, answer: str, reason: str) -> None:
+        if answer == "stray" or not self.pending:
+            self.respond_stray(data)
+            return
+        accepted = answer == "accept"
+        request = self.pending[data.draw(st.sampled_from(sorted(self.pending)))]
+        events = self.coordinator.device_responded(
+            connection_id=request.connection_id,
+            request_id=request.request_id,
+            accepted=accepted,
+            reason=reason,
+            now=self.now,
+        )
+        if self.now >= request.deadline:
+            # Too late: ignored; the timeout comes from advance.
+            assert events == []
+            return
+        del self.pending[request.request_id]
+        self.answered.append(request)
+        common = {
+            "request_id": request.request_id,
+            "stream_id": request.stream_id,
+            "device_id": request.device_id,
+            "name": request.name,
+        }
+        if not accepted:
+            code = ErrorCode.STREAM_REJECTED
+            assert events == [InitiationRejected(**common, code=code, reason=reason)]
+            return
+        assert events == [InitiationAccepted(**common)]
+        # The hub answers the initiating service with the service token.
+        stream = self.streams[request.stream_id]
+        stream.accepted = True
+        self.tokens[stream.tokens[Role.SERVICE]] = ModelToken(
+            stream_id=stream.stream_id,
+            role=Role.SERVICE,
+            minted=stream.minted,
+            holder=("service", stream.service),
+        )
+
+    def respond_stray(self, data: st.DataObject) -> None:
+        """An answer to a request already settled, or from the wrong connection: ignored."""
+        choices = [("late", r) for r in self.answered] + [
+            ("wrong-connection", r) for r in self.pending.values()
+        ]
+        kind, request = data.draw(st.sampled_from(choices))
+        conn = request.connection_id
+        if kind == "wrong-connection":
+            others = [c for c in [*self.conn_device, *self.dead_conns] if c != conn]
+            conn = data.draw(st.sampled_from([*others, self.fresh()]))
+        before = self.coordinator.pending_count()
+        events = self.coordinator.device_responded(
+            connection_id=conn,
+            request_id=request.request_id,
+            accepted=data.draw(st.booleans()),
+            reason="",
+            now=self.now,
+        )
+        assert events == []
+        assert self.coordinator.pending_count() == before
+
+    # -- time --------------------------------------------------------------------------------
+
+    @rule(data=st.data(), wake=st.sampled_from([True, True, False]))
+    def clock(self, data: st.DataObject, wake: bool) -> None:
+        # A random jump, or one that lands exactly on a response deadline or a token expiry.
+        boundaries = sorted(
+            {r.deadline - self.now for r in self.pending.values()}
+            | {s.minted + LIFETIME - self.now for s in self.streams.values()}
+        )
+        exact = [jump for jump in boundaries if 0 <= jump <= 120]
+        jump = data.draw(st.one_of(half_seconds, st.sampled_from(exact)) if exact else half_seconds)
+        self.now += jump
+        if wake:
+            # Otherwise time passed but the adapter has not woken up yet.
+            self.advance()
+
+    def advance(self) -> None:
+        now = self.now
+        due = sorted(
+            (r for r in self.pending.values() if r.deadline <= now),
+            key=lambda r: (r.deadline, int(r.request_id)),
+        )
+        events = self.coordinator.advance(now)
+        expected: list[CoordinatorEvent] = []
+        for request in due:
+            expected.append(self.failed(request, ErrorCode.DEVICE_RESPONSE_TIMEOUT))
+            expected.append(
+                ForgetRequest(connection_id=request.connection_id, request_id=request.request_id)
+            )
+            del self.pending[request.request_id]
+            self.answered.append(request)
+        assert events == expected
+        self.advanced_to = now
+
+        bridge_events = self.bridge.advance(now)
+        expected_bridge: list[CloseLoneSide | ClosePeer | StreamExpired] = []
+        for stream in self.streams.values():
+            if stream.state in ("waiting", "half") and stream.minted + LIFETIME <= now:
+                if stream.state == "waiting":
+                    expected_bridge.append(StreamExpired(stream_id=stream.stream_id))
+                else:
+                    ((role, conn),) = stream.sides.items()
+                    expected_bridge.append(
+                        CloseLoneSide(
+                            stream_id=stream.stream_id,
+                            connection_id=conn,
+                            role=role,
+                            code=ErrorCode.PEER_NEVER_CONNECTED,
+                        )
+                    )
+                stream.state = "ended"
+        assert Counter(bridge_events) == Counter(expected_bridge)
+        for item in bridge_events:
+            event(f"bridge: {type(item).__name__}")
+        if due:
+            event("request timed out")
+
+    # -- the streaming endpoint --------------------------------------------------------------
+
+    def expected_join(self, stream_id: str, token: str, role: Role | None) -> ErrorCode | None:
+        claims = self.tokens[token]
+        if claims.forged:
+            return ErrorCode.STREAM_TOKEN_INVALID
+        if claims.stream_id != stream_id:
+            return ErrorCode.STREAM_TOKEN_WRONG_STREAM
+        if role is not None and role is not claims.role:
+            return ErrorCode.STREAM_TOKEN_WRONG_ROLE
+        if self.now >= claims.minted + LIFETIME:
+            return ErrorCode.STREAM_TOKEN_EXPIRED
+        if token in self.used:
+            return ErrorCode.STREAM_TOKEN_REUSED
+        if self.streams[stream_id].state == "ended":
+            return ErrorCode.NOT_FOUND
+        return None
+
+    def try_join(self, stream_id: str, token: str, role: Role | None, holder: Holder) -> None:
+        conn = self.fresh()
+        expected = self.expected_join(stream_id, token, role)
+        event(f"join: {expected.name if expected else 'accepted'}")
+        try:
+            joined = self.bridge.join(
+                stream_id=stream_id, token=token, role=role, connection_id=conn, now=self.now
+            )
+        except DevstreamError as error:
+            assert error.code is expected, (error.code, expected)
+            if expected is not ErrorCode.NOT_FOUND:
+                assert isinstance(error, StreamTokenError)
+            assert token not in str(error)
+            return
+        assert expected is None, f"join accepted, expected {expected!r}"
+        claims = self.tokens[token]
+        stream = self.streams[stream_id]
+        peer = stream.sides.get(claims.role.other)
+        assert joined == Joined(
+            stream_id=stream_id,
+            role=claims.role,
+            device_id=stream.device_id,
+            mode=stream.mode,
+            connection_id=conn,
+            paired=peer is not None,
+            peer_connection_id=peer,
+        )
+        self.used.add(token)
+        self.accepted_joins.append((token, self.now))
+        self.conn_holder[conn] = holder
+        self.conn_stream[conn] = stream_id
+        stream.sides[claims.role] = conn
+        stream.state = "paired" if peer is not None else "half"
+        stream.was_paired = stream.was_paired or peer is not None
+        if peer is not None:
+            event("stream paired")
+
+    @precondition(lambda self: any(not claims.forged for claims in self.tokens.values()))
+    @rule(data=st.data())
+    def join_by_rightful_holder(self, data: st.DataObject) -> None:
+        genuine = sorted(token for token, claims in self.tokens.items() if not claims.forged)
+        # Mostly a token not used yet; sometimes the holder tries again.
+        unused = [token for token in genuine if token not in self.used]
+        # Often the token whose peer is already in, so that streams get to pair.
+        awaited = [t for t in unused if self.streams[self.tokens[t].stream_id].state == "half"]
+        choices = st.sampled_from(unused or genuine)
+        if awaited:
+            choices = st.one_of(st.sampled_from(awaited), choices)
+        token = data.draw(choices)
+        claims = self.tokens[token]
+        role = data.draw(st.sampled_from([claims.role, None]))
+        self.try_join(claims.stream_id, token, role, claims.holder)
+
+    @precondition(lambda self: self.streams)
+    @rule(data=st.data(), kind=st.sampled_from(["reuse", "other-role", "other-stream", "forged"]))
+    def join_by_attacker(self, data: st.DataObject, kind: str) -> None:
+        if kind == "reuse" and self.used:
+            token = data.draw(st.sampled_from(sorted(self.used)))
+            claims = self.tokens[token]
+            self.try_join(claims.stream_id, token, claims.role, ATTACKER)
+        elif kind == "other-stream" and len(self.streams) >= 2:
+            token = data.draw(st.sampled_from(sorted(self.tokens)))
+            claims = self.tokens[token]
+            target = data.draw(st.sampled_from(sorted(set(self.streams) - {claims.stream_id})))
+            role = data.draw(st.sampled_from([claims.role, None]))
+            self.try_join(target, token, role, ATTACKER)
+        elif kind == "forged":
+            stream_id = data.draw(st.sampled_from(sorted(self.streams)))
+            role = data.draw(st.sampled_from(list(Role)))
+            token = mint_stream_token(
+                secret=b"a guessed secret",
+                stream_id=stream_id,
+                role=role,
+                now=self.now,
+                nonce=self.fresh_bytes(),
+            )
+            self.tokens[token] = ModelToken(
+                stream_id=stream_id, role=role, minted=self.now, holder=ATTACKER, forged=True
+            )
+            self.try_join(stream_id, token, role, ATTACKER)
+        else:
+            # The other side's token, presented for this side.
+            token = data.draw(st.sampled_from(sorted(self.tokens)))
+            claims = self.tokens[token]
+            self.try_join(claims.stream_id, token, claims.role.other, ATTACKER)
+
+    @precondition(lambda self: self.conn_stream)
+    @rule(data=st.data())
+    def leave(self, data: st.DataObject) -> None:
+        conn = data.draw(st.sampled_from(sorted(self.conn_stream)))
+        stream = self.streams[self.conn_stream[conn]]
+        events = self.bridge.leave(stream_id=stream.stream_id, connection_id=conn, now=self.now)
+        if stream.state == "paired":
+            (peer,) = (c for c in stream.sides.values() if c != conn)
+            assert events == [ClosePeer(stream_id=stream.stream_id, connection_id=peer)]
+            event("paired side left")
+        else:
+            assert events == []
+        if stream.state != "waiting":
+            stream.state = "ended"
+
+    # -- invariants --------------------------------------------------------------------------
+
+    @invariant()
+    def counts_match_the_model(self) -> None:
+        assert self.coordinator.online_count() == len(self.online)
+        assert self.coordinator.pending_count() == len(self.pending)
+        live = [s for s in self.streams.values() if s.state != "ended"]
+        assert self.bridge.stream_count() == len(live)
+        assert self.bridge.paired_count() == sum(s.state == "paired" for s in live)
+        for device in DEVICES:
+            assert self.coordinator.is_online(device) == (device in self.online)
+            assert self.coordinator.registered_names(device) == self.names.get(device, frozenset())
+
+    @invariant()
+    def deadlines_match_the_model(self) -> None:
+        deadlines = [r.deadline for r in self.pending.values()]
+        assert self.coordinator.next_deadline() == (min(deadlines) if deadlines else None)
+        # Nothing pending outlives a deadline that advance has passed.
+        assert all(deadline > self.advanced_to for deadline in deadlines)
+        expiries = [
+            s.minted + LIFETIME for s in self.streams.values() if s.state in ("waiting", "half")
+        ]
+        assert self.bridge.next_deadline() == (min(expiries) if expiries else None)
+
+    @invariant()
+    def tokens_work_once_and_only_before_expiry(self) -> None:
+        uses = Counter(token for token, _ in self.accepted_joins)
+        assert all(count == 1 for count in uses.values())
+        for token, when in self.accepted_joins:
+            claims = self.tokens[token]
+            assert not claims.forged
+            assert when < claims.minted + LIFETIME
+
+    @invariant()
+    def streams_pair_only_the_named_device_and_an_authorised_initiator(self) -> None:
+        for stream in self.streams.values():
+            # Only an authorised service's initiate ever creates a stream.
+            assert SERVICES[stream.service]
+            for role, conn in stream.sides.items():
+                token = stream.tokens[role]
+                assert token in self.used
+                assert self.conn_holder[conn] == self.tokens[token].holder
+            if not stream.was_paired:
+                continue
+            assert stream.accepted
+            assert SERVICES[stream.service]
+            assert self.conn_holder[stream.sides[Role.DEVICE]] == ("device", stream.device_id)
+            assert self.conn_holder[stream.sides[Role.SERVICE]] == ("service", stream.service)
+
+
+HubMachine.TestCase.settings = settings(
+    max_examples=250,
+    stateful_step_count=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestHub = HubMachine.TestCase

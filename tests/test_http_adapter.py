@@ -1,0 +1,674 @@
+"""The HTTP/1.1 adapter (``devstream_trio._http``) over in-memory streams.
+
+Test rules: no sockets; every test runs on ``trio.testing.memory_stream_pair()`` and anything that
+waits runs on the ``autojump_clock`` (the hypothesis test drives its own ``MockClock``), so the
+timeouts are checked to the exact second without slowing the suite down.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+
+import h11
+import hypothesis.strategies as st
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from wsproto.connection import Connection as WsConnection
+from wsproto.connection import ConnectionType
+from wsproto.events import BytesMessage
+
+from devstream_core.errors import DevstreamError, ErrorCode
+from devstream_trio._http import (
+    HttpError,
+    HttpRequest,
+    HttpResponse,
+    HttpServerConnection,
+    HttpStatusError,
+    accept_token,
+    http_request,
+    websocket_connect,
+)
+from devstream_trio._ws import payload
+
+GET = b"GET /devices?top=10 HTTP/1.1\r\nHost: hub.test\r\nAccept: */*\r\nX-Trace: one, two\r\n\r\n"
+POST = (
+    b"POST /twins/d1/streams/ssh?api-version=2020-05-31 HTTP/1.1\r\n"
+    b"Host: hub.test\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n"
+    b'{"hello": "hub"}\n'
+)
+CHUNKED = (
+    b"PUT /devices/d1 HTTP/1.1\r\nHost: hub.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n1;ext=1\r\n \r\n3\r\nhub\r\n0\r\n\r\n"
+)
+
+
+async def read_response(stream: trio.abc.Stream) -> HttpResponse:
+    """Read one response from *stream*, parsed by h11 as a client would."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("host", "hub.test")]))
+    conn.send(h11.EndOfMessage())
+    status = 0
+    headers: list[tuple[bytes, bytes]] = []
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(bytes(await stream.receive_some()))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+            headers = [(bytes(k), bytes(v)) for k, v in event.headers]
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            return HttpResponse(status=status, headers=headers, body=bytes(body))
+        else:
+            raise AssertionError(f"unexpected event {event!r}")
+
+
+async def receive_until_eof(stream: trio.abc.Stream) -> bytes:
+    data = bytearray()
+    while chunk := await stream.receive_some():
+        data += chunk
+    return bytes(data)
+
+
+async def serve_all(http: HttpServerConnection) -> list[HttpRequest]:
+    """Answer every request with ``204`` until the client leaves; return the requests."""
+    requests: list[HttpRequest] = []
+    while (request := await http.next_request()) is not None:
+        requests.append(request)
+        await http.send_response(204)
+    return requests
+
+
+async def parse_in_chunks(chunks: Sequence[bytes]) -> list[HttpRequest]:
+    """Feed *chunks* one read at a time to a server and return the requests it parsed."""
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server)
+    result: list[HttpRequest] = []
+
+    async def serve() -> None:
+        result.extend(await serve_all(http))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        for chunk in chunks:
+            # Let the server read each chunk on its own, so the split points are real.
+            await trio.testing.wait_all_tasks_blocked()
+            await client.send_all(chunk)
+        await trio.testing.wait_all_tasks_blocked()
+        await client.send_eof()
+    return result
+
+
+def split(data: bytes, points: Sequence[int]) -> list[bytes]:
+    cuts = [0, *sorted(points), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(cuts) if b > a]
+
+
+# --- requests -----------------------------------------------------------------------------
+
+
+async def test_get_request(autojump_clock: trio.abc.Clock) -> None:
+    (request,) = await parse_in_chunks([GET])
+    assert request.method == b"GET"
+    assert request.target == b"/devices?top=10"
+    assert request.header(b"host") == b"hub.test"
+    assert request.header(b"x-trace") == b"one, two"
+    assert request.header_tokens(b"x-trace") == ["one", "two"]
+    assert request.header(b"missing") is None
+    assert request.body == b""
+    assert not request.is_websocket_upgrade
+
+
+async def test_post_request_with_body(autojump_clock: trio.abc.Clock) -> None:
+    (request,) = await parse_in_chunks([POST])
+    assert request.method == b"POST"
+    assert request.target == b"/twins/d1/streams/ssh?api-version=2020-05-31"
+    assert request.header(b"content-type") == b"application/json"
+    assert request.body == b'{"hello": "hub"}\n'
+
+
+async def test_chunked_body_is_joined(autojump_clock: trio.abc.Clock) -> None:
+    (request,) = await parse_in_chunks([CHUNKED])
+    assert request.method == b"PUT"
+    assert request.body == b"hello hub"
+
+
+async def test_keep_alive_serves_two_requests_on_one_connection(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server)
+    await client.send_all(GET)
+    first = await http.next_request()
+    assert first is not None and first.method == b"GET"
+    await http.send_json(200, {"n": 1})
+    response = await read_response(client)
+    assert response.status == 200
+    assert json.loads(response.body) == {"n": 1}
+
+    await client.send_all(POST)
+    second = await http.next_request()
+    assert second is not None and second.method == b"POST"
+    assert second.body == b'{"hello": "hub"}\n'
+    await http.send_response(201, [(b"x-created", b"yes")], b"made", content_type=b"text/plain")
+    response = await read_response(client)
+    assert response.status == 201
+    assert response.header(b"x-created") == b"yes"
+    assert response.header(b"content-type") == b"text/plain"
+    assert response.body == b"made"
+
+
+async def test_pipelined_requests_in_one_chunk(autojump_clock: trio.abc.Clock) -> None:
+    requests = await parse_in_chunks([GET + POST + CHUNKED])
+    assert [r.method for r in requests] == [b"GET", b"POST", b"PUT"]
+    assert [r.body for r in requests] == [b"", b'{"hello": "hub"}\n', b"hello hub"]
+
+
+@pytest.mark.parametrize(
+    "raw", [GET, POST, CHUNKED, GET + POST], ids=["get", "post", "chunked", "two"]
+)
+async def test_byte_at_a_time_equals_all_at_once(
+    autojump_clock: trio.abc.Clock, raw: bytes
+) -> None:
+    whole = await parse_in_chunks([raw])
+    assert whole
+    assert await parse_in_chunks([raw[i : i + 1] for i in range(len(raw))]) == whole
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_random_splits_equal_all_at_once(data: st.DataObject) -> None:
+    raw = data.draw(st.sampled_from([GET, POST, CHUNKED, GET + CHUNKED + POST]))
+    points = data.draw(st.lists(st.integers(0, len(raw)), max_size=25))
+
+    async def check() -> None:
+        whole = await parse_in_chunks([raw])
+        assert await parse_in_chunks(split(raw, points)) == whole
+
+    trio.run(check, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# --- limits -------------------------------------------------------------------------------
+
+
+async def refuse(client: trio.abc.Stream, http: HttpServerConnection, code: ErrorCode) -> HttpError:
+    """Expect ``next_request`` to raise *code*, answer it, and check the response."""
+    with pytest.raises(HttpError) as info:
+        await http.next_request()
+    assert info.value.code is code
+    await http.send_error(info.value.code, info.value.message)
+    response = await read_response(client)
+    assert response.status == code.http_status
+    assert response.header(b"content-type") == b"application/json; charset=utf-8"
+    assert response.header(b"connection") == b"close"
+    assert json.loads(response.body)["errorCode"] == int(code)
+    # The connection is done after an error.
+    assert await http.next_request() is None
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: hub.test\r\nBad Header\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: hub.test\r\n: no-name\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: hub.test\r\nContent-Length: many\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",  # HTTP/1.1 requires Host
+        b"POST / HTTP/1.1\r\nHost: hub.test\r\nTransfer-Encoding: gzip\r\n\r\n",
+    ],
+    ids=[
+        "request-line",
+        "header-no-colon",
+        "header-no-name",
+        "content-length",
+        "no-host",
+        "transfer-encoding",
+    ],
+)
+async def test_malformed_request(autojump_clock: trio.abc.Clock, raw: bytes) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server)
+    await client.send_all(raw)
+    await refuse(client, http, ErrorCode.MALFORMED_REQUEST)
+
+
+async def test_headers_too_large_in_one_read(autojump_clock: trio.abc.Clock) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server, max_header_size=1000)
+    await client.send_all(
+        b"GET / HTTP/1.1\r\nHost: hub.test\r\nX-Big: " + b"a" * 1200 + b"\r\n\r\n"
+    )
+    await refuse(client, http, ErrorCode.HEADERS_TOO_LARGE)
+
+
+async def test_headers_too_large_before_they_end(autojump_clock: trio.abc.Clock) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server, max_header_size=1000)
+    await client.send_all(b"GET / HTTP/1.1\r\nHost: hub.test\r\nX-Big: " + b"a" * 1200)
+    await refuse(client, http, ErrorCode.HEADERS_TOO_LARGE)
+
+
+async def test_headers_just_under_the_limit_pass(autojump_clock: trio.abc.Clock) -> None:
+    head = b"GET / HTTP/1.1\r\nHost: hub.test\r\nX-Big: "
+    raw = head + b"a" * (1000 - len(head) - 4) + b"\r\n\r\n"
+    assert len(raw) == 1000
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server, max_header_size=1000)
+    await client.send_all(raw)
+    request = await http.next_request()
+    assert request is not None
+    assert request.header(b"x-big") == b"a" * (1000 - len(head) - 4)
+
+
+async def test_body_too_large_by_content_length(autojump_clock: trio.abc.Clock) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server, max_body_size=1000)
+    # Refused on the head alone: the body is never waited for.
+    await client.send_all(b"POST / HTTP/1.1\r\nHost: hub.test\r\nContent-Length: 1001\r\n\r\n")
+    await refuse(client, http, ErrorCode.PAYLOAD_TOO_LARGE)
+
+
+async def test_body_too_large_by_chunks(autojump_clock: trio.abc.Clock) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server, max_body_size=1000)
+    chunk = b"258\r\n" + b"x" * 600 + b"\r\n"
+    await client.send_all(
+        b"POST / HTTP/1.1\r\nHost: hub.test\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk + chunk
+    )
+    await refuse(client, http, ErrorCode.PAYLOAD_TOO_LARGE)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_body_at_the_limit_passes(autojump_clock: trio.abc.Clock, chunked: bool) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server, max_body_size=1000)
+    head = b"POST / HTTP/1.1\r\nHost: hub.test\r\n"
+    if chunked:
+        raw = head + b"Transfer-Encoding: chunked\r\n\r\n" + (b"1f4\r\n" + b"y" * 500 + b"\r\n") * 2
+        raw += b"0\r\n\r\n"
+    else:
+        raw = head + b"Content-Length: 1000\r\n\r\n" + b"y" * 1000
+    await client.send_all(raw)
+    request = await http.next_request()
+    assert request is not None
+    assert request.body == b"y" * 1000
+
+
+async def test_slow_headers_time_out(autojump_clock: trio.abc.Clock) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server, header_timeout=10)
+    sent = 0
+
+    async def trickle() -> None:
+        nonlocal sent
+        for byte in GET:
+            await client.send_all(bytes([byte]))
+            sent += 1
+            await trio.sleep(1)
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trickle)
+        with pytest.raises(HttpError) as info:
+            await http.next_request()
+        assert info.value.code is ErrorCode.REQUEST_TIMEOUT
+        # The server gave up exactly at header_timeout: not before, though bytes kept coming.
+        assert trio.current_time() - start == pytest.approx(10)
+        assert 10 <= sent < len(GET)
+        nursery.cancel_scope.cancel()
+    await http.send_error(ErrorCode.REQUEST_TIMEOUT)
+    response = await read_response(client)
+    assert response.status == 408
+    assert json.loads(response.body)["errorCode"] == 408901
+
+
+async def test_header_clock_starts_at_first_byte_of_kept_alive_request(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server, header_timeout=10, idle_timeout=60)
+    await client.send_all(GET)
+    assert await http.next_request() is not None
+    await http.send_response(204)
+
+    async def idle_then_trickle() -> None:
+        await trio.sleep(20)
+        for byte in GET:
+            await client.send_all(bytes([byte]))
+            await trio.sleep(1)
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(idle_then_trickle)
+        with pytest.raises(HttpError) as info:
+            await http.next_request()
+        assert info.value.code is ErrorCode.REQUEST_TIMEOUT
+        # 20 s idle (allowed: under idle_timeout) + 10 s header_timeout from the first byte.
+        assert trio.current_time() - start == pytest.approx(30)
+        nursery.cancel_scope.cancel()
+
+
+async def test_idle_keep_alive_connection_closes_silently(autojump_clock: trio.abc.Clock) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server, header_timeout=10, idle_timeout=30)
+    await client.send_all(GET)
+    assert await http.next_request() is not None
+    await http.send_response(204)
+    start = trio.current_time()
+    assert await http.next_request() is None
+    assert trio.current_time() - start == pytest.approx(30)
+    await server.aclose()
+    # Exactly one response on the wire: no 408 for an idle connection.
+    data = await receive_until_eof(client)
+    assert data.startswith(b"HTTP/1.1 204 ")
+    assert data.count(b"HTTP/1.1") == 1
+
+
+async def test_client_that_closes_before_a_request(autojump_clock: trio.abc.Clock) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server)
+    await client.send_eof()
+    assert await http.next_request() is None
+
+
+async def test_client_that_closes_between_requests(autojump_clock: trio.abc.Clock) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server)
+    await client.send_all(GET)
+    assert await http.next_request() is not None
+    await http.send_response(204)
+    await client.send_eof()
+    assert await http.next_request() is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"GET / HTTP/1.1\r\nHo", POST[:-5], CHUNKED[:-7]],
+    ids=["in-head", "in-body", "in-chunks"],
+)
+async def test_client_that_closes_mid_request(autojump_clock: trio.abc.Clock, raw: bytes) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server)
+    await client.send_all(raw)
+    await client.send_eof()
+    await refuse(client, http, ErrorCode.MALFORMED_REQUEST)
+
+
+# --- WebSocket handshake --------------------------------------------------------------------
+
+
+def test_accept_token_matches_rfc_6455_example() -> None:
+    assert accept_token(b"dGhlIHNhbXBsZSBub25jZQ==") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+async def test_websocket_handshake_with_subprotocol(autojump_clock: trio.abc.Clock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    seen: list[HttpRequest] = []
+
+    async def server() -> None:
+        http = HttpServerConnection(server_stream)
+        request = await http.next_request()
+        assert request is not None
+        seen.append(request)
+        offered = request.header_tokens(b"sec-websocket-protocol")
+        ws = await http.accept_websocket(request, subprotocol=offered[-1])
+        assert ws.subprotocol == "devstream.control.v1"
+        message = payload(await ws.receive())
+        assert isinstance(message, bytes)
+        await ws.send_bytes(b"echo:" + message)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            ws = await websocket_connect(
+                client_stream,
+                host="hub.test:8080",
+                target="/devices/d1/streams",
+                headers=[("authorization", "SharedAccessSignature sr=x")],
+                subprotocols=["devstream.control.v0", "devstream.control.v1"],
+            )
+            assert ws.subprotocol == "devstream.control.v1"
+            await ws.send_bytes(b"hi")
+            reply = await ws.receive()
+            assert payload(reply) == b"echo:hi"
+    (request,) = seen
+    assert request.is_websocket_upgrade
+    assert request.target == b"/devices/d1/streams"
+    assert request.header(b"host") == b"hub.test:8080"
+    assert request.header(b"authorization") == b"SharedAccessSignature sr=x"
+    assert request.header_tokens(b"sec-websocket-protocol") == [
+        "devstream.control.v0",
+        "devstream.control.v1",
+    ]
+
+
+async def test_websocket_without_subprotocol(autojump_clock: trio.abc.Clock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+
+    async def server() -> None:
+        http = HttpServerConnection(server_stream)
+        request = await http.next_request()
+        assert request is not None
+        assert request.header(b"sec-websocket-protocol") is None
+        ws = await http.accept_websocket(request)
+        assert ws.subprotocol is None
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            ws = await websocket_connect(client_stream, host="hub.test", target="/bridges/s1")
+            assert ws.subprotocol is None
+
+
+def handshake_response(key: bytes, accept: bytes | None = None) -> bytes:
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: "
+        + (accept if accept is not None else accept_token(key))
+        + b"\r\n\r\n"
+    )
+
+
+async def hand_made_server(
+    server_stream: trio.abc.Stream, extra: bytes, accept: bytes | None
+) -> None:
+    """Read the client's upgrade request and answer it by hand, *extra* in the same write."""
+    http = HttpServerConnection(server_stream)
+    request = await http.next_request()
+    assert request is not None
+    key = request.header(b"sec-websocket-key")
+    assert key is not None
+    await server_stream.send_all(handshake_response(key, accept) + extra)
+
+
+async def test_client_rejects_a_wrong_accept_value(autojump_clock: trio.abc.Clock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    wrong = accept_token(b"some other key==")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hand_made_server, server_stream, b"", wrong)
+            with pytest.raises(DevstreamError) as info:
+                await websocket_connect(client_stream, host="hub.test", target="/bridges/s1")
+    assert info.value.code is ErrorCode.HUB_UNREACHABLE
+    assert "Sec-WebSocket-Accept" in info.value.message
+
+
+async def test_client_keeps_frames_sent_with_the_101(autojump_clock: trio.abc.Clock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    server_ws = WsConnection(ConnectionType.SERVER)
+    frames = server_ws.send(BytesMessage(data=b"first")) + server_ws.send(BytesMessage(data=b"two"))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hand_made_server, server_stream, frames, None)
+            ws = await websocket_connect(client_stream, host="hub.test", target="/bridges/s1")
+            assert payload(await ws.receive()) == b"first"
+            assert payload(await ws.receive()) == b"two"
+
+
+async def test_server_keeps_frames_sent_with_the_request(autojump_clock: trio.abc.Clock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    client_ws = WsConnection(ConnectionType.CLIENT)
+    request = (
+        b"GET /bridges/s1 HTTP/1.1\r\nHost: hub.test\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await client_stream.send_all(request + client_ws.send(BytesMessage(data=b"early")))
+    http = HttpServerConnection(server_stream)
+    parsed = await http.next_request()
+    assert parsed is not None and parsed.is_websocket_upgrade
+    with trio.fail_after(10):
+        ws = await http.accept_websocket(parsed)
+        assert payload(await ws.receive()) == b"early"
+    head = await client_stream.receive_some()
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert b"sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head
+
+
+async def test_upgrade_without_key_is_malformed(autojump_clock: trio.abc.Clock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    await client_stream.send_all(
+        b"GET /bridges/s1 HTTP/1.1\r\nHost: hub.test\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    http = HttpServerConnection(server_stream)
+    request = await http.next_request()
+    assert request is not None and request.is_websocket_upgrade
+    with pytest.raises(HttpError) as info:
+        await http.accept_websocket(request)
+    assert info.value.code is ErrorCode.MALFORMED_REQUEST
+
+
+async def test_refused_handshake_raises_http_status_error(autojump_clock: trio.abc.Clock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+
+    async def server() -> None:
+        http = HttpServerConnection(server_stream)
+        request = await http.next_request()
+        assert request is not None and request.is_websocket_upgrade
+        await http.send_error(ErrorCode.UNAUTHORIZED, "stream token signature does not match")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            with pytest.raises(HttpStatusError) as info:
+                await websocket_connect(client_stream, host="hub.test", target="/bridges/s1")
+    assert info.value.code is ErrorCode.UNAUTHORIZED
+    assert info.value.response.status == 401
+    assert info.value.message == "stream token signature does not match"
+
+
+async def test_refusal_without_json_body_has_no_code(autojump_clock: trio.abc.Clock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+
+    async def server() -> None:
+        http = HttpServerConnection(server_stream)
+        assert await http.next_request() is not None
+        await http.send_response(502, body=b"bad gateway", content_type=b"text/plain")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            with pytest.raises(HttpStatusError) as info:
+                await websocket_connect(client_stream, host="hub.test", target="/bridges/s1")
+    assert info.value.code is None
+    assert info.value.response.status == 502
+    assert info.value.message == "bad gateway"
+
+
+# --- the client's plain requests ------------------------------------------------------------
+
+
+async def tiny_server(stream: trio.abc.Stream, served: list[HttpRequest]) -> None:
+    """Echo ``/echo`` as JSON; answer anything else with 404."""
+    http = HttpServerConnection(stream)
+    while (request := await http.next_request()) is not None:
+        served.append(request)
+        if request.target == b"/echo":
+            await http.send_json(
+                200,
+                {"method": request.method.decode(), "body": request.body.decode()},
+                headers=[(b"x-served-by", b"tiny")],
+            )
+        else:
+            await http.send_error(ErrorCode.NOT_FOUND)
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+async def test_http_request_with_body(autojump_clock: trio.abc.Clock, method: str) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    served: list[HttpRequest] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tiny_server, server_stream, served)
+            response = await http_request(
+                client_stream,
+                method=method,
+                host="hub.test",
+                target="/echo",
+                headers=[("content-type", "application/json")],
+                body=b'{"a": 1}',
+            )
+            # The client asked to close: the server's loop ends by itself after one request.
+    assert response.status == 200
+    assert response.header(b"x-served-by") == b"tiny"
+    assert response.header(b"content-type") == b"application/json; charset=utf-8"
+    assert json.loads(response.body) == {"method": method, "body": '{"a": 1}'}
+    (request,) = served
+    assert request.header(b"connection") == b"close"
+    assert request.header(b"content-length") == b"8"
+
+
+async def test_http_request_error_response(autojump_clock: trio.abc.Clock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    served: list[HttpRequest] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tiny_server, server_stream, served)
+            response = await http_request(
+                client_stream, method="GET", host="hub.test", target="/nowhere"
+            )
+    assert response.status == 404
+    assert json.loads(response.body)["errorCode"] == int(ErrorCode.NOT_FOUND)
+    assert served[0].method == b"GET" and served[0].body == b""
+
+
+async def test_http_request_refuses_a_body_over_its_limit(autojump_clock: trio.abc.Clock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+
+    async def server() -> None:
+        http = HttpServerConnection(server_stream)
+        assert await http.next_request() is not None
+        await http.send_response(200, body=b"z" * 5000)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            with pytest.raises(DevstreamError) as info:
+                await http_request(
+                    client_stream, method="GET", host="hub.test", target="/", max_body=1000
+                )
+    assert info.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+
+
+async def test_http_request_when_the_server_hangs_up(autojump_clock: trio.abc.Clock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+
+    async def server() -> None:
+        http = HttpServerConnection(server_stream)
+        assert await http.next_request() is not None
+        await server_stream.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            with pytest.raises(DevstreamError) as info:
+                await http_request(client_stream, method="GET", host="hub.test", target="/")
+    assert info.value.code is ErrorCode.HUB_UNREACHABLE

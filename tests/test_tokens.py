@@ -1,0 +1,283 @@
+"""Tests for devstream_core.tokens: minting and verifying stream tokens.
+
+Rules: no clock and no randomness; ``now`` and nonces are literals or hypothesis-drawn.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from devstream_core.common import Role
+from devstream_core.errors import ErrorCode, LocalProtocolError, StreamTokenError
+from devstream_core.tokens import (
+    MAX_TOKEN_LENGTH,
+    STREAM_TOKEN_LIFETIME,
+    StreamTokenClaims,
+    mint_stream_token,
+    stream_token_expiry,
+    verify_stream_token,
+)
+
+SECRET = b"hub-secret-for-tests-0123456789ab"
+STREAM = "c3RyZWFtLWlkLTAwMDAwMQ"
+NONCE = bytes(range(16))
+NOW = 1000.0
+URL_SAFE = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def mint(
+    *,
+    stream_id: str = STREAM,
+    role: Role = Role.DEVICE,
+    now: float = NOW,
+    nonce: bytes = NONCE,
+    secret: bytes = SECRET,
+    lifetime: float = STREAM_TOKEN_LIFETIME,
+) -> str:
+    return mint_stream_token(
+        secret=secret, stream_id=stream_id, role=role, now=now, nonce=nonce, lifetime=lifetime
+    )
+
+
+def verify(
+    token: str,
+    *,
+    stream_id: str = STREAM,
+    role: Role | None = Role.DEVICE,
+    now: float = NOW,
+    secret: bytes = SECRET,
+) -> StreamTokenClaims:
+    return verify_stream_token(token, secret=secret, stream_id=stream_id, role=role, now=now)
+
+
+def refused(token: str, **kwargs: object) -> StreamTokenError:
+    with pytest.raises(StreamTokenError) as info:
+        verify(token, **kwargs)  # type: ignore[arg-type]
+    # The message never echoes the token or its signature (short fragments prove nothing).
+    for secret_part in (token, token.rpartition(".")[2]):
+        if len(secret_part) >= 8:
+            assert secret_part not in str(info.value)
+    return info.value
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_round_trip_gives_the_claims(role: Role) -> None:
+    token = mint(role=role)
+    claims = verify(token, role=role)
+    assert claims == StreamTokenClaims(
+        stream_id=STREAM,
+        role=role,
+        expires_at=NOW + 60.0,
+        nonce=base64.urlsafe_b64encode(NONCE).rstrip(b"=").decode(),
+    )
+
+
+def test_role_none_takes_the_tokens_role() -> None:
+    assert verify(mint(role=Role.SERVICE), role=None).role is Role.SERVICE
+    assert verify(mint(role=Role.DEVICE), role=None).role is Role.DEVICE
+
+
+def test_token_text_is_url_safe_and_short() -> None:
+    token = mint(stream_id="s" * 128, nonce=b"\xff" * 64, now=9.99e14)
+    assert URL_SAFE.fullmatch(token)
+    assert len(token) <= MAX_TOKEN_LENGTH
+    parts = token.split(".")
+    assert parts[:4] == ["v1", "s" * 128, "device", str(int((9.99e14 + 60) * 1000))]
+    assert len(parts) == 6
+
+
+def test_tokens_differ_by_nonce_and_role() -> None:
+    tokens = {
+        mint(),
+        mint(nonce=bytes(range(1, 17))),
+        mint(role=Role.SERVICE),
+        mint(stream_id="other"),
+    }
+    assert len(tokens) == 4
+
+
+# -- expiry boundary ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_expired_exactly_at_expires_at(role: Role) -> None:
+    token = mint(role=role)
+    expires_at = verify(token, role=role).expires_at
+    assert expires_at == NOW + STREAM_TOKEN_LIFETIME
+    assert verify(token, role=role, now=expires_at - 1e-9).expires_at == expires_at
+    assert refused(token, role=role, now=expires_at).code is ErrorCode.STREAM_TOKEN_EXPIRED
+    assert refused(token, role=role, now=expires_at + 5).code is ErrorCode.STREAM_TOKEN_EXPIRED
+
+
+def test_valid_from_before_mint_time() -> None:
+    # Only expiry is checked; a token checked on a clock slightly behind is still good.
+    assert verify(mint(), now=NOW - 1).stream_id == STREAM
+
+
+def test_custom_lifetime() -> None:
+    token = mint(lifetime=5.0)
+    assert verify(token, now=NOW + 5 - 1e-9).expires_at == NOW + 5
+    assert refused(token, now=NOW + 5).code is ErrorCode.STREAM_TOKEN_EXPIRED
+
+
+def test_expiry_rounds_down_to_the_millisecond() -> None:
+    expires_at = stream_token_expiry(now=0.1234567, lifetime=60.0)
+    assert expires_at <= 60.1234567
+    assert expires_at == pytest.approx(60.123, abs=1e-9)
+    assert verify(mint(now=0.1234567), now=0).expires_at == expires_at
+
+
+@settings(max_examples=200)
+@given(
+    now=st.floats(min_value=-1e9, max_value=1e12, allow_nan=False),
+    lifetime=st.floats(min_value=0.01, max_value=1e6),
+)
+def test_expiry_never_later_than_now_plus_lifetime(now: float, lifetime: float) -> None:
+    expires_at = stream_token_expiry(now=now, lifetime=lifetime)
+    assert expires_at <= now + lifetime
+    assert expires_at > now + lifetime - 0.002
+    token = mint(now=now, lifetime=lifetime)
+    assert verify(token, now=now).expires_at == expires_at
+    assert refused(token, now=expires_at).code is ErrorCode.STREAM_TOKEN_EXPIRED
+
+
+# -- refusals and their order --------------------------------------------------------------------
+
+
+def test_wrong_stream() -> None:
+    assert refused(mint(), stream_id="another").code is ErrorCode.STREAM_TOKEN_WRONG_STREAM
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_wrong_role(role: Role) -> None:
+    token = mint(role=role)
+    assert refused(token, role=role.other).code is ErrorCode.STREAM_TOKEN_WRONG_ROLE
+
+
+def test_order_wrong_stream_before_wrong_role_before_expired() -> None:
+    token = mint(role=Role.DEVICE)
+    late = NOW + 1000
+    assert (
+        refused(token, stream_id="x", role=Role.SERVICE, now=late).code
+        is ErrorCode.STREAM_TOKEN_WRONG_STREAM
+    )
+    assert refused(token, role=Role.SERVICE, now=late).code is ErrorCode.STREAM_TOKEN_WRONG_ROLE
+    assert refused(token, now=late).code is ErrorCode.STREAM_TOKEN_EXPIRED
+
+
+def test_invalid_before_everything_else() -> None:
+    token = mint(secret=b"another hub's secret")
+    assert (
+        refused(token, stream_id="x", role=Role.SERVICE, now=NOW + 1000).code
+        is ErrorCode.STREAM_TOKEN_INVALID
+    )
+
+
+def test_any_single_character_change_is_invalid() -> None:
+    token = mint()
+    for index, char in enumerate(token):
+        for replacement in {"A", "b", "-", "_", "."} - {char}:
+            forged = token[:index] + replacement + token[index + 1 :]
+            error = refused(forged)
+            assert error.code is ErrorCode.STREAM_TOKEN_INVALID, (index, replacement)
+
+
+def test_claims_cannot_be_rewritten_without_the_secret() -> None:
+    parts = mint(role=Role.DEVICE).split(".")
+    parts[2] = "service"
+    assert refused(".".join(parts), role=Role.SERVICE).code is ErrorCode.STREAM_TOKEN_INVALID
+    parts = mint().split(".")
+    parts[3] = str(int(parts[3]) + 3_600_000)
+    assert refused(".".join(parts), now=NOW + 100).code is ErrorCode.STREAM_TOKEN_INVALID
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "v1",
+        "v1.a.device.1.AAAAAAAAAAAAAAAAAAAAAA",
+        "v1.a.device.1.AAAAAAAAAAAAAAAAAAAAAA.mac.extra",
+        "v2" + mint()[2:],
+        mint() + "=",
+        mint() + " ",
+        "é" + mint(),
+        mint()[:-1] + "é",
+        "Bearer " + mint(),
+        "x" * (MAX_TOKEN_LENGTH + 1),
+        mint() + "." * (MAX_TOKEN_LENGTH),
+    ],
+)
+def test_malformed_is_invalid(token: str) -> None:
+    assert refused(token).code is ErrorCode.STREAM_TOKEN_INVALID
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=600))
+def test_arbitrary_text_is_invalid_and_never_crashes(text: str) -> None:
+    with pytest.raises(StreamTokenError) as info:
+        verify(text)
+    assert info.value.code is ErrorCode.STREAM_TOKEN_INVALID
+
+
+@settings(max_examples=100)
+@given(
+    stream_id=st.from_regex(r"[A-Za-z0-9_-]{1,128}", fullmatch=True),
+    role=st.sampled_from(list(Role)),
+    nonce=st.binary(min_size=16, max_size=64),
+    now=st.floats(min_value=0, max_value=1e12),
+)
+def test_any_minted_token_verifies(stream_id: str, role: Role, nonce: bytes, now: float) -> None:
+    token = mint(stream_id=stream_id, role=role, nonce=nonce, now=now)
+    assert URL_SAFE.fullmatch(token)
+    assert len(token) <= MAX_TOKEN_LENGTH
+    claims = verify(token, stream_id=stream_id, role=role, now=now)
+    assert (claims.stream_id, claims.role) == (stream_id, role)
+    assert base64.urlsafe_b64decode(claims.nonce + "=" * (-len(claims.nonce) % 4)) == nonce
+
+
+# -- misuse ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"nonce": b"x" * 15},
+        {"nonce": b""},
+        {"nonce": b"x" * 65},
+        {"stream_id": ""},
+        {"stream_id": "a.b"},
+        {"stream_id": "a/b"},
+        {"stream_id": "a" * 129},
+        {"secret": b""},
+        {"now": float("nan")},
+        {"now": float("inf")},
+        {"lifetime": 0.0},
+        {"lifetime": -1.0},
+        {"lifetime": float("inf")},
+    ],
+)
+def test_mint_refuses_bad_arguments(kwargs: dict[str, object]) -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        mint(**kwargs)  # type: ignore[arg-type]
+    assert info.value.code is ErrorCode.ARGUMENT_INVALID
+
+
+def test_mint_accepts_a_16_byte_nonce() -> None:
+    assert verify(mint(nonce=b"n" * 16)).stream_id == STREAM
+
+
+@pytest.mark.parametrize("now", [float("nan"), float("inf")])
+def test_verify_refuses_a_non_finite_now(now: float) -> None:
+    with pytest.raises(LocalProtocolError):
+        verify(mint(), now=now)
+
+
+def test_verify_refuses_an_empty_secret() -> None:
+    with pytest.raises(LocalProtocolError):
+        verify(mint(), secret=b"")

@@ -1,0 +1,494 @@
+"""The WebSocket adapter (``devstream_trio._ws``) and the raw-mode ``HubStream`` over it.
+
+Test rules: no sockets; pairs are built on ``trio.testing.memory_stream_pair()`` with wsproto
+connections already open (the opening handshake has its own tests in ``test_http_adapter``), and
+anything that waits runs on the ``autojump_clock``. Where a test needs to see the exact frames on
+the wire, one side is a bare wsproto connection (:class:`RawPeer`) instead of a ``WebSocket``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
+
+from devstream_core.common import Role
+from devstream_core.errors import ErrorCode, close_reason_for
+from devstream_trio._ws import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket, payload
+from devstream_trio.exceptions import HubError
+from devstream_trio.stream import HubStream
+
+
+def ws_pair() -> tuple[WebSocket, WebSocket]:
+    """A connected (client, server) pair of WebSockets."""
+    a, b = trio.testing.memory_stream_pair()
+    return (
+        WebSocket(a, Connection(ConnectionType.CLIENT)),
+        WebSocket(b, Connection(ConnectionType.SERVER)),
+    )
+
+
+def sides(client_sends: bool) -> tuple[WebSocket, WebSocket]:
+    """(sender, receiver) of a fresh pair, either way round."""
+    client, server = ws_pair()
+    return (client, server) if client_sends else (server, client)
+
+
+class RawPeer:
+    """The other end of a ``WebSocket`` as a bare wsproto connection, frame by frame."""
+
+    def __init__(self, stream: trio.abc.Stream, kind: ConnectionType) -> None:
+        self.stream = stream
+        self.ws = Connection(kind)
+
+    async def send(self, *events: Event) -> None:
+        """Send *events* in one write, so they reach the other side in one chunk."""
+        await self.stream.send_all(b"".join(self.ws.send(e) for e in events))
+
+    async def next_events(self) -> list[Event]:
+        """Read until wsproto has at least one event; return all it has."""
+        while True:
+            events = list(self.ws.events())
+            if events:
+                return events
+            self.ws.receive_data(bytes(await self.stream.receive_some()))
+
+
+def raw_pair(kind: ConnectionType = ConnectionType.SERVER) -> tuple[RawPeer, WebSocket]:
+    """A ``WebSocket`` of type *kind* and a raw peer of the opposite type."""
+    a, b = trio.testing.memory_stream_pair()
+    other = ConnectionType.CLIENT if kind is ConnectionType.SERVER else ConnectionType.SERVER
+    return RawPeer(a, other), WebSocket(b, Connection(kind))
+
+
+async def receive_message(ws: WebSocket) -> tuple[bytes | str, list[bool]]:
+    """Join fragments until ``message_finished``; also return each fragment's flag."""
+    parts: list[bytes | str] = []
+    flags: list[bool] = []
+    while True:
+        event = await ws.receive()
+        parts.append(payload(event))
+        flags.append(event.message_finished)
+        if event.message_finished:
+            break
+    if isinstance(parts[0], str):
+        return "".join(p for p in parts if isinstance(p, str)), flags
+    return b"".join(p for p in parts if isinstance(p, bytes)), flags
+
+
+async def nothing_arrives(stream: trio.abc.Stream, seconds: float = 10) -> bool:
+    """True if no byte arrives on *stream* for *seconds* of trio time."""
+    with trio.move_on_after(seconds):
+        await stream.receive_some()
+        return False
+    return True
+
+
+# --- messages -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("client_sends", [True, False], ids=["client-sends", "server-sends"])
+async def test_binary_and_text_messages(autojump_clock: trio.abc.Clock, client_sends: bool) -> None:
+    sender, receiver = sides(client_sends)
+    await sender.send_bytes(b"\x00\x01\xffbinary")
+    await sender.send_text("héllo ✓")
+    await sender.send_bytes(b"")
+    await sender.send_message(BytesMessage(data=b"relayed"))
+    await sender.send_message(TextMessage(data="relayed text"))
+
+    first = await receiver.receive()
+    assert isinstance(first, BytesMessage)
+    assert payload(first) == b"\x00\x01\xffbinary"
+    second = await receiver.receive()
+    assert isinstance(second, TextMessage)
+    assert payload(second) == "héllo ✓"
+    assert await receive_message(receiver) == (b"", [True])
+    assert await receive_message(receiver) == (b"relayed", [True])
+    assert await receive_message(receiver) == ("relayed text", [True])
+
+
+@pytest.mark.parametrize("client_sends", [True, False], ids=["client-sends", "server-sends"])
+async def test_large_message_arrives_whole(
+    autojump_clock: trio.abc.Clock, client_sends: bool
+) -> None:
+    sender, receiver = sides(client_sends)
+    data = bytes(range(256)) * 1200  # larger than one transport read
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.send_bytes, data)
+        received, flags = await receive_message(receiver)
+    assert received == data
+    assert flags[-1] is True
+
+
+@pytest.mark.parametrize("client_sends", [True, False], ids=["client-sends", "server-sends"])
+async def test_fragments_keep_their_order_and_flags(
+    autojump_clock: trio.abc.Clock, client_sends: bool
+) -> None:
+    sender, receiver = sides(client_sends)
+    await sender.send_bytes(b"ab", message_finished=False)
+    await sender.send_bytes(b"cd", message_finished=False)
+    await sender.send_bytes(b"ef")
+    await sender.send_text("gh", message_finished=False)
+    await sender.send_text("ij")
+    await sender.send_bytes(b"next")
+
+    got = []
+    for _ in range(6):
+        event = await receiver.receive()
+        got.append((type(event), payload(event), event.message_finished))
+    assert got == [
+        (BytesMessage, b"ab", False),
+        (BytesMessage, b"cd", False),
+        (BytesMessage, b"ef", True),
+        (TextMessage, "gh", False),
+        (TextMessage, "ij", True),
+        (BytesMessage, b"next", True),
+    ]
+
+
+# --- pings --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [ConnectionType.SERVER, ConnectionType.CLIENT])
+async def test_ping_is_answered_by_the_reader(
+    autojump_clock: trio.abc.Clock, kind: ConnectionType
+) -> None:
+    peer, ws = raw_pair(kind)
+    start = trio.current_time()
+    assert ws.last_received == start
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ws.receive)
+        await trio.sleep(5)
+        await peer.send(Ping(payload=b"hb-1"))
+        assert await peer.next_events() == [Pong(payload=b"hb-1")]
+        assert ws.last_received == start + 5
+        await trio.sleep(3)
+        await peer.send(Ping(payload=b"hb-2"))
+        assert await peer.next_events() == [Pong(payload=b"hb-2")]
+        assert ws.last_received == start + 8
+        # The pings were not handed to the caller: its receive() is still waiting.
+        await peer.send(BytesMessage(data=b"data"))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+
+
+async def test_ping_between_two_websockets(autojump_clock: trio.abc.Clock) -> None:
+    client, server = ws_pair()
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.receive)
+        nursery.start_soon(server.receive)
+        await trio.sleep(7)
+        await client.ping(b"keepalive")
+        await trio.testing.wait_all_tasks_blocked()
+        # The server saw the ping at 7 s and the client saw the pong at 7 s.
+        assert server.last_received == start + 7
+        assert client.last_received == start + 7
+        nursery.cancel_scope.cancel()
+    assert client.is_open and server.is_open
+
+
+# --- closing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("client_closes", [True, False], ids=["client-closes", "server-closes"])
+async def test_close_handshake(autojump_clock: trio.abc.Clock, client_closes: bool) -> None:
+    closer, other = sides(client_closes)
+    await closer.send_close(4000, "done for today")
+    assert not closer.is_open
+
+    with pytest.raises(ConnectionClosed) as info:
+        await other.receive()
+    assert (info.value.code, info.value.reason) == (4000, "done for today")
+    assert other.closed is info.value
+    assert not other.is_open
+
+    # The other side answered the close; the closer sees its own code echoed.
+    with pytest.raises(ConnectionClosed) as echoed:
+        await closer.receive()
+    assert echoed.value.code == 4000
+    assert closer.closed is not None
+
+    # After the handshake, send_close is a no-op on both sides: no error, no bytes.
+    await closer.send_close()
+    await other.send_close(1001, "again")
+    assert await nothing_arrives(closer.stream)
+    assert await nothing_arrives(other.stream)
+    # Data can no longer be sent, and receive keeps reporting the close.
+    with pytest.raises(ConnectionClosed):
+        await closer.send_bytes(b"late")
+    with pytest.raises(ConnectionClosed) as again:
+        await other.receive()
+    assert again.value.code == 4000
+
+
+async def test_close_reaches_a_raw_peer_with_code_and_reason(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    peer, ws = raw_pair()
+    reason = close_reason_for(ErrorCode.PEER_NEVER_CONNECTED)
+    await ws.send_close(ErrorCode.PEER_NEVER_CONNECTED.close_code, reason)
+    (event,) = await peer.next_events()
+    assert event == CloseConnection(code=4504, reason=reason)
+
+
+async def test_close_codes_that_must_not_be_sent_are_replaced(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    peer, ws = raw_pair()
+    await ws.send_close(ABNORMAL_CLOSURE, "lost")
+    (event,) = await peer.next_events()
+    assert isinstance(event, CloseConnection)
+    assert event.code == 1001
+
+
+async def test_aclose_waits_for_the_peer_close(autojump_clock: trio.abc.Clock) -> None:
+    client, server = ws_pair()
+    async with trio.open_nursery() as nursery:
+
+        async def server_side() -> None:
+            with pytest.raises(ConnectionClosed) as info:
+                await server.receive()
+            assert info.value.code == 1000
+
+        nursery.start_soon(server_side)
+        start = trio.current_time()
+        await client.aclose()
+        assert trio.current_time() == start  # answered at once, no timeout
+    assert client.closed is not None and client.closed.code == 1000
+
+
+async def test_transport_end_without_close_is_1006(autojump_clock: trio.abc.Clock) -> None:
+    client, server = ws_pair()
+    await client.send_bytes(b"last words")
+    await client.abort()
+    assert payload(await server.receive()) == b"last words"
+    with pytest.raises(ConnectionClosed) as info:
+        await server.receive()
+    assert info.value.code == ABNORMAL_CLOSURE == 1006
+    assert server.closed is not None and server.closed.code == 1006
+    with pytest.raises(ConnectionClosed) as again:
+        await server.receive()
+    assert again.value.code == 1006
+    with pytest.raises(ConnectionClosed) as on_send:
+        await server.send_bytes(b"anyone?")
+    assert on_send.value.code == 1006
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\xff\x80\x00\x00\x00\x00",  # reserved bits and a reserved opcode
+        b"\x82\x02hi",  # a client frame without a mask
+        b"\x09\xfe\x01\x00" + b"\x00" * 4 + b"x" * 256,  # a 256-byte, unfinished ping
+    ],
+    ids=["reserved-opcode", "unmasked", "bad-control-frame"],
+)
+async def test_invalid_frame_closes_with_1002(
+    autojump_clock: trio.abc.Clock, garbage: bytes
+) -> None:
+    peer, ws = raw_pair(ConnectionType.SERVER)
+    await peer.stream.send_all(garbage)
+    with pytest.raises(ConnectionClosed) as info:
+        await ws.receive()
+    assert info.value.code == 1002
+    assert not ws.is_open
+    events = await peer.next_events()
+    assert isinstance(events[0], CloseConnection)
+    assert events[0].code == 1002
+
+
+# --- cancel safety ------------------------------------------------------------------------
+
+
+async def test_cancelled_receive_loses_nothing(autojump_clock: trio.abc.Clock) -> None:
+    client, server = ws_pair()
+    with trio.move_on_after(5) as scope:
+        await server.receive()
+    assert scope.cancelled_caught
+    await client.send_bytes(b"after the cancel")
+    assert payload(await server.receive()) == b"after the cancel"
+
+
+@pytest.mark.parametrize("ping_first", [False, True], ids=["two-messages", "ping-then-two"])
+async def test_cancel_after_a_chunk_of_two_messages(
+    autojump_clock: trio.abc.Clock, ping_first: bool
+) -> None:
+    peer, ws = raw_pair()
+    got: list[bytes | str] = []
+    async with trio.open_nursery() as nursery:
+
+        async def reader(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+            with trio.CancelScope() as scope:
+                task_status.started(scope)
+                while True:
+                    got.append(payload(await ws.receive()))
+
+        scope = await nursery.start(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        events: list[Event] = [BytesMessage(data=b"one"), BytesMessage(data=b"two")]
+        if ping_first:
+            events.insert(0, Ping(payload=b"p"))
+        # Both messages reach the transport in one chunk, and the reader is cancelled before
+        # it gets to run.
+        await peer.send(*events)
+        scope.cancel()
+    with trio.fail_after(5):
+        while len(got) < 2:
+            got.append(payload(await ws.receive()))
+    assert got == [b"one", b"two"]
+    if ping_first:
+        # The ping was answered even though the receive that read it was cancelled.
+        with trio.fail_after(5):
+            assert await peer.next_events() == [Pong(payload=b"p")]
+
+
+async def test_close_is_answered_after_a_cancelled_receive(autojump_clock: trio.abc.Clock) -> None:
+    peer, ws = raw_pair()
+    async with trio.open_nursery() as nursery:
+
+        async def reader(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+            with trio.CancelScope() as scope:
+                task_status.started(scope)
+                await ws.receive()
+
+        scope = await nursery.start(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        await peer.send(CloseConnection(code=4000, reason="bye"))
+        scope.cancel()
+    with pytest.raises(ConnectionClosed) as info:
+        await ws.receive()
+    assert (info.value.code, info.value.reason) == (4000, "bye")
+    with trio.fail_after(5):
+        (answer,) = await peer.next_events()
+    assert answer == CloseConnection(code=4000, reason="bye")
+
+
+# --- HubStream over a WebSocket pair ------------------------------------------------------
+
+
+def stream_pair(max_message_size: int = 64 * 1024) -> tuple[HubStream, WebSocket]:
+    """A service-side ``HubStream`` and the WebSocket at the other end."""
+    client, server = ws_pair()
+    stream = HubStream(
+        client, stream_id="s-1", role=Role.SERVICE, max_message_size=max_message_size
+    )
+    return stream, server
+
+
+async def test_hub_stream_splits_large_sends_into_capped_messages(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    stream, peer = stream_pair(max_message_size=1000)
+    data = bytes(range(251)) * 40  # 10040 bytes: ten full messages and a short one
+    await stream.send_all(data)
+    await stream.send_all(memoryview(b"tail"))
+    sizes = []
+    received = bytearray()
+    while len(received) < len(data) + 4:
+        message, _ = await receive_message(peer)
+        assert isinstance(message, bytes)
+        sizes.append(len(message))
+        received += message
+    assert bytes(received) == data + b"tail"
+    assert max(sizes) == 1000
+    assert sizes == [1000] * 10 + [40, 4]
+
+
+async def test_hub_stream_receive_some_honours_max_bytes(autojump_clock: trio.abc.Clock) -> None:
+    stream, peer = stream_pair()
+    messages = [bytes([n]) * 10 for n in range(1, 6)]
+    for message in messages:
+        await peer.send_bytes(message)
+    await peer.send_text("txt")
+    received = bytearray()
+    while len(received) < 53:
+        chunk = await stream.receive_some(4)
+        assert 1 <= len(chunk) <= 4
+        received += chunk
+    assert bytes(received) == b"".join(messages) + b"txt"
+    with pytest.raises(ValueError):
+        await stream.receive_some(0)
+
+
+async def test_hub_stream_normal_close_is_eof(autojump_clock: trio.abc.Clock) -> None:
+    stream, peer = stream_pair()
+    await peer.send_bytes(b"bye")
+    await peer.send_close(1000)
+    assert await stream.receive_some() == b"bye"
+    assert await stream.receive_some() == b""
+    assert await stream.receive_some() == b""
+    assert stream.close_code == 1000
+
+
+async def test_hub_stream_error_close_is_broken_with_the_hub_error(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    stream, peer = stream_pair()
+    reason = "504901 the other side of the stream never connected"
+    await peer.send_close(4504, reason)
+    with pytest.raises(trio.BrokenResourceError) as info:
+        await stream.receive_some()
+    cause = info.value.__cause__
+    assert isinstance(cause, HubError)
+    assert cause.code is ErrorCode.PEER_NEVER_CONNECTED
+    assert cause.message == "the other side of the stream never connected"
+    assert stream.close_code == 4504
+    assert stream.close_reason == reason
+
+
+async def test_hub_stream_lost_connection_is_broken(autojump_clock: trio.abc.Clock) -> None:
+    stream, peer = stream_pair()
+    await peer.abort()
+    with pytest.raises(trio.BrokenResourceError) as info:
+        await stream.receive_some()
+    assert isinstance(info.value.__cause__, ConnectionClosed)
+    assert stream.close_code == 1006
+    with pytest.raises(trio.BrokenResourceError):
+        await stream.send_all(b"x")
+
+
+async def test_hub_stream_concurrent_receives_are_busy(autojump_clock: trio.abc.Clock) -> None:
+    stream, peer = stream_pair()
+    async with trio.open_nursery() as nursery:
+        result: list[bytes] = []
+
+        async def first() -> None:
+            result.append(await stream.receive_some())
+
+        nursery.start_soon(first)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            await stream.receive_some()
+        await peer.send_bytes(b"for the first")
+    assert result == [b"for the first"]
+
+
+async def test_hub_stream_send_after_send_eof_is_closed(autojump_clock: trio.abc.Clock) -> None:
+    stream, peer = stream_pair()
+    await peer.send_bytes(b"in flight")
+    await stream.send_all(b"before eof")
+    await stream.send_eof()
+    await stream.send_eof()  # idempotent
+    with pytest.raises(trio.ClosedResourceError):
+        await stream.send_all(b"after eof")
+    # The peer sees the data, then a normal close; bytes it had sent are still delivered.
+    assert await receive_message(peer) == (b"before eof", [True])
+    with pytest.raises(ConnectionClosed) as info:
+        await peer.receive()
+    assert info.value.code == 1000
+    assert await stream.receive_some() == b"in flight"
+    assert await stream.receive_some() == b""
+
+
+async def test_hub_stream_as_async_iterator(autojump_clock: trio.abc.Clock) -> None:
+    stream, peer = stream_pair()
+    for part in (b"a", b"bc", b"def"):
+        await peer.send_bytes(part)
+    await peer.send_close(1000)
+    assert b"".join([chunk async for chunk in stream]) == b"abcdef"
+    await stream.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await stream.send_all(b"x")
