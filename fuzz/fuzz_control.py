@@ -19,12 +19,15 @@ the input's ``repr`` is printed and the exit status is 1.
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import random
 import sys
-import traceback
 from collections.abc import Sequence
+from pathlib import Path
+
+# Run as a script, Python puts this folder on sys.path; loaded by file path, it is not.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _harness
+from _harness import Crash as Crash
 
 from devstream_core.control import (
     MAX_CONTROL_MESSAGE_SIZE,
@@ -180,91 +183,17 @@ def check(data: bytes) -> None:
             raise AssertionError(f"receive returned {events!r}")
 
 
-def mutate(rng: random.Random, data: bytes) -> bytes:
-    """Apply one to four random edits to *data*."""
-    buf = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        choice = rng.randrange(6)
-        pos = rng.randint(0, len(buf))
-        if choice == 0 and buf:
-            buf[min(pos, len(buf) - 1)] = rng.randrange(256)
-        elif choice == 1:
-            buf[pos:pos] = bytes([rng.randrange(256)])
-        elif choice == 2 and buf:
-            del buf[pos : pos + rng.randint(1, 8)]
-        elif choice == 3:
-            buf[pos:pos] = rng.choice(_TOKENS)
-        elif choice == 4 and buf:
-            start = rng.randrange(len(buf))
-            buf[pos:pos] = buf[start : start + rng.randint(1, 16)]
-        else:
-            other = rng.choice(SEEDS)
-            cut = rng.randint(0, len(other))
-            buf = buf[:pos] + bytearray(other[cut:])
-    return bytes(buf)
-
-
-class Crash(Exception):
-    """An input made :func:`check` raise something other than the documented error."""
-
-    def __init__(self, data: bytes) -> None:
-        super().__init__(repr(data))
-        self.data = data
+_ABOUT = "fuzz control-channel decoding"
 
 
 def run_fallback(iterations: int, seed: int = 0) -> None:
-    """Check every seed, then *iterations* mutated seeds; raise :class:`Crash` on a crash."""
-    rng = random.Random(seed)
-    cases = [*SEEDS, *(mutate(rng, rng.choice(SEEDS)) for _ in range(iterations))]
-    for data in cases:
-        try:
-            check(data)
-        except Exception as exc:
-            raise Crash(data) from exc
+    """The fallback loop over :data:`SEEDS` (see ``_harness.run_fallback``); raises `Crash`."""
+    _harness.run_fallback(check, SEEDS, iterations, seed, tokens=_TOKENS)
 
 
 def main(argv: Sequence[str]) -> int:
-    """Run under atheris if it is installed, else the fallback loop; 1 on a crash.
-
-    In fallback mode, files named on the command line are checked instead (to reproduce a
-    crash saved by libFuzzer or written from a printed ``repr``).
-    """
-    args = list(argv)
-    wants_fallback = "--fallback" in args or any(a.startswith("--iterations") for a in args)
-    if not wants_fallback:
-        try:
-            atheris = importlib.import_module("atheris")
-        except ImportError:
-            pass
-        else:
-            atheris.instrument_all()
-            atheris.Setup([sys.argv[0], *args], check)
-            atheris.Fuzz()
-            return 0
-    parser = argparse.ArgumentParser(description="fuzz control-channel decoding")
-    parser.add_argument("--fallback", action="store_true", help="do not use atheris")
-    parser.add_argument("--iterations", type=int, default=100_000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("inputs", nargs="*", help="files to check instead of fuzzing")
-    options = parser.parse_args(args)
-    try:
-        if options.inputs:
-            for name in options.inputs:
-                with open(name, "rb") as file:
-                    data = file.read()
-                try:
-                    check(data)
-                except Exception as exc:
-                    raise Crash(data) from exc
-        else:
-            run_fallback(options.iterations, seed=options.seed)
-    except Crash as crash:
-        traceback.print_exception(crash.__cause__ or crash)
-        print(f"CRASH on input {crash.data!r}")
-        return 1
-    count = len(options.inputs) or len(SEEDS) + options.iterations
-    print(f"ok: {count} inputs, seed {options.seed}")
-    return 0
+    """Fuzz from the command line (see ``_harness.main``); returns the exit status."""
+    return _harness.main(argv, check=check, seeds=SEEDS, tokens=_TOKENS, description=_ABOUT)
 
 
 if __name__ == "__main__":

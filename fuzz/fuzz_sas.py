@@ -16,12 +16,15 @@ device resource, a fixed host resource and fixed keys. Any exception other than
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import random
 import sys
-import traceback
 from collections.abc import Sequence
+from pathlib import Path
+
+# Run as a script, Python puts this folder on sys.path; loaded by file path, it is not.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _harness
+from _harness import Crash as Crash
 
 from devstream_core.credentials import make_sas_token, parse_sas_token, verify_sas_token
 from devstream_core.errors import CredentialError
@@ -100,75 +103,17 @@ def check(data: bytes) -> None:
                 raise AssertionError("verify_sas_token returned a different token")
 
 
-def mutate(rng: random.Random, data: bytes) -> bytes:
-    """Apply one to four random edits to *data*."""
-    buf = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        choice = rng.randrange(6)
-        pos = rng.randint(0, len(buf))
-        if choice == 0 and buf:
-            buf[min(pos, len(buf) - 1)] = rng.randrange(256)
-        elif choice == 1:
-            buf[pos:pos] = bytes([rng.randrange(256)])
-        elif choice == 2 and buf:
-            del buf[pos : pos + rng.randint(1, 8)]
-        elif choice == 3:
-            buf[pos:pos] = rng.choice(_TOKENS)
-        elif choice == 4 and buf:
-            start = rng.randrange(len(buf))
-            buf[pos:pos] = buf[start : start + rng.randint(1, 16)]
-        else:
-            other = rng.choice(SEEDS)
-            cut = rng.randint(0, len(other))
-            buf = buf[:pos] + bytearray(other[cut:])
-    return bytes(buf)
-
-
-class Crash(Exception):
-    """An input made :func:`check` raise something other than the documented error."""
-
-    def __init__(self, data: bytes) -> None:
-        super().__init__(repr(data))
-        self.data = data
+_ABOUT = "fuzz parse_sas_token and verify_sas_token"
 
 
 def run_fallback(iterations: int, *, seed: int = 0) -> None:
-    """Check every seed, then *iterations* mutated seeds; raise :class:`Crash` on a crash."""
-    rng = random.Random(seed)
-    cases = [*SEEDS, *(mutate(rng, rng.choice(SEEDS)) for _ in range(iterations))]
-    for data in cases:
-        try:
-            check(data)
-        except Exception as exc:
-            raise Crash(data) from exc
+    """The fallback loop over :data:`SEEDS` (see ``_harness.run_fallback``); raises `Crash`."""
+    _harness.run_fallback(check, SEEDS, iterations, seed, tokens=_TOKENS)
 
 
 def main(argv: Sequence[str]) -> int:
-    """Run under atheris if it is installed, else the fallback loop; 1 on a crash."""
-    args = list(argv)
-    wants_fallback = "--fallback" in args or any(a.startswith("--iterations") for a in args)
-    if not wants_fallback:
-        try:
-            atheris = importlib.import_module("atheris")
-        except ImportError:
-            pass
-        else:
-            atheris.Setup([sys.argv[0], *args], check)
-            atheris.Fuzz()
-            return 0
-    parser = argparse.ArgumentParser(description="fuzz parse_sas_token and verify_sas_token")
-    parser.add_argument("--fallback", action="store_true", help="do not use atheris")
-    parser.add_argument("--iterations", type=int, default=100_000)
-    parser.add_argument("--seed", type=int, default=0)
-    options = parser.parse_args(args)
-    try:
-        run_fallback(options.iterations, seed=options.seed)
-    except Crash as crash:
-        traceback.print_exception(crash.__cause__ or crash)
-        print(f"CRASH on input {crash.data!r}")
-        return 1
-    print(f"ok: {len(SEEDS) + options.iterations} inputs, seed {options.seed}")
-    return 0
+    """Fuzz from the command line (see ``_harness.main``); returns the exit status."""
+    return _harness.main(argv, check=check, seeds=SEEDS, tokens=_TOKENS, description=_ABOUT)
 
 
 if __name__ == "__main__":

@@ -35,13 +35,14 @@ class ErrorCode(enum.IntEnum):
 
     #: The HTTP request could not be parsed (bad request line, bad header, bad framing).
     MALFORMED_REQUEST = 400901
-    #: A request body or control message is not valid JSON or lacks a required field.
+    #: A request body or control message is not valid JSON (or not a JSON object).
     INVALID_JSON = 400902
     #: A field has an invalid value (Azure ``ArgumentInvalid``).
     ARGUMENT_INVALID = 400004
     #: A connection string is malformed.
     INVALID_CONNECTION_STRING = 400903
-    #: The peer broke the control-channel or stream protocol.
+    #: The peer broke the control-channel protocol: a message of the wrong shape (missing or
+    #: mistyped field, unknown type) or one not allowed in the current state.
     PROTOCOL_ERROR = 400904
     #: Missing, malformed, wrong or expired SAS token (Azure ``IotHubUnauthorizedAccess``).
     UNAUTHORIZED = 401002

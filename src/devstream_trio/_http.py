@@ -81,11 +81,7 @@ def error_body(code: ErrorCode, message: str | None = None) -> bytes:
 
 
 @dataclass(frozen=True, kw_only=True)
-class HttpRequest:
-    """One request as the server received it (header names lower-cased)."""
-
-    method: bytes
-    target: bytes
+class _HttpMessage:
     headers: Headers
     body: bytes = b""
 
@@ -95,6 +91,14 @@ class HttpRequest:
             if key == name:
                 return value
         return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpRequest(_HttpMessage):
+    """One request as the server received it (header names lower-cased)."""
+
+    method: bytes
+    target: bytes
 
     def header_tokens(self, name: bytes, *, lower: bool = True) -> list[str]:
         """Every comma-separated token of every *name* header, stripped (and lower-cased)."""
@@ -118,19 +122,10 @@ class HttpRequest:
 
 
 @dataclass(frozen=True, kw_only=True)
-class HttpResponse:
-    """One response as the client received it."""
+class HttpResponse(_HttpMessage):
+    """One response as the client received it (header names lower-cased)."""
 
     status: int
-    headers: Headers
-    body: bytes = b""
-
-    def header(self, name: bytes) -> bytes | None:
-        """The first value of header *name* (lower-case), or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
 
 
 @dataclass

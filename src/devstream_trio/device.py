@@ -37,7 +37,7 @@ from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
 
-from ._connect import HubAddress, Opener
+from ._connect import HubAddress, Opener, connection_string_for
 from ._http import HttpStatusError, websocket_connect
 from ._ws import ConnectionClosed, WebSocket, payload
 from .exceptions import HubError, HubUnreachable, error_for
@@ -86,16 +86,8 @@ class DeviceClient:
         rng: random.Random | None = None,
         opener: Opener | None = None,
     ) -> None:
-        cs = (
-            connection_string
-            if isinstance(connection_string, ConnectionString)
-            else ConnectionString.parse(connection_string)
-        )
-        if cs.role is not Role.DEVICE or cs.device_id is None:
-            raise HubError(
-                ErrorCode.INVALID_CONNECTION_STRING,
-                "a device needs a connection string with DeviceId",
-            )
+        cs = connection_string_for(Role.DEVICE, connection_string)
+        assert cs.device_id is not None
         self.connection_string = cs
         self.device_id: str = cs.device_id
         self.address = HubAddress.from_connection_string(cs)
@@ -258,15 +250,22 @@ class DeviceClient:
                     )
 
     async def _keepalive(self, ws: WebSocket, scope: trio.CancelScope) -> None:
+        # Ping every ping_interval; give up the moment the hub has been silent for
+        # ping_interval + ping_timeout (not at the next ping, which could be later).
+        next_ping = trio.current_time() + self.ping_interval
         while True:
-            await trio.sleep(self.ping_interval)
-            if trio.current_time() - ws.last_received > self.ping_interval + self.ping_timeout:
+            give_up_at = ws.last_received + self.ping_interval + self.ping_timeout
+            await trio.sleep_until(min(next_ping, give_up_at))
+            now = trio.current_time()
+            if now >= ws.last_received + self.ping_interval + self.ping_timeout:
                 scope.cancel()
                 return
-            try:
-                await ws.ping()
-            except ConnectionClosed:
-                return
+            if now >= next_ping:
+                next_ping = now + self.ping_interval
+                try:
+                    await ws.ping()
+                except ConnectionClosed:
+                    return
 
     async def _run_stream(self, request: control.StreamRequest, handler: Handler) -> None:
         try:

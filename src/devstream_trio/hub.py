@@ -563,8 +563,12 @@ class Hub:
         if close_code is not None:
             with trio.move_on_after(self.config.close_timeout):
                 with contextlib.suppress(ConnectionClosed, DevstreamError):
-                    await session.send(
-                        control.ErrorMessage(code=int(close_code), message=close_code.message)
+                    # Encoded directly: after the device broke the protocol the machine is
+                    # poisoned and would refuse to send the error that explains why.
+                    await ws.send_text(
+                        control.encode_message(
+                            control.ErrorMessage(code=int(close_code), message=close_code.message)
+                        )
                     )
                 await ws.aclose(close_code.close_code, close_reason_for(close_code))
         else:

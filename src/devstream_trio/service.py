@@ -26,7 +26,7 @@ from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import DevstreamError, ErrorCode
 
-from ._connect import HubAddress, Opener, open_hub_stream
+from ._connect import HubAddress, Opener, connection_string_for, open_hub_stream
 from ._http import HttpResponse, HttpStatusError, http_request, websocket_connect
 from .exceptions import HubError, HubUnreachable, error_for
 from .stream import HubStream
@@ -48,16 +48,7 @@ class ServiceClient:
         wall_clock: Callable[[], float] = time.time,
         opener: Opener | None = None,
     ) -> None:
-        cs = (
-            connection_string
-            if isinstance(connection_string, ConnectionString)
-            else ConnectionString.parse(connection_string)
-        )
-        if cs.role is not Role.SERVICE:
-            raise HubError(
-                ErrorCode.INVALID_CONNECTION_STRING,
-                "a service needs a connection string with SharedAccessKeyName, not DeviceId",
-            )
+        cs = connection_string_for(Role.SERVICE, connection_string)
         self.connection_string = cs
         self.address = HubAddress.from_connection_string(cs)
         self.ssl_context = ssl_context
