@@ -23,6 +23,7 @@ from devstream_core.registry import Permission, new_policy
 from devstream_trio._connect import HubAddress
 from devstream_trio._http import HttpResponse, http_request, websocket_connect
 from devstream_trio._ws import ConnectionClosed, WebSocket, payload
+from devstream_trio.device import DeviceClient
 from devstream_trio.exceptions import DeviceDisabled, DeviceNotFound, HubError
 from devstream_trio.service import API_VERSION
 from devstream_trio.stream import HubStream
@@ -705,3 +706,47 @@ async def test_deleting_a_connected_device_drops_it_and_keeps_it_out(
         assert refused.value.code == 401002
         await _online(hub_env, fresh)
         assert (await service.get_device("d1"))["connectionState"] == "Connected"
+
+
+# -- a side that vanishes mid-stream -----------------------------------------------------------
+
+
+async def test_a_side_whose_connection_drops_breaks_the_other_side_only(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """The device's transport dies without a close: the service's stream ends with
+    1001 "peer connection lost" (not a clean EOF), and the hub keeps serving new streams."""
+    opened: list[trio.abc.Stream] = []
+
+    async def recording_opener(address: HubAddress) -> trio.abc.Stream:
+        stream = await hub_env.open(address)
+        opened.append(stream)
+        return stream
+
+    holding = trio.Event()
+
+    async def hold(stream: HubStream) -> None:
+        holding.set()
+        async for data in stream:
+            await stream.send_all(data)
+
+    cs = await hub_env.create_device("d-drop")
+    device = DeviceClient(cs, opener=recording_opener)
+    await hub_env.nursery.start(device.serve, {"hold": hold})
+    with trio.fail_after(30):
+        stream = await hub_env.service().open_stream("d-drop", "hold")
+        await holding.wait()
+        await stream.send_all(b"before")
+        assert await stream.receive_some() == b"before"
+        # The device's newest connection is its side of this stream: drop it hard.
+        await trio.aclose_forcefully(opened[-1])
+        with pytest.raises(trio.BrokenResourceError):
+            while True:
+                await stream.receive_some()
+        assert stream.close_code == 1001
+        assert stream.close_reason == "peer connection lost"
+        holding = trio.Event()
+        again = await hub_env.service().open_stream("d-drop", "hold")
+        await again.send_all(b"after")
+        assert await again.receive_some() == b"after"
+        await again.aclose()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import trio
 
 from devstream_core import control
-from devstream_core.bridge import Bridge, CloseLoneSide, ClosePeer
+from devstream_core.bridge import Bridge, CloseLoneSide
 from devstream_core.common import Role
 from devstream_core.coordinator import (
     Coordinator,
@@ -54,6 +54,7 @@ from devstream_core.registry import (
     Policy,
     device_from_json,
     device_to_json,
+    format_permissions,
     new_key,
 )
 from devstream_core.routes import (
@@ -70,7 +71,7 @@ from devstream_core.routes import (
 )
 
 from ._http import HttpError, HttpRequest, HttpServerConnection
-from ._ws import ConnectionClosed, WebSocket, payload
+from ._ws import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket, payload
 from .metrics import Metrics
 from .store import RegistryStore
 
@@ -108,6 +109,7 @@ class HubConfig:
 class _Outcome:
     event: trio.Event = field(default_factory=trio.Event)
     result: CoordinatorEvent | None = None
+    request_id: str = ""
     stream_id: str = ""
     service_token: str = ""
 
@@ -133,7 +135,6 @@ class _StreamSlot:
 
     stream_id: str
     sides: dict[int, WebSocket] = field(default_factory=dict)
-    paired: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
     lone_close: ErrorCode | None = None
 
@@ -317,7 +318,7 @@ class Hub:
         if needed not in policy.permissions:
             raise HttpError(
                 ErrorCode.PERMISSION_DENIED,
-                f"policy {policy.name!r} lacks the {_permission_name(needed)} permission",
+                f"policy {policy.name!r} lacks the {format_permissions(needed)} permission",
             )
         return policy
 
@@ -465,13 +466,17 @@ class Hub:
         outcome = _Outcome()
         for event in events:
             if isinstance(event, SendStreamRequest):
-                device_token, service_token = self.bridge.create_stream(
-                    stream_id=event.stream_id,
-                    device_id=event.device_id,
-                    now=now,
-                    device_nonce=self.random_bytes(16),
-                    service_nonce=self.random_bytes(16),
-                )
+                try:
+                    device_token, service_token = self.bridge.create_stream(
+                        stream_id=event.stream_id,
+                        device_id=event.device_id,
+                        now=now,
+                        device_nonce=self.random_bytes(16),
+                        service_nonce=self.random_bytes(16),
+                    )
+                except DevstreamError as exc:  # too many streams waiting (THROTTLED)
+                    raise HttpError(exc.code, exc.message) from exc
+                outcome.request_id = event.request_id
                 outcome.stream_id = event.stream_id
                 outcome.service_token = service_token
                 self._outcomes[event.request_id] = outcome
@@ -494,9 +499,7 @@ class Hub:
         try:
             await outcome.event.wait()
         finally:
-            for request_id, candidate in list(self._outcomes.items()):
-                if candidate is outcome:
-                    del self._outcomes[request_id]
+            self._outcomes.pop(outcome.request_id, None)
         return outcome
 
     # -- control channel ---------------------------------------------------------------------
@@ -517,7 +520,8 @@ class Hub:
             if Permission.DEVICE_CONNECT not in policy.permissions:
                 raise HttpError(
                     ErrorCode.PERMISSION_DENIED,
-                    f"policy {policy.name!r} lacks the DeviceConnect permission",
+                    f"policy {policy.name!r} lacks the "
+                    f"{format_permissions(Permission.DEVICE_CONNECT)} permission",
                 )
             await self._device_or_error(route.device_id)
         else:
@@ -677,7 +681,6 @@ class Hub:
             if joined.paired:
                 assert joined.peer_connection_id is not None
                 peer = slot.sides[joined.peer_connection_id]
-                slot.paired.set()
                 self.metrics.streams_total += 1
                 if joined.role is Role.DEVICE:
                     await self._relay(ws, peer)
@@ -698,11 +701,9 @@ class Hub:
                 self._slots.pop(route.stream_id, None)
 
     def _leave(self, stream_id: str, connection_id: int) -> None:
-        for event in self.bridge.leave(
-            stream_id=stream_id, connection_id=connection_id, now=trio.current_time()
-        ):
-            if isinstance(event, ClosePeer):
-                pass  # the relay closes both sides itself
+        # The bridge answers a paired side's leave with ClosePeer; the relay has already
+        # closed both sides by then, so there is nothing more to do with it.
+        self.bridge.leave(stream_id=stream_id, connection_id=connection_id, now=trio.current_time())
 
     async def _relay(self, device: WebSocket, service: WebSocket) -> None:
         """Forward messages both ways until one side closes, then close the other."""
@@ -713,19 +714,25 @@ class Hub:
             await trio.aclose_forcefully(side.stream)
 
     async def _pump(self, source: WebSocket, sink: WebSocket, scope: trio.CancelScope) -> None:
+        """Copy *source*'s messages to *sink*; when either ends, close the other."""
         try:
             while True:
                 event = await source.receive()
                 await sink.send_message(event)
                 self.metrics.bytes_relayed += len(event.data)
-        except ConnectionClosed as exc:
-            closed = source.closed or exc
-            code = closed.code
-            reason = closed.reason
-            if code == 1006:
+        except ConnectionClosed:
+            if source.closed is not None:
+                # The source closed (or vanished): pass its close on to the sink.
+                code, reason = source.closed.code, source.closed.reason
+                target = sink
+            else:
+                # The sink vanished while we wrote to it: tell the source.
+                code, reason = ABNORMAL_CLOSURE, ""
+                target = source
+            if code == ABNORMAL_CLOSURE:
                 code, reason = 1001, "peer connection lost"
             with trio.move_on_after(self.config.close_timeout):
-                await sink.send_close(code, reason)
+                await target.send_close(code, reason)
         # Give the other direction a bounded time to see the close, then stop both.
         scope.deadline = min(scope.deadline, trio.current_time() + self.config.close_timeout)
 
@@ -741,16 +748,6 @@ _OUTCOME_NAMES = {
     ErrorCode.STREAM_REJECTED: "rejected",
     ErrorCode.STREAM_NAME_NOT_REGISTERED: "name_not_registered",
 }
-
-
-def _permission_name(permission: Permission) -> str:
-    names = {
-        Permission.REGISTRY_READ: "RegistryRead",
-        Permission.REGISTRY_WRITE: "RegistryWrite",
-        Permission.SERVICE_CONNECT: "ServiceConnect",
-        Permission.DEVICE_CONNECT: "DeviceConnect",
-    }
-    return names.get(permission, str(permission))
 
 
 async def load_or_create_secret(store: RegistryStore) -> bytes:
