@@ -94,6 +94,8 @@ class ErrorCode(enum.IntEnum):
     DEVICE_RESPONSE_TIMEOUT = 504101
     #: One side joined the stream but its peer never arrived before the tokens expired.
     PEER_NEVER_CONNECTED = 504901
+    #: A devstream.v1 side dropped and did not resume within the grace period.
+    PEER_LOST = 504902
     #: The client could not reach the hub (connection refused, TLS failure, drop).
     HUB_UNREACHABLE = 503902
 
@@ -145,6 +147,7 @@ MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.DEVICE_RESPONSE_TIMEOUT: "the device did not answer the stream request in time",
     ErrorCode.PEER_NEVER_CONNECTED: "the other side of the stream never connected",
     ErrorCode.HUB_UNREACHABLE: "cannot reach the hub",
+    ErrorCode.PEER_LOST: "the other side of the stream dropped and did not come back in time",
 }
 
 
