@@ -1,22 +1,30 @@
-"""Tests for devstream_core.bridge: pairing the two sides of a stream.
+"""Tests for devstream_core.bridge: pairing the two sides of a stream, holding and resuming.
 
 Rules: no clock and no randomness; ``now`` is a literal and nonces are counter-derived. Every
-pairing test runs with either side arriving first.
+pairing test runs with either side arriving first, every drop and resume test with either
+side dropping.
 """
 
 from __future__ import annotations
 
+import base64
 import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
 from devstream_core.bridge import (
+    DEFAULT_GRACE_PERIOD,
     TRANSITIONS,
     Bridge,
     CloseLoneSide,
     ClosePeer,
     Joined,
+    ResetPeer,
+    Resumed,
+    SideHeld,
     StreamExpired,
     StreamInput,
     StreamState,
@@ -27,7 +35,7 @@ from devstream_core.errors import (
     ErrorCode,
     LocalProtocolError,
 )
-from devstream_core.tokens import verify_stream_token
+from devstream_core.tokens import mint_resume_token, verify_resume_token, verify_stream_token
 
 SECRET = b"bridge-test-secret-0123456789abcdef"
 NOW = 2000.0
@@ -62,7 +70,14 @@ def join(
     stream_id: str = "s1",
     now: float = NOW + 1,
 ) -> Joined:
-    return bridge.join(stream_id=stream_id, token=token, role=role, connection_id=conn, now=now)
+    return bridge.join(
+        stream_id=stream_id,
+        token=token,
+        role=role,
+        connection_id=conn,
+        now=now,
+        resume_nonce=nonce(),
+    )
 
 
 def refused(
@@ -202,6 +217,8 @@ def test_both_sides_pair(first: Role, mode: str) -> None:
     bridge = Bridge(secret=SECRET)
     tokens = create(bridge, mode=mode)
     one = join(bridge, tokens[first], role=first, conn=10)
+    # Only a devstream.v1 side gets a resume token.
+    assert (one.resume_token is None) == (mode == "raw")
     assert one == Joined(
         stream_id="s1",
         role=first,
@@ -210,6 +227,7 @@ def test_both_sides_pair(first: Role, mode: str) -> None:
         connection_id=10,
         paired=False,
         peer_connection_id=None,
+        resume_token=one.resume_token,
     )
     assert bridge.paired_count() == 0
     two = join(bridge, tokens[first.other], role=first.other, conn=20)
@@ -221,7 +239,9 @@ def test_both_sides_pair(first: Role, mode: str) -> None:
         connection_id=20,
         paired=True,
         peer_connection_id=10,
+        resume_token=two.resume_token,
     )
+    assert (two.resume_token is None) == (mode == "raw")
     assert bridge.paired_count() == 1
     assert bridge.stream_count() == 1
     # A paired stream no longer waits for anything.
@@ -469,3 +489,795 @@ def test_memory_stays_bounded() -> None:
     assert bridge.stream_count() == 0
     bridge.advance(now + 60)
     assert bridge._used == {}
+
+
+# == devstream.v1: drop, hold, resume ===========================================================
+
+V1 = "devstream.v1"
+GRACE = DEFAULT_GRACE_PERIOD
+DROP_AT = NOW + 10
+DEADLINE = DROP_AT + GRACE
+
+
+def resume(
+    bridge: Bridge,
+    token: str,
+    *,
+    role: Role | None,
+    conn: int,
+    stream_id: str = "s1",
+    now: float = DROP_AT + 1,
+    resume_nonce: bytes | None = None,
+) -> Resumed:
+    return bridge.resume(
+        stream_id=stream_id,
+        token=token,
+        role=role,
+        connection_id=conn,
+        now=now,
+        resume_nonce=nonce() if resume_nonce is None else resume_nonce,
+    )
+
+
+def resume_refused(
+    bridge: Bridge,
+    token: str,
+    *,
+    role: Role | None,
+    conn: int = 99,
+    stream_id: str = "s1",
+    now: float = DROP_AT + 1,
+) -> ErrorCode:
+    state = bridge.stream_state(stream_id)
+    with pytest.raises(DevstreamError) as info:
+        resume(bridge, token, role=role, conn=conn, stream_id=stream_id, now=now)
+    if len(token) >= 8:
+        assert token not in str(info.value)
+    # A refusal changes nothing.
+    assert bridge.stream_state(stream_id) is state
+    return info.value.code
+
+
+@dataclass
+class V1Stream:
+    """A paired devstream.v1 stream "s1" and what its sides hold."""
+
+    bridge: Bridge
+    tokens: dict[Role, str]
+    resume_tokens: dict[Role, str]
+    conns: dict[Role, int]
+
+
+def v1_paired(first: Role = Role.DEVICE, **settings: float) -> V1Stream:
+    bridge = Bridge(secret=SECRET, **settings)  # type: ignore[arg-type]
+    tokens = create(bridge, mode=V1)
+    conns = {first: 1, first.other: 2}
+    resume_tokens = {}
+    for role in (first, first.other):
+        joined = join(bridge, tokens[role], role=role, conn=conns[role])
+        assert joined.resume_token is not None
+        resume_tokens[role] = joined.resume_token
+    assert bridge.stream_state("s1") is StreamState.PAIRED
+    return V1Stream(bridge=bridge, tokens=tokens, resume_tokens=resume_tokens, conns=conns)
+
+
+def held(role: Role, conn: int, deadline: float = DEADLINE) -> SideHeld:
+    return SideHeld(stream_id="s1", role=role, connection_id=conn, deadline=deadline)
+
+
+# -- settings and joins -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grace", [0.0, -1.0, float("nan"), float("inf")])
+def test_bridge_refuses_a_bad_grace_period(grace: float) -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        Bridge(secret=SECRET, grace_period=grace)
+    assert info.value.code is ErrorCode.ARGUMENT_INVALID
+
+
+def test_default_grace_period_is_30_seconds() -> None:
+    assert DEFAULT_GRACE_PERIOD == 30.0
+    s = v1_paired()
+    assert s.bridge.drop(stream_id="s1", connection_id=1, now=DROP_AT) == [
+        held(Role.DEVICE, 1, DROP_AT + 30.0)
+    ]
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_v1_join_needs_a_resume_nonce_and_keeps_the_token_unused(role: Role) -> None:
+    bridge = Bridge(secret=SECRET)
+    tokens = create(bridge, mode=V1)
+    with pytest.raises(LocalProtocolError) as info:
+        bridge.join(stream_id="s1", token=tokens[role], role=role, connection_id=1, now=NOW + 1)
+    assert info.value.code is ErrorCode.ARGUMENT_INVALID
+    for bad in (b"short", b"x" * 65):
+        with pytest.raises(LocalProtocolError):
+            bridge.join(
+                stream_id="s1",
+                token=tokens[role],
+                role=role,
+                connection_id=1,
+                now=NOW + 1,
+                resume_nonce=bad,
+            )
+    assert bridge.stream_state("s1") is StreamState.WAITING
+    joined = join(bridge, tokens[role], role=role, conn=1)
+    assert joined.resume_token is not None
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_v1_join_gives_a_resume_token_for_that_role(role: Role) -> None:
+    bridge = Bridge(secret=SECRET)
+    tokens = create(bridge, mode=V1)
+    raw_nonce = nonce()
+    joined = bridge.join(
+        stream_id="s1",
+        token=tokens[role],
+        role=role,
+        connection_id=1,
+        now=NOW + 1,
+        resume_nonce=raw_nonce,
+    )
+    assert joined.resume_token is not None
+    claims = verify_resume_token(
+        joined.resume_token, secret=SECRET, stream_id="s1", role=role, now=NOW
+    )
+    assert claims.nonce == base64.urlsafe_b64encode(raw_nonce).rstrip(b"=").decode()
+
+
+def test_raw_join_ignores_the_resume_nonce() -> None:
+    bridge = Bridge(secret=SECRET)
+    tokens = create(bridge)
+    assert join(bridge, tokens[Role.DEVICE], role=Role.DEVICE, conn=1).resume_token is None
+    joined = bridge.join(
+        stream_id="s1", token=tokens[Role.SERVICE], role=Role.SERVICE, connection_id=2, now=NOW
+    )
+    assert joined.paired
+    assert joined.resume_token is None
+
+
+def test_v1_join_refuses_the_peers_resume_nonce() -> None:
+    bridge = Bridge(secret=SECRET)
+    tokens = create(bridge, mode=V1)
+    same = nonce()
+    bridge.join(
+        stream_id="s1",
+        token=tokens[Role.DEVICE],
+        role=Role.DEVICE,
+        connection_id=1,
+        now=NOW,
+        resume_nonce=same,
+    )
+    with pytest.raises(LocalProtocolError):
+        bridge.join(
+            stream_id="s1",
+            token=tokens[Role.SERVICE],
+            role=Role.SERVICE,
+            connection_id=2,
+            now=NOW,
+            resume_nonce=same,
+        )
+    assert join(bridge, tokens[Role.SERVICE], role=Role.SERVICE, conn=2).paired
+
+
+# -- drop ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", list(Role))
+@pytest.mark.parametrize("dropper", list(Role))
+def test_drop_of_a_paired_v1_side_holds_it_and_keeps_the_peer(first: Role, dropper: Role) -> None:
+    s = v1_paired(first)
+    bridge = s.bridge
+    events = bridge.drop(stream_id="s1", connection_id=s.conns[dropper], now=DROP_AT)
+    assert events == [held(dropper, s.conns[dropper])]
+    assert bridge.stream_state("s1") is StreamState.HELD
+    assert bridge.stream_count() == 1
+    assert bridge.paired_count() == 1
+    assert bridge.held_count() == 1
+    assert bridge.next_deadline() == DEADLINE
+    # The held side's old connection is gone: a later drop or leave for it is ignored.
+    assert bridge.drop(stream_id="s1", connection_id=s.conns[dropper], now=DROP_AT + 1) == []
+    assert bridge.leave(stream_id="s1", connection_id=s.conns[dropper], now=DROP_AT + 1) == []
+    assert bridge.stream_state("s1") is StreamState.HELD
+
+
+def test_grace_period_is_configurable() -> None:
+    s = v1_paired(grace_period=2.5)
+    assert s.bridge.drop(stream_id="s1", connection_id=2, now=DROP_AT) == [
+        held(Role.SERVICE, 2, DROP_AT + 2.5)
+    ]
+    assert s.bridge.next_deadline() == DROP_AT + 2.5
+
+
+@pytest.mark.parametrize("first", list(Role))
+@pytest.mark.parametrize("leaver", list(Role))
+def test_drop_of_a_raw_stream_is_exactly_leave(first: Role, leaver: Role) -> None:
+    by_drop, _, conns = paired_bridge(first)
+    by_leave, _, _ = paired_bridge(first)
+    dropped = by_drop.drop(stream_id="s1", connection_id=conns[leaver], now=NOW + 5)
+    left = by_leave.leave(stream_id="s1", connection_id=conns[leaver], now=NOW + 5)
+    assert dropped == left == [ClosePeer(stream_id="s1", connection_id=conns[leaver.other])]
+    assert by_drop.stream_count() == by_leave.stream_count() == 0
+    assert by_drop.held_count() == 0
+
+
+@pytest.mark.parametrize("mode", ["raw", V1])
+@pytest.mark.parametrize("role", list(Role))
+def test_drop_of_an_unpaired_stream_is_exactly_leave(mode: str, role: Role) -> None:
+    bridge = Bridge(secret=SECRET)
+    tokens = create(bridge, mode=mode)
+    join(bridge, tokens[role], role=role, conn=1)
+    assert bridge.drop(stream_id="s1", connection_id=1, now=NOW + 2) == []
+    assert bridge.stream_state("s1") is StreamState.ENDED
+    assert bridge.stream_count() == 0
+    with pytest.raises(DevstreamError) as info:
+        join(bridge, tokens[role.other], role=role.other, conn=2, now=NOW + 3)
+    assert info.value.code is ErrorCode.NOT_FOUND
+
+
+def test_drop_of_an_unknown_stream_or_connection_is_ignored() -> None:
+    s = v1_paired()
+    assert s.bridge.drop(stream_id="nope", connection_id=1, now=DROP_AT) == []
+    assert s.bridge.drop(stream_id="s1", connection_id=77, now=DROP_AT) == []
+    assert s.bridge.stream_state("s1") is StreamState.PAIRED
+    assert s.bridge.held_count() == 0
+
+
+def test_drop_refuses_a_non_finite_now() -> None:
+    s = v1_paired()
+    with pytest.raises(LocalProtocolError):
+        s.bridge.drop(stream_id="s1", connection_id=1, now=float("nan"))
+    assert s.bridge.stream_state("s1") is StreamState.PAIRED
+
+
+@pytest.mark.parametrize("first_dropper", list(Role))
+def test_both_sides_held_with_their_own_deadlines(first_dropper: Role) -> None:
+    s = v1_paired()
+    bridge, conns = s.bridge, s.conns
+    second = first_dropper.other
+    assert bridge.drop(stream_id="s1", connection_id=conns[first_dropper], now=DROP_AT) == [
+        held(first_dropper, conns[first_dropper], DEADLINE)
+    ]
+    assert bridge.drop(stream_id="s1", connection_id=conns[second], now=DROP_AT + 4) == [
+        held(second, conns[second], DEADLINE + 4)
+    ]
+    assert bridge.stream_state("s1") is StreamState.BOTH_HELD
+    assert (bridge.stream_count(), bridge.paired_count(), bridge.held_count()) == (1, 1, 1)
+    assert bridge.next_deadline() == DEADLINE
+    # No side is attached: nothing to leave.
+    for conn in conns.values():
+        assert bridge.leave(stream_id="s1", connection_id=conn, now=DROP_AT + 5) == []
+    assert bridge.stream_state("s1") is StreamState.BOTH_HELD
+
+
+# -- resume -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", list(Role))
+@pytest.mark.parametrize("dropper", list(Role))
+def test_held_side_resumes_and_the_stream_is_paired_again(first: Role, dropper: Role) -> None:
+    s = v1_paired(first)
+    bridge = s.bridge
+    bridge.drop(stream_id="s1", connection_id=s.conns[dropper], now=DROP_AT)
+    back = resume(bridge, s.resume_tokens[dropper], role=dropper, conn=30)
+    assert back == Resumed(
+        stream_id="s1",
+        role=dropper,
+        connection_id=30,
+        peer_connection_id=s.conns[dropper.other],
+        replaced_connection_id=None,
+        resume_token=back.resume_token,
+    )
+    assert back.resume_token != s.resume_tokens[dropper]
+    assert (
+        verify_resume_token(
+            back.resume_token, secret=SECRET, stream_id="s1", role=dropper, now=NOW
+        ).role
+        is dropper
+    )
+    assert bridge.stream_state("s1") is StreamState.PAIRED
+    assert (bridge.paired_count(), bridge.held_count()) == (1, 0)
+    assert bridge.next_deadline() is None
+    assert bridge.advance(DEADLINE + 1000) == []
+    # The resumed side is attached on its new connection: its leave closes the peer.
+    assert bridge.leave(stream_id="s1", connection_id=30, now=DEADLINE + 1000) == [
+        ClosePeer(stream_id="s1", connection_id=s.conns[dropper.other])
+    ]
+    assert bridge.stream_count() == 0
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_role_none_resumes_the_tokens_role(role: Role) -> None:
+    s = v1_paired()
+    s.bridge.drop(stream_id="s1", connection_id=s.conns[role], now=DROP_AT)
+    assert resume(s.bridge, s.resume_tokens[role], role=None, conn=30).role is role
+
+
+@pytest.mark.parametrize("dropper", list(Role))
+def test_grace_boundary_is_exactly_the_deadline(dropper: Role) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    bridge.drop(stream_id="s1", connection_id=s.conns[dropper], now=DROP_AT)
+    token = s.resume_tokens[dropper]
+    # At the deadline the side is lost, whether or not advance has run yet.
+    assert resume_refused(bridge, token, role=dropper, now=DEADLINE) is ErrorCode.NOT_FOUND
+    assert bridge.advance(DEADLINE - 1e-9) == []
+    assert bridge.stream_state("s1") is StreamState.HELD
+    assert bridge.advance(DEADLINE) == [
+        ResetPeer(stream_id="s1", connection_id=s.conns[dropper.other], code=ErrorCode.PEER_LOST)
+    ]
+    assert bridge.stream_state("s1") is StreamState.ENDED
+    assert (bridge.stream_count(), bridge.paired_count(), bridge.held_count()) == (0, 0, 0)
+    assert bridge.next_deadline() is None
+    assert bridge.advance(DEADLINE + 1) == []
+    assert resume_refused(bridge, token, role=dropper, now=DEADLINE + 1) is ErrorCode.NOT_FOUND
+    # The reset side's later close is a no-op.
+    assert bridge.leave(stream_id="s1", connection_id=s.conns[dropper.other], now=DEADLINE) == []
+
+
+@pytest.mark.parametrize("dropper", list(Role))
+def test_resume_just_before_the_deadline_works(dropper: Role) -> None:
+    s = v1_paired()
+    s.bridge.drop(stream_id="s1", connection_id=s.conns[dropper], now=DROP_AT)
+    back = resume(s.bridge, s.resume_tokens[dropper], role=dropper, conn=30, now=DEADLINE - 1e-9)
+    assert back.peer_connection_id == s.conns[dropper.other]
+    assert s.bridge.advance(DEADLINE) == []
+    assert s.bridge.stream_state("s1") is StreamState.PAIRED
+
+
+@pytest.mark.parametrize("first_dropper", list(Role))
+def test_both_held_expire_as_stream_expired_at_the_first_deadline(first_dropper: Role) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    bridge.drop(stream_id="s1", connection_id=s.conns[first_dropper], now=DROP_AT)
+    bridge.drop(stream_id="s1", connection_id=s.conns[first_dropper.other], now=DROP_AT + 4)
+    # The later side cannot come back into a stream its peer can no longer rejoin.
+    code = resume_refused(
+        bridge, s.resume_tokens[first_dropper.other], role=first_dropper.other, now=DEADLINE
+    )
+    assert code is ErrorCode.NOT_FOUND
+    assert bridge.advance(DEADLINE - 1e-9) == []
+    assert bridge.advance(DEADLINE) == [StreamExpired(stream_id="s1")]
+    assert (bridge.stream_count(), bridge.paired_count(), bridge.held_count()) == (0, 0, 0)
+    assert bridge.next_deadline() is None
+    assert bridge.advance(DEADLINE + 10) == []
+
+
+@pytest.mark.parametrize("first_back", list(Role))
+def test_both_held_resume_one_after_the_other(first_back: Role) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    bridge.drop(stream_id="s1", connection_id=s.conns[Role.DEVICE], now=DROP_AT)
+    bridge.drop(stream_id="s1", connection_id=s.conns[Role.SERVICE], now=DROP_AT)
+    one = resume(bridge, s.resume_tokens[first_back], role=first_back, conn=30)
+    assert one.peer_connection_id is None
+    assert one.replaced_connection_id is None
+    assert bridge.stream_state("s1") is StreamState.HELD
+    assert bridge.held_count() == 1
+    # Only the still-held side's deadline is left.
+    assert bridge.next_deadline() == DEADLINE
+    two = resume(bridge, s.resume_tokens[first_back.other], role=first_back.other, conn=31)
+    assert two.peer_connection_id == 30
+    assert bridge.stream_state("s1") is StreamState.PAIRED
+    assert bridge.held_count() == 0
+    assert bridge.next_deadline() is None
+
+
+@pytest.mark.parametrize("first", list(Role))
+@pytest.mark.parametrize("resumer", list(Role))
+def test_resume_while_attached_replaces_the_old_connection(first: Role, resumer: Role) -> None:
+    s = v1_paired(first)
+    bridge = s.bridge
+    old = s.conns[resumer]
+    back = resume(bridge, s.resume_tokens[resumer], role=resumer, conn=40)
+    assert back.replaced_connection_id == old
+    assert back.peer_connection_id == s.conns[resumer.other]
+    assert bridge.stream_state("s1") is StreamState.PAIRED
+    # The hub closes the old connection; its drop or leave is ignored.
+    assert bridge.drop(stream_id="s1", connection_id=old, now=DROP_AT + 2) == []
+    assert bridge.leave(stream_id="s1", connection_id=old, now=DROP_AT + 2) == []
+    assert bridge.stream_state("s1") is StreamState.PAIRED
+    assert bridge.held_count() == 0
+    # The new connection is the side now.
+    assert bridge.drop(stream_id="s1", connection_id=40, now=DROP_AT + 3) == [
+        held(resumer, 40, DROP_AT + 3 + GRACE)
+    ]
+
+
+@pytest.mark.parametrize("dropper", list(Role))
+def test_attached_side_of_a_held_stream_may_replace_itself(dropper: Role) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    other = dropper.other
+    bridge.drop(stream_id="s1", connection_id=s.conns[dropper], now=DROP_AT)
+    back = resume(bridge, s.resume_tokens[other], role=other, conn=50)
+    assert back.replaced_connection_id == s.conns[other]
+    assert back.peer_connection_id is None
+    assert bridge.stream_state("s1") is StreamState.HELD
+    # The reset at the end of the grace period goes to the new connection.
+    assert bridge.advance(DEADLINE) == [
+        ResetPeer(stream_id="s1", connection_id=50, code=ErrorCode.PEER_LOST)
+    ]
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_lone_side_may_replace_itself_before_pairing(role: Role) -> None:
+    bridge = Bridge(secret=SECRET)
+    tokens = create(bridge, mode=V1)
+    joined = join(bridge, tokens[role], role=role, conn=1)
+    assert joined.resume_token is not None
+    back = resume(bridge, joined.resume_token, role=role, conn=5, now=NOW + 2)
+    assert (back.replaced_connection_id, back.peer_connection_id) == (1, None)
+    assert bridge.stream_state("s1") is StreamState.HALF
+    assert bridge.leave(stream_id="s1", connection_id=1, now=NOW + 2) == []
+    # The peer pairs with the new connection.
+    assert join(bridge, tokens[role.other], role=role.other, conn=6).peer_connection_id == 5
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_lone_side_replaced_is_closed_on_its_new_connection_at_expiry(role: Role) -> None:
+    bridge = Bridge(secret=SECRET)
+    tokens = create(bridge, mode=V1)
+    joined = join(bridge, tokens[role], role=role, conn=1)
+    assert joined.resume_token is not None
+    resume(bridge, joined.resume_token, role=role, conn=5, now=NOW + 2)
+    assert bridge.advance(EXPIRES) == [
+        CloseLoneSide(
+            stream_id="s1", connection_id=5, role=role, code=ErrorCode.PEER_NEVER_CONNECTED
+        )
+    ]
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_chain_of_resumes_each_with_a_fresh_token_older_ones_reused(role: Role) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    history = [s.resume_tokens[role]]
+    conn = s.conns[role]
+    now = DROP_AT
+    for step in range(6):
+        if step % 2 == 0:
+            # A clean drop, then a resume into the hold.
+            assert bridge.drop(stream_id="s1", connection_id=conn, now=now) == [
+                held(role, conn, now + GRACE)
+            ]
+        new_conn = 100 + step
+        back = resume(bridge, history[-1], role=role, conn=new_conn, now=now + 1)
+        # Odd steps resume while attached (a half-open drop the hub has not seen).
+        assert back.replaced_connection_id == (None if step % 2 == 0 else conn)
+        assert back.peer_connection_id == s.conns[role.other]
+        assert back.resume_token not in history
+        history.append(back.resume_token)
+        conn = new_conn
+        now += 5
+        for older in history[:-1]:
+            assert resume_refused(bridge, older, role=role, now=now) is (
+                ErrorCode.STREAM_TOKEN_REUSED
+            )
+    assert len(set(history)) == 7
+    assert bridge.stream_state("s1") is StreamState.PAIRED
+    # The latest still works, exactly once.
+    resume(bridge, history[-1], role=role, conn=500, now=now)
+    assert resume_refused(bridge, history[-1], role=role, now=now) is ErrorCode.STREAM_TOKEN_REUSED
+    # The other side's token was never touched.
+    assert resume(bridge, s.resume_tokens[role.other], role=role.other, conn=501, now=now)
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_join_tokens_and_resume_tokens_never_stand_in_for_each_other(role: Role) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    bridge.drop(stream_id="s1", connection_id=s.conns[role], now=DROP_AT)
+    assert resume_refused(bridge, s.tokens[role], role=role) is ErrorCode.STREAM_TOKEN_INVALID
+    assert resume_refused(bridge, s.tokens[role], role=None) is ErrorCode.STREAM_TOKEN_INVALID
+    for expected_role in (role, None):
+        assert refused(bridge, s.resume_tokens[role], role=expected_role, now=DROP_AT + 1) is (
+            ErrorCode.STREAM_TOKEN_INVALID
+        )
+    # Neither attempt used anything up.
+    assert resume(bridge, s.resume_tokens[role], role=role, conn=30).role is role
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_resume_refusals_by_the_token(role: Role) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    bridge.drop(stream_id="s1", connection_id=s.conns[role], now=DROP_AT)
+    token = s.resume_tokens[role]
+    assert resume_refused(bridge, token, role=role.other) is ErrorCode.STREAM_TOKEN_WRONG_ROLE
+    assert resume_refused(bridge, s.resume_tokens[role.other], role=role) is (
+        ErrorCode.STREAM_TOKEN_WRONG_ROLE
+    )
+    assert resume_refused(bridge, token, role=role, stream_id="s2") is (
+        ErrorCode.STREAM_TOKEN_WRONG_STREAM
+    )
+    forged = mint_resume_token(
+        secret=b"another hub's secret", stream_id="s1", role=role, nonce=nonce()
+    )
+    assert resume_refused(bridge, forged, role=role) is ErrorCode.STREAM_TOKEN_INVALID
+    assert resume_refused(bridge, "", role=role) is ErrorCode.STREAM_TOKEN_INVALID
+    assert resume_refused(bridge, "r1.garbage", role=None) is ErrorCode.STREAM_TOKEN_INVALID
+    # A token this hub could have signed but never issued for this stream.
+    unissued = mint_resume_token(secret=SECRET, stream_id="s1", role=role, nonce=nonce())
+    assert resume_refused(bridge, unissued, role=role) is ErrorCode.STREAM_TOKEN_INVALID
+    # None of that used the real token up.
+    assert resume(bridge, token, role=role, conn=30).role is role
+
+
+def test_resume_refusal_order_token_before_not_found() -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    bridge.leave(stream_id="s1", connection_id=1, now=DROP_AT)
+    token = s.resume_tokens[Role.DEVICE]
+    assert resume_refused(bridge, token, role=Role.SERVICE) is ErrorCode.STREAM_TOKEN_WRONG_ROLE
+    assert resume_refused(bridge, token, role=Role.DEVICE, stream_id="zz") is (
+        ErrorCode.STREAM_TOKEN_WRONG_STREAM
+    )
+    assert resume_refused(bridge, token, role=Role.DEVICE) is ErrorCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("leaver", list(Role))
+def test_leave_of_a_v1_stream_ends_it_and_a_held_peer_just_ends(leaver: Role) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    bridge.drop(stream_id="s1", connection_id=s.conns[leaver.other], now=DROP_AT)
+    # The attached side closes normally: nothing to tell the held side.
+    assert bridge.leave(stream_id="s1", connection_id=s.conns[leaver], now=DROP_AT + 1) == []
+    assert bridge.stream_state("s1") is StreamState.ENDED
+    assert (bridge.stream_count(), bridge.paired_count(), bridge.held_count()) == (0, 0, 0)
+    assert bridge.next_deadline() is None
+    assert bridge.advance(DEADLINE) == []
+    code = resume_refused(bridge, s.resume_tokens[leaver.other], role=leaver.other)
+    assert code is ErrorCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("leaver", list(Role))
+def test_leave_of_a_paired_v1_stream_closes_the_peer(leaver: Role) -> None:
+    s = v1_paired()
+    assert s.bridge.leave(stream_id="s1", connection_id=s.conns[leaver], now=DROP_AT) == [
+        ClosePeer(stream_id="s1", connection_id=s.conns[leaver.other])
+    ]
+    for role in Role:
+        assert resume_refused(s.bridge, s.resume_tokens[role], role=role) is ErrorCode.NOT_FOUND
+
+
+def test_a_raw_stream_cannot_be_resumed() -> None:
+    bridge, _, _ = paired_bridge(Role.DEVICE)
+    token = mint_resume_token(secret=SECRET, stream_id="s1", role=Role.DEVICE, nonce=nonce())
+    with pytest.raises(DevstreamError) as info:
+        resume(bridge, token, role=Role.DEVICE, conn=30)
+    assert info.value.code is ErrorCode.ARGUMENT_INVALID
+    assert bridge.stream_state("s1") is StreamState.PAIRED
+
+
+def test_resume_of_a_stream_never_known_is_not_found() -> None:
+    token = mint_resume_token(secret=SECRET, stream_id="s1", role=Role.DEVICE, nonce=nonce())
+    assert resume_refused(Bridge(secret=SECRET), token, role=Role.DEVICE) is ErrorCode.NOT_FOUND
+
+
+def test_resume_tokens_of_an_earlier_stream_with_the_same_id_are_invalid() -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    bridge.leave(stream_id="s1", connection_id=1, now=DROP_AT)
+    tokens = create(bridge, mode=V1, now=DROP_AT)
+    join(bridge, tokens[Role.DEVICE], role=Role.DEVICE, conn=10, now=DROP_AT)
+    join(bridge, tokens[Role.SERVICE], role=Role.SERVICE, conn=11, now=DROP_AT)
+    for role in Role:
+        assert resume_refused(bridge, s.resume_tokens[role], role=role) is (
+            ErrorCode.STREAM_TOKEN_INVALID
+        )
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_resume_misuse_is_local_and_leaves_the_token_usable(role: Role) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    bridge.drop(stream_id="s1", connection_id=s.conns[role], now=DROP_AT)
+    token = s.resume_tokens[role]
+    cases: list[dict[str, Any]] = [
+        {"connection_id": s.conns[role.other]},  # the peer's connection
+        {"resume_nonce": b"short"},
+        {"resume_nonce": b"x" * 65},
+        {"now": float("nan")},
+    ]
+    for case in cases:
+        arguments: dict[str, Any] = {
+            "stream_id": "s1",
+            "token": token,
+            "role": role,
+            "connection_id": 30,
+            "now": DROP_AT + 1,
+            "resume_nonce": nonce(),
+        }
+        arguments.update(case)
+        with pytest.raises(LocalProtocolError) as info:
+            bridge.resume(**arguments)
+        assert info.value.code is ErrorCode.ARGUMENT_INVALID
+        assert bridge.stream_state("s1") is StreamState.HELD
+    assert resume(bridge, token, role=role, conn=30).connection_id == 30
+
+
+def test_a_resume_nonce_is_never_issued_twice() -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    first = nonce()
+    back = resume(
+        bridge, s.resume_tokens[Role.DEVICE], role=Role.DEVICE, conn=30, resume_nonce=first
+    )
+    # Reissuing the same nonce would bring back the spent token: refused.
+    with pytest.raises(LocalProtocolError):
+        resume(bridge, back.resume_token, role=Role.DEVICE, conn=31, resume_nonce=first)
+    with pytest.raises(LocalProtocolError):
+        resume(
+            bridge, s.resume_tokens[Role.SERVICE], role=Role.SERVICE, conn=31, resume_nonce=first
+        )
+    assert resume(bridge, back.resume_token, role=Role.DEVICE, conn=31).replaced_connection_id == 30
+
+
+# -- time with holds ----------------------------------------------------------------------------
+
+
+def test_advance_orders_holds_and_token_expiries_by_deadline() -> None:
+    bridge = Bridge(secret=SECRET, grace_period=30.0)
+    tokens = {name: create(bridge, name, mode=V1) for name in ("a", "b")}
+    for name in ("a", "b"):
+        join(bridge, tokens[name][Role.DEVICE], role=Role.DEVICE, conn=ord(name), stream_id=name)
+        join(bridge, tokens[name][Role.SERVICE], role=Role.SERVICE, conn=-ord(name), stream_id=name)
+    create(bridge, "c", now=NOW + 15)  # tokens expire at NOW + 75
+    bridge.drop(stream_id="a", connection_id=ord("a"), now=NOW + 50)  # held until NOW + 80
+    bridge.drop(stream_id="b", connection_id=-ord("b"), now=NOW + 40)  # held until NOW + 70
+    assert bridge.next_deadline() == NOW + 70
+    assert bridge.advance(NOW + 100) == [
+        ResetPeer(stream_id="b", connection_id=ord("b"), code=ErrorCode.PEER_LOST),
+        StreamExpired(stream_id="c"),
+        ResetPeer(stream_id="a", connection_id=-ord("a"), code=ErrorCode.PEER_LOST),
+    ]
+    assert bridge.stream_count() == 0
+
+
+def test_next_deadline_forgets_a_hold_that_resumed() -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    bridge.drop(stream_id="s1", connection_id=1, now=DROP_AT)
+    resume(bridge, s.resume_tokens[Role.DEVICE], role=Role.DEVICE, conn=30)
+    bridge.drop(stream_id="s1", connection_id=30, now=DROP_AT + 20)
+    # The first hold's deadline is stale; only the second counts.
+    assert bridge.next_deadline() == DEADLINE + 20
+    assert bridge.advance(DEADLINE) == []
+    assert bridge.stream_state("s1") is StreamState.HELD
+
+
+def test_hold_bookkeeping_stays_bounded() -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    token = s.resume_tokens[Role.DEVICE]
+    conn = 1
+    for i in range(500):
+        now = DROP_AT + i
+        bridge.drop(stream_id="s1", connection_id=conn, now=now)
+        conn = 1000 + i
+        token = resume(bridge, token, role=Role.DEVICE, conn=conn, now=now).resume_token
+        assert len(bridge._holds) <= 2 * bridge.stream_count() + 65
+    assert bridge.next_deadline() is None
+
+
+# -- the state table, walked pair by pair -------------------------------------------------------
+
+#: Inputs the table does not name for a state but the bridge accepts under another name: a
+#: drop of an unpaired stream is a leave.
+ALIASES = {(StreamState.HALF, StreamInput.DROP): StreamInput.LEAVE}
+
+
+@dataclass
+class Staged:
+    bridge: Bridge
+    tokens: dict[Role, str]
+    resume_tokens: dict[Role, str]
+    #: Every connection that ever was a side of the stream.
+    conns: list[int]
+    #: The roles attached now.
+    attached: set[Role]
+
+
+def staged(state: StreamState) -> Staged:
+    """A bridge whose v1 stream "s1" is in ``state`` (at time ``DROP_AT``)."""
+    bridge = Bridge(secret=SECRET)
+    stage = Staged(bridge, create(bridge, mode=V1), {}, [], set())
+    if state is not StreamState.WAITING:
+        roles = [Role.DEVICE] if state is StreamState.HALF else list(Role)
+        for conn, role in enumerate(roles, start=1):
+            joined = join(bridge, stage.tokens[role], role=role, conn=conn)
+            assert joined.resume_token is not None
+            stage.resume_tokens[role] = joined.resume_token
+            stage.conns.append(conn)
+            stage.attached.add(role)
+    if state in (StreamState.HELD, StreamState.BOTH_HELD):
+        bridge.drop(stream_id="s1", connection_id=1, now=DROP_AT)
+        stage.attached.discard(Role.DEVICE)
+    if state is StreamState.BOTH_HELD:
+        bridge.drop(stream_id="s1", connection_id=2, now=DROP_AT)
+        stage.attached.discard(Role.SERVICE)
+    if state is StreamState.ENDED:
+        bridge.leave(stream_id="s1", connection_id=1, now=DROP_AT)
+        stage.attached.clear()
+    assert bridge.stream_state("s1") is state
+    return stage
+
+
+def ways(state: StreamState, action: StreamInput) -> list[Role | int | None]:
+    """Every way to feed ``action`` to a stream in ``state``: a role or a connection id."""
+    stage = staged(state)
+    if action is StreamInput.JOIN:
+        return list(Role)
+    if action in (StreamInput.LEAVE, StreamInput.DROP):
+        return [*stage.conns, 77]
+    if action is StreamInput.EXPIRE:
+        return [None]
+    # RESUME is a resume of a side not attached; REPLACE one of a side attached.
+    if action is StreamInput.RESUME:
+        return sorted(set(Role) - stage.attached, key=str)
+    return sorted(stage.attached, key=str)
+
+
+def feed(stage: Staged, action: StreamInput, way: Role | int | None) -> bool:
+    """Feed ``action`` to ``stage`` one ``way``; whether the bridge acted (not refused, not
+    ignored)."""
+    bridge = stage.bridge
+    before = bridge.stream_state("s1")
+    now = DROP_AT + 1
+    try:
+        if action is StreamInput.JOIN:
+            assert isinstance(way, Role)
+            join(bridge, stage.tokens[way], role=way, conn=50, now=now)
+        elif action in (StreamInput.RESUME, StreamInput.REPLACE):
+            assert isinstance(way, Role)
+            # The side's latest resume token, or (never joined) one this hub could sign.
+            token = stage.resume_tokens.get(way) or mint_resume_token(
+                secret=SECRET, stream_id="s1", role=way, nonce=nonce()
+            )
+            resume(bridge, token, role=way, conn=60, now=now)
+        else:
+            if action is StreamInput.EXPIRE:
+                events = bridge.advance(DROP_AT + 10_000)
+            else:
+                assert isinstance(way, int)
+                method = bridge.leave if action is StreamInput.LEAVE else bridge.drop
+                events = method(stream_id="s1", connection_id=way, now=now)
+            return bool(events) or bridge.stream_state("s1") is not before
+    except DevstreamError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("state", list(StreamState))
+@pytest.mark.parametrize("action", list(StreamInput))
+def test_every_state_input_pair_follows_the_table(state: StreamState, action: StreamInput) -> None:
+    assert not set(ALIASES) & set(TRANSITIONS)
+    legal = (state, action) in TRANSITIONS or (state, action) in ALIASES
+    expected = TRANSITIONS.get((state, ALIASES.get((state, action), action)))
+    acted = False
+    for way in ways(state, action):
+        stage = staged(state)
+        if feed(stage, action, way):
+            acted = True
+            assert legal, f"{action.name} acted on a {state.name} stream"
+            assert stage.bridge.stream_state("s1") is expected
+        else:
+            # Refused or ignored: nothing changed.
+            assert stage.bridge.stream_state("s1") is state
+    if legal:
+        assert acted, f"no way to {action.name} a {state.name} stream"
+
+
+def test_counts_follow_the_states() -> None:
+    expected = {
+        StreamState.WAITING: (1, 0, 0),
+        StreamState.HALF: (1, 0, 0),
+        StreamState.PAIRED: (1, 1, 0),
+        StreamState.HELD: (1, 1, 1),
+        StreamState.BOTH_HELD: (1, 1, 1),
+        StreamState.ENDED: (0, 0, 0),
+    }
+    for state, counts in expected.items():
+        bridge = staged(state).bridge
+        assert (bridge.stream_count(), bridge.paired_count(), bridge.held_count()) == counts

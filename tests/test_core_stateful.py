@@ -6,15 +6,20 @@ stand-in for the SAS check the hub does before ``initiate``) initiate streams to
 names, unregistered names and offline devices; devices accept, reject or answer too late; the
 clock jumps forward (0 to 120 s) with or without ``advance``; tokens are presented by their
 rightful holders, reused, for the wrong role, for the wrong stream, forged or expired; sides
-leave. Every output is compared with what the model expects, and after every step:
+leave (a close) or drop (no close: a paired ``devstream.v1`` side is held for 30 s); sides
+resume with their latest resume token, held or still attached, and attackers replay older
+resume tokens, present them for the other role or stream, forge them, or swap join and resume
+tokens. Every output is compared with what the model expects, and after every step:
 
-* a stream only ever pairs the named device's side (holding the device token of that
-  device's accepted request) with the service that initiated it, and that service was
-  authorised;
-* every token is accepted at most once, and never at or after its mint time + 60 s;
-* no pending request outlives its deadline once ``advance`` has passed it;
-* ``online_count``, ``pending_count``, ``stream_count``, ``paired_count`` and both
-  ``next_deadline`` values match the model.
+* a stream only ever pairs (and re-pairs after a resume) the named device's side (holding the
+  device token of that device's accepted request, then that side's resume tokens) with the
+  service that initiated it, and that service was authorised;
+* every stream token is accepted at most once, and never at or after its mint time + 60 s;
+* every resume token is accepted at most once, and only while it is the latest for its role;
+* no pending request outlives its deadline once ``advance`` has passed it, and no held side
+  outlives its grace deadline once ``advance`` has passed it;
+* ``online_count``, ``pending_count``, ``stream_count``, ``paired_count``, ``held_count``,
+  every stream's state and both ``next_deadline`` values match the model.
 
 Rules: no clock and no randomness. Time moves in half seconds from 1000 s, so every deadline
 is exact; nonces are counter-derived.
@@ -26,6 +31,7 @@ import base64
 from collections import Counter
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -36,7 +42,18 @@ from hypothesis.stateful import (
     rule,
 )
 
-from devstream_core.bridge import Bridge, CloseLoneSide, ClosePeer, Joined, StreamExpired
+from devstream_core.bridge import (
+    Bridge,
+    BridgeEvent,
+    CloseLoneSide,
+    ClosePeer,
+    Joined,
+    ResetPeer,
+    Resumed,
+    SideHeld,
+    StreamExpired,
+    StreamState,
+)
 from devstream_core.common import Role
 from devstream_core.coordinator import (
     Coordinator,
@@ -49,10 +66,12 @@ from devstream_core.coordinator import (
     SendStreamRequest,
 )
 from devstream_core.errors import DevstreamError, ErrorCode, StreamTokenError
-from devstream_core.tokens import mint_stream_token
+from devstream_core.tokens import mint_resume_token, mint_stream_token, verify_resume_token
 
 SECRET = b"stateful-hub-secret-0123456789ab"
 LIFETIME = 60.0
+GRACE = 30.0
+V1 = "devstream.v1"
 START = 1000.0
 MAX_PENDING = 3
 #: Service -> whether it holds a valid credential with the service_connect permission.
@@ -90,10 +109,27 @@ class ModelStream:
     minted: float
     tokens: dict[Role, str]
     accepted: bool = False
-    #: "waiting", "half", "paired" or "ended".
+    #: A :class:`StreamState` value: "waiting", "half", "paired", "held", "both_held", "ended".
     state: str = "waiting"
+    #: Attached sides.
     sides: dict[Role, int] = field(default_factory=dict)
+    #: Held sides and their grace deadlines.
+    held: dict[Role, float] = field(default_factory=dict)
+    #: Every resume token issued per role, the latest last.
+    resume_tokens: dict[Role, list[str]] = field(default_factory=dict)
     was_paired: bool = False
+
+    def holder(self, role: Role) -> Holder:
+        """Who rightfully holds side ``role``'s credentials."""
+        return ("device", self.device_id) if role is Role.DEVICE else ("service", self.service)
+
+    def attached(self, conn: int) -> bool:
+        return self.state != "ended" and conn in self.sides.values()
+
+    def resettle(self) -> None:
+        """The state after a drop or resume, from who is attached and who is held."""
+        if self.state != "half":
+            self.state = ("paired", "held", "both_held")[len(self.held)]
 
 
 @dataclass(frozen=True)
@@ -105,6 +141,13 @@ class ModelToken:
     forged: bool = False
 
 
+@dataclass(frozen=True)
+class ModelResume:
+    stream_id: str
+    role: Role
+    forged: bool = False
+
+
 def b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
@@ -113,7 +156,7 @@ class HubMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.coordinator = Coordinator(max_pending_per_device=MAX_PENDING)
-        self.bridge = Bridge(secret=SECRET, token_lifetime=LIFETIME)
+        self.bridge = Bridge(secret=SECRET, token_lifetime=LIFETIME, grace_period=GRACE)
         self.now = START
         self.advanced_to = START
         self.counter = 0
@@ -131,7 +174,11 @@ class HubMachine(RuleBasedStateMachine):
         self.used: set[str] = set()
         self.accepted_joins: list[tuple[str, float]] = []
         self.conn_holder: dict[int, Holder] = {}
+        #: Every connection that ever was a side, and its stream.
         self.conn_stream: dict[int, str] = {}
+        self.resumes: dict[str, ModelResume] = {}
+        #: Every accepted resume: the token, and whether it was its role's latest then.
+        self.accepted_resumes: list[tuple[str, bool]] = []
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -305,8 +352,11 @@ class HubMachine(RuleBasedStateMachine):
         if answer == "stray" or not self.pending:
             self.respond_stray(data)
             return
-        accepted = answer == "accept"
         request = self.pending[data.draw(st.sampled_from(sorted(self.pending)))]
+        self.answer(request, answer == "accept", reason)
+
+    def answer(self, request: ModelRequest, accepted: bool, reason: str) -> None:
+        """The device answers ``request`` on its control channel."""
         events = self.coordinator.device_responded(
             connection_id=request.connection_id,
             request_id=request.request_id,
@@ -341,6 +391,25 @@ class HubMachine(RuleBasedStateMachine):
             holder=("service", stream.service),
         )
 
+    @precondition(lambda self: any(names - {"*"} for names in self.names.values()))
+    @rule(data=st.data(), service=st.sampled_from(["svc-ok", "svc-ok-2"]), timeout=timeouts)
+    def quick_v1_stream(self, data: st.DataObject, service: str, timeout: float) -> None:
+        """The common path in one step: initiate, accept, both sides join (devstream.v1)."""
+        device = data.draw(st.sampled_from(sorted(d for d, n in self.names.items() if n - {"*"})))
+        name = data.draw(st.sampled_from(sorted(self.names[device] - {"*"})))
+        before = set(self.pending)
+        self.hub_initiate(service, device, name, timeout, V1)
+        (request_id,) = set(self.pending) - before or {None}
+        if request_id is None:
+            return  # throttled
+        self.answer(self.pending[request_id], True, "")
+        stream = self.streams[self.pending_or_answered(request_id).stream_id]
+        for role in data.draw(st.permutations(list(Role))):
+            self.try_join(stream.stream_id, stream.tokens[role], role, stream.holder(role))
+
+    def pending_or_answered(self, request_id: str) -> ModelRequest:
+        return next(r for r in self.answered if r.request_id == request_id)
+
     def respond_stray(self, data: st.DataObject) -> None:
         """An answer to a request already settled, or from the wrong connection: ignored."""
         choices = [("late", r) for r in self.answered] + [
@@ -370,6 +439,7 @@ class HubMachine(RuleBasedStateMachine):
         boundaries = sorted(
             {r.deadline - self.now for r in self.pending.values()}
             | {s.minted + LIFETIME - self.now for s in self.streams.values()}
+            | {d - self.now for s in self.streams.values() for d in s.held.values()}
         )
         exact = [jump for jump in boundaries if 0 <= jump <= 120]
         jump = data.draw(st.one_of(half_seconds, st.sampled_from(exact)) if exact else half_seconds)
@@ -397,8 +467,21 @@ class HubMachine(RuleBasedStateMachine):
         self.advanced_to = now
 
         bridge_events = self.bridge.advance(now)
-        expected_bridge: list[CloseLoneSide | ClosePeer | StreamExpired] = []
+        expected_bridge: list[BridgeEvent] = []
         for stream in self.streams.values():
+            if stream.state in ("held", "both_held") and min(stream.held.values()) <= now:
+                if stream.sides:
+                    ((_, conn),) = stream.sides.items()
+                    expected_bridge.append(
+                        ResetPeer(
+                            stream_id=stream.stream_id,
+                            connection_id=conn,
+                            code=ErrorCode.PEER_LOST,
+                        )
+                    )
+                else:
+                    expected_bridge.append(StreamExpired(stream_id=stream.stream_id))
+                stream.state = "ended"
             if stream.state in ("waiting", "half") and stream.minted + LIFETIME <= now:
                 if stream.state == "waiting":
                     expected_bridge.append(StreamExpired(stream_id=stream.stream_id))
@@ -443,7 +526,12 @@ class HubMachine(RuleBasedStateMachine):
         event(f"join: {expected.name if expected else 'accepted'}")
         try:
             joined = self.bridge.join(
-                stream_id=stream_id, token=token, role=role, connection_id=conn, now=self.now
+                stream_id=stream_id,
+                token=token,
+                role=role,
+                connection_id=conn,
+                now=self.now,
+                resume_nonce=self.fresh_bytes(),
             )
         except DevstreamError as error:
             assert error.code is expected, (error.code, expected)
@@ -463,7 +551,13 @@ class HubMachine(RuleBasedStateMachine):
             connection_id=conn,
             paired=peer is not None,
             peer_connection_id=peer,
+            resume_token=joined.resume_token,
         )
+        if stream.mode == V1:
+            assert joined.resume_token is not None
+            self.issued_resume(stream, claims.role, joined.resume_token)
+        else:
+            assert joined.resume_token is None
         self.used.add(token)
         self.accepted_joins.append((token, self.now))
         self.conn_holder[conn] = holder
@@ -523,20 +617,204 @@ class HubMachine(RuleBasedStateMachine):
             claims = self.tokens[token]
             self.try_join(claims.stream_id, token, claims.role.other, ATTACKER)
 
+    def issued_resume(self, stream: ModelStream, role: Role, token: str) -> None:
+        claims = verify_resume_token(
+            token, secret=SECRET, stream_id=stream.stream_id, role=role, now=self.now
+        )
+        assert claims.role is role
+        assert token not in self.resumes
+        stream.resume_tokens.setdefault(role, []).append(token)
+        self.resumes[token] = ModelResume(stream_id=stream.stream_id, role=role)
+
+    def expect_leave(self, stream: ModelStream, conn: int) -> list[BridgeEvent]:
+        """What a close of ``conn`` gives, and the model after it."""
+        if not stream.attached(conn):
+            return []
+        expected: list[BridgeEvent] = []
+        if stream.state == "paired":
+            (peer,) = (c for c in stream.sides.values() if c != conn)
+            expected.append(ClosePeer(stream_id=stream.stream_id, connection_id=peer))
+            event("paired side left")
+        stream.state = "ended"
+        return expected
+
+    def draw_side(self, data: st.DataObject) -> int:
+        # Often a side attached to a paired devstream.v1 stream, so that drops hold something.
+        live = sorted(
+            conn
+            for conn, stream_id in self.conn_stream.items()
+            if self.streams[stream_id].mode == V1
+            and self.streams[stream_id].state in ("paired", "held")
+            and self.streams[stream_id].attached(conn)
+        )
+        choices = st.sampled_from(sorted(self.conn_stream))
+        return data.draw(st.one_of(st.sampled_from(live), choices) if live else choices)
+
     @precondition(lambda self: self.conn_stream)
     @rule(data=st.data())
     def leave(self, data: st.DataObject) -> None:
-        conn = data.draw(st.sampled_from(sorted(self.conn_stream)))
+        conn = self.draw_side(data)
         stream = self.streams[self.conn_stream[conn]]
-        events = self.bridge.leave(stream_id=stream.stream_id, connection_id=conn, now=self.now)
-        if stream.state == "paired":
-            (peer,) = (c for c in stream.sides.values() if c != conn)
-            assert events == [ClosePeer(stream_id=stream.stream_id, connection_id=peer)]
-            event("paired side left")
+        expected = self.expect_leave(stream, conn)
+        assert self.bridge.leave(stream_id=stream.stream_id, connection_id=conn, now=self.now) == (
+            expected
+        )
+
+    @precondition(lambda self: self.conn_stream)
+    @rule(data=st.data())
+    def drop(self, data: st.DataObject) -> None:
+        conn = self.draw_side(data)
+        stream = self.streams[self.conn_stream[conn]]
+        events = self.bridge.drop(stream_id=stream.stream_id, connection_id=conn, now=self.now)
+        if stream.mode == V1 and stream.state in ("paired", "held") and stream.attached(conn):
+            (role,) = (r for r, c in stream.sides.items() if c == conn)
+            deadline = self.now + GRACE
+            assert events == [
+                SideHeld(
+                    stream_id=stream.stream_id, role=role, connection_id=conn, deadline=deadline
+                )
+            ]
+            del stream.sides[role]
+            stream.held[role] = deadline
+            stream.resettle()
+            event(f"side held, stream {stream.state}")
         else:
-            assert events == []
-        if stream.state != "waiting":
-            stream.state = "ended"
+            assert events == self.expect_leave(stream, conn)
+
+    # -- resume ------------------------------------------------------------------------------
+
+    def expected_resume(self, stream_id: str, token: str, role: Role | None) -> ErrorCode | None:
+        claims = self.resumes[token]
+        if claims.forged:
+            return ErrorCode.STREAM_TOKEN_INVALID
+        if claims.stream_id != stream_id:
+            return ErrorCode.STREAM_TOKEN_WRONG_STREAM
+        if role is not None and role is not claims.role:
+            return ErrorCode.STREAM_TOKEN_WRONG_ROLE
+        stream = self.streams[stream_id]
+        if stream.state == "ended" or any(d <= self.now for d in stream.held.values()):
+            return ErrorCode.NOT_FOUND
+        if token != stream.resume_tokens[claims.role][-1]:
+            return ErrorCode.STREAM_TOKEN_REUSED
+        return None
+
+    def try_resume(self, stream_id: str, token: str, role: Role | None, holder: Holder) -> None:
+        conn = self.fresh()
+        expected = self.expected_resume(stream_id, token, role)
+        event(f"resume: {expected.name if expected else 'accepted'}")
+        try:
+            resumed = self.bridge.resume(
+                stream_id=stream_id,
+                token=token,
+                role=role,
+                connection_id=conn,
+                now=self.now,
+                resume_nonce=self.fresh_bytes(),
+            )
+        except DevstreamError as error:
+            assert error.code is expected, (error.code, expected)
+            if expected is not ErrorCode.NOT_FOUND:
+                assert isinstance(error, StreamTokenError)
+            assert token not in str(error)
+            return
+        assert expected is None, f"resume accepted, expected {expected!r}"
+        stream = self.streams[stream_id]
+        claims = self.resumes[token]
+        replaced = stream.sides.get(claims.role)
+        event("resume replaced an attached side" if replaced else "held side resumed")
+        stream.sides[claims.role] = conn
+        stream.held.pop(claims.role, None)
+        stream.resettle()
+        assert resumed == Resumed(
+            stream_id=stream_id,
+            role=claims.role,
+            connection_id=conn,
+            peer_connection_id=stream.sides.get(claims.role.other),
+            replaced_connection_id=replaced,
+            resume_token=resumed.resume_token,
+        )
+        self.accepted_resumes.append((token, token == stream.resume_tokens[claims.role][-1]))
+        self.issued_resume(stream, claims.role, resumed.resume_token)
+        self.conn_holder[conn] = holder
+        self.conn_stream[conn] = stream_id
+
+    @precondition(lambda self: any(not claims.forged for claims in self.resumes.values()))
+    @rule(data=st.data())
+    def resume_by_rightful_holder(self, data: st.DataObject) -> None:
+        latest = sorted(
+            (
+                (stream.stream_id, role)
+                for stream in self.streams.values()
+                for role in stream.resume_tokens
+            ),
+            key=lambda side: (side[0], side[1].value),
+        )
+        # Often a side that is held, so that streams get to pair again.
+        waiting = [(sid, role) for sid, role in latest if role in self.streams[sid].held]
+        choices = st.sampled_from(latest)
+        stream_id, role = data.draw(
+            st.one_of(st.sampled_from(waiting), choices) if waiting else choices
+        )
+        stream = self.streams[stream_id]
+        # Mostly the latest; sometimes the side retries with the one before (already spent).
+        token = data.draw(st.sampled_from(stream.resume_tokens[role][-1:-3:-1]))
+        expected_role = data.draw(st.sampled_from([role, None]))
+        self.try_resume(stream_id, token, expected_role, stream.holder(role))
+
+    @precondition(lambda self: any(not claims.forged for claims in self.resumes.values()))
+    @rule(
+        data=st.data(),
+        kind=st.sampled_from(
+            ["older", "other-role", "other-stream", "forged", "join-as-resume", "resume-as-join"]
+        ),
+    )
+    def resume_by_attacker(self, data: st.DataObject, kind: str) -> None:
+        tokens = sorted(t for t, claims in self.resumes.items() if not claims.forged)
+        older = [
+            token
+            for stream in self.streams.values()
+            for history in stream.resume_tokens.values()
+            for token in history[:-1]
+        ]
+        if kind == "older" and older:
+            token = data.draw(st.sampled_from(older))
+            claims = self.resumes[token]
+            self.try_resume(claims.stream_id, token, claims.role, ATTACKER)
+        elif kind == "other-stream" and len(self.streams) >= 2:
+            token = data.draw(st.sampled_from(tokens))
+            claims = self.resumes[token]
+            target = data.draw(st.sampled_from(sorted(set(self.streams) - {claims.stream_id})))
+            role = data.draw(st.sampled_from([claims.role, None]))
+            self.try_resume(target, token, role, ATTACKER)
+        elif kind == "forged":
+            stream_id = data.draw(st.sampled_from(sorted(self.streams)))
+            role = data.draw(st.sampled_from(list(Role)))
+            token = mint_resume_token(
+                secret=b"a guessed secret", stream_id=stream_id, role=role, nonce=self.fresh_bytes()
+            )
+            self.resumes[token] = ModelResume(stream_id=stream_id, role=role, forged=True)
+            self.try_resume(stream_id, token, role, ATTACKER)
+        elif kind in ("join-as-resume", "resume-as-join"):
+            # The two kinds of token never stand in for each other.
+            genuine = tokens if kind == "resume-as-join" else sorted(self.tokens)
+            token = data.draw(st.sampled_from(genuine))
+            stream_id = (self.resumes.get(token) or self.tokens[token]).stream_id
+            method = self.bridge.join if kind == "resume-as-join" else self.bridge.resume
+            with pytest.raises(StreamTokenError) as info:
+                method(
+                    stream_id=stream_id,
+                    token=token,
+                    role=None,
+                    connection_id=self.fresh(),
+                    now=self.now,
+                    resume_nonce=self.fresh_bytes(),
+                )
+            assert info.value.code is ErrorCode.STREAM_TOKEN_INVALID
+        else:
+            # A side's resume token, presented for the other side.
+            token = data.draw(st.sampled_from(tokens))
+            claims = self.resumes[token]
+            self.try_resume(claims.stream_id, token, claims.role.other, ATTACKER)
 
     # -- invariants --------------------------------------------------------------------------
 
@@ -546,7 +824,12 @@ class HubMachine(RuleBasedStateMachine):
         assert self.coordinator.pending_count() == len(self.pending)
         live = [s for s in self.streams.values() if s.state != "ended"]
         assert self.bridge.stream_count() == len(live)
-        assert self.bridge.paired_count() == sum(s.state == "paired" for s in live)
+        assert self.bridge.paired_count() == sum(
+            s.state in ("paired", "held", "both_held") for s in live
+        )
+        assert self.bridge.held_count() == sum(s.state in ("held", "both_held") for s in live)
+        for stream in self.streams.values():
+            assert self.bridge.stream_state(stream.stream_id) is StreamState(stream.state)
         for device in DEVICES:
             assert self.coordinator.is_online(device) == (device in self.online)
             assert self.coordinator.registered_names(device) == self.names.get(device, frozenset())
@@ -560,7 +843,15 @@ class HubMachine(RuleBasedStateMachine):
         expiries = [
             s.minted + LIFETIME for s in self.streams.values() if s.state in ("waiting", "half")
         ]
-        assert self.bridge.next_deadline() == (min(expiries) if expiries else None)
+        holds = [
+            deadline
+            for s in self.streams.values()
+            if s.state in ("held", "both_held")
+            for deadline in s.held.values()
+        ]
+        assert self.bridge.next_deadline() == (min(expiries + holds) if expiries + holds else None)
+        # No held side outlives a grace deadline that advance has passed.
+        assert all(deadline > self.advanced_to for deadline in holds)
 
     @invariant()
     def tokens_work_once_and_only_before_expiry(self) -> None:
@@ -572,20 +863,29 @@ class HubMachine(RuleBasedStateMachine):
             assert when < claims.minted + LIFETIME
 
     @invariant()
+    def resume_tokens_work_once_and_only_while_latest(self) -> None:
+        uses = Counter(token for token, _ in self.accepted_resumes)
+        assert all(count == 1 for count in uses.values())
+        for token, was_latest in self.accepted_resumes:
+            assert was_latest
+            assert not self.resumes[token].forged
+
+    @invariant()
     def streams_pair_only_the_named_device_and_an_authorised_initiator(self) -> None:
         for stream in self.streams.values():
             # Only an authorised service's initiate ever creates a stream.
             assert SERVICES[stream.service]
+            for role in [*stream.sides, *stream.held]:
+                # Whoever is (or was, if held) on a side got in with that side's join token.
+                assert stream.tokens[role] in self.used
+                assert self.tokens[stream.tokens[role]].holder == stream.holder(role)
             for role, conn in stream.sides.items():
-                token = stream.tokens[role]
-                assert token in self.used
-                assert self.conn_holder[conn] == self.tokens[token].holder
-            if not stream.was_paired:
-                continue
-            assert stream.accepted
-            assert SERVICES[stream.service]
-            assert self.conn_holder[stream.sides[Role.DEVICE]] == ("device", stream.device_id)
-            assert self.conn_holder[stream.sides[Role.SERVICE]] == ("service", stream.service)
+                # Joined or resumed, the connection belongs to the side's rightful holder.
+                assert self.conn_holder[conn] == stream.holder(role)
+            if stream.was_paired:
+                assert stream.accepted
+                assert stream.holder(Role.DEVICE) == ("device", stream.device_id)
+                assert set(stream.sides) | set(stream.held) == set(Role)
 
 
 HubMachine.TestCase.settings = settings(

@@ -1,4 +1,4 @@
-"""Tests for devstream_core.tokens: minting and verifying stream tokens.
+"""Tests for devstream_core.tokens: minting and verifying stream tokens and resume tokens.
 
 Rules: no clock and no randomness; ``now`` and nonces are literals or hypothesis-drawn.
 """
@@ -6,6 +6,7 @@ Rules: no clock and no randomness; ``now`` and nonces are literals or hypothesis
 from __future__ import annotations
 
 import base64
+import math
 import re
 
 import pytest
@@ -18,8 +19,11 @@ from devstream_core.tokens import (
     MAX_TOKEN_LENGTH,
     STREAM_TOKEN_LIFETIME,
     StreamTokenClaims,
+    is_resume_token,
+    mint_resume_token,
     mint_stream_token,
     stream_token_expiry,
+    verify_resume_token,
     verify_stream_token,
 )
 
@@ -281,3 +285,194 @@ def test_verify_refuses_a_non_finite_now(now: float) -> None:
 def test_verify_refuses_an_empty_secret() -> None:
     with pytest.raises(LocalProtocolError):
         verify(mint(), secret=b"")
+
+
+# -- resume tokens -----------------------------------------------------------------------------
+
+
+def mint_resume(
+    *,
+    stream_id: str = STREAM,
+    role: Role = Role.DEVICE,
+    nonce: bytes = NONCE,
+    secret: bytes = SECRET,
+) -> str:
+    return mint_resume_token(secret=secret, stream_id=stream_id, role=role, nonce=nonce)
+
+
+def verify_resume(
+    token: str,
+    *,
+    stream_id: str = STREAM,
+    role: Role | None = Role.DEVICE,
+    now: float = NOW,
+    secret: bytes = SECRET,
+) -> StreamTokenClaims:
+    return verify_resume_token(token, secret=secret, stream_id=stream_id, role=role, now=now)
+
+
+def resume_refused(token: str, **kwargs: object) -> StreamTokenError:
+    with pytest.raises(StreamTokenError) as info:
+        verify_resume(token, **kwargs)  # type: ignore[arg-type]
+    for secret_part in (token, token.rpartition(".")[2]):
+        if len(secret_part) >= 8:
+            assert secret_part not in str(info.value)
+    return info.value
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_resume_round_trip_gives_claims_without_expiry(role: Role) -> None:
+    token = mint_resume(role=role)
+    assert verify_resume(token, role=role) == StreamTokenClaims(
+        stream_id=STREAM,
+        role=role,
+        expires_at=math.inf,
+        nonce=base64.urlsafe_b64encode(NONCE).rstrip(b"=").decode(),
+    )
+    assert verify_resume(token, role=None).role is role
+
+
+def test_resume_token_has_its_own_prefix_and_no_expiry_field() -> None:
+    token = mint_resume(stream_id="s" * 128, nonce=b"\xff" * 64, role=Role.SERVICE)
+    assert URL_SAFE.fullmatch(token)
+    assert len(token) <= MAX_TOKEN_LENGTH
+    parts = token.split(".")
+    assert parts[:3] == ["r1", "s" * 128, "service"]
+    assert len(parts) == 5
+    assert is_resume_token(token)
+    assert not is_resume_token(mint())
+    assert not is_resume_token("")
+    assert not is_resume_token("r1")
+
+
+@pytest.mark.parametrize("now", [-1e12, 0.0, NOW, NOW + 1e9, 1e15])
+def test_resume_token_never_expires_by_itself(now: float) -> None:
+    assert verify_resume(mint_resume(), now=now).stream_id == STREAM
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_the_two_kinds_never_stand_in_for_each_other(role: Role) -> None:
+    # Same secret, stream, role and nonce: still refused, whatever the clock says.
+    join_token = mint(role=role)
+    resume_token = mint_resume(role=role)
+    assert resume_refused(join_token, role=role).code is ErrorCode.STREAM_TOKEN_INVALID
+    assert resume_refused(join_token, role=None).code is ErrorCode.STREAM_TOKEN_INVALID
+    assert refused(resume_token, role=role).code is ErrorCode.STREAM_TOKEN_INVALID
+    assert refused(resume_token, role=None, now=0).code is ErrorCode.STREAM_TOKEN_INVALID
+
+
+def test_relabelling_one_kind_as_the_other_breaks_the_signature() -> None:
+    join_parts = mint().split(".")
+    # Drop the expiry and call it a resume token, keeping nonce and mac.
+    relabelled = ".".join(["r1", *join_parts[1:3], *join_parts[4:]])
+    assert resume_refused(relabelled).code is ErrorCode.STREAM_TOKEN_INVALID
+    resume_parts = mint_resume().split(".")
+    relabelled = ".".join(["v1", *resume_parts[1:3], "99999999999999", *resume_parts[3:]])
+    assert refused(relabelled).code is ErrorCode.STREAM_TOKEN_INVALID
+
+
+def test_resume_wrong_stream_then_wrong_role() -> None:
+    token = mint_resume(role=Role.DEVICE)
+    assert (
+        resume_refused(token, stream_id="x", role=Role.SERVICE).code
+        is ErrorCode.STREAM_TOKEN_WRONG_STREAM
+    )
+    assert resume_refused(token, role=Role.SERVICE).code is ErrorCode.STREAM_TOKEN_WRONG_ROLE
+
+
+def test_resume_forged_is_invalid_before_everything_else() -> None:
+    token = mint_resume(secret=b"another hub's secret")
+    assert (
+        resume_refused(token, stream_id="x", role=Role.SERVICE).code
+        is ErrorCode.STREAM_TOKEN_INVALID
+    )
+
+
+def test_resume_any_single_character_change_is_invalid() -> None:
+    token = mint_resume()
+    for index, char in enumerate(token):
+        for replacement in {"A", "b", "-", "_", "."} - {char}:
+            forged = token[:index] + replacement + token[index + 1 :]
+            assert resume_refused(forged).code is ErrorCode.STREAM_TOKEN_INVALID, index
+
+
+def test_resume_claims_cannot_be_rewritten_without_the_secret() -> None:
+    parts = mint_resume(role=Role.DEVICE).split(".")
+    parts[2] = "service"
+    assert resume_refused(".".join(parts), role=Role.SERVICE).code is (
+        ErrorCode.STREAM_TOKEN_INVALID
+    )
+    parts = mint_resume().split(".")
+    parts[1] = "another"
+    assert resume_refused(".".join(parts), stream_id="another").code is (
+        ErrorCode.STREAM_TOKEN_INVALID
+    )
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "r1",
+        "r1.a.device.AAAAAAAAAAAAAAAAAAAAAA",
+        "r1.a.device.AAAAAAAAAAAAAAAAAAAAAA.mac.extra",
+        "r2" + mint_resume()[2:],
+        mint_resume() + "=",
+        "Bearer " + mint_resume(),
+        "x" * (MAX_TOKEN_LENGTH + 1),
+    ],
+)
+def test_resume_malformed_is_invalid(token: str) -> None:
+    assert resume_refused(token).code is ErrorCode.STREAM_TOKEN_INVALID
+
+
+@settings(max_examples=200)
+@given(st.text(max_size=600))
+def test_resume_arbitrary_text_is_invalid_and_never_crashes(text: str) -> None:
+    with pytest.raises(StreamTokenError) as info:
+        verify_resume(text)
+    assert info.value.code is ErrorCode.STREAM_TOKEN_INVALID
+
+
+@settings(max_examples=100)
+@given(
+    stream_id=st.from_regex(r"[A-Za-z0-9_-]{1,128}", fullmatch=True),
+    role=st.sampled_from(list(Role)),
+    nonce=st.binary(min_size=16, max_size=64),
+)
+def test_any_minted_resume_token_verifies_and_is_no_stream_token(
+    stream_id: str, role: Role, nonce: bytes
+) -> None:
+    token = mint_resume(stream_id=stream_id, role=role, nonce=nonce)
+    assert URL_SAFE.fullmatch(token)
+    assert len(token) <= MAX_TOKEN_LENGTH
+    claims = verify_resume(token, stream_id=stream_id, role=role)
+    assert (claims.stream_id, claims.role, claims.expires_at) == (stream_id, role, math.inf)
+    assert base64.urlsafe_b64decode(claims.nonce + "=" * (-len(claims.nonce) % 4)) == nonce
+    with pytest.raises(StreamTokenError) as info:
+        verify(token, stream_id=stream_id, role=role)
+    assert info.value.code is ErrorCode.STREAM_TOKEN_INVALID
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"nonce": b"x" * 15},
+        {"nonce": b"x" * 65},
+        {"stream_id": ""},
+        {"stream_id": "a.b"},
+        {"stream_id": "a" * 129},
+        {"secret": b""},
+        {"role": "device"},
+    ],
+)
+def test_mint_resume_refuses_bad_arguments(kwargs: dict[str, object]) -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        mint_resume(**kwargs)  # type: ignore[arg-type]
+    assert info.value.code is ErrorCode.ARGUMENT_INVALID
+
+
+@pytest.mark.parametrize("kwargs", [{"now": float("nan")}, {"now": float("-inf")}, {"secret": b""}])
+def test_verify_resume_refuses_bad_arguments(kwargs: dict[str, object]) -> None:
+    with pytest.raises(LocalProtocolError):
+        verify_resume(mint_resume(), **kwargs)  # type: ignore[arg-type]

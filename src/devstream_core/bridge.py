@@ -1,32 +1,55 @@
 """The streaming endpoint's pairing logic: two tokens in, one paired stream out.
 
 What the bridge knows: every stream the hub created and not yet ended, which of its two sides
-(device, service) have joined and on which connection, when its tokens expire, and the nonces
-of tokens already used. It does not relay bytes, parse frames or own a clock: every input takes
-``now``, and the one deadline (the earliest expiry of an unpaired stream) goes out as data
-through :meth:`Bridge.next_deadline`, answered by :meth:`Bridge.advance`.
+(device, service) are attached and on which connection, which ``devstream.v1`` sides are held
+(dropped, within their grace period), when its tokens and holds expire, the nonces of stream
+tokens already used, and the resume tokens it issued. It does not relay bytes, parse frames or
+own a clock: every input takes ``now``, and the earliest deadline (a token expiry of an
+unpaired stream, or the end of a hold) goes out as data through :meth:`Bridge.next_deadline`,
+answered by :meth:`Bridge.advance`.
 
 A stream's life, with its legal transitions in :data:`TRANSITIONS`::
 
-    WAITING --join--> HALF --join--> PAIRED
-       |                |               |
-     expire      leave or expire      leave
-       v                v               v
-     ENDED            ENDED           ENDED
+                                       --drop-->       --drop-->
+    WAITING --join--> HALF --join--> PAIRED     HELD           BOTH_HELD
+                                       <-resume-       <-resume-
+       |               |               |          |               |
+     expire      leave, expire       leave   leave, expire      expire
+       v               v               v          v               v
+     ENDED           ENDED           ENDED      ENDED           ENDED
+
+    replace (a side resumes while still attached) leaves HALF, PAIRED and HELD as they are.
+
+``drop`` and ``resume`` exist only for ``devstream.v1`` streams: a paired side whose WebSocket
+ended without a close is *held* for ``grace_period`` seconds while its peer stays attached, and
+comes back with a resume token. ``replace`` is a resume by a side still attached (a half-open
+drop the hub has not noticed): the new connection takes over and the old one is forgotten.
 
 Rules:
 
-* Both tokens of a stream expire together, ``token_lifetime`` after :meth:`Bridge.create_stream`
-  (rounded down to the millisecond, see :func:`~devstream_core.tokens.stream_token_expiry`).
-  A stream that is not paired by then ends; a lone side is closed with
-  ``PEER_NEVER_CONNECTED``. A paired stream lives until a side leaves.
-* A token is accepted at most once. Its nonce is remembered until the token's own expiry, even
-  after its stream ended, so a second use is refused as ``STREAM_TOKEN_REUSED``; past the expiry
-  it is refused as ``STREAM_TOKEN_EXPIRED`` anyway.
+* Both stream tokens of a stream expire together, ``token_lifetime`` after
+  :meth:`Bridge.create_stream` (rounded down to the millisecond, see
+  :func:`~devstream_core.tokens.stream_token_expiry`). A stream that is not paired by then
+  ends; a lone side is closed with ``PEER_NEVER_CONNECTED``. A paired stream lives until a side
+  leaves (or, for ``devstream.v1``, until a held side's grace period ends).
+* A stream token is accepted at most once. Its nonce is remembered until the token's own
+  expiry, even after its stream ended, so a second use is refused as ``STREAM_TOKEN_REUSED``;
+  past the expiry it is refused as ``STREAM_TOKEN_EXPIRED`` anyway.
 * A join is checked in a fixed order: the token itself (invalid, wrong stream, wrong role,
   expired), then reuse, then whether the stream still exists (``NOT_FOUND``).
-* Memory is bounded: at most ``max_streams`` live streams, and used nonces only within their
-  tokens' lifetime.
+* Every join or resume of a ``devstream.v1`` side issues a fresh resume token for that role
+  and retires the previous one. Only the latest works, once; an older one of the same stream
+  is ``STREAM_TOKEN_REUSED``. Resume tokens are forgotten when their stream ends (a resume
+  then gets ``NOT_FOUND``).
+* A hold ends at ``deadline = drop time + grace_period``: from ``now >= deadline`` the side
+  cannot resume (``NOT_FOUND``), and :meth:`Bridge.advance` resets the attached peer with
+  ``PEER_LOST`` (or, when both sides are held, reports :class:`StreamExpired`); the stream ends.
+* A ``leave`` is a normal close and always ends the stream. A ``drop`` of a raw stream, or of
+  an unpaired one, is a ``leave``. A ``leave`` or ``drop`` for a connection that is not
+  attached (unknown, held already, replaced) is ignored.
+* Memory is bounded: at most ``max_streams`` live streams, used stream-token nonces only within
+  their tokens' lifetime, and resume nonces (one per join or resume) only within their
+  stream's life.
 """
 
 from __future__ import annotations
@@ -35,18 +58,23 @@ import base64
 import enum
 import heapq
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 from .common import Role
 from .errors import DevstreamError, ErrorCode, LocalProtocolError, StreamTokenError
 from .tokens import (
     STREAM_TOKEN_LIFETIME,
+    mint_resume_token,
     mint_stream_token,
     stream_token_expiry,
+    verify_resume_token,
     verify_stream_token,
 )
 
 __all__ = [
+    "DEFAULT_GRACE_PERIOD",
+    "RESUMABLE_MODE",
     "STREAM_MODES",
     "TRANSITIONS",
     "Bridge",
@@ -54,6 +82,9 @@ __all__ = [
     "CloseLoneSide",
     "ClosePeer",
     "Joined",
+    "ResetPeer",
+    "Resumed",
+    "SideHeld",
     "StreamExpired",
     "StreamInput",
     "StreamState",
@@ -62,6 +93,10 @@ __all__ = [
 #: The data-plane modes a stream can be created with: ``raw`` (Azure-compatible, each binary
 #: message forwarded intact) and ``devstream.v1`` (framed: seq/ack, half-close, resume).
 STREAM_MODES = frozenset({"raw", "devstream.v1"})
+#: The one mode whose sides may drop and resume.
+RESUMABLE_MODE = "devstream.v1"
+#: How long a dropped ``devstream.v1`` side is held for its resume, in seconds.
+DEFAULT_GRACE_PERIOD = 30.0
 
 
 class StreamState(enum.Enum):
@@ -71,8 +106,12 @@ class StreamState(enum.Enum):
     WAITING = "waiting"
     #: One side has joined; the other has not.
     HALF = "half"
-    #: Both sides joined; bytes may flow.
+    #: Both sides joined and attached; bytes may flow.
     PAIRED = "paired"
+    #: Paired ``devstream.v1`` stream; one side dropped and is held, the other is attached.
+    HELD = "held"
+    #: Paired ``devstream.v1`` stream; both sides dropped and are held.
+    BOTH_HELD = "both_held"
     #: Over; the bridge has forgotten it.
     ENDED = "ended"
 
@@ -80,9 +119,18 @@ class StreamState(enum.Enum):
 class StreamInput(enum.Enum):
     """What can happen to a stream."""
 
+    #: A side presents its stream token.
     JOIN = "join"
+    #: An attached side closed (or dropped on a stream that cannot hold it).
     LEAVE = "leave"
+    #: The tokens of an unpaired stream, or a held side's grace period, ran out.
     EXPIRE = "expire"
+    #: An attached side of a paired ``devstream.v1`` stream dropped without a close.
+    DROP = "drop"
+    #: A held side came back with its resume token.
+    RESUME = "resume"
+    #: An attached side came back with its resume token on a new connection.
+    REPLACE = "replace"
 
 
 #: The legal transitions; any pair missing here is a bug in the bridge.
@@ -92,8 +140,23 @@ TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
     (StreamState.HALF, StreamInput.JOIN): StreamState.PAIRED,
     (StreamState.HALF, StreamInput.LEAVE): StreamState.ENDED,
     (StreamState.HALF, StreamInput.EXPIRE): StreamState.ENDED,
+    (StreamState.HALF, StreamInput.REPLACE): StreamState.HALF,
     (StreamState.PAIRED, StreamInput.LEAVE): StreamState.ENDED,
+    (StreamState.PAIRED, StreamInput.DROP): StreamState.HELD,
+    (StreamState.PAIRED, StreamInput.REPLACE): StreamState.PAIRED,
+    (StreamState.HELD, StreamInput.LEAVE): StreamState.ENDED,
+    (StreamState.HELD, StreamInput.DROP): StreamState.BOTH_HELD,
+    (StreamState.HELD, StreamInput.RESUME): StreamState.PAIRED,
+    (StreamState.HELD, StreamInput.REPLACE): StreamState.HELD,
+    (StreamState.HELD, StreamInput.EXPIRE): StreamState.ENDED,
+    (StreamState.BOTH_HELD, StreamInput.RESUME): StreamState.HELD,
+    (StreamState.BOTH_HELD, StreamInput.EXPIRE): StreamState.ENDED,
 }
+
+#: The states of a stream whose two sides have joined (whether attached or held).
+_PAIRED_STATES = frozenset({StreamState.PAIRED, StreamState.HELD, StreamState.BOTH_HELD})
+#: The states whose stream-token expiry still matters.
+_UNPAIRED_STATES = frozenset({StreamState.WAITING, StreamState.HALF})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,7 +164,8 @@ class Joined:
     """A side joined stream ``stream_id`` on ``connection_id``.
 
     When ``paired`` is true both sides are in and ``peer_connection_id`` is the other side's
-    connection; the caller starts relaying.
+    connection; the caller starts relaying. For a ``devstream.v1`` stream ``resume_token`` is
+    the side's credential to come back after a drop (give it to the side; None for raw).
     """
 
     stream_id: str
@@ -111,6 +175,25 @@ class Joined:
     connection_id: int
     paired: bool
     peer_connection_id: int | None
+    resume_token: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resumed:
+    """Side ``role`` of stream ``stream_id`` is back, attached on ``connection_id``.
+
+    ``peer_connection_id`` is the other side's connection, or None when the other side is held
+    (or, before pairing, has not joined). ``replaced_connection_id`` is the side's previous
+    connection when it was still attached (close it; the bridge has forgotten it), else None.
+    ``resume_token`` is the side's fresh resume token; the one just used is spent.
+    """
+
+    stream_id: str
+    role: Role
+    connection_id: int
+    peer_connection_id: int | None
+    replaced_connection_id: int | None
+    resume_token: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,12 +216,41 @@ class CloseLoneSide:
 
 @dataclass(frozen=True, kw_only=True)
 class StreamExpired:
-    """The tokens expired before either side joined; the stream has ended."""
+    """The stream ended with no side attached to tell.
+
+    Either its tokens expired before any side joined, or both sides of a ``devstream.v1``
+    stream were held and a grace period ran out.
+    """
 
     stream_id: str
 
 
-BridgeEvent = ClosePeer | CloseLoneSide | StreamExpired
+@dataclass(frozen=True, kw_only=True)
+class SideHeld:
+    """Side ``role`` of ``devstream.v1`` stream ``stream_id`` dropped on ``connection_id``.
+
+    The stream waits until ``deadline`` for it to resume; the peer (if attached) stays.
+    """
+
+    stream_id: str
+    role: Role
+    connection_id: int
+    deadline: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResetPeer:
+    """A held side did not resume in time; reset the attached side's ``connection_id``.
+
+    ``code`` is ``PEER_LOST``. The stream has ended.
+    """
+
+    stream_id: str
+    connection_id: int
+    code: ErrorCode
+
+
+BridgeEvent = ClosePeer | CloseLoneSide | StreamExpired | SideHeld | ResetPeer
 
 
 @dataclass(kw_only=True)
@@ -151,21 +263,31 @@ class _Stream:
     serial: int
     nonces: dict[Role, str]
     state: StreamState = StreamState.WAITING
+    #: Attached sides: role -> connection.
     sides: dict[Role, int] = field(default_factory=dict)
-
-    def move(self, event: StreamInput) -> None:
-        self.state = TRANSITIONS[(self.state, event)]
+    #: Held sides: role -> the end of its grace period.
+    held: dict[Role, float] = field(default_factory=dict)
+    #: The nonce of the latest resume token issued per role (the only one that works).
+    resume_nonces: dict[Role, str] = field(default_factory=dict)
+    #: The nonces of every earlier resume token of this stream (spent or retired).
+    spent_resume_nonces: set[str] = field(default_factory=set)
 
 
 def _nonce_text(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
+def _check_now(now: float) -> None:
+    if not isinstance(now, (int, float)) or not math.isfinite(now):
+        raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "now must be finite")
+
+
 class Bridge:
     """Pairs the two sides of each stream on the streaming endpoint (sans-IO).
 
     ``secret`` is the hub secret the tokens are signed with. ``max_streams`` caps the live
-    streams; creating one more raises ``DevstreamError(THROTTLED)``.
+    streams; creating one more raises ``DevstreamError(THROTTLED)``. ``grace_period`` is how
+    long a dropped ``devstream.v1`` side is held for its resume.
     """
 
     def __init__(
@@ -174,25 +296,27 @@ class Bridge:
         secret: bytes,
         token_lifetime: float = STREAM_TOKEN_LIFETIME,
         max_streams: int = 100_000,
+        grace_period: float = DEFAULT_GRACE_PERIOD,
     ) -> None:
         if not isinstance(secret, bytes) or not secret:
             raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "the hub secret is empty")
-        if (
-            not isinstance(token_lifetime, (int, float))
-            or not math.isfinite(token_lifetime)
-            or token_lifetime <= 0
-        ):
-            raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "token lifetime must be > 0")
+        for name, value in (("token lifetime", token_lifetime), ("grace period", grace_period)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, f"{name} must be > 0")
         if not isinstance(max_streams, int) or max_streams < 1:
             raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "max_streams must be >= 1")
         self._secret = secret
         self._lifetime = float(token_lifetime)
+        self._grace = float(grace_period)
         self._max_streams = max_streams
         self._streams: dict[str, _Stream] = {}
-        self._paired = 0
+        #: How many live streams are in each state.
+        self._states: Counter[StreamState] = Counter()
         self._serial = 0
         #: (expires_at, serial, stream id) of every unpaired stream; stale entries are skipped.
         self._expiries: list[tuple[float, int, str]] = []
+        #: (deadline, serial, stream id, role value) of every hold; stale entries are skipped.
+        self._holds: list[tuple[float, int, str, str]] = []
         #: nonce -> the used token's expiry, and the same as a heap for purging.
         self._used: dict[str, float] = {}
         self._used_expiries: list[tuple[float, str]] = []
@@ -251,12 +375,20 @@ class Bridge:
             serial=self._serial,
             nonces=nonces,
         )
+        self._states[StreamState.WAITING] += 1
         heapq.heappush(self._expiries, (expires_at, self._serial, stream_id))
         self._compact()
         return tokens[Role.DEVICE], tokens[Role.SERVICE]
 
     def join(
-        self, *, stream_id: str, token: str, role: Role | None, connection_id: int, now: float
+        self,
+        *,
+        stream_id: str,
+        token: str,
+        role: Role | None,
+        connection_id: int,
+        now: float,
+        resume_nonce: bytes | None = None,
     ) -> Joined:
         """Connection ``connection_id`` presents ``token`` for stream ``stream_id``.
 
@@ -264,6 +396,11 @@ class Bridge:
         :class:`StreamTokenError` (``STREAM_TOKEN_INVALID``, ``_WRONG_STREAM``, ``_WRONG_ROLE``,
         ``_EXPIRED``, then ``_REUSED``), or ``DevstreamError(NOT_FOUND)`` when the stream has
         ended. On success the token is used up.
+
+        ``resume_nonce`` (16 to 64 fresh random bytes) is required for a ``devstream.v1``
+        stream, whose :class:`Joined` carries the side's first resume token; it is ignored for
+        a raw stream. Missing or bad: :class:`LocalProtocolError` (``ARGUMENT_INVALID``), and
+        the stream token stays unused.
         """
         claims = verify_stream_token(
             token, secret=self._secret, stream_id=stream_id, role=role, now=now
@@ -276,19 +413,24 @@ class Bridge:
         if stream.nonces[claims.role] != claims.nonce:
             # Signed by this hub for this stream id, but for an earlier stream of that id.
             raise StreamTokenError(ErrorCode.STREAM_TOKEN_INVALID)
-        if connection_id in stream.sides.values():
-            raise LocalProtocolError(
-                ErrorCode.ARGUMENT_INVALID, "a connection cannot be both sides of a stream"
-            )
+        self._check_connection(stream, connection_id)
+        resume_token: str | None = None
+        if stream.mode == RESUMABLE_MODE:
+            if resume_nonce is None:
+                raise LocalProtocolError(
+                    ErrorCode.ARGUMENT_INVALID, "a devstream.v1 join needs a resume nonce"
+                )
+            resume_token = self._mint_resume(stream, claims.role, resume_nonce)
         # Each role's nonce is used at most once, so that side cannot have joined already.
         assert claims.role not in stream.sides
         self._used[claims.nonce] = claims.expires_at
         heapq.heappush(self._used_expiries, (claims.expires_at, claims.nonce))
-        stream.move(StreamInput.JOIN)
+        self._move(stream, StreamInput.JOIN)
         stream.sides[claims.role] = connection_id
+        if resume_token is not None:
+            assert resume_nonce is not None
+            stream.resume_nonces[claims.role] = _nonce_text(resume_nonce)
         peer = stream.sides.get(claims.role.other)
-        if stream.state is StreamState.PAIRED:
-            self._paired += 1
         return Joined(
             stream_id=stream_id,
             role=claims.role,
@@ -297,62 +439,148 @@ class Bridge:
             connection_id=connection_id,
             paired=stream.state is StreamState.PAIRED,
             peer_connection_id=peer,
+            resume_token=resume_token,
+        )
+
+    def resume(
+        self,
+        *,
+        stream_id: str,
+        token: str,
+        role: Role | None,
+        connection_id: int,
+        now: float,
+        resume_nonce: bytes,
+    ) -> Resumed:
+        """Connection ``connection_id`` presents resume ``token`` for stream ``stream_id``.
+
+        ``role`` is the side the caller expects (None: the token's own). The side may be held
+        (it comes back) or still attached (its old connection is replaced and reported in
+        :attr:`Resumed.replaced_connection_id`). ``resume_nonce`` (16 to 64 fresh random
+        bytes) makes the side's next resume token, returned in :class:`Resumed`.
+
+        Raises, in this order: :class:`StreamTokenError` ``STREAM_TOKEN_INVALID``,
+        ``_WRONG_STREAM``, ``_WRONG_ROLE`` (the token itself); ``DevstreamError(NOT_FOUND)``
+        when the stream has ended, or a held side's grace period is over (``now >= deadline``,
+        even before :meth:`advance`: the stream is lost); ``DevstreamError(ARGUMENT_INVALID)``
+        for a stream that is not ``devstream.v1``; ``STREAM_TOKEN_REUSED`` for an earlier
+        resume token of this stream; ``STREAM_TOKEN_INVALID`` for one of an earlier stream with
+        the same id. A bad ``resume_nonce`` or a connection already attached to the stream is
+        a :class:`LocalProtocolError`. Any refusal leaves the stream and the token as they were.
+        """
+        claims = verify_resume_token(
+            token, secret=self._secret, stream_id=stream_id, role=role, now=now
+        )
+        stream = self._streams.get(stream_id)
+        if stream is None or any(deadline <= now for deadline in stream.held.values()):
+            raise DevstreamError(ErrorCode.NOT_FOUND, "stream closed")
+        if stream.mode != RESUMABLE_MODE:
+            raise DevstreamError(ErrorCode.ARGUMENT_INVALID, "this stream cannot be resumed")
+        if claims.nonce in stream.spent_resume_nonces:
+            raise StreamTokenError(ErrorCode.STREAM_TOKEN_REUSED)
+        if stream.resume_nonces.get(claims.role) != claims.nonce:
+            # Signed by this hub for this stream id, but for an earlier stream of that id.
+            raise StreamTokenError(ErrorCode.STREAM_TOKEN_INVALID)
+        self._check_connection(stream, connection_id)
+        fresh = self._mint_resume(stream, claims.role, resume_nonce)
+        replaced = stream.sides.get(claims.role)
+        if replaced is None:
+            assert claims.role in stream.held
+            self._move(stream, StreamInput.RESUME)
+            del stream.held[claims.role]
+        else:
+            self._move(stream, StreamInput.REPLACE)
+        stream.sides[claims.role] = connection_id
+        stream.spent_resume_nonces.add(claims.nonce)
+        stream.resume_nonces[claims.role] = _nonce_text(resume_nonce)
+        return Resumed(
+            stream_id=stream_id,
+            role=claims.role,
+            connection_id=connection_id,
+            peer_connection_id=stream.sides.get(claims.role.other),
+            replaced_connection_id=replaced,
+            resume_token=fresh,
         )
 
     def leave(self, *, stream_id: str, connection_id: int, now: float) -> list[BridgeEvent]:
-        """Side ``connection_id`` of stream ``stream_id`` disconnected; the stream ends.
+        """Side ``connection_id`` of stream ``stream_id`` closed normally; the stream ends.
 
-        After pairing this returns :class:`ClosePeer` for the other side (once: the stream is
-        gone afterwards). Before pairing it returns ``[]`` and a later join of the peer gets
-        ``NOT_FOUND``. An unknown stream or connection returns ``[]``.
+        After pairing this returns :class:`ClosePeer` for the other side when it is attached
+        (once: the stream is gone afterwards); a held other side just ends with the stream.
+        Before pairing it returns ``[]`` and a later join of the peer gets ``NOT_FOUND``. A
+        connection not attached to the stream (unknown, held, replaced) returns ``[]``.
         """
         stream = self._streams.get(stream_id)
         if stream is None or connection_id not in stream.sides.values():
             return []
         was_paired = stream.state is StreamState.PAIRED
-        stream.move(StreamInput.LEAVE)
+        self._move(stream, StreamInput.LEAVE)
         self._end(stream)
         if not was_paired:
             return []
         peer = next(conn for conn in stream.sides.values() if conn != connection_id)
         return [ClosePeer(stream_id=stream_id, connection_id=peer)]
 
+    def drop(self, *, stream_id: str, connection_id: int, now: float) -> list[BridgeEvent]:
+        """Side ``connection_id`` of stream ``stream_id`` ended without a close.
+
+        On a paired ``devstream.v1`` stream the side is held until ``now + grace_period``
+        (:class:`SideHeld`); its peer stays attached (or held). Anything else (a raw stream,
+        an unpaired stream, an unknown stream or connection) is exactly :meth:`leave`.
+        """
+        _check_now(now)
+        stream = self._streams.get(stream_id)
+        if (
+            stream is None
+            or stream.mode != RESUMABLE_MODE
+            or stream.state not in _PAIRED_STATES
+            or connection_id not in stream.sides.values()
+        ):
+            return self.leave(stream_id=stream_id, connection_id=connection_id, now=now)
+        (role,) = (r for r, conn in stream.sides.items() if conn == connection_id)
+        deadline = now + self._grace
+        self._move(stream, StreamInput.DROP)
+        del stream.sides[role]
+        stream.held[role] = deadline
+        heapq.heappush(self._holds, (deadline, stream.serial, stream_id, role.value))
+        self._compact()
+        return [
+            SideHeld(stream_id=stream_id, role=role, connection_id=connection_id, deadline=deadline)
+        ]
+
     # -- time ------------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        """When the earliest unpaired stream expires, or None when no stream waits."""
+        """When the next thing is due: the earliest token expiry of an unpaired stream or end
+        of a hold; None when nothing waits."""
         self._drop_stale_heads()
-        return self._expiries[0][0] if self._expiries else None
+        heads = [heap[0][0] for heap in (self._expiries, self._holds) if heap]
+        return min(heads) if heads else None
 
     def advance(self, now: float) -> list[BridgeEvent]:
-        """Time is ``now``: end every unpaired stream whose tokens expired (``<= now``).
+        """Time is ``now``: end every stream whose tokens or hold expired (``<= now``).
 
-        A stream with one side in gives :class:`CloseLoneSide` (``PEER_NEVER_CONNECTED``); one
-        with no side gives :class:`StreamExpired`. Used nonces past their expiry are forgotten.
+        An unpaired stream with one side in gives :class:`CloseLoneSide`
+        (``PEER_NEVER_CONNECTED``); one with no side gives :class:`StreamExpired`. A stream
+        whose held side was not resumed in time gives :class:`ResetPeer` (``PEER_LOST``) for
+        its attached side, or :class:`StreamExpired` when both sides are held. Events come
+        earliest deadline first. Used nonces past their expiry are forgotten.
         """
-        if not isinstance(now, (int, float)) or not math.isfinite(now):
-            raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "now must be finite")
+        _check_now(now)
         events: list[BridgeEvent] = []
-        while self._expiries and self._expiries[0][0] <= now:
-            _, serial, stream_id = heapq.heappop(self._expiries)
-            stream = self._streams.get(stream_id)
-            if stream is None or stream.serial != serial or stream.state is StreamState.PAIRED:
-                continue
-            state = stream.state
-            stream.move(StreamInput.EXPIRE)
-            self._end(stream)
-            if state is StreamState.WAITING:
-                events.append(StreamExpired(stream_id=stream_id))
+        while True:
+            self._drop_stale_heads()
+            due = [heap for heap in (self._expiries, self._holds) if heap and heap[0][0] <= now]
+            if not due:
+                break
+            if len(due) == 2 and self._holds[0][0] < self._expiries[0][0]:
+                due.reverse()
+            if due[0] is self._expiries:
+                _, _, stream_id = heapq.heappop(self._expiries)
+                events.append(self._expire_tokens(self._streams[stream_id]))
             else:
-                ((role, connection_id),) = stream.sides.items()
-                events.append(
-                    CloseLoneSide(
-                        stream_id=stream_id,
-                        connection_id=connection_id,
-                        role=role,
-                        code=ErrorCode.PEER_NEVER_CONNECTED,
-                    )
-                )
+                _, _, stream_id, _ = heapq.heappop(self._holds)
+                events.append(self._expire_hold(self._streams[stream_id]))
         self._purge_used(now)
         return events
 
@@ -363,16 +591,71 @@ class Bridge:
         return len(self._streams)
 
     def paired_count(self) -> int:
-        """How many live streams have both sides in."""
-        return self._paired
+        """How many live streams have both sides in (attached, or held for a resume)."""
+        return sum(self._states[state] for state in _PAIRED_STATES)
+
+    def held_count(self) -> int:
+        """How many live streams have at least one side held for a resume."""
+        return self._states[StreamState.HELD] + self._states[StreamState.BOTH_HELD]
+
+    def stream_state(self, stream_id: str) -> StreamState:
+        """Where stream ``stream_id`` is in its life (``ENDED`` when unknown or over)."""
+        stream = self._streams.get(stream_id)
+        return StreamState.ENDED if stream is None else stream.state
 
     # -- internals -------------------------------------------------------------------------
 
+    def _move(self, stream: _Stream, event: StreamInput) -> None:
+        new = TRANSITIONS[(stream.state, event)]
+        self._states[stream.state] -= 1
+        self._states[new] += 1
+        stream.state = new
+
     def _end(self, stream: _Stream) -> None:
         assert stream.state is StreamState.ENDED
+        self._states[StreamState.ENDED] -= 1
         del self._streams[stream.stream_id]
-        if len(stream.sides) == 2:
-            self._paired -= 1
+
+    @staticmethod
+    def _check_connection(stream: _Stream, connection_id: int) -> None:
+        if connection_id in stream.sides.values():
+            raise LocalProtocolError(
+                ErrorCode.ARGUMENT_INVALID, "a connection cannot be two sides of a stream"
+            )
+
+    def _mint_resume(self, stream: _Stream, role: Role, nonce: bytes) -> str:
+        """Mint the next resume token for ``role``; refuse a nonce this stream has seen."""
+        token = mint_resume_token(
+            secret=self._secret, stream_id=stream.stream_id, role=role, nonce=nonce
+        )
+        text = _nonce_text(nonce)
+        if text in stream.spent_resume_nonces or text in stream.resume_nonces.values():
+            raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "resume nonce already used")
+        return token
+
+    def _expire_tokens(self, stream: _Stream) -> BridgeEvent:
+        state = stream.state
+        self._move(stream, StreamInput.EXPIRE)
+        self._end(stream)
+        if state is StreamState.WAITING:
+            return StreamExpired(stream_id=stream.stream_id)
+        ((role, connection_id),) = stream.sides.items()
+        return CloseLoneSide(
+            stream_id=stream.stream_id,
+            connection_id=connection_id,
+            role=role,
+            code=ErrorCode.PEER_NEVER_CONNECTED,
+        )
+
+    def _expire_hold(self, stream: _Stream) -> BridgeEvent:
+        self._move(stream, StreamInput.EXPIRE)
+        self._end(stream)
+        if not stream.sides:
+            return StreamExpired(stream_id=stream.stream_id)
+        ((_, connection_id),) = stream.sides.items()
+        return ResetPeer(
+            stream_id=stream.stream_id, connection_id=connection_id, code=ErrorCode.PEER_LOST
+        )
 
     def _purge_used(self, now: float) -> None:
         while self._used_expiries and self._used_expiries[0][0] <= now:
@@ -381,15 +664,29 @@ class Bridge:
 
     def _is_stale(self, entry: tuple[float, int, str]) -> bool:
         stream = self._streams.get(entry[2])
-        return stream is None or stream.serial != entry[1] or stream.state is StreamState.PAIRED
+        return stream is None or stream.serial != entry[1] or stream.state not in _UNPAIRED_STATES
+
+    def _is_stale_hold(self, entry: tuple[float, int, str, str]) -> bool:
+        deadline, serial, stream_id, role_value = entry
+        stream = self._streams.get(stream_id)
+        return (
+            stream is None
+            or stream.serial != serial
+            or stream.held.get(Role(role_value)) != deadline
+        )
 
     def _drop_stale_heads(self) -> None:
         while self._expiries and self._is_stale(self._expiries[0]):
             heapq.heappop(self._expiries)
+        while self._holds and self._is_stale_hold(self._holds[0]):
+            heapq.heappop(self._holds)
 
     def _compact(self) -> None:
-        # Lazy deletion leaves entries of paired and ended streams behind; rebuild the heap
-        # when they outnumber the live ones.
+        # Lazy deletion leaves entries of paired and ended streams behind; rebuild a heap when
+        # they outnumber the live ones.
         if len(self._expiries) > 2 * len(self._streams) + 64:
             self._expiries = [entry for entry in self._expiries if not self._is_stale(entry)]
             heapq.heapify(self._expiries)
+        if len(self._holds) > 2 * len(self._streams) + 64:
+            self._holds = [entry for entry in self._holds if not self._is_stale_hold(entry)]
+            heapq.heapify(self._holds)

@@ -72,6 +72,8 @@ class ErrorCode(enum.IntEnum):
     NOT_FOUND = 404902
     #: No shared-access policy with that name.
     POLICY_NOT_FOUND = 404903
+    #: A devstream.v1 stream was reset (aborted) by the other side.
+    STREAM_RESET = 410901
     #: The path exists but not for this HTTP method.
     METHOD_NOT_ALLOWED = 405901
     #: The client took too long to send its request headers.
@@ -136,6 +138,7 @@ MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.NOT_FOUND: "not found",
     ErrorCode.POLICY_NOT_FOUND: "shared-access policy not found",
     ErrorCode.METHOD_NOT_ALLOWED: "method not allowed",
+    ErrorCode.STREAM_RESET: "the stream was reset by the other side",
     ErrorCode.REQUEST_TIMEOUT: "request headers not received in time",
     ErrorCode.DEVICE_ALREADY_EXISTS: "device already exists",
     ErrorCode.PAYLOAD_TOO_LARGE: "payload too large",

@@ -283,7 +283,11 @@ class HttpServerConnection:
             await self.stream.send_all(head + body)
 
     async def accept_websocket(
-        self, request: HttpRequest, *, subprotocol: str | None = None
+        self,
+        request: HttpRequest,
+        *,
+        subprotocol: str | None = None,
+        extra_headers: Headers | None = None,
     ) -> WebSocket:
         """Answer ``101 Switching Protocols`` and return the open WebSocket."""
         key = request.header(b"sec-websocket-key")
@@ -300,11 +304,14 @@ class HttpServerConnection:
         ]
         if subprotocol is not None:
             headers.append((b"sec-websocket-protocol", subprotocol.encode()))
+        headers.extend(extra_headers or [])
         data = self.conn.send(h11.InformationalResponse(status_code=101, headers=headers))
         await self.stream.send_all(data or b"")
         trailing, _ = self.conn.trailing_data
         ws = WsConnection(ConnectionType.SERVER, trailing_data=bytes(trailing))
-        return WebSocket(self.stream, ws, subprotocol=subprotocol)
+        return WebSocket(
+            self.stream, ws, subprotocol=subprotocol, handshake_headers=request.headers
+        )
 
 
 def _head_size(request: h11.Request) -> int:
@@ -446,4 +453,9 @@ async def websocket_connect(
     chosen = response.header(b"sec-websocket-protocol")
     trailing, _ = conn.trailing_data
     ws = WsConnection(ConnectionType.CLIENT, trailing_data=bytes(trailing))
-    return WebSocket(stream, ws, subprotocol=chosen.decode() if chosen else None)
+    return WebSocket(
+        stream,
+        ws,
+        subprotocol=chosen.decode() if chosen else None,
+        handshake_headers=response.headers,
+    )

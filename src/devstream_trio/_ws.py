@@ -56,9 +56,13 @@ class WebSocket:
         connection: Connection,
         *,
         subprotocol: str | None = None,
+        handshake_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.stream = stream
         self.subprotocol = subprotocol
+        #: The headers of the handshake's other half (the 101 response, on a client).
+        self.handshake_headers = handshake_headers or []
+        self._partial = bytearray()
         self._ws = connection
         self._events: collections.deque[Event] = collections.deque()
         self._send_lock = trio.StrictFIFOLock()
@@ -147,6 +151,25 @@ class WebSocket:
                     raise
                 # Pong: nothing to do beyond last_received.
             await self._read_more()
+
+    async def receive_message(self, max_size: int) -> bytes:
+        """Return the next whole message (text as UTF-8); close with 1009 past *max_size*.
+
+        Safe to cancel: a message assembled in part is kept for the next call.
+        """
+        while True:
+            event = await self.receive()
+            data = event.data
+            self._partial += data.encode() if isinstance(data, str) else data
+            if len(self._partial) > max_size:
+                self._partial.clear()
+                self._closed = ConnectionClosed(1009, "message too big")
+                await self.send_close(1009, "message too big")
+                raise self._closed
+            if event.message_finished:
+                message = bytes(self._partial)
+                self._partial.clear()
+                return message
 
     async def _read_more(self) -> None:
         try:

@@ -27,10 +27,10 @@ from devstream_core.registry import OWNER_POLICY, Policy
 
 from ._connect import client_ssl_context
 from .device import DeviceClient
+from .framed import FramedStream
 from .hub import HubConfig, ensure_owner_policy, serve_hub
-from .service import ServiceClient
+from .service import AnyStream, ServiceClient
 from .store import RegistryStore
-from .stream import HubStream
 
 __all__ = ["main"]
 
@@ -206,7 +206,12 @@ async def cmd_device(args: argparse.Namespace) -> int:
 # -- echo -------------------------------------------------------------------------------------
 
 
-async def echo_handler(stream: HubStream) -> None:
+def stream_mode(stream: AnyStream) -> str:
+    """How *stream* moves its bytes, for messages."""
+    return "devstream.v1" if isinstance(stream, FramedStream) else "raw mode"
+
+
+async def echo_handler(stream: AnyStream) -> None:
     """Send back everything received until the peer closes."""
     async for data in stream:
         await stream.send_all(data)
@@ -228,19 +233,24 @@ async def cmd_echo(args: argparse.Namespace) -> int:
         return 0
     if not args.device:
         raise UsageError("`devstream echo service` needs --device ID")
-    service = _service(args)
-    stream = await service.open_stream(args.device, args.name)
-    async with stream:
-        message = args.message.encode()
-        started = time.perf_counter()
-        await stream.send_all(message)
-        received = bytearray()
-        while len(received) < len(message):
-            chunk = await stream.receive_some()
-            if not chunk:
-                break
-            received += chunk
-        elapsed = time.perf_counter() - started
+    async with trio.open_nursery() as nursery:
+        service = _service(args)
+        service.nursery = nursery
+        mode = "raw" if args.raw else None
+        stream = await service.open_stream(args.device, args.name, mode=mode)
+        async with stream:
+            message = args.message.encode()
+            started = time.perf_counter()
+            await stream.send_all(message)
+            if not args.raw:
+                await stream.send_eof()  # half-close: the echo still comes back
+            received = bytearray()
+            while len(received) < len(message):
+                chunk = await stream.receive_some()
+                if not chunk:
+                    break
+                received += chunk
+            elapsed = time.perf_counter() - started
     print(f"received: {received.decode(errors='replace')}")
     print(f"round trip: {elapsed * 1000:.2f} ms")
     return 0 if bytes(received) == message else 1
@@ -256,7 +266,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         policy, _ = await ensure_owner_policy(store)
         hub = await nursery.start(serve_hub, store)
         print(f"1. hub listening at {hub.public_url} (throwaway in-memory registry)")
-        service = ServiceClient(owner_connection_string(policy, hub.public_url))
+        service = ServiceClient(owner_connection_string(policy, hub.public_url), nursery=nursery)
         device_json = await service.create_device("demo-device")
         device_cs = service.device_connection_string(device_json)
         print("2. registered device 'demo-device' through the registry API")
@@ -287,10 +297,13 @@ async def cmd_demo(args: argparse.Namespace) -> int:
                 if received != message:
                     print(f"echo mismatch: sent {message!r}, received {received!r}")
                     return 1
+            await stream.send_eof()
+            rest = await stream.receive_some()
         print(
-            f"5. echoed 20 messages: round trip median {statistics.median(times) * 1000:.2f} ms,"
-            f" first {times[0] * 1000:.2f} ms"
+            f"5. echoed 20 messages over {stream_mode(stream)}: round trip median "
+            f"{statistics.median(times) * 1000:.2f} ms, first {times[0] * 1000:.2f} ms"
         )
+        print(f"6. half-closed the service side; the device's echo ended too (read {rest!r} = EOF)")
         print("demo finished: hub, device and service all worked")
         nursery.cancel_scope.cancel()
     return 0
@@ -339,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("--device", help="device id (service side)")
     echo.add_argument("--message", default="hello from the service")
     echo.add_argument("--name", default="echo", help="stream name (default %(default)s)")
+    echo.add_argument("--raw", action="store_true", help="raw mode (Azure) instead of devstream.v1")
     client_options(echo)
     echo.set_defaults(func=cmd_echo)
 
@@ -357,14 +371,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(trio.run(args.func, args))
-    except KeyboardInterrupt:
-        return 130
-    except UsageError as exc:
-        print(f"devstream: error: {exc}", file=sys.stderr)
-        return 1
-    except DevstreamError as exc:
-        print(f"devstream: error: {exc.message} (error {int(exc.code)})", file=sys.stderr)
-        return 1
+    except BaseException as raised:
+        exc = _sole_error(raised)
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        if isinstance(exc, UsageError):
+            print(f"devstream: error: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, DevstreamError):
+            print(f"devstream: error: {exc.message} (error {int(exc.code)})", file=sys.stderr)
+            return 1
+        raise
+
+
+def _sole_error(exc: BaseException) -> BaseException:
+    """The one error inside nested exception groups (trio nurseries wrap what they raise)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -41,8 +41,8 @@ from ._connect import HubAddress, Opener, connection_string_for
 from ._http import HttpStatusError, websocket_connect
 from ._ws import ConnectionClosed, WebSocket, payload
 from .exceptions import HubError, HubUnreachable, error_for
-from .service import join_stream, open_transport
-from .stream import HubStream
+from .framed import StreamOptions
+from .service import AnyStream, join_stream, open_transport
 
 __all__ = ["CONTROL_SUBPROTOCOL", "DeviceClient", "Handler", "open_device"]
 
@@ -52,7 +52,7 @@ CONTROL_SUBPROTOCOL = "devstream.control.v1"
 SAS_LIFETIME = 3600
 
 #: What a device runs for each accepted stream.
-Handler = Callable[[HubStream], Awaitable[None]]
+Handler = Callable[[AnyStream], Awaitable[None]]
 
 #: Errors that mean "this device may not connect": retrying would not help.
 PERMANENT = frozenset(
@@ -85,6 +85,7 @@ class DeviceClient:
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         opener: Opener | None = None,
+        stream_options: StreamOptions | None = None,
     ) -> None:
         cs = connection_string_for(Role.DEVICE, connection_string)
         assert cs.device_id is not None
@@ -99,6 +100,7 @@ class DeviceClient:
         self.wall_clock = wall_clock
         self._rng = rng or random.Random()
         self.opener = opener
+        self.stream_options = stream_options
         #: True while the control channel is up and registered.
         self.online = False
         #: How many times the control channel has been (re)established.
@@ -240,7 +242,7 @@ class DeviceClient:
                             control.StreamResponse(request_id=message.request_id, accepted=True)
                         )
                     )
-                    streams.start_soon(self._run_stream, message, handler)
+                    streams.start_soon(self._run_stream, message, handler, streams)
                 elif isinstance(message, control.ErrorMessage):
                     log.warning(
                         "device %r: hub reports error %s: %s",
@@ -267,7 +269,9 @@ class DeviceClient:
                 except ConnectionClosed:
                     return
 
-    async def _run_stream(self, request: control.StreamRequest, handler: Handler) -> None:
+    async def _run_stream(
+        self, request: control.StreamRequest, handler: Handler, streams: trio.Nursery
+    ) -> None:
         try:
             stream = await join_stream(
                 request.url,
@@ -275,6 +279,9 @@ class DeviceClient:
                 role=Role.DEVICE,
                 ssl_context=self.ssl_context,
                 opener=self.opener,
+                mode=request.mode,
+                nursery=streams,
+                options=self.stream_options,
             )
         except DevstreamError as exc:  # HubError, or the hub lost mid-handshake
             log.warning(

@@ -15,10 +15,13 @@ __all__ = [
     "DeviceResponseTimeout",
     "HubError",
     "HubUnreachable",
+    "PeerLost",
+    "PeerNeverConnected",
     "PermissionDenied",
     "StreamJoinRefused",
     "StreamNameNotRegistered",
     "StreamRejected",
+    "StreamReset",
     "Unauthorized",
     "error_for",
 ]
@@ -64,6 +67,24 @@ class StreamNameNotRegistered(StreamRejected):
     """The device is online but did not register this stream name."""
 
 
+class StreamReset(HubError):
+    """The other side reset (aborted) a devstream.v1 stream; ``reset_code`` is its number."""
+
+    def __init__(
+        self, code: ErrorCode, message: str | None = None, *, reset_code: int | None = None
+    ) -> None:
+        super().__init__(code, message)
+        self.reset_code = int(code) if reset_code is None else reset_code
+
+
+class PeerNeverConnected(HubError):
+    """The other side never joined the stream before the stream tokens expired."""
+
+
+class PeerLost(HubError):
+    """The other side of a devstream.v1 stream dropped and did not resume in time."""
+
+
 class StreamJoinRefused(HubError):
     """The streaming endpoint refused the stream token (expired, reused, wrong stream/role)."""
 
@@ -78,6 +99,9 @@ _CLASSES: dict[ErrorCode, type[HubError]] = {
     ErrorCode.DEVICE_RESPONSE_TIMEOUT: DeviceResponseTimeout,
     ErrorCode.STREAM_REJECTED: StreamRejected,
     ErrorCode.STREAM_NAME_NOT_REGISTERED: StreamNameNotRegistered,
+    ErrorCode.STREAM_RESET: StreamReset,
+    ErrorCode.PEER_NEVER_CONNECTED: PeerNeverConnected,
+    ErrorCode.PEER_LOST: PeerLost,
     ErrorCode.STREAM_TOKEN_EXPIRED: StreamJoinRefused,
     ErrorCode.STREAM_TOKEN_REUSED: StreamJoinRefused,
     ErrorCode.STREAM_TOKEN_WRONG_ROLE: StreamJoinRefused,

@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 import trio
 
 from devstream_core import control
-from devstream_core.bridge import Bridge, CloseLoneSide
-from devstream_core.common import Role
+from devstream_core.bridge import Bridge
 from devstream_core.coordinator import (
     Coordinator,
     CoordinatorEvent,
@@ -71,9 +70,10 @@ from devstream_core.routes import (
 )
 
 from ._http import HttpError, HttpRequest, HttpServerConnection
-from ._ws import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket, payload
+from ._ws import ConnectionClosed, WebSocket, payload
 from .metrics import Metrics
 from .store import RegistryStore
+from .streaming import StreamingEndpoint
 
 __all__ = ["Hub", "HubConfig", "serve_hub"]
 
@@ -82,6 +82,9 @@ log = logging.getLogger("devstream.hub")
 CONTROL_SUBPROTOCOL = "devstream.control.v1"
 HEADER_CONNECT_TIMEOUT = b"iothub-streaming-connect-timeout-in-seconds"
 HEADER_RESPONSE_TIMEOUT = b"iothub-streaming-response-timeout-in-seconds"
+#: devstream's own initiate header: the data-plane mode the service asks for.
+HEADER_STREAM_MODE = b"devstream-stream-mode"
+STREAM_MODES = ("raw", control.MODE_FRAMED)
 
 
 @dataclass(kw_only=True)
@@ -103,6 +106,11 @@ class HubConfig:
     max_timeout: float = 300.0
     #: Time given to a peer to answer a WebSocket close.
     close_timeout: float = 5.0
+    #: How long a devstream.v1 stream waits for a side whose WebSocket dropped to resume.
+    grace_period: float = 30.0
+    #: A devstream.v1 side silent this long (no frame, no ping) counts as dropped. Clients
+    #: ping every 10 s by default.
+    stream_idle_timeout: float = 45.0
 
 
 @dataclass
@@ -129,16 +137,6 @@ class _Session:
         await self.ws.send_text(self.machine.send(message))
 
 
-@dataclass
-class _StreamSlot:
-    """The sides of one stream that have joined the streaming endpoint."""
-
-    stream_id: str
-    sides: dict[int, WebSocket] = field(default_factory=dict)
-    done: trio.Event = field(default_factory=trio.Event)
-    lone_close: ErrorCode | None = None
-
-
 class Hub:
     """A hub's state and request handlers; serve it with :func:`serve_hub`."""
 
@@ -158,10 +156,17 @@ class Hub:
         self.random_bytes = random_bytes
         self.metrics = Metrics()
         self.coordinator = Coordinator()
-        self.bridge = Bridge(secret=secret)
+        self.bridge = Bridge(secret=secret, grace_period=self.config.grace_period)
+        self.streaming = StreamingEndpoint(
+            self.bridge,
+            self.metrics,
+            random_bytes=random_bytes,
+            close_timeout=self.config.close_timeout,
+            idle_timeout=self.config.stream_idle_timeout,
+            wake=self._wake,
+        )
         self._sessions: dict[int, _Session] = {}
         self._outcomes: dict[str, _Outcome] = {}
-        self._slots: dict[str, _StreamSlot] = {}
         self._next_connection_id = 0
         self._timer_wakeup = trio.Event()
         #: The (host, port) :func:`serve_hub` listens on, once it does.
@@ -196,12 +201,7 @@ class Hub:
             self._timer_wakeup = trio.Event()
             now = trio.current_time()
             self._dispatch(self.coordinator.advance(now))
-            for event in self.bridge.advance(now):
-                if isinstance(event, CloseLoneSide):
-                    slot = self._slots.get(event.stream_id)
-                    if slot is not None:
-                        slot.lone_close = event.code
-                        slot.done.set()
+            self.streaming.handle(self.bridge.advance(now))
 
     def _wake(self) -> None:
         self._timer_wakeup.set()
@@ -273,7 +273,7 @@ class Hub:
             if isinstance(route, ControlChannel):
                 await self._control_channel(http, request, route, connection_id)
             else:
-                await self._bridge_join(http, request, route, connection_id)
+                await self.streaming.join(http, request, route, connection_id)
             return True
         if request.is_websocket_upgrade:
             raise HttpError(ErrorCode.NOT_FOUND, "no WebSocket endpoint at this path")
@@ -421,7 +421,8 @@ class Hub:
             await self._device_or_error(route.device_id)
             self._timeout_header(request, HEADER_CONNECT_TIMEOUT)
             response_timeout = self._timeout_header(request, HEADER_RESPONSE_TIMEOUT)
-            outcome = await self._run_initiation(route, response_timeout)
+            mode = self._mode_header(request)
+            outcome = await self._run_initiation(route, response_timeout, mode)
             result = outcome.result
             if isinstance(result, InitiationAccepted):
                 outcome_name = "accepted"
@@ -432,6 +433,7 @@ class Hub:
                         (b"iothub-streaming-is-accepted", b"True"),
                         (b"iothub-streaming-url", url.encode()),
                         (b"iothub-streaming-auth-token", outcome.service_token.encode()),
+                        (HEADER_STREAM_MODE, mode.encode()),
                     ],
                 )
             elif isinstance(result, InitiationRejected):
@@ -453,7 +455,19 @@ class Hub:
         finally:
             self.metrics.initiations[outcome_name] += 1
 
-    async def _run_initiation(self, route: Initiate, response_timeout: float) -> _Outcome:
+    def _mode_header(self, request: HttpRequest) -> str:
+        raw = request.header(HEADER_STREAM_MODE)
+        mode = "raw" if raw is None else raw.decode("latin-1").strip()
+        if mode not in STREAM_MODES:
+            raise HttpError(
+                ErrorCode.ARGUMENT_INVALID,
+                f"{HEADER_STREAM_MODE.decode()} must be one of {', '.join(STREAM_MODES)}",
+            )
+        return mode
+
+    async def _run_initiation(
+        self, route: Initiate, response_timeout: float, mode: str
+    ) -> _Outcome:
         now = trio.current_time()
         events = self.coordinator.initiate(
             device_id=route.device_id,
@@ -473,6 +487,7 @@ class Hub:
                         now=now,
                         device_nonce=self.random_bytes(16),
                         service_nonce=self.random_bytes(16),
+                        mode=mode,
                     )
                 except DevstreamError as exc:  # too many streams waiting (THROTTLED)
                     raise HttpError(exc.code, exc.message) from exc
@@ -491,6 +506,7 @@ class Hub:
                             name=event.name,
                             url=f"{self.ws_url}/bridges/{event.stream_id}?role=device",
                             token=device_token,
+                            mode=mode,
                         )
                     )
             else:
@@ -639,102 +655,6 @@ class Hub:
                 message.code,
                 message.message,
             )
-
-    # -- streaming endpoint ------------------------------------------------------------------
-
-    async def _bridge_join(
-        self,
-        http: HttpServerConnection,
-        request: HttpRequest,
-        route: BridgeJoin,
-        connection_id: int,
-    ) -> None:
-        raw = request.header(b"authorization")
-        token = ""
-        if raw is not None:
-            scheme, _, value = raw.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer":
-                token = value.strip()
-        if not token:
-            raise HttpError(ErrorCode.STREAM_TOKEN_INVALID, "missing Authorization: Bearer token")
-        try:
-            joined = self.bridge.join(
-                stream_id=route.stream_id,
-                token=token,
-                role=route.role,
-                connection_id=connection_id,
-                now=trio.current_time(),
-            )
-        except DevstreamError as exc:
-            raise HttpError(exc.code, exc.message) from exc
-        self._wake()
-        offered = request.subprotocols
-        slot = self._slots.setdefault(route.stream_id, _StreamSlot(stream_id=route.stream_id))
-        try:
-            ws = await http.accept_websocket(request, subprotocol=offered[0] if offered else None)
-        except BaseException:
-            self._leave(route.stream_id, connection_id)
-            raise
-        slot.sides[connection_id] = ws
-        log.info("stream %s: %s joined", route.stream_id, joined.role.value)
-        try:
-            if joined.paired:
-                assert joined.peer_connection_id is not None
-                peer = slot.sides[joined.peer_connection_id]
-                self.metrics.streams_total += 1
-                if joined.role is Role.DEVICE:
-                    await self._relay(ws, peer)
-                else:
-                    await self._relay(peer, ws)
-                slot.done.set()
-            else:
-                await slot.done.wait()
-                if slot.lone_close is not None:
-                    code = slot.lone_close
-                    log.info("stream %s: %s", route.stream_id, code.message)
-                    with trio.move_on_after(self.config.close_timeout):
-                        await ws.aclose(code.close_code, close_reason_for(code))
-        finally:
-            self._leave(route.stream_id, connection_id)
-            slot.sides.pop(connection_id, None)
-            if not slot.sides:
-                self._slots.pop(route.stream_id, None)
-
-    def _leave(self, stream_id: str, connection_id: int) -> None:
-        # The bridge answers a paired side's leave with ClosePeer; the relay has already
-        # closed both sides by then, so there is nothing more to do with it.
-        self.bridge.leave(stream_id=stream_id, connection_id=connection_id, now=trio.current_time())
-
-    async def _relay(self, device: WebSocket, service: WebSocket) -> None:
-        """Forward messages both ways until one side closes, then close the other."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump, device, service, nursery.cancel_scope)
-            nursery.start_soon(self._pump, service, device, nursery.cancel_scope)
-        for side in (device, service):
-            await trio.aclose_forcefully(side.stream)
-
-    async def _pump(self, source: WebSocket, sink: WebSocket, scope: trio.CancelScope) -> None:
-        """Copy *source*'s messages to *sink*; when either ends, close the other."""
-        try:
-            while True:
-                event = await source.receive()
-                await sink.send_message(event)
-                self.metrics.bytes_relayed += len(event.data)
-        except ConnectionClosed:
-            if source.closed is not None:
-                # The source closed (or vanished): pass its close on to the sink.
-                code, reason = source.closed.code, source.closed.reason
-                target = sink
-            else:
-                # The sink vanished while we wrote to it: tell the source.
-                code, reason = ABNORMAL_CLOSURE, ""
-                target = source
-            if code == ABNORMAL_CLOSURE:
-                code, reason = 1001, "peer connection lost"
-            with trio.move_on_after(self.config.close_timeout):
-                await target.send_close(code, reason)
-        # Give the other direction a bounded time to see the close, then stop both.
-        scope.deadline = min(scope.deadline, trio.current_time() + self.config.close_timeout)
 
 
 _OUTCOME_NAMES = {

@@ -16,6 +16,7 @@ class Metrics:
     bytes_relayed: int = 0
     streams_total: int = 0
     control_connections_total: int = 0
+    resumes_total: int = 0
     http_errors: collections.Counter[int] = field(default_factory=collections.Counter)
 
     def render(self, *, devices_online: int, streams_open: int, streams_waiting: int) -> str:
@@ -44,6 +45,9 @@ class Metrics:
             "# HELP devstream_relayed_bytes_total Payload bytes relayed between stream sides.",
             "# TYPE devstream_relayed_bytes_total counter",
             f"devstream_relayed_bytes_total {self.bytes_relayed}",
+            "# HELP devstream_resumes_total devstream.v1 stream sides that resumed after a drop.",
+            "# TYPE devstream_resumes_total counter",
+            f"devstream_resumes_total {self.resumes_total}",
             "# HELP devstream_control_connections_total Device control channels opened.",
             "# TYPE devstream_control_connections_total counter",
             f"devstream_control_connections_total {self.control_connections_total}",

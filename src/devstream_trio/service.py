@@ -25,15 +25,23 @@ import trio
 from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import DevstreamError, ErrorCode
+from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 
 from ._connect import HubAddress, Opener, connection_string_for, open_hub_stream
 from ._http import HttpResponse, HttpStatusError, http_request, websocket_connect
+from ._ws import WebSocket
 from .exceptions import HubError, HubUnreachable, error_for
+from .framed import FramedStream, StreamOptions
 from .stream import HubStream
 
-__all__ = ["API_VERSION", "ServiceClient", "open_service"]
+__all__ = ["API_VERSION", "AnyStream", "ServiceClient", "join_stream", "open_service"]
+
+#: What ``open_stream`` returns and device handlers receive.
+AnyStream = HubStream | FramedStream
 
 API_VERSION = "2020-09-30"
+MODE_RAW = "raw"
+HEADER_STREAM_MODE = "devstream-stream-mode"
 SAS_LIFETIME = 3600
 
 
@@ -47,6 +55,8 @@ class ServiceClient:
         ssl_context: ssl.SSLContext | None = None,
         wall_clock: Callable[[], float] = time.time,
         opener: Opener | None = None,
+        nursery: trio.Nursery | None = None,
+        stream_options: StreamOptions | None = None,
     ) -> None:
         cs = connection_string_for(Role.SERVICE, connection_string)
         self.connection_string = cs
@@ -54,6 +64,9 @@ class ServiceClient:
         self.ssl_context = ssl_context
         self.wall_clock = wall_clock
         self.opener = opener
+        #: Where devstream.v1 streams run their connection tasks; without one, streams are raw.
+        self.nursery = nursery
+        self.stream_options = stream_options
 
     def _authorization(self) -> tuple[str, str]:
         expiry = int(self.wall_clock()) + SAS_LIFETIME
@@ -103,22 +116,26 @@ class ServiceClient:
         *,
         connect_timeout: int = 60,
         response_timeout: int = 60,
-    ) -> HubStream:
+        mode: str | None = None,
+    ) -> AnyStream:
         """Initiate a stream to *device_id*'s *name* and return it once both sides are in.
 
-        Raises :class:`~devstream_trio.exceptions.StreamRejected` when the device says no,
-        and the exception for the hub's error code otherwise (``DeviceNotOnline``, …).
+        *mode* is ``"devstream.v1"`` (half-close, flow control, resume) or ``"raw"``
+        (Azure's behaviour); by default devstream.v1 when the client has a nursery (as from
+        :func:`open_service`), raw otherwise. Raises
+        :class:`~devstream_trio.exceptions.StreamRejected` when the device says no, and the
+        exception for the hub's error code otherwise (``DeviceNotOnline``, …).
         """
+        if mode is None:
+            mode = FRAMED_SUBPROTOCOL if self.nursery is not None else MODE_RAW
         target = f"/twins/{_quote(device_id)}/streams/{_quote(name)}?api-version={API_VERSION}"
-        response = await self.request(
-            "POST",
-            target,
-            headers=[
-                ("iothub-streaming-connect-timeout-in-seconds", str(connect_timeout)),
-                ("iothub-streaming-response-timeout-in-seconds", str(response_timeout)),
-            ],
-            body=b"",
-        )
+        headers = [
+            ("iothub-streaming-connect-timeout-in-seconds", str(connect_timeout)),
+            ("iothub-streaming-response-timeout-in-seconds", str(response_timeout)),
+        ]
+        if mode != MODE_RAW:
+            headers.append((HEADER_STREAM_MODE, mode))
+        response = await self.request("POST", target, headers=headers, body=b"")
         if response.status != 200:
             raise _error_from_response(response)
         accepted = response.header(b"iothub-streaming-is-accepted")
@@ -127,8 +144,16 @@ class ServiceClient:
             raise error_for(code or ErrorCode.STREAM_REJECTED, message or None)
         url = (response.header(b"iothub-streaming-url") or b"").decode()
         token = (response.header(b"iothub-streaming-auth-token") or b"").decode()
+        granted = (response.header(HEADER_STREAM_MODE.encode()) or MODE_RAW.encode()).decode()
         return await join_stream(
-            url, token, role=Role.SERVICE, ssl_context=self.ssl_context, opener=self.opener
+            url,
+            token,
+            role=Role.SERVICE,
+            ssl_context=self.ssl_context,
+            opener=self.opener,
+            mode=granted,
+            nursery=self.nursery,
+            options=self.stream_options,
         )
 
     # -- registry ----------------------------------------------------------------------------
@@ -190,27 +215,70 @@ async def join_stream(
     role: Role,
     ssl_context: ssl.SSLContext | None = None,
     opener: Opener | None = None,
-) -> HubStream:
-    """Open the WebSocket to the streaming endpoint and wrap it as a :class:`HubStream`."""
+    mode: str = MODE_RAW,
+    nursery: trio.Nursery | None = None,
+    options: StreamOptions | None = None,
+) -> AnyStream:
+    """Join a stream on the streaming endpoint.
+
+    Raw mode gives a :class:`HubStream`; ``devstream.v1`` a :class:`FramedStream` whose
+    connection task runs in *nursery* and resumes over a new WebSocket after a drop.
+    """
+    stream_id = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
+    if mode == MODE_RAW:
+        ws = await _stream_websocket(url, token, ssl_context, opener, [])
+        return HubStream(ws, stream_id=stream_id, role=role)
+    if mode != FRAMED_SUBPROTOCOL:
+        raise HubError(ErrorCode.ARGUMENT_INVALID, f"unknown stream mode {mode!r}")
+    if nursery is None:
+        raise HubError(
+            ErrorCode.ARGUMENT_INVALID,
+            f"{FRAMED_SUBPROTOCOL} streams need a nursery (use open_service / open_device)",
+        )
+    ws = await _stream_websocket(url, token, ssl_context, opener, [FRAMED_SUBPROTOCOL])
+    if ws.subprotocol != FRAMED_SUBPROTOCOL:
+        await ws.abort()
+        raise HubError(ErrorCode.PROTOCOL_ERROR, f"the hub did not accept {FRAMED_SUBPROTOCOL}")
+
+    async def reconnect(resume_token: str) -> WebSocket:
+        return await _stream_websocket(url, resume_token, ssl_context, opener, [FRAMED_SUBPROTOCOL])
+
+    return FramedStream(
+        ws, stream_id=stream_id, role=role, reconnect=reconnect, nursery=nursery, options=options
+    )
+
+
+async def _stream_websocket(
+    url: str,
+    token: str,
+    ssl_context: ssl.SSLContext | None,
+    opener: Opener | None,
+    subprotocols: list[str],
+) -> WebSocket:
+    """Open a WebSocket to the streaming endpoint with ``Authorization: Bearer <token>``."""
     address = HubAddress.from_url(url)
     parts = urllib.parse.urlsplit(url)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
-    stream_id = parts.path.rsplit("/", 1)[-1]
     transport = await open_transport(address, ssl_context, opener)
     try:
-        ws = await websocket_connect(
+        return await websocket_connect(
             transport,
             host=address.host_header,
             target=target,
             headers=[("authorization", f"Bearer {token}")],
+            subprotocols=subprotocols,
         )
     except HttpStatusError as exc:
         await trio.aclose_forcefully(transport)
         raise error_for(exc.code or ErrorCode.SERVER_ERROR, exc.message) from None
+    except DevstreamError as exc:
+        await trio.aclose_forcefully(transport)
+        if isinstance(exc, HubError):
+            raise
+        raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, exc.message) from exc
     except BaseException:
         await trio.aclose_forcefully(transport)
         raise
-    return HubStream(ws, stream_id=stream_id, role=role)
 
 
 def _quote(text: str) -> str:
@@ -238,6 +306,20 @@ async def open_service(
     *,
     ssl_context: ssl.SSLContext | None = None,
     opener: Opener | None = None,
+    stream_options: StreamOptions | None = None,
 ) -> AsyncIterator[ServiceClient]:
-    """A :class:`ServiceClient` for the block (it holds no connection between calls)."""
-    yield ServiceClient(connection_string, ssl_context=ssl_context, opener=opener)
+    """A :class:`ServiceClient` whose devstream.v1 streams live inside the block.
+
+    Close the streams before the block ends; any still open are cancelled when it does.
+    """
+    async with trio.open_nursery() as nursery:
+        try:
+            yield ServiceClient(
+                connection_string,
+                ssl_context=ssl_context,
+                opener=opener,
+                nursery=nursery,
+                stream_options=stream_options,
+            )
+        finally:
+            nursery.cancel_scope.cancel()

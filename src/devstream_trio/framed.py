@@ -1,0 +1,414 @@
+"""devstream.v1 streams for application code: half-close, flow control, resume.
+
+:class:`FramedStream` is a ``trio.abc.HalfCloseableStream`` driven by the core's
+:class:`~devstream_core.framing.StreamEndpoint`. One background task (in the nursery the client
+owns) keeps the WebSocket under it: it reads frames, writes what the endpoint wants sent, pings,
+and when the WebSocket drops without a close it reconnects to the streaming endpoint with the
+stream's resume credential and lets the endpoint resend what the peer is missing. Application
+code sees none of that, except in logs and in ``resumes``.
+
+Meaning of the trio methods:
+
+* ``send_all`` returns once the endpoint has taken every byte; it waits while the flow-control
+  window is full (a reader that stops makes the writer stop).
+* ``send_eof`` half-closes: the peer reads ``b""`` after the last byte, and can still send.
+* ``receive_some`` returns ``b""`` after the peer's EOF; it raises ``trio.BrokenResourceError``
+  (``__cause__``: :class:`~devstream_trio.exceptions.StreamReset` or the hub's error) when the
+  stream was reset, the peer vanished for good, or the hub could not be reached again.
+* ``aclose`` sends EOF if it was not sent, waits up to ``close_timeout`` for the peer to
+  acknowledge every byte, resets the stream if it does not, and closes the WebSocket.
+* :meth:`FramedStream.reset` aborts the stream; the peer sees a reset with the code and reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from devstream_core.common import Role
+from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
+from devstream_core.framing import DEFAULT_WINDOW, EndpointState, StreamEndpoint
+
+from ._ws import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket
+from .exceptions import HubError, HubUnreachable, StreamReset, error_for
+
+__all__ = ["FramedStream", "Reconnect", "StreamOptions"]
+
+log = logging.getLogger("devstream.stream")
+
+#: The largest WebSocket message a FramedStream sends (whole frames only).
+MESSAGE_LIMIT = 256 * 1024
+#: The largest WebSocket message it accepts.
+MAX_MESSAGE = 1024 * 1024
+RESUME_TOKEN_HEADER = b"devstream-resume-token"
+NORMAL_CLOSURE = 1000
+
+#: Opens a new WebSocket to the stream with a resume token; the new token is in its
+#: ``handshake_headers``.
+Reconnect = Callable[[str], Awaitable[WebSocket]]
+
+#: Errors that end resuming at once: the hub will never take this stream back.
+_FINAL = frozenset(
+    {
+        ErrorCode.NOT_FOUND,
+        ErrorCode.STREAM_TOKEN_INVALID,
+        ErrorCode.STREAM_TOKEN_REUSED,
+        ErrorCode.STREAM_TOKEN_WRONG_ROLE,
+        ErrorCode.STREAM_TOKEN_WRONG_STREAM,
+        ErrorCode.STREAM_TOKEN_EXPIRED,
+        ErrorCode.ARGUMENT_INVALID,
+        ErrorCode.UNAUTHORIZED,
+    }
+)
+
+
+def resume_token_of(ws: WebSocket) -> str:
+    """The resume token the hub sent with the handshake, or ``""``."""
+    for key, value in ws.handshake_headers:
+        if key == RESUME_TOKEN_HEADER:
+            return value.decode("ascii", "replace")
+    return ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamOptions:
+    """Settings of devstream.v1 streams, shared by every stream a client opens."""
+
+    #: The most unacknowledged bytes in flight towards the peer.
+    window: int = DEFAULT_WINDOW
+    #: Ping the hub this often; a WebSocket silent for ``ping_interval + ping_timeout``
+    #: counts as dropped and the stream resumes over a new one.
+    ping_interval: float = 10.0
+    ping_timeout: float = 10.0
+    #: Give up resuming after this long (the hub holds a stream 30 s by default).
+    resume_timeout: float = 30.0
+    #: How long ``aclose`` waits for the peer to acknowledge everything.
+    close_timeout: float = 5.0
+
+
+class _Dropped(Exception):
+    """The WebSocket under the stream ended without a close: resume."""
+
+
+class FramedStream(trio.abc.HalfCloseableStream):
+    """One side of a devstream.v1 stream."""
+
+    def __init__(
+        self,
+        ws: WebSocket,
+        *,
+        stream_id: str,
+        role: Role,
+        reconnect: Reconnect,
+        nursery: trio.Nursery,
+        options: StreamOptions | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        options = options or StreamOptions()
+        self.stream_id = stream_id
+        self.role = role
+        #: The stream name, when known (the device side sets it).
+        self.name = ""
+        #: How many times the stream resumed over a new WebSocket.
+        self.resumes = 0
+        self.ping_interval = options.ping_interval
+        self.ping_timeout = options.ping_timeout
+        self.resume_timeout = options.resume_timeout
+        self.close_timeout = options.close_timeout
+        self._endpoint = StreamEndpoint(window=options.window)
+        self._reconnect = reconnect
+        self._resume_token = resume_token_of(ws)
+        self._rng = rng or random.Random()
+        self._ws = ws
+        self._changed = trio.lowlevel.ParkingLot()
+        self._send_wanted = trio.Event()
+        self._failure: DevstreamError | None = None
+        self._peer_closed = False
+        self._finished = trio.Event()
+        self._local_closed = False
+        self._eof_sent = False
+        self._sending = False
+        self._receiving = False
+        self._scope = trio.CancelScope()
+        nursery.start_soon(self._run)
+
+    # -- application side --------------------------------------------------------------------
+
+    @property
+    def window(self) -> int:
+        """The flow-control window: the most bytes in flight towards the peer."""
+        return self._endpoint.window
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Hand *data* to the stream, waiting while the window is full."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            view = memoryview(data)
+            await trio.lowlevel.checkpoint()
+            while True:
+                self._check_can_send()
+                if not view:
+                    return
+                taken = self._endpoint.write(bytes(view[: self._endpoint.send_capacity]))
+                if taken:
+                    view = view[taken:]
+                    self._kick()
+                    continue
+                await self._changed.park()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Wait until the window has room."""
+        while self._endpoint.send_capacity == 0:
+            self._check_can_send()
+            await self._changed.park()
+        await trio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:
+        """Half-close: the peer reads EOF after the last byte; this side can still receive."""
+        await trio.lowlevel.checkpoint()
+        if self._eof_sent:
+            return
+        self._check_can_send()
+        self._eof_sent = True
+        self._endpoint.write_eof()
+        self._kick()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Return received bytes, or ``b""`` after the peer's EOF."""
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._local_closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint()
+            while True:
+                if self._endpoint.state is not EndpointState.RESET:
+                    data = self._endpoint.read(max_bytes)
+                    if data or self._endpoint.at_eof:
+                        self._kick()
+                        return data
+                self._check_broken()
+                if self._peer_closed:
+                    raise trio.BrokenResourceError("the peer closed the stream before its EOF")
+                await self._changed.park()
+        finally:
+            self._receiving = False
+
+    async def reset(self, code: int = ErrorCode.STREAM_RESET, reason: str = "") -> None:
+        """Abort the stream; the peer sees a reset with *code* and *reason*."""
+        await trio.lowlevel.checkpoint()
+        if self._endpoint.state is EndpointState.OPEN:
+            self._endpoint.reset(int(code), reason)
+            self._kick()
+
+    async def aclose(self) -> None:
+        """Finish the stream (EOF, wait for acknowledgement) and close the WebSocket."""
+        if self._local_closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._local_closed = True
+        try:
+            with trio.CancelScope(shield=True):
+                await self._finish()
+        finally:
+            self._scope.cancel()
+
+    async def _finish(self) -> None:
+        endpoint = self._endpoint
+        with trio.move_on_after(self.close_timeout):
+            if endpoint.state is EndpointState.OPEN and self._failure is None:
+                if not self._eof_sent:
+                    self._eof_sent = True
+                    endpoint.write_eof()
+                    self._kick()
+                while not (endpoint.eof_acked or self._failure or self._peer_closed):
+                    if endpoint.state is not EndpointState.OPEN and not endpoint.done:
+                        break
+                    await self._changed.park()
+            unfinished = endpoint.state is EndpointState.OPEN and not endpoint.eof_acked
+            if unfinished and self._failure is None and not self._peer_closed:
+                endpoint.reset(int(ErrorCode.STREAM_RESET), "closed before the peer read all")
+                self._kick()
+            # Let the writer put the last frames on the wire, then close politely.
+            while self._failure is None and not self._peer_closed and endpoint.has_output:
+                await self._changed.park()
+            if self._ws.is_open:
+                await self._ws.send_close(NORMAL_CLOSURE, "")
+
+    def _check_can_send(self) -> None:
+        if self._eof_sent or self._local_closed:
+            raise trio.ClosedResourceError("send_eof() or aclose() was called")
+        self._check_broken()
+        if self._peer_closed:
+            raise trio.BrokenResourceError("the peer closed the stream")
+
+    def _check_broken(self) -> None:
+        if self._endpoint.state is EndpointState.RESET and self._failure is None:
+            info = self._endpoint.reset_info
+            code, reason = info if info is not None else (int(ErrorCode.STREAM_RESET), "")
+            self._failure = _reset_error(code, reason)
+        if self._failure is not None:
+            raise trio.BrokenResourceError(f"the stream ended: {self._failure}") from self._failure
+
+    def _kick(self) -> None:
+        self._send_wanted.set()
+        self._changed.unpark_all()
+
+    # -- the connection task -----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        first = True
+        try:
+            with self._scope:
+                while True:
+                    self._endpoint.connection_made(resumed=not first)
+                    first = False
+                    self._kick()
+                    try:
+                        await self._serve(self._ws)
+                        return
+                    except _Dropped:
+                        pass
+                    self._endpoint.connection_lost()
+                    await self._ws.abort()  # release the dead transport before the next one
+                    log.info(
+                        "stream %s (%s): connection dropped; resuming",
+                        self.stream_id,
+                        self.role.value,
+                    )
+                    self._ws = await self._resume()
+                    self.resumes += 1
+                    log.info(
+                        "stream %s (%s): resumed (%d)",
+                        self.stream_id,
+                        self.role.value,
+                        self.resumes,
+                    )
+        except DevstreamError as exc:
+            self._failure = exc
+        finally:
+            self._finished.set()
+            self._changed.unpark_all()
+            await self._ws.abort()
+
+    async def _serve(self, ws: WebSocket) -> None:
+        """Run one WebSocket until the stream ends (return) or the WebSocket drops."""
+        # The drop leaves the nursery by hand: trio would wrap it in an ExceptionGroup.
+        dropped = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write_loop, ws)
+            nursery.start_soon(self._keepalive, ws)
+            try:
+                while True:
+                    message = await ws.receive_message(MAX_MESSAGE)
+                    try:
+                        self._endpoint.receive_data(message)
+                    except DevstreamError as exc:
+                        self._failure = exc
+                        await ws.send_close(exc.code.close_code, exc.message[:100])
+                        return
+                    self._kick()
+            except ConnectionClosed as exc:
+                if exc.code == ABNORMAL_CLOSURE:
+                    dropped = True
+                else:
+                    self._on_close(exc)
+            finally:
+                nursery.cancel_scope.cancel()
+        if dropped:
+            raise _Dropped
+
+    def _on_close(self, exc: ConnectionClosed) -> None:
+        if exc.code == NORMAL_CLOSURE:
+            self._peer_closed = True
+            return
+        code, message = parse_close_reason(exc.reason)
+        if code is not None:
+            self._failure = error_for(code, message)
+        else:
+            self._failure = HubError(
+                ErrorCode.PROTOCOL_ERROR, f"stream closed: {exc.code} {exc.reason}".rstrip()
+            )
+
+    async def _write_loop(self, ws: WebSocket) -> None:
+        while True:
+            await self._send_wanted.wait()
+            self._send_wanted = trio.Event()
+            while True:
+                data = self._endpoint.data_to_send(MESSAGE_LIMIT)
+                if not data:
+                    break
+                try:
+                    await ws.send_bytes(data)
+                except ConnectionClosed:
+                    return  # the reader sees the drop and resumes
+            self._changed.unpark_all()
+            if self._endpoint.done or (
+                self._endpoint.state is EndpointState.RESET and self._endpoint.reset_settled
+            ):
+                await ws.send_close(NORMAL_CLOSURE, "")
+                return
+
+    async def _keepalive(self, ws: WebSocket) -> None:
+        limit = self.ping_interval + self.ping_timeout
+        while True:
+            await trio.sleep_until(
+                min(ws.last_received + limit, trio.current_time() + self.ping_interval)
+            )
+            if trio.current_time() >= ws.last_received + limit:
+                log.info(
+                    "stream %s (%s): no answer to pings; dropping the connection",
+                    self.stream_id,
+                    self.role.value,
+                )
+                await ws.abort()
+                return
+            try:
+                await ws.ping()
+            except ConnectionClosed:
+                return
+
+    async def _resume(self) -> WebSocket:
+        deadline = trio.current_time() + self.resume_timeout
+        delay = 0.05
+        while True:
+            try:
+                ws = await self._reconnect(self._resume_token)
+            except HubError as exc:
+                if exc.code in _FINAL:
+                    raise
+                problem: DevstreamError = exc
+            except DevstreamError as exc:
+                problem = exc
+            else:
+                self._resume_token = resume_token_of(ws)
+                return ws
+            if trio.current_time() >= deadline:
+                raise HubUnreachable(
+                    ErrorCode.HUB_UNREACHABLE, f"could not resume the stream: {problem.message}"
+                )
+            await trio.sleep(
+                min(self._rng.uniform(delay / 2, delay), max(0.0, deadline - trio.current_time()))
+            )
+            delay = min(delay * 2, 5.0)
+
+
+def _reset_error(code: int, reason: str) -> DevstreamError:
+    try:
+        known = ErrorCode(code)
+    except ValueError:
+        return StreamReset(ErrorCode.STREAM_RESET, reason or None, reset_code=code)
+    if known is ErrorCode.STREAM_RESET:
+        return StreamReset(ErrorCode.STREAM_RESET, reason or None, reset_code=code)
+    return error_for(known, reason or None)

@@ -1,0 +1,421 @@
+"""The hub's streaming endpoint: ``GET /bridges/{streamId}``, pairing and relaying.
+
+The sans-IO :class:`~devstream_core.bridge.Bridge` decides who may join, pairs the sides, and
+says when a lone side or a held side has waited long enough; this module moves the bytes.
+
+Two relays, chosen by the stream's mode at initiation:
+
+* **raw** (Azure-compatible): once both sides are in, one task per direction forwards each
+  WebSocket message fragment as it arrives; a close on one side closes the other with the same
+  code; the first subprotocol a client offers is accepted.
+* **devstream.v1**: each side's connection task reads *whole* messages (each holds whole frames;
+  at most ``MAX_FRAMED_MESSAGE`` bytes) and forwards them to the other side's current
+  WebSocket, without parsing them. When a side's WebSocket drops without a close, the bridge
+  holds the stream for the grace period; frames for the missing side are dropped (its peer still
+  holds them unacknowledged and sends them again after the resume). The side comes back with its
+  resume token (``Authorization: Bearer``) and gets a fresh one in the ``devstream-resume-token``
+  header of the 101 response. A held side that does not come back in time makes the hub send
+  the waiting side a ``Reset`` frame (504902) and close it with 4504.
+
+Before the first pairing nothing is read from a lone side, so no byte is dropped before both
+sides can hold the other's unacknowledged data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from devstream_core.bridge import (
+    Bridge,
+    BridgeEvent,
+    CloseLoneSide,
+    ResetPeer,
+    SideHeld,
+    StreamState,
+)
+from devstream_core.common import Role
+from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for
+from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
+from devstream_core.framing import Reset, encode_frame
+from devstream_core.routes import BridgeJoin
+from devstream_core.tokens import is_resume_token
+
+from ._http import HttpError, HttpRequest, HttpServerConnection
+from ._ws import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket
+from .metrics import Metrics
+
+__all__ = ["MAX_FRAMED_MESSAGE", "RESUME_TOKEN_HEADER", "StreamingEndpoint"]
+
+log = logging.getLogger("devstream.hub")
+
+RESUME_TOKEN_HEADER = b"devstream-resume-token"
+#: The largest devstream.v1 WebSocket message the hub relays.
+MAX_FRAMED_MESSAGE = 1024 * 1024
+#: How often the hub pings a devstream.v1 side that waits for its peer (clients give up on a
+#: silent hub after ``ping_interval + ping_timeout``, 20 s by default).
+LONE_PING_INTERVAL = 5.0
+MODE_RAW = "raw"
+
+
+@dataclass
+class _RawSlot:
+    """The sides of one raw stream that have joined."""
+
+    sides: dict[int, WebSocket] = field(default_factory=dict)
+    done: trio.Event = field(default_factory=trio.Event)
+    lone_close: ErrorCode | None = None
+
+
+@dataclass
+class _FramedRelay:
+    """One devstream.v1 stream: the current WebSocket of each side, if attached."""
+
+    stream_id: str
+    sides: dict[Role, WebSocket | None] = field(
+        default_factory=lambda: {Role.DEVICE: None, Role.SERVICE: None}
+    )
+    scopes: dict[int, trio.CancelScope] = field(default_factory=dict)
+    paired: trio.Event = field(default_factory=trio.Event)
+    ended: bool = False
+    #: Why the hub ends the stream on its own (a peer that never came back, never came).
+    end_code: ErrorCode | None = None
+
+
+class StreamingEndpoint:
+    """Joins, resumes and relays for every stream of one hub."""
+
+    def __init__(
+        self,
+        bridge: Bridge,
+        metrics: Metrics,
+        *,
+        random_bytes: Callable[[int], bytes],
+        close_timeout: float,
+        idle_timeout: float,
+        wake: Callable[[], None],
+    ) -> None:
+        self.bridge = bridge
+        self.metrics = metrics
+        self.random_bytes = random_bytes
+        self.close_timeout = close_timeout
+        self.idle_timeout = idle_timeout
+        self._wake = wake
+        self._raw: dict[str, _RawSlot] = {}
+        self._framed: dict[str, _FramedRelay] = {}
+
+    # -- events from the bridge's timer ------------------------------------------------------
+
+    def handle(self, events: list[BridgeEvent]) -> None:
+        """Act on what ``Bridge.advance`` returned."""
+        for event in events:
+            if isinstance(event, (CloseLoneSide, ResetPeer)):
+                self._end(event.stream_id, event.code)
+
+    def _end(self, stream_id: str, code: ErrorCode) -> None:
+        slot = self._raw.get(stream_id)
+        if slot is not None:
+            slot.lone_close = code
+            slot.done.set()
+        relay = self._framed.get(stream_id)
+        if relay is not None:
+            relay.ended = True
+            relay.end_code = code
+            for scope in relay.scopes.values():
+                scope.cancel()
+
+    # -- joining -----------------------------------------------------------------------------
+
+    async def join(
+        self,
+        http: HttpServerConnection,
+        request: HttpRequest,
+        route: BridgeJoin,
+        connection_id: int,
+    ) -> None:
+        """Serve one side's WebSocket on the streaming endpoint until it ends."""
+        token = _bearer(request)
+        now = trio.current_time()
+        offered = request.subprotocols
+        try:
+            if is_resume_token(token):
+                resumed = self.bridge.resume(
+                    stream_id=route.stream_id,
+                    token=token,
+                    role=route.role,
+                    connection_id=connection_id,
+                    now=now,
+                    resume_nonce=self.random_bytes(16),
+                )
+                role, mode = resumed.role, FRAMED_SUBPROTOCOL
+                resume_token: str | None = resumed.resume_token
+                replaced = resumed.replaced_connection_id
+            else:
+                joined = self.bridge.join(
+                    stream_id=route.stream_id,
+                    token=token,
+                    role=route.role,
+                    connection_id=connection_id,
+                    now=now,
+                    resume_nonce=self.random_bytes(16),
+                )
+                role, resume_token, mode = joined.role, joined.resume_token, joined.mode
+                replaced = None
+        except DevstreamError as exc:
+            raise HttpError(exc.code, exc.message) from exc
+        self._wake()
+        if mode == MODE_RAW:
+            await self._join_raw(http, request, route.stream_id, role, connection_id, offered)
+            return
+        if FRAMED_SUBPROTOCOL not in offered:
+            self._leave(route.stream_id, connection_id)
+            # The stream is over: a side already in must not wait for a peer that cannot come.
+            self._end(route.stream_id, ErrorCode.PEER_NEVER_CONNECTED)
+            raise HttpError(
+                ErrorCode.ARGUMENT_INVALID,
+                f"this stream is {FRAMED_SUBPROTOCOL}; offer that WebSocket subprotocol",
+            )
+        headers = [(RESUME_TOKEN_HEADER, (resume_token or "").encode())]
+        try:
+            ws = await http.accept_websocket(
+                request, subprotocol=FRAMED_SUBPROTOCOL, extra_headers=headers
+            )
+        except BaseException:
+            self._leave(route.stream_id, connection_id)
+            raise
+        relay = self._framed.setdefault(route.stream_id, _FramedRelay(stream_id=route.stream_id))
+        if replaced is not None:
+            self.metrics.resumes_total += 1
+            old = relay.scopes.get(replaced)
+            if old is not None:
+                old.cancel()
+        elif is_resume_token(token):
+            self.metrics.resumes_total += 1
+        log.info(
+            "stream %s: %s %s",
+            route.stream_id,
+            role.value,
+            "resumed" if is_resume_token(token) else "joined",
+        )
+        await self._framed_side(relay, role, ws, connection_id)
+
+    # -- raw ---------------------------------------------------------------------------------
+
+    async def _join_raw(
+        self,
+        http: HttpServerConnection,
+        request: HttpRequest,
+        stream_id: str,
+        role: Role,
+        connection_id: int,
+        offered: list[str],
+    ) -> None:
+        slot = self._raw.setdefault(stream_id, _RawSlot())
+        try:
+            ws = await http.accept_websocket(request, subprotocol=offered[0] if offered else None)
+        except BaseException:
+            self._leave(stream_id, connection_id)
+            raise
+        peer_id = next(iter(slot.sides), None)
+        slot.sides[connection_id] = ws
+        log.info("stream %s: %s joined", stream_id, role.value)
+        try:
+            if peer_id is not None:
+                peer = slot.sides[peer_id]
+                self.metrics.streams_total += 1
+                await self._relay_raw(ws, peer)
+                slot.done.set()
+            else:
+                await slot.done.wait()
+                if slot.lone_close is not None:
+                    await self._close_with(ws, slot.lone_close)
+        finally:
+            self._leave(stream_id, connection_id)
+            slot.sides.pop(connection_id, None)
+            if not slot.sides:
+                self._raw.pop(stream_id, None)
+
+    async def _relay_raw(self, one: WebSocket, other: WebSocket) -> None:
+        """Forward fragments both ways until one side closes, then close the other."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump_raw, one, other, nursery.cancel_scope)
+            nursery.start_soon(self._pump_raw, other, one, nursery.cancel_scope)
+        for side in (one, other):
+            await trio.aclose_forcefully(side.stream)
+
+    async def _pump_raw(self, source: WebSocket, sink: WebSocket, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                event = await source.receive()
+                await sink.send_message(event)
+                self.metrics.bytes_relayed += len(event.data)
+        except ConnectionClosed:
+            if source.closed is not None:
+                # The source closed (or vanished): pass its close on to the sink.
+                code, reason = source.closed.code, source.closed.reason
+                target = sink
+            else:
+                # The sink vanished while we wrote to it: tell the source.
+                code, reason = ABNORMAL_CLOSURE, ""
+                target = source
+            if code == ABNORMAL_CLOSURE:
+                code, reason = 1001, "peer connection lost"
+            with trio.move_on_after(self.close_timeout):
+                await target.send_close(code, reason)
+        # Give the other direction a bounded time to see the close, then stop both.
+        scope.deadline = min(scope.deadline, trio.current_time() + self.close_timeout)
+
+    # -- devstream.v1 ------------------------------------------------------------------------
+
+    async def _framed_side(
+        self, relay: _FramedRelay, role: Role, ws: WebSocket, connection_id: int
+    ) -> None:
+        """Relay one side's messages to the other side's current WebSocket."""
+        relay.sides[role] = ws
+        if relay.sides[role.other] is not None and not relay.paired.is_set():
+            relay.paired.set()
+            self.metrics.streams_total += 1
+        scope = relay.scopes[connection_id] = trio.CancelScope()
+        dropped = False
+        closed: ConnectionClosed | None = None
+        try:
+            with scope:
+                if not relay.paired.is_set():
+                    async with trio.open_nursery() as waiting:
+                        waiting.start_soon(self._ping_while_alone, ws)
+                        await relay.paired.wait()
+                        waiting.cancel_scope.cancel()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watchdog, ws)
+                    try:
+                        await self._pump_framed(relay, role, ws)
+                    except ConnectionClosed as exc:
+                        closed = exc
+                        dropped = exc.code == ABNORMAL_CLOSURE
+                    finally:
+                        nursery.cancel_scope.cancel()
+        finally:
+            del relay.scopes[connection_id]
+            current = relay.sides[role] is ws
+            if current:
+                relay.sides[role] = None
+            await self._after_framed_side(
+                relay, role, ws, connection_id, current=current, dropped=dropped, closed=closed
+            )
+
+    async def _pump_framed(self, relay: _FramedRelay, role: Role, ws: WebSocket) -> None:
+        while True:
+            message = await ws.receive_message(MAX_FRAMED_MESSAGE)
+            peer = relay.sides[role.other]
+            if peer is None:
+                continue  # the peer is away: it asks for this again when it resumes
+            with contextlib.suppress(ConnectionClosed):
+                # A peer that vanished mid-write is noticed by its own connection task.
+                await peer.send_bytes(message)
+                self.metrics.bytes_relayed += len(message)
+
+    async def _after_framed_side(
+        self,
+        relay: _FramedRelay,
+        role: Role,
+        ws: WebSocket,
+        connection_id: int,
+        *,
+        current: bool,
+        dropped: bool,
+        closed: ConnectionClosed | None,
+    ) -> None:
+        now = trio.current_time()
+        if not current:
+            # Replaced by a resume: the new connection carries on.
+            await ws.abort()
+            return
+        if relay.end_code is not None:
+            # The hub ends the stream: the peer never came (back).
+            self.bridge.leave(stream_id=relay.stream_id, connection_id=connection_id, now=now)
+            await self._close_with(ws, relay.end_code, reset=relay.paired.is_set())
+        elif dropped and not relay.ended:
+            self._handle_drop(relay, role, connection_id, now)
+            await ws.abort()
+        else:
+            relay.ended = True
+            self.bridge.leave(stream_id=relay.stream_id, connection_id=connection_id, now=now)
+            peer = relay.sides[role.other]
+            if peer is not None and closed is not None:
+                code, reason = closed.code, closed.reason
+                with trio.move_on_after(self.close_timeout):
+                    await peer.send_close(code, reason)
+            with trio.move_on_after(self.close_timeout):
+                await ws.aclose()
+        if (
+            relay.sides[Role.DEVICE] is None
+            and relay.sides[Role.SERVICE] is None
+            and (relay.ended or relay.end_code is not None)
+        ):
+            self._framed.pop(relay.stream_id, None)
+
+    def _handle_drop(self, relay: _FramedRelay, role: Role, connection_id: int, now: float) -> None:
+        events = self.bridge.drop(stream_id=relay.stream_id, connection_id=connection_id, now=now)
+        self._wake()
+        if any(isinstance(event, SideHeld) for event in events):
+            log.info("stream %s: %s dropped; holding the stream", relay.stream_id, role.value)
+        elif self.bridge.stream_state(relay.stream_id) is not StreamState.ENDED:
+            # The bridge ignored the drop: a resume replaced this connection before its end
+            # was noticed here, and the new connection carries on.
+            pass
+        else:
+            # Not held (the stream was not paired yet, or already over): it ends here.
+            relay.ended = True
+            peer = relay.sides[role.other]
+            if peer is not None:
+                for scope in relay.scopes.values():
+                    scope.cancel()
+
+    async def _ping_while_alone(self, ws: WebSocket) -> None:
+        """Ping a side that waits for its peer: nothing is read from it before the pairing, so
+        its own pings go unanswered, and without a sign of life it would drop and resume."""
+        while True:
+            await trio.sleep(LONE_PING_INTERVAL)
+            try:
+                await ws.ping()
+            except ConnectionClosed:
+                return
+
+    async def _watchdog(self, ws: WebSocket) -> None:
+        """Treat a side silent for ``idle_timeout`` (no frame, no ping) as dropped."""
+        # Nothing was read before the pairing: the silence counts from when reading starts.
+        start = trio.current_time()
+        while True:
+            await trio.sleep_until(max(ws.last_received, start) + self.idle_timeout)
+            if trio.current_time() >= max(ws.last_received, start) + self.idle_timeout:
+                await ws.abort()
+                return
+
+    # -- shared ------------------------------------------------------------------------------
+
+    async def _close_with(self, ws: WebSocket, code: ErrorCode, *, reset: bool = False) -> None:
+        """Close *ws* because of *code*; a framed side gets a Reset frame first."""
+        log.info("closing a stream side: %s", code.message)
+        with trio.move_on_after(self.close_timeout):
+            if reset:
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send_bytes(encode_frame(Reset(code=int(code), reason=code.message)))
+            await ws.aclose(code.close_code, close_reason_for(code))
+
+    def _leave(self, stream_id: str, connection_id: int) -> None:
+        # The bridge answers a paired side's leave with ClosePeer; the relays close both
+        # sides themselves, so there is nothing more to do with it.
+        self.bridge.leave(stream_id=stream_id, connection_id=connection_id, now=trio.current_time())
+
+
+def _bearer(request: HttpRequest) -> str:
+    raw = request.header(b"authorization")
+    if raw is not None:
+        scheme, _, value = raw.decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    raise HttpError(ErrorCode.STREAM_TOKEN_INVALID, "missing Authorization: Bearer token")
