@@ -78,7 +78,9 @@ def resume_token_of(ws: WebSocket) -> str:
 class StreamOptions:
     """Settings of devstream.v1 streams, shared by every stream a client opens."""
 
-    #: The most unacknowledged bytes in flight towards the peer.
+    #: The most unacknowledged bytes in flight towards the peer, and the most this side
+    #: buffers from the peer. The window is not negotiated yet: the device and the service
+    #: must use the same value (the default, unless both set it).
     window: int = DEFAULT_WINDOW
     #: Ping the hub this often; a WebSocket silent for ``ping_interval + ping_timeout``
     #: counts as dropped and the stream resumes over a new one.
