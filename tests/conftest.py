@@ -68,6 +68,13 @@ class HubEnv:
         return DeviceClient(cs, opener=self.open, **options)  # type: ignore[arg-type]
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients honour HTTPS_PROXY / NO_PROXY; tests decide their proxy themselves."""
+    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 async def hub_env(nursery: trio.Nursery) -> AsyncIterator[HubEnv]:
     store = await RegistryStore.open(None)

@@ -90,6 +90,8 @@ class ErrorCode(enum.IntEnum):
     THROTTLED = 429001
     #: An unexpected failure inside the hub (Azure ``ServerError``).
     SERVER_ERROR = 500001
+    #: The device-side proxy could not connect to the stream's target.
+    TARGET_UNREACHABLE = 502901
     #: The hub is shutting down or cannot serve the request now.
     SERVICE_UNAVAILABLE = 503901
     #: The device did not answer the stream request in time (Azure ``GatewayTimeout``).
@@ -147,6 +149,7 @@ MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.THROTTLED: "too many requests",
     ErrorCode.SERVER_ERROR: "internal hub error",
     ErrorCode.SERVICE_UNAVAILABLE: "hub unavailable",
+    ErrorCode.TARGET_UNREACHABLE: "the device could not connect to the stream's target",
     ErrorCode.DEVICE_RESPONSE_TIMEOUT: "the device did not answer the stream request in time",
     ErrorCode.PEER_NEVER_CONNECTED: "the other side of the stream never connected",
     ErrorCode.HUB_UNREACHABLE: "cannot reach the hub",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import os
 import ssl
 import urllib.parse
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 
+import h11
 import trio
 
 from devstream_core.common import Role
@@ -18,9 +21,12 @@ from .exceptions import HubError, HubUnreachable
 __all__ = [
     "HubAddress",
     "Opener",
+    "ProxyConfig",
     "client_ssl_context",
     "connection_string_for",
+    "hub_opener",
     "open_hub_stream",
+    "resolve_proxy",
 ]
 
 
@@ -71,17 +77,140 @@ def client_ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=ca_file)
 
 
-async def open_hub_stream(
-    address: HubAddress, ssl_context: ssl.SSLContext | None = None
-) -> trio.abc.Stream:
-    """Connect to the hub; raise :class:`HubUnreachable` with the reason if that fails."""
-    where = f"{address.host}:{address.port}"
+@dataclass(frozen=True, kw_only=True)
+class ProxyConfig:
+    """An HTTP proxy that tunnels to the hub with ``CONNECT`` (optionally basic auth)."""
+
+    host: str
+    port: int
+    username: str = ""
+    password: str = field(default="", repr=False)
+
+    @classmethod
+    def from_url(cls, url: str) -> ProxyConfig:
+        """Parse ``http://[user:password@]host[:port]`` (the port defaults to 80)."""
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme != "http" or not parts.hostname:
+            raise HubError(
+                ErrorCode.ARGUMENT_INVALID,
+                "proxy must be an http://[user:password@]host[:port] URL",
+            )
+        return cls(
+            host=parts.hostname,
+            port=parts.port or 80,
+            username=urllib.parse.unquote(parts.username or ""),
+            password=urllib.parse.unquote(parts.password or ""),
+        )
+
+
+def _bypassed(host: str, no_proxy: str) -> bool:
+    """True when *host* matches an entry of a ``NO_PROXY`` list (``*`` matches every host)."""
+    host = host.lower().strip("[]")
+    for entry in no_proxy.split(","):
+        entry = entry.strip().lower().strip("[]")
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        entry = entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry
+        entry = entry.lstrip(".")
+        if host == entry or host.endswith("." + entry):
+            return True
+    return False
+
+
+def resolve_proxy(
+    address: HubAddress, setting: str | None, environ: Mapping[str, str] | None = None
+) -> ProxyConfig | None:
+    """The proxy to reach *address* through, or None for a direct connection.
+
+    *setting* is the client's ``http_proxy`` option: a URL, ``""`` for no proxy, or None to
+    take ``HTTPS_PROXY`` / ``https_proxy`` from the environment. ``NO_PROXY`` / ``no_proxy``
+    (comma-separated hosts or domain suffixes, ``*`` for all) is honoured either way.
+    """
+    env = os.environ if environ is None else environ
+    url = setting
+    if url is None:
+        url = env.get("HTTPS_PROXY") or env.get("https_proxy") or ""
+    if not url:
+        return None
+    no_proxy = env.get("NO_PROXY") or env.get("no_proxy") or ""
+    if _bypassed(address.host, no_proxy):
+        return None
+    return ProxyConfig.from_url(url)
+
+
+async def _connect_tunnel(proxy: ProxyConfig, address: HubAddress) -> trio.abc.Stream:
+    """A TCP connection to the proxy, tunnelled to *address* with ``CONNECT``."""
+    via = f"{proxy.host}:{proxy.port}"
     try:
-        tcp = await trio.open_tcp_stream(address.host, address.port)
+        tcp = await trio.open_tcp_stream(proxy.host, proxy.port)
     except OSError as exc:
         raise HubUnreachable(
-            ErrorCode.HUB_UNREACHABLE, f"cannot reach the hub at {where}: {exc.strerror or exc}"
+            ErrorCode.HUB_UNREACHABLE, f"cannot reach the proxy at {via}: {exc.strerror or exc}"
         ) from exc
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    authority = f"{host}:{address.port}"
+    headers = [("host", authority)]
+    if proxy.username or proxy.password:
+        credentials = base64.b64encode(f"{proxy.username}:{proxy.password}".encode()).decode()
+        headers.append(("proxy-authorization", f"Basic {credentials}"))
+    conn = h11.Connection(h11.CLIENT)
+    try:
+        await tcp.send_all(
+            conn.send(h11.Request(method="CONNECT", target=authority, headers=headers)) or b""
+        )
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await tcp.receive_some(16384)
+                if not data:
+                    raise HubUnreachable(
+                        ErrorCode.HUB_UNREACHABLE, f"the proxy at {via} closed the connection"
+                    )
+                conn.receive_data(bytes(data))
+                continue
+            if isinstance(event, h11.Response):
+                break
+    except (h11.RemoteProtocolError, trio.BrokenResourceError) as exc:
+        await trio.aclose_forcefully(tcp)
+        raise HubUnreachable(
+            ErrorCode.HUB_UNREACHABLE, f"bad answer from the proxy at {via}"
+        ) from exc
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
+    if not 200 <= event.status_code < 300:
+        await trio.aclose_forcefully(tcp)
+        hint = " (proxy authentication required)" if event.status_code == 407 else ""
+        raise HubUnreachable(
+            ErrorCode.HUB_UNREACHABLE,
+            f"the proxy at {via} refused CONNECT {authority}: HTTP {event.status_code}{hint}",
+        )
+    trailing, _ = conn.trailing_data
+    if trailing:  # pragma: no cover - a proxy speaks only after the client's first bytes
+        await trio.aclose_forcefully(tcp)
+        raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, f"the proxy at {via} sent extra bytes")
+    return tcp
+
+
+async def open_hub_stream(
+    address: HubAddress,
+    ssl_context: ssl.SSLContext | None = None,
+    proxy: ProxyConfig | None = None,
+) -> trio.abc.Stream:
+    """Connect to the hub, through *proxy* if given; raise :class:`HubUnreachable` on failure."""
+    where = f"{address.host}:{address.port}"
+    if proxy is not None:
+        tcp = await _connect_tunnel(proxy, address)
+    else:
+        try:
+            tcp = await trio.open_tcp_stream(address.host, address.port)
+        except OSError as exc:
+            raise HubUnreachable(
+                ErrorCode.HUB_UNREACHABLE,
+                f"cannot reach the hub at {where}: {exc.strerror or exc}",
+            ) from exc
     if not address.tls:
         return tcp
     context = ssl_context or client_ssl_context()
@@ -96,3 +225,12 @@ async def open_hub_stream(
             ErrorCode.HUB_UNREACHABLE, f"TLS handshake with the hub at {where} failed: {detail}"
         ) from exc
     return stream
+
+
+def hub_opener(ssl_context: ssl.SSLContext | None = None, http_proxy: str | None = None) -> Opener:
+    """The default :data:`Opener`: TCP (through the proxy :func:`resolve_proxy` picks), TLS."""
+
+    async def open_stream(address: HubAddress) -> trio.abc.Stream:
+        return await open_hub_stream(address, ssl_context, resolve_proxy(address, http_proxy))
+
+    return open_stream

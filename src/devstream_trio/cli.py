@@ -25,10 +25,11 @@ from devstream_core.credentials import ConnectionString
 from devstream_core.errors import DevstreamError
 from devstream_core.registry import OWNER_POLICY, Policy
 
-from ._connect import client_ssl_context
+from ._connect import ProxyConfig, client_ssl_context
 from .device import DeviceClient
 from .framed import FramedStream
 from .hub import HubConfig, ensure_owner_policy, serve_hub
+from .proxy import parse_forward, parse_map, serve_device_proxy, serve_service_proxy
 from .service import AnyStream, ServiceClient
 from .store import RegistryStore
 
@@ -169,7 +170,23 @@ def _service(args: argparse.Namespace) -> ServiceClient:
     cs = _connection_string(args)
     if cs.device_id is not None:
         raise UsageError("this command needs a service connection string, not a device's")
-    return ServiceClient(cs, ssl_context=_ssl_context(args))
+    return ServiceClient(cs, ssl_context=_ssl_context(args), http_proxy=_http_proxy(args))
+
+
+def _http_proxy(args: argparse.Namespace) -> str | None:
+    proxy: str | None = args.http_proxy
+    if proxy is not None:
+        try:
+            ProxyConfig.from_url(proxy)
+        except DevstreamError as exc:
+            raise UsageError(f"--http-proxy: {exc.message}") from exc
+    return proxy
+
+
+def _device(args: argparse.Namespace, cs: ConnectionString) -> DeviceClient:
+    if cs.device_id is None:
+        raise UsageError("this command needs a device connection string, not a service's")
+    return DeviceClient(cs, ssl_context=_ssl_context(args), http_proxy=_http_proxy(args))
 
 
 def _print_device(device: dict[str, Any]) -> None:
@@ -220,9 +237,7 @@ async def echo_handler(stream: AnyStream) -> None:
 async def cmd_echo(args: argparse.Namespace) -> int:
     cs = _connection_string(args)
     if args.role == "device":
-        if cs.device_id is None:
-            raise UsageError("`devstream echo device` needs a device connection string")
-        device = DeviceClient(cs, ssl_context=_ssl_context(args))
+        device = _device(args, cs)
 
         async def serve(task_status: trio.TaskStatus[None]) -> None:
             await device.serve({args.name: echo_handler}, task_status=task_status)
@@ -254,6 +269,56 @@ async def cmd_echo(args: argparse.Namespace) -> int:
     print(f"received: {received.decode(errors='replace')}")
     print(f"round trip: {elapsed * 1000:.2f} ms")
     return 0 if bytes(received) == message else 1
+
+
+# -- proxies ----------------------------------------------------------------------------------
+
+
+async def cmd_proxy(args: argparse.Namespace) -> int:
+    cs = _connection_string(args)
+    if args.role == "device":
+        if not args.map:
+            raise UsageError("`devstream proxy device` needs at least one --map NAME=HOST:PORT")
+        try:
+            targets = [parse_map(text) for text in args.map]
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        device = _device(args, cs)
+
+        async def serve(task_status: trio.TaskStatus[None]) -> None:
+            await serve_device_proxy(device, targets, task_status=task_status)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve)
+            mapping = ", ".join(f"{t.name} -> {t.host}:{t.port}" for t in targets)
+            print(f"device {device.device_id!r} online; forwarding {mapping}", flush=True)
+        return 0
+    if not args.device or not args.forward:
+        raise UsageError(
+            "`devstream proxy service` needs --device ID and at least one "
+            "--forward [BIND:]LOCALPORT=NAME"
+        )
+    try:
+        forwards = [parse_forward(text) for text in args.forward]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    async with trio.open_nursery() as nursery:
+        service = _service(args)
+        service.nursery = nursery
+
+        async def listen(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
+            await serve_service_proxy(service, args.device, forwards, task_status=task_status)
+
+        try:
+            bound = await nursery.start(listen)
+        except OSError as exc:
+            raise UsageError(f"cannot listen: {exc.strerror or exc}") from exc
+        for (host, port), forward in zip(bound, forwards, strict=True):
+            print(
+                f"listening on {host}:{port} -> {forward.name!r} on device {args.device!r}",
+                flush=True,
+            )
+    return 0
 
 
 # -- demo -------------------------------------------------------------------------------------
@@ -325,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     def client_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--connection-string", help="or set DEVSTREAM_CONNECTION_STRING")
         p.add_argument("--ca-file", help="CA bundle to verify the hub (or DEVSTREAM_CA_FILE)")
+        p.add_argument(
+            "--http-proxy",
+            help="reach the hub through this HTTP CONNECT proxy, http://[user:pass@]host:port "
+            "(default: $HTTPS_PROXY, honouring $NO_PROXY)",
+        )
 
     hub = sub.add_parser("hub", help="run a hub")
     hub.add_argument(
@@ -355,6 +425,26 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("--raw", action="store_true", help="raw mode (Azure) instead of devstream.v1")
     client_options(echo)
     echo.set_defaults(func=cmd_echo)
+
+    proxy = sub.add_parser("proxy", help="local TCP proxies through device streams")
+    proxy.add_argument("role", choices=["device", "service"])
+    proxy.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="device side: send streams named NAME to HOST:PORT (repeatable)",
+    )
+    proxy.add_argument("--device", help="service side: the device id")
+    proxy.add_argument(
+        "--forward",
+        action="append",
+        default=[],
+        metavar="[BIND:]LOCALPORT=NAME",
+        help="service side: listen on LOCALPORT, one stream NAME per connection (repeatable)",
+    )
+    client_options(proxy)
+    proxy.set_defaults(func=cmd_proxy)
 
     demo = sub.add_parser("demo", help="run a hub, a device and a service in one process")
     demo.set_defaults(func=cmd_demo)

@@ -37,7 +37,7 @@ from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
 
-from ._connect import HubAddress, Opener, connection_string_for
+from ._connect import HubAddress, Opener, connection_string_for, hub_opener
 from ._http import HttpStatusError, websocket_connect
 from ._ws import ConnectionClosed, WebSocket, payload
 from .exceptions import HubError, HubUnreachable, error_for
@@ -85,6 +85,7 @@ class DeviceClient:
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         opener: Opener | None = None,
+        http_proxy: str | None = None,
         stream_options: StreamOptions | None = None,
     ) -> None:
         cs = connection_string_for(Role.DEVICE, connection_string)
@@ -99,7 +100,10 @@ class DeviceClient:
         self.backoff_max = backoff_max
         self.wall_clock = wall_clock
         self._rng = rng or random.Random()
-        self.opener = opener
+        #: How connections to the hub are opened: directly, or through an HTTP proxy
+        #: (``http_proxy`` URL; None takes ``HTTPS_PROXY`` and ``NO_PROXY`` from the
+        #: environment; ``""`` means no proxy).
+        self.opener = opener or hub_opener(ssl_context, http_proxy)
         self.stream_options = stream_options
         #: True while the control channel is up and registered.
         self.online = False
@@ -307,6 +311,8 @@ async def open_device(
     ping_interval: float = 20.0,
     ping_timeout: float = 20.0,
     opener: Opener | None = None,
+    http_proxy: str | None = None,
+    stream_options: StreamOptions | None = None,
 ) -> AsyncIterator[DeviceClient]:
     """A :class:`DeviceClient` for the block; call ``serve`` on it to go online."""
     yield DeviceClient(
@@ -315,4 +321,6 @@ async def open_device(
         ping_interval=ping_interval,
         ping_timeout=ping_timeout,
         opener=opener,
+        http_proxy=http_proxy,
+        stream_options=stream_options,
     )

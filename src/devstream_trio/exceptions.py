@@ -22,6 +22,7 @@ __all__ = [
     "StreamNameNotRegistered",
     "StreamRejected",
     "StreamReset",
+    "TargetUnreachable",
     "Unauthorized",
     "error_for",
 ]
@@ -85,6 +86,10 @@ class PeerLost(HubError):
     """The other side of a devstream.v1 stream dropped and did not resume in time."""
 
 
+class TargetUnreachable(HubError):
+    """The device-side proxy could not connect to the stream's target."""
+
+
 class StreamJoinRefused(HubError):
     """The streaming endpoint refused the stream token (expired, reused, wrong stream/role)."""
 
@@ -102,6 +107,7 @@ _CLASSES: dict[ErrorCode, type[HubError]] = {
     ErrorCode.STREAM_RESET: StreamReset,
     ErrorCode.PEER_NEVER_CONNECTED: PeerNeverConnected,
     ErrorCode.PEER_LOST: PeerLost,
+    ErrorCode.TARGET_UNREACHABLE: TargetUnreachable,
     ErrorCode.STREAM_TOKEN_EXPIRED: StreamJoinRefused,
     ErrorCode.STREAM_TOKEN_REUSED: StreamJoinRefused,
     ErrorCode.STREAM_TOKEN_WRONG_ROLE: StreamJoinRefused,

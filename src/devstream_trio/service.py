@@ -27,7 +27,7 @@ from devstream_core.credentials import ConnectionString
 from devstream_core.errors import DevstreamError, ErrorCode
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 
-from ._connect import HubAddress, Opener, connection_string_for, open_hub_stream
+from ._connect import HubAddress, Opener, connection_string_for, hub_opener
 from ._http import HttpResponse, HttpStatusError, http_request, websocket_connect
 from ._ws import WebSocket
 from .exceptions import HubError, HubUnreachable, error_for
@@ -55,6 +55,7 @@ class ServiceClient:
         ssl_context: ssl.SSLContext | None = None,
         wall_clock: Callable[[], float] = time.time,
         opener: Opener | None = None,
+        http_proxy: str | None = None,
         nursery: trio.Nursery | None = None,
         stream_options: StreamOptions | None = None,
     ) -> None:
@@ -63,7 +64,10 @@ class ServiceClient:
         self.address = HubAddress.from_connection_string(cs)
         self.ssl_context = ssl_context
         self.wall_clock = wall_clock
-        self.opener = opener
+        #: How connections to the hub are opened: directly, or through an HTTP proxy
+        #: (``http_proxy`` URL; None takes ``HTTPS_PROXY`` and ``NO_PROXY`` from the
+        #: environment; ``""`` means no proxy).
+        self.opener = opener or hub_opener(ssl_context, http_proxy)
         #: Where devstream.v1 streams run their connection tasks; without one, streams are raw.
         self.nursery = nursery
         self.stream_options = stream_options
@@ -203,9 +207,8 @@ class ServiceClient:
 async def open_transport(
     address: HubAddress, ssl_context: ssl.SSLContext | None, opener: Opener | None
 ) -> trio.abc.Stream:
-    if opener is not None:
-        return await opener(address)
-    return await open_hub_stream(address, ssl_context)
+    """Open a transport to *address* with *opener*, or directly (TLS with *ssl_context*)."""
+    return await (opener or hub_opener(ssl_context))(address)
 
 
 async def join_stream(
@@ -306,6 +309,7 @@ async def open_service(
     *,
     ssl_context: ssl.SSLContext | None = None,
     opener: Opener | None = None,
+    http_proxy: str | None = None,
     stream_options: StreamOptions | None = None,
 ) -> AsyncIterator[ServiceClient]:
     """A :class:`ServiceClient` whose devstream.v1 streams live inside the block.
@@ -318,6 +322,7 @@ async def open_service(
                 connection_string,
                 ssl_context=ssl_context,
                 opener=opener,
+                http_proxy=http_proxy,
                 nursery=nursery,
                 stream_options=stream_options,
             )

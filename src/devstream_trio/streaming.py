@@ -190,8 +190,16 @@ class StreamingEndpoint:
         relay = self._framed.setdefault(route.stream_id, _FramedRelay(stream_id=route.stream_id))
         if replaced is not None:
             self.metrics.resumes_total += 1
+            old_ws = relay.sides[role]
             old = relay.scopes.get(replaced)
-            if old is not None:
+            if old_ws is not None and relay.paired.is_set():
+                # Close the replaced connection rather than cancel its task: a cancellation
+                # could cut a message it is forwarding to the peer in half, and the peer would
+                # read the next frame as the rest of it. It forwards nothing it reads once it
+                # is no longer the side's current connection.
+                relay.sides[role] = ws
+                await old_ws.abort()
+            elif old is not None:
                 old.cancel()
         elif is_resume_token(token):
             self.metrics.resumes_total += 1
@@ -310,6 +318,8 @@ class StreamingEndpoint:
     async def _pump_framed(self, relay: _FramedRelay, role: Role, ws: WebSocket) -> None:
         while True:
             message = await ws.receive_message(MAX_FRAMED_MESSAGE)
+            if relay.sides[role] is not ws:
+                return  # replaced by a resume: what this connection still brings is stale
             peer = relay.sides[role.other]
             if peer is None:
                 continue  # the peer is away: it asks for this again when it resumes

@@ -1,0 +1,261 @@
+"""Local proxies: any TCP service (SSH, HTTP, …) through a device stream.
+
+* The **device-side proxy** registers one stream name per target (``--map ssh=127.0.0.1:22``).
+  For every accepted stream it connects to that target and pipes bytes both ways. A target
+  that cannot be reached makes the proxy **reset** the stream (it was already accepted) with
+  error 502901 and a reason naming the target, which the service side logs; the proxy keeps
+  serving.
+* The **service-side proxy** listens on local ports (``--forward 127.0.0.1:2222=ssh``); every
+  TCP connection it accepts opens its own stream, so any number of connections are open at
+  once, each independent of the others. When the stream cannot be opened (device offline,
+  rejected, …) the TCP connection is closed at once and one log line says why.
+
+Both use devstream.v1 streams, so a TCP half-close on either end reaches the other end as a
+half-close, a TCP reset as a stream reset (and back as a TCP reset), and a dropped WebSocket
+resumes without the TCP connections noticing. Each stream gets one log line at info level when
+it closes: bytes each way and duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from devstream_core.errors import DevstreamError, ErrorCode
+
+from .device import DeviceClient, Handler
+from .framed import FramedStream
+from .service import AnyStream, ServiceClient
+
+__all__ = [
+    "Forward",
+    "Target",
+    "parse_forward",
+    "parse_map",
+    "pipe",
+    "serve_device_proxy",
+    "serve_service_proxy",
+]
+
+log = logging.getLogger("devstream.proxy")
+
+_CHUNK = 65536
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """Where the device-side proxy sends one stream name: ``NAME=HOST:PORT``."""
+
+    name: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Forward:
+    """One local port of the service-side proxy: ``[BIND:]LOCALPORT=NAME``."""
+
+    bind: str
+    port: int
+    name: str
+
+
+def _host_port(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what} must end in :PORT, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def parse_map(text: str) -> Target:
+    """Parse ``NAME=HOST:PORT``; raise ValueError naming the problem."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--map must be NAME=HOST:PORT, not {text!r}")
+    host, port = _host_port(rest, "--map target")
+    if not host or port == 0:
+        raise ValueError(f"--map target must be HOST:PORT with a port, not {rest!r}")
+    return Target(name=name, host=host, port=port)
+
+
+def parse_forward(text: str) -> Forward:
+    """Parse ``[BIND:]LOCALPORT=NAME``; the bind address defaults to 127.0.0.1."""
+    where, sep, name = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--forward must be [BIND:]LOCALPORT=NAME, not {text!r}")
+    if where.isdigit():
+        bind, port = "127.0.0.1", int(where)
+        if port > 65535:
+            raise ValueError(f"--forward port out of range in {text!r}")
+    else:
+        bind, port = _host_port(where, "--forward")
+    return Forward(bind=bind or "127.0.0.1", port=port, name=name)
+
+
+def _abort_with_rst(tcp: trio.SocketStream) -> None:
+    """Make the coming close send a TCP reset instead of a FIN."""
+    with contextlib.suppress(OSError):
+        tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def pipe(tcp: trio.SocketStream, stream: AnyStream) -> tuple[int, int]:
+    """Copy bytes both ways until both directions have ended.
+
+    Returns ``(tcp_to_stream, stream_to_tcp)`` byte counts. EOF on either side is passed on as
+    a half-close; a TCP reset becomes a stream reset and a stream reset becomes a TCP reset.
+    """
+    counts = [0, 0]
+    broken = False
+
+    async def tcp_to_stream(cancel: trio.CancelScope) -> None:
+        nonlocal broken
+        try:
+            while data := await tcp.receive_some(_CHUNK):
+                await stream.send_all(data)
+                counts[0] += len(data)
+            await stream.send_eof()
+        except trio.BrokenResourceError:
+            broken = True
+            if isinstance(stream, FramedStream):
+                await stream.reset(ErrorCode.STREAM_RESET, "the TCP connection was reset")
+            cancel.cancel()
+        except trio.ClosedResourceError:
+            cancel.cancel()
+
+    async def stream_to_tcp(cancel: trio.CancelScope) -> None:
+        nonlocal broken
+        try:
+            while data := await stream.receive_some(_CHUNK):
+                await tcp.send_all(data)
+                counts[1] += len(data)
+            await tcp.send_eof()
+        except trio.BrokenResourceError as exc:
+            broken = True
+            cause = exc.__cause__
+            if cause is not None:
+                log.warning("stream %s: ended: %s", stream.stream_id, cause)
+            _abort_with_rst(tcp)
+            cancel.cancel()
+        except trio.ClosedResourceError:
+            cancel.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tcp_to_stream, nursery.cancel_scope)
+        nursery.start_soon(stream_to_tcp, nursery.cancel_scope)
+    if broken:
+        _abort_with_rst(tcp)
+    await trio.aclose_forcefully(tcp)
+    return counts[0], counts[1]
+
+
+def _target_handler(target: Target) -> Handler:
+    async def handle(stream: AnyStream) -> None:
+        started = trio.current_time()
+        where = f"{target.host}:{target.port}"
+        try:
+            tcp = await trio.open_tcp_stream(target.host, target.port)
+        except OSError as exc:
+            reason = f"target {where} unreachable: {exc.strerror or exc}"
+            log.warning("stream %s (%s): %s; resetting it", stream.stream_id, target.name, reason)
+            if isinstance(stream, FramedStream):
+                await stream.reset(ErrorCode.TARGET_UNREACHABLE, reason)
+            return
+        log.info("stream %s (%s): opened to %s", stream.stream_id, target.name, where)
+        to_device, to_target = await pipe(tcp, stream)
+        log.info(
+            "stream %s (%s): closed; %d bytes to %s, %d bytes back, %.1f s",
+            stream.stream_id,
+            target.name,
+            to_target,
+            where,
+            to_device,
+            trio.current_time() - started,
+        )
+
+    return handle
+
+
+async def serve_device_proxy(
+    device: DeviceClient,
+    targets: Sequence[Target],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Register every target's name and pipe each accepted stream to its target."""
+    handlers: Mapping[str, Handler] = {t.name: _target_handler(t) for t in targets}
+    await device.serve(handlers, task_status=task_status)
+
+
+async def serve_service_proxy(
+    service: ServiceClient,
+    device_id: str,
+    forwards: Sequence[Forward],
+    *,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on every forward's port; each accepted connection gets its own stream.
+
+    ``task_status.started()`` receives the bound ``(host, port)`` of every forward, in order
+    (useful with port 0).
+    """
+    async with trio.open_nursery() as nursery:
+        bound: list[tuple[str, int]] = []
+        for forward in forwards:
+            listeners = await trio.open_tcp_listeners(forward.port, host=forward.bind)
+            sockname = listeners[0].socket.getsockname()
+            bound.append((sockname[0], sockname[1]))
+            log.info(
+                "forwarding %s:%d to %r on device %r",
+                sockname[0],
+                sockname[1],
+                forward.name,
+                device_id,
+            )
+            nursery.start_soon(
+                trio.serve_listeners, _connection_handler(service, device_id, forward), listeners
+            )
+        task_status.started(bound)
+
+
+def _connection_handler(
+    service: ServiceClient, device_id: str, forward: Forward
+) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    async def handle(tcp: trio.SocketStream) -> None:
+        started = trio.current_time()
+        try:
+            peer = tcp.socket.getpeername()
+            client = f"{peer[0]}:{peer[1]}"
+        except OSError:
+            client = "?"
+        try:
+            stream = await service.open_stream(device_id, forward.name)
+        except DevstreamError as exc:
+            log.warning(
+                "connection from %s to %r on %r: %s (error %d); closing it",
+                client,
+                forward.name,
+                device_id,
+                exc.message,
+                exc.code,
+            )
+            await trio.aclose_forcefully(tcp)
+            return
+        log.info("stream %s (%s): opened for %s", stream.stream_id, forward.name, client)
+        async with stream:
+            sent, received = await pipe(tcp, stream)
+        log.info(
+            "stream %s (%s): closed; %d bytes sent, %d bytes received, %.1f s",
+            stream.stream_id,
+            forward.name,
+            sent,
+            received,
+            trio.current_time() - started,
+        )
+
+    return handle
