@@ -89,3 +89,20 @@ async def hub_env(nursery: trio.Nursery) -> AsyncIterator[HubEnv]:
 def random_payload(size: int) -> bytes:
     """Incompressible test data."""
     return os.urandom(size)
+
+
+def require_tool(*names: str) -> None:
+    """Skip the test when an outside program is missing, or fail when CI says it must exist
+    (``.ci/run`` installs them and sets ``DEVSTREAM_REQUIRE_TOOLS=1``)."""
+    import shutil
+
+    missing = [
+        name
+        for name in names
+        if shutil.which(name) is None and shutil.which(name, path="/usr/sbin:/sbin") is None
+    ]
+    if missing:
+        message = f"outside program(s) not installed: {', '.join(missing)}"
+        if os.environ.get("DEVSTREAM_REQUIRE_TOOLS"):
+            pytest.fail(message)
+        pytest.skip(message)
