@@ -215,14 +215,17 @@ class FramedStream(trio.abc.HalfCloseableStream):
             self._kick()
 
     async def aclose(self) -> None:
-        """Finish the stream (EOF, wait for acknowledgement) and close the WebSocket."""
+        """Finish the stream (EOF, wait for acknowledgement) and close the WebSocket.
+
+        If the calling task is cancelled meanwhile, the stream is closed at once instead
+        (trio's rule for ``aclose``): the WebSocket is dropped without finishing.
+        """
         if self._local_closed:
             await trio.lowlevel.checkpoint()
             return
         self._local_closed = True
         try:
-            with trio.CancelScope(shield=True):
-                await self._finish()
+            await self._finish()
         finally:
             self._scope.cancel()
 

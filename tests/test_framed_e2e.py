@@ -1,0 +1,296 @@
+"""devstream.v1 streams over real loopback sockets: resume through a cut relay, bounded memory.
+
+Test rules: loopback only (127.0.0.1), port 0 everywhere; real sockets run on the real clock,
+so every test body runs under ``trio.fail_after`` and waits on events (bytes arriving, a resume
+counted), never on time. The one bounded wait (``trio.move_on_after``) lets a writer fill every
+buffer it can reach; the test asserts on what it found, not on how long it took.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tracemalloc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from devstream_core.credentials import ConnectionString
+from devstream_core.framing import DEFAULT_WINDOW, EndpointState
+from devstream_trio._connect import HubAddress
+from devstream_trio.device import DeviceClient
+from devstream_trio.framed import FramedStream, StreamOptions
+from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub
+from devstream_trio.service import AnyStream, ServiceClient
+from devstream_trio.store import RegistryStore
+from devstream_trio.streaming import MAX_FRAMED_MESSAGE
+
+TIMEOUT = 120
+MIB = 1024 * 1024
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 in front of the hub that can cut every connection through it."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.connections = 0
+        self.cuts = 0
+        self._live: set[trio.CancelScope] = set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        await trio.serve_listeners(self._serve, listeners, task_status=task_status)
+
+    async def _serve(self, client: trio.SocketStream) -> None:
+        self.connections += 1
+        scope = trio.CancelScope()
+        self._live.add(scope)
+        try:
+            with scope:
+                hub = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._pipe, client, hub, nursery.cancel_scope)
+                        nursery.start_soon(self._pipe, hub, client, nursery.cancel_scope)
+                finally:
+                    await trio.aclose_forcefully(hub)
+        finally:
+            self._live.discard(scope)
+            await trio.aclose_forcefully(client)
+
+    @staticmethod
+    async def _pipe(
+        source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope
+    ) -> None:
+        try:
+            while data := await source.receive_some(256 * 1024):
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        scope.cancel()
+
+    def cut(self) -> int:
+        """Close every connection through the relay, both ends; return how many."""
+        self.cuts += 1
+        live = list(self._live)
+        for scope in live:
+            scope.cancel()
+        return len(live)
+
+    async def open(self, address: HubAddress) -> trio.abc.Stream:
+        """An opener for a client: every connection to the hub goes through the relay."""
+        return await trio.open_tcp_stream("127.0.0.1", self.port)
+
+
+@dataclass
+class Pair:
+    """Both sides of one devstream.v1 stream, the hub, and the relay if there is one."""
+
+    service: FramedStream
+    device: FramedStream
+    hub: Hub
+    relay: Relay | None
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[RegistryStore]:
+    async with await RegistryStore.open(None) as s:
+        yield s
+
+
+async def start(nursery: trio.Nursery, store: RegistryStore) -> tuple[Hub, ConnectionString]:
+    owner, _ = await ensure_owner_policy(store)
+
+    async def run(task_status: trio.TaskStatus[Hub]) -> None:
+        await serve_hub(store, host="127.0.0.1", port=0, task_status=task_status)
+
+    hub: Hub = await nursery.start(run)
+    cs = ConnectionString(
+        host_name=hub.host_name,
+        shared_access_key_name=owner.name,
+        shared_access_key=owner.primary_key,
+        use_tls=False,
+    )
+    return hub, cs
+
+
+async def open_pair(
+    nursery: trio.Nursery,
+    store: RegistryStore,
+    *,
+    relay_side: str | None = None,
+    options: StreamOptions | None = None,
+) -> Pair:
+    hub, service_cs = await start(nursery, store)
+    assert hub.listen_address is not None
+    relay: Relay | None = None
+    if relay_side is not None:
+        relay = Relay(hub.listen_address[1])
+        await nursery.start(relay.run)
+    admin = ServiceClient(service_cs)
+    device_cs = admin.device_connection_string(await admin.create_device("d1"))
+    inbox_send, inbox_receive = trio.open_memory_channel[AnyStream](1)
+
+    async def hand_over(stream: AnyStream) -> None:
+        await inbox_send.send(stream)
+        await trio.sleep_forever()
+
+    device = DeviceClient(
+        device_cs,
+        opener=relay.open if relay and relay_side == "device" else None,
+        stream_options=options,
+    )
+    await nursery.start(device.serve, {"pipe": hand_over})
+    service = ServiceClient(
+        service_cs,
+        opener=relay.open if relay and relay_side == "service" else None,
+        nursery=nursery,
+        stream_options=options,
+    )
+    service_stream = await service.open_stream("d1", "pipe")
+    device_stream = await inbox_receive.receive()
+    assert isinstance(service_stream, FramedStream)
+    assert isinstance(device_stream, FramedStream)
+    return Pair(service_stream, device_stream, hub, relay)
+
+
+async def close_both(one: FramedStream, other: FramedStream) -> None:
+    """Finish a stream whose EOFs were read both ways; both ends must complete cleanly."""
+    await one.aclose()
+    await other.aclose()
+    for stream in (one, other):
+        assert stream._endpoint.state is EndpointState.DONE
+
+
+@pytest.mark.parametrize("relay_side", ["service", "device"])
+async def test_every_byte_arrives_through_a_relay_that_cuts(
+    store: RegistryStore, relay_side: str
+) -> None:
+    """64 MiB each way, with every connection of one side cut several times on the way."""
+    size = 64 * MIB
+    step = 8 * MIB
+    last_cut = size - DEFAULT_WINDOW - step
+    to_device = os.urandom(size)
+    to_service = os.urandom(size)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            pair = await open_pair(nursery, store, relay_side=relay_side)
+            service, device, relay = pair.service, pair.device, pair.relay
+            assert relay is not None
+            cut_side = service if relay_side == "service" else device
+            other_side = device if relay_side == "service" else service
+
+            async def send(stream: FramedStream, data: bytes) -> None:
+                view = memoryview(data)
+                for start in range(0, len(data), MIB):
+                    await stream.send_all(view[start : start + MIB])
+                await stream.send_eof()
+
+            async def receive(stream: FramedStream, into: hashlib._Hash) -> None:
+                received = 0
+                next_cut = step
+                while chunk := await stream.receive_some():
+                    into.update(chunk)
+                    received += len(chunk)
+                    # Cut once the last cut was resumed; stop while the reader still needs
+                    # more than a window, so every cut has to be resumed.
+                    if next_cut <= received < last_cut and cut_side.resumes == relay.cuts:
+                        next_cut = received + step
+                        assert relay.cut() >= 1
+
+            at_device = hashlib.sha256()
+            at_service = hashlib.sha256()
+            async with trio.open_nursery() as transfer:
+                transfer.start_soon(send, service, to_device)
+                transfer.start_soon(send, device, to_service)
+                transfer.start_soon(receive, device, at_device)
+                transfer.start_soon(receive, service, at_service)
+            assert at_device.digest() == hashlib.sha256(to_device).digest()
+            assert at_service.digest() == hashlib.sha256(to_service).digest()
+            assert relay.cuts >= 8
+            assert relay.connections > relay.cuts
+            assert cut_side.resumes == relay.cuts
+            assert other_side.resumes == 0
+            await close_both(service, device)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_stalled_reader_holds_memory_bounded(store: RegistryStore) -> None:
+    """The device stops reading while the service keeps writing.
+
+    What bounds memory is end-to-end flow control: ``send_all`` returns only once the service's
+    endpoint has taken the bytes, and it takes no more than ``window`` bytes beyond what the
+    device's application has read. So the total the service hands over while the device reads
+    nothing is at most ``window``, and every buffer on the way (the service's send buffer, the
+    kernel's socket buffers, the hub, the device's receive buffer) holds some part of
+    those same bytes: the hub cannot hold more than the writer produced. The test checks that
+    bound exactly (no allowance for kernel buffers is needed), checks that the whole window
+    reached the device (so nothing is parked in the hub), and, as a coarse second look, that
+    the process's traced Python memory (service, hub and device all run here) grew by less than
+    four windows: one window in the service's send buffer, one in the device's receive buffer,
+    and transient copies on the way (frames, WebSocket messages); without flow control the
+    writer would have handed over all eight windows of the payload, and they would be somewhere.
+    """
+    total = 16 * MIB
+    payload = os.urandom(total)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            pair = await open_pair(nursery, store)
+            service, device = pair.service, pair.device
+            window = service.window
+            assert window == device.window == DEFAULT_WINDOW
+            handed_over = 0
+
+            async def write() -> None:
+                nonlocal handed_over
+                view = memoryview(payload)
+                for start in range(0, total, MIB):
+                    await service.send_all(view[start : start + MIB])
+                    handed_over = start + MIB
+                await service.send_eof()
+
+            tracemalloc.start()
+            try:
+                before, _ = tracemalloc.get_traced_memory()
+                tracemalloc.reset_peak()
+                nursery.start_soon(write)
+                with trio.move_on_after(2):
+                    await trio.sleep_forever()
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+
+            sender = service._endpoint
+            receiver = device._endpoint
+            assert handed_over <= window
+            assert sender.written_end == window
+            assert sender.acked == 0
+            assert sender.unacked <= window
+            assert len(sender._send_buffer) <= window
+            assert len(receiver._recv_buffer) <= window
+            assert receiver.received - receiver.consumed <= window
+            # The whole window made it to the device: nothing is parked on the way.
+            assert receiver.received == window
+            assert peak - before <= 4 * window, (peak - before) / MIB
+            # And the hub's WebSockets of the stream hold nothing back (one message at most).
+            (relay,) = pair.hub.streaming._framed.values()
+            for ws in relay.sides.values():
+                assert ws is not None
+                held = len(ws._partial) + sum(len(event.data) for event in ws._events)
+                assert held <= MAX_FRAMED_MESSAGE
+
+            digest = hashlib.sha256()
+            while chunk := await device.receive_some():
+                digest.update(chunk)
+                assert sender.unacked <= window
+            assert digest.digest() == hashlib.sha256(payload).digest()
+            assert handed_over == total
+            await device.send_eof()
+            assert await service.receive_some() == b""
+            await close_both(service, device)
+            nursery.cancel_scope.cancel()

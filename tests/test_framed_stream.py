@@ -1,0 +1,992 @@
+"""devstream.v1 streams end to end over in-memory connections: hub, device and service.
+
+Test rules: no sockets; everything runs on the ``autojump_clock`` (``hub_env`` wires the clients
+to a hub through in-memory streams), and every test body runs under ``trio.fail_after``.
+Transports are cut, stalled or refused through :class:`Tap`, a wrapper the clients' opener puts
+around every connection, so a test decides which WebSocket drops and when.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+import trio.testing
+
+from devstream_core.common import Role
+from devstream_core.errors import ErrorCode
+from devstream_core.framing import DEFAULT_WINDOW, EndpointState
+from devstream_trio._connect import HubAddress
+from devstream_trio._http import HttpStatusError, http_request, websocket_connect
+from devstream_trio._ws import WebSocket
+from devstream_trio.device import DeviceClient
+from devstream_trio.exceptions import (
+    HubError,
+    HubUnreachable,
+    PeerLost,
+    PeerNeverConnected,
+    StreamReset,
+)
+from devstream_trio.framed import FramedStream, StreamOptions
+from devstream_trio.hub import Hub, HubConfig, ensure_owner_policy, load_or_create_secret
+from devstream_trio.service import AnyStream, ServiceClient, join_stream, open_service
+from devstream_trio.store import RegistryStore
+from devstream_trio.stream import HubStream
+
+from .conftest import PUBLIC_URL, HubEnv, random_payload
+
+HUB = HubAddress.from_url(PUBLIC_URL)
+TIMEOUT = 600
+
+
+# -- transports a test can cut, stall or refuse ------------------------------------------------
+
+
+class Tap(trio.abc.Stream):
+    """A client's connection to the hub that a test can cut or stall."""
+
+    def __init__(self, inner: trio.abc.Stream, server: trio.abc.Stream) -> None:
+        self.inner = inner
+        #: The hub's end of the same connection.
+        self.server = server
+        #: The first bytes the client sent: tells a stream WebSocket from a control channel.
+        self.head = b""
+        self.stalled_in = False
+        self.stalled_out = False
+        #: When true, the hub does not hear of this end closing (only a later event tells it).
+        self.close_silently = False
+        self._closed = trio.Event()
+
+    @property
+    def closed(self) -> bool:
+        """The client closed (or the test cut) this connection."""
+        return self._closed.is_set()
+
+    @property
+    def is_stream(self) -> bool:
+        return self.head.startswith(b"GET /bridges/")
+
+    def cut(self) -> None:
+        """Drop the connection without a WebSocket close (both ends see it end)."""
+        self._closed.set()
+
+    def stall(self, *, incoming: bool = True, outgoing: bool = True) -> None:
+        """The network goes silent: stop delivering bytes, swallow what the client sends.
+
+        When both ways are stalled, the hub does not hear of the client closing either.
+        """
+        self.stalled_in = self.stalled_in or incoming
+        self.stalled_out = self.stalled_out or outgoing
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.head:
+            self.head = bytes(data[:64])
+        if self._closed.is_set():
+            await trio.lowlevel.checkpoint()
+            raise trio.ClosedResourceError("cut")
+        if self.stalled_out:
+            await trio.lowlevel.checkpoint()
+            return
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        result: bytes | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def read() -> None:
+                nonlocal result
+                if self.stalled_in:
+                    await trio.sleep_forever()
+                data = await self.inner.receive_some(max_bytes)
+                while self.stalled_in:
+                    await trio.sleep_forever()
+                result = bytes(data)
+                nursery.cancel_scope.cancel()
+
+            async def watch() -> None:
+                await self._closed.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(read)
+            nursery.start_soon(watch)
+        if result is None:
+            raise trio.ClosedResourceError("cut")
+        return result
+
+    async def aclose(self) -> None:
+        self._closed.set()
+        if self.close_silently or (self.stalled_in and self.stalled_out):
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.aclose_forcefully(self.inner)
+
+
+class HubEnd(trio.abc.Stream):
+    """The hub's end of a connection, with test hooks.
+
+    *before_answer* runs before the hub's first bytes. With *slow*, every write goes out in two
+    halves with a pause between them, like a write into a busy socket: a write cancelled in
+    the pause leaves half of it on the wire, as a real socket does.
+    """
+
+    def __init__(
+        self,
+        inner: trio.abc.Stream,
+        opener: Opener,
+        *,
+        before_answer: Callable[[], Awaitable[None]] | None = None,
+        slow: bool = False,
+    ) -> None:
+        self.inner = inner
+        self.opener = opener
+        self._before_answer = before_answer
+        self.slow = slow
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        hook, self._before_answer = self._before_answer, None
+        if hook is not None:
+            await hook()
+        if self.slow and len(data) > 1:
+            half = len(data) // 2
+            await self.inner.send_all(data[:half])
+            if len(data) > 1024:  # data, not a pong
+                pause_hook, self.opener.in_pause = self.opener.in_pause, None
+                if pause_hook is not None:
+                    pause_hook()
+            try:
+                await trio.sleep(0.001)
+            except trio.Cancelled:
+                self.opener.cut_writes += 1
+                raise
+            data = data[half:]
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return bytes(await self.inner.receive_some(max_bytes))
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@dataclass
+class Opener:
+    """A client's opener: in-memory connections to the hub, each wrapped in a :class:`Tap`."""
+
+    env: HubEnv
+    taps: list[Tap] = field(default_factory=list)
+    #: When set, new connections are refused as if the hub were unreachable.
+    refuse: bool = False
+    #: When set, the hub learns that a stream connection ended only while it takes the
+    #: client's next connection, between accepting the resume and switching to it.
+    late_drops: bool = False
+    #: When set, the hub does not hear of the client closing a connection at all.
+    silent_drops: bool = False
+    #: When set, the hub writes to this client's connections slowly (see :class:`HubEnd`).
+    slow_hub_writes: bool = False
+    #: Called (once) in the pause of the hub's next slow write of more than 1 KiB.
+    in_pause: Callable[[], None] | None = None
+    #: Slow writes of the hub cancelled half-way (half of their bytes went out).
+    cut_writes: int = 0
+
+    async def __call__(self, address: HubAddress) -> trio.abc.Stream:
+        if self.refuse:
+            await trio.lowlevel.checkpoint()
+            raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, "refused by the test")
+        assert (address.host, address.port) == (HUB.host, HUB.port), address
+        client, server = trio.testing.memory_stream_pair()
+        self.env.server_streams.append(server)
+        tap = Tap(client, server)
+        tap.close_silently = self.late_drops or self.silent_drops
+        hub_end = HubEnd(
+            server,
+            self,
+            before_answer=self._end_previous_stream if self.late_drops else None,
+            slow=self.slow_hub_writes,
+        )
+        self.taps.append(tap)
+        self.env.nursery.start_soon(self.env.hub.handle_connection, hub_end)
+        return tap
+
+    async def _end_previous_stream(self) -> None:
+        taps = self.stream_taps()
+        if len(taps) >= 2:
+            await trio.aclose_forcefully(taps[-2].server)
+            # Let the hub act on that end before it answers the new connection.
+            await trio.testing.wait_all_tasks_blocked()
+
+    def stream_taps(self) -> list[Tap]:
+        return [tap for tap in self.taps if tap.is_stream]
+
+    def latest_stream(self) -> Tap:
+        return self.stream_taps()[-1]
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+async def env_with(nursery: trio.Nursery, config: HubConfig) -> HubEnv:
+    """Like the ``hub_env`` fixture, with a hub configured by *config*."""
+    store = await RegistryStore.open(None)
+    owner, _ = await ensure_owner_policy(store)
+    secret = await load_or_create_secret(store)
+    hub = Hub(store, public_url=PUBLIC_URL, secret=secret, config=config)
+    await nursery.start(hub.run)
+    return HubEnv(hub=hub, store=store, owner=owner, nursery=nursery)
+
+
+@dataclass
+class Streams:
+    """Both sides of one devstream.v1 stream, and the openers under them."""
+
+    service: FramedStream
+    device: FramedStream
+    service_opener: Opener
+    device_opener: Opener
+
+
+async def open_streams(
+    env: HubEnv,
+    *,
+    options: StreamOptions | None = None,
+    device_options: StreamOptions | None = None,
+    device_id: str = "d1",
+) -> Streams:
+    """Start a device that hands each stream to the test, and open one stream to it."""
+    device_opener = Opener(env)
+    service_opener = Opener(env)
+    cs = await env.create_device(device_id)
+    inbox_send, inbox_receive = trio.open_memory_channel[AnyStream](1)
+
+    async def hand_over(stream: AnyStream) -> None:
+        await inbox_send.send(stream)
+        await trio.sleep_forever()
+
+    device = DeviceClient(cs, opener=device_opener, stream_options=device_options or options)
+    await env.nursery.start(device.serve, {"pipe": hand_over})
+    service = ServiceClient(
+        env.service_cs(), opener=service_opener, nursery=env.nursery, stream_options=options
+    )
+    service_stream = await service.open_stream(device_id, "pipe")
+    device_stream = await inbox_receive.receive()
+    assert isinstance(service_stream, FramedStream)
+    assert isinstance(device_stream, FramedStream)
+    return Streams(service_stream, device_stream, service_opener, device_opener)
+
+
+async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
+    """Everything up to the peer's EOF."""
+    data = bytearray()
+    while chunk := await stream.receive_some():
+        data += chunk
+    return bytes(data)
+
+
+async def read_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = await stream.receive_some(size - len(data))
+        assert chunk, f"EOF after {len(data)} of {size} bytes"
+        data += chunk
+    return bytes(data)
+
+
+async def metrics(env: HubEnv) -> dict[str, float]:
+    stream = await env.open(HUB)
+    try:
+        response = await http_request(stream, method="GET", host=HUB.host_header, target="/metrics")
+    finally:
+        await trio.aclose_forcefully(stream)
+    assert response.status == 200
+    values: dict[str, float] = {}
+    for line in response.body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- half-close --------------------------------------------------------------------------------
+
+
+async def test_half_close_each_way_then_clean_finish(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env)
+        request = random_payload(300_000)
+        await pair.service.send_all(request)
+        await pair.service.send_eof()
+        with pytest.raises(trio.ClosedResourceError):
+            await pair.service.send_all(b"more")
+        await pair.service.send_eof()  # a second EOF is harmless
+
+        # The device reads up to the EOF, then keeps talking: half-close is one way only.
+        assert await read_all(pair.device) == request
+        assert await pair.device.receive_some() == b""
+        answer = random_payload(500_000)
+        for start in range(0, len(answer), 70_000):
+            await pair.device.send_all(answer[start : start + 70_000])
+        await pair.device.send_eof()
+
+        received = await read_all(pair.service)
+        assert sha(received) == sha(answer)
+        assert await pair.service.receive_some() == b""
+        assert await pair.service.receive_some() == b""
+
+        await pair.device.aclose()
+        await pair.service.aclose()
+        for stream in (pair.service, pair.device):
+            assert stream._endpoint.state is EndpointState.DONE
+            assert stream._endpoint.reset_info is None
+            assert stream.resumes == 0
+        while (await metrics(hub_env))["devstream_streams_open"] != 0:
+            await trio.sleep(0.1)
+        values = await metrics(hub_env)
+        assert values["devstream_streams_total"] == 1
+        assert values["devstream_resumes_total"] == 0
+
+
+# -- reset -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resetter", [Role.SERVICE, Role.DEVICE])
+async def test_reset_reaches_the_other_side(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock, resetter: Role
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env)
+        one, other = (
+            (pair.service, pair.device) if resetter is Role.SERVICE else (pair.device, pair.service)
+        )
+        await one.send_all(b"before the reset")
+        assert await read_exactly(other, 16) == b"before the reset"
+        await one.reset(4242, "enough of this")
+        for _ in range(2):  # and again: the stream stays broken
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await other.receive_some()
+            cause = info.value.__cause__
+            assert isinstance(cause, StreamReset)
+            assert cause.reset_code == 4242
+            assert cause.code is ErrorCode.STREAM_RESET
+            assert cause.message == "enough of this"
+        with pytest.raises(trio.BrokenResourceError):
+            await other.send_all(b"after")
+        # The side that reset sees its own reset too.
+        with pytest.raises(trio.BrokenResourceError) as info:
+            await one.receive_some()
+        assert isinstance(info.value.__cause__, StreamReset)
+        await one.aclose()
+        await other.aclose()
+        while (await metrics(hub_env))["devstream_streams_open"] != 0:
+            await trio.sleep(0.1)
+
+
+async def test_reset_with_a_known_code_maps_to_its_exception(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env)
+        await pair.device.reset()
+        with pytest.raises(trio.BrokenResourceError) as info:
+            await pair.service.receive_some()
+        cause = info.value.__cause__
+        assert isinstance(cause, StreamReset)
+        assert cause.reset_code == ErrorCode.STREAM_RESET
+
+
+# -- flow control ------------------------------------------------------------------------------
+
+
+async def test_a_reader_that_stops_stops_the_writer(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    window = 64 * 1024
+    options = StreamOptions(window=window)
+    payload = random_payload(1024 * 1024)
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env, options=options)
+        assert pair.service.window == pair.device.window == window
+        handed_over = 0
+
+        async def write() -> None:
+            nonlocal handed_over
+            for start in range(0, len(payload), 4096):
+                await pair.service.send_all(payload[start : start + 4096])
+                handed_over = start + 4096
+            await pair.service.send_eof()
+
+        sender = pair.service._endpoint
+        receiver = pair.device._endpoint
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write)
+            # The device reads nothing: once everything is blocked, the writer is stuck with
+            # exactly one window handed over and nothing more.
+            await trio.sleep(30)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sender.written_end == window
+            assert handed_over == window
+            assert sender.unacked <= window
+            assert sender.acked == 0
+            assert receiver.received == window
+            assert receiver.consumed == 0
+
+            # Reading a quarter window sends an Ack, and the writer moves on.
+            first = await read_exactly(pair.device, window // 4)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sender.acked == window // 4
+            assert sender.written_end == window + window // 4
+            assert sender.unacked <= window
+
+            rest = await read_all(pair.device)
+        assert sha(first + rest) == sha(payload)
+        assert sender.unacked <= window
+
+
+# -- resume ------------------------------------------------------------------------------------
+
+
+async def test_resume_after_many_drops_loses_nothing(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """Connections are cut on both sides, at the client's end and at the hub's, in the middle
+    of a multi-MiB transfer each way; every byte arrives once and in order."""
+    size = 8 * 1024 * 1024
+    step = 512 * 1024
+    last_cut = size - DEFAULT_WINDOW - step
+    to_device = random_payload(size)
+    to_service = random_payload(size)
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env)
+        cuts: list[str] = []
+
+        def resumes() -> int:
+            return pair.service.resumes + pair.device.resumes
+
+        async def cut_next() -> None:
+            plan = ["service", "device-at-hub", "device", "service-at-hub"]
+            what = plan[len(cuts) % len(plan)]
+            opener = pair.service_opener if what.startswith("service") else pair.device_opener
+            tap = opener.latest_stream()
+            cuts.append(what)
+            if what.endswith("at-hub"):
+                await trio.aclose_forcefully(tap.server)
+            else:
+                tap.cut()
+
+        async def send(stream: FramedStream, data: bytes) -> None:
+            for start in range(0, len(data), 256 * 1024):
+                await stream.send_all(data[start : start + 256 * 1024])
+            await stream.send_eof()
+
+        async def receive(stream: FramedStream, into: bytearray) -> None:
+            # Cut again once the last cut has been resumed and enough has arrived; stop while
+            # the reader still needs more than a window, so that every cut must be resumed.
+            next_cut = step
+            while chunk := await stream.receive_some():
+                into += chunk
+                if next_cut <= len(into) < last_cut and resumes() == len(cuts):
+                    next_cut = len(into) + step
+                    await cut_next()
+
+        at_device = bytearray()
+        at_service = bytearray()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send, pair.service, to_device)
+            nursery.start_soon(send, pair.device, to_service)
+            nursery.start_soon(receive, pair.device, at_device)
+            nursery.start_soon(receive, pair.service, at_service)
+        assert sha(at_device) == sha(to_device)
+        assert sha(at_service) == sha(to_service)
+        assert len(cuts) >= 12, cuts
+        assert set(cuts) == {"service", "device", "service-at-hub", "device-at-hub"}
+        await pair.service.aclose()
+        await pair.device.aclose()
+        assert resumes() == len(cuts)
+        assert pair.service.resumes >= 4 and pair.device.resumes >= 4
+        values = await metrics(hub_env)
+        assert values["devstream_resumes_total"] == len(cuts)
+        for stream in (pair.service, pair.device):
+            assert stream._endpoint.state is EndpointState.DONE
+        # Every dead connection was released by its client, whichever end was cut.
+        for opener in (pair.service_opener, pair.device_opener):
+            assert all(tap.closed for tap in opener.stream_taps())
+
+
+# -- grace period ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lost", [Role.DEVICE, Role.SERVICE])
+async def test_a_side_that_never_comes_back_is_lost(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock, lost: Role
+) -> None:
+    grace, resume_timeout = 5.0, 12.0
+    env = await env_with(nursery, HubConfig(grace_period=grace))
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(env, options=StreamOptions(resume_timeout=resume_timeout))
+        gone, waiting = (
+            (pair.device, pair.service) if lost is Role.DEVICE else (pair.service, pair.device)
+        )
+        opener = pair.device_opener if lost is Role.DEVICE else pair.service_opener
+        await gone.send_all(b"x" * 1000)
+        assert await read_exactly(waiting, 1000) == b"x" * 1000
+        failures: dict[str, tuple[float, BaseException | None]] = {}
+
+        async def watch(name: str, stream: FramedStream) -> None:
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await stream.receive_some()
+            failures[name] = (trio.current_time(), info.value.__cause__)
+
+        opener.refuse = True
+        dropped_at = trio.current_time()
+        await trio.aclose_forcefully(opener.latest_stream().server)
+        async with trio.open_nursery() as watchers:
+            watchers.start_soon(watch, "waiting", waiting)
+            watchers.start_soon(watch, "gone", gone)
+        when, cause = failures["waiting"]
+        assert isinstance(cause, PeerLost)
+        assert cause.code is ErrorCode.PEER_LOST
+        assert grace <= when - dropped_at <= grace + 0.1
+        when, cause = failures["gone"]
+        assert isinstance(cause, HubUnreachable)
+        assert resume_timeout <= when - dropped_at <= resume_timeout + 0.1
+        assert gone.resumes == 0
+        values = await metrics(env)
+        assert values["devstream_streams_open"] == 0
+        assert values["devstream_resumes_total"] == 0
+        # Both sides can still be closed; they stay broken.
+        await gone.aclose()
+        await waiting.aclose()
+    await env.store.aclose()
+
+
+async def test_coming_back_after_the_grace_period_is_refused_at_once(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    env = await env_with(nursery, HubConfig(grace_period=3))
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(env, options=StreamOptions(resume_timeout=60))
+        pair.service_opener.refuse = True
+        await trio.aclose_forcefully(pair.service_opener.latest_stream().server)
+        with pytest.raises(trio.BrokenResourceError) as info:
+            await pair.device.receive_some()
+        assert isinstance(info.value.__cause__, PeerLost)
+        pair.service_opener.refuse = False
+        came_back_at = trio.current_time()
+        with pytest.raises(trio.BrokenResourceError) as info:
+            await pair.service.receive_some()
+        cause = info.value.__cause__
+        assert isinstance(cause, HubError) and cause.code is ErrorCode.NOT_FOUND
+        # Refused as final: no retrying until resume_timeout.
+        assert trio.current_time() - came_back_at < 10
+    await env.store.aclose()
+
+
+# -- keepalive ---------------------------------------------------------------------------------
+
+
+async def transfer_across(pair: Streams, event: Callable[[], Awaitable[None]]) -> None:
+    """Send bytes each way, run *event* in the middle, and check every byte arrived."""
+    first, second = random_payload(200_000), random_payload(300_000)
+    back = random_payload(250_000)
+    await pair.service.send_all(first)
+    assert await read_exactly(pair.device, len(first)) == first
+    await event()
+    await pair.service.send_all(second)
+    await pair.device.send_all(back)
+    assert await read_exactly(pair.device, len(second)) == second
+    assert await read_exactly(pair.service, len(back)) == back
+    await finish(pair)
+
+
+async def finish(pair: Streams) -> None:
+    """Both sides send EOF, read the other's, and close: the stream completes."""
+    for one, other in ((pair.service, pair.device), (pair.device, pair.service)):
+        await one.send_eof()
+        assert await other.receive_some() == b""
+    await pair.service.aclose()
+    await pair.device.aclose()
+    for stream in (pair.service, pair.device):
+        assert stream._endpoint.state is EndpointState.DONE
+
+
+async def wait_for_resume(stream: FramedStream, count: int = 1) -> float:
+    """Wait (on the test's clock) until *stream* has resumed *count* times; return when."""
+    while stream.resumes < count:
+        await trio.sleep(0.01)
+    return trio.current_time()
+
+
+async def test_client_detects_a_silent_connection_and_resumes(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """The network goes silent both ways under the service (the hub hears nothing, not even
+    the client giving up): the service's pings go unanswered, it drops the connection after
+    ``ping_interval + ping_timeout`` and resumes; the hub replaces the old connection."""
+    options = StreamOptions(ping_interval=2, ping_timeout=3)
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env, options=options)
+        stalled_at = 0.0
+
+        async def stall() -> None:
+            nonlocal stalled_at
+            pair.service_opener.latest_stream().stall()
+            stalled_at = trio.current_time()
+
+        async with trio.open_nursery() as nursery:
+            resumed_at: list[float] = []
+
+            async def watch() -> None:
+                resumed_at.append(await wait_for_resume(pair.service))
+
+            nursery.start_soon(watch)
+            await transfer_across(pair, stall)
+        assert 0 < resumed_at[0] - stalled_at <= 5 + 0.1
+        assert pair.service.resumes == 1 and pair.device.resumes == 0
+        assert (await metrics(hub_env))["devstream_resumes_total"] == 1
+
+
+async def test_hub_detects_a_silent_side_and_holds_it(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """The service's bytes stop reaching the hub (it never pings by itself here): the hub
+    drops its connection after ``stream_idle_timeout``, and the service resumes."""
+    idle = 4.0
+    env = await env_with(nursery, HubConfig(stream_idle_timeout=idle))
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(
+            env,
+            options=StreamOptions(ping_interval=1000, ping_timeout=1000),
+            device_options=StreamOptions(ping_interval=1),
+        )
+        stalled_at = 0.0
+
+        async def stall() -> None:
+            nonlocal stalled_at
+            # Something from the service reaches the hub just before the silence starts.
+            await pair.service.send_all(b"!")
+            assert await read_exactly(pair.device, 1) == b"!"
+            pair.service_opener.latest_stream().stall(incoming=False)
+            stalled_at = trio.current_time()
+            resumed_at = await wait_for_resume(pair.service)
+            assert idle - 0.1 <= resumed_at - stalled_at <= idle + 0.1
+
+        await transfer_across(pair, stall)
+        assert pair.service.resumes == 1 and pair.device.resumes == 0
+        # The device, which pings every second, was never dropped by the hub.
+        assert len(pair.device_opener.stream_taps()) == 1
+    await env.store.aclose()
+
+
+# -- raw mode and the subprotocol --------------------------------------------------------------
+
+
+async def echo(stream: AnyStream) -> None:
+    async for data in stream:
+        await stream.send_all(data)
+
+
+async def start_device(env: HubEnv, handler: Callable[[AnyStream], Awaitable[None]]) -> None:
+    cs = await env.create_device("d1")
+    device = DeviceClient(cs, opener=env.open, ping_interval=1000)
+    await env.nursery.start(device.serve, {"echo": handler})
+
+
+async def initiate(env: HubEnv, headers: list[tuple[str, str]]) -> tuple[str, str]:
+    """The Azure initiate request by hand; return the stream URL and the service token."""
+    response = await env.service().request(
+        "POST", "/twins/d1/streams/echo?api-version=2020-09-30", headers=headers, body=b""
+    )
+    assert response.status == 200
+    assert response.header(b"iothub-streaming-is-accepted") == b"True"
+    url = (response.header(b"iothub-streaming-url") or b"").decode()
+    token = (response.header(b"iothub-streaming-auth-token") or b"").decode()
+    return url, token
+
+
+async def connect(env: HubEnv, url: str, token: str, subprotocols: list[str]) -> WebSocket:
+    address = HubAddress.from_url(url)
+    parts = urllib.parse.urlsplit(url)
+    return await websocket_connect(
+        await env.open(address),
+        host=address.host_header,
+        target=f"{parts.path}?{parts.query}",
+        headers=[("authorization", f"Bearer {token}")],
+        subprotocols=subprotocols,
+    )
+
+
+async def test_open_service_gives_framed_streams_by_default(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    kinds: list[type] = []
+
+    async def handler(stream: AnyStream) -> None:
+        kinds.append(type(stream))
+        await echo(stream)
+
+    await start_device(hub_env, handler)
+    with trio.fail_after(TIMEOUT):
+        async with open_service(hub_env.service_cs(), opener=hub_env.open) as service:
+            stream = await service.open_stream("d1", "echo")
+            assert isinstance(stream, FramedStream)
+            await stream.send_all(b"framed")
+            assert await read_exactly(stream, 6) == b"framed"
+            await stream.send_eof()
+            assert await stream.receive_some() == b""
+            await stream.aclose()
+            assert stream._endpoint.state is EndpointState.DONE
+    assert kinds == [FramedStream]
+
+
+async def test_a_service_without_a_nursery_gets_a_raw_stream(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    kinds: list[type] = []
+
+    async def handler(stream: AnyStream) -> None:
+        kinds.append(type(stream))
+        await echo(stream)
+
+    await start_device(hub_env, handler)
+    with trio.fail_after(TIMEOUT):
+        stream = await ServiceClient(hub_env.service_cs(), opener=hub_env.open).open_stream(
+            "d1", "echo"
+        )
+        assert isinstance(stream, HubStream)
+        payload = random_payload(100_000)
+        await stream.send_all(payload)
+        assert await read_exactly(stream, len(payload)) == payload
+        await stream.aclose()
+    assert kinds == [HubStream]
+
+
+async def test_an_azure_style_client_gets_raw_messages_intact(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    await start_device(hub_env, echo)
+    with trio.fail_after(TIMEOUT):
+        url, token = await initiate(hub_env, [])
+        ws = await connect(hub_env, url, token, ["some.protocol"])
+        assert ws.subprotocol == "some.protocol"
+        for message in (b"one", random_payload(40_000), b"three"):
+            await ws.send_bytes(message)
+            received = bytearray()
+            while len(received) < len(message):
+                event = await ws.receive()
+                assert isinstance(event.data, bytes | bytearray)
+                received += event.data
+            assert received == message
+        await ws.aclose()
+
+
+async def test_a_framed_stream_refuses_a_join_without_its_subprotocol(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    device_streams: list[AnyStream] = []
+    outcome: list[BaseException] = []
+
+    async def handler(stream: AnyStream) -> None:
+        device_streams.append(stream)
+        try:
+            await stream.receive_some()
+        except trio.BrokenResourceError as exc:
+            outcome.append(exc)
+
+    await start_device(hub_env, handler)
+    with trio.fail_after(TIMEOUT):
+        url, token = await initiate(hub_env, [("devstream-stream-mode", "devstream.v1")])
+        with pytest.raises(HttpStatusError) as info:
+            await connect(hub_env, url, token, ["other.protocol"])
+        assert info.value.response.status == 400
+        assert info.value.code is ErrorCode.ARGUMENT_INVALID
+        assert "devstream.v1" in info.value.message
+        # The device's side, already in, does not wait for a peer that cannot come.
+        refused_at = trio.current_time()
+        while not outcome:
+            await trio.sleep(0.01)
+        assert trio.current_time() - refused_at < 1
+    assert isinstance(device_streams[0], FramedStream)
+    assert isinstance(outcome[0].__cause__, PeerNeverConnected)
+    values = await metrics(hub_env)
+    assert values["devstream_streams_open"] == 0
+    assert values["devstream_streams_waiting"] == 0
+
+
+# -- drops that overlap ------------------------------------------------------------------------
+
+
+async def test_a_resume_that_overtakes_the_drop_replaces_the_connection(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """The service resumes before the hub noticed its old connection end, and the hub learns
+    of that end while it is still taking the resume: the stream goes on over the new one."""
+    payload = random_payload(8 * 1024 * 1024)
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env)
+        pair.service_opener.late_drops = True
+        cuts = 0
+
+        async def cut_many() -> None:
+            nonlocal cuts
+            while cuts < 24:
+                await wait_for_resume(pair.service, cuts)
+                await trio.sleep(0.02)
+                cuts += 1
+                pair.service_opener.latest_stream().cut()
+
+        async def receive_slowly() -> bytes:
+            data = bytearray()
+            while chunk := await pair.device.receive_some(64 * 1024):
+                data += chunk
+                await trio.sleep(0.01)
+            return bytes(data)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_then_eof, pair.service, payload)
+            nursery.start_soon(cut_many)
+            received = await receive_slowly()
+        assert sha(received) == sha(payload)
+        assert cuts == pair.service.resumes == 24
+        assert (await metrics(hub_env))["devstream_resumes_total"] == 24
+        await pair.device.send_eof()
+        assert await pair.service.receive_some() == b""
+        await pair.service.aclose()
+        await pair.device.aclose()
+        assert pair.service._endpoint.state is EndpointState.DONE
+
+
+async def test_a_replaced_connection_never_cuts_a_message_in_half(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """The hub is still forwarding what the service's old connection brought, into a slow
+    device connection, when the service resumes and replaces that connection: the message
+    being forwarded must go out whole (or the device's connection must end), never half."""
+    payload = random_payload(16 * 1024 * 1024)
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env)
+        # Reconnect the device so that its stream connection is one the hub writes slowly to.
+        pair.device_opener.slow_hub_writes = True
+        await trio.aclose_forcefully(pair.device_opener.latest_stream().server)
+        await wait_for_resume(pair.device)
+        pair.service_opener.silent_drops = True
+        cuts = 0
+
+        def cut() -> None:
+            nonlocal cuts
+            cuts += 1
+            pair.service_opener.latest_stream().cut()
+
+        async def cut_many() -> None:
+            while cuts < 6:
+                armed = cuts
+                pair.device_opener.in_pause = cut
+                while cuts == armed:
+                    await trio.sleep(0.001)
+                await wait_for_resume(pair.service, cuts)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_then_eof, pair.service, payload)
+            nursery.start_soon(cut_many)
+            received = await read_all(pair.device)
+        assert sha(received) == sha(payload)
+        assert pair.service.resumes == cuts == 6
+        # The forwards in progress went out whole, and the device's connection carried on.
+        assert pair.device_opener.cut_writes == 0
+        assert pair.device.resumes == 1
+
+
+async def send_then_eof(stream: FramedStream, data: bytes) -> None:
+    for start in range(0, len(data), 64 * 1024):
+        await stream.send_all(data[start : start + 64 * 1024])
+    await stream.send_eof()
+
+
+async def test_both_sides_dropped_at_once_both_resume(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env)
+
+        async def drop_both() -> None:
+            # The device cannot come back for a while: the hub holds both sides.
+            pair.device_opener.refuse = True
+            for opener in (pair.service_opener, pair.device_opener):
+                await trio.aclose_forcefully(opener.latest_stream().server)
+            await wait_for_resume(pair.service)
+            await trio.sleep(3)
+            pair.device_opener.refuse = False
+
+        await transfer_across(pair, drop_both)
+        assert pair.service.resumes == 1 and pair.device.resumes == 1
+        assert (await metrics(hub_env))["devstream_resumes_total"] == 2
+
+
+async def test_a_reset_made_while_the_peer_is_away_reaches_it_after_its_resume(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env)
+        await pair.service.send_all(b"abc")
+        pair.device_opener.refuse = True
+        await trio.aclose_forcefully(pair.device_opener.latest_stream().server)
+        await trio.sleep(1)
+        await pair.service.reset(77, "gone while you were away")
+        await trio.sleep(1)
+        pair.device_opener.refuse = False
+        with pytest.raises(trio.BrokenResourceError) as info:
+            while True:
+                await pair.device.receive_some()
+        cause = info.value.__cause__
+        assert isinstance(cause, StreamReset)
+        assert (cause.reset_code, cause.message) == (77, "gone while you were away")
+        assert pair.device.resumes == 1
+        await pair.service.aclose()
+        await pair.device.aclose()
+        while (await metrics(hub_env))["devstream_streams_open"] != 0:
+            await trio.sleep(0.1)
+
+
+async def test_a_side_waiting_long_for_its_peer_needs_no_resume(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """The device joins at once; the service joins only after the device's keepalive limit."""
+    device_streams: list[AnyStream] = []
+
+    async def handler(stream: AnyStream) -> None:
+        device_streams.append(stream)
+        await echo(stream)
+
+    await start_device(hub_env, handler)
+    with trio.fail_after(TIMEOUT):
+        url, token = await initiate(hub_env, [("devstream-stream-mode", "devstream.v1")])
+        # Longer than the device's keepalive limit (20 s) and the hub's idle timeout (45 s).
+        await trio.sleep(50)
+        stream = await join_stream(
+            url,
+            token,
+            role=Role.SERVICE,
+            opener=hub_env.open,
+            mode="devstream.v1",
+            nursery=hub_env.nursery,
+        )
+        assert isinstance(stream, FramedStream)
+        await stream.send_all(b"late but fine")
+        assert await read_exactly(stream, 13) == b"late but fine"
+        (device_stream,) = device_streams
+        assert isinstance(device_stream, FramedStream)
+        assert device_stream.resumes == 0
+        assert stream.resumes == 0
