@@ -139,10 +139,11 @@ class StreamingEndpoint:
     ) -> None:
         """Serve one side's WebSocket on the streaming endpoint until it ends."""
         token = _bearer(request)
+        resuming = is_resume_token(token)
         now = trio.current_time()
         offered = request.subprotocols
         try:
-            if is_resume_token(token):
+            if resuming:
                 resumed = self.bridge.resume(
                     stream_id=route.stream_id,
                     token=token,
@@ -188,8 +189,9 @@ class StreamingEndpoint:
             self._leave(route.stream_id, connection_id)
             raise
         relay = self._framed.setdefault(route.stream_id, _FramedRelay(stream_id=route.stream_id))
-        if replaced is not None:
+        if resuming:
             self.metrics.resumes_total += 1
+        if replaced is not None:
             old_ws = relay.sides[role]
             old = relay.scopes.get(replaced)
             if old_ws is not None and relay.paired.is_set():
@@ -201,13 +203,8 @@ class StreamingEndpoint:
                 await old_ws.abort()
             elif old is not None:
                 old.cancel()
-        elif is_resume_token(token):
-            self.metrics.resumes_total += 1
         log.info(
-            "stream %s: %s %s",
-            route.stream_id,
-            role.value,
-            "resumed" if is_resume_token(token) else "joined",
+            "stream %s: %s %s", route.stream_id, role.value, "resumed" if resuming else "joined"
         )
         await self._framed_side(relay, role, ws, connection_id)
 
