@@ -89,15 +89,17 @@ class ProxyConfig:
     @classmethod
     def from_url(cls, url: str) -> ProxyConfig:
         """Parse ``http://[user:password@]host[:port]`` (the port defaults to 80)."""
-        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
-        if parts.scheme != "http" or not parts.hostname:
-            raise HubError(
-                ErrorCode.ARGUMENT_INVALID,
-                "proxy must be an http://[user:password@]host[:port] URL",
-            )
+        problem = "proxy must be an http://[user:password@]host[:port] URL"
+        try:
+            parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+            port = parts.port  # raises ValueError for a port that is not 0-65535
+        except ValueError:
+            raise HubError(ErrorCode.ARGUMENT_INVALID, problem) from None
+        if parts.scheme != "http" or not parts.hostname or port == 0:
+            raise HubError(ErrorCode.ARGUMENT_INVALID, problem)
         return cls(
             host=parts.hostname,
-            port=parts.port or 80,
+            port=port or 80,
             username=urllib.parse.unquote(parts.username or ""),
             password=urllib.parse.unquote(parts.password or ""),
         )
@@ -107,12 +109,15 @@ def _bypassed(host: str, no_proxy: str) -> bool:
     """True when *host* matches an entry of a ``NO_PROXY`` list (``*`` matches every host)."""
     host = host.lower().strip("[]")
     for entry in no_proxy.split(","):
-        entry = entry.strip().lower().strip("[]")
+        entry = entry.strip().lower()
+        if entry.startswith("["):  # [v6 address] or [v6 address]:port
+            entry = entry[1:].partition("]")[0]
+        elif entry.count(":") == 1:  # host:port
+            entry = entry.rsplit(":", 1)[0]
         if not entry:
             continue
         if entry == "*":
             return True
-        entry = entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry
         entry = entry.lstrip(".")
         if host == entry or host.endswith("." + entry):
             return True
@@ -142,7 +147,7 @@ def resolve_proxy(
 
 async def _connect_tunnel(proxy: ProxyConfig, address: HubAddress) -> trio.abc.Stream:
     """A TCP connection to the proxy, tunnelled to *address* with ``CONNECT``."""
-    via = f"{proxy.host}:{proxy.port}"
+    via = f"[{proxy.host}]:{proxy.port}" if ":" in proxy.host else f"{proxy.host}:{proxy.port}"
     try:
         tcp = await trio.open_tcp_stream(proxy.host, proxy.port)
     except OSError as exc:
@@ -182,7 +187,11 @@ async def _connect_tunnel(proxy: ProxyConfig, address: HubAddress) -> trio.abc.S
         raise
     if not 200 <= event.status_code < 300:
         await trio.aclose_forcefully(tcp)
-        hint = " (proxy authentication required)" if event.status_code == 407 else ""
+        # Some proxies (tinyproxy) answer wrong credentials with 401, not 407.
+        hint = {
+            407: " (proxy authentication required)",
+            401: " (proxy authentication failed)",
+        }.get(event.status_code, "")
         raise HubUnreachable(
             ErrorCode.HUB_UNREACHABLE,
             f"the proxy at {via} refused CONNECT {authority}: HTTP {event.status_code}{hint}",

@@ -62,6 +62,8 @@ PERMANENT = frozenset(
         ErrorCode.DEVICE_NOT_FOUND,
         ErrorCode.DEVICE_DISABLED,
         ErrorCode.INVALID_CONNECTION_STRING,
+        # A malformed setting, e.g. an http_proxy / HTTPS_PROXY that is not a proxy URL.
+        ErrorCode.ARGUMENT_INVALID,
     }
 )
 
