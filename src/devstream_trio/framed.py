@@ -229,24 +229,28 @@ class FramedStream(trio.abc.HalfCloseableStream):
         finally:
             self._scope.cancel()
 
+    def _over(self) -> bool:
+        """True once nothing more can travel: failed, closed by the peer, or no task left."""
+        return self._failure is not None or self._peer_closed or self._finished.is_set()
+
     async def _finish(self) -> None:
         endpoint = self._endpoint
         with trio.move_on_after(self.close_timeout):
-            if endpoint.state is EndpointState.OPEN and self._failure is None:
+            if endpoint.state is EndpointState.OPEN and not self._over():
                 if not self._eof_sent:
                     self._eof_sent = True
                     endpoint.write_eof()
                     self._kick()
-                while not (endpoint.eof_acked or self._failure or self._peer_closed):
+                while not (endpoint.eof_acked or self._over()):
                     if endpoint.state is not EndpointState.OPEN and not endpoint.done:
                         break
                     await self._changed.park()
             unfinished = endpoint.state is EndpointState.OPEN and not endpoint.eof_acked
-            if unfinished and self._failure is None and not self._peer_closed:
+            if unfinished and not self._over():
                 endpoint.reset(int(ErrorCode.STREAM_RESET), "closed before the peer read all")
                 self._kick()
             # Let the writer put the last frames on the wire, then close politely.
-            while self._failure is None and not self._peer_closed and endpoint.has_output:
+            while not self._over() and endpoint.has_output:
                 await self._changed.park()
             if self._ws.is_open:
                 await self._ws.send_close(NORMAL_CLOSURE, "")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -136,10 +137,10 @@ async def pipe(tcp: trio.SocketStream, stream: AnyStream) -> tuple[int, int]:
                 counts[1] += len(data)
             await tcp.send_eof()
         except trio.BrokenResourceError as exc:
-            broken = True
             cause = exc.__cause__
-            if cause is not None:
+            if cause is not None and not broken:  # not the reset this side just sent
                 log.warning("stream %s: ended: %s", stream.stream_id, cause)
+            broken = True
             _abort_with_rst(tcp)
             cancel.cancel()
         except trio.ClosedResourceError:
@@ -154,6 +155,18 @@ async def pipe(tcp: trio.SocketStream, stream: AnyStream) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
+def _connect_error(exc: OSError) -> str:
+    """Why a connection failed: trio hides the errno (``Connection refused``, …) in a group."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        reasons = {
+            os.strerror(e.errno) for e in cause.exceptions if isinstance(e, OSError) and e.errno
+        }
+        if reasons:
+            return "; ".join(sorted(reasons))
+    return exc.strerror or str(exc)
+
+
 def _target_handler(target: Target) -> Handler:
     async def handle(stream: AnyStream) -> None:
         started = trio.current_time()
@@ -161,7 +174,7 @@ def _target_handler(target: Target) -> Handler:
         try:
             tcp = await trio.open_tcp_stream(target.host, target.port)
         except OSError as exc:
-            reason = f"target {where} unreachable: {exc.strerror or exc}"
+            reason = f"target {where} unreachable: {_connect_error(exc)}"
             log.warning("stream %s (%s): %s; resetting it", stream.stream_id, target.name, reason)
             if isinstance(stream, FramedStream):
                 await stream.reset(ErrorCode.TARGET_UNREACHABLE, reason)
