@@ -295,14 +295,16 @@ class DeviceClient:
             )
             return
         stream.name = request.name
-        log.info("device %r: stream %s (%r) opened", self.device_id, stream.stream_id, request.name)
+        log.debug(
+            "device %r: stream %s (%r) opened", self.device_id, stream.stream_id, request.name
+        )
         try:
             await handler(stream)
         except Exception:
             log.exception("device %r: handler for %r failed", self.device_id, request.name)
         finally:
             await stream.aclose()
-            log.info("device %r: stream %s closed", self.device_id, stream.stream_id)
+            log.debug("device %r: stream %s closed", self.device_id, stream.stream_id)
 
 
 @asynccontextmanager

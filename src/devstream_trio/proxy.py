@@ -13,7 +13,8 @@
 Both use devstream.v1 streams, so a TCP half-close on either end reaches the other end as a
 half-close, a TCP reset as a stream reset (and back as a TCP reset), and a dropped WebSocket
 resumes without the TCP connections noticing. Each stream gets one log line at info level when
-it closes: bytes each way and duration.
+it closes (stream id, name, TCP peer or target, bytes each way, duration); opening is logged at
+debug level, failures at warning level.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def _target_handler(target: Target) -> Handler:
             if isinstance(stream, FramedStream):
                 await stream.reset(ErrorCode.TARGET_UNREACHABLE, reason)
             return
-        log.info("stream %s (%s): opened to %s", stream.stream_id, target.name, where)
+        log.debug("stream %s (%s): opened to %s", stream.stream_id, target.name, where)
         to_device, to_target = await pipe(tcp, stream)
         log.info(
             "stream %s (%s): closed; %d bytes to %s, %d bytes back, %.1f s",
@@ -259,13 +260,14 @@ def _connection_handler(
             )
             await trio.aclose_forcefully(tcp)
             return
-        log.info("stream %s (%s): opened for %s", stream.stream_id, forward.name, client)
+        log.debug("stream %s (%s): opened for %s", stream.stream_id, forward.name, client)
         async with stream:
             sent, received = await pipe(tcp, stream)
         log.info(
-            "stream %s (%s): closed; %d bytes sent, %d bytes received, %.1f s",
+            "stream %s (%s) for %s: closed; %d bytes sent, %d bytes received, %.1f s",
             stream.stream_id,
             forward.name,
+            client,
             sent,
             received,
             trio.current_time() - started,
