@@ -93,6 +93,10 @@ MODE_RAW: Final = "raw"
 #: Data-plane mode: devstream's framed channel (sequence numbers, acks, EOF, resume).
 MODE_FRAMED: Final = "devstream.v1"
 
+#: The flow-control window a devstream.v1 stream may use, in bytes (carried in a request).
+MIN_WINDOW: Final = 1024
+MAX_WINDOW: Final = 64 * 1024 * 1024
+
 MAX_REASON_LENGTH: Final = 256
 MAX_ERROR_MESSAGE_LENGTH: Final = 1024
 MAX_REQUEST_ID_LENGTH: Final = 128
@@ -197,8 +201,9 @@ class StreamRequest:
     """Hub to device: a service wants stream *name*; join it at *url* with *token*.
 
     *mode* is the data-plane mode both sides use (:data:`MODE_RAW` or :data:`MODE_FRAMED`;
-    any other name-shaped mode is carried through, for the device to reject). The ``repr``
-    hides the token.
+    any other name-shaped mode is carried through, for the device to reject). *window* is the
+    flow-control window of a devstream.v1 stream, chosen by the service at initiation, which
+    the device must use too (None: the protocol's default). The ``repr`` hides the token.
     """
 
     request_id: str
@@ -206,6 +211,7 @@ class StreamRequest:
     url: str
     token: str
     mode: str = MODE_RAW
+    window: int | None = None
 
     def __post_init__(self) -> None:
         _check_request_id(self.request_id)
@@ -221,11 +227,15 @@ class StreamRequest:
             )
         if not is_valid_stream_name(self.mode):
             raise _invalid("mode must be 1 to 64 characters of [A-Za-z0-9._-]")
+        if self.window is not None and not (
+            type(self.window) is int and MIN_WINDOW <= self.window <= MAX_WINDOW
+        ):
+            raise _invalid(f"window must be a whole number from {MIN_WINDOW} to {MAX_WINDOW}")
 
     def __repr__(self) -> str:
         return (
             f"StreamRequest(request_id={self.request_id!r}, name={self.name!r}, "
-            f"url={self.url!r}, token=<hidden>, mode={self.mode!r})"
+            f"url={self.url!r}, token=<hidden>, mode={self.mode!r}, window={self.window!r})"
         )
 
     def accept(self) -> StreamResponse:
@@ -295,7 +305,7 @@ def _to_json(msg: ControlMessage) -> dict[str, object]:
     if isinstance(msg, Register | Registered):
         return {"type": _TYPE_NAMES[type(msg)], "names": list(msg.names)}
     if isinstance(msg, StreamRequest):
-        return {
+        request: dict[str, object] = {
             "type": "streamRequest",
             "requestId": msg.request_id,
             "name": msg.name,
@@ -303,6 +313,9 @@ def _to_json(msg: ControlMessage) -> dict[str, object]:
             "authorizationToken": msg.token,
             "mode": msg.mode,
         }
+        if msg.window is not None:
+            request["window"] = msg.window
+        return request
     if isinstance(msg, StreamResponse):
         return {
             "type": "streamResponse",
@@ -393,6 +406,7 @@ def _decode_stream_request(obj: dict[str, object]) -> ControlMessage:
         url=_field(obj, "url", str),
         token=_field(obj, "authorizationToken", str),
         mode=_field(obj, "mode", str, MODE_RAW),
+        window=_field(obj, "window", int) if "window" in obj else None,
     )
 
 

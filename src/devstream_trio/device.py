@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import ssl
@@ -275,6 +276,13 @@ class DeviceClient:
                 except ConnectionClosed:
                     return
 
+    def _options_for(self, request: control.StreamRequest) -> StreamOptions:
+        """This device's stream options, with the window the service chose for the stream."""
+        options = self.stream_options or StreamOptions()
+        if request.window is not None and request.window != options.window:
+            options = dataclasses.replace(options, window=request.window)
+        return options
+
     async def _run_stream(
         self, request: control.StreamRequest, handler: Handler, streams: trio.Nursery
     ) -> None:
@@ -287,7 +295,7 @@ class DeviceClient:
                 opener=self.opener,
                 mode=request.mode,
                 nursery=streams,
-                options=self.stream_options,
+                options=self._options_for(request),
             )
         except DevstreamError as exc:  # HubError, or the hub lost mid-handshake
             log.warning(

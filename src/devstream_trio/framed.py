@@ -79,8 +79,8 @@ class StreamOptions:
     """Settings of devstream.v1 streams, shared by every stream a client opens."""
 
     #: The most unacknowledged bytes in flight towards the peer, and the most this side
-    #: buffers from the peer. The window is not negotiated yet: the device and the service
-    #: must use the same value (the default, unless both set it).
+    #: buffers from the peer. Both sides of a stream use one window: the service's, sent at
+    #: initiation (``devstream-stream-window``); a device adopts it for that stream.
     window: int = DEFAULT_WINDOW
     #: Ping the hub this often; a WebSocket silent for ``ping_interval + ping_timeout``
     #: counts as dropped and the stream resumes over a new one.

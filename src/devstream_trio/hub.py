@@ -84,6 +84,8 @@ HEADER_CONNECT_TIMEOUT = b"iothub-streaming-connect-timeout-in-seconds"
 HEADER_RESPONSE_TIMEOUT = b"iothub-streaming-response-timeout-in-seconds"
 #: devstream's own initiate header: the data-plane mode the service asks for.
 HEADER_STREAM_MODE = b"devstream-stream-mode"
+#: devstream's own initiate header: the flow-control window of a devstream.v1 stream.
+HEADER_STREAM_WINDOW = b"devstream-stream-window"
 STREAM_MODES = ("raw", control.MODE_FRAMED)
 
 
@@ -422,7 +424,8 @@ class Hub:
             self._timeout_header(request, HEADER_CONNECT_TIMEOUT)
             response_timeout = self._timeout_header(request, HEADER_RESPONSE_TIMEOUT)
             mode = self._mode_header(request)
-            outcome = await self._run_initiation(route, response_timeout, mode)
+            window = self._window_header(request)
+            outcome = await self._run_initiation(route, response_timeout, mode, window)
             result = outcome.result
             if isinstance(result, InitiationAccepted):
                 outcome_name = "accepted"
@@ -434,6 +437,7 @@ class Hub:
                         (b"iothub-streaming-url", url.encode()),
                         (b"iothub-streaming-auth-token", outcome.service_token.encode()),
                         (HEADER_STREAM_MODE, mode.encode()),
+                        *([(HEADER_STREAM_WINDOW, str(window).encode())] if window else []),
                     ],
                 )
             elif isinstance(result, InitiationRejected):
@@ -465,8 +469,24 @@ class Hub:
             )
         return mode
 
+    def _window_header(self, request: HttpRequest) -> int | None:
+        raw = request.header(HEADER_STREAM_WINDOW)
+        if raw is None:
+            return None
+        try:
+            window = int(raw)
+        except ValueError:
+            window = -1
+        if not control.MIN_WINDOW <= window <= control.MAX_WINDOW:
+            raise HttpError(
+                ErrorCode.ARGUMENT_INVALID,
+                f"{HEADER_STREAM_WINDOW.decode()} must be a whole number of bytes from "
+                f"{control.MIN_WINDOW} to {control.MAX_WINDOW}",
+            )
+        return window
+
     async def _run_initiation(
-        self, route: Initiate, response_timeout: float, mode: str
+        self, route: Initiate, response_timeout: float, mode: str, window: int | None
     ) -> _Outcome:
         now = trio.current_time()
         events = self.coordinator.initiate(
@@ -507,6 +527,7 @@ class Hub:
                             url=f"{self.ws_url}/bridges/{event.stream_id}?role=device",
                             token=device_token,
                             mode=mode,
+                            window=window,
                         )
                     )
             else:

@@ -42,6 +42,7 @@ AnyStream = HubStream | FramedStream
 API_VERSION = "2020-09-30"
 MODE_RAW = "raw"
 HEADER_STREAM_MODE = "devstream-stream-mode"
+HEADER_STREAM_WINDOW = "devstream-stream-window"
 SAS_LIFETIME = 3600
 
 
@@ -138,7 +139,9 @@ class ServiceClient:
             ("iothub-streaming-response-timeout-in-seconds", str(response_timeout)),
         ]
         if mode != MODE_RAW:
-            headers.append((HEADER_STREAM_MODE, mode))
+            # The device adopts this side's window, so both ends agree on it.
+            window = (self.stream_options or StreamOptions()).window
+            headers += [(HEADER_STREAM_MODE, mode), (HEADER_STREAM_WINDOW, str(window))]
         response = await self.request("POST", target, headers=headers, body=b"")
         if response.status != 200:
             raise _error_from_response(response)
