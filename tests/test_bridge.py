@@ -950,14 +950,17 @@ def test_chain_of_resumes_each_with_a_fresh_token_older_ones_reused(role: Role) 
         history.append(back.resume_token)
         conn = new_conn
         now += 5
+        # The side's first message on the new connection: the token it came with is spent.
+        bridge.confirm(stream_id="s1", connection_id=conn, now=now)
         for older in history[:-1]:
             assert resume_refused(bridge, older, role=role, now=now) is (
                 ErrorCode.STREAM_TOKEN_REUSED
             )
     assert len(set(history)) == 7
     assert bridge.stream_state("s1") is StreamState.PAIRED
-    # The latest still works, exactly once.
+    # The latest still works, and once its connection is confirmed, never again.
     resume(bridge, history[-1], role=role, conn=500, now=now)
+    bridge.confirm(stream_id="s1", connection_id=500, now=now)
     assert resume_refused(bridge, history[-1], role=role, now=now) is ErrorCode.STREAM_TOKEN_REUSED
     # The other side's token was never touched.
     assert resume(bridge, s.resume_tokens[role.other], role=role.other, conn=501, now=now)
@@ -1114,6 +1117,201 @@ def test_a_resume_nonce_is_never_issued_twice() -> None:
     assert resume(bridge, back.resume_token, role=Role.DEVICE, conn=31).replaced_connection_id == 30
 
 
+# -- lost answers: a token is spent once its connection is confirmed ----------------------------
+
+
+def confirm(bridge: Bridge, conn: int, *, stream_id: str = "s1", now: float = DROP_AT + 2) -> None:
+    bridge.confirm(stream_id=stream_id, connection_id=conn, now=now)
+
+
+@pytest.mark.parametrize("held_first", [True, False])
+@pytest.mark.parametrize("role", list(Role))
+def test_a_resume_whose_answer_is_lost_is_retried_with_the_same_token(
+    role: Role, held_first: bool
+) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    token = s.resume_tokens[role]
+    if held_first:
+        bridge.drop(stream_id="s1", connection_id=s.conns[role], now=DROP_AT)
+    lost = resume(bridge, token, role=role, conn=30)
+    # The answer with lost.resume_token never reached the side: it tries the old token again,
+    # and the new connection replaces the one whose answer was lost.
+    back = resume(bridge, token, role=role, conn=31, now=DROP_AT + 2)
+    assert (back.connection_id, back.replaced_connection_id) == (31, 30)
+    assert back.peer_connection_id == s.conns[role.other]
+    assert back.resume_token not in (token, lost.resume_token)
+    assert bridge.stream_state("s1") is StreamState.PAIRED
+    # The token of the lost answer was never seen by the side: it is retired at once.
+    assert resume_refused(bridge, lost.resume_token, role=role) is ErrorCode.STREAM_TOKEN_REUSED
+    # The side's first message arrives on connection 31: the old token is spent for good.
+    confirm(bridge, 31)
+    assert resume_refused(bridge, token, role=role) is ErrorCode.STREAM_TOKEN_REUSED
+    assert resume_refused(bridge, token, role=None) is ErrorCode.STREAM_TOKEN_REUSED
+    assert resume(bridge, back.resume_token, role=role, conn=32).replaced_connection_id == 31
+    # The peer's credentials were never touched.
+    assert resume(bridge, s.resume_tokens[role.other], role=role.other, conn=33).role is role.other
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_retry_for_a_held_side_whose_unconfirmed_connection_dropped(role: Role) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    token = s.resume_tokens[role]
+    bridge.drop(stream_id="s1", connection_id=s.conns[role], now=DROP_AT)
+    lost = resume(bridge, token, role=role, conn=30)
+    # The hub notices the drop of the connection whose answer was lost: held again, with the
+    # grace period counted from this drop, as for any drop.
+    assert bridge.drop(stream_id="s1", connection_id=30, now=DROP_AT + 2) == [
+        held(role, 30, DROP_AT + 2 + GRACE)
+    ]
+    back = resume(bridge, token, role=role, conn=31, now=DROP_AT + 3)
+    assert (back.replaced_connection_id, back.peer_connection_id) == (None, s.conns[role.other])
+    assert bridge.stream_state("s1") is StreamState.PAIRED
+    assert bridge.next_deadline() is None
+    assert resume_refused(bridge, lost.resume_token, role=role) is ErrorCode.STREAM_TOKEN_REUSED
+    # The dropped connection cannot confirm anything; the new one can.
+    confirm(bridge, 30)
+    assert resume(bridge, token, role=role, conn=32).replaced_connection_id == 31
+    confirm(bridge, 32)
+    assert resume_refused(bridge, token, role=role) is ErrorCode.STREAM_TOKEN_REUSED
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_the_grace_deadline_binds_a_retry_like_any_resume(role: Role) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    token = s.resume_tokens[role]
+    bridge.drop(stream_id="s1", connection_id=s.conns[role], now=DROP_AT)
+    resume(bridge, token, role=role, conn=30)
+    bridge.drop(stream_id="s1", connection_id=30, now=DROP_AT + 2)
+    deadline = DROP_AT + 2 + GRACE
+    assert bridge.next_deadline() == deadline
+    assert resume_refused(bridge, token, role=role, now=deadline) is ErrorCode.NOT_FOUND
+    assert bridge.advance(deadline) == [
+        ResetPeer(stream_id="s1", connection_id=s.conns[role.other], code=ErrorCode.PEER_LOST)
+    ]
+    assert resume_refused(bridge, token, role=role, now=deadline) is ErrorCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_presenting_the_latest_spends_the_one_before(role: Role) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    first = s.resume_tokens[role]
+    second = resume(bridge, first, role=role, conn=30).resume_token
+    # The side read that answer, but connection 30 died before its first message.
+    third = resume(bridge, second, role=role, conn=31).resume_token
+    assert resume_refused(bridge, first, role=role) is ErrorCode.STREAM_TOKEN_REUSED
+    # Connection 31 is not confirmed: its own token and the fresh one both work, once more.
+    fourth = resume(bridge, second, role=role, conn=32)
+    assert fourth.replaced_connection_id == 31
+    assert resume_refused(bridge, third, role=role) is ErrorCode.STREAM_TOKEN_REUSED
+    fifth = resume(bridge, fourth.resume_token, role=role, conn=33)
+    assert resume_refused(bridge, second, role=role) is ErrorCode.STREAM_TOKEN_REUSED
+    confirm(bridge, 33)
+    assert resume_refused(bridge, fourth.resume_token, role=role) is ErrorCode.STREAM_TOKEN_REUSED
+    assert resume(bridge, fifth.resume_token, role=role, conn=34).replaced_connection_id == 33
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_answers_lost_again_and_again_keep_the_stream(role: Role) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    token = s.resume_tokens[role]
+    lost: list[str] = []
+    conn = s.conns[role]
+    for attempt in range(6):
+        if attempt % 2:
+            bridge.drop(stream_id="s1", connection_id=conn, now=DROP_AT + attempt)
+        back = resume(bridge, token, role=role, conn=40 + attempt, now=DROP_AT + attempt + 1)
+        assert back.replaced_connection_id == (None if attempt % 2 else conn)
+        lost.append(back.resume_token)
+        conn = back.connection_id
+    assert len(set(lost)) == len(lost)
+    for retired in lost[:-1]:
+        assert resume_refused(bridge, retired, role=role) is ErrorCode.STREAM_TOKEN_REUSED
+    confirm(bridge, conn)
+    assert resume_refused(bridge, token, role=role) is ErrorCode.STREAM_TOKEN_REUSED
+    assert resume(bridge, lost[-1], role=role, conn=60).replaced_connection_id == conn
+    assert bridge.stream_state("s1") is StreamState.PAIRED
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_confirm_ignores_every_connection_but_the_unconfirmed_one(role: Role) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    token = s.resume_tokens[role]
+    resume(bridge, token, role=role, conn=30)
+    resume(bridge, token, role=role, conn=31)
+    for other in (s.conns[role], 30, s.conns[role.other], 77):
+        confirm(bridge, other)  # an old, a replaced, the peer's, an unknown connection
+    confirm(bridge, 31, stream_id="s2")  # an unknown stream
+    # None of that spent the token: connection 31 is still unconfirmed.
+    assert resume(bridge, token, role=role, conn=32).replaced_connection_id == 31
+    confirm(bridge, 32)
+    confirm(bridge, 32)  # twice is harmless
+    assert resume_refused(bridge, token, role=role) is ErrorCode.STREAM_TOKEN_REUSED
+    with pytest.raises(LocalProtocolError) as info:
+        bridge.confirm(stream_id="s1", connection_id=32, now=float("nan"))
+    assert info.value.code is ErrorCode.ARGUMENT_INVALID
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_confirm_of_a_joined_connection_changes_nothing(role: Role) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    for conn in s.conns.values():
+        confirm(bridge, conn)
+    assert bridge.stream_state("s1") is StreamState.PAIRED
+    # A join's stream token is spent at the join, confirmed or not; its resume token works.
+    assert refused(bridge, s.tokens[role], role=role) is ErrorCode.STREAM_TOKEN_REUSED
+    assert resume(bridge, s.resume_tokens[role], role=role, conn=30).role is role
+    raw, _, raw_conns = paired_bridge(role)
+    confirm(raw, raw_conns[role], now=NOW + 2)
+    assert raw.stream_state("s1") is StreamState.PAIRED
+
+
+def test_an_unconfirmed_nonce_is_never_issued_again() -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    first = nonce()
+    back = resume(
+        bridge, s.resume_tokens[Role.DEVICE], role=Role.DEVICE, conn=30, resume_nonce=first
+    )
+    # The token made from ``first`` opens connection 31 and stays usable while 31 is unconfirmed.
+    resume(bridge, back.resume_token, role=Role.DEVICE, conn=31)
+    with pytest.raises(LocalProtocolError):
+        resume(bridge, back.resume_token, role=Role.DEVICE, conn=32, resume_nonce=first)
+    assert resume(bridge, back.resume_token, role=Role.DEVICE, conn=32).replaced_connection_id == 31
+
+
+def test_lost_answer_bookkeeping_stays_bounded() -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    token = s.resume_tokens[Role.DEVICE]
+    conn = 1
+    for i in range(300):
+        now = DROP_AT + i
+        if i % 3 == 0:
+            bridge.drop(stream_id="s1", connection_id=conn, now=now)
+        back = resume(bridge, token, role=Role.DEVICE, conn=1000 + i, now=now)
+        conn = back.connection_id
+        if i % 5 == 4:
+            # Now and then the answer arrives and the side proves itself.
+            confirm(bridge, conn, now=now)
+            token = back.resume_token
+        stream = bridge._streams["s1"]
+        # At most one previous token per role; every other token issued is latest or spent.
+        assert len(stream.previous) <= 1
+        assert len(stream.spent_resume_nonces) + len(stream.previous) == i + 1
+        assert len(bridge._holds) <= 2 * bridge.stream_count() + 65
+    confirm(bridge, conn, now=DROP_AT + 300)
+    assert bridge._streams["s1"].previous == {}
+    bridge.leave(stream_id="s1", connection_id=conn, now=DROP_AT + 301)
+    assert bridge.stream_count() == 0
+
+
 # -- time with holds ----------------------------------------------------------------------------
 
 
@@ -1267,6 +1465,20 @@ def test_every_state_input_pair_follows_the_table(state: StreamState, action: St
             assert stage.bridge.stream_state("s1") is state
     if legal:
         assert acted, f"no way to {action.name} a {state.name} stream"
+
+
+@pytest.mark.parametrize("state", list(StreamState))
+def test_confirm_changes_no_state(state: StreamState) -> None:
+    for conn in [*staged(state).conns, 60, 77]:
+        stage = staged(state)
+        if state in (StreamState.HALF, StreamState.PAIRED, StreamState.HELD):
+            # An unconfirmed connection 60 replaces the service (or the lone device).
+            role = Role.DEVICE if state is StreamState.HALF else Role.SERVICE
+            resume(stage.bridge, stage.resume_tokens[role], role=role, conn=60)
+        deadline = stage.bridge.next_deadline()
+        confirm(stage.bridge, conn)
+        assert stage.bridge.stream_state("s1") is state
+        assert stage.bridge.next_deadline() == deadline
 
 
 def test_counts_follow_the_states() -> None:

@@ -7,15 +7,21 @@ names, unregistered names and offline devices; devices accept, reject or answer 
 clock jumps forward (0 to 120 s) with or without ``advance``; tokens are presented by their
 rightful holders, reused, for the wrong role, for the wrong stream, forged or expired; sides
 leave (a close) or drop (no close: a paired ``devstream.v1`` side is held for 30 s); sides
-resume with their latest resume token, held or still attached, and attackers replay older
-resume tokens, present them for the other role or stream, forge them, or swap join and resume
-tokens. Every output is compared with what the model expects, and after every step:
+resume with their latest resume token, held or still attached, or lose the answer to a resume
+and try again with the token they still hold (the hub may or may not have noticed the lost
+connection drop); the first message on a side's connection confirms it; attackers replay
+spent resume tokens, present them for the other role or stream, forge them, or swap join and
+resume tokens. Every output is compared with what the model expects, and after every step:
 
 * a stream only ever pairs (and re-pairs after a resume) the named device's side (holding the
   device token of that device's accepted request, then that side's resume tokens) with the
   service that initiated it, and that service was authorised;
 * every stream token is accepted at most once, and never at or after its mint time + 60 s;
-* every resume token is accepted at most once, and only while it is the latest for its role;
+* a resume token is accepted while it is the latest for its role, and again (a retry after a
+  lost answer) only while it is the one that opened its role's unconfirmed connection; never
+  once it is spent (that connection confirmed, or a later token of the role presented); a
+  retry after a lost answer succeeds until the new connection is confirmed, and then fails
+  with ``STREAM_TOKEN_REUSED``; the bridge keeps at most one such earlier token per role;
 * no pending request outlives its deadline once ``advance`` has passed it, and no held side
   outlives its grace deadline once ``advance`` has passed it;
 * ``online_count``, ``pending_count``, ``stream_count``, ``paired_count``, ``held_count``,
@@ -117,6 +123,8 @@ class ModelStream:
     held: dict[Role, float] = field(default_factory=dict)
     #: Every resume token issued per role, the latest last.
     resume_tokens: dict[Role, list[str]] = field(default_factory=dict)
+    #: Per role whose connection is unconfirmed: the token that opened it, and that connection.
+    previous: dict[Role, tuple[str, int]] = field(default_factory=dict)
     was_paired: bool = False
 
     def holder(self, role: Role) -> Holder:
@@ -177,8 +185,11 @@ class HubMachine(RuleBasedStateMachine):
         #: Every connection that ever was a side, and its stream.
         self.conn_stream: dict[int, str] = {}
         self.resumes: dict[str, ModelResume] = {}
-        #: Every accepted resume: the token, and whether it was its role's latest then.
-        self.accepted_resumes: list[tuple[str, bool]] = []
+        #: Every accepted resume: the token, whether it was its role's latest then, and
+        #: whether it was spent already (never, if the bridge is right).
+        self.accepted_resumes: list[tuple[str, bool, bool]] = []
+        #: Resume tokens that must never work again.
+        self.spent_resumes: set[str] = set()
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -663,7 +674,10 @@ class HubMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.conn_stream)
     @rule(data=st.data())
     def drop(self, data: st.DataObject) -> None:
-        conn = self.draw_side(data)
+        self.drop_side(self.draw_side(data))
+
+    def drop_side(self, conn: int) -> None:
+        """The hub notices that side connection ``conn`` ended without a close."""
         stream = self.streams[self.conn_stream[conn]]
         events = self.bridge.drop(stream_id=stream.stream_id, connection_id=conn, now=self.now)
         if stream.mode == V1 and stream.state in ("paired", "held") and stream.attached(conn):
@@ -694,11 +708,17 @@ class HubMachine(RuleBasedStateMachine):
         stream = self.streams[stream_id]
         if stream.state == "ended" or any(d <= self.now for d in stream.held.values()):
             return ErrorCode.NOT_FOUND
-        if token != stream.resume_tokens[claims.role][-1]:
+        previous = stream.previous.get(claims.role)
+        if token != stream.resume_tokens[claims.role][-1] and (
+            previous is None or token != previous[0]
+        ):
             return ErrorCode.STREAM_TOKEN_REUSED
         return None
 
-    def try_resume(self, stream_id: str, token: str, role: Role | None, holder: Holder) -> None:
+    def try_resume(
+        self, stream_id: str, token: str, role: Role | None, holder: Holder
+    ) -> int | ErrorCode:
+        """Present resume ``token``; the new connection, or the code it was refused with."""
         conn = self.fresh()
         expected = self.expected_resume(stream_id, token, role)
         event(f"resume: {expected.name if expected else 'accepted'}")
@@ -716,7 +736,7 @@ class HubMachine(RuleBasedStateMachine):
             if expected is not ErrorCode.NOT_FOUND:
                 assert isinstance(error, StreamTokenError)
             assert token not in str(error)
-            return
+            return error.code
         assert expected is None, f"resume accepted, expected {expected!r}"
         stream = self.streams[stream_id]
         claims = self.resumes[token]
@@ -733,10 +753,82 @@ class HubMachine(RuleBasedStateMachine):
             replaced_connection_id=replaced,
             resume_token=resumed.resume_token,
         )
-        self.accepted_resumes.append((token, token == stream.resume_tokens[claims.role][-1]))
+        latest = stream.resume_tokens[claims.role][-1]
+        self.accepted_resumes.append((token, token == latest, token in self.spent_resumes))
+        previous = stream.previous.get(claims.role)
+        if token == latest:
+            # The side read the last answer: the token before it is spent.
+            if previous is not None:
+                self.spent_resumes.add(previous[0])
+        else:
+            # A retry after a lost answer: the token of that answer is spent.
+            event("resume retried with the previous token")
+            self.spent_resumes.add(latest)
+        stream.previous[claims.role] = (token, conn)
         self.issued_resume(stream, claims.role, resumed.resume_token)
         self.conn_holder[conn] = holder
         self.conn_stream[conn] = stream_id
+        return conn
+
+    def confirm_side(self, conn: int) -> None:
+        """The first message arrives on side connection ``conn``."""
+        stream = self.streams[self.conn_stream[conn]]
+        self.bridge.confirm(stream_id=stream.stream_id, connection_id=conn, now=self.now)
+        for role, (token, opened) in list(stream.previous.items()):
+            if opened == conn and stream.sides.get(role) == conn and stream.state != "ended":
+                event("connection confirmed")
+                self.spent_resumes.add(token)
+                del stream.previous[role]
+
+    @precondition(lambda self: self.conn_stream)
+    @rule(data=st.data())
+    def confirm(self, data: st.DataObject) -> None:
+        # Often a connection that is still unconfirmed.
+        unconfirmed = sorted(
+            conn for stream in self.streams.values() for _, conn in stream.previous.values()
+        )
+        choices = st.sampled_from(sorted(self.conn_stream))
+        conn = data.draw(
+            st.one_of(st.sampled_from(unconfirmed), choices) if unconfirmed else choices
+        )
+        self.confirm_side(conn)
+
+    @precondition(lambda self: any(stream.resume_tokens for stream in self.streams.values()))
+    @rule(data=st.data(), notice_drop=st.booleans(), confirm_after=st.booleans())
+    def resume_whose_answer_is_lost(
+        self, data: st.DataObject, notice_drop: bool, confirm_after: bool
+    ) -> None:
+        """A side resumes, the answer with its fresh token is lost, and it tries again."""
+        sides = sorted(
+            (
+                (stream.stream_id, role)
+                for stream in self.streams.values()
+                for role in stream.resume_tokens
+                if self.expected_resume(stream.stream_id, stream.resume_tokens[role][-1], role)
+                is None
+            ),
+            key=lambda side: (side[0], side[1].value),
+        )
+        if not sides:
+            return
+        stream_id, role = data.draw(st.sampled_from(sides))
+        stream = self.streams[stream_id]
+        token = stream.resume_tokens[role][-1]
+        lost = self.try_resume(stream_id, token, role, stream.holder(role))
+        assert isinstance(lost, int)
+        if notice_drop:
+            # The hub sees the lost connection drop (held, or the end of an unpaired stream).
+            self.drop_side(lost)
+        retry = self.try_resume(stream_id, token, role, stream.holder(role))
+        if stream.state == "ended":
+            assert retry is ErrorCode.NOT_FOUND
+            return
+        assert isinstance(retry, int), "a retry after a lost answer must be accepted"
+        event("lost answer retried")
+        if confirm_after:
+            self.confirm_side(retry)
+            again = self.try_resume(stream_id, token, role, stream.holder(role))
+            assert again is ErrorCode.STREAM_TOKEN_REUSED
 
     @precondition(lambda self: any(not claims.forged for claims in self.resumes.values()))
     @rule(data=st.data())
@@ -756,7 +848,8 @@ class HubMachine(RuleBasedStateMachine):
             st.one_of(st.sampled_from(waiting), choices) if waiting else choices
         )
         stream = self.streams[stream_id]
-        # Mostly the latest; sometimes the side retries with the one before (already spent).
+        # Mostly the latest; sometimes the side retries with the one before (which works only
+        # while the connection it opened is unconfirmed).
         token = data.draw(st.sampled_from(stream.resume_tokens[role][-1:-3:-1]))
         expected_role = data.draw(st.sampled_from([role, None]))
         self.try_resume(stream_id, token, expected_role, stream.holder(role))
@@ -770,12 +863,9 @@ class HubMachine(RuleBasedStateMachine):
     )
     def resume_by_attacker(self, data: st.DataObject, kind: str) -> None:
         tokens = sorted(t for t, claims in self.resumes.items() if not claims.forged)
-        older = [
-            token
-            for stream in self.streams.values()
-            for history in stream.resume_tokens.values()
-            for token in history[:-1]
-        ]
+        # An attacker who stole an older token: one that is spent (the one before the latest
+        # still works for whoever holds it while its connection is unconfirmed).
+        older = sorted(self.spent_resumes)
         if kind == "older" and older:
             token = data.draw(st.sampled_from(older))
             claims = self.resumes[token]
@@ -863,12 +953,22 @@ class HubMachine(RuleBasedStateMachine):
             assert when < claims.minted + LIFETIME
 
     @invariant()
-    def resume_tokens_work_once_and_only_while_latest(self) -> None:
-        uses = Counter(token for token, _ in self.accepted_resumes)
-        assert all(count == 1 for count in uses.values())
-        for token, was_latest in self.accepted_resumes:
-            assert was_latest
+    def resume_tokens_work_only_until_spent(self) -> None:
+        as_latest = Counter(token for token, latest, _ in self.accepted_resumes if latest)
+        assert all(count == 1 for count in as_latest.values())
+        for token, _, was_spent in self.accepted_resumes:
+            assert not was_spent
             assert not self.resumes[token].forged
+        for stream in self.streams.values():
+            for role, (token, conn) in stream.previous.items():
+                # An earlier token of that role, for a connection of that stream.
+                assert token in stream.resume_tokens[role][:-1]
+                assert token not in self.spent_resumes
+                assert self.conn_stream[conn] == stream.stream_id
+            if stream.state != "ended":
+                # The bridge keeps exactly the model's earlier tokens: one per role at most.
+                kept = self.bridge._streams[stream.stream_id].previous
+                assert set(kept) == set(stream.previous)
 
     @invariant()
     def streams_pair_only_the_named_device_and_an_authorised_initiator(self) -> None:

@@ -18,7 +18,8 @@ A stream's life, with its legal transitions in :data:`TRANSITIONS`::
        v               v               v          v               v
      ENDED           ENDED           ENDED      ENDED           ENDED
 
-    replace (a side resumes while still attached) leaves HALF, PAIRED and HELD as they are.
+    replace (a side resumes while still attached) leaves HALF, PAIRED and HELD as they are;
+    confirm (a side's connection proved itself, see below) leaves every state as it is.
 
 ``drop`` and ``resume`` exist only for ``devstream.v1`` streams: a paired side whose WebSocket
 ended without a close is *held* for ``grace_period`` seconds while its peer stays attached, and
@@ -37,10 +38,27 @@ Rules:
   past the expiry it is refused as ``STREAM_TOKEN_EXPIRED`` anyway.
 * A join is checked in a fixed order: the token itself (invalid, wrong stream, wrong role,
   expired), then reuse, then whether the stream still exists (``NOT_FOUND``).
-* Every join or resume of a ``devstream.v1`` side issues a fresh resume token for that role
-  and retires the previous one. Only the latest works, once; an older one of the same stream
-  is ``STREAM_TOKEN_REUSED``. Resume tokens are forgotten when their stream ends (a resume
-  then gets ``NOT_FOUND``).
+* Every join or resume of a ``devstream.v1`` side issues a fresh resume token for that role,
+  which reaches the side only in the answer to that join or resume. So a resume token is
+  *spent* only once the connection it opened has proven itself: the hub calls
+  :meth:`Bridge.confirm` when the first message arrives on it (a side cannot send one before
+  it read the answer). Until then the side may not have the fresh token, and two of its
+  tokens work: the *latest* and the *previous* one (the one that opened the unconfirmed
+  connection). Per role::
+
+      presented      accepted   afterwards
+      latest         yes        the previous one (if any) is spent; the presented one is the
+                                previous one now, bound to the new connection
+      previous       yes        the latest is spent; the presented one stays the previous one,
+                                bound to the new connection
+      any other      no         STREAM_TOKEN_REUSED (an earlier token of this stream)
+      confirm        -          the previous one is spent: only the latest works
+
+  Either accepted resume replaces the side's connection (attached: ``replace``; held:
+  ``resume``) and issues another fresh token; the grace deadline of a held side is not
+  changed by any of it. A join has no previous resume token (its stream token is spent at
+  once, as above). Resume tokens are forgotten when their stream ends (a resume then gets
+  ``NOT_FOUND``).
 * A hold ends at ``deadline = drop time + grace_period``: from ``now >= deadline`` the side
   cannot resume (``NOT_FOUND``), and :meth:`Bridge.advance` resets the attached peer with
   ``PEER_LOST`` (or, when both sides are held, reports :class:`StreamExpired`); the stream ends.
@@ -48,8 +66,8 @@ Rules:
   an unpaired one, is a ``leave``. A ``leave`` or ``drop`` for a connection that is not
   attached (unknown, held already, replaced) is ignored.
 * Memory is bounded: at most ``max_streams`` live streams, used stream-token nonces only within
-  their tokens' lifetime, and resume nonces (one per join or resume) only within their
-  stream's life.
+  their tokens' lifetime, and resume nonces (one per join or resume, plus at most one
+  previous token and its connection per role) only within their stream's life.
 """
 
 from __future__ import annotations
@@ -185,7 +203,8 @@ class Resumed:
     ``peer_connection_id`` is the other side's connection, or None when the other side is held
     (or, before pairing, has not joined). ``replaced_connection_id`` is the side's previous
     connection when it was still attached (close it; the bridge has forgotten it), else None.
-    ``resume_token`` is the side's fresh resume token; the one just used is spent.
+    ``resume_token`` is the side's fresh resume token; the one just used is spent once the
+    new connection is confirmed (:meth:`Bridge.confirm`), the ones before it at once.
     """
 
     stream_id: str
@@ -267,9 +286,12 @@ class _Stream:
     sides: dict[Role, int] = field(default_factory=dict)
     #: Held sides: role -> the end of its grace period.
     held: dict[Role, float] = field(default_factory=dict)
-    #: The nonce of the latest resume token issued per role (the only one that works).
+    #: The nonce of the latest resume token issued per role.
     resume_nonces: dict[Role, str] = field(default_factory=dict)
-    #: The nonces of every earlier resume token of this stream (spent or retired).
+    #: Per role whose current connection is not confirmed yet: the nonce of the resume token
+    #: that opened it (it works until that connection is confirmed), and that connection.
+    previous: dict[Role, tuple[str, int]] = field(default_factory=dict)
+    #: The nonces of every other resume token of this stream (spent or retired).
     spent_resume_nonces: set[str] = field(default_factory=set)
 
 
@@ -459,14 +481,19 @@ class Bridge:
         :attr:`Resumed.replaced_connection_id`). ``resume_nonce`` (16 to 64 fresh random
         bytes) makes the side's next resume token, returned in :class:`Resumed`.
 
+        ``token`` is the side's latest resume token or, while the side's current connection is
+        not confirmed (see :meth:`confirm`), the one that opened that connection: the side
+        may have lost the answer that carried the latest. The new connection is unconfirmed
+        until :meth:`confirm`.
+
         Raises, in this order: :class:`StreamTokenError` ``STREAM_TOKEN_INVALID``,
         ``_WRONG_STREAM``, ``_WRONG_ROLE`` (the token itself); ``DevstreamError(NOT_FOUND)``
         when the stream has ended, or a held side's grace period is over (``now >= deadline``,
         even before :meth:`advance`: the stream is lost); ``DevstreamError(ARGUMENT_INVALID)``
-        for a stream that is not ``devstream.v1``; ``STREAM_TOKEN_REUSED`` for an earlier
-        resume token of this stream; ``STREAM_TOKEN_INVALID`` for one of an earlier stream with
-        the same id. A bad ``resume_nonce`` or a connection already attached to the stream is
-        a :class:`LocalProtocolError`. Any refusal leaves the stream and the token as they were.
+        for a stream that is not ``devstream.v1``; ``STREAM_TOKEN_REUSED`` for a spent resume
+        token of this stream; ``STREAM_TOKEN_INVALID`` for one of an earlier stream with the
+        same id. A bad ``resume_nonce`` or a connection already attached to the stream is a
+        :class:`LocalProtocolError`. Any refusal leaves the stream and the token as they were.
         """
         claims = verify_resume_token(
             token, secret=self._secret, stream_id=stream_id, role=role, now=now
@@ -478,7 +505,15 @@ class Bridge:
             raise DevstreamError(ErrorCode.ARGUMENT_INVALID, "this stream cannot be resumed")
         if claims.nonce in stream.spent_resume_nonces:
             raise StreamTokenError(ErrorCode.STREAM_TOKEN_REUSED)
-        if stream.resume_nonces.get(claims.role) != claims.nonce:
+        latest = stream.resume_nonces.get(claims.role)
+        previous = stream.previous.get(claims.role)
+        if claims.nonce == latest:
+            # The side read the last answer: the token before it is spent.
+            retired = previous[0] if previous is not None else None
+        elif previous is not None and claims.nonce == previous[0]:
+            # The side never read the last answer: the token it carried is spent.
+            retired = latest
+        else:
             # Signed by this hub for this stream id, but for an earlier stream of that id.
             raise StreamTokenError(ErrorCode.STREAM_TOKEN_INVALID)
         self._check_connection(stream, connection_id)
@@ -491,7 +526,9 @@ class Bridge:
         else:
             self._move(stream, StreamInput.REPLACE)
         stream.sides[claims.role] = connection_id
-        stream.spent_resume_nonces.add(claims.nonce)
+        if retired is not None:
+            stream.spent_resume_nonces.add(retired)
+        stream.previous[claims.role] = (claims.nonce, connection_id)
         stream.resume_nonces[claims.role] = _nonce_text(resume_nonce)
         return Resumed(
             stream_id=stream_id,
@@ -501,6 +538,25 @@ class Bridge:
             replaced_connection_id=replaced,
             resume_token=fresh,
         )
+
+    def confirm(self, *, stream_id: str, connection_id: int, now: float) -> None:
+        """The first message arrived on side connection ``connection_id`` of ``stream_id``.
+
+        The side has read the answer to its join or resume, so it holds its latest resume
+        token: the one that opened this connection is spent, and from now on only the latest
+        works. Call it once per connection (more is harmless). A connection that is not the
+        current, unconfirmed connection of a side (unknown, replaced, held, confirmed already,
+        of a raw stream) is ignored.
+        """
+        _check_now(now)
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        for role in list(stream.previous):
+            nonce, connection = stream.previous[role]
+            if connection == connection_id and stream.sides.get(role) == connection_id:
+                del stream.previous[role]
+                stream.spent_resume_nonces.add(nonce)
 
     def leave(self, *, stream_id: str, connection_id: int, now: float) -> list[BridgeEvent]:
         """Side ``connection_id`` of stream ``stream_id`` closed normally; the stream ends.
@@ -629,7 +685,11 @@ class Bridge:
             secret=self._secret, stream_id=stream.stream_id, role=role, nonce=nonce
         )
         text = _nonce_text(nonce)
-        if text in stream.spent_resume_nonces or text in stream.resume_nonces.values():
+        if (
+            text in stream.spent_resume_nonces
+            or text in stream.resume_nonces.values()
+            or any(text == earlier for earlier, _ in stream.previous.values())
+        ):
             raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "resume nonce already used")
         return token
 

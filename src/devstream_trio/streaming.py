@@ -14,8 +14,10 @@ Two relays, chosen by the stream's mode at initiation:
   holds the stream for the grace period; frames for the missing side are dropped (its peer still
   holds them unacknowledged and sends them again after the resume). The side comes back with its
   resume token (``Authorization: Bearer``) and gets a fresh one in the ``devstream-resume-token``
-  header of the 101 response. A held side that does not come back in time makes the hub send
-  the waiting side a ``Reset`` frame (504902) and close it with 4504.
+  header of the 101 response. The token it came with is spent only when its first message
+  arrives on the new connection (``Bridge.confirm``): a side whose 101 was lost on the way
+  tries again with the same token. A held side that does not come back in time makes the hub
+  send the waiting side a ``Reset`` frame (504902) and close it with 4504.
 
 Before the first pairing nothing is read from a lone side, so no byte is dropped before both
 sides can hold the other's unacknowledged data.
@@ -297,7 +299,7 @@ class StreamingEndpoint:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watchdog, ws)
                     try:
-                        await self._pump_framed(relay, role, ws)
+                        await self._pump_framed(relay, role, ws, connection_id)
                     except ConnectionClosed as exc:
                         closed = exc
                         dropped = exc.code == ABNORMAL_CLOSURE
@@ -312,18 +314,26 @@ class StreamingEndpoint:
                 relay, role, ws, connection_id, current=current, dropped=dropped, closed=closed
             )
 
-    async def _pump_framed(self, relay: _FramedRelay, role: Role, ws: WebSocket) -> None:
+    async def _pump_framed(
+        self, relay: _FramedRelay, role: Role, ws: WebSocket, connection_id: int
+    ) -> None:
+        message = await ws.receive_message(MAX_FRAMED_MESSAGE)
+        # The side sends nothing before it read the 101 and the resume token in it: from now on
+        # the token that opened this connection is spent (see Bridge.confirm).
+        self.bridge.confirm(
+            stream_id=relay.stream_id, connection_id=connection_id, now=trio.current_time()
+        )
         while True:
-            message = await ws.receive_message(MAX_FRAMED_MESSAGE)
             if relay.sides[role] is not ws:
                 return  # replaced by a resume: what this connection still brings is stale
+            # A peer that is away gets nothing: it asks for this again when it resumes.
             peer = relay.sides[role.other]
-            if peer is None:
-                continue  # the peer is away: it asks for this again when it resumes
-            with contextlib.suppress(ConnectionClosed):
-                # A peer that vanished mid-write is noticed by its own connection task.
-                await peer.send_bytes(message)
-                self.metrics.bytes_relayed += len(message)
+            if peer is not None:
+                with contextlib.suppress(ConnectionClosed):
+                    # A peer that vanished mid-write is noticed by its own connection task.
+                    await peer.send_bytes(message)
+                    self.metrics.bytes_relayed += len(message)
+            message = await ws.receive_message(MAX_FRAMED_MESSAGE)
 
     async def _after_framed_side(
         self,
