@@ -19,37 +19,52 @@ from .exceptions import (
     DeviceResponseTimeout,
     HubError,
     HubUnreachable,
+    PeerLost,
+    PeerNeverConnected,
     PermissionDenied,
     StreamJoinRefused,
     StreamNameNotRegistered,
     StreamRejected,
+    StreamReset,
+    TargetUnreachable,
     Unauthorized,
 )
+from .framed import FramedStream, StreamOptions
 from .hub import Hub, HubConfig, serve_hub
-from .service import ServiceClient, open_service
+from .proxy import serve_device_proxy, serve_service_proxy
+from .service import AnyStream, ServiceClient, open_service
 from .store import RegistryStore
 from .stream import HubStream
 
 __all__ = [
+    "AnyStream",
     "DeviceClient",
     "DeviceDisabled",
     "DeviceNotFound",
     "DeviceNotOnline",
     "DeviceResponseTimeout",
+    "FramedStream",
     "Handler",
     "Hub",
     "HubConfig",
     "HubError",
     "HubStream",
     "HubUnreachable",
+    "PeerLost",
+    "PeerNeverConnected",
     "PermissionDenied",
     "RegistryStore",
     "ServiceClient",
     "StreamJoinRefused",
     "StreamNameNotRegistered",
+    "StreamOptions",
     "StreamRejected",
+    "StreamReset",
+    "TargetUnreachable",
     "Unauthorized",
     "open_device",
     "open_service",
+    "serve_device_proxy",
     "serve_hub",
+    "serve_service_proxy",
 ]
