@@ -2,7 +2,7 @@
 
 ::
 
-    async def echo(stream: HubStream) -> None:
+    async def echo(stream: AnyStream) -> None:
         async for data in stream:
             await stream.send_all(data)
 
