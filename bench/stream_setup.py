@@ -1,0 +1,167 @@
+"""Benchmark 3, stream setup: from initiate to the first byte echoed, one at a time and many.
+
+devstream: the hub and the device (devstream's own DeviceClient echoing every stream, in a
+process of its own) are already up; this process is the service (devstream's ServiceClient).
+One setup is ``open_stream`` (initiate -> the device accepts -> both sides join) then one byte
+sent and its echo received; closing the stream afterwards is not counted.
+
+peer: a bare WebSocket connect to a ``websockets`` echo server in its own process, with the same
+client code as the service's (devstream's h11 + wsproto client over trio), then one byte echoed.
+
+Then ``--concurrency`` tasks set up streams (and bare connects) at once for ``--seconds``:
+streams per second of wall time, and per CPU-second of the hub (the echo server) process,
+which is what one hub process could carry with a core to itself (the clients share this
+2-core machine with it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import trio
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common as c
+
+from devstream_trio._http import websocket_connect
+from devstream_trio.service import ServiceClient, open_service
+
+TIMEOUT = 60
+
+
+async def one_stream(service: ServiceClient, device: str, mode: str) -> float:
+    start = trio.current_time()
+    stream = await service.open_stream(device, "echo", mode=mode)
+    await stream.send_all(b"x")
+    data = await stream.receive_some(1)
+    elapsed = trio.current_time() - start
+    await stream.aclose()
+    if data != b"x":
+        raise RuntimeError(f"echo came back as {data!r}")
+    return elapsed
+
+
+async def one_bare(host: str, port: int) -> float:
+    start = trio.current_time()
+    tcp = await trio.open_tcp_stream(host, port)
+    ws = await websocket_connect(tcp, host=f"{host}:{port}", target="/echo")
+    await ws.send_bytes(b"x")
+    event = await ws.receive()
+    elapsed = trio.current_time() - start
+    await ws.aclose()
+    if event.data != b"x":
+        raise RuntimeError(f"echo came back as {event.data!r}")
+    return elapsed
+
+
+async def sequential(count: int, run: object) -> list[float]:
+    times = []
+    for _ in range(count):
+        times.append(await run())  # type: ignore[operator]
+    return times
+
+
+async def concurrent(tasks: int, seconds: float, run: object, pid: int) -> tuple[float, float]:
+    """Run *tasks* loops of *run* for *seconds*; return (per second, per server CPU-second)."""
+    done = 0
+    cpu0, start = c.cpu_seconds(pid), trio.current_time()
+    deadline = start + seconds
+
+    async def loop() -> None:
+        nonlocal done
+        while trio.current_time() < deadline:
+            await run()  # type: ignore[operator]
+            done += 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(tasks):
+            nursery.start_soon(loop)
+    wall, cpu = trio.current_time() - start, c.cpu_seconds(pid) - cpu0
+    return done / wall, done / cpu if cpu else float("nan")
+
+
+async def measure(args: argparse.Namespace, hub: c.Child, peer: c.Child) -> list[object]:
+    info = c.HubInfo(hub.info)
+    bare_host, bare_port = peer.info["host"].rsplit(":", 1)
+    devices = [c.device_id(i) for i in range(args.devices)]
+    rows: list[object] = []
+    with trio.fail_after(args.seconds * 4 + args.count * 2 + TIMEOUT):
+        async with open_service(info.service_cs(), http_proxy="") as service:
+
+            def stream_run(mode: str, counter: list[int] = [0]) -> object:  # noqa: B006
+                async def run() -> float:
+                    counter[0] += 1
+                    return await one_stream(service, devices[counter[0] % len(devices)], mode)
+
+                return run
+
+            async def bare_run() -> float:
+                return await one_bare(bare_host, int(bare_port))
+
+            for mode in c.MODES:  # warm up
+                await sequential(10, stream_run(mode))
+            await sequential(10, bare_run)
+            bare = await sequential(args.count, bare_run)
+            for mode in c.MODES:
+                times = await sequential(args.count, stream_run(mode))
+                for name, q in (("median", 0.5), ("p99", 0.99)):
+                    rows.append(
+                        (
+                            f"{mode} setup + 1-byte echo, {name} ms",
+                            c.percentile(times, q) * 1000,
+                            c.percentile(bare, q) * 1000,
+                        )
+                    )
+            bare_rate, bare_per_cpu = await concurrent(
+                args.concurrency, args.seconds, bare_run, peer.pid
+            )
+            for mode in c.MODES:
+                rate, per_cpu = await concurrent(
+                    args.concurrency, args.seconds, stream_run(mode), hub.pid
+                )
+                rows.append((f"{mode} streams/s, wall", rate, bare_rate))
+                rows.append((f"{mode} streams per hub CPU-second", per_cpu, bare_per_cpu))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tiny", action="store_true", help="a quick functional run")
+    parser.add_argument("--count", type=int, help="streams set up one at a time, per mode")
+    parser.add_argument("--concurrency", type=int, help="tasks setting up streams at once")
+    parser.add_argument("--seconds", type=float, help="length of each concurrent run")
+    parser.add_argument("--devices", type=int, default=4, help="devices the streams go to")
+    parser.add_argument(
+        "--store", choices=["file", "memory"], default="file", help="the hub's registry"
+    )
+    args = parser.parse_args()
+    args.count = args.count or c.tiny_or(args, 20, 1000)
+    args.concurrency = args.concurrency or c.tiny_or(args, 4, 64)
+    args.seconds = args.seconds or (0.3 if args.tiny else 15.0)
+    c.raise_fd_limit()
+    with (
+        c.start_hub(devices=args.devices, store=args.store) as hub,
+        c.Child(
+            [str(c.BENCH / "_device.py"), json.dumps(hub.info), "--devices", str(args.devices)]
+        ),
+        c.start_peer("echo") as peer,
+    ):
+        rows = trio.run(measure, args, hub, peer)
+    c.print_table(
+        "Stream setup: initiate -> accepted -> both joined -> first byte echoed",
+        "bare WS connect + echo",
+        rows,  # type: ignore[arg-type]
+        [
+            f"{args.count} setups one at a time per mode; then {args.concurrency} at once for "
+            f"{args.seconds:.0f} s; the peer's per-CPU-second figure is the websockets echo "
+            f"server's. Hub registry: {args.store} (SQLite).",
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
