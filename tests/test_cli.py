@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
-import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +22,13 @@ import pytest
 import trio
 
 from devstream_core.credentials import ConnectionString
-from devstream_trio.cli import main
 from devstream_trio.device import DeviceClient
 from devstream_trio.exceptions import DeviceDisabled
-from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub
+from devstream_trio.hub import Hub
 from devstream_trio.store import RegistryStore
 from devstream_trio.stream import HubStream
+
+from ._helpers import free_port, one_error_line, run_cli, start_child, start_hub
 
 TIMEOUT = 20
 CS_ENV = "DEVSTREAM_CONNECTION_STRING"
@@ -51,84 +50,10 @@ class CliHub:
 @pytest.fixture
 async def cli_hub() -> AsyncIterator[CliHub]:
     """A hub on 127.0.0.1, port 0, with an in-memory registry."""
-    async with await RegistryStore.open(None) as store:
-        owner, _ = await ensure_owner_policy(store)
-        async with trio.open_nursery() as nursery:
-
-            async def run(task_status: trio.TaskStatus[Hub]) -> None:
-                await serve_hub(store, host="127.0.0.1", port=0, task_status=task_status)
-
-            hub: Hub = await nursery.start(run)
-            cs = ConnectionString(
-                host_name=hub.host_name,
-                shared_access_key_name=owner.name,
-                shared_access_key=owner.primary_key,
-                use_tls=False,
-            )
-            yield CliHub(hub=hub, owner_cs=str(cs))
-            nursery.cancel_scope.cancel()
-
-
-async def run_cli(argv: Sequence[str]) -> int:
-    """``devstream ARGV`` in a worker thread (it runs its own trio loop)."""
-    return await trio.to_thread.run_sync(main, list(argv))
-
-
-def one_error_line(err: str) -> str:
-    """The single ``devstream: error:`` line a user mistake prints."""
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("devstream: error: "), err
-    return lines[0]
-
-
-class LineReader:
-    """Read a child process's output line by line."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        self._buffer = b""
-
-    async def readline(self) -> str:
-        while b"\n" not in self._buffer:
-            chunk = await self._stream.receive_some()
-            if not chunk:
-                raise AssertionError(f"child exited; unread output {self._buffer!r}")
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line.decode()
-
-    async def until(self, predicate: Callable[[str], bool]) -> str:
-        while True:
-            line = await self.readline()
-            if predicate(line):
-                return line
-
-
-async def start_child(
-    nursery: trio.Nursery, argv: Sequence[str], env: dict[str, str] | None = None
-) -> tuple[trio.Process, LineReader]:
-    process: trio.Process = await nursery.start(
-        lambda task_status: trio.run_process(
-            [sys.executable, "-m", "devstream_trio.cli", *argv],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            check=False,
-            task_status=task_status,
-        )
-    )
-    assert process.stdout is not None
-    return process, LineReader(process.stdout)
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on (just released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    async with await RegistryStore.open(None) as store, trio.open_nursery() as nursery:
+        hub, cs = await start_hub(nursery, store)
+        yield CliHub(hub=hub, owner_cs=str(cs))
+        nursery.cancel_scope.cancel()
 
 
 async def echo(stream: HubStream) -> None:
@@ -148,7 +73,7 @@ async def test_hub_prints_url_and_owner_connection_string(
             process, out = await start_child(
                 nursery, ["hub", "--data", str(data), "--listen", "127.0.0.1:0"]
             )
-            url_line = await out.until(lambda line: "clients reach it at" in line)
+            url_line = await out.until("clients reach it at")
             url = url_line.rsplit(" ", 1)[1]
             assert url.startswith("http://127.0.0.1:")
             assert not url.endswith(":0")
@@ -252,7 +177,7 @@ async def test_echo_device_and_service(cli_hub: CliHub, capsys: pytest.CaptureFi
             # The key travels in the environment, not on the child's command line.
             env = dict(os.environ, **{CS_ENV: device_cs})
             process, out = await start_child(nursery, ["echo", "device"], env=env)
-            online = await out.until(lambda line: "online" in line)
+            online = await out.until("online")
             assert "echoer" in online
 
             argv = ["echo", "service", "--device", "echoer", "--message", "hi"]
@@ -318,7 +243,7 @@ MISTAKES: list[tuple[str, Callable[[str, Path], list[str]], str]] = [
             "device",
             "list",
             "--connection-string",
-            f"HostName=127.0.0.1:{closed_port()};SharedAccessKeyName=owner;"
+            f"HostName=127.0.0.1:{free_port()};SharedAccessKeyName=owner;"
             f"SharedAccessKey={OTHER_KEY};UseTls=false",
         ],
         "cannot reach",

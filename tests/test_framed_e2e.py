@@ -17,74 +17,19 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from devstream_core.credentials import ConnectionString
 from devstream_core.framing import DEFAULT_WINDOW, EndpointState
-from devstream_trio._connect import HubAddress
 from devstream_trio.device import DeviceClient
 from devstream_trio.framed import FramedStream, StreamOptions
-from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub
+from devstream_trio.hub import Hub
 from devstream_trio.service import AnyStream, ServiceClient
 from devstream_trio.store import RegistryStore
 from devstream_trio.streaming import MAX_FRAMED_MESSAGE
 
+from ._helpers import start_hub
+from ._relay import Relay
+
 TIMEOUT = 120
 MIB = 1024 * 1024
-
-
-class Relay:
-    """A TCP relay on 127.0.0.1 in front of the hub that can cut every connection through it."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self.connections = 0
-        self.cuts = 0
-        self._live: set[trio.CancelScope] = set()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        await trio.serve_listeners(self._serve, listeners, task_status=task_status)
-
-    async def _serve(self, client: trio.SocketStream) -> None:
-        self.connections += 1
-        scope = trio.CancelScope()
-        self._live.add(scope)
-        try:
-            with scope:
-                hub = await trio.open_tcp_stream("127.0.0.1", self.target_port)
-                try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._pipe, client, hub, nursery.cancel_scope)
-                        nursery.start_soon(self._pipe, hub, client, nursery.cancel_scope)
-                finally:
-                    await trio.aclose_forcefully(hub)
-        finally:
-            self._live.discard(scope)
-            await trio.aclose_forcefully(client)
-
-    @staticmethod
-    async def _pipe(
-        source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope
-    ) -> None:
-        try:
-            while data := await source.receive_some(256 * 1024):
-                await sink.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        scope.cancel()
-
-    def cut(self) -> int:
-        """Close every connection through the relay, both ends; return how many."""
-        self.cuts += 1
-        live = list(self._live)
-        for scope in live:
-            scope.cancel()
-        return len(live)
-
-    async def open(self, address: HubAddress) -> trio.abc.Stream:
-        """An opener for a client: every connection to the hub goes through the relay."""
-        return await trio.open_tcp_stream("127.0.0.1", self.port)
 
 
 @dataclass
@@ -103,22 +48,6 @@ async def store() -> AsyncIterator[RegistryStore]:
         yield s
 
 
-async def start(nursery: trio.Nursery, store: RegistryStore) -> tuple[Hub, ConnectionString]:
-    owner, _ = await ensure_owner_policy(store)
-
-    async def run(task_status: trio.TaskStatus[Hub]) -> None:
-        await serve_hub(store, host="127.0.0.1", port=0, task_status=task_status)
-
-    hub: Hub = await nursery.start(run)
-    cs = ConnectionString(
-        host_name=hub.host_name,
-        shared_access_key_name=owner.name,
-        shared_access_key=owner.primary_key,
-        use_tls=False,
-    )
-    return hub, cs
-
-
 async def open_pair(
     nursery: trio.Nursery,
     store: RegistryStore,
@@ -126,7 +55,7 @@ async def open_pair(
     relay_side: str | None = None,
     options: StreamOptions | None = None,
 ) -> Pair:
-    hub, service_cs = await start(nursery, store)
+    hub, service_cs = await start_hub(nursery, store)
     assert hub.listen_address is not None
     relay: Relay | None = None
     if relay_side is not None:

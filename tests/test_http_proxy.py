@@ -56,6 +56,7 @@ from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub
 from devstream_trio.service import AnyStream, ServiceClient
 from devstream_trio.store import RegistryStore
 
+from ._helpers import one_error_line
 from .conftest import random_payload, require_tool
 
 TIMEOUT = 15
@@ -715,14 +716,6 @@ async def test_no_proxy_bypasses_tinyproxy(
 
 
 # -- the command line -------------------------------------------------------------------------
-
-
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("devstream: error: "), err
-    return lines[0]
 
 
 async def test_cli_device_list_through_tinyproxy(

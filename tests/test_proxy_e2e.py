@@ -19,24 +19,29 @@ import logging
 import os
 import socket
 import struct
-import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
-from devstream_core.credentials import ConnectionString
 from devstream_trio.device import DeviceClient
-from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub
+from devstream_trio.hub import Hub
 from devstream_trio.proxy import Forward, Target, serve_device_proxy, serve_service_proxy
 from devstream_trio.service import ServiceClient
 from devstream_trio.store import RegistryStore
 
+from ._helpers import (
+    Output,
+    closed_promptly,
+    free_port,
+    start_hub,
+    start_process,
+    start_tcp_server,
+)
 from .conftest import random_payload, require_tool
 
 MiB = 1024 * 1024
@@ -46,14 +51,6 @@ PROMPT = 5
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def write_random_file(path: Path, size: int) -> str:
@@ -75,53 +72,11 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-class Output:
-    """The merged stdout/stderr of a child process, read line by line and kept."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        self._buffer = b""
-        self.lines: list[str] = []
-
-    async def until(self, needle: str) -> str:
-        """Read until a line containing *needle*; fail if the program exits first."""
-        while True:
-            while b"\n" in self._buffer:
-                raw, _, self._buffer = self._buffer.partition(b"\n")
-                line = raw.decode(errors="replace")
-                self.lines.append(line)
-                if needle in line:
-                    return line
-            chunk = await self._stream.receive_some()
-            if not chunk:
-                raise AssertionError(f"exited before printing {needle!r}: {self.lines}")
-            self._buffer += chunk
-
-    async def drain(self) -> None:
-        """Keep reading (so the program never blocks on a full pipe) until it exits."""
-        async for chunk in self._stream:
-            self._buffer += chunk
-            *complete, rest = self._buffer.split(b"\n")
-            self.lines += [line.decode(errors="replace") for line in complete]
-            self._buffer = rest
-
-
 async def start_program(
     nursery: trio.Nursery, argv: Sequence[str], ready: str, env: dict[str, str] | None = None
 ) -> tuple[str, Output]:
     """Start *argv* in *nursery* (killed when it is cancelled); return its *ready* line."""
-    process: trio.Process = await nursery.start(
-        lambda task_status: trio.run_process(
-            list(argv),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            check=False,
-            task_status=task_status,
-        )
-    )
-    assert process.stdout is not None
-    output = Output(process.stdout)
+    _, output = await start_process(nursery, argv, env)
     line = await output.until(ready)
     nursery.start_soon(output.drain)
     return line, output
@@ -144,16 +99,6 @@ async def start_http_server(nursery: trio.Nursery, directory: Path) -> int:
     )
     # "Serving HTTP on 127.0.0.1 port 40123 (http://127.0.0.1:40123/) ..."
     return int(line.split(" port ", 1)[1].split()[0])
-
-
-async def start_tcp_server(
-    nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]
-) -> int:
-    listeners: list[trio.SocketListener] = await nursery.start(
-        partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
-    )
-    port: int = listeners[0].socket.getsockname()[1]
-    return port
 
 
 async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
@@ -184,48 +129,35 @@ async def open_tunnel(
 
     With ``device_online=False`` the device is registered but its proxy never starts.
     """
-    async with await RegistryStore.open(None) as store:
-        owner, _ = await ensure_owner_policy(store)
-        async with trio.open_nursery() as nursery:
+    async with await RegistryStore.open(None) as store, trio.open_nursery() as nursery:
+        hub, cs = await start_hub(nursery, store)
+        service = ServiceClient(cs, nursery=nursery)
+        device_cs = service.device_connection_string(await service.create_device(DEVICE_ID))
+        if device_online:
+            device = DeviceClient(device_cs)
+            proxy_targets = [
+                Target(name=name, host=host, port=port) for name, (host, port) in targets.items()
+            ]
 
-            async def hub_task(task_status: trio.TaskStatus[Hub]) -> None:
-                await serve_hub(store, host="127.0.0.1", port=0, task_status=task_status)
+            async def device_task(task_status: trio.TaskStatus[None]) -> None:
+                await serve_device_proxy(device, proxy_targets, task_status=task_status)
 
-            hub: Hub = await nursery.start(hub_task)
-            cs = ConnectionString(
-                host_name=hub.host_name,
-                shared_access_key_name=owner.name,
-                shared_access_key=owner.primary_key,
-                use_tls=False,
+            await nursery.start(device_task)
+
+        async def service_task(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
+            await serve_service_proxy(
+                service,
+                DEVICE_ID,
+                [Forward(bind="127.0.0.1", port=0, name=name) for name in forwards],
+                task_status=task_status,
             )
-            service = ServiceClient(cs, nursery=nursery)
-            device_cs = service.device_connection_string(await service.create_device(DEVICE_ID))
-            if device_online:
-                device = DeviceClient(device_cs)
-                proxy_targets = [
-                    Target(name=name, host=host, port=port)
-                    for name, (host, port) in targets.items()
-                ]
 
-                async def device_task(task_status: trio.TaskStatus[None]) -> None:
-                    await serve_device_proxy(device, proxy_targets, task_status=task_status)
-
-                await nursery.start(device_task)
-
-            async def service_task(task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
-                await serve_service_proxy(
-                    service,
-                    DEVICE_ID,
-                    [Forward(bind="127.0.0.1", port=0, name=name) for name in forwards],
-                    task_status=task_status,
-                )
-
-            bound: list[tuple[str, int]] = await nursery.start(service_task)
-            assert all(host == "127.0.0.1" and port != 0 for host, port in bound), bound
-            tunnel = Tunnel(hub=hub, service=service, nursery=nursery)
-            tunnel.ports = {name: port for name, (_, port) in zip(forwards, bound, strict=True)}
-            yield tunnel
-            nursery.cancel_scope.cancel()
+        bound: list[tuple[str, int]] = await nursery.start(service_task)
+        assert all(host == "127.0.0.1" and port != 0 for host, port in bound), bound
+        tunnel = Tunnel(hub=hub, service=service, nursery=nursery)
+        tunnel.ports = {name: port for name, (_, port) in zip(forwards, bound, strict=True)}
+        yield tunnel
+        nursery.cancel_scope.cancel()
 
 
 # -- OpenSSH ----------------------------------------------------------------------------------
@@ -264,7 +196,7 @@ async def start_sshd(nursery: trio.Nursery, where: Path) -> Sshd:
         await run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
     authorized = where / "authorized_keys"
     authorized.write_bytes(client_key.with_suffix(".pub").read_bytes())
-    port = closed_port()
+    port = free_port()
     config = where / "sshd_config"
     config.write_text(
         f"ListenAddress 127.0.0.1:{port}\n"
@@ -450,22 +382,6 @@ async def test_a_tcp_reset_reaches_the_other_end_as_a_reset(who_resets: str) -> 
 # -- failures ---------------------------------------------------------------------------------
 
 
-async def closed_by_proxy(tunnel: Tunnel, name: str) -> bytes:
-    """Connect to forward *name*, send a little, and return what arrives before the proxy
-    closes the connection (EOF or reset), which must happen promptly."""
-    client = await tunnel.connect(name)
-    received = bytearray()
-    with trio.fail_after(PROMPT):
-        try:
-            await client.send_all(b"hello?\n")
-            async for chunk in client:
-                received += chunk
-        except trio.BrokenResourceError:
-            pass  # reset: as good as EOF here
-    await client.aclose()
-    return bytes(received)
-
-
 def proxy_log(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "devstream.proxy"]
 
@@ -489,13 +405,13 @@ async def test_target_down_closes_the_connection_and_the_proxy_keeps_serving(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="devstream.proxy")
-    down = closed_port()
+    down = free_port()
     with trio.fail_after(20):
         async with trio.open_nursery() as servers:
             live = await start_tcp_server(servers, echo)
             targets = {"down": ("127.0.0.1", down), "live": ("127.0.0.1", live)}
             async with open_tunnel(targets, ["down", "live"]) as tunnel:
-                assert await closed_by_proxy(tunnel, "down") == b""
+                assert await closed_promptly(tunnel.ports["down"], PROMPT) == b""
                 lines = proxy_log(caplog)
                 assert any(
                     f"target 127.0.0.1:{down} unreachable: Connection refused" in m
@@ -503,7 +419,7 @@ async def test_target_down_closes_the_connection_and_the_proxy_keeps_serving(
                     for m in lines
                 ), lines
                 # The same proxies keep accepting, on the failed port and on the others.
-                assert await closed_by_proxy(tunnel, "down") == b""
+                assert await closed_promptly(tunnel.ports["down"], PROMPT) == b""
                 await echo_once(tunnel, "live")
             servers.cancel_scope.cancel()
 
@@ -512,10 +428,10 @@ async def test_device_offline_closes_the_connection(caplog: pytest.LogCaptureFix
     caplog.set_level(logging.INFO, logger="devstream.proxy")
     with trio.fail_after(20):
         async with open_tunnel({}, ["ssh"], device_online=False) as tunnel:
-            assert await closed_by_proxy(tunnel, "ssh") == b""
+            assert await closed_promptly(tunnel.ports["ssh"], PROMPT) == b""
             lines = proxy_log(caplog)
             assert any("404103" in m and DEVICE_ID in m for m in lines), lines
-            assert await closed_by_proxy(tunnel, "ssh") == b""  # still listening
+            assert await closed_promptly(tunnel.ports["ssh"], PROMPT) == b""  # still listening
 
 
 async def test_unregistered_name_closes_the_connection(caplog: pytest.LogCaptureFixture) -> None:
@@ -524,7 +440,7 @@ async def test_unregistered_name_closes_the_connection(caplog: pytest.LogCapture
         async with trio.open_nursery() as servers:
             live = await start_tcp_server(servers, echo)
             async with open_tunnel({"live": ("127.0.0.1", live)}, ["nope", "live"]) as tunnel:
-                assert await closed_by_proxy(tunnel, "nope") == b""
+                assert await closed_promptly(tunnel.ports["nope"], PROMPT) == b""
                 lines = proxy_log(caplog)
                 assert any("404901" in m and "'nope'" in m for m in lines), lines
                 await echo_once(tunnel, "live")

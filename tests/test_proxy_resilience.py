@@ -21,8 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,17 +31,18 @@ from typing import Any
 import pytest
 import trio
 
-from devstream_core.credentials import ConnectionString
 from devstream_core.errors import ErrorCode
 from devstream_core.framing import DEFAULT_WINDOW
 from devstream_core.registry import Policy
-from devstream_trio._connect import HubAddress
 from devstream_trio.device import DeviceClient, Handler
 from devstream_trio.framed import FramedStream
 from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub
 from devstream_trio.proxy import Forward, Target, serve_device_proxy, serve_service_proxy
 from devstream_trio.service import AnyStream, ServiceClient
 from devstream_trio.store import RegistryStore
+
+from ._helpers import closed_promptly, free_port, policy_cs, start_tcp_server
+from ._relay import Relay
 
 MIB = 1024 * 1024
 DEVICE_ID = "resilient-device"
@@ -52,23 +52,6 @@ PROMPT = 5
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def service_cs(hub: Hub, owner: Policy) -> ConnectionString:
-    return ConnectionString(
-        host_name=hub.host_name,
-        shared_access_key_name=owner.name,
-        shared_access_key=owner.primary_key,
-        use_tls=False,
-    )
 
 
 @asynccontextmanager
@@ -83,16 +66,6 @@ async def running_hub(path: Path | None, port: int = 0) -> AsyncIterator[tuple[H
             hub: Hub = await nursery.start(partial(serve_hub, store, host="127.0.0.1", port=port))
             yield hub, owner
             nursery.cancel_scope.cancel()
-
-
-async def start_tcp_server(
-    nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]
-) -> int:
-    listeners: list[trio.SocketListener] = await nursery.start(
-        partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
-    )
-    port: int = listeners[0].socket.getsockname()[1]
-    return port
 
 
 @dataclass
@@ -168,66 +141,6 @@ async def watching_device() -> AsyncIterator[DeviceLog]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
-
-
-class Relay:
-    """A TCP relay on 127.0.0.1 in front of the hub that can cut every connection through it."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self.connections = 0
-        self.cuts = 0
-        self._live: set[trio.CancelScope] = set()
-
-    async def run(
-        self,
-        *,
-        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        await trio.serve_listeners(self._serve, listeners, task_status=task_status)
-
-    async def _serve(self, client: trio.SocketStream) -> None:
-        self.connections += 1
-        scope = trio.CancelScope()
-        self._live.add(scope)
-        try:
-            with scope:
-                hub = await trio.open_tcp_stream("127.0.0.1", self.target_port)
-                try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._pipe, client, hub, nursery.cancel_scope)
-                        nursery.start_soon(self._pipe, hub, client, nursery.cancel_scope)
-                finally:
-                    await trio.aclose_forcefully(hub)
-        finally:
-            self._live.discard(scope)
-            await trio.aclose_forcefully(client)
-
-    @staticmethod
-    async def _pipe(
-        source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope
-    ) -> None:
-        try:
-            while data := await source.receive_some(256 * 1024):
-                await sink.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        scope.cancel()
-
-    def cut(self) -> int:
-        """Close every connection through the relay, both ends; return how many."""
-        self.cuts += 1
-        live = list(self._live)
-        for scope in live:
-            scope.cancel()
-        return len(live)
-
-    async def open(self, address: HubAddress) -> trio.abc.Stream:
-        """An opener for a client: every connection to the hub goes through the relay."""
-        return await trio.open_tcp_stream("127.0.0.1", self.port)
 
 
 class RecordingService(ServiceClient):
@@ -307,22 +220,6 @@ async def transfer(port: int, size: int) -> None:
     assert bytes(reply) == hashlib.sha256(payload).digest()
 
 
-async def closed_promptly(port: int) -> bytes:
-    """Connect to the proxy at *port*, send a little, and return what arrives before the proxy
-    closes the connection (EOF or reset), which must happen within PROMPT seconds."""
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    received = bytearray()
-    with trio.fail_after(PROMPT):
-        try:
-            await tcp.send_all(b"anyone there?\n")
-            async for chunk in tcp:
-                received += chunk
-        except trio.BrokenResourceError:
-            pass  # a reset is as good as an EOF here
-    await tcp.aclose()
-    return bytes(received)
-
-
 async def test_the_proxies_carry_on_after_the_hub_restarts(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -336,7 +233,7 @@ async def test_the_proxies_carry_on_after_the_hub_restarts(
 
             async with running_hub(registry, hub_port) as (hub, owner):
                 assert hub.listen_address == ("127.0.0.1", hub_port)
-                service = ServiceClient(service_cs(hub, owner), nursery=nursery)
+                service = ServiceClient(policy_cs(hub.host_name, owner), nursery=nursery)
                 device_cs = service.device_connection_string(await service.create_device(DEVICE_ID))
                 device = DeviceClient(device_cs, backoff_min=0.05, backoff_max=0.5)
                 await start_device_proxy(nursery, device, sink_port)
@@ -361,7 +258,7 @@ async def test_the_proxies_carry_on_after_the_hub_restarts(
             await device_log.lost.wait()
             assert not device.online
             for _ in range(2):
-                assert await closed_promptly(proxy_port) == b""
+                assert await closed_promptly(proxy_port, PROMPT) == b""
             refusals = [
                 r.getMessage()
                 for r in caplog.records
@@ -408,7 +305,7 @@ async def test_a_proxied_transfer_survives_cut_websockets(cut_side: str) -> None
             assert hub.listen_address is not None
             relay = Relay(hub.listen_address[1])
             await nursery.start(relay.run)
-            cs = service_cs(hub, owner)
+            cs = policy_cs(hub.host_name, owner)
             admin = ServiceClient(cs)
             device_cs = admin.device_connection_string(await admin.create_device(DEVICE_ID))
             service = RecordingService(

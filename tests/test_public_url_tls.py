@@ -15,10 +15,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +26,7 @@ import trio
 import trustme
 
 from devstream_core.credentials import ConnectionString, make_sas_token
-from devstream_core.registry import Policy
 from devstream_trio._http import http_request
-from devstream_trio.cli import main
 from devstream_trio.device import DeviceClient
 from devstream_trio.exceptions import Unauthorized
 from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub
@@ -38,6 +34,7 @@ from devstream_trio.service import ServiceClient
 from devstream_trio.store import RegistryStore
 from devstream_trio.stream import HubStream
 
+from ._helpers import one_error_line, policy_cs, run_cli, start_child
 from .conftest import random_payload
 
 TIMEOUT = 30
@@ -150,15 +147,6 @@ async def relayed_hub(store: RegistryStore) -> AsyncIterator[tuple[Hub, Relay]]:
         nursery.cancel_scope.cancel()
 
 
-def relay_cs(relay: Relay, policy: Policy) -> ConnectionString:
-    return ConnectionString(
-        host_name=f"127.0.0.1:{relay.port}",
-        shared_access_key_name=policy.name,
-        shared_access_key=policy.primary_key,
-        use_tls=False,
-    )
-
-
 @pytest.fixture
 async def store() -> AsyncIterator[RegistryStore]:
     async with await RegistryStore.open(None) as s:
@@ -191,7 +179,7 @@ async def test_everything_flows_through_the_public_address(store: RegistryStore)
             assert hub.public_url == f"http://127.0.0.1:{relay.port}"
             assert hub.host_name == f"127.0.0.1:{relay.port}"
 
-            service = ServiceClient(relay_cs(relay, owner))
+            service = ServiceClient(policy_cs(f"127.0.0.1:{relay.port}", owner))
             device_cs = service.device_connection_string(await service.create_device("d1"))
             assert device_cs.host_name == f"127.0.0.1:{relay.port}"
             assert not device_cs.use_tls
@@ -243,7 +231,7 @@ async def test_sas_for_the_listen_address_is_refused(store: RegistryStore) -> No
         async with relayed_hub(store) as (hub, relay):
             real = f"127.0.0.1:{relay.target_port}"
             public = f"127.0.0.1:{relay.port}"
-            service = ServiceClient(relay_cs(relay, owner))
+            service = ServiceClient(policy_cs(f"127.0.0.1:{relay.port}", owner))
             device_cs = service.device_connection_string(await service.create_device("d1"))
 
             def token(resource: str) -> str:
@@ -264,12 +252,7 @@ async def test_sas_for_the_listen_address_is_refused(store: RegistryStore) -> No
                 assert json.loads(body)["errorCode"] == 401002
 
             # A client configured with the listen address reaches the hub but is refused too.
-            direct = ConnectionString(
-                host_name=real,
-                shared_access_key_name=owner.name,
-                shared_access_key=owner.primary_key,
-                use_tls=False,
-            )
+            direct = policy_cs(real, owner)
             with pytest.raises(Unauthorized) as info:
                 await ServiceClient(direct).list_devices()
             assert info.value.code == 401002
@@ -286,58 +269,6 @@ async def test_sas_for_the_listen_address_is_refused(store: RegistryStore) -> No
 
 
 # -- the command line -------------------------------------------------------------------------
-
-
-class LineReader:
-    """Read a child process's output line by line."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        self._buffer = b""
-
-    async def until(self, text: str) -> str:
-        """The first line (from here on) containing *text*."""
-        while True:
-            while b"\n" not in self._buffer:
-                chunk = await self._stream.receive_some()
-                if not chunk:
-                    raise AssertionError(f"child exited; unread output {self._buffer!r}")
-                self._buffer += chunk
-            raw, _, self._buffer = self._buffer.partition(b"\n")
-            line = raw.decode()
-            if text in line:
-                return line
-
-
-async def start_child(
-    nursery: trio.Nursery, argv: Sequence[str], env: dict[str, str] | None = None
-) -> tuple[trio.Process, LineReader]:
-    """``devstream ARGV`` as a child process, stdout and stderr merged."""
-    process: trio.Process = await nursery.start(
-        lambda task_status: trio.run_process(
-            [sys.executable, "-m", "devstream_trio.cli", *argv],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            check=False,
-            task_status=task_status,
-        )
-    )
-    assert process.stdout is not None
-    return process, LineReader(process.stdout)
-
-
-async def run_cli(argv: Sequence[str]) -> int:
-    """``devstream ARGV`` in a worker thread (it runs its own trio loop)."""
-    return await trio.to_thread.run_sync(main, list(argv))
-
-
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("devstream: error: "), err
-    return lines[0]
 
 
 async def test_cli_hub_public_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
