@@ -492,3 +492,36 @@ async def test_hub_stream_as_async_iterator(autojump_clock: trio.abc.Clock) -> N
     await stream.aclose()
     with pytest.raises(trio.ClosedResourceError):
         await stream.send_all(b"x")
+
+
+async def test_relaying_a_batch_keeps_message_boundaries_and_joins_fragments(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """take_queued + send_messages (the raw relay's batching): every message arrives intact,
+    fragments of one message go out as one frame, and nothing waits for another read."""
+    peer, hub_side = raw_pair()
+    sent = [
+        BytesMessage(data=b"one", message_finished=True),
+        BytesMessage(data=b"tw", message_finished=False),
+        BytesMessage(data=b"o", message_finished=True),
+        TextMessage(data="thr", message_finished=False),
+        TextMessage(data="ee", message_finished=True),
+        Ping(payload=b"p"),
+        BytesMessage(data=b"after the ping", message_finished=True),
+    ]
+    await peer.send(*sent)
+    out_peer, out = raw_pair(ConnectionType.CLIENT)
+    with trio.fail_after(5):
+        batch = [await hub_side.receive(), *hub_side.take_queued()]
+        # The ping stops the batch: it is answered by the next receive().
+        assert [payload(e) for e in batch] == [b"one", b"tw", b"o", "thr", "ee"]
+        await out.send_messages(batch)
+        frames = [e for e in await out_peer.next_events()]
+        assert [(type(e), e.data, e.message_finished) for e in frames] == [
+            (BytesMessage, b"one", True),
+            (BytesMessage, b"two", True),
+            (TextMessage, "three", True),
+        ]
+        rest = await hub_side.receive()
+        assert payload(rest) == b"after the ping"
+        assert any(isinstance(e, Pong) for e in await peer.next_events())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+from collections.abc import Sequence
 
 import trio
 from wsproto.connection import Connection, ConnectionState
@@ -83,9 +84,13 @@ class WebSocket:
         return self._ws.state is ConnectionState.OPEN
 
     async def _send(self, event: Event) -> None:
+        await self._send_events([event])
+
+    async def _send_events(self, events: Sequence[Event]) -> None:
+        """Encode *events* and write them with one ``send_all``."""
         async with self._send_lock:
             try:
-                data = self._ws.send(event)
+                data = b"".join([self._ws.send(event) for event in events])
             except WsProtocolError as exc:
                 raise ConnectionClosed(
                     self._closed.code if self._closed else ABNORMAL_CLOSURE, "closed"
@@ -111,6 +116,42 @@ class WebSocket:
         else:
             assert isinstance(event, TextMessage)
             await self._send(TextMessage(data=event.data, message_finished=event.message_finished))
+
+    def take_queued(self) -> list[BytesMessage | TextMessage]:
+        """The data fragments already received and parsed, without waiting for more.
+
+        Stops at the first control event (ping, close), which :meth:`receive` handles.
+        """
+        taken: list[BytesMessage | TextMessage] = []
+        while self._events and isinstance(self._events[0], (BytesMessage, TextMessage)):
+            event = self._events.popleft()
+            assert isinstance(event, (BytesMessage, TextMessage))
+            taken.append(event)
+        return taken
+
+    async def send_messages(self, events: Sequence[BytesMessage | TextMessage]) -> None:
+        """Relay several received fragments with one write.
+
+        Adjacent fragments of one message are joined into one frame; message boundaries are
+        kept exactly.
+        """
+        merged: list[BytesMessage | TextMessage] = []
+        for event in events:
+            last = merged[-1] if merged else None
+            if last is not None and not last.message_finished and type(last) is type(event):
+                if isinstance(last, BytesMessage) and isinstance(event, BytesMessage):
+                    data = bytes(last.data) + bytes(event.data)
+                    merged[-1] = BytesMessage(data=data, message_finished=event.message_finished)
+                else:
+                    text = str(last.data) + str(event.data)
+                    merged[-1] = TextMessage(data=text, message_finished=event.message_finished)
+            else:
+                merged.append(
+                    BytesMessage(data=event.data, message_finished=event.message_finished)
+                    if isinstance(event, BytesMessage)
+                    else TextMessage(data=event.data, message_finished=event.message_finished)
+                )
+        await self._send_events(merged)
 
     async def ping(self, payload: bytes = b"") -> None:
         """Send a ping; the peer's pong updates :attr:`last_received`."""
