@@ -80,6 +80,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .common import Role
+from .control import MODE_FRAMED, MODE_RAW
 from .errors import DevstreamError, ErrorCode, LocalProtocolError, StreamTokenError
 from .tokens import (
     STREAM_TOKEN_LIFETIME,
@@ -110,9 +111,9 @@ __all__ = [
 
 #: The data-plane modes a stream can be created with: ``raw`` (Azure-compatible, each binary
 #: message forwarded intact) and ``devstream.v1`` (framed: seq/ack, half-close, resume).
-STREAM_MODES = frozenset({"raw", "devstream.v1"})
+STREAM_MODES = frozenset({MODE_RAW, MODE_FRAMED})
 #: The one mode whose sides may drop and resume.
-RESUMABLE_MODE = "devstream.v1"
+RESUMABLE_MODE = MODE_FRAMED
 #: How long a dropped ``devstream.v1`` side is held for its resume, in seconds.
 DEFAULT_GRACE_PERIOD = 30.0
 
@@ -353,7 +354,7 @@ class Bridge:
         now: float,
         device_nonce: bytes,
         service_nonce: bytes,
-        mode: str = "raw",
+        mode: str = MODE_RAW,
     ) -> tuple[str, str]:
         """Create stream ``stream_id`` to ``device_id``; return ``(device_token, service_token)``.
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from .errors import DevstreamError, ErrorCode, LocalProtocolError, RemoteProtocolError
+from .framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 
 __all__ = [
     "CONTROL_SUBPROTOCOL",
@@ -91,7 +92,7 @@ MAX_PENDING_REQUESTS: Final = MAX_OUTSTANDING_REQUESTS + MAX_FORGOTTEN_REQUESTS
 #: Data-plane mode: each binary WebSocket message is relayed intact (Azure-compatible).
 MODE_RAW: Final = "raw"
 #: Data-plane mode: devstream's framed channel (sequence numbers, acks, EOF, resume).
-MODE_FRAMED: Final = "devstream.v1"
+MODE_FRAMED: Final = FRAMED_SUBPROTOCOL
 
 #: The flow-control window a devstream.v1 stream may use, in bytes (carried in a request).
 MIN_WINDOW: Final = 1024

@@ -32,8 +32,10 @@ from wsproto.events import (
 )
 from wsproto.utilities import ProtocolError as WsProtocolError
 
-__all__ = ["ABNORMAL_CLOSURE", "ConnectionClosed", "WebSocket", "payload"]
+__all__ = ["ABNORMAL_CLOSURE", "NORMAL_CLOSURE", "ConnectionClosed", "WebSocket", "payload"]
 
+#: The close code of a normal end.
+NORMAL_CLOSURE = 1000
 #: The close code reported when the transport ended without a close frame (never sent).
 ABNORMAL_CLOSURE = 1006
 _RECEIVE_SIZE = 65536

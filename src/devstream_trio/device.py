@@ -45,11 +45,10 @@ from .exceptions import HubError, HubUnreachable, error_for
 from .framed import StreamOptions
 from .service import AnyStream, join_stream, open_transport
 
-__all__ = ["CONTROL_SUBPROTOCOL", "DeviceClient", "Handler", "open_device"]
+__all__ = ["DeviceClient", "Handler", "open_device"]
 
 log = logging.getLogger("devstream.device")
 
-CONTROL_SUBPROTOCOL = "devstream.control.v1"
 SAS_LIFETIME = 3600
 
 #: What a device runs for each accepted stream.
@@ -174,7 +173,7 @@ class DeviceClient:
                 host=self.address.host_header,
                 target=f"/devices/{urllib.parse.quote(self.device_id, safe='')}/streams",
                 headers=[("authorization", token)],
-                subprotocols=[CONTROL_SUBPROTOCOL],
+                subprotocols=[control.CONTROL_SUBPROTOCOL],
             )
         except HttpStatusError as exc:
             await trio.aclose_forcefully(transport)

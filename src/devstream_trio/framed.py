@@ -33,7 +33,8 @@ from devstream_core.common import Role
 from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
 from devstream_core.framing import DEFAULT_WINDOW, EndpointState, StreamEndpoint
 
-from ._ws import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket
+from ._wire import HEADER_RESUME_TOKEN
+from ._ws import ABNORMAL_CLOSURE, NORMAL_CLOSURE, ConnectionClosed, WebSocket
 from .exceptions import HubError, HubUnreachable, StreamReset, error_for
 
 __all__ = ["FramedStream", "Reconnect", "StreamOptions"]
@@ -44,8 +45,6 @@ log = logging.getLogger("devstream.stream")
 MESSAGE_LIMIT = 256 * 1024
 #: The largest WebSocket message it accepts.
 MAX_MESSAGE = 1024 * 1024
-RESUME_TOKEN_HEADER = b"devstream-resume-token"
-NORMAL_CLOSURE = 1000
 
 #: Opens a new WebSocket to the stream with a resume token; the new token is in its
 #: ``handshake_headers``.
@@ -69,7 +68,7 @@ _FINAL = frozenset(
 def resume_token_of(ws: WebSocket) -> str:
     """The resume token the hub sent with the handshake, or ``""``."""
     for key, value in ws.handshake_headers:
-        if key == RESUME_TOKEN_HEADER:
+        if key == HEADER_RESUME_TOKEN:
             return value.decode("ascii", "replace")
     return ""
 

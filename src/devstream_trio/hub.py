@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import trio
 
 from devstream_core import control
-from devstream_core.bridge import Bridge
+from devstream_core.bridge import STREAM_MODES, Bridge
 from devstream_core.coordinator import (
     Coordinator,
     CoordinatorEvent,
@@ -70,6 +70,12 @@ from devstream_core.routes import (
 )
 
 from ._http import HttpError, HttpRequest, HttpServerConnection
+from ._wire import (
+    HEADER_CONNECT_TIMEOUT,
+    HEADER_RESPONSE_TIMEOUT,
+    HEADER_STREAM_MODE,
+    HEADER_STREAM_WINDOW,
+)
 from ._ws import ConnectionClosed, WebSocket, payload
 from .metrics import Metrics
 from .store import RegistryStore
@@ -78,15 +84,6 @@ from .streaming import StreamingEndpoint
 __all__ = ["Hub", "HubConfig", "serve_hub"]
 
 log = logging.getLogger("devstream.hub")
-
-CONTROL_SUBPROTOCOL = "devstream.control.v1"
-HEADER_CONNECT_TIMEOUT = b"iothub-streaming-connect-timeout-in-seconds"
-HEADER_RESPONSE_TIMEOUT = b"iothub-streaming-response-timeout-in-seconds"
-#: devstream's own initiate header: the data-plane mode the service asks for.
-HEADER_STREAM_MODE = b"devstream-stream-mode"
-#: devstream's own initiate header: the flow-control window of a devstream.v1 stream.
-HEADER_STREAM_WINDOW = b"devstream-stream-window"
-STREAM_MODES = ("raw", control.MODE_FRAMED)
 
 
 @dataclass(kw_only=True)
@@ -253,8 +250,6 @@ class Hub:
                     await http.send_error(exc.code, exc.message)
                     break
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except trio.TooSlowError:
             pass
         except Exception:
             log.exception("unexpected error on connection %d", connection_id)
@@ -461,11 +456,11 @@ class Hub:
 
     def _mode_header(self, request: HttpRequest) -> str:
         raw = request.header(HEADER_STREAM_MODE)
-        mode = "raw" if raw is None else raw.decode("latin-1").strip()
+        mode = control.MODE_RAW if raw is None else raw.decode("latin-1").strip()
         if mode not in STREAM_MODES:
             raise HttpError(
                 ErrorCode.ARGUMENT_INVALID,
-                f"{HEADER_STREAM_MODE.decode()} must be one of {', '.join(STREAM_MODES)}",
+                f"{HEADER_STREAM_MODE.decode()} must be one of {', '.join(sorted(STREAM_MODES))}",
             )
         return mode
 
@@ -576,7 +571,10 @@ class Hub:
                 )
         offered = request.subprotocols
         ws = await http.accept_websocket(
-            request, subprotocol=CONTROL_SUBPROTOCOL if CONTROL_SUBPROTOCOL in offered else None
+            request,
+            subprotocol=control.CONTROL_SUBPROTOCOL
+            if control.CONTROL_SUBPROTOCOL in offered
+            else None,
         )
         session = _Session(
             device_id=route.device_id,

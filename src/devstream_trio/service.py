@@ -23,12 +23,14 @@ from typing import Any
 import trio
 
 from devstream_core.common import Role
+from devstream_core.control import MODE_RAW
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import DevstreamError, ErrorCode
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 
 from ._connect import HubAddress, Opener, connection_string_for, hub_opener
 from ._http import HttpResponse, HttpStatusError, http_request, websocket_connect
+from ._wire import HEADER_STREAM_MODE, HEADER_STREAM_WINDOW
 from ._ws import WebSocket
 from .exceptions import HubError, HubUnreachable, error_for
 from .framed import FramedStream, StreamOptions
@@ -40,9 +42,6 @@ __all__ = ["API_VERSION", "AnyStream", "ServiceClient", "join_stream", "open_ser
 AnyStream = HubStream | FramedStream
 
 API_VERSION = "2020-09-30"
-MODE_RAW = "raw"
-HEADER_STREAM_MODE = "devstream-stream-mode"
-HEADER_STREAM_WINDOW = "devstream-stream-window"
 SAS_LIFETIME = 3600
 
 
@@ -141,7 +140,10 @@ class ServiceClient:
         if mode != MODE_RAW:
             # The device adopts this side's window, so both ends agree on it.
             window = (self.stream_options or StreamOptions()).window
-            headers += [(HEADER_STREAM_MODE, mode), (HEADER_STREAM_WINDOW, str(window))]
+            headers += [
+                (HEADER_STREAM_MODE.decode(), mode),
+                (HEADER_STREAM_WINDOW.decode(), str(window)),
+            ]
         response = await self.request("POST", target, headers=headers, body=b"")
         if response.status != 200:
             raise _error_from_response(response)
@@ -151,7 +153,7 @@ class ServiceClient:
             raise error_for(code or ErrorCode.STREAM_REJECTED, message or None)
         url = (response.header(b"iothub-streaming-url") or b"").decode()
         token = (response.header(b"iothub-streaming-auth-token") or b"").decode()
-        granted = (response.header(HEADER_STREAM_MODE.encode()) or MODE_RAW.encode()).decode()
+        granted = (response.header(HEADER_STREAM_MODE) or MODE_RAW.encode()).decode()
         return await join_stream(
             url,
             token,

@@ -23,12 +23,10 @@ import trio
 from devstream_core.common import Role
 from devstream_core.errors import parse_close_reason
 
-from ._ws import ConnectionClosed, WebSocket
+from ._ws import NORMAL_CLOSURE, ConnectionClosed, WebSocket
 from .exceptions import HubError, error_for
 
 __all__ = ["HubStream"]
-
-NORMAL_CLOSURE = 1000
 
 
 class HubStream(trio.abc.HalfCloseableStream):

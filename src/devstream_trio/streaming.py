@@ -41,6 +41,7 @@ from devstream_core.bridge import (
     StreamState,
 )
 from devstream_core.common import Role
+from devstream_core.control import MODE_RAW
 from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 from devstream_core.framing import Reset, encode_frame
@@ -48,20 +49,19 @@ from devstream_core.routes import BridgeJoin
 from devstream_core.tokens import is_resume_token
 
 from ._http import HttpError, HttpRequest, HttpServerConnection
+from ._wire import HEADER_RESUME_TOKEN
 from ._ws import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket
 from .metrics import Metrics
 
-__all__ = ["MAX_FRAMED_MESSAGE", "RESUME_TOKEN_HEADER", "StreamingEndpoint"]
+__all__ = ["MAX_FRAMED_MESSAGE", "StreamingEndpoint"]
 
 log = logging.getLogger("devstream.hub")
 
-RESUME_TOKEN_HEADER = b"devstream-resume-token"
 #: The largest devstream.v1 WebSocket message the hub relays.
 MAX_FRAMED_MESSAGE = 1024 * 1024
 #: How often the hub pings a devstream.v1 side that waits for its peer (clients give up on a
 #: silent hub after ``ping_interval + ping_timeout``, 20 s by default).
 LONE_PING_INTERVAL = 5.0
-MODE_RAW = "raw"
 
 
 @dataclass
@@ -182,7 +182,7 @@ class StreamingEndpoint:
                 ErrorCode.ARGUMENT_INVALID,
                 f"this stream is {FRAMED_SUBPROTOCOL}; offer that WebSocket subprotocol",
             )
-        headers = [(RESUME_TOKEN_HEADER, (resume_token or "").encode())]
+        headers = [(HEADER_RESUME_TOKEN, (resume_token or "").encode())]
         try:
             ws = await http.accept_websocket(
                 request, subprotocol=FRAMED_SUBPROTOCOL, extra_headers=headers
