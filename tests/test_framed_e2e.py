@@ -210,7 +210,7 @@ async def test_a_stalled_reader_holds_memory_bounded(store: RegistryStore) -> No
             (relay,) = pair.hub.streaming._framed.values()
             for ws in relay.sides.values():
                 assert ws is not None
-                held = len(ws._partial) + sum(len(event.data) for event in ws._events)
+                held = ws._parts_size + sum(len(event.data) for event in ws._events)
                 assert held <= MAX_FRAMED_MESSAGE
 
             digest = hashlib.sha256()

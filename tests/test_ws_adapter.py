@@ -525,3 +525,114 @@ async def test_relaying_a_batch_keeps_message_boundaries_and_joins_fragments(
         rest = await hub_side.receive()
         assert payload(rest) == b"after the ping"
         assert any(isinstance(e, Pong) for e in await peer.next_events())
+
+
+# --- frames encoded by the adapter, read by wsproto ----------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 300_001])
+@pytest.mark.parametrize("kind", [ConnectionType.CLIENT, ConnectionType.SERVER])
+async def test_data_frames_at_every_length_encoding(
+    autojump_clock: trio.abc.Clock, size: int, kind: ConnectionType
+) -> None:
+    """The adapter writes data frames itself (7-bit, 16-bit and 64-bit lengths; masked from a
+    client, unmasked from a server); wsproto on the other side reads them back exactly."""
+    peer, ws = raw_pair(kind)
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ws.send_bytes, data)
+        got = b""
+        with trio.fail_after(5):
+            while True:
+                events = await peer.next_events()
+                assert all(isinstance(e, BytesMessage) for e in events)
+                got += b"".join(bytes(e.data) for e in events)
+                if any(isinstance(e, BytesMessage) and e.message_finished for e in events):
+                    break
+    assert got == data
+
+
+async def test_fragments_sent_by_the_adapter_are_continuations(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    peer, ws = raw_pair(ConnectionType.CLIENT)
+    await ws.send_bytes(b"ab", message_finished=False)
+    await ws.send_bytes(b"cd", message_finished=True)
+    await ws.send_text("text")
+    events: list[Event] = []
+    with trio.fail_after(5):
+        while len(events) < 3:
+            events += await peer.next_events()
+    assert [(type(e), e.data, e.message_finished) for e in events] == [
+        (BytesMessage, b"ab", False),
+        (BytesMessage, b"cd", True),
+        (TextMessage, "text", True),
+    ]
+
+
+async def test_mixing_text_into_a_binary_message_is_refused(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    _peer, ws = raw_pair(ConnectionType.CLIENT)
+    await ws.send_bytes(b"ab", message_finished=False)
+    with pytest.raises(TypeError):
+        await ws.send_text("no")
+
+
+async def test_no_data_after_a_close_was_sent(autojump_clock: trio.abc.Clock) -> None:
+    _peer, ws = raw_pair(ConnectionType.CLIENT)
+    await ws.send_close(1000, "")
+    with pytest.raises(ConnectionClosed):
+        await ws.send_bytes(b"late")
+    with pytest.raises(ConnectionClosed):
+        await ws.send_whole_messages([[b"late"]])
+
+
+async def test_receive_messages_takes_whole_messages_and_keeps_the_rest(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """receive_messages (the devstream.v1 relay's batching): every whole message already
+    received, as its fragments; a message still in part waits for the next call, and one past
+    the limit is refused by that next call (after the whole ones before it were handed over)."""
+    peer, hub_side = raw_pair()
+    await peer.send(
+        BytesMessage(data=b"one", message_finished=True),
+        BytesMessage(data=b"tw", message_finished=False),
+        BytesMessage(data=b"o", message_finished=True),
+        BytesMessage(data=b"thr", message_finished=False),
+    )
+    with trio.fail_after(5):
+        messages = await hub_side.receive_messages(10)
+        assert messages == [[b"one"], [b"tw", b"o"]]
+        await peer.send(BytesMessage(data=b"ee", message_finished=True))
+        assert await hub_side.receive_messages(10) == [[b"thr", b"ee"]]
+        await peer.send(
+            BytesMessage(data=b"fits", message_finished=True),
+            BytesMessage(data=b"far too long", message_finished=True),
+        )
+        assert await hub_side.receive_messages(10) == [[b"fits"]]
+        with pytest.raises(ConnectionClosed) as info:
+            await hub_side.receive_messages(10)
+        assert info.value.code == 1009
+
+
+@pytest.mark.parametrize("kind", [ConnectionType.CLIENT, ConnectionType.SERVER])
+async def test_send_whole_messages_one_frame_each(
+    autojump_clock: trio.abc.Clock, kind: ConnectionType
+) -> None:
+    peer, ws = raw_pair(kind)
+    big = bytes(range(256)) * 400
+    await ws.send_whole_messages([[b"a", b"b"], [big[:70000], big[70000:]], [b""]])
+    events: list[Event] = []
+    with trio.fail_after(5):
+        while sum(1 for e in events if isinstance(e, BytesMessage) and e.message_finished) < 3:
+            events += await peer.next_events()
+    joined: list[bytes] = []
+    current = b""
+    for event in events:
+        assert isinstance(event, BytesMessage)
+        current += bytes(event.data)
+        if event.message_finished:
+            joined.append(current)
+            current = b""
+    assert joined == [b"ab", big, b""]

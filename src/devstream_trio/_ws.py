@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
+import struct
 from collections.abc import Sequence
 
 import trio
@@ -32,13 +34,39 @@ from wsproto.events import (
 )
 from wsproto.utilities import ProtocolError as WsProtocolError
 
+from . import _mask
+
 __all__ = ["ABNORMAL_CLOSURE", "NORMAL_CLOSURE", "ConnectionClosed", "WebSocket", "payload"]
 
 #: The close code of a normal end.
 NORMAL_CLOSURE = 1000
 #: The close code reported when the transport ended without a close frame (never sent).
 ABNORMAL_CLOSURE = 1006
-_RECEIVE_SIZE = 65536
+#: Bytes asked of the transport per read: a relay moves up to this much per scheduler pass.
+_RECEIVE_SIZE = 262144
+
+#: Payloads at least this long are written by themselves rather than copied into one buffer
+#: with the frame headers around them (a second write costs less than the copy).
+_WRITE_ALONE = 65536
+_FIN = 0x80
+_OPCODE_TEXT = 0x1
+_OPCODE_BINARY = 0x2
+_HEAD16 = struct.Struct("!BBH")
+_HEAD64 = struct.Struct("!BBQ")
+
+_mask.install()
+
+
+def _frame_header(first: int, length: int, mask_key: bytes) -> bytes:
+    """The header of a frame: FIN/opcode byte *first*, payload *length*, mask key if any."""
+    mask_bit = 0x80 if mask_key else 0
+    if length < 126:
+        head = bytes((first, mask_bit | length))
+    elif length < 65536:
+        head = _HEAD16.pack(first, mask_bit | 126, length)
+    else:
+        head = _HEAD64.pack(first, mask_bit | 127, length)
+    return head + mask_key
 
 
 class ConnectionClosed(Exception):
@@ -65,8 +93,13 @@ class WebSocket:
         self.subprotocol = subprotocol
         #: The headers of the handshake's other half (the 101 response, on a client).
         self.handshake_headers = handshake_headers or []
-        self._partial = bytearray()
+        #: The fragments of a message received in part, and their total length.
+        self._parts: list[bytes] = []
+        self._parts_size = 0
         self._ws = connection
+        self._client = connection.client
+        #: The opcode of a data message sent in part, while its last fragment is still to come.
+        self._out_opcode: int | None = None
         self._events: collections.deque[Event] = collections.deque()
         self._send_lock = trio.StrictFIFOLock()
         self._closed: ConnectionClosed | None = None
@@ -89,19 +122,72 @@ class WebSocket:
         await self._send_events([event])
 
     async def _send_events(self, events: Sequence[Event]) -> None:
-        """Encode *events* and write them with one ``send_all``."""
+        """Encode *events* and write them out, small frames together in one write.
+
+        Data frames are encoded here (no extension is ever negotiated, so a frame is a header
+        and the payload, masked on a client) so that a payload is copied at most once on its
+        way out; control frames go through wsproto, which keeps the closing handshake's state.
+        """
         async with self._send_lock:
+            parts: list[bytes | bytearray | memoryview] = []
             try:
-                data = b"".join([self._ws.send(event) for event in events])
+                for event in events:
+                    if isinstance(event, (BytesMessage, TextMessage)):
+                        if self._ws.state is not ConnectionState.OPEN:
+                            raise WsProtocolError("the connection is closing")
+                        self._encode_data(event.data, event.message_finished, parts)
+                    else:
+                        parts.append(self._ws.send(event))
             except WsProtocolError as exc:
                 raise ConnectionClosed(
                     self._closed.code if self._closed else ABNORMAL_CLOSURE, "closed"
                 ) from exc
             try:
-                await self.stream.send_all(data)
+                await self._write(parts)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._closed = self._closed or ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
                 raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
+
+    def _encode_data(
+        self,
+        data: bytes | bytearray | memoryview | str,
+        finished: bool,
+        parts: list[bytes | bytearray | memoryview],
+    ) -> None:
+        payload: bytes | bytearray | memoryview
+        if isinstance(data, str):
+            opcode, payload = _OPCODE_TEXT, data.encode()
+        else:
+            opcode, payload = _OPCODE_BINARY, data
+        if self._out_opcode is None:
+            first = opcode
+        elif self._out_opcode != opcode:
+            raise TypeError("one message cannot mix text and binary fragments")
+        else:
+            first = 0  # a continuation frame
+        self._out_opcode = None if finished else opcode
+        if finished:
+            first |= _FIN
+        if self._client:
+            key = os.urandom(4)
+            parts.append(_frame_header(first, len(payload), key))
+            parts.append(_mask.apply_mask(payload, key))
+        else:
+            parts.append(_frame_header(first, len(payload), b""))
+            parts.append(payload)
+
+    async def _write(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        pending: list[bytes | bytearray | memoryview] = []
+        for part in parts:
+            if len(part) >= _WRITE_ALONE:
+                if pending:
+                    await self.stream.send_all(b"".join(pending))
+                    pending.clear()
+                await self.stream.send_all(part)
+            elif part:
+                pending.append(part)
+        if pending:
+            await self.stream.send_all(b"".join(pending) if len(pending) > 1 else pending[0])
 
     async def send_bytes(self, data: bytes, *, message_finished: bool = True) -> None:
         """Send binary data; ``message_finished=False`` sends a fragment of a longer message."""
@@ -200,19 +286,69 @@ class WebSocket:
 
         Safe to cancel: a message assembled in part is kept for the next call.
         """
+        parts = await self._receive_parts(max_size)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def receive_messages(self, max_size: int) -> list[list[bytes]]:
+        """Return the next whole message and every further one already received in full, each
+        as the list of its fragments (joined, they are the message: nothing is copied here).
+
+        What follows them in part is kept for the next call; limits and cancellation as in
+        :meth:`receive_message`.
+        """
+        messages = [await self._receive_parts(max_size)]
+        while self._events and isinstance(self._events[0], (BytesMessage, TextMessage)):
+            event = self._events[0]
+            chunk = _as_bytes(event.data)
+            if self._parts_size + len(chunk) > max_size:
+                break  # the next call refuses it
+            self._events.popleft()
+            self._parts.append(chunk)
+            self._parts_size += len(chunk)
+            if event.message_finished:
+                messages.append(self._parts)
+                self._parts, self._parts_size = [], 0
+        return messages
+
+    async def _receive_parts(self, max_size: int) -> list[bytes]:
         while True:
             event = await self.receive()
-            data = event.data
-            self._partial += data.encode() if isinstance(data, str) else data
-            if len(self._partial) > max_size:
-                self._partial.clear()
+            chunk = _as_bytes(event.data)
+            self._parts_size += len(chunk)
+            if self._parts_size > max_size:
+                self._parts, self._parts_size = [], 0
                 self._closed = ConnectionClosed(1009, "message too big")
                 await self.send_close(1009, "message too big")
                 raise self._closed
+            self._parts.append(chunk)
             if event.message_finished:
-                message = bytes(self._partial)
-                self._partial.clear()
-                return message
+                parts = self._parts
+                self._parts, self._parts_size = [], 0
+                return parts
+
+    async def send_whole_messages(self, messages: Sequence[Sequence[bytes]]) -> None:
+        """Send binary messages, each given as its fragments (see :meth:`receive_messages`),
+        as one frame each, with as few writes as possible."""
+        async with self._send_lock:
+            if self._ws.state is not ConnectionState.OPEN or self._out_opcode is not None:
+                raise ConnectionClosed(
+                    self._closed.code if self._closed else ABNORMAL_CLOSURE, "closed"
+                )
+            out: list[bytes | bytearray | memoryview] = []
+            for parts in messages:
+                size = sum(map(len, parts))
+                if self._client:
+                    key = os.urandom(4)
+                    out.append(_frame_header(_FIN | _OPCODE_BINARY, size, key))
+                    out.append(_mask.apply_mask(b"".join(parts), key))
+                else:
+                    out.append(_frame_header(_FIN | _OPCODE_BINARY, size, b""))
+                    out.extend(parts)
+            try:
+                await self._write(out)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._closed = self._closed or ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
+                raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
 
     async def _read_more(self) -> None:
         try:
@@ -250,6 +386,10 @@ class WebSocket:
     async def abort(self) -> None:
         """Drop the transport without a closing handshake."""
         await trio.aclose_forcefully(self.stream)
+
+
+def _as_bytes(data: bytes | bytearray | str) -> bytes:
+    return data.encode() if isinstance(data, str) else bytes(data)
 
 
 def payload(event: BytesMessage | TextMessage) -> bytes | str:

@@ -319,9 +319,11 @@ class FramedStream(trio.abc.HalfCloseableStream):
             nursery.start_soon(self._keepalive, ws)
             try:
                 while True:
-                    message = await ws.receive_message(MAX_MESSAGE)
+                    messages = await ws.receive_messages(MAX_MESSAGE)
                     try:
-                        self._endpoint.receive_data(message)
+                        for parts in messages:
+                            for part in parts:
+                                self._endpoint.receive_data(part)
                     except DevstreamError as exc:
                         self._failure = exc
                         await ws.send_close(exc.code.close_code, exc.message[:100])

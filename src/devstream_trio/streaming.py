@@ -10,10 +10,11 @@ Two relays, chosen by the stream's mode at initiation:
   code; the first subprotocol a client offers is accepted.
 * **devstream.v1**: each side's connection task reads *whole* messages (each holds whole frames;
   at most ``MAX_FRAMED_MESSAGE`` bytes) and forwards them to the other side's current
-  WebSocket, without parsing them. When a side's WebSocket drops without a close, the bridge
-  holds the stream for the grace period; frames for the missing side are dropped (its peer still
-  holds them unacknowledged and sends them again after the resume). The side comes back with its
-  resume token (``Authorization: Bearer``) and gets a fresh one in the ``devstream-resume-token``
+  WebSocket, without parsing them; every whole message already received goes out in one
+  write. When a side's WebSocket drops without a close, the bridge holds the stream for the
+  grace period; frames for the missing side are dropped (its peer still holds them
+  unacknowledged and sends them again after the resume). The side comes back with its resume
+  token (``Authorization: Bearer``) and gets a fresh one in the ``devstream-resume-token``
   header of the 101 response. The token it came with is spent only when its first message
   arrives on the new connection (``Bridge.confirm``): a side whose 101 was lost on the way
   tries again with the same token. A held side that does not come back in time makes the hub
@@ -318,7 +319,7 @@ class StreamingEndpoint:
     async def _pump_framed(
         self, relay: _FramedRelay, role: Role, ws: WebSocket, connection_id: int
     ) -> None:
-        message = await ws.receive_message(MAX_FRAMED_MESSAGE)
+        messages = await ws.receive_messages(MAX_FRAMED_MESSAGE)
         # The side sends nothing before it read the 101 and the resume token in it: from now on
         # the token that opened this connection is spent (see Bridge.confirm).
         self.bridge.confirm(
@@ -332,9 +333,12 @@ class StreamingEndpoint:
             if peer is not None:
                 with contextlib.suppress(ConnectionClosed):
                     # A peer that vanished mid-write is noticed by its own connection task.
-                    await peer.send_bytes(message)
-                    self.metrics.bytes_relayed += len(message)
-            message = await ws.receive_message(MAX_FRAMED_MESSAGE)
+                    # Every whole message already received goes out in one write.
+                    await peer.send_whole_messages(messages)
+                    self.metrics.bytes_relayed += sum(
+                        len(part) for parts in messages for part in parts
+                    )
+            messages = await ws.receive_messages(MAX_FRAMED_MESSAGE)
 
     async def _after_framed_side(
         self,
