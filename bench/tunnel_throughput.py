@@ -137,6 +137,8 @@ def main() -> None:
     cli = ["-m", "devstream_trio.cli", "--log-level", "warning", "proxy"]
     ours: list[tuple[float, float, int]] = []
     theirs: list[tuple[float, float, int]] = []
+    #: CPU-s/GB of the service proxy, the hub and the device proxy, per run.
+    each: list[list[float]] = []
     with c.start_hub() as hub_child:
         hub = c.HubInfo(hub_child.info)
         device_env = {**env, "DEVSTREAM_CONNECTION_STRING": hub.device_cs(c.device_id(0))}
@@ -157,14 +159,17 @@ def main() -> None:
         ):
             # "listening on 127.0.0.1:PORT -> 'bench' on device 'dev-0'"
             entry = int(service.info["line"].split()[2].rsplit(":", 1)[1])
-            pids = [hub_child.pid, device.pid, service.pid]
+            pids = [service.pid, hub_child.pid, device.pid]
 
             def ours_run() -> tuple[float, float, int]:
-                before = sum(c.cpu_seconds(pid) for pid in pids)
+                before = [c.cpu_seconds(pid) for pid in pids]
                 got, wall = push(entry, total, sink)
-                return sum(c.cpu_seconds(pid) for pid in pids) - before, wall, got
+                spent = [c.cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+                each.append([cpu / (got / c.GB) for cpu in spent])
+                return sum(spent), wall, got
 
             ours_run()  # warm up
+            each.clear()
             socat_run(min(total, 1 << 20), sink)
             for _ in range(repeat):
                 ours.append(ours_run())
@@ -188,7 +193,13 @@ def main() -> None:
             f"devstream: service proxy + hub + device proxy (devstream.v1); medians of "
             f"{repeat} runs of {total / c.MB:.0f} MB; GB = 1e9 bytes. Seconds per run: "
             f"devstream {', '.join(f'{w:.2f}' for _, w, _ in ours)}; "
-            f"socat {', '.join(f'{w:.2f}' for _, w, _ in theirs)}."
+            f"socat {', '.join(f'{w:.2f}' for _, w, _ in theirs)}.",
+            "devstream CPU-s/GB by process (medians): "
+            + ", ".join(
+                f"{name} {c.median([run[i] for run in each]):.2f}"
+                for i, name in enumerate(["service proxy", "hub", "device proxy"])
+            )
+            + ".",
         ],
     )
 

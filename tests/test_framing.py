@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from devstream_core.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -420,6 +420,77 @@ def test_write_and_read(sender: str) -> None:
     assert DataAvailable() in pipe.events[OTHER[sender]]
     assert WindowOpened() in pipe.events[sender]
     assert pipe.ep[sender].written_end == 1000
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    writes=st.lists(st.integers(min_value=1, max_value=40_000), min_size=1, max_size=8),
+    reads=st.lists(st.integers(min_value=100, max_value=70_000), min_size=1, max_size=12),
+    deliveries=st.lists(st.integers(min_value=100, max_value=30_000), min_size=1, max_size=8),
+    max_payload=st.integers(min_value=1000, max_value=70_000),
+    flush_every=st.integers(min_value=1, max_value=4),
+)
+@example(
+    writes=[20_000, 3, 40_000, 5_000, 17],
+    reads=[7_000],
+    deliveries=[3_001],
+    max_payload=65_536,
+    flush_every=3,
+)
+@example(writes=[100] * 8, reads=[250], deliveries=[90_000], max_payload=1_000, flush_every=1)
+def test_any_writes_any_splits_any_reads(
+    writes: list[int],
+    reads: list[int],
+    deliveries: list[int],
+    max_payload: int,
+    flush_every: int,
+) -> None:
+    """Writes of any size (small ones gathered into one chunk of the send queue, large ones a
+    chunk each), frames delivered in pieces of any size (whole frames read straight from a
+    piece, a partial one completed from the next), reads of any size between the writes (so
+    Acks drop parts of chunks): the reader gets exactly the bytes written, never more than it
+    asked for."""
+    pipe = Pipe(window=64 * 1024, max_payload=min(max_payload, MAX_FRAME_PAYLOAD))
+    data = pattern(sum(writes), seed=3)
+    view = memoryview(data)
+    got = bytearray()
+    turn = 0
+
+    def exchange() -> None:
+        nonlocal turn
+        pipe.flush(A)
+        while True:
+            if pipe.queue[A]:
+                pipe.deliver(A, deliveries[turn % len(deliveries)])
+            want = reads[turn % len(reads)]
+            chunk = pipe.ep[B].read(want)
+            assert len(chunk) <= want
+            got.extend(chunk)
+            turn += 1
+            if not chunk and not pipe.queue[A]:
+                break
+        pipe.flush(B)  # Acks
+        while pipe.queue[B]:
+            pipe.deliver(B)
+
+    for number, size in enumerate(writes, 1):
+        piece = view[:size]
+        view = view[size:]
+        while piece:
+            taken = pipe.ep[A].write(piece)
+            piece = piece[taken:]
+            if piece or number % flush_every == 0:
+                exchange()
+    exchange()
+    while len(got) < len(data):
+        chunk = pipe.ep[B].read(reads[turn % len(reads)])
+        assert chunk
+        got += chunk
+        turn += 1
+        exchange()
+    assert bytes(got) == data
+    assert pipe.ep[B].read(10) == b""
+    assert pipe.ep[B].consumed == len(data)
 
 
 @pytest.mark.parametrize("closer", [A, B])

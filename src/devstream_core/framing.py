@@ -95,6 +95,7 @@ Decisions the spec left open:
 
 from __future__ import annotations
 
+import collections
 import enum
 import struct
 from collections.abc import Mapping
@@ -368,23 +369,44 @@ class FrameDecoder:
         if self._poisoned:
             raise _invalid("the frame decoder is broken by an earlier error")
         buffer = self._buffer
-        buffer += data
         frames: list[Frame] = []
-        pos = 0
         try:
-            while len(buffer) - pos >= HEADER_SIZE:
-                kind, length = _HEADER.unpack_from(buffer, pos)
-                self._check_header(kind, length)
-                end = pos + HEADER_SIZE + length
-                if len(buffer) < end:
-                    break
-                frames.append(_decode_body(kind, bytes(buffer[pos + HEADER_SIZE : end])))
-                pos = end
+            with memoryview(data) as view:
+                size = len(view)
+                pos = 0
+                if buffer:
+                    # Complete the partial frame held back, copying no more than it needs.
+                    if len(buffer) < HEADER_SIZE:
+                        pos = min(HEADER_SIZE - len(buffer), size)
+                        buffer += view[:pos]
+                        if len(buffer) < HEADER_SIZE:
+                            return frames
+                    kind, length = _HEADER.unpack_from(buffer)
+                    self._check_header(kind, length)
+                    take = min(HEADER_SIZE + length - len(buffer), size - pos)
+                    buffer += view[pos : pos + take]
+                    pos += take
+                    if len(buffer) < HEADER_SIZE + length:
+                        return frames
+                    with memoryview(buffer) as held:
+                        frames.append(_frame_at(held, 0, kind, len(held)))
+                    buffer.clear()
+                # The rest is read straight from *data*; only a partial frame at its end is
+                # copied, into the buffer.
+                while size - pos >= HEADER_SIZE:
+                    kind, length = _HEADER.unpack_from(view, pos)
+                    self._check_header(kind, length)
+                    end = pos + HEADER_SIZE + length
+                    if size < end:
+                        break
+                    frames.append(_frame_at(view, pos, kind, end))
+                    pos = end
+                if pos < size:
+                    buffer += view[pos:]
         except RemoteProtocolError:
             self._poisoned = True
             buffer.clear()
             raise
-        del buffer[:pos]
         return frames
 
     def _check_header(self, kind: int, length: int) -> None:
@@ -402,6 +424,16 @@ class FrameDecoder:
             if kind == FrameType.DATA and length == 8:
                 raise _bad_frame("Data frame with an empty payload")
             raise _bad_frame(f"{name} frame body of {length} bytes (must be {low} to {high})")
+
+
+def _frame_at(view: memoryview, pos: int, kind: int, end: int) -> Frame:
+    """The frame whose header starts at *pos* and whose body ends at *end* (checked)."""
+    body = pos + HEADER_SIZE
+    if kind == FrameType.DATA:
+        # The payload is copied once, straight out of what arrived.
+        (offset,) = _U64.unpack_from(view, body)
+        return Data(offset=offset, payload=bytes(view[body + 8 : end]))
+    return _decode_body(kind, bytes(view[body:end]))
 
 
 def _decode_body(kind: int, body: bytes) -> Frame:
@@ -632,6 +664,76 @@ def _remote(message: str) -> RemoteProtocolError:
 # --------------------------------------------------------------------------------------------
 
 
+#: Writes shorter than this are gathered into one chunk of the send queue, up to
+#: ``_GATHER_LIMIT`` bytes; longer ones are a chunk each.
+_SMALL_WRITE: Final = 16 * 1024
+_GATHER_LIMIT: Final = 64 * 1024
+
+
+class _SendQueue:
+    """The bytes written and not yet acknowledged, as a queue of chunks.
+
+    Appended at the end, dropped from the front, read anywhere: each byte is copied once on
+    its way in and once on its way out. (One ``bytearray`` that grows at the end and shrinks
+    at the front is reallocated, with everything in it, every time it grows.) Small writes
+    are gathered so that the queue never holds more than about one chunk per
+    ``_GATHER_LIMIT`` bytes, plus one per write of ``_SMALL_WRITE`` bytes or more.
+    """
+
+    __slots__ = ("_chunks", "_head", "_size")
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[bytes | bytearray] = collections.deque()
+        self._head = 0  # bytes of the first chunk already dropped
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, data: memoryview) -> None:
+        size = len(data)
+        chunks = self._chunks
+        if size < _SMALL_WRITE:
+            last = chunks[-1] if chunks else None
+            if isinstance(last, bytearray) and len(last) < _GATHER_LIMIT:
+                last += data
+            else:
+                chunks.append(bytearray(data))
+        else:
+            chunks.append(bytes(data))
+        self._size += size
+
+    def drop(self, size: int) -> None:
+        """Forget the first *size* bytes."""
+        self._size -= size
+        head = self._head + size
+        chunks = self._chunks
+        while chunks and head >= len(chunks[0]):
+            head -= len(chunks.popleft())
+        self._head = head
+
+    def take(self, start: int, size: int, out: list[bytes | memoryview]) -> None:
+        """Append views of bytes ``[start, start + size)`` to *out*; the caller drops them
+        before the queue changes again."""
+        pos = start + self._head
+        for chunk in self._chunks:
+            length = len(chunk)
+            if pos >= length:
+                pos -= length
+                continue
+            part = min(length - pos, size)
+            out.append(memoryview(chunk)[pos : pos + part])
+            size -= part
+            if not size:
+                return
+            pos = 0
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._head = 0
+        self._size = 0
+
+
 class StreamEndpoint:
     """One side of one devstream.v1 stream (sans-IO); see the module docstring for the rules.
 
@@ -664,7 +766,7 @@ class StreamEndpoint:
         self._conn_state = ConnectionState.IDLE
         self._decoder = FrameDecoder()
         # Outgoing: the buffer holds bytes [acked data, written_end).
-        self._send_buffer = bytearray()
+        self._send_queue = _SendQueue()
         self._written_end = 0
         self._acked = 0
         self._next_send = 0
@@ -672,8 +774,9 @@ class StreamEndpoint:
         self._eof_sent = False
         self._eof_ever_sent = False
         self._eof_acked = False
-        # Incoming: the buffer holds bytes [consumed, received).
-        self._recv_buffer = bytearray()
+        # Incoming: the chunks hold bytes [consumed, received), each as it arrived (read hands
+        # whole chunks on without copying them).
+        self._recv_chunks: collections.deque[bytes] = collections.deque()
         self._received = 0
         self._consumed = 0
         self._peer_final: int | None = None
@@ -790,7 +893,7 @@ class StreamEndpoint:
     def readable(self) -> bool:
         """:meth:`read` would not have to wait: bytes are buffered, the EOF arrived (read
         returns ``b""`` there), or the stream was reset (read raises)."""
-        if self._recv_state is RecvState.RESET or self._recv_buffer:
+        if self._recv_state is RecvState.RESET or self._recv_chunks:
             return True
         return self._recv_state is not RecvState.OPEN
 
@@ -846,8 +949,8 @@ class StreamEndpoint:
         self._move_send(SendInput.RESET)
         self._move_recv(RecvInput.RESET)
         self._reset_info = (code, reason)
-        self._send_buffer = bytearray()
-        self._recv_buffer = bytearray()
+        self._send_queue.clear()
+        self._recv_chunks.clear()
         self._ack_pending = False
 
     def _queue_reset(self, info: tuple[int, str]) -> None:
@@ -856,7 +959,7 @@ class StreamEndpoint:
 
     # -- application side --------------------------------------------------------------------
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | bytearray | memoryview) -> int:
         """Queue up to :attr:`send_capacity` bytes of *data*; return how many (0 when full).
 
         Raises :class:`LocalProtocolError` after :meth:`write_eof` or a reset.
@@ -866,7 +969,8 @@ class StreamEndpoint:
         self._move_send(SendInput.WRITE)
         taken = min(len(data), self.send_capacity)
         if taken:
-            self._send_buffer += data[:taken]
+            with memoryview(data) as view:
+                self._send_queue.append(view[:taken])
             self._written_end += taken
         return taken
 
@@ -890,17 +994,31 @@ class StreamEndpoint:
         ):
             raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "max_bytes must be >= 1")
         self._move_recv(RecvInput.READ)
-        buffer = self._recv_buffer
-        size = len(buffer) if max_bytes is None else min(max_bytes, len(buffer))
-        data = bytes(buffer[:size])
-        del buffer[:size]
-        self._consumed += size
+        data = self._take_received(max_bytes)
+        self._consumed += len(data)
         if self._recv_state is RecvState.EOF_RECEIVED and self._consumed == self._peer_final:
             self._move_recv(RecvInput.READ_EOF)
             self._ack_pending = True
         elif self._consumed - self._ack_sent >= self._ack_threshold:
             self._ack_pending = True
         return data
+
+    def _take_received(self, max_bytes: int | None) -> bytes:
+        """Up to *max_bytes* of the received chunks: whole chunks as they are when one is all
+        that fits, joined when several do, a chunk split only when the first alone is too big."""
+        chunks = self._recv_chunks
+        if not chunks:
+            return b""
+        first = chunks[0]
+        if max_bytes is not None and len(first) > max_bytes:
+            chunks[0] = first[max_bytes:]
+            return first[:max_bytes]
+        taken = [chunks.popleft()]
+        size = len(first)
+        while chunks and (max_bytes is None or size + len(chunks[0]) <= max_bytes):
+            size += len(chunks[0])
+            taken.append(chunks.popleft())
+        return taken[0] if len(taken) == 1 else b"".join(taken)
 
     def reset(self, code: int, reason: str = "") -> None:
         """Abort the stream with *code* (a u32) and *reason* (cut to 123 bytes of UTF-8).
@@ -985,7 +1103,7 @@ class StreamEndpoint:
         conn = self._conn_state
         if conn not in _LIVE_CONNECTIONS:
             return b""
-        out: list[bytes] = []
+        out: list[bytes | memoryview] = []
         is_reset = self._send_state is SendState.RESET
         if conn is not ConnectionState.BROKEN:
             if self._resume_pending:
@@ -1001,7 +1119,13 @@ class StreamEndpoint:
             self._reset_sent_in_epoch = True
         if conn is ConnectionState.CONNECTED and not is_reset:
             room = None if max_bytes is None else max_bytes - sum(map(len, out))
-            self._take_data(out, room)
+            # Payloads go from the send queue into the result in one copy, through views that
+            # are all let go before the queue can change again.
+            try:
+                self._take_data(out, room)
+                return b"".join(out)
+            finally:
+                out.clear()
         return b"".join(out)
 
     # -- internals: sending ------------------------------------------------------------------
@@ -1028,7 +1152,7 @@ class StreamEndpoint:
             self._move_recv(RecvInput.ACK_EOF)
         return _encode_offset(FrameType.ACK, offset)
 
-    def _take_data(self, out: list[bytes], room: int | None) -> None:
+    def _take_data(self, out: list[bytes | memoryview], room: int | None) -> None:
         limit = self._send_limit()
         base = self._acked_data()
         while self._next_send < limit:
@@ -1039,9 +1163,8 @@ class StreamEndpoint:
                     return
                 room -= _DATA_OVERHEAD + size
             start = self._next_send - base
-            out.append(
-                _encode_data(self._next_send, bytes(self._send_buffer[start : start + size]))
-            )
+            out.append(_HEADER.pack(FrameType.DATA, 8 + size) + _U64.pack(self._next_send))
+            self._send_queue.take(start, size, out)
             self._next_send += size
             self._sent_end = max(self._sent_end, self._next_send)
         if self._eof_due() and (room is None or room >= _EOF_SIZE):
@@ -1088,7 +1211,8 @@ class StreamEndpoint:
         if end <= self._received or frame.offset > self._received:
             return  # a duplicate, or a gap the peer fills after the next Resume
         self._move_recv(RecvInput.DATA, remote=True)
-        self._recv_buffer += frame.payload[self._received - frame.offset :]
+        skip = self._received - frame.offset
+        self._recv_chunks.append(frame.payload[skip:] if skip else frame.payload)
         self._received = end
         _add_once(events, DataAvailable())
 
@@ -1115,7 +1239,7 @@ class StreamEndpoint:
         before = self._acked_data()
         self._acked = frame.offset
         after = self._acked_data()
-        del self._send_buffer[: after - before]
+        self._send_queue.drop(after - before)
         self._next_send = max(self._next_send, after)
         if frame.offset == self._written_end + 1:
             self._eof_sent = True

@@ -47,7 +47,7 @@ _RECEIVE_SIZE = 262144
 
 #: Payloads at least this long are written by themselves rather than copied into one buffer
 #: with the frame headers around them (a second write costs less than the copy).
-_WRITE_ALONE = 65536
+_WRITE_ALONE = 1 << 19
 _FIN = 0x80
 _OPCODE_TEXT = 0x1
 _OPCODE_BINARY = 0x2

@@ -156,7 +156,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
                 self._check_can_send()
                 if not view:
                     return
-                taken = self._endpoint.write(bytes(view[: self._endpoint.send_capacity]))
+                taken = self._endpoint.write(view)
                 if taken:
                     view = view[taken:]
                     self._kick()

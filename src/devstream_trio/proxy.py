@@ -47,7 +47,7 @@ __all__ = [
 
 log = logging.getLogger("devstream.proxy")
 
-_CHUNK = 65536
+_CHUNK = 262144
 
 
 @dataclass(frozen=True, kw_only=True)
