@@ -42,8 +42,12 @@ __all__ = ["ABNORMAL_CLOSURE", "NORMAL_CLOSURE", "ConnectionClosed", "WebSocket"
 NORMAL_CLOSURE = 1000
 #: The close code reported when the transport ended without a close frame (never sent).
 ABNORMAL_CLOSURE = 1006
-#: Bytes asked of the transport per read: a relay moves up to this much per scheduler pass.
-_RECEIVE_SIZE = 262144
+#: Bytes asked of the transport per read, at first and at most. A read that fills what it
+#: asked for doubles the next one (a relay then moves up to 1 MiB per scheduler pass); one
+#: that brings less than a quarter halves it (a chatty connection does not allocate 1 MiB
+#: for each small read).
+_RECEIVE_SIZE = 65536
+_RECEIVE_SIZE_MAX = 1024 * 1024
 
 #: Payloads at least this long are written by themselves rather than copied into one buffer
 #: with the frame headers around them (a second write costs less than the copy).
@@ -98,6 +102,7 @@ class WebSocket:
         self._parts_size = 0
         self._ws = connection
         self._client = connection.client
+        self._receive_size = _RECEIVE_SIZE
         #: The opcode of a data message sent in part, while its last fragment is still to come.
         self._out_opcode: int | None = None
         self._events: collections.deque[Event] = collections.deque()
@@ -352,13 +357,18 @@ class WebSocket:
 
     async def _read_more(self) -> None:
         try:
-            data = await self.stream.receive_some(_RECEIVE_SIZE)
+            data = await self.stream.receive_some(self._receive_size)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         if not data:
             self._closed = ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
             raise self._closed
         self.last_received = trio.current_time()
+        size = self._receive_size
+        if len(data) >= size:
+            self._receive_size = min(size * 2, _RECEIVE_SIZE_MAX)
+        elif len(data) < size >> 2:
+            self._receive_size = max(size >> 1, _RECEIVE_SIZE)
         try:
             self._ws.receive_data(bytes(data))
             self._events.extend(self._ws.events())
