@@ -254,12 +254,20 @@ class Child:
         self.stop()
 
 
-def start_hub(*, devices: int = 1, profile: str | None = None, store: str = "file") -> Child:
-    """A devstream hub in its own process (bench/_hub.py)."""
+def start_hub(
+    *,
+    devices: int = 1,
+    profile: str | None = None,
+    store: str = "file",
+    pure_python_mask: bool = False,
+) -> Child:
+    """A devstream hub in its own process (bench/_hub.py); *pure_python_mask* keeps
+    wsproto's own masker (``DEVSTREAM_PURE_PYTHON_MASK=1``)."""
     args = [str(BENCH / "_hub.py"), "--devices", str(devices), "--store", store]
     if profile:
         args += ["--profile", profile]
-    return Child(args)
+    env = {**os.environ, "DEVSTREAM_PURE_PYTHON_MASK": "1" if pure_python_mask else "0"}
+    return Child(args, env=env)
 
 
 def start_peer(role: str) -> Child:

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import json_line, raise_fd_limit
 
 from devstream_core.registry import new_device
+from devstream_trio._mask import masker_in_use
 from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub
 from devstream_trio.store import RegistryStore
 
@@ -56,6 +57,7 @@ async def main(args: argparse.Namespace) -> None:
                     owner_name=owner.name,
                     owner_key=owner.primary_key,
                     device_key=key,
+                    masker=masker_in_use(),
                 )
                 await stdin_closed()
                 nursery.cancel_scope.cancel()

@@ -162,6 +162,34 @@ async def measure(args: argparse.Namespace, hub: c.Child, peer: c.Child) -> list
     return rows
 
 
+async def measure_masking(
+    args: argparse.Namespace, native: c.Child, pure: c.Child
+) -> list[tuple[str, float, float]]:
+    """The same hub with the native masker and with wsproto's pure-Python one, 64 KiB."""
+    hubs = {"native": native, "pure": pure}
+    pairs = {name: DevstreamPairs(c.HubInfo(hub.info)) for name, hub in hubs.items()}
+    for name in hubs:
+        await pairs[name].start()
+        for mode in c.MODES:
+            await transfer(pairs[name], hubs[name].pid, mode, 65536, 1 << 20)
+    results: dict[tuple[str, str], list[float]] = {}
+    for mode in c.MODES:
+        for _ in range(args.repeat):
+            for name, hub in hubs.items():
+                cpu, _, n = await transfer(pairs[name], hub.pid, mode, 65536, args.bytes)
+                results.setdefault((mode, name), []).append(cpu / (n / c.GB))
+    for name in hubs:
+        await pairs[name].stop()
+    return [
+        (
+            f"{mode} 64 KiB: hub CPU-s/GB",
+            c.median(results[(mode, "native")]),
+            c.median(results[(mode, "pure")]),
+        )
+        for mode in c.MODES
+    ]
+
+
 async def profile_hub(args: argparse.Namespace, path: str) -> None:
     with c.start_hub(profile=path) as hub:
         ours = DevstreamPairs(c.HubInfo(hub.info))
@@ -193,6 +221,22 @@ def main() -> None:
             f"websockets {c.websockets_version()} (C speedups {speedups}); "
             f"medians of {args.repeat} runs; {args.bytes / c.MB:.0f} MB per run "
             f"({args.bytes / args.small_divisor / c.MB:.0f} MB at 4 KiB); GB = 1e9 bytes.",
+        ],
+    )
+    with (
+        c.start_hub() as native,
+        c.start_hub(pure_python_mask=True) as pure,
+    ):
+        if (native.info["masker"], pure.info["masker"]) != ("native", "pure-python"):
+            raise RuntimeError(f"maskers: {native.info['masker']}, {pure.info['masker']}")
+        rows = asyncio.run(measure_masking(args, native, pure))
+    c.print_table(
+        "Masking: the hub with the native masker and with wsproto's pure-Python one",
+        "pure-Python masking",
+        rows,
+        [
+            "Both columns are devstream's hub (one stream, 64 KiB writes); the peer column "
+            "runs with DEVSTREAM_PURE_PYTHON_MASK=1."
         ],
     )
     if args.profile:
