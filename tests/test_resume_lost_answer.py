@@ -109,11 +109,19 @@ class LossyRelay:
     async def _serve(self, client: trio.abc.Stream, hub: trio.abc.Stream) -> None:
         passage = Passage()
         self.passages.append(passage)
-        head = bytearray()
-        while END_OF_HEAD not in head:
-            chunk = await client.receive_some()
-            assert chunk, "the client closed before its request was complete"
-            head += chunk
+        head = await self._read_head(client)
+        while head.startswith(b"POST "):
+            # The service's initiate: pass it and its answer on, then read the next request
+            # (the service joins over the same, kept-alive connection).
+            await hub.send_all(head)
+            answer = await self._read_head(hub)
+            answer += await self._read_body(hub, answer)
+            await client.send_all(answer)
+            head = await self._read_head(client, closed_ok=True)
+            if not head:
+                await trio.aclose_forcefully(client)
+                await trio.aclose_forcefully(hub)
+                return
         passage.head = bytes(head)
         bridge = passage.head.startswith(b"GET /bridges/")
         lose = bridge and self.lose > 0
@@ -137,6 +145,34 @@ class LossyRelay:
             await trio.aclose_forcefully(client)
             if not hung:
                 await trio.aclose_forcefully(hub)
+
+    @staticmethod
+    async def _read_head(stream: trio.abc.Stream, *, closed_ok: bool = False) -> bytearray:
+        """One message head (with any bytes after it that came in the same reads)."""
+        head = bytearray()
+        while END_OF_HEAD not in head:
+            chunk = await stream.receive_some()
+            if not chunk and closed_ok and not head:
+                return head
+            assert chunk, "the peer closed before its head was complete"
+            head += chunk
+        return head
+
+    @staticmethod
+    async def _read_body(stream: trio.abc.Stream, head: bytearray) -> bytearray:
+        """The rest of the body (``Content-Length``) of the message *head* starts."""
+        top, _, already = bytes(head).partition(END_OF_HEAD)
+        length = 0
+        for line in top.split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == b"content-length":
+                length = int(value)
+        rest = bytearray()
+        while len(already) + len(rest) < length:
+            chunk = await stream.receive_some()
+            assert chunk, "the peer closed before its body was complete"
+            rest += chunk
+        return rest
 
     @staticmethod
     async def _pipe(

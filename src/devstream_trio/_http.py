@@ -26,7 +26,7 @@ from wsproto.connection import ConnectionType
 
 from devstream_core.errors import DevstreamError, ErrorCode
 
-from ._ws import WebSocket
+from ._ws import WebSocket, close_forcefully
 
 __all__ = [
     "HttpError",
@@ -34,6 +34,7 @@ __all__ = [
     "HttpResponse",
     "HttpServerConnection",
     "HttpStatusError",
+    "close_forcefully",
     "error_body",
     "http_request",
     "websocket_connect",
@@ -126,6 +127,8 @@ class HttpResponse(_HttpMessage):
     """One response as the client received it (header names lower-cased)."""
 
     status: int
+    #: True when the connection may carry another request (kept alive, nothing left over).
+    reusable: bool = False
 
 
 @dataclass
@@ -147,6 +150,9 @@ class HttpServerConnection:
     _first: bool = field(default=True, init=False)
     _done: bool = field(default=False, init=False)
     _upgrade_pending: bool = field(default=False, init=False)
+    #: Bytes received on the connection so far: while at most ``max_header_size``, no head
+    #: can be larger, and measuring one is skipped.
+    _received: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_size)
@@ -190,6 +196,7 @@ class HttpServerConnection:
                         # First byte of a kept-alive request: the header clock starts now.
                         deadline = trio.current_time() + self.header_timeout
                     got_bytes = got_bytes or bool(data)
+                    self._received += len(data)
                     self.conn.receive_data(bytes(data))
                     continue
                 if not got_bytes and request is None and not started:
@@ -199,7 +206,10 @@ class HttpServerConnection:
                 request = event
                 # h11 only bounds a head that is still incomplete; one that arrived whole in a
                 # single read is measured here.
-                if _head_size(event) > self.max_header_size:
+                if (
+                    self._received > self.max_header_size
+                    and _head_size(event) > self.max_header_size
+                ):
                     raise HttpError(ErrorCode.HEADERS_TOO_LARGE)
                 length = _content_length(event.headers)
                 if length is not None and length > self.max_body_size:
@@ -213,7 +223,7 @@ class HttpServerConnection:
                 return HttpRequest(
                     method=bytes(request.method),
                     target=bytes(request.target),
-                    headers=[(bytes(k).lower(), bytes(v)) for k, v in request.headers],
+                    headers=list(request.headers),  # h11 gives names lower-cased
                     body=bytes(body),
                 )
             elif isinstance(event, h11.ConnectionClosed):
@@ -227,7 +237,7 @@ class HttpServerConnection:
                 return HttpRequest(
                     method=bytes(request.method),
                     target=bytes(request.target),
-                    headers=[(bytes(k).lower(), bytes(v)) for k, v in request.headers],
+                    headers=list(request.headers),  # h11 gives names lower-cased
                     body=bytes(body),
                 )
 
@@ -289,7 +299,11 @@ class HttpServerConnection:
         subprotocol: str | None = None,
         extra_headers: Headers | None = None,
     ) -> WebSocket:
-        """Answer ``101 Switching Protocols`` and return the open WebSocket."""
+        """Answer ``101 Switching Protocols`` and return the open WebSocket.
+
+        The WebSocket keeps no handshake headers (the caller has *request*): a server may hold
+        many idle WebSockets, and the request's headers are not needed once it is open.
+        """
         key = request.header(b"sec-websocket-key")
         version = request.header(b"sec-websocket-version")
         if key is None or version != b"13":
@@ -309,9 +323,7 @@ class HttpServerConnection:
         await self.stream.send_all(data or b"")
         trailing, _ = self.conn.trailing_data
         ws = WsConnection(ConnectionType.SERVER, trailing_data=bytes(trailing))
-        return WebSocket(
-            self.stream, ws, subprotocol=subprotocol, handshake_headers=request.headers
-        )
+        return WebSocket(self.stream, ws, subprotocol=subprotocol)
 
 
 def _head_size(request: h11.Request) -> int:
@@ -322,7 +334,7 @@ def _head_size(request: h11.Request) -> int:
 
 def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
     for key, value in headers:
-        if key.lower() == b"content-length":
+        if key == b"content-length":  # h11 gives names lower-cased
             try:
                 return int(value)
             except ValueError:
@@ -390,10 +402,15 @@ async def http_request(
     headers: Sequence[tuple[str, str]] = (),
     body: bytes | None = None,
     max_body: int = 16 * 1024 * 1024,
+    keep_alive: bool = False,
 ) -> HttpResponse:
-    """Send one request (``Connection: close``) and return the response."""
+    """Send one request and return the response.
+
+    The request says ``Connection: close`` unless *keep_alive*; then the response's
+    ``reusable`` tells whether the connection can carry another request.
+    """
     conn = h11.Connection(h11.CLIENT)
-    all_headers = [("host", host), ("connection", "close"), *headers]
+    all_headers = [("host", host), *([] if keep_alive else [("connection", "close")]), *headers]
     if body is not None:
         all_headers.append(("content-length", str(len(body))))
     data = conn.send(h11.Request(method=method, target=target, headers=all_headers))
@@ -409,6 +426,10 @@ async def http_request(
         status=head.status_code,
         headers=[(bytes(k).lower(), bytes(v)) for k, v in head.headers],
         body=content,
+        reusable=keep_alive
+        and conn.our_state is h11.DONE
+        and conn.their_state is h11.DONE
+        and not conn.trailing_data[0],
     )
 
 

@@ -29,7 +29,13 @@ from devstream_core.errors import DevstreamError, ErrorCode
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 
 from ._connect import HubAddress, Opener, connection_string_for, hub_opener
-from ._http import HttpResponse, HttpStatusError, http_request, websocket_connect
+from ._http import (
+    HttpResponse,
+    HttpStatusError,
+    close_forcefully,
+    http_request,
+    websocket_connect,
+)
 from ._wire import HEADER_STREAM_MODE, HEADER_STREAM_WINDOW
 from ._ws import WebSocket
 from .exceptions import HubError, HubUnreachable, error_for
@@ -85,22 +91,42 @@ class ServiceClient:
         body: bytes | None = None,
     ) -> HttpResponse:
         """Send one authorised request to the hub and return its response."""
+        response, _ = await self._exchange(method, target, headers=headers, body=body)
+        return response
+
+    async def _exchange(
+        self,
+        method: str,
+        target: str,
+        *,
+        headers: list[tuple[str, str]] | None = None,
+        body: bytes | None = None,
+        keep: bool = False,
+    ) -> tuple[HttpResponse, trio.abc.Stream | None]:
+        """Like :meth:`request`; with *keep*, also the open connection when it can be reused."""
         stream = await open_transport(self.address, self.ssl_context, self.opener)
         try:
-            return await http_request(
+            response = await http_request(
                 stream,
                 method=method,
                 host=self.address.host_header,
                 target=target,
                 headers=[self._authorization(), *(headers or [])],
                 body=body,
+                keep_alive=keep,
             )
         except DevstreamError as exc:
+            await close_forcefully(stream)
             if isinstance(exc, HubError):
                 raise
             raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, exc.message) from exc
-        finally:
-            await trio.aclose_forcefully(stream)
+        except BaseException:
+            await close_forcefully(stream)
+            raise
+        if response.reusable:
+            return response, stream
+        await close_forcefully(stream)
+        return response, None
 
     async def _json(self, method: str, target: str, body: object = None, **kw: Any) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -144,16 +170,25 @@ class ServiceClient:
                 (HEADER_STREAM_MODE.decode(), mode),
                 (HEADER_STREAM_WINDOW.decode(), str(window)),
             ]
-        response = await self.request("POST", target, headers=headers, body=b"")
-        if response.status != 200:
-            raise _error_from_response(response)
-        accepted = response.header(b"iothub-streaming-is-accepted")
-        if accepted != b"True":
-            code, message = _body_error(response)
-            raise error_for(code or ErrorCode.STREAM_REJECTED, message or None)
-        url = (response.header(b"iothub-streaming-url") or b"").decode()
-        token = (response.header(b"iothub-streaming-auth-token") or b"").decode()
-        granted = (response.header(HEADER_STREAM_MODE) or MODE_RAW.encode()).decode()
+        # The initiate's connection is kept: when the stream's URL names the same hub, the
+        # service side joins over it (one connection, one TCP handshake, per stream).
+        response, spare = await self._exchange("POST", target, headers=headers, body=b"", keep=True)
+        transport: trio.abc.Stream | None = None
+        try:
+            if response.status != 200:
+                raise _error_from_response(response)
+            accepted = response.header(b"iothub-streaming-is-accepted")
+            if accepted != b"True":
+                code, message = _body_error(response)
+                raise error_for(code or ErrorCode.STREAM_REJECTED, message or None)
+            url = (response.header(b"iothub-streaming-url") or b"").decode()
+            token = (response.header(b"iothub-streaming-auth-token") or b"").decode()
+            granted = (response.header(HEADER_STREAM_MODE) or MODE_RAW.encode()).decode()
+            if spare is not None and HubAddress.from_url(url) == self.address:
+                transport, spare = spare, None
+        finally:
+            if spare is not None:
+                await close_forcefully(spare)
         return await join_stream(
             url,
             token,
@@ -163,6 +198,7 @@ class ServiceClient:
             mode=granted,
             nursery=self.nursery,
             options=self.stream_options,
+            transport=transport,
         )
 
     # -- registry ----------------------------------------------------------------------------
@@ -226,24 +262,29 @@ async def join_stream(
     mode: str = MODE_RAW,
     nursery: trio.Nursery | None = None,
     options: StreamOptions | None = None,
+    transport: trio.abc.Stream | None = None,
 ) -> AnyStream:
     """Join a stream on the streaming endpoint.
 
     Raw mode gives a :class:`HubStream`; ``devstream.v1`` a :class:`FramedStream` whose
     connection task runs in *nursery* and resumes over a new WebSocket after a drop.
+    *transport*, if given, is an open connection to the hub that *url* names, to join over
+    instead of a new one; it is closed if joining fails.
     """
     stream_id = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
     if mode == MODE_RAW:
-        ws = await _stream_websocket(url, token, ssl_context, opener, [])
+        ws = await _stream_websocket(url, token, ssl_context, opener, [], transport)
         return HubStream(ws, stream_id=stream_id, role=role)
-    if mode != FRAMED_SUBPROTOCOL:
-        raise HubError(ErrorCode.ARGUMENT_INVALID, f"unknown stream mode {mode!r}")
-    if nursery is None:
+    if mode != FRAMED_SUBPROTOCOL or nursery is None:
+        if transport is not None:
+            await close_forcefully(transport)
+        if mode != FRAMED_SUBPROTOCOL:
+            raise HubError(ErrorCode.ARGUMENT_INVALID, f"unknown stream mode {mode!r}")
         raise HubError(
             ErrorCode.ARGUMENT_INVALID,
             f"{FRAMED_SUBPROTOCOL} streams need a nursery (use open_service / open_device)",
         )
-    ws = await _stream_websocket(url, token, ssl_context, opener, [FRAMED_SUBPROTOCOL])
+    ws = await _stream_websocket(url, token, ssl_context, opener, [FRAMED_SUBPROTOCOL], transport)
     if ws.subprotocol != FRAMED_SUBPROTOCOL:
         await ws.abort()
         raise HubError(ErrorCode.PROTOCOL_ERROR, f"the hub did not accept {FRAMED_SUBPROTOCOL}")
@@ -262,12 +303,22 @@ async def _stream_websocket(
     ssl_context: ssl.SSLContext | None,
     opener: Opener | None,
     subprotocols: list[str],
+    transport: trio.abc.Stream | None = None,
 ) -> WebSocket:
-    """Open a WebSocket to the streaming endpoint with ``Authorization: Bearer <token>``."""
-    address = HubAddress.from_url(url)
+    """Open a WebSocket to the streaming endpoint with ``Authorization: Bearer <token>``.
+
+    Over *transport* if given (it is closed on failure), else over a new connection.
+    """
+    try:
+        address = HubAddress.from_url(url)
+    except BaseException:
+        if transport is not None:
+            await close_forcefully(transport)
+        raise
     parts = urllib.parse.urlsplit(url)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
-    transport = await open_transport(address, ssl_context, opener)
+    if transport is None:
+        transport = await open_transport(address, ssl_context, opener)
     try:
         return await websocket_connect(
             transport,
@@ -277,15 +328,15 @@ async def _stream_websocket(
             subprotocols=subprotocols,
         )
     except HttpStatusError as exc:
-        await trio.aclose_forcefully(transport)
+        await close_forcefully(transport)
         raise error_for(exc.code or ErrorCode.SERVER_ERROR, exc.message) from None
     except DevstreamError as exc:
-        await trio.aclose_forcefully(transport)
+        await close_forcefully(transport)
         if isinstance(exc, HubError):
             raise
         raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, exc.message) from exc
     except BaseException:
-        await trio.aclose_forcefully(transport)
+        await close_forcefully(transport)
         raise
 
 

@@ -13,11 +13,18 @@ Rules:
   the connection is never used by two threads at once.
 * Every write is committed before its method returns (autocommit, ``synchronous=FULL``), so a
   hub restart, or a crash, keeps everything it was told it had written.
-* File databases use WAL and a busy timeout, so ``devstream device ...`` in another process can
-  read and write while the hub runs. ``None`` or ``":memory:"`` gives a private in-memory
-  database (tests).
+* File databases use WAL and a busy timeout, so another process (``devstream
+  connection-string``) can read while the hub runs. ``None`` or ``":memory:"`` gives a private
+  in-memory database (tests).
 * The schema is versioned with ``PRAGMA user_version``; a database from a newer devstream is
   refused rather than misread.
+* Lookups by key (:meth:`RegistryStore.get_device`, :meth:`RegistryStore.get_policy`) are
+  answered from a small in-process cache when they can be, so a hub's every initiate does not
+  wait on a worker thread. Every write through the store drops the entries it could change
+  before it runs, under the same lock, so a lookup after a write returns sees the write. The
+  cache does not see writes made by another process: a running hub's registry is written only
+  through that hub (its HTTP API, which ``devstream device ...`` uses). Only records that
+  exist are cached, at most :data:`CACHE_SIZE` of each kind.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ _T = TypeVar("_T")
 SCHEMA_VERSION: Final = 1
 #: How long a write waits for another process's lock before failing (milliseconds).
 BUSY_TIMEOUT_MS: Final = 5000
+#: The most devices, and the most policies, the lookup cache holds (oldest dropped first).
+CACHE_SIZE: Final = 1024
 
 _SCHEMA: Final = (
     """
@@ -153,6 +162,18 @@ def _policy_from_row(row: tuple[str, str, str, str]) -> Policy:
     )
 
 
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _cache_put(cache: dict[_K, _V], key: _K, value: _V) -> None:
+    """Keep *value* under *key*, dropping the oldest entry when the cache is full."""
+    cache.pop(key, None)
+    if len(cache) >= CACHE_SIZE:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
 class RegistryStore:
     """The registry in SQLite: async methods, each SQLite call off the event loop.
 
@@ -169,6 +190,9 @@ class RegistryStore:
         self._conn: sqlite3.Connection | None = conn
         self._inline = inline
         self._lock = trio.Lock()
+        # Records known to exist, by key; see the module's rules.
+        self._devices: dict[str, Device] = {}
+        self._policies: dict[str, Policy] = {}
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str] | None) -> RegistryStore:
@@ -183,6 +207,8 @@ class RegistryStore:
         """Close the database. Closing twice is allowed; any other call after it is not."""
         async with self._lock:
             conn, self._conn = self._conn, None
+            self._devices.clear()
+            self._policies.clear()
             if conn is not None and self._inline:
                 conn.close()
             elif conn is not None:
@@ -199,21 +225,48 @@ class RegistryStore:
     ) -> None:
         await self.aclose()
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run ``fn(connection)`` in a worker thread, one call at a time."""
+    async def _run(
+        self,
+        fn: Callable[[sqlite3.Connection], _T],
+        *,
+        forget: Callable[[], object] | None = None,
+        remember: Callable[[_T], None] | None = None,
+    ) -> _T:
+        """Run ``fn(connection)`` in a worker thread, one call at a time.
+
+        Under the same lock, ``forget()`` runs first (a write drops what it may change from
+        the cache) and ``remember(result)`` last (a lookup fills the cache).
+        """
         async with self._lock:
             conn = self._conn
             if conn is None:
                 raise trio.ClosedResourceError("the registry store is closed")
+            if forget is not None:
+                forget()
             if self._inline:
                 await trio.lowlevel.checkpoint()
-                return fn(conn)
-            return await trio.to_thread.run_sync(fn, conn)
+                result = fn(conn)
+            else:
+                result = await trio.to_thread.run_sync(fn, conn)
+            if remember is not None:
+                remember(result)
+            return result
+
+    def _remember_device(self, device: Device | None) -> None:
+        if device is not None:
+            _cache_put(self._devices, device.device_id, device)
+
+    def _remember_policy(self, policy: Policy | None) -> None:
+        if policy is not None:
+            _cache_put(self._policies, policy.name, policy)
 
     # -- devices -------------------------------------------------------------------------
 
     async def get_device(self, device_id: str) -> Device | None:
         """The device with *device_id*, or ``None``."""
+        cached = self._devices.get(device_id)
+        if cached is not None and self._conn is not None:
+            return cached  # no thread, no wait: not even a checkpoint
 
         def query(conn: sqlite3.Connection) -> Device | None:
             row = conn.execute(
@@ -221,7 +274,7 @@ class RegistryStore:
             ).fetchone()
             return None if row is None else _device_from_row(row)
 
-        return await self._run(query)
+        return await self._run(query, remember=self._remember_device)
 
     async def list_devices(self) -> list[Device]:
         """Every device, ordered by device id."""
@@ -244,7 +297,7 @@ class RegistryStore:
             except sqlite3.IntegrityError:
                 raise DevstreamError(ErrorCode.DEVICE_ALREADY_EXISTS) from None
 
-        await self._run(insert)
+        await self._run(insert, forget=lambda: self._devices.pop(device.device_id, None))
 
     async def put_device(self, device: Device) -> None:
         """Add *device*, or replace the stored device with the same id."""
@@ -255,7 +308,7 @@ class RegistryStore:
                 _device_row(device),
             )
 
-        await self._run(upsert)
+        await self._run(upsert, forget=lambda: self._devices.pop(device.device_id, None))
 
     async def delete_device(self, device_id: str) -> bool:
         """Remove the device with *device_id*; ``False`` if there was none."""
@@ -264,12 +317,15 @@ class RegistryStore:
             cursor = conn.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
             return cursor.rowcount > 0
 
-        return await self._run(delete)
+        return await self._run(delete, forget=lambda: self._devices.pop(device_id, None))
 
     # -- policies ------------------------------------------------------------------------
 
     async def get_policy(self, name: str) -> Policy | None:
         """The policy called *name*, or ``None``."""
+        cached = self._policies.get(name)
+        if cached is not None and self._conn is not None:
+            return cached  # no thread, no wait: not even a checkpoint
 
         def query(conn: sqlite3.Connection) -> Policy | None:
             row = conn.execute(
@@ -277,7 +333,7 @@ class RegistryStore:
             ).fetchone()
             return None if row is None else _policy_from_row(row)
 
-        return await self._run(query)
+        return await self._run(query, remember=self._remember_policy)
 
     async def put_policy(self, policy: Policy) -> None:
         """Add *policy*, or replace the stored policy with the same name."""
@@ -293,7 +349,7 @@ class RegistryStore:
                 ),
             )
 
-        await self._run(upsert)
+        await self._run(upsert, forget=lambda: self._policies.pop(policy.name, None))
 
     async def list_policies(self) -> list[Policy]:
         """Every policy, ordered by name."""
@@ -310,7 +366,7 @@ class RegistryStore:
         def delete(conn: sqlite3.Connection) -> bool:
             return conn.execute("DELETE FROM policies WHERE name = ?", (name,)).rowcount > 0
 
-        return await self._run(delete)
+        return await self._run(delete, forget=lambda: self._policies.pop(name, None))
 
     # -- settings ------------------------------------------------------------------------
 

@@ -51,7 +51,7 @@ from devstream_core.tokens import is_resume_token
 
 from ._http import HttpError, HttpRequest, HttpServerConnection
 from ._wire import HEADER_RESUME_TOKEN
-from ._ws import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket
+from ._ws import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket, close_forcefully
 from .metrics import Metrics
 
 __all__ = ["MAX_FRAMED_MESSAGE", "StreamingEndpoint"]
@@ -253,7 +253,7 @@ class StreamingEndpoint:
             nursery.start_soon(self._pump_raw, one, other, nursery.cancel_scope)
             nursery.start_soon(self._pump_raw, other, one, nursery.cancel_scope)
         for side in (one, other):
-            await trio.aclose_forcefully(side.stream)
+            await close_forcefully(side.stream)
 
     async def _pump_raw(self, source: WebSocket, sink: WebSocket, scope: trio.CancelScope) -> None:
         try:

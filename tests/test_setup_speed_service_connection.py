@@ -1,0 +1,214 @@
+"""The service joins a stream over its initiate's connection.
+
+``ServiceClient.open_stream`` sends the initiate without ``Connection: close``; when the hub
+accepts and the stream's URL names the hub the service already talks to, the service side's
+WebSocket opens on that same connection (one TCP and TLS handshake per stream, not two). When
+the URL names another address, or the initiate fails, the connection is closed and nothing else
+changes. Registry requests still use one connection each.
+
+Test rules: in-memory streams to the ``hub_env`` hub (or one like it) on the autojump clock,
+under ``trio.fail_after``; an opener that records each connection's requests. No sockets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from devstream_core.credentials import ConnectionString
+from devstream_trio._connect import HubAddress
+from devstream_trio.device import DeviceClient
+from devstream_trio.exceptions import DeviceNotOnline, StreamRejected
+from devstream_trio.framed import FramedStream
+from devstream_trio.hub import Hub, HubConfig, ensure_owner_policy, load_or_create_secret
+from devstream_trio.service import ServiceClient
+from devstream_trio.store import RegistryStore
+from devstream_trio.stream import HubStream
+
+from .conftest import HubEnv
+
+TIMEOUT = 60
+
+
+class Recorded(trio.abc.Stream):
+    """A client connection that keeps what the client sent and whether it closed."""
+
+    def __init__(self, inner: trio.abc.Stream, address: HubAddress) -> None:
+        self.inner = inner
+        self.address = address
+        self.sent = bytearray()
+        self.closed = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += data
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return bytes(await self.inner.receive_some(max_bytes))
+
+    async def send_eof(self) -> None:  # pragma: no cover - clients never half-close
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self.inner.aclose()
+
+    def request_lines(self) -> list[str]:
+        """The request line of every HTTP request sent on this connection."""
+        lines = []
+        for line in bytes(self.sent).split(b"\r\n"):
+            if line.endswith(b" HTTP/1.1"):
+                lines.append(line.decode("latin-1"))
+        return lines
+
+
+@dataclass
+class Recorder:
+    """An opener over ``hub.handle_connection`` that records every connection."""
+
+    hub: Hub
+    nursery: trio.Nursery
+    connections: list[Recorded] = field(default_factory=list)
+
+    async def __call__(self, address: HubAddress) -> trio.abc.Stream:
+        client, server = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(self.hub.handle_connection, server)
+        recorded = Recorded(client, address)
+        self.connections.append(recorded)
+        return recorded
+
+    def with_request(self, prefix: str) -> list[Recorded]:
+        return [c for c in self.connections if any(x.startswith(prefix) for x in c.request_lines())]
+
+
+async def echo(stream: Any) -> None:
+    async for data in stream:
+        await stream.send_all(data)
+
+
+async def start_echo_device(env: HubEnv, opener: Any, device_id: str = "d1") -> None:
+    cs = await env.create_device(device_id)
+    device = DeviceClient(cs, opener=opener)
+    await env.nursery.start(device.serve, {"echo": echo})
+
+
+async def round_trip(stream: Any, data: bytes) -> bytes:
+    await stream.send_all(data)
+    received = bytearray()
+    while len(received) < len(data):
+        chunk = await stream.receive_some()
+        assert chunk
+        received += chunk
+    return bytes(received)
+
+
+@pytest.mark.parametrize("mode", ["raw", "devstream.v1"])
+async def test_the_service_joins_over_its_initiate_connection(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock, mode: str
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        devices = Recorder(hub_env.hub, hub_env.nursery)
+        await start_echo_device(hub_env, devices)
+        services = Recorder(hub_env.hub, hub_env.nursery)
+        service = ServiceClient(hub_env.service_cs(), opener=services, nursery=hub_env.nursery)
+        for _ in range(3):
+            stream = await service.open_stream("d1", "echo", mode=mode)
+            assert isinstance(stream, HubStream if mode == "raw" else FramedStream)
+            assert await round_trip(stream, b"hello " * 1000) == b"hello " * 1000
+            await stream.aclose()
+        await trio.testing.wait_all_tasks_blocked()  # devstream.v1 closes in its own task
+        # Three streams, three connections: each carried an initiate, then the join.
+        assert len(services.connections) == 3
+        for connection in services.connections:
+            initiate, join = connection.request_lines()
+            assert initiate.startswith("POST /twins/d1/streams/echo?")
+            assert join.startswith("GET /bridges/") and "role=service" in join
+            assert connection.closed
+        head = bytes(services.connections[0].sent).split(b"\r\n\r\n")[0].lower()
+        assert b"connection: close" not in head
+        # The device still joins on a connection of its own, one per stream.
+        assert len(devices.with_request("GET /bridges/")) == 3
+
+
+async def test_a_stream_url_for_another_address_gets_a_new_connection(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    # The hub says its streams are at wss://hub.test:8080; the service talks plain HTTP to
+    # hub.test:8080: not the same address, so the join does not reuse the connection.
+    with trio.fail_after(TIMEOUT):
+        store = await RegistryStore.open(None)
+        owner, _ = await ensure_owner_policy(store)
+        hub = Hub(
+            store,
+            public_url="https://hub.test:8080",
+            secret=await load_or_create_secret(store),
+            config=HubConfig(),
+        )
+        await nursery.start(hub.run)
+        env = HubEnv(hub=hub, store=store, owner=owner, nursery=nursery)
+        await start_echo_device(env, Recorder(hub, nursery))
+        services = Recorder(hub, nursery)
+        cs = ConnectionString(
+            host_name="hub.test:8080",
+            shared_access_key_name=owner.name,
+            shared_access_key=owner.primary_key,
+            use_tls=False,
+        )
+        service = ServiceClient(cs, opener=services)
+        stream = await service.open_stream("d1", "echo")
+        assert await round_trip(stream, b"x" * 100) == b"x" * 100
+        await stream.aclose()
+        initiate, join = services.connections
+        assert [line.split(" ")[0:2] for line in initiate.request_lines()] == [
+            ["POST", "/twins/d1/streams/echo?api-version=2020-09-30"]
+        ]
+        assert initiate.closed
+        assert not initiate.address.tls
+        assert join.address.tls
+        assert join.request_lines()[0].startswith("GET /bridges/")
+        await store.aclose()
+
+
+async def test_a_refused_initiate_closes_its_connection(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        await start_echo_device(hub_env, hub_env.open)
+        await hub_env.create_device("d2")  # never online
+        services = Recorder(hub_env.hub, hub_env.nursery)
+        service = ServiceClient(hub_env.service_cs(), opener=services)
+        with pytest.raises(StreamRejected):
+            await service.open_stream("d1", "no-such-name")
+        with pytest.raises(DeviceNotOnline):
+            await service.open_stream("d2", "echo")
+        assert len(services.connections) == 2
+        for connection in services.connections:
+            assert len(connection.request_lines()) == 1
+            assert connection.closed
+        # The service still works afterwards.
+        stream = await service.open_stream("d1", "echo")
+        assert await round_trip(stream, b"again") == b"again"
+        await stream.aclose()
+
+
+async def test_registry_requests_use_a_connection_each(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        services = Recorder(hub_env.hub, hub_env.nursery)
+        service = ServiceClient(hub_env.service_cs(), opener=services)
+        await service.create_device("d1")
+        assert [d["deviceId"] for d in await service.list_devices()] == ["d1"]
+        await service.delete_device("d1")
+        assert len(services.connections) == 3
+        for connection in services.connections:
+            assert len(connection.request_lines()) == 1
+            assert b"connection: close" in bytes(connection.sent).lower()
+            assert connection.closed
