@@ -40,7 +40,6 @@ from __future__ import annotations
 import enum
 import json
 import re
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar
@@ -492,6 +491,8 @@ class MessageAssembler:
     Text and binary fragments may be mixed; text is counted as its UTF-8 encoding.
     """
 
+    __slots__ = ("_parts", "_size", "max_size")
+
     def __init__(self, max_size: int = MAX_CONTROL_MESSAGE_SIZE) -> None:
         self.max_size = max_size
         self._parts: list[bytes] = []
@@ -599,7 +600,12 @@ HUB_SEND_TRANSITIONS: Final[Transitions] = {
 
 
 class _ControlMachine:
-    """What both sides share: tables, message assembly, poisoning after an error."""
+    """What both sides share: tables, message assembly, poisoning after an error.
+
+    The machines use ``__slots__``: a hub holds one per connected device.
+    """
+
+    __slots__ = ("_assembler", "_state")
 
     _send_table: Transitions
     _receive_table: Transitions
@@ -696,6 +702,8 @@ class DeviceControl(_ControlMachine):
     * ``StreamResponse`` must answer a pending request id (each is answered once).
     """
 
+    __slots__ = ("_names", "_pending", "_unanswered_registers")
+
     _send_table = DEVICE_SEND_TRANSITIONS
     _receive_table = DEVICE_RECEIVE_TRANSITIONS
     _side = "device"
@@ -761,6 +769,8 @@ class HubControl(_ControlMachine):
       to an id forgotten longer ago is indistinguishable from one to an id never sent.
     """
 
+    __slots__ = ("_acknowledged", "_forgotten", "_names", "_outstanding", "_unanswered_registers")
+
     _send_table = HUB_SEND_TRANSITIONS
     _receive_table = HUB_RECEIVE_TRANSITIONS
     _side = "hub"
@@ -770,8 +780,10 @@ class HubControl(_ControlMachine):
         self._unanswered_registers = 0
         self._acknowledged = False
         self._names: tuple[str, ...] = ()
-        self._outstanding: set[str] = set()
-        self._forgotten: OrderedDict[str, None] = OrderedDict()
+        # Plain dicts (keys only, in insertion order): an empty one is a third of an empty set
+        # or OrderedDict, and most devices never see a stream request.
+        self._outstanding: dict[str, None] = {}
+        self._forgotten: dict[str, None] = {}
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -795,10 +807,10 @@ class HubControl(_ControlMachine):
         """
         if request_id not in self._outstanding:
             return False
-        self._outstanding.remove(request_id)
+        del self._outstanding[request_id]
         self._forgotten[request_id] = None
         while len(self._forgotten) > MAX_FORGOTTEN_REQUESTS:
-            self._forgotten.popitem(last=False)
+            del self._forgotten[next(iter(self._forgotten))]
         return True
 
     def send(self, msg: ControlMessage) -> str:
@@ -836,7 +848,7 @@ class HubControl(_ControlMachine):
             self._unanswered_registers -= 1
             self._acknowledged = True
         elif isinstance(msg, StreamRequest):
-            self._outstanding.add(msg.request_id)
+            self._outstanding[msg.request_id] = None
 
     def _on_receive(self, msg: ControlMessage) -> bool:
         if isinstance(msg, Register):
@@ -844,7 +856,7 @@ class HubControl(_ControlMachine):
             self._names = msg.names
         elif isinstance(msg, StreamResponse):
             if msg.request_id in self._outstanding:
-                self._outstanding.remove(msg.request_id)
+                del self._outstanding[msg.request_id]
             elif msg.request_id in self._forgotten:
                 del self._forgotten[msg.request_id]
                 return False

@@ -134,15 +134,21 @@ CoordinatorEvent = (
 )
 
 
-@dataclass(kw_only=True)
+#: A registration of at most this many names keeps the caller's tuple as it is (searched in
+#: order, and shared with whoever else holds it: a hub keeps the same tuple in its control
+#: machine); a longer one is kept as a frozenset.
+_SHARED_NAMES = 8
+
+
+@dataclass(kw_only=True, slots=True)
 class _Connection:
     device_id: str
-    names: frozenset[str]
+    names: frozenset[str] | tuple[str, ...]
     #: Request ids pending on this connection, in the order they were made.
     pending: dict[str, None] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class _Pending:
     request_id: str
     connection_id: int
@@ -212,18 +218,21 @@ class Coordinator:
         name_set = frozenset(names)
         if len(name_set) > MAX_REGISTERED_NAMES:
             raise _argument_invalid(f"at most {MAX_REGISTERED_NAMES} stream names per device")
+        kept: frozenset[str] | tuple[str, ...] = name_set
+        if type(names) is tuple and len(names) <= _SHARED_NAMES:
+            kept = names
         existing = self._connections.get(connection_id)
         if existing is not None:
             if existing.device_id != device_id:
                 raise _argument_invalid("a connection cannot register as another device")
-            existing.names = name_set
+            existing.names = kept
             return []
         events: list[CoordinatorEvent] = []
         old_id = self._online.get(device_id)
         if old_id is not None:
             events.append(DeviceReplaced(device_id=device_id, connection_id=old_id))
             events.extend(self._drop_connection(old_id))
-        self._connections[connection_id] = _Connection(device_id=device_id, names=name_set)
+        self._connections[connection_id] = _Connection(device_id=device_id, names=kept)
         self._online[device_id] = connection_id
         return events
 
@@ -421,7 +430,7 @@ class Coordinator:
         connection_id = self._online.get(device_id)
         if connection_id is None:
             return frozenset()
-        return self._connections[connection_id].names
+        return frozenset(self._connections[connection_id].names)
 
     def online_count(self) -> int:
         """How many devices are online."""

@@ -5,7 +5,8 @@ The hub drives the sans-IO core (``Coordinator``, ``Bridge``, ``HubControl``) fr
 * each accepted connection is read by one task (:meth:`Hub.handle_connection`), which answers
   plain HTTP requests and, for a WebSocket path, keeps the WebSocket for its lifetime;
 * one timer task (:meth:`Hub.run`) sleeps until the core's next deadline and feeds the expired
-  deadlines back in, so every timeout is a core decision;
+  deadlines back in, so every timeout is a core decision; the same task drops control channels
+  that went silent (one heap of checks for all of them, not a watchdog task each);
 * time for the core is ``trio.current_time()`` (so tests run on an autojump clock); SAS
   expiry uses the wall clock passed in (``wall_clock``), since SAS ``se`` is a Unix time.
 
@@ -16,6 +17,8 @@ and answers it with the documented error code.
 from __future__ import annotations
 
 import contextlib
+import errno
+import heapq
 import logging
 import math
 import os
@@ -26,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
+from wsproto.events import BytesMessage, TextMessage
 
 from devstream_core import control
 from devstream_core.bridge import STREAM_MODES, Bridge
@@ -69,7 +73,7 @@ from devstream_core.routes import (
     Metrics as MetricsRoute,
 )
 
-from ._http import HttpError, HttpRequest, HttpServerConnection
+from ._http import HttpError, HttpRequest, HttpServerConnection, close_forcefully
 from ._wire import (
     HEADER_CONNECT_TIMEOUT,
     HEADER_RESPONSE_TIMEOUT,
@@ -121,7 +125,7 @@ class _Outcome:
     service_token: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Session:
     """One device's control channel."""
 
@@ -165,9 +169,15 @@ class Hub:
             wake=self._wake,
         )
         self._sessions: dict[int, _Session] = {}
+        #: (due, connection id): when to check a control channel for silence, earliest first.
+        #: One heap for every channel (not a task each); entries of channels that ended are
+        #: skipped when they surface.
+        self._idle_checks: list[tuple[float, int]] = []
         self._outcomes: dict[str, _Outcome] = {}
         self._next_connection_id = 0
         self._timer_wakeup = trio.Event()
+        #: When the timer wakes up on its own (the earliest deadline when it went to sleep).
+        self._timer_alarm = math.inf
         #: The (host, port) :func:`serve_hub` listens on, once it does.
         self.listen_address: tuple[str, int] | None = None
         self.set_public_url(public_url)
@@ -190,20 +200,32 @@ class Hub:
         """Fire the core's deadlines for as long as the hub runs."""
         task_status.started()
         while True:
-            deadlines = [
-                d
-                for d in (self.coordinator.next_deadline(), self.bridge.next_deadline())
-                if d is not None
-            ]
-            with trio.move_on_at(min(deadlines, default=math.inf)):
+            self._timer_alarm = self._next_deadline()
+            with trio.move_on_at(self._timer_alarm):
                 await self._timer_wakeup.wait()
             self._timer_wakeup = trio.Event()
             now = trio.current_time()
             self._dispatch(self.coordinator.advance(now))
             self.streaming.handle(self.bridge.advance(now))
+            self._drop_idle_control_channels(now)
+
+    def _next_deadline(self) -> float:
+        deadlines = [
+            d
+            for d in (self.coordinator.next_deadline(), self.bridge.next_deadline())
+            if d is not None
+        ]
+        if self._idle_checks:
+            deadlines.append(self._idle_checks[0][0])
+        return min(deadlines, default=math.inf)
 
     def _wake(self) -> None:
-        self._timer_wakeup.set()
+        """Call after adding a deadline: the timer looks again if it is due before its alarm.
+
+        (Most are not: an initiate's or a join's deadline is a minute away, behind others.)
+        """
+        if self._next_deadline() < self._timer_alarm:
+            self._timer_wakeup.set()
 
     def _dispatch(self, events: list[CoordinatorEvent]) -> None:
         for event in events:
@@ -228,6 +250,24 @@ class Hub:
         """Serve one client connection until it closes. Never raises for a client's fault."""
         self._next_connection_id += 1
         connection_id = self._next_connection_id
+        try:
+            session = await self._serve_http(stream, connection_id)
+            if session is not None:
+                # The HTTP side (h11's state, the request and its headers) went with
+                # _serve_http's frame: a device's control channel holds only its session.
+                await self._run_control_channel(session)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            log.exception("unexpected error on connection %d", connection_id)
+        finally:
+            await close_forcefully(stream)
+
+    async def _serve_http(self, stream: trio.abc.Stream, connection_id: int) -> _Session | None:
+        """Answer requests until the connection closes or becomes a WebSocket.
+
+        Returns the session of a device control channel just opened, for the caller to run.
+        """
         http = HttpServerConnection(
             stream,
             max_header_size=self.config.max_header_size,
@@ -235,31 +275,31 @@ class Hub:
             header_timeout=self.config.header_timeout,
             idle_timeout=self.config.idle_timeout,
         )
-        try:
-            while True:
-                try:
-                    request = await http.next_request()
-                    if request is None:
-                        break
-                    upgraded = await self._handle_request(http, request, connection_id)
-                    if upgraded:
-                        break
-                except HttpError as exc:
-                    self.metrics.http_errors[int(exc.code)] += 1
-                    log.info("HTTP error %d: %s", exc.code, exc.message)
-                    await http.send_error(exc.code, exc.message)
-                    break
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except Exception:
-            log.exception("unexpected error on connection %d", connection_id)
-        finally:
-            await trio.aclose_forcefully(stream)
+        while True:
+            try:
+                request = await http.next_request()
+                if request is None:
+                    return None
+                result = await self._handle_request(http, request, connection_id)
+            except HttpError as exc:
+                self.metrics.http_errors[int(exc.code)] += 1
+                log.info("HTTP error %d: %s", exc.code, exc.message)
+                await http.send_error(exc.code, exc.message)
+                return None
+            if isinstance(result, _Session):
+                return result
+            if result:
+                return None
 
     async def _handle_request(
         self, http: HttpServerConnection, request: HttpRequest, connection_id: int
-    ) -> bool:
-        """Answer one request; return True if the connection became a WebSocket."""
+    ) -> bool | _Session:
+        """Answer one request.
+
+        Returns False when the connection may carry another request, True when it became a
+        stream's WebSocket (now closed), or the session of the device control channel it
+        became (not yet run).
+        """
         try:
             route = parse_route(request.method, request.target)
         except DevstreamError as exc:
@@ -268,9 +308,8 @@ class Hub:
             if not request.is_websocket_upgrade:
                 raise HttpError(ErrorCode.UPGRADE_REQUIRED)
             if isinstance(route, ControlChannel):
-                await self._control_channel(http, request, route, connection_id)
-            else:
-                await self.streaming.join(http, request, route, connection_id)
+                return await self._open_control_channel(http, request, route, connection_id)
+            await self.streaming.join(http, request, route, connection_id)
             return True
         if request.is_websocket_upgrade:
             raise HttpError(ErrorCode.NOT_FOUND, "no WebSocket endpoint at this path")
@@ -506,6 +545,7 @@ class Hub:
                     )
                 except DevstreamError as exc:  # too many streams waiting (THROTTLED)
                     raise HttpError(exc.code, exc.message) from exc
+                self._wake()  # the stream's tokens expire: a deadline of the bridge's
                 outcome.request_id = event.request_id
                 outcome.stream_id = event.stream_id
                 outcome.service_token = service_token
@@ -536,13 +576,14 @@ class Hub:
 
     # -- control channel ---------------------------------------------------------------------
 
-    async def _control_channel(
+    async def _open_control_channel(
         self,
         http: HttpServerConnection,
         request: HttpRequest,
         route: ControlChannel,
         connection_id: int,
-    ) -> None:
+    ) -> _Session:
+        """Check the device's credentials, answer the upgrade, and return the new session."""
         token = self._sas_token(request)
         if token.skn is not None:
             policy = await self.store.get_policy(token.skn)
@@ -576,19 +617,38 @@ class Hub:
             if control.CONTROL_SUBPROTOCOL in offered
             else None,
         )
-        session = _Session(
+        return _Session(
             device_id=route.device_id,
             connection_id=connection_id,
             ws=ws,
             machine=control.HubControl(max_message_size=self.config.max_control_message_size),
         )
+
+    async def _run_control_channel(self, session: _Session) -> None:
+        """Read control messages until the device leaves, is dropped or replaced; then close.
+
+        An idle channel is this one task waiting in ``ws.receive()`` and nothing else: its
+        silence is watched by :meth:`run` (:meth:`_drop_idle_control_channels`), which cancels
+        ``session.cancel_scope`` once the device has been silent for ``control_idle_timeout``.
+        """
+        connection_id = session.connection_id
+        ws = session.ws
         self._sessions[connection_id] = session
+        self._check_idle_at(ws.last_received + self.config.control_idle_timeout, connection_id)
         self.metrics.control_connections_total += 1
-        log.info("device %r connected (control channel %d)", route.device_id, connection_id)
+        log.info("device %r connected (control channel %d)", session.device_id, connection_id)
         close_code: ErrorCode | None = None
         try:
             with session.cancel_scope:
-                close_code = await self._control_loop(session)
+                try:
+                    while True:
+                        # No local keeps the last fragment or message alive while idle.
+                        await self._control_fragment(session, await ws.receive())
+                except ConnectionClosed:
+                    pass
+                except DevstreamError as exc:
+                    log.info("control channel %d: %s", connection_id, exc.message)
+                    close_code = exc.code
             if session.close_code is not None:
                 close_code = session.close_code
         finally:
@@ -598,7 +658,9 @@ class Hub:
                     connection_id=connection_id, now=trio.current_time()
                 )
             )
-            log.info("device %r disconnected (control channel %d)", route.device_id, connection_id)
+            log.info(
+                "device %r disconnected (control channel %d)", session.device_id, connection_id
+            )
         if close_code is not None:
             with trio.move_on_after(self.config.close_timeout):
                 with contextlib.suppress(ConnectionClosed, DevstreamError):
@@ -614,36 +676,43 @@ class Hub:
             with trio.move_on_after(self.config.close_timeout):
                 await ws.aclose()
 
-    async def _control_loop(self, session: _Session) -> ErrorCode | None:
-        """Read control messages until the device leaves; return the error to close with."""
-        ws = session.ws
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._control_watchdog, session)
-            try:
-                while True:
-                    event = await ws.receive()
-                    messages = session.machine.receive(
-                        payload(event), message_finished=event.message_finished
-                    )
-                    for message in messages:
-                        await self._control_message(session, message)
-            except ConnectionClosed:
-                return None
-            except DevstreamError as exc:
-                log.info("control channel %d: %s", session.connection_id, exc.message)
-                return exc.code
-            finally:
-                nursery.cancel_scope.cancel()
+    def _check_idle_at(self, due: float, connection_id: int) -> None:
+        """Look at control channel *connection_id* for silence at time *due*."""
+        checks = self._idle_checks
+        if len(checks) > 2 * len(self._sessions) + 64:
+            # Channels that ended left their entries behind: keep the heap proportional to
+            # the channels open.
+            checks[:] = [entry for entry in checks if entry[1] in self._sessions]
+            heapq.heapify(checks)
+        heapq.heappush(checks, (due, connection_id))
+        if checks[0][1] == connection_id:
+            self._wake()  # the earliest check now: the timer may have to look sooner
 
-    async def _control_watchdog(self, session: _Session) -> None:
-        """Drop a control channel that has been silent for ``control_idle_timeout``."""
+    def _drop_idle_control_channels(self, now: float) -> None:
+        """Drop every control channel silent (no message, no ping) for ``control_idle_timeout``.
+
+        A channel that heard from its device since its check was set is looked at again
+        ``control_idle_timeout`` after the last bytes it received.
+        """
         timeout = self.config.control_idle_timeout
-        while True:
-            await trio.sleep_until(session.ws.last_received + timeout)
-            if trio.current_time() >= session.ws.last_received + timeout:
-                log.info("control channel %d idle; dropping it", session.connection_id)
+        checks = self._idle_checks
+        while checks and checks[0][0] <= now:
+            _, connection_id = heapq.heappop(checks)
+            session = self._sessions.get(connection_id)
+            if session is None:
+                continue
+            due = session.ws.last_received + timeout
+            if now >= due:
+                log.info("control channel %d idle; dropping it", connection_id)
                 session.cancel_scope.cancel()
-                return
+            else:
+                heapq.heappush(checks, (due, connection_id))
+
+    async def _control_fragment(self, session: _Session, event: BytesMessage | TextMessage) -> None:
+        """Feed one received fragment to the machine and act on the messages it completes."""
+        messages = session.machine.receive(payload(event), message_finished=event.message_finished)
+        for message in messages:
+            await self._control_message(session, message)
 
     async def _control_message(self, session: _Session, message: control.ControlMessage) -> None:
         now = trio.current_time()
@@ -716,6 +785,37 @@ async def ensure_owner_policy(store: RegistryStore) -> tuple[Policy, bool]:
     return policy, True
 
 
+#: ``accept`` failures that mean "out of file descriptors or memory for now": wait and retry.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: How long to wait before accepting again after one of those.
+_ACCEPT_RETRY_DELAY = 0.1
+
+
+async def _accept_loop(
+    listener: trio.abc.Listener[trio.abc.Stream], hub: Hub, nursery: trio.Nursery
+) -> None:
+    """Accept connections for as long as the hub runs, each served in a task of its own.
+
+    Like :func:`trio.serve_listeners`, but without its second, forced close of every
+    connection: :meth:`Hub.handle_connection` always closes its own.
+    """
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error(
+                    "accept failed (%s); retrying in %.1f s",
+                    errno.errorcode.get(exc.errno or 0, exc.errno),
+                    _ACCEPT_RETRY_DELAY,
+                )
+                await trio.sleep(_ACCEPT_RETRY_DELAY)
+            else:
+                nursery.start_soon(hub.handle_connection, stream)
+
+
 async def serve_hub(
     store: RegistryStore,
     *,
@@ -747,5 +847,6 @@ async def serve_hub(
         ]
     async with trio.open_nursery() as nursery:
         await nursery.start(hub.run)
-        await nursery.start(trio.serve_listeners, hub.handle_connection, served)
+        for listener in served:
+            nursery.start_soon(_accept_loop, listener, hub, nursery)
         task_status.started(hub)
