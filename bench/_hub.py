@@ -26,7 +26,7 @@ from _common import json_line, raise_fd_limit
 
 from devstream_core.registry import new_device
 from devstream_trio._mask import masker_in_use
-from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub
+from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub, tune_gc_for_hub
 from devstream_trio.store import RegistryStore
 
 
@@ -38,6 +38,7 @@ async def stdin_closed() -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
+    tune_gc_for_hub()  # as `devstream hub` does
     raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="devstream-bench-") as folder:
         path = None if args.store == "memory" else os.path.join(folder, "registry.sqlite3")

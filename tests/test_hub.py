@@ -750,3 +750,19 @@ async def test_a_side_whose_connection_drops_breaks_the_other_side_only(
         await again.send_all(b"after")
         assert await again.receive_some() == b"after"
         await again.aclose()
+
+
+def test_tune_gc_for_hub_sets_the_documented_thresholds() -> None:
+    """`devstream hub` makes the collector run less often (cycles are still collected)."""
+    import gc
+
+    from devstream_trio.hub import HUB_GC_THRESHOLDS, tune_gc_for_hub
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        tune_gc_for_hub()
+        assert gc.get_threshold() == HUB_GC_THRESHOLDS
+        assert HUB_GC_THRESHOLDS[0] > 700 and gc.isenabled()
+    finally:
+        gc.set_threshold(*before)

@@ -28,7 +28,7 @@ from devstream_core.registry import OWNER_POLICY, Policy
 from ._connect import ProxyConfig, client_ssl_context
 from .device import DeviceClient
 from .framed import FramedStream
-from .hub import HubConfig, ensure_owner_policy, serve_hub
+from .hub import HubConfig, ensure_owner_policy, serve_hub, tune_gc_for_hub
 from .proxy import parse_forward, parse_map, serve_device_proxy, serve_service_proxy
 from .service import AnyStream, ServiceClient
 from .store import RegistryStore
@@ -113,6 +113,7 @@ async def cmd_hub(args: argparse.Namespace) -> int:
         raise UsageError("--public-url must start with http:// or https://")
     data = Path(args.data) if args.data else default_data_dir()
     store = await _open_data(data)
+    tune_gc_for_hub()
     async with store:
         policy, created = await ensure_owner_policy(store)
         async with trio.open_nursery() as nursery:
