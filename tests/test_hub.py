@@ -756,7 +756,8 @@ def test_tune_gc_for_hub_sets_the_documented_thresholds() -> None:
     """`devstream hub` makes the collector run less often (cycles are still collected)."""
     import gc
 
-    from devstream_trio.hub import HUB_GC_THRESHOLDS, tune_gc_for_hub
+    from devstream_trio import tune_gc_for_hub
+    from devstream_trio.hub import HUB_GC_THRESHOLDS
 
     before = gc.get_threshold()
     try:

@@ -30,7 +30,7 @@ from .exceptions import (
     Unauthorized,
 )
 from .framed import FramedStream, StreamOptions
-from .hub import Hub, HubConfig, serve_hub
+from .hub import Hub, HubConfig, serve_hub, tune_gc_for_hub
 from .proxy import serve_device_proxy, serve_service_proxy
 from .service import AnyStream, ServiceClient, open_service
 from .store import RegistryStore
@@ -67,4 +67,5 @@ __all__ = [
     "serve_device_proxy",
     "serve_hub",
     "serve_service_proxy",
+    "tune_gc_for_hub",
 ]
