@@ -13,6 +13,14 @@ Rules:
   task can tell a silent peer from a live one.
 * A close from the peer is answered and reported as :class:`ConnectionClosed`; a transport that
   ends without a close is reported as ``ConnectionClosed(1006)``.
+* wsproto parses what arrives and encodes control frames (ping, pong, close: it keeps the
+  closing handshake's state). Data frames are encoded here, a header and the payload (masked
+  by a client, see ``_mask``), so that a payload is copied at most once on its way out; no
+  extension is ever negotiated, so that is the whole frame.
+* Reads ask for 64 KiB, doubling up to 1 MiB while each read fills what it asked for, and
+  everything one read brings is parsed before the next; relays take it all in one go
+  (:meth:`WebSocket.take_queued`, :meth:`WebSocket.receive_messages`) and write it with one
+  ``send_all`` (payloads of 512 KiB or more with a ``send_all`` of their own).
 """
 
 from __future__ import annotations
@@ -73,7 +81,7 @@ async def close_forcefully(stream: trio.abc.Stream) -> None:
 
     A plain :class:`trio.SocketStream` has nothing to flush: its socket is closed directly,
     which spares the cancelled scope (and the ``Cancelled`` raised and caught in it) that
-    ``aclose_forcefully`` costs on every connection.
+    ``aclose_forcefully`` costs on every connection. That path is not a checkpoint.
     """
     if type(stream) is trio.SocketStream:
         stream.socket.close()
@@ -202,6 +210,7 @@ class WebSocket:
             parts.append(payload)
 
     async def _write(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        """Write *parts* in order: the small ones joined, the large ones on their own."""
         pending: list[bytes | bytearray | memoryview] = []
         for part in parts:
             if len(part) >= _WRITE_ALONE:
