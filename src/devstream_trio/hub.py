@@ -224,12 +224,17 @@ class Hub:
             now = trio.current_time()
             self._dispatch(self.coordinator.advance(now))
             self.streaming.handle(self.bridge.advance(now))
+            self.streaming.check_idle(now)
             self._drop_idle_control_channels(now)
 
     def _next_deadline(self) -> float:
         deadlines = [
             d
-            for d in (self.coordinator.next_deadline(), self.bridge.next_deadline())
+            for d in (
+                self.coordinator.next_deadline(),
+                self.bridge.next_deadline(),
+                self.streaming.next_idle_check(),
+            )
             if d is not None
         ]
         if self._idle_checks:

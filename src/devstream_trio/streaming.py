@@ -27,6 +27,7 @@ sides can hold the other's unacknowledged data.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,6 +90,19 @@ class _FramedRelay:
     end_code: ErrorCode | None = None
 
 
+@dataclass(slots=True)
+class _IdleWatch:
+    """A devstream.v1 side whose silence the hub's timer watches (instead of a task each)."""
+
+    ws: WebSocket
+    #: Silence counts from here or from the last bytes received, whichever is later.
+    start: float
+    #: Cancelled to end the side's read when it has been silent too long.
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    #: True while the side's task waits for bytes (a send in progress is never cut).
+    receiving: bool = False
+
+
 class StreamingEndpoint:
     """Joins, resumes and relays for every stream of one hub."""
 
@@ -110,6 +124,10 @@ class StreamingEndpoint:
         self._wake = wake
         self._raw: dict[str, _RawSlot] = {}
         self._framed: dict[str, _FramedRelay] = {}
+        #: (due, connection id): when to look at a devstream.v1 side for silence, earliest
+        #: first; entries of sides that ended are skipped when they come up.
+        self._idle_checks: list[tuple[float, int]] = []
+        self._idle_watches: dict[int, _IdleWatch] = {}
 
     # -- events from the bridge's timer ------------------------------------------------------
 
@@ -118,6 +136,40 @@ class StreamingEndpoint:
         for event in events:
             if isinstance(event, (CloseLoneSide, ResetPeer)):
                 self._end(event.stream_id, event.code)
+
+    def next_idle_check(self) -> float | None:
+        """When :meth:`check_idle` has something to look at next, if ever."""
+        return self._idle_checks[0][0] if self._idle_checks else None
+
+    def check_idle(self, now: float) -> None:
+        """End the read of every devstream.v1 side silent (no frame, no ping) for
+        ``idle_timeout``; the side then counts as dropped. A side in the middle of sending to
+        its peer is looked at again later: the send is never cut."""
+        checks = self._idle_checks
+        while checks and checks[0][0] <= now:
+            _, connection_id = heapq.heappop(checks)
+            watch = self._idle_watches.get(connection_id)
+            if watch is None:
+                continue
+            due = max(watch.ws.last_received, watch.start) + self.idle_timeout
+            if now < due:
+                heapq.heappush(checks, (due, connection_id))
+            elif watch.receiving:
+                watch.scope.cancel()
+            else:
+                heapq.heappush(checks, (now + min(1.0, self.idle_timeout), connection_id))
+
+    def _watch_idle(self, connection_id: int, ws: WebSocket) -> _IdleWatch:
+        now = trio.current_time()
+        watch = _IdleWatch(ws=ws, start=now)
+        self._idle_watches[connection_id] = watch
+        checks = self._idle_checks
+        if len(checks) > 2 * len(self._idle_watches) + 64:
+            checks[:] = [entry for entry in checks if entry[1] in self._idle_watches]
+            heapq.heapify(checks)
+        heapq.heappush(checks, (now + self.idle_timeout, connection_id))
+        self._wake()
+        return watch
 
     def _end(self, stream_id: str, code: ErrorCode) -> None:
         slot = self._raw.get(stream_id)
@@ -298,15 +350,20 @@ class StreamingEndpoint:
                         waiting.start_soon(self._ping_while_alone, ws)
                         await relay.paired.wait()
                         waiting.cancel_scope.cancel()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watchdog, ws)
-                    try:
-                        await self._pump_framed(relay, role, ws, connection_id)
-                    except ConnectionClosed as exc:
-                        closed = exc
-                        dropped = exc.code == ABNORMAL_CLOSURE
-                    finally:
-                        nursery.cancel_scope.cancel()
+                # Nothing was read before the pairing: silence counts from when reading starts.
+                watch = self._watch_idle(connection_id, ws)
+                try:
+                    with watch.scope:
+                        await self._pump_framed(relay, role, ws, connection_id, watch)
+                except ConnectionClosed as exc:
+                    closed = exc
+                    dropped = exc.code == ABNORMAL_CLOSURE
+                finally:
+                    self._idle_watches.pop(connection_id, None)
+                if watch.scope.cancelled_caught:
+                    log.info("stream %s: %s silent; dropping it", relay.stream_id, role.value)
+                    await ws.abort()
+                    dropped = True
         finally:
             del relay.scopes[connection_id]
             current = relay.sides[role] is ws
@@ -317,9 +374,16 @@ class StreamingEndpoint:
             )
 
     async def _pump_framed(
-        self, relay: _FramedRelay, role: Role, ws: WebSocket, connection_id: int
+        self,
+        relay: _FramedRelay,
+        role: Role,
+        ws: WebSocket,
+        connection_id: int,
+        watch: _IdleWatch,
     ) -> None:
+        watch.receiving = True
         messages = await ws.receive_messages(MAX_FRAMED_MESSAGE)
+        watch.receiving = False
         # The side sends nothing before it read the 101 and the resume token in it: from now on
         # the token that opened this connection is spent (see Bridge.confirm).
         self.bridge.confirm(
@@ -338,7 +402,9 @@ class StreamingEndpoint:
                     self.metrics.bytes_relayed += sum(
                         len(part) for parts in messages for part in parts
                     )
+            watch.receiving = True
             messages = await ws.receive_messages(MAX_FRAMED_MESSAGE)
+            watch.receiving = False
 
     async def _after_framed_side(
         self,
@@ -405,16 +471,6 @@ class StreamingEndpoint:
             try:
                 await ws.ping()
             except ConnectionClosed:
-                return
-
-    async def _watchdog(self, ws: WebSocket) -> None:
-        """Treat a side silent for ``idle_timeout`` (no frame, no ping) as dropped."""
-        # Nothing was read before the pairing: the silence counts from when reading starts.
-        start = trio.current_time()
-        while True:
-            await trio.sleep_until(max(ws.last_received, start) + self.idle_timeout)
-            if trio.current_time() >= max(ws.last_received, start) + self.idle_timeout:
-                await ws.abort()
                 return
 
     # -- shared ------------------------------------------------------------------------------
