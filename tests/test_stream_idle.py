@@ -67,3 +67,22 @@ async def test_sides_that_ended_are_skipped_and_the_heap_stays_bounded(
     streaming.check_idle(trio.current_time() + 10.0)
     assert kept.scope.cancel_called
     assert streaming.next_idle_check() is None
+
+
+def test_check_heap_pops_what_is_due_in_order_and_drops_ended_entries() -> None:
+    from devstream_trio._checks import CheckHeap
+
+    live: dict[int, object] = {1: None, 2: None, 3: None}
+    heap = CheckHeap()
+    assert heap.next_due() is None
+    assert heap.push(30.0, 3, live)  # the earliest so far
+    assert heap.push(10.0, 1, live)
+    assert not heap.push(20.0, 2, live)
+    assert heap.next_due() == 10.0
+    assert list(heap.pop_due(25.0)) == [1, 2]
+    assert heap.next_due() == 30.0
+    # Entries of connections no longer watched go once the heap outgrows the live ones.
+    live.clear()
+    for connection_id in range(100):
+        heap.push(50.0 + connection_id, connection_id, live)
+    assert len(heap) <= 65

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
-import heapq
 import logging
 import math
 import os
@@ -74,6 +73,7 @@ from devstream_core.routes import (
     Metrics as MetricsRoute,
 )
 
+from ._checks import CheckHeap
 from ._http import HttpError, HttpRequest, HttpServerConnection, close_forcefully
 from ._wire import (
     HEADER_CONNECT_TIMEOUT,
@@ -186,10 +186,8 @@ class Hub:
             wake=self._wake,
         )
         self._sessions: dict[int, _Session] = {}
-        #: (due, connection id): when to check a control channel for silence, earliest first.
-        #: One heap for every channel (not a task each); entries of channels that ended are
-        #: skipped when they surface.
-        self._idle_checks: list[tuple[float, int]] = []
+        #: When to look at each control channel for silence: one heap, not a task each.
+        self._idle_checks = CheckHeap()
         self._outcomes: dict[str, _Outcome] = {}
         self._next_connection_id = 0
         self._timer_wakeup = trio.Event()
@@ -237,8 +235,9 @@ class Hub:
             )
             if d is not None
         ]
-        if self._idle_checks:
-            deadlines.append(self._idle_checks[0][0])
+        idle_due = self._idle_checks.next_due()
+        if idle_due is not None:
+            deadlines.append(idle_due)
         return min(deadlines, default=math.inf)
 
     def _wake(self) -> None:
@@ -700,14 +699,7 @@ class Hub:
 
     def _check_idle_at(self, due: float, connection_id: int) -> None:
         """Look at control channel *connection_id* for silence at time *due*."""
-        checks = self._idle_checks
-        if len(checks) > 2 * len(self._sessions) + 64:
-            # Channels that ended left their entries behind: keep the heap proportional to
-            # the channels open.
-            checks[:] = [entry for entry in checks if entry[1] in self._sessions]
-            heapq.heapify(checks)
-        heapq.heappush(checks, (due, connection_id))
-        if checks[0][1] == connection_id:
+        if self._idle_checks.push(due, connection_id, self._sessions):
             self._wake()  # the earliest check now: the timer may have to look sooner
 
     def _drop_idle_control_channels(self, now: float) -> None:
@@ -717,9 +709,7 @@ class Hub:
         ``control_idle_timeout`` after the last bytes it received.
         """
         timeout = self.config.control_idle_timeout
-        checks = self._idle_checks
-        while checks and checks[0][0] <= now:
-            _, connection_id = heapq.heappop(checks)
+        for connection_id in self._idle_checks.pop_due(now):
             session = self._sessions.get(connection_id)
             if session is None:
                 continue
@@ -728,7 +718,7 @@ class Hub:
                 log.info("control channel %d idle; dropping it", connection_id)
                 session.cancel_scope.cancel()
             else:
-                heapq.heappush(checks, (due, connection_id))
+                self._idle_checks.push(due, connection_id, self._sessions)
 
     async def _control_fragment(self, session: _Session, event: BytesMessage | TextMessage) -> None:
         """Feed one received fragment to the machine and act on the messages it completes."""

@@ -27,7 +27,6 @@ sides can hold the other's unacknowledged data.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from devstream_core.framing import Reset, encode_frame
 from devstream_core.routes import BridgeJoin
 from devstream_core.tokens import is_resume_token
 
+from ._checks import CheckHeap
 from ._http import HttpError, HttpRequest, HttpServerConnection
 from ._wire import HEADER_RESUME_TOKEN
 from ._ws import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket, close_forcefully
@@ -124,9 +124,8 @@ class StreamingEndpoint:
         self._wake = wake
         self._raw: dict[str, _RawSlot] = {}
         self._framed: dict[str, _FramedRelay] = {}
-        #: (due, connection id): when to look at a devstream.v1 side for silence, earliest
-        #: first; entries of sides that ended are skipped when they come up.
-        self._idle_checks: list[tuple[float, int]] = []
+        #: When to look at each devstream.v1 side for silence: one heap, not a task each.
+        self._idle_checks = CheckHeap()
         self._idle_watches: dict[int, _IdleWatch] = {}
 
     # -- events from the bridge's timer ------------------------------------------------------
@@ -139,36 +138,31 @@ class StreamingEndpoint:
 
     def next_idle_check(self) -> float | None:
         """When :meth:`check_idle` has something to look at next, if ever."""
-        return self._idle_checks[0][0] if self._idle_checks else None
+        return self._idle_checks.next_due()
 
     def check_idle(self, now: float) -> None:
         """End the read of every devstream.v1 side silent (no frame, no ping) for
         ``idle_timeout``; the side then counts as dropped. A side in the middle of sending to
         its peer is looked at again later: the send is never cut."""
-        checks = self._idle_checks
-        while checks and checks[0][0] <= now:
-            _, connection_id = heapq.heappop(checks)
-            watch = self._idle_watches.get(connection_id)
+        checks, watches = self._idle_checks, self._idle_watches
+        for connection_id in checks.pop_due(now):
+            watch = watches.get(connection_id)
             if watch is None:
                 continue
             due = max(watch.ws.last_received, watch.start) + self.idle_timeout
             if now < due:
-                heapq.heappush(checks, (due, connection_id))
+                checks.push(due, connection_id, watches)
             elif watch.receiving:
                 watch.scope.cancel()
             else:
-                heapq.heappush(checks, (now + min(1.0, self.idle_timeout), connection_id))
+                checks.push(now + min(1.0, self.idle_timeout), connection_id, watches)
 
     def _watch_idle(self, connection_id: int, ws: WebSocket) -> _IdleWatch:
         now = trio.current_time()
         watch = _IdleWatch(ws=ws, start=now)
         self._idle_watches[connection_id] = watch
-        checks = self._idle_checks
-        if len(checks) > 2 * len(self._idle_watches) + 64:
-            checks[:] = [entry for entry in checks if entry[1] in self._idle_watches]
-            heapq.heapify(checks)
-        heapq.heappush(checks, (now + self.idle_timeout, connection_id))
-        self._wake()
+        if self._idle_checks.push(now + self.idle_timeout, connection_id, self._idle_watches):
+            self._wake()
         return watch
 
     def _end(self, stream_id: str, code: ErrorCode) -> None:
