@@ -95,8 +95,7 @@ async def test_binary_and_text_messages(autojump_clock: trio.abc.Clock, client_s
     await sender.send_bytes(b"\x00\x01\xffbinary")
     await sender.send_text("héllo ✓")
     await sender.send_bytes(b"")
-    await sender.send_message(BytesMessage(data=b"relayed"))
-    await sender.send_message(TextMessage(data="relayed text"))
+    await sender.send_messages([BytesMessage(data=b"relayed"), TextMessage(data="relayed text")])
 
     first = await receiver.receive()
     assert isinstance(first, BytesMessage)

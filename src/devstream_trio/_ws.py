@@ -172,14 +172,8 @@ class WebSocket:
                     else:
                         parts.append(self._ws.send(event))
             except WsProtocolError as exc:
-                raise ConnectionClosed(
-                    self._closed.code if self._closed else ABNORMAL_CLOSURE, "closed"
-                ) from exc
-            try:
-                await self._write(parts)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._closed = self._closed or ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
-                raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
+                raise self._closing_error() from exc
+            await self._write(parts)
 
     def _encode_data(
         self,
@@ -209,8 +203,20 @@ class WebSocket:
             parts.append(_frame_header(first, len(payload), b""))
             parts.append(payload)
 
+    def _closing_error(self) -> ConnectionClosed:
+        """What a send raises once the connection is closing or closed."""
+        return ConnectionClosed(self._closed.code if self._closed else ABNORMAL_CLOSURE, "closed")
+
     async def _write(self, parts: list[bytes | bytearray | memoryview]) -> None:
-        """Write *parts* in order: the small ones joined, the large ones on their own."""
+        """Write *parts* in order, the small ones joined, the large ones on their own; a lost
+        transport is reported as ``ConnectionClosed(1006)``. Call with the send lock held."""
+        try:
+            await self._write_parts(parts)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._closed = self._closed or ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
+            raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
+
+    async def _write_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
         pending: list[bytes | bytearray | memoryview] = []
         for part in parts:
             if len(part) >= _WRITE_ALONE:
@@ -230,14 +236,6 @@ class WebSocket:
     async def send_text(self, text: str, *, message_finished: bool = True) -> None:
         """Send text data."""
         await self._send(TextMessage(data=text, message_finished=message_finished))
-
-    async def send_message(self, event: BytesMessage | TextMessage) -> None:
-        """Send a data fragment as received from another WebSocket (relaying)."""
-        if isinstance(event, BytesMessage):
-            await self._send(BytesMessage(data=event.data, message_finished=event.message_finished))
-        else:
-            assert isinstance(event, TextMessage)
-            await self._send(TextMessage(data=event.data, message_finished=event.message_finished))
 
     def take_queued(self) -> list[BytesMessage | TextMessage]:
         """The data fragments already received and parsed, without waiting for more.
@@ -365,9 +363,7 @@ class WebSocket:
         as one frame each, with as few writes as possible."""
         async with self._send_lock:
             if self._ws.state is not ConnectionState.OPEN or self._out_opcode is not None:
-                raise ConnectionClosed(
-                    self._closed.code if self._closed else ABNORMAL_CLOSURE, "closed"
-                )
+                raise self._closing_error()
             out: list[bytes | bytearray | memoryview] = []
             for parts in messages:
                 size = sum(map(len, parts))
@@ -378,11 +374,7 @@ class WebSocket:
                 else:
                     out.append(_frame_header(_FIN | _OPCODE_BINARY, size, b""))
                     out.extend(parts)
-            try:
-                await self._write(out)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._closed = self._closed or ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
-                raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
+            await self._write(out)
 
     async def _read_more(self) -> None:
         try:
