@@ -322,8 +322,8 @@ class HttpServerConnection:
         data = self.conn.send(h11.InformationalResponse(status_code=101, headers=headers))
         await self.stream.send_all(data or b"")
         trailing, _ = self.conn.trailing_data
-        ws = WsConnection(ConnectionType.SERVER, trailing_data=bytes(trailing))
-        return WebSocket(self.stream, ws, subprotocol=subprotocol)
+        ws = WsConnection(ConnectionType.SERVER)
+        return WebSocket(self.stream, ws, subprotocol=subprotocol, initial_data=bytes(trailing))
 
 
 def _head_size(request: h11.Request) -> int:
@@ -473,10 +473,11 @@ async def websocket_connect(
         raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "bad Sec-WebSocket-Accept from the hub")
     chosen = response.header(b"sec-websocket-protocol")
     trailing, _ = conn.trailing_data
-    ws = WsConnection(ConnectionType.CLIENT, trailing_data=bytes(trailing))
+    ws = WsConnection(ConnectionType.CLIENT)
     return WebSocket(
         stream,
         ws,
         subprotocol=chosen.decode() if chosen else None,
         handshake_headers=response.headers,
+        initial_data=bytes(trailing),
     )

@@ -13,10 +13,11 @@ Rules:
   task can tell a silent peer from a live one.
 * A close from the peer is answered and reported as :class:`ConnectionClosed`; a transport that
   ends without a close is reported as ``ConnectionClosed(1006)``.
-* wsproto parses what arrives and encodes control frames (ping, pong, close: it keeps the
-  closing handshake's state). Data frames are encoded here, a header and the payload (masked
-  by a client, see ``_mask``), so that a payload is copied at most once on its way out; no
-  extension is ever negotiated, so that is the whole frame.
+* wsproto checks and encodes control frames (ping, pong, close: it keeps the closing
+  handshake's state). Data frames are encoded here, a header and the payload (masked by a
+  client, see ``_mask``), so that a payload is copied at most once on its way out, and parsed
+  by ``_frames.FrameReader``, which hands each payload on as a slice of what arrived; no
+  extension is ever negotiated, so a data frame is a header and its payload.
 * Reads ask for 64 KiB, doubling up to 1 MiB while each read fills what it asked for, and
   everything one read brings is parsed before the next; relays take it all in one go
   (:meth:`WebSocket.take_queued`, :meth:`WebSocket.receive_messages`) and write it with one
@@ -43,6 +44,7 @@ from wsproto.events import (
 from wsproto.utilities import ProtocolError as WsProtocolError
 
 from . import _mask
+from ._frames import FrameReader
 
 __all__ = [
     "ABNORMAL_CLOSURE",
@@ -120,6 +122,7 @@ class WebSocket:
         *,
         subprotocol: str | None = None,
         handshake_headers: list[tuple[bytes, bytes]] | None = None,
+        initial_data: bytes = b"",
     ) -> None:
         self.stream = stream
         self.subprotocol = subprotocol
@@ -129,6 +132,7 @@ class WebSocket:
         self._parts: list[bytes] = []
         self._parts_size = 0
         self._ws = connection
+        self._reader = FrameReader(connection)
         self._client = connection.client
         self._receive_size = _RECEIVE_SIZE
         #: The opcode of a data message sent in part, while its last fragment is still to come.
@@ -138,8 +142,9 @@ class WebSocket:
         self._closed: ConnectionClosed | None = None
         #: trio time of the last bytes received from the peer.
         self.last_received = trio.current_time()
-        # Bytes that came in with the handshake response.
-        self._events.extend(connection.events())
+        # Bytes that came in with the handshake, after it.
+        if initial_data:
+            self._events.extend(self._reader.receive(initial_data))
 
     @property
     def closed(self) -> ConnectionClosed | None:
@@ -391,8 +396,7 @@ class WebSocket:
         elif len(data) < size >> 2:
             self._receive_size = max(size >> 1, _RECEIVE_SIZE)
         try:
-            self._ws.receive_data(bytes(data))
-            self._events.extend(self._ws.events())
+            self._events.extend(self._reader.receive(bytes(data)))
         except WsProtocolError as exc:
             self._closed = ConnectionClosed(1002, "protocol error")
             await self.send_close(1002, "protocol error")
