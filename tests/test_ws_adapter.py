@@ -635,3 +635,66 @@ async def test_send_whole_messages_one_frame_each(
             joined.append(current)
             current = b""
     assert joined == [b"ab", big, b""]
+
+
+# --- over a real socket: the vectored writes -------------------------------------------------
+
+
+async def socket_ws_pair(buffer_size: int = 8192) -> tuple[WebSocket, WebSocket]:
+    """A (client, server) pair over a connected socket pair with small kernel buffers, so a
+    large write is taken in parts."""
+    import socket as stdlib_socket
+
+    a, b = trio.socket.socketpair()
+    for sock in (a, b):
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, buffer_size)
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, buffer_size)
+    return (
+        WebSocket(trio.SocketStream(a), Connection(ConnectionType.CLIENT)),
+        WebSocket(trio.SocketStream(b), Connection(ConnectionType.SERVER)),
+    )
+
+
+@pytest.mark.parametrize("client_sends", [True, False])
+async def test_vectored_writes_keep_every_byte_in_order(client_sends: bool) -> None:
+    client, server = await socket_ws_pair()
+    sender, receiver = (client, server) if client_sends else (server, client)
+    # Payloads around the 16 KiB line (alone or joined), tiny ones between, and more buffers
+    # than one sendmsg takes; every message is distinct.
+    messages = [
+        [bytes([i % 251]) * (20_000 + i), b"tail-%d" % i] if i % 3 else [b"small-%d" % i]
+        for i in range(900)
+    ]
+    expected = [b"".join(parts) for parts in messages]
+    got: list[bytes] = []
+
+    async def read_all() -> None:
+        while len(got) < len(expected):
+            got.append(await receiver.receive_message(1 << 20))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            await sender.send_whole_messages(messages)
+            await sender.send_bytes(b"last", message_finished=True)
+    assert got == expected
+    assert await receiver.receive_message(10) == b"last"
+
+
+async def test_vectored_write_after_the_socket_closed_is_connection_closed() -> None:
+    client, server = await socket_ws_pair()
+    client.stream.socket.close()  # type: ignore[attr-defined]
+    with pytest.raises(ConnectionClosed) as info:
+        await client.send_bytes(b"x" * 100_000)
+    assert info.value.code == ABNORMAL_CLOSURE
+    assert client.closed is not None
+    await server.abort()
+
+
+async def test_vectored_write_to_a_vanished_peer_is_connection_closed() -> None:
+    client, server = await socket_ws_pair()
+    await server.abort()
+    with trio.fail_after(30), pytest.raises(ConnectionClosed) as info:
+        while True:  # the first writes may still be taken by the kernel
+            await client.send_whole_messages([[b"y" * 50_000]])
+    assert info.value.code == ABNORMAL_CLOSURE

@@ -20,7 +20,9 @@ Rules:
   extension is ever negotiated, so a data frame is a header and its payload.
 * Reads ask for 64 KiB, doubling up to 1 MiB while each read fills what it asked for, and
   everything one read brings is parsed before the next; relays take it all in one go
-  (:meth:`WebSocket.take_queued`, :meth:`WebSocket.receive_messages`) and write it with one
+  (:meth:`WebSocket.take_queued`, :meth:`WebSocket.receive_messages`) and write it at once:
+  on a plain socket with ``sendmsg``, payloads of 16 KiB or more as buffers of their own (not
+  copied), the frame headers and short payloads between them joined; on TLS with one
   ``send_all`` (payloads of 512 KiB or more with a ``send_all`` of their own).
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import os
 import struct
 from collections.abc import Sequence
@@ -66,10 +69,15 @@ ABNORMAL_CLOSURE = 1006
 _RECEIVE_SIZE = 65536
 _RECEIVE_SIZE_MAX = 1024 * 1024
 
-#: Payloads at least this long are written by themselves rather than copied into one buffer
-#: with the frame headers around them (a second write costs less than the copy).
-_WRITE_ALONE = 1 << 19
+#: Parts at least this long are handed on as they are, not copied into one buffer with their
+#: neighbours (frame headers, small payloads): on a plain socket as a buffer of their own in
+#: one ``sendmsg``; on other streams (TLS) with a ``send_all`` of their own, which only pays
+#: for long parts.
+_ALONE_SOCKET = 16384
+_ALONE_STREAM = 1 << 19
 _FIN = 0x80
+#: The most buffers one sendmsg takes (Linux's IOV_MAX is 1024).
+_IOV_MAX = 512
 _OPCODE_TEXT = 0x1
 _OPCODE_BINARY = 0x2
 _HEAD16 = struct.Struct("!BBH")
@@ -101,6 +109,56 @@ def _frame_header(first: int, length: int, mask_key: bytes) -> bytes:
     else:
         head = _HEAD64.pack(first, mask_bit | 127, length)
     return head + mask_key
+
+
+def _gather(
+    parts: Sequence[bytes | bytearray | memoryview], alone: int
+) -> list[bytes | bytearray | memoryview]:
+    """*parts* as the buffers to write: parts of *alone* bytes or more by themselves, runs of
+    shorter ones joined."""
+    buffers: list[bytes | bytearray | memoryview] = []
+    run: list[bytes | bytearray | memoryview] = []
+    for part in parts:
+        if len(part) >= alone:
+            if run:
+                buffers.append(b"".join(run) if len(run) > 1 else run[0])
+                run = []
+            buffers.append(part)
+        elif part:
+            run.append(part)
+    if run:
+        buffers.append(b"".join(run) if len(run) > 1 else run[0])
+    return buffers
+
+
+async def _send_vectored(
+    stream: trio.SocketStream, buffers: Sequence[bytes | bytearray | memoryview]
+) -> None:
+    """Write *buffers* to a plain socket with as few ``sendmsg`` calls as the kernel allows:
+    the payloads go out without being copied into one buffer first. Errors as ``send_all``'s."""
+    sock = stream.socket
+    if sock.did_shutdown_SHUT_WR:
+        raise trio.ClosedResourceError("can't send data after sending EOF")
+    views = [memoryview(buffer) for buffer in buffers]
+    if not views:
+        await trio.lowlevel.checkpoint()
+        return
+    first = 0
+    try:
+        while first < len(views):
+            sent = await sock.sendmsg(views[first : first + _IOV_MAX])
+            while sent:
+                size = len(views[first])
+                if sent >= size:
+                    sent -= size
+                    first += 1
+                else:
+                    views[first] = views[first][sent:]
+                    sent = 0
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise trio.ClosedResourceError("socket was already closed") from exc
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
 
 class ConnectionClosed(Exception):
@@ -222,17 +280,14 @@ class WebSocket:
             raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
 
     async def _write_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
-        pending: list[bytes | bytearray | memoryview] = []
-        for part in parts:
-            if len(part) >= _WRITE_ALONE:
-                if pending:
-                    await self.stream.send_all(b"".join(pending))
-                    pending.clear()
-                await self.stream.send_all(part)
-            elif part:
-                pending.append(part)
-        if pending:
-            await self.stream.send_all(b"".join(pending) if len(pending) > 1 else pending[0])
+        if type(self.stream) is trio.SocketStream:
+            await _send_vectored(self.stream, _gather(parts, _ALONE_SOCKET))
+        else:
+            buffers = _gather(parts, _ALONE_STREAM)
+            for buffer in buffers:
+                await self.stream.send_all(buffer)
+            if not buffers:
+                await trio.lowlevel.checkpoint()
 
     async def send_bytes(self, data: bytes, *, message_finished: bool = True) -> None:
         """Send binary data; ``message_finished=False`` sends a fragment of a longer message."""
