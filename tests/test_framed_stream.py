@@ -70,7 +70,8 @@ class Tap(trio.abc.Stream):
 
     @property
     def is_stream(self) -> bool:
-        return self.head.startswith(b"GET /bridges/")
+        # A side's stream connection: a join, or a service's one-step open (GET /twins/...).
+        return self.head.startswith((b"GET /bridges/", b"GET /twins/"))
 
     def cut(self) -> None:
         """Drop the connection without a WebSocket close (both ends see it end)."""
@@ -85,7 +86,7 @@ class Tap(trio.abc.Stream):
         self.stalled_out = self.stalled_out or outgoing
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if not self.head or bytes(data[:13]) == b"GET /bridges/":
+        if not self.head or bytes(data[:13]) in (b"GET /bridges/", b"GET /twins/d"):
             self.head = bytes(data[:64])
         if self._closed.is_set():
             await trio.lowlevel.checkpoint()

@@ -104,7 +104,9 @@ class LossyRelay:
         return len(live)
 
     def bridge_passages(self) -> list[Passage]:
-        return [p for p in self.passages if p.head.startswith(b"GET /bridges/")]
+        """The stream connections: the side's first (a join, or a service's one-step open)
+        and its resumes."""
+        return [p for p in self.passages if p.head.startswith((b"GET /bridges/", b"GET /twins/"))]
 
     async def _serve(self, client: trio.abc.Stream, hub: trio.abc.Stream) -> None:
         passage = Passage()
@@ -127,7 +129,8 @@ class LossyRelay:
         lose = bridge and self.lose > 0
         self.lose -= lose
         scope = trio.CancelScope()
-        if bridge:
+        if bridge or passage.head.startswith(b"GET /twins/"):
+            # A join, a resume, or the service's one-step open: a stream's connection.
             self._live.add(scope)
         hung = False
         try:

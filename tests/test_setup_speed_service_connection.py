@@ -1,10 +1,14 @@
-"""The service joins a stream over its initiate's connection.
+"""One connection per stream on the service's side: the one-step open, and the Azure way.
 
-``ServiceClient.open_stream`` sends the initiate without ``Connection: close``; when the hub
-accepts and the stream's URL names the hub the service already talks to, the service side's
-WebSocket opens on that same connection (one TCP and TLS handshake per stream, not two). When
-the URL names another address, or the initiate fails, the connection is closed and nothing else
-changes. Registry requests still use one connection each.
+``ServiceClient.open_stream`` opens a stream in one step: the initiate is a WebSocket upgrade
+(``GET /twins/{id}/streams/{name}``) that the hub answers with ``101`` once the device accepted,
+and that connection is the service's side of the stream. A hub that answers it ``405`` (one
+without the one-step open) is asked the Azure way from then on: the initiate is a ``POST``
+sent without ``Connection: close``; when the hub accepts and the stream's URL names the hub the
+service already talks to, the service side's WebSocket opens on that same connection (one TCP
+and TLS handshake per stream, not two). When the URL names another address, or the initiate
+fails, the connection is closed and nothing else changes. Registry requests still use one
+connection each.
 
 Test rules: in-memory streams to the ``hub_env`` hub (or one like it) on the autojump clock,
 under ``trio.fail_after``; an opener that records each connection's requests. No sockets.
@@ -12,6 +16,7 @@ under ``trio.fail_after``; an opener that records each connection's requests. No
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +115,93 @@ async def round_trip(stream: Any, data: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("mode", ["raw", "devstream.v1"])
+async def test_a_stream_opens_in_one_step(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock, mode: str
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        devices = Recorder(hub_env.hub, hub_env.nursery)
+        await start_echo_device(hub_env, devices)
+        services = Recorder(hub_env.hub, hub_env.nursery)
+        service = ServiceClient(hub_env.service_cs(), opener=services, nursery=hub_env.nursery)
+        for _ in range(3):
+            stream = await service.open_stream("d1", "echo", mode=mode)
+            assert isinstance(stream, HubStream if mode == "raw" else FramedStream)
+            assert service.one_step is True
+            assert await round_trip(stream, b"hello " * 1000) == b"hello " * 1000
+            await stream.aclose()
+        await trio.testing.wait_all_tasks_blocked()  # devstream.v1 closes in its own task
+        # Three streams, three connections, one request each: the initiate that upgraded.
+        assert len(services.connections) == 3
+        for connection in services.connections:
+            [opened] = connection.request_lines()
+            assert opened.startswith("GET /twins/d1/streams/echo?api-version=")
+            head = bytes(connection.sent).split(b"\r\n\r\n")[0].lower()
+            assert b"upgrade: websocket" in head
+            assert b"authorization: sharedaccesssignature " in head
+            assert (b"sec-websocket-protocol: devstream.v1" in head) == (mode != "raw")
+            assert connection.closed
+        assert hub_env.hub.metrics.initiations["accepted"] == 3
+        assert len(devices.with_request("GET /bridges/")) == 3
+
+
+class WithoutOneStep(Recorder):
+    """A hub as one without the one-step open answers it: ``405`` to ``GET /twins/...``."""
+
+    async def __call__(self, address: HubAddress) -> trio.abc.Stream:
+        client, server = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(self._serve, server)
+        recorded = Recorded(client, address)
+        self.connections.append(recorded)
+        return recorded
+
+    async def _serve(self, server: trio.abc.Stream) -> None:
+        first = await server.receive_some()
+        if first.startswith(b"GET /twins/"):
+            body = b'{"errorCode": 405901, "message": "method not allowed for this path"}'
+            await server.send_all(
+                b"HTTP/1.1 405 Method Not Allowed\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            )
+            await server.aclose()
+            return
+        # Anything else goes to the real hub, the bytes already read first.
+        inner, outer = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(self.hub.handle_connection, outer)
+        await inner.send_all(first)
+
+        async def pipe(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while data := await a.receive_some():
+                    await b.send_all(data)
+            await trio.aclose_forcefully(b)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pipe, server, inner)
+            nursery.start_soon(pipe, inner, server)
+
+
+async def test_a_hub_without_the_one_step_open_is_asked_the_azure_way(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        await start_echo_device(hub_env, hub_env.open)
+        services = WithoutOneStep(hub_env.hub, hub_env.nursery)
+        service = ServiceClient(hub_env.service_cs(), opener=services)
+        for _ in range(2):
+            stream = await service.open_stream("d1", "echo")
+            assert await round_trip(stream, b"azure") == b"azure"
+            await stream.aclose()
+        assert service.one_step is False
+        # Asked once in one step (refused), then POST + join on one connection per stream.
+        lines = [c.request_lines() for c in services.connections]
+        assert len(lines) == 3
+        assert lines[0][0].startswith("GET /twins/d1/streams/echo?")
+        for initiate, join in lines[1:]:
+            assert initiate.startswith("POST /twins/d1/streams/echo?")
+            assert join.startswith("GET /bridges/") and "role=service" in join
+
+
+@pytest.mark.parametrize("mode", ["raw", "devstream.v1"])
 async def test_the_service_joins_over_its_initiate_connection(
     hub_env: HubEnv, autojump_clock: trio.abc.Clock, mode: str
 ) -> None:
@@ -118,6 +210,7 @@ async def test_the_service_joins_over_its_initiate_connection(
         await start_echo_device(hub_env, devices)
         services = Recorder(hub_env.hub, hub_env.nursery)
         service = ServiceClient(hub_env.service_cs(), opener=services, nursery=hub_env.nursery)
+        service.one_step = False  # the Azure way, as with a hub without the one-step open
         for _ in range(3):
             stream = await service.open_stream("d1", "echo", mode=mode)
             assert isinstance(stream, HubStream if mode == "raw" else FramedStream)
@@ -162,6 +255,7 @@ async def test_a_stream_url_for_another_address_gets_a_new_connection(
             use_tls=False,
         )
         service = ServiceClient(cs, opener=services)
+        service.one_step = False  # the Azure way, as with a hub without the one-step open
         stream = await service.open_stream("d1", "echo")
         assert await round_trip(stream, b"x" * 100) == b"x" * 100
         await stream.aclose()

@@ -7,7 +7,7 @@ It knows nothing about headers, bodies, credentials or whether a device exists.
 
 The routes::
 
-    POST            /twins/{deviceId}/streams/{streamName}[?api-version=...]   Initiate
+    POST GET        /twins/{deviceId}/streams/{streamName}[?api-version=...]   Initiate
     GET             /devices/{deviceId}/streams                                ControlChannel
     GET             /bridges/{streamId}[?role=device|service]                  BridgeJoin
     PUT GET DELETE  /devices/{deviceId}                                        DeviceItem
@@ -68,6 +68,8 @@ MAX_QUERY_FIELDS: Final = 64
 class Initiate:
     """``POST /twins/{deviceId}/streams/{streamName}``: a service initiates a stream.
 
+    ``GET`` on the same path, as a WebSocket upgrade, is devstream's one-step open: the
+    initiate whose connection, once the device accepts, is the service's side of the stream.
     *api_version* is the ``api-version`` query value, or ``None`` when absent (any value
     is accepted).
     """
@@ -122,7 +124,7 @@ Route = Initiate | ControlChannel | BridgeJoin | DeviceItem | DeviceList | Healt
 
 #: The methods each route answers; the adapter can send them as an ``Allow`` header.
 ALLOWED_METHODS: Final[Mapping[type[Route], frozenset[bytes]]] = {
-    Initiate: frozenset({b"POST"}),
+    Initiate: frozenset({b"POST", b"GET"}),
     ControlChannel: frozenset({b"GET"}),
     BridgeJoin: frozenset({b"GET"}),
     DeviceItem: frozenset({b"PUT", b"GET", b"DELETE"}),

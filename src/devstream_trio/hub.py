@@ -33,6 +33,7 @@ from wsproto.events import BytesMessage, TextMessage
 
 from devstream_core import control
 from devstream_core.bridge import STREAM_MODES, Bridge
+from devstream_core.common import Role
 from devstream_core.coordinator import (
     Coordinator,
     CoordinatorEvent,
@@ -50,6 +51,7 @@ from devstream_core.credentials import (
     verify_sas_token,
 )
 from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for
+from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 from devstream_core.registry import (
     OWNER_POLICY,
     Device,
@@ -332,6 +334,11 @@ class Hub:
                 return await self._open_control_channel(http, request, route, connection_id)
             await self.streaming.join(http, request, route, connection_id)
             return True
+        if isinstance(route, Initiate) and request.method == b"GET":
+            if not request.is_websocket_upgrade:
+                raise HttpError(ErrorCode.UPGRADE_REQUIRED)
+            await self._initiate(http, request, route, connection_id=connection_id)
+            return True
         if request.is_websocket_upgrade:
             raise HttpError(ErrorCode.NOT_FOUND, "no WebSocket endpoint at this path")
         if isinstance(route, Health):
@@ -470,8 +477,16 @@ class Hub:
         return float(value)
 
     async def _initiate(
-        self, http: HttpServerConnection, request: HttpRequest, route: Initiate
+        self,
+        http: HttpServerConnection,
+        request: HttpRequest,
+        route: Initiate,
+        *,
+        connection_id: int | None = None,
     ) -> None:
+        """Initiate a stream and answer: a ``POST`` with the stream's URL and token, a
+        one-step open (``GET`` upgrade, *connection_id* given) by joining the stream as its
+        service side over this connection. Refusals and errors are answered alike."""
         outcome_name = "error"
         try:
             await self._authorize_policy(request, Permission.SERVICE_CONNECT)
@@ -480,21 +495,42 @@ class Hub:
             response_timeout = self._timeout_header(request, HEADER_RESPONSE_TIMEOUT)
             mode = self._mode_header(request)
             window = self._window_header(request)
+            if (
+                connection_id is not None
+                and mode == FRAMED_SUBPROTOCOL
+                and FRAMED_SUBPROTOCOL not in request.subprotocols
+            ):
+                # Refused before the device hears of it: this connection could not carry it.
+                raise HttpError(
+                    ErrorCode.ARGUMENT_INVALID,
+                    f"a {FRAMED_SUBPROTOCOL} stream needs that WebSocket subprotocol offered",
+                )
             outcome = await self._run_initiation(route, response_timeout, mode, window)
             result = outcome.result
             if isinstance(result, InitiationAccepted):
                 outcome_name = "accepted"
                 url = f"{self.ws_url}/bridges/{outcome.stream_id}?role=service"
-                await http.send_response(
-                    200,
-                    [
-                        (b"iothub-streaming-is-accepted", b"True"),
-                        (b"iothub-streaming-url", url.encode()),
-                        (b"iothub-streaming-auth-token", outcome.service_token.encode()),
-                        (HEADER_STREAM_MODE, mode.encode()),
-                        *([(HEADER_STREAM_WINDOW, str(window).encode())] if window else []),
-                    ],
-                )
+                headers = [
+                    (b"iothub-streaming-is-accepted", b"True"),
+                    (b"iothub-streaming-url", url.encode()),
+                    (HEADER_STREAM_MODE, mode.encode()),
+                    *([(HEADER_STREAM_WINDOW, str(window).encode())] if window else []),
+                ]
+                if connection_id is not None:
+                    # Counted now: the join below lasts as long as the stream.
+                    self.metrics.initiations[outcome_name] += 1
+                    outcome_name = ""
+                    await self.streaming.join(
+                        http,
+                        request,
+                        BridgeJoin(stream_id=outcome.stream_id, role=Role.SERVICE),
+                        connection_id,
+                        token=outcome.service_token,
+                        extra_headers=headers,
+                    )
+                    return
+                headers.insert(2, (b"iothub-streaming-auth-token", outcome.service_token.encode()))
+                await http.send_response(200, headers)
             elif isinstance(result, InitiationRejected):
                 outcome_name = _OUTCOME_NAMES.get(result.code, "rejected")
                 await http.send_json(
@@ -512,7 +548,8 @@ class Hub:
             outcome_name = _OUTCOME_NAMES.get(exc.code, "error")
             raise
         finally:
-            self.metrics.initiations[outcome_name] += 1
+            if outcome_name:
+                self.metrics.initiations[outcome_name] += 1
 
     def _mode_header(self, request: HttpRequest) -> str:
         raw = request.header(HEADER_STREAM_MODE)

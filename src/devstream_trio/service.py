@@ -5,9 +5,13 @@
     async with devstream_trio.open_service(connection_string) as service:
         stream = await service.open_stream("my-device", "ssh")
 
-``open_stream`` speaks only the documented HTTP API (the Azure-compatible initiate, then a
-WebSocket to the streaming endpoint), and raises one exception class per error code
-(:mod:`devstream_trio.exceptions`).
+``open_stream`` speaks only the documented HTTP API, and raises one exception class per error
+code (:mod:`devstream_trio.exceptions`). It opens a stream in one step where the hub offers it:
+the initiate is itself a WebSocket upgrade (``GET`` on the initiate path), and the hub answers
+``101`` once the device has accepted, the connection then being the service's side of the
+stream. A hub that does not know it (answering ``405``, or ``404`` without a devstream error
+code) is asked the Azure way from then on: ``POST`` the initiate, then a WebSocket to the
+streaming endpoint.
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ class ServiceClient:
         #: Where devstream.v1 streams run their connection tasks; without one, streams are raw.
         self.nursery = nursery
         self.stream_options = stream_options
+        #: Whether the hub opens streams in one step: None until the first stream says.
+        self.one_step: bool | None = None
 
     def _authorization(self) -> tuple[str, str]:
         expiry = int(self.wall_clock()) + SAS_LIFETIME
@@ -170,6 +176,12 @@ class ServiceClient:
                 (HEADER_STREAM_MODE.decode(), mode),
                 (HEADER_STREAM_WINDOW.decode(), str(window)),
             ]
+        if self.one_step is not False and (mode == MODE_RAW or self.nursery is not None):
+            stream = await self._open_in_one_step(target, headers, mode)
+            if stream is not None:
+                self.one_step = True
+                return stream
+            self.one_step = False
         # The initiate's connection is kept: when the stream's URL names the same hub, the
         # service side joins over it (one connection, one TCP handshake, per stream).
         response, spare = await self._exchange("POST", target, headers=headers, body=b"", keep=True)
@@ -199,6 +211,54 @@ class ServiceClient:
             nursery=self.nursery,
             options=self.stream_options,
             transport=transport,
+        )
+
+    async def _open_in_one_step(
+        self, target: str, headers: list[tuple[str, str]], mode: str
+    ) -> AnyStream | None:
+        """Initiate with a WebSocket upgrade; the stream, or None if the hub cannot."""
+        transport = await open_transport(self.address, self.ssl_context, self.opener)
+        try:
+            ws = await websocket_connect(
+                transport,
+                host=self.address.host_header,
+                target=target,
+                headers=[self._authorization(), *headers],
+                subprotocols=[FRAMED_SUBPROTOCOL] if mode != MODE_RAW else [],
+            )
+        except HttpStatusError as exc:
+            await close_forcefully(transport)
+            response = exc.response
+            if response.status == 405 or (response.status == 404 and exc.code is None):
+                return None
+            if response.status == 200:
+                # Refused the Azure way: iothub-streaming-is-accepted: False and the reason.
+                code, message = _body_error(response)
+                raise error_for(code or ErrorCode.STREAM_REJECTED, message or None) from None
+            raise _error_from_response(response) from None
+        except DevstreamError as exc:
+            await close_forcefully(transport)
+            if isinstance(exc, HubError):
+                raise
+            raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, exc.message) from exc
+        except BaseException:
+            await close_forcefully(transport)
+            raise
+        head = dict(ws.handshake_headers)
+        url = (head.get(b"iothub-streaming-url") or b"").decode()
+        granted = (head.get(HEADER_STREAM_MODE) or MODE_RAW.encode()).decode()
+        if head.get(b"iothub-streaming-is-accepted") != b"True" or not url or granted != mode:
+            await ws.abort()
+            raise HubError(ErrorCode.PROTOCOL_ERROR, "the hub's one-step answer is incomplete")
+        return await _stream_over(
+            ws,
+            url,
+            role=Role.SERVICE,
+            ssl_context=self.ssl_context,
+            opener=self.opener,
+            mode=granted,
+            nursery=self.nursery,
+            options=self.stream_options,
         )
 
     # -- registry ----------------------------------------------------------------------------
@@ -271,11 +331,9 @@ async def join_stream(
     *transport*, if given, is an open connection to the hub that *url* names, to join over
     instead of a new one; it is closed if joining fails.
     """
-    stream_id = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
     if mode == MODE_RAW:
         ws = await _stream_websocket(url, token, ssl_context, opener, [], transport)
-        return HubStream(ws, stream_id=stream_id, role=role)
-    if mode != FRAMED_SUBPROTOCOL or nursery is None:
+    elif mode != FRAMED_SUBPROTOCOL or nursery is None:
         if transport is not None:
             await close_forcefully(transport)
         if mode != FRAMED_SUBPROTOCOL:
@@ -284,8 +342,38 @@ async def join_stream(
             ErrorCode.ARGUMENT_INVALID,
             f"{FRAMED_SUBPROTOCOL} streams need a nursery (use open_service / open_device)",
         )
-    ws = await _stream_websocket(url, token, ssl_context, opener, [FRAMED_SUBPROTOCOL], transport)
-    if ws.subprotocol != FRAMED_SUBPROTOCOL:
+    else:
+        ws = await _stream_websocket(
+            url, token, ssl_context, opener, [FRAMED_SUBPROTOCOL], transport
+        )
+    return await _stream_over(
+        ws,
+        url,
+        role=role,
+        ssl_context=ssl_context,
+        opener=opener,
+        mode=mode,
+        nursery=nursery,
+        options=options,
+    )
+
+
+async def _stream_over(
+    ws: WebSocket,
+    url: str,
+    *,
+    role: Role,
+    ssl_context: ssl.SSLContext | None,
+    opener: Opener | None,
+    mode: str,
+    nursery: trio.Nursery | None,
+    options: StreamOptions | None,
+) -> AnyStream:
+    """The stream a WebSocket just joined carries; *url* is where a devstream.v1 side resumes."""
+    stream_id = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
+    if mode == MODE_RAW:
+        return HubStream(ws, stream_id=stream_id, role=role)
+    if ws.subprotocol != FRAMED_SUBPROTOCOL or nursery is None:
         await ws.abort()
         raise HubError(ErrorCode.PROTOCOL_ERROR, f"the hub did not accept {FRAMED_SUBPROTOCOL}")
 

@@ -185,9 +185,17 @@ class StreamingEndpoint:
         request: HttpRequest,
         route: BridgeJoin,
         connection_id: int,
+        *,
+        token: str | None = None,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        """Serve one side's WebSocket on the streaming endpoint until it ends."""
-        token = _bearer(request)
+        """Serve one side's WebSocket on the streaming endpoint until it ends.
+
+        The side's token is the request's ``Authorization: Bearer``, or *token* (a one-step
+        open, where the hub has just made it); *extra_headers* go into the ``101``.
+        """
+        if token is None:
+            token = _bearer(request)
         resuming = is_resume_token(token)
         now = trio.current_time()
         offered = request.subprotocols
@@ -218,8 +226,11 @@ class StreamingEndpoint:
         except DevstreamError as exc:
             raise HttpError(exc.code, exc.message) from exc
         self._wake()
+        extra = extra_headers or []
         if mode == MODE_RAW:
-            await self._join_raw(http, request, route.stream_id, role, connection_id, offered)
+            await self._join_raw(
+                http, request, route.stream_id, role, connection_id, offered, extra
+            )
             return
         if FRAMED_SUBPROTOCOL not in offered:
             self._leave(route.stream_id, connection_id)
@@ -229,7 +240,7 @@ class StreamingEndpoint:
                 ErrorCode.ARGUMENT_INVALID,
                 f"this stream is {FRAMED_SUBPROTOCOL}; offer that WebSocket subprotocol",
             )
-        headers = [(HEADER_RESUME_TOKEN, (resume_token or "").encode())]
+        headers = [(HEADER_RESUME_TOKEN, (resume_token or "").encode()), *extra]
         try:
             ws = await http.accept_websocket(
                 request, subprotocol=FRAMED_SUBPROTOCOL, extra_headers=headers
@@ -267,10 +278,15 @@ class StreamingEndpoint:
         role: Role,
         connection_id: int,
         offered: list[str],
+        extra_headers: list[tuple[bytes, bytes]],
     ) -> None:
         slot = self._raw.setdefault(stream_id, _RawSlot())
         try:
-            ws = await http.accept_websocket(request, subprotocol=offered[0] if offered else None)
+            ws = await http.accept_websocket(
+                request,
+                subprotocol=offered[0] if offered else None,
+                extra_headers=extra_headers,
+            )
         except BaseException:
             self._leave(stream_id, connection_id)
             raise
