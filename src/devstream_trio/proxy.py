@@ -31,6 +31,7 @@ import trio
 
 from devstream_core.errors import DevstreamError, ErrorCode
 
+from ._connect import open_tcp
 from .device import DeviceClient, Handler
 from .framed import FramedStream
 from .service import AnyStream, ServiceClient
@@ -173,7 +174,7 @@ def _target_handler(target: Target) -> Handler:
         started = trio.current_time()
         where = f"{target.host}:{target.port}"
         try:
-            tcp = await trio.open_tcp_stream(target.host, target.port)
+            tcp = await open_tcp(target.host, target.port)
         except OSError as exc:
             reason = f"target {where} unreachable: {_connect_error(exc)}"
             log.warning("stream %s (%s): %s; resetting it", stream.stream_id, target.name, reason)

@@ -1,0 +1,79 @@
+"""``_connect.open_tcp``: an IP address is connected to directly, a name through trio.
+
+Test rules: loopback sockets on port 0; nothing waits on time.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+
+from devstream_trio import _connect
+from devstream_trio._connect import open_tcp
+
+
+async def echo_listener(
+    nursery: trio.Nursery, host: str = "127.0.0.1"
+) -> tuple[int, list[tuple[str, int]]]:
+    """A listener on *host* that echoes one message per connection; the peers it saw."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    [listener] = await trio.open_tcp_listeners(0, host=host)
+    assert listener.socket.family == family
+    port = listener.socket.getsockname()[1]
+    peers: list[tuple[str, int]] = []
+
+    async def serve(stream: trio.SocketStream) -> None:
+        peers.append(stream.socket.getpeername()[:2])
+        async with stream:
+            await stream.send_all(await stream.receive_some())
+
+    nursery.start_soon(trio.serve_listeners, serve, [listener])
+    return port, peers
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_an_ip_address_is_connected_to_without_trios_resolver(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, host: str
+) -> None:
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        port, peers = await echo_listener(nursery, host)
+    except OSError:
+        pytest.skip(f"cannot listen on {host}")
+
+    async def refuse(*args: object, **kwargs: object) -> trio.SocketStream:
+        raise AssertionError("open_tcp_stream was used for an IP address")
+
+    monkeypatch.setattr(_connect.trio, "open_tcp_stream", refuse)
+    stream = await open_tcp(host, port)
+    assert isinstance(stream, trio.SocketStream)
+    # trio's SocketStream sets TCP_NODELAY: small frames are not held back.
+    assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    await stream.send_all(b"hello")
+    assert await stream.receive_some() == b"hello"
+    await stream.aclose()
+    assert len(peers) == 1
+
+
+async def test_a_name_goes_through_trio(nursery: trio.Nursery) -> None:
+    port, peers = await echo_listener(nursery)
+    stream = await open_tcp("localhost", port)
+    await stream.send_all(b"by name")
+    assert await stream.receive_some() == b"by name"
+    await stream.aclose()
+    assert peers and peers[0][0] == "127.0.0.1"
+
+
+async def test_a_refused_connection_is_an_oserror_saying_so() -> None:
+    # A port that was just free: nothing listens there.
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    with pytest.raises(OSError) as info:
+        await open_tcp("127.0.0.1", port)
+    assert info.value.errno is not None
+    assert info.value.strerror == "Connection refused"
