@@ -6,7 +6,8 @@ One setup is ``open_stream`` (initiate -> the device accepts -> both sides join)
 sent and its echo received; closing the stream afterwards is not counted.
 
 peer: a bare WebSocket connect to a ``websockets`` echo server in its own process, with the same
-client code as the service's (devstream's h11 + wsproto client over trio), then one byte echoed.
+client code as the service's (devstream's TCP connect and h11 + wsproto client over trio), then
+one byte echoed.
 
 Then ``--concurrency`` tasks set up streams (and bare connects) at once for ``--seconds``:
 streams per second of wall time, and per CPU-second of the hub (the echo server) process,
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common as c
 
+from devstream_trio._connect import open_tcp
 from devstream_trio._http import websocket_connect
 from devstream_trio.service import ServiceClient, open_service
 
@@ -47,7 +49,7 @@ async def one_stream(service: ServiceClient, device: str, mode: str) -> float:
 
 async def one_bare(host: str, port: int) -> float:
     start = trio.current_time()
-    tcp = await trio.open_tcp_stream(host, port)
+    tcp = await open_tcp(host, port)  # the connect devstream's clients use
     ws = await websocket_connect(tcp, host=f"{host}:{port}", target="/echo")
     await ws.send_bytes(b"x")
     event = await ws.receive()
