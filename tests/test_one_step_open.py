@@ -23,7 +23,15 @@ from devstream_trio._ws import WebSocket
 from devstream_trio.service import API_VERSION
 
 from .conftest import HubEnv
-from .test_hub import HUB, ManualDevice, auth, call, receive_message, start_echo_device
+from .test_hub import (
+    HUB,
+    ManualDevice,
+    auth,
+    call,
+    join_raw,
+    receive_message,
+    start_echo_device,
+)
 
 TARGET = f"/twins/d1/streams/echo?api-version={API_VERSION}"
 
@@ -141,3 +149,35 @@ async def test_a_get_without_upgrade_on_the_initiate_path_is_426(
         response = await call(hub_env, "GET", TARGET, headers=[auth(hub_env)])
     assert response.status == 426
     assert json.loads(response.body)["errorCode"] == 426901
+
+
+async def test_a_side_waiting_for_its_peer_is_pinged_then_relayed(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    device = await ManualDevice.connect(hub_env, await hub_env.create_device("d1"))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+
+            async def accept_later() -> None:
+                request = await device.next_request()
+                await device.send(request.accept())
+                # The device joins 12 s after the service's side opened.
+                await trio.sleep(12)
+                side = await join_raw(hub_env, request.url, request.token, [FRAMED_SUBPROTOCOL])
+                await side.send_bytes(b"from the device")
+                assert await receive_message(side) == b"from the service"
+                await side.abort()
+
+            nursery.start_soon(accept_later)
+            ws = await open_in_one_step(
+                hub_env,
+                headers=[("devstream-stream-mode", FRAMED_SUBPROTOCOL)],
+                subprotocols=[FRAMED_SUBPROTOCOL],
+            )
+            opened = trio.current_time()
+            # Nothing but pings comes while the device is away; receive() answers them.
+            with trio.move_on_after(11):
+                await ws.receive()
+            assert opened + 9.9 <= ws.last_received <= opened + 11
+            assert await receive_message(ws) == b"from the device"
+            await ws.send_bytes(b"from the service")

@@ -355,11 +355,7 @@ class StreamingEndpoint:
         closed: ConnectionClosed | None = None
         try:
             with scope:
-                if not relay.paired.is_set():
-                    async with trio.open_nursery() as waiting:
-                        waiting.start_soon(self._ping_while_alone, ws)
-                        await relay.paired.wait()
-                        waiting.cancel_scope.cancel()
+                await self._wait_for_peer(relay, ws)
                 # Nothing was read before the pairing: silence counts from when reading starts.
                 watch = self._watch_idle(connection_id, ws)
                 try:
@@ -473,15 +469,19 @@ class StreamingEndpoint:
                 for scope in relay.scopes.values():
                     scope.cancel()
 
-    async def _ping_while_alone(self, ws: WebSocket) -> None:
-        """Ping a side that waits for its peer: nothing is read from it before the pairing, so
-        its own pings go unanswered, and without a sign of life it would drop and resume."""
-        while True:
-            await trio.sleep(LONE_PING_INTERVAL)
-            try:
-                await ws.ping()
-            except ConnectionClosed:
-                return
+    async def _wait_for_peer(self, relay: _FramedRelay, ws: WebSocket) -> None:
+        """Wait for the pairing, pinging the side every ``LONE_PING_INTERVAL``: nothing is read
+        from it before then, so its own pings go unanswered, and without a sign of life it
+        would drop and resume. No task of its own: most peers come within milliseconds."""
+        pinging = True
+        while not relay.paired.is_set():
+            with trio.move_on_after(LONE_PING_INTERVAL):
+                await relay.paired.wait()
+            if pinging and not relay.paired.is_set():
+                try:
+                    await ws.ping()
+                except ConnectionClosed:
+                    pinging = False  # its connection task finds out when it reads
 
     # -- shared ------------------------------------------------------------------------------
 
