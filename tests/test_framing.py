@@ -556,6 +556,22 @@ def test_done_only_when_both_eofs_are_acknowledged() -> None:
     assert a.done and a.state is b.state is EndpointState.DONE
 
 
+def test_a_reused_write_buffer_changes_nothing_already_written() -> None:
+    # A bytearray (or a view of one) may be reused by the writer: the endpoint keeps a copy.
+    # bytes cannot change, and are kept as they are.
+    pipe = Pipe(window=1 << 20)
+    a, b = pipe.ep[A], pipe.ep[B]
+    buffer = bytearray(b"first " * 5000)
+    kept = b"second" * 5000
+    a.write(buffer)
+    a.write(memoryview(kept))
+    a.write(memoryview(buffer)[:20_000])
+    expected = bytes(buffer) + kept + bytes(buffer[:20_000])
+    buffer[:] = b"X" * len(buffer)  # reused before anything was sent
+    pipe.pump()
+    assert b.read() == expected
+
+
 def test_data_is_split_into_max_payload_frames() -> None:
     pipe = Pipe(window=1000, max_payload=7)
     pipe.ep[A].write(b"x" * 20)

@@ -673,17 +673,19 @@ _GATHER_LIMIT: Final = 64 * 1024
 class _SendQueue:
     """The bytes written and not yet acknowledged, as a queue of chunks.
 
-    Appended at the end, dropped from the front, read anywhere: each byte is copied once on
-    its way in and once on its way out. (One ``bytearray`` that grows at the end and shrinks
-    at the front is reallocated, with everything in it, every time it grows.) Small writes
-    are gathered so that the queue never holds more than about one chunk per
-    ``_GATHER_LIMIT`` bytes, plus one per write of ``_SMALL_WRITE`` bytes or more.
+    Appended at the end, dropped from the front, read anywhere: each byte is copied at most
+    once on its way in and once on its way out. (One ``bytearray`` that grows at the end and
+    shrinks at the front is reallocated, with everything in it, every time it grows.) A write
+    of ``bytes`` (or a view of them: they cannot change) is kept as it is, not copied; other
+    writes are copied, as the caller may reuse its buffer. Small writes are gathered so that
+    the queue never holds more than about one chunk per ``_GATHER_LIMIT`` bytes, plus one per
+    write of ``_SMALL_WRITE`` bytes or more.
     """
 
     __slots__ = ("_chunks", "_head", "_size")
 
     def __init__(self) -> None:
-        self._chunks: collections.deque[bytes | bytearray] = collections.deque()
+        self._chunks: collections.deque[bytes | bytearray | memoryview] = collections.deque()
         self._head = 0  # bytes of the first chunk already dropped
         self._size = 0
 
@@ -699,6 +701,8 @@ class _SendQueue:
                 last += data
             else:
                 chunks.append(bytearray(data))
+        elif type(data.obj) is bytes:
+            chunks.append(data)  # immutable: a view of it is as good as a copy
         else:
             chunks.append(bytes(data))
         self._size += size
