@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import queue
+import random
 import socket
 import subprocess
 import sys
@@ -78,10 +79,16 @@ def push(port: int, total: int, sink: Sink) -> tuple[int, float]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port free now, below the kernel's ephemeral range (32768 and up), so that no outgoing
+    connection of the other processes takes it before socat binds it."""
+    while True:
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def listening(port: int) -> bool:
@@ -93,29 +100,47 @@ def listening(port: int) -> bool:
         )
 
 
+def start_socats(sink: Sink) -> tuple[list[subprocess.Popen[bytes]], int]:
+    """Three socat relays in a chain to the sink; return them and the first one's port.
+
+    A relay that could not listen (its port taken meanwhile) is retried on fresh ports."""
+    for _ in range(5):
+        ports = [free_port() for _ in range(3)]
+        targets = [*ports[1:], sink.port]
+        procs: list[subprocess.Popen[bytes]] = []
+        for listen, target in reversed(list(zip(ports, targets, strict=True))):
+            procs.append(
+                subprocess.Popen(
+                    [
+                        "socat",
+                        "-b",
+                        "65536",
+                        f"TCP-LISTEN:{listen},bind=127.0.0.1,reuseaddr",
+                        f"TCP:127.0.0.1:{target}",
+                    ]
+                )
+            )
+            deadline = time.monotonic() + 10
+            while not listening(listen) and procs[-1].poll() is None:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
+            if procs[-1].poll() is not None or not listening(listen):
+                break
+        else:
+            time.sleep(0.05)  # a relay that failed to bind exits at once
+            if all(proc.poll() is None for proc in procs):
+                return procs, ports[0]
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    raise RuntimeError("socat did not start listening (five tries)")
+
+
 def socat_run(total: int, sink: Sink) -> tuple[float, float, int]:
     """One transfer through three fresh socat relays; return (CPU s, wall s, bytes)."""
-    ports = [free_port() for _ in range(3)]
-    targets = [*ports[1:], sink.port]
-    procs = []
-    for listen, target in reversed(list(zip(ports, targets, strict=True))):
-        procs.append(
-            subprocess.Popen(
-                [
-                    "socat",
-                    "-b",
-                    "65536",
-                    f"TCP-LISTEN:{listen},bind=127.0.0.1,reuseaddr",
-                    f"TCP:127.0.0.1:{target}",
-                ]
-            )
-        )
-        deadline = time.monotonic() + 10
-        while not listening(listen):
-            if time.monotonic() > deadline or procs[-1].poll() is not None:
-                raise RuntimeError("socat did not start listening")
-            time.sleep(0.005)
-    got, wall = push(ports[0], total, sink)
+    procs, entry = start_socats(sink)
+    got, wall = push(entry, total, sink)
     cpu = 0.0
     for proc in procs:
         _, _, usage = os.wait4(proc.pid, 0)
