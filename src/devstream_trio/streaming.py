@@ -312,8 +312,9 @@ class StreamingEndpoint:
     async def _relay_raw(self, one: WebSocket, other: WebSocket) -> None:
         """Forward fragments both ways until one side closes, then close the other."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump_raw, one, other, nursery.cancel_scope)
             nursery.start_soon(self._pump_raw, other, one, nursery.cancel_scope)
+            # This task pumps the other way itself: one task fewer per stream.
+            await self._pump_raw(one, other, nursery.cancel_scope)
         for side in (one, other):
             await close_forcefully(side.stream)
 
