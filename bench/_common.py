@@ -34,12 +34,13 @@ from devstream_core import control
 from devstream_core.credentials import ConnectionString, device_resource, make_sas_token
 from devstream_core.framing import SUBPROTOCOL as FRAMED
 from devstream_core.framing import StreamEndpoint
+from devstream_trio.framed import MESSAGE_LIMIT
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: What a FramedStream puts in one WebSocket message at most (whole frames).
-FRAMED_MESSAGE_LIMIT = 256 * 1024
+FRAMED_MESSAGE_LIMIT = MESSAGE_LIMIT
 MODES = ("raw", FRAMED)
 GB = 1e9
 MB = 1e6

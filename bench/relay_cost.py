@@ -11,7 +11,7 @@ clients, both written with the ``websockets`` asyncio client, so only the relay 
 The service side sends ``--bytes`` in writes of each size to the device side; the relay's CPU
 time (utime + stime from /proc/<pid>/stat) is read just before the first write and just after
 the last byte arrived. In raw mode each write is one WebSocket message; in devstream.v1 the
-core's StreamEndpoint frames it (Data frames of at most 64 KiB, messages of at most 256 KiB,
+core's StreamEndpoint frames it (Data frames of at most 64 KiB, messages of at most 1 MiB,
 Acks back), as a FramedStream does. Both modes also go through the ``websockets`` relay, which
 forwards the same messages.
 

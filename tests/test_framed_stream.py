@@ -20,6 +20,7 @@ import trio.testing
 from devstream_core.common import Role
 from devstream_core.errors import ErrorCode
 from devstream_core.framing import DEFAULT_WINDOW, EndpointState
+from devstream_trio import framed, streaming
 from devstream_trio._connect import HubAddress
 from devstream_trio._http import HttpStatusError, http_request, websocket_connect
 from devstream_trio._ws import WebSocket
@@ -993,3 +994,10 @@ async def test_a_side_waiting_long_for_its_peer_needs_no_resume(
         assert isinstance(device_stream, FramedStream)
         assert device_stream.resumes == 0
         assert stream.resumes == 0
+
+
+def test_messages_sent_fit_what_every_receiver_takes() -> None:
+    # A FramedStream's messages go through the hub's relay (which takes whole messages of up
+    # to MAX_FRAMED_MESSAGE) to the peer's FramedStream (MAX_MESSAGE): a larger one is a 1009.
+    assert framed.MESSAGE_LIMIT <= streaming.MAX_FRAMED_MESSAGE
+    assert framed.MESSAGE_LIMIT <= framed.MAX_MESSAGE

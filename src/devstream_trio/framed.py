@@ -42,7 +42,7 @@ __all__ = ["FramedStream", "Reconnect", "StreamOptions"]
 log = logging.getLogger("devstream.stream")
 
 #: The largest WebSocket message a FramedStream sends (whole frames only).
-MESSAGE_LIMIT = 256 * 1024
+MESSAGE_LIMIT = 1024 * 1024
 #: The largest WebSocket message it accepts.
 MAX_MESSAGE = 1024 * 1024
 
