@@ -170,6 +170,20 @@ def test_a_whole_read_of_payload_is_handed_on_without_a_copy_on_a_client() -> No
     assert event.data is body
 
 
+def test_payloads_on_a_client_are_views_of_the_read_not_copies() -> None:
+    wire = frame(0x2, b"first", masked=False) + frame(0x2, b"second" * 1000, masked=False)
+    reader = FrameReader(Connection(ConnectionType.CLIENT))
+    events = reader.receive(wire)
+    assert [bytes(e.data) for e in events if isinstance(e, BytesMessage)] == [
+        b"first",
+        b"second" * 1000,
+    ]
+    for event in events:
+        assert isinstance(event, BytesMessage)
+        assert isinstance(event.data, memoryview)
+        assert event.data.obj is wire
+
+
 def test_text_split_inside_a_character() -> None:
     text = "zürich → 東京".encode()
     wire = frame(0x1, text[:2], fin=False, masked=True) + frame(0x0, text[2:], masked=True)

@@ -360,7 +360,7 @@ class FrameDecoder:
         self._buffer.clear()
         self._poisoned = False
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Add *data*; return every frame it completes, in order.
 
         Raises :class:`RemoteProtocolError` for a bad frame (the frames completed before it in
@@ -1073,7 +1073,7 @@ class StreamEndpoint:
         self._move_connection(ConnectionInput.LOST)
         self._decoder.reset()
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Take bytes from the connection (frames may be split anywhere); return the events.
 
         Raises :class:`RemoteProtocolError` when the peer broke the protocol (which resets the

@@ -187,7 +187,7 @@ class WebSocket:
         #: The headers of the handshake's other half (the 101 response, on a client).
         self.handshake_headers = handshake_headers or []
         #: The fragments of a message received in part, and their total length.
-        self._parts: list[bytes] = []
+        self._parts: list[bytes | memoryview] = []
         self._parts_size = 0
         self._ws = connection
         self._reader = FrameReader(connection)
@@ -379,11 +379,12 @@ class WebSocket:
         Safe to cancel: a message assembled in part is kept for the next call.
         """
         parts = await self._receive_parts(max_size)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
-    async def receive_messages(self, max_size: int) -> list[list[bytes]]:
+    async def receive_messages(self, max_size: int) -> list[list[bytes | memoryview]]:
         """Return the next whole message and every further one already received in full, each
-        as the list of its fragments (joined, they are the message: nothing is copied here).
+        as the list of its fragments (joined, they are the message: nothing is copied here; a
+        fragment may be a view of what a read brought, to be used before the next call).
 
         What follows them in part is kept for the next call; limits and cancellation as in
         :meth:`receive_message`.
@@ -391,7 +392,7 @@ class WebSocket:
         messages = [await self._receive_parts(max_size)]
         while self._events and isinstance(self._events[0], (BytesMessage, TextMessage)):
             event = self._events[0]
-            chunk = _as_bytes(event.data)
+            chunk = _part(event.data)
             if self._parts_size + len(chunk) > max_size:
                 break  # the next call refuses it
             self._events.popleft()
@@ -402,10 +403,10 @@ class WebSocket:
                 self._parts, self._parts_size = [], 0
         return messages
 
-    async def _receive_parts(self, max_size: int) -> list[bytes]:
+    async def _receive_parts(self, max_size: int) -> list[bytes | memoryview]:
         while True:
             event = await self.receive()
-            chunk = _as_bytes(event.data)
+            chunk = _part(event.data)
             self._parts_size += len(chunk)
             if self._parts_size > max_size:
                 self._parts, self._parts_size = [], 0
@@ -418,7 +419,7 @@ class WebSocket:
                 self._parts, self._parts_size = [], 0
                 return parts
 
-    async def send_whole_messages(self, messages: Sequence[Sequence[bytes]]) -> None:
+    async def send_whole_messages(self, messages: Sequence[Sequence[bytes | memoryview]]) -> None:
         """Send binary messages, each given as its fragments (see :meth:`receive_messages`),
         as one frame each, with as few writes as possible."""
         async with self._send_lock:
@@ -478,11 +479,15 @@ class WebSocket:
         await close_forcefully(self.stream)
 
 
-def _as_bytes(data: bytes | bytearray | str) -> bytes:
-    return data.encode() if isinstance(data, str) else bytes(data)
+def _part(data: bytes | bytearray | memoryview | str) -> bytes | memoryview:
+    """A received fragment's data as a part of a message: text as UTF-8, bytes as they are."""
+    if isinstance(data, str):
+        return data.encode()
+    return data if isinstance(data, (bytes, memoryview)) else bytes(data)
 
 
 def payload(event: BytesMessage | TextMessage) -> bytes | str:
-    """The data of a received fragment as ``bytes`` or ``str`` (wsproto may give a bytearray)."""
-    data = event.data
-    return bytes(data) if isinstance(data, bytearray) else data
+    """The data of a received fragment as ``bytes`` or ``str`` (it may have come as a view of
+    what a read brought, or a bytearray)."""
+    data: bytes | bytearray | memoryview | str = event.data
+    return bytes(data) if isinstance(data, (bytearray, memoryview)) else data
