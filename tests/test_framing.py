@@ -300,6 +300,23 @@ def test_chunking_equivalence(stream: list[Frame], data: st.DataObject) -> None:
     assert feed_in_pieces(wire, cuts) == stream
 
 
+@given(stream=st.lists(frames, max_size=12), data=st.data())
+def test_views_of_a_larger_buffer_decode_like_bytes(
+    stream: list[Frame], data: st.DataObject
+) -> None:
+    # A client hands the decoder views of what its reads brought (devstream_trio._frames).
+    wire = b"".join(map(encode_frame, stream))
+    read = b"before" + wire + b"after"
+    view = memoryview(read)[6 : 6 + len(wire)]
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(wire)), max_size=8))))
+    decoder = FrameDecoder()
+    got: list[Frame] = []
+    for start, end in itertools.pairwise([0, *cuts, len(wire)]):
+        got += decoder.feed(view[start:end])
+    assert got == stream
+    assert all(isinstance(f.payload, bytes) for f in got if isinstance(f, Data))
+
+
 @given(wire=st.binary(max_size=200), cuts=st.lists(st.integers(0, 200), max_size=10))
 @settings(max_examples=200)
 def test_garbage_parses_or_raises_the_same_in_any_split(wire: bytes, cuts: list[int]) -> None:
