@@ -114,22 +114,32 @@ async def round_trip(stream: Any, data: bytes) -> bytes:
     return bytes(received)
 
 
+async def three_streams(
+    env: HubEnv, mode: str, *, one_step: bool | None = None
+) -> tuple[ServiceClient, Recorder, Recorder]:
+    """Open, use and close three streams to an echo device; return the service client and
+    the recorders of the service's and the device's connections."""
+    devices = Recorder(env.hub, env.nursery)
+    await start_echo_device(env, devices)
+    services = Recorder(env.hub, env.nursery)
+    service = ServiceClient(env.service_cs(), opener=services, nursery=env.nursery)
+    service.one_step = one_step
+    for _ in range(3):
+        stream = await service.open_stream("d1", "echo", mode=mode)
+        assert isinstance(stream, HubStream if mode == "raw" else FramedStream)
+        assert await round_trip(stream, b"hello " * 1000) == b"hello " * 1000
+        await stream.aclose()
+    await trio.testing.wait_all_tasks_blocked()  # devstream.v1 closes in its own task
+    return service, services, devices
+
+
 @pytest.mark.parametrize("mode", ["raw", "devstream.v1"])
 async def test_a_stream_opens_in_one_step(
     hub_env: HubEnv, autojump_clock: trio.abc.Clock, mode: str
 ) -> None:
     with trio.fail_after(TIMEOUT):
-        devices = Recorder(hub_env.hub, hub_env.nursery)
-        await start_echo_device(hub_env, devices)
-        services = Recorder(hub_env.hub, hub_env.nursery)
-        service = ServiceClient(hub_env.service_cs(), opener=services, nursery=hub_env.nursery)
-        for _ in range(3):
-            stream = await service.open_stream("d1", "echo", mode=mode)
-            assert isinstance(stream, HubStream if mode == "raw" else FramedStream)
-            assert service.one_step is True
-            assert await round_trip(stream, b"hello " * 1000) == b"hello " * 1000
-            await stream.aclose()
-        await trio.testing.wait_all_tasks_blocked()  # devstream.v1 closes in its own task
+        service, services, devices = await three_streams(hub_env, mode)
+        assert service.one_step is True
         # Three streams, three connections, one request each: the initiate that upgraded.
         assert len(services.connections) == 3
         for connection in services.connections:
@@ -206,17 +216,8 @@ async def test_the_service_joins_over_its_initiate_connection(
     hub_env: HubEnv, autojump_clock: trio.abc.Clock, mode: str
 ) -> None:
     with trio.fail_after(TIMEOUT):
-        devices = Recorder(hub_env.hub, hub_env.nursery)
-        await start_echo_device(hub_env, devices)
-        services = Recorder(hub_env.hub, hub_env.nursery)
-        service = ServiceClient(hub_env.service_cs(), opener=services, nursery=hub_env.nursery)
-        service.one_step = False  # the Azure way, as with a hub without the one-step open
-        for _ in range(3):
-            stream = await service.open_stream("d1", "echo", mode=mode)
-            assert isinstance(stream, HubStream if mode == "raw" else FramedStream)
-            assert await round_trip(stream, b"hello " * 1000) == b"hello " * 1000
-            await stream.aclose()
-        await trio.testing.wait_all_tasks_blocked()  # devstream.v1 closes in its own task
+        # The Azure way, as with a hub without the one-step open.
+        _, services, devices = await three_streams(hub_env, mode, one_step=False)
         # Three streams, three connections: each carried an initiate, then the join.
         assert len(services.connections) == 3
         for connection in services.connections:

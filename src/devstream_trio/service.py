@@ -111,7 +111,7 @@ class ServiceClient:
     ) -> tuple[HttpResponse, trio.abc.Stream | None]:
         """Like :meth:`request`; with *keep*, also the open connection when it can be reused."""
         stream = await open_transport(self.address, self.ssl_context, self.opener)
-        try:
+        async with _closed_on_failure(stream):
             response = await http_request(
                 stream,
                 method=method,
@@ -121,14 +121,6 @@ class ServiceClient:
                 body=body,
                 keep_alive=keep,
             )
-        except DevstreamError as exc:
-            await close_forcefully(stream)
-            if isinstance(exc, HubError):
-                raise
-            raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, exc.message) from exc
-        except BaseException:
-            await close_forcefully(stream)
-            raise
         if response.reusable:
             return response, stream
         await close_forcefully(stream)
@@ -219,15 +211,15 @@ class ServiceClient:
         """Initiate with a WebSocket upgrade; the stream, or None if the hub cannot."""
         transport = await open_transport(self.address, self.ssl_context, self.opener)
         try:
-            ws = await websocket_connect(
-                transport,
-                host=self.address.host_header,
-                target=target,
-                headers=[self._authorization(), *headers],
-                subprotocols=[FRAMED_SUBPROTOCOL] if mode != MODE_RAW else [],
-            )
+            async with _closed_on_failure(transport):
+                ws = await websocket_connect(
+                    transport,
+                    host=self.address.host_header,
+                    target=target,
+                    headers=[self._authorization(), *headers],
+                    subprotocols=[FRAMED_SUBPROTOCOL] if mode != MODE_RAW else [],
+                )
         except HttpStatusError as exc:
-            await close_forcefully(transport)
             response = exc.response
             if response.status == 405 or (response.status == 404 and exc.code is None):
                 return None
@@ -236,14 +228,6 @@ class ServiceClient:
                 code, message = _body_error(response)
                 raise error_for(code or ErrorCode.STREAM_REJECTED, message or None) from None
             raise _error_from_response(response) from None
-        except DevstreamError as exc:
-            await close_forcefully(transport)
-            if isinstance(exc, HubError):
-                raise
-            raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, exc.message) from exc
-        except BaseException:
-            await close_forcefully(transport)
-            raise
         head = dict(ws.handshake_headers)
         url = (head.get(b"iothub-streaming-url") or b"").decode()
         granted = (head.get(HEADER_STREAM_MODE) or MODE_RAW.encode()).decode()
@@ -408,23 +392,29 @@ async def _stream_websocket(
     if transport is None:
         transport = await open_transport(address, ssl_context, opener)
     try:
-        return await websocket_connect(
-            transport,
-            host=address.host_header,
-            target=target,
-            headers=[("authorization", f"Bearer {token}")],
-            subprotocols=subprotocols,
-        )
+        async with _closed_on_failure(transport):
+            return await websocket_connect(
+                transport,
+                host=address.host_header,
+                target=target,
+                headers=[("authorization", f"Bearer {token}")],
+                subprotocols=subprotocols,
+            )
     except HttpStatusError as exc:
-        await close_forcefully(transport)
         raise error_for(exc.code or ErrorCode.SERVER_ERROR, exc.message) from None
-    except DevstreamError as exc:
+
+
+@asynccontextmanager
+async def _closed_on_failure(transport: trio.abc.Stream) -> AsyncIterator[None]:
+    """Close *transport* if the block fails. A failed exchange (the connection lost, an answer
+    that is not HTTP) is raised as :class:`HubUnreachable`; the hub's own answer (a
+    :class:`HubError`) and anything else go on as they are."""
+    try:
+        yield
+    except BaseException as exc:
         await close_forcefully(transport)
-        if isinstance(exc, HubError):
-            raise
-        raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, exc.message) from exc
-    except BaseException:
-        await close_forcefully(transport)
+        if isinstance(exc, DevstreamError) and not isinstance(exc, HubError):
+            raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, exc.message) from exc
         raise
 
 
