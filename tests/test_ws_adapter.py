@@ -698,3 +698,70 @@ async def test_vectored_write_to_a_vanished_peer_is_connection_closed() -> None:
         while True:  # the first writes may still be taken by the kernel
             await client.send_whole_messages([[b"y" * 50_000]])
     assert info.value.code == ABNORMAL_CLOSURE
+
+
+# --- over a real socket: where sends and receives let other tasks run ------------------------
+
+
+async def test_a_receive_that_reads_is_a_checkpoint_whether_or_not_it_waits() -> None:
+    client, server = await socket_ws_pair(buffer_size=1 << 20)
+    await client.send_whole_messages([[b"a" * 100], [b"b" * 100]])
+    # The bytes are already there: the read does not wait, and still lets others run.
+    with trio.testing.assert_checkpoints():
+        assert payload(await server.receive()) == b"a" * 100
+    # Answered from what that read parsed: no read, no checkpoint.
+    with trio.testing.assert_no_checkpoints():
+        assert payload(await server.receive()) == b"b" * 100
+    # The last read drained the socket: the next one waits for data first.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_bytes, b"c")
+        with trio.testing.assert_checkpoints():
+            assert payload(await server.receive()) == b"c"
+    await client.abort()
+    await server.abort()
+
+
+async def test_a_send_the_kernel_takes_at_once_is_a_cancellation_point_not_a_schedule_point() -> (
+    None
+):
+    client, server = await socket_ws_pair(buffer_size=1 << 20)
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other task")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)  # runs at the next schedule point
+        await client.send_bytes(b"quick")
+        assert ran == []
+    assert ran == ["other task"]
+    assert payload(await server.receive()) == b"quick"
+    # Cancelled before it starts: nothing is written.
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await client.send_bytes(b"never")
+    assert scope.cancelled_caught
+    await client.send_bytes(b"after")
+    assert payload(await server.receive()) == b"after"
+    await client.abort()
+    await server.abort()
+
+
+async def test_a_hub_streams_send_all_stays_a_checkpoint() -> None:
+    client, server = await socket_ws_pair(buffer_size=1 << 20)
+    stream = HubStream(client, stream_id="s", role=Role.SERVICE)
+    with trio.testing.assert_checkpoints():
+        await stream.send_all(b"hello")
+    assert payload(await server.receive()) == b"hello"
+    await client.abort()
+    await server.abort()
+
+
+async def test_a_receive_after_the_socket_closed_is_connection_closed() -> None:
+    client, server = await socket_ws_pair()
+    server.stream.socket.close()  # type: ignore[attr-defined]
+    with pytest.raises(ConnectionClosed) as info:
+        await server.receive()
+    assert info.value.code == ABNORMAL_CLOSURE
+    assert server.closed is not None
+    await client.abort()

@@ -21,9 +21,15 @@ Rules:
 * Reads ask for 64 KiB, doubling up to 1 MiB while each read fills what it asked for, and
   everything one read brings is parsed before the next; relays take it all in one go
   (:meth:`WebSocket.take_queued`, :meth:`WebSocket.receive_messages`) and write it at once:
-  on a plain socket with ``sendmsg``, payloads of 16 KiB or more as buffers of their own (not
+  on a plain socket with ``writev``, payloads of 16 KiB or more as buffers of their own (not
   copied), the frame headers and short payloads between them joined; on TLS with one
   ``send_all`` (payloads of 512 KiB or more with a ``send_all`` of their own).
+* Checkpoints. A receive that reads from the transport is a checkpoint; one answered from
+  what was already parsed is not. A send is a cancellation point, but on a plain socket not a
+  schedule point when the lock is free and the kernel takes every byte at once: each pass of
+  a relay then costs one trip through trio's scheduler, not three. Every loop that sends here
+  also reads. On a plain socket a read that drained the socket makes the next one wait for
+  data first, rather than try a read bound to fail.
 """
 
 from __future__ import annotations
@@ -134,31 +140,87 @@ def _gather(
 async def _send_vectored(
     stream: trio.SocketStream, buffers: Sequence[bytes | bytearray | memoryview]
 ) -> None:
-    """Write *buffers* to a plain socket with as few ``sendmsg`` calls as the kernel allows:
-    the payloads go out without being copied into one buffer first. Errors as ``send_all``'s."""
+    """Write *buffers* to a plain socket with as few ``writev`` calls as the kernel allows:
+    the payloads go out without being copied into one buffer first. Errors as ``send_all``'s.
+
+    Not a schedule point when the kernel takes everything at once (the caller's loop has one:
+    see :meth:`WebSocket._read_more`); it waits for the socket to be writable otherwise.
+    """
     sock = stream.socket
     if sock.did_shutdown_SHUT_WR:
         raise trio.ClosedResourceError("can't send data after sending EOF")
     views = [memoryview(buffer) for buffer in buffers]
-    if not views:
-        await trio.lowlevel.checkpoint()
-        return
     first = 0
-    try:
-        while first < len(views):
-            sent = await sock.sendmsg(views[first : first + _IOV_MAX])
-            while sent:
-                size = len(views[first])
-                if sent >= size:
-                    sent -= size
-                    first += 1
-                else:
-                    views[first] = views[first][sent:]
-                    sent = 0
-    except OSError as exc:
-        if exc.errno == errno.EBADF:
-            raise trio.ClosedResourceError("socket was already closed") from exc
-        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+    while first < len(views):
+        # fileno() is -1 once the socket is closed: never a number another socket reuses.
+        fd = sock.fileno()
+        try:
+            sent = os.writev(fd, views[first : first + _IOV_MAX])
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                raise trio.ClosedResourceError("socket was already closed") from exc
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        while sent:
+            size = len(views[first])
+            if sent >= size:
+                sent -= size
+                first += 1
+            else:
+                views[first] = views[first][sent:]
+                sent = 0
+
+
+async def _receive_plain(stream: trio.SocketStream, size: int, wait_first: bool) -> bytes:
+    """Read up to *size* bytes from a plain socket, as ``receive_some`` does, with one
+    ``read`` where the socket has data: *wait_first* (the last read drained the socket) waits
+    for data before reading, rather than trying a read that would fail; otherwise a read that
+    brought data is followed by a schedule point, as in trio. Always a checkpoint."""
+    sock = stream.socket
+    if wait_first:
+        await trio.lowlevel.wait_readable(sock)
+        waited = True
+    else:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+    while True:
+        fd = sock.fileno()
+        try:
+            data = os.read(fd, size)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            waited = True
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                raise trio.ClosedResourceError("socket was already closed") from exc
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+
+class _SendLock:
+    """The lock that serialises a WebSocket's writers, first come first served. Taking it
+    while it is free is a cancellation point but not a schedule point: the write that follows
+    usually completes at once, and the loops that send also read, which always is one."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = trio.StrictFIFOLock()
+
+    async def __aenter__(self) -> None:
+        if self._lock.locked():
+            await self._lock.acquire()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._lock.acquire_nowait()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()
 
 
 class ConnectionClosed(Exception):
@@ -193,10 +255,12 @@ class WebSocket:
         self._reader = FrameReader(connection)
         self._client = connection.client
         self._receive_size = _RECEIVE_SIZE
+        #: The last read brought less than it asked for: the next one waits for data first.
+        self._drained = False
         #: The opcode of a data message sent in part, while its last fragment is still to come.
         self._out_opcode: int | None = None
         self._events: collections.deque[Event] = collections.deque()
-        self._send_lock = trio.StrictFIFOLock()
+        self._send_lock = _SendLock()
         self._closed: ConnectionClosed | None = None
         #: trio time of the last bytes received from the peer.
         self.last_received = trio.current_time()
@@ -346,7 +410,7 @@ class WebSocket:
                 return
             data = self._ws.send(CloseConnection(code=code, reason=reason))
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await self.stream.send_all(data)
+                await self._write_parts([data])
 
     async def receive(self) -> BytesMessage | TextMessage:
         """Return the next data fragment; raise :class:`ConnectionClosed` at the end."""
@@ -438,8 +502,12 @@ class WebSocket:
             await self._write(out)
 
     async def _read_more(self) -> None:
+        data: bytes | bytearray
         try:
-            data = await self.stream.receive_some(self._receive_size)
+            if type(self.stream) is trio.SocketStream:
+                data = await _receive_plain(self.stream, self._receive_size, self._drained)
+            else:
+                data = await self.stream.receive_some(self._receive_size)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         if not data:
@@ -447,6 +515,7 @@ class WebSocket:
             raise self._closed
         self.last_received = trio.current_time()
         size = self._receive_size
+        self._drained = len(data) < size
         if len(data) >= size:
             self._receive_size = min(size * 2, _RECEIVE_SIZE_MAX)
         elif len(data) < size >> 2:

@@ -70,14 +70,16 @@ class HubStream(trio.abc.HalfCloseableStream):
         self._sending = True
         try:
             view = memoryview(data)
-            if not view:
-                await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint_if_cancelled()
             for start in range(0, len(view), self.max_message_size):
                 chunk = bytes(view[start : start + self.max_message_size])
                 try:
                     await self._ws.send_bytes(chunk)
                 except ConnectionClosed as exc:
                     raise trio.BrokenResourceError("the stream has ended") from self._error(exc)
+            # A WebSocket write the kernel takes at once is not a schedule point; send_all is,
+            # as trio's own are, so that a loop of sends lets other tasks run.
+            await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
 
