@@ -26,6 +26,7 @@ from wsproto.connection import ConnectionType
 
 from devstream_core.errors import DevstreamError, ErrorCode
 
+from . import _io
 from ._ws import WebSocket, close_forcefully
 
 __all__ = [
@@ -189,7 +190,10 @@ class HttpServerConnection:
             if event is h11.NEED_DATA:
                 with trio.move_on_at(deadline):
                     try:
-                        data = await self.stream.receive_some(_RECEIVE_SIZE)
+                        # The first read of a connection comes right after its task started.
+                        data = await _io.receive_some(
+                            self.stream, _RECEIVE_SIZE, schedule=self._received > 0
+                        )
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         data = b""
                     if data and not got_bytes and not started:
@@ -262,7 +266,7 @@ class HttpServerConnection:
         )
         data = (data or b"") + (self.conn.send(h11.Data(data=body)) or b"") if body else data
         data = (data or b"") + (self.conn.send(h11.EndOfMessage()) or b"")
-        await self.stream.send_all(data)
+        await _io.send_all(self.stream, data)
 
     async def send_json(self, status: int, value: object, headers: Headers | None = None) -> None:
         """Send a JSON response."""
@@ -290,7 +294,7 @@ class HttpServerConnection:
         self._first = False
         self._done = True
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.stream.send_all(head + body)
+            await _io.send_all(self.stream, head + body)
 
     async def accept_websocket(
         self,
@@ -320,7 +324,7 @@ class HttpServerConnection:
             headers.append((b"sec-websocket-protocol", subprotocol.encode()))
         headers.extend(extra_headers or [])
         data = self.conn.send(h11.InformationalResponse(status_code=101, headers=headers))
-        await self.stream.send_all(data or b"")
+        await _io.send_all(self.stream, data or b"")
         trailing, _ = self.conn.trailing_data
         ws = WsConnection(ConnectionType.SERVER)
         return WebSocket(self.stream, ws, subprotocol=subprotocol, initial_data=bytes(trailing))
@@ -373,7 +377,7 @@ async def _read_response(
             raise DevstreamError(ErrorCode.HUB_UNREACHABLE, f"bad HTTP response: {exc}") from exc
         if event is h11.NEED_DATA:
             try:
-                data = await stream.receive_some(_RECEIVE_SIZE)
+                data = await _io.receive_some(stream, _RECEIVE_SIZE)
             except trio.BrokenResourceError as exc:
                 raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
             conn.receive_data(bytes(data))
@@ -418,7 +422,7 @@ async def http_request(
         data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
     data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
     try:
-        await stream.send_all(data)
+        await _io.send_all(stream, data)
     except trio.BrokenResourceError as exc:
         raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
     head, content = await _read_response(stream, conn, max_body)
@@ -458,7 +462,7 @@ async def websocket_connect(
     data = conn.send(h11.Request(method="GET", target=target, headers=all_headers))
     data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
     try:
-        await stream.send_all(data)
+        await _io.send_all(stream, data)
     except trio.BrokenResourceError as exc:
         raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
     head, content = await _read_response(stream, conn, 1024 * 1024)

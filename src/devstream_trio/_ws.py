@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import os
 import struct
 from collections.abc import Sequence
@@ -52,7 +51,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import ProtocolError as WsProtocolError
 
-from . import _mask
+from . import _io, _mask
 from ._frames import FrameReader
 
 __all__ = [
@@ -82,8 +81,6 @@ _RECEIVE_SIZE_MAX = 1024 * 1024
 _ALONE_SOCKET = 16384
 _ALONE_STREAM = 1 << 19
 _FIN = 0x80
-#: The most buffers one sendmsg takes (Linux's IOV_MAX is 1024).
-_IOV_MAX = 512
 _OPCODE_TEXT = 0x1
 _OPCODE_BINARY = 0x2
 _HEAD16 = struct.Struct("!BBH")
@@ -135,71 +132,6 @@ def _gather(
     if run:
         buffers.append(b"".join(run) if len(run) > 1 else run[0])
     return buffers
-
-
-async def _send_vectored(
-    stream: trio.SocketStream, buffers: Sequence[bytes | bytearray | memoryview]
-) -> None:
-    """Write *buffers* to a plain socket with as few ``writev`` calls as the kernel allows:
-    the payloads go out without being copied into one buffer first. Errors as ``send_all``'s.
-
-    Not a schedule point when the kernel takes everything at once (the caller's loop has one:
-    see :meth:`WebSocket._read_more`); it waits for the socket to be writable otherwise.
-    """
-    sock = stream.socket
-    if sock.did_shutdown_SHUT_WR:
-        raise trio.ClosedResourceError("can't send data after sending EOF")
-    views = [memoryview(buffer) for buffer in buffers]
-    first = 0
-    while first < len(views):
-        # fileno() is -1 once the socket is closed: never a number another socket reuses.
-        fd = sock.fileno()
-        try:
-            sent = os.writev(fd, views[first : first + _IOV_MAX])
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            continue
-        except OSError as exc:
-            if exc.errno == errno.EBADF:
-                raise trio.ClosedResourceError("socket was already closed") from exc
-            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-        while sent:
-            size = len(views[first])
-            if sent >= size:
-                sent -= size
-                first += 1
-            else:
-                views[first] = views[first][sent:]
-                sent = 0
-
-
-async def _receive_plain(stream: trio.SocketStream, size: int, wait_first: bool) -> bytes:
-    """Read up to *size* bytes from a plain socket, as ``receive_some`` does, with one
-    ``read`` where the socket has data: *wait_first* (the last read drained the socket) waits
-    for data before reading, rather than trying a read that would fail; otherwise a read that
-    brought data is followed by a schedule point, as in trio. Always a checkpoint."""
-    sock = stream.socket
-    if wait_first:
-        await trio.lowlevel.wait_readable(sock)
-        waited = True
-    else:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        waited = False
-    while True:
-        fd = sock.fileno()
-        try:
-            data = os.read(fd, size)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
-            waited = True
-            continue
-        except OSError as exc:
-            if exc.errno == errno.EBADF:
-                raise trio.ClosedResourceError("socket was already closed") from exc
-            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        return data
 
 
 class _SendLock:
@@ -345,7 +277,7 @@ class WebSocket:
 
     async def _write_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
         if type(self.stream) is trio.SocketStream:
-            await _send_vectored(self.stream, _gather(parts, _ALONE_SOCKET))
+            await _io.send_vectored(self.stream, _gather(parts, _ALONE_SOCKET))
         else:
             buffers = _gather(parts, _ALONE_STREAM)
             for buffer in buffers:
@@ -505,7 +437,9 @@ class WebSocket:
         data: bytes | bytearray
         try:
             if type(self.stream) is trio.SocketStream:
-                data = await _receive_plain(self.stream, self._receive_size, self._drained)
+                data = await _io.receive_plain(
+                    self.stream, self._receive_size, wait_first=self._drained
+                )
             else:
                 data = await self.stream.receive_some(self._receive_size)
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -1,0 +1,118 @@
+"""Reads and writes on a plain ``trio.SocketStream`` with fewer trips through the scheduler.
+
+trio's socket methods try the system call and then, when it worked, yield to the scheduler;
+a read that finds nothing waits and tries again. The WebSocket and HTTP adapters here read and
+write the socket's file descriptor themselves (``os.read``, ``os.writev``):
+
+* :func:`receive_plain` is always a checkpoint, like ``receive_some``; told that the last read
+  drained the socket, it waits for data before reading rather than try a read bound to fail.
+* :func:`send_vectored` and :func:`send_all` are not schedule points when the kernel takes
+  every byte at once; they wait for the socket to be writable otherwise. A caller that loops
+  on sends must have a schedule point elsewhere in the loop (every loop in the hub reads).
+
+Other streams (TLS, memory streams in tests) go through their own ``send_all`` and
+``receive_some``. A socket closed meanwhile has ``fileno() == -1``, so a descriptor number a
+newer socket reuses is never read or written.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+
+import trio
+
+__all__ = ["receive_plain", "receive_some", "send_all", "send_vectored"]
+
+#: The most buffers one writev takes (Linux's IOV_MAX is 1024).
+_IOV_MAX = 512
+
+
+async def send_vectored(
+    stream: trio.SocketStream, buffers: Sequence[bytes | bytearray | memoryview]
+) -> None:
+    """Write *buffers* to a plain socket with as few ``writev`` calls as the kernel allows:
+    the payloads go out without being copied into one buffer first. Errors as ``send_all``'s.
+
+    Not a schedule point when the kernel takes everything at once; it waits for the socket
+    to be writable otherwise.
+    """
+    sock = stream.socket
+    if sock.did_shutdown_SHUT_WR:
+        raise trio.ClosedResourceError("can't send data after sending EOF")
+    views = [memoryview(buffer) for buffer in buffers]
+    first = 0
+    while first < len(views):
+        # fileno() is -1 once the socket is closed: never a number another socket reuses.
+        fd = sock.fileno()
+        try:
+            sent = os.writev(fd, views[first : first + _IOV_MAX])
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                raise trio.ClosedResourceError("socket was already closed") from exc
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        while sent:
+            size = len(views[first])
+            if sent >= size:
+                sent -= size
+                first += 1
+            else:
+                views[first] = views[first][sent:]
+                sent = 0
+
+
+async def receive_plain(
+    stream: trio.SocketStream, size: int, *, wait_first: bool, schedule: bool = True
+) -> bytes:
+    """Read up to *size* bytes from a plain socket, as ``receive_some`` does, with one
+    ``read`` where the socket has data: *wait_first* (the last read drained the socket) waits
+    for data before reading, rather than trying a read that would fail; otherwise a read that
+    brought data is followed by a schedule point, as in trio, unless *schedule* is false (the
+    caller has just had one, the start of its task). A cancellation point in any case."""
+    sock = stream.socket
+    if sock.fileno() < 0:
+        await trio.lowlevel.checkpoint()
+        raise trio.ClosedResourceError("socket was already closed")
+    if wait_first:
+        await trio.lowlevel.wait_readable(sock)
+        waited = True
+    else:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+    while True:
+        fd = sock.fileno()
+        try:
+            data = os.read(fd, size)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            waited = True
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                raise trio.ClosedResourceError("socket was already closed") from exc
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        if schedule and not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+
+async def send_all(stream: trio.abc.SendStream, data: bytes | bytearray | memoryview) -> None:
+    """Write *data*: on a plain socket as :func:`send_vectored`, otherwise ``send_all``."""
+    if type(stream) is trio.SocketStream:
+        await send_vectored(stream, [data])
+    else:
+        await stream.send_all(data)
+
+
+async def receive_some(
+    stream: trio.abc.ReceiveStream, size: int, *, schedule: bool = True
+) -> bytes | bytearray:
+    """Read up to *size* bytes: on a plain socket as :func:`receive_plain`, otherwise
+    ``receive_some``."""
+    if type(stream) is trio.SocketStream:
+        return await receive_plain(stream, size, wait_first=False, schedule=schedule)
+    return await stream.receive_some(size)
