@@ -672,3 +672,78 @@ async def test_http_request_when_the_server_hangs_up(autojump_clock: trio.abc.Cl
             with pytest.raises(DevstreamError) as info:
                 await http_request(client_stream, method="GET", host="hub.test", target="/")
     assert info.value.code is ErrorCode.HUB_UNREACHABLE
+
+
+async def test_the_101_carries_extra_headers_as_given(autojump_clock: trio.abc.Clock) -> None:
+    # The hub writes its 101 itself; a client's h11 reads it as a well-formed response.
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    extra = [(b"x-devstream-resume-token", b"abc.def"), (b"x-empty", b"")]
+
+    async def server() -> None:
+        http = HttpServerConnection(server_stream)
+        request = await http.next_request()
+        assert request is not None
+        await http.accept_websocket(request, subprotocol="devstream.v1", extra_headers=extra)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            ws = await websocket_connect(
+                client_stream, host="hub.test", target="/s", subprotocols=["devstream.v1"]
+            )
+    assert ws.subprotocol == "devstream.v1"
+    headers = dict(ws.handshake_headers)
+    assert headers[b"x-devstream-resume-token"] == b"abc.def"
+    assert headers[b"x-empty"] == b""
+    assert headers[b"upgrade"] == b"websocket"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [(b"x-bad", b"one\r\ntwo"), (b"x-bad", b"nul\x00"), (b"bad name", b"v"), (b"x-bad", b" pad")],
+)
+async def test_a_101_header_that_would_break_the_response_is_refused(
+    autojump_clock: trio.abc.Clock, header: tuple[bytes, bytes]
+) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    await client_stream.send_all(
+        b"GET /s HTTP/1.1\r\nHost: hub.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    http = HttpServerConnection(server_stream)
+    request = await http.next_request()
+    assert request is not None
+    with pytest.raises(ValueError, match="not a valid header"):
+        await http.accept_websocket(request, extra_headers=[header])
+
+
+async def test_a_request_without_upgrade_is_not_answered_with_a_101(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    await client_stream.send_all(
+        b"GET /s HTTP/1.1\r\nHost: hub.test\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    http = HttpServerConnection(server_stream)
+    request = await http.next_request()
+    assert request is not None and not request.is_websocket_upgrade
+    with pytest.raises(HttpError) as info:
+        await http.accept_websocket(request)
+    assert info.value.code is ErrorCode.MALFORMED_REQUEST
+
+
+async def test_a_declined_upgrade_closes_the_connection(autojump_clock: trio.abc.Clock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    await client_stream.send_all(
+        b"GET /s HTTP/1.1\r\nHost: hub.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    http = HttpServerConnection(server_stream)
+    request = await http.next_request()
+    assert request is not None
+    await http.send_json(401, {"message": "no"})
+    head = (await client_stream.receive_some()).split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 401 ")
+    assert b"connection: close" in head
+    assert await http.next_request() is None

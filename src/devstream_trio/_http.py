@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +44,12 @@ __all__ = [
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _RECEIVE_SIZE = 65536
+#: h11's documented state of a client that asked to switch protocols (not in its ``__all__``).
+_MIGHT_SWITCH_PROTOCOL: object = h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
+#: A header name (RFC 9110 token) and value (visible characters, inner spaces and tabs), for
+#: the headers of a response the hub writes itself.
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(rb"([\x21-\x7e\x80-\xff]([\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?")
 _REASONS = {
     200: "OK",
     201: "Created",
@@ -224,6 +231,8 @@ class HttpServerConnection:
                     raise HttpError(ErrorCode.PAYLOAD_TOO_LARGE, "request body too large")
             elif isinstance(event, h11.EndOfMessage):
                 assert request is not None
+                # A request that asks to switch protocols (h11 pauses after it).
+                self._upgrade_pending = self.conn.their_state is _MIGHT_SWITCH_PROTOCOL
                 return HttpRequest(
                     method=bytes(request.method),
                     target=bytes(request.target),
@@ -315,19 +324,32 @@ class HttpServerConnection:
                 ErrorCode.MALFORMED_REQUEST,
                 "WebSocket request needs Sec-WebSocket-Key and Sec-WebSocket-Version: 13",
             )
-        headers: Headers = [
-            (b"upgrade", b"websocket"),
-            (b"connection", b"Upgrade"),
-            (b"sec-websocket-accept", accept_token(key)),
+        if not self._upgrade_pending:  # h11 saw no Upgrade header in the request
+            raise HttpError(
+                ErrorCode.MALFORMED_REQUEST,
+                "WebSocket request needs Connection: Upgrade and Upgrade: websocket",
+            )
+        head = [
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+            b"sec-websocket-accept: " + accept_token(key) + b"\r\n"
         ]
         if subprotocol is not None:
-            headers.append((b"sec-websocket-protocol", subprotocol.encode()))
-        headers.extend(extra_headers or [])
-        data = self.conn.send(h11.InformationalResponse(status_code=101, headers=headers))
-        await _io.send_all(self.stream, data or b"")
+            head.append(_header_line(b"sec-websocket-protocol", subprotocol.encode()))
+        head.extend(_header_line(name, value) for name, value in extra_headers or ())
+        head.append(b"\r\n")
+        # Written here, not by h11: the connection leaves HTTP with this response, and h11's
+        # checks of a response the hub makes itself cost more than the rest of the handshake.
+        await _io.send_all(self.stream, b"".join(head))
         trailing, _ = self.conn.trailing_data
         ws = WsConnection(ConnectionType.SERVER)
         return WebSocket(self.stream, ws, subprotocol=subprotocol, initial_data=bytes(trailing))
+
+
+def _header_line(name: bytes, value: bytes) -> bytes:
+    """``name: value`` and its line break, for a response the hub writes itself."""
+    if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+        raise ValueError(f"not a valid header: {name!r}: {value!r}")
+    return name + b": " + value + b"\r\n"
 
 
 def _head_size(request: h11.Request) -> int:
