@@ -29,7 +29,7 @@ async def test_a_silent_side_is_cut_only_while_it_waits_for_bytes(
     wakes: list[int] = []
     streaming = endpoint(wakes)
     ws: Any = SimpleNamespace(last_received=trio.current_time())
-    watch = streaming._watch_idle(7, ws)
+    watch = streaming._watch_idle(7, ws, trio.CancelScope())
     assert isinstance(watch, _IdleWatch) and wakes
     start = trio.current_time()
     assert streaming.next_idle_check() == start + 10.0
@@ -37,7 +37,7 @@ async def test_a_silent_side_is_cut_only_while_it_waits_for_bytes(
     # Heard from 4 s in: the check at 10 s looks again at 14 s.
     ws.last_received = start + 4.0
     streaming.check_idle(start + 10.0)
-    assert not watch.scope.cancel_called
+    assert not watch.scope.cancel_called and not watch.fired
     assert streaming.next_idle_check() == start + 14.0
 
     # Silent, but busy sending to its peer: never cut mid-send, looked at again soon.
@@ -49,7 +49,7 @@ async def test_a_silent_side_is_cut_only_while_it_waits_for_bytes(
     # Silent and waiting for bytes: its read is ended.
     watch.receiving = True
     streaming.check_idle(later)
-    assert watch.scope.cancel_called
+    assert watch.scope.cancel_called and watch.fired
     assert streaming.next_idle_check() is None
 
 
@@ -59,10 +59,10 @@ async def test_sides_that_ended_are_skipped_and_the_heap_stays_bounded(
     streaming = endpoint([])
     ws: Any = SimpleNamespace(last_received=trio.current_time())
     for connection_id in range(300):
-        streaming._watch_idle(connection_id, ws)
+        streaming._watch_idle(connection_id, ws, trio.CancelScope())
         streaming._idle_watches.pop(connection_id)  # the side ended
     assert len(streaming._idle_checks) <= 2 * len(streaming._idle_watches) + 65
-    kept = streaming._watch_idle(1000, ws)
+    kept = streaming._watch_idle(1000, ws, trio.CancelScope())
     kept.receiving = True
     streaming.check_idle(trio.current_time() + 10.0)
     assert kept.scope.cancel_called

@@ -765,3 +765,29 @@ async def test_a_receive_after_the_socket_closed_is_connection_closed() -> None:
     assert info.value.code == ABNORMAL_CLOSURE
     assert server.closed is not None
     await client.abort()
+
+
+async def test_aclose_of_a_closed_websocket_drops_it_at_once() -> None:
+    client, server = await socket_ws_pair()
+    await client.send_close(1000, "done")
+    with pytest.raises(ConnectionClosed):
+        await server.receive()  # answers the close
+    # Nothing left to send or wait for: no checkpoint, the socket is closed.
+    with trio.testing.assert_no_checkpoints():
+        await server.aclose()
+    assert server.stream.socket.fileno() == -1  # type: ignore[attr-defined]
+    await client.abort()
+
+
+async def test_aclose_is_bounded_even_when_its_close_cannot_be_written(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # A peer that never reads: with a lockstep stream the close frame never goes out.
+    a, b = trio.testing.lockstep_stream_pair()
+    ws = WebSocket(a, Connection(ConnectionType.SERVER))
+    start = trio.current_time()
+    await ws.aclose(timeout=3.0)
+    assert trio.current_time() - start == pytest.approx(3.0)
+    with pytest.raises(trio.ClosedResourceError):
+        await a.send_all(b"x")
+    await b.aclose()

@@ -195,24 +195,31 @@ class HttpServerConnection:
                     ErrorCode.MALFORMED_REQUEST, f"malformed HTTP request: {exc}"
                 ) from exc
             if event is h11.NEED_DATA:
-                with trio.move_on_at(deadline):
-                    try:
-                        # The first read of a connection comes right after its task started.
-                        data = await _io.receive_some(
-                            self.stream, _RECEIVE_SIZE, schedule=self._received > 0
-                        )
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        data = b""
-                    if data and not got_bytes and not started:
-                        # First byte of a kept-alive request: the header clock starts now.
-                        deadline = trio.current_time() + self.header_timeout
-                    got_bytes = got_bytes or bool(data)
-                    self._received += len(data)
-                    self.conn.receive_data(bytes(data))
-                    continue
-                if not got_bytes and request is None and not started:
-                    return None
-                raise HttpError(ErrorCode.REQUEST_TIMEOUT)
+                data: bytes | bytearray | None = None
+                tried = self._received == 0
+                try:
+                    if tried:
+                        # The first read of a connection, right after its task started: the
+                        # request is usually there already, taken without a timer.
+                        data = _io.receive_ready(self.stream, _RECEIVE_SIZE)
+                    if data is None:
+                        with trio.move_on_at(deadline):
+                            data = await _io.receive_some(
+                                self.stream, _RECEIVE_SIZE, wait_first=tried
+                            )
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                if data is None:  # the deadline passed
+                    if not got_bytes and request is None and not started:
+                        return None
+                    raise HttpError(ErrorCode.REQUEST_TIMEOUT)
+                if data and not got_bytes and not started:
+                    # First byte of a kept-alive request: the header clock starts now.
+                    deadline = trio.current_time() + self.header_timeout
+                got_bytes = got_bytes or bool(data)
+                self._received += len(data)
+                self.conn.receive_data(bytes(data))
+                continue
             if isinstance(event, h11.Request):
                 request = event
                 # h11 only bounds a head that is still incomplete; one that arrived whole in a

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import trio
 
-__all__ = ["receive_plain", "receive_some", "send_all", "send_vectored"]
+__all__ = ["receive_plain", "receive_ready", "receive_some", "send_all", "send_vectored"]
 
 #: The most buffers one writev takes (Linux's IOV_MAX is 1024).
 _IOV_MAX = 512
@@ -65,14 +65,11 @@ async def send_vectored(
                 sent = 0
 
 
-async def receive_plain(
-    stream: trio.SocketStream, size: int, *, wait_first: bool, schedule: bool = True
-) -> bytes:
+async def receive_plain(stream: trio.SocketStream, size: int, *, wait_first: bool) -> bytes:
     """Read up to *size* bytes from a plain socket, as ``receive_some`` does, with one
     ``read`` where the socket has data: *wait_first* (the last read drained the socket) waits
     for data before reading, rather than trying a read that would fail; otherwise a read that
-    brought data is followed by a schedule point, as in trio, unless *schedule* is false (the
-    caller has just had one, the start of its task). A cancellation point in any case."""
+    brought data is followed by a schedule point, as in trio. Always a checkpoint."""
     sock = stream.socket
     if sock.fileno() < 0:
         await trio.lowlevel.checkpoint()
@@ -95,7 +92,7 @@ async def receive_plain(
             if exc.errno == errno.EBADF:
                 raise trio.ClosedResourceError("socket was already closed") from exc
             raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-        if schedule and not waited:
+        if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
@@ -109,10 +106,25 @@ async def send_all(stream: trio.abc.SendStream, data: bytes | bytearray | memory
 
 
 async def receive_some(
-    stream: trio.abc.ReceiveStream, size: int, *, schedule: bool = True
+    stream: trio.abc.ReceiveStream, size: int, *, wait_first: bool = False
 ) -> bytes | bytearray:
     """Read up to *size* bytes: on a plain socket as :func:`receive_plain`, otherwise
     ``receive_some``."""
     if type(stream) is trio.SocketStream:
-        return await receive_plain(stream, size, wait_first=False, schedule=schedule)
+        return await receive_plain(stream, size, wait_first=wait_first)
     return await stream.receive_some(size)
+
+
+def receive_ready(stream: trio.abc.ReceiveStream, size: int) -> bytes | None:
+    """Up to *size* bytes a plain socket already has, without waiting, and not a checkpoint;
+    ``None`` when it has none yet, or *stream* is not a plain socket. ``b""`` at its end."""
+    if type(stream) is not trio.SocketStream:
+        return None
+    try:
+        return os.read(stream.socket.fileno(), size)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise trio.ClosedResourceError("socket was already closed") from exc
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc

@@ -462,18 +462,21 @@ class WebSocket:
             raise self._closed from exc
 
     async def aclose(self, code: int = 1000, reason: str = "", *, timeout: float = 5.0) -> None:
-        """Close politely: send a close, wait briefly for the peer's, then drop the transport.
+        """Close politely: send a close, wait for the peer's, then drop the transport; at most
+        *timeout* seconds in all. A WebSocket already closed (the peer's close answered, or
+        the transport lost) is dropped at once.
 
         Only call this when no other task is receiving on this WebSocket.
         """
         try:
-            await self.send_close(code, reason)
-            with trio.move_on_after(timeout):
-                while self._closed is None:
-                    try:
-                        await self.receive()
-                    except ConnectionClosed:
-                        break
+            if self._closed is None:
+                with trio.move_on_after(timeout):
+                    await self.send_close(code, reason)
+                    while self._closed is None:
+                        try:
+                            await self.receive()
+                        except ConnectionClosed:
+                            break
         finally:
             await close_forcefully(self.stream)
 

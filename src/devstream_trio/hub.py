@@ -732,8 +732,7 @@ class Hub:
                     )
                 await ws.aclose(close_code.close_code, close_reason_for(close_code))
         else:
-            with trio.move_on_after(self.config.close_timeout):
-                await ws.aclose()
+            await ws.aclose(timeout=self.config.close_timeout)
 
     def _check_idle_at(self, due: float, connection_id: int) -> None:
         """Look at control channel *connection_id* for silence at time *due*."""

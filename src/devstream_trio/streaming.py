@@ -97,10 +97,12 @@ class _IdleWatch:
     ws: WebSocket
     #: Silence counts from here or from the last bytes received, whichever is later.
     start: float
-    #: Cancelled to end the side's read when it has been silent too long.
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    #: The side's scope, cancelled to end its read when it has been silent too long.
+    scope: trio.CancelScope
     #: True while the side's task waits for bytes (a send in progress is never cut).
     receiving: bool = False
+    #: Set when the silence cancelled the scope (which a resume or the stream's end may too).
+    fired: bool = False
 
 
 class StreamingEndpoint:
@@ -153,13 +155,14 @@ class StreamingEndpoint:
             if now < due:
                 checks.push(due, connection_id, watches)
             elif watch.receiving:
+                watch.fired = True
                 watch.scope.cancel()
             else:
                 checks.push(now + min(1.0, self.idle_timeout), connection_id, watches)
 
-    def _watch_idle(self, connection_id: int, ws: WebSocket) -> _IdleWatch:
+    def _watch_idle(self, connection_id: int, ws: WebSocket, scope: trio.CancelScope) -> _IdleWatch:
         now = trio.current_time()
-        watch = _IdleWatch(ws=ws, start=now)
+        watch = _IdleWatch(ws=ws, start=now, scope=scope)
         self._idle_watches[connection_id] = watch
         if self._idle_checks.push(now + self.idle_timeout, connection_id, self._idle_watches):
             self._wake()
@@ -351,26 +354,28 @@ class StreamingEndpoint:
         if relay.sides[role.other] is not None and not relay.paired.is_set():
             relay.paired.set()
             self.metrics.streams_total += 1
+        # One scope for the side: a resume that replaces it, the stream's end and the side's
+        # silence (the idle watch's ``fired``) all cancel it.
         scope = relay.scopes[connection_id] = trio.CancelScope()
         dropped = False
         closed: ConnectionClosed | None = None
+        watch: _IdleWatch | None = None
         try:
             with scope:
                 await self._wait_for_peer(relay, ws)
                 # Nothing was read before the pairing: silence counts from when reading starts.
-                watch = self._watch_idle(connection_id, ws)
+                watch = self._watch_idle(connection_id, ws, scope)
                 try:
-                    with watch.scope:
-                        await self._pump_framed(relay, role, ws, connection_id, watch)
+                    await self._pump_framed(relay, role, ws, connection_id, watch)
                 except ConnectionClosed as exc:
                     closed = exc
                     dropped = exc.code == ABNORMAL_CLOSURE
                 finally:
                     self._idle_watches.pop(connection_id, None)
-                if watch.scope.cancelled_caught:
-                    log.info("stream %s: %s silent; dropping it", relay.stream_id, role.value)
-                    await ws.abort()
-                    dropped = True
+            if watch is not None and watch.fired and scope.cancelled_caught:
+                log.info("stream %s: %s silent; dropping it", relay.stream_id, role.value)
+                await ws.abort()
+                dropped = True
         finally:
             del relay.scopes[connection_id]
             current = relay.sides[role] is ws
@@ -444,8 +449,7 @@ class StreamingEndpoint:
                 code, reason = closed.code, closed.reason
                 with trio.move_on_after(self.close_timeout):
                     await peer.send_close(code, reason)
-            with trio.move_on_after(self.close_timeout):
-                await ws.aclose()
+            await ws.aclose(timeout=self.close_timeout)
         if (
             relay.sides[Role.DEVICE] is None
             and relay.sides[Role.SERVICE] is None

@@ -1,0 +1,84 @@
+"""The plain-socket reads and writes (``devstream_trio._io``) over a connected socket pair."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from devstream_trio import _io
+
+
+def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    a, b = trio.socket.socketpair()
+    return trio.SocketStream(a), trio.SocketStream(b)
+
+
+async def test_receive_ready_takes_what_is_there_without_waiting() -> None:
+    a, b = socket_pair()
+    assert _io.receive_ready(b, 100) is None  # nothing yet
+    await a.send_all(b"hello")
+    with trio.testing.assert_no_checkpoints():
+        assert _io.receive_ready(b, 100) == b"hello"
+    await a.aclose()
+    assert _io.receive_ready(b, 100) == b""  # the end
+    b.socket.close()
+    with pytest.raises(trio.ClosedResourceError):
+        _io.receive_ready(b, 100)
+
+
+async def test_receive_ready_leaves_other_streams_to_their_own_reads() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    await a.send_all(b"hello")
+    assert _io.receive_ready(b, 100) is None
+    assert await _io.receive_some(b, 100) == b"hello"
+
+
+async def test_receive_some_waits_for_data_and_reports_the_end() -> None:
+    a, b = socket_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.send_all, b"late")
+        assert await _io.receive_some(b, 100, wait_first=True) == b"late"
+    await a.aclose()
+    assert await _io.receive_some(b, 100) == b""
+    await b.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await _io.receive_some(b, 100, wait_first=True)
+
+
+async def test_send_all_waits_while_the_peer_is_full_and_keeps_every_byte() -> None:
+    a, b = socket_pair()
+    for stream in (a, b):
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    data = bytes(range(256)) * 4096  # 1 MiB: many times what the buffers hold
+    got = bytearray()
+
+    async def read_all() -> None:
+        while len(got) < len(data):
+            got.extend(await _io.receive_some(b, 65536))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            await _io.send_all(a, memoryview(data))
+    assert got == data
+
+
+async def test_send_all_to_a_closed_or_vanished_socket_raises_trios_errors() -> None:
+    a, b = socket_pair()
+    await b.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(100):  # the first writes may still be taken
+            await _io.send_all(a, b"x" * 65536)
+    a.socket.close()
+    with pytest.raises(trio.ClosedResourceError):
+        await _io.send_all(a, b"x")
+    c, d = socket_pair()
+    await c.send_eof()
+    with pytest.raises(trio.ClosedResourceError, match="after sending EOF"):
+        await _io.send_all(c, b"x")
+    await c.aclose()
+    await d.aclose()
