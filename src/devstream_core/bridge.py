@@ -73,13 +73,12 @@ Rules:
 from __future__ import annotations
 
 import base64
-import enum
 import heapq
 import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .common import Role
+from .common import IdentityEnum, Role
 from .control import MODE_FRAMED, MODE_RAW
 from .errors import DevstreamError, ErrorCode, LocalProtocolError, StreamTokenError
 from .tokens import (
@@ -118,7 +117,7 @@ RESUMABLE_MODE = MODE_FRAMED
 DEFAULT_GRACE_PERIOD = 30.0
 
 
-class StreamState(enum.Enum):
+class StreamState(IdentityEnum):
     """Where a stream is in its life."""
 
     #: Created; neither side has joined.
@@ -135,7 +134,7 @@ class StreamState(enum.Enum):
     ENDED = "ended"
 
 
-class StreamInput(enum.Enum):
+class StreamInput(IdentityEnum):
     """What can happen to a stream."""
 
     #: A side presents its stream token.

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["Role"]
+__all__ = ["IdentityEnum", "Role"]
 
 
-class Role(enum.Enum):
+class IdentityEnum(enum.Enum):
+    """An enum hashed by identity, as it compares: members are singletons, and ``Enum``'s own
+    ``__hash__`` (Python code hashing the member's name) is a cost on every dictionary lookup
+    of the state machines' tables."""
+
+    __hash__ = object.__hash__
+
+
+class Role(IdentityEnum):
     """Which side of a stream a party is on."""
 
     DEVICE = "device"

@@ -37,13 +37,13 @@ Rules every change must keep:
 
 from __future__ import annotations
 
-import enum
 import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
+from .common import IdentityEnum
 from .errors import DevstreamError, ErrorCode, LocalProtocolError, RemoteProtocolError
 from .framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 
@@ -541,7 +541,7 @@ class MessageAssembler:
 # --------------------------------------------------------------------------------------------
 
 
-class ControlState(enum.Enum):
+class ControlState(IdentityEnum):
     """The state of one side of a control channel."""
 
     #: Nothing registered yet (the device has not sent, or the hub not received, Register).

@@ -102,6 +102,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from .common import IdentityEnum
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
@@ -504,7 +505,7 @@ Event = DataAvailable | EofReceived | WindowOpened | ResetReceived | Resumed | S
 # --------------------------------------------------------------------------------------------
 
 
-class SendState(enum.Enum):
+class SendState(IdentityEnum):
     """This side's outgoing direction."""
 
     #: The application may write.
@@ -517,7 +518,7 @@ class SendState(enum.Enum):
     RESET = "reset"
 
 
-class SendInput(enum.Enum):
+class SendInput(IdentityEnum):
     """What moves the outgoing direction."""
 
     WRITE = "write"
@@ -527,7 +528,7 @@ class SendInput(enum.Enum):
     RESET = "reset"
 
 
-class RecvState(enum.Enum):
+class RecvState(IdentityEnum):
     """This side's incoming direction."""
 
     #: Bytes may arrive.
@@ -542,7 +543,7 @@ class RecvState(enum.Enum):
     RESET = "reset"
 
 
-class RecvInput(enum.Enum):
+class RecvInput(IdentityEnum):
     """What moves the incoming direction."""
 
     #: A Data frame brought new bytes.
@@ -558,7 +559,7 @@ class RecvInput(enum.Enum):
     RESET = "reset"
 
 
-class ConnectionState(enum.Enum):
+class ConnectionState(IdentityEnum):
     """The WebSocket under the endpoint, as the adapter reports it."""
 
     #: No connection yet.
@@ -573,7 +574,7 @@ class ConnectionState(enum.Enum):
     DISCONNECTED = "disconnected"
 
 
-class ConnectionInput(enum.Enum):
+class ConnectionInput(IdentityEnum):
     """What moves the connection state."""
 
     #: ``connection_made(resumed=False)``.
@@ -588,7 +589,7 @@ class ConnectionInput(enum.Enum):
     LOST = "lost"
 
 
-class EndpointState(enum.Enum):
+class EndpointState(IdentityEnum):
     """The whole stream, as this side sees it."""
 
     #: At least one direction is still open.

@@ -183,6 +183,7 @@ class HttpServerConnection:
         self._first = False
         deadline = trio.current_time() + (self.header_timeout if started else self.idle_timeout)
         request: h11.Request | None = None
+        headers: Headers = []
         body = bytearray()
         got_bytes = False
         while True:
@@ -222,14 +223,15 @@ class HttpServerConnection:
                 continue
             if isinstance(event, h11.Request):
                 request = event
+                headers = list(event.headers)  # h11 gives names lower-cased
                 # h11 only bounds a head that is still incomplete; one that arrived whole in a
                 # single read is measured here.
                 if (
                     self._received > self.max_header_size
-                    and _head_size(event) > self.max_header_size
+                    and _head_size(event, headers) > self.max_header_size
                 ):
                     raise HttpError(ErrorCode.HEADERS_TOO_LARGE)
-                length = _content_length(event.headers)
+                length = _content_length(headers)
                 if length is not None and length > self.max_body_size:
                     raise HttpError(ErrorCode.PAYLOAD_TOO_LARGE, "request body too large")
             elif isinstance(event, h11.Data):
@@ -243,7 +245,7 @@ class HttpServerConnection:
                 return HttpRequest(
                     method=bytes(request.method),
                     target=bytes(request.target),
-                    headers=list(request.headers),  # h11 gives names lower-cased
+                    headers=headers,
                     body=bytes(body),
                 )
             elif isinstance(event, h11.ConnectionClosed):
@@ -257,7 +259,7 @@ class HttpServerConnection:
                 return HttpRequest(
                     method=bytes(request.method),
                     target=bytes(request.target),
-                    headers=list(request.headers),  # h11 gives names lower-cased
+                    headers=headers,
                     body=bytes(body),
                 )
 
@@ -359,10 +361,10 @@ def _header_line(name: bytes, value: bytes) -> bytes:
     return name + b": " + value + b"\r\n"
 
 
-def _head_size(request: h11.Request) -> int:
+def _head_size(request: h11.Request, headers: Headers) -> int:
     """The size of a request's head on the wire, not counting optional whitespace."""
     size = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n\r\n")
-    return size + sum(len(k) + len(v) + len(b": \r\n") for k, v in request.headers)
+    return size + sum(len(k) + len(v) + len(b": \r\n") for k, v in headers)
 
 
 def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
