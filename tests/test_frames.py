@@ -73,15 +73,27 @@ def describe(events: list[Event]) -> list[tuple[object, ...]]:
     return out
 
 
-def run_both(reads: list[bytes], *, server: bool) -> tuple[list[Event], list[Event]]:
-    """Feed *reads* to a FrameReader and to wsproto; return both event lists."""
+def run_both(
+    reads: list[bytes], *, server: bool, borrowed: bool = False
+) -> tuple[list[Event], list[Event]]:
+    """Feed *reads* to a FrameReader and to wsproto; return both event lists.
+
+    *borrowed*: each read reaches the reader as a view of one buffer, lent for the call and
+    scribbled over afterwards, as the WebSocket's reads on a plain socket are.
+    """
     kind = ConnectionType.SERVER if server else ConnectionType.CLIENT
     reader = FrameReader(Connection(kind))
     reference = Connection(kind)
     ours: list[Event] = []
     theirs: list[Event] = []
+    buffer = bytearray(max(map(len, reads), default=0))
     for data in reads:
-        ours.extend(reader.receive(data))
+        if borrowed:
+            buffer[: len(data)] = data
+            ours.extend(reader.receive(memoryview(buffer)[: len(data)], borrowed=True))
+            buffer[:] = b"\xee" * len(buffer)
+        else:
+            ours.extend(reader.receive(data))
         if not any(isinstance(e, CloseConnection) for e in theirs):
             reference.receive_data(data)
             theirs.extend(reference.events())
@@ -120,11 +132,14 @@ def streams(draw: st.DrawFn, masked: bool) -> bytes:
 
 
 @settings(max_examples=300)
-@given(data=st.data(), server=st.booleans())
-def test_same_events_as_wsproto_for_well_formed_streams(data: st.DataObject, server: bool) -> None:
+@given(data=st.data(), server=st.booleans(), borrowed=st.booleans())
+def test_same_events_as_wsproto_for_well_formed_streams(
+    data: st.DataObject, server: bool, borrowed: bool
+) -> None:
     wire = data.draw(streams(masked=server))
     cuts = data.draw(st.lists(st.integers(min_value=0), max_size=8))
-    ours, theirs = run_both(split(wire, cuts), server=server)
+    ours, theirs = run_both(split(wire, cuts), server=server, borrowed=borrowed)
+    # Compared after the lent buffer was scribbled over: no payload refers to it.
     assert describe(ours) == describe(theirs)
     # Nothing is a protocol error in a well-formed stream.
     assert all(not isinstance(e, CloseConnection) or e.code == 1000 for e in ours), describe(ours)
@@ -135,11 +150,12 @@ def test_same_events_as_wsproto_for_well_formed_streams(data: st.DataObject, ser
     wire=st.binary(max_size=200),
     cuts=st.lists(st.integers(min_value=0), max_size=5),
     server=st.booleans(),
+    borrowed=st.booleans(),
 )
 def test_same_events_and_close_code_as_wsproto_for_any_bytes(
-    wire: bytes, cuts: list[int], server: bool
+    wire: bytes, cuts: list[int], server: bool, borrowed: bool
 ) -> None:
-    ours, theirs = run_both(split(wire, cuts), server=server)
+    ours, theirs = run_both(split(wire, cuts), server=server, borrowed=borrowed)
     ours_d, theirs_d = describe(ours), describe(theirs)
     if ours_d and ours_d[-1][0] == "close" and not (theirs_d and theirs_d[-1][0] == "close"):
         # A header can be refused here before all of it has come; wsproto waits for the rest.
@@ -151,9 +167,9 @@ def test_same_events_and_close_code_as_wsproto_for_any_bytes(
 def test_a_large_masked_frame_split_at_every_offset_in_the_key() -> None:
     payload = bytes(range(256)) * 257
     wire = frame(0x2, payload, masked=True, key=b"\x01\x02\x03\x04")
-    for first_cut in range(14, 20):
+    for first_cut, borrowed in itertools.product(range(14, 20), (False, True)):
         reads = [wire[:first_cut], *split(wire[first_cut:], list(range(7, len(wire), 4099)))]
-        ours, theirs = run_both(reads, server=True)
+        ours, theirs = run_both(reads, server=True, borrowed=borrowed)
         assert describe(ours) == describe(theirs)
         assert b"".join(bytes(e.data) for e in ours if isinstance(e, BytesMessage)) == payload
         assert [e.message_finished for e in ours].count(True) == 1

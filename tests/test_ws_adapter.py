@@ -791,3 +791,37 @@ async def test_aclose_is_bounded_even_when_its_close_cannot_be_written(
     with pytest.raises(trio.ClosedResourceError):
         await a.send_all(b"x")
     await b.aclose()
+
+
+@pytest.mark.parametrize("client_sends", [True, False])
+async def test_connections_reading_at_once_never_mix_their_bytes(client_sends: bool) -> None:
+    # Plain-socket reads share one buffer per trio run; each read is parsed before another
+    # connection's read can reuse it.
+    pairs = [await socket_ws_pair(buffer_size=1 << 16) for _ in range(3)]
+    got: dict[int, list[bytes]] = {n: [] for n in range(3)}
+
+    def message(n: int, i: int) -> bytes:
+        return bytes([n * 50 + i % 50]) * (40_000 + 997 * i)
+
+    async def send(n: int) -> None:
+        client, server = pairs[n]
+        sender = client if client_sends else server
+        for i in range(30):
+            await sender.send_bytes(message(n, i))
+
+    async def receive(n: int) -> None:
+        client, server = pairs[n]
+        receiver = server if client_sends else client
+        for _ in range(30):
+            got[n].append(await receiver.receive_message(1 << 20))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for n in range(3):
+                nursery.start_soon(send, n)
+                nursery.start_soon(receive, n)
+    for n in range(3):
+        assert got[n] == [message(n, i) for i in range(30)]
+    for client, server in pairs:
+        await client.abort()
+        await server.abort()

@@ -24,6 +24,8 @@ Rules:
   end, as wsproto does, so a long frame never has to fit in memory at once.
 * A payload is ``bytes`` (unmasked on a server; on a client, a read that held nothing else) or
   a ``memoryview`` of the ``bytes`` a read brought (on a client, not copied). Text is ``str``.
+  Bytes only *borrowed* for the call (a buffer the next read reuses) are never kept: a client
+  then copies its payloads out of them.
 * A frame that breaks the protocol ends the reading with a ``CloseConnection`` carrying the
   close code to send (1002, or 1007 for text that is not UTF-8); the events before it stand.
   After a close frame, or such an error, nothing more is read.
@@ -88,22 +90,24 @@ class FrameReader:
         self._decoder: codecs.IncrementalDecoder | None = None
         self._done = False
 
-    def receive(self, data: bytes) -> list[Event]:
-        """The events the bytes *data* complete, in order."""
+    def receive(self, data: bytes | memoryview, *, borrowed: bool = False) -> list[Event]:
+        """The events the bytes *data* complete, in order. *borrowed*: *data* may change once
+        this returns, so nothing returned or kept refers to it."""
         events: list[Event] = []
         if self._done:
             return events
         if self._pending:
             data = self._pending + data
             self._pending = b""
+            borrowed = False  # a new bytes object
         try:
-            self._parse(data, events)
+            self._parse(data, events, borrowed)
         except _Failed as exc:
             self._done = True
             events.append(CloseConnection(code=exc.code, reason=str(exc)))
         return events
 
-    def _parse(self, data: bytes, events: list[Event]) -> None:
+    def _parse(self, data: bytes | memoryview, events: list[Event], borrowed: bool) -> None:
         size = len(data)
         pos = 0
         view = memoryview(data)
@@ -121,6 +125,8 @@ class FrameReader:
                 turn = take & 3
                 if turn:
                     self._key = self._key[turn:] + self._key[:turn]
+            elif borrowed:
+                chunk = bytes(view[pos : pos + take])
             elif pos == 0 and take == size:
                 chunk = data
             else:
@@ -129,11 +135,11 @@ class FrameReader:
             self._remaining -= take
             self._emit(chunk, events)
 
-    def _header(self, data: bytes, pos: int, size: int, events: list[Event]) -> int:
+    def _header(self, data: bytes | memoryview, pos: int, size: int, events: list[Event]) -> int:
         """Parse the frame header at *pos*; return where its payload starts, or -1 (with the
         rest kept for the next read) when the header, or a control frame, is not all here."""
         if size - pos < 2:
-            self._pending = data[pos:]
+            self._pending = bytes(data[pos:])
             return -1
         first = data[pos]
         second = data[pos + 1]
@@ -155,9 +161,9 @@ class FrameReader:
                 raise _Failed("Control frame with payload len > 125")
             end = pos + 2 + (4 if masked else 0) + length
             if end > size:
-                self._pending = data[pos:]
+                self._pending = bytes(data[pos:])
                 return -1
-            self._connection.receive_data(data[pos:end])
+            self._connection.receive_data(bytes(data[pos:end]))
             for event in self._connection.events():
                 events.append(event)
                 if isinstance(event, CloseConnection):
@@ -168,7 +174,7 @@ class FrameReader:
         start = pos + 2
         if length == 126:
             if size - start < 2:
-                self._pending = data[pos:]
+                self._pending = bytes(data[pos:])
                 return -1
             (length,) = _U16.unpack_from(data, start)
             start += 2
@@ -176,7 +182,7 @@ class FrameReader:
                 raise _Failed("Payload length used 2 bytes when 1 would have sufficed")
         elif length == 127:
             if size - start < 8:
-                self._pending = data[pos:]
+                self._pending = bytes(data[pos:])
                 return -1
             (length,) = _U64.unpack_from(data, start)
             start += 8
@@ -186,9 +192,9 @@ class FrameReader:
                 raise _Failed("8-byte payload length with non-zero MSB")
         if masked:
             if size - start < 4:
-                self._pending = data[pos:]
+                self._pending = bytes(data[pos:])
                 return -1
-            self._key = data[start : start + 4]
+            self._key = bytes(data[start : start + 4])
             start += 4
         else:
             self._key = b""

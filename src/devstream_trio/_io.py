@@ -23,7 +23,14 @@ from collections.abc import Sequence
 
 import trio
 
-__all__ = ["receive_plain", "receive_ready", "receive_some", "send_all", "send_vectored"]
+__all__ = [
+    "read_into",
+    "receive_plain",
+    "receive_ready",
+    "receive_some",
+    "send_all",
+    "send_vectored",
+]
 
 #: The most buffers one writev takes (Linux's IOV_MAX is 1024).
 _IOV_MAX = 512
@@ -113,6 +120,19 @@ async def receive_some(
     if type(stream) is trio.SocketStream:
         return await receive_plain(stream, size, wait_first=wait_first)
     return await stream.receive_some(size)
+
+
+def read_into(stream: trio.SocketStream, buffer: memoryview) -> int | None:
+    """Read what a plain socket has into *buffer*, without waiting, and not a checkpoint: the
+    count (0 at the socket's end), or ``None`` when it has nothing yet."""
+    try:
+        return os.readv(stream.socket.fileno(), [buffer])
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise trio.ClosedResourceError("socket was already closed") from exc
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
 
 def receive_ready(stream: trio.abc.ReceiveStream, size: int) -> bytes | None:

@@ -19,7 +19,10 @@ Rules:
   by ``_frames.FrameReader``, which hands each payload on as a slice of what arrived; no
   extension is ever negotiated, so a data frame is a header and its payload.
 * Reads ask for 64 KiB, doubling up to 1 MiB while each read fills what it asked for, and
-  everything one read brings is parsed before the next; relays take it all in one go
+  everything one read brings is parsed before the next. On a plain socket every connection
+  reads into one buffer per trio run and parses it before any other task runs, so payloads
+  are copied out of it (unmasked on a server, copied on a client): allocating a buffer of a
+  few hundred KiB per read cost more than the read. Relays take what was parsed in one go
   (:meth:`WebSocket.take_queued`, :meth:`WebSocket.receive_messages`) and write it at once:
   on a plain socket with ``writev``, payloads of 16 KiB or more as buffers of their own (not
   copied), the frame headers and short payloads between them joined; on TLS with one
@@ -132,6 +135,19 @@ def _gather(
     if run:
         buffers.append(b"".join(run) if len(run) > 1 else run[0])
     return buffers
+
+
+_READ_BUFFER: trio.lowlevel.RunVar[memoryview] = trio.lowlevel.RunVar("devstream_read_buffer")
+
+
+def _read_buffer() -> memoryview:
+    """The buffer plain-socket reads go into, one per trio run (``_RECEIVE_SIZE_MAX`` bytes)."""
+    try:
+        return _READ_BUFFER.get()
+    except LookupError:
+        buffer = memoryview(bytearray(_RECEIVE_SIZE_MAX))
+        _READ_BUFFER.set(buffer)
+        return buffer
 
 
 class _SendLock:
@@ -434,16 +450,42 @@ class WebSocket:
             await self._write(out)
 
     async def _read_more(self) -> None:
-        data: bytes | bytearray
+        if type(self.stream) is trio.SocketStream:
+            await self._read_plain(self.stream)
+            return
         try:
-            if type(self.stream) is trio.SocketStream:
-                data = await _io.receive_plain(
-                    self.stream, self._receive_size, wait_first=self._drained
-                )
-            else:
-                data = await self.stream.receive_some(self._receive_size)
+            data = await self.stream.receive_some(self._receive_size)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
+        await self._parse(bytes(data), borrowed=False)
+
+    async def _read_plain(self, stream: trio.SocketStream) -> None:
+        """Read from a plain socket into the run's read buffer, and parse what came before
+        any other task runs (the next read, on any connection, reuses the buffer): a fresh
+        buffer of a few hundred KiB per read costs more than the read. A checkpoint, as
+        ``receive_some`` is; see the module's rules for when it waits first."""
+        buffer = _read_buffer()[: self._receive_size]
+        sock = stream.socket
+        waited = self._drained
+        count: int | None = 0
+        try:
+            if sock.fileno() < 0:
+                raise trio.ClosedResourceError("socket was already closed")
+            if waited:
+                await trio.lowlevel.wait_readable(sock)
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            while (count := _io.read_into(stream, buffer)) is None:
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            count = 0
+        await self._parse(buffer[:count], borrowed=True)
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _parse(self, data: bytes | memoryview, *, borrowed: bool) -> None:
+        """Queue the events of what a read brought (nothing once the transport ended)."""
         if not data:
             self._closed = ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
             raise self._closed
@@ -455,11 +497,12 @@ class WebSocket:
         elif len(data) < size >> 2:
             self._receive_size = max(size >> 1, _RECEIVE_SIZE)
         try:
-            self._events.extend(self._reader.receive(bytes(data)))
+            events = self._reader.receive(data, borrowed=borrowed)
         except WsProtocolError as exc:
             self._closed = ConnectionClosed(1002, "protocol error")
             await self.send_close(1002, "protocol error")
             raise self._closed from exc
+        self._events.extend(events)
 
     async def aclose(self, code: int = 1000, reason: str = "", *, timeout: float = 5.0) -> None:
         """Close politely: send a close, wait for the peer's, then drop the transport; at most
