@@ -9,9 +9,11 @@ seed corpus::
 
     python fuzz/fuzz_ws_frames.py --iterations 100000 [--seed 0]
 
-The input's first byte chooses the role (its low bit: server or client) and where the rest is
-cut into reads (its other bits); the rest is what the peer sent. ``devstream_trio``'s
-``FrameReader`` and wsproto's ``Connection`` get the same reads. The reader must give the same
+The input's first byte chooses the role (its low bit: server or client), whether the reader
+only borrows each read (the next bit: a view of one buffer, scribbled over after each call, as
+on a plain socket), and where the rest is cut into reads (its other bits); the rest is what the
+peer sent. ``devstream_trio``'s ``FrameReader`` and wsproto's ``Connection`` get the same
+reads. The reader must give the same
 events as wsproto, or the same ones and then a close where wsproto is still waiting for the
 rest of a header it would refuse; when wsproto ends with a close, the reader ends with the
 same close code. Anything else, or any exception, is a crash.
@@ -96,14 +98,21 @@ def check(data: bytes) -> None:
         return
     control, wire = data[0], data[1:]
     kind = ConnectionType.SERVER if control & 1 else ConnectionType.CLIENT
-    step = (control >> 1) + 1
+    borrowed = bool(control & 2)
+    step = (control >> 2) + 1
     reads = [wire[i : i + step] for i in range(0, len(wire), step)]
     reader = FrameReader(Connection(kind))
     reference = Connection(kind)
     ours: list[Event] = []
     theirs: list[Event] = []
+    lent = bytearray(step)
     for chunk in reads:
-        ours.extend(reader.receive(chunk))
+        if borrowed:
+            lent[: len(chunk)] = chunk
+            ours.extend(reader.receive(memoryview(lent)[: len(chunk)], borrowed=True))
+            lent[:] = b"\xee" * step
+        else:
+            ours.extend(reader.receive(chunk))
         if not any(isinstance(e, CloseConnection) for e in theirs):
             reference.receive_data(chunk)
             theirs.extend(reference.events())
