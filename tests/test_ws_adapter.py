@@ -825,3 +825,86 @@ async def test_connections_reading_at_once_never_mix_their_bytes(client_sends: b
     for client, server in pairs:
         await client.abort()
         await server.abort()
+
+
+# --- sends that never wait: send_bytes_nowait --------------------------------------------------
+
+
+async def test_send_bytes_nowait_writes_at_once_without_a_checkpoint() -> None:
+    client, server = await socket_ws_pair(buffer_size=1 << 20)
+    assert client.can_send_nowait
+    with trio.testing.assert_no_checkpoints():
+        assert client.send_bytes_nowait(b"now")
+    assert not client.has_backlog
+    assert payload(await server.receive()) == b"now"
+    await client.abort()
+    await server.abort()
+
+
+async def test_what_send_bytes_nowait_cannot_write_goes_out_first_with_the_next_send() -> None:
+    client, server = await socket_ws_pair()  # small buffers: a big message waits
+    big = bytes(range(256)) * 2000
+    assert client.send_bytes_nowait(big)
+    assert client.has_backlog and not client.can_send_nowait
+    assert not client.send_bytes_nowait(b"refused while a message waits")
+    got: list[bytes] = []
+
+    async def read() -> None:
+        for _ in range(3):
+            got.append(await server.receive_message(1 << 20))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await client.send_bytes(b"after")
+            assert not client.has_backlog
+            assert client.send_bytes_nowait(b"last")
+            await client.flush()
+    assert got == [big, b"after", b"last"]
+    await client.abort()
+    await server.abort()
+
+
+async def test_flush_writes_the_backlog_alone() -> None:
+    client, server = await socket_ws_pair()
+    big = b"z" * 300_000
+    assert client.send_bytes_nowait(big)
+    assert client.has_backlog
+    got: list[bytes] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.flush)
+            got.append(await server.receive_message(1 << 20))
+    assert got == [big] and not client.has_backlog
+    await client.abort()
+    await server.abort()
+
+
+async def test_send_bytes_nowait_declines_while_another_send_waits() -> None:
+    client, server = await socket_ws_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_bytes, b"y" * 400_000)  # fills the socket, then waits
+        await trio.testing.wait_all_tasks_blocked()
+        assert not client.can_send_nowait
+        assert not client.send_bytes_nowait(b"declined")
+        assert await server.receive_message(1 << 20) == b"y" * 400_000
+    await client.abort()
+    await server.abort()
+
+
+async def test_send_bytes_nowait_declines_on_other_streams() -> None:
+    client, server = ws_pair()  # memory streams, not a socket
+    assert not client.can_send_nowait
+    assert not client.send_bytes_nowait(b"x")
+    await client.send_bytes(b"x")
+    assert payload(await server.receive()) == b"x"
+
+
+async def test_send_bytes_nowait_to_a_lost_transport_marks_the_websocket_closed() -> None:
+    client, server = await socket_ws_pair()
+    client.stream.socket.close()  # type: ignore[attr-defined]
+    assert client.can_send_nowait  # it does not know yet
+    assert client.send_bytes_nowait(b"lost")
+    assert client.closed is not None and client.closed.code == ABNORMAL_CLOSURE
+    assert not client.can_send_nowait
+    await server.abort()

@@ -30,6 +30,7 @@ __all__ = [
     "receive_some",
     "send_all",
     "send_vectored",
+    "write_nowait",
 ]
 
 #: The most buffers one writev takes (Linux's IOV_MAX is 1024).
@@ -45,19 +46,29 @@ async def send_vectored(
     Not a schedule point when the kernel takes everything at once; it waits for the socket
     to be writable otherwise.
     """
+    rest = write_nowait(stream, buffers)
+    while rest:
+        await trio.lowlevel.wait_writable(stream.socket)
+        rest = write_nowait(stream, rest)
+
+
+def write_nowait(
+    stream: trio.SocketStream, buffers: Sequence[bytes | bytearray | memoryview]
+) -> list[memoryview]:
+    """Write as much of *buffers* as a plain socket takes now, without waiting (not a
+    checkpoint); return what is left, in order (empty when all of it went). Errors as
+    ``send_all``'s."""
     sock = stream.socket
     if sock.did_shutdown_SHUT_WR:
         raise trio.ClosedResourceError("can't send data after sending EOF")
     views = [memoryview(buffer) for buffer in buffers]
     first = 0
     while first < len(views):
-        # fileno() is -1 once the socket is closed: never a number another socket reuses.
-        fd = sock.fileno()
         try:
-            sent = os.writev(fd, views[first : first + _IOV_MAX])
+            # fileno() is -1 once the socket is closed: never a number another socket reuses.
+            sent = os.writev(sock.fileno(), views[first : first + _IOV_MAX])
         except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            continue
+            break
         except OSError as exc:
             if exc.errno == errno.EBADF:
                 raise trio.ClosedResourceError("socket was already closed") from exc
@@ -70,6 +81,7 @@ async def send_vectored(
             else:
                 views[first] = views[first][sent:]
                 sent = 0
+    return views[first:]
 
 
 async def receive_plain(stream: trio.SocketStream, size: int, *, wait_first: bool) -> bytes:

@@ -170,6 +170,9 @@ class _SendLock:
     async def __aexit__(self, *exc_info: object) -> None:
         self._lock.release()
 
+    def locked(self) -> bool:
+        return self._lock.locked()
+
 
 class ConnectionClosed(Exception):
     """The WebSocket is closed; ``code`` and ``reason`` are the peer's (or 1006)."""
@@ -209,6 +212,9 @@ class WebSocket:
         self._out_opcode: int | None = None
         self._events: collections.deque[Event] = collections.deque()
         self._send_lock = _SendLock()
+        #: The part of a message send_bytes_nowait could not write at once: written first by
+        #: the next send.
+        self._backlog: list[memoryview] = []
         self._closed: ConnectionClosed | None = None
         #: trio time of the last bytes received from the peer.
         self.last_received = trio.current_time()
@@ -293,7 +299,11 @@ class WebSocket:
 
     async def _write_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
         if type(self.stream) is trio.SocketStream:
-            await _io.send_vectored(self.stream, _gather(parts, _ALONE_SOCKET))
+            buffers = _gather(parts, _ALONE_SOCKET)
+            if self._backlog:
+                # What a send_bytes_nowait left goes first.
+                buffers[:0], self._backlog = self._backlog, []
+            await _io.send_vectored(self.stream, buffers)
         else:
             buffers = _gather(parts, _ALONE_STREAM)
             for buffer in buffers:
@@ -304,6 +314,53 @@ class WebSocket:
     async def send_bytes(self, data: bytes, *, message_finished: bool = True) -> None:
         """Send binary data; ``message_finished=False`` sends a fragment of a longer message."""
         await self._send(BytesMessage(data=data, message_finished=message_finished))
+
+    def send_bytes_nowait(self, data: bytes) -> bool:
+        """Send *data* as one binary message from the calling task, without waiting and
+        without a checkpoint, when that can be done: on a plain socket, with no other send in
+        progress. True when the WebSocket took the message: written, or its end kept to go
+        out first with the next send or :meth:`flush`, as the kernel allowed (or dropped with
+        a transport that is gone, which the reader finds out). False when the caller must
+        send it the usual way.
+
+        For a writer that must not wait (a task that also reads, or one that must not be
+        cancelled mid-frame): nothing is ever cut by a cancellation here.
+        """
+        stream = self.stream
+        if not self.can_send_nowait or type(stream) is not trio.SocketStream:
+            return False
+        parts: list[bytes | bytearray | memoryview] = []
+        self._encode_data(data, True, parts)
+        try:
+            self._backlog = _io.write_nowait(stream, _gather(parts, _ALONE_SOCKET))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._closed = self._closed or ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
+        return True
+
+    @property
+    def can_send_nowait(self) -> bool:
+        """True when :meth:`send_bytes_nowait` would take a message now."""
+        return (
+            type(self.stream) is trio.SocketStream
+            and not self._send_lock.locked()
+            and not self._backlog
+            and self._out_opcode is None
+            and self._closed is None
+            and self._ws.state is ConnectionState.OPEN
+        )
+
+    @property
+    def has_backlog(self) -> bool:
+        """True while part of a message :meth:`send_bytes_nowait` took waits to be written."""
+        return bool(self._backlog)
+
+    async def flush(self) -> None:
+        """Write what :meth:`send_bytes_nowait` left, if anything."""
+        if not self._backlog:
+            await trio.lowlevel.checkpoint()
+            return
+        async with self._send_lock:
+            await self._write([])
 
     async def send_text(self, text: str, *, message_finished: bool = True) -> None:
         """Send text data."""

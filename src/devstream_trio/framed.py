@@ -135,6 +135,9 @@ class FramedStream(trio.abc.HalfCloseableStream):
         self._sending = False
         self._receiving = False
         self._scope = trio.CancelScope()
+        # Connected from the start: what the application sends before the connection task
+        # first runs goes out at once (see _send_now).
+        self._endpoint.connection_made(resumed=False)
         nursery.start_soon(self._run)
 
     # -- application side --------------------------------------------------------------------
@@ -151,17 +154,22 @@ class FramedStream(trio.abc.HalfCloseableStream):
         self._sending = True
         try:
             view = memoryview(data)
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False
             while True:
                 self._check_can_send()
                 if not view:
-                    return
+                    break
                 taken = self._endpoint.write(view)
                 if taken:
                     view = view[taken:]
-                    self._kick()
+                    self._send_now()
                     continue
                 await self._changed.park()
+                waited = True
+            if not waited:
+                # Other tasks run after the bytes went out, not before.
+                await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
 
@@ -273,6 +281,23 @@ class FramedStream(trio.abc.HalfCloseableStream):
         self._send_wanted.set()
         self._changed.unpark_all()
 
+    def _send_now(self) -> None:
+        """Like :meth:`_kick`, but first put what the endpoint has to send on the wire from
+        the calling task, where the WebSocket takes it at once: no hand-off to the writer
+        task, and nothing a cancellation could cut. The writer task does the rest (a full
+        socket, a send in progress, TLS) and closes the WebSocket when the stream is done."""
+        ws, endpoint = self._ws, self._endpoint
+        while endpoint.has_output and ws.can_send_nowait:
+            ws.send_bytes_nowait(endpoint.data_to_send(MESSAGE_LIMIT))
+        if (
+            endpoint.has_output
+            or ws.has_backlog
+            or endpoint.done
+            or endpoint.state is EndpointState.RESET
+        ):
+            self._send_wanted.set()
+        self._changed.unpark_all()
+
     # -- the connection task -----------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -280,7 +305,8 @@ class FramedStream(trio.abc.HalfCloseableStream):
         try:
             with self._scope:
                 while True:
-                    self._endpoint.connection_made(resumed=not first)
+                    if not first:
+                        self._endpoint.connection_made(resumed=True)
                     first = False
                     self._kick()
                     try:
@@ -328,7 +354,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
                         self._failure = exc
                         await ws.send_close(exc.code.close_code, exc.message[:100])
                         return
-                    self._kick()
+                    self._send_now()  # acknowledgements, from this task where it can
             except ConnectionClosed as exc:
                 if exc.code == ABNORMAL_CLOSURE:
                     dropped = True
@@ -355,14 +381,16 @@ class FramedStream(trio.abc.HalfCloseableStream):
         while True:
             await self._send_wanted.wait()
             self._send_wanted = trio.Event()
-            while True:
-                data = self._endpoint.data_to_send(MESSAGE_LIMIT)
-                if not data:
-                    break
-                try:
+            try:
+                if ws.has_backlog:
+                    await ws.flush()  # what _send_now could not write at once
+                while True:
+                    data = self._endpoint.data_to_send(MESSAGE_LIMIT)
+                    if not data:
+                        break
                     await ws.send_bytes(data)
-                except ConnectionClosed:
-                    return  # the reader sees the drop and resumes
+            except ConnectionClosed:
+                return  # the reader sees the drop and resumes
             self._changed.unpark_all()
             if self._endpoint.done or (
                 self._endpoint.state is EndpointState.RESET and self._endpoint.reset_settled

@@ -1,0 +1,90 @@
+"""devstream.v1 streams over a real socket pair, two FramedStreams facing each other (the hub
+only relays their messages): the writes a FramedStream makes from the calling task, and the
+ones it leaves to its writer task when the socket is full."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import trio
+import trio.testing
+from wsproto.connection import Connection, ConnectionType
+
+from devstream_core.common import Role
+from devstream_core.framing import Data, FrameDecoder
+from devstream_trio._frames import FrameReader
+from devstream_trio._ws import WebSocket
+from devstream_trio.framed import FramedStream
+
+
+async def never_reconnect(resume_token: str) -> WebSocket:
+    raise AssertionError("no resume in these tests")
+
+
+def framed_pair(nursery: trio.Nursery, buffer_size: int) -> tuple[FramedStream, FramedStream]:
+    a, b = trio.socket.socketpair()
+    for sock in (a, b):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
+    client = WebSocket(trio.SocketStream(a), Connection(ConnectionType.CLIENT))
+    server = WebSocket(trio.SocketStream(b), Connection(ConnectionType.SERVER))
+    service = FramedStream(
+        client, stream_id="s", role=Role.SERVICE, reconnect=never_reconnect, nursery=nursery
+    )
+    device = FramedStream(
+        server, stream_id="s", role=Role.DEVICE, reconnect=never_reconnect, nursery=nursery
+    )
+    return service, device
+
+
+async def test_a_send_the_socket_takes_goes_out_from_the_calling_task() -> None:
+    a, b = trio.socket.socketpair()
+    client = WebSocket(trio.SocketStream(a), Connection(ConnectionType.CLIENT))
+    peer = FrameReader(Connection(ConnectionType.SERVER))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            service = FramedStream(
+                client, stream_id="s", role=Role.SERVICE, reconnect=never_reconnect, nursery=nursery
+            )
+            # What send_all does before its schedule point: the endpoint takes the bytes and
+            # they are written by this task, before the stream's own tasks have even started.
+            service._endpoint.write(b"hello")
+            service._send_now()
+            assert not service._send_wanted.is_set()  # nothing left for the writer task
+            events = peer.receive(os.read(b.fileno(), 65536))  # there already: no wait
+            [message] = events
+            decoder = FrameDecoder()
+            [frame] = decoder.feed(bytes(message.data))  # type: ignore[attr-defined]
+            assert isinstance(frame, Data) and frame.payload == b"hello"
+            nursery.cancel_scope.cancel()
+    b.close()
+
+
+async def test_a_full_socket_leaves_the_rest_to_the_writer_and_loses_nothing() -> None:
+    # Small socket buffers: sends from the calling task write part of a message and leave the
+    # rest to the writer task, both ways at once.
+    payload = {Role.SERVICE: bytes(range(251)) * 9000, Role.DEVICE: bytes(range(241)) * 7000}
+    got: dict[Role, bytearray] = {Role.SERVICE: bytearray(), Role.DEVICE: bytearray()}
+
+    async def side(me: FramedStream, peer_role: Role) -> None:
+        async def send() -> None:
+            data = memoryview(payload[me.role])
+            for start in range(0, len(data), 50_000):
+                await me.send_all(data[start : start + 50_000])
+            await me.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            while chunk := await me.receive_some():
+                got[me.role] += chunk
+        assert bytes(got[me.role]) == payload[peer_role]
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            service, device = framed_pair(nursery, 8192)
+            async with trio.open_nursery() as sides:
+                sides.start_soon(side, service, Role.DEVICE)
+                sides.start_soon(side, device, Role.SERVICE)
+            await service.aclose()
+            await device.aclose()
