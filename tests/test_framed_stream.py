@@ -362,6 +362,9 @@ async def test_half_close_each_way_then_clean_finish(
         values = await metrics(hub_env)
         assert values["devstream_streams_total"] == 1
         assert values["devstream_resumes_total"] == 0
+        # The hub counts the messages it relayed: the bytes, their frames' headers, the acks.
+        payload = len(request) + len(answer)
+        assert payload < values["devstream_relayed_bytes_total"] < payload * 1.01
 
 
 # -- reset -------------------------------------------------------------------------------------

@@ -87,6 +87,8 @@ _FIN = 0x80
 _OPCODE_TEXT = 0x1
 _OPCODE_BINARY = 0x2
 _HEAD16 = struct.Struct("!BBH")
+#: The events that carry data (the frame reader makes exactly these types).
+_DATA_EVENTS = frozenset({BytesMessage, TextMessage})
 _HEAD64 = struct.Struct("!BBQ")
 
 _mask.install()
@@ -372,10 +374,9 @@ class WebSocket:
         Stops at the first control event (ping, close), which :meth:`receive` handles.
         """
         taken: list[BytesMessage | TextMessage] = []
-        while self._events and isinstance(self._events[0], (BytesMessage, TextMessage)):
-            event = self._events.popleft()
-            assert isinstance(event, (BytesMessage, TextMessage))
-            taken.append(event)
+        events = self._events
+        while events and type(events[0]) in _DATA_EVENTS:
+            taken.append(events.popleft())  # type: ignore[arg-type]  # a data event
         return taken
 
     async def send_messages(self, events: Sequence[BytesMessage | TextMessage]) -> None:
@@ -424,7 +425,8 @@ class WebSocket:
                 raise self._closed
             while self._events:
                 event = self._events.popleft()
-                if isinstance(event, (BytesMessage, TextMessage)):
+                # By type, not isinstance: wsproto's events are ABCs, slow to isinstance.
+                if type(event) is BytesMessage or type(event) is TextMessage:
                     return event
                 try:
                     if isinstance(event, Ping):
@@ -459,8 +461,8 @@ class WebSocket:
         :meth:`receive_message`.
         """
         messages = [await self._receive_parts(max_size)]
-        while self._events and isinstance(self._events[0], (BytesMessage, TextMessage)):
-            event = self._events[0]
+        while self._events and type(self._events[0]) in _DATA_EVENTS:
+            event: BytesMessage | TextMessage = self._events[0]  # type: ignore[assignment]
             chunk = _part(event.data)
             if self._parts_size + len(chunk) > max_size:
                 break  # the next call refuses it
@@ -488,15 +490,17 @@ class WebSocket:
                 self._parts, self._parts_size = [], 0
                 return parts
 
-    async def send_whole_messages(self, messages: Sequence[Sequence[bytes | memoryview]]) -> None:
+    async def send_whole_messages(self, messages: Sequence[Sequence[bytes | memoryview]]) -> int:
         """Send binary messages, each given as its fragments (see :meth:`receive_messages`),
-        as one frame each, with as few writes as possible."""
+        as one frame each, with as few writes as possible; return their total size."""
+        total = 0
         async with self._send_lock:
             if self._ws.state is not ConnectionState.OPEN or self._out_opcode is not None:
                 raise self._closing_error()
             out: list[bytes | bytearray | memoryview] = []
             for parts in messages:
                 size = sum(map(len, parts))
+                total += size
                 if self._client:
                     key = os.urandom(4)
                     out.append(_frame_header(_FIN | _OPCODE_BINARY, size, key))
@@ -505,6 +509,7 @@ class WebSocket:
                     out.append(_frame_header(_FIN | _OPCODE_BINARY, size, b""))
                     out.extend(parts)
             await self._write(out)
+        return total
 
     async def _read_more(self) -> None:
         if type(self.stream) is trio.SocketStream:

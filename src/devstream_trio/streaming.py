@@ -410,10 +410,7 @@ class StreamingEndpoint:
                 with contextlib.suppress(ConnectionClosed):
                     # A peer that vanished mid-write is noticed by its own connection task.
                     # Every whole message already received goes out in one write.
-                    await peer.send_whole_messages(messages)
-                    self.metrics.bytes_relayed += sum(
-                        len(part) for parts in messages for part in parts
-                    )
+                    self.metrics.bytes_relayed += await peer.send_whole_messages(messages)
             watch.receiving = True
             messages = await ws.receive_messages(MAX_FRAMED_MESSAGE)
             watch.receiving = False
