@@ -98,9 +98,10 @@ def main() -> None:
     parser.add_argument("--mode", choices=c.MODES, action="append", help="default: both")
     parser.add_argument("--profile", action="store_true", help="profile the hub, print top 15")
     args = parser.parse_args()
-    # 9,900 rather than 10,000: the hub holds two sockets per stream, and a process may not
-    # open more than 20,000 files here (RLIMIT_NOFILE hard limit).
-    args.count = args.count or c.tiny_or(args, 40, 9_900)
+    # 10,000, or as many as the open-files limit lets the hub hold: it has two sockets per
+    # stream, plus its listener and the devices' control channels (200 spare). Where the
+    # hard limit is 20,000, that is 9,900.
+    args.count = args.count or c.tiny_or(args, 40, min(10_000, (c.raise_fd_limit() - 200) // 2))
     modes = args.mode or list(c.MODES)
     for mode in modes:
         with tempfile.TemporaryDirectory() as folder:
