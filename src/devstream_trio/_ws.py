@@ -87,9 +87,9 @@ _FIN = 0x80
 _OPCODE_TEXT = 0x1
 _OPCODE_BINARY = 0x2
 _HEAD16 = struct.Struct("!BBH")
+_HEAD64 = struct.Struct("!BBQ")
 #: The events that carry data (the frame reader makes exactly these types).
 _DATA_EVENTS = frozenset({BytesMessage, TextMessage})
-_HEAD64 = struct.Struct("!BBQ")
 
 _mask.install()
 
