@@ -19,10 +19,11 @@ Rules:
   by ``_frames.FrameReader``, which hands each payload on as a slice of what arrived; no
   extension is ever negotiated, so a data frame is a header and its payload.
 * Reads ask for 64 KiB, doubling up to 1 MiB while each read fills what it asked for, and
-  everything one read brings is parsed before the next. On a plain socket every connection
-  reads into one buffer per trio run and parses it before any other task runs, so payloads
-  are copied out of it (unmasked on a server, copied on a client): allocating a buffer of a
-  few hundred KiB per read cost more than the read. Relays take what was parsed in one go
+  everything one read brings is parsed before the next. On a plain socket a server (the hub)
+  reads into one buffer per trio run and parses it before any other task runs: it copies each
+  payload out anyway, unmasking it, and allocating a buffer of a few hundred KiB per read cost
+  more than the read. A client reads into fresh bytes and hands its payloads on as views of
+  them, which costs less than copying them. Relays take what was parsed in one go
   (:meth:`WebSocket.take_queued`, :meth:`WebSocket.receive_messages`) and write it at once:
   on a plain socket with ``writev``, payloads of 16 KiB or more as buffers of their own (not
   copied), the frame headers and short payloads between them joined; on TLS with one
@@ -512,20 +513,26 @@ class WebSocket:
         return total
 
     async def _read_more(self) -> None:
-        if type(self.stream) is trio.SocketStream:
+        if type(self.stream) is trio.SocketStream and not self._client:
             await self._read_plain(self.stream)
             return
+        data: bytes | bytearray
         try:
-            data = await self.stream.receive_some(self._receive_size)
+            if type(self.stream) is trio.SocketStream:
+                # A client keeps each read's bytes: its payloads are views of them (no copy).
+                data = await _io.receive_plain(
+                    self.stream, self._receive_size, wait_first=self._drained
+                )
+            else:
+                data = await self.stream.receive_some(self._receive_size)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         await self._parse(bytes(data), borrowed=False)
 
     async def _read_plain(self, stream: trio.SocketStream) -> None:
-        """Read from a plain socket into the run's read buffer, and parse what came before
-        any other task runs (the next read, on any connection, reuses the buffer): a fresh
-        buffer of a few hundred KiB per read costs more than the read. A checkpoint, as
-        ``receive_some`` is; see the module's rules for when it waits first."""
+        """Read from a server's plain socket into the run's read buffer, and parse what came
+        before any other task runs (the next read, on any connection, reuses the buffer). A
+        checkpoint, as ``receive_some`` is; see the module's rules for when it waits first."""
         buffer = _read_buffer()[: self._receive_size]
         sock = stream.socket
         waited = self._drained
