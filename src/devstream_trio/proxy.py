@@ -31,6 +31,7 @@ import trio
 
 from devstream_core.errors import DevstreamError, ErrorCode
 
+from . import _io
 from ._connect import open_tcp
 from .device import DeviceClient, Handler
 from .framed import FramedStream
@@ -118,8 +119,11 @@ async def pipe(tcp: trio.SocketStream, stream: AnyStream) -> tuple[int, int]:
 
     async def tcp_to_stream(cancel: trio.CancelScope) -> None:
         nonlocal broken
+        drained = False
         try:
-            while data := await tcp.receive_some(_CHUNK):
+            # A read that drained the socket makes the next one wait for data first (_io).
+            while data := await _io.receive_some(tcp, _CHUNK, wait_first=drained):
+                drained = len(data) < _CHUNK
                 await stream.send_all(data)
                 counts[0] += len(data)
             await stream.send_eof()
@@ -135,7 +139,8 @@ async def pipe(tcp: trio.SocketStream, stream: AnyStream) -> tuple[int, int]:
         nonlocal broken
         try:
             while data := await stream.receive_some(_CHUNK):
-                await tcp.send_all(data)
+                # Not a schedule point when the kernel takes it all: receive_some is one.
+                await _io.send_all(tcp, data)
                 counts[1] += len(data)
             await tcp.send_eof()
         except trio.BrokenResourceError as exc:
