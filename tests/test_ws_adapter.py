@@ -660,7 +660,7 @@ async def test_vectored_writes_keep_every_byte_in_order(client_sends: bool) -> N
     client, server = await socket_ws_pair()
     sender, receiver = (client, server) if client_sends else (server, client)
     # Payloads around the 16 KiB line (alone or joined), tiny ones between, and more buffers
-    # than one sendmsg takes; every message is distinct.
+    # than one writev takes; every message is distinct.
     messages = [
         [bytes([i % 251]) * (20_000 + i), b"tail-%d" % i] if i % 3 else [b"small-%d" % i]
         for i in range(900)

@@ -80,7 +80,7 @@ _RECEIVE_SIZE_MAX = 1024 * 1024
 
 #: Parts at least this long are handed on as they are, not copied into one buffer with their
 #: neighbours (frame headers, small payloads): on a plain socket as a buffer of their own in
-#: one ``sendmsg``; on other streams (TLS) with a ``send_all`` of their own, which only pays
+#: one ``writev``; on other streams (TLS) with a ``send_all`` of their own, which only pays
 #: for long parts.
 _ALONE_SOCKET = 16384
 _ALONE_STREAM = 1 << 19
