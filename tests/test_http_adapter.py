@@ -105,6 +105,24 @@ async def parse_in_chunks(chunks: Sequence[bytes]) -> list[HttpRequest]:
     return result
 
 
+#: A WebSocket upgrade request, the RFC 6455 example's key.
+UPGRADE = (
+    b"GET /s HTTP/1.1\r\nHost: hub.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def received(raw: bytes) -> tuple[trio.abc.Stream, HttpServerConnection, HttpRequest]:
+    """A server connection that has parsed the request *raw*: (the client's end, the
+    connection, the request)."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    await client_stream.send_all(raw)
+    http = HttpServerConnection(server_stream)
+    request = await http.next_request()
+    assert request is not None
+    return client_stream, http, request
+
+
 def split(data: bytes, points: Sequence[int]) -> list[bytes]:
     cuts = [0, *sorted(points), len(data)]
     return [data[a:b] for a, b in itertools.pairwise(cuts) if b > a]
@@ -533,14 +551,11 @@ async def test_server_keeps_frames_sent_with_the_request(autojump_clock: trio.ab
 
 
 async def test_upgrade_without_key_is_malformed(autojump_clock: trio.abc.Clock) -> None:
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    await client_stream.send_all(
+    _, http, request = await received(
         b"GET /bridges/s1 HTTP/1.1\r\nHost: hub.test\r\nUpgrade: websocket\r\n"
         b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
-    http = HttpServerConnection(server_stream)
-    request = await http.next_request()
-    assert request is not None and request.is_websocket_upgrade
+    assert request.is_websocket_upgrade
     with pytest.raises(HttpError) as info:
         await http.accept_websocket(request)
     assert info.value.code is ErrorCode.MALFORMED_REQUEST
@@ -705,14 +720,7 @@ async def test_the_101_carries_extra_headers_as_given(autojump_clock: trio.abc.C
 async def test_a_101_header_that_would_break_the_response_is_refused(
     autojump_clock: trio.abc.Clock, header: tuple[bytes, bytes]
 ) -> None:
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    await client_stream.send_all(
-        b"GET /s HTTP/1.1\r\nHost: hub.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    http = HttpServerConnection(server_stream)
-    request = await http.next_request()
-    assert request is not None
+    _, http, request = await received(UPGRADE)
     with pytest.raises(ValueError, match="not a valid header"):
         await http.accept_websocket(request, extra_headers=[header])
 
@@ -720,28 +728,18 @@ async def test_a_101_header_that_would_break_the_response_is_refused(
 async def test_a_request_without_upgrade_is_not_answered_with_a_101(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    await client_stream.send_all(
-        b"GET /s HTTP/1.1\r\nHost: hub.test\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    # The upgrade request without its Upgrade and Connection headers.
+    _, http, request = await received(
+        UPGRADE.replace(b"Upgrade: websocket\r\nConnection: Upgrade\r\n", b"")
     )
-    http = HttpServerConnection(server_stream)
-    request = await http.next_request()
-    assert request is not None and not request.is_websocket_upgrade
+    assert not request.is_websocket_upgrade
     with pytest.raises(HttpError) as info:
         await http.accept_websocket(request)
     assert info.value.code is ErrorCode.MALFORMED_REQUEST
 
 
 async def test_a_declined_upgrade_closes_the_connection(autojump_clock: trio.abc.Clock) -> None:
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    await client_stream.send_all(
-        b"GET /s HTTP/1.1\r\nHost: hub.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    http = HttpServerConnection(server_stream)
-    request = await http.next_request()
-    assert request is not None
+    client_stream, http, _ = await received(UPGRADE)
     await http.send_json(401, {"message": "no"})
     head = (await client_stream.receive_some()).split(b"\r\n\r\n")[0].lower()
     assert head.startswith(b"http/1.1 401 ")

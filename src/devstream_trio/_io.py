@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import trio
 
 __all__ = [
     "read_into",
+    "read_when_ready",
     "receive_plain",
     "receive_ready",
     "receive_some",
@@ -35,6 +37,15 @@ __all__ = [
 
 #: The most buffers one writev takes (Linux's IOV_MAX is 1024).
 _IOV_MAX = 512
+
+T = TypeVar("T")
+
+
+def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+    """What trio's socket streams raise for a failed system call on the socket."""
+    if exc.errno == errno.EBADF:
+        return trio.ClosedResourceError("socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
 async def send_vectored(
@@ -70,9 +81,7 @@ def write_nowait(
         except BlockingIOError:
             break
         except OSError as exc:
-            if exc.errno == errno.EBADF:
-                raise trio.ClosedResourceError("socket was already closed") from exc
-            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            raise _stream_error(exc) from exc
         while sent:
             size = len(views[first])
             if sent >= size:
@@ -84,36 +93,39 @@ def write_nowait(
     return views[first:]
 
 
-async def receive_plain(stream: trio.SocketStream, size: int, *, wait_first: bool) -> bytes:
-    """Read up to *size* bytes from a plain socket, as ``receive_some`` does, with one
-    ``read`` where the socket has data: *wait_first* (the last read drained the socket) waits
-    for data before reading, rather than trying a read that would fail; otherwise a read that
-    brought data is followed by a schedule point, as in trio. Always a checkpoint."""
+async def read_when_ready(
+    stream: trio.SocketStream, read_nowait: Callable[[], T | None], *, wait_first: bool
+) -> tuple[T, bool]:
+    """Call *read_nowait* (a read that does not wait: ``None`` when the socket has nothing)
+    until it gives something; return that and whether it had to wait. *wait_first* (the last
+    read drained the socket) waits for data before the first call, rather than make a call
+    bound to fail. A cancellation point; when it did not wait, the caller owes a schedule
+    point (after handling what it read, if that must come first)."""
     sock = stream.socket
     if sock.fileno() < 0:
         await trio.lowlevel.checkpoint()
         raise trio.ClosedResourceError("socket was already closed")
     if wait_first:
         await trio.lowlevel.wait_readable(sock)
-        waited = True
     else:
         await trio.lowlevel.checkpoint_if_cancelled()
-        waited = False
-    while True:
-        fd = sock.fileno()
-        try:
-            data = os.read(fd, size)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
-            waited = True
-            continue
-        except OSError as exc:
-            if exc.errno == errno.EBADF:
-                raise trio.ClosedResourceError("socket was already closed") from exc
-            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        return data
+    waited = wait_first
+    while (result := read_nowait()) is None:
+        await trio.lowlevel.wait_readable(sock)
+        waited = True
+    return result, waited
+
+
+async def receive_plain(stream: trio.SocketStream, size: int, *, wait_first: bool) -> bytes:
+    """Read up to *size* bytes from a plain socket, as ``receive_some`` does, with one
+    ``read`` where the socket has data (see :func:`read_when_ready`); a read that did not wait
+    is followed by a schedule point, as in trio. Always a checkpoint."""
+    data, waited = await read_when_ready(
+        stream, lambda: _read_nowait(stream, size), wait_first=wait_first
+    )
+    if not waited:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+    return data
 
 
 async def send_all(stream: trio.abc.SendStream, data: bytes | bytearray | memoryview) -> None:
@@ -142,9 +154,7 @@ def read_into(stream: trio.SocketStream, buffer: memoryview) -> int | None:
     except BlockingIOError:
         return None
     except OSError as exc:
-        if exc.errno == errno.EBADF:
-            raise trio.ClosedResourceError("socket was already closed") from exc
-        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        raise _stream_error(exc) from exc
 
 
 def receive_ready(stream: trio.abc.ReceiveStream, size: int) -> bytes | None:
@@ -152,11 +162,14 @@ def receive_ready(stream: trio.abc.ReceiveStream, size: int) -> bytes | None:
     ``None`` when it has none yet, or *stream* is not a plain socket. ``b""`` at its end."""
     if type(stream) is not trio.SocketStream:
         return None
+    return _read_nowait(stream, size)
+
+
+def _read_nowait(stream: trio.SocketStream, size: int) -> bytes | None:
     try:
+        # fileno() is -1 once the socket is closed: never a number another socket reuses.
         return os.read(stream.socket.fileno(), size)
     except BlockingIOError:
         return None
     except OSError as exc:
-        if exc.errno == errno.EBADF:
-            raise trio.ClosedResourceError("socket was already closed") from exc
-        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        raise _stream_error(exc) from exc

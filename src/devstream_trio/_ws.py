@@ -534,21 +534,12 @@ class WebSocket:
         before any other task runs (the next read, on any connection, reuses the buffer). A
         checkpoint, as ``receive_some`` is; see the module's rules for when it waits first."""
         buffer = _read_buffer()[: self._receive_size]
-        sock = stream.socket
-        waited = self._drained
-        count: int | None = 0
         try:
-            if sock.fileno() < 0:
-                raise trio.ClosedResourceError("socket was already closed")
-            if waited:
-                await trio.lowlevel.wait_readable(sock)
-            else:
-                await trio.lowlevel.checkpoint_if_cancelled()
-            while (count := _io.read_into(stream, buffer)) is None:
-                await trio.lowlevel.wait_readable(sock)
-                waited = True
+            count, waited = await _io.read_when_ready(
+                stream, lambda: _io.read_into(stream, buffer), wait_first=self._drained
+            )
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            count = 0
+            count, waited = 0, True  # _parse raises the loss: no schedule point owed
         await self._parse(buffer[:count], borrowed=True)
         if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()
