@@ -698,6 +698,66 @@ async def test_hub_detects_a_silent_side_and_holds_it(
     await env.store.aclose()
 
 
+async def test_pings_keep_a_quiet_stream_without_losing_a_byte(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """Both sides ping every second and give up after two seconds of silence. A stream quiet
+    for longer than that between its messages stays on its first connection, and every byte
+    arrives in order: the timer that wakes the reader to ping cancels only a read that waits."""
+    options = StreamOptions(ping_interval=1, ping_timeout=1)
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env, options=options)
+        sent_out, sent_back = bytearray(), bytearray()
+        got_out, got_back = bytearray(), bytearray()
+        for round_ in range(12):
+            out, back = random_payload(1000 + round_ * 5000), random_payload(2000 + round_ * 3000)
+            await pair.service.send_all(out)
+            await pair.device.send_all(back)
+            sent_out += out
+            sent_back += back
+            got_out += await read_exactly(pair.device, len(out))
+            got_back += await read_exactly(pair.service, len(back))
+            await trio.sleep(2.7)
+        assert got_out == sent_out and got_back == sent_back
+        assert pair.service.resumes == 0 and pair.device.resumes == 0
+        assert len(pair.service_opener.stream_taps()) == 1
+        assert len(pair.device_opener.stream_taps()) == 1
+        await finish(pair)
+
+
+@pytest.mark.parametrize("then", ["cut", "stall"])
+async def test_a_closed_stream_waits_for_the_close_answer_and_never_resumes(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock, then: str
+) -> None:
+    """``aclose`` returns once its close went out; the stream's connection task then waits
+    for the hub's answer. A connection lost meanwhile ends it without a resume, and an answer
+    that never comes ends it after ``close_timeout``."""
+    options = StreamOptions(close_timeout=3)
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env, options=options)
+        await pair.service.send_all(b"last words")
+        await pair.service.send_eof()
+        assert await read_all(pair.device) == b"last words"
+        while not pair.service._endpoint.eof_acked:
+            await trio.sleep(0.01)
+        tap = pair.service_opener.latest_stream()
+        tap.stall(outgoing=False)  # the hub's answer to the close never arrives
+        await pair.service.aclose()
+        closed_at = trio.current_time()
+        assert not pair.service._finished.is_set()
+        if then == "cut":
+            tap.cut()
+        await pair.service._finished.wait()
+        took = trio.current_time() - closed_at
+        if then == "cut":
+            assert took < 0.1
+        else:
+            assert 3 - 0.01 <= took <= 3 + 0.1
+        await trio.sleep(10)
+        assert pair.service.resumes == 0
+        assert len(pair.service_opener.stream_taps()) == 1
+
+
 # -- raw mode and the subprotocol --------------------------------------------------------------
 
 

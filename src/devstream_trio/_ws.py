@@ -235,6 +235,11 @@ class WebSocket:
         """True while messages can still be sent."""
         return self._ws.state is ConnectionState.OPEN
 
+    @property
+    def close_sent(self) -> bool:
+        """True once this side's close went out (the peer's answer may be on its way)."""
+        return self._ws.state in (ConnectionState.LOCAL_CLOSING, ConnectionState.CLOSED)
+
     async def _send(self, event: Event) -> None:
         await self._send_events([event])
 

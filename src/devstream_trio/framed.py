@@ -91,6 +91,10 @@ class StreamOptions:
     close_timeout: float = 5.0
 
 
+#: Resume delays' jitter, for streams not given a generator of their own.
+_JITTER = random.Random()
+
+
 class _Dropped(Exception):
     """The WebSocket under the stream ended without a close: resume."""
 
@@ -123,7 +127,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
         self._endpoint = StreamEndpoint(window=options.window)
         self._reconnect = reconnect
         self._resume_token = resume_token_of(ws)
-        self._rng = rng or random.Random()
+        self._rng = rng or _JITTER
         self._ws = ws
         self._changed = trio.lowlevel.ParkingLot()
         self._send_wanted = trio.Event()
@@ -135,6 +139,8 @@ class FramedStream(trio.abc.HalfCloseableStream):
         self._sending = False
         self._receiving = False
         self._scope = trio.CancelScope()
+        self._writer_idle = self._stop_writer = self._ping_wanted = False
+        self._closing = False
         # Connected from the start: what the application sends before the connection task
         # first runs goes out at once (see _send_now).
         self._endpoint.connection_made(resumed=False)
@@ -188,7 +194,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
         self._check_can_send()
         self._eof_sent = True
         self._endpoint.write_eof()
-        self._kick()
+        self._send_now()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Return received bytes, or ``b""`` after the peer's EOF."""
@@ -205,7 +211,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
                 if self._endpoint.state is not EndpointState.RESET:
                     data = self._endpoint.read(max_bytes)
                     if data or self._endpoint.at_eof:
-                        self._kick()
+                        self._send_now()
                         return data
                 self._check_broken()
                 if self._peer_closed:
@@ -219,7 +225,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
         if self._endpoint.state is EndpointState.OPEN:
             self._endpoint.reset(int(code), reason)
-            self._kick()
+            self._send_now()
 
     async def aclose(self) -> None:
         """Finish the stream (EOF, wait for acknowledgement) and close the WebSocket.
@@ -231,23 +237,35 @@ class FramedStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint()
             return
         self._local_closed = True
+        closing = False
         try:
-            await self._finish()
+            closing = await self._finish()
         finally:
-            self._scope.cancel()
+            if closing:
+                # The connection task reads the peer's answer to the close, then drops the
+                # transport: no cancellation. It gives up waiting after close_timeout, and
+                # a transport lost meanwhile is not resumed.
+                self._closing = True
+                self._scope.deadline = min(
+                    self._scope.deadline, trio.current_time() + self.close_timeout
+                )
+            else:
+                self._scope.cancel()
 
     def _over(self) -> bool:
         """True once nothing more can travel: failed, closed by the peer, or no task left."""
         return self._failure is not None or self._peer_closed or self._finished.is_set()
 
-    async def _finish(self) -> None:
+    async def _finish(self) -> bool:
+        """Finish the stream; True when the connection task ends by itself: the closing
+        handshake is under way (this side's close went out), or the peer closed."""
         endpoint = self._endpoint
         with trio.move_on_after(self.close_timeout):
             if endpoint.state is EndpointState.OPEN and not self._over():
                 if not self._eof_sent:
                     self._eof_sent = True
                     endpoint.write_eof()
-                    self._kick()
+                    self._send_now()
                 while not (endpoint.eof_acked or self._over()):
                     if endpoint.state is not EndpointState.OPEN and not endpoint.done:
                         break
@@ -255,12 +273,14 @@ class FramedStream(trio.abc.HalfCloseableStream):
             unfinished = endpoint.state is EndpointState.OPEN and not endpoint.eof_acked
             if unfinished and not self._over():
                 endpoint.reset(int(ErrorCode.STREAM_RESET), "closed before the peer read all")
-                self._kick()
+                self._send_now()
             # Let the writer put the last frames on the wire, then close politely.
             while not self._over() and endpoint.has_output:
                 await self._changed.park()
             if self._ws.is_open:
                 await self._ws.send_close(NORMAL_CLOSURE, "")
+            return self._ws.close_sent or self._peer_closed
+        return False
 
     def _check_can_send(self) -> None:
         if self._eof_sent or self._local_closed:
@@ -277,15 +297,11 @@ class FramedStream(trio.abc.HalfCloseableStream):
         if self._failure is not None:
             raise trio.BrokenResourceError(f"the stream ended: {self._failure}") from self._failure
 
-    def _kick(self) -> None:
-        self._send_wanted.set()
-        self._changed.unpark_all()
-
     def _send_now(self) -> None:
-        """Like :meth:`_kick`, but first put what the endpoint has to send on the wire from
-        the calling task, where the WebSocket takes it at once: no hand-off to the writer
-        task, and nothing a cancellation could cut. The writer task does the rest (a full
-        socket, a send in progress, TLS) and closes the WebSocket when the stream is done."""
+        """Put what the endpoint has to send on the wire from the calling task, where the
+        WebSocket takes it at once (no hand-off to the writer task, and nothing a
+        cancellation could cut); wake the writer task only for the rest (a full socket, a
+        send in progress, TLS, the close when the stream is done); wake waiting callers."""
         ws, endpoint = self._ws, self._endpoint
         while endpoint.has_output and ws.can_send_nowait:
             ws.send_bytes_nowait(endpoint.data_to_send(MESSAGE_LIMIT))
@@ -308,12 +324,13 @@ class FramedStream(trio.abc.HalfCloseableStream):
                     if not first:
                         self._endpoint.connection_made(resumed=True)
                     first = False
-                    self._kick()
+                    self._send_now()
                     try:
                         await self._serve(self._ws)
                         return
                     except _Dropped:
-                        pass
+                        if self._closing:
+                            return  # lost while closing: nothing left to resume for
                     self._endpoint.connection_lost()
                     await self._ws.abort()  # release the dead transport before the next one
                     log.info(
@@ -337,13 +354,43 @@ class FramedStream(trio.abc.HalfCloseableStream):
             await self._ws.abort()
 
     async def _serve(self, ws: WebSocket) -> None:
-        """Run one WebSocket until the stream ends (return) or the WebSocket drops."""
+        """Run one WebSocket until the stream ends (return) or the WebSocket drops.
+
+        This task reads, and keeps the WebSocket alive: it pings every ``ping_interval`` (by
+        way of the writer task) and drops a WebSocket silent for ``ping_interval +
+        ping_timeout``. The writer task writes what the calling tasks could not write at once.
+        A stream that ends normally ends both tasks without a cancellation."""
         # The drop leaves the nursery by hand: trio would wrap it in an ExceptionGroup.
         dropped = False
+        self._writer_idle = self._stop_writer = self._ping_wanted = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write_loop, ws)
-            nursery.start_soon(self._keepalive, ws)
             try:
+                dropped = await self._read_loop(ws)
+            except ConnectionClosed as exc:
+                if exc.code == ABNORMAL_CLOSURE:
+                    dropped = True
+                else:
+                    self._on_close(exc)
+            finally:
+                if self._writer_idle:
+                    self._stop_writer = True
+                    self._send_wanted.set()
+                else:
+                    nursery.cancel_scope.cancel()  # stop a write in progress
+        if dropped:
+            raise _Dropped
+
+    async def _read_loop(self, ws: WebSocket) -> bool:
+        """Feed what arrives to the endpoint until the WebSocket closes (ConnectionClosed) or
+        the endpoint fails (return False); return True when the WebSocket went silent."""
+        limit = self.ping_interval + self.ping_timeout
+        failure: DevstreamError | None = None
+        while failure is None:
+            wake = min(ws.last_received + limit, trio.current_time() + self.ping_interval)
+            # One timer per ping interval, not per read: a read cancelled while it waits
+            # loses nothing.
+            with trio.move_on_at(wake):
                 while True:
                     messages = await ws.receive_messages(MAX_MESSAGE)
                     try:
@@ -351,19 +398,24 @@ class FramedStream(trio.abc.HalfCloseableStream):
                             for part in parts:
                                 self._endpoint.receive_data(part)
                     except DevstreamError as exc:
-                        self._failure = exc
-                        await ws.send_close(exc.code.close_code, exc.message[:100])
-                        return
+                        failure = exc
+                        break
                     self._send_now()  # acknowledgements, from this task where it can
-            except ConnectionClosed as exc:
-                if exc.code == ABNORMAL_CLOSURE:
-                    dropped = True
-                else:
-                    self._on_close(exc)
-            finally:
-                nursery.cancel_scope.cancel()
-        if dropped:
-            raise _Dropped
+            if failure is not None:
+                break
+            if trio.current_time() >= ws.last_received + limit:
+                log.info(
+                    "stream %s (%s): no answer to pings; dropping the connection",
+                    self.stream_id,
+                    self.role.value,
+                )
+                await ws.abort()
+                return True
+            self._ping_wanted = True
+            self._send_wanted.set()
+        self._failure = failure
+        await ws.send_close(failure.code.close_code, failure.message[:100])
+        return False
 
     def _on_close(self, exc: ConnectionClosed) -> None:
         if exc.code == NORMAL_CLOSURE:
@@ -378,44 +430,35 @@ class FramedStream(trio.abc.HalfCloseableStream):
             )
 
     async def _write_loop(self, ws: WebSocket) -> None:
-        while True:
-            await self._send_wanted.wait()
-            self._send_wanted = trio.Event()
-            try:
-                if ws.has_backlog:
-                    await ws.flush()  # what _send_now could not write at once
-                while True:
-                    data = self._endpoint.data_to_send(MESSAGE_LIMIT)
-                    if not data:
-                        break
-                    await ws.send_bytes(data)
-            except ConnectionClosed:
-                return  # the reader sees the drop and resumes
-            self._changed.unpark_all()
-            if self._endpoint.done or (
-                self._endpoint.state is EndpointState.RESET and self._endpoint.reset_settled
-            ):
-                await ws.send_close(NORMAL_CLOSURE, "")
-                return
-
-    async def _keepalive(self, ws: WebSocket) -> None:
-        limit = self.ping_interval + self.ping_timeout
-        while True:
-            await trio.sleep_until(
-                min(ws.last_received + limit, trio.current_time() + self.ping_interval)
-            )
-            if trio.current_time() >= ws.last_received + limit:
-                log.info(
-                    "stream %s (%s): no answer to pings; dropping the connection",
-                    self.stream_id,
-                    self.role.value,
-                )
-                await ws.abort()
-                return
-            try:
-                await ws.ping()
-            except ConnectionClosed:
-                return
+        try:
+            while True:
+                self._writer_idle = True
+                await self._send_wanted.wait()
+                self._writer_idle = False
+                self._send_wanted = trio.Event()
+                if self._stop_writer:
+                    return
+                try:
+                    if ws.has_backlog:
+                        await ws.flush()  # what _send_now could not write at once
+                    while True:
+                        data = self._endpoint.data_to_send(MESSAGE_LIMIT)
+                        if not data:
+                            break
+                        await ws.send_bytes(data)
+                    if self._ping_wanted:
+                        self._ping_wanted = False
+                        await ws.ping()
+                except ConnectionClosed:
+                    return  # the reader sees the drop and resumes
+                self._changed.unpark_all()
+                if self._endpoint.done or (
+                    self._endpoint.state is EndpointState.RESET and self._endpoint.reset_settled
+                ):
+                    await ws.send_close(NORMAL_CLOSURE, "")
+                    return
+        finally:
+            self._writer_idle = True  # nothing left to stop
 
     async def _resume(self) -> WebSocket:
         deadline = trio.current_time() + self.resume_timeout
