@@ -10,9 +10,10 @@ import socket
 import trio
 import trio.testing
 from wsproto.connection import Connection, ConnectionType
+from wsproto.events import Message
 
 from devstream_core.common import Role
-from devstream_core.framing import Data, FrameDecoder
+from devstream_core.framing import Ack, Data, Eof, FrameDecoder, encode_frame
 from devstream_trio._frames import FrameReader
 from devstream_trio._ws import WebSocket
 from devstream_trio.framed import FramedStream
@@ -88,3 +89,34 @@ async def test_a_full_socket_leaves_the_rest_to_the_writer_and_loses_nothing() -
                 sides.start_soon(side, device, Role.SERVICE)
             await service.aclose()
             await device.aclose()
+
+
+async def test_the_ack_of_the_peers_eof_goes_out_with_this_sides_eof() -> None:
+    """The peer's EOF comes after its data; the device reads to it and sends its own EOF: the
+    acknowledgement and the EOF go out in one message, not two (each message costs the hub a
+    read and a write)."""
+    a, b = trio.socket.socketpair()
+    client = WebSocket(trio.SocketStream(a), Connection(ConnectionType.CLIENT))
+    hub = Connection(ConnectionType.SERVER)
+    peer = FrameReader(hub)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            device = FramedStream(
+                client, stream_id="s", role=Role.DEVICE, reconnect=never_reconnect, nursery=nursery
+            )
+            os.write(
+                b.fileno(), hub.send(Message(data=encode_frame(Data(offset=0, payload=b"hi"))))
+            )
+            assert await device.receive_some() == b"hi"
+            await trio.testing.wait_all_tasks_blocked()
+            os.write(b.fileno(), hub.send(Message(data=encode_frame(Eof(offset=2)))))
+            assert await device.receive_some() == b""
+            await device.send_eof()
+            await trio.testing.wait_all_tasks_blocked()
+            events = peer.receive(os.read(b.fileno(), 65536))
+            assert all(isinstance(event, Message) for event in events)
+            decoded = [FrameDecoder().feed(bytes(event.data)) for event in events]  # type: ignore[attr-defined]
+            # The Ack counts the EOF as one byte past the data.
+            assert decoded == [[Ack(offset=3), Eof(offset=0)]]
+            nursery.cancel_scope.cancel()
+    b.close()

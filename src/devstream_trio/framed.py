@@ -188,13 +188,15 @@ class FramedStream(trio.abc.HalfCloseableStream):
 
     async def send_eof(self) -> None:
         """Half-close: the peer reads EOF after the last byte; this side can still receive."""
-        await trio.lowlevel.checkpoint()
-        if self._eof_sent:
-            return
-        self._check_can_send()
-        self._eof_sent = True
-        self._endpoint.write_eof()
-        self._send_now()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not self._eof_sent:
+            self._check_can_send()
+            self._eof_sent = True
+            self._endpoint.write_eof()
+            self._send_now()
+        # Other tasks run after the EOF went out, not before (an acknowledgement left to the
+        # writer task goes with it).
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Return received bytes, or ``b""`` after the peer's EOF."""
@@ -210,7 +212,15 @@ class FramedStream(trio.abc.HalfCloseableStream):
             while True:
                 if self._endpoint.state is not EndpointState.RESET:
                     data = self._endpoint.read(max_bytes)
-                    if data or self._endpoint.at_eof:
+                    if self._endpoint.at_eof:
+                        # Read up to the peer's EOF: the acknowledgement is left to the writer
+                        # task, so that the send_eof() or aclose() that usually follows takes
+                        # it along, in one message with this side's EOF.
+                        if self._endpoint.has_output:
+                            self._send_wanted.set()
+                        self._changed.unpark_all()
+                        return data
+                    if data:
                         self._send_now()
                         return data
                 self._check_broken()
