@@ -7,9 +7,11 @@ timeouts are checked to the exact second without slowing the suite down.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import h11
 import hypothesis.strategies as st
@@ -28,6 +30,8 @@ from devstream_trio._http import (
     HttpResponse,
     HttpServerConnection,
     HttpStatusError,
+    _parse_101,
+    _request_head,
     accept_token,
     http_request,
     websocket_connect,
@@ -745,3 +749,218 @@ async def test_a_declined_upgrade_closes_the_connection(autojump_clock: trio.abc
     assert head.startswith(b"http/1.1 401 ")
     assert b"connection: close" in head
     assert await http.next_request() is None
+
+
+# -- the client's own request and 101 ---------------------------------------------------------
+
+
+def test_the_client_request_head_is_what_h11_would_write() -> None:
+    headers = [
+        ("host", "hub.test:8443"),
+        ("upgrade", "websocket"),
+        ("authorization", "SharedAccessSignature sr=hub.test&sig=a%2Bb%3D&se=1&skn=service"),
+        ("x-empty", ""),
+        ("X-Mixed-Case", "inner  spaces\tand tab"),
+    ]
+    target = "/twins/d%201/streams/ssh?api-version=2020-09-30&x=~!$'()*"
+    conn = h11.Connection(h11.CLIENT)
+    expected = conn.send(h11.Request(method="GET", target=target, headers=headers))
+    assert _request_head(target, headers) == expected
+
+
+@pytest.mark.parametrize(
+    ("target", "header"),
+    [
+        ("/a b", ("host", "h")),
+        ("/a\r\nX: y", ("host", "h")),
+        ("", ("host", "h")),
+        ("/", ("host", "h\r\nx-injected: 1")),
+        ("/", ("host", " padded")),
+        ("/", ("bad name", "v")),
+        ("/", ("host", "caf\u00e9")),
+    ],
+)
+def test_a_client_request_h11_would_refuse_is_refused(target: str, header: tuple[str, str]) -> None:
+    with pytest.raises(ValueError):
+        _request_head(target, [header])
+    with pytest.raises((h11.LocalProtocolError, ValueError)):
+        h11.Connection(h11.CLIENT).send(h11.Request(method="GET", target=target, headers=[header]))
+
+
+def h11_101(head: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The header fields h11 reads from *head* + blank line as the answer to an upgrade, or
+    None if it reads no 101 there."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(
+        h11.Request(
+            method="GET",
+            target="/",
+            headers=[("host", "h"), ("upgrade", "websocket"), ("connection", "Upgrade")],
+        )
+    )
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(head + b"\r\n\r\n")
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    if not isinstance(event, h11.InformationalResponse) or event.status_code != 101:
+        return None
+    return [(bytes(name), bytes(value)) for name, value in event.headers]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nX-A:b\r\nX-B:  c d \t",
+        b"HTTP/1.1 101\r\nX-Empty:",
+        b"HTTP/1.1 101 \r\nX-Obs: caf\xc3\xa9",
+    ],
+)
+def test_a_plain_101_is_read_as_h11_reads_it(head: bytes) -> None:
+    fields = _parse_101(head)
+    assert fields is not None
+    assert fields == h11_101(head)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0",
+        b"HTTP/1.0 101 Switching Protocols\r\nUpgrade: websocket",
+        b"HTTP/1.1 101 Switching\r\nUpgrade websocket",
+        b"HTTP/1.1 101 Switching\r\nBad Name: v",
+        b"HTTP/1.1 101 Switching\r\n: no name",
+        b"HTTP/1.1 101 Switching\r\nX-Ctl: a\x00b",
+        b"HTTP/1.1 101 Switching\r\nX-Fold: a\r\n  folded",
+        b"HTTP/1.1 101 Switching\r\nX-Lf: a\nb",
+        b"HTTP/1.1  101 Switching",
+    ],
+)
+def test_anything_else_is_left_to_h11(head: bytes) -> None:
+    assert _parse_101(head) is None
+
+
+_VISIBLE = st.binary(min_size=1, max_size=6).map(
+    lambda b: bytes(0x21 + (x % 94) if x < 200 else x for x in b)
+)
+_BYTE_SOUP = st.binary(max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.from_regex(rb"\A[-!#$%&'*+.^_`|~0-9A-Za-z]{1,8}\Z"), _BYTE_SOUP),
+            st.one_of(
+                st.lists(_VISIBLE, max_size=3).map(b" ".join),
+                _BYTE_SOUP,
+                st.sampled_from([b" ", b"\t", b"  x  ", b"a\tb", b"\x7f", b"\xff"]),
+            ),
+        ),
+        max_size=5,
+    ),
+    st.sampled_from([b"", b" Switching Protocols", b" ", b" \xe9t\xe9"]),
+)
+def test_whenever_the_client_reads_a_101_h11_reads_the_same(
+    fields: list[tuple[bytes, bytes]], reason: bytes
+) -> None:
+    head = b"HTTP/1.1 101" + reason + b"".join(b"\r\n" + k + b":" + v for k, v in fields)
+    ours = _parse_101(head)
+    if ours is not None:
+        assert ours == h11_101(head)
+
+
+async def test_a_101_that_comes_a_byte_at_a_time(autojump_clock: trio.abc.Clock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    server_ws = WsConnection(ConnectionType.SERVER)
+
+    async def server() -> None:
+        request = await HttpServerConnection(server_stream).next_request()
+        assert request is not None
+        key = request.header(b"sec-websocket-key")
+        assert key is not None
+        answer = handshake_response(key) + server_ws.send(BytesMessage(data=b"hi"))
+        for index in range(len(answer)):
+            await server_stream.send_all(answer[index : index + 1])
+            await trio.sleep(0.001)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            ws = await websocket_connect(client_stream, host="hub.test", target="/bridges/s1")
+            assert dict(ws.handshake_headers)[b"upgrade"] == b"websocket"
+            assert await ws.receive_message(100) == b"hi"
+
+
+@pytest.mark.parametrize(
+    "ending", [(b"\r\n", b"\n"), (b"\r\n\r\n", b"\n\r\n"), (b"\r\n\r\n", b"\r\n\n")]
+)
+async def test_a_101_with_bare_line_feeds_goes_through_h11(
+    autojump_clock: trio.abc.Clock, ending: tuple[bytes, bytes]
+) -> None:
+    # h11 ends a head at its first empty line, carriage returns or not; the client reads no
+    # further than h11 would, and leaves such a head to h11.
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+
+    async def server() -> None:
+        request = await HttpServerConnection(server_stream).next_request()
+        assert request is not None
+        key = request.header(b"sec-websocket-key")
+        assert key is not None
+        await server_stream.send_all(handshake_response(key).replace(*ending))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            ws = await websocket_connect(client_stream, host="hub.test", target="/bridges/s1")
+    assert dict(ws.handshake_headers)[b"connection"] == b"Upgrade"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nX-Long: " + b"x" * 20_000,
+        b"not http at all\r\n\r\n",
+    ],
+)
+async def test_a_broken_answer_to_the_upgrade(
+    autojump_clock: trio.abc.Clock, answer: bytes
+) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+
+    async def server() -> None:
+        assert await HttpServerConnection(server_stream).next_request() is not None
+        await server_stream.send_all(answer)
+        await server_stream.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            with pytest.raises(DevstreamError) as info:
+                await websocket_connect(client_stream, host="hub.test", target="/bridges/s1")
+    assert info.value.code is ErrorCode.HUB_UNREACHABLE
+
+
+def test_fuzz_harness_fallback_loop(capsys: pytest.CaptureFixture[str]) -> None:
+    path = Path(__file__).resolve().parent.parent / "fuzz" / "fuzz_http_response.py"
+    spec = importlib.util.spec_from_file_location("_devstream_fuzz_http_response", path)
+    assert spec is not None and spec.loader is not None
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    harness.run_fallback(2000, seed=1)
+    assert harness.ACCEPTED[0] > 100  # the client read many of them itself, each checked
+    assert harness.main(["--iterations", "200", "--seed", "2"]) == 0
+    assert "ok: " in capsys.readouterr().out
+    # A client that kept header names as they came would be caught.
+    harness._parse_101 = lambda head: (
+        [
+            (name, value.strip())
+            for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+        ]
+        if head.startswith(b"HTTP/1.1 101")
+        else None
+    )
+    with pytest.raises(harness.Crash):
+        harness.run_fallback(2000, seed=1)

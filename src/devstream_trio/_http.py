@@ -5,6 +5,11 @@ size, time to receive a whole request), answers them, and upgrades a request to 
 :class:`~devstream_trio._ws.WebSocket`. Client side: :func:`http_request` and
 :func:`websocket_connect` speak to a hub over a stream the caller opened.
 
+The two messages of a WebSocket handshake that go as expected skip h11: the hub writes its
+``101`` itself, and the client writes its upgrade request and reads a plain ``101`` itself,
+with h11's rules for names, values and targets (a differential test and a fuzz harness hold
+the client's reader to h11's). Everything else goes through h11.
+
 Errors the peer causes become :class:`HttpError` with an :class:`ErrorCode`; the server answers
 them with a JSON body ``{"errorCode": …, "message": …}`` and the status taken from the code.
 """
@@ -49,7 +54,20 @@ _MIGHT_SWITCH_PROTOCOL: object = h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-
 #: A header name (RFC 9110 token) and value (visible characters, inner spaces and tabs), for
 #: the headers of a response the hub writes itself.
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
-_FIELD_VALUE = re.compile(rb"([\x21-\x7e\x80-\xff]([\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?")
+# (Runs of visible characters with spaces or tabs between them: one way to match each value,
+# so a long line that does not match fails in linear time.)
+_FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff]+(?:[\t ]+[\x21-\x7e\x80-\xff]+)*)?")
+#: The target of a request the client writes itself (visible ASCII, as h11 requires).
+_REQUEST_TARGET = re.compile(rb"[\x21-\x7e]+")
+#: The status line and the header lines of a ``101`` the client reads itself; anything else
+#: (another status, another HTTP version, a line these refuse) goes to h11.
+_STATUS_101 = re.compile(rb"HTTP/1\.1 101(?: [\t\x20-\x7e\x80-\xff]*)?")
+#: Header fields whose values h11 checks in every response: a 101 with one goes to h11.
+_FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding"})
+#: Where h11 ends a head: the first empty line, with or without its carriage return.
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+#: The longest response head the client reads (h11's default limit).
+_MAX_RESPONSE_HEAD = 16 * 1024
 _REASONS = {
     200: "OK",
     201: "Created",
@@ -477,9 +495,14 @@ async def websocket_connect(
     subprotocols: Sequence[str] = (),
     nonce: bytes | None = None,
 ) -> WebSocket:
-    """Run the client's opening handshake; raise :class:`HttpStatusError` if refused."""
+    """Run the client's opening handshake; raise :class:`HttpStatusError` if refused.
+
+    The request is written here and a plain ``101`` is read here: h11's checks of a request
+    the client makes itself, and its parse of the answer, cost more than the rest of the
+    handshake. Names, values and the target are checked as h11 would; any other answer (a
+    refusal and its body, or a response these strict rules refuse) goes through h11.
+    """
     key = base64.b64encode(nonce if nonce is not None else os.urandom(16))
-    conn = h11.Connection(h11.CLIENT)
     all_headers = [
         ("host", host),
         ("upgrade", "websocket"),
@@ -490,29 +513,95 @@ async def websocket_connect(
     ]
     if subprotocols:
         all_headers.append(("sec-websocket-protocol", ", ".join(subprotocols)))
-    data = conn.send(h11.Request(method="GET", target=target, headers=all_headers))
-    data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
+    request = _request_head(target, all_headers)
     try:
-        await _io.send_all(stream, data)
+        await _io.send_all(stream, request)
     except trio.BrokenResourceError as exc:
         raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
-    head, content = await _read_response(stream, conn, 1024 * 1024)
-    response = HttpResponse(
-        status=head.status_code,
-        headers=[(bytes(k).lower(), bytes(v)) for k, v in head.headers],
-        body=content,
-    )
-    if head.status_code != 101:
-        raise HttpStatusError(response)
+    received, end, hung_up = await _receive_head(stream)
+    response_headers = _parse_101(received[:end]) if end >= 0 else None
+    trailing = received[end + 4 :]
+    if response_headers is None:
+        conn = h11.Connection(h11.CLIENT)
+        conn.send(h11.Request(method="GET", target=target, headers=all_headers))
+        conn.send(h11.EndOfMessage())
+        conn.receive_data(received)
+        if hung_up:
+            conn.receive_data(b"")
+        head, content = await _read_response(stream, conn, 1024 * 1024)
+        response = HttpResponse(
+            status=head.status_code,
+            headers=[(bytes(k).lower(), bytes(v)) for k, v in head.headers],
+            body=content,
+        )
+        if head.status_code != 101:
+            raise HttpStatusError(response)
+        response_headers = response.headers
+        trailing = bytes(conn.trailing_data[0])
+    response = HttpResponse(status=101, headers=response_headers)
     if response.header(b"sec-websocket-accept") != accept_token(key):
         raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "bad Sec-WebSocket-Accept from the hub")
     chosen = response.header(b"sec-websocket-protocol")
-    trailing, _ = conn.trailing_data
     ws = WsConnection(ConnectionType.CLIENT)
     return WebSocket(
         stream,
         ws,
         subprotocol=chosen.decode() if chosen else None,
         handshake_headers=response.headers,
-        initial_data=bytes(trailing),
+        initial_data=trailing,
     )
+
+
+def _request_head(target: str, headers: Sequence[tuple[str, str]]) -> bytes:
+    """The head of a ``GET`` request, checked as h11 checks one (``ValueError`` if not)."""
+    raw_target = target.encode("ascii")
+    if not _REQUEST_TARGET.fullmatch(raw_target):
+        raise ValueError(f"not a valid request target: {target!r}")
+    lines = [b"GET " + raw_target + b" HTTP/1.1\r\n"]
+    lines.extend(
+        _header_line(name.encode("ascii"), value.encode("ascii")) for name, value in headers
+    )
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+async def _receive_head(stream: trio.abc.Stream) -> tuple[bytes, int, bool]:
+    """Read until a response head has ended; return what was read, where the head's
+    ``\\r\\n\\r\\n`` starts, and whether the hub hung up. The place is -1 when the hub hung up
+    first, the head grew past the limit, or it ends the way only h11 reads (a bare line feed)."""
+    received = b""
+    while True:
+        try:
+            data = await _io.receive_some(stream, _RECEIVE_SIZE)
+        except trio.BrokenResourceError as exc:
+            raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
+        if not data:
+            return received, -1, True
+        start = max(0, len(received) - 3)
+        received += data
+        blank = _BLANK_LINE.search(received, start)  # where h11 sees the head end
+        if blank is not None:
+            end = blank.start() - 1
+            plain = blank[0] == b"\n\r\n" and end >= 0 and received[end] == 0x0D
+            return received, end if plain else -1, False
+        if len(received) > _MAX_RESPONSE_HEAD:
+            return received, -1, False
+
+
+def _parse_101(head: bytes) -> Headers | None:
+    """The header fields of a well-formed ``HTTP/1.1 101`` head (names lower-cased), or None
+    for anything else."""
+    lines = head.split(b"\r\n")
+    if not _STATUS_101.fullmatch(lines[0]):
+        return None
+    fields: Headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        value = value.strip(b" \t")
+        if not colon or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+            return None
+        name = name.lower()
+        if name in _FRAMING_FIELDS:
+            return None  # h11 checks these even in a 101
+        fields.append((name, value))
+    return fields
