@@ -307,3 +307,27 @@ async def test_registry_requests_use_a_connection_each(
             assert len(connection.request_lines()) == 1
             assert b"connection: close" in bytes(connection.sent).lower()
             assert connection.closed
+
+
+async def test_requests_share_a_sas_token_until_half_its_lifetime(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """Signing a SAS token costs about as much as the rest of a request's head: the service
+    signs one, uses it for every request, and signs a new one once half its hour is gone (or
+    when its clock turned back past the token's signing)."""
+    now = [hub_env.hub.wall_clock()]
+    hub_env.hub.wall_clock = lambda: now[0]
+    services = Recorder(hub_env.hub, hub_env.nursery)
+    service = ServiceClient(hub_env.service_cs(), opener=services, wall_clock=lambda: now[0])
+    tokens: list[str] = []
+    with trio.fail_after(TIMEOUT):
+        for step in (0, 10, 1789, 2, -1000):
+            now[0] += step
+            assert await service.list_devices() == []
+            head = bytes(services.connections[-1].sent).split(b"\r\n\r\n")[0].decode()
+            [line] = [x for x in head.split("\r\n") if x.lower().startswith("authorization:")]
+            tokens.append(line.split(":", 1)[1].strip())
+    signed = [int(token.rsplit("se=", 1)[1].split("&")[0]) for token in tokens]
+    assert tokens[0] == tokens[1] == tokens[2]  # 1,799 s in: still the first token
+    assert tokens[3] != tokens[2] and signed[3] == int(now[0] + 1000) + 3600
+    assert tokens[4] != tokens[3] and signed[4] == int(now[0]) + 3600
