@@ -1065,3 +1065,35 @@ def test_messages_sent_fit_what_every_receiver_takes() -> None:
     # to MAX_FRAMED_MESSAGE) to the peer's FramedStream (MAX_MESSAGE): a larger one is a 1009.
     assert framed.MESSAGE_LIMIT <= streaming.MAX_FRAMED_MESSAGE
     assert framed.MESSAGE_LIMIT <= framed.MAX_MESSAGE
+
+
+async def test_closing_a_finished_stream_while_it_resumes_stops_the_resume(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """Both EOFs went through, then the service's connection is lost and every reconnection
+    fails: ``aclose`` stops the resuming at once, with no attempt after it."""
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env)
+        await pair.service.send_eof()
+        assert await pair.device.receive_some() == b""
+        await pair.device.send_eof()
+        assert await pair.service.receive_some() == b""
+        attempts: list[float] = []
+
+        async def refuse(token: str) -> WebSocket:
+            attempts.append(trio.current_time())
+            await trio.lowlevel.checkpoint()
+            raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, "refused by the test")
+
+        pair.service._reconnect = refuse
+        pair.service_opener.latest_stream().cut()
+        while len(attempts) < 2:
+            await trio.sleep(0.01)
+        await pair.service.aclose()
+        closed_at = trio.current_time()
+        await pair.service._finished.wait()
+        assert trio.current_time() - closed_at < 0.01
+        count = len(attempts)
+        await trio.sleep(30)
+        assert len(attempts) == count
+        assert pair.service.resumes == 0

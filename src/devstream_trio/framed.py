@@ -268,7 +268,8 @@ class FramedStream(trio.abc.HalfCloseableStream):
 
     async def _finish(self) -> bool:
         """Finish the stream; True when the connection task ends by itself: the closing
-        handshake is under way (this side's close went out), or the peer closed."""
+        handshake is under way (this side's close went out on a connection not known to be
+        lost; a lost one is being resumed), or the peer closed."""
         endpoint = self._endpoint
         with trio.move_on_after(self.close_timeout):
             if endpoint.state is EndpointState.OPEN and not self._over():
@@ -287,9 +288,11 @@ class FramedStream(trio.abc.HalfCloseableStream):
             # Let the writer put the last frames on the wire, then close politely.
             while not self._over() and endpoint.has_output:
                 await self._changed.park()
-            if self._ws.is_open:
-                await self._ws.send_close(NORMAL_CLOSURE, "")
-            return self._ws.close_sent or self._peer_closed
+            ws = self._ws
+            if ws.is_open:
+                await ws.send_close(NORMAL_CLOSURE, "")
+            lost = ws.closed is not None and ws.closed.code == ABNORMAL_CLOSURE
+            return (ws.close_sent and not lost) or self._peer_closed
         return False
 
     def _check_can_send(self) -> None:
