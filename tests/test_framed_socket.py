@@ -7,16 +7,17 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import trio
 import trio.testing
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import Message
 
 from devstream_core.common import Role
-from devstream_core.framing import Ack, Data, Eof, FrameDecoder, encode_frame
+from devstream_core.framing import Ack, Data, EndpointState, Eof, FrameDecoder, encode_frame
 from devstream_trio._frames import FrameReader
 from devstream_trio._ws import WebSocket
-from devstream_trio.framed import FramedStream
+from devstream_trio.framed import ACK_DELAY, FramedStream
 
 
 async def never_reconnect(resume_token: str) -> WebSocket:
@@ -62,7 +63,9 @@ async def test_a_send_the_socket_takes_goes_out_from_the_calling_task() -> None:
     b.close()
 
 
-async def test_a_full_socket_leaves_the_rest_to_the_writer_and_loses_nothing() -> None:
+async def test_a_full_socket_leaves_the_rest_to_the_writer_and_loses_nothing(
+    writer_starts: list[FramedStream],
+) -> None:
     # Small socket buffers: sends from the calling task write part of a message and leave the
     # rest to the writer task, both ways at once.
     payload = {Role.SERVICE: bytes(range(251)) * 9000, Role.DEVICE: bytes(range(241)) * 7000}
@@ -89,6 +92,8 @@ async def test_a_full_socket_leaves_the_rest_to_the_writer_and_loses_nothing() -
                 sides.start_soon(side, device, Role.SERVICE)
             await service.aclose()
             await device.aclose()
+    # The writer task started where the socket was full: on both sides.
+    assert {stream.role for stream in writer_starts} == {Role.SERVICE, Role.DEVICE}
 
 
 async def test_the_ack_of_the_peers_eof_goes_out_with_this_sides_eof() -> None:
@@ -118,5 +123,77 @@ async def test_the_ack_of_the_peers_eof_goes_out_with_this_sides_eof() -> None:
             decoded = [FrameDecoder().feed(bytes(event.data)) for event in events]  # type: ignore[attr-defined]
             # The Ack counts the EOF as one byte past the data.
             assert decoded == [[Ack(offset=3), Eof(offset=0)]]
+            nursery.cancel_scope.cancel()
+    b.close()
+
+
+@pytest.fixture
+def writer_starts(monkeypatch: pytest.MonkeyPatch) -> list[FramedStream]:
+    """The streams whose writer task started, in order."""
+    started: list[FramedStream] = []
+    write_loop = FramedStream._write_loop
+
+    async def counted(self: FramedStream, ws: WebSocket) -> None:
+        started.append(self)
+        await write_loop(self, ws)
+
+    monkeypatch.setattr(FramedStream, "_write_loop", counted)
+    return started
+
+
+async def test_a_stream_the_socket_keeps_up_with_needs_no_writer_task(
+    autojump_clock: trio.abc.Clock, writer_starts: list[FramedStream]
+) -> None:
+    """Data both ways, EOF both ways, close: every frame goes out from the calling task or
+    the connection task, so the writer task never starts, and nothing waits on a timer (an
+    acknowledgement of an EOF goes out with the EOF or the close that follows it)."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            service, device = framed_pair(nursery, 1 << 20)
+            start = trio.current_time()
+            await service.send_all(b"ping")
+            assert await device.receive_some() == b"ping"
+            await device.send_all(b"pong")
+            assert await service.receive_some() == b"pong"
+            await service.send_eof()
+            assert await device.receive_some() == b""
+            await device.send_eof()
+            assert await service.receive_some() == b""
+            await service.aclose()
+            await device.aclose()
+            assert trio.current_time() - start < ACK_DELAY / 10
+            for stream in (service, device):
+                assert stream._endpoint.state is EndpointState.DONE
+    assert writer_starts == []
+
+
+async def test_an_eof_the_application_does_not_answer_is_acknowledged_soon(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The device reads to the peer's EOF and then does nothing on the stream: the
+    acknowledgement goes out alone after ACK_DELAY, so the peer's aclose is not held up."""
+    a, b = trio.socket.socketpair()
+    client = WebSocket(trio.SocketStream(a), Connection(ConnectionType.CLIENT))
+    hub = Connection(ConnectionType.SERVER)
+    peer = FrameReader(hub)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            device = FramedStream(
+                client, stream_id="s", role=Role.DEVICE, reconnect=never_reconnect, nursery=nursery
+            )
+            os.write(
+                b.fileno(), hub.send(Message(data=encode_frame(Data(offset=0, payload=b"hi"))))
+            )
+            assert await device.receive_some() == b"hi"
+            await trio.testing.wait_all_tasks_blocked()
+            os.write(b.fileno(), hub.send(Message(data=encode_frame(Eof(offset=2)))))
+            assert await device.receive_some() == b""
+            eof_read_at = trio.current_time()
+            await trio.lowlevel.wait_readable(b)
+            waited = trio.current_time() - eof_read_at
+            assert ACK_DELAY <= waited <= ACK_DELAY * 1.5
+            events = peer.receive(os.read(b.fileno(), 65536))
+            decoded = [FrameDecoder().feed(bytes(event.data)) for event in events]  # type: ignore[attr-defined]
+            assert decoded == [[Ack(offset=3)]]
             nursery.cancel_scope.cancel()
     b.close()

@@ -345,6 +345,20 @@ class WebSocket:
             self._closed = self._closed or ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
         return True
 
+    def send_close_nowait(self, code: int = 1000, reason: str = "") -> bool:
+        """Start the closing handshake from the calling task, as :meth:`send_bytes_nowait`
+        sends a message: True when the close went out (or its end was kept to go out first
+        with the next write), False when the caller must use :meth:`send_close`."""
+        stream = self.stream
+        if not self.can_send_nowait or type(stream) is not trio.SocketStream:
+            return False
+        data = self._ws.send(CloseConnection(code=code, reason=reason))
+        try:
+            self._backlog = _io.write_nowait(stream, _gather([data], _ALONE_SOCKET))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._closed = self._closed or ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
+        return True
+
     @property
     def can_send_nowait(self) -> bool:
         """True when :meth:`send_bytes_nowait` would take a message now."""

@@ -23,6 +23,7 @@ Meaning of the trio methods:
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -91,6 +92,10 @@ class StreamOptions:
     close_timeout: float = 5.0
 
 
+#: How long an acknowledgement of the peer's EOF may wait for this side's own EOF (or other
+#: frames) to go out with it.
+ACK_DELAY = 0.005
+
 #: Resume delays' jitter, for streams not given a generator of their own.
 _JITTER = random.Random()
 
@@ -140,6 +145,14 @@ class FramedStream(trio.abc.HalfCloseableStream):
         self._receiving = False
         self._scope = trio.CancelScope()
         self._writer_idle = self._stop_writer = self._ping_wanted = False
+        #: The writer task runs only once something needs it (see _wake_writer).
+        self._writer_running = False
+        self._writer_nursery: trio.Nursery | None = None
+        #: The connection task's timer while it reads, and its keepalive deadline; whether
+        #: an acknowledgement waits for it (see _defer_ack).
+        self._read_timer: trio.CancelScope | None = None
+        self._read_wake = math.inf
+        self._ack_due = False
         self._closing = False
         # Connected from the start: what the application sends before the connection task
         # first runs goes out at once (see _send_now).
@@ -213,11 +226,11 @@ class FramedStream(trio.abc.HalfCloseableStream):
                 if self._endpoint.state is not EndpointState.RESET:
                     data = self._endpoint.read(max_bytes)
                     if self._endpoint.at_eof:
-                        # Read up to the peer's EOF: the acknowledgement is left to the writer
-                        # task, so that the send_eof() or aclose() that usually follows takes
-                        # it along, in one message with this side's EOF.
+                        # Read up to the peer's EOF: the acknowledgement waits a moment, so
+                        # that the send_eof() or aclose() that usually follows takes it along,
+                        # in one message with this side's EOF.
                         if self._endpoint.has_output:
-                            self._send_wanted.set()
+                            self._defer_ack()
                         self._changed.unpark_all()
                         return data
                     if data:
@@ -285,7 +298,9 @@ class FramedStream(trio.abc.HalfCloseableStream):
             if unfinished and not self._over():
                 endpoint.reset(int(ErrorCode.STREAM_RESET), "closed before the peer read all")
                 self._send_now()
-            # Let the writer put the last frames on the wire, then close politely.
+            # The last frames go out (what the socket does not take, by the writer task),
+            # then the close.
+            self._send_now()
             while not self._over() and endpoint.has_output:
                 await self._changed.park()
             ws = self._ws
@@ -313,19 +328,48 @@ class FramedStream(trio.abc.HalfCloseableStream):
     def _send_now(self) -> None:
         """Put what the endpoint has to send on the wire from the calling task, where the
         WebSocket takes it at once (no hand-off to the writer task, and nothing a
-        cancellation could cut); wake the writer task only for the rest (a full socket, a
-        send in progress, TLS, the close when the stream is done); wake waiting callers."""
+        cancellation could cut), and the close once the stream is done; wake the writer task
+        only for the rest (a full socket, a send in progress, TLS); wake waiting callers."""
         ws, endpoint = self._ws, self._endpoint
         while endpoint.has_output and ws.can_send_nowait:
             ws.send_bytes_nowait(endpoint.data_to_send(MESSAGE_LIMIT))
+        reset = endpoint.state is EndpointState.RESET
+        finished = endpoint.done or (reset and endpoint.reset_settled)
+        if finished and ws.is_open and not endpoint.has_output:
+            ws.send_close_nowait(NORMAL_CLOSURE)  # the stream is over: close the WebSocket
         if (
             endpoint.has_output
             or ws.has_backlog
-            or endpoint.done
-            or endpoint.state is EndpointState.RESET
+            or (finished and ws.is_open)
+            or (reset and not finished)
         ):
-            self._send_wanted.set()
+            self._wake_writer()
+        elif self._ack_due:
+            # A deferred acknowledgement went out with this: the connection task's timer
+            # goes back to its keepalive deadline.
+            self._ack_due = False
+            if self._read_timer is not None:
+                self._read_timer.deadline = self._read_wake
         self._changed.unpark_all()
+
+    def _defer_ack(self) -> None:
+        """Leave what the endpoint has to send for up to ``ACK_DELAY``: the connection task
+        sends it then, unless a send from the application took it along first."""
+        timer = self._read_timer
+        if timer is None:
+            self._wake_writer()  # no connection task reading: the writer sends it
+            return
+        self._ack_due = True
+        timer.deadline = min(timer.deadline, trio.current_time() + ACK_DELAY)
+
+    def _wake_writer(self) -> None:
+        """Have the writer task write what the endpoint has; start it if it is not running.
+        Most streams never need it: what they send goes out from the calling task."""
+        self._send_wanted.set()
+        if not self._writer_running and self._writer_nursery is not None:
+            self._writer_running = True
+            self._writer_idle = False
+            self._writer_nursery.start_soon(self._write_loop, self._ws)
 
     # -- the connection task -----------------------------------------------------------------
 
@@ -371,13 +415,16 @@ class FramedStream(trio.abc.HalfCloseableStream):
 
         This task reads, and keeps the WebSocket alive: it pings every ``ping_interval`` (by
         way of the writer task) and drops a WebSocket silent for ``ping_interval +
-        ping_timeout``. The writer task writes what the calling tasks could not write at once.
-        A stream that ends normally ends both tasks without a cancellation."""
+        ping_timeout``. The writer task, started when first needed, writes what the calling
+        tasks could not write at once. A stream that ends normally ends both tasks without a
+        cancellation."""
         # The drop leaves the nursery by hand: trio would wrap it in an ExceptionGroup.
         dropped = False
-        self._writer_idle = self._stop_writer = self._ping_wanted = False
+        self._stop_writer = self._ping_wanted = False
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._write_loop, ws)
+            self._writer_nursery = nursery
+            if self._send_wanted.is_set():
+                self._wake_writer()  # wanted before this connection was up
             try:
                 dropped = await self._read_loop(ws)
             except ConnectionClosed as exc:
@@ -386,7 +433,10 @@ class FramedStream(trio.abc.HalfCloseableStream):
                 else:
                     self._on_close(exc)
             finally:
-                if self._writer_idle:
+                self._writer_nursery = None
+                if not self._writer_running:
+                    pass
+                elif self._writer_idle:
                     self._stop_writer = True
                     self._send_wanted.set()
                 else:
@@ -399,24 +449,34 @@ class FramedStream(trio.abc.HalfCloseableStream):
         the endpoint fails (return False); return True when the WebSocket went silent."""
         limit = self.ping_interval + self.ping_timeout
         failure: DevstreamError | None = None
+        next_ping = trio.current_time() + self.ping_interval
         while failure is None:
-            wake = min(ws.last_received + limit, trio.current_time() + self.ping_interval)
+            self._read_wake = min(ws.last_received + limit, next_ping)
             # One timer per ping interval, not per read: a read cancelled while it waits
-            # loses nothing.
-            with trio.move_on_at(wake):
-                while True:
-                    messages = await ws.receive_messages(MAX_MESSAGE)
-                    try:
-                        for parts in messages:
-                            for part in parts:
-                                self._endpoint.receive_data(part)
-                    except DevstreamError as exc:
-                        failure = exc
-                        break
-                    self._send_now()  # acknowledgements, from this task where it can
+            # loses nothing. A deferred acknowledgement brings it forward (_defer_ack).
+            try:
+                with trio.move_on_at(self._read_wake) as self._read_timer:
+                    if self._ack_due:
+                        self._read_timer.deadline = trio.current_time() + ACK_DELAY
+                    while True:
+                        messages = await ws.receive_messages(MAX_MESSAGE)
+                        try:
+                            for parts in messages:
+                                for part in parts:
+                                    self._endpoint.receive_data(part)
+                        except DevstreamError as exc:
+                            failure = exc
+                            break
+                        self._send_now()  # acknowledgements, from this task where it can
+            finally:
+                self._read_timer = None
             if failure is not None:
                 break
-            if trio.current_time() >= ws.last_received + limit:
+            if self._ack_due:
+                self._ack_due = False
+                self._send_now()
+            now = trio.current_time()
+            if now >= ws.last_received + limit:
                 log.info(
                     "stream %s (%s): no answer to pings; dropping the connection",
                     self.stream_id,
@@ -424,8 +484,10 @@ class FramedStream(trio.abc.HalfCloseableStream):
                 )
                 await ws.abort()
                 return True
-            self._ping_wanted = True
-            self._send_wanted.set()
+            if now >= next_ping:
+                next_ping = now + self.ping_interval
+                self._ping_wanted = True
+                self._wake_writer()
         self._failure = failure
         await ws.send_close(failure.code.close_code, failure.message[:100])
         return False
@@ -471,6 +533,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
                     await ws.send_close(NORMAL_CLOSURE, "")
                     return
         finally:
+            self._writer_running = False
             self._writer_idle = True  # nothing left to stop
 
     async def _resume(self) -> WebSocket:
