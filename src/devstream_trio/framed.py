@@ -2,10 +2,11 @@
 
 :class:`FramedStream` is a ``trio.abc.HalfCloseableStream`` driven by the core's
 :class:`~devstream_core.framing.StreamEndpoint`. One background task (in the nursery the client
-owns) keeps the WebSocket under it: it reads frames, writes what the endpoint wants sent, pings,
-and when the WebSocket drops without a close it reconnects to the streaming endpoint with the
-stream's resume credential and lets the endpoint resend what the peer is missing. Application
-code sees none of that, except in logs and in ``resumes``.
+owns) keeps the WebSocket under it: it reads frames, pings, and when the WebSocket drops without
+a close it reconnects to the streaming endpoint with the stream's resume credential and lets the
+endpoint resend what the peer is missing. Frames go out from the task that made them when the
+socket takes them at once; a second task, started only when needed, writes the rest (a full
+socket, TLS). Application code sees none of that, except in logs and in ``resumes``.
 
 Meaning of the trio methods:
 
@@ -14,7 +15,9 @@ Meaning of the trio methods:
 * ``send_eof`` half-closes: the peer reads ``b""`` after the last byte, and can still send.
 * ``receive_some`` returns ``b""`` after the peer's EOF; it raises ``trio.BrokenResourceError``
   (``__cause__``: :class:`~devstream_trio.exceptions.StreamReset` or the hub's error) when the
-  stream was reset, the peer vanished for good, or the hub could not be reached again.
+  stream was reset, the peer vanished for good, or the hub could not be reached again. The
+  acknowledgement of the peer's EOF waits up to ``ACK_DELAY`` (5 ms) to go out with this
+  side's own EOF or close.
 * ``aclose`` sends EOF if it was not sent, waits up to ``close_timeout`` for the peer to
   acknowledge every byte, resets the stream if it does not, and closes the WebSocket.
 * :meth:`FramedStream.reset` aborts the stream; the peer sees a reset with the code and reason.
