@@ -520,8 +520,9 @@ async def websocket_connect(
         raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
     received, end, hung_up = await _receive_head(stream)
     response_headers = _parse_101(received[:end]) if end >= 0 else None
-    trailing = received[end + 4 :]
-    if response_headers is None:
+    if response_headers is not None:
+        trailing = received[end + 4 :]  # the first WebSocket frames, if any came with it
+    else:
         conn = h11.Connection(h11.CLIENT)
         conn.send(h11.Request(method="GET", target=target, headers=all_headers))
         conn.send(h11.EndOfMessage())
@@ -569,23 +570,23 @@ async def _receive_head(stream: trio.abc.Stream) -> tuple[bytes, int, bool]:
     """Read until a response head has ended; return what was read, where the head's
     ``\\r\\n\\r\\n`` starts, and whether the hub hung up. The place is -1 when the hub hung up
     first, the head grew past the limit, or it ends the way only h11 reads (a bare line feed)."""
-    received = b""
+    received = bytearray()
     while True:
         try:
             data = await _io.receive_some(stream, _RECEIVE_SIZE)
         except trio.BrokenResourceError as exc:
             raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
         if not data:
-            return received, -1, True
+            return bytes(received), -1, True
         start = max(0, len(received) - 3)
         received += data
         blank = _BLANK_LINE.search(received, start)  # where h11 sees the head end
         if blank is not None:
             end = blank.start() - 1
             plain = blank[0] == b"\n\r\n" and end >= 0 and received[end] == 0x0D
-            return received, end if plain else -1, False
+            return bytes(received), end if plain else -1, False
         if len(received) > _MAX_RESPONSE_HEAD:
-            return received, -1, False
+            return bytes(received), -1, False
 
 
 def _parse_101(head: bytes) -> Headers | None:

@@ -210,8 +210,8 @@ class FramedStream(trio.abc.HalfCloseableStream):
             self._eof_sent = True
             self._endpoint.write_eof()
             self._send_now()
-        # Other tasks run after the EOF went out, not before (an acknowledgement left to the
-        # writer task goes with it).
+        # Other tasks run after the EOF went out, not before (an acknowledgement waiting for
+        # it goes with it).
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
