@@ -96,35 +96,51 @@ async def test_a_full_socket_leaves_the_rest_to_the_writer_and_loses_nothing(
     assert {stream.role for stream in writer_starts} == {Role.SERVICE, Role.DEVICE}
 
 
+class HandDrivenHub:
+    """A device's FramedStream over a socket whose other end the test drives by hand, in the
+    hub's place."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        a, self.sock = trio.socket.socketpair()
+        self.ws = Connection(ConnectionType.SERVER)
+        self.reader = FrameReader(self.ws)
+        client = WebSocket(trio.SocketStream(a), Connection(ConnectionType.CLIENT))
+        self.device = FramedStream(
+            client, stream_id="s", role=Role.DEVICE, reconnect=never_reconnect, nursery=nursery
+        )
+
+    def send(self, frame: Data | Eof) -> None:
+        os.write(self.sock.fileno(), self.ws.send(Message(data=encode_frame(frame))))
+
+    def received(self) -> list[list[object]]:
+        """The frames of each message the device sent, as far as they have come."""
+        events = self.reader.receive(os.read(self.sock.fileno(), 65536))
+        assert all(isinstance(event, Message) for event in events)
+        return [FrameDecoder().feed(bytes(event.data)) for event in events]  # type: ignore[attr-defined]
+
+    async def data_then_eof(self) -> None:
+        """Two bytes, then, in a message of its own, the EOF; the device reads both."""
+        self.send(Data(offset=0, payload=b"hi"))
+        assert await self.device.receive_some() == b"hi"
+        await trio.testing.wait_all_tasks_blocked()
+        self.send(Eof(offset=2))
+        assert await self.device.receive_some() == b""
+
+
 async def test_the_ack_of_the_peers_eof_goes_out_with_this_sides_eof() -> None:
     """The peer's EOF comes after its data; the device reads to it and sends its own EOF: the
     acknowledgement and the EOF go out in one message, not two (each message costs the hub a
     read and a write)."""
-    a, b = trio.socket.socketpair()
-    client = WebSocket(trio.SocketStream(a), Connection(ConnectionType.CLIENT))
-    hub = Connection(ConnectionType.SERVER)
-    peer = FrameReader(hub)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            device = FramedStream(
-                client, stream_id="s", role=Role.DEVICE, reconnect=never_reconnect, nursery=nursery
-            )
-            os.write(
-                b.fileno(), hub.send(Message(data=encode_frame(Data(offset=0, payload=b"hi"))))
-            )
-            assert await device.receive_some() == b"hi"
+            hub = HandDrivenHub(nursery)
+            await hub.data_then_eof()
+            await hub.device.send_eof()
             await trio.testing.wait_all_tasks_blocked()
-            os.write(b.fileno(), hub.send(Message(data=encode_frame(Eof(offset=2)))))
-            assert await device.receive_some() == b""
-            await device.send_eof()
-            await trio.testing.wait_all_tasks_blocked()
-            events = peer.receive(os.read(b.fileno(), 65536))
-            assert all(isinstance(event, Message) for event in events)
-            decoded = [FrameDecoder().feed(bytes(event.data)) for event in events]  # type: ignore[attr-defined]
             # The Ack counts the EOF as one byte past the data.
-            assert decoded == [[Ack(offset=3), Eof(offset=0)]]
+            assert hub.received() == [[Ack(offset=3), Eof(offset=0)]]
             nursery.cancel_scope.cancel()
-    b.close()
+    hub.sock.close()
 
 
 @pytest.fixture
@@ -172,28 +188,14 @@ async def test_an_eof_the_application_does_not_answer_is_acknowledged_soon(
 ) -> None:
     """The device reads to the peer's EOF and then does nothing on the stream: the
     acknowledgement goes out alone after ACK_DELAY, so the peer's aclose is not held up."""
-    a, b = trio.socket.socketpair()
-    client = WebSocket(trio.SocketStream(a), Connection(ConnectionType.CLIENT))
-    hub = Connection(ConnectionType.SERVER)
-    peer = FrameReader(hub)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            device = FramedStream(
-                client, stream_id="s", role=Role.DEVICE, reconnect=never_reconnect, nursery=nursery
-            )
-            os.write(
-                b.fileno(), hub.send(Message(data=encode_frame(Data(offset=0, payload=b"hi"))))
-            )
-            assert await device.receive_some() == b"hi"
-            await trio.testing.wait_all_tasks_blocked()
-            os.write(b.fileno(), hub.send(Message(data=encode_frame(Eof(offset=2)))))
-            assert await device.receive_some() == b""
+            hub = HandDrivenHub(nursery)
+            await hub.data_then_eof()
             eof_read_at = trio.current_time()
-            await trio.lowlevel.wait_readable(b)
+            await trio.lowlevel.wait_readable(hub.sock)
             waited = trio.current_time() - eof_read_at
             assert ACK_DELAY <= waited <= ACK_DELAY * 1.5
-            events = peer.receive(os.read(b.fileno(), 65536))
-            decoded = [FrameDecoder().feed(bytes(event.data)) for event in events]  # type: ignore[attr-defined]
-            assert decoded == [[Ack(offset=3)]]
+            assert hub.received() == [[Ack(offset=3)]]
             nursery.cancel_scope.cancel()
-    b.close()
+    hub.sock.close()
