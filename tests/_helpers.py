@@ -6,11 +6,14 @@ for output lines, servers report their port once they listen.
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
+from pathlib import Path
+from types import ModuleType
 
 import trio
 
@@ -154,3 +157,17 @@ def one_error_line(err: str) -> str:
     assert len(lines) == 1, err
     assert lines[0].startswith("devstream: error: "), err
     return lines[0]
+
+
+# -- fuzz harnesses ----------------------------------------------------------------------------
+
+FUZZ_DIR = Path(__file__).resolve().parent.parent / "fuzz"
+
+
+def load_fuzz_harness(name: str) -> ModuleType:
+    """The harness ``fuzz/<name>.py``, loaded by its path (``fuzz/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_devstream_{name}", FUZZ_DIR / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -11,12 +11,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import importlib.util
 import itertools
 import random
 import string
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 from hypothesis import given, settings
@@ -34,6 +31,8 @@ from devstream_core.credentials import (
     verify_sas_token,
 )
 from devstream_core.errors import CredentialError, ErrorCode, LocalProtocolError
+
+from ._helpers import load_fuzz_harness
 
 KEY = "ZGV2c3RyZWFtIHRlc3Qga2V5IGZvciBjcmVkZW50aWFscw=="  # has '=' padding
 KEY2 = "c2Vjb25kYXJ5IGtleSBvZiB0aGUgc2FtZSBkZXZpY2U="
@@ -729,20 +728,10 @@ def test_make_then_verify_round_trip(
 
 # --- fuzz harnesses, run briefly in-process --------------------------------------------------
 
-_FUZZ_DIR = Path(__file__).resolve().parent.parent / "fuzz"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_devstream_{name}", _FUZZ_DIR / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.parametrize("name", ["fuzz_connection_string", "fuzz_sas"])
 def test_fuzz_harness_fallback_loop(name: str, capsys: pytest.CaptureFixture[str]) -> None:
-    harness = _load(name)
+    harness = load_fuzz_harness(name)
     harness.run_fallback(2000, seed=1)
     assert harness.main(["--iterations", "200", "--seed", "2"]) == 0
     assert "ok: " in capsys.readouterr().out
@@ -752,7 +741,7 @@ def test_fuzz_harness_fallback_loop(name: str, capsys: pytest.CaptureFixture[str
 def test_fuzz_harness_reports_a_crash(
     name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    harness = _load(name)
+    harness = load_fuzz_harness(name)
 
     def broken(data: bytes) -> None:
         raise ValueError("planted bug")

@@ -8,11 +8,9 @@ code).
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import struct
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -22,13 +20,13 @@ from wsproto.events import (
     BytesMessage,
     CloseConnection,
     Event,
-    Ping,
-    Pong,
     TextMessage,
 )
 
 from devstream_trio import _mask
 from devstream_trio._frames import FrameReader
+
+from ._helpers import load_fuzz_harness
 
 
 def frame(
@@ -58,19 +56,10 @@ def frame(
     return head + payload
 
 
-def describe(events: list[Event]) -> list[tuple[object, ...]]:
-    out: list[tuple[object, ...]] = []
-    for event in events:
-        if isinstance(event, (BytesMessage, TextMessage)):
-            data = bytes(event.data) if isinstance(event.data, bytearray) else event.data
-            out.append((type(event).__name__, data, event.frame_finished, event.message_finished))
-        elif isinstance(event, (Ping, Pong)):
-            out.append((type(event).__name__, bytes(event.payload)))
-        elif isinstance(event, CloseConnection):
-            out.append(("close", int(event.code)))
-        else:  # pragma: no cover - no other event comes from frames
-            raise AssertionError(event)
-    return out
+#: The fuzz harness, whose comparison of the two parsers these tests share.
+WS_FRAMES_HARNESS = load_fuzz_harness("fuzz_ws_frames")
+#: Events as comparable tuples (payload bytes, flags; a close by its code).
+describe = WS_FRAMES_HARNESS._describe
 
 
 def run_both(
@@ -271,11 +260,7 @@ def test_zero_length_frames_are_events() -> None:
 
 
 def test_fuzz_harness_fallback_loop(capsys: pytest.CaptureFixture[str]) -> None:
-    path = Path(__file__).resolve().parent.parent / "fuzz" / "fuzz_ws_frames.py"
-    spec = importlib.util.spec_from_file_location("_devstream_fuzz_ws_frames", path)
-    assert spec is not None and spec.loader is not None
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
+    harness = WS_FRAMES_HARNESS
     harness.run_fallback(2000, seed=1)
     assert harness.main(["--iterations", "200", "--seed", "2"]) == 0
     assert "ok: " in capsys.readouterr().out
