@@ -908,3 +908,81 @@ async def test_send_bytes_nowait_to_a_lost_transport_marks_the_websocket_closed(
     assert client.closed is not None and client.closed.code == ABNORMAL_CLOSURE
     assert not client.can_send_nowait
     await server.abort()
+
+
+# --- over a real socket: how much one read takes ---------------------------------------------
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Count the calls of ``_io.<name>`` the WebSocket adapter makes."""
+    from devstream_trio import _io
+
+    calls: list[int] = []
+    real = getattr(_io, name)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_io, name, counted)
+    return calls
+
+
+async def test_a_client_reads_messages_a_little_longer_than_its_read_in_one_read_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 64 KiB reads, messages 30 bytes longer (a devstream.v1 Data frame of 64 KiB): the tail
+    # left for a second read must not shrink the read again, or every message takes two.
+    client, server = await socket_ws_pair(buffer_size=1 << 20)
+    reads = count_calls(monkeypatch, "receive_plain")
+    count = 20
+    for i in range(count):
+        message = bytes([i]) * (65536 + 16)
+        await server.send_bytes(message)
+        assert await client.receive_message(1 << 20) == message
+    # The first message takes two reads (64 KiB, then the tail), the rest one each.
+    assert len(reads) <= count + 2
+    await client.abort()
+    await server.abort()
+
+
+async def test_a_client_read_shrinks_again_after_small_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client, server = await socket_ws_pair(buffer_size=1 << 20)
+    sizes: list[int] = []
+    from devstream_trio import _io
+
+    real = _io.receive_plain
+
+    async def recorded(stream: trio.SocketStream, size: int, *, wait_first: bool) -> bytes:
+        sizes.append(size)
+        return await real(stream, size, wait_first=wait_first)
+
+    monkeypatch.setattr(_io, "receive_plain", recorded)
+    # A message that fills two reads (64 KiB, then 128 KiB): the next asks for 256 KiB.
+    await server.send_whole_messages([[b"x" * (200_000 - 4)]])
+    assert await client.receive_message(1 << 20) == b"x" * (200_000 - 4)
+    assert sizes[:2] == [65536, 131072]
+    # Small messages from now on: one short read keeps the size, two in a row halve it.
+    for i in range(5):
+        await server.send_bytes(b"small-%d" % i)
+        assert await client.receive_message(100) == b"small-%d" % i
+    # 256 KiB brought the last 3 KB, a first small read; then the five small messages.
+    assert sizes == [65536, 131072, 262144, 262144, 131072, 131072, 65536, 65536]
+    await client.abort()
+    await server.abort()
+
+
+async def test_a_server_reads_all_that_arrived_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server reads into one buffer shared by every connection: it takes everything that is
+    # there in one read, never starting small.
+    client, server = await socket_ws_pair(buffer_size=1 << 20)
+    reads = count_calls(monkeypatch, "read_into")
+    messages = [[bytes([i]) * 200_000] for i in range(3)]
+    await client.send_whole_messages(messages)
+    got = await server.receive_messages(1 << 20)
+    assert [bytes(b"".join(parts)) for parts in got] == [parts[0] for parts in messages]
+    assert len(reads) == 1
+    await client.abort()
+    await server.abort()

@@ -71,10 +71,12 @@ __all__ = [
 NORMAL_CLOSURE = 1000
 #: The close code reported when the transport ended without a close frame (never sent).
 ABNORMAL_CLOSURE = 1006
-#: Bytes asked of the transport per read, at first and at most. A read that fills what it
-#: asked for doubles the next one (a relay then moves up to 1 MiB per scheduler pass); one
-#: that brings less than a quarter halves it (a chatty connection does not allocate 1 MiB
-#: for each small read).
+#: Bytes a client asks of the transport per read, at first and at most. A read that fills
+#: what it asked for doubles the next one (a busy stream then moves up to 1 MiB per scheduler
+#: pass); two in a row that bring less than a quarter halve it (a chatty connection does not
+#: allocate 1 MiB for each small read). Two, not one: a message a little longer than a read
+#: leaves a short tail for the next, and halving on that tail would split every such message
+#: in two reads. A server reads into the run's shared buffer, always up to its whole size.
 _RECEIVE_SIZE = 65536
 _RECEIVE_SIZE_MAX = 1024 * 1024
 
@@ -209,6 +211,8 @@ class WebSocket:
         self._reader = FrameReader(connection)
         self._client = connection.client
         self._receive_size = _RECEIVE_SIZE
+        #: The last read brought less than a quarter of what it asked for.
+        self._small_read = False
         #: The last read brought less than it asked for: the next one waits for data first.
         self._drained = False
         #: The opcode of a data message sent in part, while its last fragment is still to come.
@@ -552,7 +556,7 @@ class WebSocket:
         """Read from a server's plain socket into the run's read buffer, and parse what came
         before any other task runs (the next read, on any connection, reuses the buffer). A
         checkpoint, as ``receive_some`` is; see the module's rules for when it waits first."""
-        buffer = _read_buffer()[: self._receive_size]
+        buffer = _read_buffer()
         try:
             count, waited = await _io.read_when_ready(
                 stream, lambda: _io.read_into(stream, buffer), wait_first=self._drained
@@ -569,12 +573,10 @@ class WebSocket:
             self._closed = ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
             raise self._closed
         self.last_received = trio.current_time()
-        size = self._receive_size
-        self._drained = len(data) < size
-        if len(data) >= size:
-            self._receive_size = min(size * 2, _RECEIVE_SIZE_MAX)
-        elif len(data) < size >> 2:
-            self._receive_size = max(size >> 1, _RECEIVE_SIZE)
+        if borrowed:
+            self._drained = len(data) < _RECEIVE_SIZE_MAX  # the shared buffer's size
+        else:
+            self._adapt_receive_size(len(data))
         try:
             events = self._reader.receive(data, borrowed=borrowed)
         except WsProtocolError as exc:
@@ -582,6 +584,20 @@ class WebSocket:
             await self.send_close(1002, "protocol error")
             raise self._closed from exc
         self._events.extend(events)
+
+    def _adapt_receive_size(self, count: int) -> None:
+        """Size a client's next read after one that brought *count* bytes."""
+        size = self._receive_size
+        self._drained = count < size
+        if count >= size:
+            self._receive_size = min(size * 2, _RECEIVE_SIZE_MAX)
+            self._small_read = False
+        elif count < size >> 2:
+            if self._small_read:
+                self._receive_size = max(size >> 1, _RECEIVE_SIZE)
+            self._small_read = not self._small_read
+        else:
+            self._small_read = False
 
     async def aclose(self, code: int = 1000, reason: str = "", *, timeout: float = 5.0) -> None:
         """Close politely: send a close, wait for the peer's, then drop the transport; at most
