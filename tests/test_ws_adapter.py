@@ -986,3 +986,62 @@ async def test_a_server_reads_all_that_arrived_at_once(monkeypatch: pytest.Monke
     assert len(reads) == 1
     await client.abort()
     await server.abort()
+
+
+# --- the send lock ------------------------------------------------------------------------
+
+
+async def test_the_send_lock_serves_writers_in_arrival_order(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from devstream_trio._ws import _SendLock
+
+    lock = _SendLock()
+    order: list[str] = []
+    holding: list[str] = []
+
+    async def writer(name: str, delay: float) -> None:
+        await trio.sleep(delay)
+        async with lock:
+            holding.append(name)
+            assert holding == [name]  # one holder at a time
+            order.append(name)
+            await trio.sleep(1)
+            holding.remove(name)
+
+    async with trio.open_nursery() as nursery:
+        for i, name in enumerate("abcd"):
+            nursery.start_soon(writer, name, i * 0.1)
+    assert order == ["a", "b", "c", "d"]
+    assert not lock.locked()
+
+
+async def test_a_writer_cancelled_while_waiting_never_holds_the_send_lock(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from devstream_trio._ws import _SendLock
+
+    lock = _SendLock()
+    order: list[str] = []
+
+    async def writer(name: str, scope: trio.CancelScope | None = None) -> None:
+        with scope or trio.CancelScope():
+            async with lock:
+                order.append(name)
+                await trio.sleep(1)
+
+    cancelled = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer, "first")
+        await trio.sleep(0.1)
+        nursery.start_soon(writer, "cancelled", cancelled)
+        await trio.sleep(0.1)
+        nursery.start_soon(writer, "last")
+        await trio.sleep(0.1)
+        assert lock.locked()
+        cancelled.cancel()
+    assert order == ["first", "last"]
+    assert not lock.locked()
+    async with lock:  # free again
+        assert lock.locked()
+    assert not lock.locked()
