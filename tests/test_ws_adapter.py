@@ -1045,3 +1045,76 @@ async def test_a_writer_cancelled_while_waiting_never_holds_the_send_lock(
     async with lock:  # free again
         assert lock.locked()
     assert not lock.locked()
+
+
+# --- a send cancelled part way through a frame -----------------------------------------------
+
+
+async def test_a_send_cancelled_mid_frame_ends_the_connection_and_mixes_nothing(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The kernel takes the first part of a large message and the peer reads nothing, so the
+    # send waits; cancelled there, the frame on the wire is cut. Another frame after it would
+    # be read as the rest of the cut one: the peer would get bytes of the next message as
+    # data. The connection ends instead, and the peer sees it end.
+    client, server = await socket_ws_pair()
+    first = b"a" * 300_000
+    with trio.move_on_after(1) as scope:
+        await client.send_bytes(first)
+    assert scope.cancelled_caught
+    assert client.closed is not None and client.closed.code == ABNORMAL_CLOSURE
+    with pytest.raises(ConnectionClosed):
+        await client.send_bytes(b"b" * 1000)
+    got = bytearray()
+    with trio.fail_after(10), pytest.raises(ConnectionClosed) as info:
+        while True:
+            got += payload(await server.receive())  # type: ignore[operator]
+    assert info.value.code == ABNORMAL_CLOSURE
+    assert set(got) <= {ord("a")} and len(got) < len(first)
+    await server.abort()
+
+
+async def test_a_send_cancelled_before_any_byte_went_out_leaves_the_connection_usable() -> None:
+    client, server = await socket_ws_pair()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await client.send_bytes(b"never sent")
+    assert scope.cancelled_caught
+    assert client.closed is None
+    await client.send_bytes(b"sent")
+    assert payload(await server.receive()) == b"sent"
+    await client.abort()
+    await server.abort()
+
+
+async def test_a_send_cancelled_while_the_socket_was_full_before_its_first_byte_is_harmless(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    client, server = await socket_ws_pair()
+    # Fill the socket with whole messages the peer does not read yet; the last one leaves a
+    # backlog (its end), which a send writes first.
+    filler: list[bytes] = []
+    while client.can_send_nowait:
+        message = b"%06d" % len(filler) * 100
+        client.send_bytes_nowait(message)
+        filler.append(message)
+    assert client.has_backlog
+    # The socket takes nothing: the send waits, and is cancelled before any byte went out.
+    with trio.move_on_after(1) as scope:
+        await client.send_bytes(b"late")
+    assert scope.cancelled_caught
+    assert client.closed is None
+    # The connection carries on whole: the backlog, then the next message.
+    received: list[bytes] = []
+
+    async def read_all() -> None:
+        while len(received) < len(filler) + 1:
+            received.append(bytes(payload(await server.receive())))  # type: ignore[arg-type]
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            await client.send_bytes(b"after")
+    assert received == [*filler, b"after"]
+    await client.abort()
+    await server.abort()

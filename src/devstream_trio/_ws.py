@@ -323,17 +323,49 @@ class WebSocket:
 
     async def _write_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
         if type(self.stream) is trio.SocketStream:
-            buffers = _gather(parts, _ALONE_SOCKET)
+            own = _gather(parts, _ALONE_SOCKET)
+            buffers = own
             if self._backlog:
                 # What a send_bytes_nowait left goes first.
-                buffers[:0], self._backlog = self._backlog, []
-            await _io.send_vectored(self.stream, buffers)
+                buffers, self._backlog = [*self._backlog, *own], []
+            rest = _io.write_nowait(self.stream, buffers)
+            if rest:
+                await self._write_rest(self.stream, own, rest)
         else:
             buffers = _gather(parts, _ALONE_STREAM)
             for buffer in buffers:
                 await self.stream.send_all(buffer)
             if not buffers:
                 await trio.lowlevel.checkpoint()
+
+    async def _write_rest(
+        self,
+        stream: trio.SocketStream,
+        own: list[bytes | bytearray | memoryview],
+        rest: list[memoryview],
+    ) -> None:
+        """Write *rest*, what the socket did not take at once, as it drains; *own* are this
+        send's buffers, which come after any backlog of an earlier send_bytes_nowait.
+
+        Cancelled once part of *own* went out, the frames on the wire are cut, and the peer
+        would read the next frame's bytes as the rest of the cut one: the connection ends
+        instead (the transport is closed; sends and receives then raise
+        ``ConnectionClosed(1006)``). Cancelled before any of *own* went out, this send is
+        dropped whole and what is left of the backlog stays for the next send.
+        """
+        try:
+            while rest:
+                await trio.lowlevel.wait_writable(stream.socket)
+                rest = _io.write_nowait(stream, rest)
+        except trio.Cancelled:
+            if sum(map(len, rest)) < sum(map(len, own)):
+                self._closed = self._closed or ConnectionClosed(
+                    ABNORMAL_CLOSURE, "a send was cancelled part way through a frame"
+                )
+                stream.socket.close()
+            else:
+                self._backlog = rest[: len(rest) - len(own)]
+            raise
 
     async def send_bytes(self, data: bytes, *, message_finished: bool = True) -> None:
         """Send binary data; ``message_finished=False`` sends a fragment of a longer message."""

@@ -14,6 +14,10 @@ payload of the messages the peer sent, in order.
   bytes the peer had already sent are still delivered, but once the hub has relayed the close
   the peer can send no more.
 * ``receive_some`` is safe to cancel: nothing received is lost.
+* A ``send_all`` cancelled while it waits for the socket either sent none of its current
+  message (the stream carries on) or cut it on the wire: then the connection is closed at
+  once, and the stream is broken (the peer sees the connection lost), so that no later byte
+  is read as part of the cut message.
 """
 
 from __future__ import annotations
