@@ -9,6 +9,7 @@ import socket
 
 import pytest
 import trio
+import trio.testing
 
 from devstream_trio import _connect
 from devstream_trio._connect import open_tcp
@@ -77,3 +78,71 @@ async def test_a_refused_connection_is_an_oserror_saying_so() -> None:
         await open_tcp("127.0.0.1", port)
     assert info.value.errno is not None
     assert info.value.strerror == "Connection refused"
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Counts the times one task is resumed: each is a trip through the scheduler."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.resumed = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.resumed += 1
+
+
+async def test_a_connection_the_kernel_completes_at_once_is_used_without_a_schedule_point(
+    nursery: trio.Nursery,
+) -> None:
+    # On loopback the kernel finishes the handshake inside connect(): open_tcp does not wait
+    # for the socket to turn writable, so the task never goes back to the scheduler.
+    port, peers = await echo_listener(nursery)
+    steps = TaskSteps(trio.lowlevel.current_task())
+    trio.lowlevel.add_instrument(steps)
+    try:
+        stream = await open_tcp("127.0.0.1", port)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert steps.resumed == 0
+    await stream.send_all(b"at once")
+    assert await stream.receive_some() == b"at once"
+    await stream.aclose()
+    assert len(peers) == 1
+
+
+async def test_a_connection_still_in_progress_is_waited_for(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on a network: right after connect() the socket is not connected yet.
+    port, _ = await echo_listener(nursery)
+    asked: list[int] = []
+
+    class NotYet(socket.socket):
+        def getpeername(self) -> object:
+            asked.append(1)
+            raise OSError(107, "Transport endpoint is not connected")
+
+    monkeypatch.setattr(_connect.socket, "socket", NotYet)
+    steps = TaskSteps(trio.lowlevel.current_task())
+    trio.lowlevel.add_instrument(steps)
+    try:
+        stream = await open_tcp("127.0.0.1", port)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    monkeypatch.undo()
+    assert asked == [1]
+    assert steps.resumed == 1  # it waited for the socket to turn writable
+    await stream.send_all(b"waited")
+    assert await stream.receive_some() == b"waited"
+    await stream.aclose()
+
+
+async def test_a_cancelled_connect_opens_nothing(nursery: trio.Nursery) -> None:
+    port, peers = await echo_listener(nursery)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await open_tcp("127.0.0.1", port)
+    assert scope.cancelled_caught
+    await trio.testing.wait_all_tasks_blocked()
+    assert peers == []
