@@ -29,6 +29,7 @@ from devstream_trio._http import (
     HttpServerConnection,
     HttpStatusError,
     _parse_101,
+    _parse_upgrade,
     _request_head,
     accept_token,
     http_request,
@@ -952,3 +953,194 @@ def test_fuzz_harness_fallback_loop(
     monkeypatch.setattr(harness, "_parse_101", keeps_case)
     with pytest.raises(harness.Crash):
         harness.run_fallback(2000, seed=1)
+
+
+# --- the hub's reading of a plain upgrade request -------------------------------------------
+
+#: The fuzz harness for the hub's reader of an upgrade request, whose h11 reference these
+#: tests share.
+HTTP_REQUEST_HARNESS = load_fuzz_harness("fuzz_http_request")
+
+PLAIN_UPGRADE = (
+    b"GET /bridges/s1?role=device HTTP/1.1\r\nHost: 127.0.0.1:4000\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer abc.def\r\n"
+    b"X-Empty:\r\nX-Spaces: \t inner  spaces\t \r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("after", [b"", b"\x82\x85abcdefghi"])
+def test_a_plain_upgrade_request_is_read_as_h11_reads_it(after: bytes) -> None:
+    read = _parse_upgrade(PLAIN_UPGRADE + after, 16384)
+    assert read is not None
+    request, end = read
+    assert end == len(PLAIN_UPGRADE)
+    assert (request.method, request.target, request.headers, after) == (
+        HTTP_REQUEST_HARNESS.h11_reads(PLAIN_UPGRADE + after)
+    )
+    assert request.header(b"x-spaces") == b"inner  spaces"
+    assert request.is_websocket_upgrade
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        PLAIN_UPGRADE[:-2],  # the head has not ended yet
+        PLAIN_UPGRADE.replace(b"GET", b"POST", 1),
+        PLAIN_UPGRADE.replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+        PLAIN_UPGRADE.replace(b"GET /", b"GET  /", 1),
+        PLAIN_UPGRADE.replace(b"Host: 127.0.0.1:4000\r\n", b"", 1),  # h11 requires one
+        PLAIN_UPGRADE.replace(b"Host:", b"Host: a\r\nHost:", 1),
+        PLAIN_UPGRADE.replace(b"Upgrade: websocket", b"Upgrade: , ", 1),
+        PLAIN_UPGRADE.replace(b"Upgrade: websocket", b"X-Upgrade: websocket", 1),
+        PLAIN_UPGRADE.replace(b"X-Empty:", b"Content-Length: 0", 1),
+        PLAIN_UPGRADE.replace(b"X-Empty:", b"Transfer-Encoding: chunked", 1),
+        PLAIN_UPGRADE.replace(b"X-Empty:", b"X-Empty: a\r\n folded", 1),
+        PLAIN_UPGRADE.replace(b"X-Empty:", b"Bad Name: v", 1),
+        PLAIN_UPGRADE.replace(b"X-Empty:", b"X-Ctl: a\x00b", 1),
+        PLAIN_UPGRADE.replace(b"X-Empty:\r\n", b"X-Lf: a\n", 1),
+        PLAIN_UPGRADE.replace(b"\r\n\r\n", b"\r\n\n", 1),
+        PLAIN_UPGRADE.replace(b"/bridges/s1", b"/bridges/\xc3\xa9", 1),
+        b"\r\n" + PLAIN_UPGRADE,
+    ],
+)
+def test_anything_else_in_a_request_is_left_to_h11(data: bytes) -> None:
+    assert _parse_upgrade(data, 16384) is None
+
+
+def test_a_request_head_over_the_limit_is_left_to_h11() -> None:
+    assert _parse_upgrade(PLAIN_UPGRADE, len(PLAIN_UPGRADE) - 4) is not None
+    assert _parse_upgrade(PLAIN_UPGRADE, len(PLAIN_UPGRADE) - 5) is None
+
+
+_NAMES = st.one_of(
+    st.sampled_from([b"Host", b"host", b"Upgrade", b"Connection", b"Content-Length", b"X-A"]),
+    st.from_regex(rb"\A[-!#$%&'*+.^_`|~0-9A-Za-z]{1,8}\Z"),
+    _BYTE_SOUP,
+)
+_VALUES = st.one_of(
+    st.sampled_from([b"websocket", b"h", b"", b" ", b",", b"0", b"chunked", b"a, b"]),
+    st.lists(_VISIBLE, max_size=3).map(b" ".join),
+    _BYTE_SOUP,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from([b"GET", b"POST", b"get", b"CONNECT"]),
+    st.one_of(st.sampled_from([b"/", b"/bridges/s1?role=device", b"*"]), _VISIBLE, _BYTE_SOUP),
+    st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2", b"http/1.1"]),
+    st.lists(st.tuples(_NAMES, st.sampled_from([b":", b": ", b":\t", b" :"]), _VALUES), max_size=6),
+    st.sampled_from([b"\r\n\r\n", b"\r\n\n", b"\n\r\n", b"\r\n"]),
+    st.binary(max_size=8),
+)
+def test_whenever_the_hub_reads_an_upgrade_request_h11_reads_the_same(
+    method: bytes,
+    target: bytes,
+    version: bytes,
+    fields: list[tuple[bytes, bytes, bytes]],
+    end: bytes,
+    after: bytes,
+) -> None:
+    head = method + b" " + target + b" " + version
+    head += b"".join(b"\r\n" + name + sep + value for name, sep, value in fields)
+    data = head + end + after
+    read = _parse_upgrade(data, 16384)
+    if read is not None:
+        request, head_end = read
+        assert (request.method, request.target, request.headers, data[head_end:]) == (
+            HTTP_REQUEST_HARNESS.h11_reads(data)
+        )
+
+
+def test_the_request_fuzz_harness_runs_and_catches_a_disagreement(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness = HTTP_REQUEST_HARNESS
+    accepted = harness.ACCEPTED[0]
+    harness.run_fallback(2000, seed=1)
+    assert harness.ACCEPTED[0] - accepted > 20  # the hub read some itself, each checked
+    assert harness.main(["--iterations", "200", "--seed", "2"]) == 0
+    assert "ok: " in capsys.readouterr().out
+
+    # A reader that let a body slip through (a Content-Length it ignores) would be caught.
+    def ignores_length(data: bytes, limit: int) -> tuple[HttpRequest, int] | None:
+        read = _parse_upgrade(data.replace(b"content-length", b"x-length"), limit)
+        return read
+
+    monkeypatch.setattr(harness, "_parse_upgrade", ignores_length)
+    monkeypatch.setattr(
+        harness,
+        "SEEDS",
+        [b"GET / HTTP/1.1\r\nhost: h\r\nupgrade: websocket\r\ncontent-length: 1\r\n\r\nx"],
+    )
+    with pytest.raises(harness.Crash):
+        harness.run_fallback(200, seed=1)
+
+
+async def serve_one(
+    data_parts: Sequence[bytes], answer: str
+) -> tuple[HttpServerConnection, HttpRequest | None, bytes]:
+    """Send *data_parts* to an HttpServerConnection one read each; it reads one request and
+    answers it (*answer*: "101" or "404"); return it, the request, and what the client got."""
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server)
+    got = bytearray()
+    request: HttpRequest | None = None
+
+    async def serve() -> None:
+        nonlocal request
+        request = await http.next_request()
+        assert request is not None
+        if answer == "101":
+            ws = await http.accept_websocket(request)
+            got.extend(payload(await ws.receive()))  # type: ignore[arg-type]
+        else:
+            await http.send_json(404, {"errorCode": 404001}, [(b"x-why", b"test")])
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            for part in data_parts:
+                await client.send_all(part)
+                await trio.testing.wait_all_tasks_blocked()
+            if answer == "404":
+                reply = h11.Connection(h11.CLIENT)
+                reply.send(h11.Request(method="GET", target="/", headers=[("host", "h")]))
+                reply.send(h11.EndOfMessage())
+                while not got.endswith(b"}"):
+                    got.extend(await client.receive_some())
+                reply.receive_data(bytes(got))
+                response = reply.next_event()
+                assert isinstance(response, h11.Response)
+                assert response.status_code == 404
+                assert (b"x-why", b"test") in list(response.headers)
+    return http, request, bytes(got)
+
+
+async def test_a_plain_upgrade_is_answered_without_h11_and_keeps_the_frames_after_it(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    frame = WsConnection(ConnectionType.CLIENT).send(BytesMessage(data=b"early"))
+    http, request, got = await serve_one([PLAIN_UPGRADE + frame], "101")
+    assert request is not None and request.target == b"/bridges/s1?role=device"
+    assert http.conn.their_state is h11.IDLE  # h11 never saw the request
+    assert got == b"early"
+
+
+async def test_a_plain_upgrade_can_still_be_declined_with_a_response(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    http, request, _ = await serve_one([PLAIN_UPGRADE], "404")
+    assert request is not None
+    assert http.conn.our_state is h11.MUST_CLOSE  # h11 answered it, and closes after
+
+
+async def test_a_request_that_comes_in_two_reads_goes_through_h11(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    frame = WsConnection(ConnectionType.CLIENT).send(BytesMessage(data=b"later"))
+    http, request, got = await serve_one([PLAIN_UPGRADE[:40], PLAIN_UPGRADE[40:] + frame], "101")
+    assert request is not None and request.header(b"authorization") == b"Bearer abc.def"
+    assert http.conn.their_state is not h11.IDLE  # h11 read it
+    assert got == b"later"

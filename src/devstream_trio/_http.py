@@ -5,10 +5,12 @@ size, time to receive a whole request), answers them, and upgrades a request to 
 :class:`~devstream_trio._ws.WebSocket`. Client side: :func:`http_request` and
 :func:`websocket_connect` speak to a hub over a stream the caller opened.
 
-The two messages of a WebSocket handshake that go as expected skip h11: the hub writes its
-``101`` itself, and the client writes its upgrade request and reads a plain ``101`` itself,
-with h11's rules for names, values and targets (a differential test and a fuzz harness hold
-the client's reader to h11's). Everything else goes through h11.
+The messages of a WebSocket handshake that go as expected skip h11: the hub reads a plain
+upgrade request that came whole in the connection's first read, and writes its ``101``
+itself; the client writes its upgrade request and reads a plain ``101`` itself. Both readers
+take only what h11's rules allow for names, values and targets, and leave anything else to h11
+with the bytes already read (differential tests and fuzz harnesses hold them to h11's
+reading). Everything else goes through h11.
 
 Errors the peer causes become :class:`HttpError` with an :class:`ErrorCode`; the server answers
 them with a JSON body ``{"errorCode": …, "message": …}`` and the status taken from the code.
@@ -176,6 +178,11 @@ class HttpServerConnection:
     _first: bool = field(default=True, init=False)
     _done: bool = field(default=False, init=False)
     _upgrade_pending: bool = field(default=False, init=False)
+    #: The head of a request read without h11 (see _parse_upgrade), until h11 is given it:
+    #: only an answer that is not a ``101`` needs h11 to have seen the request.
+    _unseen_head: bytes | None = field(default=None, init=False)
+    #: What came after that head (the client's first WebSocket frames, if any).
+    _after_head: bytes = field(default=b"", init=False)
     #: Bytes received on the connection so far: while at most ``max_header_size``, no head
     #: can be larger, and measuring one is skipped.
     _received: int = field(default=0, init=False)
@@ -190,6 +197,7 @@ class HttpServerConnection:
         """
         if self._done:
             return None
+        self._show_h11()
         if not self._first:
             if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is h11.MUST_CLOSE:
                 return None
@@ -237,6 +245,16 @@ class HttpServerConnection:
                     deadline = trio.current_time() + self.header_timeout
                 got_bytes = got_bytes or bool(data)
                 self._received += len(data)
+                if started and self._received == len(data):
+                    # The connection's first read: a plain WebSocket upgrade that came whole,
+                    # the usual case, is read here; anything else goes to h11.
+                    plain = _parse_upgrade(data, self.max_header_size)
+                    if plain is not None:
+                        request_read, head_end = plain
+                        self._unseen_head = bytes(data[:head_end])
+                        self._after_head = bytes(data[head_end:])
+                        self._upgrade_pending = True
+                        return request_read
                 self.conn.receive_data(bytes(data))
                 continue
             if isinstance(event, h11.Request):
@@ -290,6 +308,7 @@ class HttpServerConnection:
         content_type: bytes | None = None,
     ) -> None:
         """Send a complete response with a ``Content-Length``."""
+        self._show_h11()
         all_headers: Headers = list(headers)
         if content_type is not None:
             all_headers.append((b"content-type", content_type))
@@ -303,6 +322,25 @@ class HttpServerConnection:
         data = (data or b"") + (self.conn.send(h11.Data(data=body)) or b"") if body else data
         data = (data or b"") + (self.conn.send(h11.EndOfMessage()) or b"")
         await _io.send_all(self.stream, data)
+
+    def _show_h11(self) -> None:
+        """Give h11 the request read without it, so that it can answer it (or go on)."""
+        head, self._unseen_head = self._unseen_head, None
+        if head is None:
+            return
+        self.conn.receive_data(head)
+        # _parse_upgrade takes only requests that h11 reads whole (tests hold it to that);
+        # were h11 to refuse one, the client gets the error h11's reading would have given.
+        try:
+            request = self.conn.next_event()
+            end = self.conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise HttpError(ErrorCode.MALFORMED_REQUEST, f"malformed HTTP request: {exc}") from exc
+        if not isinstance(request, h11.Request) or not isinstance(end, h11.EndOfMessage):
+            raise HttpError(ErrorCode.MALFORMED_REQUEST, "malformed HTTP request")
+        if self._after_head:
+            self.conn.receive_data(self._after_head)
+            self._after_head = b""
 
     async def send_json(self, status: int, value: object, headers: Headers | None = None) -> None:
         """Send a JSON response."""
@@ -367,9 +405,56 @@ class HttpServerConnection:
         # Written here, not by h11: the connection leaves HTTP with this response, and h11's
         # checks of a response the hub makes itself cost more than the rest of the handshake.
         await _io.send_all(self.stream, b"".join(head))
-        trailing, _ = self.conn.trailing_data
+        if self._unseen_head is not None:
+            trailing = self._after_head
+        else:
+            trailing, _ = self.conn.trailing_data
         ws = WsConnection(ConnectionType.SERVER)
         return WebSocket(self.stream, ws, subprotocol=subprotocol, initial_data=bytes(trailing))
+
+
+def _parse_upgrade(data: bytes | bytearray, limit: int) -> tuple[HttpRequest, int] | None:
+    """A plain WebSocket upgrade request at the start of *data*: the request (names
+    lower-cased) and where its head ends; None for anything else, which h11 reads.
+
+    Plain means: the head ends with ``\r\n\r\n`` within *limit* bytes, the request line is
+    ``GET <target> HTTP/1.1`` with h11's rule for targets, every header line is
+    ``name: value`` with h11's rules for both, exactly one ``Host``, an ``Upgrade`` with a
+    value (h11 then waits for the switch), and no ``Content-Length`` or
+    ``Transfer-Encoding`` (no body).
+    """
+    blank = _BLANK_LINE.search(data)  # where h11 sees the head end
+    if blank is None or blank[0] != b"\n\r\n":
+        return None
+    end = blank.start() - 1
+    if end < 0 or data[end] != 0x0D or end > limit:
+        return None
+    lines = bytes(data[:end]).split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        return None
+    method, target, version = parts
+    if method != b"GET" or version != b"HTTP/1.1" or not _REQUEST_TARGET.fullmatch(target):
+        return None
+    fields: Headers = []
+    hosts = 0
+    upgrade = False
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        value = value.strip(b" \t")
+        if not colon or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+            return None
+        name = name.lower()
+        if name in _FRAMING_FIELDS:
+            return None
+        if name == b"host":
+            hosts += 1
+        elif name == b"upgrade" and any(token.strip() for token in value.split(b",")):
+            upgrade = True
+        fields.append((name, value))
+    if hosts != 1 or not upgrade:
+        return None
+    return HttpRequest(method=method, target=target, headers=fields), end + 4
 
 
 def _header_line(name: bytes, value: bytes) -> bytes:
