@@ -92,19 +92,25 @@ class TaskSteps(trio.abc.Instrument):
             self.resumed += 1
 
 
+async def open_counting_resumes(host: str, port: int) -> tuple[trio.SocketStream, int]:
+    """``open_tcp(host, port)``, and how many times the calling task was resumed in it."""
+    steps = TaskSteps(trio.lowlevel.current_task())
+    trio.lowlevel.add_instrument(steps)
+    try:
+        stream = await open_tcp(host, port)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    return stream, steps.resumed
+
+
 async def test_a_connection_the_kernel_completes_at_once_is_used_without_a_schedule_point(
     nursery: trio.Nursery,
 ) -> None:
     # On loopback the kernel finishes the handshake inside connect(): open_tcp does not wait
     # for the socket to turn writable, so the task never goes back to the scheduler.
     port, peers = await echo_listener(nursery)
-    steps = TaskSteps(trio.lowlevel.current_task())
-    trio.lowlevel.add_instrument(steps)
-    try:
-        stream = await open_tcp("127.0.0.1", port)
-    finally:
-        trio.lowlevel.remove_instrument(steps)
-    assert steps.resumed == 0
+    stream, resumed = await open_counting_resumes("127.0.0.1", port)
+    assert resumed == 0
     await stream.send_all(b"at once")
     assert await stream.receive_some() == b"at once"
     await stream.aclose()
@@ -124,15 +130,10 @@ async def test_a_connection_still_in_progress_is_waited_for(
             raise OSError(107, "Transport endpoint is not connected")
 
     monkeypatch.setattr(_connect.socket, "socket", NotYet)
-    steps = TaskSteps(trio.lowlevel.current_task())
-    trio.lowlevel.add_instrument(steps)
-    try:
-        stream = await open_tcp("127.0.0.1", port)
-    finally:
-        trio.lowlevel.remove_instrument(steps)
+    stream, resumed = await open_counting_resumes("127.0.0.1", port)
     monkeypatch.undo()
     assert asked == [1]
-    assert steps.resumed == 1  # it waited for the socket to turn writable
+    assert resumed == 1  # it waited for the socket to turn writable
     await stream.send_all(b"waited")
     assert await stream.receive_some() == b"waited"
     await stream.aclose()

@@ -436,22 +436,13 @@ def _parse_upgrade(data: bytes | bytearray, limit: int) -> tuple[HttpRequest, in
     method, target, version = parts
     if method != b"GET" or version != b"HTTP/1.1" or not _REQUEST_TARGET.fullmatch(target):
         return None
-    fields: Headers = []
-    hosts = 0
-    upgrade = False
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        value = value.strip(b" \t")
-        if not colon or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
-            return None
-        name = name.lower()
-        if name in _FRAMING_FIELDS:
-            return None
-        if name == b"host":
-            hosts += 1
-        elif name == b"upgrade" and any(token.strip() for token in value.split(b",")):
-            upgrade = True
-        fields.append((name, value))
+    fields = _plain_fields(lines[1:])
+    if fields is None:
+        return None
+    hosts = sum(1 for name, _ in fields if name == b"host")
+    upgrade = any(
+        token.strip() for name, value in fields if name == b"upgrade" for token in value.split(b",")
+    )
     if hosts != 1 or not upgrade:
         return None
     return HttpRequest(method=method, target=target, headers=fields), end + 4
@@ -680,14 +671,22 @@ def _parse_101(head: bytes) -> Headers | None:
     lines = head.split(b"\r\n")
     if not _STATUS_101.fullmatch(lines[0]):
         return None
+    return _plain_fields(lines[1:])
+
+
+def _plain_fields(lines: Sequence[bytes]) -> Headers | None:
+    """The header fields of a head's *lines* (names lower-cased, values without their
+    surrounding spaces and tabs), or None if a line breaks h11's rules for names and values
+    or is a ``Content-Length`` or ``Transfer-Encoding`` (which h11 checks, in a request or a
+    response, and which the plain readers leave to it)."""
     fields: Headers = []
-    for line in lines[1:]:
+    for line in lines:
         name, colon, value = line.partition(b":")
         value = value.strip(b" \t")
         if not colon or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
             return None
         name = name.lower()
         if name in _FRAMING_FIELDS:
-            return None  # h11 checks these even in a 101
+            return None
         fields.append((name, value))
     return fields
