@@ -6,7 +6,7 @@ One setup is ``open_stream`` (initiate -> the device accepts -> both sides join)
 sent and its echo received; closing the stream afterwards is not counted.
 
 peer: a bare WebSocket connect to a ``websockets`` echo server in its own process, with the same
-client code as the service's (devstream's TCP connect and h11 + wsproto client over trio), then
+client code as the service's (devstream's TCP connect and WebSocket client over trio), then
 one byte echoed.
 
 Then ``--concurrency`` tasks set up streams (and bare connects) at once for ``--seconds``:
