@@ -318,8 +318,24 @@ class WebSocket:
         try:
             await self._write_parts(parts)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._closed = self._closed or ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
+            self._mark_lost()
             raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
+
+    def _mark_lost(self) -> None:
+        """The transport is gone: the WebSocket counts as closed (1006) unless it already is."""
+        self._closed = self._closed or ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
+
+    def _write_nowait(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        """Write *parts* from the calling task as far as the socket takes them now, keeping
+        the rest as the backlog the next send writes first (callers checked
+        :attr:`can_send_nowait`). A transport that is gone marks the WebSocket closed, for the
+        reader to find out."""
+        stream = self.stream
+        assert type(stream) is trio.SocketStream  # can_send_nowait says so
+        try:
+            self._backlog = _io.write_nowait(stream, _gather(parts, _ALONE_SOCKET))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._mark_lost()
 
     async def _write_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
         if type(self.stream) is trio.SocketStream:
@@ -382,29 +398,20 @@ class WebSocket:
         For a writer that must not wait (a task that also reads, or one that must not be
         cancelled mid-frame): nothing is ever cut by a cancellation here.
         """
-        stream = self.stream
-        if not self.can_send_nowait or type(stream) is not trio.SocketStream:
+        if not self.can_send_nowait:
             return False
         parts: list[bytes | bytearray | memoryview] = []
         self._encode_data(data, True, parts)
-        try:
-            self._backlog = _io.write_nowait(stream, _gather(parts, _ALONE_SOCKET))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._closed = self._closed or ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
+        self._write_nowait(parts)
         return True
 
     def send_close_nowait(self, code: int = 1000, reason: str = "") -> bool:
         """Start the closing handshake from the calling task, as :meth:`send_bytes_nowait`
         sends a message: True when the close went out (or its end was kept to go out first
         with the next write), False when the caller must use :meth:`send_close`."""
-        stream = self.stream
-        if not self.can_send_nowait or type(stream) is not trio.SocketStream:
+        if not self.can_send_nowait:
             return False
-        data = self._ws.send(CloseConnection(code=code, reason=reason))
-        try:
-            self._backlog = _io.write_nowait(stream, _gather([data], _ALONE_SOCKET))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._closed = self._closed or ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
+        self._write_nowait([self._ws.send(CloseConnection(code=code, reason=reason))])
         return True
 
     @property

@@ -437,12 +437,10 @@ class FramedStream(trio.abc.HalfCloseableStream):
                     self._on_close(exc)
             finally:
                 self._writer_nursery = None
-                if not self._writer_running:
-                    pass
-                elif self._writer_idle:
+                if self._writer_running and self._writer_idle:
                     self._stop_writer = True
                     self._send_wanted.set()
-                else:
+                elif self._writer_running:
                     nursery.cancel_scope.cancel()  # stop a write in progress
         if dropped:
             raise _Dropped
