@@ -14,9 +14,19 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import Message
 
 from devstream_core.common import Role
-from devstream_core.framing import Ack, Data, EndpointState, Eof, FrameDecoder, encode_frame
+from devstream_core.errors import ErrorCode
+from devstream_core.framing import (
+    Ack,
+    Data,
+    EndpointState,
+    Eof,
+    FrameDecoder,
+    RecvState,
+    encode_frame,
+)
 from devstream_trio._frames import FrameReader
 from devstream_trio._ws import WebSocket
+from devstream_trio.exceptions import StreamReset
 from devstream_trio.framed import ACK_DELAY, FramedStream
 
 
@@ -199,3 +209,124 @@ async def test_an_eof_the_application_does_not_answer_is_acknowledged_soon(
             assert hub.received() == [[Ack(offset=3)]]
             nursery.cancel_scope.cancel()
     hub.sock.close()
+
+
+@pytest.mark.parametrize("peer_eof", ["before", "during"])
+async def test_both_sides_closing_without_reading_the_eof_finish_at_once(
+    autojump_clock: trio.abc.Clock, peer_eof: str
+) -> None:
+    """Request and answer of known length, then both sides close without reading to the
+    peer's EOF: each has read every byte the other sent, so each acknowledges the EOF it got
+    while closing, and the stream finishes cleanly at once, not after ``close_timeout`` with
+    a reset. The device's EOF arrives before the service starts closing, or while it waits."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            service, device = framed_pair(nursery, 1 << 20)
+            start = trio.current_time()
+            await service.send_all(b"request")
+            assert await device.receive_some() == b"request"
+            await device.send_all(b"answer")
+            assert await service.receive_some() == b"answer"
+            if peer_eof == "before":
+                await device.send_eof()
+                await trio.testing.wait_all_tasks_blocked()
+                async with trio.open_nursery() as closing:
+                    closing.start_soon(service.aclose)
+                    closing.start_soon(device.aclose)
+            else:
+                async with trio.open_nursery() as closing:
+                    closing.start_soon(service.aclose)
+                    await trio.testing.wait_all_tasks_blocked()
+                    closing.start_soon(device.aclose)
+            assert trio.current_time() - start < ACK_DELAY * 2
+            for stream in (service, device):
+                assert stream._endpoint.state is EndpointState.DONE
+                assert stream._endpoint.reset_info is None
+
+
+async def test_closing_with_unread_bytes_leaves_the_peers_eof_unacknowledged(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A side that closes without reading what the peer sent does not acknowledge the peer's
+    EOF (an acknowledgement says "read"), even while it closes: the peer's EOF stays
+    unacknowledged, and the stream ends when the closing side closes the WebSocket."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            service, device = framed_pair(nursery, 1 << 20)
+            await device.send_all(b"never read")
+            async with trio.open_nursery() as closing:
+                closing.start_soon(service.aclose)
+                closing.start_soon(device.aclose)
+            assert service._endpoint.recv_state is RecvState.EOF_RECEIVED
+            assert service._endpoint.consumed == 0
+            assert device._endpoint.eof_acked is False
+            assert service._endpoint.eof_acked is True
+
+
+async def test_a_close_the_peer_never_acknowledges_resets_the_stream(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The device never reads: after ``close_timeout`` the service resets the stream and
+    closes, so the device finds the stream reset (what it did not read is dropped with it),
+    not a lost connection to resume."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            service, device = framed_pair(nursery, 1 << 20)
+            service.close_timeout = 2.0
+            await service.send_all(b"unread")
+            start = trio.current_time()
+            await service.aclose()
+            assert 2.0 <= trio.current_time() - start < 2.1
+            assert service._endpoint.reset_info == (
+                int(ErrorCode.STREAM_RESET),
+                "closed before the peer read all",
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BrokenResourceError) as raised:
+                await device.receive_some()
+            assert isinstance(raised.value.__cause__, StreamReset)
+            assert "closed before the peer read all" in str(raised.value.__cause__)
+            await device.aclose()
+            assert device.resumes == 0
+
+
+async def test_receive_some_is_a_checkpoint_and_waits_with_one_schedule_point(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """``receive_some`` is a checkpoint whether the bytes are there or it waits for them, and
+    a cancelled one loses nothing; its wait is its only schedule point (no extra pass through
+    the scheduler before it)."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            service, device = framed_pair(nursery, 1 << 20)
+            await service.send_all(b"ready")
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.testing.assert_checkpoints():
+                assert await device.receive_some() == b"ready"
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await device.receive_some()
+            assert scope.cancelled_caught
+
+            steps: list[str] = []
+
+            class Steps(trio.abc.Instrument):
+                def before_task_step(self, task: trio.lowlevel.Task) -> None:
+                    if task.name.endswith(".receive"):
+                        steps.append(task.name)
+
+            async def receive() -> None:
+                assert await device.receive_some() == b"later"
+
+            instrument = Steps()
+            trio.lowlevel.add_instrument(instrument)
+            try:
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(receive)
+                    await trio.testing.wait_all_tasks_blocked()
+                    await service.send_all(b"later")
+            finally:
+                trio.lowlevel.remove_instrument(instrument)
+            # One step to start and wait, one to return the bytes once woken.
+            assert len(steps) == 2
+            nursery.cancel_scope.cancel()

@@ -19,7 +19,11 @@ Meaning of the trio methods:
   acknowledgement of the peer's EOF waits up to ``ACK_DELAY`` (5 ms) to go out with this
   side's own EOF or close.
 * ``aclose`` sends EOF if it was not sent, waits up to ``close_timeout`` for the peer to
-  acknowledge every byte, resets the stream if it does not, and closes the WebSocket.
+  acknowledge every byte, resets the stream if it does not, and closes the WebSocket (the
+  last frames and the close get up to ``close_timeout`` more). A peer's EOF that arrives
+  after the last byte the application read is acknowledged meanwhile, as reading it would
+  have done, so two sides that close at once without reading to EOF finish at once. Bytes
+  left unread are never acknowledged.
 * :meth:`FramedStream.reset` aborts the stream; the peer sees a reset with the code and reason.
 """
 
@@ -35,7 +39,7 @@ import trio
 
 from devstream_core.common import Role
 from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
-from devstream_core.framing import DEFAULT_WINDOW, EndpointState, StreamEndpoint
+from devstream_core.framing import DEFAULT_WINDOW, EndpointState, RecvState, StreamEndpoint
 
 from ._wire import HEADER_RESUME_TOKEN
 from ._ws import ABNORMAL_CLOSURE, NORMAL_CLOSURE, ConnectionClosed, WebSocket
@@ -224,27 +228,47 @@ class FramedStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("the stream was closed")
         self._receiving = True
         try:
-            await trio.lowlevel.checkpoint()
+            # A checkpoint: the wait for data is the schedule point, or, when there was no
+            # wait, one taken before returning (not one before looking and another to wait).
+            await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False
             while True:
-                if self._endpoint.state is not EndpointState.RESET:
-                    data = self._endpoint.read(max_bytes)
-                    if self._endpoint.at_eof:
-                        # Read up to the peer's EOF: the acknowledgement waits a moment, so
-                        # that the send_eof() or aclose() that usually follows takes it along,
-                        # in one message with this side's EOF.
-                        if self._endpoint.has_output:
-                            self._defer_ack()
-                        self._changed.unpark_all()
-                        return data
-                    if data:
-                        self._send_now()
-                        return data
-                self._check_broken()
-                if self._peer_closed:
-                    raise trio.BrokenResourceError("the peer closed the stream before its EOF")
+                try:
+                    data = self._take_received(max_bytes)
+                except trio.BrokenResourceError:
+                    if not waited:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    raise
+                if data is not None:
+                    if not waited:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    return data
                 await self._changed.park()
+                waited = True
         finally:
             self._receiving = False
+
+    def _take_received(self, max_bytes: int | None) -> bytes | None:
+        """What ``receive_some`` returns now: bytes, or ``b""`` at the peer's EOF; None while
+        there is nothing yet. Raises ``trio.BrokenResourceError`` once the stream is broken."""
+        endpoint = self._endpoint
+        if endpoint.state is not EndpointState.RESET:
+            data = endpoint.read(max_bytes)
+            if endpoint.at_eof:
+                # Read up to the peer's EOF: the acknowledgement waits a moment, so that the
+                # send_eof() or aclose() that usually follows takes it along, in one message
+                # with this side's EOF.
+                if endpoint.has_output:
+                    self._defer_ack()
+                self._changed.unpark_all()
+                return data
+            if data:
+                self._send_now()
+                return data
+        self._check_broken()
+        if self._peer_closed:
+            raise trio.BrokenResourceError("the peer closed the stream before its EOF")
+        return None
 
     async def reset(self, code: int = ErrorCode.STREAM_RESET, reason: str = "") -> None:
         """Abort the stream; the peer sees a reset with *code* and *reason*."""
@@ -289,18 +313,23 @@ class FramedStream(trio.abc.HalfCloseableStream):
         endpoint = self._endpoint
         with trio.move_on_after(self.close_timeout):
             if endpoint.state is EndpointState.OPEN and not self._over():
+                # The acknowledgement, if any, goes out with this side's EOF.
+                to_send = self._take_peer_eof()
                 if not self._eof_sent:
-                    self._eof_sent = True
+                    self._eof_sent = to_send = True
                     endpoint.write_eof()
+                if to_send:
                     self._send_now()
                 while not (endpoint.eof_acked or self._over()):
                     if endpoint.state is not EndpointState.OPEN and not endpoint.done:
                         break
                     await self._changed.park()
-            unfinished = endpoint.state is EndpointState.OPEN and not endpoint.eof_acked
-            if unfinished and not self._over():
-                endpoint.reset(int(ErrorCode.STREAM_RESET), "closed before the peer read all")
-                self._send_now()
+                    if self._take_peer_eof():
+                        self._send_now()
+        if endpoint.state is EndpointState.OPEN and not endpoint.eof_acked and not self._over():
+            # Not acknowledged in time: the peer learns that not all was read.
+            endpoint.reset(int(ErrorCode.STREAM_RESET), "closed before the peer read all")
+        with trio.move_on_after(self.close_timeout):
             # The last frames go out (what the socket does not take, by the writer task),
             # then the close.
             self._send_now()
@@ -311,6 +340,23 @@ class FramedStream(trio.abc.HalfCloseableStream):
                 await ws.send_close(NORMAL_CLOSURE, "")
             lost = ws.closed is not None and ws.closed.code == ABNORMAL_CLOSURE
             return (ws.close_sent and not lost) or self._peer_closed
+        return False
+
+    def _take_peer_eof(self) -> bool:
+        """While closing: read the peer's EOF if it came after the last byte the application
+        read (True: its acknowledgement is to be sent). The application reads no more and
+        missed nothing, so the EOF is acknowledged, as reading it would have done: a peer
+        closing at the same time, which did not read this side's EOF either, is not left
+        waiting for ``close_timeout``. An EOF behind unread bytes stays unacknowledged, as an
+        acknowledgement means "read"."""
+        endpoint = self._endpoint
+        if (
+            endpoint.state is EndpointState.OPEN
+            and endpoint.recv_state is RecvState.EOF_RECEIVED
+            and endpoint.consumed == endpoint.received
+        ):
+            endpoint.read()
+            return True
         return False
 
     def _check_can_send(self) -> None:
