@@ -19,11 +19,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from devstream_core import credentials
 from devstream_core.common import Role
 from devstream_core.credentials import (
     MAX_SAS_TOKEN_LENGTH,
     ConnectionString,
     SasToken,
+    SasVerifier,
     device_resource,
     make_sas_token,
     parse_sas_token,
@@ -749,3 +751,94 @@ def test_fuzz_harness_reports_a_crash(
     monkeypatch.setattr(harness, "check", broken)
     assert harness.main(["--iterations", "5"]) == 1
     assert "CRASH on input b" in capsys.readouterr().out
+
+
+# -- SasVerifier: a token verified once is remembered -------------------------------------------
+
+
+@pytest.fixture
+def verifications(monkeypatch: pytest.MonkeyPatch) -> list[SasToken]:
+    """The tokens verify_sas_token really checked (signature computed), in order."""
+    checked: list[SasToken] = []
+    real = credentials.verify_sas_token
+
+    def counting(token: SasToken | str, **kwargs: object) -> SasToken:
+        result = real(token, **kwargs)  # type: ignore[arg-type]
+        checked.append(result)
+        return result
+
+    monkeypatch.setattr(credentials, "verify_sas_token", counting)
+    return checked
+
+
+def policy_token(key: str = KEY, expiry: int = LATER, resource: str = HOST) -> str:
+    return make_sas_token(resource=resource, key=key, expiry=expiry, policy_name="service")
+
+
+def test_verifier_checks_a_token_once_then_remembers_it(verifications: list[SasToken]) -> None:
+    verifier = SasVerifier()
+    text = policy_token()
+    for _ in range(3):
+        token = verifier.parse(text)
+        verifier.verify(text, token, keys=[KEY, KEY2], resource=HOST, now=NOW)
+        assert token.skn == "service"
+    assert len(verifications) == 1
+    assert len(verifier) == 1
+
+
+def test_verifier_refuses_a_remembered_token_once_expired() -> None:
+    verifier = SasVerifier()
+    text = policy_token(expiry=int(NOW) + 30)
+    verifier.verify(text, verifier.parse(text), keys=[KEY], resource=HOST, now=NOW)
+    for now in (NOW + 30, NOW + 31, float("nan")):
+        with pytest.raises(CredentialError, match="expired"):
+            verifier.verify(text, verifier.parse(text), keys=[KEY], resource=HOST, now=now)
+
+
+def test_verifier_checks_again_with_other_keys_or_resource() -> None:
+    """Rotated keys (or another resource) mean a new check, which a token signed with the old
+    key fails."""
+    verifier = SasVerifier()
+    text = policy_token(key=KEY)
+    verifier.verify(text, verifier.parse(text), keys=[KEY, KEY2], resource=HOST, now=NOW)
+    with pytest.raises(CredentialError, match="signature"):
+        verifier.verify(text, verifier.parse(text), keys=[OTHER_KEY, KEY2], resource=HOST, now=NOW)
+    with pytest.raises(CredentialError, match="another resource"):
+        verifier.verify(text, verifier.parse(text), keys=[KEY], resource="hub.other:1", now=NOW)
+
+
+def test_verifier_never_takes_a_tampered_token_for_a_remembered_one() -> None:
+    verifier = SasVerifier()
+    text = policy_token()
+    verifier.verify(text, verifier.parse(text), keys=[KEY], resource=HOST, now=NOW)
+    tampered = text.replace("sig=", "sig=A", 1)
+    with pytest.raises(CredentialError, match="signature"):
+        verifier.verify(tampered, verifier.parse(tampered), keys=[KEY], resource=HOST, now=NOW)
+    # The same fields parsed afresh are not the remembered token: checked again, and pass.
+    fresh = parse_sas_token(text)
+    verifier.verify(text, fresh, keys=[KEY], resource=HOST, now=NOW)
+
+
+def test_verifier_remembers_no_failure(verifications: list[SasToken]) -> None:
+    verifier = SasVerifier()
+    text = policy_token(key=OTHER_KEY)
+    for _ in range(2):
+        with pytest.raises(CredentialError):
+            verifier.verify(text, verifier.parse(text), keys=[KEY], resource=HOST, now=NOW)
+    assert len(verifier) == 0
+    with pytest.raises(CredentialError):
+        verifier.parse("SharedAccessSignature sr=x")
+
+
+def test_verifier_keeps_at_most_its_size(verifications: list[SasToken]) -> None:
+    verifier = SasVerifier(size=4)
+    texts = [policy_token(expiry=LATER + i) for i in range(6)]
+    for text in texts:
+        verifier.verify(text, verifier.parse(text), keys=[KEY], resource=HOST, now=NOW)
+    assert len(verifier) == 4
+    # The newest are remembered, the oldest were dropped and are checked again.
+    for text in texts[2:] + texts[:1]:
+        verifier.verify(text, verifier.parse(text), keys=[KEY], resource=HOST, now=NOW)
+    assert len(verifications) == 6 + 1
+    with pytest.raises(LocalProtocolError):
+        SasVerifier(size=0)

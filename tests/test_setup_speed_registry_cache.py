@@ -21,8 +21,10 @@ from typing import Any
 import pytest
 import trio
 
+from devstream_core import credentials
 from devstream_core.credentials import ConnectionString
 from devstream_core.registry import Device, Permission, Policy, new_device, new_key
+from devstream_trio import hub as hub_module
 from devstream_trio import store as store_module
 from devstream_trio.exceptions import (
     DeviceDisabled,
@@ -289,3 +291,36 @@ async def assert_echoes_with(hub_env: HubEnv, policy: Policy, device_id: str) ->
     await stream.send_all(b"pong")
     assert await stream.receive_some() == b"pong"
     await stream.aclose()
+
+
+async def test_a_service_token_is_verified_once_for_many_initiates(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service sends one SAS token with each initiate: the hub computes its signature once
+    and remembers it (until it expires or the policy's keys change, see the tests above and
+    ``test_credentials``)."""
+    checked: list[object] = []
+    real = credentials.verify_sas_token
+
+    def counting(token: Any, **kwargs: Any) -> Any:
+        checked.append(token)
+        return real(token, **kwargs)
+
+    with trio.fail_after(TIMEOUT):
+        await serve_device(hub_env, await hub_env.create_device("d1"))
+        ops = Policy(
+            name="ops",
+            primary_key=new_key(b"\x21" * 32),
+            secondary_key=new_key(b"\x22" * 32),
+            permissions=Permission.SERVICE_CONNECT,
+        )
+        await hub_env.store.put_policy(ops)
+        service = hub_env.service(ops)
+        monkeypatch.setattr(credentials, "verify_sas_token", counting)
+        monkeypatch.setattr(hub_module, "verify_sas_token", counting)
+        for _ in range(3):
+            stream = await service.open_stream("d1", "echo")
+            await stream.send_all(b"ping")
+            assert await stream.receive_some() == b"ping"
+            await stream.aclose()
+        assert len(checked) == 1

@@ -45,9 +45,11 @@ from .errors import CredentialError, ErrorCode, LocalProtocolError
 __all__ = [
     "MAX_CONNECTION_STRING_LENGTH",
     "MAX_SAS_TOKEN_LENGTH",
+    "SAS_CACHE_SIZE",
     "SAS_PREFIX",
     "ConnectionString",
     "SasToken",
+    "SasVerifier",
     "device_resource",
     "make_sas_token",
     "parse_sas_token",
@@ -609,3 +611,69 @@ def verify_sas_token(
     if not matched:
         raise CredentialError(ErrorCode.UNAUTHORIZED, "SAS token signature does not match")
     return parsed
+
+
+#: How many verified SAS tokens a :class:`SasVerifier` remembers (the oldest go first).
+SAS_CACHE_SIZE = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    token: SasToken
+    keys: tuple[str, ...]
+    resource: str
+
+
+class SasVerifier:
+    """:func:`parse_sas_token` and :func:`verify_sas_token` for a server that sees the same
+    token again and again: a service signs one token and sends it with every initiate until it
+    nears expiry. A token that verified is remembered, and when it comes again with the same
+    keys and resource, before its expiry, it is not parsed or signed again.
+
+    A token is remembered by the SHA-256 of its text, so no lookup compares secret text
+    (and the memory holds no signature); the expiry is checked on every use, and new keys (a
+    regenerated key) mean a new verification. At most :data:`SAS_CACHE_SIZE` tokens are kept.
+    Errors are those of the two functions.
+    """
+
+    def __init__(self, size: int = SAS_CACHE_SIZE) -> None:
+        if size < 1:
+            raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "size must be >= 1")
+        self._size = size
+        self._verified: dict[bytes, _Verified] = {}
+
+    def parse(self, text: str) -> SasToken:
+        """The parsed token: the one remembered for *text*, or a fresh parse."""
+        if isinstance(text, str):
+            entry = self._verified.get(_token_digest(text))
+            if entry is not None:
+                return entry.token
+        return parse_sas_token(text)
+
+    def verify(
+        self, text: str, token: SasToken, *, keys: Sequence[str], resource: str, now: float
+    ) -> None:
+        """Check *token* (parsed from *text*) as :func:`verify_sas_token` does; remember it
+        when it passes."""
+        digest = _token_digest(text)
+        entry = self._verified.get(digest)
+        if (
+            entry is not None
+            and entry.token is token
+            and entry.resource == resource
+            and entry.keys == tuple(keys)
+            and now < token.se  # written so that a NaN clock counts as expired
+        ):
+            return
+        verify_sas_token(token, keys=keys, resource=resource, now=now)
+        self._verified.pop(digest, None)
+        if len(self._verified) >= self._size:
+            del self._verified[next(iter(self._verified))]
+        self._verified[digest] = _Verified(token=token, keys=tuple(keys), resource=resource)
+
+    def __len__(self) -> int:
+        return len(self._verified)
+
+
+def _token_digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()

@@ -47,6 +47,7 @@ from devstream_core.coordinator import (
 )
 from devstream_core.credentials import (
     SasToken,
+    SasVerifier,
     device_resource,
     parse_sas_token,
     verify_sas_token,
@@ -189,6 +190,8 @@ class Hub:
             wake=self._wake,
         )
         self._sessions: dict[int, _Session] = {}
+        #: Policy SAS tokens that verified (services send one token with every initiate).
+        self._policy_tokens = SasVerifier()
         #: When to look at each control channel for silence: one heap, not a task each.
         self._idle_checks = CheckHeap()
         self._outcomes: dict[str, _Outcome] = {}
@@ -372,14 +375,32 @@ class Hub:
     # -- authorisation -----------------------------------------------------------------------
 
     async def _authorize_policy(self, request: HttpRequest, needed: Permission) -> Policy:
-        """Check a policy SAS token for *needed*; raise HttpError otherwise."""
-        token = self._sas_token(request)
+        """Check a policy SAS token for *needed*; raise HttpError otherwise.
+
+        A service sends one token with every request until it nears expiry: the token is
+        verified once and remembered (:class:`~devstream_core.credentials.SasVerifier`), for
+        as long as it has not expired and the policy's keys are the ones that verified it.
+        """
+        text = self._authorization(request)
+        try:
+            token = self._policy_tokens.parse(text)
+        except DevstreamError as exc:
+            raise HttpError(ErrorCode.UNAUTHORIZED, exc.message) from exc
         if token.skn is None:
             raise HttpError(ErrorCode.UNAUTHORIZED, "SAS token has no skn (policy name)")
         policy = await self.store.get_policy(token.skn)
         if policy is None:
             raise HttpError(ErrorCode.UNAUTHORIZED, "unknown shared-access policy")
-        self._verify(token, [policy.primary_key, policy.secondary_key], self.host_name)
+        try:
+            self._policy_tokens.verify(
+                text,
+                token,
+                keys=[policy.primary_key, policy.secondary_key],
+                resource=self.host_name,
+                now=self.wall_clock(),
+            )
+        except DevstreamError as exc:
+            raise HttpError(ErrorCode.UNAUTHORIZED, exc.message) from exc
         if needed not in policy.permissions:
             raise HttpError(
                 ErrorCode.PERMISSION_DENIED,
@@ -387,12 +408,15 @@ class Hub:
             )
         return policy
 
-    def _sas_token(self, request: HttpRequest) -> SasToken:
+    def _authorization(self, request: HttpRequest) -> str:
         raw = request.header(b"authorization")
         if raw is None:
             raise HttpError(ErrorCode.UNAUTHORIZED, "missing Authorization header")
+        return raw.decode("latin-1")
+
+    def _sas_token(self, request: HttpRequest) -> SasToken:
         try:
-            return parse_sas_token(raw.decode("latin-1"))
+            return parse_sas_token(self._authorization(request))
         except DevstreamError as exc:
             raise HttpError(ErrorCode.UNAUTHORIZED, exc.message) from exc
 
