@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import types
 
 import pytest
 import trio
@@ -27,7 +28,7 @@ from devstream_core.framing import (
 from devstream_trio._frames import FrameReader
 from devstream_trio._ws import WebSocket
 from devstream_trio.exceptions import StreamReset
-from devstream_trio.framed import ACK_DELAY, FramedStream
+from devstream_trio.framed import ACK_DELAY, DIRECT_READ_TIME, FramedStream
 
 
 async def never_reconnect(resume_token: str) -> WebSocket:
@@ -329,4 +330,82 @@ async def test_receive_some_is_a_checkpoint_and_waits_with_one_schedule_point(
                 trio.lowlevel.remove_instrument(instrument)
             # One step to start and wait, one to return the bytes once woken.
             assert len(steps) == 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_new_streams_first_message_is_read_by_the_receiving_task(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The first message of a new stream is read from the socket by the task waiting in
+    ``receive_some`` (no trip through the scheduler from the connection task); after it, the
+    connection task reads."""
+    readers: list[str] = []
+    real = WebSocket.receive_messages
+
+    async def recorded(self: WebSocket, max_size: int) -> list[list[bytes | memoryview]]:
+        readers.append(trio.lowlevel.current_task().name.rsplit(".", 1)[-1])
+        return await real(self, max_size)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            service, device = framed_pair(nursery, 1 << 20)
+            device._ws.receive_messages = types.MethodType(recorded, device._ws)  # type: ignore[method-assign]
+
+            async def first_then_second() -> None:
+                assert await device.receive_some() == b"first"
+                assert await device.receive_some() == b"second"
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(first_then_second)
+                await trio.testing.wait_all_tasks_blocked()
+                await service.send_all(b"first")
+                await trio.testing.wait_all_tasks_blocked()
+                await service.send_all(b"second")
+            assert readers[0] == "first_then_second"
+            assert set(readers[1:]) == {"_run"}
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_connection_task_reads_soon_when_the_application_does_not(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """An application that does not call receive_some does not hold the peer's bytes up in
+    the network: within DIRECT_READ_TIME the connection task reads them into the stream."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            service, device = framed_pair(nursery, 1 << 20)
+            await service.send_all(b"unread for now")
+            await trio.sleep(DIRECT_READ_TIME * 2)
+            assert device._endpoint.received == len(b"unread for now")
+            assert await device.receive_some() == b"unread for now"
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_full_socket_both_ways_does_not_wait_for_the_direct_read_to_end(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Both sides write more than the socket takes while each waits for its first message:
+    the writer tasks must run at once (a send that needs one stops the direct read), or each
+    side would wait for the other until DIRECT_READ_TIME."""
+    payload = bytes(range(256)) * 800
+
+    async def side(me: FramedStream) -> None:
+        async def send() -> None:
+            await me.send_all(payload)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            got = bytearray()
+            while len(got) < len(payload):
+                got += await me.receive_some()
+        assert bytes(got) == payload
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            service, device = framed_pair(nursery, 8192)
+            start = trio.current_time()
+            async with trio.open_nursery() as sides:
+                sides.start_soon(side, service)
+                sides.start_soon(side, device)
+            assert trio.current_time() - start < DIRECT_READ_TIME / 2
             nursery.cancel_scope.cancel()

@@ -427,6 +427,12 @@ class WebSocket:
         )
 
     @property
+    def has_queued_events(self) -> bool:
+        """True when the next receive starts from what was already read and parsed (it may
+        then return without reading, and without a checkpoint)."""
+        return bool(self._events)
+
+    @property
     def has_backlog(self) -> bool:
         """True while part of a message :meth:`send_bytes_nowait` took waits to be written."""
         return bool(self._backlog)

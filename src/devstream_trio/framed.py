@@ -4,9 +4,14 @@
 :class:`~devstream_core.framing.StreamEndpoint`. One background task (in the nursery the client
 owns) keeps the WebSocket under it: it reads frames, pings, and when the WebSocket drops without
 a close it reconnects to the streaming endpoint with the stream's resume credential and lets the
-endpoint resend what the peer is missing. Frames go out from the task that made them when the
-socket takes them at once; a second task, started only when needed, writes the rest (a full
-socket, TLS). Application code sees none of that, except in logs and in ``resumes``.
+endpoint resend what the peer is missing. Until something needs it, that task does not read:
+the stream's first message is read by the application's own ``receive_some``, so the first
+bytes of a new stream reach the application without a trip through the scheduler (the
+connection task takes over after that read, and at the latest ``DIRECT_READ_TIME`` (5 ms)
+after the stream opened).
+Frames go out from the task that made them when the socket takes them at once; a second task,
+started only when needed, writes the rest (a full socket, TLS). Application code sees none of
+that, except in logs and in ``resumes``.
 
 Meaning of the trio methods:
 
@@ -103,6 +108,11 @@ class StreamOptions:
 #: frames) to go out with it.
 ACK_DELAY = 0.005
 
+#: How long after a stream opens its connection task leaves the first read to the
+#: application's receive_some (see FramedStream._read_directly): a new stream's first message
+#: comes within this on a working network, and past it the stream reads as usual.
+DIRECT_READ_TIME = 0.005
+
 #: Resume delays' jitter, for streams not given a generator of their own.
 _JITTER = random.Random()
 
@@ -161,6 +171,16 @@ class FramedStream(trio.abc.HalfCloseableStream):
         self._read_wake = math.inf
         self._ack_due = False
         self._closing = False
+        #: The connection task has not started reading: the application's receive_some reads
+        #: the first message itself (see _read_directly), until _reader_wanted is set or
+        #: DIRECT_READ_TIME has passed.
+        self._dormant = True
+        self._reader_wanted = trio.Event()
+        self._dormant_until = trio.current_time() + DIRECT_READ_TIME
+        self._app_reading = False
+        self._direct_read: trio.CancelScope | None = None
+        #: A frame the application's own read found broken, for the connection task to act on.
+        self._early_failure: DevstreamError | None = None
         # Connected from the start: what the application sends before the connection task
         # first runs goes out at once (see _send_now).
         self._endpoint.connection_made(resumed=False)
@@ -191,7 +211,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
                     view = view[taken:]
                     self._send_now()
                     continue
-                await self._changed.park()
+                await self._wait_changed()
                 waited = True
             if not waited:
                 # Other tasks run after the bytes went out, not before.
@@ -203,7 +223,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
         """Wait until the window has room."""
         while self._endpoint.send_capacity == 0:
             self._check_can_send()
-            await self._changed.park()
+            await self._wait_changed()
         await trio.lowlevel.checkpoint()
 
     async def send_eof(self) -> None:
@@ -243,10 +263,60 @@ class FramedStream(trio.abc.HalfCloseableStream):
                     if not waited:
                         await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
-                await self._changed.park()
-                waited = True
+                if self._dormant and not self._app_reading:
+                    waited = waited or not self._ws.has_queued_events
+                    await self._read_directly()
+                else:
+                    await self._wait_changed()
+                    waited = True
         finally:
             self._receiving = False
+
+    async def _read_directly(self) -> None:
+        """Read the next message from the calling task (receive_some's), while the connection
+        task has not started reading, and feed it to the endpoint; then hand reading to the
+        connection task. A stream's first bytes thus reach the application with no trip
+        through the scheduler from one task to the other. A read still waiting
+        ``DIRECT_READ_TIME`` after the stream opened stops, and the connection task takes
+        over. Anything but data
+        (the WebSocket closed or lost) is left as it is: the connection task's first read
+        finds it again and acts on it."""
+        ws = self._ws
+        self._app_reading = True
+        try:
+            with trio.move_on_at(self._dormant_until) as self._direct_read:
+                try:
+                    messages = await ws.receive_messages(MAX_MESSAGE)
+                except ConnectionClosed:
+                    return
+                try:
+                    for parts in messages:
+                        for part in parts:
+                            self._endpoint.receive_data(part)
+                except DevstreamError as exc:
+                    self._early_failure = exc
+                self._send_now()
+        finally:
+            self._app_reading = False
+            self._direct_read = None
+            self._need_reader()
+            self._dormant = False  # one read only: from here on the connection task reads
+            self._changed.unpark_all()
+
+    def _need_reader(self) -> None:
+        """Have the connection task start reading, if it has not yet. A read of the
+        application's that waits meanwhile stops (nothing read is lost): the connection task
+        also starts the writer, which the peer may be waiting on to send what that read
+        waits for."""
+        if self._dormant:
+            self._reader_wanted.set()
+            if self._direct_read is not None:
+                self._direct_read.cancel()
+
+    async def _wait_changed(self) -> None:
+        """Wait for the stream to change; something the connection task reads is awaited."""
+        self._need_reader()
+        await self._changed.park()
 
     def _take_received(self, max_bytes: int | None) -> bytes | None:
         """What ``receive_some`` returns now: bytes, or ``b""`` at the peer's EOF; None while
@@ -323,8 +393,10 @@ class FramedStream(trio.abc.HalfCloseableStream):
                 while not (endpoint.eof_acked or self._over()):
                     if endpoint.state is not EndpointState.OPEN and not endpoint.done:
                         break
-                    await self._changed.park()
-                    if self._take_peer_eof():
+                    await self._wait_changed()
+                    # Acknowledged now while this side still waits for its own, else with
+                    # the close that follows.
+                    if not endpoint.eof_acked and self._take_peer_eof():
                         self._send_now()
         if endpoint.state is EndpointState.OPEN and not endpoint.eof_acked and not self._over():
             # Not acknowledged in time: the peer learns that not all was read.
@@ -332,9 +404,10 @@ class FramedStream(trio.abc.HalfCloseableStream):
         with trio.move_on_after(self.close_timeout):
             # The last frames go out (what the socket does not take, by the writer task),
             # then the close.
+            self._take_peer_eof()
             self._send_now()
             while not self._over() and endpoint.has_output:
-                await self._changed.park()
+                await self._wait_changed()
             ws = self._ws
             if ws.is_open:
                 await ws.send_close(NORMAL_CLOSURE, "")
@@ -415,7 +488,9 @@ class FramedStream(trio.abc.HalfCloseableStream):
         """Have the writer task write what the endpoint has; start it if it is not running.
         Most streams never need it: what they send goes out from the calling task."""
         self._send_wanted.set()
-        if not self._writer_running and self._writer_nursery is not None:
+        if self._writer_nursery is None:
+            self._need_reader()  # the writer starts with the connection task's first read
+        elif not self._writer_running:
             self._writer_running = True
             self._writer_idle = False
             self._writer_nursery.start_soon(self._write_loop, self._ws)
@@ -426,6 +501,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
         first = True
         try:
             with self._scope:
+                await self._until_needed()
                 while True:
                     if not first:
                         self._endpoint.connection_made(resumed=True)
@@ -458,6 +534,18 @@ class FramedStream(trio.abc.HalfCloseableStream):
             self._finished.set()
             self._changed.unpark_all()
             await self._ws.abort()
+
+    async def _until_needed(self) -> None:
+        """Wait, without reading, until something needs this task or ``DIRECT_READ_TIME``
+        has passed; meanwhile the application's receive_some reads the first message itself.
+        Then become the reader, once that read is over."""
+        if not self._reader_wanted.is_set():
+            with trio.move_on_at(self._dormant_until):
+                await self._reader_wanted.wait()
+        self._need_reader()  # stops a read of the application's still waiting
+        self._dormant = False
+        while self._app_reading:
+            await self._changed.park()
 
     async def _serve(self, ws: WebSocket) -> None:
         """Run one WebSocket until the stream ends (return) or the WebSocket drops.
@@ -495,7 +583,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
         """Feed what arrives to the endpoint until the WebSocket closes (ConnectionClosed) or
         the endpoint fails (return False); return True when the WebSocket went silent."""
         limit = self.ping_interval + self.ping_timeout
-        failure: DevstreamError | None = None
+        failure, self._early_failure = self._early_failure, None
         next_ping = trio.current_time() + self.ping_interval
         while failure is None:
             self._read_wake = min(ws.last_received + limit, next_ping)
