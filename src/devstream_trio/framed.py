@@ -453,18 +453,21 @@ class FramedStream(trio.abc.HalfCloseableStream):
         cancellation could cut), and the close once the stream is done; wake the writer task
         only for the rest (a full socket, a send in progress, TLS); wake waiting callers."""
         ws, endpoint = self._ws, self._endpoint
-        while endpoint.has_output and ws.can_send_nowait:
+        output = endpoint.has_output
+        while output and ws.can_send_nowait:
             ws.send_bytes_nowait(endpoint.data_to_send(MESSAGE_LIMIT))
-        reset = endpoint.state is EndpointState.RESET
-        finished = endpoint.done or (reset and endpoint.reset_settled)
-        if finished and ws.is_open and not endpoint.has_output:
-            ws.send_close_nowait(NORMAL_CLOSURE)  # the stream is over: close the WebSocket
-        if (
-            endpoint.has_output
-            or ws.has_backlog
-            or (finished and ws.is_open)
-            or (reset and not finished)
-        ):
+            output = endpoint.has_output
+        state = endpoint.state
+        if state is EndpointState.OPEN:
+            # The usual case, in fewer steps: nothing to close.
+            wake = output or ws.has_backlog
+        else:
+            reset = state is EndpointState.RESET
+            finished = state is EndpointState.DONE or (reset and endpoint.reset_settled)
+            if finished and ws.is_open and not output:
+                ws.send_close_nowait(NORMAL_CLOSURE)  # the stream is over: close the WebSocket
+            wake = output or ws.has_backlog or (finished and ws.is_open) or (reset and not finished)
+        if wake:
             self._wake_writer()
         elif self._ack_due:
             # A deferred acknowledgement went out with this: the connection task's timer
