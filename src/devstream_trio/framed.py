@@ -394,8 +394,9 @@ class FramedStream(trio.abc.HalfCloseableStream):
                     if endpoint.state is not EndpointState.OPEN and not endpoint.done:
                         break
                     await self._wait_changed()
-                    # Acknowledged now while this side still waits for its own, else with
-                    # the close that follows.
+                    # Acknowledged while this side still waits for its own (the peer may be
+                    # waiting too); after that, the close that follows tells the peer all it
+                    # needs, in one message.
                     if not endpoint.eof_acked and self._take_peer_eof():
                         self._send_now()
         if endpoint.state is EndpointState.OPEN and not endpoint.eof_acked and not self._over():
@@ -404,7 +405,6 @@ class FramedStream(trio.abc.HalfCloseableStream):
         with trio.move_on_after(self.close_timeout):
             # The last frames go out (what the socket does not take, by the writer task),
             # then the close.
-            self._take_peer_eof()
             self._send_now()
             while not self._over() and endpoint.has_output:
                 await self._wait_changed()
