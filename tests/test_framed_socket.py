@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import Message
+from wsproto.events import CloseConnection, Message
 
 from devstream_core.common import Role
 from devstream_core.errors import ErrorCode
@@ -107,6 +107,17 @@ async def test_a_full_socket_leaves_the_rest_to_the_writer_and_loses_nothing(
     assert {stream.role for stream in writer_starts} == {Role.SERVICE, Role.DEVICE}
 
 
+async def exchange(
+    service: FramedStream, device: FramedStream, request: bytes, answer: bytes
+) -> None:
+    """The service sends *request*, the device reads it and sends *answer*, the service reads
+    that."""
+    await service.send_all(request)
+    assert await device.receive_some() == request
+    await device.send_all(answer)
+    assert await service.receive_some() == answer
+
+
 class HandDrivenHub:
     """A device's FramedStream over a socket whose other end the test drives by hand, in the
     hub's place."""
@@ -178,10 +189,7 @@ async def test_a_stream_the_socket_keeps_up_with_needs_no_writer_task(
         async with trio.open_nursery() as nursery:
             service, device = framed_pair(nursery, 1 << 20)
             start = trio.current_time()
-            await service.send_all(b"ping")
-            assert await device.receive_some() == b"ping"
-            await device.send_all(b"pong")
-            assert await service.receive_some() == b"pong"
+            await exchange(service, device, b"ping", b"pong")
             await service.send_eof()
             assert await device.receive_some() == b""
             await device.send_eof()
@@ -224,10 +232,7 @@ async def test_both_sides_closing_without_reading_the_eof_finish_at_once(
         async with trio.open_nursery() as nursery:
             service, device = framed_pair(nursery, 1 << 20)
             start = trio.current_time()
-            await service.send_all(b"request")
-            assert await device.receive_some() == b"request"
-            await device.send_all(b"answer")
-            assert await service.receive_some() == b"answer"
+            await exchange(service, device, b"request", b"answer")
             if peer_eof == "before":
                 await device.send_eof()
                 await trio.testing.wait_all_tasks_blocked()
@@ -412,3 +417,29 @@ async def test_a_full_socket_both_ways_does_not_wait_for_the_direct_read_to_end(
                 sides.start_soon(side, device)
             assert trio.current_time() - start < DIRECT_READ_TIME / 2
             nursery.cancel_scope.cancel()
+
+
+async def test_a_broken_first_message_read_directly_fails_the_stream_cleanly(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The first message, read by the application's own receive_some, holds a frame of an
+    unknown type: receive_some raises, the peer gets a Reset with the protocol error, and the
+    WebSocket is closed with its code, as when the connection task finds a broken frame."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            hub = HandDrivenHub(nursery)
+            bad = b"\x7f" + (8).to_bytes(4, "big") + bytes(8)  # type 0x7f, 8-byte body
+            os.write(hub.sock.fileno(), hub.ws.send(Message(data=bad)))
+            with pytest.raises(trio.BrokenResourceError):
+                await hub.device.receive_some()
+            await trio.testing.wait_all_tasks_blocked()
+            events = hub.reader.receive(os.read(hub.sock.fileno(), 65536))
+            data = [e for e in events if isinstance(e, Message)]
+            [frame] = FrameDecoder().feed(bytes(data[0].data))  # type: ignore[attr-defined]
+            assert frame.code == int(ErrorCode.PROTOCOL_ERROR)  # type: ignore[attr-defined]
+            [close] = [e for e in events if isinstance(e, CloseConnection)]
+            assert close.code == ErrorCode.PROTOCOL_ERROR.close_code
+            assert hub.device._failure is not None
+            assert hub.device._failure.code is ErrorCode.PROTOCOL_ERROR
+            nursery.cancel_scope.cancel()
+    hub.sock.close()

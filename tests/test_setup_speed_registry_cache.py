@@ -258,13 +258,7 @@ async def test_a_changed_or_removed_policy_takes_effect_at_once(
     with trio.fail_after(TIMEOUT):
         await hub_env.create_device("d1")
         await serve_device(hub_env, await hub_env.create_device("d2"))
-        ops = Policy(
-            name="ops",
-            primary_key=new_key(b"\x11" * 32),
-            secondary_key=new_key(b"\x12" * 32),
-            permissions=Permission.SERVICE_CONNECT,
-        )
-        await hub_env.store.put_policy(ops)
+        ops = await put_service_policy(hub_env, seed=0x11)
         await assert_echoes_with(hub_env, ops, "d2")
         # Rotate the keys: the old connection string is refused.
         rotated = dataclasses.replace(
@@ -284,6 +278,18 @@ async def test_a_changed_or_removed_policy_takes_effect_at_once(
         assert await hub_env.store.delete_policy("ops")
         with pytest.raises(Unauthorized):
             await hub_env.service(rotated).open_stream("d2", "echo")
+
+
+async def put_service_policy(hub_env: HubEnv, *, seed: int) -> Policy:
+    """Store a policy "ops" with only the service-connect permission, keys made from *seed*."""
+    ops = Policy(
+        name="ops",
+        primary_key=new_key(bytes([seed]) * 32),
+        secondary_key=new_key(bytes([seed + 1]) * 32),
+        permissions=Permission.SERVICE_CONNECT,
+    )
+    await hub_env.store.put_policy(ops)
+    return ops
 
 
 async def assert_echoes_with(hub_env: HubEnv, policy: Policy, device_id: str) -> None:
@@ -308,13 +314,7 @@ async def test_a_service_token_is_verified_once_for_many_initiates(
 
     with trio.fail_after(TIMEOUT):
         await serve_device(hub_env, await hub_env.create_device("d1"))
-        ops = Policy(
-            name="ops",
-            primary_key=new_key(b"\x21" * 32),
-            secondary_key=new_key(b"\x22" * 32),
-            permissions=Permission.SERVICE_CONNECT,
-        )
-        await hub_env.store.put_policy(ops)
+        ops = await put_service_policy(hub_env, seed=0x21)
         service = hub_env.service(ops)
         monkeypatch.setattr(credentials, "verify_sas_token", counting)
         monkeypatch.setattr(hub_module, "verify_sas_token", counting)

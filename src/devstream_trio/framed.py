@@ -8,10 +8,9 @@ endpoint resend what the peer is missing. Until something needs it, that task do
 the stream's first message is read by the application's own ``receive_some``, so the first
 bytes of a new stream reach the application without a trip through the scheduler (the
 connection task takes over after that read, and at the latest ``DIRECT_READ_TIME`` (5 ms)
-after the stream opened).
-Frames go out from the task that made them when the socket takes them at once; a second task,
-started only when needed, writes the rest (a full socket, TLS). Application code sees none of
-that, except in logs and in ``resumes``.
+after the stream opened). Frames go out from the task that made them when the socket takes
+them at once; a second task, started only when needed, writes the rest (a full socket, TLS).
+Application code sees none of that, except in logs and in ``resumes``.
 
 Meaning of the trio methods:
 
@@ -278,9 +277,9 @@ class FramedStream(trio.abc.HalfCloseableStream):
         connection task. A stream's first bytes thus reach the application with no trip
         through the scheduler from one task to the other. A read still waiting
         ``DIRECT_READ_TIME`` after the stream opened stops, and the connection task takes
-        over. Anything but data
-        (the WebSocket closed or lost) is left as it is: the connection task's first read
-        finds it again and acts on it."""
+        over. Anything but data (the WebSocket closed or lost) is left as it is: the
+        connection task's first read finds it again and acts on it; a broken frame is left
+        for it to act on too (``_early_failure``)."""
         ws = self._ws
         self._app_reading = True
         try:
