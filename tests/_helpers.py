@@ -171,3 +171,20 @@ def load_fuzz_harness(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_checking_harness(harness: ModuleType, *, at_least: int) -> str:
+    """Run a checking fuzz harness (one with an ``ACCEPTED`` counter) through its fallback
+    loop and its command line; assert the loop checked at least *at_least* cases and the
+    command line passed; return what the command line printed."""
+    import contextlib
+    import io
+
+    accepted = harness.ACCEPTED[0]
+    harness.run_fallback(2000, seed=1)
+    assert harness.ACCEPTED[0] - accepted >= at_least
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert harness.main(["--iterations", "200", "--seed", "2"]) == 0
+    assert "ok: " in out.getvalue()
+    return out.getvalue()
