@@ -1091,6 +1091,111 @@ def test_eof_before_received_bytes_is_an_error() -> None:
         endpoint.receive_data(encode_frame(Eof(offset=2)))
 
 
+# What a peer may send an endpoint with a window of 64: offsets around the bytes received so
+# far (in order, repeated, overlapping, past a gap, past the window), Eofs, Acks, Resets, and
+# messages that are not one whole frame (two frames, a frame and a byte, a bad header).
+shifts = st.sampled_from([0, 0, 0, -1, -3, 1, 5])
+peer_sends = st.one_of(
+    st.tuples(st.just("data"), shifts, st.integers(1, 80)),
+    st.tuples(st.just("eof"), shifts, st.just(0)),
+    st.tuples(st.just("ack"), st.integers(0, 2), st.just(0)),
+    st.tuples(st.just("reset"), st.integers(0, 3), st.just(0)),
+    st.tuples(st.just("resume"), st.integers(0, 1), st.just(0)),
+    st.tuples(st.just("two"), st.integers(0, 4), st.integers(1, 20)),
+    st.tuples(st.just("extra"), st.integers(0, 4), st.integers(1, 20)),
+    st.tuples(st.just("bad"), st.integers(0, 2), st.integers(1, 20)),
+    st.tuples(st.just("read"), st.integers(1, 40), st.just(0)),
+)
+
+
+def peer_message(endpoint: StreamEndpoint, step: tuple[str, int, int]) -> bytes:
+    kind, shift, size = step
+    at = max(0, endpoint.received + shift)
+    payload = bytes(range(at, at + size)) if size else b""
+    payload = bytes(b % 256 for b in payload)
+    if kind == "data":
+        return encode_frame(Data(offset=at, payload=payload))
+    if kind == "eof":
+        return encode_frame(Eof(offset=at))
+    if kind == "ack":
+        return encode_frame(Ack(offset=shift))
+    if kind == "reset":
+        return encode_frame(Reset(code=shift, reason="r"))
+    if kind == "resume":  # as long as a 1-byte Data frame, its first 8 bytes an offset of 0
+        return encode_frame(Resume(received=0, reply=bool(shift)))
+    data = encode_frame(Data(offset=at, payload=payload))
+    if kind == "two":
+        return data + encode_frame(Data(offset=at + size, payload=payload))
+    if kind == "extra":
+        return data + b"\x01"
+    return b"\x01" + struct.pack(">I", 8 + size + shift + 1) + data[5:]  # length that lies
+
+
+def result_or_error(call: Callable[..., object], *args: object) -> object:
+    try:
+        return call(*args)
+    except (LocalProtocolError, RemoteProtocolError) as exc:
+        return (type(exc), exc.code)
+
+
+class GeneralPathEndpoint(StreamEndpoint):
+    """Takes every message by the general path (decode, then one frame at a time), never by
+    the short one for a whole Data frame."""
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        return self._receive_frames(data)
+
+
+@given(steps=st.lists(peer_sends, max_size=25))
+@example(steps=[("eof", 0, 0), ("data", 0, 1)])  # past the peer's EOF
+@example(steps=[("reset", 1, 0), ("data", 0, 1)])  # after a reset: ignored
+@example(steps=[("data", 0, 60), ("data", 0, 5)])  # past the window
+@example(steps=[("data", 0, 60), ("read", 40, 0), ("data", 0, 44)])  # up to its edge
+@example(steps=[("bad", 0, 1), ("data", 0, 1)])  # after a partial frame
+@example(steps=[("resume", 0, 0)])  # not a Data frame
+@settings(max_examples=300)
+def test_a_whole_data_frame_is_taken_as_the_general_path_takes_it(
+    steps: list[tuple[str, int, int]],
+) -> None:
+    # The usual message, one whole Data frame, has a shorter path: an endpoint that takes it
+    # agrees with one that never does on every event, error, read and state.
+    short, general = connected(), GeneralPathEndpoint(window=64, max_payload=16)
+    general.connection_made(resumed=False)
+    for step in steps:
+        if step[0] == "read":
+            assert result_or_error(short.read, step[1]) == result_or_error(general.read, step[1])
+        else:
+            message = peer_message(short, step)
+            assert peer_message(general, step) == message
+            assert result_or_error(short.receive_data, message) == result_or_error(
+                general.receive_data, message
+            )
+        assert (short.state, short.recv_state, short.connection_state) == (
+            general.state,
+            general.recv_state,
+            general.connection_state,
+        )
+        assert (short.received, short.consumed, short.readable, short.at_eof) == (
+            general.received,
+            general.consumed,
+            general.readable,
+            general.at_eof,
+        )
+        assert short.data_to_send() == general.data_to_send()
+        if short.connection_state is ConnectionState.BROKEN:
+            break
+
+
+def test_a_data_frame_too_large_is_refused_within_the_window() -> None:
+    endpoint = StreamEndpoint()  # a window far larger than a frame
+    endpoint.connection_made(resumed=False)
+    body = struct.pack(">Q", 0) + b"x" * (MAX_FRAME_PAYLOAD + 1)
+    with pytest.raises(RemoteProtocolError) as info:
+        endpoint.receive_data(struct.pack(">BI", 1, len(body)) + body)
+    assert info.value.code is ErrorCode.PROTOCOL_ERROR  # a Data body the format does not allow
+    assert endpoint.received == 0 and endpoint.state is EndpointState.RESET
+
+
 def lost(endpoint: StreamEndpoint) -> StreamEndpoint:
     endpoint.connection_lost()
     return endpoint
@@ -1265,6 +1370,16 @@ RECV_MISSING: dict[tuple[RecvState, RecvInput], object] = {
     (_RS.RESET, _RI.READ_EOF): LOCAL,
     (_RS.RESET, _RI.ACK_EOF): SAME,
 }
+
+
+def test_read_changes_no_receiving_state() -> None:
+    # read() skips the table for READ, which leaves every state as it is (and is refused
+    # after a reset): the table says so.
+    for state in RecvState:
+        if state is RecvState.RESET:
+            assert (state, RecvInput.READ) not in RECV_TRANSITIONS
+        else:
+            assert RECV_TRANSITIONS[(state, RecvInput.READ)] is state
 
 
 def test_recv_table_walk() -> None:

@@ -164,6 +164,8 @@ _HEADER: Final = struct.Struct(">BI")
 _U64: Final = struct.Struct(">Q")
 _U32: Final = struct.Struct(">I")
 _RESUME_BODY: Final = struct.Struct(">QB")
+#: A Data frame's header and offset, together.
+_DATA_HEAD: Final = struct.Struct(">BIQ")
 _DATA_OVERHEAD: Final = HEADER_SIZE + 8
 _EOF_SIZE: Final = HEADER_SIZE + 8
 _FLAG_REPLY: Final = 0x01
@@ -427,6 +429,11 @@ class FrameDecoder:
             raise _bad_frame(f"{name} frame body of {length} bytes (must be {low} to {high})")
 
 
+_DATA_KIND: Final = int(FrameType.DATA)
+#: The largest body of a Data frame.
+_MAX_DATA_BODY: Final = _BODY_SIZES[FrameType.DATA][1]
+
+
 def _frame_at(view: memoryview, pos: int, kind: int, end: int) -> Frame:
     """The frame whose header starts at *pos* and whose body ends at *end* (checked)."""
     body = pos + HEADER_SIZE
@@ -498,6 +505,9 @@ class StreamDone:
 
 #: Anything :meth:`StreamEndpoint.receive_data` returns.
 Event = DataAvailable | EofReceived | WindowOpened | ResetReceived | Resumed | StreamDone
+
+#: Events carry nothing but their type: one instance serves every stream.
+_DATA_AVAILABLE: Final = DataAvailable()
 
 
 # --------------------------------------------------------------------------------------------
@@ -801,9 +811,10 @@ class StreamEndpoint:
     @property
     def state(self) -> EndpointState:
         """``RESET`` once aborted by either side, ``DONE`` once both EOFs are acknowledged."""
-        if self._send_state is SendState.RESET:
+        send = self._send_state
+        if send is SendState.RESET:
             return EndpointState.RESET
-        if self.done:
+        if send is SendState.CLOSED and self._recv_state is RecvState.CLOSED:
             return EndpointState.DONE
         return EndpointState.OPEN
 
@@ -925,7 +936,11 @@ class StreamEndpoint:
             return True
         if conn is ConnectionState.RESUMING:
             return False
-        return self._next_send < self._send_limit() or self._eof_due()
+        next_send, written = self._next_send, self._written_end
+        if next_send < written:
+            acked = self._acked
+            return next_send < (acked if acked < written else written) + self.window
+        return self._send_state is SendState.EOF_PENDING and not self._eof_sent
 
     # -- transitions -------------------------------------------------------------------------
 
@@ -971,8 +986,12 @@ class StreamEndpoint:
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "data must be bytes")
-        self._move_send(SendInput.WRITE)
-        taken = min(len(data), self.send_capacity)
+        if self._send_state is not SendState.OPEN:
+            self._move_send(SendInput.WRITE)  # raises: writing is over
+        taken = len(data)
+        capacity = self.window - (self._written_end - self._acked)
+        if taken > capacity:
+            taken = capacity
         if taken:
             with memoryview(data) as view:
                 self._send_queue.append(view[:taken])
@@ -998,7 +1017,8 @@ class StreamEndpoint:
             not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1
         ):
             raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "max_bytes must be >= 1")
-        self._move_recv(RecvInput.READ)
+        if self._recv_state is RecvState.RESET:
+            self._move_recv(RecvInput.READ)  # raises; in every other state READ stays put
         data = self._take_received(max_bytes)
         self._consumed += len(data)
         if self._recv_state is RecvState.EOF_RECEIVED and self._consumed == self._peer_final:
@@ -1083,6 +1103,30 @@ class StreamEndpoint:
         """
         if self._conn_state not in (ConnectionState.CONNECTED, ConnectionState.RESUMING):
             raise _invalid(f"cannot receive when the connection is {self._conn_state.value}")
+        if (
+            self._conn_state is ConnectionState.CONNECTED
+            and self._recv_state is RecvState.OPEN
+            and not self._decoder.buffered
+            and len(data) > _DATA_OVERHEAD
+        ):
+            # The usual message: one whole Data frame, the next bytes in order, in the window.
+            # Taken here as the general path below would take it, in fewer steps.
+            kind, length, offset = _DATA_HEAD.unpack_from(data)
+            end = offset + length - 8
+            if (
+                kind == _DATA_KIND
+                and length == len(data) - HEADER_SIZE
+                and length <= _MAX_DATA_BODY
+                and offset == self._received
+                and end <= self._consumed + self.window
+            ):
+                self._recv_chunks.append(bytes(data[_DATA_OVERHEAD:]))
+                self._received = end
+                return [_DATA_AVAILABLE]
+        return self._receive_frames(data)
+
+    def _receive_frames(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """:meth:`receive_data`'s general path: decode, then take one frame at a time."""
         events: list[Event] = []
         try:
             for frame in self._decoder.feed(data):
@@ -1158,20 +1202,25 @@ class StreamEndpoint:
         return _encode_offset(FrameType.ACK, offset)
 
     def _take_data(self, out: list[bytes | memoryview], room: int | None) -> None:
-        limit = self._send_limit()
-        base = self._acked_data()
-        while self._next_send < limit:
-            size = min(self.max_payload, limit - self._next_send)
-            if room is not None:
-                size = min(size, room - _DATA_OVERHEAD)
-                if size <= 0:
-                    return
-                room -= _DATA_OVERHEAD + size
-            start = self._next_send - base
-            out.append(_HEADER.pack(FrameType.DATA, 8 + size) + _U64.pack(self._next_send))
-            self._send_queue.take(start, size, out)
-            self._next_send += size
-            self._sent_end = max(self._sent_end, self._next_send)
+        written = self._written_end
+        base = self._acked if self._acked < written else written
+        limit = min(written, base + self.window)
+        next_send = self._next_send
+        if next_send < limit:
+            max_payload = self.max_payload
+            while next_send < limit:
+                size = min(max_payload, limit - next_send)
+                if room is not None:
+                    size = min(size, room - _DATA_OVERHEAD)
+                    if size <= 0:
+                        break  # no room left: the EOF (not due yet) waits too
+                    room -= _DATA_OVERHEAD + size
+                out.append(_DATA_HEAD.pack(_DATA_KIND, 8 + size, next_send))
+                self._send_queue.take(next_send - base, size, out)
+                next_send += size
+            self._next_send = next_send
+            if next_send > self._sent_end:
+                self._sent_end = next_send
         if self._eof_due() and (room is None or room >= _EOF_SIZE):
             out.append(_encode_offset(FrameType.EOF, self._written_end))
             self._eof_sent = True
@@ -1219,7 +1268,7 @@ class StreamEndpoint:
         skip = self._received - frame.offset
         self._recv_chunks.append(frame.payload[skip:] if skip else frame.payload)
         self._received = end
-        _add_once(events, DataAvailable())
+        _add_once(events, _DATA_AVAILABLE)
 
     def _on_eof(self, frame: Eof, events: list[Event]) -> None:
         self._check_in_window(frame.offset, "Eof")
