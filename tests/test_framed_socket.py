@@ -389,6 +389,67 @@ async def test_the_connection_task_reads_soon_when_the_application_does_not(
             nursery.cancel_scope.cancel()
 
 
+async def test_a_new_stream_starts_no_task_until_one_is_needed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Streams opening start no connection task of their own, nor does the application's
+    read of the first message: the task starts when something waits on the stream, and one
+    task starts, for all of the nursery's streams, those that nothing needed within
+    DIRECT_READ_TIME."""
+
+    def names(nursery: trio.Nursery) -> list[str]:
+        return sorted(task.name.rsplit(".", 1)[-1] for task in nursery.child_tasks)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            pairs = [framed_pair(nursery, 1 << 20) for _ in range(3)]
+            await trio.testing.wait_all_tasks_blocked()
+            assert names(nursery) == ["_run"]  # the starter; no stream's own task
+            service, device = pairs[0]
+            await service.send_all(b"first")
+            assert await device.receive_some() == b"first"  # read by this task
+            await trio.testing.wait_all_tasks_blocked()
+            assert names(nursery) == ["_run"]
+            async with trio.open_nursery() as inner:
+                inner.start_soon(device.receive_some)  # waits: the connection task reads
+                await trio.testing.wait_all_tasks_blocked()
+                assert names(nursery) == ["_run", "_run"]
+                await service.send_all(b"second")
+            await trio.sleep(DIRECT_READ_TIME * 2)
+            # The starter started the rest, and ended: nothing is left waiting.
+            assert names(nursery) == ["_run"] * 6
+            assert all(side._task_started for pair in pairs for side in pair)
+            nursery.cancel_scope.cancel()
+
+
+async def test_streams_whose_tasks_never_started_drop_their_connection_when_cancelled() -> None:
+    """The client's nursery is cancelled before any stream needed its connection task: the
+    WebSockets are dropped all the same, as the streams' own tasks would have dropped them."""
+    peers = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            streams = []
+            for _ in range(2):
+                a, b = trio.socket.socketpair()
+                peers.append(b)
+                ws = WebSocket(trio.SocketStream(a), Connection(ConnectionType.CLIENT))
+                streams.append(
+                    FramedStream(
+                        ws,
+                        stream_id="s",
+                        role=Role.SERVICE,
+                        reconnect=never_reconnect,
+                        nursery=nursery,
+                    )
+                )
+            nursery.cancel_scope.cancel()
+        for stream in streams:
+            assert stream._finished.is_set()
+        for peer in peers:
+            assert await peer.recv(10) == b""  # closed: end of file
+            peer.close()
+
+
 async def test_a_full_socket_both_ways_does_not_wait_for_the_direct_read_to_end(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -4,13 +4,14 @@
 :class:`~devstream_core.framing.StreamEndpoint`. One background task (in the nursery the client
 owns) keeps the WebSocket under it: it reads frames, pings, and when the WebSocket drops without
 a close it reconnects to the streaming endpoint with the stream's resume credential and lets the
-endpoint resend what the peer is missing. Until something needs it, that task does not read:
-the stream's first message is read by the application's own ``receive_some``, so the first
-bytes of a new stream reach the application without a trip through the scheduler (the
-connection task takes over after that read, and at the latest ``DIRECT_READ_TIME`` (5 ms)
-after the stream opened). Frames go out from the task that made them when the socket takes
-them at once; a second task, started only when needed, writes the rest (a full socket, TLS).
-Application code sees none of that, except in logs and in ``resumes``.
+endpoint resend what the peer is missing. That task starts only when something needs it: the
+stream's first message is read by the application's own ``receive_some``, so the first bytes
+of a new stream reach the application without a task start or a trip through the scheduler
+(the connection task starts after that read, or about ``DIRECT_READ_TIME`` (5 ms) after the
+stream opened, whichever comes first: one task per nursery starts those). Frames go out from
+the task that made them when the socket takes them at once; a second task, started only when
+needed, writes the rest (a full socket, TLS). Application code sees none of that, except in
+logs and in ``resumes``.
 
 Meaning of the trio methods:
 
@@ -33,11 +34,14 @@ Meaning of the trio methods:
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import random
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Final
 
 import trio
 
@@ -103,13 +107,15 @@ class StreamOptions:
     close_timeout: float = 5.0
 
 
+_DEFAULT_OPTIONS: Final = StreamOptions()
+
 #: How long an acknowledgement of the peer's EOF may wait for this side's own EOF (or other
 #: frames) to go out with it.
 ACK_DELAY = 0.005
 
-#: How long after a stream opens its connection task leaves the first read to the
-#: application's receive_some (see FramedStream._read_directly): a new stream's first message
-#: comes within this on a working network, and past it the stream reads as usual.
+#: How long after a stream opens its connection task, not started yet, leaves the first read
+#: to the application's receive_some (see FramedStream._read_directly): a new stream's first
+#: message comes within this on a working network, and past it the stream reads as usual.
 DIRECT_READ_TIME = 0.005
 
 #: Resume delays' jitter, for streams not given a generator of their own.
@@ -134,7 +140,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
         options: StreamOptions | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        options = options or StreamOptions()
+        options = options or _DEFAULT_OPTIONS
         self.stream_id = stream_id
         self.role = role
         #: The stream name, when known (the device side sets it).
@@ -170,11 +176,13 @@ class FramedStream(trio.abc.HalfCloseableStream):
         self._read_wake = math.inf
         self._ack_due = False
         self._closing = False
-        #: The connection task has not started reading: the application's receive_some reads
-        #: the first message itself (see _read_directly), until _reader_wanted is set or
-        #: DIRECT_READ_TIME has passed.
+        #: The application's receive_some may read the first message itself (see
+        #: _read_directly): until it did, or the connection task started. The task starts
+        #: when something needs it, or DIRECT_READ_TIME after the stream opened (see
+        #: _need_reader, _Starter).
         self._dormant = True
-        self._reader_wanted = trio.Event()
+        self._nursery = nursery
+        self._task_started = False
         self._dormant_until = trio.current_time() + DIRECT_READ_TIME
         self._app_reading = False
         self._direct_read: trio.CancelScope | None = None
@@ -183,7 +191,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
         # Connected from the start: what the application sends before the connection task
         # first runs goes out at once (see _send_now).
         self._endpoint.connection_made(resumed=False)
-        nursery.start_soon(self._run)
+        _starter_for(nursery).add(self)
 
     # -- application side --------------------------------------------------------------------
 
@@ -201,17 +209,18 @@ class FramedStream(trio.abc.HalfCloseableStream):
             view = memoryview(data)
             await trio.lowlevel.checkpoint_if_cancelled()
             waited = False
-            while True:
-                self._check_can_send()
-                if not view:
-                    break
+            # Nothing else runs between two writes that do not wait: one check before the
+            # first, and one after each wait.
+            self._check_can_send()
+            while view:
                 taken = self._endpoint.write(view)
                 if taken:
                     view = view[taken:]
                     self._send_now()
-                    continue
-                await self._wait_changed()
-                waited = True
+                else:
+                    await self._wait_changed()
+                    waited = True
+                    self._check_can_send()
             if not waited:
                 # Other tasks run after the bytes went out, not before.
                 await trio.lowlevel.cancel_shielded_checkpoint()
@@ -273,13 +282,15 @@ class FramedStream(trio.abc.HalfCloseableStream):
 
     async def _read_directly(self) -> None:
         """Read the next message from the calling task (receive_some's), while the connection
-        task has not started reading, and feed it to the endpoint; then hand reading to the
+        task has not started reading, and feed it to the endpoint; then leave reading to the
         connection task. A stream's first bytes thus reach the application with no trip
-        through the scheduler from one task to the other. A read still waiting
-        ``DIRECT_READ_TIME`` after the stream opened stops, and the connection task takes
-        over. Anything but data (the WebSocket closed or lost) is left as it is: the
-        connection task's first read finds it again and acts on it; a broken frame is left
-        for it to act on too (``_early_failure``)."""
+        through the scheduler from one task to the other, and no task start: the connection
+        task starts when something next waits on the stream (or sends what the socket does
+        not take at once), or at the latest ``DIRECT_READ_TIME`` after the stream opened. A
+        read still waiting then stops, and the connection task takes over. Anything but data
+        (the WebSocket closed or lost) is left as it is: the connection task's first read
+        finds it again and acts on it; a broken frame is left for it to act on too
+        (``_early_failure``)."""
         ws = self._ws
         self._app_reading = True
         try:
@@ -294,23 +305,32 @@ class FramedStream(trio.abc.HalfCloseableStream):
                             self._endpoint.receive_data(part)
                 except DevstreamError as exc:
                     self._early_failure = exc
-                self._send_now()
+                if self._endpoint.has_output:
+                    self._send_now()
         finally:
             self._app_reading = False
             self._direct_read = None
-            self._need_reader()
             self._dormant = False  # one read only: from here on the connection task reads
             self._changed.unpark_all()
 
     def _need_reader(self) -> None:
-        """Have the connection task start reading, if it has not yet. A read of the
+        """Have the connection task read: start it, if it has not started. A read of the
         application's that waits meanwhile stops (nothing read is lost): the connection task
         also starts the writer, which the peer may be waiting on to send what that read
         waits for."""
-        if self._dormant:
-            self._reader_wanted.set()
+        if not self._task_started:
+            self._start_task()
             if self._direct_read is not None:
                 self._direct_read.cancel()
+
+    def _start_task(self) -> None:
+        """Start the connection task, once. It starts only when something needs it (most
+        streams read their first message without it) or DIRECT_READ_TIME after the stream
+        opened: a new stream pays for no task start on its way to its first bytes."""
+        if not self._task_started:
+            self._task_started = True
+            self._dormant = False  # no direct read from now on
+            self._nursery.start_soon(self._run)
 
     async def _wait_changed(self) -> None:
         """Wait for the stream to change; something the connection task reads is awaited."""
@@ -332,7 +352,8 @@ class FramedStream(trio.abc.HalfCloseableStream):
                 self._changed.unpark_all()
                 return data
             if data:
-                self._send_now()
+                if endpoint.has_output:
+                    self._send_now()  # an acknowledgement that is due
                 return data
         self._check_broken()
         if self._peer_closed:
@@ -370,6 +391,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
                 )
             else:
                 self._scope.cancel()
+                self._start_task()  # its end drops the WebSocket
 
     def _over(self) -> bool:
         """True once nothing more can travel: failed, closed by the peer, or no task left."""
@@ -503,12 +525,15 @@ class FramedStream(trio.abc.HalfCloseableStream):
         first = True
         try:
             with self._scope:
-                await self._until_needed()
+                while self._app_reading:  # a read of the application's, told to stop
+                    await self._changed.park()
                 while True:
                     if not first:
                         self._endpoint.connection_made(resumed=True)
+                        self._send_now()
+                    elif self._endpoint.has_output:
+                        self._send_now()  # (the application's tasks sent the rest)
                     first = False
-                    self._send_now()
                     try:
                         await self._serve(self._ws)
                         return
@@ -536,18 +561,6 @@ class FramedStream(trio.abc.HalfCloseableStream):
             self._finished.set()
             self._changed.unpark_all()
             await self._ws.abort()
-
-    async def _until_needed(self) -> None:
-        """Wait, without reading, until something needs this task or ``DIRECT_READ_TIME``
-        has passed; meanwhile the application's receive_some reads the first message itself.
-        Then become the reader, once that read is over."""
-        if not self._reader_wanted.is_set():
-            with trio.move_on_at(self._dormant_until):
-                await self._reader_wanted.wait()
-        self._need_reader()  # stops a read of the application's still waiting
-        self._dormant = False
-        while self._app_reading:
-            await self._changed.park()
 
     async def _serve(self, ws: WebSocket) -> None:
         """Run one WebSocket until the stream ends (return) or the WebSocket drops.
@@ -696,6 +709,62 @@ class FramedStream(trio.abc.HalfCloseableStream):
                 min(self._rng.uniform(delay / 2, delay), max(0.0, deadline - trio.current_time()))
             )
             delay = min(delay * 2, 5.0)
+
+
+class _Starter:
+    """Starts the connection tasks of one nursery's streams that nothing needed within
+    ``DIRECT_READ_TIME`` of their opening: one task for all of them, running while any wait.
+
+    Streams come in the order they opened, which is the order of their deadlines. A task
+    that wakes starts every stream due within the next half ``DIRECT_READ_TIME``, so it wakes
+    at most about once per half ``DIRECT_READ_TIME``. Cancelled (its nursery is), it drops
+    the WebSockets of the streams it never started, as their own tasks would have.
+    """
+
+    __slots__ = ("_nursery", "_running", "_waiting")
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._waiting: collections.deque[FramedStream] = collections.deque()
+        self._running = False
+
+    def add(self, stream: FramedStream) -> None:
+        if not self._running:
+            self._nursery.start_soon(self._run)  # raises as FramedStream's own start would
+            self._running = True
+        self._waiting.append(stream)
+
+    async def _run(self) -> None:
+        waiting = self._waiting
+        try:
+            while waiting:
+                if waiting[0]._task_started:
+                    waiting.popleft()
+                    continue
+                await trio.sleep_until(waiting[0]._dormant_until)
+                soon = trio.current_time() + DIRECT_READ_TIME / 2
+                while waiting and waiting[0]._dormant_until <= soon:
+                    waiting.popleft()._need_reader()
+        finally:
+            self._running = False
+            while waiting:
+                stream = waiting.popleft()
+                if not stream._task_started:
+                    stream._task_started = True
+                    stream._finished.set()
+                    stream._changed.unpark_all()
+                    await stream._ws.abort()
+
+
+#: Each nursery's starter (see _Starter), for as long as the nursery lives.
+_STARTERS: weakref.WeakKeyDictionary[trio.Nursery, _Starter] = weakref.WeakKeyDictionary()
+
+
+def _starter_for(nursery: trio.Nursery) -> _Starter:
+    starter = _STARTERS.get(nursery)
+    if starter is None:
+        starter = _STARTERS[nursery] = _Starter(nursery)
+    return starter
 
 
 def _reset_error(code: int, reason: str) -> DevstreamError:

@@ -16,6 +16,7 @@ streaming endpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import ssl
@@ -366,7 +367,7 @@ async def _stream_over(
     options: StreamOptions | None,
 ) -> AnyStream:
     """The stream a WebSocket just joined carries; *url* is where a devstream.v1 side resumes."""
-    stream_id = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
+    stream_id = _stream_url(url)[2]
     if mode == MODE_RAW:
         return HubStream(ws, stream_id=stream_id, role=role)
     if ws.subprotocol != FRAMED_SUBPROTOCOL or nursery is None:
@@ -394,13 +395,11 @@ async def _stream_websocket(
     Over *transport* if given (it is closed on failure), else over a new connection.
     """
     try:
-        address = HubAddress.from_url(url)
+        address, target, _ = _stream_url(url)
     except BaseException:
         if transport is not None:
             await close_forcefully(transport)
         raise
-    parts = urllib.parse.urlsplit(url)
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
     if transport is None:
         transport = await open_transport(address, ssl_context, opener)
     try:
@@ -414,6 +413,15 @@ async def _stream_websocket(
             )
     except HttpStatusError as exc:
         raise error_for(exc.code or ErrorCode.SERVER_ERROR, exc.message) from None
+
+
+@functools.lru_cache(maxsize=64)
+def _stream_url(url: str) -> tuple[HubAddress, str, str]:
+    """The hub, the request target and the stream id of a stream's URL: parsed once for the
+    join (and the resumes soon after), not once for each."""
+    parts = urllib.parse.urlsplit(url)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    return HubAddress.from_url(url), target, parts.path.rsplit("/", 1)[-1]
 
 
 @asynccontextmanager
