@@ -13,6 +13,10 @@ Then ``--concurrency`` tasks set up streams (and bare connects) at once for ``--
 streams per second of wall time, and per CPU-second of the hub (the echo server) process,
 which is what one hub process could carry with a core to itself (the clients share this
 2-core machine with it).
+
+Both parts run in ``--rounds`` rounds, each round a share of every kind (bare, raw,
+devstream.v1) in turn, so that the machine's drift during the run (it is shared) weighs on
+every kind alike; the figures pool the rounds.
 """
 
 from __future__ import annotations
@@ -67,8 +71,8 @@ async def sequential(count: int, run: object) -> list[float]:
     return times
 
 
-async def concurrent(tasks: int, seconds: float, run: object, pid: int) -> tuple[float, float]:
-    """Run *tasks* loops of *run* for *seconds*; return (per second, per server CPU-second)."""
+async def concurrent(tasks: int, seconds: float, run: object, pid: int) -> tuple[int, float, float]:
+    """Run *tasks* loops of *run* for *seconds*; return (runs done, wall s, server CPU-s)."""
     done = 0
     cpu0, start = c.cpu_seconds(pid), trio.current_time()
     deadline = start + seconds
@@ -82,8 +86,7 @@ async def concurrent(tasks: int, seconds: float, run: object, pid: int) -> tuple
     async with trio.open_nursery() as nursery:
         for _ in range(tasks):
             nursery.start_soon(loop)
-    wall, cpu = trio.current_time() - start, c.cpu_seconds(pid) - cpu0
-    return done / wall, done / cpu if cpu else float("nan")
+    return done, trio.current_time() - start, c.cpu_seconds(pid) - cpu0
 
 
 async def measure(args: argparse.Namespace, hub: c.Child, peer: c.Child) -> list[object]:
@@ -107,24 +110,39 @@ async def measure(args: argparse.Namespace, hub: c.Child, peer: c.Child) -> list
             for mode in c.MODES:  # warm up
                 await sequential(10, stream_run(mode))
             await sequential(10, bare_run)
-            bare = await sequential(args.count, bare_run)
+            kinds: dict[str, tuple[object, int]] = {"bare": (bare_run, peer.pid)}
             for mode in c.MODES:
-                times = await sequential(args.count, stream_run(mode))
+                kinds[mode] = (stream_run(mode), hub.pid)
+            times: dict[str, list[float]] = {kind: [] for kind in kinds}
+            share = max(1, args.count // args.rounds)
+            for _ in range(args.rounds):
+                for kind, (run, _pid) in kinds.items():
+                    times[kind] += await sequential(share, run)
+            totals = {kind: [0, 0.0, 0.0] for kind in kinds}
+            for _ in range(args.rounds):
+                for kind, (run, pid) in kinds.items():
+                    done, wall, cpu = await concurrent(
+                        args.concurrency, args.seconds / args.rounds, run, pid
+                    )
+                    for i, value in enumerate((done, wall, cpu)):
+                        totals[kind][i] += value
+
+            def rates(kind: str) -> tuple[float, float]:
+                done, wall, cpu = totals[kind]
+                return done / wall, done / cpu if cpu else float("nan")
+
+            bare_rate, bare_per_cpu = rates("bare")
+            for mode in c.MODES:
                 for name, q in (("median", 0.5), ("p99", 0.99)):
                     rows.append(
                         (
                             f"{mode} setup + 1-byte echo, {name} ms",
-                            c.percentile(times, q) * 1000,
-                            c.percentile(bare, q) * 1000,
+                            c.percentile(times[mode], q) * 1000,
+                            c.percentile(times["bare"], q) * 1000,
                         )
                     )
-            bare_rate, bare_per_cpu = await concurrent(
-                args.concurrency, args.seconds, bare_run, peer.pid
-            )
             for mode in c.MODES:
-                rate, per_cpu = await concurrent(
-                    args.concurrency, args.seconds, stream_run(mode), hub.pid
-                )
+                rate, per_cpu = rates(mode)
                 rows.append((f"{mode} streams/s, wall", rate, bare_rate))
                 rows.append((f"{mode} streams per hub CPU-second", per_cpu, bare_per_cpu))
     return rows
@@ -138,12 +156,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, help="length of each concurrent run")
     parser.add_argument("--devices", type=int, default=4, help="devices the streams go to")
     parser.add_argument(
+        "--rounds", type=int, help="rounds that take turns between the kinds (see above)"
+    )
+    parser.add_argument(
         "--store", choices=["file", "memory"], default="file", help="the hub's registry"
     )
     args = parser.parse_args()
     args.count = args.count or c.tiny_or(args, 20, 1000)
     args.concurrency = args.concurrency or c.tiny_or(args, 4, 64)
     args.seconds = args.seconds or (0.3 if args.tiny else 15.0)
+    args.rounds = args.rounds or c.tiny_or(args, 2, 10)
     c.raise_fd_limit()
     with (
         c.start_hub(devices=args.devices, store=args.store) as hub,
@@ -158,9 +180,10 @@ def main() -> None:
         "bare WS connect + echo",
         rows,  # type: ignore[arg-type]
         [
-            f"{args.count} setups one at a time per mode; then {args.concurrency} at once for "
-            f"{args.seconds:.0f} s; the peer's per-CPU-second figure is the websockets echo "
-            f"server's. Hub registry: {args.store} (SQLite).",
+            f"{args.count} setups one at a time per kind; then {args.concurrency} at once for "
+            f"{args.seconds:g} s per kind; both in {args.rounds} rounds taking turns between "
+            f"the kinds. The peer's per-CPU-second figure is the websockets echo server's. Hub "
+            f"registry: {args.store} (SQLite).",
         ],
     )
 
