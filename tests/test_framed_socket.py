@@ -23,6 +23,7 @@ from devstream_core.framing import (
     Eof,
     FrameDecoder,
     RecvState,
+    Resume,
     encode_frame,
 )
 from devstream_trio._frames import FrameReader
@@ -194,8 +195,9 @@ async def test_a_stream_the_socket_keeps_up_with_needs_no_writer_task(
             assert await device.receive_some() == b""
             await device.send_eof()
             assert await service.receive_some() == b""
-            await service.aclose()
-            await device.aclose()
+            async with trio.open_nursery() as closing:  # each side closes in a task of its own
+                closing.start_soon(service.aclose)
+                closing.start_soon(device.aclose)
             assert trio.current_time() - start < ACK_DELAY / 10
             for stream in (service, device):
                 assert stream._endpoint.state is EndpointState.DONE
@@ -341,12 +343,12 @@ async def test_receive_some_is_a_checkpoint_and_waits_with_one_schedule_point(
             nursery.cancel_scope.cancel()
 
 
-async def test_a_new_streams_first_message_is_read_by_the_receiving_task(
+async def test_a_young_streams_messages_are_read_by_the_receiving_task(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    """The first message of a new stream is read from the socket by the task waiting in
-    ``receive_some`` (no trip through the scheduler from the connection task); after it, the
-    connection task reads."""
+    """While a stream is young (DIRECT_READ_TIME), its messages are read from the socket by
+    the task waiting in ``receive_some`` (no trip through the scheduler from a connection
+    task); after that, the connection task reads."""
     readers: list[str] = []
     real = WebSocket.receive_messages
 
@@ -359,18 +361,23 @@ async def test_a_new_streams_first_message_is_read_by_the_receiving_task(
             service, device = framed_pair(nursery, 1 << 20)
             device._ws.receive_messages = types.MethodType(recorded, device._ws)  # type: ignore[method-assign]
 
-            async def first_then_second() -> None:
-                assert await device.receive_some() == b"first"
-                assert await device.receive_some() == b"second"
+            async def receive(*expected: bytes) -> None:
+                for data in expected:
+                    assert await device.receive_some() == data
 
             async with trio.open_nursery() as inner:
-                inner.start_soon(first_then_second)
+                inner.start_soon(receive, b"first", b"second")
                 await trio.testing.wait_all_tasks_blocked()
                 await service.send_all(b"first")
                 await trio.testing.wait_all_tasks_blocked()
                 await service.send_all(b"second")
-            assert readers[0] == "first_then_second"
-            assert set(readers[1:]) == {"_run"}
+            assert readers == ["receive", "receive"]
+            await trio.sleep(DIRECT_READ_TIME)
+            async with trio.open_nursery() as inner:
+                inner.start_soon(receive, b"third")
+                await trio.testing.wait_all_tasks_blocked()
+                await service.send_all(b"third")
+            assert set(readers[2:]) == {"_run"}
             nursery.cancel_scope.cancel()
 
 
@@ -389,13 +396,12 @@ async def test_the_connection_task_reads_soon_when_the_application_does_not(
             nursery.cancel_scope.cancel()
 
 
-async def test_a_new_stream_starts_no_task_until_one_is_needed(
+async def test_a_short_stream_starts_no_task(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    """Streams opening start no connection task of their own, nor does the application's
-    read of the first message: the task starts when something waits on the stream, and one
-    task starts, for all of the nursery's streams, those that nothing needed within
-    DIRECT_READ_TIME."""
+    """Streams opening start no connection task of their own, nor do the application's reads
+    and closes: a stream exchanged and closed within DIRECT_READ_TIME never starts one. One
+    task starts, for all of the nursery's streams, those still open by then, and ends."""
 
     def names(nursery: trio.Nursery) -> list[str]:
         return sorted(task.name.rsplit(".", 1)[-1] for task in nursery.child_tasks)
@@ -406,20 +412,105 @@ async def test_a_new_stream_starts_no_task_until_one_is_needed(
             await trio.testing.wait_all_tasks_blocked()
             assert names(nursery) == ["_run"]  # the starter; no stream's own task
             service, device = pairs[0]
-            await service.send_all(b"first")
-            assert await device.receive_some() == b"first"  # read by this task
-            await trio.testing.wait_all_tasks_blocked()
+            await exchange(service, device, b"ping", b"pong")
+            async with trio.open_nursery() as closing:
+                closing.start_soon(service.aclose)
+                closing.start_soon(device.aclose)
             assert names(nursery) == ["_run"]
-            async with trio.open_nursery() as inner:
-                inner.start_soon(device.receive_some)  # waits: the connection task reads
-                await trio.testing.wait_all_tasks_blocked()
-                assert names(nursery) == ["_run", "_run"]
-                await service.send_all(b"second")
+            for side in (service, device):
+                assert side._finished.is_set() and side._failure is None
+                assert side._endpoint.state is not EndpointState.RESET
             await trio.sleep(DIRECT_READ_TIME * 2)
-            # The starter started the rest, and ended: nothing is left waiting.
-            assert names(nursery) == ["_run"] * 6
+            # The starter started the other streams' tasks, and ended.
+            assert names(nursery) == ["_run"] * 4
             assert all(side._task_started for pair in pairs for side in pair)
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("answer", [True, False])
+async def test_closing_a_young_stream_waits_for_the_answer_to_its_close(
+    autojump_clock: trio.abc.Clock, answer: bool
+) -> None:
+    """A stream that closes before its connection task ever started reads the answer to its
+    WebSocket close itself, as the task would have, then drops the transport; without an
+    answer it gives up after close_timeout."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            hub = HandDrivenHub(nursery)
+            device = hub.device
+            await hub.data_then_eof()
+            returned_at = []
+
+            async def close() -> None:
+                await device.aclose()
+                returned_at.append(trio.current_time())
+
+            nursery.start_soon(close)
+            await trio.testing.wait_all_tasks_blocked()
+            assert hub.received() == [[Ack(offset=3), Eof(offset=0)]]
+            hub.send(Ack(offset=1))  # the device's EOF: the stream is done, the close goes out
+            await trio.testing.wait_all_tasks_blocked()
+            events = hub.reader.receive(os.read(hub.sock.fileno(), 65536))
+            assert [type(event) for event in events] == [CloseConnection]
+            closed_at = trio.current_time()
+            await trio.sleep(1)
+            assert returned_at == []
+            assert not [t for t in nursery.child_tasks if t.name.endswith("FramedStream._run")]
+            if answer:
+                os.write(hub.sock.fileno(), hub.ws.send(events[0].response()))  # type: ignore[attr-defined]
+                await trio.testing.wait_all_tasks_blocked()
+                assert returned_at == [closed_at + 1]
+            else:
+                await trio.sleep(device.close_timeout)
+                assert returned_at == [closed_at + device.close_timeout]
+            assert await hub.sock.recv(10) == b""  # dropped
+            assert device._endpoint.state is EndpointState.DONE and device._failure is None
+    hub.sock.close()
+
+
+async def test_a_connection_lost_under_a_young_streams_read_is_resumed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The application's own read (the stream is young) finds the connection lost: the
+    connection task starts at once and resumes the stream over a new one."""
+    tokens: list[str] = []
+    peers: list[trio.socket.SocketType] = []
+
+    async def reconnect(resume_token: str) -> WebSocket:
+        tokens.append(resume_token)
+        a, b = trio.socket.socketpair()
+        peers.append(b)
+        return WebSocket(trio.SocketStream(a), Connection(ConnectionType.CLIENT))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            a, b = trio.socket.socketpair()
+            ws = WebSocket(
+                trio.SocketStream(a),
+                Connection(ConnectionType.CLIENT),
+                handshake_headers=[(b"devstream-resume-token", b"r1.token")],
+            )
+            device = FramedStream(
+                ws, stream_id="s", role=Role.DEVICE, reconnect=reconnect, nursery=nursery
+            )
+
+            async def receive() -> None:
+                with trio.move_on_after(1):
+                    await device.receive_some()
+
+            nursery.start_soon(receive)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not device._task_started  # the application's task is reading
+            b.close()  # the connection is lost
+            await trio.testing.wait_all_tasks_blocked()
+            assert tokens == ["r1.token"] and device.resumes == 1
+            # On the new connection the device asks the peer where to resume.
+            peer = FrameReader(Connection(ConnectionType.SERVER))
+            [message] = peer.receive(os.read(peers[0].fileno(), 65536))
+            assert isinstance(FrameDecoder().feed(bytes(message.data))[0], Resume)  # type: ignore[attr-defined]
+            nursery.cancel_scope.cancel()
+    for sock in peers:
+        sock.close()
 
 
 async def test_streams_whose_tasks_never_started_drop_their_connection_when_cancelled() -> None:

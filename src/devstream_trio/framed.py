@@ -4,14 +4,16 @@
 :class:`~devstream_core.framing.StreamEndpoint`. One background task (in the nursery the client
 owns) keeps the WebSocket under it: it reads frames, pings, and when the WebSocket drops without
 a close it reconnects to the streaming endpoint with the stream's resume credential and lets the
-endpoint resend what the peer is missing. That task starts only when something needs it: the
-stream's first message is read by the application's own ``receive_some``, so the first bytes
-of a new stream reach the application without a task start or a trip through the scheduler
-(the connection task starts after that read, or about ``DIRECT_READ_TIME`` (5 ms) after the
-stream opened, whichever comes first: one task per nursery starts those). Frames go out from
-the task that made them when the socket takes them at once; a second task, started only when
-needed, writes the rest (a full socket, TLS). Application code sees none of that, except in
-logs and in ``resumes``.
+endpoint resend what the peer is missing. That task starts only when something needs it: while
+a stream is young (``DIRECT_READ_TIME``, 5 ms), the application's own ``receive_some`` and
+``aclose`` read the socket, so a stream's first bytes reach the application without a task
+start or a trip through the scheduler, and a short stream (a request, its answer, the close)
+never starts a task at all. The connection task starts when a second task waits on the
+stream, when a send leaves bytes the socket did not take, or ``DIRECT_READ_TIME`` after the
+stream opened (one task per nursery starts those). Frames go out from the task that made
+them when the socket takes them at once; a second task, started only when needed, writes the
+rest (a full socket, TLS). Application code sees none of that, except in logs and in
+``resumes``.
 
 Meaning of the trio methods:
 
@@ -28,7 +30,9 @@ Meaning of the trio methods:
   last frames and the close get up to ``close_timeout`` more). A peer's EOF that arrives
   after the last byte the application read is acknowledged meanwhile, as reading it would
   have done, so two sides that close at once without reading to EOF finish at once. Bytes
-  left unread are never acknowledged.
+  left unread are never acknowledged. The answer to the close is read before the transport
+  is dropped: by ``aclose`` itself on a stream whose connection task never started (so it
+  returns a round trip later), by that task otherwise.
 * :meth:`FramedStream.reset` aborts the stream; the peer sees a reset with the code and reason.
 """
 
@@ -176,11 +180,9 @@ class FramedStream(trio.abc.HalfCloseableStream):
         self._read_wake = math.inf
         self._ack_due = False
         self._closing = False
-        #: The application's receive_some may read the first message itself (see
-        #: _read_directly): until it did, or the connection task started. The task starts
-        #: when something needs it, or DIRECT_READ_TIME after the stream opened (see
-        #: _need_reader, _Starter).
-        self._dormant = True
+        #: Until the connection task starts, the application's own tasks read (see
+        #: _read_directly). It starts when something needs it, or DIRECT_READ_TIME after the
+        #: stream opened (see _need_reader, _Starter), and never for a stream over sooner.
         self._nursery = nursery
         self._task_started = False
         self._dormant_until = trio.current_time() + DIRECT_READ_TIME
@@ -271,7 +273,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
                     if not waited:
                         await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
-                if self._dormant and not self._app_reading:
+                if not self._task_started and not self._app_reading:
                     waited = waited or not self._ws.has_queued_events
                     await self._read_directly()
                 else:
@@ -281,23 +283,27 @@ class FramedStream(trio.abc.HalfCloseableStream):
             self._receiving = False
 
     async def _read_directly(self) -> None:
-        """Read the next message from the calling task (receive_some's), while the connection
-        task has not started reading, and feed it to the endpoint; then leave reading to the
-        connection task. A stream's first bytes thus reach the application with no trip
-        through the scheduler from one task to the other, and no task start: the connection
-        task starts when something next waits on the stream (or sends what the socket does
-        not take at once), or at the latest ``DIRECT_READ_TIME`` after the stream opened. A
-        read still waiting then stops, and the connection task takes over. Anything but data
-        (the WebSocket closed or lost) is left as it is: the connection task's first read
-        finds it again and acts on it; a broken frame is left for it to act on too
-        (``_early_failure``)."""
+        """Read the next message from the calling task (a receive_some's, or aclose's), while
+        no connection task has started, and feed it to the endpoint. A young stream's bytes
+        thus reach the application with no trip through the scheduler and no task start:
+        the connection task starts only when a second task waits on the stream, a send needs
+        the writer, or ``DIRECT_READ_TIME`` after the stream opened (a read still waiting
+        then stops, and the task takes over). A stream that ends sooner never starts it.
+
+        The peer's close ends the stream here as the connection task would end it. A lost
+        connection is left on the WebSocket, and a broken frame for the connection task
+        (``_early_failure``): it starts at once, finds them and resumes or fails."""
         ws = self._ws
         self._app_reading = True
         try:
             with trio.move_on_at(self._dormant_until) as self._direct_read:
                 try:
                     messages = await ws.receive_messages(MAX_MESSAGE)
-                except ConnectionClosed:
+                except ConnectionClosed as exc:
+                    if exc.code == ABNORMAL_CLOSURE:
+                        self._need_reader()  # resume
+                    else:
+                        self._on_close(exc)
                     return
                 try:
                     for parts in messages:
@@ -305,13 +311,21 @@ class FramedStream(trio.abc.HalfCloseableStream):
                             self._endpoint.receive_data(part)
                 except DevstreamError as exc:
                     self._early_failure = exc
+                    self._need_reader()  # it closes the WebSocket with the error
                 if self._endpoint.has_output:
                     self._send_now()
         finally:
             self._app_reading = False
             self._direct_read = None
-            self._dormant = False  # one read only: from here on the connection task reads
             self._changed.unpark_all()
+
+    async def _wait_or_read(self) -> None:
+        """Wait for the stream to change: read the next message from this task while no
+        connection task runs (see _read_directly), else wait for what it reads."""
+        if not self._task_started and not self._app_reading:
+            await self._read_directly()
+        else:
+            await self._wait_changed()
 
     def _need_reader(self) -> None:
         """Have the connection task read: start it, if it has not started. A read of the
@@ -320,8 +334,8 @@ class FramedStream(trio.abc.HalfCloseableStream):
         waits for."""
         if not self._task_started:
             self._start_task()
-            if self._direct_read is not None:
-                self._direct_read.cancel()
+        if self._direct_read is not None:
+            self._direct_read.cancel()
 
     def _start_task(self) -> None:
         """Start the connection task, once. It starts only when something needs it (most
@@ -329,7 +343,6 @@ class FramedStream(trio.abc.HalfCloseableStream):
         opened: a new stream pays for no task start on its way to its first bytes."""
         if not self._task_started:
             self._task_started = True
-            self._dormant = False  # no direct read from now on
             self._nursery.start_soon(self._run)
 
     async def _wait_changed(self) -> None:
@@ -381,7 +394,18 @@ class FramedStream(trio.abc.HalfCloseableStream):
         try:
             closing = await self._finish()
         finally:
-            if closing:
+            if not self._task_started:
+                # No connection task ever ran: this task ends the stream itself, reading
+                # the peer's answer to the close first (as the task would have).
+                self._task_started = True  # none will start now
+                try:
+                    if closing:
+                        await self._read_until_closed()
+                finally:
+                    self._finished.set()
+                    self._changed.unpark_all()
+                    await self._ws.abort()
+            elif closing:
                 # The connection task reads the peer's answer to the close, then drops the
                 # transport: no cancellation. It gives up waiting after close_timeout, and
                 # a transport lost meanwhile is not resumed.
@@ -392,6 +416,17 @@ class FramedStream(trio.abc.HalfCloseableStream):
             else:
                 self._scope.cancel()
                 self._start_task()  # its end drops the WebSocket
+
+    async def _read_until_closed(self) -> None:
+        """Read (and drop) what comes until the WebSocket's closing handshake is over, for up
+        to ``close_timeout``."""
+        ws = self._ws
+        with trio.move_on_after(self.close_timeout):
+            while ws.closed is None:
+                try:
+                    await ws.receive_messages(MAX_MESSAGE)
+                except ConnectionClosed:
+                    return
 
     def _over(self) -> bool:
         """True once nothing more can travel: failed, closed by the peer, or no task left."""
@@ -414,7 +449,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
                 while not (endpoint.eof_acked or self._over()):
                     if endpoint.state is not EndpointState.OPEN and not endpoint.done:
                         break
-                    await self._wait_changed()
+                    await self._wait_or_read()
                     # Acknowledged while this side still waits for its own (the peer may be
                     # waiting too); after that, the close that follows tells the peer all it
                     # needs, in one message.
@@ -503,7 +538,10 @@ class FramedStream(trio.abc.HalfCloseableStream):
         sends it then, unless a send from the application took it along first."""
         timer = self._read_timer
         if timer is None:
-            self._wake_writer()  # no connection task reading: the writer sends it
+            if self._task_started:
+                self._wake_writer()  # no connection task reading: the writer sends it
+            # else the task starts within ACK_DELAY (DIRECT_READ_TIME after the stream
+            # opened, at the latest) and sends what is due first
             return
         self._ack_due = True
         timer.deadline = min(timer.deadline, trio.current_time() + ACK_DELAY)
