@@ -222,6 +222,30 @@ async def test_an_eof_the_application_does_not_answer_is_acknowledged_soon(
     hub.sock.close()
 
 
+async def test_an_acknowledgement_taken_along_by_a_send_starts_no_task(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A young stream defers the acknowledgement of the peer's EOF; a send within ACK_DELAY
+    takes it along, so the connection task is not started for it (it starts only when the
+    stream is no longer young)."""
+
+    def stream_tasks(nursery: trio.Nursery) -> list[trio.lowlevel.Task]:
+        return [t for t in nursery.child_tasks if t.name.endswith("FramedStream._run")]
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            hub = HandDrivenHub(nursery)
+            await hub.data_then_eof()
+            await hub.device.send_all(b"late answer")
+            assert hub.received() == [[Ack(offset=3), Data(offset=0, payload=b"late answer")]]
+            await trio.sleep(ACK_DELAY * 2)
+            assert stream_tasks(nursery) == []
+            await trio.sleep(DIRECT_READ_TIME)
+            assert len(stream_tasks(nursery)) == 1
+            nursery.cancel_scope.cancel()
+    hub.sock.close()
+
+
 @pytest.mark.parametrize("peer_eof", ["before", "during"])
 async def test_both_sides_closing_without_reading_the_eof_finish_at_once(
     autojump_clock: trio.abc.Clock, peer_eof: str
@@ -372,7 +396,7 @@ async def test_a_young_streams_messages_are_read_by_the_receiving_task(
                 await trio.testing.wait_all_tasks_blocked()
                 await service.send_all(b"second")
             assert readers == ["receive", "receive"]
-            await trio.sleep(DIRECT_READ_TIME)
+            await trio.sleep(DIRECT_READ_TIME * 1.5)
             async with trio.open_nursery() as inner:
                 inner.start_soon(receive, b"third")
                 await trio.testing.wait_all_tasks_blocked()

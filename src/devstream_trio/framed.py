@@ -5,7 +5,7 @@
 owns) keeps the WebSocket under it: it reads frames, pings, and when the WebSocket drops without
 a close it reconnects to the streaming endpoint with the stream's resume credential and lets the
 endpoint resend what the peer is missing. That task starts only when something needs it: while
-a stream is young (``DIRECT_READ_TIME``, 5 ms), the application's own ``receive_some`` and
+a stream is young (``DIRECT_READ_TIME``, 100 ms), the application's own ``receive_some`` and
 ``aclose`` read the socket, so a stream's first bytes reach the application without a task
 start or a trip through the scheduler, and a short stream (a request, its answer, the close)
 never starts a task at all. The connection task starts when a second task waits on the
@@ -38,7 +38,7 @@ Meaning of the trio methods:
 
 from __future__ import annotations
 
-import collections
+import heapq
 import logging
 import math
 import random
@@ -117,10 +117,11 @@ _DEFAULT_OPTIONS: Final = StreamOptions()
 #: frames) to go out with it.
 ACK_DELAY = 0.005
 
-#: How long after a stream opens its connection task, not started yet, leaves the first read
-#: to the application's receive_some (see FramedStream._read_directly): a new stream's first
-#: message comes within this on a working network, and past it the stream reads as usual.
-DIRECT_READ_TIME = 0.005
+#: How long a stream stays young: its application's own tasks read the socket while they wait
+#: on it, and no connection task of its own runs unless something needs one (see
+#: FramedStream._read_directly). Most request-and-answer streams end within it without ever
+#: starting that task; past it, the stream reads and pings from its task as usual.
+DIRECT_READ_TIME = 0.1
 
 #: Resume delays' jitter, for streams not given a generator of their own.
 _JITTER = random.Random()
@@ -193,7 +194,8 @@ class FramedStream(trio.abc.HalfCloseableStream):
         # Connected from the start: what the application sends before the connection task
         # first runs goes out at once (see _send_now).
         self._endpoint.connection_made(resumed=False)
-        _starter_for(nursery).add(self)
+        self._starter = _starter_for(nursery)
+        self._starter.add(self, self._dormant_until)
 
     # -- application side --------------------------------------------------------------------
 
@@ -540,8 +542,10 @@ class FramedStream(trio.abc.HalfCloseableStream):
         if timer is None:
             if self._task_started:
                 self._wake_writer()  # no connection task reading: the writer sends it
-            # else the task starts within ACK_DELAY (DIRECT_READ_TIME after the stream
-            # opened, at the latest) and sends what is due first
+            else:
+                # A young stream: its task starts in ACK_DELAY, unless a send took the
+                # acknowledgement along first, and sends what is due first.
+                self._starter.add(self, trio.current_time() + ACK_DELAY)
             return
         self._ack_due = True
         timer.deadline = min(timer.deadline, trio.current_time() + ACK_DELAY)
@@ -750,43 +754,60 @@ class FramedStream(trio.abc.HalfCloseableStream):
 
 
 class _Starter:
-    """Starts the connection tasks of one nursery's streams that nothing needed within
-    ``DIRECT_READ_TIME`` of their opening: one task for all of them, running while any wait.
+    """Starts the connection tasks of one nursery's young streams when they are due: one
+    task for all of them, running while any wait.
 
-    Streams come in the order they opened, which is the order of their deadlines. A task
-    that wakes starts every stream due within the next half ``DIRECT_READ_TIME``, so it wakes
-    at most about once per half ``DIRECT_READ_TIME``. Cancelled (its nursery is), it drops
-    the WebSockets of the streams it never started, as their own tasks would have.
+    A stream is due ``DIRECT_READ_TIME`` after it opened, and earlier when an
+    acknowledgement it deferred is still waiting ``ACK_DELAY`` later (see
+    FramedStream._defer_ack); a stream whose task started meanwhile, or that ended, is
+    skipped. A task that wakes starts every stream due within the next half ``ACK_DELAY``,
+    so under many streams it wakes at most about once per half ``ACK_DELAY``. Cancelled (its
+    nursery is), it drops the WebSockets of the streams it never started, as their own tasks
+    would have.
     """
 
-    __slots__ = ("_nursery", "_running", "_waiting")
+    __slots__ = ("_added", "_due", "_nursery", "_running", "_sleep")
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        self._waiting: collections.deque[FramedStream] = collections.deque()
+        #: (when, order added, stream): a heap.
+        self._due: list[tuple[float, int, FramedStream]] = []
+        self._added = 0
         self._running = False
+        #: The task's wait for the first one due.
+        self._sleep: trio.CancelScope | None = None
 
-    def add(self, stream: FramedStream) -> None:
+    def add(self, stream: FramedStream, when: float) -> None:
+        """Start *stream*'s connection task at *when*, if nothing started it sooner."""
         if not self._running:
             self._nursery.start_soon(self._run)  # raises as FramedStream's own start would
             self._running = True
-        self._waiting.append(stream)
+        self._added += 1
+        heapq.heappush(self._due, (when, self._added, stream))
+        if self._sleep is not None and when < self._sleep.deadline:
+            self._sleep.deadline = when
 
     async def _run(self) -> None:
-        waiting = self._waiting
+        due = self._due
         try:
-            while waiting:
-                if waiting[0]._task_started:
-                    waiting.popleft()
+            while due:
+                if due[0][2]._task_started:
+                    heapq.heappop(due)
                     continue
-                await trio.sleep_until(waiting[0]._dormant_until)
-                soon = trio.current_time() + DIRECT_READ_TIME / 2
-                while waiting and waiting[0]._dormant_until <= soon:
-                    waiting.popleft()._need_reader()
+                with trio.CancelScope(deadline=due[0][0]) as self._sleep:
+                    await trio.sleep_forever()
+                self._sleep = None
+                soon = trio.current_time() + ACK_DELAY / 2
+                while due and due[0][0] <= soon:
+                    when, _, stream = heapq.heappop(due)
+                    if when < stream._dormant_until and not stream._endpoint.has_output:
+                        continue  # the acknowledgement went out with a send meanwhile
+                    stream._need_reader()
         finally:
             self._running = False
-            while waiting:
-                stream = waiting.popleft()
+            self._sleep = None
+            while due:
+                stream = heapq.heappop(due)[2]
                 if not stream._task_started:
                     stream._task_started = True
                     stream._finished.set()
