@@ -492,6 +492,59 @@ async def test_closing_a_young_stream_waits_for_the_answer_to_its_close(
     hub.sock.close()
 
 
+async def test_a_young_streams_close_cancelled_drops_the_connection_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """aclose() on a young stream waits (reading itself) for the peer's acknowledgement; the
+    caller cancelled meanwhile, the stream is dropped at once, as trio's aclose rule says."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            hub = HandDrivenHub(nursery)
+            device = hub.device
+            await hub.data_then_eof()
+            with trio.move_on_after(DIRECT_READ_TIME / 2):  # still young then
+                await device.aclose()  # the hub never acknowledges the device's EOF
+            assert trio.current_time() == DIRECT_READ_TIME / 2
+            assert device._finished.is_set()
+            assert hub.received() == [[Ack(offset=3), Eof(offset=0)]]
+            assert await hub.sock.recv(10) == b""  # dropped, without a close
+            assert not [t for t in nursery.child_tasks if t.name.endswith("FramedStream._run")]
+            nursery.cancel_scope.cancel()
+    hub.sock.close()
+
+
+async def test_a_young_stream_closed_while_another_task_reads_it(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """One task waits in receive_some (reading the socket itself, the stream is young) while
+    another closes the stream: the close needs the reader too, so the connection task starts
+    and reads for both; the receive gets the peer's data, the close finishes."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            service, device = framed_pair(nursery, 1 << 20)
+            got: list[bytes] = []
+
+            async def receive_all() -> None:
+                got.append(await device.receive_some())  # in progress when the close starts
+
+            async def answer() -> None:
+                assert await service.receive_some() == b""  # the device's EOF
+                await service.send_all(b"late")
+                await service.aclose()
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(receive_all)
+                inner.start_soon(answer)
+                await trio.testing.wait_all_tasks_blocked()
+                await device.aclose()
+            assert got == [b"late"]
+            assert device._task_started
+            assert device._failure is None
+            assert device._endpoint.state is not EndpointState.RESET
+            assert trio.current_time() < ACK_DELAY * 2
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_connection_lost_under_a_young_streams_read_is_resumed(
     autojump_clock: trio.abc.Clock,
 ) -> None:
