@@ -4,9 +4,11 @@ ones it leaves to its writer task when the socket is full."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import types
+import weakref
 
 import pytest
 import trio
@@ -588,6 +590,23 @@ async def test_a_connection_lost_under_a_young_streams_read_is_resumed(
             nursery.cancel_scope.cancel()
     for sock in peers:
         sock.close()
+
+
+async def test_a_nursery_that_held_streams_is_not_kept_alive() -> None:
+    """The nursery's starter is kept by the nursery, weakly: once the nursery is done with,
+    nothing of the streams' keeps it (nor its starter) in memory."""
+    nurseries = []
+    for _ in range(3):
+        async with trio.open_nursery() as nursery:
+            nurseries.append(weakref.ref(nursery))
+            service, device = framed_pair(nursery, 1 << 20)
+            await exchange(service, device, b"ping", b"pong")
+            async with trio.open_nursery() as closing:
+                closing.start_soon(service.aclose)
+                closing.start_soon(device.aclose)
+    del nursery, service, device, closing
+    gc.collect()
+    assert [ref() for ref in nurseries] == [None, None, None]
 
 
 async def test_streams_whose_tasks_never_started_drop_their_connection_when_cancelled() -> None:

@@ -769,7 +769,9 @@ class _Starter:
     __slots__ = ("_added", "_due", "_nursery", "_running", "_sleep")
 
     def __init__(self, nursery: trio.Nursery) -> None:
-        self._nursery = nursery
+        #: Weakly: the starter is kept in a WeakKeyDictionary by its nursery, which a
+        #: strong reference from here would keep alive for ever.
+        self._nursery = weakref.ref(nursery)
         #: (when, order added, stream): a heap.
         self._due: list[tuple[float, int, FramedStream]] = []
         self._added = 0
@@ -780,7 +782,9 @@ class _Starter:
     def add(self, stream: FramedStream, when: float) -> None:
         """Start *stream*'s connection task at *when*, if nothing started it sooner."""
         if not self._running:
-            self._nursery.start_soon(self._run)  # raises as FramedStream's own start would
+            nursery = self._nursery()
+            assert nursery is not None  # the stream's own reference keeps it
+            nursery.start_soon(self._run)  # raises as FramedStream's own start would
             self._running = True
         self._added += 1
         heapq.heappush(self._due, (when, self._added, stream))
@@ -800,6 +804,8 @@ class _Starter:
                 soon = trio.current_time() + ACK_DELAY / 2
                 while due and due[0][0] <= soon:
                     when, _, stream = heapq.heappop(due)
+                    if stream._task_started:
+                        continue
                     if when < stream._dormant_until and not stream._endpoint.has_output:
                         continue  # the acknowledgement went out with a send meanwhile
                     stream._need_reader()
