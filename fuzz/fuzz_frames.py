@@ -16,7 +16,9 @@ other than ``RemoteProtocolError`` is a crash, and so is a disagreement or a bro
 every split gives the same frames or the same error code; the decoded frames re-encode to
 exactly the bytes they came from; an endpoint that took the input keeps ``unacked <= window``
 and its receive buffer within the window, and still answers ``data_to_send`` and ``read``. On a
-crash the input's ``repr`` is printed and the exit status is 1.
+crash the input's ``repr`` is printed and the exit status is 1. ``receive_data`` takes a
+whole in-order Data frame by a short path: each endpoint's twin takes the same input by the
+general path only, and the two must agree on the result, the state and what they send.
 """
 
 from __future__ import annotations
@@ -169,6 +171,26 @@ def _check_endpoint(endpoint: StreamEndpoint, data: bytes) -> None:
         endpoint.data_to_send()
 
 
+def _outcome(endpoint: StreamEndpoint, receive: Callable[[bytes], object], data: bytes) -> object:
+    """What taking *data* gives: the events or the error code, then the endpoint's state and
+    what it sends and reads."""
+    try:
+        result: object = receive(data)
+    except RemoteProtocolError as exc:
+        result = exc.code
+    after = (endpoint.state, endpoint.received, endpoint.consumed, endpoint.data_to_send())
+    read = endpoint.read() if endpoint.state is not EndpointState.RESET else None
+    return result, after, read, endpoint.data_to_send()
+
+
+def _check_short_path(make: Callable[[], StreamEndpoint], data: bytes) -> None:
+    short, general = make(), make()
+    got = _outcome(short, short.receive_data, data)
+    expected = _outcome(general, general._receive_frames, data)
+    if got != expected:
+        raise AssertionError(f"the short path gave {got!r}, the general one {expected!r}")
+
+
 def check(data: bytes) -> None:
     """One fuzz case; anything but RemoteProtocolError, or any disagreement, is a crash."""
     for cap in (MAX_FRAME_SIZE, _SMALL_CAP):
@@ -185,6 +207,7 @@ def check(data: bytes) -> None:
                 raise AssertionError(f"frames {frames!r} re-encode differently")
     for make in _ENDPOINTS:
         _check_endpoint(make(), data)
+        _check_short_path(make, data)
 
 
 _ABOUT = "fuzz devstream.v1 frame decoding and StreamEndpoint.receive_data"

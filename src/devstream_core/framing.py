@@ -1182,9 +1182,6 @@ class StreamEndpoint:
     def _acked_data(self) -> int:
         return min(self._acked, self._written_end)
 
-    def _send_limit(self) -> int:
-        return min(self._written_end, self._acked_data() + self.window)
-
     def _eof_due(self) -> bool:
         return (
             self._send_state is SendState.EOF_PENDING
