@@ -114,8 +114,8 @@ async def measure(args: argparse.Namespace, hub: c.Child, peer: c.Child) -> list
             for mode in c.MODES:
                 kinds[mode] = (stream_run(mode), hub.pid)
             times: dict[str, list[float]] = {kind: [] for kind in kinds}
-            share = max(1, args.count // args.rounds)
-            for _ in range(args.rounds):
+            for i in range(args.rounds):  # args.count in all, spread over the rounds
+                share = args.count // args.rounds + (i < args.count % args.rounds)
                 for kind, (run, _pid) in kinds.items():
                     times[kind] += await sequential(share, run)
             totals = {kind: [0, 0.0, 0.0] for kind in kinds}
