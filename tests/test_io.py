@@ -82,3 +82,68 @@ async def test_send_all_to_a_closed_or_vanished_socket_raises_trios_errors() -> 
         await _io.send_all(c, b"x")
     await c.aclose()
     await d.aclose()
+
+
+def small_buffers(*streams: trio.SocketStream) -> None:
+    for stream in streams:
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+
+@pytest.mark.parametrize("count", [3, 700])  # one writev, and more buffers than one takes
+async def test_write_nowait_returns_exactly_what_the_socket_did_not_take(count: int) -> None:
+    a, b = socket_pair()
+    small_buffers(a, b)
+    buffers: list[bytes | bytearray | memoryview] = [
+        bytes([i % 251]) * (1 + (i * 7919) % 9000) for i in range(count)
+    ]
+    data = b"".join(buffers)
+    buffers[1] = bytearray(buffers[1])
+    buffers[2] = memoryview(buffers[2])
+    with trio.testing.assert_no_checkpoints():
+        rest = _io.write_nowait(a, buffers)
+    taken = len(data) - sum(map(len, rest))
+    assert 0 < taken < len(data)  # the socket took some, not all
+    got = bytearray()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+
+            async def read_all() -> None:
+                while len(got) < len(data):
+                    got.extend(await _io.receive_some(b, 65536))
+
+            nursery.start_soon(read_all)
+            await _io.send_vectored(a, rest)
+    assert got == data  # the rest, written after, continues exactly where the socket stopped
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_write_nowait_of_nothing_writes_nothing() -> None:
+    a, b = socket_pair()
+    assert _io.write_nowait(a, []) == []
+    a.socket.close()
+    assert _io.write_nowait(a, []) == []  # not even to a closed socket
+    await b.aclose()
+
+
+async def test_read_into_waits_reads_and_reports_the_end() -> None:
+    a, b = socket_pair()
+    buffer = memoryview(bytearray(100))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.send_all, b"late")
+        assert await _io.read_into(b, buffer, wait_first=True) == (4, True)
+    assert bytes(buffer[:4]) == b"late"
+    # Not told to wait, it reads at once what is there...
+    await a.send_all(b"now")
+    assert await _io.read_into(b, buffer, wait_first=False) == (3, False)
+    assert bytes(buffer[:3]) == b"now"
+    # ...and waits when nothing is.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.send_all, b"later")
+        assert await _io.read_into(b, buffer, wait_first=False) == (5, True)
+    await a.aclose()
+    assert (await _io.read_into(b, buffer, wait_first=True))[0] == 0  # the end
+    b.socket.close()
+    with pytest.raises(trio.ClosedResourceError):
+        await _io.read_into(b, buffer, wait_first=True)

@@ -615,6 +615,34 @@ async def test_receive_messages_takes_whole_messages_and_keeps_the_rest(
         assert info.value.code == 1009
 
 
+async def test_receive_messages_stops_at_a_control_frame_and_acts_on_it_next(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A ping or close between messages: the whole messages before it are handed over first;
+    the next call answers the ping and goes on, or answers the close and raises. Text comes
+    as UTF-8 bytes."""
+    peer, hub_side = raw_pair()
+    await peer.send(
+        BytesMessage(data=b"one", message_finished=True),
+        TextMessage(data="tw\u00f6", message_finished=True),
+        Ping(payload=b"p1"),
+        BytesMessage(data=b"three", message_finished=True),
+    )
+    with trio.fail_after(5):
+        assert await hub_side.receive_messages(100) == [[b"one"], ["tw\u00f6".encode()]]
+        assert await hub_side.receive_messages(100) == [[b"three"]]
+        assert await peer.next_events() == [Pong(payload=b"p1")]
+        await peer.send(
+            BytesMessage(data=b"four", message_finished=True),
+            CloseConnection(code=4001, reason="bye"),
+        )
+        assert await hub_side.receive_messages(100) == [[b"four"]]
+        with pytest.raises(ConnectionClosed) as info:
+            await hub_side.receive_messages(100)
+        assert (info.value.code, info.value.reason) == (4001, "bye")
+        assert await peer.next_events() == [CloseConnection(code=4001, reason="bye")]
+
+
 @pytest.mark.parametrize("kind", [ConnectionType.CLIENT, ConnectionType.SERVER])
 async def test_send_whole_messages_one_frame_each(
     autojump_clock: trio.abc.Clock, kind: ConnectionType

@@ -72,6 +72,7 @@ class FrameReader:
         "_message_opcode",
         "_pending",
         "_remaining",
+        "_unmask",
     )
 
     def __init__(self, connection: Connection) -> None:
@@ -89,6 +90,8 @@ class FrameReader:
         self._message_opcode: int | None = None
         self._decoder: codecs.IncrementalDecoder | None = None
         self._done = False
+        #: The masking function (the native one when it is in use).
+        self._unmask = _mask.unmasker()
 
     def receive(self, data: bytes | memoryview, *, borrowed: bool = False) -> list[Event]:
         """The events the bytes *data* complete, in order. *borrowed*: *data* may change once
@@ -117,11 +120,13 @@ class FrameReader:
                 if pos < 0 or self._done:
                     return
                 continue
-            take = min(self._remaining, size - pos)
+            take = self._remaining
+            if take > size - pos:
+                take = size - pos
             chunk: bytes | memoryview
             if self._key:
                 # Unmasking copies; it reads straight from what arrived.
-                chunk = _mask.apply_mask(view[pos : pos + take], self._key)
+                chunk = self._unmask(view[pos : pos + take], self._key)
                 turn = take & 3
                 if turn:
                     self._key = self._key[turn:] + self._key[:turn]
@@ -133,7 +138,17 @@ class FrameReader:
                 chunk = view[pos : pos + take]  # a view of what arrived: not copied
             pos += take
             self._remaining -= take
-            self._emit(chunk, events)
+            if self._message_opcode == _OP_BINARY:
+                # The usual event, made here rather than in _emit.
+                if self._remaining:
+                    events.append(BytesMessage(chunk, False, False))  # type: ignore[arg-type]
+                else:
+                    self._remaining = -1
+                    if self._fin:
+                        self._message_opcode = None
+                    events.append(BytesMessage(chunk, True, self._fin))  # type: ignore[arg-type]
+            else:
+                self._emit(chunk, events)
 
     def _header(self, data: bytes | memoryview, pos: int, size: int, events: list[Event]) -> int:
         """Parse the frame header at *pos*; return where its payload starts, or -1 (with the

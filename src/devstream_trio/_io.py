@@ -72,6 +72,18 @@ def write_nowait(
     sock = stream.socket
     if sock.did_shutdown_SHUT_WR:
         raise trio.ClosedResourceError("can't send data after sending EOF")
+    if 0 < len(buffers) <= _IOV_MAX:
+        # The usual case: one writev takes everything, and nothing needs slicing.
+        try:
+            # fileno() is -1 once the socket is closed: never a number another socket reuses.
+            sent = os.writev(sock.fileno(), buffers)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+        if sent == sum(map(len, buffers)):
+            return []
+        return _rest(buffers, sent)
     views = [memoryview(buffer) for buffer in buffers]
     first = 0
     while first < len(views):
@@ -91,6 +103,19 @@ def write_nowait(
                 views[first] = views[first][sent:]
                 sent = 0
     return views[first:]
+
+
+def _rest(buffers: Sequence[bytes | bytearray | memoryview], sent: int) -> list[memoryview]:
+    """What is left of *buffers* once their first *sent* bytes went out."""
+    rest: list[memoryview] = []
+    for buffer in buffers:
+        size = len(buffer)
+        if sent >= size:
+            sent -= size
+        else:
+            rest.append(memoryview(buffer)[sent:] if sent else memoryview(buffer))
+            sent = 0
+    return rest
 
 
 async def read_when_ready(
@@ -114,6 +139,34 @@ async def read_when_ready(
         await trio.lowlevel.wait_readable(sock)
         waited = True
     return result, waited
+
+
+async def read_into(
+    stream: trio.SocketStream, buffer: memoryview, *, wait_first: bool
+) -> tuple[int, bool]:
+    """Read what a plain socket has into *buffer*, as :func:`read_when_ready` does (one
+    ``readv`` where the socket has data; *wait_first* and the schedule point owed as there):
+    the count (0 at the socket's end) and whether it had to wait. Every read of the hub's
+    is one of these, so it is written out rather than built on :func:`read_when_ready`."""
+    sock = stream.socket
+    if sock.fileno() < 0:
+        await trio.lowlevel.checkpoint()
+        raise trio.ClosedResourceError("socket was already closed")
+    if wait_first:
+        await trio.lowlevel.wait_readable(sock)
+    else:
+        await trio.lowlevel.checkpoint_if_cancelled()
+    waited = wait_first
+    while True:
+        try:
+            # fileno() is -1 once the socket is closed: never a number another socket reuses.
+            return os.readv(sock.fileno(), [buffer]), waited
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+        await trio.lowlevel.wait_readable(sock)
+        waited = True
 
 
 async def receive_plain(stream: trio.SocketStream, size: int, *, wait_first: bool) -> bytes:
@@ -144,17 +197,6 @@ async def receive_some(
     if type(stream) is trio.SocketStream:
         return await receive_plain(stream, size, wait_first=wait_first)
     return await stream.receive_some(size)
-
-
-def read_into(stream: trio.SocketStream, buffer: memoryview) -> int | None:
-    """Read what a plain socket has into *buffer*, without waiting, and not a checkpoint: the
-    count (0 at the socket's end), or ``None`` when it has nothing yet."""
-    try:
-        return os.readv(stream.socket.fileno(), [buffer])
-    except BlockingIOError:
-        return None
-    except OSError as exc:
-        raise _stream_error(exc) from exc
 
 
 def receive_ready(stream: trio.abc.ReceiveStream, size: int) -> bytes | None:

@@ -26,7 +26,14 @@ from collections.abc import Callable
 
 import wsproto.frame_protocol
 
-__all__ = ["NativeMasker", "apply_mask", "install", "masker_in_use", "native_apply_mask"]
+__all__ = [
+    "NativeMasker",
+    "apply_mask",
+    "install",
+    "masker_in_use",
+    "native_apply_mask",
+    "unmasker",
+]
 
 #: The environment variable that keeps wsproto's pure-Python masker.
 PURE_PYTHON_ENV = "DEVSTREAM_PURE_PYTHON_MASK"
@@ -69,6 +76,13 @@ def apply_mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
     if native_apply_mask is not None and masker_in_use() == "native":
         return native_apply_mask(data, key)  # type: ignore[arg-type]
     return bytes(_original_masker(key).process(bytearray(data)))
+
+
+def unmasker() -> Callable[[bytes | bytearray | memoryview, bytes], bytes]:
+    """The function :func:`apply_mask` calls now: the C one while it is in use."""
+    if native_apply_mask is not None and masker_in_use() == "native":
+        return native_apply_mask  # type: ignore[return-value]
+    return apply_mask
 
 
 def install() -> str:

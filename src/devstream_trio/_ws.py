@@ -43,6 +43,7 @@ import contextlib
 import os
 import struct
 from collections.abc import Sequence
+from typing import NoReturn
 
 import trio
 from wsproto.connection import Connection, ConnectionState
@@ -127,6 +128,9 @@ def _gather(
 ) -> list[bytes | bytearray | memoryview]:
     """*parts* as the buffers to write: parts of *alone* bytes or more by themselves, runs of
     shorter ones joined."""
+    if len(parts) == 2 and len(parts[1]) >= alone:
+        # One long payload and its frame header (a relay's usual write): nothing to join.
+        return [parts[0], parts[1]] if parts[0] else [parts[1]]
     buffers: list[bytes | bytearray | memoryview] = []
     run: list[bytes | bytearray | memoryview] = []
     for part in parts:
@@ -182,6 +186,9 @@ class _SendLock:
             self._busy = True
 
     async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def release(self) -> None:
         if self._waiters:
             self._waiters.unpark()  # the first waiter now holds it
         else:
@@ -235,6 +242,10 @@ class WebSocket:
         #: the next send.
         self._backlog: list[memoryview] = []
         self._closed: ConnectionClosed | None = None
+        #: A server on a plain socket: reads go into the run's shared buffer (_read_plain).
+        self._server_plain = type(stream) is trio.SocketStream and not self._client
+        #: The run's read buffer (a server's plain-socket reads), fetched at the first read.
+        self._read_buffer: memoryview | None = None
         #: trio time of the last bytes received from the peer.
         self.last_received = trio.current_time()
         # Bytes that came in with the handshake, after it.
@@ -501,29 +512,35 @@ class WebSocket:
 
     async def receive(self) -> BytesMessage | TextMessage:
         """Return the next data fragment; raise :class:`ConnectionClosed` at the end."""
+        events = self._events
         while True:
-            if self._closed is not None and not self._events:
+            if self._closed is not None and not events:
                 raise self._closed
-            while self._events:
-                event = self._events.popleft()
+            while events:
+                event = events.popleft()
                 # By type, not isinstance: wsproto's events are ABCs, slow to isinstance.
                 if type(event) is BytesMessage or type(event) is TextMessage:
                     return event
-                try:
-                    if isinstance(event, Ping):
-                        with contextlib.suppress(ConnectionClosed):
-                            await self._send(event.response())
-                    elif isinstance(event, CloseConnection):
-                        self._closed = ConnectionClosed(event.code, event.reason or "")
-                        # Answers the peer's close, or closes on a frame wsproto refused.
-                        await self.send_close(event.code, event.reason or "")
-                        raise self._closed
-                except trio.Cancelled:
-                    # Cancelled before the answer went out: answer on the next receive.
-                    self._events.appendleft(event)
-                    raise
-                # Pong: nothing to do beyond last_received.
+                await self._handle_control(event)
             await self._read_more()
+
+    async def _handle_control(self, event: Event) -> None:
+        """Act on a control event taken from the queue: answer a ping, answer a close and
+        raise :class:`ConnectionClosed`; a pong needs nothing beyond ``last_received``.
+        Cancelled before the answer went out, the event goes back to the queue's front, to be
+        answered on the next receive."""
+        try:
+            if isinstance(event, Ping):
+                with contextlib.suppress(ConnectionClosed):
+                    await self._send(event.response())
+            elif isinstance(event, CloseConnection):
+                self._closed = ConnectionClosed(event.code, event.reason or "")
+                # Answers the peer's close, or closes on a frame wsproto refused.
+                await self.send_close(event.code, event.reason or "")
+                raise self._closed
+        except trio.Cancelled:
+            self._events.appendleft(event)
+            raise
 
     async def receive_message(self, max_size: int) -> bytes:
         """Return the next whole message (text as UTF-8); close with 1009 past *max_size*.
@@ -541,19 +558,49 @@ class WebSocket:
         What follows them in part is kept for the next call; limits and cancellation as in
         :meth:`receive_message`.
         """
-        messages = [await self._receive_parts(max_size)]
-        while self._events and type(self._events[0]) in _DATA_EVENTS:
-            event: BytesMessage | TextMessage = self._events[0]  # type: ignore[assignment]
-            chunk = _part(event.data)
-            if self._parts_size + len(chunk) > max_size:
-                break  # the next call refuses it
-            self._events.popleft()
-            self._parts.append(chunk)
-            self._parts_size += len(chunk)
-            if event.message_finished:
-                messages.append(self._parts)
-                self._parts, self._parts_size = [], 0
-        return messages
+        # One loop over the queue rather than receive() per fragment: a relay's every message
+        # passes here.
+        events = self._events
+        messages: list[list[bytes | memoryview]] = []
+        while True:
+            while events:
+                event = events[0]
+                kind = type(event)
+                chunk: bytes | memoryview
+                if kind is BytesMessage:
+                    chunk = event.data  # type: ignore[attr-defined]  # bytes or a view
+                elif kind is TextMessage:
+                    chunk = event.data.encode()  # type: ignore[attr-defined]
+                elif messages:
+                    return messages  # the control event waits for the next call
+                else:
+                    events.popleft()
+                    await self._handle_control(event)
+                    continue
+                size = self._parts_size + len(chunk)
+                if size > max_size:
+                    if messages:
+                        return messages  # the next call refuses it
+                    events.popleft()
+                    await self._refuse_too_big()
+                events.popleft()
+                self._parts.append(chunk)
+                self._parts_size = size
+                if event.message_finished:  # type: ignore[attr-defined]
+                    messages.append(self._parts)
+                    self._parts, self._parts_size = [], 0
+            if messages:
+                return messages
+            if self._closed is not None:
+                raise self._closed
+            await self._read_more()
+
+    async def _refuse_too_big(self) -> NoReturn:
+        """Close with 1009: a message grew past the size the receiver allows."""
+        self._parts, self._parts_size = [], 0
+        self._closed = ConnectionClosed(1009, "message too big")
+        await self.send_close(1009, "message too big")
+        raise self._closed
 
     async def _receive_parts(self, max_size: int) -> list[bytes | memoryview]:
         while True:
@@ -561,10 +608,7 @@ class WebSocket:
             chunk = _part(event.data)
             self._parts_size += len(chunk)
             if self._parts_size > max_size:
-                self._parts, self._parts_size = [], 0
-                self._closed = ConnectionClosed(1009, "message too big")
-                await self.send_close(1009, "message too big")
-                raise self._closed
+                await self._refuse_too_big()
             self._parts.append(chunk)
             if event.message_finished:
                 parts = self._parts
@@ -574,27 +618,39 @@ class WebSocket:
     async def send_whole_messages(self, messages: Sequence[Sequence[bytes | memoryview]]) -> int:
         """Send binary messages, each given as its fragments (see :meth:`receive_messages`),
         as one frame each, with as few writes as possible; return their total size."""
+        lock = self._send_lock
+        if lock._busy:
+            async with lock:
+                return await self._send_whole(messages)
+        # The lock is free (the usual case on a relay): taken without ``async with``.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        lock._busy = True
+        try:
+            return await self._send_whole(messages)
+        finally:
+            lock.release()
+
+    async def _send_whole(self, messages: Sequence[Sequence[bytes | memoryview]]) -> int:
+        if self._ws.state is not ConnectionState.OPEN or self._out_opcode is not None:
+            raise self._closing_error()
         total = 0
-        async with self._send_lock:
-            if self._ws.state is not ConnectionState.OPEN or self._out_opcode is not None:
-                raise self._closing_error()
-            out: list[bytes | bytearray | memoryview] = []
-            for parts in messages:
-                size = sum(map(len, parts))
-                total += size
-                if self._client:
-                    key = os.urandom(4)
-                    out.append(_frame_header(_FIN | _OPCODE_BINARY, size, key))
-                    out.append(_mask.apply_mask(b"".join(parts), key))
-                else:
-                    out.append(_frame_header(_FIN | _OPCODE_BINARY, size, b""))
-                    out.extend(parts)
-            await self._write(out)
+        out: list[bytes | bytearray | memoryview] = []
+        for parts in messages:
+            size = sum(map(len, parts))
+            total += size
+            if self._client:
+                key = os.urandom(4)
+                out.append(_frame_header(_FIN | _OPCODE_BINARY, size, key))
+                out.append(_mask.apply_mask(b"".join(parts), key))
+            else:
+                out.append(_frame_header(_FIN | _OPCODE_BINARY, size, b""))
+                out.extend(parts)
+        await self._write(out)
         return total
 
     async def _read_more(self) -> None:
-        if type(self.stream) is trio.SocketStream and not self._client:
-            await self._read_plain(self.stream)
+        if self._server_plain:
+            await self._read_plain(self.stream)  # type: ignore[arg-type]  # a SocketStream
             return
         data: bytes | bytearray
         try:
@@ -613,14 +669,24 @@ class WebSocket:
         """Read from a server's plain socket into the run's read buffer, and parse what came
         before any other task runs (the next read, on any connection, reuses the buffer). A
         checkpoint, as ``receive_some`` is; see the module's rules for when it waits first."""
-        buffer = _read_buffer()
+        buffer = self._read_buffer
+        if buffer is None:
+            buffer = self._read_buffer = _read_buffer()
         try:
-            count, waited = await _io.read_when_ready(
-                stream, lambda: _io.read_into(stream, buffer), wait_first=self._drained
-            )
+            count, waited = await _io.read_into(stream, buffer, wait_first=self._drained)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             count, waited = 0, True  # _parse raises the loss: no schedule point owed
-        await self._parse(buffer[:count], borrowed=True)
+        if count:
+            # _parse's work, inline: this is every read of the hub's.
+            self.last_received = trio.current_time()
+            self._drained = count < _RECEIVE_SIZE_MAX  # the shared buffer's size
+            try:
+                events = self._reader.receive(buffer[:count], borrowed=True)
+            except WsProtocolError as exc:
+                await self._protocol_error(exc)
+            self._events.extend(events)
+        else:
+            await self._parse(b"", borrowed=True)  # raises the loss
         if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
@@ -637,10 +703,14 @@ class WebSocket:
         try:
             events = self._reader.receive(data, borrowed=borrowed)
         except WsProtocolError as exc:
-            self._closed = ConnectionClosed(1002, "protocol error")
-            await self.send_close(1002, "protocol error")
-            raise self._closed from exc
+            await self._protocol_error(exc)
         self._events.extend(events)
+
+    async def _protocol_error(self, exc: WsProtocolError) -> NoReturn:
+        """Close with 1002: wsproto refused what the peer sent."""
+        self._closed = ConnectionClosed(1002, "protocol error")
+        await self.send_close(1002, "protocol error")
+        raise self._closed from exc
 
     def _adapt_receive_size(self, count: int) -> None:
         """Size a client's next read after one that brought *count* bytes."""
