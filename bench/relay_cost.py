@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile the hub, print top 10")
     args = parser.parse_args()
     args.bytes = args.bytes or c.tiny_or(args, 2 << 20, 512 << 20)
-    args.repeat = args.repeat or c.tiny_or(args, 1, 3)
+    args.repeat = args.repeat or c.tiny_or(args, 1, 5)
     #: 4 KiB writes move fewer bytes (their cost is per message).
     args.small_divisor = 1 if args.tiny else 4
     with c.start_hub() as hub, c.start_peer("relay") as peer:
