@@ -23,7 +23,7 @@ from devstream_trio.framed import FramedStream, StreamOptions
 from devstream_trio.hub import Hub
 from devstream_trio.service import AnyStream, ServiceClient
 from devstream_trio.store import RegistryStore
-from devstream_trio.streaming import FRAMED_UNSENT, MAX_FRAMED_MESSAGE
+from devstream_trio.streaming import MAX_FRAMED_MESSAGE
 
 from ._helpers import start_hub
 from ._relay import Relay
@@ -222,31 +222,4 @@ async def test_a_stalled_reader_holds_memory_bounded(store: RegistryStore) -> No
             await device.send_eof()
             assert await service.receive_some() == b""
             await close_both(service, device)
-            nursery.cancel_scope.cancel()
-
-
-async def test_a_framed_sides_socket_may_hold_more_unsent_bytes_than_a_raw_ones(
-    store: RegistryStore,
-) -> None:
-    """trio lets a socket hold 16 KiB unsent (TCP_NOTSENT_LOWAT); the hub raises that to
-    FRAMED_UNSENT on a devstream.v1 side, whose window bounds what is in flight anyway."""
-    option = getattr(trio.socket, "TCP_NOTSENT_LOWAT", None)
-    if option is None:
-        pytest.skip("no TCP_NOTSENT_LOWAT here")
-    with trio.fail_after(TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            pair = await open_pair(nursery, store)
-            (relay,) = pair.hub.streaming._framed.values()
-            for ws in relay.sides.values():
-                assert ws is not None
-                sock = ws.stream.socket  # type: ignore[attr-defined]
-                assert sock.getsockopt(trio.socket.IPPROTO_TCP, option) == FRAMED_UNSENT
-            # The stream still carries bytes both ways.
-            await pair.service.send_all(b"ping")
-            assert await pair.device.receive_some() == b"ping"
-            await pair.device.send_all(b"pong")
-            assert await pair.service.receive_some() == b"pong"
-            # The clients' own sockets keep trio's setting.
-            client_sock = pair.service._ws.stream.socket  # type: ignore[attr-defined]
-            assert client_sock.getsockopt(trio.socket.IPPROTO_TCP, option) == 2**14
             nursery.cancel_scope.cancel()

@@ -61,8 +61,6 @@ log = logging.getLogger("devstream.hub")
 
 #: The largest devstream.v1 WebSocket message the hub relays.
 MAX_FRAMED_MESSAGE = 1024 * 1024
-#: The unsent bytes a devstream.v1 side's socket may hold in the kernel (see _allow_unsent).
-FRAMED_UNSENT = 2 * MAX_FRAMED_MESSAGE
 #: How often the hub pings a devstream.v1 side that waits for its peer (clients give up on a
 #: silent hub after ``ping_interval + ping_timeout``, 20 s by default).
 LONE_PING_INTERVAL = 5.0
@@ -253,7 +251,6 @@ class StreamingEndpoint:
         except BaseException:
             self._leave(route.stream_id, connection_id)
             raise
-        _allow_unsent(ws)
         relay = self._framed.setdefault(route.stream_id, _FramedRelay(stream_id=route.stream_id))
         if resuming:
             self.metrics.resumes_total += 1
@@ -508,24 +505,6 @@ class StreamingEndpoint:
         # The bridge answers a paired side's leave with ClosePeer; the relays close both
         # sides themselves, so there is nothing more to do with it.
         self.bridge.leave(stream_id=stream_id, connection_id=connection_id, now=trio.current_time())
-
-
-def _allow_unsent(ws: WebSocket) -> None:
-    """Let a devstream.v1 side's socket hold up to ``FRAMED_UNSENT`` unsent bytes in the kernel.
-
-    trio caps that at 16 KiB on every socket (``TCP_NOTSENT_LOWAT``), so that a writer does
-    not queue far ahead of what the network takes. A raw side keeps that cap. On a
-    devstream.v1 side the flow-control window already bounds what is in flight each way (a
-    window's bytes), and with the cap each relayed 1 MiB message went out in about eight
-    writes, each after a wait for the socket to drain, instead of one or two. Measured on the
-    hub relaying 1 MiB writes: 0.67 against 0.72 CPU-seconds per GB (medians of 15); no
-    change at 64 KiB.
-    """
-    stream = ws.stream
-    option = getattr(trio.socket, "TCP_NOTSENT_LOWAT", None)
-    if type(stream) is trio.SocketStream and option is not None:
-        with contextlib.suppress(OSError):
-            stream.setsockopt(trio.socket.IPPROTO_TCP, option, FRAMED_UNSENT)
 
 
 def _bearer(request: HttpRequest) -> str:
