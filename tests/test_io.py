@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -127,23 +128,23 @@ async def test_write_nowait_of_nothing_writes_nothing() -> None:
     await b.aclose()
 
 
-async def test_read_into_waits_reads_and_reports_the_end() -> None:
+async def test_read_when_ready_waits_reads_and_reports_the_end() -> None:
     a, b = socket_pair()
     buffer = memoryview(bytearray(100))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(a.send_all, b"late")
-        assert await _io.read_into(b, buffer, wait_first=True) == (4, True)
+        assert await _io.read_when_ready(b, os.readv, [buffer], wait_first=True) == (4, True)
     assert bytes(buffer[:4]) == b"late"
     # Not told to wait, it reads at once what is there...
     await a.send_all(b"now")
-    assert await _io.read_into(b, buffer, wait_first=False) == (3, False)
+    assert await _io.read_when_ready(b, os.readv, [buffer], wait_first=False) == (3, False)
     assert bytes(buffer[:3]) == b"now"
     # ...and waits when nothing is.
     async with trio.open_nursery() as nursery:
         nursery.start_soon(a.send_all, b"later")
-        assert await _io.read_into(b, buffer, wait_first=False) == (5, True)
+        assert await _io.read_when_ready(b, os.readv, [buffer], wait_first=False) == (5, True)
     await a.aclose()
-    assert (await _io.read_into(b, buffer, wait_first=True))[0] == 0  # the end
+    assert (await _io.read_when_ready(b, os.readv, [buffer], wait_first=True))[0] == 0  # the end
     b.socket.close()
     with pytest.raises(trio.ClosedResourceError):
-        await _io.read_into(b, buffer, wait_first=True)
+        await _io.read_when_ready(b, os.readv, [buffer], wait_first=True)

@@ -1006,7 +1006,7 @@ async def test_a_server_reads_all_that_arrived_at_once(monkeypatch: pytest.Monke
     # A server reads into one buffer shared by every connection: it takes everything that is
     # there in one read, never starting small.
     client, server = await socket_ws_pair(buffer_size=1 << 20)
-    reads = count_calls(monkeypatch, "read_into")
+    reads = count_calls(monkeypatch, "read_when_ready")
     messages = [[bytes([i]) * 200_000] for i in range(3)]
     await client.send_whole_messages(messages)
     got = await server.receive_messages(1 << 20)

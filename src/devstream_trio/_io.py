@@ -25,7 +25,6 @@ from typing import TypeVar
 import trio
 
 __all__ = [
-    "read_into",
     "read_when_ready",
     "receive_plain",
     "receive_ready",
@@ -38,7 +37,8 @@ __all__ = [
 #: The most buffers one writev takes (Linux's IOV_MAX is 1024).
 _IOV_MAX = 512
 
-T = TypeVar("T")
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
@@ -119,35 +119,14 @@ def _rest(buffers: Sequence[bytes | bytearray | memoryview], sent: int) -> list[
 
 
 async def read_when_ready(
-    stream: trio.SocketStream, read_nowait: Callable[[], T | None], *, wait_first: bool
-) -> tuple[T, bool]:
-    """Call *read_nowait* (a read that does not wait: ``None`` when the socket has nothing)
-    until it gives something; return that and whether it had to wait. *wait_first* (the last
-    read drained the socket) waits for data before the first call, rather than make a call
-    bound to fail. A cancellation point; when it did not wait, the caller owes a schedule
-    point (after handling what it read, if that must come first)."""
-    sock = stream.socket
-    if sock.fileno() < 0:
-        await trio.lowlevel.checkpoint()
-        raise trio.ClosedResourceError("socket was already closed")
-    if wait_first:
-        await trio.lowlevel.wait_readable(sock)
-    else:
-        await trio.lowlevel.checkpoint_if_cancelled()
-    waited = wait_first
-    while (result := read_nowait()) is None:
-        await trio.lowlevel.wait_readable(sock)
-        waited = True
-    return result, waited
-
-
-async def read_into(
-    stream: trio.SocketStream, buffer: memoryview, *, wait_first: bool
-) -> tuple[int, bool]:
-    """Read what a plain socket has into *buffer*, as :func:`read_when_ready` does (one
-    ``readv`` where the socket has data; *wait_first* and the schedule point owed as there):
-    the count (0 at the socket's end) and whether it had to wait. Every read of the hub's
-    is one of these, so it is written out rather than built on :func:`read_when_ready`."""
+    stream: trio.SocketStream, read: Callable[[int, A], R], arg: A, *, wait_first: bool
+) -> tuple[R, bool]:
+    """``read(fd, arg)`` (``os.read`` or ``os.readv``) on a plain socket once it has data; return
+    what it gave and whether it had to wait. *wait_first* (the last read drained the socket)
+    waits for data before the first call, rather than make a call bound to fail. Errors as
+    ``receive_some``'s. A cancellation point; when it did not wait, the caller owes a schedule
+    point (after handling what it read, if that must come first). Every read of the hub's is
+    one of these: the system call is passed in, not wrapped in a closure."""
     sock = stream.socket
     if sock.fileno() < 0:
         await trio.lowlevel.checkpoint()
@@ -160,7 +139,7 @@ async def read_into(
     while True:
         try:
             # fileno() is -1 once the socket is closed: never a number another socket reuses.
-            return os.readv(sock.fileno(), [buffer]), waited
+            return read(sock.fileno(), arg), waited
         except BlockingIOError:
             pass
         except OSError as exc:
@@ -173,9 +152,7 @@ async def receive_plain(stream: trio.SocketStream, size: int, *, wait_first: boo
     """Read up to *size* bytes from a plain socket, as ``receive_some`` does, with one
     ``read`` where the socket has data (see :func:`read_when_ready`); a read that did not wait
     is followed by a schedule point, as in trio. Always a checkpoint."""
-    data, waited = await read_when_ready(
-        stream, lambda: _read_nowait(stream, size), wait_first=wait_first
-    )
+    data, waited = await read_when_ready(stream, os.read, size, wait_first=wait_first)
     if not waited:
         await trio.lowlevel.cancel_shielded_checkpoint()
     return data

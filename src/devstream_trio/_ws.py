@@ -244,8 +244,9 @@ class WebSocket:
         self._closed: ConnectionClosed | None = None
         #: A server on a plain socket: reads go into the run's shared buffer (_read_plain).
         self._server_plain = type(stream) is trio.SocketStream and not self._client
-        #: The run's read buffer (a server's plain-socket reads), fetched at the first read.
-        self._read_buffer: memoryview | None = None
+        #: The run's read buffer, as the list ``readv`` takes (a server's plain-socket reads),
+        #: fetched at the first read.
+        self._read_buffers: list[memoryview] = []
         #: trio time of the last bytes received from the peer.
         self.last_received = trio.current_time()
         # Bytes that came in with the handshake, after it.
@@ -669,11 +670,13 @@ class WebSocket:
         """Read from a server's plain socket into the run's read buffer, and parse what came
         before any other task runs (the next read, on any connection, reuses the buffer). A
         checkpoint, as ``receive_some`` is; see the module's rules for when it waits first."""
-        buffer = self._read_buffer
-        if buffer is None:
-            buffer = self._read_buffer = _read_buffer()
+        if not self._read_buffers:
+            self._read_buffers.append(_read_buffer())
+        buffer = self._read_buffers[0]
         try:
-            count, waited = await _io.read_into(stream, buffer, wait_first=self._drained)
+            count, waited = await _io.read_when_ready(
+                stream, os.readv, self._read_buffers, wait_first=self._drained
+            )
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             count, waited = 0, True  # _parse raises the loss: no schedule point owed
         if count:
