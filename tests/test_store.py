@@ -8,9 +8,12 @@ store call cannot finish until the test lets it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sqlite3
-from collections.abc import AsyncIterator
+import stat
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -27,7 +30,7 @@ from devstream_core.registry import (
     new_device,
     new_policy,
 )
-from devstream_trio.store import SCHEMA_VERSION, RegistryStore
+from devstream_trio.store import SCHEMA_VERSION, RegistryStore, StoreError
 
 
 def make_device(device_id: str, seed: int = 0, **changes: object) -> Device:
@@ -197,6 +200,109 @@ async def test_writes_are_visible_to_another_connection_at_once(tmp_path: Path) 
             assert conn.execute("SELECT device_id FROM devices").fetchall() == [("d1",)]
         finally:
             conn.close()
+
+
+async def test_new_database_and_its_side_files_are_private(tmp_path: Path) -> None:
+    """Under the usual umask 022 the database (every key, the hub secret) and SQLite's files
+    beside it are the owner's alone: 0600."""
+    path = tmp_path / "registry.sqlite"
+    old_umask = os.umask(0o022)
+    try:
+        async with await RegistryStore.open(path) as store:
+            await store.set_setting("hub_secret", b"secret")
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    finally:
+        os.umask(old_umask)
+    assert modes == {
+        "registry.sqlite": 0o600,
+        "registry.sqlite-wal": 0o600,
+        "registry.sqlite-shm": 0o600,
+    }
+
+
+def write_damaged_registry(path: Path) -> None:
+    """A registry whose header and schema are sound and whose device table (many pages) has
+    a run of bytes in its middle overwritten: no query at open reads it, a full check does."""
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE devices (device_id TEXT PRIMARY KEY NOT NULL, primary_key TEXT NOT NULL)"
+    )
+    conn.executemany(
+        "INSERT INTO devices VALUES (?, ?)", [(f"d{i:04}", "k" * 44) for i in range(1000)]
+    )
+    conn.commit()
+    conn.close()
+    size = path.stat().st_size
+    assert size >= 16 * 4096
+    with path.open("r+b") as file:
+        file.seek(size // 2 + 100)
+        file.write(b"\xa5" * 2000)
+    conn = sqlite3.connect(path)
+    try:  # the damage is out of a plain query's way
+        assert conn.execute("PRAGMA user_version").fetchone() == (0,)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("spoil", "reason"),
+    [
+        (lambda path: path.write_bytes(bytes(range(256)) * 32), "file is not a database"),
+        (write_damaged_registry, "database disk image is damaged"),
+        (lambda path: path.mkdir(), "unable to open database file"),
+    ],
+    ids=["garbage", "damaged-pages", "a-folder"],
+)
+async def test_unusable_database_is_refused_when_opened(
+    spoil: Callable[[Path], object], reason: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "registry.sqlite"
+    spoil(path)
+    with pytest.raises(StoreError) as info:
+        await RegistryStore.open(path)
+    assert info.value.code is ErrorCode.DATA_FOLDER_UNUSABLE
+    assert info.value.message.startswith(
+        f"cannot use the registry database {str(path)!r}: {reason}"
+    )
+
+
+class FailingConnection(sqlite3.Connection):
+    """A real SQLite connection whose statements raise ``failure`` while it is set."""
+
+    failure: sqlite3.Error | None = None
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        if self.failure is not None:
+            raise self.failure
+        return super().execute(sql, parameters)
+
+
+def failing_store(path: Path) -> tuple[RegistryStore, FailingConnection]:
+    """The real store over a :class:`FailingConnection` to the (existing) database *path*."""
+    conn = sqlite3.connect(
+        path, factory=FailingConnection, check_same_thread=False, isolation_level=None
+    )
+    assert isinstance(conn, FailingConnection)
+    return RegistryStore(conn, inline=True), conn
+
+
+async def test_sqlite_failure_in_a_call_is_a_store_error_and_the_store_goes_on(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "registry.sqlite"
+    async with await RegistryStore.open(path) as store:
+        await store.create_device(make_device("d1"))
+    store, conn = failing_store(path)
+    async with store:
+        conn.failure = sqlite3.OperationalError("database or disk is full")
+        with pytest.raises(StoreError) as info:
+            await store.create_device(make_device("d2"))
+        assert info.value.code is ErrorCode.SERVER_ERROR
+        assert info.value.message == "registry database error: database or disk is full"
+        with pytest.raises(StoreError):
+            await store.list_devices()
+        conn.failure = None
+        assert [d.device_id for d in await store.list_devices()] == ["d1"]
 
 
 # -- the event loop keeps running ----------------------------------------------------------

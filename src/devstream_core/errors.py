@@ -80,6 +80,8 @@ class ErrorCode(enum.IntEnum):
     REQUEST_TIMEOUT = 408901
     #: The device id is already registered (Azure ``DeviceAlreadyExists``).
     DEVICE_ALREADY_EXISTS = 409001
+    #: Another hub holds the data folder's lock (``devstream hub`` refuses to start).
+    DATA_FOLDER_IN_USE = 409901
     #: A request body, control message or frame is larger than the limit.
     PAYLOAD_TOO_LARGE = 413901
     #: The request headers are larger than the limit.
@@ -90,6 +92,9 @@ class ErrorCode(enum.IntEnum):
     THROTTLED = 429001
     #: An unexpected failure inside the hub (Azure ``ServerError``).
     SERVER_ERROR = 500001
+    #: The hub's data folder cannot be used: it cannot be created or written, or its registry
+    #: database is not a database or is damaged (``devstream hub`` refuses to start).
+    DATA_FOLDER_UNUSABLE = 500901
     #: The device-side proxy could not connect to the stream's target.
     TARGET_UNREACHABLE = 502901
     #: The hub is shutting down or cannot serve the request now.
@@ -143,11 +148,13 @@ MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.STREAM_RESET: "the stream was reset by the other side",
     ErrorCode.REQUEST_TIMEOUT: "request headers not received in time",
     ErrorCode.DEVICE_ALREADY_EXISTS: "device already exists",
+    ErrorCode.DATA_FOLDER_IN_USE: "the data folder is in use by another hub",
     ErrorCode.PAYLOAD_TOO_LARGE: "payload too large",
     ErrorCode.HEADERS_TOO_LARGE: "request headers too large",
     ErrorCode.UPGRADE_REQUIRED: "this path only accepts WebSocket connections",
     ErrorCode.THROTTLED: "too many requests",
     ErrorCode.SERVER_ERROR: "internal hub error",
+    ErrorCode.DATA_FOLDER_UNUSABLE: "the hub's data folder cannot be used",
     ErrorCode.SERVICE_UNAVAILABLE: "hub unavailable",
     ErrorCode.TARGET_UNREACHABLE: "the device could not connect to the stream's target",
     ErrorCode.DEVICE_RESPONSE_TIMEOUT: "the device did not answer the stream request in time",

@@ -18,6 +18,17 @@ Rules:
   in-memory database (tests).
 * The schema is versioned with ``PRAGMA user_version``; a database from a newer devstream is
   refused rather than misread.
+* The database holds every key and the hub's token-signing secret: a new database file is
+  created readable and writable by its owner only (``0600``); SQLite gives its side files
+  (``-wal``, ``-shm``, ``-journal``) the database file's mode.
+* A database that cannot be used is found when it is opened, not by the first request:
+  :meth:`RegistryStore.open` opens it for writing and runs ``PRAGMA quick_check`` (it reads
+  every page once: about 5 ms for 10,000 devices, 0.1 s for 100,000), and raises
+  :class:`StoreError` (``DATA_FOLDER_UNUSABLE``) for a file that is not a database, a
+  damaged one, or one it cannot create or write.
+* A SQLite failure in any later call (damage found later, disk full, I/O error) raises
+  :class:`StoreError` (``SERVER_ERROR``), whose message names SQLite's reason and never a
+  stored value; the store stays usable for the calls that still work.
 * Lookups by key (:meth:`RegistryStore.get_device`, :meth:`RegistryStore.get_policy`) are
   answered from a small in-process cache when they can be, so a hub's every initiate does not
   wait on a worker thread. Every write through the store drops the entries it could change
@@ -29,6 +40,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Callable
@@ -46,7 +58,7 @@ from devstream_core.registry import (
     parse_permissions,
 )
 
-__all__ = ["SCHEMA_VERSION", "RegistryStore"]
+__all__ = ["SCHEMA_VERSION", "RegistryStore", "StoreError"]
 
 _T = TypeVar("_T")
 
@@ -91,13 +103,37 @@ _DEVICE_COLUMNS: Final = (
 _POLICY_COLUMNS: Final = "name, primary_key, secondary_key, rights"
 
 
+class StoreError(DevstreamError):
+    """The registry database failed: it cannot be opened or used (``DATA_FOLDER_UNUSABLE``,
+    from :meth:`RegistryStore.open`), or a SQLite call failed (``SERVER_ERROR``)."""
+
+
+def _create_private(path: str) -> None:
+    """Create the database file with mode 0600 if it does not exist yet (SQLite would create
+    it with the umask's mode, usually 0644)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _quick_check(conn: sqlite3.Connection) -> None:
+    """Raise ``sqlite3.DatabaseError`` if ``PRAGMA quick_check`` finds damage."""
+    rows = conn.execute("PRAGMA quick_check").fetchall()
+    if rows != [("ok",)]:
+        first = str(rows[0][0]).splitlines() if rows else []
+        detail = next((line for line in first if not line.startswith("***")), "no answer")
+        raise sqlite3.DatabaseError(f"database disk image is damaged ({detail[:200]})")
+
+
 def _connect(path: str) -> sqlite3.Connection:
     """Open (and if needed create) the database; runs in a worker thread."""
+    if path != ":memory:":
+        _create_private(path)
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     try:
         if path != ":memory:":
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode = WAL")
+            _quick_check(conn)
         conn.execute("PRAGMA synchronous = FULL")
         _migrate(conn)
     except BaseException:
@@ -196,11 +232,22 @@ class RegistryStore:
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str] | None) -> RegistryStore:
-        """Open the registry at *path*, creating it if needed (``None``: in memory)."""
+        """Open the registry at *path*, creating it if needed (``None``: in memory).
+
+        Raises :class:`StoreError` (``DATA_FOLDER_UNUSABLE``) naming the file and the reason
+        when the database cannot be created, opened or written, or is damaged.
+        """
         if path is None:
             await trio.lowlevel.checkpoint()
             return cls(_connect(":memory:"), inline=True)
-        conn = await trio.to_thread.run_sync(_connect, os.fspath(path))
+        try:
+            conn = await trio.to_thread.run_sync(_connect, os.fspath(path))
+        except (sqlite3.Error, OSError) as exc:
+            reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+            raise StoreError(
+                ErrorCode.DATA_FOLDER_UNUSABLE,
+                f"cannot use the registry database {os.fspath(path)!r}: {reason}",
+            ) from exc
         return cls(conn)
 
     async def aclose(self) -> None:
@@ -235,7 +282,8 @@ class RegistryStore:
         """Run ``fn(connection)`` in a worker thread, one call at a time.
 
         Under the same lock, ``forget()`` runs first (a write drops what it may change from
-        the cache) and ``remember(result)`` last (a lookup fills the cache).
+        the cache) and ``remember(result)`` last (a lookup fills the cache). A SQLite error
+        raises :class:`StoreError` (``SERVER_ERROR``).
         """
         async with self._lock:
             conn = self._conn
@@ -243,11 +291,14 @@ class RegistryStore:
                 raise trio.ClosedResourceError("the registry store is closed")
             if forget is not None:
                 forget()
-            if self._inline:
-                await trio.lowlevel.checkpoint()
-                result = fn(conn)
-            else:
-                result = await trio.to_thread.run_sync(fn, conn)
+            try:
+                if self._inline:
+                    await trio.lowlevel.checkpoint()
+                    result = fn(conn)
+                else:
+                    result = await trio.to_thread.run_sync(fn, conn)
+            except sqlite3.Error as exc:
+                raise StoreError(ErrorCode.SERVER_ERROR, f"registry database error: {exc}") from exc
             if remember is not None:
                 remember(result)
             return result
