@@ -87,7 +87,7 @@ from ._wire import (
 )
 from ._ws import ConnectionClosed, WebSocket, payload
 from .metrics import Metrics
-from .store import RegistryStore
+from .store import RegistryStore, StoreError
 from .streaming import StreamingEndpoint
 
 __all__ = ["HUB_GC_THRESHOLDS", "Hub", "HubConfig", "serve_hub", "tune_gc_for_hub"]
@@ -285,6 +285,8 @@ class Hub:
                 await self._run_control_channel(session)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except StoreError as exc:  # after the connection became a WebSocket
+            log.error("connection %d: %s", connection_id, exc.message)
         except Exception:
             log.exception("unexpected error on connection %d", connection_id)
         finally:
@@ -312,6 +314,13 @@ class Hub:
                 self.metrics.http_errors[int(exc.code)] += 1
                 log.info("HTTP error %d: %s", exc.code, exc.message)
                 await http.send_error(exc.code, exc.message)
+                return None
+            except StoreError as exc:
+                # The registry failed under this request (damage, disk full, I/O error): one
+                # line in the log, 500001 to the client, and every other request goes on.
+                self.metrics.http_errors[int(ErrorCode.SERVER_ERROR)] += 1
+                log.error("connection %d: %s", connection_id, exc.message)
+                await http.send_error(ErrorCode.SERVER_ERROR, "the hub's registry database failed")
                 return None
             if isinstance(result, _Session):
                 return result
