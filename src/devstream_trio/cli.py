@@ -26,6 +26,7 @@ from devstream_core.errors import DevstreamError
 from devstream_core.registry import OWNER_POLICY, Policy
 
 from ._connect import ProxyConfig, client_ssl_context
+from .datafolder import DB_NAME, open_data_folder
 from .device import DeviceClient
 from .framed import FramedStream
 from .hub import HubConfig, ensure_owner_policy, serve_hub, tune_gc_for_hub
@@ -34,8 +35,6 @@ from .service import AnyStream, ServiceClient
 from .store import RegistryStore
 
 __all__ = ["main"]
-
-DB_NAME = "registry.sqlite3"
 
 
 class UsageError(Exception):
@@ -90,14 +89,6 @@ def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
 # -- hub --------------------------------------------------------------------------------------
 
 
-async def _open_data(data: Path) -> RegistryStore:
-    try:
-        data.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create data folder {str(data)!r}: {exc.strerror}") from exc
-    return await RegistryStore.open(data / DB_NAME)
-
-
 async def cmd_hub(args: argparse.Namespace) -> int:
     host, port = _parse_listen(args.listen)
     ssl_context = None
@@ -112,9 +103,8 @@ async def cmd_hub(args: argparse.Namespace) -> int:
     if args.public_url and not args.public_url.startswith(("http://", "https://")):
         raise UsageError("--public-url must start with http:// or https://")
     data = Path(args.data) if args.data else default_data_dir()
-    store = await _open_data(data)
     tune_gc_for_hub()
-    async with store:
+    async with open_data_folder(data) as store:
         policy, created = await ensure_owner_policy(store)
         async with trio.open_nursery() as nursery:
             try:
