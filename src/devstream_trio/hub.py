@@ -636,18 +636,32 @@ class Hub:
                 session = self._sessions.get(event.connection_id)
                 if session is None:  # pragma: no cover - the coordinator only names live ones
                     raise HttpError(ErrorCode.DEVICE_NOT_ONLINE)
-                # If the device vanished while we wrote, its disconnect fails the request.
-                with contextlib.suppress(ConnectionClosed, DevstreamError):
-                    await session.send(
-                        control.StreamRequest(
-                            request_id=event.request_id,
-                            name=event.name,
-                            url=f"{self.ws_url}/bridges/{event.stream_id}?role=device",
-                            token=device_token,
-                            mode=mode,
-                            window=window,
+                # The response deadline covers the send: a device that does not read its
+                # control channel holds the request no longer than one that does not answer.
+                with trio.move_on_at(event.deadline) as sending:
+                    # If the device vanished while we wrote, its disconnect fails the request.
+                    with contextlib.suppress(ConnectionClosed, DevstreamError):
+                        await session.send(
+                            control.StreamRequest(
+                                request_id=event.request_id,
+                                name=event.name,
+                                url=f"{self.ws_url}/bridges/{event.stream_id}?role=device",
+                                token=device_token,
+                                mode=mode,
+                                window=window,
+                            )
                         )
+                if sending.cancelled_caught:
+                    # The request may be cut part way: the channel cannot carry another.
+                    log.info(
+                        "control channel %d: the device did not take a stream request within "
+                        "its response timeout (%g s); dropping the channel",
+                        session.connection_id,
+                        response_timeout,
                     )
+                    session.cancel_scope.cancel()
+                    # Due now: the coordinator fails it (504101) before the drop is noticed.
+                    self._dispatch(self.coordinator.advance(trio.current_time()))
             else:
                 outcome.result = event
                 outcome.event.set()
