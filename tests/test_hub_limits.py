@@ -9,7 +9,10 @@ it took.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -20,12 +23,19 @@ import trio.testing
 from devstream_core import control
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import ErrorCode
+from devstream_core.tokens import STREAM_TOKEN_LIFETIME
+from devstream_trio._connect import HubAddress
 from devstream_trio._http import HttpResponse, websocket_connect
 from devstream_trio._ws import WebSocket
+from devstream_trio.device import DeviceClient
+from devstream_trio.exceptions import HubError
+from devstream_trio.hub import Hub, HubConfig
 from devstream_trio.service import API_VERSION
+from devstream_trio.store import RegistryStore
 from devstream_trio.stream import HubStream
 
-from .conftest import HubEnv
+from .conftest import PUBLIC_URL, HubEnv
+from .test_framed_stream import env_with
 from .test_hub import HUB, auth, call, echo
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -54,7 +64,17 @@ async def stalled_device(env: HubEnv, cs: ConnectionString, names: tuple[str, ..
     It runs over a lockstep stream (a write waits until the other end reads it), so the hub's
     next write to it blocks, as a socket's does once the buffers between are full.
     """
-    client, server = trio.testing.lockstep_stream_pair()
+    return (await hand_made_device(env, cs, names, trio.testing.lockstep_stream_pair()))[0]
+
+
+async def hand_made_device(
+    env: HubEnv,
+    cs: ConnectionString,
+    names: tuple[str, ...],
+    pair: tuple[trio.abc.Stream, trio.abc.Stream] | None = None,
+) -> tuple[WebSocket, control.DeviceControl]:
+    """A device's control channel, registered for *names*, that the test drives by hand."""
+    client, server = pair or trio.testing.memory_stream_pair()
     env.nursery.start_soon(env.hub.handle_connection, server)
     token = cs.sas_token(expiry=int(time.time()) + 3600)
     ws = await websocket_connect(
@@ -69,7 +89,26 @@ async def stalled_device(env: HubEnv, cs: ConnectionString, names: tuple[str, ..
     event = await ws.receive()
     messages = machine.receive(event.data, message_finished=event.message_finished)  # type: ignore[arg-type]
     assert [type(m) for m in messages] == [control.Registered]
-    return ws
+    return ws, machine
+
+
+async def answer_requests(
+    ws: WebSocket, machine: control.DeviceControl, count: int, *, accept: bool
+) -> None:
+    """Read *count* stream requests on a hand-made device's channel and answer each."""
+    answered = 0
+    while answered < count:
+        event = await ws.receive()
+        for message in machine.receive(event.data, message_finished=event.message_finished):  # type: ignore[arg-type]
+            assert isinstance(message, control.StreamRequest)
+            await ws.send_text(
+                machine.send(
+                    control.StreamResponse(
+                        request_id=message.request_id, accepted=accept, reason="not now"
+                    )
+                )
+            )
+            answered += 1
 
 
 @pytest.fixture
@@ -131,3 +170,124 @@ async def test_others_are_served_while_a_send_to_a_stuck_device_waits(
             assert not answers
         assert error_of(answers[0])[0] == ErrorCode.DEVICE_RESPONSE_TIMEOUT
         assert 5.0 <= trio.current_time() - start < 5.1
+
+
+# -- 2. streams and stream requests per device -----------------------------------------------
+
+
+async def test_streams_per_device_are_capped_and_capacity_returns(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    env = await env_with(nursery, HubConfig(max_streams_per_device=2))
+    cs = await env.create_device("d1")
+    await nursery.start(env.device(cs).serve, {"echo": echo})
+    other = await env.create_device("d2")
+    await nursery.start(env.device(other).serve, {"echo": echo})
+    with trio.fail_after(200):
+        start = trio.current_time()
+        # Under the limit: accepted (the service never joins; the device's side waits).
+        for _ in range(2):
+            response = await initiate(env, "d1", "echo")
+            assert response.status == 200
+            assert response.header(b"iothub-streaming-is-accepted") == b"True"
+        # Over it: 429001 at once, saying why, before the device is asked.
+        response = await initiate(env, "d1", "echo")
+        assert response.status == 429
+        code, message = error_of(response)
+        assert code == ErrorCode.THROTTLED
+        assert message.startswith(
+            "device 'd1' has 2 streams open or waiting to be joined, the most the hub allows"
+        )
+        with pytest.raises(HubError) as info:
+            await env.service().open_stream("d1", "echo")
+        assert info.value.code is ErrorCode.THROTTLED
+        # Another device has its own budget.
+        await round_trip(env, "d2")
+        assert trio.current_time() - start < 1
+        # The two waiting streams end when their tokens expire (60 s); their slots come back.
+        await trio.sleep(STREAM_TOKEN_LIFETIME + 1 - (trio.current_time() - start))
+        await round_trip(env, "d1")
+        await round_trip(env, "d1")
+    # The device said once per stream, in one line, why each ended: no traceback.
+    ended = [r for r in caplog.records if r.name == "devstream.device" and "ended" in r.message]
+    assert len(ended) == 2, [r.getMessage() for r in caplog.records]
+    for record in ended:
+        assert record.exc_info is None
+        assert "the other side of the stream never connected (error 504901)" in record.message
+
+
+async def test_pending_requests_per_device_are_capped_and_capacity_returns(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    env = await env_with(nursery, HubConfig(max_pending_per_device=2))
+    cs = await env.create_device("q")
+    ws, machine = await hand_made_device(env, cs, ("echo",))
+    with trio.fail_after(100):
+        answers: list[HttpResponse] = []
+
+        async def ask() -> None:
+            answers.append(await initiate(env, "q", "echo", response_timeout=30))
+
+        async with trio.open_nursery() as asking:
+            # Under the limit: two requests wait for the device's answer.
+            asking.start_soon(ask)
+            asking.start_soon(ask)
+            await trio.sleep(1)
+            start = trio.current_time()
+            # Over it: 429001 at once, saying why.
+            response = await initiate(env, "q", "echo", response_timeout=30)
+            assert trio.current_time() - start < 0.1
+            assert response.status == 429
+            code, message = error_of(response)
+            assert code == ErrorCode.THROTTLED
+            assert message.startswith("device 'q' has 2 stream requests waiting for its answer")
+            await answer_requests(ws, machine, 2, accept=True)
+        assert [a.header(b"iothub-streaming-is-accepted") for a in answers] == [b"True"] * 2
+        # Answered: the capacity is back; the next request reaches the device.
+        async with trio.open_nursery() as asking:
+            asking.start_soon(ask)
+            await answer_requests(ws, machine, 1, accept=False)
+        assert answers[-1].header(b"iothub-streaming-is-accepted") == b"False"
+        assert trio.current_time() - start < 1
+
+
+async def test_hub_config_refuses_more_pending_requests_than_a_channel_carries() -> None:
+    config = HubConfig(max_pending_per_device=control.MAX_OUTSTANDING_REQUESTS + 1)
+    store = await RegistryStore.open(None)
+    with pytest.raises(ValueError, match="max_pending_per_device"):
+        Hub(store, public_url=PUBLIC_URL, secret=b"s", config=config)
+    await store.aclose()
+
+
+async def test_a_device_that_cannot_open_a_join_logs_one_line_per_stream(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    cs = await hub_env.create_device("d1")
+    opened = 0
+
+    async def out_of_files(address: HubAddress) -> trio.abc.Stream:
+        # The control channel opens; every join after it finds the device out of descriptors.
+        nonlocal opened
+        opened += 1
+        if opened > 1:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return await hub_env.open(address)
+
+    device = DeviceClient(cs, opener=out_of_files)
+    with trio.fail_after(10):
+        await hub_env.nursery.start(device.serve, {"echo": echo})
+        for _ in range(3):
+            response = await initiate(hub_env, "d1", "echo")
+            assert response.header(b"iothub-streaming-is-accepted") == b"True"
+        await trio.sleep(1)
+        # The device is still serving.
+        assert device.online
+    failed = [r for r in caplog.records if r.name == "devstream.device" and "join" in r.message]
+    assert len(failed) == 3, [r.getMessage() for r in caplog.records]
+    for record in failed:
+        assert record.exc_info is None
+        assert record.getMessage() == (
+            "device 'd1': could not join stream 'echo': [Errno 24] Too many open files"
+        )

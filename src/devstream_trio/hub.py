@@ -33,7 +33,7 @@ import trio
 from wsproto.events import BytesMessage, TextMessage
 
 from devstream_core import control
-from devstream_core.bridge import STREAM_MODES, Bridge
+from devstream_core.bridge import DEFAULT_MAX_STREAMS_PER_DEVICE, STREAM_MODES, Bridge
 from devstream_core.common import Role
 from devstream_core.coordinator import (
     Coordinator,
@@ -135,6 +135,14 @@ class HubConfig:
     #: A devstream.v1 side silent this long (no frame, no ping) counts as dropped. Clients
     #: ping every 10 s by default.
     stream_idle_timeout: float = 45.0
+    #: The most streams one device may have open or waiting to be joined (a stream is
+    #: counted from its initiation until it ends, whichever sides have joined): past it an
+    #: initiation is refused with 429001. Each stream holds a socket in the hub per joined side
+    #: and one in the device.
+    max_streams_per_device: int = DEFAULT_MAX_STREAMS_PER_DEVICE
+    #: The most stream requests one device may leave unanswered: past it an initiation is
+    #: refused with 429001. At most ``control.MAX_OUTSTANDING_REQUESTS`` (1000).
+    max_pending_per_device: int = 100
 
 
 @dataclass
@@ -179,8 +187,16 @@ class Hub:
         self.wall_clock = wall_clock
         self.random_bytes = random_bytes
         self.metrics = Metrics()
-        self.coordinator = Coordinator()
-        self.bridge = Bridge(secret=secret, grace_period=self.config.grace_period)
+        if not 1 <= self.config.max_pending_per_device <= control.MAX_OUTSTANDING_REQUESTS:
+            raise ValueError(
+                f"max_pending_per_device must be 1 to {control.MAX_OUTSTANDING_REQUESTS}"
+            )
+        self.coordinator = Coordinator(max_pending_per_device=self.config.max_pending_per_device)
+        self.bridge = Bridge(
+            secret=secret,
+            grace_period=self.config.grace_period,
+            max_streams_per_device=self.config.max_streams_per_device,
+        )
         self.streaming = StreamingEndpoint(
             self.bridge,
             self.metrics,
@@ -568,7 +584,10 @@ class Hub:
                 )
             else:
                 assert isinstance(result, InitiationFailed)
-                raise HttpError(result.code, f"device {route.device_id!r}: {result.code.message}")
+                raise HttpError(
+                    result.code,
+                    result.message or f"device {route.device_id!r}: {result.code.message}",
+                )
         except HttpError as exc:
             outcome_name = _OUTCOME_NAMES.get(exc.code, "error")
             raise
@@ -626,7 +645,8 @@ class Hub:
                         service_nonce=self.random_bytes(16),
                         mode=mode,
                     )
-                except DevstreamError as exc:  # too many streams waiting (THROTTLED)
+                except DevstreamError as exc:  # too many streams (THROTTLED)
+                    self.coordinator.withdraw(request_id=event.request_id, now=now)
                     raise HttpError(exc.code, exc.message) from exc
                 self._wake()  # the stream's tokens expire: a deadline of the bridge's
                 outcome.request_id = event.request_id
