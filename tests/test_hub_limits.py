@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import time
 from collections.abc import AsyncIterator
 
@@ -29,7 +30,7 @@ from devstream_trio._http import HttpResponse, websocket_connect
 from devstream_trio._ws import WebSocket
 from devstream_trio.device import DeviceClient
 from devstream_trio.exceptions import HubError
-from devstream_trio.hub import Hub, HubConfig
+from devstream_trio.hub import Hub, HubConfig, default_max_connections
 from devstream_trio.service import API_VERSION
 from devstream_trio.store import RegistryStore
 from devstream_trio.stream import HubStream
@@ -291,3 +292,101 @@ async def test_a_device_that_cannot_open_a_join_logs_one_line_per_stream(
         assert record.getMessage() == (
             "device 'd1': could not join stream 'echo': [Errno 24] Too many open files"
         )
+
+
+# -- 3. the connection cap -------------------------------------------------------------------
+
+
+async def test_past_the_connection_cap_the_hub_answers_and_streams_go_on(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    # Three connections: the device's control channel and the two sides of one stream.
+    env = await env_with(nursery, HubConfig(max_connections=3))
+    cs = await env.create_device("d1")
+    await nursery.start(env.device(cs).serve, {"echo": echo})
+    with trio.fail_after(30):
+        stream = await env.service().open_stream("d1", "echo")
+        await stream.send_all(b"before")
+        assert await stream.receive_some() == b"before"
+        start = trio.current_time()
+        # Full: a new connection is answered 503901 and closed, at once.
+        response = await initiate(env, "d1", "echo")
+        assert response.status == 503
+        assert response.header(b"connection") == b"close"
+        code, message = error_of(response)
+        assert code == ErrorCode.SERVICE_UNAVAILABLE
+        assert message == "the hub serves its most connections (3); try again later"
+        # /healthz still says the hub is alive.
+        health = await call(env, "GET", "/healthz")
+        assert (health.status, json.loads(health.body)) == (200, {"status": "ok"})
+        assert trio.current_time() - start < 0.1
+        # The stream goes on.
+        await stream.send_all(b"after")
+        assert await stream.receive_some() == b"after"
+        # Its end gives the capacity back.
+        await stream.aclose()
+        await trio.sleep(1)
+        await round_trip(env, "d1")
+
+
+async def test_refusals_are_logged_once_per_interval(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = await env_with(nursery, HubConfig(max_connections=1, limit_log_interval=10.0))
+    cs = await env.create_device("d1")
+    await nursery.start(env.device(cs).serve, {"echo": echo})  # the one connection served
+    with trio.fail_after(60):
+        start = trio.current_time()
+        for _ in range(100):
+            health = await call(env, "GET", "/healthz")
+            assert health.status == 200
+            await trio.sleep(0.25)
+        assert 25.0 <= trio.current_time() - start < 25.1
+    lines = [r.getMessage() for r in caplog.records if "connection limit" in r.getMessage()]
+    assert lines == [
+        "at the connection limit (1 served): refused 1 new connection since the last report",
+        "at the connection limit (1 served): refused 40 new connections since the last report",
+        "at the connection limit (1 served): refused 40 new connections since the last report",
+    ]
+
+
+async def test_past_the_answering_slots_a_connection_is_closed_at_once(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    env = await env_with(nursery, HubConfig(max_connections=1, max_over_limit_answers=1))
+    cs = await env.create_device("d1")
+    await nursery.start(env.device(cs).serve, {"echo": echo})
+    with trio.fail_after(30):
+        # One connection takes the answering slot and says nothing (yet).
+        silent = await env.open(HUB)
+        await trio.sleep(1)
+        start = trio.current_time()
+        closed = await env.open(HUB)
+        await closed.send_all(b"GET /healthz HTTP/1.1\r\nHost: hub.test\r\n\r\n")
+        assert await closed.receive_some() == b""
+        assert trio.current_time() - start < 0.1
+        # The silent one gets header_timeout to send its request, then an answer and the end.
+        assert await silent.receive_some() != b""
+        await silent.aclose()
+        await closed.aclose()
+        # With the slot free again, /healthz is answered.
+        health = await call(env, "GET", "/healthz")
+        assert health.status == 200
+
+
+@pytest.mark.parametrize(
+    ("soft", "cap"),
+    [
+        (20_000, 19_744),
+        (1024, 768),
+        (512, 256),
+        (256, 128),
+        (1, 1),
+        (resource.RLIM_INFINITY, (1 << 24) - 256),
+    ],
+)
+def test_the_default_cap_leaves_descriptors_below_the_open_files_limit(
+    monkeypatch: pytest.MonkeyPatch, soft: int, cap: int
+) -> None:
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (soft, resource.RLIM_INFINITY))
+    assert default_max_connections() == cap

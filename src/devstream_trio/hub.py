@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import gc
 import logging
 import math
 import os
+import resource
 import socket
 import ssl
 import time
@@ -33,6 +35,7 @@ import trio
 from wsproto.events import BytesMessage, TextMessage
 
 from devstream_core import control
+from devstream_core.admission import Admission, ConnectionLimits, Tally
 from devstream_core.bridge import DEFAULT_MAX_STREAMS_PER_DEVICE, STREAM_MODES, Bridge
 from devstream_core.common import Role
 from devstream_core.coordinator import (
@@ -90,7 +93,14 @@ from .metrics import Metrics
 from .store import RegistryStore
 from .streaming import StreamingEndpoint
 
-__all__ = ["HUB_GC_THRESHOLDS", "Hub", "HubConfig", "serve_hub", "tune_gc_for_hub"]
+__all__ = [
+    "HUB_GC_THRESHOLDS",
+    "Hub",
+    "HubConfig",
+    "default_max_connections",
+    "serve_hub",
+    "tune_gc_for_hub",
+]
 
 log = logging.getLogger("devstream.hub")
 
@@ -143,6 +153,38 @@ class HubConfig:
     #: The most stream requests one device may leave unanswered: past it an initiation is
     #: refused with 429001. At most ``control.MAX_OUTSTANDING_REQUESTS`` (1000).
     max_pending_per_device: int = 100
+    #: The most connections the hub serves at once (control channels, stream sides, HTTP
+    #: requests). None: :func:`default_max_connections`, the open-files limit
+    #: (``RLIMIT_NOFILE``) less 256 descriptors (or half the limit, if that is less) for the
+    #: listeners, the registry's files, the event loop, the answers below and a batch of
+    #: connections accepted at once.
+    #:
+    #: Why a cap below the open-files limit: at the limit itself the hub cannot accept, the
+    #: listen backlog fills, and every client waits unanswered, ``/healthz`` too. Below it the
+    #: hub still has descriptors to take a new connection, read its request and answer:
+    #: ``GET /healthz`` with 200 (the hub is alive; a probe that restarted it would drop every
+    #: stream), anything else with 503 (503901), and close it. Connections served already,
+    #: streams among them, go on as before.
+    max_connections: int | None = None
+    #: The most connections past ``max_connections`` answered at once (each has
+    #: ``header_timeout`` to send its request); past them a new connection is closed at once.
+    max_over_limit_answers: int = 32
+    #: The least time between two log lines about refused connections, or about failed
+    #: ``accept`` calls; each line gives the count since the last one.
+    limit_log_interval: float = 10.0
+
+
+#: Descriptors :func:`default_max_connections` leaves for everything but served connections.
+_RESERVED_DESCRIPTORS = 256
+
+
+def default_max_connections() -> int:
+    """The connection cap that suits this process's open-files limit (``RLIMIT_NOFILE``'s
+    soft limit): the limit less 256, or half of it when that is more."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > 1 << 24:
+        soft = 1 << 24
+    return max(soft // 2, soft - _RESERVED_DESCRIPTORS, 1)
 
 
 @dataclass
@@ -196,6 +238,11 @@ class Hub:
             secret=secret,
             grace_period=self.config.grace_period,
             max_streams_per_device=self.config.max_streams_per_device,
+        )
+        self.limits = ConnectionLimits(
+            max_connections=self.config.max_connections or default_max_connections(),
+            max_answering=self.config.max_over_limit_answers,
+            report_interval=self.config.limit_log_interval,
         )
         self.streaming = StreamingEndpoint(
             self.bridge,
@@ -290,21 +337,69 @@ class Hub:
     # -- connections -------------------------------------------------------------------------
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
-        """Serve one client connection until it closes. Never raises for a client's fault."""
+        """Serve one client connection until it closes. Never raises for a client's fault.
+
+        Past ``max_connections`` the connection is answered without being served, or closed
+        (:mod:`devstream_core.admission`).
+        """
+        admission, refused = self.limits.admit(trio.current_time())
+        if refused is not None:
+            log.warning(
+                "at the connection limit (%d served): refused %d new connection%s since the "
+                "last report",
+                self.limits.max_connections,
+                refused,
+                "" if refused == 1 else "s",
+            )
         self._next_connection_id += 1
         connection_id = self._next_connection_id
         try:
-            session = await self._serve_http(stream, connection_id)
-            if session is not None:
-                # The HTTP side (h11's state, the request and its headers) went with
-                # _serve_http's frame: a device's control channel holds only its session.
-                await self._run_control_channel(session)
+            if admission is Admission.SERVE:
+                session = await self._serve_http(stream, connection_id)
+                if session is not None:
+                    # The HTTP side (h11's state, the request and its headers) went with
+                    # _serve_http's frame: a device's control channel holds only its session.
+                    await self._run_control_channel(session)
+            elif admission is Admission.ANSWER:
+                await self._answer_over_limit(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
             log.exception("unexpected error on connection %d", connection_id)
         finally:
             await close_forcefully(stream)
+            self.limits.release(admission)
+
+    async def _answer_over_limit(self, stream: trio.abc.Stream) -> None:
+        """Answer one request of a connection the hub does not serve (it serves its most):
+        ``GET /healthz`` as usual, anything else with 503901. The caller closes it."""
+        http = HttpServerConnection(
+            stream,
+            max_header_size=self.config.max_header_size,
+            max_body_size=self.config.max_body_size,
+            header_timeout=self.config.header_timeout,
+            idle_timeout=self.config.header_timeout,
+        )
+        try:
+            request = await http.next_request()
+            if request is None:
+                return
+            if request.method == b"GET" and not request.is_websocket_upgrade:
+                try:
+                    route = parse_route(request.method, request.target)
+                except DevstreamError:
+                    route = None
+                if isinstance(route, Health):
+                    await http.send_json(200, {"status": "ok"})
+                    return
+            raise HttpError(
+                ErrorCode.SERVICE_UNAVAILABLE,
+                f"the hub serves its most connections ({self.limits.max_connections}); "
+                "try again later",
+            )
+        except HttpError as exc:
+            self.metrics.http_errors[int(exc.code)] += 1
+            await http.send_error(exc.code, exc.message)
 
     async def _serve_http(self, stream: trio.abc.Stream, connection_id: int) -> _Session | None:
         """Answer requests until the connection closes or becomes a WebSocket.
@@ -923,15 +1018,21 @@ async def _accept_loop(
     ssl_context: ssl.SSLContext | None,
     hub: Hub,
     nursery: trio.Nursery,
+    *,
+    log_interval: float = 10.0,
 ) -> None:
     """Accept connections on the listening socket *sock* (non-blocking, owned by this task)
     for as long as the hub runs, each served in a task of its own.
+
+    Out of descriptors (or memory), ``accept`` is tried again every ``_ACCEPT_RETRY_DELAY``;
+    the failures are logged at most once per *log_interval*, with their count.
 
     Like :func:`trio.serve_listeners`, with two differences: no second, forced close of every
     connection (:meth:`Hub.handle_connection` always closes its own); and each time the socket
     is readable, every connection waiting (up to ``_ACCEPT_BATCH``) is taken after one wait,
     rather than with a trip through the scheduler and an ``accept`` bound to fail apiece.
     """
+    failures = Tally(log_interval)
     try:
         while True:
             await trio.lowlevel.wait_readable(sock)
@@ -945,11 +1046,16 @@ async def _accept_loop(
                         continue
                     if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                         raise
-                    log.error(
-                        "accept failed (%s); retrying in %.1f s",
-                        errno.errorcode.get(exc.errno or 0, exc.errno),
-                        _ACCEPT_RETRY_DELAY,
-                    )
+                    failed = failures.add(trio.current_time())
+                    if failed is not None:
+                        log.error(
+                            "accept failed (%s), %d time%s since the last report; "
+                            "retrying every %.1f s",
+                            errno.errorcode.get(exc.errno or 0, exc.errno),
+                            failed,
+                            "" if failed == 1 else "s",
+                            _ACCEPT_RETRY_DELAY,
+                        )
                     await trio.sleep(_ACCEPT_RETRY_DELAY)
                     break
                 stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
@@ -995,7 +1101,16 @@ async def serve_hub(
         async with trio.open_nursery() as nursery:
             await nursery.start(hub.run)
             for sock in sockets:
-                nursery.start_soon(_accept_loop, sock, ssl_context, hub, nursery)
+                nursery.start_soon(
+                    functools.partial(
+                        _accept_loop,
+                        sock,
+                        ssl_context,
+                        hub,
+                        nursery,
+                        log_interval=hub.config.limit_log_interval,
+                    )
+                )
             task_status.started(hub)
     finally:
         for sock in sockets:
