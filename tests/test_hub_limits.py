@@ -357,16 +357,18 @@ async def test_past_the_answering_slots_a_connection_is_closed_at_once(
     cs = await env.create_device("d1")
     await nursery.start(env.device(cs).serve, {"echo": echo})
     with trio.fail_after(30):
-        # One connection takes the answering slot and says nothing (yet).
+        # One connection takes the answering slot and says nothing.
         silent = await env.open(HUB)
-        await trio.sleep(1)
+        await trio.sleep(0.5)
         start = trio.current_time()
         closed = await env.open(HUB)
         await closed.send_all(b"GET /healthz HTTP/1.1\r\nHost: hub.test\r\n\r\n")
         assert await closed.receive_some() == b""
         assert trio.current_time() - start < 0.1
-        # The silent one gets header_timeout to send its request, then an answer and the end.
-        assert await silent.receive_some() != b""
+        # The silent one holds its slot for 1 s at most: then 408, and the end.
+        answer = await silent.receive_some()
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert 0.5 <= trio.current_time() - start < 0.6
         await silent.aclose()
         await closed.aclose()
         # With the slot free again, /healthz is answered.
