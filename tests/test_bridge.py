@@ -226,6 +226,36 @@ def test_create_is_throttled_past_max_streams_per_device() -> None:
     create(bridge, "e", now=EXPIRES + 2)
 
 
+def test_cancel_ends_an_unpaired_stream_and_frees_its_slot() -> None:
+    bridge = Bridge(secret=SECRET, max_streams_per_device=2)
+    waiting = create(bridge, "a")
+    half = create(bridge, "b")
+    join(bridge, half[Role.DEVICE], role=Role.DEVICE, conn=7, stream_id="b")
+    assert bridge.cancel(stream_id="a", now=NOW + 1) == [StreamExpired(stream_id="a")]
+    assert bridge.cancel(stream_id="b", now=NOW + 1) == [
+        CloseLoneSide(
+            stream_id="b", connection_id=7, role=Role.DEVICE, code=ErrorCode.PEER_NEVER_CONNECTED
+        )
+    ]
+    assert bridge.device_stream_count("dev") == 0
+    assert bridge.stream_state("a") is StreamState.ENDED
+    # A late join finds the stream gone; cancelling again, or an unknown stream, does nothing.
+    with pytest.raises(DevstreamError) as info:
+        join(bridge, waiting[Role.DEVICE], role=Role.DEVICE, conn=8, stream_id="a")
+    assert info.value.code is ErrorCode.NOT_FOUND
+    assert bridge.cancel(stream_id="a", now=NOW + 2) == []
+    assert bridge.cancel(stream_id="nope", now=NOW + 2) == []
+    # Nothing of them is left due.
+    assert bridge.next_deadline() is None
+    assert bridge.advance(EXPIRES + 1) == []
+
+
+def test_cancel_leaves_a_paired_stream_alone() -> None:
+    bridge, _, _ = paired_bridge(Role.DEVICE)
+    assert bridge.cancel(stream_id="s1", now=NOW + 2) == []
+    assert bridge.stream_state("s1") is StreamState.PAIRED
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -94,7 +94,7 @@ async def hand_made_device(
 
 
 async def answer_requests(
-    ws: WebSocket, machine: control.DeviceControl, count: int, *, accept: bool
+    ws: WebSocket, machine: control.DeviceControl, count: int, accept: bool
 ) -> None:
     """Read *count* stream requests on a hand-made device's channel and answer each."""
     answered = 0
@@ -218,6 +218,36 @@ async def test_streams_per_device_are_capped_and_capacity_returns(
         assert "the other side of the stream never connected (error 504901)" in record.message
 
 
+async def test_refused_and_failed_initiations_do_not_hold_stream_slots(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    env = await env_with(nursery, HubConfig(max_streams_per_device=2))
+    cs = await env.create_device("d1")
+    ws, machine = await hand_made_device(env, cs, ("echo", "ssh"))
+    with trio.fail_after(30):
+        start = trio.current_time()
+        for _ in range(3):
+            # The hub refuses a name the device did not register...
+            response = await initiate(env, "d1", "ftp")
+            assert response.header(b"iothub-streaming-is-accepted") == b"False"
+            # ... the device refuses one ...
+            async with trio.open_nursery() as asking:
+                asking.start_soon(answer_requests, ws, machine, 1, False)
+                response = await initiate(env, "d1", "ssh")
+            assert response.header(b"iothub-streaming-is-accepted") == b"False"
+            # ... and does not answer another in time.
+            response = await initiate(env, "d1", "echo", response_timeout=1)
+            assert error_of(response)[0] == ErrorCode.DEVICE_RESPONSE_TIMEOUT
+            await ws.receive()  # the request it let time out
+        # None of the nine holds a slot: two streams can still be initiated at once.
+        async with trio.open_nursery() as asking:
+            asking.start_soon(answer_requests, ws, machine, 2, True)
+            for _ in range(2):
+                response = await initiate(env, "d1", "echo")
+                assert response.header(b"iothub-streaming-is-accepted") == b"True"
+        assert trio.current_time() - start < 3.1
+
+
 async def test_pending_requests_per_device_are_capped_and_capacity_returns(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -243,12 +273,12 @@ async def test_pending_requests_per_device_are_capped_and_capacity_returns(
             code, message = error_of(response)
             assert code == ErrorCode.THROTTLED
             assert message.startswith("device 'q' has 2 stream requests waiting for its answer")
-            await answer_requests(ws, machine, 2, accept=True)
+            await answer_requests(ws, machine, 2, True)
         assert [a.header(b"iothub-streaming-is-accepted") for a in answers] == [b"True"] * 2
         # Answered: the capacity is back; the next request reaches the device.
         async with trio.open_nursery() as asking:
             asking.start_soon(ask)
-            await answer_requests(ws, machine, 1, accept=False)
+            await answer_requests(ws, machine, 1, False)
         assert answers[-1].header(b"iothub-streaming-is-accepted") == b"False"
         assert trio.current_time() - start < 1
 

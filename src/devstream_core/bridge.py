@@ -68,6 +68,10 @@ Rules:
 * A device has at most ``max_streams_per_device`` live streams (waiting, half, paired or held):
   creating one more raises ``DevstreamError(THROTTLED)`` with a message that names the limit.
   A stream leaves the count when it ends; the capacity is back at once.
+* A stream whose initiation was refused or failed (the service never gets its token) is
+  cancelled (:meth:`Bridge.cancel`): before pairing, it ends at once as if its tokens had
+  expired (``expire`` in the table), and a side that joined is closed with
+  ``PEER_NEVER_CONNECTED``.
 * Memory is bounded: at most ``max_streams`` live streams, used stream-token nonces only within
   their tokens' lifetime, and resume nonces (one per join or resume, plus at most one
   previous token and its connection per role) only within their stream's life.
@@ -600,6 +604,19 @@ class Bridge:
             return []
         peer = next(conn for conn in stream.sides.values() if conn != connection_id)
         return [ClosePeer(stream_id=stream_id, connection_id=peer)]
+
+    def cancel(self, *, stream_id: str, now: float) -> list[BridgeEvent]:
+        """The initiation of stream ``stream_id`` was refused or failed: no service will join.
+
+        An unpaired stream ends now, as at its tokens' expiry: :class:`StreamExpired` when no
+        side joined, :class:`CloseLoneSide` (``PEER_NEVER_CONNECTED``) when one did; a later
+        join gets ``NOT_FOUND``. A paired, ended or unknown stream returns ``[]``.
+        """
+        _check_now(now)
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state not in _UNPAIRED_STATES:
+            return []
+        return [self._expire_tokens(stream)]
 
     def drop(self, *, stream_id: str, connection_id: int, now: float) -> list[BridgeEvent]:
         """Side ``connection_id`` of stream ``stream_id`` ended without a close.

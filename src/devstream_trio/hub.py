@@ -789,6 +789,11 @@ class Hub:
             await outcome.event.wait()
         finally:
             self._outcomes.pop(outcome.request_id, None)
+        if outcome.stream_id and not isinstance(outcome.result, InitiationAccepted):
+            # Refused or failed: no service will join, and the stream stops counting now.
+            self.streaming.handle(
+                self.bridge.cancel(stream_id=outcome.stream_id, now=trio.current_time())
+            )
         return outcome
 
     # -- control channel ---------------------------------------------------------------------
