@@ -357,6 +357,11 @@ async def test_past_the_connection_cap_the_hub_answers_and_streams_go_on(
         await stream.aclose()
         await trio.sleep(1)
         await round_trip(env, "d1")
+        await trio.sleep(1)
+        # /metrics counts the two refused, and serves the control channel and itself.
+        metrics = (await call(env, "GET", "/metrics")).body.decode().splitlines()
+        assert "devstream_connections_refused_total 2" in metrics
+        assert "devstream_connections 2" in metrics
 
 
 async def test_refusals_are_logged_once_per_interval(

@@ -347,6 +347,8 @@ class Hub:
         (:mod:`devstream_core.admission`).
         """
         admission, refused = self.limits.admit(trio.current_time())
+        if admission is not Admission.SERVE:
+            self.metrics.connections_refused_total += 1
         if refused is not None:
             log.warning(
                 "at the connection limit (%d served): refused %d new connection%s since the "
@@ -468,6 +470,7 @@ class Hub:
                 devices_online=self.coordinator.online_count(),
                 streams_open=self.bridge.paired_count(),
                 streams_waiting=self.bridge.stream_count() - self.bridge.paired_count(),
+                connections=self.limits.served,
             )
             await http.send_response(
                 200, body=text.encode(), content_type=b"text/plain; version=0.0.4"
