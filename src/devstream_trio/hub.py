@@ -166,10 +166,10 @@ class HubConfig:
     #: stream), anything else with 503 (503901), and close it. Connections served already,
     #: streams among them, go on as before.
     max_connections: int | None = None
-    #: The most connections past ``max_connections`` answered at once (each has 1 s, or
-    #: ``header_timeout`` if shorter, to send its request: a probe sends it at once, and a
-    #: connection that sends nothing holds its slot no longer); past them a new connection is
-    #: closed at once.
+    #: The most connections past ``max_connections`` answered at once (each has 2 s, or
+    #: ``header_timeout`` if shorter, to send its request, TLS handshake included: a probe
+    #: sends it at once, and a connection that sends nothing holds its slot no longer); past
+    #: them a new connection is closed at once.
     max_over_limit_answers: int = 32
     #: The least time between two log lines about refused connections, or about failed
     #: ``accept`` calls; each line gives the count since the last one.
@@ -179,7 +179,7 @@ class HubConfig:
 #: Descriptors :func:`default_max_connections` leaves for everything but served connections.
 _RESERVED_DESCRIPTORS = 256
 #: The most time a connection past ``max_connections`` has to send the request it is answered.
-_OVER_LIMIT_REQUEST_TIME = 1.0
+_OVER_LIMIT_REQUEST_TIME = 2.0
 
 
 def default_max_connections() -> int:
