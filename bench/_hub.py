@@ -7,12 +7,16 @@ device key, pid) and serves until its stdin closes. ``--profile FILE`` runs it u
 
 The registry is an SQLite file in a temporary folder by default, as ``devstream hub`` keeps it
 (``--store memory`` keeps it in memory instead).
+
+The hub's limits on connections and on streams per device are lifted: the
+benchmarks measure how much one hub holds, with the descriptors the bench leaves it.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import os
 import sys
 import tempfile
@@ -26,7 +30,7 @@ from _common import json_line, raise_fd_limit
 
 from devstream_core.registry import new_device
 from devstream_trio._mask import masker_in_use
-from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub, tune_gc_for_hub
+from devstream_trio.hub import Hub, HubConfig, ensure_owner_policy, serve_hub, tune_gc_for_hub
 from devstream_trio.store import RegistryStore
 
 
@@ -39,7 +43,8 @@ async def stdin_closed() -> None:
 
 async def main(args: argparse.Namespace) -> None:
     tune_gc_for_hub()  # as `devstream hub` does
-    raise_fd_limit()
+    limit = raise_fd_limit()
+    config = HubConfig(max_connections=limit, max_streams_per_device=limit)
     with tempfile.TemporaryDirectory(prefix="devstream-bench-") as folder:
         path = None if args.store == "memory" else os.path.join(folder, "registry.sqlite3")
         store = await RegistryStore.open(path)
@@ -52,7 +57,7 @@ async def main(args: argparse.Namespace) -> None:
                 key = device.primary_key
                 await store.create_device(device)
             async with trio.open_nursery() as nursery:
-                hub: Hub = await nursery.start(serve_hub, store)
+                hub: Hub = await nursery.start(functools.partial(serve_hub, store, config=config))
                 json_line(
                     host=hub.host_name,
                     pid=os.getpid(),

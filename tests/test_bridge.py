@@ -194,6 +194,68 @@ def test_create_is_throttled_past_max_streams() -> None:
     assert bridge.stream_count() == 1
 
 
+def test_create_is_throttled_past_max_streams_per_device() -> None:
+    bridge = Bridge(secret=SECRET, max_streams_per_device=2)
+    tokens = create(bridge, "a")
+    create(bridge, "b")
+    with pytest.raises(DevstreamError) as info:
+        create(bridge, "c")
+    assert info.value.code is ErrorCode.THROTTLED
+    assert info.value.message.startswith(
+        "device 'dev' has 2 streams open or waiting to be joined, the most the hub allows"
+    )
+    assert bridge.device_stream_count("dev") == 2
+    # Another device has its own budget.
+    bridge.create_stream(
+        stream_id="other", device_id="dev2", now=NOW, device_nonce=nonce(), service_nonce=nonce()
+    )
+    assert bridge.device_stream_count("dev2") == 1
+    # Paired streams count as much as waiting ones; one that ends frees its slot at once.
+    join(bridge, tokens[Role.DEVICE], role=Role.DEVICE, conn=1, stream_id="a")
+    join(bridge, tokens[Role.SERVICE], role=Role.SERVICE, conn=2, stream_id="a")
+    with pytest.raises(DevstreamError):
+        create(bridge, "c", now=NOW + 1)
+    bridge.leave(stream_id="a", connection_id=1, now=NOW + 2)
+    assert bridge.device_stream_count("dev") == 1
+    create(bridge, "c", now=NOW + 2)
+    # Streams whose tokens expire unjoined free theirs too.
+    bridge.advance(EXPIRES + 2)
+    assert bridge.device_stream_count("dev") == 0
+    assert bridge.device_stream_count("dev2") == 0
+    create(bridge, "d", now=EXPIRES + 2)
+    create(bridge, "e", now=EXPIRES + 2)
+
+
+def test_cancel_ends_an_unpaired_stream_and_frees_its_slot() -> None:
+    bridge = Bridge(secret=SECRET, max_streams_per_device=2)
+    waiting = create(bridge, "a")
+    half = create(bridge, "b")
+    join(bridge, half[Role.DEVICE], role=Role.DEVICE, conn=7, stream_id="b")
+    assert bridge.cancel(stream_id="a", now=NOW + 1) == [StreamExpired(stream_id="a")]
+    assert bridge.cancel(stream_id="b", now=NOW + 1) == [
+        CloseLoneSide(
+            stream_id="b", connection_id=7, role=Role.DEVICE, code=ErrorCode.PEER_NEVER_CONNECTED
+        )
+    ]
+    assert bridge.device_stream_count("dev") == 0
+    assert bridge.stream_state("a") is StreamState.ENDED
+    # A late join finds the stream gone; cancelling again, or an unknown stream, does nothing.
+    with pytest.raises(DevstreamError) as info:
+        join(bridge, waiting[Role.DEVICE], role=Role.DEVICE, conn=8, stream_id="a")
+    assert info.value.code is ErrorCode.NOT_FOUND
+    assert bridge.cancel(stream_id="a", now=NOW + 2) == []
+    assert bridge.cancel(stream_id="nope", now=NOW + 2) == []
+    # Nothing of them is left due.
+    assert bridge.next_deadline() is None
+    assert bridge.advance(EXPIRES + 1) == []
+
+
+def test_cancel_leaves_a_paired_stream_alone() -> None:
+    bridge, _, _ = paired_bridge(Role.DEVICE)
+    assert bridge.cancel(stream_id="s1", now=NOW + 2) == []
+    assert bridge.stream_state("s1") is StreamState.PAIRED
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -201,6 +263,8 @@ def test_create_is_throttled_past_max_streams() -> None:
         {"secret": SECRET, "token_lifetime": 0.0},
         {"secret": SECRET, "token_lifetime": float("nan")},
         {"secret": SECRET, "max_streams": 0},
+        {"secret": SECRET, "max_streams_per_device": 0},
+        {"secret": SECRET, "max_streams_per_device": True},
     ],
 )
 def test_bridge_refuses_bad_settings(kwargs: dict[str, object]) -> None:

@@ -348,6 +348,47 @@ def test_initiate_refuses_bad_arguments(kwargs: dict[str, object]) -> None:
     assert coordinator.pending_count() == 0
 
 
+def test_throttled_names_the_device_and_the_limit() -> None:
+    coordinator = Coordinator(max_pending_per_device=2)
+    coordinator.device_registered(device_id="a", connection_id=1, names=["*"], now=NOW)
+    send(initiate(coordinator, device="a"))
+    send(initiate(coordinator, device="a"))
+    third = initiate(coordinator, device="a")
+    assert isinstance(third, InitiationFailed)
+    assert third.code is ErrorCode.THROTTLED
+    assert third.message.startswith("device 'a' has 2 stream requests waiting for its answer")
+    # The other failures say nothing more than their code.
+    ghost = initiate(coordinator, device="ghost")
+    assert isinstance(ghost, InitiationFailed) and ghost.message == ""
+
+
+def test_capacity_returns_after_a_timeout_and_a_withdrawal() -> None:
+    coordinator = Coordinator(max_pending_per_device=1)
+    coordinator.device_registered(device_id="a", connection_id=1, names=["*"], now=NOW)
+    first = send(initiate(coordinator, device="a", timeout=5.0))
+    assert isinstance(initiate(coordinator, device="a"), InitiationFailed)
+    # Timed out: the slot is free again.
+    coordinator.advance(NOW + 5.0)
+    second = send(initiate(coordinator, device="a", now=NOW + 5.0))
+    assert second.request_id != first.request_id
+    assert isinstance(initiate(coordinator, device="a", now=NOW + 5.0), InitiationFailed)
+    # Withdrawn (the caller could not send it): free at once, and nothing is due any more.
+    coordinator.withdraw(request_id=second.request_id, now=NOW + 5.0)
+    assert coordinator.pending_count() == 0
+    assert coordinator.next_deadline() is None
+    assert coordinator.advance(NOW + 100.0) == []
+    send(initiate(coordinator, device="a", now=NOW + 5.0))
+    # A late answer to the withdrawn request is ignored; withdrawing twice is harmless.
+    assert (
+        coordinator.device_responded(
+            connection_id=1, request_id=second.request_id, accepted=True, reason="", now=NOW + 6
+        )
+        == []
+    )
+    coordinator.withdraw(request_id=second.request_id, now=NOW + 6.0)
+    assert coordinator.pending_count() == 1
+
+
 @pytest.mark.parametrize("cap", [0, -1])
 def test_max_pending_must_be_positive(cap: int) -> None:
     with pytest.raises(LocalProtocolError):

@@ -318,7 +318,13 @@ class HubMachine(RuleBasedStateMachine):
             ]
             return
         if sum(r.device_id == device for r in self.pending.values()) >= MAX_PENDING:
-            assert events == [InitiationFailed(**common, name=name, code=ErrorCode.THROTTLED)]
+            (event,) = events
+            assert isinstance(event, InitiationFailed)
+            assert event == InitiationFailed(
+                **common, name=name, code=ErrorCode.THROTTLED, message=event.message
+            )
+            # The message names the device and the limit it reached.
+            assert f"device {device!r} has {MAX_PENDING} stream requests waiting" in event.message
             return
         deadline = self.now + timeout
         assert events == [

@@ -1,5 +1,6 @@
 """The hub's accept loop: every waiting connection taken after one wait, errors that concern
-one connection skipped, running out of descriptors waited out, the listening socket closed.
+one connection skipped, running out of descriptors waited out (and logged once per interval),
+the listening socket closed.
 
 Real loopback sockets, port 0; the loop serves connections with a stand-in for the hub that
 answers each connection with a line and closes it.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import socket
 import ssl
 from typing import Any
@@ -112,8 +114,35 @@ async def test_running_out_of_descriptors_is_logged_and_waited_out(
                 nursery.start_soon(_accept_loop, sock, None, greeter, nursery)
                 assert await greeting(sock.getsockname()[1]) == b"connection 1\n"
                 nursery.cancel_scope.cancel()
+    # Two failures within the log interval: one line.
     failures = [r.getMessage() for r in caplog.records if "accept failed" in r.getMessage()]
-    assert failures == ["accept failed (EMFILE); retrying in 0.0 s"] * 2
+    assert failures == [
+        "accept failed (EMFILE), 1 time since the last report; retrying every 0.0 s"
+    ]
+
+
+async def test_at_the_open_files_limit_accept_backs_off_and_logs_once_per_interval(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    sock = listening_socket(FlakyListener)
+    assert isinstance(sock, FlakyListener)
+    sock.failures = [OSError(errno.EMFILE, "Too many open files")] * 10_000
+    # A connection waits in the backlog: the socket stays readable, and accept keeps failing.
+    client = socket.create_connection(sock.getsockname())
+    greeter = Greeter()
+    try:
+        with trio.move_on_after(25):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_accept_loop, sock, None, greeter, nursery)
+    finally:
+        client.close()
+    # It tried again every 0.1 s of (virtual) time, neither spinning nor giving up.
+    assert 240 <= 10_000 - len(sock.failures) <= 251
+    lines = [r.getMessage() for r in caplog.records if "accept failed" in r.getMessage()]
+    assert len(lines) == 3, lines  # at 0, 10 and 20 s
+    pattern = r"accept failed \(EMFILE\), (\d+) times? since the last report; retrying every 0.1 s"
+    counts = [int(re.fullmatch(pattern, line)[1]) for line in lines]  # type: ignore[index]
+    assert counts[0] == 1 and all(99 <= count <= 101 for count in counts[1:]), counts
 
 
 async def test_any_other_accept_error_stops_the_loop() -> None:

@@ -65,6 +65,13 @@ Rules:
 * A ``leave`` is a normal close and always ends the stream. A ``drop`` of a raw stream, or of
   an unpaired one, is a ``leave``. A ``leave`` or ``drop`` for a connection that is not
   attached (unknown, held already, replaced) is ignored.
+* A device has at most ``max_streams_per_device`` live streams (waiting, half, paired or held):
+  creating one more raises ``DevstreamError(THROTTLED)`` with a message that names the limit.
+  A stream leaves the count when it ends; the capacity is back at once.
+* A stream whose initiation was refused or failed (the service never gets its token) is
+  cancelled (:meth:`Bridge.cancel`): before pairing, it ends at once as if its tokens had
+  expired (``expire`` in the table), and a side that joined is closed with
+  ``PEER_NEVER_CONNECTED``.
 * Memory is bounded: at most ``max_streams`` live streams, used stream-token nonces only within
   their tokens' lifetime, and resume nonces (one per join or resume, plus at most one
   previous token and its connection per role) only within their stream's life.
@@ -92,6 +99,7 @@ from .tokens import (
 
 __all__ = [
     "DEFAULT_GRACE_PERIOD",
+    "DEFAULT_MAX_STREAMS_PER_DEVICE",
     "RESUMABLE_MODE",
     "STREAM_MODES",
     "TRANSITIONS",
@@ -115,6 +123,8 @@ STREAM_MODES = frozenset({MODE_RAW, MODE_FRAMED})
 RESUMABLE_MODE = MODE_FRAMED
 #: How long a dropped ``devstream.v1`` side is held for its resume, in seconds.
 DEFAULT_GRACE_PERIOD = 30.0
+#: The most live streams (waiting, half, paired or held) one device may have.
+DEFAULT_MAX_STREAMS_PER_DEVICE = 1000
 
 
 class StreamState(IdentityEnum):
@@ -308,8 +318,9 @@ class Bridge:
     """Pairs the two sides of each stream on the streaming endpoint (sans-IO).
 
     ``secret`` is the hub secret the tokens are signed with. ``max_streams`` caps the live
-    streams; creating one more raises ``DevstreamError(THROTTLED)``. ``grace_period`` is how
-    long a dropped ``devstream.v1`` side is held for its resume.
+    streams, ``max_streams_per_device`` those of one device; creating one more raises
+    ``DevstreamError(THROTTLED)``. ``grace_period`` is how long a dropped ``devstream.v1``
+    side is held for its resume.
     """
 
     def __init__(
@@ -319,19 +330,27 @@ class Bridge:
         token_lifetime: float = STREAM_TOKEN_LIFETIME,
         max_streams: int = 100_000,
         grace_period: float = DEFAULT_GRACE_PERIOD,
+        max_streams_per_device: int = DEFAULT_MAX_STREAMS_PER_DEVICE,
     ) -> None:
         if not isinstance(secret, bytes) or not secret:
             raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "the hub secret is empty")
         for name, value in (("token lifetime", token_lifetime), ("grace period", grace_period)):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, f"{name} must be > 0")
-        if not isinstance(max_streams, int) or max_streams < 1:
-            raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "max_streams must be >= 1")
+        for name, limit in (
+            ("max_streams", max_streams),
+            ("max_streams_per_device", max_streams_per_device),
+        ):
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+                raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, f"{name} must be >= 1")
         self._secret = secret
         self._lifetime = float(token_lifetime)
         self._grace = float(grace_period)
         self._max_streams = max_streams
+        self._max_per_device = max_streams_per_device
         self._streams: dict[str, _Stream] = {}
+        #: How many live streams each device has (devices with none are left out).
+        self._per_device: Counter[str] = Counter()
         #: How many live streams are in each state.
         self._states: Counter[StreamState] = Counter()
         self._serial = 0
@@ -360,7 +379,8 @@ class Bridge:
         The nonces must be fresh random bytes (16 to 64 each, different from each other). Both
         tokens expire ``token_lifetime`` after ``now``. Raises :class:`LocalProtocolError`
         (``ARGUMENT_INVALID``) on a bad argument or a stream id that is live already, and
-        ``DevstreamError(THROTTLED)`` when ``max_streams`` streams are live.
+        ``DevstreamError(THROTTLED)`` when ``max_streams`` streams are live, or
+        ``max_streams_per_device`` of ``device_id``'s.
         """
         if not isinstance(device_id, str) or not device_id:
             raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "device id is empty")
@@ -388,6 +408,14 @@ class Bridge:
             raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "nonce already used")
         if len(self._streams) >= self._max_streams:
             raise DevstreamError(ErrorCode.THROTTLED, "too many streams")
+        count = self._per_device[device_id]
+        if count >= self._max_per_device:
+            raise DevstreamError(
+                ErrorCode.THROTTLED,
+                f"device {device_id!r} has {count} streams open or waiting to be joined, "
+                "the most the hub allows; try again when one ends",
+            )
+        self._per_device[device_id] = count + 1
         self._serial += 1
         self._streams[stream_id] = _Stream(
             stream_id=stream_id,
@@ -577,6 +605,19 @@ class Bridge:
         peer = next(conn for conn in stream.sides.values() if conn != connection_id)
         return [ClosePeer(stream_id=stream_id, connection_id=peer)]
 
+    def cancel(self, *, stream_id: str, now: float) -> list[BridgeEvent]:
+        """The initiation of stream ``stream_id`` was refused or failed: no service will join.
+
+        An unpaired stream ends now, as at its tokens' expiry: :class:`StreamExpired` when no
+        side joined, :class:`CloseLoneSide` (``PEER_NEVER_CONNECTED``) when one did; a later
+        join gets ``NOT_FOUND``. A paired, ended or unknown stream returns ``[]``.
+        """
+        _check_now(now)
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state not in _UNPAIRED_STATES:
+            return []
+        return [self._expire_tokens(stream)]
+
     def drop(self, *, stream_id: str, connection_id: int, now: float) -> list[BridgeEvent]:
         """Side ``connection_id`` of stream ``stream_id`` ended without a close.
 
@@ -654,6 +695,10 @@ class Bridge:
         """How many live streams have at least one side held for a resume."""
         return self._states[StreamState.HELD] + self._states[StreamState.BOTH_HELD]
 
+    def device_stream_count(self, device_id: str) -> int:
+        """How many live streams ``device_id`` has (what ``max_streams_per_device`` caps)."""
+        return self._per_device[device_id]
+
     def stream_state(self, stream_id: str) -> StreamState:
         """Where stream ``stream_id`` is in its life (``ENDED`` when unknown or over)."""
         stream = self._streams.get(stream_id)
@@ -671,6 +716,11 @@ class Bridge:
         assert stream.state is StreamState.ENDED
         self._states[StreamState.ENDED] -= 1
         del self._streams[stream.stream_id]
+        count = self._per_device[stream.device_id] - 1
+        if count:
+            self._per_device[stream.device_id] = count
+        else:
+            del self._per_device[stream.device_id]
 
     @staticmethod
     def _check_connection(stream: _Stream, connection_id: int) -> None:

@@ -20,6 +20,10 @@ Rules:
   given (immediately, or later from a response, a disconnect, a replacement or a timeout).
 * A request never outlives its deadline once :meth:`~Coordinator.advance` has passed it; at
   ``now == deadline`` it has timed out, and a response arriving then is ignored.
+* A device has at most ``max_pending_per_device`` pending requests: one more fails at once with
+  ``THROTTLED``, and a message that names the limit. A request leaves the count when it is
+  answered, times out, fails with its connection, or is withdrawn by the caller
+  (:meth:`~Coordinator.withdraw`: it could not be sent); the capacity is back at once.
 * Memory is bounded: at most ``max_pending_per_device`` pending requests per device, and at most
   :data:`MAX_REGISTERED_NAMES` names per device.
 """
@@ -99,6 +103,8 @@ class InitiationFailed:
     """Request ``request_id`` failed without an answer from the device.
 
     ``code`` is ``DEVICE_NOT_ONLINE``, ``THROTTLED`` or ``DEVICE_RESPONSE_TIMEOUT``.
+    ``message`` says more than the code's own message where there is more to say (for
+    ``THROTTLED``: which limit the device reached), else it is empty.
     """
 
     request_id: str
@@ -106,6 +112,7 @@ class InitiationFailed:
     device_id: str
     name: str
     code: ErrorCode
+    message: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -368,6 +375,8 @@ class Coordinator:
                     device_id=device_id,
                     name=name,
                     code=ErrorCode.THROTTLED,
+                    message=f"device {device_id!r} has {len(connection.pending)} stream requests "
+                    "waiting for its answer, the most the hub allows; try again later",
                 )
             ]
         deadline = now + response_timeout
@@ -393,6 +402,15 @@ class Coordinator:
                 deadline=deadline,
             )
         ]
+
+    def withdraw(self, *, request_id: str, now: float) -> None:
+        """The caller could not send request ``request_id`` (say, the bridge refused its
+        stream): forget it, and answer the service itself. Its device's capacity is back at
+        once. An unknown or settled request is ignored."""
+        _check_now(now)
+        pending = self._pending.get(request_id)
+        if pending is not None:
+            self._remove(pending)
 
     # -- time ------------------------------------------------------------------------------
 

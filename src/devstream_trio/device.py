@@ -13,7 +13,9 @@
   hub silent for ``ping_interval + ping_timeout`` as gone; after a drop it reconnects with
   exponential backoff and full jitter (``backoff_min`` doubling up to ``backoff_max``).
 * A stream request for a registered name is accepted and its handler runs in its own task; a
-  handler that raises is logged and its stream closed, and the device keeps serving.
+  handler that raises is logged and its stream closed, and the device keeps serving. A stream
+  that cannot be joined, or that ends under its handler (``trio.BrokenResourceError``: the peer
+  never came, was lost, or reset it), is logged in one line, without a traceback.
 * A request for a name with no handler is rejected with a reason the service can read.
 * The hub refusing the device itself (wrong key, unknown or disabled device) is not retried:
   ``serve`` raises the matching exception (``Unauthorized``, ``DeviceNotFound``,
@@ -296,9 +298,12 @@ class DeviceClient:
                 nursery=streams,
                 options=self._options_for(request),
             )
-        except DevstreamError as exc:  # HubError, or the hub lost mid-handshake
+        except (DevstreamError, OSError) as exc:  # HubError, the hub lost mid-handshake, …
             log.warning(
-                "device %r: could not join stream %r: %s", self.device_id, request.name, exc.message
+                "device %r: could not join stream %r: %s",
+                self.device_id,
+                request.name,
+                exc.message if isinstance(exc, DevstreamError) else exc,
             )
             return
         stream.name = request.name
@@ -307,6 +312,16 @@ class DeviceClient:
         )
         try:
             await handler(stream)
+        except trio.BrokenResourceError as exc:
+            # The stream ended under the handler (its peer never came, was lost, or reset
+            # it): that is the stream's fate, not a bug of the handler's. One line says why.
+            log.warning(
+                "device %r: stream %s (%r) ended: %s",
+                self.device_id,
+                stream.stream_id,
+                request.name,
+                exc.__cause__ or exc,
+            )
         except Exception:
             log.exception("device %r: handler for %r failed", self.device_id, request.name)
         finally:

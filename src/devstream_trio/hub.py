@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import gc
 import logging
 import math
 import os
+import resource
 import socket
 import ssl
 import time
@@ -33,7 +35,8 @@ import trio
 from wsproto.events import BytesMessage, TextMessage
 
 from devstream_core import control
-from devstream_core.bridge import STREAM_MODES, Bridge
+from devstream_core.admission import Admission, ConnectionLimits, Tally
+from devstream_core.bridge import DEFAULT_MAX_STREAMS_PER_DEVICE, STREAM_MODES, Bridge
 from devstream_core.common import Role
 from devstream_core.coordinator import (
     Coordinator,
@@ -90,7 +93,14 @@ from .metrics import Metrics
 from .store import RegistryStore, StoreError
 from .streaming import StreamingEndpoint
 
-__all__ = ["HUB_GC_THRESHOLDS", "Hub", "HubConfig", "serve_hub", "tune_gc_for_hub"]
+__all__ = [
+    "HUB_GC_THRESHOLDS",
+    "Hub",
+    "HubConfig",
+    "default_max_connections",
+    "serve_hub",
+    "tune_gc_for_hub",
+]
 
 log = logging.getLogger("devstream.hub")
 
@@ -135,6 +145,50 @@ class HubConfig:
     #: A devstream.v1 side silent this long (no frame, no ping) counts as dropped. Clients
     #: ping every 10 s by default.
     stream_idle_timeout: float = 45.0
+    #: The most streams one device may have open or waiting to be joined (a stream is
+    #: counted from its initiation until it ends, whichever sides have joined): past it an
+    #: initiation is refused with 429001. Each stream holds a socket in the hub per joined side
+    #: and one in the device.
+    max_streams_per_device: int = DEFAULT_MAX_STREAMS_PER_DEVICE
+    #: The most stream requests one device may leave unanswered: past it an initiation is
+    #: refused with 429001. At most ``control.MAX_OUTSTANDING_REQUESTS`` (1000).
+    max_pending_per_device: int = 100
+    #: The most connections the hub serves at once (control channels, stream sides, HTTP
+    #: requests). None: :func:`default_max_connections`, the open-files limit
+    #: (``RLIMIT_NOFILE``) less 256 descriptors (or half the limit, if that is less) for the
+    #: listeners, the registry's files, the event loop, the answers below and a batch of
+    #: connections accepted at once.
+    #:
+    #: Why a cap below the open-files limit: at the limit itself the hub cannot accept, the
+    #: listen backlog fills, and every client waits unanswered, ``/healthz`` too. Below it the
+    #: hub still has descriptors to take a new connection, read its request and answer:
+    #: ``GET /healthz`` with 200 (the hub is alive; a probe that restarted it would drop every
+    #: stream), anything else with 503 (503901), and close it. Connections served already,
+    #: streams among them, go on as before.
+    max_connections: int | None = None
+    #: The most connections past ``max_connections`` answered at once (each has 2 s, or
+    #: ``header_timeout`` if shorter, to send its request, TLS handshake included: a probe
+    #: sends it at once, and a connection that sends nothing holds its slot no longer); past
+    #: them a new connection is closed at once.
+    max_over_limit_answers: int = 32
+    #: The least time between two log lines about refused connections, or about failed
+    #: ``accept`` calls; each line gives the count since the last one.
+    limit_log_interval: float = 10.0
+
+
+#: Descriptors :func:`default_max_connections` leaves for everything but served connections.
+_RESERVED_DESCRIPTORS = 256
+#: The most time a connection past ``max_connections`` has to send the request it is answered.
+_OVER_LIMIT_REQUEST_TIME = 2.0
+
+
+def default_max_connections() -> int:
+    """The connection cap that suits this process's open-files limit (``RLIMIT_NOFILE``'s
+    soft limit): the limit less 256, or half of it when that is more."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > 1 << 24:
+        soft = 1 << 24
+    return max(soft // 2, soft - _RESERVED_DESCRIPTORS, 1)
 
 
 @dataclass
@@ -179,8 +233,21 @@ class Hub:
         self.wall_clock = wall_clock
         self.random_bytes = random_bytes
         self.metrics = Metrics()
-        self.coordinator = Coordinator()
-        self.bridge = Bridge(secret=secret, grace_period=self.config.grace_period)
+        if not 1 <= self.config.max_pending_per_device <= control.MAX_OUTSTANDING_REQUESTS:
+            raise ValueError(
+                f"max_pending_per_device must be 1 to {control.MAX_OUTSTANDING_REQUESTS}"
+            )
+        self.coordinator = Coordinator(max_pending_per_device=self.config.max_pending_per_device)
+        self.bridge = Bridge(
+            secret=secret,
+            grace_period=self.config.grace_period,
+            max_streams_per_device=self.config.max_streams_per_device,
+        )
+        self.limits = ConnectionLimits(
+            max_connections=self.config.max_connections or default_max_connections(),
+            max_answering=self.config.max_over_limit_answers,
+            report_interval=self.config.limit_log_interval,
+        )
         self.streaming = StreamingEndpoint(
             self.bridge,
             self.metrics,
@@ -274,15 +341,33 @@ class Hub:
     # -- connections -------------------------------------------------------------------------
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
-        """Serve one client connection until it closes. Never raises for a client's fault."""
+        """Serve one client connection until it closes. Never raises for a client's fault.
+
+        Past ``max_connections`` the connection is answered without being served, or closed
+        (:mod:`devstream_core.admission`).
+        """
+        admission, refused = self.limits.admit(trio.current_time())
+        if admission is not Admission.SERVE:
+            self.metrics.connections_refused_total += 1
+        if refused is not None:
+            log.warning(
+                "at the connection limit (%d served): refused %d new connection%s since the "
+                "last report",
+                self.limits.max_connections,
+                refused,
+                "" if refused == 1 else "s",
+            )
         self._next_connection_id += 1
         connection_id = self._next_connection_id
         try:
-            session = await self._serve_http(stream, connection_id)
-            if session is not None:
-                # The HTTP side (h11's state, the request and its headers) went with
-                # _serve_http's frame: a device's control channel holds only its session.
-                await self._run_control_channel(session)
+            if admission is Admission.SERVE:
+                session = await self._serve_http(stream, connection_id)
+                if session is not None:
+                    # The HTTP side (h11's state, the request and its headers) went with
+                    # _serve_http's frame: a device's control channel holds only its session.
+                    await self._run_control_channel(session)
+            elif admission is Admission.ANSWER:
+                await self._answer_over_limit(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except StoreError as exc:  # after the connection became a WebSocket
@@ -291,6 +376,39 @@ class Hub:
             log.exception("unexpected error on connection %d", connection_id)
         finally:
             await close_forcefully(stream)
+            self.limits.release(admission)
+
+    async def _answer_over_limit(self, stream: trio.abc.Stream) -> None:
+        """Answer one request of a connection the hub does not serve (it serves its most):
+        ``GET /healthz`` as usual, anything else with 503901. The caller closes it."""
+        wait = min(self.config.header_timeout, _OVER_LIMIT_REQUEST_TIME)
+        http = HttpServerConnection(
+            stream,
+            max_header_size=self.config.max_header_size,
+            max_body_size=self.config.max_body_size,
+            header_timeout=wait,
+            idle_timeout=wait,
+        )
+        try:
+            request = await http.next_request()
+            if request is None:
+                return
+            if request.method == b"GET" and not request.is_websocket_upgrade:
+                try:
+                    route = parse_route(request.method, request.target)
+                except DevstreamError:
+                    route = None
+                if isinstance(route, Health):
+                    await http.send_json(200, {"status": "ok"})
+                    return
+            raise HttpError(
+                ErrorCode.SERVICE_UNAVAILABLE,
+                f"the hub serves its most connections ({self.limits.max_connections}); "
+                "try again later",
+            )
+        except HttpError as exc:
+            self.metrics.http_errors[int(exc.code)] += 1
+            await http.send_error(exc.code, exc.message)
 
     async def _serve_http(self, stream: trio.abc.Stream, connection_id: int) -> _Session | None:
         """Answer requests until the connection closes or becomes a WebSocket.
@@ -361,6 +479,7 @@ class Hub:
                 devices_online=self.coordinator.online_count(),
                 streams_open=self.bridge.paired_count(),
                 streams_waiting=self.bridge.stream_count() - self.bridge.paired_count(),
+                connections=self.limits.served,
             )
             await http.send_response(
                 200, body=text.encode(), content_type=b"text/plain; version=0.0.4"
@@ -577,7 +696,10 @@ class Hub:
                 )
             else:
                 assert isinstance(result, InitiationFailed)
-                raise HttpError(result.code, f"device {route.device_id!r}: {result.code.message}")
+                raise HttpError(
+                    result.code,
+                    result.message or f"device {route.device_id!r}: {result.code.message}",
+                )
         except HttpError as exc:
             outcome_name = _OUTCOME_NAMES.get(exc.code, "error")
             raise
@@ -635,7 +757,8 @@ class Hub:
                         service_nonce=self.random_bytes(16),
                         mode=mode,
                     )
-                except DevstreamError as exc:  # too many streams waiting (THROTTLED)
+                except DevstreamError as exc:  # too many streams (THROTTLED)
+                    self.coordinator.withdraw(request_id=event.request_id, now=now)
                     raise HttpError(exc.code, exc.message) from exc
                 self._wake()  # the stream's tokens expire: a deadline of the bridge's
                 outcome.request_id = event.request_id
@@ -645,18 +768,32 @@ class Hub:
                 session = self._sessions.get(event.connection_id)
                 if session is None:  # pragma: no cover - the coordinator only names live ones
                     raise HttpError(ErrorCode.DEVICE_NOT_ONLINE)
-                # If the device vanished while we wrote, its disconnect fails the request.
-                with contextlib.suppress(ConnectionClosed, DevstreamError):
-                    await session.send(
-                        control.StreamRequest(
-                            request_id=event.request_id,
-                            name=event.name,
-                            url=f"{self.ws_url}/bridges/{event.stream_id}?role=device",
-                            token=device_token,
-                            mode=mode,
-                            window=window,
+                # The response deadline covers the send: a device that does not read its
+                # control channel holds the request no longer than one that does not answer.
+                with trio.move_on_at(event.deadline) as sending:
+                    # If the device vanished while we wrote, its disconnect fails the request.
+                    with contextlib.suppress(ConnectionClosed, DevstreamError):
+                        await session.send(
+                            control.StreamRequest(
+                                request_id=event.request_id,
+                                name=event.name,
+                                url=f"{self.ws_url}/bridges/{event.stream_id}?role=device",
+                                token=device_token,
+                                mode=mode,
+                                window=window,
+                            )
                         )
+                if sending.cancelled_caught:
+                    # The request may be cut part way: the channel cannot carry another.
+                    log.info(
+                        "control channel %d: the device did not take a stream request within "
+                        "its response timeout (%g s); dropping the channel",
+                        session.connection_id,
+                        response_timeout,
                     )
+                    session.cancel_scope.cancel()
+                    # Due now: the coordinator fails it (504101) before the drop is noticed.
+                    self._dispatch(self.coordinator.advance(trio.current_time()))
             else:
                 outcome.result = event
                 outcome.event.set()
@@ -664,6 +801,11 @@ class Hub:
             await outcome.event.wait()
         finally:
             self._outcomes.pop(outcome.request_id, None)
+        if outcome.stream_id and not isinstance(outcome.result, InitiationAccepted):
+            # Refused or failed: no service will join, and the stream stops counting now.
+            self.streaming.handle(
+                self.bridge.cancel(stream_id=outcome.stream_id, now=trio.current_time())
+            )
         return outcome
 
     # -- control channel ---------------------------------------------------------------------
@@ -898,15 +1040,21 @@ async def _accept_loop(
     ssl_context: ssl.SSLContext | None,
     hub: Hub,
     nursery: trio.Nursery,
+    *,
+    log_interval: float = 10.0,
 ) -> None:
     """Accept connections on the listening socket *sock* (non-blocking, owned by this task)
     for as long as the hub runs, each served in a task of its own.
+
+    Out of descriptors (or memory), ``accept`` is tried again every ``_ACCEPT_RETRY_DELAY``;
+    the failures are logged at most once per *log_interval*, with their count.
 
     Like :func:`trio.serve_listeners`, with two differences: no second, forced close of every
     connection (:meth:`Hub.handle_connection` always closes its own); and each time the socket
     is readable, every connection waiting (up to ``_ACCEPT_BATCH``) is taken after one wait,
     rather than with a trip through the scheduler and an ``accept`` bound to fail apiece.
     """
+    failures = Tally(log_interval)
     try:
         while True:
             await trio.lowlevel.wait_readable(sock)
@@ -920,11 +1068,16 @@ async def _accept_loop(
                         continue
                     if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                         raise
-                    log.error(
-                        "accept failed (%s); retrying in %.1f s",
-                        errno.errorcode.get(exc.errno or 0, exc.errno),
-                        _ACCEPT_RETRY_DELAY,
-                    )
+                    failed = failures.add(trio.current_time())
+                    if failed is not None:
+                        log.error(
+                            "accept failed (%s), %d time%s since the last report; "
+                            "retrying every %.1f s",
+                            errno.errorcode.get(exc.errno or 0, exc.errno),
+                            failed,
+                            "" if failed == 1 else "s",
+                            _ACCEPT_RETRY_DELAY,
+                        )
                     await trio.sleep(_ACCEPT_RETRY_DELAY)
                     break
                 stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
@@ -970,7 +1123,16 @@ async def serve_hub(
         async with trio.open_nursery() as nursery:
             await nursery.start(hub.run)
             for sock in sockets:
-                nursery.start_soon(_accept_loop, sock, ssl_context, hub, nursery)
+                nursery.start_soon(
+                    functools.partial(
+                        _accept_loop,
+                        sock,
+                        ssl_context,
+                        hub,
+                        nursery,
+                        log_interval=hub.config.limit_log_interval,
+                    )
+                )
             task_status.started(hub)
     finally:
         for sock in sockets:

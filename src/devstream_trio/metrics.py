@@ -17,9 +17,17 @@ class Metrics:
     streams_total: int = 0
     control_connections_total: int = 0
     resumes_total: int = 0
+    connections_refused_total: int = 0
     http_errors: collections.Counter[int] = field(default_factory=collections.Counter)
 
-    def render(self, *, devices_online: int, streams_open: int, streams_waiting: int) -> str:
+    def render(
+        self,
+        *,
+        devices_online: int,
+        streams_open: int,
+        streams_waiting: int,
+        connections: int = 0,
+    ) -> str:
         """The Prometheus text exposition of every metric."""
         lines = [
             "# HELP devstream_devices_online Devices with a registered control channel.",
@@ -51,6 +59,13 @@ class Metrics:
             "# HELP devstream_control_connections_total Device control channels opened.",
             "# TYPE devstream_control_connections_total counter",
             f"devstream_control_connections_total {self.control_connections_total}",
+            "# HELP devstream_connections Connections the hub serves (see max_connections).",
+            "# TYPE devstream_connections gauge",
+            f"devstream_connections {connections}",
+            "# HELP devstream_connections_refused_total Connections past max_connections, "
+            "answered without being served or closed.",
+            "# TYPE devstream_connections_refused_total counter",
+            f"devstream_connections_refused_total {self.connections_refused_total}",
             "# HELP devstream_http_errors_total Requests answered with an error, by error code.",
             "# TYPE devstream_http_errors_total counter",
         ]
