@@ -165,6 +165,25 @@ async def test_device_commands(
         assert "404001" in one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("action", ["disable", "enable"])
+async def test_enable_or_disable_of_an_unknown_device_fails_and_creates_nothing(
+    action: str, cli_hub: CliHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = ["--connection-string", cli_hub.owner_cs]
+    with trio.fail_after(TIMEOUT):
+        assert await run_cli(["device", "create", "dev-1", *extra]) == 0
+        capsys.readouterr()
+        assert await run_cli(["device", action, "dev-l", *extra]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        line = one_error_line(captured.err)
+        assert line.endswith("(error 404001)"), line
+        assert "dev-l" in line
+        assert await run_cli(["device", "list", *extra]) == 0
+        listed = [row.split("\t")[0] for row in capsys.readouterr().out.splitlines()]
+        assert listed == ["dev-1"]
+
+
 # -- devstream echo / demo --------------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ from devstream_core.registry import (
     Device,
     Permission,
     Policy,
+    check_put_precondition,
     device_from_json,
     device_to_json,
     format_permissions,
@@ -453,3 +454,41 @@ def test_parse_permissions_rejects_unknown_or_empty(text: str) -> None:
     with pytest.raises(RemoteProtocolError) as info:
         parse_permissions(text)
     assert info.value.code is ErrorCode.ARGUMENT_INVALID
+
+
+# -- If-Match --------------------------------------------------------------------------------
+
+
+def precondition_error(existing: Device | None, if_match: str | None) -> ErrorCode | None:
+    try:
+        check_put_precondition(device_id="d1", existing=existing, if_match=if_match)
+    except RemoteProtocolError as exc:
+        assert "d1" in exc.message
+        return exc.code
+    return None
+
+
+def test_if_match_decides_whether_a_put_may_write() -> None:
+    current = new_device(device_id="d1", random_bytes=RB)
+    stale = new_device(device_id="d1", random_bytes=RB2).etag
+    assert stale != current.etag
+    etag = current.etag
+    # No If-Match: create only.
+    assert precondition_error(None, None) is None
+    assert precondition_error(current, None) is ErrorCode.DEVICE_ALREADY_EXISTS
+    # "*": only a device that exists.
+    assert precondition_error(current, "*") is None
+    assert precondition_error(current, " * ") is None
+    assert precondition_error(None, "*") is ErrorCode.DEVICE_NOT_FOUND
+    # Etags: the current one, quoted (as HTTP writes it), bare (as the JSON shows it), or in
+    # a list; never a stale one, a weak one, or one on an unknown id.
+    for matching in (f'"{etag}"', etag, f'"{stale}", "{etag}"', f' "{etag}" '):
+        assert precondition_error(current, matching) is None, matching
+    for failing in (f'"{stale}"', stale, f'W/"{etag}"', '""', "", f'"{etag}x"', f'"{etag[:-1]}"'):
+        assert precondition_error(current, failing) is ErrorCode.PRECONDITION_FAILED, failing
+    assert precondition_error(None, f'"{etag}"') is ErrorCode.DEVICE_NOT_FOUND
+    assert precondition_error(current, '"x", ' * 400 + f'"{etag}"') is (
+        ErrorCode.PRECONDITION_FAILED
+    )
+    assert ErrorCode.PRECONDITION_FAILED == 412002
+    assert ErrorCode.PRECONDITION_FAILED.http_status == 412

@@ -80,6 +80,8 @@ class ErrorCode(enum.IntEnum):
     REQUEST_TIMEOUT = 408901
     #: The device id is already registered (Azure ``DeviceAlreadyExists``).
     DEVICE_ALREADY_EXISTS = 409001
+    #: ``If-Match`` names an etag that is not the current one (Azure ``PreconditionFailed``).
+    PRECONDITION_FAILED = 412002
     #: A request body, control message or frame is larger than the limit.
     PAYLOAD_TOO_LARGE = 413901
     #: The request headers are larger than the limit.
@@ -143,6 +145,7 @@ MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.STREAM_RESET: "the stream was reset by the other side",
     ErrorCode.REQUEST_TIMEOUT: "request headers not received in time",
     ErrorCode.DEVICE_ALREADY_EXISTS: "device already exists",
+    ErrorCode.PRECONDITION_FAILED: "If-Match does not match the current etag",
     ErrorCode.PAYLOAD_TOO_LARGE: "payload too large",
     ErrorCode.HEADERS_TOO_LARGE: "request headers too large",
     ErrorCode.UPGRADE_REQUIRED: "this path only accepts WebSocket connections",

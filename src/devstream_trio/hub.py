@@ -59,6 +59,7 @@ from devstream_core.registry import (
     Device,
     Permission,
     Policy,
+    check_put_precondition,
     device_from_json,
     device_to_json,
     format_permissions,
@@ -196,6 +197,9 @@ class Hub:
         self._idle_checks = CheckHeap()
         self._outcomes: dict[str, _Outcome] = {}
         self._next_connection_id = 0
+        #: Held by every registry write (PUT, DELETE of a device), so that an If-Match is
+        #: checked against the etag its write replaces.
+        self._registry_writes = trio.Lock()
         self._timer_wakeup = trio.Event()
         #: When the timer wakes up on its own (the earliest deadline when it went to sleep).
         self._timer_alarm = math.inf
@@ -449,28 +453,33 @@ class Hub:
             )
             return
         await self._authorize_policy(request, Permission.REGISTRY_WRITE)
-        if request.method == b"DELETE":
-            if not await self.store.delete_device(route.device_id):
-                raise HttpError(ErrorCode.DEVICE_NOT_FOUND, f"device {route.device_id!r} not found")
-            self._disconnect_device(route.device_id, ErrorCode.DEVICE_NOT_FOUND)
-            await http.send_response(204)
-            return
-        existing = await self.store.get_device(route.device_id)
-        if existing is not None and request.header(b"if-match") is None:
-            raise HttpError(
-                ErrorCode.DEVICE_ALREADY_EXISTS,
-                f"device {route.device_id!r} already exists (send If-Match: * to update it)",
-            )
-        try:
-            device = device_from_json(
-                request.body or b"{}",
-                device_id=route.device_id,
-                random_bytes=self.random_bytes(96),
-                existing=existing,
-            )
-        except DevstreamError as exc:
-            raise HttpError(exc.code, exc.message) from exc
-        await self.store.put_device(device)
+        # One write at a time: an If-Match is checked against the etag the write replaces.
+        async with self._registry_writes:
+            if request.method == b"DELETE":
+                if not await self.store.delete_device(route.device_id):
+                    raise HttpError(
+                        ErrorCode.DEVICE_NOT_FOUND, f"device {route.device_id!r} not found"
+                    )
+                self._disconnect_device(route.device_id, ErrorCode.DEVICE_NOT_FOUND)
+                await http.send_response(204)
+                return
+            existing = await self.store.get_device(route.device_id)
+            raw_if_match = request.header(b"if-match")
+            try:
+                check_put_precondition(
+                    device_id=route.device_id,
+                    existing=existing,
+                    if_match=None if raw_if_match is None else raw_if_match.decode("latin-1"),
+                )
+                device = device_from_json(
+                    request.body or b"{}",
+                    device_id=route.device_id,
+                    random_bytes=self.random_bytes(96),
+                    existing=existing,
+                )
+            except DevstreamError as exc:
+                raise HttpError(exc.code, exc.message) from exc
+            await self.store.put_device(device)
         if device.status != "enabled":
             self._disconnect_device(device.device_id, ErrorCode.DEVICE_DISABLED)
         await http.send_json(
