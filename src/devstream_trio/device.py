@@ -49,6 +49,7 @@ __all__ = ["DeviceClient", "Handler", "open_device"]
 
 log = logging.getLogger("devstream.device")
 
+#: How long the SAS token of each control channel lives, by default (seconds).
 SAS_LIFETIME = 3600
 
 #: What a device runs for each accepted stream.
@@ -89,8 +90,14 @@ class DeviceClient:
         opener: Opener | None = None,
         http_proxy: str | None = None,
         stream_options: StreamOptions | None = None,
+        sas_lifetime: int = SAS_LIFETIME,
     ) -> None:
         cs = connection_string_for(Role.DEVICE, connection_string)
+        if sas_lifetime < 2:
+            raise ValueError("sas_lifetime must be at least 2 seconds")
+        #: How long the SAS token of each control channel lives (a hub's
+        #: ``max_sas_lifetime`` may cap it).
+        self.sas_lifetime = sas_lifetime
         assert cs.device_id is not None
         self.connection_string = cs
         self.device_id: str = cs.device_id
@@ -166,7 +173,7 @@ class DeviceClient:
         ready: Callable[[], None],
     ) -> None:
         transport = await open_transport(self.address, self.ssl_context, self.opener)
-        token = self.connection_string.sas_token(expiry=int(self.wall_clock()) + SAS_LIFETIME)
+        token = self.connection_string.sas_token(expiry=int(self.wall_clock()) + self.sas_lifetime)
         try:
             ws = await websocket_connect(
                 transport,
@@ -324,6 +331,7 @@ async def open_device(
     opener: Opener | None = None,
     http_proxy: str | None = None,
     stream_options: StreamOptions | None = None,
+    sas_lifetime: int = SAS_LIFETIME,
 ) -> AsyncIterator[DeviceClient]:
     """A :class:`DeviceClient` for the block; call ``serve`` on it to go online."""
     yield DeviceClient(
@@ -334,4 +342,5 @@ async def open_device(
         opener=opener,
         http_proxy=http_proxy,
         stream_options=stream_options,
+        sas_lifetime=sas_lifetime,
     )

@@ -136,6 +136,12 @@ class HubConfig:
     #: A devstream.v1 side silent this long (no frame, no ping) counts as dropped. Clients
     #: ping every 10 s by default.
     stream_idle_timeout: float = 45.0
+    #: The longest a SAS token may still have to live when it is presented (its ``se`` at
+    #: most this many seconds from now), for devices and services alike; a token signed for
+    #: longer is refused with 401002. None (the default, as in Azure): no limit. devstream's
+    #: clients sign tokens for an hour (``sas_lifetime``): a limit below that needs clients
+    #: with a shorter ``sas_lifetime``.
+    max_sas_lifetime: float | None = None
 
 
 @dataclass
@@ -402,6 +408,7 @@ class Hub:
                 keys=[policy.primary_key, policy.secondary_key],
                 resource=self.host_name,
                 now=self.wall_clock(),
+                max_lifetime=self.config.max_sas_lifetime,
             )
         except DevstreamError as exc:
             raise HttpError(ErrorCode.UNAUTHORIZED, exc.message) from exc
@@ -426,7 +433,13 @@ class Hub:
 
     def _verify(self, token: SasToken, keys: list[str], resource: str) -> None:
         try:
-            verify_sas_token(token, keys=keys, resource=resource, now=self.wall_clock())
+            verify_sas_token(
+                token,
+                keys=keys,
+                resource=resource,
+                now=self.wall_clock(),
+                max_lifetime=self.config.max_sas_lifetime,
+            )
         except DevstreamError as exc:
             raise HttpError(ErrorCode.UNAUTHORIZED, exc.message) from exc
 
