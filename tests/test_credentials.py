@@ -879,3 +879,20 @@ def test_sas_verifier_applies_the_max_lifetime_even_to_a_remembered_token() -> N
         verifier.verify(text, token, keys=[KEY], resource=HOST, now=NOW, max_lifetime=600)
     assert info.value.code is ErrorCode.UNAUTHORIZED
     verifier.verify(text, token, keys=[KEY], resource=HOST, now=NOW, max_lifetime=3600)
+
+
+# --- when a client renews its token ------------------------------------------------------------
+
+
+def test_sas_renewal_time_is_well_before_the_expiry() -> None:
+    assert credentials.SAS_RENEW_FRACTION == 0.85
+    assert credentials.sas_renewal_time(issued_at=NOW, expiry=NOW + 3600) == NOW + 3060
+    assert credentials.sas_renewal_time(issued_at=NOW, expiry=NOW + 100, fraction=0.8) == NOW + 80
+    for kwargs in (
+        {"issued_at": NOW, "expiry": NOW},
+        {"issued_at": NOW, "expiry": NOW - 1},
+        {"issued_at": NOW, "expiry": NOW + 100, "fraction": 1.0},
+        {"issued_at": NOW, "expiry": NOW + 100, "fraction": 0.0},
+    ):
+        with pytest.raises(LocalProtocolError):
+            credentials.sas_renewal_time(**kwargs)  # type: ignore[arg-type]

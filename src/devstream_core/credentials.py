@@ -47,12 +47,14 @@ __all__ = [
     "MAX_SAS_TOKEN_LENGTH",
     "SAS_CACHE_SIZE",
     "SAS_PREFIX",
+    "SAS_RENEW_FRACTION",
     "ConnectionString",
     "SasToken",
     "SasVerifier",
     "device_resource",
     "make_sas_token",
     "parse_sas_token",
+    "sas_renewal_time",
     "sign",
     "verify_sas_token",
 ]
@@ -400,6 +402,28 @@ class ConnectionString:
 # --- SAS tokens ------------------------------------------------------------------------------
 
 
+#: The share of a SAS token's lifetime after which a client that holds a connection open with
+#: it (a device's control channel) renews it: the hub closes the connection at the expiry.
+SAS_RENEW_FRACTION = 0.85
+
+
+def sas_renewal_time(
+    *, issued_at: float, expiry: float, fraction: float = SAS_RENEW_FRACTION
+) -> float:
+    """When a client should replace a SAS token signed at *issued_at* that expires at *expiry*
+    (both in the same clock, Unix seconds for a token's ``se``): *fraction* of the way there,
+    so that a new connection is up well before the hub closes the old one at the expiry.
+
+    Raises :class:`LocalProtocolError` (``ARGUMENT_INVALID``) unless ``0 < fraction < 1`` and
+    ``issued_at < expiry``.
+    """
+    if not 0 < fraction < 1:
+        raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "fraction must be between 0 and 1")
+    if not issued_at < expiry:
+        raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "a token must expire after it is made")
+    return issued_at + fraction * (expiry - issued_at)
+
+
 def device_resource(host_name: str, device_id: str) -> str:
     """The resource a device token is scoped to: ``host/devices/{id}`` (not url-encoded)."""
     return f"{host_name}/devices/{device_id}"
@@ -462,7 +486,7 @@ def make_sas_token(*, resource: str, key: str, expiry: int, policy_name: str | N
     return token
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SasToken:
     """A parsed SAS token. ``sr`` and ``sig`` are kept exactly as written in the token.
 

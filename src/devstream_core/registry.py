@@ -24,6 +24,10 @@ Rules:
   that exists; an etag (or a list of them) updates the device only while one of them is its
   current etag (``PRECONDITION_FAILED`` otherwise). Either form on an unknown id is
   ``DEVICE_NOT_FOUND``: ``If-Match`` never creates.
+* A device's control channel lives only as long as the registry admits it
+  (:func:`check_device_access`): the device exists, is enabled, and the SAS token that opened
+  the channel verifies under the device's keys. The hub asks when the channel opens and again
+  whenever the device's record changes or goes; a ``No`` closes the channel.
 * A key never appears in an exception message or a ``repr``.
 """
 
@@ -37,7 +41,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Final
 
-from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from .credentials import SasToken, verify_sas_token
+from .errors import (
+    CredentialError,
+    DevstreamError,
+    ErrorCode,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 
 __all__ = [
     "ALL_PERMISSIONS",
@@ -52,6 +63,7 @@ __all__ = [
     "Device",
     "Permission",
     "Policy",
+    "check_device_access",
     "check_put_precondition",
     "device_from_json",
     "device_to_json",
@@ -453,6 +465,55 @@ def check_put_precondition(
             f"device {device_id!r} changed: If-Match does not name its current etag "
             f"(read it again and retry)",
         )
+
+
+def check_device_access(
+    device: Device | None,
+    *,
+    device_id: str,
+    token: SasToken | None,
+    resource: str,
+    now: float,
+    max_lifetime: float | None = None,
+    established: bool = False,
+) -> None:
+    """Raise unless *device*, the registry's record of *device_id* (None: there is none),
+    admits a control channel of that device opened with *token*.
+
+    *token* is the device SAS token that opens (or opened) the channel, checked against the
+    device's current keys for *resource* (``host/devices/{id}``) at *now*, as
+    :func:`~devstream_core.credentials.verify_sas_token` does (with *max_lifetime*); None
+    when the channel was opened with a policy token, checked elsewhere. In this order:
+
+    * no device: ``DEVICE_NOT_FOUND``;
+    * a token that does not verify: ``UNAUTHORIZED`` (with *established*, a channel already
+      open, the message says the device's keys changed);
+    * a disabled device: ``DEVICE_DISABLED``.
+
+    Asked when a channel opens, and again (*established*) whenever the device's record changes
+    or goes: a channel whose token no longer verifies (its key was replaced), whose device was
+    disabled or deleted, is closed with the error's code.
+    """
+    if device is None:
+        raise DevstreamError(ErrorCode.DEVICE_NOT_FOUND, f"device {device_id!r} not found")
+    if token is not None:
+        try:
+            verify_sas_token(
+                token,
+                keys=[device.primary_key, device.secondary_key],
+                resource=resource,
+                now=now,
+                max_lifetime=max_lifetime,
+            )
+        except CredentialError as exc:
+            if not established:
+                raise
+            raise CredentialError(
+                ErrorCode.UNAUTHORIZED,
+                "SAS token no longer valid: the device's keys changed",
+            ) from exc
+    if device.status != "enabled":
+        raise DevstreamError(ErrorCode.DEVICE_DISABLED, f"device {device_id!r} is disabled")
 
 
 def format_permissions(permissions: Permission) -> str:

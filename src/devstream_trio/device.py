@@ -15,9 +15,14 @@
 * A stream request for a registered name is accepted and its handler runs in its own task; a
   handler that raises is logged and its stream closed, and the device keeps serving.
 * A request for a name with no handler is rejected with a reason the service can read.
+* The control channel's SAS token lives ``sas_lifetime`` seconds (an hour); at 85 % of that
+  (:func:`~devstream_core.credentials.sas_renewal_time`) the device closes the channel and
+  opens a new one with a fresh token at once, before the hub would close it at the expiry.
+  Streams run in their own tasks, outside any one channel's: they carry on across it.
 * The hub refusing the device itself (wrong key, unknown or disabled device) is not retried:
   ``serve`` raises the matching exception (``Unauthorized``, ``DeviceNotFound``,
-  ``DeviceDisabled``).
+  ``DeviceDisabled``). A channel the hub closes with 401002 once open (an expired token, a
+  key replaced) is reconnected with a fresh token, and ``serve`` raises if that is refused.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import trio
 
 from devstream_core import control
 from devstream_core.common import Role
-from devstream_core.credentials import ConnectionString
+from devstream_core.credentials import ConnectionString, sas_renewal_time
 from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
 
 from ._connect import HubAddress, Opener, connection_string_for, hub_opener
@@ -71,6 +76,10 @@ PERMANENT = frozenset(
 
 class _SessionLost(Exception):
     """The control channel ended; reconnect."""
+
+
+class _Renewal(Exception):
+    """The control channel's SAS token is due for renewal; reconnect with a new one now."""
 
 
 class DeviceClient:
@@ -158,6 +167,11 @@ class DeviceClient:
                     log.info(
                         "device %r: control channel lost (%s); reconnecting", self.device_id, exc
                     )
+                except _Renewal:
+                    # Not a failure: straight back, with a fresh token. The streams carry on
+                    # in their own nursery meanwhile.
+                    log.info("device %r: renewing its SAS token; reconnecting", self.device_id)
+                    continue
                 finally:
                     self.online = False
                 failures += 1
@@ -173,7 +187,13 @@ class DeviceClient:
         ready: Callable[[], None],
     ) -> None:
         transport = await open_transport(self.address, self.ssl_context, self.opener)
-        token = self.connection_string.sas_token(expiry=int(self.wall_clock()) + self.sas_lifetime)
+        issued_at = self.wall_clock()
+        expiry = int(issued_at) + self.sas_lifetime
+        token = self.connection_string.sas_token(expiry=expiry)
+        # The hub closes the channel at the token's expiry; reconnect with a new one before.
+        renew_at = trio.current_time() + (
+            sas_renewal_time(issued_at=issued_at, expiry=expiry) - issued_at
+        )
         try:
             ws = await websocket_connect(
                 transport,
@@ -192,11 +212,12 @@ class DeviceClient:
             await trio.aclose_forcefully(transport)
             raise
         machine = control.DeviceControl()
+        renewing: list[bool] = []
         try:
             # The reader's error leaves the nursery by hand (trio would wrap it in a group).
             failure: ConnectionClosed | DevstreamError | None = None
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keepalive, ws, nursery.cancel_scope)
+                nursery.start_soon(self._keepalive, ws, nursery.cancel_scope, renew_at, renewing)
                 try:
                     await ws.send_text(machine.send(control.Register(names=tuple(handlers))))
                     await self._read_loop(ws, machine, handlers, streams, ready)
@@ -205,9 +226,16 @@ class DeviceClient:
                     nursery.cancel_scope.cancel()
             if failure is not None:
                 raise failure
+            if renewing:
+                raise _Renewal()
             raise _SessionLost("no answer to keepalive pings")
         except ConnectionClosed as exc:
             code, message = parse_close_reason(exc.reason)
+            if code is ErrorCode.UNAUTHORIZED:
+                # The hub closed a channel it had let in: its token expired (this clock runs
+                # behind the hub's) or the device's keys changed. A fresh token settles the
+                # first; the second is refused at the next connect, which ends serve().
+                raise _SessionLost(f"{message} (error {int(code)})") from None
             if code is not None:
                 raise error_for(code, message) from None
             raise _SessionLost(f"closed {exc.code} {exc.reason}".rstrip()) from None
@@ -264,14 +292,21 @@ class DeviceClient:
                         message.message,
                     )
 
-    async def _keepalive(self, ws: WebSocket, scope: trio.CancelScope) -> None:
+    async def _keepalive(
+        self, ws: WebSocket, scope: trio.CancelScope, renew_at: float, renewing: list[bool]
+    ) -> None:
         # Ping every ping_interval; give up the moment the hub has been silent for
-        # ping_interval + ping_timeout (not at the next ping, which could be later).
+        # ping_interval + ping_timeout (not at the next ping, which could be later). At
+        # renew_at, end the session for a new one with a fresh token (renewing says so).
         next_ping = trio.current_time() + self.ping_interval
         while True:
             give_up_at = ws.last_received + self.ping_interval + self.ping_timeout
-            await trio.sleep_until(min(next_ping, give_up_at))
+            await trio.sleep_until(min(next_ping, give_up_at, renew_at))
             now = trio.current_time()
+            if now >= renew_at:
+                renewing.append(True)
+                scope.cancel()
+                return
             if now >= ws.last_received + self.ping_interval + self.ping_timeout:
                 scope.cancel()
                 return
