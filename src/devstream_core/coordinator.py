@@ -230,8 +230,10 @@ class Coordinator:
 
         From ``now >= expires_at`` the connection is not online, and :meth:`advance` closes it
         (:class:`CredentialsExpired`); :meth:`next_deadline` includes the expiry (a credential
-        already expired is closed by the next :meth:`advance`). Returns ``[]``. A connection
-        that registers without being opened here has no expiry.
+        already expired is closed by the next :meth:`advance`). The expiry is forgotten when
+        the connection ends or is replaced (:class:`DeviceReplaced`: the caller closes it
+        anyway). Returns ``[]``. A connection that registers without being opened here has no
+        expiry.
         """
         _check_now(now)
         _check_text("device id", device_id)
@@ -299,6 +301,7 @@ class Coordinator:
 
     def _drop_connection(self, connection_id: int) -> list[CoordinatorEvent]:
         connection = self._connections.pop(connection_id)
+        self._credentials.pop(connection_id, None)
         if self._online.get(connection.device_id) == connection_id:
             del self._online[connection.device_id]
         events: list[CoordinatorEvent] = []
@@ -471,10 +474,11 @@ class Coordinator:
             if self._is_stale_expiry(entry):
                 continue
             _, connection_id, device_id = entry
-            del self._credentials[connection_id]
             events.append(CredentialsExpired(device_id=device_id, connection_id=connection_id))
             if connection_id in self._connections:
                 events.extend(self._drop_connection(connection_id))
+            else:
+                del self._credentials[connection_id]
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, request_id = heapq.heappop(self._deadlines)
             pending = self._pending.get(request_id)
