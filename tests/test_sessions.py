@@ -171,12 +171,15 @@ class Channel:
     inbox: deque[control.ControlMessage] = field(default_factory=deque)
 
     @classmethod
-    async def open(cls, env: HubEnv, cs: ConnectionString, *, se: int) -> Channel:
-        assert cs.device_id is not None
+    async def open(
+        cls, env: HubEnv, cs: ConnectionString, *, se: int, device_id: str | None = None
+    ) -> Channel:
+        """Open device *device_id*'s channel with a token of *cs* (the device's own, or a
+        policy's with DeviceConnect) that expires at *se*."""
         ws = await websocket_connect(
             await env.open(HUB),
             host=HUB.host_header,
-            target=f"/devices/{cs.device_id}/streams",
+            target=f"/devices/{device_id or cs.device_id}/streams",
             headers=[("authorization", cs.sas_token(expiry=se))],
             subprotocols=[control.CONTROL_SUBPROTOCOL],
         )
@@ -265,6 +268,24 @@ async def test_control_channel_closes_at_its_token_expiry(
         with pytest.raises(DeviceNotOnline):
             await svc.open_stream("d1", "echo")
         assert (await svc.get_device("d1"))["connectionState"] == "Disconnected"
+
+
+async def test_a_channel_opened_with_a_policy_token_ends_with_it_too(
+    env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(120):
+        await create_device(env, "d1")
+        await create_device(env, "d2")
+        # The owner policy holds DeviceConnect: it may open any device's channel.
+        se = int(sas_clock()) + 30
+        expiring = await Channel.open(env, env.service_cs(), se=se, device_id="d1")
+        disabled = await Channel.open(env, env.service_cs(), se=se + 3600, device_id="d2")
+        await service(env).set_device_status("d2", "disabled")
+        _, closed, closed_at = await disabled.until_closed()
+        assert closed.reason.startswith("403902 ")
+        _, closed, closed_at = await expiring.until_closed()
+        assert se - BASE <= closed_at < se - BASE + 0.01
+        assert closed.reason == "401002 SAS token expired"
 
 
 async def test_device_renews_its_token_before_expiry_and_its_stream_keeps_flowing(
