@@ -316,8 +316,34 @@ async def test_device_renews_its_token_before_expiry_and_its_stream_keeps_flowin
         assert client.online
         await stream.aclose()
     logged = caplog.text
-    assert "renewing its SAS token" in logged
+    assert logged.count("renewed its SAS token") == 2
     assert "SAS token expired" not in logged
+
+
+async def test_requests_during_a_renewal_reach_the_device(
+    env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """The device opens its next channel while the old one still serves: a stream asked for
+    while the new channel's handshake is under way (half a second here) is not refused."""
+
+    async def slow_open(address: HubAddress) -> trio.abc.Stream:
+        await trio.sleep(0.5)
+        return await env.open(address)
+
+    with trio.fail_after(300):
+        cs = await create_device(env, "d1")
+        client = DeviceClient(cs, opener=slow_open, wall_clock=sas_clock, sas_lifetime=100)
+        await env.nursery.start(client.serve, {"echo": echo})
+        renew_at = trio.current_time() + 85  # 85 % of 100 s, give or take the handshake
+        svc = service(env)
+        times = [renew_at - 0.5 + 0.1 * step for step in range(20)]
+        for when in times:
+            await trio.sleep_until(when)
+            stream = await svc.open_stream("d1", "echo", mode="raw")
+            await stream.send_all(b"during")
+            assert await read_exactly(stream, 6) == b"during"  # type: ignore[arg-type]
+            await stream.aclose()
+        assert client.connections == 2
 
 
 # -- keys rotated, device disabled or deleted ---------------------------------------------------

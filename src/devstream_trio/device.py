@@ -16,8 +16,9 @@
   handler that raises is logged and its stream closed, and the device keeps serving.
 * A request for a name with no handler is rejected with a reason the service can read.
 * The control channel's SAS token lives ``sas_lifetime`` seconds (an hour); at 85 % of that
-  (:func:`~devstream_core.credentials.sas_renewal_time`) the device closes the channel and
-  opens a new one with a fresh token at once, before the hub would close it at the expiry.
+  (:func:`~devstream_core.credentials.sas_renewal_time`) the device opens a new channel with
+  a fresh token while the old one still takes requests, then closes the old one and
+  registers on the new one, well before the hub would close the old one at the expiry.
   Streams run in their own tasks, outside any one channel's: they carry on across it.
 * The hub refusing the device itself (wrong key, unknown or disabled device) is not retried:
   ``serve`` raises the matching exception (``Unauthorized``, ``DeviceNotFound``,
@@ -78,8 +79,22 @@ class _SessionLost(Exception):
     """The control channel ended; reconnect."""
 
 
+@dataclasses.dataclass
+class _Channel:
+    """A control channel just opened (handshake done, nothing registered yet)."""
+
+    ws: WebSocket
+    #: When to renew its token, on the trio clock.
+    renew_at: float
+
+
 class _Renewal(Exception):
-    """The control channel's SAS token is due for renewal; reconnect with a new one now."""
+    """The control channel's SAS token is due for renewal: go on with *successor*, a channel
+    already opened with a fresh token (or, if that failed, open one the usual way)."""
+
+    def __init__(self, successor: _Channel | None) -> None:
+        super().__init__("SAS token renewal")
+        self.successor = successor
 
 
 class DeviceClient:
@@ -143,6 +158,7 @@ class DeviceClient:
             raise ValueError("serve() needs at least one handler")
         started = False
         failures = 0
+        successor: _Channel | None = None
 
         def ready() -> None:
             nonlocal started, failures
@@ -156,7 +172,8 @@ class DeviceClient:
         async with trio.open_nursery() as streams:
             while True:
                 try:
-                    await self._session(handlers, streams, ready)
+                    channel, successor = successor, None
+                    await self._session(handlers, streams, ready, channel)
                 except HubError as exc:
                     if exc.code in PERMANENT:
                         fatal = exc
@@ -167,10 +184,12 @@ class DeviceClient:
                     log.info(
                         "device %r: control channel lost (%s); reconnecting", self.device_id, exc
                     )
-                except _Renewal:
-                    # Not a failure: straight back, with a fresh token. The streams carry on
-                    # in their own nursery meanwhile.
-                    log.info("device %r: renewing its SAS token; reconnecting", self.device_id)
+                except _Renewal as renewal:
+                    # Not a failure: on at once, on the channel opened with a fresh token
+                    # while the old one still served. The streams carry on in their own
+                    # nursery meanwhile.
+                    log.info("device %r: renewed its SAS token on a new channel", self.device_id)
+                    successor = renewal.successor
                     continue
                 finally:
                     self.online = False
@@ -180,12 +199,8 @@ class DeviceClient:
         if fatal is not None:
             raise fatal
 
-    async def _session(
-        self,
-        handlers: Mapping[str, Handler],
-        streams: trio.Nursery,
-        ready: Callable[[], None],
-    ) -> None:
+    async def _open_channel(self) -> _Channel:
+        """Open a control channel with a fresh SAS token (the handshake; no Register yet)."""
         transport = await open_transport(self.address, self.ssl_context, self.opener)
         issued_at = self.wall_clock()
         expiry = int(issued_at) + self.sas_lifetime
@@ -211,13 +226,29 @@ class DeviceClient:
         except BaseException:
             await trio.aclose_forcefully(transport)
             raise
+        return _Channel(ws=ws, renew_at=renew_at)
+
+    async def _session(
+        self,
+        handlers: Mapping[str, Handler],
+        streams: trio.Nursery,
+        ready: Callable[[], None],
+        channel: _Channel | None = None,
+    ) -> None:
+        """Serve one control channel (*channel*, or one opened now) until it ends."""
+        if channel is None:
+            channel = await self._open_channel()
+        ws = channel.ws
         machine = control.DeviceControl()
-        renewing: list[bool] = []
+        # Filled by the keepalive when the token is due: the successor channel, or None.
+        renewal: list[_Channel | None] = []
         try:
             # The reader's error leaves the nursery by hand (trio would wrap it in a group).
             failure: ConnectionClosed | DevstreamError | None = None
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keepalive, ws, nursery.cancel_scope, renew_at, renewing)
+                nursery.start_soon(
+                    self._keepalive, ws, nursery.cancel_scope, channel.renew_at, renewal
+                )
                 try:
                     await ws.send_text(machine.send(control.Register(names=tuple(handlers))))
                     await self._read_loop(ws, machine, handlers, streams, ready)
@@ -225,9 +256,11 @@ class DeviceClient:
                     failure = exc
                     nursery.cancel_scope.cancel()
             if failure is not None:
+                if renewal and renewal[0] is not None:
+                    await renewal[0].ws.abort()
                 raise failure
-            if renewing:
-                raise _Renewal()
+            if renewal:
+                raise _Renewal(renewal[0])
             raise _SessionLost("no answer to keepalive pings")
         except ConnectionClosed as exc:
             code, message = parse_close_reason(exc.reason)
@@ -293,18 +326,29 @@ class DeviceClient:
                     )
 
     async def _keepalive(
-        self, ws: WebSocket, scope: trio.CancelScope, renew_at: float, renewing: list[bool]
+        self,
+        ws: WebSocket,
+        scope: trio.CancelScope,
+        renew_at: float,
+        renewal: list[_Channel | None],
     ) -> None:
         # Ping every ping_interval; give up the moment the hub has been silent for
         # ping_interval + ping_timeout (not at the next ping, which could be later). At
-        # renew_at, end the session for a new one with a fresh token (renewing says so).
+        # renew_at, open the next channel with a fresh token while this one still serves
+        # requests, then end this one (renewal holds the next, or None if it failed).
         next_ping = trio.current_time() + self.ping_interval
         while True:
             give_up_at = ws.last_received + self.ping_interval + self.ping_timeout
             await trio.sleep_until(min(next_ping, give_up_at, renew_at))
             now = trio.current_time()
             if now >= renew_at:
-                renewing.append(True)
+                try:
+                    successor: _Channel | None = await self._open_channel()
+                except (DevstreamError, OSError) as exc:
+                    # The serve loop opens one the usual way, and reports what goes wrong.
+                    log.info("device %r: cannot open a new channel yet: %s", self.device_id, exc)
+                    successor = None
+                renewal.append(successor)
                 scope.cancel()
                 return
             if now >= ws.last_received + self.ping_interval + self.ping_timeout:
