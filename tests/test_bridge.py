@@ -27,6 +27,7 @@ from devstream_core.bridge import (
     SideHeld,
     StreamExpired,
     StreamInput,
+    StreamRevoked,
     StreamState,
 )
 from devstream_core.common import Role
@@ -1466,9 +1467,12 @@ def staged(state: StreamState) -> Staged:
     return stage
 
 
-def ways(state: StreamState, action: StreamInput) -> list[Role | int | None]:
-    """Every way to feed ``action`` to a stream in ``state``: a role or a connection id."""
+def ways(state: StreamState, action: StreamInput) -> list[Role | int | str | None]:
+    """Every way to feed ``action`` to a stream in ``state``: a role, a connection id or (to
+    revoke) a device id."""
     stage = staged(state)
+    if action is StreamInput.REVOKE:
+        return ["dev", "another-device"]
     if action is StreamInput.JOIN:
         return list(Role)
     if action in (StreamInput.LEAVE, StreamInput.DROP):
@@ -1481,7 +1485,7 @@ def ways(state: StreamState, action: StreamInput) -> list[Role | int | None]:
     return sorted(stage.attached, key=str)
 
 
-def feed(stage: Staged, action: StreamInput, way: Role | int | None) -> bool:
+def feed(stage: Staged, action: StreamInput, way: Role | int | str | None) -> bool:
     """Feed ``action`` to ``stage`` one ``way``; whether the bridge acted (not refused, not
     ignored)."""
     bridge = stage.bridge
@@ -1501,6 +1505,11 @@ def feed(stage: Staged, action: StreamInput, way: Role | int | None) -> bool:
         else:
             if action is StreamInput.EXPIRE:
                 events = bridge.advance(DROP_AT + 10_000)
+            elif action is StreamInput.REVOKE:
+                assert isinstance(way, str)
+                events = bridge.revoke_device(
+                    device_id=way, code=ErrorCode.DEVICE_DISABLED, now=now
+                )
             else:
                 assert isinstance(way, int)
                 method = bridge.leave if action is StreamInput.LEAVE else bridge.drop
@@ -1557,3 +1566,60 @@ def test_counts_follow_the_states() -> None:
     for state, counts in expected.items():
         bridge = staged(state).bridge
         assert (bridge.stream_count(), bridge.paired_count(), bridge.held_count()) == counts
+
+
+# -- a device that may no longer stream ---------------------------------------------------------
+
+
+def test_revoking_a_device_ends_its_streams_in_every_state() -> None:
+    bridge = Bridge(secret=SECRET)
+    # s1 waiting, s2 half (device on 1), s3 paired (2, 3), s4 held (service 5 attached),
+    # s5 of another device, paired (6, 7).
+    tokens = {sid: create(bridge, sid, mode=V1) for sid in ("s1", "s2", "s3", "s4")}
+    join(bridge, tokens["s2"][Role.DEVICE], role=Role.DEVICE, conn=1, stream_id="s2")
+    join(bridge, tokens["s3"][Role.DEVICE], role=Role.DEVICE, conn=2, stream_id="s3")
+    join(bridge, tokens["s3"][Role.SERVICE], role=Role.SERVICE, conn=3, stream_id="s3")
+    held = join(bridge, tokens["s4"][Role.DEVICE], role=Role.DEVICE, conn=4, stream_id="s4")
+    join(bridge, tokens["s4"][Role.SERVICE], role=Role.SERVICE, conn=5, stream_id="s4")
+    bridge.drop(stream_id="s4", connection_id=4, now=NOW + 1)
+    other_device, other_service = bridge.create_stream(
+        stream_id="s5",
+        device_id="other",
+        now=NOW,
+        device_nonce=nonce(),
+        service_nonce=nonce(),
+        mode=V1,
+    )
+    join(bridge, other_device, role=Role.DEVICE, conn=6, stream_id="s5")
+    join(bridge, other_service, role=Role.SERVICE, conn=7, stream_id="s5")
+
+    events = bridge.revoke_device(device_id="dev", code=ErrorCode.DEVICE_DISABLED, now=NOW + 2)
+    assert events == [
+        StreamRevoked(
+            stream_id="s1", device_id="dev", connection_ids=(), code=ErrorCode.DEVICE_DISABLED
+        ),
+        StreamRevoked(
+            stream_id="s2", device_id="dev", connection_ids=(1,), code=ErrorCode.DEVICE_DISABLED
+        ),
+        StreamRevoked(
+            stream_id="s3", device_id="dev", connection_ids=(2, 3), code=ErrorCode.DEVICE_DISABLED
+        ),
+        StreamRevoked(
+            stream_id="s4", device_id="dev", connection_ids=(5,), code=ErrorCode.DEVICE_DISABLED
+        ),
+    ]
+    for sid in ("s1", "s2", "s3", "s4"):
+        assert bridge.stream_state(sid) is StreamState.ENDED
+    assert bridge.stream_state("s5") is StreamState.PAIRED
+    assert (bridge.stream_count(), bridge.paired_count(), bridge.held_count()) == (1, 1, 0)
+    # Nothing of them is left to join, resume or time out.
+    with pytest.raises(DevstreamError) as info:
+        join(bridge, tokens["s1"][Role.SERVICE], role=Role.SERVICE, conn=8, stream_id="s1")
+    assert info.value.code is ErrorCode.NOT_FOUND
+    assert held.resume_token is not None
+    with pytest.raises(DevstreamError) as info:
+        resume(bridge, held.resume_token, role=Role.DEVICE, conn=9, stream_id="s4")
+    assert info.value.code is ErrorCode.NOT_FOUND
+    assert bridge.next_deadline() is None
+    assert bridge.advance(NOW + 10_000) == []
+    assert bridge.revoke_device(device_id="dev", code=ErrorCode.DEVICE_NOT_FOUND, now=NOW + 2) == []

@@ -96,6 +96,26 @@ async def test_hub_prints_url_and_owner_connection_string(
     assert captured.err == ""
 
 
+async def test_hub_max_sas_lifetime_and_client_sas_lifetime(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["hub", "--data", str(tmp_path / "data"), "--listen", "127.0.0.1:0"]
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            process, out = await start_child(nursery, [*argv, "--max-sas-lifetime", "600"])
+            owner = await out.until(lambda line: line.startswith("HostName="))
+            create = ["device", "create", "dev-1", "--connection-string", owner]
+            # The clients' default (an hour) is over the hub's limit: one line, 401002.
+            assert await run_cli(create) == 1
+            captured = capsys.readouterr()
+            line = one_error_line(captured.err)
+            assert "600 s" in line and line.endswith("(error 401002)"), line
+            # Tokens signed for ten minutes pass.
+            assert await run_cli([*create, "--sas-lifetime", "600"]) == 0
+            assert ConnectionString.parse(capsys.readouterr().out.strip()).device_id == "dev-1"
+            process.kill()
+
+
 async def test_connection_string_before_any_hub(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -163,6 +183,25 @@ async def test_device_commands(
         assert [line.split("\t")[0] for line in (await cli("list")).splitlines()] == ["dev-2"]
         assert await run_cli(["device", "show", "dev-1", *extra]) == 1
         assert "404001" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("action", ["disable", "enable"])
+async def test_enable_or_disable_of_an_unknown_device_fails_and_creates_nothing(
+    action: str, cli_hub: CliHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = ["--connection-string", cli_hub.owner_cs]
+    with trio.fail_after(TIMEOUT):
+        assert await run_cli(["device", "create", "dev-1", *extra]) == 0
+        capsys.readouterr()
+        assert await run_cli(["device", action, "dev-l", *extra]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        line = one_error_line(captured.err)
+        assert line.endswith("(error 404001)"), line
+        assert "dev-l" in line
+        assert await run_cli(["device", "list", *extra]) == 0
+        listed = [row.split("\t")[0] for row in capsys.readouterr().out.splitlines()]
+        assert listed == ["dev-1"]
 
 
 # -- devstream echo / demo --------------------------------------------------------------------
@@ -336,8 +375,24 @@ async def test_user_mistake_prints_one_line_and_exits_1(
 
 @pytest.mark.parametrize(
     "argv",
-    [[], ["frobnicate"], ["device"], ["device", "explode", "x"], ["echo", "sideways"]],
-    ids=["nothing", "unknown-command", "no-action", "bad-action", "bad-role"],
+    [
+        [],
+        ["frobnicate"],
+        ["device"],
+        ["device", "explode", "x"],
+        ["echo", "sideways"],
+        ["hub", "--max-sas-lifetime", "soon"],
+        ["device", "list", "--sas-lifetime", "1"],
+    ],
+    ids=[
+        "nothing",
+        "unknown-command",
+        "no-action",
+        "bad-action",
+        "bad-role",
+        "bad-max-sas-lifetime",
+        "too-short-sas-lifetime",
+    ],
 )
 async def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with trio.fail_after(TIMEOUT), pytest.raises(SystemExit) as info:

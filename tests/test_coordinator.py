@@ -17,6 +17,7 @@ from devstream_core.coordinator import (
     MAX_REGISTERED_NAMES,
     Coordinator,
     CoordinatorEvent,
+    CredentialsExpired,
     DeviceReplaced,
     ForgetRequest,
     InitiationAccepted,
@@ -558,3 +559,67 @@ def test_answered_requests_do_not_grow_memory() -> None:
         assert len(coordinator._deadlines) <= 2 * coordinator.pending_count() + 67
     assert coordinator.pending_count() == 0
     assert coordinator.next_deadline() is None
+
+
+# -- credential expiry of control channels ---------------------------------------------------
+
+
+def test_a_channel_is_online_until_its_credential_expires_then_closed() -> None:
+    coordinator = Coordinator()
+    assert (
+        coordinator.channel_opened(device_id="dev", connection_id=1, expires_at=NOW + 50, now=NOW)
+        == []
+    )
+    coordinator.device_registered(device_id="dev", connection_id=1, names=["ssh"], now=NOW)
+    assert coordinator.next_deadline() == NOW + 50
+    # A request just before the expiry goes to the device and waits past the expiry.
+    request = initiate(coordinator, now=NOW + 49.999, timeout=30)
+    assert isinstance(request, SendStreamRequest)
+    assert coordinator.next_deadline() == NOW + 50
+    assert coordinator.advance(NOW + 49.999) == []
+    # From the expiry on, nothing goes to it, even before advance() closes it.
+    refused = initiate(coordinator, now=NOW + 50)
+    assert isinstance(refused, InitiationFailed) and refused.code is ErrorCode.DEVICE_NOT_ONLINE
+    events = coordinator.advance(NOW + 50)
+    assert events == [
+        CredentialsExpired(device_id="dev", connection_id=1),
+        InitiationFailed(
+            request_id=request.request_id,
+            stream_id=request.stream_id,
+            device_id="dev",
+            name="ssh",
+            code=ErrorCode.DEVICE_NOT_ONLINE,
+        ),
+    ]
+    assert events[0].code is ErrorCode.UNAUTHORIZED  # type: ignore[union-attr]
+    assert "expired" in events[0].message  # type: ignore[union-attr]
+    assert not coordinator.is_online("dev")
+    assert coordinator.next_deadline() is None
+    assert coordinator.advance(NOW + 1000) == []
+
+
+def test_a_renewed_channel_replaces_the_expiring_one_and_keeps_its_own_expiry() -> None:
+    coordinator = Coordinator()
+    coordinator.channel_opened(device_id="dev", connection_id=1, expires_at=NOW + 100, now=NOW)
+    coordinator.device_registered(device_id="dev", connection_id=1, names=["ssh"], now=NOW)
+    # The device renews at 85 %: the old channel ends, the new one opens with a new expiry.
+    assert coordinator.device_disconnected(connection_id=1, now=NOW + 85) == []
+    coordinator.channel_opened(device_id="dev", connection_id=2, expires_at=NOW + 185, now=NOW + 85)
+    coordinator.device_registered(device_id="dev", connection_id=2, names=["ssh"], now=NOW + 85)
+    assert coordinator.next_deadline() == NOW + 185
+    assert coordinator.advance(NOW + 100) == []
+    assert isinstance(initiate(coordinator, now=NOW + 100), SendStreamRequest)
+
+
+def test_an_unregistered_channel_is_closed_at_expiry_too() -> None:
+    coordinator = Coordinator()
+    coordinator.channel_opened(device_id="dev", connection_id=7, expires_at=NOW + 5, now=NOW)
+    assert coordinator.advance(NOW + 5) == [CredentialsExpired(device_id="dev", connection_id=7)]
+    # And one opened past its expiry (a caller's slip) at the next advance.
+    coordinator.channel_opened(device_id="dev", connection_id=8, expires_at=NOW, now=NOW + 1)
+    assert coordinator.next_deadline() == NOW
+    assert coordinator.advance(NOW + 1) == [CredentialsExpired(device_id="dev", connection_id=8)]
+    with pytest.raises(LocalProtocolError):
+        coordinator.channel_opened(
+            device_id="dev", connection_id=9, expires_at=float("nan"), now=NOW
+        )

@@ -34,6 +34,7 @@ is exact; nonces are counter-derived.
 from __future__ import annotations
 
 import base64
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -64,6 +65,7 @@ from devstream_core.common import Role
 from devstream_core.coordinator import (
     Coordinator,
     CoordinatorEvent,
+    CredentialsExpired,
     DeviceReplaced,
     ForgetRequest,
     InitiationAccepted,
@@ -174,6 +176,8 @@ class HubMachine(RuleBasedStateMachine):
         self.online: dict[str, int] = {}
         self.names: dict[str, frozenset[str]] = {}
         self.dead_conns: list[int] = []
+        #: When each open connection's credential expires (connections opened with one).
+        self.expiry: dict[int, float] = {}
         self.pending: dict[str, ModelRequest] = {}
         self.answered: list[ModelRequest] = []
         # Bridge model.
@@ -210,6 +214,7 @@ class HubMachine(RuleBasedStateMachine):
         )
 
     def drop_connection(self, conn: int) -> list[CoordinatorEvent]:
+        self.expiry.pop(conn, None)
         device = self.conn_device.pop(conn)
         if self.online.get(device) == conn:
             del self.online[device]
@@ -231,9 +236,27 @@ class HubMachine(RuleBasedStateMachine):
         self.connect_and_register("dev-0", ["ssh", *names])
         self.hub_initiate("svc-ok", "dev-0", "ssh", timeout, "raw")
 
-    @rule(device=st.sampled_from(DEVICES), names=registered_names)
-    def connect_and_register(self, device: str, names: list[str]) -> None:
+    @rule(
+        device=st.sampled_from(DEVICES),
+        names=registered_names,
+        lifetime=st.none() | st.sampled_from([0.5, 5.0, 30.0, 90.0]),
+    )
+    def connect_and_register(
+        self, device: str, names: list[str], lifetime: float | None = None
+    ) -> None:
         conn = self.fresh()
+        if lifetime is not None:
+            # Opened with a SAS token that expires after lifetime seconds.
+            assert (
+                self.coordinator.channel_opened(
+                    device_id=device,
+                    connection_id=conn,
+                    expires_at=self.now + lifetime,
+                    now=self.now,
+                )
+                == []
+            )
+            self.expiry[conn] = self.now + lifetime
         expected: list[CoordinatorEvent] = []
         old = self.online.get(device)
         if old is not None:
@@ -304,6 +327,8 @@ class HubMachine(RuleBasedStateMachine):
             stream_nonce=raw,
         )
         conn = self.online.get(device)
+        if conn is not None and self.now >= self.expiry.get(conn, math.inf):
+            conn = None  # its credential expired: not online, whether advanced or not
         common = {"request_id": request_id, "stream_id": stream_id, "device_id": device}
         if conn is None:
             assert events == [
@@ -457,6 +482,7 @@ class HubMachine(RuleBasedStateMachine):
             {r.deadline - self.now for r in self.pending.values()}
             | {s.minted + LIFETIME - self.now for s in self.streams.values()}
             | {d - self.now for s in self.streams.values() for d in s.held.values()}
+            | {e - self.now for e in self.expiry.values()}
         )
         exact = [jump for jump in boundaries if 0 <= jump <= 120]
         jump = data.draw(st.one_of(half_seconds, st.sampled_from(exact)) if exact else half_seconds)
@@ -467,12 +493,17 @@ class HubMachine(RuleBasedStateMachine):
 
     def advance(self) -> None:
         now = self.now
+        expected: list[CoordinatorEvent] = []
+        for _, conn in sorted((e, c) for c, e in self.expiry.items() if e <= now):
+            expected.append(
+                CredentialsExpired(device_id=self.conn_device[conn], connection_id=conn)
+            )
+            expected.extend(self.drop_connection(conn))
         due = sorted(
             (r for r in self.pending.values() if r.deadline <= now),
             key=lambda r: (r.deadline, int(r.request_id)),
         )
         events = self.coordinator.advance(now)
-        expected: list[CoordinatorEvent] = []
         for request in due:
             expected.append(self.failed(request, ErrorCode.DEVICE_RESPONSE_TIMEOUT))
             expected.append(
@@ -933,7 +964,8 @@ class HubMachine(RuleBasedStateMachine):
     @invariant()
     def deadlines_match_the_model(self) -> None:
         deadlines = [r.deadline for r in self.pending.values()]
-        assert self.coordinator.next_deadline() == (min(deadlines) if deadlines else None)
+        due = deadlines + list(self.expiry.values())
+        assert self.coordinator.next_deadline() == (min(due) if due else None)
         # Nothing pending outlives a deadline that advance has passed.
         assert all(deadline > self.advanced_to for deadline in deadlines)
         expiries = [

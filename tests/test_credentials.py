@@ -842,3 +842,57 @@ def test_verifier_keeps_at_most_its_size(verifications: list[SasToken]) -> None:
     assert len(verifications) == 6 + 1
     with pytest.raises(LocalProtocolError):
         SasVerifier(size=0)
+
+
+# --- the hub's maximum SAS lifetime ----------------------------------------------------------
+
+
+def test_max_lifetime_refuses_a_token_that_expires_further_out() -> None:
+    # LATER is exactly 3600 s after NOW.
+    text = make_sas_token(resource=DEVICE_RESOURCE, key=KEY, expiry=LATER)
+    for limit in (None, 3600.0, 7200.0):
+        assert (
+            verify_sas_token(
+                text, keys=[KEY], resource=DEVICE_RESOURCE, now=NOW, max_lifetime=limit
+            ).se
+            == LATER
+        )
+    for limit in (3599.0, 60.0):
+        with pytest.raises(CredentialError) as info:
+            verify_sas_token(
+                text, keys=[KEY], resource=DEVICE_RESOURCE, now=NOW, max_lifetime=limit
+            )
+        assert info.value.code is ErrorCode.UNAUTHORIZED
+        assert f"more than {limit:g} s away" in info.value.message
+        assert KEY not in info.value.message and "sig=" not in info.value.message
+    # A minute later the same token is within 3599 s.
+    verify_sas_token(text, keys=[KEY], resource=DEVICE_RESOURCE, now=NOW + 60, max_lifetime=3599)
+
+
+def test_sas_verifier_applies_the_max_lifetime_even_to_a_remembered_token() -> None:
+    text = make_sas_token(resource=HOST, key=KEY, expiry=LATER, policy_name="svc")
+    verifier = SasVerifier()
+    token = verifier.parse(text)
+    verifier.verify(text, token, keys=[KEY], resource=HOST, now=NOW)
+    assert len(verifier) == 1
+    with pytest.raises(CredentialError) as info:
+        verifier.verify(text, token, keys=[KEY], resource=HOST, now=NOW, max_lifetime=600)
+    assert info.value.code is ErrorCode.UNAUTHORIZED
+    verifier.verify(text, token, keys=[KEY], resource=HOST, now=NOW, max_lifetime=3600)
+
+
+# --- when a client renews its token ------------------------------------------------------------
+
+
+def test_sas_renewal_time_is_well_before_the_expiry() -> None:
+    assert credentials.SAS_RENEW_FRACTION == 0.85
+    assert credentials.sas_renewal_time(issued_at=NOW, expiry=NOW + 3600) == NOW + 3060
+    assert credentials.sas_renewal_time(issued_at=NOW, expiry=NOW + 100, fraction=0.8) == NOW + 80
+    for kwargs in (
+        {"issued_at": NOW, "expiry": NOW},
+        {"issued_at": NOW, "expiry": NOW - 1},
+        {"issued_at": NOW, "expiry": NOW + 100, "fraction": 1.0},
+        {"issued_at": NOW, "expiry": NOW + 100, "fraction": 0.0},
+    ):
+        with pytest.raises(LocalProtocolError):
+            credentials.sas_renewal_time(**kwargs)  # type: ignore[arg-type]

@@ -448,6 +448,46 @@ async def test_registry_put_get_list_delete(
         assert json.loads(listed.body) == []
 
 
+async def test_put_with_if_match_updates_only_the_current_version(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    async def put(device_id: str, if_match: str | None, status: str) -> HttpResponse:
+        headers = [auth(hub_env)] + ([("if-match", if_match)] if if_match is not None else [])
+        body = json.dumps({"deviceId": device_id, "status": status}).encode()
+        return await call(hub_env, "PUT", f"/devices/{device_id}", headers=headers, body=body)
+
+    with trio.fail_after(10):
+        created = await put("sensor-8", None, "enabled")
+        assert created.status == 200
+        first = json.loads(created.body)["etag"]
+
+        # The current etag, quoted as HTTP writes it: an update, with a new etag.
+        updated = await put("sensor-8", f'"{first}"', "disabled")
+        assert updated.status == 200
+        second = json.loads(updated.body)["etag"]
+        assert second != first
+        assert json.loads(updated.body)["status"] == "disabled"
+
+        # The etag it had before: 412002, and nothing changes.
+        stale = await put("sensor-8", f'"{first}"', "enabled")
+        assert stale.status == 412
+        assert error_code(stale) == 412002
+        fetched = json.loads(
+            (await call(hub_env, "GET", "/devices/sensor-8", headers=[auth(hub_env)])).body
+        )
+        assert (fetched["status"], fetched["etag"]) == ("disabled", second)
+
+        # "*" or an etag on an id that does not exist: 404001, and no device is created.
+        for if_match in ("*", f'"{second}"'):
+            missing = await put("sensor-9", if_match, "enabled")
+            assert missing.status == 404
+            assert error_code(missing) == 404001
+        gone = await call(hub_env, "GET", "/devices/sensor-9", headers=[auth(hub_env)])
+        assert error_code(gone) == 404001
+        listed = await call(hub_env, "GET", "/devices", headers=[auth(hub_env)])
+        assert [d["deviceId"] for d in json.loads(listed.body)] == ["sensor-8"]
+
+
 async def test_policy_permissions_are_enforced(
     hub_env: HubEnv, autojump_clock: trio.abc.Clock
 ) -> None:

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devstream_core.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from devstream_core.credentials import SasToken, make_sas_token, parse_sas_token
+from devstream_core.errors import DevstreamError, ErrorCode, LocalProtocolError, RemoteProtocolError
 from devstream_core.registry import (
     ALL_PERMISSIONS,
     DEVICE_RANDOM_BYTES,
@@ -25,6 +26,8 @@ from devstream_core.registry import (
     Device,
     Permission,
     Policy,
+    check_device_access,
+    check_put_precondition,
     device_from_json,
     device_to_json,
     format_permissions,
@@ -453,3 +456,96 @@ def test_parse_permissions_rejects_unknown_or_empty(text: str) -> None:
     with pytest.raises(RemoteProtocolError) as info:
         parse_permissions(text)
     assert info.value.code is ErrorCode.ARGUMENT_INVALID
+
+
+# -- If-Match --------------------------------------------------------------------------------
+
+
+def precondition_error(existing: Device | None, if_match: str | None) -> ErrorCode | None:
+    try:
+        check_put_precondition(device_id="d1", existing=existing, if_match=if_match)
+    except RemoteProtocolError as exc:
+        assert "d1" in exc.message
+        return exc.code
+    return None
+
+
+def test_if_match_decides_whether_a_put_may_write() -> None:
+    current = new_device(device_id="d1", random_bytes=RB)
+    stale = new_device(device_id="d1", random_bytes=RB2).etag
+    assert stale != current.etag
+    etag = current.etag
+    # No If-Match: create only.
+    assert precondition_error(None, None) is None
+    assert precondition_error(current, None) is ErrorCode.DEVICE_ALREADY_EXISTS
+    # "*": only a device that exists.
+    assert precondition_error(current, "*") is None
+    assert precondition_error(current, " * ") is None
+    assert precondition_error(None, "*") is ErrorCode.DEVICE_NOT_FOUND
+    # Etags: the current one, quoted (as HTTP writes it), bare (as the JSON shows it), or in
+    # a list; never a stale one, a weak one, or one on an unknown id.
+    for matching in (f'"{etag}"', etag, f'"{stale}", "{etag}"', f' "{etag}" '):
+        assert precondition_error(current, matching) is None, matching
+    for failing in (f'"{stale}"', stale, f'W/"{etag}"', '""', "", f'"{etag}x"', f'"{etag[:-1]}"'):
+        assert precondition_error(current, failing) is ErrorCode.PRECONDITION_FAILED, failing
+    assert precondition_error(None, f'"{etag}"') is ErrorCode.DEVICE_NOT_FOUND
+    assert precondition_error(current, '"x", ' * 400 + f'"{etag}"') is (
+        ErrorCode.PRECONDITION_FAILED
+    )
+    assert ErrorCode.PRECONDITION_FAILED == 412002
+    assert ErrorCode.PRECONDITION_FAILED.http_status == 412
+
+
+# -- whether a device's control channel may stay open -------------------------------------------
+
+
+def test_check_device_access_on_open_and_after_a_change() -> None:
+    resource = "hub.test/devices/d1"
+    current = new_device(device_id="d1", random_bytes=RB)
+    signed = parse_sas_token(
+        make_sas_token(resource=resource, key=current.primary_key, expiry=2000)
+    )
+
+    def code(
+        device: Device | None, *, established: bool = True, token: SasToken | None = signed
+    ) -> ErrorCode | None:
+        try:
+            check_device_access(
+                device,
+                device_id="d1",
+                token=token,
+                resource=resource,
+                now=1000,
+                established=established,
+            )
+        except DevstreamError as exc:
+            assert current.primary_key not in exc.message
+            return exc.code
+        return None
+
+    assert code(current) is None
+    assert code(None) is ErrorCode.DEVICE_NOT_FOUND
+    assert code(dataclasses.replace(current, status="disabled")) is ErrorCode.DEVICE_DISABLED
+    # Rotating the other key keeps the channel; replacing the key it signed with closes it.
+    rotated_secondary = dataclasses.replace(current, secondary_key=new_key(bytes(32)))
+    assert code(rotated_secondary) is None
+    rotated_primary = dataclasses.replace(current, primary_key=new_key(bytes(32)))
+    assert code(rotated_primary) is ErrorCode.UNAUTHORIZED
+    with pytest.raises(DevstreamError) as info:
+        check_device_access(
+            rotated_primary,
+            device_id="d1",
+            token=signed,
+            resource=resource,
+            now=1000,
+            established=True,
+        )
+    assert "keys changed" in info.value.message
+    # A channel opened with a policy token (token None) only needs the device enabled.
+    assert code(rotated_primary, token=None) is None
+    # On open, the hub's max lifetime applies.
+    with pytest.raises(DevstreamError) as info:
+        check_device_access(
+            current, device_id="d1", token=signed, resource=resource, now=1000, max_lifetime=60
+        )
+    assert info.value.code is ErrorCode.UNAUTHORIZED and "60 s" in info.value.message

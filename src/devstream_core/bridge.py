@@ -19,7 +19,8 @@ A stream's life, with its legal transitions in :data:`TRANSITIONS`::
      ENDED           ENDED           ENDED      ENDED           ENDED
 
     replace (a side resumes while still attached) leaves HALF, PAIRED and HELD as they are;
-    confirm (a side's connection proved itself, see below) leaves every state as it is.
+    confirm (a side's connection proved itself, see below) leaves every state as it is;
+    revoke (the device lost its right to stream: disabled or deleted) ends every live state.
 
 ``drop`` and ``resume`` exist only for ``devstream.v1`` streams: a paired side whose WebSocket
 ended without a close is *held* for ``grace_period`` seconds while its peer stays attached, and
@@ -72,6 +73,9 @@ Rules:
   cancelled (:meth:`Bridge.cancel`): before pairing, it ends at once as if its tokens had
   expired (``expire`` in the table), and a side that joined is closed with
   ``PEER_NEVER_CONNECTED``.
+* :meth:`Bridge.revoke_device` ends every live stream of a device at once (it was disabled
+  or deleted): each attached side is reset with the given code (:class:`StreamRevoked`), a
+  held side cannot resume (``NOT_FOUND``), and the stream tokens not yet used are worthless.
 * Memory is bounded: at most ``max_streams`` live streams, used stream-token nonces only within
   their tokens' lifetime, and resume nonces (one per join or resume, plus at most one
   previous token and its connection per role) only within their stream's life.
@@ -113,6 +117,7 @@ __all__ = [
     "SideHeld",
     "StreamExpired",
     "StreamInput",
+    "StreamRevoked",
     "StreamState",
 ]
 
@@ -159,6 +164,8 @@ class StreamInput(IdentityEnum):
     RESUME = "resume"
     #: An attached side came back with its resume token on a new connection.
     REPLACE = "replace"
+    #: The stream's device may no longer stream (disabled or deleted).
+    REVOKE = "revoke"
 
 
 #: The legal transitions; any pair missing here is a bug in the bridge.
@@ -179,6 +186,11 @@ TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
     (StreamState.HELD, StreamInput.EXPIRE): StreamState.ENDED,
     (StreamState.BOTH_HELD, StreamInput.RESUME): StreamState.HELD,
     (StreamState.BOTH_HELD, StreamInput.EXPIRE): StreamState.ENDED,
+    (StreamState.WAITING, StreamInput.REVOKE): StreamState.ENDED,
+    (StreamState.HALF, StreamInput.REVOKE): StreamState.ENDED,
+    (StreamState.PAIRED, StreamInput.REVOKE): StreamState.ENDED,
+    (StreamState.HELD, StreamInput.REVOKE): StreamState.ENDED,
+    (StreamState.BOTH_HELD, StreamInput.REVOKE): StreamState.ENDED,
 }
 
 #: The states of a stream whose two sides have joined (whether attached or held).
@@ -279,7 +291,19 @@ class ResetPeer:
     code: ErrorCode
 
 
-BridgeEvent = ClosePeer | CloseLoneSide | StreamExpired | SideHeld | ResetPeer
+@dataclass(frozen=True, kw_only=True)
+class StreamRevoked:
+    """Stream ``stream_id`` of device ``device_id`` ended because the device may no longer
+    stream; reset each of its attached ``connection_ids`` with ``code`` (``DEVICE_DISABLED``
+    or ``DEVICE_NOT_FOUND``)."""
+
+    stream_id: str
+    device_id: str
+    connection_ids: tuple[int, ...]
+    code: ErrorCode
+
+
+BridgeEvent = ClosePeer | CloseLoneSide | StreamExpired | SideHeld | ResetPeer | StreamRevoked
 
 
 @dataclass(kw_only=True)
@@ -644,6 +668,29 @@ class Bridge:
         return [
             SideHeld(stream_id=stream_id, role=role, connection_id=connection_id, deadline=deadline)
         ]
+
+    def revoke_device(self, *, device_id: str, code: ErrorCode, now: float) -> list[BridgeEvent]:
+        """Device ``device_id`` may no longer stream (``code``: it was disabled or deleted):
+        end every live stream of it, whatever its state.
+
+        Returns one :class:`StreamRevoked` per stream, naming its attached connections (none
+        for a stream nobody joined yet, or whose sides are both held). Afterwards a join or a
+        resume of these streams gets ``NOT_FOUND``. Looks at every live stream once.
+        """
+        _check_now(now)
+        events: list[BridgeEvent] = []
+        for stream in [s for s in self._streams.values() if s.device_id == device_id]:
+            self._move(stream, StreamInput.REVOKE)
+            self._end(stream)
+            events.append(
+                StreamRevoked(
+                    stream_id=stream.stream_id,
+                    device_id=device_id,
+                    connection_ids=tuple(stream.sides.values()),
+                    code=code,
+                )
+            )
+        return events
 
     # -- time ------------------------------------------------------------------------------
 

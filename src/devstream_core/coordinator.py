@@ -4,8 +4,12 @@ What the coordinator knows: which devices are online (a control channel that has
 the stream names each registered, and every stream request sent to a device and not yet
 answered, with its response deadline. It gives each request a request id and a stream id.
 
-What it does not know: the registry (whether a device exists or is disabled), credentials (the
-caller checks the service's SAS token before :meth:`Coordinator.initiate`), sockets, or the
+It also knows until when each control channel's credential holds (the expiry of the SAS
+token that opened it, given by the caller in the caller's clock): a channel is online only
+until then.
+
+What it does not know: the registry (whether a device exists or is disabled), how credentials
+are checked (the caller checks the device's and the service's SAS tokens), sockets, or the
 clock. Every input takes ``now``; every output is an event or a deadline
 (:meth:`Coordinator.next_deadline`) that the caller arms and answers with
 :meth:`Coordinator.advance`.
@@ -24,6 +28,10 @@ Rules:
   ``THROTTLED``, and a message that names the limit. A request leaves the count when it is
   answered, times out, fails with its connection, or is withdrawn by the caller
   (:meth:`~Coordinator.withdraw`: it could not be sent); the capacity is back at once.
+* A control channel whose credential expired is not online: from ``now >= expires_at`` no
+  request goes to it, and :meth:`~Coordinator.advance` returns :class:`CredentialsExpired`
+  (close it) followed by ``InitiationFailed(DEVICE_NOT_ONLINE)`` for each of its pending
+  requests. The caller's device client renews its token and reconnects before then.
 * Memory is bounded: at most ``max_pending_per_device`` pending requests per device, and at most
   :data:`MAX_REGISTERED_NAMES` names per device.
 """
@@ -43,6 +51,7 @@ __all__ = [
     "WILDCARD_NAME",
     "Coordinator",
     "CoordinatorEvent",
+    "CredentialsExpired",
     "DeviceReplaced",
     "ForgetRequest",
     "InitiationAccepted",
@@ -131,6 +140,17 @@ class DeviceReplaced:
     connection_id: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class CredentialsExpired:
+    """The credential of control connection ``connection_id`` expired; close it with
+    ``code`` (``UNAUTHORIZED``) and ``message``."""
+
+    device_id: str
+    connection_id: int
+    code: ErrorCode = ErrorCode.UNAUTHORIZED
+    message: str = "SAS token expired"
+
+
 CoordinatorEvent = (
     SendStreamRequest
     | InitiationAccepted
@@ -138,6 +158,7 @@ CoordinatorEvent = (
     | InitiationFailed
     | ForgetRequest
     | DeviceReplaced
+    | CredentialsExpired
 )
 
 
@@ -201,8 +222,38 @@ class Coordinator:
         #: place and skipped when they surface.
         self._deadlines: list[tuple[float, int, str]] = []
         self._counter = 0
+        #: connection id -> when its credential expires, for every channel opened and not yet
+        #: ended; and (expiry, connection id, device id) as a heap (stale entries are skipped).
+        self._credentials: dict[int, float] = {}
+        self._expiries: list[tuple[float, int, str]] = []
 
     # -- device side -----------------------------------------------------------------------
+
+    def channel_opened(
+        self, *, device_id: str, connection_id: int, expires_at: float, now: float
+    ) -> list[CoordinatorEvent]:
+        """Control connection ``connection_id`` of ``device_id`` opened with a credential that
+        holds until ``expires_at`` (the SAS token's expiry, in the clock of ``now``).
+
+        From ``now >= expires_at`` the connection is not online, and :meth:`advance` closes it
+        (:class:`CredentialsExpired`); :meth:`next_deadline` includes the expiry (a credential
+        already expired is closed by the next :meth:`advance`). The expiry is forgotten when
+        the connection ends or is replaced (:class:`DeviceReplaced`: the caller closes it
+        anyway). Returns ``[]``. A connection that registers without being opened here has no
+        expiry.
+        """
+        _check_now(now)
+        _check_text("device id", device_id)
+        if not isinstance(expires_at, (int, float)) or math.isnan(expires_at):
+            raise _argument_invalid("expires_at must be a number")
+        if connection_id in self._credentials or connection_id in self._connections:
+            raise _argument_invalid("connection already opened")
+        self._credentials[connection_id] = expires_at
+        heapq.heappush(self._expiries, (expires_at, connection_id, device_id))
+        if len(self._expiries) > 2 * len(self._credentials) + 64:
+            self._expiries = [e for e in self._expiries if not self._is_stale_expiry(e)]
+            heapq.heapify(self._expiries)
+        return []
 
     def device_registered(
         self, *, device_id: str, connection_id: int, names: Sequence[str], now: float
@@ -250,12 +301,14 @@ class Coordinator:
         never registered, or were replaced, are ignored.
         """
         _check_now(now)
+        self._credentials.pop(connection_id, None)
         if connection_id not in self._connections:
             return []
         return self._drop_connection(connection_id)
 
     def _drop_connection(self, connection_id: int) -> list[CoordinatorEvent]:
         connection = self._connections.pop(connection_id)
+        self._credentials.pop(connection_id, None)
         if self._online.get(connection.device_id) == connection_id:
             del self._online[connection.device_id]
         events: list[CoordinatorEvent] = []
@@ -344,6 +397,8 @@ class Coordinator:
         number = self._counter
         request_id = str(number)
         connection_id = self._online.get(device_id)
+        if connection_id is not None and not self._credential_holds(connection_id, now):
+            connection_id = None  # expired: advance() closes it
         if connection_id is None:
             return [
                 InitiationFailed(
@@ -415,18 +470,33 @@ class Coordinator:
     # -- time ------------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        """The earliest response deadline of a pending request, or None when none waits."""
+        """The earliest response deadline of a pending request or credential expiry of a
+        control connection, or None when there is none."""
         self._drop_stale_heads()
-        return self._deadlines[0][0] if self._deadlines else None
+        heads = [heap[0][0] for heap in (self._deadlines, self._expiries) if heap]
+        return min(heads) if heads else None
 
     def advance(self, now: float) -> list[CoordinatorEvent]:
-        """Time is ``now``: fail every request whose deadline is ``<= now``.
+        """Time is ``now``: close every connection whose credential expired and fail every
+        request whose deadline is ``<= now``.
 
-        Each gives ``InitiationFailed(DEVICE_RESPONSE_TIMEOUT)`` followed by
-        :class:`ForgetRequest` for its control connection, earliest deadline first.
+        An expired connection gives :class:`CredentialsExpired`, followed by
+        ``InitiationFailed(DEVICE_NOT_ONLINE)`` for each of its pending requests, oldest first.
+        Then each request past its deadline gives ``InitiationFailed(DEVICE_RESPONSE_TIMEOUT)``
+        followed by :class:`ForgetRequest` for its control connection, earliest deadline first.
         """
         _check_now(now)
         events: list[CoordinatorEvent] = []
+        while self._expiries and self._expiries[0][0] <= now:
+            entry = heapq.heappop(self._expiries)
+            if self._is_stale_expiry(entry):
+                continue
+            _, connection_id, device_id = entry
+            events.append(CredentialsExpired(device_id=device_id, connection_id=connection_id))
+            if connection_id in self._connections:
+                events.extend(self._drop_connection(connection_id))
+            else:
+                del self._credentials[connection_id]
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, request_id = heapq.heappop(self._deadlines)
             pending = self._pending.get(request_id)
@@ -475,9 +545,18 @@ class Coordinator:
         if connection is not None:
             connection.pending.pop(pending.request_id, None)
 
+    def _credential_holds(self, connection_id: int, now: float) -> bool:
+        expires_at = self._credentials.get(connection_id)
+        return expires_at is None or now < expires_at
+
+    def _is_stale_expiry(self, entry: tuple[float, int, str]) -> bool:
+        return self._credentials.get(entry[1]) != entry[0]
+
     def _drop_stale_heads(self) -> None:
         while self._deadlines and self._deadlines[0][2] not in self._pending:
             heapq.heappop(self._deadlines)
+        while self._expiries and self._is_stale_expiry(self._expiries[0]):
+            heapq.heappop(self._expiries)
 
     def _compact(self) -> None:
         # Lazy deletion leaves entries of answered requests behind; rebuild the heap when

@@ -47,12 +47,14 @@ __all__ = [
     "MAX_SAS_TOKEN_LENGTH",
     "SAS_CACHE_SIZE",
     "SAS_PREFIX",
+    "SAS_RENEW_FRACTION",
     "ConnectionString",
     "SasToken",
     "SasVerifier",
     "device_resource",
     "make_sas_token",
     "parse_sas_token",
+    "sas_renewal_time",
     "sign",
     "verify_sas_token",
 ]
@@ -400,6 +402,28 @@ class ConnectionString:
 # --- SAS tokens ------------------------------------------------------------------------------
 
 
+#: The share of a SAS token's lifetime after which a client that holds a connection open with
+#: it (a device's control channel) renews it: the hub closes the connection at the expiry.
+SAS_RENEW_FRACTION = 0.85
+
+
+def sas_renewal_time(
+    *, issued_at: float, expiry: float, fraction: float = SAS_RENEW_FRACTION
+) -> float:
+    """When a client should replace a SAS token signed at *issued_at* that expires at *expiry*
+    (both in the same clock, Unix seconds for a token's ``se``): *fraction* of the way there,
+    so that a new connection is up well before the hub closes the old one at the expiry.
+
+    Raises :class:`LocalProtocolError` (``ARGUMENT_INVALID``) unless ``0 < fraction < 1`` and
+    ``issued_at < expiry``.
+    """
+    if not 0 < fraction < 1:
+        raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "fraction must be between 0 and 1")
+    if not issued_at < expiry:
+        raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "a token must expire after it is made")
+    return issued_at + fraction * (expiry - issued_at)
+
+
 def device_resource(host_name: str, device_id: str) -> str:
     """The resource a device token is scoped to: ``host/devices/{id}`` (not url-encoded)."""
     return f"{host_name}/devices/{device_id}"
@@ -462,7 +486,7 @@ def make_sas_token(*, resource: str, key: str, expiry: int, policy_name: str | N
     return token
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SasToken:
     """A parsed SAS token. ``sr`` and ``sig`` are kept exactly as written in the token.
 
@@ -574,7 +598,12 @@ def _resource_covers(token_resource: str, expected: str) -> bool:
 
 
 def verify_sas_token(
-    token: SasToken | str, *, keys: Sequence[str], resource: str, now: float
+    token: SasToken | str,
+    *,
+    keys: Sequence[str],
+    resource: str,
+    now: float,
+    max_lifetime: float | None = None,
 ) -> SasToken:
     """Check *token* against the hub's expected *resource* and the identity's *keys*.
 
@@ -583,8 +612,12 @@ def verify_sas_token(
     device's primary and secondary key). The signature is compared after url-decoding, so a
     client that did not url-encode ``sig`` is accepted too. Returns the parsed token.
 
+    *max_lifetime* (seconds, None: no limit) is the furthest into the future ``se`` may lie:
+    a token with ``se > now + max_lifetime`` is refused, however well signed.
+
     Raises :class:`CredentialError` (``UNAUTHORIZED``) when the token is malformed, expired
-    (``now >= se``), for another resource, or not signed by any of *keys*; raises
+    (``now >= se``), lives too long (above), for another resource, or not signed by any of
+    *keys*; raises
     :class:`LocalProtocolError` (``ARGUMENT_INVALID``) when *keys* is empty or holds a key that
     is not base64.
     """
@@ -598,6 +631,7 @@ def verify_sas_token(
     parsed = parse_sas_token(token) if isinstance(token, str) else token
     if not now < parsed.se:  # written so that a NaN clock counts as expired
         raise CredentialError(ErrorCode.UNAUTHORIZED, "SAS token expired")
+    _check_lifetime(parsed, now, max_lifetime)
     if not _resource_covers(parsed.resource, resource):
         raise CredentialError(ErrorCode.UNAUTHORIZED, "SAS token is for another resource")
     # sr and se are printable ASCII (checked by SasToken), so this encoding cannot fail.
@@ -611,6 +645,15 @@ def verify_sas_token(
     if not matched:
         raise CredentialError(ErrorCode.UNAUTHORIZED, "SAS token signature does not match")
     return parsed
+
+
+def _check_lifetime(token: SasToken, now: float, max_lifetime: float | None) -> None:
+    if max_lifetime is not None and token.se > now + max_lifetime:
+        raise CredentialError(
+            ErrorCode.UNAUTHORIZED,
+            f"SAS token expiry (se) is more than {max_lifetime:g} s away, the longest this "
+            "hub accepts: sign tokens with a shorter lifetime",
+        )
 
 
 #: How many verified SAS tokens a :class:`SasVerifier` remembers (the oldest go first).
@@ -651,10 +694,18 @@ class SasVerifier:
         return parse_sas_token(text)
 
     def verify(
-        self, text: str, token: SasToken, *, keys: Sequence[str], resource: str, now: float
+        self,
+        text: str,
+        token: SasToken,
+        *,
+        keys: Sequence[str],
+        resource: str,
+        now: float,
+        max_lifetime: float | None = None,
     ) -> None:
         """Check *token* (parsed from *text*) as :func:`verify_sas_token` does; remember it
         when it passes."""
+        _check_lifetime(token, now, max_lifetime)
         digest = _token_digest(text)
         entry = self._verified.get(digest)
         if (
@@ -665,7 +716,7 @@ class SasVerifier:
             and now < token.se  # written so that a NaN clock counts as expired
         ):
             return
-        verify_sas_token(token, keys=keys, resource=resource, now=now)
+        verify_sas_token(token, keys=keys, resource=resource, now=now, max_lifetime=max_lifetime)
         self._verified.pop(digest, None)
         if len(self._verified) >= self._size:
             del self._verified[next(iter(self._verified))]

@@ -82,6 +82,8 @@ class ErrorCode(enum.IntEnum):
     DEVICE_ALREADY_EXISTS = 409001
     #: Another hub holds the data folder's lock (``devstream hub`` refuses to start).
     DATA_FOLDER_IN_USE = 409901
+    #: ``If-Match`` names an etag that is not the current one (Azure ``PreconditionFailed``).
+    PRECONDITION_FAILED = 412002
     #: A request body, control message or frame is larger than the limit.
     PAYLOAD_TOO_LARGE = 413901
     #: The request headers are larger than the limit.
@@ -149,6 +151,7 @@ MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.REQUEST_TIMEOUT: "request headers not received in time",
     ErrorCode.DEVICE_ALREADY_EXISTS: "device already exists",
     ErrorCode.DATA_FOLDER_IN_USE: "the data folder is in use by another hub",
+    ErrorCode.PRECONDITION_FAILED: "If-Match does not match the current etag",
     ErrorCode.PAYLOAD_TOO_LARGE: "payload too large",
     ErrorCode.HEADERS_TOO_LARGE: "request headers too large",
     ErrorCode.UPGRADE_REQUIRED: "this path only accepts WebSocket connections",

@@ -19,6 +19,15 @@ Rules:
 * Anything wrong in a body is a :class:`RemoteProtocolError`: ``PAYLOAD_TOO_LARGE`` for a body
   over the cap, ``INVALID_JSON`` for bytes that are not one JSON object, ``ARGUMENT_INVALID``
   naming the bad field. Misuse of this API by the hub itself is a :class:`LocalProtocolError`.
+* A ``PUT`` goes ahead only if its ``If-Match`` allows it (:func:`check_put_precondition`):
+  without one it creates (an existing id is ``DEVICE_ALREADY_EXISTS``); ``*`` updates a device
+  that exists; an etag (or a list of them) updates the device only while one of them is its
+  current etag (``PRECONDITION_FAILED`` otherwise). Either form on an unknown id is
+  ``DEVICE_NOT_FOUND``: ``If-Match`` never creates.
+* A device's control channel lives only as long as the registry admits it
+  (:func:`check_device_access`): the device exists, is enabled, and the SAS token that opened
+  the channel verifies under the device's keys. The hub asks when the channel opens and again
+  whenever the device's record changes or goes; a ``No`` closes the channel.
 * A key never appears in an exception message or a ``repr``.
 """
 
@@ -32,7 +41,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Final
 
-from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from .credentials import SasToken, verify_sas_token
+from .errors import (
+    CredentialError,
+    DevstreamError,
+    ErrorCode,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 
 __all__ = [
     "ALL_PERMISSIONS",
@@ -47,6 +63,8 @@ __all__ = [
     "Device",
     "Permission",
     "Policy",
+    "check_device_access",
+    "check_put_precondition",
     "device_from_json",
     "device_to_json",
     "format_permissions",
@@ -386,6 +404,116 @@ def device_from_json(
         ),
         etag=_etag(random_bytes),
     )
+
+
+#: Longest ``If-Match`` value read (an etag is 22 characters; a list of a few fits easily).
+MAX_IF_MATCH_LENGTH: Final = 1024
+
+
+def _if_match_tags(if_match: str) -> list[str]:
+    """The entity tags of an ``If-Match`` value, their quotes taken off.
+
+    ``"a", "b"`` gives ``["a", "b"]``. A weak tag (``W/"a"``) never matches (``If-Match``
+    compares strongly, RFC 9110 section 13.1.1), so it is left out; a bare ``a`` (the etag as
+    the JSON shows it) is taken as ``"a"``.
+    """
+    tags = []
+    for part in if_match.split(","):
+        tag = part.strip()
+        if tag.startswith("W/"):
+            continue
+        if len(tag) >= 2 and tag[0] == tag[-1] == '"':
+            tag = tag[1:-1]
+        if tag:
+            tags.append(tag)
+    return tags
+
+
+def check_put_precondition(
+    *, device_id: str, existing: Device | None, if_match: str | None
+) -> None:
+    """Raise unless a ``PUT /devices/{device_id}`` with *if_match* may write now.
+
+    *existing* is the stored device (None: there is none); *if_match* the request's
+    ``If-Match`` value (None: no header). The rules:
+
+    * no ``If-Match``: create; an existing device is ``DEVICE_ALREADY_EXISTS``;
+    * ``*``: update a device that exists;
+    * one or more etags: update if one of them is the device's current etag, else
+      ``PRECONDITION_FAILED``;
+    * ``*`` or etags on an unknown id: ``DEVICE_NOT_FOUND`` (``If-Match`` never creates).
+
+    The errors are :class:`RemoteProtocolError`.
+    """
+    if if_match is None:
+        if existing is not None:
+            raise RemoteProtocolError(
+                ErrorCode.DEVICE_ALREADY_EXISTS,
+                f"device {device_id!r} already exists (send If-Match to update it)",
+            )
+        return
+    if existing is None:
+        raise RemoteProtocolError(
+            ErrorCode.DEVICE_NOT_FOUND,
+            f"device {device_id!r} not found (If-Match updates a device, it never creates one)",
+        )
+    if if_match.strip() == "*":
+        return
+    if len(if_match) > MAX_IF_MATCH_LENGTH or existing.etag not in _if_match_tags(if_match):
+        raise RemoteProtocolError(
+            ErrorCode.PRECONDITION_FAILED,
+            f"device {device_id!r} changed: If-Match does not name its current etag "
+            f"(read it again and retry)",
+        )
+
+
+def check_device_access(
+    device: Device | None,
+    *,
+    device_id: str,
+    token: SasToken | None,
+    resource: str,
+    now: float,
+    max_lifetime: float | None = None,
+    established: bool = False,
+) -> None:
+    """Raise unless *device*, the registry's record of *device_id* (None: there is none),
+    admits a control channel of that device opened with *token*.
+
+    *token* is the device SAS token that opens (or opened) the channel, checked against the
+    device's current keys for *resource* (``host/devices/{id}``) at *now*, as
+    :func:`~devstream_core.credentials.verify_sas_token` does (with *max_lifetime*); None
+    when the channel was opened with a policy token, checked elsewhere. In this order:
+
+    * no device: ``DEVICE_NOT_FOUND``;
+    * a token that does not verify: ``UNAUTHORIZED`` (with *established*, a channel already
+      open, the message says the device's keys changed);
+    * a disabled device: ``DEVICE_DISABLED``.
+
+    Asked when a channel opens, and again (*established*) whenever the device's record changes
+    or goes: a channel whose token no longer verifies (its key was replaced), whose device was
+    disabled or deleted, is closed with the error's code.
+    """
+    if device is None:
+        raise DevstreamError(ErrorCode.DEVICE_NOT_FOUND, f"device {device_id!r} not found")
+    if token is not None:
+        try:
+            verify_sas_token(
+                token,
+                keys=[device.primary_key, device.secondary_key],
+                resource=resource,
+                now=now,
+                max_lifetime=max_lifetime,
+            )
+        except CredentialError as exc:
+            if not established:
+                raise
+            raise CredentialError(
+                ErrorCode.UNAUTHORIZED,
+                "SAS token no longer valid: the device's keys changed",
+            ) from exc
+    if device.status != "enabled":
+        raise DevstreamError(ErrorCode.DEVICE_DISABLED, f"device {device_id!r} is disabled")
 
 
 def format_permissions(permissions: Permission) -> str:

@@ -15,7 +15,7 @@ import ssl
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from .device import DeviceClient
 from .framed import FramedStream
 from .hub import HubConfig, ensure_owner_policy, serve_hub, tune_gc_for_hub
 from .proxy import parse_forward, parse_map, serve_device_proxy, serve_service_proxy
-from .service import AnyStream, ServiceClient
+from .service import SAS_LIFETIME, AnyStream, ServiceClient
 from .store import RegistryStore
 
 __all__ = ["main"]
@@ -115,7 +115,7 @@ async def cmd_hub(args: argparse.Namespace) -> int:
                         port=port,
                         public_url=args.public_url,
                         ssl_context=ssl_context,
-                        config=HubConfig(),
+                        config=HubConfig(max_sas_lifetime=args.max_sas_lifetime),
                         task_status=task_status,
                     )
                 )
@@ -161,7 +161,12 @@ def _service(args: argparse.Namespace) -> ServiceClient:
     cs = _connection_string(args)
     if cs.device_id is not None:
         raise UsageError("this command needs a service connection string, not a device's")
-    return ServiceClient(cs, ssl_context=_ssl_context(args), http_proxy=_http_proxy(args))
+    return ServiceClient(
+        cs,
+        ssl_context=_ssl_context(args),
+        http_proxy=_http_proxy(args),
+        sas_lifetime=args.sas_lifetime,
+    )
 
 
 def _http_proxy(args: argparse.Namespace) -> str | None:
@@ -177,7 +182,12 @@ def _http_proxy(args: argparse.Namespace) -> str | None:
 def _device(args: argparse.Namespace, cs: ConnectionString) -> DeviceClient:
     if cs.device_id is None:
         raise UsageError("this command needs a device connection string, not a service's")
-    return DeviceClient(cs, ssl_context=_ssl_context(args), http_proxy=_http_proxy(args))
+    return DeviceClient(
+        cs,
+        ssl_context=_ssl_context(args),
+        http_proxy=_http_proxy(args),
+        sas_lifetime=args.sas_lifetime,
+    )
 
 
 def _print_device(device: dict[str, Any]) -> None:
@@ -368,6 +378,21 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 # -- main -------------------------------------------------------------------------------------
 
 
+def _seconds(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of seconds, at least *minimum*."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number of seconds >= {minimum}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
@@ -386,6 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="reach the hub through this HTTP CONNECT proxy, http://[user:pass@]host:port "
             "(default: $HTTPS_PROXY, honouring $NO_PROXY)",
         )
+        p.add_argument(
+            "--sas-lifetime",
+            type=_seconds(2),
+            default=SAS_LIFETIME,
+            metavar="SECONDS",
+            help="how long the SAS tokens it signs live (default %(default)s; at most the "
+            "hub's --max-sas-lifetime)",
+        )
 
     hub = sub.add_parser("hub", help="run a hub")
     hub.add_argument(
@@ -395,6 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--public-url", help="address clients use, e.g. https://hub.example.com")
     hub.add_argument("--tls-cert", help="certificate chain (PEM) to serve https/wss")
     hub.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
+    hub.add_argument(
+        "--max-sas-lifetime",
+        type=_seconds(1),
+        metavar="SECONDS",
+        help="refuse SAS tokens that expire further out than this (default: no limit; "
+        f"devstream's clients sign for {SAS_LIFETIME} s unless given --sas-lifetime)",
+    )
     hub.set_defaults(func=cmd_hub)
 
     cs = sub.add_parser("connection-string", help="print the hub's owner connection string")

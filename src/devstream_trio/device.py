@@ -17,9 +17,15 @@
   that cannot be joined, or that ends under its handler (``trio.BrokenResourceError``: the peer
   never came, was lost, or reset it), is logged in one line, without a traceback.
 * A request for a name with no handler is rejected with a reason the service can read.
+* The control channel's SAS token lives ``sas_lifetime`` seconds (an hour); at 85 % of that
+  (:func:`~devstream_core.credentials.sas_renewal_time`) the device opens a new channel with
+  a fresh token while the old one still takes requests, then closes the old one and
+  registers on the new one, well before the hub would close the old one at the expiry.
+  Streams run in their own tasks, outside any one channel's: they carry on across it.
 * The hub refusing the device itself (wrong key, unknown or disabled device) is not retried:
   ``serve`` raises the matching exception (``Unauthorized``, ``DeviceNotFound``,
-  ``DeviceDisabled``).
+  ``DeviceDisabled``). A channel the hub closes with 401002 once open (an expired token, a
+  key replaced) is reconnected with a fresh token, and ``serve`` raises if that is refused.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import trio
 
 from devstream_core import control
 from devstream_core.common import Role
-from devstream_core.credentials import ConnectionString
+from devstream_core.credentials import ConnectionString, sas_renewal_time
 from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
 
 from ._connect import HubAddress, Opener, connection_string_for, hub_opener
@@ -51,6 +57,7 @@ __all__ = ["DeviceClient", "Handler", "open_device"]
 
 log = logging.getLogger("devstream.device")
 
+#: How long the SAS token of each control channel lives, by default (seconds).
 SAS_LIFETIME = 3600
 
 #: What a device runs for each accepted stream.
@@ -74,6 +81,24 @@ class _SessionLost(Exception):
     """The control channel ended; reconnect."""
 
 
+@dataclasses.dataclass
+class _Channel:
+    """A control channel just opened (handshake done, nothing registered yet)."""
+
+    ws: WebSocket
+    #: When to renew its token, on the trio clock.
+    renew_at: float
+
+
+class _Renewal(Exception):
+    """The control channel's SAS token is due for renewal: go on with *successor*, a channel
+    already opened with a fresh token (or, if that failed, open one the usual way)."""
+
+    def __init__(self, successor: _Channel | None) -> None:
+        super().__init__("SAS token renewal")
+        self.successor = successor
+
+
 class DeviceClient:
     """A device's handle on a hub, holding a device connection string."""
 
@@ -91,8 +116,14 @@ class DeviceClient:
         opener: Opener | None = None,
         http_proxy: str | None = None,
         stream_options: StreamOptions | None = None,
+        sas_lifetime: int = SAS_LIFETIME,
     ) -> None:
         cs = connection_string_for(Role.DEVICE, connection_string)
+        if sas_lifetime < 2:
+            raise ValueError("sas_lifetime must be at least 2 seconds")
+        #: How long the SAS token of each control channel lives (a hub's
+        #: ``max_sas_lifetime`` may cap it).
+        self.sas_lifetime = sas_lifetime
         assert cs.device_id is not None
         self.connection_string = cs
         self.device_id: str = cs.device_id
@@ -129,6 +160,7 @@ class DeviceClient:
             raise ValueError("serve() needs at least one handler")
         started = False
         failures = 0
+        successor: _Channel | None = None
 
         def ready() -> None:
             nonlocal started, failures
@@ -142,7 +174,8 @@ class DeviceClient:
         async with trio.open_nursery() as streams:
             while True:
                 try:
-                    await self._session(handlers, streams, ready)
+                    channel, successor = successor, None
+                    await self._session(handlers, streams, ready, channel)
                 except HubError as exc:
                     if exc.code in PERMANENT:
                         fatal = exc
@@ -153,6 +186,13 @@ class DeviceClient:
                     log.info(
                         "device %r: control channel lost (%s); reconnecting", self.device_id, exc
                     )
+                except _Renewal as renewal:
+                    # Not a failure: on at once, on the channel opened with a fresh token
+                    # while the old one still served. The streams carry on in their own
+                    # nursery meanwhile.
+                    log.info("device %r: renewed its SAS token on a new channel", self.device_id)
+                    successor = renewal.successor
+                    continue
                 finally:
                     self.online = False
                 failures += 1
@@ -161,14 +201,16 @@ class DeviceClient:
         if fatal is not None:
             raise fatal
 
-    async def _session(
-        self,
-        handlers: Mapping[str, Handler],
-        streams: trio.Nursery,
-        ready: Callable[[], None],
-    ) -> None:
+    async def _open_channel(self) -> _Channel:
+        """Open a control channel with a fresh SAS token (the handshake; no Register yet)."""
         transport = await open_transport(self.address, self.ssl_context, self.opener)
-        token = self.connection_string.sas_token(expiry=int(self.wall_clock()) + SAS_LIFETIME)
+        issued_at = self.wall_clock()
+        expiry = int(issued_at) + self.sas_lifetime
+        token = self.connection_string.sas_token(expiry=expiry)
+        # The hub closes the channel at the token's expiry; reconnect with a new one before.
+        renew_at = trio.current_time() + (
+            sas_renewal_time(issued_at=issued_at, expiry=expiry) - issued_at
+        )
         try:
             ws = await websocket_connect(
                 transport,
@@ -186,12 +228,29 @@ class DeviceClient:
         except BaseException:
             await trio.aclose_forcefully(transport)
             raise
+        return _Channel(ws=ws, renew_at=renew_at)
+
+    async def _session(
+        self,
+        handlers: Mapping[str, Handler],
+        streams: trio.Nursery,
+        ready: Callable[[], None],
+        channel: _Channel | None = None,
+    ) -> None:
+        """Serve one control channel (*channel*, or one opened now) until it ends."""
+        if channel is None:
+            channel = await self._open_channel()
+        ws = channel.ws
         machine = control.DeviceControl()
+        # Filled by the keepalive when the token is due: the successor channel, or None.
+        renewal: list[_Channel | None] = []
         try:
             # The reader's error leaves the nursery by hand (trio would wrap it in a group).
             failure: ConnectionClosed | DevstreamError | None = None
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keepalive, ws, nursery.cancel_scope)
+                nursery.start_soon(
+                    self._keepalive, ws, nursery.cancel_scope, channel.renew_at, renewal
+                )
                 try:
                     await ws.send_text(machine.send(control.Register(names=tuple(handlers))))
                     await self._read_loop(ws, machine, handlers, streams, ready)
@@ -199,10 +258,19 @@ class DeviceClient:
                     failure = exc
                     nursery.cancel_scope.cancel()
             if failure is not None:
+                if renewal and renewal[0] is not None:
+                    await renewal[0].ws.abort()
                 raise failure
+            if renewal:
+                raise _Renewal(renewal[0])
             raise _SessionLost("no answer to keepalive pings")
         except ConnectionClosed as exc:
             code, message = parse_close_reason(exc.reason)
+            if code is ErrorCode.UNAUTHORIZED:
+                # The hub closed a channel it had let in: its token expired (this clock runs
+                # behind the hub's) or the device's keys changed. A fresh token settles the
+                # first; the second is refused at the next connect, which ends serve().
+                raise _SessionLost(f"{message} (error {int(code)})") from None
             if code is not None:
                 raise error_for(code, message) from None
             raise _SessionLost(f"closed {exc.code} {exc.reason}".rstrip()) from None
@@ -259,14 +327,32 @@ class DeviceClient:
                         message.message,
                     )
 
-    async def _keepalive(self, ws: WebSocket, scope: trio.CancelScope) -> None:
+    async def _keepalive(
+        self,
+        ws: WebSocket,
+        scope: trio.CancelScope,
+        renew_at: float,
+        renewal: list[_Channel | None],
+    ) -> None:
         # Ping every ping_interval; give up the moment the hub has been silent for
-        # ping_interval + ping_timeout (not at the next ping, which could be later).
+        # ping_interval + ping_timeout (not at the next ping, which could be later). At
+        # renew_at, open the next channel with a fresh token while this one still serves
+        # requests, then end this one (renewal holds the next, or None if it failed).
         next_ping = trio.current_time() + self.ping_interval
         while True:
             give_up_at = ws.last_received + self.ping_interval + self.ping_timeout
-            await trio.sleep_until(min(next_ping, give_up_at))
+            await trio.sleep_until(min(next_ping, give_up_at, renew_at))
             now = trio.current_time()
+            if now >= renew_at:
+                try:
+                    successor: _Channel | None = await self._open_channel()
+                except (DevstreamError, OSError) as exc:
+                    # The serve loop opens one the usual way, and reports what goes wrong.
+                    log.info("device %r: cannot open a new channel yet: %s", self.device_id, exc)
+                    successor = None
+                renewal.append(successor)
+                scope.cancel()
+                return
             if now >= ws.last_received + self.ping_interval + self.ping_timeout:
                 scope.cancel()
                 return
@@ -339,6 +425,7 @@ async def open_device(
     opener: Opener | None = None,
     http_proxy: str | None = None,
     stream_options: StreamOptions | None = None,
+    sas_lifetime: int = SAS_LIFETIME,
 ) -> AsyncIterator[DeviceClient]:
     """A :class:`DeviceClient` for the block; call ``serve`` on it to go online."""
     yield DeviceClient(
@@ -349,4 +436,5 @@ async def open_device(
         opener=opener,
         http_proxy=http_proxy,
         stream_options=stream_options,
+        sas_lifetime=sas_lifetime,
     )

@@ -8,7 +8,12 @@ The hub drives the sans-IO core (``Coordinator``, ``Bridge``, ``HubControl``) fr
   deadlines back in, so every timeout is a core decision; the same task drops control channels
   that went silent (one heap of checks for all of them, not a watchdog task each);
 * time for the core is ``trio.current_time()`` (so tests run on an autojump clock); SAS
-  expiry uses the wall clock passed in (``wall_clock``), since SAS ``se`` is a Unix time.
+  expiry uses the wall clock passed in (``wall_clock``), since SAS ``se`` is a Unix time. A
+  control channel's token expiry is handed to the coordinator on the timer's clock, and the
+  coordinator's deadline closes the channel;
+* a registry change (a key replaced, a device disabled or deleted) asks the registry's
+  ``check_device_access`` again for each of the device's channels, and revokes the device's
+  streams in the bridge when the device may no longer connect.
 
 A failure on one connection never reaches another: every handler catches what its peer causes
 and answers it with the documented error code.
@@ -41,6 +46,7 @@ from devstream_core.common import Role
 from devstream_core.coordinator import (
     Coordinator,
     CoordinatorEvent,
+    CredentialsExpired,
     DeviceReplaced,
     ForgetRequest,
     InitiationAccepted,
@@ -62,6 +68,8 @@ from devstream_core.registry import (
     Device,
     Permission,
     Policy,
+    check_device_access,
+    check_put_precondition,
     device_from_json,
     device_to_json,
     format_permissions,
@@ -174,6 +182,12 @@ class HubConfig:
     #: The least time between two log lines about refused connections, or about failed
     #: ``accept`` calls; each line gives the count since the last one.
     limit_log_interval: float = 10.0
+    #: The longest a SAS token may still have to live when it is presented (its ``se`` at
+    #: most this many seconds from now), for devices and services alike; a token signed for
+    #: longer is refused with 401002. None (the default, as in Azure): no limit. devstream's
+    #: clients sign tokens for an hour (``sas_lifetime``): a limit below that needs clients
+    #: with a shorter ``sas_lifetime``.
+    max_sas_lifetime: float | None = None
 
 
 #: Descriptors :func:`default_max_connections` leaves for everything but served connections.
@@ -208,8 +222,20 @@ class _Session:
     connection_id: int
     ws: WebSocket
     machine: control.HubControl
+    #: When the SAS token that opened it expires, in ``trio.current_time()``'s clock.
+    expires_at: float
+    #: That token, if it was the device's own (checked again when the device changes); None
+    #: when it was a policy's.
+    device_token: SasToken | None
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     close_code: ErrorCode | None = None
+    close_message: str | None = None
+
+    def close(self, code: ErrorCode, message: str | None = None) -> None:
+        """End the channel: its task tells the device *code* (and *message*) and closes."""
+        self.close_code = code
+        self.close_message = message
+        self.cancel_scope.cancel()
 
     async def send(self, message: control.ControlMessage) -> None:
         await self.ws.send_text(self.machine.send(message))
@@ -263,6 +289,9 @@ class Hub:
         self._idle_checks = CheckHeap()
         self._outcomes: dict[str, _Outcome] = {}
         self._next_connection_id = 0
+        #: Held by every registry write (PUT, DELETE of a device), so that an If-Match is
+        #: checked against the etag its write replaces.
+        self._registry_writes = trio.Lock()
         self._timer_wakeup = trio.Event()
         #: When the timer wakes up on its own (the earliest deadline when it went to sleep).
         self._timer_alarm = math.inf
@@ -335,8 +364,14 @@ class Hub:
             elif isinstance(event, DeviceReplaced):
                 session = self._sessions.get(event.connection_id)
                 if session is not None:
-                    session.close_code = ErrorCode.DEVICE_NOT_ONLINE
-                    session.cancel_scope.cancel()
+                    session.close(ErrorCode.DEVICE_NOT_ONLINE)
+            elif isinstance(event, CredentialsExpired):
+                session = self._sessions.get(event.connection_id)
+                if session is not None:
+                    log.info(
+                        "control channel %d: SAS token expired; closing it", event.connection_id
+                    )
+                    session.close(event.code, event.message)
 
     # -- connections -------------------------------------------------------------------------
 
@@ -526,6 +561,7 @@ class Hub:
                 keys=[policy.primary_key, policy.secondary_key],
                 resource=self.host_name,
                 now=self.wall_clock(),
+                max_lifetime=self.config.max_sas_lifetime,
             )
         except DevstreamError as exc:
             raise HttpError(ErrorCode.UNAUTHORIZED, exc.message) from exc
@@ -550,7 +586,13 @@ class Hub:
 
     def _verify(self, token: SasToken, keys: list[str], resource: str) -> None:
         try:
-            verify_sas_token(token, keys=keys, resource=resource, now=self.wall_clock())
+            verify_sas_token(
+                token,
+                keys=keys,
+                resource=resource,
+                now=self.wall_clock(),
+                max_lifetime=self.config.max_sas_lifetime,
+            )
         except DevstreamError as exc:
             raise HttpError(ErrorCode.UNAUTHORIZED, exc.message) from exc
 
@@ -577,39 +619,78 @@ class Hub:
             )
             return
         await self._authorize_policy(request, Permission.REGISTRY_WRITE)
-        if request.method == b"DELETE":
-            if not await self.store.delete_device(route.device_id):
-                raise HttpError(ErrorCode.DEVICE_NOT_FOUND, f"device {route.device_id!r} not found")
-            self._disconnect_device(route.device_id, ErrorCode.DEVICE_NOT_FOUND)
-            await http.send_response(204)
-            return
-        existing = await self.store.get_device(route.device_id)
-        if existing is not None and request.header(b"if-match") is None:
-            raise HttpError(
-                ErrorCode.DEVICE_ALREADY_EXISTS,
-                f"device {route.device_id!r} already exists (send If-Match: * to update it)",
-            )
-        try:
-            device = device_from_json(
-                request.body or b"{}",
-                device_id=route.device_id,
-                random_bytes=self.random_bytes(96),
-                existing=existing,
-            )
-        except DevstreamError as exc:
-            raise HttpError(exc.code, exc.message) from exc
-        await self.store.put_device(device)
-        if device.status != "enabled":
-            self._disconnect_device(device.device_id, ErrorCode.DEVICE_DISABLED)
+        # One write at a time: an If-Match is checked against the etag the write replaces.
+        async with self._registry_writes:
+            if request.method == b"DELETE":
+                if not await self.store.delete_device(route.device_id):
+                    raise HttpError(
+                        ErrorCode.DEVICE_NOT_FOUND, f"device {route.device_id!r} not found"
+                    )
+                self._device_changed(route.device_id, None)
+                await http.send_response(204)
+                return
+            existing = await self.store.get_device(route.device_id)
+            raw_if_match = request.header(b"if-match")
+            try:
+                check_put_precondition(
+                    device_id=route.device_id,
+                    existing=existing,
+                    if_match=None if raw_if_match is None else raw_if_match.decode("latin-1"),
+                )
+                device = device_from_json(
+                    request.body or b"{}",
+                    device_id=route.device_id,
+                    random_bytes=self.random_bytes(96),
+                    existing=existing,
+                )
+            except DevstreamError as exc:
+                raise HttpError(exc.code, exc.message) from exc
+            await self.store.put_device(device)
+            self._device_changed(device.device_id, device)
         await http.send_json(
             200, device_to_json(device, connected=self.coordinator.is_online(device.device_id))
         )
 
-    def _disconnect_device(self, device_id: str, code: ErrorCode) -> None:
+    def _device_changed(self, device_id: str, device: Device | None) -> None:
+        """The registry's record of *device_id* changed to *device* (None: deleted).
+
+        Every control channel of the device is asked again whether it may stay open (the
+        registry's :func:`check_device_access`: its token verifies under the device's keys,
+        the device exists and is enabled), and closed with the error if not. A device
+        disabled or deleted loses its streams too: the bridge ends them, and their sides are
+        reset with the same error at once.
+        """
+        now = self.wall_clock()
+        resource = device_resource(self.host_name, device_id)
         for session in list(self._sessions.values()):
-            if session.device_id == device_id:
-                session.close_code = code
-                session.cancel_scope.cancel()
+            if session.device_id != device_id:
+                continue
+            try:
+                check_device_access(
+                    device,
+                    device_id=device_id,
+                    token=session.device_token,
+                    resource=resource,
+                    now=now,
+                    established=True,
+                )
+            except DevstreamError as exc:
+                log.info("control channel %d: %s; closing it", session.connection_id, exc.message)
+                session.close(exc.code, exc.message)
+                # Offline from now on, not when its task gets to run: no request goes to it.
+                self._dispatch(
+                    self.coordinator.device_disconnected(
+                        connection_id=session.connection_id, now=trio.current_time()
+                    )
+                )
+        try:
+            check_device_access(device, device_id=device_id, token=None, resource=resource, now=now)
+        except DevstreamError as exc:
+            self.streaming.handle(
+                self.bridge.revoke_device(
+                    device_id=device_id, code=exc.code, now=trio.current_time()
+                )
+            )
 
     # -- initiate ----------------------------------------------------------------------------
 
@@ -832,18 +913,19 @@ class Hub:
                 )
             await self._device_or_error(route.device_id)
         else:
-            device = await self.store.get_device(route.device_id)
-            if device is None:
-                raise HttpError(ErrorCode.DEVICE_NOT_FOUND, f"device {route.device_id!r} not found")
-            self._verify(
-                token,
-                [device.primary_key, device.secondary_key],
-                device_resource(self.host_name, route.device_id),
-            )
-            if device.status != "enabled":
-                raise HttpError(
-                    ErrorCode.DEVICE_DISABLED, f"device {route.device_id!r} is disabled"
+            try:
+                check_device_access(
+                    await self.store.get_device(route.device_id),
+                    device_id=route.device_id,
+                    token=token,
+                    resource=device_resource(self.host_name, route.device_id),
+                    now=self.wall_clock(),
+                    max_lifetime=self.config.max_sas_lifetime,
                 )
+            except DevstreamError as exc:
+                raise HttpError(exc.code, exc.message) from exc
+        # The channel lives until its token expires: se is Unix time, the timer's clock is not.
+        expires_at = trio.current_time() + (token.se - self.wall_clock())
         offered = request.subprotocols
         ws = await http.accept_websocket(
             request,
@@ -856,6 +938,8 @@ class Hub:
             connection_id=connection_id,
             ws=ws,
             machine=control.HubControl(max_message_size=self.config.max_control_message_size),
+            expires_at=expires_at,
+            device_token=None if token.skn is not None else token,
         )
 
     async def _run_control_channel(self, session: _Session) -> None:
@@ -868,6 +952,13 @@ class Hub:
         connection_id = session.connection_id
         ws = session.ws
         self._sessions[connection_id] = session
+        self.coordinator.channel_opened(
+            device_id=session.device_id,
+            connection_id=connection_id,
+            expires_at=session.expires_at,
+            now=trio.current_time(),
+        )
+        self._wake()  # its expiry is a deadline of the coordinator's
         self._check_idle_at(ws.last_received + self.config.control_idle_timeout, connection_id)
         self.metrics.control_connections_total += 1
         log.info("device %r connected (control channel %d)", session.device_id, connection_id)
@@ -883,8 +974,9 @@ class Hub:
                 except DevstreamError as exc:
                     log.info("control channel %d: %s", connection_id, exc.message)
                     close_code = exc.code
+            close_message: str | None = None
             if session.close_code is not None:
-                close_code = session.close_code
+                close_code, close_message = session.close_code, session.close_message
         finally:
             del self._sessions[connection_id]
             self._dispatch(
@@ -902,10 +994,10 @@ class Hub:
                     # poisoned and would refuse to send the error that explains why.
                     await ws.send_text(
                         control.encode_message(
-                            control.ErrorMessage(code=int(close_code), message=close_code.message)
+                            control.ErrorMessage.from_code(close_code, close_message)
                         )
                     )
-                await ws.aclose(close_code.close_code, close_reason_for(close_code))
+                await ws.aclose(close_code.close_code, close_reason_for(close_code, close_message))
         else:
             await ws.aclose(timeout=self.config.close_timeout)
 

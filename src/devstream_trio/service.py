@@ -54,9 +54,8 @@ __all__ = ["API_VERSION", "AnyStream", "ServiceClient", "join_stream", "open_ser
 AnyStream = HubStream | FramedStream
 
 API_VERSION = "2020-09-30"
+#: How long the SAS tokens a client signs live, by default (seconds).
 SAS_LIFETIME = 3600
-#: A SAS token is reused for requests until this much of its lifetime is left.
-SAS_RENEW_BEFORE = SAS_LIFETIME / 2
 
 
 class ServiceClient:
@@ -72,8 +71,13 @@ class ServiceClient:
         http_proxy: str | None = None,
         nursery: trio.Nursery | None = None,
         stream_options: StreamOptions | None = None,
+        sas_lifetime: int = SAS_LIFETIME,
     ) -> None:
         cs = connection_string_for(Role.SERVICE, connection_string)
+        if sas_lifetime < 2:
+            raise ValueError("sas_lifetime must be at least 2 seconds")
+        #: How long each SAS token it signs lives (a hub's ``max_sas_lifetime`` may cap it).
+        self.sas_lifetime = sas_lifetime
         self.connection_string = cs
         self.address = HubAddress.from_connection_string(cs)
         self.ssl_context = ssl_context
@@ -95,8 +99,9 @@ class ServiceClient:
         lifetime (signing one costs about as much as the rest of a request's head)."""
         now = self.wall_clock()
         token, expiry = self._sas
-        if not expiry - SAS_LIFETIME <= now < expiry - SAS_RENEW_BEFORE:
-            expiry = int(now) + SAS_LIFETIME
+        lifetime = self.sas_lifetime
+        if not expiry - lifetime <= now < expiry - lifetime / 2:
+            expiry = int(now) + lifetime
             token = self.connection_string.sas_token(expiry=expiry)
             self._sas = (token, expiry)
         return ("authorization", token)
@@ -465,6 +470,7 @@ async def open_service(
     opener: Opener | None = None,
     http_proxy: str | None = None,
     stream_options: StreamOptions | None = None,
+    sas_lifetime: int = SAS_LIFETIME,
 ) -> AsyncIterator[ServiceClient]:
     """A :class:`ServiceClient` whose devstream.v1 streams live inside the block.
 
@@ -479,6 +485,7 @@ async def open_service(
                 http_proxy=http_proxy,
                 nursery=nursery,
                 stream_options=stream_options,
+                sas_lifetime=sas_lifetime,
             )
         finally:
             nursery.cancel_scope.cancel()

@@ -20,6 +20,10 @@ Two relays, chosen by the stream's mode at initiation:
   tries again with the same token. A held side that does not come back in time makes the hub
   send the waiting side a ``Reset`` frame (504902) and close it with 4504.
 
+When the hub revokes a device (disabled or deleted), the bridge ends its streams at once:
+each attached side of a devstream.v1 stream gets a ``Reset`` frame and a close with the code
+(403902 or 404001), a raw side the close.
+
 Before the first pairing nothing is read from a lone side, so no byte is dropped before both
 sides can hold the other's unacknowledged data.
 """
@@ -39,6 +43,7 @@ from devstream_core.bridge import (
     CloseLoneSide,
     ResetPeer,
     SideHeld,
+    StreamRevoked,
     StreamState,
 )
 from devstream_core.common import Role
@@ -72,7 +77,10 @@ class _RawSlot:
 
     sides: dict[int, WebSocket] = field(default_factory=dict)
     done: trio.Event = field(default_factory=trio.Event)
+    #: Why the hub ends the stream on its own (a peer that never came, a revoked device).
     lone_close: ErrorCode | None = None
+    #: The relay of the paired stream, once both sides are in (cancelled to end it).
+    relay_scope: trio.CancelScope | None = None
 
 
 @dataclass
@@ -135,7 +143,7 @@ class StreamingEndpoint:
     def handle(self, events: list[BridgeEvent]) -> None:
         """Act on what ``Bridge.advance`` returned."""
         for event in events:
-            if isinstance(event, (CloseLoneSide, ResetPeer)):
+            if isinstance(event, (CloseLoneSide, ResetPeer, StreamRevoked)):
                 self._end(event.stream_id, event.code)
 
     def next_idle_check(self) -> float | None:
@@ -172,7 +180,10 @@ class StreamingEndpoint:
         slot = self._raw.get(stream_id)
         if slot is not None:
             slot.lone_close = code
-            slot.done.set()
+            if slot.relay_scope is not None:
+                slot.relay_scope.cancel()  # its task closes both sides, then sets done
+            else:
+                slot.done.set()
         relay = self._framed.get(stream_id)
         if relay is not None:
             relay.ended = True
@@ -300,11 +311,18 @@ class StreamingEndpoint:
             if peer_id is not None:
                 peer = slot.sides[peer_id]
                 self.metrics.streams_total += 1
-                await self._relay_raw(ws, peer)
+                slot.relay_scope = trio.CancelScope()
+                with slot.relay_scope:
+                    await self._relay_raw(ws, peer)
+                if slot.lone_close is not None:
+                    # The hub ended the stream (its device was disabled or deleted).
+                    async with trio.open_nursery() as nursery:
+                        for side in (ws, peer):
+                            nursery.start_soon(self._close_quietly, side, slot.lone_close)
                 slot.done.set()
             else:
                 await slot.done.wait()
-                if slot.lone_close is not None:
+                if slot.lone_close is not None and slot.relay_scope is None:
                     await self._close_with(ws, slot.lone_close)
         finally:
             self._leave(stream_id, connection_id)
@@ -500,6 +518,13 @@ class StreamingEndpoint:
                 with contextlib.suppress(ConnectionClosed):
                     await ws.send_bytes(encode_frame(Reset(code=int(code), reason=code.message)))
             await ws.aclose(code.close_code, close_reason_for(code))
+
+    async def _close_quietly(self, ws: WebSocket, code: ErrorCode) -> None:
+        """:meth:`_close_with`, for a side whose connection may be broken already."""
+        with contextlib.suppress(
+            ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError
+        ):
+            await self._close_with(ws, code)
 
     def _leave(self, stream_id: str, connection_id: int) -> None:
         # The bridge answers a paired side's leave with ClosePeer; the relays close both
