@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Sequence
 
 import h11
@@ -191,6 +192,44 @@ async def test_pipelined_requests_in_one_chunk(autojump_clock: trio.abc.Clock) -
     requests = await parse_in_chunks([GET + POST + CHUNKED])
     assert [r.method for r in requests] == [b"GET", b"POST", b"PUT"]
     assert [r.body for r in requests] == [b"", b'{"hello": "hub"}\n', b"hello hub"]
+
+
+#: A request whose body length is given twice (RFC 9112 §6.1), then a second request.
+BOTH_LENGTHS = (
+    b"GET /devices HTTP/1.1\r\nHost: hub.test\r\nContent-Length: 5\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+)
+
+
+async def answers(raw: bytes) -> list[int]:
+    """Send *raw* at once to a server that answers each request with ``204`` (and an error
+    with its response); return the statuses the client got before the server closed."""
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server)
+    await client.send_all(raw)
+    await client.send_eof()
+    try:
+        await serve_all(http)
+    except HttpError as exc:
+        await http.send_error(exc.code, exc.message)
+    await server.aclose()
+    got = await receive_until_eof(client)
+    return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", got)]
+
+
+async def test_a_request_with_both_body_lengths_is_refused_and_the_connection_closed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The pipelined request after it is never answered: the connection closes.
+    assert await answers(BOTH_LENGTHS + GET) == [400]
+    client, server = trio.testing.memory_stream_pair()
+    await client.send_all(BOTH_LENGTHS)
+    error = await refuse(client, HttpServerConnection(server), ErrorCode.MALFORMED_REQUEST)
+    assert "Content-Length and Transfer-Encoding" in error.message
+
+
+async def test_pipelined_requests_are_each_answered(autojump_clock: trio.abc.Clock) -> None:
+    assert await answers(GET + POST + CHUNKED) == [204, 204, 204]
 
 
 @pytest.mark.parametrize(

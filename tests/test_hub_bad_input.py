@@ -462,6 +462,26 @@ async def test_malformed_http(env: HubEnv, autojump_clock: trio.abc.Clock, data:
     await assert_serving(env)
 
 
+async def test_a_request_with_both_body_lengths_closes_the_connection(
+    env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    # RFC 9112 §6.1: the pipelined request after it is never answered.
+    both = (
+        b"GET /healthz HTTP/1.1\r\nhost: hub.test\r\ncontent-length: 5\r\n"
+        b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    with trio.fail_after(10):
+        stream = await env.open(HUB)
+        await stream.send_all(both + b"GET /healthz HTTP/1.1\r\nhost: hub.test\r\n\r\n")
+        answer = bytearray()
+        while chunk := await stream.receive_some():
+            answer += chunk
+    assert answer.count(b"HTTP/1.1 ") == 1
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b'"errorCode": 400901' in answer
+    await assert_serving(env)
+
+
 @pytest.mark.parametrize("target", ["/bridges/x", "/devices/probe/streams"])
 async def test_plain_get_to_a_websocket_path(
     env: HubEnv, autojump_clock: trio.abc.Clock, target: str

@@ -193,7 +193,11 @@ class HttpServerConnection:
     async def next_request(self) -> HttpRequest | None:
         """Read the next request; None when the client closed or idled out between requests.
 
-        Raises :class:`HttpError` for a malformed, oversized or too slow request.
+        Raises :class:`HttpError` for a malformed, oversized or too slow request. A request
+        whose body length is given twice, by ``Content-Length`` and by ``Transfer-Encoding``,
+        is refused too (``MALFORMED_REQUEST``): RFC 9112 §6.1 has the server close such a
+        connection after answering, since a proxy in front may have cut the bytes into
+        requests differently.
         """
         if self._done:
             return None
@@ -260,6 +264,11 @@ class HttpServerConnection:
             if isinstance(event, h11.Request):
                 request = event
                 headers = list(event.headers)  # h11 gives names lower-cased
+                if _has_fields(headers, b"content-length", b"transfer-encoding"):
+                    raise HttpError(
+                        ErrorCode.MALFORMED_REQUEST,
+                        "a request with both Content-Length and Transfer-Encoding",
+                    )
                 # h11 only bounds a head that is still incomplete; one that arrived whole in a
                 # single read is measured here.
                 if (
@@ -411,6 +420,12 @@ class HttpServerConnection:
             trailing, _ = self.conn.trailing_data
         ws = WsConnection(ConnectionType.SERVER)
         return WebSocket(self.stream, ws, subprotocol=subprotocol, initial_data=bytes(trailing))
+
+
+def _has_fields(headers: Headers, *names: bytes) -> bool:
+    """True when *headers* hold a field of each of *names*."""
+    present = {name for name, _ in headers}
+    return all(name in present for name in names)
 
 
 def _parse_upgrade(data: bytes | bytearray, limit: int) -> tuple[HttpRequest, int] | None:
