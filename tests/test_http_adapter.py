@@ -594,15 +594,97 @@ async def test_server_keeps_frames_sent_with_the_request(autojump_clock: trio.ab
     assert b"sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head
 
 
-async def test_upgrade_without_key_is_malformed(autojump_clock: trio.abc.Clock) -> None:
-    _, http, request = await received(
-        b"GET /bridges/s1 HTTP/1.1\r\nHost: hub.test\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    assert request.is_websocket_upgrade
+async def answer_to(parts: Sequence[bytes]) -> tuple[HttpError, h11.Response, bytes]:
+    """Send *parts* one read each to a server connection that refuses the request it reads;
+    return its error, the response the client got (parsed by h11) and the response's body."""
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server)
+    for part in parts:
+        await client.send_all(part)
+        await trio.testing.wait_all_tasks_blocked()
+    with pytest.raises(HttpError) as info:
+        await http.next_request()
+    await http.send_error(info.value.code, info.value.message)
+    await server.aclose()
+    reply = h11.Connection(h11.CLIENT)
+    reply.send(h11.Request(method="GET", target="/", headers=[("host", "h")]))
+    reply.send(h11.EndOfMessage())
+    reply.receive_data(await receive_until_eof(client))
+    reply.receive_data(b"")
+    response = reply.next_event()
+    assert isinstance(response, h11.Response)
+    body = reply.next_event()
+    assert isinstance(body, h11.Data)
+    assert isinstance(reply.next_event(), h11.EndOfMessage)
+    assert isinstance(reply.next_event(), h11.ConnectionClosed)  # and nothing after it
+    return info.value, response, bytes(body.data)
+
+
+#: Upgrade requests the hub refuses (RFC 6455 §4.2.1), each with the code it answers.
+BAD_UPGRADES = {
+    "key-not-base64": (
+        UPGRADE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"not-base64!!"),
+        ErrorCode.MALFORMED_REQUEST,
+    ),
+    "key-of-3-bytes": (
+        UPGRADE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"AAAA"),
+        ErrorCode.MALFORMED_REQUEST,
+    ),
+    "no-key": (
+        UPGRADE.replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b""),
+        ErrorCode.MALFORMED_REQUEST,
+    ),
+    "key-twice": (
+        UPGRADE.replace(b"Version", b"Key: AAAAAAAAAAAAAAAAAAAAAA==\r\nSec-WebSocket-Version"),
+        ErrorCode.MALFORMED_REQUEST,
+    ),
+    "post": (UPGRADE.replace(b"GET", b"POST"), ErrorCode.MALFORMED_REQUEST),
+    "http-1.0": (UPGRADE.replace(b"HTTP/1.1", b"HTTP/1.0"), ErrorCode.MALFORMED_REQUEST),
+    "version-8": (
+        UPGRADE.replace(b"Version: 13", b"Version: 8"),
+        ErrorCode.WEBSOCKET_VERSION_UNSUPPORTED,
+    ),
+    "no-version": (
+        UPGRADE.replace(b"Sec-WebSocket-Version: 13\r\n", b""),
+        ErrorCode.WEBSOCKET_VERSION_UNSUPPORTED,
+    ),
+}
+
+
+@pytest.mark.parametrize("reads", [1, 2], ids=["one-read", "two-reads"])
+@pytest.mark.parametrize("case", list(BAD_UPGRADES))
+async def test_a_bad_upgrade_request_is_refused_whichever_way_it_is_read(
+    autojump_clock: trio.abc.Clock, case: str, reads: int
+) -> None:
+    # One read: the hub's own reader takes what it can; two reads: h11 reads it.
+    raw, code = BAD_UPGRADES[case]
+    parts = [raw] if reads == 1 else [raw[:30], raw[30:]]
+    error, response, body = await answer_to(parts)
+    assert error.code is code
+    assert response.status_code == code.http_status
+    assert json.loads(body)["errorCode"] == int(code)
+    headers = [(bytes(k), bytes(v)) for k, v in response.headers]
+    assert (b"connection", b"close") in headers or (b"connection", b"close, upgrade") in headers
+    if code.http_status == 426:
+        # What the hub requires (RFC 9110 §15.5.22, RFC 6455 §4.2.2).
+        assert (b"upgrade", b"websocket") in headers
+        assert (b"sec-websocket-version", b"13") in headers
+        assert (b"connection", b"close, upgrade") in headers
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [(b"Connection: Upgrade", b"Connection: x"), (b"websocket", b"h2c")]
+)
+async def test_a_request_that_does_not_ask_for_a_websocket_gets_no_101(
+    autojump_clock: trio.abc.Clock, field: bytes, value: bytes
+) -> None:
+    # It does not ask for a WebSocket (the hub answers it as a plain request, or 426 on a
+    # WebSocket path); answering it with a 101 is refused.
+    _, http, request = await received(UPGRADE.replace(field, value))
+    assert not request.is_websocket_upgrade
     with pytest.raises(HttpError) as info:
         await http.accept_websocket(request)
-    assert info.value.code is ErrorCode.MALFORMED_REQUEST
+    assert info.value.code is ErrorCode.UPGRADE_REQUIRED
 
 
 async def test_refused_handshake_raises_http_status_error(autojump_clock: trio.abc.Clock) -> None:

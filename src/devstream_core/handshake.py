@@ -1,0 +1,140 @@
+"""The WebSocket opening handshake's decisions (RFC 6455 §4): which upgrade request the hub
+answers with a ``101``.
+
+The checks read the header fields as an HTTP parser hands them over: names lower-cased,
+values without their surrounding spaces and tabs. How the bytes were parsed (h11, or a plain
+reader held to h11's reading) is the adapter's business; what the fields must say is decided
+here, once, for every I/O layer.
+
+The hub (:func:`check_request`) takes an upgrade request only if it is
+
+1. a ``GET`` (RFC 6455 §4.2.1 item 1);
+2. of HTTP/1.1 or later (item 1);
+3. with exactly one ``Host`` (item 2);
+4. with ``websocket`` among the tokens of its ``Upgrade`` fields (item 3; else 426901);
+5. with ``upgrade`` among the tokens of its ``Connection`` fields (item 4; else 426901);
+6. with one ``Sec-WebSocket-Version`` field, ``13`` (item 6; else 426902, and the answer
+   says ``Sec-WebSocket-Version: 13``);
+7. with one ``Sec-WebSocket-Key`` field, the base64 of 16 bytes (item 5).
+
+Rules every change must keep:
+
+* A list field (``Connection``, a request's ``Upgrade``) is read across all its lines, as
+  RFC 9110 §5.3 joins them. A field read as one value (the key, the version) must come once:
+  repeated, it is refused, since the joined value (``a, b``) is never a valid one.
+* A refusal is a :class:`RemoteProtocolError` whose code is the error the hub answers with.
+  A message never echoes a key or a value.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Sequence
+from typing import Final
+
+from .errors import ErrorCode, RemoteProtocolError
+
+__all__ = [
+    "WEBSOCKET_VERSION",
+    "accept_token",
+    "asks_for_websocket",
+    "check_request",
+]
+
+#: The only WebSocket version devstream speaks (RFC 6455).
+WEBSOCKET_VERSION: Final = b"13"
+#: What RFC 6455 §1.3 appends to a key before hashing it into the accept value.
+_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+Fields = Sequence[tuple[bytes, bytes]]
+
+
+def accept_token(key: bytes) -> bytes:
+    """The ``Sec-WebSocket-Accept`` value for a ``Sec-WebSocket-Key``."""
+    return base64.b64encode(hashlib.sha1(key + _GUID).digest())
+
+
+def _tokens(fields: Fields, name: bytes) -> list[bytes]:
+    """The comma-separated tokens of every *name* field, stripped and lower-cased."""
+    return [
+        token.strip(b" \t").lower()
+        for key, value in fields
+        if key == name
+        for token in value.split(b",")
+    ]
+
+
+def _single(fields: Fields, name: bytes) -> bytes | None:
+    """The value of the one *name* field; None if there is none.
+
+    Raises ``LookupError`` if there are several.
+    """
+    values = [value for key, value in fields if key == name]
+    if len(values) > 1:
+        raise LookupError(name)
+    return values[0] if values else None
+
+
+def asks_for_websocket(fields: Fields) -> bool:
+    """True when a request's ``Upgrade`` names ``websocket`` and its ``Connection``
+    ``upgrade``: it asks to open a WebSocket (whether it may is :func:`check_request`'s)."""
+    return b"websocket" in _tokens(fields, b"upgrade") and b"upgrade" in _tokens(
+        fields, b"connection"
+    )
+
+
+def check_request(method: bytes, http_version: bytes, fields: Fields) -> bytes:
+    """The key of an upgrade request the hub may answer with a ``101``.
+
+    Raises :class:`RemoteProtocolError` with the code to answer with: ``MALFORMED_REQUEST``,
+    ``UPGRADE_REQUIRED`` or ``WEBSOCKET_VERSION_UNSUPPORTED`` (see the module's list).
+    """
+    if method != b"GET":
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED_REQUEST, "a WebSocket handshake must be a GET"
+        )
+    if http_version != b"1.1":
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED_REQUEST, "a WebSocket handshake needs HTTP/1.1"
+        )
+    try:
+        host = _single(fields, b"host")
+        version = _single(fields, b"sec-websocket-version")
+        key = _single(fields, b"sec-websocket-key")
+    except LookupError as exc:
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED_REQUEST,
+            f"a WebSocket handshake has one {_field_name(exc.args[0])} field",
+        ) from None
+    if host is None:
+        raise RemoteProtocolError(ErrorCode.MALFORMED_REQUEST, "a WebSocket handshake needs a Host")
+    if not asks_for_websocket(fields):
+        raise RemoteProtocolError(
+            ErrorCode.UPGRADE_REQUIRED,
+            "a WebSocket handshake needs Upgrade: websocket and Connection: Upgrade",
+        )
+    if version != WEBSOCKET_VERSION:
+        raise RemoteProtocolError(ErrorCode.WEBSOCKET_VERSION_UNSUPPORTED)
+    if key is None or not _is_key(key):
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED_REQUEST, "Sec-WebSocket-Key must be the base64 of 16 bytes"
+        )
+    return key
+
+
+def _is_key(key: bytes) -> bool:
+    """True when *key* is the base64 (with its padding) of 16 bytes."""
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except binascii.Error:
+        return False
+
+
+def _field_name(name: bytes) -> str:
+    """A field's name as RFC 6455 spells it (for messages)."""
+    return "-".join(
+        "WebSocket" if part == "websocket" else part.capitalize()
+        for part in name.decode().split("-")
+    )
