@@ -18,6 +18,7 @@ from devstream_core.handshake import (
     accept_token,
     asks_for_websocket,
     check_request,
+    check_response,
 )
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -210,3 +211,108 @@ def test_the_version_refusal_names_the_version_the_hub_speaks() -> None:
     assert WEBSOCKET_VERSION == b"13"
     assert ErrorCode.WEBSOCKET_VERSION_UNSUPPORTED.http_status == 426
     assert "13" in ErrorCode.WEBSOCKET_VERSION_UNSUPPORTED.message
+
+
+# -- a client's checks of a 101 ---------------------------------------------------------------
+
+ANSWER: Fields = [
+    (b"upgrade", b"websocket"),
+    (b"connection", b"Upgrade"),
+    (b"sec-websocket-accept", accept_token(KEY)),
+]
+OFFERED = ["devstream.v1", "devstream.control.v1"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "chosen"),
+    [
+        (ANSWER, None),
+        ([*ANSWER, (b"sec-websocket-protocol", b"devstream.control.v1")], "devstream.control.v1"),
+        (replaced(ANSWER, b"upgrade", b"WebSocket"), None),
+        (replaced(ANSWER, b"connection", b"keep-alive, upgrade"), None),
+        (replaced(ANSWER, b"connection", b"keep-alive", b"Upgrade"), None),
+        ([*ANSWER, (b"x-other", b"kept")], None),
+    ],
+    ids=["plain", "subprotocol", "upgrade-case", "connection-token", "connection-lines", "extra"],
+)
+def test_a_good_101_is_taken(fields: Fields, chosen: str | None) -> None:
+    assert check_response(fields, key=KEY, subprotocols=OFFERED) == chosen
+
+
+@pytest.mark.parametrize(
+    ("fields", "offered", "words"),
+    [
+        (without(ANSWER, b"upgrade"), OFFERED, "Upgrade: websocket"),
+        (replaced(ANSWER, b"upgrade", b"h2c"), OFFERED, "Upgrade: websocket"),
+        (replaced(ANSWER, b"upgrade", b"websocket, h2c"), OFFERED, "Upgrade: websocket"),
+        (replaced(ANSWER, b"upgrade", b"websocket", b"websocket"), OFFERED, "one Upgrade"),
+        (without(ANSWER, b"connection"), OFFERED, "Connection: Upgrade"),
+        (replaced(ANSWER, b"connection", b"keep-alive"), OFFERED, "Connection: Upgrade"),
+        (without(ANSWER, b"sec-websocket-accept"), OFFERED, "Sec-WebSocket-Accept"),
+        (
+            replaced(ANSWER, b"sec-websocket-accept", accept_token(b"another key")),
+            OFFERED,
+            "Sec-WebSocket-Accept",
+        ),
+        (
+            replaced(ANSWER, b"sec-websocket-accept", accept_token(KEY), accept_token(KEY)),
+            OFFERED,
+            "one Sec-WebSocket-Accept",
+        ),
+        (
+            [*ANSWER, (b"sec-websocket-protocol", b"evil.v9")],
+            OFFERED,
+            "Sec-WebSocket-Protocol",
+        ),
+        (
+            [*ANSWER, (b"sec-websocket-protocol", b"devstream.v1")],
+            [],
+            "Sec-WebSocket-Protocol",
+        ),
+        (
+            [*ANSWER, (b"sec-websocket-protocol", b"DEVSTREAM.V1")],
+            OFFERED,
+            "Sec-WebSocket-Protocol",
+        ),
+        (
+            [*ANSWER, (b"sec-websocket-protocol", b"devstream.v1, devstream.control.v1")],
+            OFFERED,
+            "Sec-WebSocket-Protocol",
+        ),
+        (
+            ANSWER + [(b"sec-websocket-protocol", b"devstream.v1")] * 2,
+            OFFERED,
+            "one Sec-WebSocket-Protocol",
+        ),
+        (
+            [*ANSWER, (b"sec-websocket-extensions", b"permessage-deflate")],
+            OFFERED,
+            "Sec-WebSocket-Extensions",
+        ),
+        ([*ANSWER, (b"sec-websocket-extensions", b"")], OFFERED, "Sec-WebSocket-Extensions"),
+    ],
+    ids=[
+        "no-upgrade",
+        "upgrade-h2c",
+        "upgrade-list",
+        "upgrade-twice",
+        "no-connection",
+        "connection-keep-alive",
+        "no-accept",
+        "wrong-accept",
+        "accept-twice",
+        "protocol-not-offered",
+        "protocol-when-none-offered",
+        "protocol-other-case",
+        "protocol-list",
+        "protocol-twice",
+        "extension",
+        "empty-extension",
+    ],
+)
+def test_every_check_of_a_101_refuses(fields: Fields, offered: list[str], words: str) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        check_response(fields, key=KEY, subprotocols=offered)
+    assert info.value.code is ErrorCode.HUB_UNREACHABLE
+    assert info.value.message.startswith("bad answer to the WebSocket handshake: ")
+    assert words in info.value.message

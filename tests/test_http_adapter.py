@@ -562,6 +562,86 @@ async def test_client_rejects_a_wrong_accept_value(autojump_clock: trio.abc.Cloc
     assert "Sec-WebSocket-Accept" in info.value.message
 
 
+#: A good answer to the upgrade; ``ACCEPT`` stands for the accept value of the client's key.
+GOOD_101 = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: ACCEPT\r\n\r\n"
+)
+#: Answers that break RFC 6455 §4.1 for a client that offered ``devstream.v1``, each with
+#: the words its error names.
+BAD_101S = {
+    "no-upgrade-no-connection-unoffered-protocol": (
+        b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: ACCEPT\r\n"
+        b"Sec-WebSocket-Protocol: evil.v9\r\n\r\n",
+        "Upgrade: websocket",
+    ),
+    "no-upgrade": (GOOD_101.replace(b"Upgrade: websocket\r\n", b""), "Upgrade: websocket"),
+    "upgrade-h2c": (GOOD_101.replace(b"Upgrade: websocket", b"Upgrade: h2c"), "Upgrade"),
+    "no-connection": (GOOD_101.replace(b"Connection: Upgrade\r\n", b""), "Connection"),
+    "no-accept": (GOOD_101.replace(b"Sec-WebSocket-Accept: ACCEPT\r\n", b""), "Accept"),
+    "accept-twice": (
+        GOOD_101.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Accept: ACCEPT\r\n\r\n"),
+        "Accept",
+    ),
+    "unoffered-protocol": (
+        GOOD_101.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Protocol: evil.v9\r\n\r\n"),
+        "Sec-WebSocket-Protocol",
+    ),
+    "unoffered-extension": (
+        GOOD_101.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"),
+        "Sec-WebSocket-Extensions",
+    ),
+}
+
+
+async def answering_server(server_stream: trio.abc.Stream, answer: bytes) -> None:
+    """Read an upgrade request; send *answer* with its ``ACCEPT`` the right accept value."""
+    request = await HttpServerConnection(server_stream).next_request()
+    assert request is not None
+    key = request.header(b"sec-websocket-key")
+    assert key is not None
+    await server_stream.send_all(answer.replace(b"ACCEPT", accept_token(key)))
+
+
+@pytest.mark.parametrize("reader", ["plain", "h11"])
+@pytest.mark.parametrize("case", list(BAD_101S))
+async def test_client_refuses_a_101_that_breaks_the_handshake(
+    autojump_clock: trio.abc.Clock, case: str, reader: str
+) -> None:
+    answer, words = BAD_101S[case]
+    if reader == "h11":
+        # A head that ends with a bare line feed is left to h11 by the client's own reader.
+        answer = answer.replace(b"\r\n\r\n", b"\r\n\n")
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answering_server, server_stream, answer)
+            with pytest.raises(DevstreamError) as info:
+                await websocket_connect(
+                    client_stream, host="hub.test", target="/s", subprotocols=["devstream.v1"]
+                )
+    assert info.value.code is ErrorCode.HUB_UNREACHABLE
+    assert info.value.message.startswith("bad answer to the WebSocket handshake: ")
+    assert words in info.value.message
+
+
+@pytest.mark.parametrize("reader", ["plain", "h11"])
+async def test_client_takes_a_good_101_either_way(
+    autojump_clock: trio.abc.Clock, reader: str
+) -> None:
+    answer = GOOD_101.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Protocol: devstream.v1\r\n\r\n")
+    if reader == "h11":
+        answer = answer.replace(b"\r\n\r\n", b"\r\n\n")
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answering_server, server_stream, answer)
+            ws = await websocket_connect(
+                client_stream, host="hub.test", target="/s", subprotocols=["x", "devstream.v1"]
+            )
+    assert ws.subprotocol == "devstream.v1"
+
+
 async def test_client_keeps_frames_sent_with_the_101(autojump_clock: trio.abc.Clock) -> None:
     client_stream, server_stream = trio.testing.memory_stream_pair()
     server_ws = WsConnection(ConnectionType.SERVER)

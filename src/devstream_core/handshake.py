@@ -1,7 +1,7 @@
 """The WebSocket opening handshake's decisions (RFC 6455 §4): which upgrade request the hub
-answers with a ``101``.
+answers with a ``101``, and which ``101`` a client takes.
 
-The checks read the header fields as an HTTP parser hands them over: names lower-cased,
+Both sides read the header fields as an HTTP parser hands them over: names lower-cased,
 values without their surrounding spaces and tabs. How the bytes were parsed (h11, or a plain
 reader held to h11's reading) is the adapter's business; what the fields must say is decided
 here, once, for every I/O layer.
@@ -17,13 +17,28 @@ The hub (:func:`check_request`) takes an upgrade request only if it is
    says ``Sec-WebSocket-Version: 13``);
 7. with one ``Sec-WebSocket-Key`` field, the base64 of 16 bytes (item 5).
 
+A client (:func:`check_response`) takes a ``101`` (the status is the caller's check: any
+other answer is a refusal it reports with the hub's error) only if it has
+
+1. one ``Upgrade`` field, ``websocket`` in any case (RFC 6455 §4.1, rule 2 of reading the
+   answer);
+2. ``upgrade`` among the tokens of its ``Connection`` fields (rule 3);
+3. one ``Sec-WebSocket-Accept`` field, the one its key asks for (rule 4);
+4. no ``Sec-WebSocket-Extensions`` field: devstream's client offers no extension (rule 5);
+5. at most one ``Sec-WebSocket-Protocol`` field, naming one of the subprotocols the client
+   offered, spelled as offered (rule 6).
+
 Rules every change must keep:
 
 * A list field (``Connection``, a request's ``Upgrade``) is read across all its lines, as
-  RFC 9110 §5.3 joins them. A field read as one value (the key, the version) must come once:
-  repeated, it is refused, since the joined value (``a, b``) is never a valid one.
-* A refusal is a :class:`RemoteProtocolError` whose code is the error the hub answers with.
-  A message never echoes a key or a value.
+  RFC 9110 §5.3 joins them. A field read as one value (the key, the version, the accept
+  value, the chosen subprotocol, a 101's ``Upgrade``) must come once: repeated, it is refused,
+  since the joined value (``a, b``) is never a valid one. (wsproto reads only the last line
+  of each; ``fuzz/fuzz_http_request.py`` and ``fuzz/fuzz_http_response.py`` hold these
+  functions to wsproto's decisions, with exactly these differences.)
+* A refusal is a :class:`RemoteProtocolError` whose code is the answer: on the hub, the
+  error the hub answers with; on a client, ``HUB_UNREACHABLE`` and a message naming the
+  field at fault. A message never echoes a key or a value.
 """
 
 from __future__ import annotations
@@ -41,6 +56,7 @@ __all__ = [
     "accept_token",
     "asks_for_websocket",
     "check_request",
+    "check_response",
 ]
 
 #: The only WebSocket version devstream speaks (RFC 6455).
@@ -132,9 +148,45 @@ def _is_key(key: bytes) -> bool:
         return False
 
 
+def check_response(fields: Fields, *, key: bytes, subprotocols: Sequence[str]) -> str | None:
+    """The subprotocol a ``101`` chose (None for none), if a client that sent *key* and
+    offered *subprotocols* (and no extension) may take it.
+
+    Raises :class:`RemoteProtocolError` (``HUB_UNREACHABLE``) naming the field at fault.
+    """
+    try:
+        upgrade = _single(fields, b"upgrade")
+        accept = _single(fields, b"sec-websocket-accept")
+        chosen = _single(fields, b"sec-websocket-protocol")
+    except LookupError as exc:
+        raise _bad_answer(f"more than one {_field_name(exc.args[0])} field") from None
+    if upgrade is None or upgrade.lower() != b"websocket":
+        raise _bad_answer("no Upgrade: websocket")
+    if b"upgrade" not in _tokens(fields, b"connection"):
+        raise _bad_answer("no Connection: Upgrade")
+    if accept is None:
+        raise _bad_answer("no Sec-WebSocket-Accept")
+    if accept != accept_token(key):
+        raise _bad_answer("a wrong Sec-WebSocket-Accept")
+    if any(name == b"sec-websocket-extensions" for name, _ in fields):
+        raise _bad_answer("a Sec-WebSocket-Extensions the client did not offer")
+    if chosen is None:
+        return None
+    for offered in subprotocols:
+        if chosen == offered.encode():
+            return offered
+    raise _bad_answer("a Sec-WebSocket-Protocol the client did not offer")
+
+
 def _field_name(name: bytes) -> str:
     """A field's name as RFC 6455 spells it (for messages)."""
     return "-".join(
         "WebSocket" if part == "websocket" else part.capitalize()
         for part in name.decode().split("-")
+    )
+
+
+def _bad_answer(problem: str) -> RemoteProtocolError:
+    return RemoteProtocolError(
+        ErrorCode.HUB_UNREACHABLE, f"bad answer to the WebSocket handshake: {problem}"
     )

@@ -608,6 +608,12 @@ async def websocket_connect(
     the client makes itself, and its parse of the answer, cost more than the rest of the
     handshake. Names, values and the target are checked as h11 would; any other answer (a
     refusal and its body, or a response these strict rules refuse) goes through h11.
+
+    A ``101`` that breaks RFC 6455 §4.1 (no ``Upgrade: websocket`` or ``Connection:
+    Upgrade``, a wrong ``Sec-WebSocket-Accept``, an extension or a subprotocol the client did
+    not offer; :func:`devstream_core.handshake.check_response` lists them) raises
+    :class:`~devstream_core.errors.RemoteProtocolError` with ``HUB_UNREACHABLE`` and a
+    message naming the field at fault.
     """
     key = base64.b64encode(nonce if nonce is not None else os.urandom(16))
     all_headers = [
@@ -646,16 +652,14 @@ async def websocket_connect(
             raise HttpStatusError(response)
         response_headers = response.headers
         trailing = bytes(conn.trailing_data[0])
-    response = HttpResponse(status=101, headers=response_headers)
-    if response.header(b"sec-websocket-accept") != accept_token(key):
-        raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "bad Sec-WebSocket-Accept from the hub")
-    chosen = response.header(b"sec-websocket-protocol")
+    # The same checks whichever way the 101 was read.
+    chosen = handshake.check_response(response_headers, key=key, subprotocols=subprotocols)
     ws = WsConnection(ConnectionType.CLIENT)
     return WebSocket(
         stream,
         ws,
-        subprotocol=chosen.decode() if chosen else None,
-        handshake_headers=response.headers,
+        subprotocol=chosen,
+        handshake_headers=response_headers,
         initial_data=trailing,
     )
 
