@@ -642,6 +642,18 @@ async def test_client_takes_a_good_101_either_way(
     assert ws.subprotocol == "devstream.v1"
 
 
+async def test_client_takes_an_interim_answer_as_a_refusal(autojump_clock: trio.abc.Clock) -> None:
+    # The first answer to the upgrade is the answer (RFC 6455 §4.1; wsproto reads it so).
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    answer = b"HTTP/1.1 100 Continue\r\n\r\n" + GOOD_101
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answering_server, server_stream, answer)
+            with pytest.raises(HttpStatusError) as info:
+                await websocket_connect(client_stream, host="hub.test", target="/s")
+    assert info.value.response.status == 100
+
+
 async def test_client_keeps_frames_sent_with_the_101(autojump_clock: trio.abc.Clock) -> None:
     client_stream, server_stream = trio.testing.memory_stream_pair()
     server_ws = WsConnection(ConnectionType.SERVER)

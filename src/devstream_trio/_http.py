@@ -522,8 +522,11 @@ def _error_from_body(response: HttpResponse) -> tuple[ErrorCode | None, str]:
 
 
 async def _read_response(
-    stream: trio.abc.Stream, conn: h11.Connection, max_body: int
+    stream: trio.abc.Stream, conn: h11.Connection, max_body: int, *, upgrade: bool = False
 ) -> tuple[h11.Response | h11.InformationalResponse, bytes]:
+    """The head and body of the response on *conn*. An interim ``1xx`` answer is skipped,
+    unless *upgrade* (the answer to a WebSocket handshake, where it is the answer: RFC 6455
+    §4.1 takes a status other than ``101`` as a refusal, and wsproto does the same)."""
     head: h11.Response | h11.InformationalResponse | None = None
     body = bytearray()
     while True:
@@ -538,7 +541,7 @@ async def _read_response(
                 raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
             conn.receive_data(bytes(data))
             continue
-        if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+        if isinstance(event, h11.InformationalResponse) and (upgrade or event.status_code == 101):
             return event, b""
         if isinstance(event, h11.Response):
             head = event
@@ -642,7 +645,7 @@ async def websocket_connect(
         conn.receive_data(received)
         if hung_up:
             conn.receive_data(b"")
-        head, content = await _read_response(stream, conn, 1024 * 1024)
+        head, content = await _read_response(stream, conn, 1024 * 1024, upgrade=True)
         response = HttpResponse(
             status=head.status_code,
             headers=[(bytes(k).lower(), bytes(v)) for k, v in head.headers],
