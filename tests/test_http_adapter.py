@@ -22,6 +22,7 @@ from wsproto.connection import Connection as WsConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import BytesMessage
 
+from devstream_core import handshake
 from devstream_core.errors import DevstreamError, ErrorCode
 from devstream_trio._http import (
     HttpError,
@@ -1163,6 +1164,32 @@ def test_fuzz_harness_fallback_loop(monkeypatch: pytest.MonkeyPatch) -> None:
         harness.run_fallback(2000, seed=1)
 
 
+def test_the_101_fuzz_harness_compares_decisions_with_wsproto(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    harness = HTTP_RESPONSE_HARNESS
+    taken = list(harness.TAKEN)
+    harness.run_fallback(300, seed=3)
+    # The client took answers, and wsproto took most of the same ones.
+    assert harness.TAKEN[0] - taken[0] >= 5
+    assert harness.TAKEN[1] - taken[1] >= 5
+
+    # A client that took a subprotocol it never offered would be caught.
+    check_response = handshake.check_response
+
+    def any_subprotocol(
+        fields: list[tuple[bytes, bytes]], *, key: bytes, subprotocols: Sequence[str]
+    ) -> str | None:
+        chosen = [v.decode() for k, v in fields if k == b"sec-websocket-protocol"]
+        rest = [f for f in fields if f[0] != b"sec-websocket-protocol"]
+        return check_response(rest, key=key, subprotocols=subprotocols) or (chosen or [None])[0]
+
+    monkeypatch.setattr(handshake, "check_response", any_subprotocol)
+    with pytest.raises(harness.Crash, match="sec-websocket-protocol") as info:
+        harness.run_fallback(0)
+    assert "unrecognized subprotocol" in str(info.value.__cause__)  # wsproto's refusal
+
+
 # --- the hub's reading of a plain upgrade request -------------------------------------------
 
 #: The fuzz harness for the hub's reader of an upgrade request, whose h11 reference these
@@ -1281,6 +1308,23 @@ def test_the_request_fuzz_harness_runs_and_catches_a_disagreement(
     )
     with pytest.raises(harness.Crash):
         harness.run_fallback(200, seed=1)
+
+
+def test_the_request_fuzz_harness_compares_decisions_with_wsproto(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    harness = HTTP_REQUEST_HARNESS
+    taken = list(harness.TAKEN)
+    harness.run_fallback(300, seed=3)
+    # The hub took handshakes, and wsproto took most of the same ones.
+    assert harness.TAKEN[0] - taken[0] >= 5
+    assert harness.TAKEN[1] - taken[1] >= 5
+
+    # A hub that took any Sec-WebSocket-Key (wsproto does) would be caught.
+    monkeypatch.setattr(handshake, "_is_key", lambda key: True)
+    with pytest.raises(harness.Crash, match="not-base64") as info:
+        harness.run_fallback(0)
+    assert "the hub took a handshake it must refuse" in str(info.value.__cause__)
 
 
 async def serve_one(

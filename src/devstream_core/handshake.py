@@ -17,8 +17,9 @@ The hub (:func:`check_request`) takes an upgrade request only if it is
    says ``Sec-WebSocket-Version: 13``);
 7. with one ``Sec-WebSocket-Key`` field, the base64 of 16 bytes (item 5).
 
-A client (:func:`check_response`) takes a ``101`` (the status is the caller's check: any
-other answer is a refusal it reports with the hub's error) only if it has
+A client (:func:`check_response`) takes a ``101`` (the status is the caller's check, rule 1
+of RFC 6455 §4.1: any other answer, an interim ``1xx`` included, is a refusal it reports
+with the hub's error) only if it has
 
 1. one ``Upgrade`` field, ``websocket`` in any case (RFC 6455 §4.1, rule 2 of reading the
    answer);
@@ -31,11 +32,17 @@ other answer is a refusal it reports with the hub's error) only if it has
 Rules every change must keep:
 
 * A list field (``Connection``, a request's ``Upgrade``) is read across all its lines, as
-  RFC 9110 §5.3 joins them. A field read as one value (the key, the version, the accept
-  value, the chosen subprotocol, a 101's ``Upgrade``) must come once: repeated, it is refused,
-  since the joined value (``a, b``) is never a valid one. (wsproto reads only the last line
-  of each; ``fuzz/fuzz_http_request.py`` and ``fuzz/fuzz_http_response.py`` hold these
-  functions to wsproto's decisions, with exactly these differences.)
+  RFC 9110 §5.3 joins them, its items separated by commas with spaces or tabs around them
+  (§5.6.1; any other character, whitespace or not, is part of an item). A field read as one
+  value (the key, the version, the accept value, the chosen subprotocol, a 101's
+  ``Upgrade``) must come once: repeated, it is refused, since the joined value (``a, b``) is
+  never a valid one.
+* Every check wsproto makes on a handshake is made here too. Where the decisions differ, it
+  is on purpose: wsproto reads only the last line of each field (and a request's ``Upgrade``
+  as one value, not a list), strips any whitespace around a list item, and asks only that a
+  key be there; the hub also refuses HTTP/1.0 and a key that is not the base64 of 16 bytes.
+  ``fuzz/fuzz_http_request.py`` and ``fuzz/fuzz_http_response.py`` hold these functions to
+  wsproto's decisions with exactly these differences.
 * A refusal is a :class:`RemoteProtocolError` whose code is the answer: on the hub, the
   error the hub answers with; on a client, ``HUB_UNREACHABLE`` and a message naming the
   field at fault. A message never echoes a key or a value.
@@ -72,22 +79,48 @@ def accept_token(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + _GUID).digest())
 
 
-def _tokens(fields: Fields, name: bytes) -> list[bytes]:
-    """The comma-separated tokens of every *name* field, stripped and lower-cased."""
-    return [
-        token.strip(b" \t").lower()
-        for key, value in fields
-        if key == name
-        for token in value.split(b",")
-    ]
+#: The fields a request's handshake reads, and those of a 101.
+_REQUEST_FIELDS = (
+    b"host",
+    b"upgrade",
+    b"connection",
+    b"sec-websocket-version",
+    b"sec-websocket-key",
+)
+_RESPONSE_FIELDS = (
+    b"upgrade",
+    b"connection",
+    b"sec-websocket-accept",
+    b"sec-websocket-protocol",
+    b"sec-websocket-extensions",
+)
 
 
-def _single(fields: Fields, name: bytes) -> bytes | None:
+def _values(fields: Fields, names: Sequence[bytes]) -> dict[bytes, list[bytes]]:
+    """The values of each of *names* in *fields*, in order (one pass over the fields)."""
+    found: dict[bytes, list[bytes]] = {name: [] for name in names}
+    for name, value in fields:
+        values = found.get(name)
+        if values is not None:
+            values.append(value)
+    return found
+
+
+def _has_token(values: list[bytes], token: bytes) -> bool:
+    """True when *token* (lower-case) is among the comma-separated items of *values*."""
+    return any(
+        value.lower() == token
+        or token in (item.strip(b" \t").lower() for item in value.split(b","))
+        for value in values
+    )
+
+
+def _single(found: dict[bytes, list[bytes]], name: bytes) -> bytes | None:
     """The value of the one *name* field; None if there is none.
 
     Raises ``LookupError`` if there are several.
     """
-    values = [value for key, value in fields if key == name]
+    values = found[name]
     if len(values) > 1:
         raise LookupError(name)
     return values[0] if values else None
@@ -96,8 +129,9 @@ def _single(fields: Fields, name: bytes) -> bytes | None:
 def asks_for_websocket(fields: Fields) -> bool:
     """True when a request's ``Upgrade`` names ``websocket`` and its ``Connection``
     ``upgrade``: it asks to open a WebSocket (whether it may is :func:`check_request`'s)."""
-    return b"websocket" in _tokens(fields, b"upgrade") and b"upgrade" in _tokens(
-        fields, b"connection"
+    found = _values(fields, (b"upgrade", b"connection"))
+    return _has_token(found[b"upgrade"], b"websocket") and _has_token(
+        found[b"connection"], b"upgrade"
     )
 
 
@@ -115,10 +149,11 @@ def check_request(method: bytes, http_version: bytes, fields: Fields) -> bytes:
         raise RemoteProtocolError(
             ErrorCode.MALFORMED_REQUEST, "a WebSocket handshake needs HTTP/1.1"
         )
+    found = _values(fields, _REQUEST_FIELDS)
     try:
-        host = _single(fields, b"host")
-        version = _single(fields, b"sec-websocket-version")
-        key = _single(fields, b"sec-websocket-key")
+        host = _single(found, b"host")
+        version = _single(found, b"sec-websocket-version")
+        key = _single(found, b"sec-websocket-key")
     except LookupError as exc:
         raise RemoteProtocolError(
             ErrorCode.MALFORMED_REQUEST,
@@ -126,7 +161,9 @@ def check_request(method: bytes, http_version: bytes, fields: Fields) -> bytes:
         ) from None
     if host is None:
         raise RemoteProtocolError(ErrorCode.MALFORMED_REQUEST, "a WebSocket handshake needs a Host")
-    if not asks_for_websocket(fields):
+    if not _has_token(found[b"upgrade"], b"websocket") or not _has_token(
+        found[b"connection"], b"upgrade"
+    ):
         raise RemoteProtocolError(
             ErrorCode.UPGRADE_REQUIRED,
             "a WebSocket handshake needs Upgrade: websocket and Connection: Upgrade",
@@ -154,21 +191,22 @@ def check_response(fields: Fields, *, key: bytes, subprotocols: Sequence[str]) -
 
     Raises :class:`RemoteProtocolError` (``HUB_UNREACHABLE``) naming the field at fault.
     """
+    found = _values(fields, _RESPONSE_FIELDS)
     try:
-        upgrade = _single(fields, b"upgrade")
-        accept = _single(fields, b"sec-websocket-accept")
-        chosen = _single(fields, b"sec-websocket-protocol")
+        upgrade = _single(found, b"upgrade")
+        accept = _single(found, b"sec-websocket-accept")
+        chosen = _single(found, b"sec-websocket-protocol")
     except LookupError as exc:
         raise _bad_answer(f"more than one {_field_name(exc.args[0])} field") from None
     if upgrade is None or upgrade.lower() != b"websocket":
         raise _bad_answer("no Upgrade: websocket")
-    if b"upgrade" not in _tokens(fields, b"connection"):
+    if not _has_token(found[b"connection"], b"upgrade"):
         raise _bad_answer("no Connection: Upgrade")
     if accept is None:
         raise _bad_answer("no Sec-WebSocket-Accept")
     if accept != accept_token(key):
         raise _bad_answer("a wrong Sec-WebSocket-Accept")
-    if any(name == b"sec-websocket-extensions" for name, _ in fields):
+    if found[b"sec-websocket-extensions"]:
         raise _bad_answer("a Sec-WebSocket-Extensions the client did not offer")
     if chosen is None:
         return None
