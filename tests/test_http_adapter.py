@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Sequence
 
 import h11
@@ -21,6 +22,7 @@ from wsproto.connection import Connection as WsConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import BytesMessage
 
+from devstream_core import handshake
 from devstream_core.errors import DevstreamError, ErrorCode
 from devstream_trio._http import (
     HttpError,
@@ -191,6 +193,44 @@ async def test_pipelined_requests_in_one_chunk(autojump_clock: trio.abc.Clock) -
     requests = await parse_in_chunks([GET + POST + CHUNKED])
     assert [r.method for r in requests] == [b"GET", b"POST", b"PUT"]
     assert [r.body for r in requests] == [b"", b'{"hello": "hub"}\n', b"hello hub"]
+
+
+#: A request whose body length is given twice (RFC 9112 §6.1), then a second request.
+BOTH_LENGTHS = (
+    b"GET /devices HTTP/1.1\r\nHost: hub.test\r\nContent-Length: 5\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+)
+
+
+async def answers(raw: bytes) -> list[int]:
+    """Send *raw* at once to a server that answers each request with ``204`` (and an error
+    with its response); return the statuses the client got before the server closed."""
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server)
+    await client.send_all(raw)
+    await client.send_eof()
+    try:
+        await serve_all(http)
+    except HttpError as exc:
+        await http.send_error(exc.code, exc.message)
+    await server.aclose()
+    got = await receive_until_eof(client)
+    return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", got)]
+
+
+async def test_a_request_with_both_body_lengths_is_refused_and_the_connection_closed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The pipelined request after it is never answered: the connection closes.
+    assert await answers(BOTH_LENGTHS + GET) == [400]
+    client, server = trio.testing.memory_stream_pair()
+    await client.send_all(BOTH_LENGTHS)
+    error = await refuse(client, HttpServerConnection(server), ErrorCode.MALFORMED_REQUEST)
+    assert "Content-Length and Transfer-Encoding" in error.message
+
+
+async def test_pipelined_requests_are_each_answered(autojump_clock: trio.abc.Clock) -> None:
+    assert await answers(GET + POST + CHUNKED) == [204, 204, 204]
 
 
 @pytest.mark.parametrize(
@@ -523,6 +563,98 @@ async def test_client_rejects_a_wrong_accept_value(autojump_clock: trio.abc.Cloc
     assert "Sec-WebSocket-Accept" in info.value.message
 
 
+#: A good answer to the upgrade; ``ACCEPT`` stands for the accept value of the client's key.
+GOOD_101 = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: ACCEPT\r\n\r\n"
+)
+#: Answers that break RFC 6455 §4.1 for a client that offered ``devstream.v1``, each with
+#: the words its error names.
+BAD_101S = {
+    "no-upgrade-no-connection-unoffered-protocol": (
+        b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: ACCEPT\r\n"
+        b"Sec-WebSocket-Protocol: evil.v9\r\n\r\n",
+        "Upgrade: websocket",
+    ),
+    "no-upgrade": (GOOD_101.replace(b"Upgrade: websocket\r\n", b""), "Upgrade: websocket"),
+    "upgrade-h2c": (GOOD_101.replace(b"Upgrade: websocket", b"Upgrade: h2c"), "Upgrade"),
+    "no-connection": (GOOD_101.replace(b"Connection: Upgrade\r\n", b""), "Connection"),
+    "no-accept": (GOOD_101.replace(b"Sec-WebSocket-Accept: ACCEPT\r\n", b""), "Accept"),
+    "accept-twice": (
+        GOOD_101.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Accept: ACCEPT\r\n\r\n"),
+        "Accept",
+    ),
+    "unoffered-protocol": (
+        GOOD_101.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Protocol: evil.v9\r\n\r\n"),
+        "Sec-WebSocket-Protocol",
+    ),
+    "unoffered-extension": (
+        GOOD_101.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"),
+        "Sec-WebSocket-Extensions",
+    ),
+}
+
+
+async def answering_server(server_stream: trio.abc.Stream, answer: bytes) -> None:
+    """Read an upgrade request; send *answer* with its ``ACCEPT`` the right accept value."""
+    request = await HttpServerConnection(server_stream).next_request()
+    assert request is not None
+    key = request.header(b"sec-websocket-key")
+    assert key is not None
+    await server_stream.send_all(answer.replace(b"ACCEPT", accept_token(key)))
+
+
+@pytest.mark.parametrize("reader", ["plain", "h11"])
+@pytest.mark.parametrize("case", list(BAD_101S))
+async def test_client_refuses_a_101_that_breaks_the_handshake(
+    autojump_clock: trio.abc.Clock, case: str, reader: str
+) -> None:
+    answer, words = BAD_101S[case]
+    if reader == "h11":
+        # A head that ends with a bare line feed is left to h11 by the client's own reader.
+        answer = answer.replace(b"\r\n\r\n", b"\r\n\n")
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answering_server, server_stream, answer)
+            with pytest.raises(DevstreamError) as info:
+                await websocket_connect(
+                    client_stream, host="hub.test", target="/s", subprotocols=["devstream.v1"]
+                )
+    assert info.value.code is ErrorCode.HUB_UNREACHABLE
+    assert info.value.message.startswith("bad answer to the WebSocket handshake: ")
+    assert words in info.value.message
+
+
+@pytest.mark.parametrize("reader", ["plain", "h11"])
+async def test_client_takes_a_good_101_either_way(
+    autojump_clock: trio.abc.Clock, reader: str
+) -> None:
+    answer = GOOD_101.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Protocol: devstream.v1\r\n\r\n")
+    if reader == "h11":
+        answer = answer.replace(b"\r\n\r\n", b"\r\n\n")
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answering_server, server_stream, answer)
+            ws = await websocket_connect(
+                client_stream, host="hub.test", target="/s", subprotocols=["x", "devstream.v1"]
+            )
+    assert ws.subprotocol == "devstream.v1"
+
+
+async def test_client_takes_an_interim_answer_as_a_refusal(autojump_clock: trio.abc.Clock) -> None:
+    # The first answer to the upgrade is the answer (RFC 6455 §4.1; wsproto reads it so).
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    answer = b"HTTP/1.1 100 Continue\r\n\r\n" + GOOD_101
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answering_server, server_stream, answer)
+            with pytest.raises(HttpStatusError) as info:
+                await websocket_connect(client_stream, host="hub.test", target="/s")
+    assert info.value.response.status == 100
+
+
 async def test_client_keeps_frames_sent_with_the_101(autojump_clock: trio.abc.Clock) -> None:
     client_stream, server_stream = trio.testing.memory_stream_pair()
     server_ws = WsConnection(ConnectionType.SERVER)
@@ -555,15 +687,97 @@ async def test_server_keeps_frames_sent_with_the_request(autojump_clock: trio.ab
     assert b"sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head
 
 
-async def test_upgrade_without_key_is_malformed(autojump_clock: trio.abc.Clock) -> None:
-    _, http, request = await received(
-        b"GET /bridges/s1 HTTP/1.1\r\nHost: hub.test\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    assert request.is_websocket_upgrade
+async def answer_to(parts: Sequence[bytes]) -> tuple[HttpError, h11.Response, bytes]:
+    """Send *parts* one read each to a server connection that refuses the request it reads;
+    return its error, the response the client got (parsed by h11) and the response's body."""
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server)
+    for part in parts:
+        await client.send_all(part)
+        await trio.testing.wait_all_tasks_blocked()
+    with pytest.raises(HttpError) as info:
+        await http.next_request()
+    await http.send_error(info.value.code, info.value.message)
+    await server.aclose()
+    reply = h11.Connection(h11.CLIENT)
+    reply.send(h11.Request(method="GET", target="/", headers=[("host", "h")]))
+    reply.send(h11.EndOfMessage())
+    reply.receive_data(await receive_until_eof(client))
+    reply.receive_data(b"")
+    response = reply.next_event()
+    assert isinstance(response, h11.Response)
+    body = reply.next_event()
+    assert isinstance(body, h11.Data)
+    assert isinstance(reply.next_event(), h11.EndOfMessage)
+    assert isinstance(reply.next_event(), h11.ConnectionClosed)  # and nothing after it
+    return info.value, response, bytes(body.data)
+
+
+#: Upgrade requests the hub refuses (RFC 6455 §4.2.1), each with the code it answers.
+BAD_UPGRADES = {
+    "key-not-base64": (
+        UPGRADE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"not-base64!!"),
+        ErrorCode.MALFORMED_REQUEST,
+    ),
+    "key-of-3-bytes": (
+        UPGRADE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"AAAA"),
+        ErrorCode.MALFORMED_REQUEST,
+    ),
+    "no-key": (
+        UPGRADE.replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b""),
+        ErrorCode.MALFORMED_REQUEST,
+    ),
+    "key-twice": (
+        UPGRADE.replace(b"Version", b"Key: AAAAAAAAAAAAAAAAAAAAAA==\r\nSec-WebSocket-Version"),
+        ErrorCode.MALFORMED_REQUEST,
+    ),
+    "post": (UPGRADE.replace(b"GET", b"POST"), ErrorCode.MALFORMED_REQUEST),
+    "http-1.0": (UPGRADE.replace(b"HTTP/1.1", b"HTTP/1.0"), ErrorCode.MALFORMED_REQUEST),
+    "version-8": (
+        UPGRADE.replace(b"Version: 13", b"Version: 8"),
+        ErrorCode.WEBSOCKET_VERSION_UNSUPPORTED,
+    ),
+    "no-version": (
+        UPGRADE.replace(b"Sec-WebSocket-Version: 13\r\n", b""),
+        ErrorCode.WEBSOCKET_VERSION_UNSUPPORTED,
+    ),
+}
+
+
+@pytest.mark.parametrize("reads", [1, 2], ids=["one-read", "two-reads"])
+@pytest.mark.parametrize("case", list(BAD_UPGRADES))
+async def test_a_bad_upgrade_request_is_refused_whichever_way_it_is_read(
+    autojump_clock: trio.abc.Clock, case: str, reads: int
+) -> None:
+    # One read: the hub's own reader takes what it can; two reads: h11 reads it.
+    raw, code = BAD_UPGRADES[case]
+    parts = [raw] if reads == 1 else [raw[:30], raw[30:]]
+    error, response, body = await answer_to(parts)
+    assert error.code is code
+    assert response.status_code == code.http_status
+    assert json.loads(body)["errorCode"] == int(code)
+    headers = [(bytes(k), bytes(v)) for k, v in response.headers]
+    assert (b"connection", b"close") in headers or (b"connection", b"close, upgrade") in headers
+    if code.http_status == 426:
+        # What the hub requires (RFC 9110 §15.5.22, RFC 6455 §4.2.2).
+        assert (b"upgrade", b"websocket") in headers
+        assert (b"sec-websocket-version", b"13") in headers
+        assert (b"connection", b"close, upgrade") in headers
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [(b"Connection: Upgrade", b"Connection: x"), (b"websocket", b"h2c")]
+)
+async def test_a_request_that_does_not_ask_for_a_websocket_gets_no_101(
+    autojump_clock: trio.abc.Clock, field: bytes, value: bytes
+) -> None:
+    # It does not ask for a WebSocket (the hub answers it as a plain request, or 426 on a
+    # WebSocket path); answering it with a 101 is refused.
+    _, http, request = await received(UPGRADE.replace(field, value))
+    assert not request.is_websocket_upgrade
     with pytest.raises(HttpError) as info:
         await http.accept_websocket(request)
-    assert info.value.code is ErrorCode.MALFORMED_REQUEST
+    assert info.value.code is ErrorCode.UPGRADE_REQUIRED
 
 
 async def test_refused_handshake_raises_http_status_error(autojump_clock: trio.abc.Clock) -> None:
@@ -950,6 +1164,32 @@ def test_fuzz_harness_fallback_loop(monkeypatch: pytest.MonkeyPatch) -> None:
         harness.run_fallback(2000, seed=1)
 
 
+def test_the_101_fuzz_harness_compares_decisions_with_wsproto(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    harness = HTTP_RESPONSE_HARNESS
+    taken = list(harness.TAKEN)
+    harness.run_fallback(300, seed=3)
+    # The client took answers, and wsproto took most of the same ones.
+    assert harness.TAKEN[0] - taken[0] >= 5
+    assert harness.TAKEN[1] - taken[1] >= 5
+
+    # A client that took a subprotocol it never offered would be caught.
+    check_response = handshake.check_response
+
+    def any_subprotocol(
+        fields: list[tuple[bytes, bytes]], *, key: bytes, subprotocols: Sequence[str]
+    ) -> str | None:
+        chosen = [v.decode() for k, v in fields if k == b"sec-websocket-protocol"]
+        rest = [f for f in fields if f[0] != b"sec-websocket-protocol"]
+        return check_response(rest, key=key, subprotocols=subprotocols) or (chosen or [None])[0]
+
+    monkeypatch.setattr(handshake, "check_response", any_subprotocol)
+    with pytest.raises(harness.Crash, match="sec-websocket-protocol") as info:
+        harness.run_fallback(0)
+    assert "unrecognized subprotocol" in str(info.value.__cause__)  # wsproto's refusal
+
+
 # --- the hub's reading of a plain upgrade request -------------------------------------------
 
 #: The fuzz harness for the hub's reader of an upgrade request, whose h11 reference these
@@ -1068,6 +1308,23 @@ def test_the_request_fuzz_harness_runs_and_catches_a_disagreement(
     )
     with pytest.raises(harness.Crash):
         harness.run_fallback(200, seed=1)
+
+
+def test_the_request_fuzz_harness_compares_decisions_with_wsproto(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    harness = HTTP_REQUEST_HARNESS
+    taken = list(harness.TAKEN)
+    harness.run_fallback(300, seed=3)
+    # The hub took handshakes, and wsproto took most of the same ones.
+    assert harness.TAKEN[0] - taken[0] >= 5
+    assert harness.TAKEN[1] - taken[1] >= 5
+
+    # A hub that took any Sec-WebSocket-Key (wsproto does) would be caught.
+    monkeypatch.setattr(handshake, "_is_key", lambda key: True)
+    with pytest.raises(harness.Crash, match="not-base64") as info:
+        harness.run_fallback(0)
+    assert "the hub took a handshake it must refuse" in str(info.value.__cause__)
 
 
 async def serve_one(

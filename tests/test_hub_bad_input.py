@@ -462,6 +462,51 @@ async def test_malformed_http(env: HubEnv, autojump_clock: trio.abc.Clock, data:
     await assert_serving(env)
 
 
+async def test_a_request_with_both_body_lengths_closes_the_connection(
+    env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    # RFC 9112 §6.1: the pipelined request after it is never answered.
+    both = (
+        b"GET /healthz HTTP/1.1\r\nhost: hub.test\r\ncontent-length: 5\r\n"
+        b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    with trio.fail_after(10):
+        stream = await env.open(HUB)
+        await stream.send_all(both + b"GET /healthz HTTP/1.1\r\nhost: hub.test\r\n\r\n")
+        answer = bytearray()
+        while chunk := await stream.receive_some():
+            answer += chunk
+    assert answer.count(b"HTTP/1.1 ") == 1
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b'"errorCode": 400901' in answer
+    await assert_serving(env)
+
+
+@pytest.mark.parametrize(
+    ("key", "version", "answer"),
+    [
+        (b"not-base64!!", b"13", (400, 400901)),
+        (b"AAAA", b"13", (400, 400901)),
+        (b"dGhlIHNhbXBsZSBub25jZQ==", b"8", (426, 426902)),
+    ],
+    ids=["key-not-base64", "key-of-3-bytes", "version-8"],
+)
+async def test_a_websocket_handshake_the_hub_refuses(
+    env: HubEnv, autojump_clock: trio.abc.Clock, key: bytes, version: bytes, answer: tuple[int, int]
+) -> None:
+    # A device with good credentials, whose handshake alone is at fault.
+    cs = await env.create_device("keyed")
+    token = cs.sas_token(expiry=hour_from_now(env)).encode()
+    request = (
+        b"GET /devices/keyed/streams HTTP/1.1\r\nhost: hub.test:8080\r\nupgrade: websocket\r\n"
+        b"connection: Upgrade\r\nsec-websocket-key: " + key + b"\r\n"
+        b"sec-websocket-version: " + version + b"\r\nauthorization: " + token + b"\r\n\r\n"
+    )
+    with trio.fail_after(10):
+        assert await raw_exchange(env, request) == answer
+    await assert_serving(env)
+
+
 @pytest.mark.parametrize("target", ["/bridges/x", "/devices/probe/streams"])
 async def test_plain_get_to_a_websocket_path(
     env: HubEnv, autojump_clock: trio.abc.Clock, target: str

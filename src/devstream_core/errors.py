@@ -90,6 +90,8 @@ class ErrorCode(enum.IntEnum):
     HEADERS_TOO_LARGE = 431901
     #: A plain HTTP request reached a WebSocket-only path.
     UPGRADE_REQUIRED = 426901
+    #: A WebSocket handshake asked for a version other than 13 (the answer names 13).
+    WEBSOCKET_VERSION_UNSUPPORTED = 426902
     #: Too many requests (Azure ``ThrottlingException``).
     THROTTLED = 429001
     #: An unexpected failure inside the hub (Azure ``ServerError``).
@@ -155,6 +157,7 @@ MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.PAYLOAD_TOO_LARGE: "payload too large",
     ErrorCode.HEADERS_TOO_LARGE: "request headers too large",
     ErrorCode.UPGRADE_REQUIRED: "this path only accepts WebSocket connections",
+    ErrorCode.WEBSOCKET_VERSION_UNSUPPORTED: "the hub speaks WebSocket version 13 only",
     ErrorCode.THROTTLED: "too many requests",
     ErrorCode.SERVER_ERROR: "internal hub error",
     ErrorCode.DATA_FOLDER_UNUSABLE: "the hub's data folder cannot be used",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -32,7 +31,9 @@ import trio
 from wsproto.connection import Connection as WsConnection
 from wsproto.connection import ConnectionType
 
-from devstream_core.errors import DevstreamError, ErrorCode
+from devstream_core import handshake
+from devstream_core.errors import DevstreamError, ErrorCode, RemoteProtocolError
+from devstream_core.handshake import accept_token
 
 from . import _io
 from ._ws import WebSocket, close_forcefully
@@ -43,13 +44,13 @@ __all__ = [
     "HttpResponse",
     "HttpServerConnection",
     "HttpStatusError",
+    "accept_token",
     "close_forcefully",
     "error_body",
     "http_request",
     "websocket_connect",
 ]
 
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _RECEIVE_SIZE = 65536
 #: h11's documented state of a client that asked to switch protocols (not in its ``__all__``).
 _MIGHT_SWITCH_PROTOCOL: object = h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
@@ -70,6 +71,11 @@ _FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding"})
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 #: The longest response head the client reads (h11's default limit).
 _MAX_RESPONSE_HEAD = 16 * 1024
+#: What a ``426`` adds after ``connection: close`` (see send_error).
+_UPGRADE_REQUIRED = (
+    ", upgrade\r\nupgrade: websocket\r\n"
+    f"sec-websocket-version: {handshake.WEBSOCKET_VERSION.decode()}"
+)
 _REASONS = {
     200: "OK",
     201: "Created",
@@ -81,6 +87,7 @@ _REASONS = {
     405: "Method Not Allowed",
     408: "Request Timeout",
     409: "Conflict",
+    412: "Precondition Failed",
     413: "Payload Too Large",
     426: "Upgrade Required",
     429: "Too Many Requests",
@@ -95,11 +102,6 @@ Headers = list[tuple[bytes, bytes]]
 
 class HttpError(DevstreamError):
     """A request the server refuses; answered with the code's status and a JSON body."""
-
-
-def accept_token(key: bytes) -> bytes:
-    """The ``Sec-WebSocket-Accept`` value for a ``Sec-WebSocket-Key``."""
-    return base64.b64encode(hashlib.sha1(key + _GUID).digest())
 
 
 def error_body(code: ErrorCode, message: str | None = None) -> bytes:
@@ -128,6 +130,8 @@ class HttpRequest(_HttpMessage):
 
     method: bytes
     target: bytes
+    #: The HTTP version of the request line, as h11 gives it (``b"1.0"`` or ``b"1.1"``).
+    http_version: bytes = b"1.1"
 
     def header_tokens(self, name: bytes, *, lower: bool = True) -> list[str]:
         """Every comma-separated token of every *name* header, stripped (and lower-cased)."""
@@ -144,10 +148,10 @@ class HttpRequest(_HttpMessage):
 
     @property
     def is_websocket_upgrade(self) -> bool:
-        """True when the request asks to open a WebSocket."""
-        return "websocket" in self.header_tokens(b"upgrade") and "upgrade" in self.header_tokens(
-            b"connection"
-        )
+        """True when the request asks to open a WebSocket (``Upgrade: websocket`` and
+        ``Connection: Upgrade``); :meth:`HttpServerConnection.next_request` has then checked
+        the rest of its handshake."""
+        return handshake.asks_for_websocket(self.headers)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,7 +197,13 @@ class HttpServerConnection:
     async def next_request(self) -> HttpRequest | None:
         """Read the next request; None when the client closed or idled out between requests.
 
-        Raises :class:`HttpError` for a malformed, oversized or too slow request.
+        Raises :class:`HttpError` for a malformed, oversized or too slow request, and for a
+        request that asks to open a WebSocket with a handshake the hub refuses (the checks
+        are :func:`devstream_core.handshake.check_request`'s), whichever way it was read.
+        A request whose body length is given twice, by ``Content-Length`` and by
+        ``Transfer-Encoding``, is refused too (``MALFORMED_REQUEST``): RFC 9112 §6.1 has the
+        server close such a connection after answering, since a proxy in front may have cut
+        the bytes into requests differently.
         """
         if self._done:
             return None
@@ -254,12 +264,17 @@ class HttpServerConnection:
                         self._unseen_head = bytes(data[:head_end])
                         self._after_head = bytes(data[head_end:])
                         self._upgrade_pending = True
-                        return request_read
+                        return _checked(request_read)
                 self.conn.receive_data(bytes(data))
                 continue
             if isinstance(event, h11.Request):
                 request = event
                 headers = list(event.headers)  # h11 gives names lower-cased
+                if _has_fields(headers, b"content-length", b"transfer-encoding"):
+                    raise HttpError(
+                        ErrorCode.MALFORMED_REQUEST,
+                        "a request with both Content-Length and Transfer-Encoding",
+                    )
                 # h11 only bounds a head that is still incomplete; one that arrived whole in a
                 # single read is measured here.
                 if (
@@ -278,12 +293,7 @@ class HttpServerConnection:
                 assert request is not None
                 # A request that asks to switch protocols (h11 pauses after it).
                 self._upgrade_pending = self.conn.their_state is _MIGHT_SWITCH_PROTOCOL
-                return HttpRequest(
-                    method=bytes(request.method),
-                    target=bytes(request.target),
-                    headers=headers,
-                    body=bytes(body),
-                )
+                return _checked(_request(request, headers, body))
             elif isinstance(event, h11.ConnectionClosed):
                 if request is None and not got_bytes:
                     return None
@@ -292,12 +302,7 @@ class HttpServerConnection:
                 # A request that asks to switch protocols, with its body already read.
                 assert request is not None
                 self._upgrade_pending = True
-                return HttpRequest(
-                    method=bytes(request.method),
-                    target=bytes(request.target),
-                    headers=headers,
-                    body=bytes(body),
-                )
+                return _checked(_request(request, headers, body))
 
     async def send_response(
         self,
@@ -355,7 +360,9 @@ class HttpServerConnection:
         """Answer with an error response and close the connection afterwards.
 
         Works in any state, including after h11 refused the request: the response is written
-        directly and the connection is marked for closing.
+        directly and the connection is marked for closing. A ``426`` names what the hub
+        requires: ``Upgrade: websocket`` (RFC 9110 §15.5.22, with the ``upgrade`` option in
+        ``Connection``) and ``Sec-WebSocket-Version: 13`` (RFC 6455 §4.2.2).
         """
         body = error_body(code, message)
         status = code.http_status
@@ -363,7 +370,7 @@ class HttpServerConnection:
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
             "content-type: application/json; charset=utf-8\r\n"
             f"content-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n"
+            f"connection: close{_UPGRADE_REQUIRED if status == 426 else ''}\r\n\r\n"
         ).encode()
         self._first = False
         self._done = True
@@ -382,18 +389,12 @@ class HttpServerConnection:
         The WebSocket keeps no handshake headers (the caller has *request*): a server may hold
         many idle WebSockets, and the request's headers are not needed once it is open.
         """
-        key = request.header(b"sec-websocket-key")
-        version = request.header(b"sec-websocket-version")
-        if key is None or version != b"13":
-            raise HttpError(
-                ErrorCode.MALFORMED_REQUEST,
-                "WebSocket request needs Sec-WebSocket-Key and Sec-WebSocket-Version: 13",
-            )
         if not self._upgrade_pending:  # h11 saw no Upgrade header in the request
             raise HttpError(
                 ErrorCode.MALFORMED_REQUEST,
                 "WebSocket request needs Connection: Upgrade and Upgrade: websocket",
             )
+        key = _websocket_key(request)
         head = [
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
             b"sec-websocket-accept: " + accept_token(key) + b"\r\n"
@@ -411,6 +412,37 @@ class HttpServerConnection:
             trailing, _ = self.conn.trailing_data
         ws = WsConnection(ConnectionType.SERVER)
         return WebSocket(self.stream, ws, subprotocol=subprotocol, initial_data=bytes(trailing))
+
+
+def _request(request: h11.Request, headers: Headers, body: bytearray) -> HttpRequest:
+    return HttpRequest(
+        method=bytes(request.method),
+        target=bytes(request.target),
+        http_version=bytes(request.http_version),
+        headers=headers,
+        body=bytes(body),
+    )
+
+
+def _checked(request: HttpRequest) -> HttpRequest:
+    """*request*, once a WebSocket handshake in it has passed the hub's checks."""
+    if request.is_websocket_upgrade:
+        _websocket_key(request)
+    return request
+
+
+def _websocket_key(request: HttpRequest) -> bytes:
+    """The key of a WebSocket handshake the hub takes; :class:`HttpError` if it refuses it."""
+    try:
+        return handshake.check_request(request.method, request.http_version, request.headers)
+    except RemoteProtocolError as exc:
+        raise HttpError(exc.code, exc.message) from None
+
+
+def _has_fields(headers: Headers, *names: bytes) -> bool:
+    """True when *headers* hold a field of each of *names*."""
+    present = {name for name, _ in headers}
+    return all(name in present for name in names)
 
 
 def _parse_upgrade(data: bytes | bytearray, limit: int) -> tuple[HttpRequest, int] | None:
@@ -491,8 +523,11 @@ def _error_from_body(response: HttpResponse) -> tuple[ErrorCode | None, str]:
 
 
 async def _read_response(
-    stream: trio.abc.Stream, conn: h11.Connection, max_body: int
+    stream: trio.abc.Stream, conn: h11.Connection, max_body: int, *, upgrade: bool = False
 ) -> tuple[h11.Response | h11.InformationalResponse, bytes]:
+    """The head and body of the response on *conn*. An interim ``1xx`` answer is skipped,
+    unless *upgrade* (the answer to a WebSocket handshake, where it is the answer: RFC 6455
+    §4.1 takes a status other than ``101`` as a refusal, and wsproto does the same)."""
     head: h11.Response | h11.InformationalResponse | None = None
     body = bytearray()
     while True:
@@ -507,7 +542,7 @@ async def _read_response(
                 raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
             conn.receive_data(bytes(data))
             continue
-        if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+        if isinstance(event, h11.InformationalResponse) and (upgrade or event.status_code == 101):
             return event, b""
         if isinstance(event, h11.Response):
             head = event
@@ -577,6 +612,12 @@ async def websocket_connect(
     the client makes itself, and its parse of the answer, cost more than the rest of the
     handshake. Names, values and the target are checked as h11 would; any other answer (a
     refusal and its body, or a response these strict rules refuse) goes through h11.
+
+    A ``101`` that breaks RFC 6455 §4.1 (no ``Upgrade: websocket`` or ``Connection:
+    Upgrade``, a wrong ``Sec-WebSocket-Accept``, an extension or a subprotocol the client did
+    not offer; :func:`devstream_core.handshake.check_response` lists them) raises
+    :class:`~devstream_core.errors.RemoteProtocolError` with ``HUB_UNREACHABLE`` and a
+    message naming the field at fault.
     """
     key = base64.b64encode(nonce if nonce is not None else os.urandom(16))
     all_headers = [
@@ -605,7 +646,7 @@ async def websocket_connect(
         conn.receive_data(received)
         if hung_up:
             conn.receive_data(b"")
-        head, content = await _read_response(stream, conn, 1024 * 1024)
+        head, content = await _read_response(stream, conn, 1024 * 1024, upgrade=True)
         response = HttpResponse(
             status=head.status_code,
             headers=[(bytes(k).lower(), bytes(v)) for k, v in head.headers],
@@ -615,16 +656,14 @@ async def websocket_connect(
             raise HttpStatusError(response)
         response_headers = response.headers
         trailing = bytes(conn.trailing_data[0])
-    response = HttpResponse(status=101, headers=response_headers)
-    if response.header(b"sec-websocket-accept") != accept_token(key):
-        raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "bad Sec-WebSocket-Accept from the hub")
-    chosen = response.header(b"sec-websocket-protocol")
+    # The same checks whichever way the 101 was read.
+    chosen = handshake.check_response(response_headers, key=key, subprotocols=subprotocols)
     ws = WsConnection(ConnectionType.CLIENT)
     return WebSocket(
         stream,
         ws,
-        subprotocol=chosen.decode() if chosen else None,
-        handshake_headers=response.headers,
+        subprotocol=chosen,
+        handshake_headers=response_headers,
         initial_data=trailing,
     )
 

@@ -1,0 +1,230 @@
+"""The WebSocket opening handshake's decisions (RFC 6455 §4): which upgrade request the hub
+answers with a ``101``, and which ``101`` a client takes.
+
+Both sides read the header fields as an HTTP parser hands them over: names lower-cased,
+values without their surrounding spaces and tabs. How the bytes were parsed (h11, or a plain
+reader held to h11's reading) is the adapter's business; what the fields must say is decided
+here, once, for every I/O layer.
+
+The hub (:func:`check_request`) takes an upgrade request only if it is
+
+1. a ``GET`` (RFC 6455 §4.2.1 item 1);
+2. of HTTP/1.1 or later (item 1);
+3. with exactly one ``Host`` (item 2);
+4. with ``websocket`` among the tokens of its ``Upgrade`` fields (item 3; else 426901);
+5. with ``upgrade`` among the tokens of its ``Connection`` fields (item 4; else 426901);
+6. with one ``Sec-WebSocket-Version`` field, ``13`` (item 6; else 426902, and the answer
+   says ``Sec-WebSocket-Version: 13``);
+7. with one ``Sec-WebSocket-Key`` field, the base64 of 16 bytes (item 5).
+
+A client (:func:`check_response`) takes a ``101`` (the status is the caller's check, rule 1
+of RFC 6455 §4.1: any other answer, an interim ``1xx`` included, is a refusal it reports
+with the hub's error) only if it has
+
+1. one ``Upgrade`` field, ``websocket`` in any case (RFC 6455 §4.1, rule 2 of reading the
+   answer);
+2. ``upgrade`` among the tokens of its ``Connection`` fields (rule 3);
+3. one ``Sec-WebSocket-Accept`` field, the one its key asks for (rule 4);
+4. no ``Sec-WebSocket-Extensions`` field: devstream's client offers no extension (rule 5);
+5. at most one ``Sec-WebSocket-Protocol`` field, naming one of the subprotocols the client
+   offered, spelled as offered (rule 6).
+
+Rules every change must keep:
+
+* A list field (``Connection``, a request's ``Upgrade``) is read across all its lines, as
+  RFC 9110 §5.3 joins them, its items separated by commas with spaces or tabs around them
+  (§5.6.1; any other character, whitespace or not, is part of an item). A field read as one
+  value (the key, the version, the accept value, the chosen subprotocol, a 101's
+  ``Upgrade``) must come once: repeated, it is refused, since the joined value (``a, b``) is
+  never a valid one.
+* Every check wsproto makes on a handshake is made here too. Where the decisions differ, it
+  is on purpose: wsproto reads only the last line of each field (and a request's ``Upgrade``
+  as one value, not a list), strips any whitespace around a list item, and asks only that a
+  key be there; the hub also refuses HTTP/1.0 and a key that is not the base64 of 16 bytes.
+  ``fuzz/fuzz_http_request.py`` and ``fuzz/fuzz_http_response.py`` hold these functions to
+  wsproto's decisions with exactly these differences.
+* A refusal is a :class:`RemoteProtocolError` whose code is the answer: on the hub, the
+  error the hub answers with; on a client, ``HUB_UNREACHABLE`` and a message naming the
+  field at fault. A message never echoes a key or a value.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Sequence
+from typing import Final
+
+from .errors import ErrorCode, RemoteProtocolError
+
+__all__ = [
+    "WEBSOCKET_VERSION",
+    "accept_token",
+    "asks_for_websocket",
+    "check_request",
+    "check_response",
+]
+
+#: The only WebSocket version devstream speaks (RFC 6455).
+WEBSOCKET_VERSION: Final = b"13"
+#: What RFC 6455 §1.3 appends to a key before hashing it into the accept value.
+_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+Fields = Sequence[tuple[bytes, bytes]]
+
+
+def accept_token(key: bytes) -> bytes:
+    """The ``Sec-WebSocket-Accept`` value for a ``Sec-WebSocket-Key``."""
+    return base64.b64encode(hashlib.sha1(key + _GUID).digest())
+
+
+#: The fields a request's handshake reads, and those of a 101.
+_REQUEST_FIELDS = (
+    b"host",
+    b"upgrade",
+    b"connection",
+    b"sec-websocket-version",
+    b"sec-websocket-key",
+)
+_RESPONSE_FIELDS = (
+    b"upgrade",
+    b"connection",
+    b"sec-websocket-accept",
+    b"sec-websocket-protocol",
+    b"sec-websocket-extensions",
+)
+
+
+def _values(fields: Fields, names: Sequence[bytes]) -> dict[bytes, list[bytes]]:
+    """The values of each of *names* in *fields*, in order (one pass over the fields)."""
+    found: dict[bytes, list[bytes]] = {name: [] for name in names}
+    for name, value in fields:
+        values = found.get(name)
+        if values is not None:
+            values.append(value)
+    return found
+
+
+def _has_token(values: list[bytes], token: bytes) -> bool:
+    """True when *token* (lower-case) is among the comma-separated items of *values*."""
+    return any(
+        value.lower() == token
+        or token in (item.strip(b" \t").lower() for item in value.split(b","))
+        for value in values
+    )
+
+
+def _single(found: dict[bytes, list[bytes]], name: bytes) -> bytes | None:
+    """The value of the one *name* field; None if there is none.
+
+    Raises ``LookupError`` if there are several.
+    """
+    values = found[name]
+    if len(values) > 1:
+        raise LookupError(name)
+    return values[0] if values else None
+
+
+def asks_for_websocket(fields: Fields) -> bool:
+    """True when a request's ``Upgrade`` names ``websocket`` and its ``Connection``
+    ``upgrade``: it asks to open a WebSocket (whether it may is :func:`check_request`'s)."""
+    found = _values(fields, (b"upgrade", b"connection"))
+    return _has_token(found[b"upgrade"], b"websocket") and _has_token(
+        found[b"connection"], b"upgrade"
+    )
+
+
+def check_request(method: bytes, http_version: bytes, fields: Fields) -> bytes:
+    """The key of an upgrade request the hub may answer with a ``101``.
+
+    Raises :class:`RemoteProtocolError` with the code to answer with: ``MALFORMED_REQUEST``,
+    ``UPGRADE_REQUIRED`` or ``WEBSOCKET_VERSION_UNSUPPORTED`` (see the module's list).
+    """
+    if method != b"GET":
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED_REQUEST, "a WebSocket handshake must be a GET"
+        )
+    if http_version != b"1.1":
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED_REQUEST, "a WebSocket handshake needs HTTP/1.1"
+        )
+    found = _values(fields, _REQUEST_FIELDS)
+    try:
+        host = _single(found, b"host")
+        version = _single(found, b"sec-websocket-version")
+        key = _single(found, b"sec-websocket-key")
+    except LookupError as exc:
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED_REQUEST,
+            f"a WebSocket handshake has one {_field_name(exc.args[0])} field",
+        ) from None
+    if host is None:
+        raise RemoteProtocolError(ErrorCode.MALFORMED_REQUEST, "a WebSocket handshake needs a Host")
+    if not _has_token(found[b"upgrade"], b"websocket") or not _has_token(
+        found[b"connection"], b"upgrade"
+    ):
+        raise RemoteProtocolError(
+            ErrorCode.UPGRADE_REQUIRED,
+            "a WebSocket handshake needs Upgrade: websocket and Connection: Upgrade",
+        )
+    if version != WEBSOCKET_VERSION:
+        raise RemoteProtocolError(ErrorCode.WEBSOCKET_VERSION_UNSUPPORTED)
+    if key is None or not _is_key(key):
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED_REQUEST, "Sec-WebSocket-Key must be the base64 of 16 bytes"
+        )
+    return key
+
+
+def _is_key(key: bytes) -> bool:
+    """True when *key* is the base64 (with its padding) of 16 bytes."""
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except binascii.Error:
+        return False
+
+
+def check_response(fields: Fields, *, key: bytes, subprotocols: Sequence[str]) -> str | None:
+    """The subprotocol a ``101`` chose (None for none), if a client that sent *key* and
+    offered *subprotocols* (and no extension) may take it.
+
+    Raises :class:`RemoteProtocolError` (``HUB_UNREACHABLE``) naming the field at fault.
+    """
+    found = _values(fields, _RESPONSE_FIELDS)
+    try:
+        upgrade = _single(found, b"upgrade")
+        accept = _single(found, b"sec-websocket-accept")
+        chosen = _single(found, b"sec-websocket-protocol")
+    except LookupError as exc:
+        raise _bad_answer(f"more than one {_field_name(exc.args[0])} field") from None
+    if upgrade is None or upgrade.lower() != b"websocket":
+        raise _bad_answer("no Upgrade: websocket")
+    if not _has_token(found[b"connection"], b"upgrade"):
+        raise _bad_answer("no Connection: Upgrade")
+    if accept is None:
+        raise _bad_answer("no Sec-WebSocket-Accept")
+    if accept != accept_token(key):
+        raise _bad_answer("a wrong Sec-WebSocket-Accept")
+    if found[b"sec-websocket-extensions"]:
+        raise _bad_answer("a Sec-WebSocket-Extensions the client did not offer")
+    if chosen is None:
+        return None
+    for offered in subprotocols:
+        if chosen == offered.encode():
+            return offered
+    raise _bad_answer("a Sec-WebSocket-Protocol the client did not offer")
+
+
+def _field_name(name: bytes) -> str:
+    """A field's name as RFC 6455 spells it (for messages)."""
+    return "-".join(
+        "WebSocket" if part == "websocket" else part.capitalize()
+        for part in name.decode().split("-")
+    )
+
+
+def _bad_answer(problem: str) -> RemoteProtocolError:
+    return RemoteProtocolError(
+        ErrorCode.HUB_UNREACHABLE, f"bad answer to the WebSocket handshake: {problem}"
+    )
