@@ -9,8 +9,10 @@ fails by timeout).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import resource
 import shutil
 import stat
 import subprocess
@@ -273,3 +275,47 @@ async def test_read_only_data_folder_stops_the_hub_with_one_line(
     line = one_error_line(err)
     assert str(data) in line
     assert line.endswith("(error 500901)")
+
+
+# -- the open-files limit ---------------------------------------------------------------------
+
+
+def _open_files_limits(pid: int) -> tuple[int, int]:
+    """The soft and hard open-files limits of process *pid*, from ``/proc``."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-files line in /proc/PID/limits")
+
+
+async def test_hub_raises_its_open_files_soft_limit_to_the_hard_one(tmp_path: Path) -> None:
+    """A hub started with the soft limit many systems give (1024, or less) takes the hard limit:
+    its connection cap follows the soft limit, and would otherwise stop near 768."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip("needs a finite hard open-files limit above 256")
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(
+                functools.partial(
+                    trio.run_process,
+                    [sys.executable, "-m", "devstream_trio.cli", *hub_argv(tmp_path / "data")],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    check=False,
+                    preexec_fn=low_soft_limit,
+                )
+            )
+            assert process.stdout is not None
+            seen = b""
+            while b"clients reach it at" not in seen:
+                chunk = await process.stdout.receive_some()
+                assert chunk, seen
+                seen += chunk
+            assert _open_files_limits(process.pid) == (hard, hard)
+            process.kill()

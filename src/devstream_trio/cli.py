@@ -29,7 +29,13 @@ from ._connect import ProxyConfig, client_ssl_context
 from .datafolder import DB_NAME, open_data_folder
 from .device import DeviceClient
 from .framed import FramedStream
-from .hub import HubConfig, ensure_owner_policy, serve_hub, tune_gc_for_hub
+from .hub import (
+    HubConfig,
+    ensure_owner_policy,
+    raise_open_files_limit,
+    serve_hub,
+    tune_gc_for_hub,
+)
 from .proxy import parse_forward, parse_map, serve_device_proxy, serve_service_proxy
 from .service import SAS_LIFETIME, AnyStream, ServiceClient
 from .store import RegistryStore
@@ -104,6 +110,7 @@ async def cmd_hub(args: argparse.Namespace) -> int:
         raise UsageError("--public-url must start with http:// or https://")
     data = Path(args.data) if args.data else default_data_dir()
     tune_gc_for_hub()
+    raise_open_files_limit()
     async with open_data_folder(data) as store:
         policy, created = await ensure_owner_policy(store)
         async with trio.open_nursery() as nursery:

@@ -129,6 +129,26 @@ def tune_gc_for_hub() -> None:
     gc.set_threshold(*HUB_GC_THRESHOLDS)
 
 
+def raise_open_files_limit() -> int:
+    """Raise this process's open-files soft limit (``RLIMIT_NOFILE``) to its hard limit, as
+    ``devstream hub`` does at start, and return the soft limit now in force.
+
+    Every stream holds a socket per side in the hub, and the default ``max_connections``
+    follows the soft limit, which many systems set at 1024 while allowing far more: a hub
+    left there would refuse connections past about 768. The hard limit is the most an
+    unprivileged process may take (systemd's ``LimitNOFILE=`` sets both). Process-wide, so
+    :func:`serve_hub` does not do it on its own.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # refused (a sandbox): keep what there is
+            return soft
+        return hard
+    return soft
+
+
 @dataclass(kw_only=True)
 class HubConfig:
     """Limits and timeouts of a hub. The defaults suit a hub on the internet."""
