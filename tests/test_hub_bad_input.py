@@ -19,14 +19,16 @@ from devstream_core import control
 from devstream_core.credentials import ConnectionString, device_resource, make_sas_token
 from devstream_core.errors import ErrorCode
 from devstream_core.registry import Permission, new_key, new_policy
+from devstream_trio._frames import MAX_BATCH_FRAMES
 from devstream_trio._http import HttpStatusError, websocket_connect
-from devstream_trio._ws import ConnectionClosed, WebSocket
+from devstream_trio._ws import ConnectionClosed, WebSocket, payload
 from devstream_trio.exceptions import Unauthorized
 
 from .conftest import HubEnv
 from .test_hub import (
     HUB,
     ManualDevice,
+    _raw_pair,
     auth,
     call,
     echo,
@@ -573,6 +575,55 @@ async def test_json_that_is_no_control_message(
         closed, _ = await closed_by_hub(device.ws)
     assert closed.code == 4400
     assert closed.reason.startswith("400904")
+    await assert_serving(env)
+
+
+# -- floods of fragments ---------------------------------------------------------------------
+
+
+def masked_frame(first: int, payload: bytes) -> bytes:
+    """One frame as a client sends it (FIN/opcode byte *first*), masked with a fixed key."""
+    key = b"\x5a\x13\xc7\x0e"
+    assert len(payload) < 126
+    return (
+        bytes((first, 0x80 | len(payload)))
+        + key
+        + bytes(b ^ key[i & 3] for i, b in enumerate(payload))
+    )
+
+
+async def test_a_raw_message_in_tiny_fragments_goes_on_a_batch_at_a_time(
+    env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """A raw side's message in thousands of 6-byte fragments, all in one read: the hub relays
+    them a batch (MAX_BATCH_FRAMES) at a time, each batch as one frame joined once, and holds
+    no more than a batch. The message arrives intact, in no virtual time."""
+    count = 2 * MAX_BATCH_FRAMES + 7
+    pieces = [bytes([index % 251]) * 6 for index in range(count)]
+    with trio.fail_after(30):
+        device_ws, service_ws = await _raw_pair(env)
+        start = trio.current_time()
+        await service_ws.stream.send_all(
+            b"".join(
+                masked_frame(
+                    (0x02 if index == 0 else 0x00) | (0x80 if index == count - 1 else 0), piece
+                )
+                for index, piece in enumerate(pieces)
+            )
+        )
+        frames: list[bytes] = []
+        frame = b""
+        while True:
+            event = await device_ws.receive()
+            frame += payload(event)  # type: ignore[operator]
+            if event.frame_finished:
+                frames.append(frame)
+                frame = b""
+            if event.message_finished:
+                break
+    assert trio.current_time() - start < 0.01
+    assert [len(frame) for frame in frames] == [6 * MAX_BATCH_FRAMES, 6 * MAX_BATCH_FRAMES, 6 * 7]
+    assert b"".join(frames) == b"".join(pieces)
     await assert_serving(env)
 
 

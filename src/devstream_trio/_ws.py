@@ -28,6 +28,10 @@ Rules:
   on a plain socket with ``writev``, payloads of 16 KiB or more as buffers of their own (not
   copied), the frame headers and short payloads between them joined; on TLS with one
   ``send_all`` (payloads of 512 KiB or more with a ``send_all`` of their own).
+* A read's frames are parsed in batches of at most ``_frames.MAX_BATCH_FRAMES``: a receive
+  that parses the next batch of what a read brought is a checkpoint, as one that reads is, so
+  one connection's flood of tiny frames holds the run for one batch at a time, and what a
+  relay takes at once (:meth:`WebSocket.take_queued`) is one batch at most.
 * Checkpoints. A receive that reads from the transport is a checkpoint; one answered from
   what was already parsed is not. A send is a cancellation point, but on a plain socket not a
   schedule point when the lock is free and the kernel takes every byte at once: each pass of
@@ -475,25 +479,18 @@ class WebSocket:
     async def send_messages(self, events: Sequence[BytesMessage | TextMessage]) -> None:
         """Relay several received fragments with one write.
 
-        Adjacent fragments of one message are joined into one frame; message boundaries are
-        kept exactly.
+        Adjacent fragments of one message are joined into one frame, each byte copied once;
+        message boundaries are kept exactly.
         """
         merged: list[BytesMessage | TextMessage] = []
+        run: list[BytesMessage | TextMessage] = []
         for event in events:
-            last = merged[-1] if merged else None
-            if last is not None and not last.message_finished and type(last) is type(event):
-                if isinstance(last, BytesMessage) and isinstance(event, BytesMessage):
-                    data = bytes(last.data) + bytes(event.data)
-                    merged[-1] = BytesMessage(data=data, message_finished=event.message_finished)
-                else:
-                    text = str(last.data) + str(event.data)
-                    merged[-1] = TextMessage(data=text, message_finished=event.message_finished)
-            else:
-                merged.append(
-                    BytesMessage(data=event.data, message_finished=event.message_finished)
-                    if isinstance(event, BytesMessage)
-                    else TextMessage(data=event.data, message_finished=event.message_finished)
-                )
+            run.append(event)
+            if event.message_finished:
+                merged.append(_joined(run))
+                run = []
+        if run:
+            merged.append(_joined(run))
         await self._send_events(merged)
 
     async def ping(self, payload: bytes = b"") -> None:
@@ -650,6 +647,9 @@ class WebSocket:
         return total
 
     async def _read_more(self) -> None:
+        if self._reader.holds_more:
+            await self._parse_held()
+            return
         if self._server_plain:
             await self._read_plain(self.stream)  # type: ignore[arg-type]  # a SocketStream
             return
@@ -709,6 +709,17 @@ class WebSocket:
             await self._protocol_error(exc)
         self._events.extend(events)
 
+    async def _parse_held(self) -> None:
+        """Parse the next batch of frames the last read brought, once other tasks had their
+        turn (a checkpoint): one connection's burst of small frames never holds the run for
+        longer than a batch takes (``_frames.MAX_BATCH_FRAMES``)."""
+        await trio.lowlevel.checkpoint()
+        try:
+            events = self._reader.receive(b"")
+        except WsProtocolError as exc:
+            await self._protocol_error(exc)
+        self._events.extend(events)
+
     async def _protocol_error(self, exc: WsProtocolError) -> NoReturn:
         """Close with 1002: wsproto refused what the peer sent."""
         self._closed = ConnectionClosed(1002, "protocol error")
@@ -751,6 +762,25 @@ class WebSocket:
     async def abort(self) -> None:
         """Drop the transport without a closing handshake."""
         await close_forcefully(self.stream)
+
+
+def _joined(run: list[BytesMessage | TextMessage]) -> BytesMessage | TextMessage:
+    """The fragments *run* (of one message, the last one ending it or not) as one."""
+    last = run[-1]
+    if len(run) == 1:
+        return last
+    kind = type(last)
+    if any(type(event) is not kind for event in run):
+        raise TypeError("one message cannot mix text and binary fragments")
+    if kind is TextMessage:
+        return TextMessage(
+            data="".join([event.data for event in run]),  # type: ignore[misc]
+            message_finished=last.message_finished,
+        )
+    return BytesMessage(
+        data=b"".join([event.data for event in run]),  # type: ignore[misc]
+        message_finished=last.message_finished,
+    )
 
 
 def _part(data: bytes | bytearray | memoryview | str) -> bytes | memoryview:
