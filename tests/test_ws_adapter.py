@@ -21,6 +21,7 @@ from devstream_core.errors import ErrorCode, close_reason_for
 from devstream_trio._frames import MAX_BATCH_FRAMES
 from devstream_trio._ws import (
     ABNORMAL_CLOSURE,
+    MAX_MESSAGE_FRAGMENTS,
     ConnectionClosed,
     WebSocket,
     payload,
@@ -1230,3 +1231,41 @@ async def test_relaying_a_burst_sends_one_frame_per_batch(autojump_clock: trio.a
         6 * 7,
     ]
     assert b"".join(event.data for event in frames) == b"".join(pieces)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("whole", ["receive_messages", "receive_message"])
+async def test_a_message_in_too_many_fragments_is_refused_with_1009(
+    autojump_clock: trio.abc.Clock, whole: str
+) -> None:
+    """A message may come in MAX_MESSAGE_FRAGMENTS fragments, empty ones counted; once that
+    many came without its end, the connection is closed with 1009 at once."""
+    peer, ws = raw_pair()
+
+    async def receive() -> bytes:
+        if whole == "receive_message":
+            return await ws.receive_message(1 << 20)
+        return b"".join(b"".join(parts) for parts in await ws.receive_messages(1 << 20))
+
+    def fragments(count: int, *, ends: bool) -> list[Event]:
+        return [
+            BytesMessage(data=b"a" if i == 0 else b"", message_finished=ends and i == count - 1)
+            for i in range(count)
+        ]
+
+    with trio.fail_after(60):
+        await peer.send(*fragments(MAX_MESSAGE_FRAGMENTS, ends=True))
+        assert await receive() == b"a"
+        # One fragment short of the bound, without the end: the message is still welcome.
+        await peer.send(*fragments(MAX_MESSAGE_FRAGMENTS - 1, ends=False))
+        with trio.move_on_after(10) as waited:
+            await receive()
+        assert waited.cancelled_caught
+        assert await nothing_arrives(peer.stream)
+        # The fragment that reaches the bound without the end.
+        await peer.send(BytesMessage(data=b"", message_finished=False))
+        with pytest.raises(ConnectionClosed) as closed:
+            await receive()
+    assert (closed.value.code, closed.value.reason) == (1009, "message in too many fragments")
+    assert await peer.next_events() == [
+        CloseConnection(code=1009, reason="message in too many fragments")
+    ]
