@@ -12,7 +12,9 @@ seed corpus::
 Each input goes through ``decode_message`` (as bytes and, when it is UTF-8, as text), through
 a ``MessageAssembler`` in fragments, and into a device and a hub control machine that are
 ready for anything. Any exception other than ``RemoteProtocolError`` is a crash, and so is
-a disagreement: bytes vs text vs fragments must give the same message or the same error code,
+a disagreement: bytes vs text vs fragments (as many as the assembler takes) must give the
+same message or the same error code, one fragment more than it takes must be refused with
+``PAYLOAD_TOO_LARGE``,
 and a decoded message must survive ``decode_message(encode_message(msg)) == msg``. On a crash
 the input's ``repr`` is printed and the exit status is 1.
 """
@@ -115,8 +117,10 @@ def _decode(
         return exc.code
 
 
-def _assemble(data: bytes, chunk: int, max_size: int) -> ControlMessage | ErrorCode | None:
-    assembler = MessageAssembler(max_size)
+def _assemble(
+    data: bytes, chunk: int, max_size: int, max_fragments: int
+) -> ControlMessage | ErrorCode | None:
+    assembler = MessageAssembler(max_size, max_fragments)
     try:
         for start in range(0, max(len(data), 1), chunk):
             finished = start + chunk >= len(data)
@@ -165,9 +169,15 @@ def check(data: bytes) -> None:
                 raise AssertionError(f"bytes gave {whole!r}, text gave {as_text!r}")
         chunk = 1 + (data[0] % 7 if data else 0)
         for size in (1, chunk, len(data) or 1):
-            pieces = _assemble(data, size, max_size)
+            count = max(1, -(-len(data) // size))
+            pieces = _assemble(data, size, max_size, count)
             if pieces != whole:
                 raise AssertionError(f"whole gave {whole!r}, {size}-byte pieces gave {pieces!r}")
+            if count > 1:
+                # One fragment more than the assembler takes: refused, whatever the bytes.
+                over = _assemble(data, size, max_size, count - 1)
+                if over != ErrorCode.PAYLOAD_TOO_LARGE:
+                    raise AssertionError(f"{count} fragments past a bound of {count - 1}: {over!r}")
         if not isinstance(whole, ErrorCode):
             again = decode_message(encode_message(whole))
             if again != whole:

@@ -13,7 +13,8 @@ The input's first byte chooses the role (its low bit: server or client), whether
 only borrows each read (the next bit: a view of one buffer, scribbled over after each call, as
 on a plain socket), and where the rest is cut into reads (its other bits); the rest is what the
 peer sent. ``devstream_trio``'s ``FrameReader`` and wsproto's ``Connection`` get the same
-reads. The reader must give the same
+reads, the reader in batches of one to three frames (the length of the input picks how
+many; what a batch leaves is parsed before the next read). The reader must give the same
 events as wsproto, or the same ones and then a close where wsproto is still waiting for the
 rest of a header it would refuse; when wsproto ends with a close, the reader ends with the
 same close code. Anything else, or any exception, is a crash.
@@ -54,6 +55,15 @@ SEEDS: list[bytes] = [
     b"\x00" + _masked(0xC2, b"rsv"),
     b"\x00" + _masked(0x03, b"op"),
     b"\x02\x02\x03ab\x80\x01c",
+    # Reads of 64 bytes, borrowed, each holding several frames: batches end inside a read.
+    b"\xfe\x02\x02ab\x00\x01c\x00\x00\x80\x00\x89\x01p\x82\x03xyz\x81\x02ok",
+    b"\xff"
+    + _masked(0x02, b"ab")
+    + _masked(0x00, b"")
+    + _masked(0x00, b"c")
+    + _masked(0x89, b"p")
+    + _masked(0x80, b"de")
+    + _masked(0x81, b"ok"),
 ]
 
 # Fragments the mutator splices in: header bytes of every kind.
@@ -101,7 +111,9 @@ def check(data: bytes) -> None:
     borrowed = bool(control & 2)
     step = (control >> 2) + 1
     reads = [wire[i : i + step] for i in range(0, len(wire), step)]
-    reader = FrameReader(Connection(kind))
+    # Batches of one to three frames; what a batch leaves is parsed before the next read, as
+    # the WebSocket does.
+    reader = FrameReader(Connection(kind), max_frames=1 + len(wire) % 3)
     reference = Connection(kind)
     ours: list[Event] = []
     theirs: list[Event] = []
@@ -113,6 +125,8 @@ def check(data: bytes) -> None:
             lent[:] = b"\xee" * step
         else:
             ours.extend(reader.receive(chunk))
+        while reader.holds_more:
+            ours.extend(reader.receive(b""))
         if not any(isinstance(e, CloseConnection) for e in theirs):
             reference.receive_data(chunk)
             theirs.extend(reference.events())

@@ -22,6 +22,7 @@ from devstream_core.control import (
     DEVICE_SEND_TRANSITIONS,
     HUB_RECEIVE_TRANSITIONS,
     HUB_SEND_TRANSITIONS,
+    MAX_CONTROL_MESSAGE_FRAGMENTS,
     MAX_CONTROL_MESSAGE_SIZE,
     MAX_FORGOTTEN_REQUESTS,
     MAX_OUTSTANDING_REQUESTS,
@@ -408,6 +409,36 @@ def test_default_limit_is_64_kib() -> None:
     with pytest.raises(RemoteProtocolError) as info:
         assembler.feed(b" ", message_finished=False)
     assert info.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+
+
+@pytest.mark.parametrize("empty", [b"", ""], ids=["bytes", "text"])
+def test_fragments_are_counted_empty_ones_too(empty: str | bytes) -> None:
+    """A message may come in MAX_CONTROL_MESSAGE_FRAGMENTS fragments; once that many came
+    without the end, PAYLOAD_TOO_LARGE, whatever their size (the assembler starts afresh)."""
+    limit = MAX_CONTROL_MESSAGE_FRAGMENTS
+    assembler = MessageAssembler()
+    text = encode_message(Register(names=("a",)))
+    assert assembler.feed(text, message_finished=False) is None
+    for _ in range(limit - 2):
+        assert assembler.feed(empty, message_finished=False) is None
+    assert assembler.feed(empty, message_finished=True) == Register(names=("a",))
+    for _ in range(limit - 1):
+        assert assembler.feed(empty, message_finished=False) is None
+    with pytest.raises(RemoteProtocolError) as info:
+        assembler.feed(empty, message_finished=False)
+    assert info.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+    assert info.value.message == f"control message in more than {limit} fragments"
+    assert feed_all(assembler, [text]) == Register(names=("a",))
+
+
+def test_hub_machine_refuses_a_message_in_too_many_fragments() -> None:
+    hub = HubControl()
+    for _ in range(MAX_CONTROL_MESSAGE_FRAGMENTS - 1):
+        assert hub.receive("", message_finished=False) == []
+    with pytest.raises(RemoteProtocolError) as info:
+        hub.receive("", message_finished=False)
+    assert info.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+    assert hub.state is ControlState.ERROR
 
 
 def test_assembler_bad_text_fragment() -> None:

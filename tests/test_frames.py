@@ -24,7 +24,7 @@ from wsproto.events import (
 )
 
 from devstream_trio import _mask
-from devstream_trio._frames import FrameReader
+from devstream_trio._frames import MAX_BATCH_FRAMES, FrameReader
 
 from ._helpers import load_fuzz_harness
 
@@ -63,15 +63,21 @@ describe = WS_FRAMES_HARNESS._describe
 
 
 def run_both(
-    reads: list[bytes], *, server: bool, borrowed: bool = False
+    reads: list[bytes],
+    *,
+    server: bool,
+    borrowed: bool = False,
+    max_frames: int = MAX_BATCH_FRAMES,
 ) -> tuple[list[Event], list[Event]]:
     """Feed *reads* to a FrameReader and to wsproto; return both event lists.
 
     *borrowed*: each read reaches the reader as a view of one buffer, lent for the call and
-    scribbled over afterwards, as the WebSocket's reads on a plain socket are.
+    scribbled over afterwards, as the WebSocket's reads on a plain socket are. The reader
+    parses at most *max_frames* frames a call; what it holds is parsed before the next read,
+    as the WebSocket does.
     """
     kind = ConnectionType.SERVER if server else ConnectionType.CLIENT
-    reader = FrameReader(Connection(kind))
+    reader = FrameReader(Connection(kind), max_frames=max_frames)
     reference = Connection(kind)
     ours: list[Event] = []
     theirs: list[Event] = []
@@ -83,6 +89,8 @@ def run_both(
             buffer[:] = b"\xee" * len(buffer)
         else:
             ours.extend(reader.receive(data))
+        while reader.holds_more:
+            ours.extend(reader.receive(b""))
         if not any(isinstance(e, CloseConnection) for e in theirs):
             reference.receive_data(data)
             theirs.extend(reference.events())
@@ -121,13 +129,20 @@ def streams(draw: st.DrawFn, masked: bool) -> bytes:
 
 
 @settings(max_examples=300)
-@given(data=st.data(), server=st.booleans(), borrowed=st.booleans())
+@given(
+    data=st.data(),
+    server=st.booleans(),
+    borrowed=st.booleans(),
+    max_frames=st.sampled_from([1, 2, 3, MAX_BATCH_FRAMES]),
+)
 def test_same_events_as_wsproto_for_well_formed_streams(
-    data: st.DataObject, server: bool, borrowed: bool
+    data: st.DataObject, server: bool, borrowed: bool, max_frames: int
 ) -> None:
     wire = data.draw(streams(masked=server))
     cuts = data.draw(st.lists(st.integers(min_value=0), max_size=8))
-    ours, theirs = run_both(split(wire, cuts), server=server, borrowed=borrowed)
+    ours, theirs = run_both(
+        split(wire, cuts), server=server, borrowed=borrowed, max_frames=max_frames
+    )
     # Compared after the lent buffer was scribbled over: no payload refers to it.
     assert describe(ours) == describe(theirs)
     # Nothing is a protocol error in a well-formed stream.
@@ -257,6 +272,48 @@ def test_zero_length_frames_are_events() -> None:
         ("BytesMessage", b"", True, False),
         ("BytesMessage", b"", True, True),
     ]
+
+
+def fragments(count: int, *, masked: bool) -> tuple[bytes, list[bytes]]:
+    """One binary message in *count* fragments of 0 to 4 bytes: its wire bytes and pieces."""
+    pieces = [bytes([index % 256]) * (index % 5) for index in range(count)]
+    wire = b"".join(
+        frame(0x2 if index == 0 else 0x0, piece, fin=index == count - 1, masked=masked)
+        for index, piece in enumerate(pieces)
+    )
+    return wire, pieces
+
+
+@pytest.mark.parametrize("borrowed", [False, True])
+def test_a_read_of_many_frames_is_parsed_in_batches(borrowed: bool) -> None:
+    """However small the frames, one call makes at most MAX_BATCH_FRAMES events; the rest of
+    the read is kept (a borrowed read is scribbled over at once) and parsed by the next calls."""
+    count = 2 * MAX_BATCH_FRAMES + 100
+    wire, pieces = fragments(count, masked=True)
+    reader = FrameReader(Connection(ConnectionType.SERVER))
+    buffer = bytearray(wire)
+    batches = [reader.receive(memoryview(buffer) if borrowed else wire, borrowed=borrowed)]
+    buffer[:] = b"\xee" * len(buffer)
+    while reader.holds_more:
+        batches.append(reader.receive(b""))
+    assert [len(batch) for batch in batches] == [MAX_BATCH_FRAMES, MAX_BATCH_FRAMES, 100]
+    events = [event for batch in batches for event in batch]
+    assert [bytes(event.data) for event in events] == pieces  # type: ignore[attr-defined]
+    _, theirs = run_both([wire], server=True)
+    assert describe(events) == describe(theirs)
+
+
+def test_bytes_that_arrive_while_a_batch_waits_come_after_it() -> None:
+    wire, pieces = fragments(9, masked=True)
+    reader = FrameReader(Connection(ConnectionType.SERVER), max_frames=2)
+    cut = len(wire) - 5  # inside the last frame
+    events = reader.receive(wire[:cut])
+    assert len(events) == 2 and reader.holds_more
+    events += reader.receive(wire[cut:])
+    while reader.holds_more:
+        events += reader.receive(b"")
+    assert b"".join(bytes(event.data) for event in events) == b"".join(pieces)  # type: ignore[attr-defined]
+    assert events[-1].message_finished  # type: ignore[attr-defined]
 
 
 def test_fuzz_harness_fallback_loop(capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,15 +18,18 @@ import trio
 from devstream_core import control
 from devstream_core.credentials import ConnectionString, device_resource, make_sas_token
 from devstream_core.errors import ErrorCode
+from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 from devstream_core.registry import Permission, new_key, new_policy
+from devstream_trio._frames import MAX_BATCH_FRAMES
 from devstream_trio._http import HttpStatusError, websocket_connect
-from devstream_trio._ws import ConnectionClosed, WebSocket
+from devstream_trio._ws import MAX_MESSAGE_FRAGMENTS, ConnectionClosed, WebSocket, payload
 from devstream_trio.exceptions import Unauthorized
 
 from .conftest import HubEnv
 from .test_hub import (
     HUB,
     ManualDevice,
+    _raw_pair,
     auth,
     call,
     echo,
@@ -618,6 +621,129 @@ async def test_json_that_is_no_control_message(
         closed, _ = await closed_by_hub(device.ws)
     assert closed.code == 4400
     assert closed.reason.startswith("400904")
+    await assert_serving(env)
+
+
+# -- floods of fragments ---------------------------------------------------------------------
+
+
+def masked_frame(first: int, payload: bytes) -> bytes:
+    """One frame as a client sends it (FIN/opcode byte *first*), masked with a fixed key."""
+    key = b"\x5a\x13\xc7\x0e"
+    assert len(payload) < 126
+    return (
+        bytes((first, 0x80 | len(payload)))
+        + key
+        + bytes(b ^ key[i & 3] for i, b in enumerate(payload))
+    )
+
+
+async def test_a_control_message_in_too_many_fragments_is_refused(
+    env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """Empty continuations count: a control message may come in MAX_CONTROL_MESSAGE_FRAGMENTS
+    fragments, and the hub closes the channel (413901) as soon as it has that many without
+    the message's end, instead of keeping them."""
+    limit = control.MAX_CONTROL_MESSAGE_FRAGMENTS
+    device = await manual_device(env)
+    text = device.machine.send(control.Register(names=("echo", "more")))
+    with trio.fail_after(30):
+        # At the bound: the whole text in the first fragment, empty ones after it.
+        await device.ws.send_text(text, message_finished=False)
+        for index in range(1, limit):
+            await device.ws.send_text("", message_finished=index == limit - 1)
+        assert await device.next_message() == control.Registered(names=("echo", "more"))
+        # One more without the end: refused then, whatever follows.
+        start = trio.current_time()
+        await device.ws.stream.send_all(
+            masked_frame(0x01, b'{"type": ') + masked_frame(0x00, b"") * (limit + 1000)
+        )
+        closed, texts = await closed_by_hub(device.ws)
+    assert trio.current_time() - start < 0.01
+    assert closed.code == 4413
+    assert closed.reason.startswith("413901")
+    assert texts[-1]["errorCode"] == 413901
+    assert (await env.service().get_device("manual"))["connectionState"] == "Disconnected"
+    await assert_serving(env)
+
+
+async def framed_stream_sides(env: HubEnv) -> tuple[WebSocket, WebSocket]:
+    """A devstream.v1 stream whose sides are plain WebSockets: (device side, service side)."""
+    device = await manual_device(env)
+    sides: dict[str, WebSocket] = {}
+
+    async def device_side() -> None:
+        request = await device.next_request()
+        await device.send(request.accept())
+        sides["device"] = await join_raw(env, request.url, request.token, [FRAMED_SUBPROTOCOL])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(device_side)
+        response = await initiate(
+            env, "manual", "echo", headers=[("devstream-stream-mode", FRAMED_SUBPROTOCOL)]
+        )
+        assert response.header(b"iothub-streaming-is-accepted") == b"True"
+        url = (response.header(b"iothub-streaming-url") or b"").decode()
+        token = (response.header(b"iothub-streaming-auth-token") or b"").decode()
+        sides["service"] = await join_raw(env, url, token, [FRAMED_SUBPROTOCOL])
+    return sides["device"], sides["service"]
+
+
+async def test_a_framed_message_in_too_many_fragments_is_refused_with_1009(
+    env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """A devstream.v1 side that sends a binary frame without FIN and then empty continuations
+    is closed with 1009 once MAX_MESSAGE_FRAGMENTS fragments came without the end; its peer
+    gets the same close, and the hub serves everyone else."""
+    with trio.fail_after(30):
+        device_ws, service_ws = await framed_stream_sides(env)
+        start = trio.current_time()
+        await service_ws.stream.send_all(
+            masked_frame(0x02, b"\x01") + masked_frame(0x00, b"") * (MAX_MESSAGE_FRAGMENTS + 100)
+        )
+        with pytest.raises(ConnectionClosed) as closed:
+            await service_ws.receive()
+        with pytest.raises(ConnectionClosed) as peer_closed:
+            await device_ws.receive()
+    assert trio.current_time() - start < 0.01
+    expected = (1009, "message in too many fragments")
+    assert (closed.value.code, closed.value.reason) == expected
+    assert (peer_closed.value.code, peer_closed.value.reason) == expected
+    await assert_serving(env)
+
+
+async def test_a_raw_message_in_tiny_fragments_goes_on_a_batch_at_a_time(
+    env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """A raw side's message in thousands of 6-byte fragments, all in one read: the hub relays
+    them a batch (MAX_BATCH_FRAMES) at a time, each batch as one frame joined once, and holds
+    no more than a batch. The message arrives intact, in no virtual time."""
+    count = 2 * MAX_BATCH_FRAMES + 7
+    pieces = [bytes([index % 251]) * 6 for index in range(count)]
+    with trio.fail_after(30):
+        device_ws, service_ws = await _raw_pair(env)
+        start = trio.current_time()
+        await service_ws.stream.send_all(
+            b"".join(
+                masked_frame(
+                    (0x02 if index == 0 else 0x00) | (0x80 if index == count - 1 else 0), piece
+                )
+                for index, piece in enumerate(pieces)
+            )
+        )
+        frames: list[bytes] = []
+        frame = b""
+        while True:
+            event = await device_ws.receive()
+            frame += payload(event)  # type: ignore[operator]
+            if event.frame_finished:
+                frames.append(frame)
+                frame = b""
+            if event.message_finished:
+                break
+    assert trio.current_time() - start < 0.01
+    assert [len(frame) for frame in frames] == [6 * MAX_BATCH_FRAMES, 6 * MAX_BATCH_FRAMES, 6 * 7]
+    assert b"".join(frames) == b"".join(pieces)
     await assert_serving(env)
 
 

@@ -8,6 +8,8 @@ the wire, one side is a bare wsproto connection (:class:`RawPeer`) instead of a 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import trio
 import trio.testing
@@ -16,7 +18,14 @@ from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, Tex
 
 from devstream_core.common import Role
 from devstream_core.errors import ErrorCode, close_reason_for
-from devstream_trio._ws import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket, payload
+from devstream_trio._frames import MAX_BATCH_FRAMES
+from devstream_trio._ws import (
+    ABNORMAL_CLOSURE,
+    MAX_MESSAGE_FRAGMENTS,
+    ConnectionClosed,
+    WebSocket,
+    payload,
+)
 from devstream_trio.exceptions import HubError
 from devstream_trio.stream import HubStream
 
@@ -1146,3 +1155,117 @@ async def test_a_send_cancelled_while_the_socket_was_full_before_its_first_byte_
     assert received == [*filler, b"after"]
     await client.abort()
     await server.abort()
+
+
+# --- many small fragments: batches, and a bound per message ---------------------------------
+
+
+async def test_a_burst_of_tiny_fragments_lets_other_tasks_run_between_batches(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """One read brings a message in far more fragments than a batch: they are handed on a
+    batch (MAX_BATCH_FRAMES) at a time, and a task that only yields gets its turn between
+    batches, while no virtual time passes."""
+    peer, ws = raw_pair()
+    count = 4 * MAX_BATCH_FRAMES + 10
+    await peer.send(
+        *[BytesMessage(data=b"x", message_finished=i == count - 1) for i in range(count)]
+    )
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    seen: list[int] = []
+    start = trio.current_time()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            while True:
+                event = await ws.receive()
+                seen.append(ticks)
+                if event.message_finished:
+                    break
+            nursery.cancel_scope.cancel()
+    assert trio.current_time() == start
+    assert len(seen) == count
+    # Fragments handed on while the ticker did not run: at most two batches in a row (trio
+    # runs the two tasks in either order in each round, so the receiver may run last in one
+    # round and first in the next).
+    runs = [len(list(group)) for _, group in itertools.groupby(seen)]
+    assert max(runs) <= 2 * MAX_BATCH_FRAMES
+    assert len(runs) >= 3
+
+
+async def test_relaying_a_burst_sends_one_frame_per_batch(autojump_clock: trio.abc.Clock) -> None:
+    """The raw relay's loop (receive, take_queued, send_messages) over a message in tiny
+    fragments: each batch goes out as one frame, its fragments joined once; the message
+    arrives intact and nothing waits."""
+    peer, hub_side = raw_pair()
+    count = 2 * MAX_BATCH_FRAMES + 7
+    pieces = [bytes([i % 251]) * 6 for i in range(count)]
+    await peer.send(
+        *[
+            BytesMessage(data=piece, message_finished=i == count - 1)
+            for i, piece in enumerate(pieces)
+        ]
+    )
+    out_peer, out = raw_pair(ConnectionType.CLIENT)
+    start = trio.current_time()
+    with trio.fail_after(5):
+        relayed = 0
+        while relayed < count:
+            batch = [await hub_side.receive(), *hub_side.take_queued()]
+            relayed += len(batch)
+            await out.send_messages(batch)
+        frames: list[Event] = []
+        while not frames or not frames[-1].message_finished:  # type: ignore[attr-defined]
+            frames += await out_peer.next_events()
+    assert trio.current_time() == start
+    assert [len(event.data) for event in frames] == [  # type: ignore[attr-defined]
+        6 * MAX_BATCH_FRAMES,
+        6 * MAX_BATCH_FRAMES,
+        6 * 7,
+    ]
+    assert b"".join(event.data for event in frames) == b"".join(pieces)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("whole", ["receive_messages", "receive_message"])
+async def test_a_message_in_too_many_fragments_is_refused_with_1009(
+    autojump_clock: trio.abc.Clock, whole: str
+) -> None:
+    """A message may come in MAX_MESSAGE_FRAGMENTS fragments, empty ones counted; once that
+    many came without its end, the connection is closed with 1009 at once."""
+    peer, ws = raw_pair()
+
+    async def receive() -> bytes:
+        if whole == "receive_message":
+            return await ws.receive_message(1 << 20)
+        return b"".join(b"".join(parts) for parts in await ws.receive_messages(1 << 20))
+
+    def fragments(count: int, *, ends: bool) -> list[Event]:
+        return [
+            BytesMessage(data=b"a" if i == 0 else b"", message_finished=ends and i == count - 1)
+            for i in range(count)
+        ]
+
+    with trio.fail_after(60):
+        await peer.send(*fragments(MAX_MESSAGE_FRAGMENTS, ends=True))
+        assert await receive() == b"a"
+        # One fragment short of the bound, without the end: the message is still welcome.
+        await peer.send(*fragments(MAX_MESSAGE_FRAGMENTS - 1, ends=False))
+        with trio.move_on_after(10) as waited:
+            await receive()
+        assert waited.cancelled_caught
+        assert await nothing_arrives(peer.stream)
+        # The fragment that reaches the bound without the end.
+        await peer.send(BytesMessage(data=b"", message_finished=False))
+        with pytest.raises(ConnectionClosed) as closed:
+            await receive()
+    assert (closed.value.code, closed.value.reason) == (1009, "message in too many fragments")
+    assert await peer.next_events() == [
+        CloseConnection(code=1009, reason="message in too many fragments")
+    ]

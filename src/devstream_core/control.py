@@ -28,7 +28,8 @@ Rules every change must keep:
   ``LocalProtocolError(PROTOCOL_ERROR)``. The only exception is the hub's cap on outstanding
   requests (``THROTTLED``), which refuses one send and leaves the machine usable.
 * Every buffer is bounded: a message is at most :data:`MAX_CONTROL_MESSAGE_SIZE` bytes of
-  UTF-8 (checked while fragments arrive, before any JSON parsing), the hub tracks at most
+  UTF-8 in at most :data:`MAX_CONTROL_MESSAGE_FRAGMENTS` WebSocket fragments (both checked
+  while fragments arrive, before any JSON parsing), the hub tracks at most
   :data:`MAX_OUTSTANDING_REQUESTS` requests and remembers at most
   :data:`MAX_FORGOTTEN_REQUESTS` timed-out ones, a device at most
   :data:`MAX_PENDING_REQUESTS` unanswered ones.
@@ -53,6 +54,7 @@ __all__ = [
     "DEVICE_SEND_TRANSITIONS",
     "HUB_RECEIVE_TRANSITIONS",
     "HUB_SEND_TRANSITIONS",
+    "MAX_CONTROL_MESSAGE_FRAGMENTS",
     "MAX_CONTROL_MESSAGE_SIZE",
     "MAX_FORGOTTEN_REQUESTS",
     "MAX_OUTSTANDING_REQUESTS",
@@ -79,6 +81,9 @@ __all__ = [
 CONTROL_SUBPROTOCOL: Final = "devstream.control.v1"
 #: The largest control message, in bytes of UTF-8.
 MAX_CONTROL_MESSAGE_SIZE: Final = 64 * 1024
+#: The most WebSocket fragments one control message may come in (empty ones count: each one
+#: costs the receiver a little, whatever its size).
+MAX_CONTROL_MESSAGE_FRAGMENTS: Final = 1024
 #: The most names one ``Register`` may carry.
 MAX_REGISTERED_NAMES: Final = 64
 #: The most stream requests the hub may have sent and not yet seen answered or forgotten.
@@ -359,6 +364,12 @@ def _too_large() -> RemoteProtocolError:
     return RemoteProtocolError(ErrorCode.PAYLOAD_TOO_LARGE, "control message too large")
 
 
+def _too_many_fragments(limit: int) -> RemoteProtocolError:
+    return RemoteProtocolError(
+        ErrorCode.PAYLOAD_TOO_LARGE, f"control message in more than {limit} fragments"
+    )
+
+
 def _bad_json(message: str) -> RemoteProtocolError:
     return RemoteProtocolError(ErrorCode.INVALID_JSON, message)
 
@@ -487,16 +498,25 @@ class MessageAssembler:
     """Joins the fragments of one WebSocket message and decodes the whole.
 
     Memory stays bounded: as soon as the fragments buffered for the current message exceed
-    *max_size* bytes (of UTF-8), :meth:`feed` raises ``PAYLOAD_TOO_LARGE`` and drops them.
-    Text and binary fragments may be mixed; text is counted as its UTF-8 encoding.
+    *max_size* bytes (of UTF-8), or *max_fragments* fragments have come without the message's
+    end, :meth:`feed` raises ``PAYLOAD_TOO_LARGE`` and drops them. Empty fragments count, and
+    are not kept. Text and binary fragments may be mixed; text is counted as its UTF-8
+    encoding.
     """
 
-    __slots__ = ("_parts", "_size", "max_size")
+    __slots__ = ("_count", "_parts", "_size", "max_fragments", "max_size")
 
-    def __init__(self, max_size: int = MAX_CONTROL_MESSAGE_SIZE) -> None:
+    def __init__(
+        self,
+        max_size: int = MAX_CONTROL_MESSAGE_SIZE,
+        max_fragments: int = MAX_CONTROL_MESSAGE_FRAGMENTS,
+    ) -> None:
         self.max_size = max_size
+        self.max_fragments = max_fragments
         self._parts: list[bytes] = []
         self._size = 0
+        #: Fragments fed for the current message.
+        self._count = 0
 
     @property
     def buffered(self) -> int:
@@ -506,6 +526,7 @@ class MessageAssembler:
     def _reset(self) -> None:
         self._parts = []
         self._size = 0
+        self._count = 0
 
     def feed(self, fragment: str | bytes, *, message_finished: bool) -> ControlMessage | None:
         """Add *fragment*; return the decoded message when *message_finished*, else ``None``.
@@ -528,8 +549,13 @@ class MessageAssembler:
         if self._size > self.max_size:
             self._reset()
             raise _too_large()
-        self._parts.append(raw)
+        if raw:
+            self._parts.append(raw)
         if not message_finished:
+            self._count += 1
+            if self._count >= self.max_fragments:
+                self._reset()
+                raise _too_many_fragments(self.max_fragments)
             return None
         data = b"".join(self._parts)
         self._reset()

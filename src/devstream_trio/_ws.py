@@ -28,6 +28,11 @@ Rules:
   on a plain socket with ``writev``, payloads of 16 KiB or more as buffers of their own (not
   copied), the frame headers and short payloads between them joined; on TLS with one
   ``send_all`` (payloads of 512 KiB or more with a ``send_all`` of their own).
+* A read's frames are parsed in batches of at most ``_frames.MAX_BATCH_FRAMES``: a receive
+  that parses the next batch of what a read brought is a checkpoint, as one that reads is, so
+  one connection's flood of tiny frames holds the run for one batch at a time, and what a
+  relay takes at once (:meth:`WebSocket.take_queued`) is one batch at most. A message read
+  whole may come in at most :data:`MAX_MESSAGE_FRAGMENTS` fragments.
 * Checkpoints. A receive that reads from the transport is a checkpoint; one answered from
   what was already parsed is not. A send is a cancellation point, but on a plain socket not a
   schedule point when the lock is free and the kernel takes every byte at once: each pass of
@@ -61,6 +66,8 @@ from ._frames import FrameReader
 
 __all__ = [
     "ABNORMAL_CLOSURE",
+    "MAX_MESSAGE_FRAGMENTS",
+    "MESSAGE_TOO_BIG",
     "NORMAL_CLOSURE",
     "ConnectionClosed",
     "WebSocket",
@@ -72,6 +79,14 @@ __all__ = [
 NORMAL_CLOSURE = 1000
 #: The close code reported when the transport ended without a close frame (never sent).
 ABNORMAL_CLOSURE = 1006
+#: The close code for a message larger than the receiver takes, or in too many fragments.
+MESSAGE_TOO_BIG = 1009
+#: The most fragments (frames, empty ones too) a message read whole may come in (the default
+#: of ``max_fragments``, for devstream.v1 on the hub and in the clients): one that has come
+#: in this many without its end is refused with 1009, as one too big is. Bytes are not all a
+#: message costs: each fragment is kept until the message is whole. A 1 MiB message in
+#: 256-byte pieces still fits.
+MAX_MESSAGE_FRAGMENTS = 4096
 #: Bytes a client asks of the transport per read, at first and at most. A read that fills
 #: what it asked for doubles the next one (a busy stream then moves up to 1 MiB per scheduler
 #: pass); two in a row that bring less than a quarter halve it (a chatty connection does not
@@ -475,25 +490,18 @@ class WebSocket:
     async def send_messages(self, events: Sequence[BytesMessage | TextMessage]) -> None:
         """Relay several received fragments with one write.
 
-        Adjacent fragments of one message are joined into one frame; message boundaries are
-        kept exactly.
+        Adjacent fragments of one message are joined into one frame, each byte copied once;
+        message boundaries are kept exactly.
         """
         merged: list[BytesMessage | TextMessage] = []
+        run: list[BytesMessage | TextMessage] = []
         for event in events:
-            last = merged[-1] if merged else None
-            if last is not None and not last.message_finished and type(last) is type(event):
-                if isinstance(last, BytesMessage) and isinstance(event, BytesMessage):
-                    data = bytes(last.data) + bytes(event.data)
-                    merged[-1] = BytesMessage(data=data, message_finished=event.message_finished)
-                else:
-                    text = str(last.data) + str(event.data)
-                    merged[-1] = TextMessage(data=text, message_finished=event.message_finished)
-            else:
-                merged.append(
-                    BytesMessage(data=event.data, message_finished=event.message_finished)
-                    if isinstance(event, BytesMessage)
-                    else TextMessage(data=event.data, message_finished=event.message_finished)
-                )
+            run.append(event)
+            if event.message_finished:
+                merged.append(_joined(run))
+                run = []
+        if run:
+            merged.append(_joined(run))
         await self._send_events(merged)
 
     async def ping(self, payload: bytes = b"") -> None:
@@ -543,15 +551,20 @@ class WebSocket:
             self._events.appendleft(event)
             raise
 
-    async def receive_message(self, max_size: int) -> bytes:
-        """Return the next whole message (text as UTF-8); close with 1009 past *max_size*.
+    async def receive_message(
+        self, max_size: int, *, max_fragments: int = MAX_MESSAGE_FRAGMENTS
+    ) -> bytes:
+        """Return the next whole message (text as UTF-8); close with 1009 past *max_size*
+        bytes, or once *max_fragments* fragments have come without the message's end.
 
         Safe to cancel: a message assembled in part is kept for the next call.
         """
-        parts = await self._receive_parts(max_size)
+        parts = await self._receive_parts(max_size, max_fragments)
         return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
-    async def receive_messages(self, max_size: int) -> list[list[bytes | memoryview]]:
+    async def receive_messages(
+        self, max_size: int, *, max_fragments: int = MAX_MESSAGE_FRAGMENTS
+    ) -> list[list[bytes | memoryview]]:
         """Return the next whole message and every further one already received in full, each
         as the list of its fragments (joined, they are the message: nothing is copied here; a
         fragment may be a view of what a read brought, to be used before the next call).
@@ -579,15 +592,16 @@ class WebSocket:
                     await self._handle_control(event)
                     continue
                 size = self._parts_size + len(chunk)
-                if size > max_size:
+                finished = event.message_finished  # type: ignore[attr-defined]
+                if size > max_size or (not finished and len(self._parts) + 1 >= max_fragments):
                     if messages:
                         return messages  # the next call refuses it
                     events.popleft()
-                    await self._refuse_too_big()
+                    await self._refuse_too_big(size > max_size)
                 events.popleft()
                 self._parts.append(chunk)
                 self._parts_size = size
-                if event.message_finished:  # type: ignore[attr-defined]
+                if finished:
                     messages.append(self._parts)
                     self._parts, self._parts_size = [], 0
             if messages:
@@ -596,20 +610,24 @@ class WebSocket:
                 raise self._closed
             await self._read_more()
 
-    async def _refuse_too_big(self) -> NoReturn:
-        """Close with 1009: a message grew past the size the receiver allows."""
+    async def _refuse_too_big(self, by_size: bool) -> NoReturn:
+        """Close with 1009: a message grew past the size the receiver allows (*by_size*), or
+        came in more fragments than it allows."""
+        reason = "message too big" if by_size else "message in too many fragments"
         self._parts, self._parts_size = [], 0
-        self._closed = ConnectionClosed(1009, "message too big")
-        await self.send_close(1009, "message too big")
+        self._closed = ConnectionClosed(MESSAGE_TOO_BIG, reason)
+        await self.send_close(MESSAGE_TOO_BIG, reason)
         raise self._closed
 
-    async def _receive_parts(self, max_size: int) -> list[bytes | memoryview]:
+    async def _receive_parts(self, max_size: int, max_fragments: int) -> list[bytes | memoryview]:
         while True:
             event = await self.receive()
             chunk = _part(event.data)
             self._parts_size += len(chunk)
             if self._parts_size > max_size:
-                await self._refuse_too_big()
+                await self._refuse_too_big(True)
+            if not event.message_finished and len(self._parts) + 1 >= max_fragments:
+                await self._refuse_too_big(False)
             self._parts.append(chunk)
             if event.message_finished:
                 parts = self._parts
@@ -650,6 +668,9 @@ class WebSocket:
         return total
 
     async def _read_more(self) -> None:
+        if self._reader.holds_more:
+            await self._parse_held()
+            return
         if self._server_plain:
             await self._read_plain(self.stream)  # type: ignore[arg-type]  # a SocketStream
             return
@@ -709,6 +730,17 @@ class WebSocket:
             await self._protocol_error(exc)
         self._events.extend(events)
 
+    async def _parse_held(self) -> None:
+        """Parse the next batch of frames the last read brought, once other tasks had their
+        turn (a checkpoint): one connection's burst of small frames never holds the run for
+        longer than a batch takes (``_frames.MAX_BATCH_FRAMES``)."""
+        await trio.lowlevel.checkpoint()
+        try:
+            events = self._reader.receive(b"")
+        except WsProtocolError as exc:
+            await self._protocol_error(exc)
+        self._events.extend(events)
+
     async def _protocol_error(self, exc: WsProtocolError) -> NoReturn:
         """Close with 1002: wsproto refused what the peer sent."""
         self._closed = ConnectionClosed(1002, "protocol error")
@@ -751,6 +783,25 @@ class WebSocket:
     async def abort(self) -> None:
         """Drop the transport without a closing handshake."""
         await close_forcefully(self.stream)
+
+
+def _joined(run: list[BytesMessage | TextMessage]) -> BytesMessage | TextMessage:
+    """The fragments *run* (of one message, the last one ending it or not) as one."""
+    last = run[-1]
+    if len(run) == 1:
+        return last
+    kind = type(last)
+    if any(type(event) is not kind for event in run):
+        raise TypeError("one message cannot mix text and binary fragments")
+    if kind is TextMessage:
+        return TextMessage(
+            data="".join([event.data for event in run]),  # type: ignore[misc]
+            message_finished=last.message_finished,
+        )
+    return BytesMessage(
+        data=b"".join([event.data for event in run]),  # type: ignore[misc]
+        message_finished=last.message_finished,
+    )
 
 
 def _part(data: bytes | bytearray | memoryview | str) -> bytes | memoryview:

@@ -64,7 +64,8 @@ __all__ = ["MAX_FRAMED_MESSAGE", "StreamingEndpoint"]
 
 log = logging.getLogger("devstream.hub")
 
-#: The largest devstream.v1 WebSocket message the hub relays.
+#: The largest devstream.v1 WebSocket message the hub relays. It may come in at most
+#: ``_ws.MAX_MESSAGE_FRAGMENTS`` fragments (the default of ``receive_messages``).
 MAX_FRAMED_MESSAGE = 1024 * 1024
 #: How often the hub pings a devstream.v1 side that waits for its peer (clients give up on a
 #: silent hub after ``ping_interval + ping_timeout``, 20 s by default).
