@@ -107,3 +107,10 @@ def test_concurrent_streams_checks_every_stream() -> None:
         assert rows["streams open"][:2] == ["20", "20"]
         assert rows["streams whose data came back intact"][:2] == ["20", "20"]
     check_table(output, "websockets relay", "resident memory, all open, MB")
+
+
+def test_resume_overhead_prints_its_table() -> None:
+    output = run("resume_overhead.py")
+    rows = check_table(output, "no cuts", "cuts every 1 MiB: time, s")
+    for step in ("4 MiB", "1 MiB"):
+        assert f"cuts every {step}: extra ms per cut (target 50)" in rows
