@@ -20,6 +20,7 @@ SCRIPTS = [
     ["stream_setup.py"],
     ["idle_devices.py"],
     ["concurrent_streams.py"],
+    ["resume_overhead.py"],
 ]
 
 

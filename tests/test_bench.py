@@ -119,3 +119,10 @@ def test_fragment_flood_prints_its_tables() -> None:
     assert number(raw["echo round trips during"][0]) >= 0
     assert control["hub's close"][0].startswith("4413 413901")
     assert framed["hub's close"] == ["1009 message in too many fragments"]
+
+
+def test_resume_overhead_prints_its_table() -> None:
+    output = run("resume_overhead.py")
+    rows = check_table(output, "no cuts", "cuts every 1 MiB: time, s")
+    for step in ("4 MiB", "1 MiB"):
+        assert f"cuts every {step}: extra ms per cut (target 50)" in rows

@@ -581,8 +581,11 @@ async def test_a_connection_lost_under_a_young_streams_read_is_resumed(
             await trio.testing.wait_all_tasks_blocked()
             assert not device._task_started  # the application's task is reading
             b.close()  # the connection is lost
+            lost_at = trio.current_time()
             await trio.testing.wait_all_tasks_blocked()
             assert tokens == ["r1.token"] and device.resumes == 1
+            # At once: the first attempt is immediate, and nothing waits for a ping.
+            assert trio.current_time() - lost_at < 0.005
             # On the new connection the device asks the peer where to resume.
             peer = FrameReader(Connection(ConnectionType.SERVER))
             [message] = peer.receive(os.read(peers[0].fileno(), 65536))

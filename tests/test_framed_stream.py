@@ -62,6 +62,11 @@ class Tap(trio.abc.Stream):
         self.stalled_out = False
         #: When true, the hub does not hear of this end closing (only a later event tells it).
         self.close_silently = False
+        #: When set, the connection is cut once it has carried this many bytes (both ways,
+        #: from its first byte): the bytes up to that point are delivered, then both ends end.
+        self.budget: int | None = None
+        #: The connection was cut because its budget ran out.
+        self.cut_by_budget = False
         self._closed = trio.Event()
 
     @property
@@ -95,7 +100,10 @@ class Tap(trio.abc.Stream):
         if self.stalled_out:
             await trio.lowlevel.checkpoint()
             return
+        data = self._spend(data)
         await self.inner.send_all(data)
+        if self.budget == 0:
+            await self._cut_at_budget()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
@@ -122,7 +130,25 @@ class Tap(trio.abc.Stream):
             nursery.start_soon(watch)
         if result is None:
             raise trio.ClosedResourceError("cut")
+        result = bytes(self._spend(result))
+        if self.budget == 0:
+            await self._cut_at_budget()
         return result
+
+    def _spend(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+        """What of *data* the budget lets through (all of it without a budget)."""
+        if self.budget is None or not self.is_stream:
+            return data
+        data = data[: self.budget]
+        self.budget -= len(data)
+        return data
+
+    async def _cut_at_budget(self) -> None:
+        """The budget is spent: both ends see the connection end (the hub's end at once)."""
+        self.budget = None
+        self.cut_by_budget = True
+        self.cut()
+        await trio.aclose_forcefully(self.server)
 
     async def aclose(self) -> None:
         self._closed.set()
@@ -201,6 +227,12 @@ class Opener:
     in_pause: Callable[[], None] | None = None
     #: Slow writes of the hub cancelled half-way (half of their bytes went out).
     cut_writes: int = 0
+    #: When set, every new stream connection is cut once it has carried this many bytes (see
+    #: :attr:`Tap.budget`); the first one after ``first_budget`` bytes, when that is set. After
+    #: ``max_budget_cuts`` such cuts, new connections are left alone.
+    budget: int | None = None
+    first_budget: int | None = None
+    max_budget_cuts: int = 1000
 
     async def __call__(self, address: HubAddress) -> trio.abc.Stream:
         if self.refuse:
@@ -217,6 +249,10 @@ class Opener:
             before_answer=self._end_previous_stream if self.late_drops else None,
             slow=self.slow_hub_writes,
         )
+        if self.budget is not None and self.budget_cuts < self.max_budget_cuts:
+            tap.budget = self.budget
+            if self.first_budget is not None:
+                tap.budget, self.first_budget = self.first_budget, None
         self.taps.append(tap)
         self.env.nursery.start_soon(self.env.hub.handle_connection, hub_end)
         return tap
@@ -227,6 +263,11 @@ class Opener:
             await trio.aclose_forcefully(taps[-2].server)
             # Let the hub act on that end before it answers the new connection.
             await trio.testing.wait_all_tasks_blocked()
+
+    @property
+    def budget_cuts(self) -> int:
+        """Connections cut because they carried their budget."""
+        return sum(tap.cut_by_budget for tap in self.taps)
 
     def stream_taps(self) -> list[Tap]:
         return [tap for tap in self.taps if tap.is_stream]
@@ -511,6 +552,7 @@ async def test_resume_after_many_drops_loses_nothing(
 
         at_device = bytearray()
         at_service = bytearray()
+        started = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send, pair.service, to_device)
             nursery.start_soon(send, pair.device, to_service)
@@ -519,6 +561,9 @@ async def test_resume_after_many_drops_loses_nothing(
         assert sha(at_device) == sha(to_device)
         assert sha(at_service) == sha(to_service)
         assert len(cuts) >= 12, cuts
+        # Each resume's first attempt succeeds at once: a few milliseconds per drop at most,
+        # never a wait for the next ping.
+        assert trio.current_time() - started <= 0.005 * len(cuts)
         assert set(cuts) == {"service", "device", "service-at-hub", "device-at-hub"}
         await pair.service.aclose()
         await pair.device.aclose()
@@ -531,6 +576,56 @@ async def test_resume_after_many_drops_loses_nothing(
         # Every dead connection was released by its client, whichever end was cut.
         for opener in (pair.service_opener, pair.device_opener):
             assert all(tap.closed for tap in opener.stream_taps())
+
+
+async def test_a_stream_cut_every_mebibyte_keeps_moving(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """Every stream connection of both sides is cut once it has carried 1 MiB (both ways
+    counted, the sides cut at independent points) while the service sends 16 MiB and EOF and
+    the device answers after reading it all. The hub relays whole messages, so each
+    connection must deliver some whole message before its cut: the transfer completes while
+    the cuts go on (a connection that only ever carries part of a 1 MiB message would be cut
+    for ever, until the test's cap on cuts), and each drop costs no virtual time beyond a few
+    milliseconds (the first resume attempt is immediate and nothing here is slow)."""
+    mib = 1024 * 1024
+    request, answer = random_payload(16 * mib), random_payload(64 * 1024)
+    cap = 400
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env)
+        # Past the streams' young phase (DIRECT_READ_TIME): the connection tasks run.
+        await trio.sleep(2 * framed.DIRECT_READ_TIME)
+        for opener, first in ((pair.service_opener, mib // 4), (pair.device_opener, 3 * mib // 4)):
+            opener.budget, opener.max_budget_cuts = mib, cap
+            opener.latest_stream().budget = first
+        started = trio.current_time()
+
+        async def device() -> None:
+            assert sha(await read_all(pair.device)) == sha(request)
+            await pair.device.send_all(answer)
+            await pair.device.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(device)
+            for start in range(0, len(request), 256 * 1024):
+                await pair.service.send_all(request[start : start + 256 * 1024])
+            await pair.service.send_eof()
+            assert await read_all(pair.service) == answer
+        took = trio.current_time() - started
+        cuts = pair.service_opener.budget_cuts + pair.device_opener.budget_cuts
+        assert pair.service_opener.budget_cuts < cap and pair.device_opener.budget_cuts < cap
+        assert pair.service_opener.budget_cuts >= 16 and pair.device_opener.budget_cuts >= 16
+        assert pair.service.resumes + pair.device.resumes == cuts
+        assert took <= 0.005 * cuts, (took, cuts)
+        await finish_closing(pair)
+
+
+async def finish_closing(pair: Streams) -> None:
+    """Both sides sent their EOF and read the other's: closing completes the stream."""
+    await pair.service.aclose()
+    await pair.device.aclose()
+    for stream in (pair.service, pair.device):
+        assert stream._endpoint.state is EndpointState.DONE
 
 
 # -- grace period ------------------------------------------------------------------------------

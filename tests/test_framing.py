@@ -27,9 +27,11 @@ from devstream_core.errors import ErrorCode, LocalProtocolError, RemoteProtocolE
 from devstream_core.framing import (
     CONNECTION_TRANSITIONS,
     DEFAULT_WINDOW,
+    FIRST_MESSAGE_SIZE,
     HEADER_SIZE,
     MAX_FRAME_PAYLOAD,
     MAX_FRAME_SIZE,
+    MAX_MESSAGE_SIZE,
     MAX_REASON_SIZE,
     MIN_SEND_LIMIT,
     RECV_TRANSITIONS,
@@ -1002,6 +1004,50 @@ def test_resume_on_a_connection_that_never_dropped() -> None:
     assert pipe.ep[B].connection_state is ConnectionState.CONNECTED
     assert Resumed() in pipe.events[B]
     finish(pipe, {A: b"x" * 30 + b"y" * 10, B: b""}, got)
+
+
+def message_sizes(endpoint: StreamEndpoint) -> list[int]:
+    """The sizes of the messages *endpoint* hands out, each of at most its message_size."""
+    sizes = []
+    while data := endpoint.data_to_send(endpoint.message_size):
+        sizes.append(len(data))
+    return sizes
+
+
+def test_messages_start_small_on_every_new_connection() -> None:
+    """The hub relays whole messages, so a connection that drops mid-message delivers none
+    of it: after a (re)connection, and after the peer's Resume, messages start at 64 KiB and
+    double up to 1 MiB, and a connection that lives for less than 1 MiB still brings some."""
+    window = 4 * MAX_MESSAGE_SIZE
+    pipe = Pipe(window=window, max_payload=MAX_FRAME_PAYLOAD)
+    sender = pipe.ep[A]
+    assert sender.message_size == FIRST_MESSAGE_SIZE
+    sender.write(bytes(window))
+    sizes = message_sizes(sender)
+    kib = 1024
+    assert sizes[:5] == [64 * kib, 128 * kib, 256 * kib, 512 * kib, MAX_MESSAGE_SIZE]
+    assert set(sizes[5:-1]) == {MAX_MESSAGE_SIZE}
+    assert sender.message_size == MAX_MESSAGE_SIZE
+
+    # Dropped and back: this side's messages start small again, and so do the peer's once
+    # this side's Resume reaches it.
+    peer = pipe.ep[B]
+    peer.write(bytes(window))
+    message_sizes(peer)
+    assert peer.message_size == MAX_MESSAGE_SIZE
+    pipe.drop(A)
+    pipe.reconnect(A)
+    assert sender.message_size == FIRST_MESSAGE_SIZE
+    resume_and_ack = sender.data_to_send(sender.message_size)
+    assert len(resume_and_ack) == HEADER_SIZE + 9 + HEADER_SIZE + 8
+    assert sender.message_size == FIRST_MESSAGE_SIZE  # control frames alone do not count
+    pipe.queue[A] += resume_and_ack
+    pipe.deliver(A)
+    assert Resumed() in pipe.events[B]
+    assert peer.message_size == FIRST_MESSAGE_SIZE
+    # The answer to the Resume, and the window sent again from the start: small first.
+    assert len(peer.data_to_send(peer.message_size)) == FIRST_MESSAGE_SIZE
+    assert peer.message_size == 2 * FIRST_MESSAGE_SIZE
 
 
 # --------------------------------------------------------------------------------------------

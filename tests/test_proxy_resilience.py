@@ -9,7 +9,10 @@ servers and clients) at both ends:
   online the same proxies carry a new connection again;
 * a TCP relay in front of the hub cuts every WebSocket of one side (service or device) several
   times during a large transfer each way; the devstream.v1 streams resume and the TCP programs
-  at the ends see neither a reset nor an early EOF.
+  at the ends see neither a reset nor an early EOF;
+* a relay in front of each side resets a connection (TCP RST) every time it has carried
+  another MiB, at independent points: a 32 MiB transfer and the answer after its EOF arrive
+  intact, in a few seconds.
 
 Test rules: loopback only; port 0 everywhere except the restarted hub, which needs the same
 port twice (a just-released one); every test body runs under ``trio.fail_after`` and waits on
@@ -42,7 +45,7 @@ from devstream_trio.service import AnyStream, ServiceClient
 from devstream_trio.store import RegistryStore
 
 from ._helpers import closed_promptly, free_port, policy_cs, start_tcp_server
-from ._relay import Relay
+from ._relay import CuttingRelay, Relay
 
 MIB = 1024 * 1024
 DEVICE_ID = "resilient-device"
@@ -375,4 +378,43 @@ async def test_a_proxied_transfer_survives_cut_websockets(cut_side: str) -> None
                 await device_log.online.wait()
             await transfer(proxy_port, MIB)
             assert len(service.streams) == len(device.streams) == 2
+            nursery.cancel_scope.cancel()
+
+
+# -- connections reset every MiB on both sides -------------------------------------------------
+
+
+async def test_a_proxied_transfer_survives_a_reset_every_mebibyte_on_both_sides() -> None:
+    """32 MiB through both proxies while a relay in front of each side resets (RST) a
+    connection every time it has carried another MiB, the two relays at independent points.
+    The sink answers the SHA-256 of what it read after the EOF; the client reads it. Each
+    resume is quick, so the whole run takes a few seconds (the limit below is a safety net)."""
+    size = 32 * MIB
+    with trio.fail_after(30):
+        async with running_hub(None) as (hub, owner), trio.open_nursery() as nursery:
+            assert hub.listen_address is not None
+            hub_port = hub.listen_address[1]
+            service_relay = CuttingRelay(hub_port, every=MIB, first=MIB // 2)
+            device_relay = CuttingRelay(hub_port, every=MIB, first=MIB)
+            for relay in (service_relay, device_relay):
+                await nursery.start(relay.run)
+            cs = policy_cs(hub.host_name, owner)
+            admin = ServiceClient(cs)
+            device_cs = admin.device_connection_string(await admin.create_device(DEVICE_ID))
+            service = RecordingService(cs, nursery=nursery, opener=service_relay.open)
+            device = RecordingDevice(
+                device_cs, backoff_min=0.05, backoff_max=0.5, opener=device_relay.open
+            )
+            sink_port = await start_tcp_server(nursery, digest_reply_sink)
+            await start_device_proxy(nursery, device, sink_port)
+            proxy_port = await start_service_proxy(nursery, service)
+
+            await transfer(proxy_port, size)
+
+            assert service_relay.cuts >= 32 and device_relay.cuts >= 32
+            (service_stream,) = service.streams
+            (device_stream,) = device.streams
+            assert isinstance(service_stream, FramedStream)
+            assert isinstance(device_stream, FramedStream)
+            assert service_stream.resumes >= 16 and device_stream.resumes >= 16
             nursery.cancel_scope.cancel()

@@ -272,10 +272,12 @@ async def test_the_stream_survives_resume_answers_lost_on_the_way(
             else (device_stream, service_stream)
         )
         cuts: list[int] = []
+        cut_at: list[float] = []
 
         def cut() -> None:
             # While the device still has half of it to read: the resume must resend.
             cuts.append(relay.cut(lose=lost))
+            cut_at.append(trio.current_time())
 
         at_device, at_service = Reader(size, cut), Reader(size)
         async with trio.open_nursery() as transfer:
@@ -284,6 +286,12 @@ async def test_the_stream_survives_resume_answers_lost_on_the_way(
             transfer.start_soon(at_device.run, device_stream)
             transfer.start_soon(at_service.run, service_stream)
 
+        # The resume took what the side's backoff deliberately waits after each failed
+        # attempt (the first attempt is immediate; then at most 50 ms, 100 ms, ...), plus a
+        # few milliseconds per connection: no stall until a ping.
+        took = trio.current_time() - cut_at[0]
+        backoff = sum(0.05 * 2**attempt for attempt in range(lost))
+        assert took <= backoff + 0.005 * (lost + 1), (took, backoff)
         # Not a byte lost, duplicated or reordered (and nothing more: no EOF yet).
         assert at_device.digest.digest() == hashlib.sha256(to_device).digest()
         assert at_service.digest.digest() == hashlib.sha256(to_service).digest()

@@ -57,6 +57,13 @@ Rules every change must keep:
   ``Resume(reply=False)`` and an Ack. A Resume may also arrive on a connection that never
   dropped: the hub keeps a side attached while its peer reconnects, and drops frames meant
   for the missing side in the meantime.
+* **Small messages first on a new connection.** The hub relays whole WebSocket messages, so a
+  connection that drops in the middle of a message delivers none of it. After this side's
+  connection is made, and after the peer's Resume (the peer is on a new connection), the
+  messages this side sends start at :data:`FIRST_MESSAGE_SIZE` and double with every message
+  that carries Data, up to :data:`MAX_MESSAGE_SIZE` (:attr:`StreamEndpoint.message_size`). A
+  connection that lives for only a few hundred KiB thus still moves the stream forward,
+  where a window resent in 1 MiB messages would never arrive whole.
 * **Reset is confirmed.** A reset side sends ``Reset`` and keeps sending it again on every new
   connection (and on every Resume of the peer) until a Reset from the peer has arrived
   (:attr:`StreamEndpoint.reset_confirmed`). A side that receives a Reset answers it with a Reset
@@ -108,9 +115,11 @@ from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 __all__ = [
     "CONNECTION_TRANSITIONS",
     "DEFAULT_WINDOW",
+    "FIRST_MESSAGE_SIZE",
     "HEADER_SIZE",
     "MAX_FRAME_PAYLOAD",
     "MAX_FRAME_SIZE",
+    "MAX_MESSAGE_SIZE",
     "MAX_REASON_SIZE",
     "MIN_SEND_LIMIT",
     "RECV_TRANSITIONS",
@@ -150,6 +159,11 @@ DEFAULT_WINDOW: Final = 2 * 1024 * 1024
 MAX_FRAME_PAYLOAD: Final = 64 * 1024
 #: The largest frame body the decoder accepts (a Data body is 8 + payload).
 MAX_FRAME_SIZE: Final = MAX_FRAME_PAYLOAD + 16
+#: The largest WebSocket message (whole frames) :attr:`StreamEndpoint.message_size` asks for.
+MAX_MESSAGE_SIZE: Final = 1024 * 1024
+#: The first message's size on a new connection (and after the peer's Resume); each message
+#: that carries Data doubles it, up to MAX_MESSAGE_SIZE.
+FIRST_MESSAGE_SIZE: Final = 64 * 1024
 #: The longest Reset reason, in bytes of UTF-8 (what fits a WebSocket close reason).
 MAX_REASON_SIZE: Final = 123
 #: Bytes before every frame body: type (1) and length (4).
@@ -799,6 +813,8 @@ class StreamEndpoint:
         self._ack_pending = False
         # Resume.
         self._resume_pending = False
+        #: The size of the next message (see message_size).
+        self._message_size = FIRST_MESSAGE_SIZE
         self._resume_reply = False
         # Reset.
         self._reset_info: tuple[int, str] | None = None
@@ -859,6 +875,14 @@ class StreamEndpoint:
         """The reset is confirmed and this side owes the peer no Reset (its answer went out):
         the connection may be closed."""
         return self.reset_confirmed and self._reset_pending is None
+
+    @property
+    def message_size(self) -> int:
+        """The most bytes the next WebSocket message should carry (the ``max_bytes`` to give
+        :meth:`data_to_send`): :data:`FIRST_MESSAGE_SIZE` on a new connection and after the
+        peer's Resume, doubled by every :meth:`data_to_send` that hands out Data, up to
+        :data:`MAX_MESSAGE_SIZE`. See the module docstring's rule."""
+        return self._message_size
 
     # -- counters ----------------------------------------------------------------------------
 
@@ -1081,6 +1105,7 @@ class StreamEndpoint:
         self._move_connection(ConnectionInput.MADE_RESUMED if resumed else ConnectionInput.MADE_NEW)
         self._decoder.reset()
         self._reset_sent_in_epoch = False
+        self._message_size = FIRST_MESSAGE_SIZE
         if resumed:
             self._resume_pending = True
             self._resume_reply = True
@@ -1215,6 +1240,8 @@ class StreamEndpoint:
                 out.append(_DATA_HEAD.pack(_DATA_KIND, 8 + size, next_send))
                 self._send_queue.take(next_send - base, size, out)
                 next_send += size
+            if next_send > self._next_send and self._message_size < MAX_MESSAGE_SIZE:
+                self._message_size = min(2 * self._message_size, MAX_MESSAGE_SIZE)
             self._next_send = next_send
             if next_send > self._sent_end:
                 self._sent_end = next_send
@@ -1320,8 +1347,10 @@ class StreamEndpoint:
 
     def _on_resume(self, frame: Resume, events: list[Event]) -> None:
         self._move_connection(ConnectionInput.PEER_RESUME, remote=True)
-        # The peer is on a new connection: what we sent it before may be lost.
+        # The peer is on a new connection: what we sent it before may be lost, and the
+        # messages towards it start small again.
         self._reset_sent_in_epoch = False
+        self._message_size = FIRST_MESSAGE_SIZE
         if self._resume_pending:
             self._resume_reply = False  # we have the peer's Resume: no need to ask again
         if self._send_state is SendState.RESET:

@@ -51,7 +51,13 @@ import trio
 
 from devstream_core.common import Role
 from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
-from devstream_core.framing import DEFAULT_WINDOW, EndpointState, RecvState, StreamEndpoint
+from devstream_core.framing import (
+    DEFAULT_WINDOW,
+    MAX_MESSAGE_SIZE,
+    EndpointState,
+    RecvState,
+    StreamEndpoint,
+)
 
 from ._wire import HEADER_RESUME_TOKEN
 from ._ws import ABNORMAL_CLOSURE, NORMAL_CLOSURE, ConnectionClosed, WebSocket
@@ -61,8 +67,9 @@ __all__ = ["FramedStream", "Reconnect", "StreamOptions"]
 
 log = logging.getLogger("devstream.stream")
 
-#: The largest WebSocket message a FramedStream sends (whole frames only).
-MESSAGE_LIMIT = 1024 * 1024
+#: The largest WebSocket message a FramedStream sends (whole frames only); each message is
+#: as large as the endpoint's ``message_size`` says (smaller on a new connection).
+MESSAGE_LIMIT = MAX_MESSAGE_SIZE
 #: The largest WebSocket message it accepts.
 MAX_MESSAGE = 1024 * 1024
 
@@ -513,7 +520,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
         ws, endpoint = self._ws, self._endpoint
         output = endpoint.has_output
         while output and ws.can_send_nowait:
-            ws.send_bytes_nowait(endpoint.data_to_send(MESSAGE_LIMIT))
+            ws.send_bytes_nowait(endpoint.data_to_send(endpoint.message_size))
             output = endpoint.has_output
         state = endpoint.state
         if state is EndpointState.OPEN:
@@ -709,7 +716,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
                     if ws.has_backlog:
                         await ws.flush()  # what _send_now could not write at once
                     while True:
-                        data = self._endpoint.data_to_send(MESSAGE_LIMIT)
+                        data = self._endpoint.data_to_send(self._endpoint.message_size)
                         if not data:
                             break
                         await ws.send_bytes(data)
