@@ -9,6 +9,7 @@ import os
 import socket
 import types
 import weakref
+from typing import Any
 
 import pytest
 import trio
@@ -378,9 +379,11 @@ async def test_a_young_streams_messages_are_read_by_the_receiving_task(
     readers: list[str] = []
     real = WebSocket.receive_messages
 
-    async def recorded(self: WebSocket, max_size: int) -> list[list[bytes | memoryview]]:
+    async def recorded(
+        self: WebSocket, max_size: int, **options: Any
+    ) -> list[list[bytes | memoryview]]:
         readers.append(trio.lowlevel.current_task().name.rsplit(".", 1)[-1])
-        return await real(self, max_size)
+        return await real(self, max_size, **options)
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:

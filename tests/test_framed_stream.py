@@ -67,6 +67,11 @@ class Tap(trio.abc.Stream):
         self.budget: int | None = None
         #: The connection was cut because its budget ran out.
         self.cut_by_budget = False
+        #: When set, a budget that runs out on bytes coming from the hub cuts the hub's end
+        #: only, as a relay that resets the socket it was reading from: the client hears
+        #: nothing more, and its end stays open until it sends something (then it is cut).
+        self.one_sided = False
+        self._half_cut = False
         self._closed = trio.Event()
 
     @property
@@ -94,6 +99,8 @@ class Tap(trio.abc.Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if not self.head or bytes(data[:13]) in (b"GET /bridges/", b"GET /twins/d"):
             self.head = bytes(data[:64])
+        if self._half_cut:
+            self.cut()  # what the client sends meets the reset: its end is cut too
         if self._closed.is_set():
             await trio.lowlevel.checkpoint()
             raise trio.ClosedResourceError("cut")
@@ -132,7 +139,7 @@ class Tap(trio.abc.Stream):
             raise trio.ClosedResourceError("cut")
         result = bytes(self._spend(result))
         if self.budget == 0:
-            await self._cut_at_budget()
+            await self._cut_at_budget(incoming=True)
         return result
 
     def _spend(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
@@ -143,11 +150,15 @@ class Tap(trio.abc.Stream):
         self.budget -= len(data)
         return data
 
-    async def _cut_at_budget(self) -> None:
-        """The budget is spent: both ends see the connection end (the hub's end at once)."""
+    async def _cut_at_budget(self, *, incoming: bool = False) -> None:
+        """The budget is spent: both ends see the connection end (the hub's end at once);
+        with :attr:`one_sided`, on bytes from the hub (*incoming*), only the hub's end."""
         self.budget = None
         self.cut_by_budget = True
-        self.cut()
+        if self.one_sided and incoming:
+            self._half_cut = self.stalled_in = True
+        else:
+            self.cut()
         await trio.aclose_forcefully(self.server)
 
     async def aclose(self) -> None:
@@ -233,6 +244,8 @@ class Opener:
     budget: int | None = None
     first_budget: int | None = None
     max_budget_cuts: int = 1000
+    #: Budget cuts on bytes from the hub cut the hub's end only (see :attr:`Tap.one_sided`).
+    one_sided: bool = False
 
     async def __call__(self, address: HubAddress) -> trio.abc.Stream:
         if self.refuse:
@@ -251,6 +264,7 @@ class Opener:
         )
         if self.budget is not None and self.budget_cuts < self.max_budget_cuts:
             tap.budget = self.budget
+            tap.one_sided = self.one_sided
             if self.first_budget is not None:
                 tap.budget, self.first_budget = self.first_budget, None
         self.taps.append(tap)
@@ -617,6 +631,46 @@ async def test_a_stream_cut_every_mebibyte_keeps_moving(
         assert pair.service_opener.budget_cuts >= 16 and pair.device_opener.budget_cuts >= 16
         assert pair.service.resumes + pair.device.resumes == cuts
         assert took <= 0.005 * cuts, (took, cuts)
+        await finish_closing(pair)
+
+
+async def test_a_connection_cut_on_the_hubs_side_only_is_noticed_at_once(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """The device's stream connections are cut every MiB the way a relay that resets only the
+    socket it was reading from cuts them: the hub's end, in the middle of a message towards
+    the device. The hub holds the stream at once; the device hears nothing more (its end stays
+    open) until it sends something. It notices the cut by the message that stopped half-way,
+    pings, and resumes: each cut costs a few milliseconds of virtual time (not the wait for
+    the next ping, 10 s) and the 16 MiB and the answer arrive intact."""
+    mib = 1024 * 1024
+    request, answer = random_payload(16 * mib), random_payload(64 * 1024)
+    cap = 100
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env)
+        opener = pair.device_opener
+        opener.budget, opener.max_budget_cuts, opener.one_sided = mib, cap, True
+        tap = opener.latest_stream()
+        tap.budget, tap.one_sided = 3 * mib // 4, True
+        started = trio.current_time()
+
+        async def device() -> None:
+            assert sha(await read_all(pair.device)) == sha(request)
+            await pair.device.send_all(answer)
+            await pair.device.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(device)
+            for start in range(0, len(request), 256 * 1024):
+                await pair.service.send_all(request[start : start + 256 * 1024])
+            await pair.service.send_eof()
+            assert await read_all(pair.service) == answer
+        took = trio.current_time() - started
+        cuts = opener.budget_cuts
+        assert 16 <= cuts < cap
+        assert pair.device.resumes == cuts
+        # At most the wait before the probe (framed.STALL_PROBE, 50 ms) and a few ms per cut.
+        assert took <= 0.06 * cuts, (took, cuts)
         await finish_closing(pair)
 
 

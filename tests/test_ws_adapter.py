@@ -652,6 +652,33 @@ async def test_receive_messages_stops_at_a_control_frame_and_acts_on_it_next(
         assert await peer.next_events() == [CloseConnection(code=4001, reason="bye")]
 
 
+async def test_receive_messages_says_when_a_message_stops_half_way(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """With ``stall_timeout``, receive_messages returns no message when part of one arrived
+    and then no byte for that long (part of a frame, or the first fragments of a message); the
+    part is kept, and the message comes whole once the rest arrives. With nothing in part, it
+    waits as before."""
+    peer, client = raw_pair(ConnectionType.CLIENT)
+    frame = peer.ws.send(BytesMessage(data=b"0123456789", message_finished=True))
+    with trio.fail_after(60):
+        with trio.move_on_after(10) as idle:
+            await client.receive_messages(100, stall_timeout=1)
+        assert idle.cancelled_caught  # nothing in part: no stall to report
+        await peer.stream.send_all(frame[:6])
+        started = trio.current_time()
+        assert await client.receive_messages(100, stall_timeout=1) == []
+        assert trio.current_time() - started == pytest.approx(1)
+        await peer.stream.send_all(frame[6:])
+        assert await client.receive_messages(100, stall_timeout=1) == [[b"0123", b"456789"]]
+        await peer.send(BytesMessage(data=b"ab", message_finished=False))
+        started = trio.current_time()
+        assert await client.receive_messages(100, stall_timeout=2) == []
+        assert trio.current_time() - started == pytest.approx(2)
+        await peer.send(BytesMessage(data=b"cd", message_finished=True))
+        assert await client.receive_messages(100, stall_timeout=2) == [[b"ab", b"cd"]]
+
+
 @pytest.mark.parametrize("kind", [ConnectionType.CLIENT, ConnectionType.SERVER])
 async def test_send_whole_messages_one_frame_each(
     autojump_clock: trio.abc.Clock, kind: ConnectionType

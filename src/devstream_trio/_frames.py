@@ -111,6 +111,11 @@ class FrameReader:
         #: The masking function (the native one when it is in use).
         self._unmask = _mask.unmasker()
 
+    @property
+    def in_message(self) -> bool:
+        """True when part of a message (or of a frame) has arrived and the rest has not."""
+        return self._message_opcode is not None or bool(self._pending)
+
     def receive(self, data: bytes | memoryview, *, borrowed: bool = False) -> list[Event]:
         """The events the bytes *data* complete, in order. *borrowed*: *data* may change once
         this returns, so nothing returned or kept refers to it."""

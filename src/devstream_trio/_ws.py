@@ -563,15 +563,23 @@ class WebSocket:
         return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
     async def receive_messages(
-        self, max_size: int, *, max_fragments: int = MAX_MESSAGE_FRAGMENTS
+        self,
+        max_size: int,
+        *,
+        max_fragments: int = MAX_MESSAGE_FRAGMENTS,
+        stall_timeout: float | None = None,
     ) -> list[list[bytes | memoryview]]:
         """Return the next whole message and every further one already received in full, each
         as the list of its fragments (joined, they are the message: nothing is copied here; a
         fragment may be a view of what a read brought, to be used before the next call).
 
         What follows them in part is kept for the next call; limits and cancellation as in
-        :meth:`receive_message`.
+        :meth:`receive_message`. With *stall_timeout*, an empty list means that part of a
+        message arrived and then no byte at all for that long (counted from the last bytes, or
+        from the call when they came before it): on a healthy connection the rest follows at
+        once, so the caller may want to find out whether the connection still works.
         """
+        called = trio.current_time() if stall_timeout is not None else 0.0
         # One loop over the queue rather than receive() per fragment: a relay's every message
         # passes here.
         events = self._events
@@ -608,6 +616,12 @@ class WebSocket:
                 return messages
             if self._closed is not None:
                 raise self._closed
+            if stall_timeout is not None and (self._parts or self._reader.in_message):
+                # Reading is safe to cancel: nothing read is lost.
+                with trio.move_on_at(max(self.last_received, called) + stall_timeout):
+                    await self._read_more()
+                    continue
+                return messages  # none: the message stopped half-way
             await self._read_more()
 
     async def _refuse_too_big(self, by_size: bool) -> NoReturn:

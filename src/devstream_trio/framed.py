@@ -15,6 +15,12 @@ them when the socket takes them at once; a second task, started only when needed
 rest (a full socket, TLS). Application code sees none of that, except in logs and in
 ``resumes``.
 
+A connection lost on the way may be reset at the hub's end only (a relay or a middlebox
+resets the socket it was reading from): the hub holds the stream, and this end, waiting for
+bytes, hears nothing. The hub writes each message whole, so a message that stops half-way for
+``STALL_PROBE`` (50 ms) makes the connection task ping at once: the write meets the reset and
+the stream resumes, instead of at the next ping, up to ``ping_interval`` later.
+
 Meaning of the trio methods:
 
 * ``send_all`` returns once the endpoint has taken every byte; it waits while the flow-control
@@ -129,6 +135,14 @@ ACK_DELAY = 0.005
 #: FramedStream._read_directly). Most request-and-answer streams end within it without ever
 #: starting that task; past it, the stream reads and pings from its task as usual.
 DIRECT_READ_TIME = 0.1
+
+#: How long a WebSocket message may stop arriving half-way before the stream pings the hub
+#: to find out whether its connection still works. The hub writes each message whole, so on
+#: a healthy connection its rest follows at once; a message cut off means a connection lost
+#: on the way, and where only the hub's end was reset (a relay, a middlebox) this end would
+#: otherwise hear of it only with its next ping, up to ``ping_interval`` later. The ping's
+#: write meets the reset (and resumes the stream), or its answer shows the connection alive.
+STALL_PROBE = 0.05
 
 #: Resume delays' jitter, for streams not given a generator of their own.
 _JITTER = random.Random()
@@ -649,6 +663,9 @@ class FramedStream(trio.abc.HalfCloseableStream):
         limit = self.ping_interval + self.ping_timeout
         failure, self._early_failure = self._early_failure, None
         next_ping = trio.current_time() + self.ping_interval
+        # When a message stopped half-way, the connection is probed once (a ping), and again
+        # only after more bytes came (see STALL_PROBE).
+        probed = -math.inf
         while failure is None:
             self._read_wake = min(ws.last_received + limit, next_ping)
             # One timer per ping interval, not per read: a read cancelled while it waits
@@ -658,7 +675,16 @@ class FramedStream(trio.abc.HalfCloseableStream):
                     if self._ack_due:
                         self._read_timer.deadline = trio.current_time() + ACK_DELAY
                     while True:
-                        messages = await ws.receive_messages(MAX_MESSAGE)
+                        messages = await ws.receive_messages(
+                            MAX_MESSAGE,
+                            stall_timeout=STALL_PROBE if ws.last_received != probed else None,
+                        )
+                        if not messages:
+                            # A message stopped half-way: is the connection still there?
+                            probed = ws.last_received
+                            self._ping_wanted = True
+                            self._wake_writer()
+                            continue
                         try:
                             for parts in messages:
                                 for part in parts:
