@@ -92,13 +92,20 @@ class CuttingRelay:
     connection that carried them are closed with a TCP reset (``SO_LINGER`` on with a zero
     timeout, then close), as a middlebox that drops a connection would. A half-close (EOF) is
     passed on; a connection whose both directions ended is closed normally.
+
+    With *one_sided*, a cut resets only the socket the cut byte was read from, as a relay
+    that notices the cut while reading one side does: the other end stays open and hears
+    nothing more, and is reset when it next sends something (or when its peer does).
     """
 
-    def __init__(self, target_port: int, *, every: int, first: int | None = None) -> None:
+    def __init__(
+        self, target_port: int, *, every: int, first: int | None = None, one_sided: bool = False
+    ) -> None:
         if every < 1:
             raise ValueError("every must be >= 1")
         self.target_port = target_port
         self.every = every
+        self.one_sided = one_sided
         self.port = 0
         #: Bytes carried, both ways, every connection.
         self.carried = 0
@@ -159,7 +166,10 @@ class CuttingRelay:
                 self.cuts += 1
                 ends.append("cut")
                 await sink.send_all(data[:room])
-                scope.cancel()
+                if self.one_sided:
+                    _reset(source)  # the other direction finds out when it next forwards
+                else:
+                    scope.cancel()
                 return
             await sink.send_eof()
             ends.append("eof")

@@ -12,7 +12,8 @@ servers and clients) at both ends:
   at the ends see neither a reset nor an early EOF;
 * a relay in front of each side resets a connection (TCP RST) every time it has carried
   another MiB, at independent points: a 32 MiB transfer and the answer after its EOF arrive
-  intact, in a few seconds.
+  intact, in a few seconds; also when the relays reset only the socket they read the cut
+  byte from, so that the other end of the connection hears nothing more.
 
 Test rules: loopback only; port 0 everywhere except the restarted hub, which needs the same
 port twice (a just-released one); every test body runs under ``trio.fail_after`` and waits on
@@ -38,7 +39,7 @@ from devstream_core.errors import ErrorCode
 from devstream_core.framing import DEFAULT_WINDOW
 from devstream_core.registry import Policy
 from devstream_trio.device import DeviceClient, Handler
-from devstream_trio.framed import FramedStream
+from devstream_trio.framed import FramedStream, StreamOptions
 from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub
 from devstream_trio.proxy import Forward, Target, serve_device_proxy, serve_service_proxy
 from devstream_trio.service import AnyStream, ServiceClient
@@ -404,6 +405,50 @@ async def test_a_proxied_transfer_survives_a_reset_every_mebibyte_on_both_sides(
             service = RecordingService(cs, nursery=nursery, opener=service_relay.open)
             device = RecordingDevice(
                 device_cs, backoff_min=0.05, backoff_max=0.5, opener=device_relay.open
+            )
+            sink_port = await start_tcp_server(nursery, digest_reply_sink)
+            await start_device_proxy(nursery, device, sink_port)
+            proxy_port = await start_service_proxy(nursery, service)
+
+            await transfer(proxy_port, size)
+
+            assert service_relay.cuts >= 32 and device_relay.cuts >= 32
+            (service_stream,) = service.streams
+            (device_stream,) = device.streams
+            assert isinstance(service_stream, FramedStream)
+            assert isinstance(device_stream, FramedStream)
+            assert service_stream.resumes >= 16 and device_stream.resumes >= 16
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_proxied_transfer_survives_resets_at_one_end_of_each_connection() -> None:
+    """As above, but each relay resets only the socket it read the cut byte from (the hub's
+    end, for the device reading the bulk): the hub holds the stream at once, and the client's
+    end stays open and silent until the client sends something. The clients ping only every
+    1000 s here, so a side that waited for its ping would never finish within the limit; the
+    message cut off half-way makes it ping at once (FramedStream's STALL_PROBE)."""
+    size = 32 * MIB
+    options = StreamOptions(ping_interval=1000, ping_timeout=1000)
+    with trio.fail_after(30):
+        async with running_hub(None) as (hub, owner), trio.open_nursery() as nursery:
+            assert hub.listen_address is not None
+            hub_port = hub.listen_address[1]
+            service_relay = CuttingRelay(hub_port, every=MIB, first=MIB // 2, one_sided=True)
+            device_relay = CuttingRelay(hub_port, every=MIB, first=MIB, one_sided=True)
+            for relay in (service_relay, device_relay):
+                await nursery.start(relay.run)
+            cs = policy_cs(hub.host_name, owner)
+            admin = ServiceClient(cs)
+            device_cs = admin.device_connection_string(await admin.create_device(DEVICE_ID))
+            service = RecordingService(
+                cs, nursery=nursery, opener=service_relay.open, stream_options=options
+            )
+            device = RecordingDevice(
+                device_cs,
+                backoff_min=0.05,
+                backoff_max=0.5,
+                opener=device_relay.open,
+                stream_options=options,
             )
             sink_port = await start_tcp_server(nursery, digest_reply_sink)
             await start_device_proxy(nursery, device, sink_port)
