@@ -71,6 +71,8 @@ class Tap(trio.abc.Stream):
         #: only, as a relay that resets the socket it was reading from: the client hears
         #: nothing more, and its end stays open until it sends something (then it is cut).
         self.one_sided = False
+        #: When set, the hub's end is cut (one-sidedly) once this many bytes came from it.
+        self.incoming_budget: int | None = None
         self._half_cut = False
         self._closed = trio.Event()
 
@@ -138,6 +140,11 @@ class Tap(trio.abc.Stream):
         if result is None:
             raise trio.ClosedResourceError("cut")
         result = bytes(self._spend(result))
+        if self.incoming_budget is not None:
+            result = result[: self.incoming_budget]
+            self.incoming_budget -= len(result)
+            if self.incoming_budget == 0:
+                self.one_sided, self.budget = True, 0
         if self.budget == 0:
             await self._cut_at_budget(incoming=True)
         return result
@@ -246,6 +253,8 @@ class Opener:
     max_budget_cuts: int = 1000
     #: Budget cuts on bytes from the hub cut the hub's end only (see :attr:`Tap.one_sided`).
     one_sided: bool = False
+    #: The next new connection gets this :attr:`Tap.incoming_budget` (then it is cleared).
+    next_incoming_budget: int | None = None
 
     async def __call__(self, address: HubAddress) -> trio.abc.Stream:
         if self.refuse:
@@ -267,6 +276,7 @@ class Opener:
             tap.one_sided = self.one_sided
             if self.first_budget is not None:
                 tap.budget, self.first_budget = self.first_budget, None
+        tap.incoming_budget, self.next_incoming_budget = self.next_incoming_budget, None
         self.taps.append(tap)
         self.env.nursery.start_soon(self.env.hub.handle_connection, hub_end)
         return tap
@@ -671,6 +681,38 @@ async def test_a_connection_cut_on_the_hubs_side_only_is_noticed_at_once(
         assert pair.device.resumes == cuts
         # At most the wait before the probe (framed.STALL_PROBE, 50 ms) and a few ms per cut.
         assert took <= 0.06 * cuts, (took, cuts)
+        await finish_closing(pair)
+
+
+async def test_a_resume_whose_answer_stops_half_way_is_tried_again(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """The device's connection drops; the connection of its first resume attempt is cut at
+    the hub's end only, in the middle of the 101 (the hub took the resume, the device hears
+    nothing more). The attempt gives up after ``ping_timeout`` without an answer, and the next
+    one resumes the stream (with the token the device still holds): the bytes arrive, about
+    ``ping_timeout`` late, where before the stream waited for ever."""
+    options = StreamOptions(ping_timeout=3)
+    payload = random_payload(256 * 1024)
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env, options=options)
+        await trio.sleep(2 * framed.DIRECT_READ_TIME)
+        pair.device_opener.next_incoming_budget = 40
+        started = trio.current_time()
+        pair.device_opener.latest_stream().cut()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pair.service.send_all, payload)
+            assert await read_exactly(pair.device, len(payload)) == payload
+        took = trio.current_time() - started
+        assert pair.device.resumes == 1
+        first_attempt, second_attempt = pair.device_opener.stream_taps()[-2:]
+        assert first_attempt.cut_by_budget and first_attempt.closed  # released, not leaked
+        assert not second_attempt.closed
+        assert options.ping_timeout <= took <= options.ping_timeout + 0.1, took
+        await pair.service.send_eof()
+        await pair.device.send_eof()
+        assert await pair.device.receive_some() == b""
+        assert await pair.service.receive_some() == b""
         await finish_closing(pair)
 
 

@@ -271,6 +271,9 @@ async def open_hub_stream(
         raise HubUnreachable(
             ErrorCode.HUB_UNREACHABLE, f"TLS handshake with the hub at {where} failed: {detail}"
         ) from exc
+    except BaseException:  # cancelled (a resume attempt that timed out): no socket left open
+        await trio.aclose_forcefully(tcp)
+        raise
     return stream
 
 

@@ -762,11 +762,17 @@ class FramedStream(trio.abc.HalfCloseableStream):
             self._writer_idle = True  # nothing left to stop
 
     async def _resume(self) -> WebSocket:
+        """A new WebSocket to the stream. Each attempt waits up to ``ping_timeout`` for its
+        answer (a connection lost on the way may never end on this side: one reset only at
+        the hub's end, a relay that stopped forwarding); the next one starts after a short,
+        growing delay, until ``resume_timeout`` has passed."""
         deadline = trio.current_time() + self.resume_timeout
         delay = 0.05
         while True:
+            ws: WebSocket | None = None
             try:
-                ws = await self._reconnect(self._resume_token)
+                with trio.move_on_at(min(trio.current_time() + self.ping_timeout, deadline)):
+                    ws = await self._reconnect(self._resume_token)
             except HubError as exc:
                 if exc.code in _FINAL:
                     raise
@@ -774,8 +780,10 @@ class FramedStream(trio.abc.HalfCloseableStream):
             except DevstreamError as exc:
                 problem = exc
             else:
-                self._resume_token = resume_token_of(ws)
-                return ws
+                if ws is not None:
+                    self._resume_token = resume_token_of(ws)
+                    return ws
+                problem = HubUnreachable(ErrorCode.HUB_UNREACHABLE, "no answer from the hub")
             if trio.current_time() >= deadline:
                 raise HubUnreachable(
                     ErrorCode.HUB_UNREACHABLE, f"could not resume the stream: {problem.message}"
