@@ -9,9 +9,16 @@ sides drop at independent points and resume on their own. The same transfer runs
 (the relays only forward), with cuts every 16 MiB and every 1 MiB; the sink answers the
 SHA-256 of what it read after the EOF, and the client checks it.
 
+A cut resets both ends of the connection, or (the "one end" settings) only the socket the cut
+byte was read from, as a middlebox that notices a cut while reading one side does: the other
+end stays open and hears nothing more until it next sends something. The stream has to notice
+that silence itself (a message that stops half-way makes it ping at once, see
+``devstream_trio.framed.STALL_PROBE``); before it did, each such cut waited for the next ping.
+
 The hub runs in a process of its own (``_hub.py``); the relays, the two proxies (the library's
 ``serve_service_proxy`` and ``serve_device_proxy``), the client and the sink run in this one.
-Runs take turns (no cuts, 16 MiB, 1 MiB) ``--repeat`` times; the table gives medians, and the
+Runs take turns (no cuts; 16 MiB and 1 MiB at both ends; 16 MiB and 1 MiB at one end)
+``--repeat`` times; the table gives medians, and the
 extra milliseconds per cut: (median time with cuts - median time without) / median cuts,
 cuts of both relays counted. Target: at most 50 ms per cut on loopback.
 """
@@ -60,13 +67,15 @@ class CuttingRelay:
         self.hub_port = hub_port
         self.port = 0
         self.every = NO_CUTS
+        self.one_sided = False
         self.carried = 0
         self.cuts = 0
         self._next_cut = NO_CUTS
 
-    def arm(self, every: int, first: int) -> None:
-        """Cut every *every* bytes from now on, the first after *first*."""
-        self.every, self.cuts = every, 0
+    def arm(self, every: int, first: int, *, one_sided: bool = False) -> None:
+        """Cut every *every* bytes from now on, the first after *first*; with *one_sided*,
+        reset only the socket the cut byte came from."""
+        self.every, self.cuts, self.one_sided = every, 0, one_sided
         self._next_cut = self.carried + first
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -111,7 +120,10 @@ class CuttingRelay:
                 self.cuts += 1
                 ends.append("cut")
                 await sink.send_all(data[:room])
-                scope.cancel()
+                if self.one_sided:
+                    _reset(source)  # the other direction finds out when it next forwards
+                else:
+                    scope.cancel()
                 return
             await sink.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -150,9 +162,15 @@ async def transfer(port: int, payload: bytes) -> float:
     return took
 
 
-async def measure(hub: c.HubInfo, size: int, steps: list[int], repeat: int) -> dict[int, list]:
+#: A setting: cut every so many bytes, at both ends (False) or one end (True).
+Step = tuple[int, bool]
+
+
+async def measure(
+    hub: c.HubInfo, size: int, steps: list[Step], repeat: int
+) -> dict[Step, list[tuple[float, int]]]:
     payload = os.urandom(size)
-    runs: dict[int, list[tuple[float, int]]] = {step: [] for step in steps}
+    runs: dict[Step, list[tuple[float, int]]] = {step: [] for step in steps}
     async with trio.open_nursery() as nursery:
         relays = {side: CuttingRelay(hub.port) for side in ("service", "device")}
         for relay in relays.values():
@@ -180,8 +198,9 @@ async def measure(hub: c.HubInfo, size: int, steps: list[int], repeat: int) -> d
         await transfer(port, payload[: min(size, 4 * MIB)])  # warm up
         for _ in range(repeat):
             for step in steps:
-                relays["service"].arm(step, step // 2)
-                relays["device"].arm(step, step)
+                every, one_sided = step
+                relays["service"].arm(every, every // 2, one_sided=one_sided)
+                relays["device"].arm(every, every, one_sided=one_sided)
                 took = await transfer(port, payload)
                 cuts = sum(relay.cuts for relay in relays.values())
                 runs[step].append((took, cuts))
@@ -199,19 +218,22 @@ def main() -> None:
     args = parser.parse_args()
     size = args.bytes or c.tiny_or(args, 8 * MIB, 128 * MIB)
     repeat = args.repeat or c.tiny_or(args, 1, 5)
-    steps = [NO_CUTS, 16 * MIB, MIB] if not args.tiny else [NO_CUTS, 4 * MIB, MIB]
+    sizes = [16 * MIB, MIB] if not args.tiny else [4 * MIB, MIB]
+    steps: list[Step] = [(NO_CUTS, False)]
+    steps += [(every, False) for every in sizes] + [(every, True) for every in sizes]
     with c.start_hub(store="memory") as hub_child:
         hub = c.HubInfo(hub_child.info)
         runs = trio.run(measure, hub, size, steps, repeat)
 
-    base = c.median([took for took, _ in runs[NO_CUTS]])
+    base = c.median([took for took, _ in runs[NO_CUTS, False]])
     rows: list[tuple[str, float, float]] = []
     notes = []
     for step in steps[1:]:
         took = c.median([t for t, _ in runs[step]])
         cuts = c.median([n for _, n in runs[step]])
         extra = (took - base) * 1000 / cuts if cuts else float("nan")
-        label = f"{step // MIB} MiB"
+        every, one_sided = step
+        label = f"{every // MIB} MiB" + (" at one end" if one_sided else "")
         rows.append((f"cuts every {label}: time, s", took, base))
         rows.append(
             (f"cuts every {label}: extra ms per cut (target {TARGET_MS:.0f})", extra, TARGET_MS)
@@ -225,8 +247,9 @@ def main() -> None:
         rows,
         [
             f"Medians of {repeat} runs per setting; no cuts: "
-            f"{', '.join(f'{t:.2f} s' for t, _ in runs[NO_CUTS])}. The 'no cuts' column of a "
-            "time row is the transfer without cuts; of an extra-ms row, the target.",
+            f"{', '.join(f'{t:.2f} s' for t, _ in runs[NO_CUTS, False])}. "
+            "The 'no cuts' column of a time row is the transfer without cuts; "
+            "of an extra-ms row, the target.",
             *notes,
         ],
     )

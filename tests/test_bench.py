@@ -124,5 +124,5 @@ def test_fragment_flood_prints_its_tables() -> None:
 def test_resume_overhead_prints_its_table() -> None:
     output = run("resume_overhead.py")
     rows = check_table(output, "no cuts", "cuts every 1 MiB: time, s")
-    for step in ("4 MiB", "1 MiB"):
+    for step in ("4 MiB", "1 MiB", "4 MiB at one end", "1 MiB at one end"):
         assert f"cuts every {step}: extra ms per cut (target 50)" in rows
