@@ -9,6 +9,7 @@ around every connection, so a test decides which WebSocket drops and when.
 from __future__ import annotations
 
 import hashlib
+import math
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -1184,7 +1185,10 @@ async def test_both_sides_dropped_at_once_both_resume(
     with trio.fail_after(TIMEOUT):
         pair = await open_streams(hub_env)
 
+        lifted_at = math.inf
+
         async def drop_both() -> None:
+            nonlocal lifted_at
             # The device cannot come back for a while: the hub holds both sides.
             pair.device_opener.refuse = True
             for opener in (pair.service_opener, pair.device_opener):
@@ -1192,8 +1196,13 @@ async def test_both_sides_dropped_at_once_both_resume(
             await wait_for_resume(pair.service)
             await trio.sleep(3)
             pair.device_opener.refuse = False
+            lifted_at = trio.current_time()
 
         await transfer_across(pair, drop_both)
+        # The device's next attempt comes within one resume delay (50 ms doubling: at most
+        # 3.2 s after 3 s of refusals), and the transfer then completes in no time: not at a
+        # ping, 10 s later.
+        assert trio.current_time() - lifted_at < 3.3
         assert pair.service.resumes == 1 and pair.device.resumes == 1
         assert (await metrics(hub_env))["devstream_resumes_total"] == 2
 
