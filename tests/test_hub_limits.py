@@ -173,6 +173,37 @@ async def test_others_are_served_while_a_send_to_a_stuck_device_waits(
         assert 5.0 <= trio.current_time() - start < 5.1
 
 
+async def test_a_short_timeout_waiting_its_turn_leaves_the_channel_and_the_others(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """A request whose response timeout ends while it waits behind another one's write (the
+    device reads slowly) has written nothing: it fails with 504101, and the channel and the
+    request before it go on. Dropping the channel would fail every request on it."""
+    cs = await hub_env.create_device("slow")
+    with trio.fail_after(30):
+        ws, machine = await hand_made_device(
+            hub_env, cs, ("echo",), trio.testing.lockstep_stream_pair()
+        )
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            answers: dict[str, HttpResponse] = {}
+
+            async def ask(key: str, timeout: int) -> None:
+                answers[key] = await initiate(hub_env, "slow", "echo", response_timeout=timeout)
+
+            nursery.start_soon(ask, "first", 10)  # its write waits for the device to read
+            await trio.sleep(0.1)
+            nursery.start_soon(ask, "short", 1)  # waits its turn behind it
+            await trio.sleep(1.5)
+            assert list(answers) == ["short"]
+            assert error_of(answers["short"])[0] == ErrorCode.DEVICE_RESPONSE_TIMEOUT
+            # The device reads again: the first request is there, and its answer gets back.
+            await answer_requests(ws, machine, 1, accept=False)
+        assert answers["first"].status == 200
+        assert answers["first"].header(b"iothub-streaming-is-accepted") == b"False"
+        assert trio.current_time() - start < 1.7
+
+
 # -- 2. streams and stream requests per device -----------------------------------------------
 
 

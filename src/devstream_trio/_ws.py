@@ -376,8 +376,16 @@ class WebSocket:
                 await self._write_rest(self.stream, own, rest)
         else:
             buffers = _gather(parts, _ALONE_STREAM)
-            for buffer in buffers:
-                await self.stream.send_all(buffer)
+            try:
+                for buffer in buffers:
+                    await self.stream.send_all(buffer)
+            except trio.Cancelled:
+                # How much of the frames went out is unknown (a TLS stream is broken after
+                # this): the connection ends, as a socket's does when its frame is cut.
+                self._closed = self._closed or ConnectionClosed(
+                    ABNORMAL_CLOSURE, "a send was cancelled part way through a frame"
+                )
+                raise
             if not buffers:
                 await trio.lowlevel.checkpoint()
 

@@ -885,14 +885,17 @@ class Hub:
                             )
                         )
                 if sending.cancelled_caught:
-                    # The request may be cut part way: the channel cannot carry another.
-                    log.info(
-                        "control channel %d: the device did not take a stream request within "
-                        "its response timeout (%g s); dropping the channel",
-                        session.connection_id,
-                        response_timeout,
-                    )
-                    session.cancel_scope.cancel()
+                    if session.ws.closed is not None:
+                        # The request was cut part way: the channel cannot carry another.
+                        log.info(
+                            "control channel %d: the device did not take a stream request "
+                            "within its response timeout (%g s); dropping the channel",
+                            session.connection_id,
+                            response_timeout,
+                        )
+                        session.cancel_scope.cancel()
+                    # (Cancelled while it waited its turn to write, nothing of it went out:
+                    # the channel goes on, with the requests queued before it.)
                     # Due now: the coordinator fails it (504101) before the drop is noticed.
                     self._dispatch(self.coordinator.advance(trio.current_time()))
             else:
