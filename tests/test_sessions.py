@@ -16,6 +16,7 @@ import os
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import trio
@@ -25,7 +26,7 @@ from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import ErrorCode
 from devstream_trio._connect import HubAddress
-from devstream_trio._http import websocket_connect
+from devstream_trio._http import HttpRequest, HttpServerConnection, websocket_connect
 from devstream_trio._ws import ConnectionClosed, WebSocket, payload
 from devstream_trio.device import DeviceClient
 from devstream_trio.exceptions import (
@@ -172,10 +173,17 @@ class Channel:
 
     @classmethod
     async def open(
-        cls, env: HubEnv, cs: ConnectionString, *, se: int, device_id: str | None = None
+        cls,
+        env: HubEnv,
+        cs: ConnectionString,
+        *,
+        se: int,
+        device_id: str | None = None,
+        wait_registered: bool = True,
     ) -> Channel:
         """Open device *device_id*'s channel with a token of *cs* (the device's own, or a
-        policy's with DeviceConnect) that expires at *se*."""
+        policy's with DeviceConnect) that expires at *se*, and register (waiting for the hub's
+        answer, unless told not to)."""
         ws = await websocket_connect(
             await env.open(HUB),
             host=HUB.host_header,
@@ -185,7 +193,8 @@ class Channel:
         )
         channel = cls(ws)
         await ws.send_text(channel.machine.send(control.Register(names=("echo",))))
-        assert isinstance(await channel.next_message(), control.Registered)
+        if wait_registered:
+            assert isinstance(await channel.next_message(), control.Registered)
         return channel
 
     async def next_message(self) -> control.ControlMessage:
@@ -377,6 +386,49 @@ async def test_replacing_the_key_a_channel_signed_with_closes_it_at_once(
         assert closed.code == 4401
         assert closed.reason.startswith("401002 ") and "keys changed" in closed.reason
         assert [m.code for m in messages if isinstance(m, control.ErrorMessage)] == [401002]
+        with pytest.raises(DeviceNotOnline):
+            await svc.open_stream("d1", "echo")
+
+
+async def test_a_key_replaced_while_a_channel_opens_closes_it_once_open(
+    env: HubEnv, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub checks a channel's token, then answers its upgrade: a key replaced in between
+    (the answer's write is made to take 10 ms here, as a slow TLS write would) is seen once
+    the channel is open, and closes it, rather than leaving it served under the old key."""
+    answer = HttpServerConnection.accept_websocket
+
+    async def slow_answer(
+        self: HttpServerConnection, request: HttpRequest, **options: Any
+    ) -> WebSocket:
+        await trio.sleep(0.01)
+        return await answer(self, request, **options)
+
+    monkeypatch.setattr(HttpServerConnection, "accept_websocket", slow_answer)
+    with trio.fail_after(60):
+        cs = await create_device(env, "d1")
+        svc = service(env)
+        opened: list[Channel] = []
+
+        async def open_channel() -> None:
+            channel = await Channel.open(env, cs, se=int(sas_clock()) + 3600, wait_registered=False)
+            opened.append(channel)
+
+        env.nursery.start_soon(open_channel)
+        await trio.sleep(0.005)  # checked under the old key; the answer is on its way
+        new_key = base64.b64encode(os.urandom(32)).decode()
+        body = {
+            "authentication": {"symmetricKey": {"primaryKey": new_key, "secondaryKey": new_key}}
+        }
+        changed_at = trio.current_time()
+        await put_device(svc, "d1", body)
+        while not opened:
+            await trio.sleep(0.001)
+        messages, closed, closed_at = await opened[0].until_closed()
+        assert [m.code for m in messages if isinstance(m, control.ErrorMessage)] == [401002]
+        assert closed_at - changed_at < 0.02
+        assert closed.code == 4401
+        assert closed.reason.startswith("401002 ")
         with pytest.raises(DeviceNotOnline):
             await svc.open_stream("d1", "echo")
 

@@ -247,6 +247,8 @@ class _Session:
     #: That token, if it was the device's own (checked again when the device changes); None
     #: when it was a policy's.
     device_token: SasToken | None
+    #: The device's change count (Hub._device_changes) before its access was checked.
+    changes_seen: int = 0
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     close_code: ErrorCode | None = None
     close_message: str | None = None
@@ -303,6 +305,9 @@ class Hub:
             wake=self._wake,
         )
         self._sessions: dict[int, _Session] = {}
+        #: How many times each device's registry record changed (see _device_changed): a
+        #: channel whose handshake spanned a change is checked again once it is listed.
+        self._device_changes: dict[str, int] = {}
         #: Policy SAS tokens that verified (services send one token with every initiate).
         self._policy_tokens = SasVerifier()
         #: When to look at each control channel for silence: one heap, not a task each.
@@ -680,6 +685,7 @@ class Hub:
         disabled or deleted loses its streams too: the bridge ends them, and their sides are
         reset with the same error at once.
         """
+        self._device_changes[device_id] = self._device_changes.get(device_id, 0) + 1
         now = self.wall_clock()
         resource = device_resource(self.host_name, device_id)
         for session in list(self._sessions.values()):
@@ -922,6 +928,7 @@ class Hub:
         connection_id: int,
     ) -> _Session:
         """Check the device's credentials, answer the upgrade, and return the new session."""
+        changes_seen = self._device_changes.get(route.device_id, 0)
         token = self._sas_token(request)
         if token.skn is not None:
             policy = await self.store.get_policy(token.skn)
@@ -963,6 +970,7 @@ class Hub:
             machine=control.HubControl(max_message_size=self.config.max_control_message_size),
             expires_at=expires_at,
             device_token=None if token.skn is not None else token,
+            changes_seen=changes_seen,
         )
 
     async def _run_control_channel(self, session: _Session) -> None:
@@ -989,6 +997,12 @@ class Hub:
         try:
             with session.cancel_scope:
                 try:
+                    if self._device_changes.get(session.device_id, 0) != session.changes_seen:
+                        # The device changed (keys, status, deleted) after its access was
+                        # checked, while the handshake went on: check again, now that a
+                        # further change would find this channel.
+                        device = await self.store.get_device(session.device_id)
+                        self._device_changed(session.device_id, device)
                     while True:
                         # No local keeps the last fragment or message alive while idle.
                         await self._control_fragment(session, await ws.receive())
