@@ -118,13 +118,18 @@ def _decode(
 
 
 def _assemble(
-    data: bytes, chunk: int, max_size: int, max_fragments: int
+    data: bytes, chunk: int, max_size: int, max_fragments: int, *, one_frame: bool = False
 ) -> ControlMessage | ErrorCode | None:
+    """*data* fed in *chunk*-byte fragments, or (*one_frame*) as the pieces of one frame."""
     assembler = MessageAssembler(max_size, max_fragments)
     try:
         for start in range(0, max(len(data), 1), chunk):
             finished = start + chunk >= len(data)
-            msg = assembler.feed(data[start : start + chunk], message_finished=finished)
+            msg = assembler.feed(
+                data[start : start + chunk],
+                message_finished=finished,
+                frame_finished=finished or not one_frame,
+            )
             if finished:
                 return msg
     except RemoteProtocolError as exc:
@@ -173,6 +178,10 @@ def check(data: bytes) -> None:
             pieces = _assemble(data, size, max_size, count)
             if pieces != whole:
                 raise AssertionError(f"whole gave {whole!r}, {size}-byte pieces gave {pieces!r}")
+            # The same pieces as one frame: one fragment, however many pieces.
+            frame = _assemble(data, size, max_size, 1, one_frame=True)
+            if frame != whole:
+                raise AssertionError(f"whole gave {whole!r}, one frame in pieces gave {frame!r}")
             if count > 1:
                 # One fragment more than the assembler takes: refused, whatever the bytes.
                 over = _assemble(data, size, max_size, count - 1)

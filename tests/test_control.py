@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -429,6 +430,62 @@ def test_fragments_are_counted_empty_ones_too(empty: str | bytes) -> None:
     assert info.value.code is ErrorCode.PAYLOAD_TOO_LARGE
     assert info.value.message == f"control message in more than {limit} fragments"
     assert feed_all(assembler, [text]) == Register(names=("a",))
+
+
+@pytest.mark.parametrize("kind", [bytes, str])
+def test_a_frame_fed_in_pieces_is_one_fragment(kind: type) -> None:
+    """Frames are counted, not pieces: a MAX_CONTROL_MESSAGE_SIZE message in one frame, fed
+    in 16-byte pieces (as the reads of a slow link bring it, far more than
+    MAX_CONTROL_MESSAGE_FRAGMENTS of them), is accepted; so is one in MAX_CONTROL_MESSAGE_FRAGMENTS
+    frames fed in pieces. One frame more without the end is refused when it ends."""
+    limit = MAX_CONTROL_MESSAGE_FRAGMENTS
+    text = encode_message(Register(names=("a",)))
+    text = text[:-1] + " " * (MAX_CONTROL_MESSAGE_SIZE - len(text)) + "}"
+    data = text if kind is str else text.encode()
+    pieces = [data[start : start + 16] for start in range(0, len(data), 16)]
+    assert len(pieces) > limit
+    hub = HubControl()
+    for piece in pieces[:-1]:
+        assert hub.receive(piece, message_finished=False, frame_finished=False) == []
+    assert hub.receive(pieces[-1]) == [Register(names=("a",))]
+    assembler = MessageAssembler()
+    empty = data[:0]
+    # limit - 1 frames without the end, the first in pieces, then a last frame in pieces.
+    for piece in pieces[:-1]:
+        assert assembler.feed(piece, message_finished=False, frame_finished=False) is None
+    assert assembler.feed(pieces[-1], message_finished=False) is None
+    for _ in range(limit - 2):
+        assert assembler.feed(empty, message_finished=False) is None
+    assert assembler.feed(empty, message_finished=False, frame_finished=False) is None
+    assert assembler.feed(empty, message_finished=True) == Register(names=("a",))
+    # The frame that reaches the bound without the end is refused as it ends, not before.
+    for _ in range(limit - 1):
+        assert assembler.feed(empty, message_finished=False) is None
+    assert assembler.feed(pieces[0], message_finished=False, frame_finished=False) is None
+    with pytest.raises(RemoteProtocolError) as info:
+        assembler.feed(empty, message_finished=False)
+    assert info.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+    assert info.value.message == f"control message in more than {limit} fragments"
+
+
+def test_a_frame_in_tiny_pieces_keeps_little() -> None:
+    """The pieces of a frame are joined as they come, not all kept: a MAX_CONTROL_MESSAGE_SIZE
+    message fed in 2-byte pieces never holds much more memory than its bytes."""
+    text = encode_message(Register(names=("a",)))
+    data = (text[:-1] + " " * (MAX_CONTROL_MESSAGE_SIZE - len(text)) + "}").encode()
+    assembler = MessageAssembler()
+    tracemalloc.start()
+    try:
+        for start in range(0, len(data) - 2, 2):
+            # A fresh object per piece, as each read brings.
+            piece = data[start : start + 2]
+            assembler.feed(piece, message_finished=False, frame_finished=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # 32,767 pieces kept would be about 1.5 MB (a bytes object each, and the list).
+    assert peak < 6 * MAX_CONTROL_MESSAGE_SIZE
+    assert assembler.feed(data[-2:], message_finished=True) == Register(names=("a",))
 
 
 def test_hub_machine_refuses_a_message_in_too_many_fragments() -> None:

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import trio
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import TextMessage
 
 from devstream_core import control
 from devstream_core.credentials import ConnectionString, device_resource, make_sas_token
@@ -664,6 +666,25 @@ async def test_a_control_message_in_too_many_fragments_is_refused(
     assert closed.reason.startswith("413901")
     assert texts[-1]["errorCode"] == 413901
     assert (await env.service().get_device("manual"))["connectionState"] == "Disconnected"
+    await assert_serving(env)
+
+
+async def test_a_control_message_in_one_frame_and_many_reads_is_one_fragment(
+    env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """Frames are counted, not reads: a Register of MAX_CONTROL_MESSAGE_SIZE bytes in one
+    frame that reaches the hub in 32-byte reads (more than MAX_CONTROL_MESSAGE_FRAGMENTS of
+    them) is taken."""
+    device = await manual_device(env)
+    text = device.machine.send(control.Register(names=("echo",)))
+    text = text[:-1] + " " * (control.MAX_CONTROL_MESSAGE_SIZE - len(text)) + "}"
+    wire = Connection(ConnectionType.CLIENT).send(TextMessage(data=text))
+    assert len(wire) // 32 > control.MAX_CONTROL_MESSAGE_FRAGMENTS
+    with trio.fail_after(30):
+        for start in range(0, len(wire), 32):
+            await device.ws.stream.send_all(wire[start : start + 32])
+            await trio.sleep(0.001)  # the hub takes each piece in a read of its own
+        assert await device.next_message() == control.Registered(names=("echo",))
     await assert_serving(env)
 
 

@@ -1296,3 +1296,35 @@ async def test_a_message_in_too_many_fragments_is_refused_with_1009(
     assert await peer.next_events() == [
         CloseConnection(code=1009, reason="message in too many fragments")
     ]
+
+
+@pytest.mark.parametrize("whole", ["receive_messages", "receive_message"])
+async def test_one_frame_in_many_small_reads_is_one_fragment(
+    autojump_clock: trio.abc.Clock, whole: str
+) -> None:
+    """Frames are counted, not reads: a 1 MiB message in one frame that arrives in 200-byte
+    reads (far more than MAX_MESSAGE_FRAGMENTS of them, as through a proxy or a link with a
+    small MSS) is received whole, in no more parts than MAX_MESSAGE_FRAGMENTS: the pieces of
+    the reads are joined, not all kept."""
+    peer, ws = raw_pair()
+    data = bytes(range(256)) * 4096
+    wire = peer.ws.send(BytesMessage(data=data, message_finished=True))
+    assert len(wire) // 200 > MAX_MESSAGE_FRAGMENTS
+    received: list[bytes] = []
+
+    async def receive() -> None:
+        if whole == "receive_message":
+            received.append(await ws.receive_message(1 << 20))
+        else:
+            [parts] = await ws.receive_messages(1 << 20)
+            assert len(parts) <= MAX_MESSAGE_FRAGMENTS
+            received.append(b"".join(parts))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            for start in range(0, len(wire), 200):
+                await peer.stream.send_all(wire[start : start + 200])
+                await trio.sleep(0.001)  # the receiver takes each piece in a read of its own
+    assert received == [data]
+    assert await nothing_arrives(peer.stream)  # no close

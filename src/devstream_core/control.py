@@ -500,8 +500,10 @@ class MessageAssembler:
     Memory stays bounded: as soon as the fragments buffered for the current message exceed
     *max_size* bytes (of UTF-8), or *max_fragments* fragments have come without the message's
     end, :meth:`feed` raises ``PAYLOAD_TOO_LARGE`` and drops them. Empty fragments count, and
-    are not kept. Text and binary fragments may be mixed; text is counted as its UTF-8
-    encoding.
+    are not kept. A fragment is a WebSocket frame: one fed in pieces (``frame_finished=False``
+    on all but its last, as a frame that arrives in several reads is) counts once; its pieces
+    are joined whenever more than *max_fragments* are kept. Text and binary fragments may be
+    mixed; text is counted as its UTF-8 encoding.
     """
 
     __slots__ = ("_count", "_parts", "_size", "max_fragments", "max_size")
@@ -515,7 +517,7 @@ class MessageAssembler:
         self.max_fragments = max_fragments
         self._parts: list[bytes] = []
         self._size = 0
-        #: Fragments fed for the current message.
+        #: Fragments (frames) of the current message that have ended.
         self._count = 0
 
     @property
@@ -528,8 +530,12 @@ class MessageAssembler:
         self._size = 0
         self._count = 0
 
-    def feed(self, fragment: str | bytes, *, message_finished: bool) -> ControlMessage | None:
+    def feed(
+        self, fragment: str | bytes, *, message_finished: bool, frame_finished: bool = True
+    ) -> ControlMessage | None:
         """Add *fragment*; return the decoded message when *message_finished*, else ``None``.
+        With *frame_finished* false, *fragment* is a piece of a frame whose end is still to come
+        (not counted as a fragment of its own).
 
         Raises :class:`RemoteProtocolError` as :func:`decode_message` does; after an error
         the partial message is discarded.
@@ -552,10 +558,16 @@ class MessageAssembler:
         if raw:
             self._parts.append(raw)
         if not message_finished:
-            self._count += 1
-            if self._count >= self.max_fragments:
-                self._reset()
-                raise _too_many_fragments(self.max_fragments)
+            if frame_finished:
+                self._count += 1
+                if self._count >= self.max_fragments:
+                    self._reset()
+                    raise _too_many_fragments(self.max_fragments)
+            elif len(self._parts) > self.max_fragments:
+                # Pieces of frames: joined once there are more than fragments allowed, so a
+                # message fed in many small pieces keeps no more objects than one in many
+                # frames. A join copies at most max_size bytes, after max_fragments pieces.
+                self._parts = [b"".join(self._parts)]
             return None
         data = b"".join(self._parts)
         self._reset()
@@ -681,16 +693,19 @@ class _ControlMachine:
         return text
 
     def receive(
-        self, fragment: str | bytes, *, message_finished: bool = True
+        self, fragment: str | bytes, *, message_finished: bool = True, frame_finished: bool = True
     ) -> list[ControlMessage]:
-        """Feed one WebSocket message, or one fragment of it; return the messages it completes.
+        """Feed one WebSocket message, or one fragment of it (or a piece of a fragment, with
+        *frame_finished* false: see :class:`MessageAssembler`); return the messages it completes.
 
         Raises :class:`RemoteProtocolError` (and poisons the machine) if the peer broke the
         protocol, :class:`LocalProtocolError` if the channel is already closed or broken.
         """
         self._check_usable()
         try:
-            msg = self._assembler.feed(fragment, message_finished=message_finished)
+            msg = self._assembler.feed(
+                fragment, message_finished=message_finished, frame_finished=frame_finished
+            )
             if msg is None:
                 return []
             next_state = self._receive_table.get((self._state, type(msg)))

@@ -85,7 +85,9 @@ MESSAGE_TOO_BIG = 1009
 #: of ``max_fragments``, for devstream.v1 on the hub and in the clients): one that has come
 #: in this many without its end is refused with 1009, as one too big is. Bytes are not all a
 #: message costs: each fragment is kept until the message is whole. A 1 MiB message in
-#: 256-byte pieces still fits.
+#: 256-byte frames still fits. Frames are counted, not reads: one frame that arrives in many
+#: small reads is one fragment (its pieces, one per read, are joined whenever more than this
+#: many are kept).
 MAX_MESSAGE_FRAGMENTS = 4096
 #: Bytes a client asks of the transport per read, at first and at most. A read that fills
 #: what it asked for doubles the next one (a busy stream then moves up to 1 MiB per scheduler
@@ -238,9 +240,11 @@ class WebSocket:
         self.subprotocol = subprotocol
         #: The headers of the handshake's other half (the 101 response, on a client).
         self.handshake_headers = handshake_headers or []
-        #: The fragments of a message received in part, and their total length.
+        #: The pieces of a message received in part (a frame that came in several reads is
+        #: several pieces), their total length, and the frames of it that have ended.
         self._parts: list[bytes | memoryview] = []
         self._parts_size = 0
+        self._frames = 0
         self._ws = connection
         self._reader = FrameReader(connection)
         self._client = connection.client
@@ -609,7 +613,12 @@ class WebSocket:
                     continue
                 size = self._parts_size + len(chunk)
                 finished = event.message_finished  # type: ignore[attr-defined]
-                if size > max_size or (not finished and len(self._parts) + 1 >= max_fragments):
+                # Frames are counted, not reads: a frame that came in many reads is one.
+                if size > max_size or (
+                    not finished
+                    and event.frame_finished  # type: ignore[attr-defined]
+                    and self._frames + 1 >= max_fragments
+                ):
                     if messages:
                         return messages  # the next call refuses it
                     events.popleft()
@@ -619,7 +628,15 @@ class WebSocket:
                 self._parts_size = size
                 if finished:
                     messages.append(self._parts)
-                    self._parts, self._parts_size = [], 0
+                    self._parts, self._parts_size, self._frames = [], 0, 0
+                elif event.frame_finished:  # type: ignore[attr-defined]
+                    self._frames += 1
+                elif len(self._parts) > max_fragments:
+                    # Pieces of frames, one per read: joined once there are more of them than
+                    # fragments allowed, so a message in many small reads keeps no more objects
+                    # than one in many frames. A join copies at most max_size bytes, after at
+                    # least max_fragments reads.
+                    self._parts = [b"".join(self._parts)]
             if messages:
                 return messages
             if self._closed is not None:
@@ -636,7 +653,7 @@ class WebSocket:
         """Close with 1009: a message grew past the size the receiver allows (*by_size*), or
         came in more fragments than it allows."""
         reason = "message too big" if by_size else "message in too many fragments"
-        self._parts, self._parts_size = [], 0
+        self._parts, self._parts_size, self._frames = [], 0, 0
         self._closed = ConnectionClosed(MESSAGE_TOO_BIG, reason)
         await self.send_close(MESSAGE_TOO_BIG, reason)
         raise self._closed
@@ -648,13 +665,18 @@ class WebSocket:
             self._parts_size += len(chunk)
             if self._parts_size > max_size:
                 await self._refuse_too_big(True)
-            if not event.message_finished and len(self._parts) + 1 >= max_fragments:
-                await self._refuse_too_big(False)
-            self._parts.append(chunk)
             if event.message_finished:
+                self._parts.append(chunk)
                 parts = self._parts
-                self._parts, self._parts_size = [], 0
+                self._parts, self._parts_size, self._frames = [], 0, 0
                 return parts
+            if event.frame_finished:
+                if self._frames + 1 >= max_fragments:
+                    await self._refuse_too_big(False)
+                self._frames += 1
+            self._parts.append(chunk)
+            if not event.frame_finished and len(self._parts) > max_fragments:
+                self._parts = [b"".join(self._parts)]  # as in receive_messages
 
     async def send_whole_messages(self, messages: Sequence[Sequence[bytes | memoryview]]) -> int:
         """Send binary messages, each given as its fragments (see :meth:`receive_messages`),

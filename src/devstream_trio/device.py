@@ -294,7 +294,12 @@ class DeviceClient:
     ) -> None:
         while True:
             event = await ws.receive()
-            for message in machine.receive(payload(event), message_finished=event.message_finished):
+            messages = machine.receive(
+                payload(event),
+                message_finished=event.message_finished,
+                frame_finished=event.frame_finished,
+            )
+            for message in messages:
                 if isinstance(message, control.Registered):
                     self.online = True
                     self.connections += 1

@@ -1063,7 +1063,11 @@ class Hub:
 
     async def _control_fragment(self, session: _Session, event: BytesMessage | TextMessage) -> None:
         """Feed one received fragment to the machine and act on the messages it completes."""
-        messages = session.machine.receive(payload(event), message_finished=event.message_finished)
+        messages = session.machine.receive(
+            payload(event),
+            message_finished=event.message_finished,
+            frame_finished=event.frame_finished,
+        )
         for message in messages:
             await self._control_message(session, message)
 
