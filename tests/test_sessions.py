@@ -32,6 +32,7 @@ from devstream_trio.exceptions import (
     DeviceDisabled,
     DeviceNotFound,
     DeviceNotOnline,
+    DeviceResponseTimeout,
     HubError,
     Unauthorized,
 )
@@ -344,6 +345,64 @@ async def test_requests_during_a_renewal_reach_the_device(
             assert await read_exactly(stream, 6) == b"during"  # type: ignore[arg-type]
             await stream.aclose()
         assert client.connections == 2
+
+
+async def test_a_replaced_channel_answers_its_pending_requests_then_is_closed(
+    env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """Two agents with one device id: the second's Register takes new requests at once; the
+    first still answers the request the hub had sent it, and is closed right after."""
+    with trio.fail_after(60):
+        cs = await create_device(env, "d1")
+        se = int(sas_clock()) + 3600
+        first = await Channel.open(env, cs, se=se)
+        svc = service(env)
+        opened: dict[str, AnyStream] = {}
+
+        async def open_one(which: str) -> None:
+            opened[which] = await svc.open_stream("d1", "echo", mode="raw", response_timeout=5)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_one, "first")
+            sent = await first.next_message()  # the hub sent it; not answered yet
+            assert isinstance(sent, control.StreamRequest)
+            second = await Channel.open(env, cs, se=se)
+            nursery.start_soon(open_one, "second")
+            device_side = await second.accept(env)  # the new request went to the new channel
+            # The first channel answers its own request, and the hub then closes it.
+            await first.ws.send_text(first.machine.send(sent.accept()))
+            answered_at = trio.current_time()
+            messages, closed, closed_at = await first.until_closed()
+        assert sorted(opened) == ["first", "second"]
+        assert closed.reason.startswith("404103 ")
+        assert [m.code for m in messages if isinstance(m, control.ErrorMessage)] == [404103]
+        assert closed_at - answered_at < 0.01
+        # The second channel serves on.
+        await opened["second"].send_all(b"on")
+        assert await read_exactly(device_side, 2) == b"on"  # type: ignore[arg-type]
+
+
+async def test_a_replaced_channel_whose_request_goes_unanswered_is_closed_at_its_deadline(
+    env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(60):
+        cs = await create_device(env, "d1")
+        se = int(sas_clock()) + 3600
+        first = await Channel.open(env, cs, se=se)
+        svc = service(env)
+        async with trio.open_nursery() as nursery:
+
+            async def unanswered() -> None:
+                with pytest.raises(DeviceResponseTimeout):
+                    await svc.open_stream("d1", "echo", mode="raw", response_timeout=5)
+
+            start = trio.current_time()
+            nursery.start_soon(unanswered)
+            assert isinstance(await first.next_message(), control.StreamRequest)
+            await Channel.open(env, cs, se=se)
+            _, closed, closed_at = await first.until_closed()
+        assert closed.reason.startswith("404103 ")
+        assert 5 <= closed_at - start < 5.01
 
 
 # -- keys rotated, device disabled or deleted ---------------------------------------------------
