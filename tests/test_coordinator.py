@@ -119,42 +119,145 @@ def test_a_connection_cannot_register_as_another_device() -> None:
     assert coordinator.registered_names("dev") == frozenset({"ssh"})
 
 
+def accepted(request: SendStreamRequest) -> InitiationAccepted:
+    return InitiationAccepted(
+        request_id=request.request_id,
+        stream_id=request.stream_id,
+        device_id=request.device_id,
+        name=request.name,
+    )
+
+
+def not_online(request: SendStreamRequest) -> InitiationFailed:
+    return InitiationFailed(
+        request_id=request.request_id,
+        stream_id=request.stream_id,
+        device_id=request.device_id,
+        name=request.name,
+        code=ErrorCode.DEVICE_NOT_ONLINE,
+    )
+
+
 def test_new_connection_replaces_the_old_one() -> None:
     coordinator = online("ssh", conn=1)
-    first = send(initiate(coordinator))
-    second = send(initiate(coordinator, name="ssh"))
     events = coordinator.device_registered(
         device_id="dev", connection_id=2, names=["echo"], now=NOW + 1
     )
-    assert events == [
-        DeviceReplaced(device_id="dev", connection_id=1),
-        InitiationFailed(
-            request_id=first.request_id,
-            stream_id=first.stream_id,
-            device_id="dev",
-            name="ssh",
-            code=ErrorCode.DEVICE_NOT_ONLINE,
-        ),
-        InitiationFailed(
-            request_id=second.request_id,
-            stream_id=second.stream_id,
-            device_id="dev",
-            name="ssh",
-            code=ErrorCode.DEVICE_NOT_ONLINE,
-        ),
-    ]
-    assert coordinator.pending_count() == 0
+    # Nothing was pending on the old one: it is closed at once, and forgotten.
+    assert events == [DeviceReplaced(device_id="dev", connection_id=1)]
     assert coordinator.online_count() == 1
     assert coordinator.registered_names("dev") == frozenset({"echo"})
-    # The old connection is forgotten: its answers and its disconnect are ignored.
-    answer = coordinator.device_responded(
-        connection_id=1, request_id=first.request_id, accepted=True, reason="", now=NOW + 1
-    )
-    assert answer == []
     assert coordinator.device_disconnected(connection_id=1, now=NOW + 1) == []
     assert coordinator.is_online("dev")
     # New requests go to the new connection.
     assert send(initiate(coordinator, name="echo")).connection_id == 2
+
+
+def test_requests_pending_on_a_replaced_connection_are_answered_there() -> None:
+    coordinator = online("ssh", conn=1)
+    first = send(initiate(coordinator))
+    second = send(initiate(coordinator))
+    events = coordinator.device_registered(
+        device_id="dev", connection_id=2, names=["ssh"], now=NOW + 1
+    )
+    assert events == []  # the old one stays open while requests are pending on it
+    assert coordinator.pending_count() == 2
+    assert coordinator.online_count() == 1
+    # New requests go to the new connection at once.
+    third = send(initiate(coordinator, now=NOW + 1))
+    assert third.connection_id == 2
+    # The old connection answers its own requests; its last answer closes it.
+    assert coordinator.device_responded(
+        connection_id=1, request_id=first.request_id, accepted=True, reason="", now=NOW + 2
+    ) == [accepted(first)]
+    assert coordinator.device_responded(
+        connection_id=1, request_id=second.request_id, accepted=True, reason="", now=NOW + 2
+    ) == [accepted(second), DeviceReplaced(device_id="dev", connection_id=1)]
+    # Then it is forgotten; the new one carries on.
+    assert coordinator.device_disconnected(connection_id=1, now=NOW + 2) == []
+    assert coordinator.device_responded(
+        connection_id=2, request_id=third.request_id, accepted=True, reason="", now=NOW + 2
+    ) == [accepted(third)]
+    assert coordinator.pending_count() == 0
+
+
+def test_a_replaced_connection_is_closed_when_its_last_request_times_out() -> None:
+    coordinator = online("ssh", conn=1)
+    request = send(initiate(coordinator, timeout=10.0))
+    assert (
+        coordinator.device_registered(device_id="dev", connection_id=2, names=["ssh"], now=NOW + 1)
+        == []
+    )
+    assert coordinator.next_deadline() == NOW + 10
+    events = coordinator.advance(NOW + 10)
+    assert events == [
+        InitiationFailed(
+            request_id=request.request_id,
+            stream_id=request.stream_id,
+            device_id="dev",
+            name="ssh",
+            code=ErrorCode.DEVICE_RESPONSE_TIMEOUT,
+        ),
+        ForgetRequest(connection_id=1, request_id=request.request_id),
+        DeviceReplaced(device_id="dev", connection_id=1),
+    ]
+    assert coordinator.is_online("dev")
+
+
+def test_a_replaced_connection_that_ends_fails_its_pending_requests() -> None:
+    coordinator = online("ssh", conn=1)
+    request = send(initiate(coordinator))
+    coordinator.device_registered(device_id="dev", connection_id=2, names=["ssh"], now=NOW + 1)
+    assert coordinator.device_disconnected(connection_id=1, now=NOW + 2) == [not_online(request)]
+    assert coordinator.is_online("dev")
+    assert coordinator.pending_count() == 0
+
+
+def test_a_replaced_connection_closes_at_its_credentials_expiry() -> None:
+    coordinator = Coordinator()
+    coordinator.channel_opened(device_id="dev", connection_id=1, expires_at=NOW + 5, now=NOW)
+    coordinator.device_registered(device_id="dev", connection_id=1, names=["ssh"], now=NOW)
+    request = send(initiate(coordinator))
+    coordinator.device_registered(device_id="dev", connection_id=2, names=["ssh"], now=NOW + 1)
+    assert coordinator.next_deadline() == NOW + 5
+    assert coordinator.advance(NOW + 5) == [
+        CredentialsExpired(device_id="dev", connection_id=1),
+        not_online(request),
+    ]
+    assert coordinator.is_online("dev")
+
+
+def test_requests_pending_on_a_replaced_connection_count_towards_the_limit() -> None:
+    coordinator = Coordinator(max_pending_per_device=2)
+    coordinator.device_registered(device_id="dev", connection_id=1, names=["ssh"], now=NOW)
+    old = send(initiate(coordinator))
+    coordinator.device_registered(device_id="dev", connection_id=2, names=["ssh"], now=NOW)
+    send(initiate(coordinator))
+    throttled = initiate(coordinator)
+    assert isinstance(throttled, InitiationFailed)
+    assert throttled.code is ErrorCode.THROTTLED
+    assert coordinator.withdraw(request_id=old.request_id, now=NOW) == [
+        DeviceReplaced(device_id="dev", connection_id=1)
+    ]
+    assert send(initiate(coordinator)).connection_id == 2
+
+
+def test_a_replaced_connection_that_registers_again_takes_the_device_back() -> None:
+    coordinator = online("ssh", conn=1)
+    request = send(initiate(coordinator))
+    coordinator.device_registered(device_id="dev", connection_id=2, names=["echo"], now=NOW)
+    # Connection 1 registers again while its request is pending: it is online again and 2,
+    # with nothing pending, is closed.
+    assert coordinator.device_registered(
+        device_id="dev", connection_id=1, names=["ssh"], now=NOW
+    ) == [DeviceReplaced(device_id="dev", connection_id=2)]
+    assert coordinator.registered_names("dev") == frozenset({"ssh"})
+    assert send(initiate(coordinator)).connection_id == 1
+    # Its answer settles the request and does not close it.
+    assert coordinator.device_responded(
+        connection_id=1, request_id=request.request_id, accepted=True, reason="", now=NOW
+    ) == [accepted(request)]
+    assert coordinator.is_online("dev")
 
 
 def test_replacement_does_not_touch_other_devices() -> None:

@@ -176,6 +176,8 @@ class HubMachine(RuleBasedStateMachine):
         self.online: dict[str, int] = {}
         self.names: dict[str, frozenset[str]] = {}
         self.dead_conns: list[int] = []
+        #: Replaced connections still open for the requests pending on them.
+        self.replaced: set[int] = set()
         #: When each open connection's credential expires (connections opened with one).
         self.expiry: dict[int, float] = {}
         self.pending: dict[str, ModelRequest] = {}
@@ -215,6 +217,7 @@ class HubMachine(RuleBasedStateMachine):
 
     def drop_connection(self, conn: int) -> list[CoordinatorEvent]:
         self.expiry.pop(conn, None)
+        self.replaced.discard(conn)
         device = self.conn_device.pop(conn)
         if self.online.get(device) == conn:
             del self.online[device]
@@ -257,19 +260,34 @@ class HubMachine(RuleBasedStateMachine):
                 == []
             )
             self.expiry[conn] = self.now + lifetime
-        expected: list[CoordinatorEvent] = []
-        old = self.online.get(device)
-        if old is not None:
-            expected.append(DeviceReplaced(device_id=device, connection_id=old))
-            expected.extend(self.drop_connection(old))
-            event(f"device replaced, {len(expected) - 1} requests failed")
         events = self.coordinator.device_registered(
             device_id=device, connection_id=conn, names=names, now=self.now
         )
-        assert events == expected
         self.conn_device[conn] = device
-        self.online[device] = conn
+        assert events == self.take_over(device, conn)
         self.names[device] = frozenset(names)
+
+    def take_over(self, device: str, conn: int) -> list[CoordinatorEvent]:
+        """Connection ``conn`` becomes ``device``'s; the old one stays open while requests
+        are pending on it, else it is closed at once."""
+        old = self.online.get(device)
+        self.online[device] = conn
+        self.replaced.discard(conn)
+        if old is None:
+            return []
+        self.replaced.add(old)
+        event(f"device replaced, {len(self.pending_on(old))} requests pending on it")
+        return self.close_if_drained(old)
+
+    def pending_on(self, conn: int) -> list[ModelRequest]:
+        return [r for r in self.pending.values() if r.connection_id == conn]
+
+    def close_if_drained(self, conn: int) -> list[CoordinatorEvent]:
+        if conn not in self.replaced or self.pending_on(conn):
+            return []
+        device = self.conn_device[conn]
+        self.drop_connection(conn)
+        return [DeviceReplaced(device_id=device, connection_id=conn)]
 
     @precondition(lambda self: self.conn_device)
     @rule(data=st.data(), names=registered_names)
@@ -279,7 +297,12 @@ class HubMachine(RuleBasedStateMachine):
         events = self.coordinator.device_registered(
             device_id=device, connection_id=conn, names=names, now=self.now
         )
-        assert events == []
+        if conn in self.replaced:
+            # A replaced connection still open takes its device back.
+            event("replaced connection registered again")
+            assert events == self.take_over(device, conn)
+        else:
+            assert events == []
         self.names[device] = frozenset(names)
 
     @rule(data=st.data(), registered=st.booleans())
@@ -418,11 +441,14 @@ class HubMachine(RuleBasedStateMachine):
             "device_id": request.device_id,
             "name": request.name,
         }
+        drained = self.close_if_drained(request.connection_id)
+        if drained:
+            event("replaced connection answered its last request")
         if not accepted:
             code = ErrorCode.STREAM_REJECTED
-            assert events == [InitiationRejected(**common, code=code, reason=reason)]
+            assert events == [InitiationRejected(**common, code=code, reason=reason), *drained]
             return
-        assert events == [InitiationAccepted(**common)]
+        assert events == [InitiationAccepted(**common), *drained]
         # The hub answers the initiating service with the service token.
         stream = self.streams[request.stream_id]
         stream.accepted = True
@@ -511,6 +537,7 @@ class HubMachine(RuleBasedStateMachine):
             )
             del self.pending[request.request_id]
             self.answered.append(request)
+            expected.extend(self.close_if_drained(request.connection_id))
         assert events == expected
         self.advanced_to = now
 

@@ -33,6 +33,7 @@ from devstream_trio.exceptions import (
     DeviceDisabled,
     DeviceNotFound,
     DeviceNotOnline,
+    DeviceResponseTimeout,
     HubError,
     Unauthorized,
 )
@@ -353,6 +354,135 @@ async def test_requests_during_a_renewal_reach_the_device(
             assert await read_exactly(stream, 6) == b"during"  # type: ignore[arg-type]
             await stream.aclose()
         assert client.connections == 2
+
+
+class Laggy(trio.abc.Stream):
+    """A connection whose bytes take ``delay`` seconds each way."""
+
+    def __init__(self, inner: trio.abc.Stream, delay: float) -> None:
+        self.inner = inner
+        self.delay = delay
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.sleep(self.delay)
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        await trio.sleep(self.delay)
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_requests_around_a_renewal_on_a_slow_link_all_reach_the_device(
+    env: HubEnv, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With 5 ms each way on the device's link, streams asked for every 4 ms around the
+    hand-over all succeed: those the hub sent on the old channel are answered there, those
+    asked for while the new one registers go to the old one, later ones to the new one."""
+    caplog.set_level(logging.INFO)
+
+    async def laggy_open(address: HubAddress) -> trio.abc.Stream:
+        return Laggy(await env.open(address), 0.005)
+
+    with trio.fail_after(300):
+        cs = await create_device(env, "d1")
+        client = DeviceClient(cs, opener=laggy_open, wall_clock=sas_clock, sas_lifetime=100)
+        await env.nursery.start(client.serve, {"echo": echo})
+        renew_at = trio.current_time() + 85
+        svc = service(env)
+        took: list[float] = []
+        failed: list[tuple[float, int]] = []
+
+        async def one(when: float) -> None:
+            await trio.sleep_until(when)
+            try:
+                stream = await svc.open_stream("d1", "echo", mode="raw", response_timeout=5)
+            except HubError as exc:
+                failed.append((when - renew_at, int(exc.code)))
+                return
+            await stream.send_all(b"x")
+            assert await read_exactly(stream, 1) == b"x"  # type: ignore[arg-type]
+            took.append(trio.current_time() - when)
+            await stream.aclose()
+
+        async with trio.open_nursery() as nursery:
+            for step in range(50):
+                nursery.start_soon(one, renew_at - 0.1 + 0.004 * step)
+        assert failed == []
+        assert len(took) == 50
+        # None waited for a timeout (5 s) or for the old channel's bound (ping_timeout): a
+        # stream takes some 30 ms here, one sent on the new channel while the old one drains
+        # a round trip or so more.
+        assert max(took) < 0.5
+        assert client.connections == 2
+        assert client.online
+    # The hub closed the old channel once its requests were answered, not at its expiry.
+    assert "SAS token expired" not in caplog.text
+    assert "renewed its SAS token" in caplog.text
+
+
+async def test_a_replaced_channel_answers_its_pending_requests_then_is_closed(
+    env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """Two agents with one device id: the second's Register takes new requests at once; the
+    first still answers the request the hub had sent it, and is closed right after."""
+    with trio.fail_after(60):
+        cs = await create_device(env, "d1")
+        se = int(sas_clock()) + 3600
+        first = await Channel.open(env, cs, se=se)
+        svc = service(env)
+        opened: dict[str, AnyStream] = {}
+
+        async def open_one(which: str) -> None:
+            opened[which] = await svc.open_stream("d1", "echo", mode="raw", response_timeout=5)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_one, "first")
+            sent = await first.next_message()  # the hub sent it; not answered yet
+            assert isinstance(sent, control.StreamRequest)
+            second = await Channel.open(env, cs, se=se)
+            nursery.start_soon(open_one, "second")
+            device_side = await second.accept(env)  # the new request went to the new channel
+            # The first channel answers its own request, and the hub then closes it.
+            await first.ws.send_text(first.machine.send(sent.accept()))
+            answered_at = trio.current_time()
+            messages, closed, closed_at = await first.until_closed()
+        assert sorted(opened) == ["first", "second"]
+        assert closed.reason.startswith("404103 ")
+        assert [m.code for m in messages if isinstance(m, control.ErrorMessage)] == [404103]
+        assert closed_at - answered_at < 0.01
+        # The second channel serves on.
+        await opened["second"].send_all(b"on")
+        assert await read_exactly(device_side, 2) == b"on"  # type: ignore[arg-type]
+
+
+async def test_a_replaced_channel_whose_request_goes_unanswered_is_closed_at_its_deadline(
+    env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.fail_after(60):
+        cs = await create_device(env, "d1")
+        se = int(sas_clock()) + 3600
+        first = await Channel.open(env, cs, se=se)
+        svc = service(env)
+        async with trio.open_nursery() as nursery:
+
+            async def unanswered() -> None:
+                with pytest.raises(DeviceResponseTimeout):
+                    await svc.open_stream("d1", "echo", mode="raw", response_timeout=5)
+
+            start = trio.current_time()
+            nursery.start_soon(unanswered)
+            assert isinstance(await first.next_message(), control.StreamRequest)
+            await Channel.open(env, cs, se=se)
+            _, closed, closed_at = await first.until_closed()
+        assert closed.reason.startswith("404103 ")
+        assert 5 <= closed_at - start < 5.01
 
 
 # -- keys rotated, device disabled or deleted ---------------------------------------------------

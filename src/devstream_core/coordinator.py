@@ -17,15 +17,19 @@ clock. Every input takes ``now``; every output is an event or a deadline
 Rules:
 
 * One control channel per device. A device that registers on a second connection replaces the
-  first: :class:`DeviceReplaced` tells the caller to close the old one, whose pending requests
-  fail with ``DEVICE_NOT_ONLINE``.
+  first: new requests go to the new one at once. Requests already sent on the old one stay
+  answerable there until they are answered or time out (a device renewing its credential
+  answers them while its new channel registers); then :class:`DeviceReplaced` tells the caller
+  to close the old one (at once, if nothing was pending on it). Should the old one end or its
+  credential expire first, its pending requests fail with ``DEVICE_NOT_ONLINE``.
 * Every :meth:`~Coordinator.initiate` is answered by exactly one of :class:`InitiationAccepted`,
   :class:`InitiationRejected` or :class:`InitiationFailed`, carrying the request id it was
   given (immediately, or later from a response, a disconnect, a replacement or a timeout).
 * A request never outlives its deadline once :meth:`~Coordinator.advance` has passed it; at
   ``now == deadline`` it has timed out, and a response arriving then is ignored.
 * A device has at most ``max_pending_per_device`` pending requests: one more fails at once with
-  ``THROTTLED``, and a message that names the limit. A request leaves the count when it is
+  ``THROTTLED``, and a message that names the limit (requests still pending on a replaced
+  channel count). A request leaves the count when it is
   answered, times out, fails with its connection, or is withdrawn by the caller
   (:meth:`~Coordinator.withdraw`: it could not be sent); the capacity is back at once.
 * A control channel whose credential expired is not online: from ``now >= expires_at`` no
@@ -174,6 +178,9 @@ class _Connection:
     names: frozenset[str] | tuple[str, ...]
     #: Request ids pending on this connection, in the order they were made.
     pending: dict[str, None] = field(default_factory=dict)
+    #: Replaced by another connection of its device: only its pending requests are left, and
+    #: it is closed (DeviceReplaced) once they are settled.
+    replaced: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -218,6 +225,8 @@ class Coordinator:
         self._connections: dict[int, _Connection] = {}
         self._online: dict[str, int] = {}
         self._pending: dict[str, _Pending] = {}
+        #: device id -> its pending requests, on all its connections (replaced ones included).
+        self._device_pending: dict[str, int] = {}
         #: (deadline, request number, request id); entries of answered requests are left in
         #: place and skipped when they surface.
         self._deadlines: list[tuple[float, int, str]] = []
@@ -238,9 +247,9 @@ class Coordinator:
         From ``now >= expires_at`` the connection is not online, and :meth:`advance` closes it
         (:class:`CredentialsExpired`); :meth:`next_deadline` includes the expiry (a credential
         already expired is closed by the next :meth:`advance`). The expiry is forgotten when
-        the connection ends or is replaced (:class:`DeviceReplaced`: the caller closes it
-        anyway). Returns ``[]``. A connection that registers without being opened here has no
-        expiry.
+        the connection ends or is closed as replaced (:class:`DeviceReplaced`: the caller
+        closes it anyway). Returns ``[]``. A connection that registers without being opened
+        here has no expiry.
         """
         _check_now(now)
         _check_text("device id", device_id)
@@ -261,11 +270,14 @@ class Coordinator:
         """Control connection ``connection_id`` of ``device_id`` registered ``names``.
 
         A re-register on the same connection replaces its names. If another connection of the
-        same device is registered, the new one replaces it: returns :class:`DeviceReplaced`
-        for the old connection followed by ``InitiationFailed(DEVICE_NOT_ONLINE)`` for each of
-        its pending requests, oldest first. A replaced connection is forgotten: if it registers
-        again it counts as a new connection (and replaces the current one), so the caller must
-        close it on :class:`DeviceReplaced`.
+        same device is registered, the new one replaces it: new requests go to the new one.
+        The old one keeps its pending requests, which it may still answer
+        (:meth:`device_responded`) until they time out; once none is left, it is forgotten and
+        :class:`DeviceReplaced` tells the caller to close it. That is returned here when
+        nothing was pending on it, else by the :meth:`device_responded` or :meth:`advance`
+        that settles its last request. A replaced connection that registers again before
+        then takes the device back (and replaces the current one in turn); one registering
+        after it was forgotten counts as a new connection.
         """
         _check_now(now)
         _check_text("device id", device_id)
@@ -284,21 +296,26 @@ class Coordinator:
             if existing.device_id != device_id:
                 raise _argument_invalid("a connection cannot register as another device")
             existing.names = kept
-            return []
+            if not existing.replaced:
+                return []
+            existing.replaced = False
+        else:
+            self._connections[connection_id] = _Connection(device_id=device_id, names=kept)
         events: list[CoordinatorEvent] = []
         old_id = self._online.get(device_id)
-        if old_id is not None:
-            events.append(DeviceReplaced(device_id=device_id, connection_id=old_id))
-            events.extend(self._drop_connection(old_id))
-        self._connections[connection_id] = _Connection(device_id=device_id, names=kept)
         self._online[device_id] = connection_id
+        if old_id is not None:
+            old = self._connections[old_id]
+            old.replaced = True
+            events.extend(self._close_if_drained(old_id))
         return events
 
     def device_disconnected(self, *, connection_id: int, now: float) -> list[CoordinatorEvent]:
         """Control connection ``connection_id`` ended.
 
-        Its pending requests fail with ``DEVICE_NOT_ONLINE``, oldest first. Connections that
-        never registered, or were replaced, are ignored.
+        Its pending requests fail with ``DEVICE_NOT_ONLINE``, oldest first (a replaced
+        connection's too). Connections that never registered, or were replaced and closed
+        (:class:`DeviceReplaced`), are ignored.
         """
         _check_now(now)
         self._credentials.pop(connection_id, None)
@@ -314,8 +331,18 @@ class Coordinator:
         events: list[CoordinatorEvent] = []
         for request_id in connection.pending:
             pending = self._pending.pop(request_id)
+            self._count(pending.device_id, -1)
             events.append(self._failed(pending, ErrorCode.DEVICE_NOT_ONLINE))
         return events
+
+    def _close_if_drained(self, connection_id: int) -> list[CoordinatorEvent]:
+        """A replaced connection with nothing pending is forgotten, and closed."""
+        connection = self._connections.get(connection_id)
+        if connection is None or not connection.replaced or connection.pending:
+            return []
+        del self._connections[connection_id]
+        self._credentials.pop(connection_id, None)
+        return [DeviceReplaced(device_id=connection.device_id, connection_id=connection_id)]
 
     def device_responded(
         self, *, connection_id: int, request_id: str, accepted: bool, reason: str, now: float
@@ -323,26 +350,25 @@ class Coordinator:
         """The device on ``connection_id`` answered request ``request_id``.
 
         Returns :class:`InitiationAccepted`, or :class:`InitiationRejected` with
-        ``STREAM_REJECTED`` and the device's ``reason``. An answer to an unknown, answered or
-        timed-out request (``now >= deadline``), or from another connection, returns ``[]``:
-        late answers are normal.
+        ``STREAM_REJECTED`` and the device's ``reason``; followed by :class:`DeviceReplaced`
+        when it was the last request pending on a replaced connection. An answer to an
+        unknown, answered or timed-out request (``now >= deadline``), or from another
+        connection, returns ``[]``: late answers are normal.
         """
         _check_now(now)
         pending = self._pending.get(request_id)
         if pending is None or pending.connection_id != connection_id or now >= pending.deadline:
             return []
-        self._remove(pending)
+        answer: CoordinatorEvent
         if accepted:
-            return [
-                InitiationAccepted(
-                    request_id=pending.request_id,
-                    stream_id=pending.stream_id,
-                    device_id=pending.device_id,
-                    name=pending.name,
-                )
-            ]
-        return [
-            InitiationRejected(
+            answer = InitiationAccepted(
+                request_id=pending.request_id,
+                stream_id=pending.stream_id,
+                device_id=pending.device_id,
+                name=pending.name,
+            )
+        else:
+            answer = InitiationRejected(
                 request_id=pending.request_id,
                 stream_id=pending.stream_id,
                 device_id=pending.device_id,
@@ -350,7 +376,7 @@ class Coordinator:
                 code=ErrorCode.STREAM_REJECTED,
                 reason=reason,
             )
-        ]
+        return [answer, *self._remove(pending)]
 
     # -- service side ----------------------------------------------------------------------
 
@@ -422,7 +448,8 @@ class Coordinator:
                     reason=code.message,
                 )
             ]
-        if len(connection.pending) >= self._max_pending:
+        waiting = self._device_pending.get(device_id, 0)
+        if waiting >= self._max_pending:
             return [
                 InitiationFailed(
                     request_id=request_id,
@@ -430,7 +457,7 @@ class Coordinator:
                     device_id=device_id,
                     name=name,
                     code=ErrorCode.THROTTLED,
-                    message=f"device {device_id!r} has {len(connection.pending)} stream requests "
+                    message=f"device {device_id!r} has {waiting} stream requests "
                     "waiting for its answer, the most the hub allows; try again later",
                 )
             ]
@@ -445,6 +472,7 @@ class Coordinator:
         )
         self._pending[request_id] = pending
         connection.pending[request_id] = None
+        self._count(device_id, 1)
         heapq.heappush(self._deadlines, (deadline, number, request_id))
         self._compact()
         return [
@@ -458,14 +486,16 @@ class Coordinator:
             )
         ]
 
-    def withdraw(self, *, request_id: str, now: float) -> None:
+    def withdraw(self, *, request_id: str, now: float) -> list[CoordinatorEvent]:
         """The caller could not send request ``request_id`` (say, the bridge refused its
         stream): forget it, and answer the service itself. Its device's capacity is back at
-        once. An unknown or settled request is ignored."""
+        once. An unknown or settled request is ignored. Returns :class:`DeviceReplaced` if it
+        was the last request pending on a replaced connection, else ``[]``."""
         _check_now(now)
         pending = self._pending.get(request_id)
-        if pending is not None:
-            self._remove(pending)
+        if pending is None:
+            return []
+        return self._remove(pending)
 
     # -- time ------------------------------------------------------------------------------
 
@@ -483,7 +513,9 @@ class Coordinator:
         An expired connection gives :class:`CredentialsExpired`, followed by
         ``InitiationFailed(DEVICE_NOT_ONLINE)`` for each of its pending requests, oldest first.
         Then each request past its deadline gives ``InitiationFailed(DEVICE_RESPONSE_TIMEOUT)``
-        followed by :class:`ForgetRequest` for its control connection, earliest deadline first.
+        followed by :class:`ForgetRequest` for its control connection (and by
+        :class:`DeviceReplaced` if it was the last pending on a replaced connection), earliest
+        deadline first.
         """
         _check_now(now)
         events: list[CoordinatorEvent] = []
@@ -502,9 +534,10 @@ class Coordinator:
             pending = self._pending.get(request_id)
             if pending is None:
                 continue
-            self._remove(pending)
+            drained = self._remove(pending)
             events.append(self._failed(pending, ErrorCode.DEVICE_RESPONSE_TIMEOUT))
             events.append(ForgetRequest(connection_id=pending.connection_id, request_id=request_id))
+            events.extend(drained)
         return events
 
     # -- queries ---------------------------------------------------------------------------
@@ -539,11 +572,22 @@ class Coordinator:
             code=code,
         )
 
-    def _remove(self, pending: _Pending) -> None:
+    def _remove(self, pending: _Pending) -> list[CoordinatorEvent]:
+        """Settle a pending request; returns DeviceReplaced if that drained its connection."""
         del self._pending[pending.request_id]
+        self._count(pending.device_id, -1)
         connection = self._connections.get(pending.connection_id)
-        if connection is not None:
-            connection.pending.pop(pending.request_id, None)
+        if connection is None:
+            return []
+        connection.pending.pop(pending.request_id, None)
+        return self._close_if_drained(pending.connection_id)
+
+    def _count(self, device_id: str, delta: int) -> None:
+        left = self._device_pending.get(device_id, 0) + delta
+        if left:
+            self._device_pending[device_id] = left
+        else:
+            del self._device_pending[device_id]
 
     def _credential_holds(self, connection_id: int, now: float) -> bool:
         expires_at = self._credentials.get(connection_id)

@@ -19,9 +19,12 @@
 * A request for a name with no handler is rejected with a reason the service can read.
 * The control channel's SAS token lives ``sas_lifetime`` seconds (an hour); at 85 % of that
   (:func:`~devstream_core.credentials.sas_renewal_time`) the device opens a new channel with
-  a fresh token while the old one still takes requests, then closes the old one and
-  registers on the new one, well before the hub would close the old one at the expiry.
-  Streams run in their own tasks, outside any one channel's: they carry on across it.
+  a fresh token and registers on it while the old one still takes requests. From then the
+  hub sends new requests to the new channel; the old one answers those the hub sent it
+  before, until the hub closes it (at most ``ping_timeout`` later, then the device closes it),
+  and the device goes on on the new one: no request is lost to the hand-over, well before
+  the hub would close the old one at the expiry. Streams run in their own tasks, outside any
+  one channel's: they carry on across it.
 * The hub refusing the device itself (wrong key, unknown or disabled device) is not retried:
   ``serve`` raises the matching exception (``Unauthorized``, ``DeviceNotFound``,
   ``DeviceDisabled``). A channel the hub closes with 401002 once open (an expired token, a
@@ -83,16 +86,39 @@ class _SessionLost(Exception):
 
 @dataclasses.dataclass
 class _Channel:
-    """A control channel just opened (handshake done, nothing registered yet)."""
+    """A control channel just opened (handshake done), registered or not yet."""
 
     ws: WebSocket
     #: When to renew its token, on the trio clock.
     renew_at: float
+    #: Its control machine once it has registered (the renewal does that), else None.
+    machine: control.DeviceControl | None = None
+
+
+@dataclasses.dataclass
+class _Handover:
+    """A channel's renewal, as its keepalive goes about it."""
+
+    #: The keepalive is opening and registering the successor.
+    started: bool = False
+    #: Set when that is done: ``successor`` is the registered channel, or None if it failed.
+    settled: trio.Event = dataclasses.field(default_factory=trio.Event)
+    successor: _Channel | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Serving:
+    """What a control channel serves: the handlers, the streams' nursery, the ready call."""
+
+    handlers: Mapping[str, Handler]
+    streams: trio.Nursery
+    ready: Callable[[], None]
 
 
 class _Renewal(Exception):
     """The control channel's SAS token is due for renewal: go on with *successor*, a channel
-    already opened with a fresh token (or, if that failed, open one the usual way)."""
+    already opened with a fresh token and registered (or, if that failed, open one the usual
+    way)."""
 
     def __init__(self, successor: _Channel | None) -> None:
         super().__init__("SAS token renewal")
@@ -241,28 +267,50 @@ class DeviceClient:
         if channel is None:
             channel = await self._open_channel()
         ws = channel.ws
-        machine = control.DeviceControl()
-        # Filled by the keepalive when the token is due: the successor channel, or None.
-        renewal: list[_Channel | None] = []
+        machine = channel.machine
+        if machine is not None:
+            self.online = True  # registered by the renewal that opened it
+        serving = _Serving(handlers, streams, ready)
+        handover = _Handover()
         try:
             # The reader's error leaves the nursery by hand (trio would wrap it in a group).
             failure: ConnectionClosed | DevstreamError | None = None
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    self._keepalive, ws, nursery.cancel_scope, channel.renew_at, renewal
-                )
-                try:
-                    await ws.send_text(machine.send(control.Register(names=tuple(handlers))))
-                    await self._read_loop(ws, machine, handlers, streams, ready)
-                except (ConnectionClosed, DevstreamError) as exc:
-                    failure = exc
-                    nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(
+                        self._keepalive,
+                        ws,
+                        nursery.cancel_scope,
+                        channel.renew_at,
+                        handover,
+                        serving,
+                    )
+                    try:
+                        if machine is None:
+                            machine = control.DeviceControl()
+                            await ws.send_text(
+                                machine.send(control.Register(names=tuple(handlers)))
+                            )
+                        await self._read_loop(ws, machine, serving)
+                    except (ConnectionClosed, DevstreamError) as exc:
+                        failure = exc
+                        if handover.started:
+                            # The hub closes this channel once the successor's Register
+                            # reached it, maybe before the successor hears back: let that
+                            # finish.
+                            await handover.settled.wait()
+                        nursery.cancel_scope.cancel()
+            except BaseException:
+                # Cancelled from outside: the successor goes too.
+                if handover.successor is not None:
+                    await handover.successor.ws.abort()
+                raise
+            if handover.successor is not None:
+                raise _Renewal(handover.successor)
             if failure is not None:
-                if renewal and renewal[0] is not None:
-                    await renewal[0].ws.abort()
                 raise failure
-            if renewal:
-                raise _Renewal(renewal[0])
+            if handover.settled.is_set():
+                raise _Renewal(None)
             raise _SessionLost("no answer to keepalive pings")
         except ConnectionClosed as exc:
             code, message = parse_close_reason(exc.reason)
@@ -285,12 +333,7 @@ class DeviceClient:
             await ws.abort()
 
     async def _read_loop(
-        self,
-        ws: WebSocket,
-        machine: control.DeviceControl,
-        handlers: Mapping[str, Handler],
-        streams: trio.Nursery,
-        ready: Callable[[], None],
+        self, ws: WebSocket, machine: control.DeviceControl, serving: _Serving
     ) -> None:
         while True:
             event = await ws.receive()
@@ -300,62 +343,73 @@ class DeviceClient:
                 frame_finished=event.frame_finished,
             )
             for message in messages:
-                if isinstance(message, control.Registered):
-                    self.online = True
-                    self.connections += 1
-                    log.info("device %r online, serving %s", self.device_id, list(message.names))
-                    ready()
-                elif isinstance(message, control.StreamRequest):
-                    handler = handlers.get(message.name) or handlers.get("*")
-                    if handler is None:
-                        await ws.send_text(
-                            machine.send(
-                                control.StreamResponse(
-                                    request_id=message.request_id,
-                                    accepted=False,
-                                    reason=f"no handler for stream name {message.name!r}",
-                                )
-                            )
-                        )
-                        continue
-                    await ws.send_text(
-                        machine.send(
-                            control.StreamResponse(request_id=message.request_id, accepted=True)
+                await self._handle(ws, machine, message, serving)
+
+    async def _handle(
+        self,
+        ws: WebSocket,
+        machine: control.DeviceControl,
+        message: control.ControlMessage,
+        serving: _Serving,
+    ) -> None:
+        """Act on one message from the hub on control channel *ws*."""
+        if isinstance(message, control.Registered):
+            self.online = True
+            self.connections += 1
+            log.info("device %r online, serving %s", self.device_id, list(message.names))
+            serving.ready()
+        elif isinstance(message, control.StreamRequest):
+            handler = serving.handlers.get(message.name) or serving.handlers.get("*")
+            if handler is None:
+                await ws.send_text(
+                    machine.send(
+                        control.StreamResponse(
+                            request_id=message.request_id,
+                            accepted=False,
+                            reason=f"no handler for stream name {message.name!r}",
                         )
                     )
-                    streams.start_soon(self._run_stream, message, handler, streams)
-                elif isinstance(message, control.ErrorMessage):
-                    log.warning(
-                        "device %r: hub reports error %s: %s",
-                        self.device_id,
-                        message.code,
-                        message.message,
-                    )
+                )
+                return
+            await ws.send_text(
+                machine.send(control.StreamResponse(request_id=message.request_id, accepted=True))
+            )
+            serving.streams.start_soon(self._run_stream, message, handler, serving.streams)
+        elif isinstance(message, control.ErrorMessage):
+            # DEVICE_NOT_ONLINE is how the hub ends a channel this device replaced.
+            level = logging.INFO if message.code == ErrorCode.DEVICE_NOT_ONLINE else logging.WARNING
+            log.log(
+                level,
+                "device %r: hub reports error %s: %s",
+                self.device_id,
+                message.code,
+                message.message,
+            )
 
     async def _keepalive(
         self,
         ws: WebSocket,
         scope: trio.CancelScope,
         renew_at: float,
-        renewal: list[_Channel | None],
+        handover: _Handover,
+        serving: _Serving,
     ) -> None:
         # Ping every ping_interval; give up the moment the hub has been silent for
         # ping_interval + ping_timeout (not at the next ping, which could be later). At
-        # renew_at, open the next channel with a fresh token while this one still serves
-        # requests, then end this one (renewal holds the next, or None if it failed).
+        # renew_at, open the next channel with a fresh token and register on it while this
+        # one still serves requests; then this one answers what the hub had sent it until
+        # the hub closes it, for at most ping_timeout.
         next_ping = trio.current_time() + self.ping_interval
         while True:
             give_up_at = ws.last_received + self.ping_interval + self.ping_timeout
             await trio.sleep_until(min(next_ping, give_up_at, renew_at))
             now = trio.current_time()
             if now >= renew_at:
-                try:
-                    successor: _Channel | None = await self._open_channel()
-                except (DevstreamError, OSError) as exc:
-                    # The serve loop opens one the usual way, and reports what goes wrong.
-                    log.info("device %r: cannot open a new channel yet: %s", self.device_id, exc)
-                    successor = None
-                renewal.append(successor)
+                handover.started = True
+                handover.successor = await self._register_successor(serving)
+                handover.settled.set()
+                if handover.successor is not None:
+                    await trio.sleep(self.ping_timeout)
                 scope.cancel()
                 return
             if now >= ws.last_received + self.ping_interval + self.ping_timeout:
@@ -367,6 +421,40 @@ class DeviceClient:
                     await ws.ping()
                 except ConnectionClosed:
                     return
+
+    async def _register_successor(self, serving: _Serving) -> _Channel | None:
+        """Open a channel with a fresh token and register on it; None if that fails (the
+        serve loop then opens one the usual way, and reports what goes wrong)."""
+        try:
+            channel = await self._open_channel()
+        except (DevstreamError, OSError) as exc:
+            log.info("device %r: cannot open a new channel yet: %s", self.device_id, exc)
+            return None
+        ws = channel.ws
+        machine = control.DeviceControl()
+        registered = False
+        try:
+            with trio.move_on_after(self.ping_timeout):
+                await ws.send_text(machine.send(control.Register(names=tuple(serving.handlers))))
+                while not registered:
+                    event = await ws.receive()
+                    for message in machine.receive(
+                        payload(event),
+                        message_finished=event.message_finished,
+                        frame_finished=event.frame_finished,
+                    ):
+                        registered = registered or isinstance(message, control.Registered)
+                        await self._handle(ws, machine, message, serving)
+        except (ConnectionClosed, DevstreamError) as exc:
+            log.info("device %r: cannot register on a new channel yet: %s", self.device_id, exc)
+        except BaseException:
+            await ws.abort()
+            raise
+        if not registered:
+            await ws.abort()
+            return None
+        channel.machine = machine
+        return channel
 
     def _options_for(self, request: control.StreamRequest) -> StreamOptions:
         """This device's stream options, with the window the service chose for the stream."""

@@ -865,7 +865,7 @@ class Hub:
                         mode=mode,
                     )
                 except DevstreamError as exc:  # too many streams (THROTTLED)
-                    self.coordinator.withdraw(request_id=event.request_id, now=now)
+                    self._dispatch(self.coordinator.withdraw(request_id=event.request_id, now=now))
                     raise HttpError(exc.code, exc.message) from exc
                 self._wake()  # the stream's tokens expire: a deadline of the bridge's
                 outcome.request_id = event.request_id
