@@ -686,6 +686,12 @@ class Hub:
         reset with the same error at once.
         """
         self._device_changes[device_id] = self._device_changes.get(device_id, 0) + 1
+        self._check_device(device_id, device)
+
+    def _check_device(self, device_id: str, device: Device | None) -> None:
+        """Close each control channel of *device_id* that *device* (its registry record, None
+        when deleted) no longer lets in, and end the device's streams if it may no longer
+        connect at all."""
         now = self.wall_clock()
         resource = device_resource(self.host_name, device_id)
         for session in list(self._sessions.values()):
@@ -1002,7 +1008,7 @@ class Hub:
                         # checked, while the handshake went on: check again, now that a
                         # further change would find this channel.
                         device = await self.store.get_device(session.device_id)
-                        self._device_changed(session.device_id, device)
+                        self._check_device(session.device_id, device)
                     while True:
                         # No local keeps the last fragment or message alive while idle.
                         await self._control_fragment(session, await ws.receive())
