@@ -684,7 +684,9 @@ async def test_a_control_message_in_one_frame_and_many_reads_is_one_fragment(
         for start in range(0, len(wire), 32):
             await device.ws.stream.send_all(wire[start : start + 32])
             await trio.sleep(0.001)  # the hub takes each piece in a read of its own
+        sent_at = trio.current_time()
         assert await device.next_message() == control.Registered(names=("echo",))
+        assert trio.current_time() - sent_at < 0.01  # answered at once, not at a timeout
     await assert_serving(env)
 
 

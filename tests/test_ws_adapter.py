@@ -1321,10 +1321,14 @@ async def test_one_frame_in_many_small_reads_is_one_fragment(
             received.append(b"".join(parts))
 
     with trio.fail_after(60):
+        began = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(receive)
             for start in range(0, len(wire), 200):
                 await peer.stream.send_all(wire[start : start + 200])
                 await trio.sleep(0.001)  # the receiver takes each piece in a read of its own
+        # Received as the last piece came: no wait beyond the sender's own pauses.
+        pieces = -(-len(wire) // 200)
+        assert trio.current_time() - began < pieces * 0.001 + 0.01
     assert received == [data]
     assert await nothing_arrives(peer.stream)  # no close
