@@ -603,6 +603,23 @@ async def test_resume_after_many_drops_loses_nothing(
             assert all(tap.closed for tap in opener.stream_taps())
 
 
+async def request_then_answer(pair: Streams, request: bytes, answer: bytes) -> None:
+    """The service sends *request* (256 KiB at a time) and its EOF; the device reads it all,
+    checks it, and sends *answer* and its EOF; the service reads the answer."""
+
+    async def device() -> None:
+        assert sha(await read_all(pair.device)) == sha(request)
+        await pair.device.send_all(answer)
+        await pair.device.send_eof()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(device)
+        for start in range(0, len(request), 256 * 1024):
+            await pair.service.send_all(request[start : start + 256 * 1024])
+        await pair.service.send_eof()
+        assert await read_all(pair.service) == answer
+
+
 @pytest.mark.parametrize("young", [False, True])
 async def test_a_stream_cut_every_mebibyte_keeps_moving(
     hub_env: HubEnv, autojump_clock: trio.abc.Clock, young: bool
@@ -629,17 +646,7 @@ async def test_a_stream_cut_every_mebibyte_keeps_moving(
             opener.latest_stream().budget = first
         started = trio.current_time()
 
-        async def device() -> None:
-            assert sha(await read_all(pair.device)) == sha(request)
-            await pair.device.send_all(answer)
-            await pair.device.send_eof()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(device)
-            for start in range(0, len(request), 256 * 1024):
-                await pair.service.send_all(request[start : start + 256 * 1024])
-            await pair.service.send_eof()
-            assert await read_all(pair.service) == answer
+        await request_then_answer(pair, request, answer)
         took = trio.current_time() - started
         cuts = pair.service_opener.budget_cuts + pair.device_opener.budget_cuts
         assert pair.service_opener.budget_cuts < cap and pair.device_opener.budget_cuts < cap
@@ -669,17 +676,7 @@ async def test_a_connection_cut_on_the_hubs_side_only_is_noticed_at_once(
         tap.budget, tap.one_sided = 3 * mib // 4, True
         started = trio.current_time()
 
-        async def device() -> None:
-            assert sha(await read_all(pair.device)) == sha(request)
-            await pair.device.send_all(answer)
-            await pair.device.send_eof()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(device)
-            for start in range(0, len(request), 256 * 1024):
-                await pair.service.send_all(request[start : start + 256 * 1024])
-            await pair.service.send_eof()
-            assert await read_all(pair.service) == answer
+        await request_then_answer(pair, request, answer)
         took = trio.current_time() - started
         cuts = opener.budget_cuts
         assert 16 <= cuts < cap
