@@ -43,6 +43,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import trio
+from wsproto.events import BytesMessage, TextMessage
 
 from devstream_core import control
 from devstream_core.common import Role
@@ -337,12 +338,7 @@ class DeviceClient:
     ) -> None:
         while True:
             event = await ws.receive()
-            messages = machine.receive(
-                payload(event),
-                message_finished=event.message_finished,
-                frame_finished=event.frame_finished,
-            )
-            for message in messages:
+            for message in _messages(machine, event):
                 await self._handle(ws, machine, message, serving)
 
     async def _handle(
@@ -438,11 +434,7 @@ class DeviceClient:
                 await ws.send_text(machine.send(control.Register(names=tuple(serving.handlers))))
                 while not registered:
                     event = await ws.receive()
-                    for message in machine.receive(
-                        payload(event),
-                        message_finished=event.message_finished,
-                        frame_finished=event.frame_finished,
-                    ):
+                    for message in _messages(machine, event):
                         registered = registered or isinstance(message, control.Registered)
                         await self._handle(ws, machine, message, serving)
         except (ConnectionClosed, DevstreamError) as exc:
@@ -506,6 +498,17 @@ class DeviceClient:
         finally:
             await stream.aclose()
             log.debug("device %r: stream %s closed", self.device_id, stream.stream_id)
+
+
+def _messages(
+    machine: control.DeviceControl, event: BytesMessage | TextMessage
+) -> list[control.ControlMessage]:
+    """The control messages that the received fragment *event* completes."""
+    return machine.receive(
+        payload(event),
+        message_finished=event.message_finished,
+        frame_finished=event.frame_finished,
+    )
 
 
 @asynccontextmanager
