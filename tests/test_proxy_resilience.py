@@ -13,7 +13,8 @@ servers and clients) at both ends:
 * a relay in front of each side resets a connection (TCP RST) every time it has carried
   another MiB, at independent points: a 32 MiB transfer and the answer after its EOF arrive
   intact, in a few seconds; also when the relays reset only the socket they read the cut
-  byte from, so that the other end of the connection hears nothing more.
+  byte from, so that the other end of the connection hears nothing more; and 16 MiB each
+  way at once, with both windows full, through the same relays.
 
 Test rules: loopback only; port 0 everywhere except the restarted hub, which needs the same
 port twice (a just-released one); every test body runs under ``trio.fail_after`` and waits on
@@ -385,6 +386,60 @@ async def test_a_proxied_transfer_survives_cut_websockets(cut_side: str) -> None
 # -- connections reset every MiB on both sides -------------------------------------------------
 
 
+@dataclass
+class CutProxies:
+    """Both proxies, each of their clients behind a relay that resets a connection every MiB."""
+
+    port: int
+    service: RecordingService
+    device: RecordingDevice
+    relays: tuple[CuttingRelay, CuttingRelay]
+
+    def streams(self) -> tuple[FramedStream, FramedStream]:
+        (service_stream,) = self.service.streams
+        (device_stream,) = self.device.streams
+        assert isinstance(service_stream, FramedStream)
+        assert isinstance(device_stream, FramedStream)
+        return service_stream, device_stream
+
+
+@asynccontextmanager
+async def proxies_cut_every_mebibyte(
+    sink: Callable[[trio.SocketStream], Any], *, one_sided: bool
+) -> AsyncIterator[CutProxies]:
+    """A hub, the two proxies and *sink* behind the device proxy; a relay in front of each
+    client resets a connection every time it has carried another MiB, at independent points.
+
+    The clients ping only every 1000 s, so a side that waited for its ping would never finish
+    within a test's limit."""
+    options = StreamOptions(ping_interval=1000, ping_timeout=1000)
+    async with running_hub(None) as (hub, owner), trio.open_nursery() as nursery:
+        assert hub.listen_address is not None
+        hub_port = hub.listen_address[1]
+        service_relay = CuttingRelay(hub_port, every=MIB, first=MIB // 2, one_sided=one_sided)
+        device_relay = CuttingRelay(hub_port, every=MIB, first=MIB, one_sided=one_sided)
+        for relay in (service_relay, device_relay):
+            await nursery.start(relay.run)
+        cs = policy_cs(hub.host_name, owner)
+        admin = ServiceClient(cs)
+        device_cs = admin.device_connection_string(await admin.create_device(DEVICE_ID))
+        service = RecordingService(
+            cs, nursery=nursery, opener=service_relay.open, stream_options=options
+        )
+        device = RecordingDevice(
+            device_cs,
+            backoff_min=0.05,
+            backoff_max=0.5,
+            opener=device_relay.open,
+            stream_options=options,
+        )
+        sink_port = await start_tcp_server(nursery, sink)
+        await start_device_proxy(nursery, device, sink_port)
+        proxy_port = await start_service_proxy(nursery, service)
+        yield CutProxies(proxy_port, service, device, (service_relay, device_relay))
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("one_sided", [False, True], ids=["both_ends", "one_end"])
 async def test_a_proxied_transfer_survives_a_reset_every_mebibyte_on_both_sides(
     one_sided: bool,
@@ -396,42 +451,47 @@ async def test_a_proxied_transfer_survives_a_reset_every_mebibyte_on_both_sides(
 
     *one_sided*: each relay resets only the socket it read the cut byte from (the hub's end,
     for the device reading the bulk): the hub holds the stream at once, and the client's end
-    stays open and silent until the client sends something. The clients ping only every
-    1000 s here, so a side that waited for its ping would never finish within the limit; the
-    message cut off half-way makes it ping at once (FramedStream's STALL_PROBE)."""
+    stays open and silent until the client sends something. The message cut off half-way
+    makes it ping at once (FramedStream's STALL_PROBE)."""
     size = 32 * MIB
-    options = StreamOptions(ping_interval=1000, ping_timeout=1000)
     with trio.fail_after(30):
-        async with running_hub(None) as (hub, owner), trio.open_nursery() as nursery:
-            assert hub.listen_address is not None
-            hub_port = hub.listen_address[1]
-            service_relay = CuttingRelay(hub_port, every=MIB, first=MIB // 2, one_sided=one_sided)
-            device_relay = CuttingRelay(hub_port, every=MIB, first=MIB, one_sided=one_sided)
-            for relay in (service_relay, device_relay):
-                await nursery.start(relay.run)
-            cs = policy_cs(hub.host_name, owner)
-            admin = ServiceClient(cs)
-            device_cs = admin.device_connection_string(await admin.create_device(DEVICE_ID))
-            service = RecordingService(
-                cs, nursery=nursery, opener=service_relay.open, stream_options=options
-            )
-            device = RecordingDevice(
-                device_cs,
-                backoff_min=0.05,
-                backoff_max=0.5,
-                opener=device_relay.open,
-                stream_options=options,
-            )
-            sink_port = await start_tcp_server(nursery, digest_reply_sink)
-            await start_device_proxy(nursery, device, sink_port)
-            proxy_port = await start_service_proxy(nursery, service)
+        async with proxies_cut_every_mebibyte(digest_reply_sink, one_sided=one_sided) as cut:
+            await transfer(cut.port, size)
 
-            await transfer(proxy_port, size)
-
+            service_relay, device_relay = cut.relays
             assert service_relay.cuts >= 32 and device_relay.cuts >= 32
-            (service_stream,) = service.streams
-            (device_stream,) = device.streams
-            assert isinstance(service_stream, FramedStream)
-            assert isinstance(device_stream, FramedStream)
+            service_stream, device_stream = cut.streams()
             assert service_stream.resumes >= 16 and device_stream.resumes >= 16
-            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("one_sided", [False, True], ids=["both_ends", "one_end"])
+async def test_a_proxied_exchange_both_ways_survives_a_reset_every_mebibyte_on_both_sides(
+    one_sided: bool,
+) -> None:
+    """16 MiB each way at once, both windows full, through the same cutting relays: every
+    connection carries both directions' resent messages, and both still get through intact.
+    """
+    size = 16 * MIB
+    up, down = os.urandom(size), os.urandom(size)
+    at_client, at_sink = Received(), Received()
+    sink_done = trio.Event()
+
+    async def sink(tcp: trio.SocketStream) -> None:
+        await exchange(tcp, down, at_sink)
+        sink_done.set()
+
+    with trio.fail_after(30):
+        async with proxies_cut_every_mebibyte(sink, one_sided=one_sided) as cut:
+            client = await trio.open_tcp_stream("127.0.0.1", cut.port)
+            await exchange(client, up, at_client)
+            await sink_done.wait()
+
+            assert (at_sink.end, at_sink.size) == ("eof", size)
+            assert at_sink.digest.digest() == hashlib.sha256(up).digest()
+            assert (at_client.end, at_client.size) == ("eof", size)
+            assert at_client.digest.digest() == hashlib.sha256(down).digest()
+            service_relay, device_relay = cut.relays
+            # Both directions pass through both relays: 32 MiB each at the least.
+            assert service_relay.cuts >= 32 and device_relay.cuts >= 32
+            service_stream, device_stream = cut.streams()
+            assert service_stream.resumes >= 16 and device_stream.resumes >= 16
