@@ -54,6 +54,7 @@ class Device:
     messages: list[control.ControlMessage] = field(default_factory=list)
     closed_at: float | None = None
     close_code: int | None = None
+    close_reason: str | None = None
     closed: trio.Event = field(default_factory=trio.Event)
 
     async def send(self, message: control.ControlMessage) -> None:
@@ -70,6 +71,7 @@ class Device:
         except ConnectionClosed as exc:
             self.closed_at = trio.current_time()
             self.close_code = exc.code
+            self.close_reason = exc.reason
             self.closed.set()
 
 
@@ -119,9 +121,11 @@ async def test_a_silent_device_is_dropped_when_its_idle_time_runs_out(
         assert hub_env.hub.coordinator.is_online("d1")
         await device.closed.wait()
     assert device.closed_at == pytest.approx(heard_at + IDLE)
-    # A plain close, as before: an idle channel is no protocol error.
-    assert device.close_code == 1000
-    assert device.messages == []
+    # The hub says why, in an Error message and in the close: 4408, 408902.
+    assert device.close_code == ErrorCode.CONNECTION_IDLE.close_code == 4408
+    assert device.close_reason is not None
+    assert device.close_reason.startswith("408902 ")
+    assert [m.code for m in device.messages if isinstance(m, control.ErrorMessage)] == [408902]
     assert not hub_env.hub.coordinator.is_online("d1")
 
 
@@ -140,7 +144,7 @@ async def test_pings_alone_keep_a_device_and_its_last_ping_starts_the_clock(
         assert hub_env.hub.coordinator.is_online("d1")
         await device.closed.wait()
     assert device.closed_at == pytest.approx(last_ping + IDLE)
-    assert device.close_code == 1000
+    assert device.close_code == ErrorCode.CONNECTION_IDLE.close_code
 
 
 async def test_a_control_message_moves_the_deadline(
@@ -156,7 +160,7 @@ async def test_a_control_message_moves_the_deadline(
         hub_env.nursery.start_soon(device.read_until_closed)
         await device.closed.wait()
     assert device.closed_at == pytest.approx(heard_at + IDLE)
-    assert device.close_code == 1000
+    assert device.close_code == ErrorCode.CONNECTION_IDLE.close_code
 
 
 async def test_every_channel_keeps_its_own_deadline(
@@ -210,7 +214,7 @@ async def test_channels_that_came_and_went_leave_a_later_one_watched(
         assert len(hub._idle_checks) <= 2 * len(hub._sessions) + 65
         await watched.closed.wait()
     assert watched.closed_at == pytest.approx(heard_at + IDLE)
-    assert watched.close_code == 1000
+    assert watched.close_code == ErrorCode.CONNECTION_IDLE.close_code
 
 
 # -- what else ends a channel ----------------------------------------------------------------
@@ -232,7 +236,7 @@ async def test_a_replaced_channel_gets_its_error_and_the_new_one_its_own_deadlin
         assert hub_env.hub.coordinator.is_online("d1")
         await second.closed.wait()
     assert second.closed_at == pytest.approx(heard_at + IDLE)
-    assert second.close_code == 1000
+    assert second.close_code == ErrorCode.CONNECTION_IDLE.close_code
     assert not hub_env.hub.coordinator.is_online("d1")
 
 

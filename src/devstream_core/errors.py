@@ -78,6 +78,8 @@ class ErrorCode(enum.IntEnum):
     METHOD_NOT_ALLOWED = 405901
     #: The client took too long to send its request headers.
     REQUEST_TIMEOUT = 408901
+    #: A connection (a control channel) sent no message and no ping for its idle time.
+    CONNECTION_IDLE = 408902
     #: The device id is already registered (Azure ``DeviceAlreadyExists``).
     DEVICE_ALREADY_EXISTS = 409001
     #: Another hub holds the data folder's lock (``devstream hub`` refuses to start).
@@ -151,6 +153,7 @@ MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.METHOD_NOT_ALLOWED: "method not allowed",
     ErrorCode.STREAM_RESET: "the stream was reset by the other side",
     ErrorCode.REQUEST_TIMEOUT: "request headers not received in time",
+    ErrorCode.CONNECTION_IDLE: "no message or ping received in time",
     ErrorCode.DEVICE_ALREADY_EXISTS: "device already exists",
     ErrorCode.DATA_FOLDER_IN_USE: "the data folder is in use by another hub",
     ErrorCode.PRECONDITION_FAILED: "If-Match does not match the current etag",

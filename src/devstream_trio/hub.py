@@ -1063,7 +1063,9 @@ class Hub:
             due = session.ws.last_received + timeout
             if now >= due:
                 log.info("control channel %d idle; dropping it", connection_id)
-                session.cancel_scope.cancel()
+                session.close(
+                    ErrorCode.CONNECTION_IDLE, f"no message or ping for {timeout:g} s; closing"
+                )
             else:
                 self._idle_checks.push(due, connection_id, self._sessions)
 
