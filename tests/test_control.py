@@ -25,9 +25,16 @@ from devstream_core.control import (
     HUB_SEND_TRANSITIONS,
     MAX_CONTROL_MESSAGE_FRAGMENTS,
     MAX_CONTROL_MESSAGE_SIZE,
+    MAX_ERROR_MESSAGE_LENGTH,
     MAX_FORGOTTEN_REQUESTS,
     MAX_OUTSTANDING_REQUESTS,
     MAX_PENDING_REQUESTS,
+    MAX_REASON_LENGTH,
+    MAX_REGISTERED_NAMES,
+    MAX_REQUEST_ID_LENGTH,
+    MAX_TOKEN_LENGTH,
+    MAX_URL_LENGTH,
+    MAX_WINDOW,
     MODE_FRAMED,
     ControlMessage,
     ControlState,
@@ -918,3 +925,65 @@ def test_fuzz_control_main_fallback(capsys: pytest.CaptureFixture[str]) -> None:
     fuzz = load_fuzz_module("fuzz_control")
     assert fuzz.main(["--fallback", "--iterations", "50", "--seed", "3"]) == 0
     assert "ok:" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# Edges of the codec and the machines
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_stream_requests_window_round_trips_and_is_checked() -> None:
+    request = StreamRequest(
+        request_id="r1", name="ssh", url="wss://h/b", token="t", mode=MODE_FRAMED, window=4096
+    )
+    text = encode_message(request)
+    assert json.loads(text)["window"] == 4096
+    assert decode_message(text) == request
+    for window in (1023, 64 * 1024 * 1024 + 1, 4096.0, True):
+        with pytest.raises(LocalProtocolError) as info:
+            StreamRequest(request_id="r", name="ssh", url="wss://h", token="t", window=window)  # type: ignore[arg-type]
+        assert info.value.code is ErrorCode.PROTOCOL_ERROR
+        assert "window" in info.value.message
+
+
+def test_the_largest_message_of_each_type_fits_the_message_limit() -> None:
+    """The field limits keep every message under MAX_CONTROL_MESSAGE_SIZE, with the widest
+    characters (4 bytes of UTF-8) and the widest escapes (6 bytes) JSON allows."""
+    widest = ["\U0001f600", "\x01"]
+    longest: list[ControlMessage] = [
+        Register(names=tuple(f"{i:02d}" + "n" * 62 for i in range(MAX_REGISTERED_NAMES))),
+        Registered(names=tuple(f"{i:02d}" + "n" * 62 for i in range(MAX_REGISTERED_NAMES))),
+        StreamRequest(
+            request_id="r" * MAX_REQUEST_ID_LENGTH,
+            name="n" * 64,
+            url="wss://" + "u" * (MAX_URL_LENGTH - 6),
+            token="t" * MAX_TOKEN_LENGTH,
+            mode="m" * 64,
+            window=MAX_WINDOW,
+        ),
+    ]
+    for char in widest:
+        longest.append(
+            StreamResponse(
+                request_id="r" * MAX_REQUEST_ID_LENGTH,
+                accepted=False,
+                reason=char * MAX_REASON_LENGTH,
+            )
+        )
+        longest.append(ErrorMessage(code=999999, message=char * MAX_ERROR_MESSAGE_LENGTH))
+    for message in longest:
+        text = encode_message(message)
+        assert len(text.encode("utf-8")) <= MAX_CONTROL_MESSAGE_SIZE // 4
+        assert decode_message(text) == message
+
+
+@pytest.mark.parametrize("machine", [DeviceControl, HubControl])
+def test_a_machine_refuses_to_send_what_is_no_control_message(
+    machine: Callable[[], DeviceControl | HubControl],
+) -> None:
+    side = machine()
+    with pytest.raises(LocalProtocolError) as info:
+        side.send("register")  # type: ignore[arg-type]
+    assert info.value.code is ErrorCode.PROTOCOL_ERROR
+    with pytest.raises(LocalProtocolError):
+        encode_message({"type": "register"})  # type: ignore[arg-type]

@@ -726,3 +726,41 @@ def test_an_unregistered_channel_is_closed_at_expiry_too() -> None:
         coordinator.channel_opened(
             device_id="dev", connection_id=9, expires_at=float("nan"), now=NOW
         )
+
+
+def test_a_connection_cannot_be_opened_twice() -> None:
+    coordinator = Coordinator()
+    coordinator.channel_opened(device_id="dev", connection_id=1, expires_at=NOW + 50, now=NOW)
+    with pytest.raises(LocalProtocolError):
+        coordinator.channel_opened(device_id="dev", connection_id=1, expires_at=NOW + 60, now=NOW)
+    # Nor one that registered without being opened here.
+    coordinator.device_registered(device_id="dev", connection_id=2, names=["ssh"], now=NOW)
+    with pytest.raises(LocalProtocolError):
+        coordinator.channel_opened(device_id="dev", connection_id=2, expires_at=NOW + 60, now=NOW)
+    assert coordinator.next_deadline() == NOW + 50
+
+
+def test_many_channels_that_came_and_went_leave_the_live_ones_expiries_right() -> None:
+    """Channels that end leave their expiries behind in the schedule; however many come and
+    go, the live channels' expiries still come due on time, and the ended ones never do."""
+    coordinator = Coordinator()
+    coordinator.channel_opened(device_id="live", connection_id=0, expires_at=NOW + 500, now=NOW)
+    for i in range(1, 301):
+        coordinator.channel_opened(
+            device_id=f"d{i}", connection_id=i, expires_at=NOW + 10 + i, now=NOW
+        )
+        assert coordinator.device_disconnected(connection_id=i, now=NOW) == []
+    assert coordinator.next_deadline() == NOW + 500
+    assert coordinator.advance(NOW + 499) == []
+    assert coordinator.advance(NOW + 500) == [CredentialsExpired(device_id="live", connection_id=0)]
+
+
+@pytest.mark.parametrize("names", [("ssh", "echo"), ["ssh", "echo"]], ids=["tuple", "list"])
+def test_registered_names_read_alike_whatever_sequence_they_came_in(
+    names: tuple[str, ...] | list[str],
+) -> None:
+    coordinator = Coordinator()
+    coordinator.device_registered(device_id="dev", connection_id=1, names=names, now=NOW)
+    assert coordinator.registered_names("dev") == frozenset({"ssh", "echo"})
+    assert isinstance(initiate(coordinator, name="echo"), SendStreamRequest)
+    assert isinstance(initiate(coordinator, name="ftp"), InitiationRejected)

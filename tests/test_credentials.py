@@ -896,3 +896,12 @@ def test_sas_renewal_time_is_well_before_the_expiry() -> None:
     ):
         with pytest.raises(LocalProtocolError):
             credentials.sas_renewal_time(**kwargs)  # type: ignore[arg-type]
+
+
+def test_verifier_parse_refuses_what_is_no_text_as_parse_sas_token_does() -> None:
+    verifier = SasVerifier()
+    for value in (b"SharedAccessSignature sr=a&sig=b&se=1", None):
+        with pytest.raises(LocalProtocolError) as info:
+            verifier.parse(value)  # type: ignore[arg-type]
+        assert info.value.code is ErrorCode.ARGUMENT_INVALID
+    assert len(verifier) == 0

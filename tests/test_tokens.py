@@ -6,6 +6,8 @@ Rules: no clock and no randomness; ``now`` and nonces are literals or hypothesis
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import math
 import re
 
@@ -476,3 +478,53 @@ def test_mint_resume_refuses_bad_arguments(kwargs: dict[str, object]) -> None:
 def test_verify_resume_refuses_bad_arguments(kwargs: dict[str, object]) -> None:
     with pytest.raises(LocalProtocolError):
         verify_resume(mint_resume(), **kwargs)  # type: ignore[arg-type]
+
+
+# -- tokens signed with the hub's secret whose claims are malformed -------------------------
+
+
+def signed(payload: str, secret: bytes = SECRET) -> str:
+    """*payload* with the signature the module's format describes (HMAC-SHA256, base64url)."""
+    mac = hmac.new(secret, payload.encode("ascii"), hashlib.sha256).digest()
+    return f"{payload}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+
+GOOD_NONCE = base64.urlsafe_b64encode(NONCE).rstrip(b"=").decode()
+
+
+def test_the_signature_helper_matches_the_module() -> None:
+    """The helper below signs as the module does: a well-formed payload verifies."""
+    token = signed(f"v1.{STREAM}.device.{int((NOW + 60) * 1000)}.{GOOD_NONCE}")
+    assert verify(token).nonce == GOOD_NONCE
+    resume = signed(f"r1.{STREAM}.service.{GOOD_NONCE}")
+    claims = verify_resume_token(
+        resume, secret=SECRET, stream_id=STREAM, role=Role.SERVICE, now=NOW
+    )
+    assert claims.expires_at == math.inf
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        f"v1.{STREAM}.device.soon.{GOOD_NONCE}",  # expiry not a number
+        f"v1.{STREAM}.device.0100.{GOOD_NONCE}",  # expiry with a leading zero
+        f"v1.{STREAM}.owner.1060000.{GOOD_NONCE}",  # no such role
+        f"v1.{'s' * 129}.device.1060000.{GOOD_NONCE}",  # stream id too long
+        f"v1.{STREAM}.device.1060000.{GOOD_NONCE[:-1]}",  # nonce: 21 characters
+        f"v1.{STREAM}.device.1060000.{GOOD_NONCE[:-1]}B",  # nonce: unused bits set
+        f"v1.{STREAM}.device.1060000.AAAAAAAAAAAAAAAAAAAA",  # nonce: 15 bytes
+    ],
+)
+def test_a_signed_token_with_malformed_claims_is_invalid(payload: str) -> None:
+    """The signature is checked first, the claims' shapes after: a token the hub signed but
+    whose claims are malformed (no hub mints one) is refused all the same."""
+    assert refused(signed(payload)).code is ErrorCode.STREAM_TOKEN_INVALID
+
+
+def test_an_expiry_that_rounds_up_in_milliseconds_is_rounded_down() -> None:
+    # 0.117 is not exact in binary: the float just under it times 1000 rounds up to 117.0.
+    just_under = math.nextafter(0.117, 0.0)
+    assert math.floor(just_under * 1000) == 117
+    expires_at = stream_token_expiry(now=0.0, lifetime=just_under)
+    assert expires_at == 0.116
+    assert expires_at <= just_under

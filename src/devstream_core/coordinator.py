@@ -576,10 +576,8 @@ class Coordinator:
         """Settle a pending request; returns DeviceReplaced if that drained its connection."""
         del self._pending[pending.request_id]
         self._count(pending.device_id, -1)
-        connection = self._connections.get(pending.connection_id)
-        if connection is None:
-            return []
-        connection.pending.pop(pending.request_id, None)
+        # A connection outlives its pending requests: dropping it fails them all first.
+        self._connections[pending.connection_id].pending.pop(pending.request_id, None)
         return self._close_if_drained(pending.connection_id)
 
     def _count(self, device_id: str, delta: int) -> None:
