@@ -166,13 +166,13 @@ class HubAddress:
         """The hub an ``http(s)://`` or ``ws(s)://`` URL names; the port defaults (when absent
         or 0) to 443 with TLS, 80 without. Anything else, a port that is not a number from 0
         to 65535 included, raises :class:`HubUnreachable`."""
-        parts = urllib.parse.urlsplit(url)
-        tls = _SCHEMES.get(parts.scheme)
         try:
+            parts = urllib.parse.urlsplit(url)  # ValueError for an unclosed [IPv6 literal]
             port = parts.port  # ValueError for a port that is not a number from 0 to 65535
         except ValueError:
-            port = -1
-        if tls is None or not parts.hostname or port == -1:
+            raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, f"not a hub URL: {url!r}") from None
+        tls = _SCHEMES.get(parts.scheme)
+        if tls is None or not parts.hostname:
             raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, f"not a hub URL: {url!r}")
         return cls(
             host=parts.hostname,
@@ -225,9 +225,10 @@ def parse_stream_url(url: str) -> StreamUrl:
     """The hub, the request target and the stream id of a stream's URL (raises
     :class:`HubUnreachable` if it names no hub). Cached: a side parses its stream's URL for
     the join and again for each resume soon after."""
+    address = HubAddress.from_url(url)  # first: it refuses what urlsplit cannot split
     parts = urllib.parse.urlsplit(url)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
-    return StreamUrl(HubAddress.from_url(url), target, parts.path.rsplit("/", 1)[-1])
+    return StreamUrl(address, target, parts.path.rsplit("/", 1)[-1])
 
 
 def bearer(token: str) -> str:
