@@ -8,6 +8,10 @@ answers, or raises the documented exception, and nothing else.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -42,6 +46,8 @@ from devstream_core.wire import (
     InitiateRejected,
     OneStepUnsupported,
 )
+
+from ._helpers import load_fuzz_harness
 
 DEVICE_IDS = st.text(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.+%_#*?!(),:=@$'",
@@ -291,6 +297,9 @@ def test_error_body_round_trips(code: ErrorCode, message: str) -> None:
         (b'{"errorCode": [1]}', (None, '{"errorCode": [1]}')),
         (b'{"errorCode": 123456}', (None, '{"errorCode": 123456}')),
         (b'{"errorCode": true}', (None, '{"errorCode": true}')),
+        (b'{"errorCode": 1e999}', (None, '{"errorCode": 1e999}')),
+        (b'{"errorCode": NaN}', (None, '{"errorCode": NaN}')),
+        (b'{"errorCode": ' + b"9" * 5000 + b"}", (None, ('{"errorCode": ' + "9" * 5000)[:200])),
         (b"\xff\xfe{", (None, "\ufffd\ufffd{")),
         (b'{"errorCode": 404001}', (ErrorCode.DEVICE_NOT_FOUND, "")),
         (b'{"errorCode": "404001", "message": 5}', (ErrorCode.DEVICE_NOT_FOUND, "5")),
@@ -667,3 +676,51 @@ def test_one_step_answer_needs_no_token() -> None:
     headers = _accepted_headers(iothub_streaming_auth_token=None)
     answer = wire.parse_initiate_answer(101, headers, b"", one_step=True, mode=MODE_FRAMED)
     assert answer == InitiateAccepted(url=ACCEPTED_URL, token=None, mode=MODE_FRAMED)
+
+
+# --- the fuzz harness, run briefly in-process ------------------------------------------------
+
+
+def test_fuzz_harness_fallback_loop(capsys: pytest.CaptureFixture[str]) -> None:
+    harness = load_fuzz_harness("fuzz_wire")
+    harness.run_fallback(2000, seed=1)
+    assert harness.main(["--iterations", "200", "--seed", "2"]) == 0
+    assert "ok: " in capsys.readouterr().out
+
+
+def test_fuzz_harness_seeds_reach_every_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    harness = load_fuzz_harness("fuzz_wire")
+    seen: set[type] = set()
+    real = harness.parse_initiate_answer
+
+    def spy(*args: object, **kwargs: object) -> object:
+        try:
+            answer = real(*args, **kwargs)
+        except HubError as exc:
+            seen.add(type(exc))
+            raise
+        seen.add(type(answer))
+        return answer
+
+    monkeypatch.setattr(harness, "parse_initiate_answer", spy)
+    for seed in harness.SEEDS:
+        harness.check(seed)
+    assert {InitiateAccepted, InitiateRejected, OneStepUnsupported, HubError} <= seen
+
+
+def test_the_wire_contract_needs_no_event_loop() -> None:
+    # What a port to another I/O layer imports pulls in neither trio nor devstream_trio.
+    code = (
+        "import sys, devstream_core.wire, devstream_core.exceptions; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('trio', 'devstream_trio', "
+        "'asyncio', 'socket', 'h11', 'wsproto')))"
+    )
+    src = Path(__file__).resolve().parent.parent / "src"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(src)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip() == "[]"

@@ -268,7 +268,7 @@ def parse_error_body(body: bytes) -> tuple[ErrorCode | None, str]:
     try:
         value = json.loads(body)
         return ErrorCode(int(value["errorCode"])), str(value.get("message", ""))
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
         return None, body[:MAX_ERROR_TEXT].decode("utf-8", "replace")
 
 
