@@ -490,6 +490,12 @@ def test_accepted_answer_as_the_hub_sends_it() -> None:
         ],
         b"",
     )
+    assert wire.accepted_headers(ACCEPTED_URL, "tok", MODE_FRAMED, 4096) == answer.headers
+    assert wire.accepted_headers(ACCEPTED_URL, None, MODE_RAW, None) == [
+        (b"iothub-streaming-is-accepted", b"True"),
+        (b"iothub-streaming-url", ACCEPTED_URL.encode()),
+        (b"devstream-stream-mode", b"raw"),
+    ]
 
 
 def test_rejected_answer_as_the_hub_sends_it() -> None:

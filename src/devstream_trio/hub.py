@@ -758,13 +758,12 @@ class Hub:
             result = outcome.result
             if isinstance(result, InitiationAccepted):
                 outcome_name = "accepted"
-                accepted = wire.InitiateAccepted(
-                    url=wire.stream_url(self.ws_url, outcome.stream_id, Role.SERVICE),
-                    token=outcome.service_token if connection_id is None else None,
-                    mode=mode,
-                    window=window,
+                headers = wire.accepted_headers(
+                    wire.stream_url(self.ws_url, outcome.stream_id, Role.SERVICE),
+                    outcome.service_token if connection_id is None else None,
+                    mode,
+                    window,
                 )
-                status, headers, _ = wire.build_initiate_answer(accepted)
                 if connection_id is not None:
                     # Counted now: the join below lasts as long as the stream.
                     self.metrics.initiations[outcome_name] += 1
@@ -778,7 +777,7 @@ class Hub:
                         extra_headers=headers,
                     )
                     return
-                await http.send_response(status, headers)
+                await http.send_response(200, headers)
             elif isinstance(result, InitiationRejected):
                 outcome_name = _OUTCOME_NAMES.get(result.code, "rejected")
                 await http.send_response(
