@@ -18,6 +18,7 @@ import trio
 from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import ErrorCode
+from devstream_core.wire import HubAddress
 
 from .exceptions import HubError, HubUnreachable
 
@@ -31,31 +32,6 @@ __all__ = [
     "open_hub_stream",
     "resolve_proxy",
 ]
-
-
-@dataclass(frozen=True, kw_only=True)
-class HubAddress:
-    """Where a hub listens: host, port, whether it speaks TLS, and the ``Host`` header."""
-
-    host: str
-    port: int
-    tls: bool
-    host_header: str
-
-    @classmethod
-    def from_connection_string(cls, cs: ConnectionString) -> HubAddress:
-        """The hub a connection string names (``HostName`` may carry a port)."""
-        return cls.from_url(cs.http_base_url)
-
-    @classmethod
-    def from_url(cls, url: str) -> HubAddress:
-        """The hub an ``http(s)://`` or ``ws(s)://`` URL names."""
-        parts = urllib.parse.urlsplit(url)
-        tls = parts.scheme in ("https", "wss")
-        if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
-            raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, f"not a hub URL: {url!r}")
-        port = parts.port or (443 if tls else 80)
-        return cls(host=parts.hostname, port=port, tls=tls, host_header=parts.netloc)
 
 
 #: How a client opens a transport to the hub. The default is :func:`open_hub_stream`; tests

@@ -34,6 +34,7 @@ from wsproto.connection import ConnectionType
 from devstream_core import handshake
 from devstream_core.errors import DevstreamError, ErrorCode, RemoteProtocolError
 from devstream_core.handshake import accept_token
+from devstream_core.wire import JSON_CONTENT_TYPE, build_error_body, parse_error_body
 
 from . import _io
 from ._ws import WebSocket, close_forcefully
@@ -104,11 +105,8 @@ class HttpError(DevstreamError):
     """A request the server refuses; answered with the code's status and a JSON body."""
 
 
-def error_body(code: ErrorCode, message: str | None = None) -> bytes:
-    """The JSON body of an error response."""
-    return json.dumps(
-        {"errorCode": int(code), "message": message if message is not None else code.message}
-    ).encode()
+#: The JSON body of an error response (the hub's and every client's shape, from the core).
+error_body = build_error_body
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -353,7 +351,7 @@ class HttpServerConnection:
             status,
             headers or [],
             json.dumps(value).encode(),
-            content_type=b"application/json; charset=utf-8",
+            content_type=JSON_CONTENT_TYPE,
         )
 
     async def send_error(self, code: ErrorCode, message: str | None = None) -> None:
@@ -368,7 +366,7 @@ class HttpServerConnection:
         status = code.http_status
         head = (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-            "content-type: application/json; charset=utf-8\r\n"
+            f"content-type: {JSON_CONTENT_TYPE.decode()}\r\n"
             f"content-length: {len(body)}\r\n"
             f"connection: close{_UPGRADE_REQUIRED if status == 426 else ''}\r\n\r\n"
         ).encode()
@@ -508,18 +506,8 @@ class HttpStatusError(Exception):
 
     def __init__(self, response: HttpResponse) -> None:
         self.response = response
-        self.code, self.message = _error_from_body(response)
+        self.code, self.message = parse_error_body(response.body)
         super().__init__(f"HTTP {response.status}: {self.message}")
-
-
-def _error_from_body(response: HttpResponse) -> tuple[ErrorCode | None, str]:
-    try:
-        value = json.loads(response.body)
-        number = int(value["errorCode"])
-        message = str(value.get("message", ""))
-        return ErrorCode(number), message
-    except (ValueError, KeyError, TypeError):
-        return None, response.body[:200].decode("utf-8", "replace")
 
 
 async def _read_response(

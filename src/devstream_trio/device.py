@@ -38,7 +38,6 @@ import logging
 import random
 import ssl
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 
@@ -49,6 +48,7 @@ from devstream_core import control
 from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString, sas_renewal_time
 from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
+from devstream_core.wire import DEFAULT_SAS_LIFETIME, MIN_SAS_LIFETIME, control_target
 
 from ._connect import HubAddress, Opener, connection_string_for, hub_opener
 from ._http import HttpStatusError, websocket_connect
@@ -62,7 +62,7 @@ __all__ = ["DeviceClient", "Handler", "open_device"]
 log = logging.getLogger("devstream.device")
 
 #: How long the SAS token of each control channel lives, by default (seconds).
-SAS_LIFETIME = 3600
+SAS_LIFETIME = DEFAULT_SAS_LIFETIME
 
 #: What a device runs for each accepted stream.
 Handler = Callable[[AnyStream], Awaitable[None]]
@@ -146,8 +146,8 @@ class DeviceClient:
         sas_lifetime: int = SAS_LIFETIME,
     ) -> None:
         cs = connection_string_for(Role.DEVICE, connection_string)
-        if sas_lifetime < 2:
-            raise ValueError("sas_lifetime must be at least 2 seconds")
+        if sas_lifetime < MIN_SAS_LIFETIME:
+            raise ValueError(f"sas_lifetime must be at least {MIN_SAS_LIFETIME} seconds")
         #: How long the SAS token of each control channel lives (a hub's
         #: ``max_sas_lifetime`` may cap it).
         self.sas_lifetime = sas_lifetime
@@ -242,7 +242,7 @@ class DeviceClient:
             ws = await websocket_connect(
                 transport,
                 host=self.address.host_header,
-                target=f"/devices/{urllib.parse.quote(self.device_id, safe='')}/streams",
+                target=control_target(self.device_id),
                 headers=[("authorization", token)],
                 subprotocols=[control.CONTROL_SUBPROTOCOL],
             )

@@ -64,8 +64,8 @@ from devstream_core.framing import (
     RecvState,
     StreamEndpoint,
 )
+from devstream_core.wire import HEADER_RESUME_TOKEN, MAX_FRAMED_MESSAGE_SIZE
 
-from ._wire import HEADER_RESUME_TOKEN
 from ._ws import ABNORMAL_CLOSURE, NORMAL_CLOSURE, ConnectionClosed, WebSocket
 from .exceptions import HubError, HubUnreachable, StreamReset, error_for
 
@@ -77,7 +77,7 @@ log = logging.getLogger("devstream.stream")
 #: as large as the endpoint's ``message_size`` says (smaller on a new connection).
 MESSAGE_LIMIT = MAX_MESSAGE_SIZE
 #: The largest WebSocket message it accepts.
-MAX_MESSAGE = 1024 * 1024
+MAX_MESSAGE = MAX_FRAMED_MESSAGE_SIZE
 
 #: Opens a new WebSocket to the stream with a resume token; the new token is in its
 #: ``handshake_headers``.

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 import trio
 from wsproto.events import BytesMessage, TextMessage
 
-from devstream_core import control
+from devstream_core import control, wire
 from devstream_core.admission import Admission, ConnectionLimits, Tally
-from devstream_core.bridge import DEFAULT_MAX_STREAMS_PER_DEVICE, STREAM_MODES, Bridge
+from devstream_core.bridge import DEFAULT_MAX_STREAMS_PER_DEVICE, Bridge
 from devstream_core.common import Role
 from devstream_core.coordinator import (
     Coordinator,
@@ -61,7 +61,7 @@ from devstream_core.credentials import (
     parse_sas_token,
     verify_sas_token,
 )
-from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for
+from devstream_core.errors import DevstreamError, ErrorCode, RemoteProtocolError, close_reason_for
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 from devstream_core.registry import (
     OWNER_POLICY,
@@ -90,12 +90,6 @@ from devstream_core.routes import (
 
 from ._checks import CheckHeap
 from ._http import HttpError, HttpRequest, HttpServerConnection, close_forcefully
-from ._wire import (
-    HEADER_CONNECT_TIMEOUT,
-    HEADER_RESPONSE_TIMEOUT,
-    HEADER_STREAM_MODE,
-    HEADER_STREAM_WINDOW,
-)
 from ._ws import ConnectionClosed, WebSocket, payload
 from .metrics import Metrics
 from .store import RegistryStore, StoreError
@@ -726,22 +720,6 @@ class Hub:
 
     # -- initiate ----------------------------------------------------------------------------
 
-    def _timeout_header(self, request: HttpRequest, name: bytes) -> float:
-        raw = request.header(name)
-        if raw is None:
-            return self.config.default_timeout
-        try:
-            value = int(raw)
-        except ValueError:
-            value = -1
-        if not 1 <= value <= self.config.max_timeout:
-            raise HttpError(
-                ErrorCode.ARGUMENT_INVALID,
-                f"{name.decode()} must be a whole number of seconds from 1 to "
-                f"{int(self.config.max_timeout)}",
-            )
-        return float(value)
-
     async def _initiate(
         self,
         http: HttpServerConnection,
@@ -757,10 +735,15 @@ class Hub:
         try:
             await self._authorize_policy(request, Permission.SERVICE_CONNECT)
             await self._device_or_error(route.device_id)
-            self._timeout_header(request, HEADER_CONNECT_TIMEOUT)
-            response_timeout = self._timeout_header(request, HEADER_RESPONSE_TIMEOUT)
-            mode = self._mode_header(request)
-            window = self._window_header(request)
+            try:
+                asked = wire.parse_initiate_headers(
+                    request.headers,
+                    default_timeout=self.config.default_timeout,
+                    max_timeout=self.config.max_timeout,
+                )
+            except RemoteProtocolError as exc:
+                raise HttpError(exc.code, exc.message) from None
+            mode, window = asked.mode, asked.window
             if (
                 connection_id is not None
                 and mode == FRAMED_SUBPROTOCOL
@@ -771,17 +754,16 @@ class Hub:
                     ErrorCode.ARGUMENT_INVALID,
                     f"a {FRAMED_SUBPROTOCOL} stream needs that WebSocket subprotocol offered",
                 )
-            outcome = await self._run_initiation(route, response_timeout, mode, window)
+            outcome = await self._run_initiation(route, asked.response_timeout, mode, window)
             result = outcome.result
             if isinstance(result, InitiationAccepted):
                 outcome_name = "accepted"
-                url = f"{self.ws_url}/bridges/{outcome.stream_id}?role=service"
-                headers = [
-                    (b"iothub-streaming-is-accepted", b"True"),
-                    (b"iothub-streaming-url", url.encode()),
-                    (HEADER_STREAM_MODE, mode.encode()),
-                    *([(HEADER_STREAM_WINDOW, str(window).encode())] if window else []),
-                ]
+                headers = wire.accepted_headers(
+                    wire.stream_url(self.ws_url, outcome.stream_id, Role.SERVICE),
+                    outcome.service_token if connection_id is None else None,
+                    mode,
+                    window,
+                )
                 if connection_id is not None:
                     # Counted now: the join below lasts as long as the stream.
                     self.metrics.initiations[outcome_name] += 1
@@ -795,17 +777,15 @@ class Hub:
                         extra_headers=headers,
                     )
                     return
-                headers.insert(2, (b"iothub-streaming-auth-token", outcome.service_token.encode()))
                 await http.send_response(200, headers)
             elif isinstance(result, InitiationRejected):
                 outcome_name = _OUTCOME_NAMES.get(result.code, "rejected")
-                await http.send_json(
-                    200,
-                    {
-                        "errorCode": int(result.code),
-                        "message": result.reason or result.code.message,
-                    },
-                    headers=[(b"iothub-streaming-is-accepted", b"False")],
+                await http.send_response(
+                    *wire.build_initiate_answer(
+                        wire.InitiateRejected(
+                            code=result.code, message=result.reason or result.code.message
+                        )
+                    )
                 )
             else:
                 assert isinstance(result, InitiationFailed)
@@ -819,32 +799,6 @@ class Hub:
         finally:
             if outcome_name:
                 self.metrics.initiations[outcome_name] += 1
-
-    def _mode_header(self, request: HttpRequest) -> str:
-        raw = request.header(HEADER_STREAM_MODE)
-        mode = control.MODE_RAW if raw is None else raw.decode("latin-1").strip()
-        if mode not in STREAM_MODES:
-            raise HttpError(
-                ErrorCode.ARGUMENT_INVALID,
-                f"{HEADER_STREAM_MODE.decode()} must be one of {', '.join(sorted(STREAM_MODES))}",
-            )
-        return mode
-
-    def _window_header(self, request: HttpRequest) -> int | None:
-        raw = request.header(HEADER_STREAM_WINDOW)
-        if raw is None:
-            return None
-        try:
-            window = int(raw)
-        except ValueError:
-            window = -1
-        if not control.MIN_WINDOW <= window <= control.MAX_WINDOW:
-            raise HttpError(
-                ErrorCode.ARGUMENT_INVALID,
-                f"{HEADER_STREAM_WINDOW.decode()} must be a whole number of bytes from "
-                f"{control.MIN_WINDOW} to {control.MAX_WINDOW}",
-            )
-        return window
 
     async def _run_initiation(
         self, route: Initiate, response_timeout: float, mode: str, window: int | None
@@ -890,7 +844,7 @@ class Hub:
                             control.StreamRequest(
                                 request_id=event.request_id,
                                 name=event.name,
-                                url=f"{self.ws_url}/bridges/{event.stream_id}?role=device",
+                                url=wire.stream_url(self.ws_url, event.stream_id, Role.DEVICE),
                                 token=device_token,
                                 mode=mode,
                                 window=window,

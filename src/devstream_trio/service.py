@@ -16,12 +16,10 @@ streaming endpoint.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import ssl
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -33,6 +31,21 @@ from devstream_core.control import MODE_RAW
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import DevstreamError, ErrorCode
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
+from devstream_core.wire import (
+    API_VERSION,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_RESPONSE_TIMEOUT,
+    DEFAULT_SAS_LIFETIME,
+    MIN_SAS_LIFETIME,
+    InitiateRejected,
+    OneStepUnsupported,
+    bearer,
+    build_initiate_request,
+    device_target,
+    error_from_response,
+    parse_initiate_answer,
+    parse_stream_url,
+)
 
 from ._connect import HubAddress, Opener, connection_string_for, hub_opener
 from ._http import (
@@ -42,7 +55,6 @@ from ._http import (
     http_request,
     websocket_connect,
 )
-from ._wire import HEADER_STREAM_MODE, HEADER_STREAM_WINDOW
 from ._ws import WebSocket
 from .exceptions import HubError, HubUnreachable, error_for
 from .framed import FramedStream, StreamOptions
@@ -53,9 +65,8 @@ __all__ = ["API_VERSION", "AnyStream", "ServiceClient", "join_stream", "open_ser
 #: What ``open_stream`` returns and device handlers receive.
 AnyStream = HubStream | FramedStream
 
-API_VERSION = "2020-09-30"
 #: How long the SAS tokens a client signs live, by default (seconds).
-SAS_LIFETIME = 3600
+SAS_LIFETIME = DEFAULT_SAS_LIFETIME
 
 
 class ServiceClient:
@@ -74,8 +85,8 @@ class ServiceClient:
         sas_lifetime: int = SAS_LIFETIME,
     ) -> None:
         cs = connection_string_for(Role.SERVICE, connection_string)
-        if sas_lifetime < 2:
-            raise ValueError("sas_lifetime must be at least 2 seconds")
+        if sas_lifetime < MIN_SAS_LIFETIME:
+            raise ValueError(f"sas_lifetime must be at least {MIN_SAS_LIFETIME} seconds")
         #: How long each SAS token it signs lives (a hub's ``max_sas_lifetime`` may cap it).
         self.sas_lifetime = sas_lifetime
         self.connection_string = cs
@@ -150,7 +161,7 @@ class ServiceClient:
         headers += kw.get("headers", [])
         response = await self.request(method, target, headers=headers, body=data)
         if response.status >= 300:
-            raise _error_from_response(response)
+            raise error_from_response(response.status, response.body)
         return json.loads(response.body) if response.body else None
 
     # -- streams -----------------------------------------------------------------------------
@@ -160,8 +171,8 @@ class ServiceClient:
         device_id: str,
         name: str,
         *,
-        connect_timeout: int = 60,
-        response_timeout: int = 60,
+        connect_timeout: int = DEFAULT_CONNECT_TIMEOUT,
+        response_timeout: int = DEFAULT_RESPONSE_TIMEOUT,
         mode: str | None = None,
     ) -> AnyStream:
         """Initiate a stream to *device_id*'s *name* and return it once both sides are in.
@@ -174,18 +185,17 @@ class ServiceClient:
         """
         if mode is None:
             mode = FRAMED_SUBPROTOCOL if self.nursery is not None else MODE_RAW
-        target = f"/twins/{_quote(device_id)}/streams/{_quote(name)}?api-version={API_VERSION}"
-        headers = [
-            ("iothub-streaming-connect-timeout-in-seconds", str(connect_timeout)),
-            ("iothub-streaming-response-timeout-in-seconds", str(response_timeout)),
-        ]
-        if mode != MODE_RAW:
-            # The device adopts this side's window, so both ends agree on it.
-            window = (self.stream_options or StreamOptions()).window
-            headers += [
-                (HEADER_STREAM_MODE.decode(), mode),
-                (HEADER_STREAM_WINDOW.decode(), str(window)),
-            ]
+        # The device adopts this side's window, so both ends agree on it.
+        window = None if mode == MODE_RAW else (self.stream_options or StreamOptions()).window
+        initiate = build_initiate_request(
+            device_id,
+            name,
+            connect_timeout=connect_timeout,
+            response_timeout=response_timeout,
+            mode=mode,
+            window=window,
+        )
+        target, headers = initiate.target, initiate.headers
         if self.one_step is not False and (mode == MODE_RAW or self.nursery is not None):
             stream = await self._open_in_one_step(target, headers, mode)
             if stream is not None:
@@ -197,27 +207,22 @@ class ServiceClient:
         response, spare = await self._exchange("POST", target, headers=headers, body=b"", keep=True)
         transport: trio.abc.Stream | None = None
         try:
-            if response.status != 200:
-                raise _error_from_response(response)
-            accepted = response.header(b"iothub-streaming-is-accepted")
-            if accepted != b"True":
-                code, message = _body_error(response)
-                raise error_for(code or ErrorCode.STREAM_REJECTED, message or None)
-            url = (response.header(b"iothub-streaming-url") or b"").decode()
-            token = (response.header(b"iothub-streaming-auth-token") or b"").decode()
-            granted = (response.header(HEADER_STREAM_MODE) or MODE_RAW.encode()).decode()
-            if spare is not None and HubAddress.from_url(url) == self.address:
+            answer = parse_initiate_answer(response.status, response.headers, response.body)
+            if isinstance(answer, InitiateRejected):
+                raise answer.error()
+            assert not isinstance(answer, OneStepUnsupported) and answer.token is not None
+            if spare is not None and parse_stream_url(answer.url).address == self.address:
                 transport, spare = spare, None
         finally:
             if spare is not None:
                 await close_forcefully(spare)
         return await join_stream(
-            url,
-            token,
+            answer.url,
+            answer.token,
             role=Role.SERVICE,
             ssl_context=self.ssl_context,
             opener=self.opener,
-            mode=granted,
+            mode=answer.mode,
             nursery=self.nursery,
             options=self.stream_options,
             transport=transport,
@@ -239,26 +244,28 @@ class ServiceClient:
                 )
         except HttpStatusError as exc:
             response = exc.response
-            if response.status == 405 or (response.status == 404 and exc.code is None):
+            # Refused the Azure way (200: iothub-streaming-is-accepted: False and the
+            # reason), an error, or a hub that cannot open streams in one step.
+            refusal = parse_initiate_answer(
+                response.status, response.headers, response.body, one_step=True, mode=mode
+            )
+            if isinstance(refusal, OneStepUnsupported):
                 return None
-            if response.status == 200:
-                # Refused the Azure way: iothub-streaming-is-accepted: False and the reason.
-                code, message = _body_error(response)
-                raise error_for(code or ErrorCode.STREAM_REJECTED, message or None) from None
-            raise _error_from_response(response) from None
-        head = dict(ws.handshake_headers)
-        url = (head.get(b"iothub-streaming-url") or b"").decode()
-        granted = (head.get(HEADER_STREAM_MODE) or MODE_RAW.encode()).decode()
-        if head.get(b"iothub-streaming-is-accepted") != b"True" or not url or granted != mode:
+            assert isinstance(refusal, InitiateRejected)
+            raise refusal.error() from None
+        try:
+            answer = parse_initiate_answer(101, ws.handshake_headers, b"", one_step=True, mode=mode)
+        except HubError:
             await ws.abort()
-            raise HubError(ErrorCode.PROTOCOL_ERROR, "the hub's one-step answer is incomplete")
+            raise
+        assert not isinstance(answer, (InitiateRejected, OneStepUnsupported))
         return await _stream_over(
             ws,
-            url,
+            answer.url,
             role=Role.SERVICE,
             ssl_context=self.ssl_context,
             opener=self.opener,
-            mode=granted,
+            mode=answer.mode,
             nursery=self.nursery,
             options=self.stream_options,
         )
@@ -268,25 +275,25 @@ class ServiceClient:
     async def create_device(self, device_id: str, *, status: str = "enabled") -> dict[str, Any]:
         """Register a device; the answer holds its generated keys."""
         result: dict[str, Any] = await self._json(
-            "PUT", f"/devices/{_quote(device_id)}", {"deviceId": device_id, "status": status}
+            "PUT", device_target(device_id), {"deviceId": device_id, "status": status}
         )
         return result
 
     async def get_device(self, device_id: str) -> dict[str, Any]:
         """The registry entry of a device (Azure device-identity JSON)."""
-        result: dict[str, Any] = await self._json("GET", f"/devices/{_quote(device_id)}")
+        result: dict[str, Any] = await self._json("GET", device_target(device_id))
         return result
 
     async def list_devices(self) -> list[dict[str, Any]]:
         """Every registered device."""
-        result: list[dict[str, Any]] = await self._json("GET", "/devices")
+        result: list[dict[str, Any]] = await self._json("GET", device_target())
         return result
 
     async def set_device_status(self, device_id: str, status: str) -> dict[str, Any]:
         """Enable or disable a device (``"enabled"`` / ``"disabled"``)."""
         result: dict[str, Any] = await self._json(
             "PUT",
-            f"/devices/{_quote(device_id)}",
+            device_target(device_id),
             {"deviceId": device_id, "status": status},
             headers=[("if-match", "*")],
         )
@@ -294,7 +301,7 @@ class ServiceClient:
 
     async def delete_device(self, device_id: str) -> None:
         """Remove a device from the registry."""
-        await self._json("DELETE", f"/devices/{_quote(device_id)}")
+        await self._json("DELETE", device_target(device_id))
 
     def device_connection_string(self, device: dict[str, Any]) -> ConnectionString:
         """The connection string a device uses, from its registry entry."""
@@ -372,7 +379,7 @@ async def _stream_over(
     options: StreamOptions | None,
 ) -> AnyStream:
     """The stream a WebSocket just joined carries; *url* is where a devstream.v1 side resumes."""
-    stream_id = _stream_url(url)[2]
+    stream_id = parse_stream_url(url).stream_id
     if mode == MODE_RAW:
         return HubStream(ws, stream_id=stream_id, role=role)
     if ws.subprotocol != FRAMED_SUBPROTOCOL or nursery is None:
@@ -400,7 +407,7 @@ async def _stream_websocket(
     Over *transport* if given (it is closed on failure), else over a new connection.
     """
     try:
-        address, target, _ = _stream_url(url)
+        address, target, _ = parse_stream_url(url)
     except BaseException:
         if transport is not None:
             await close_forcefully(transport)
@@ -413,20 +420,11 @@ async def _stream_websocket(
                 transport,
                 host=address.host_header,
                 target=target,
-                headers=[("authorization", f"Bearer {token}")],
+                headers=[("authorization", bearer(token))],
                 subprotocols=subprotocols,
             )
     except HttpStatusError as exc:
         raise error_for(exc.code or ErrorCode.SERVER_ERROR, exc.message) from None
-
-
-@functools.lru_cache(maxsize=64)
-def _stream_url(url: str) -> tuple[HubAddress, str, str]:
-    """The hub, the request target and the stream id of a stream's URL: parsed once for the
-    join (and the resumes soon after), not once for each."""
-    parts = urllib.parse.urlsplit(url)
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    return HubAddress.from_url(url), target, parts.path.rsplit("/", 1)[-1]
 
 
 @asynccontextmanager
@@ -441,25 +439,6 @@ async def _closed_on_failure(transport: trio.abc.Stream) -> AsyncIterator[None]:
         if isinstance(exc, DevstreamError) and not isinstance(exc, HubError):
             raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, exc.message) from exc
         raise
-
-
-def _quote(text: str) -> str:
-    return urllib.parse.quote(text, safe="")
-
-
-def _body_error(response: HttpResponse) -> tuple[ErrorCode | None, str]:
-    try:
-        value = json.loads(response.body)
-        return ErrorCode(int(value["errorCode"])), str(value.get("message", ""))
-    except (ValueError, KeyError, TypeError):
-        return None, ""
-
-
-def _error_from_response(response: HttpResponse) -> HubError:
-    code, message = _body_error(response)
-    if code is None:
-        return HubError(ErrorCode.SERVER_ERROR, f"hub answered HTTP {response.status}")
-    return error_for(code, message or None)
 
 
 @asynccontextmanager

@@ -53,10 +53,10 @@ from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 from devstream_core.framing import Reset, encode_frame
 from devstream_core.routes import BridgeJoin
 from devstream_core.tokens import is_resume_token
+from devstream_core.wire import HEADER_RESUME_TOKEN, MAX_FRAMED_MESSAGE_SIZE, parse_bearer
 
 from ._checks import CheckHeap
 from ._http import HttpError, HttpRequest, HttpServerConnection
-from ._wire import HEADER_RESUME_TOKEN
 from ._ws import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket, close_forcefully
 from .metrics import Metrics
 
@@ -66,7 +66,7 @@ log = logging.getLogger("devstream.hub")
 
 #: The largest devstream.v1 WebSocket message the hub relays. It may come in at most
 #: ``_ws.MAX_MESSAGE_FRAGMENTS`` fragments (the default of ``receive_messages``).
-MAX_FRAMED_MESSAGE = 1024 * 1024
+MAX_FRAMED_MESSAGE = MAX_FRAMED_MESSAGE_SIZE
 #: How often the hub pings a devstream.v1 side that waits for its peer (clients give up on a
 #: silent hub after ``ping_interval + ping_timeout``, 20 s by default).
 LONE_PING_INTERVAL = 5.0
@@ -534,9 +534,7 @@ class StreamingEndpoint:
 
 
 def _bearer(request: HttpRequest) -> str:
-    raw = request.header(b"authorization")
-    if raw is not None:
-        scheme, _, value = raw.decode("latin-1").partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
+    token = parse_bearer(request.header(b"authorization"))
+    if token is not None:
+        return token
     raise HttpError(ErrorCode.STREAM_TOKEN_INVALID, "missing Authorization: Bearer token")
