@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from devstream_core import control, framing, routes
+from devstream_core import control, framing, routes, wire
 from devstream_core.credentials import ConnectionString, verify_sas_token
 from devstream_core.errors import ErrorCode, RemoteProtocolError
-from devstream_trio import _wire
 from devstream_trio._connect import HubAddress
 from devstream_trio._http import HttpResponse, websocket_connect
 from devstream_trio._ws import WebSocket
@@ -305,7 +304,10 @@ _HEADER_NAME = re.compile(r"(?:iothub-streaming|devstream)-[a-z0-9-]+")
 def _code_header_names() -> set[str]:
     """devstream's and Azure's streaming header names, as the hub and clients spell them."""
     names = set()
-    for path in (ROOT / "src" / "devstream_trio").glob("*.py"):
+    for path in [
+        *(ROOT / "src" / "devstream_trio").glob("*.py"),
+        ROOT / "src" / "devstream_core" / "wire.py",
+    ]:
         for match in re.finditer(r"b?\"(" + _HEADER_NAME.pattern + r")\"", path.read_text()):
             names.add(match[1])
     return names
@@ -315,7 +317,7 @@ def test_every_header_name_is_documented_and_exists() -> None:
     text = DOC.read_text(encoding="utf-8")
     constants = {
         value.decode()
-        for name, value in vars(_wire).items()
+        for name, value in vars(wire).items()
         if name.startswith("HEADER_") and isinstance(value, bytes)
     }
     assert len(constants) >= 5
