@@ -21,10 +21,9 @@ from typing import Any
 import pytest
 import trio
 
-from devstream_core import credentials
+from devstream_core import authorization, credentials
 from devstream_core.credentials import ConnectionString
 from devstream_core.registry import Device, Permission, Policy, new_device, new_key
-from devstream_trio import hub as hub_module
 from devstream_trio import store as store_module
 from devstream_trio.exceptions import (
     DeviceDisabled,
@@ -317,7 +316,7 @@ async def test_a_service_token_is_verified_once_for_many_initiates(
         ops = await put_service_policy(hub_env, seed=0x21)
         service = hub_env.service(ops)
         monkeypatch.setattr(credentials, "verify_sas_token", counting)
-        monkeypatch.setattr(hub_module, "verify_sas_token", counting)
+        monkeypatch.setattr(authorization, "verify_sas_token", counting)
         for _ in range(3):
             stream = await service.open_stream("d1", "echo")
             await stream.send_all(b"ping")

@@ -41,6 +41,12 @@ from wsproto.events import BytesMessage, TextMessage
 
 from devstream_core import control, wire
 from devstream_core.admission import Admission, ConnectionLimits, Tally
+from devstream_core.authorization import (
+    authorize_control_channel,
+    authorize_policy,
+    check_device_usable,
+    read_credential,
+)
 from devstream_core.bridge import DEFAULT_MAX_STREAMS_PER_DEVICE, Bridge
 from devstream_core.common import Role
 from devstream_core.coordinator import (
@@ -54,13 +60,7 @@ from devstream_core.coordinator import (
     InitiationRejected,
     SendStreamRequest,
 )
-from devstream_core.credentials import (
-    SasToken,
-    SasVerifier,
-    device_resource,
-    parse_sas_token,
-    verify_sas_token,
-)
+from devstream_core.credentials import SasToken, SasVerifier, device_resource
 from devstream_core.errors import DevstreamError, ErrorCode, RemoteProtocolError, close_reason_for
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 from devstream_core.registry import (
@@ -72,7 +72,6 @@ from devstream_core.registry import (
     check_put_precondition,
     device_from_json,
     device_to_json,
-    format_permissions,
     new_key,
 )
 from devstream_core.routes import (
@@ -87,8 +86,8 @@ from devstream_core.routes import (
 from devstream_core.routes import (
     Metrics as MetricsRoute,
 )
+from devstream_core.silence import SilenceWatch
 
-from ._checks import CheckHeap
 from ._http import HttpError, HttpRequest, HttpServerConnection, close_forcefully
 from ._ws import ConnectionClosed, WebSocket, payload
 from .metrics import Metrics
@@ -304,8 +303,8 @@ class Hub:
         self._device_changes: dict[str, int] = {}
         #: Policy SAS tokens that verified (services send one token with every initiate).
         self._policy_tokens = SasVerifier()
-        #: When to look at each control channel for silence: one heap, not a task each.
-        self._idle_checks = CheckHeap()
+        #: The control channels' silence, watched from one schedule, not a task each.
+        self._silence = SilenceWatch(self.config.control_idle_timeout)
         self._outcomes: dict[str, _Outcome] = {}
         self._next_connection_id = 0
         #: Held by every registry write (PUT, DELETE of a device), so that an If-Match is
@@ -356,7 +355,7 @@ class Hub:
             )
             if d is not None
         ]
-        idle_due = self._idle_checks.next_due()
+        idle_due = self._silence.next_deadline()
         if idle_due is not None:
             deadlines.append(idle_due)
         return min(deadlines, default=math.inf)
@@ -557,71 +556,37 @@ class Hub:
     # -- authorisation -----------------------------------------------------------------------
 
     async def _authorize_policy(self, request: HttpRequest, needed: Permission) -> Policy:
-        """Check a policy SAS token for *needed*; raise HttpError otherwise.
+        """Check a policy SAS token for *needed* (the core's :func:`authorize_policy`); raise
+        HttpError otherwise.
 
         A service sends one token with every request until it nears expiry: the token is
         verified once and remembered (:class:`~devstream_core.credentials.SasVerifier`), for
         as long as it has not expired and the policy's keys are the ones that verified it.
         """
-        text = self._authorization(request)
         try:
-            token = self._policy_tokens.parse(text)
-        except DevstreamError as exc:
-            raise HttpError(ErrorCode.UNAUTHORIZED, exc.message) from exc
-        if token.skn is None:
-            raise HttpError(ErrorCode.UNAUTHORIZED, "SAS token has no skn (policy name)")
-        policy = await self.store.get_policy(token.skn)
-        if policy is None:
-            raise HttpError(ErrorCode.UNAUTHORIZED, "unknown shared-access policy")
-        try:
-            self._policy_tokens.verify(
-                text,
-                token,
-                keys=[policy.primary_key, policy.secondary_key],
-                resource=self.host_name,
+            credential = read_credential(request.header(b"authorization"), self._policy_tokens)
+            name = credential.policy_name
+            return authorize_policy(
+                credential,
+                None if name is None else await self.store.get_policy(name),
+                needed,
+                host_name=self.host_name,
                 now=self.wall_clock(),
                 max_lifetime=self.config.max_sas_lifetime,
+                verifier=self._policy_tokens,
             )
+        except HttpError:
+            raise
         except DevstreamError as exc:
-            raise HttpError(ErrorCode.UNAUTHORIZED, exc.message) from exc
-        if needed not in policy.permissions:
-            raise HttpError(
-                ErrorCode.PERMISSION_DENIED,
-                f"policy {policy.name!r} lacks the {format_permissions(needed)} permission",
-            )
-        return policy
+            raise HttpError(exc.code, exc.message) from None
 
-    def _authorization(self, request: HttpRequest) -> str:
-        raw = request.header(b"authorization")
-        if raw is None:
-            raise HttpError(ErrorCode.UNAUTHORIZED, "missing Authorization header")
-        return raw.decode("latin-1")
-
-    def _sas_token(self, request: HttpRequest) -> SasToken:
+    async def _usable_device(self, device_id: str) -> Device:
         try:
-            return parse_sas_token(self._authorization(request))
+            return check_device_usable(device_id, await self.store.get_device(device_id))
+        except HttpError:
+            raise
         except DevstreamError as exc:
-            raise HttpError(ErrorCode.UNAUTHORIZED, exc.message) from exc
-
-    def _verify(self, token: SasToken, keys: list[str], resource: str) -> None:
-        try:
-            verify_sas_token(
-                token,
-                keys=keys,
-                resource=resource,
-                now=self.wall_clock(),
-                max_lifetime=self.config.max_sas_lifetime,
-            )
-        except DevstreamError as exc:
-            raise HttpError(ErrorCode.UNAUTHORIZED, exc.message) from exc
-
-    async def _device_or_error(self, device_id: str) -> Device:
-        device = await self.store.get_device(device_id)
-        if device is None:
-            raise HttpError(ErrorCode.DEVICE_NOT_FOUND, f"device {device_id!r} not found")
-        if device.status != "enabled":
-            raise HttpError(ErrorCode.DEVICE_DISABLED, f"device {device_id!r} is disabled")
-        return device
+            raise HttpError(exc.code, exc.message) from None
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -734,7 +699,7 @@ class Hub:
         outcome_name = "error"
         try:
             await self._authorize_policy(request, Permission.SERVICE_CONNECT)
-            await self._device_or_error(route.device_id)
+            await self._usable_device(route.device_id)
             try:
                 asked = wire.parse_initiate_headers(
                     request.headers,
@@ -889,33 +854,24 @@ class Hub:
     ) -> _Session:
         """Check the device's credentials, answer the upgrade, and return the new session."""
         changes_seen = self._device_changes.get(route.device_id, 0)
-        token = self._sas_token(request)
-        if token.skn is not None:
-            policy = await self.store.get_policy(token.skn)
-            if policy is None:
-                raise HttpError(ErrorCode.UNAUTHORIZED, "unknown shared-access policy")
-            self._verify(token, [policy.primary_key, policy.secondary_key], self.host_name)
-            if Permission.DEVICE_CONNECT not in policy.permissions:
-                raise HttpError(
-                    ErrorCode.PERMISSION_DENIED,
-                    f"policy {policy.name!r} lacks the "
-                    f"{format_permissions(Permission.DEVICE_CONNECT)} permission",
-                )
-            await self._device_or_error(route.device_id)
-        else:
-            try:
-                check_device_access(
-                    await self.store.get_device(route.device_id),
-                    device_id=route.device_id,
-                    token=token,
-                    resource=device_resource(self.host_name, route.device_id),
-                    now=self.wall_clock(),
-                    max_lifetime=self.config.max_sas_lifetime,
-                )
-            except DevstreamError as exc:
-                raise HttpError(exc.code, exc.message) from exc
+        try:
+            credential = read_credential(request.header(b"authorization"))
+            name = credential.policy_name
+            grant = authorize_control_channel(
+                credential,
+                device_id=route.device_id,
+                device=await self.store.get_device(route.device_id),
+                policy=None if name is None else await self.store.get_policy(name),
+                host_name=self.host_name,
+                now=self.wall_clock(),
+                max_lifetime=self.config.max_sas_lifetime,
+            )
+        except HttpError:
+            raise
+        except DevstreamError as exc:
+            raise HttpError(exc.code, exc.message) from None
         # The channel lives until its token expires: se is Unix time, the timer's clock is not.
-        expires_at = trio.current_time() + (token.se - self.wall_clock())
+        expires_at = trio.current_time() + (grant.expires_at - self.wall_clock())
         offered = request.subprotocols
         ws = await http.accept_websocket(
             request,
@@ -929,7 +885,7 @@ class Hub:
             ws=ws,
             machine=control.HubControl(max_message_size=self.config.max_control_message_size),
             expires_at=expires_at,
-            device_token=None if token.skn is not None else token,
+            device_token=grant.device_token,
             changes_seen=changes_seen,
         )
 
@@ -950,7 +906,8 @@ class Hub:
             now=trio.current_time(),
         )
         self._wake()  # its expiry is a deadline of the coordinator's
-        self._check_idle_at(ws.last_received + self.config.control_idle_timeout, connection_id)
+        if self._silence.watch(connection_id, since=ws.last_received):
+            self._wake()  # the earliest look now: the timer may have to look sooner
         self.metrics.control_connections_total += 1
         log.info("device %r connected (control channel %d)", session.device_id, connection_id)
         close_code: ErrorCode | None = None
@@ -976,6 +933,7 @@ class Hub:
                 close_code, close_message = session.close_code, session.close_message
         finally:
             del self._sessions[connection_id]
+            self._silence.forget(connection_id)
             self._dispatch(
                 self.coordinator.device_disconnected(
                     connection_id=connection_id, now=trio.current_time()
@@ -998,30 +956,16 @@ class Hub:
         else:
             await ws.aclose(timeout=self.config.close_timeout)
 
-    def _check_idle_at(self, due: float, connection_id: int) -> None:
-        """Look at control channel *connection_id* for silence at time *due*."""
-        if self._idle_checks.push(due, connection_id, self._sessions):
-            self._wake()  # the earliest check now: the timer may have to look sooner
-
     def _drop_idle_control_channels(self, now: float) -> None:
-        """Drop every control channel silent (no message, no ping) for ``control_idle_timeout``.
-
-        A channel that heard from its device since its check was set is looked at again
-        ``control_idle_timeout`` after the last bytes it received.
-        """
-        timeout = self.config.control_idle_timeout
-        for connection_id in self._idle_checks.pop_due(now):
-            session = self._sessions.get(connection_id)
-            if session is None:
-                continue
-            due = session.ws.last_received + timeout
-            if now >= due:
-                log.info("control channel %d idle; dropping it", connection_id)
-                session.close(
-                    ErrorCode.CONNECTION_IDLE, f"no message or ping for {timeout:g} s; closing"
-                )
-            else:
-                self._idle_checks.push(due, connection_id, self._sessions)
+        """Close every control channel silent (no message, no ping) for
+        ``control_idle_timeout`` with ``CONNECTION_IDLE``."""
+        timeout = self._silence.timeout
+        sessions = self._sessions
+        for connection_id in self._silence.silent(now, lambda c: sessions[c].ws.last_received):
+            log.info("control channel %d idle; dropping it", connection_id)
+            sessions[connection_id].close(
+                ErrorCode.CONNECTION_IDLE, f"no message or ping for {timeout:g} s; closing"
+            )
 
     async def _control_fragment(self, session: _Session, event: BytesMessage | TextMessage) -> None:
         """Feed one received fragment to the machine and act on the messages it completes."""

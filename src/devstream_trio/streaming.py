@@ -52,10 +52,10 @@ from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 from devstream_core.framing import Reset, encode_frame
 from devstream_core.routes import BridgeJoin
+from devstream_core.silence import SilenceWatch
 from devstream_core.tokens import is_resume_token
 from devstream_core.wire import HEADER_RESUME_TOKEN, MAX_FRAMED_MESSAGE_SIZE, parse_bearer
 
-from ._checks import CheckHeap
 from ._http import HttpError, HttpRequest, HttpServerConnection
 from ._ws import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket, close_forcefully
 from .metrics import Metrics
@@ -104,8 +104,6 @@ class _IdleWatch:
     """A devstream.v1 side whose silence the hub's timer watches (instead of a task each)."""
 
     ws: WebSocket
-    #: Silence counts from here or from the last bytes received, whichever is later.
-    start: float
     #: The side's scope, cancelled to end its read when it has been silent too long.
     scope: trio.CancelScope
     #: True while the side's task waits for bytes (a send in progress is never cut).
@@ -135,8 +133,8 @@ class StreamingEndpoint:
         self._wake = wake
         self._raw: dict[str, _RawSlot] = {}
         self._framed: dict[str, _FramedRelay] = {}
-        #: When to look at each devstream.v1 side for silence: one heap, not a task each.
-        self._idle_checks = CheckHeap()
+        #: The devstream.v1 sides' silence, watched from one schedule, not a task each.
+        self._silence = SilenceWatch(idle_timeout)
         self._idle_watches: dict[int, _IdleWatch] = {}
 
     # -- events from the bridge's timer ------------------------------------------------------
@@ -149,31 +147,26 @@ class StreamingEndpoint:
 
     def next_idle_check(self) -> float | None:
         """When :meth:`check_idle` has something to look at next, if ever."""
-        return self._idle_checks.next_due()
+        return self._silence.next_deadline()
 
     def check_idle(self, now: float) -> None:
         """End the read of every devstream.v1 side silent (no frame, no ping) for
         ``idle_timeout``; the side then counts as dropped. A side in the middle of sending to
         its peer is looked at again later: the send is never cut."""
-        checks, watches = self._idle_checks, self._idle_watches
-        for connection_id in checks.pop_due(now):
-            watch = watches.get(connection_id)
-            if watch is None:
-                continue
-            due = max(watch.ws.last_received, watch.start) + self.idle_timeout
-            if now < due:
-                checks.push(due, connection_id, watches)
-            elif watch.receiving:
-                watch.fired = True
-                watch.scope.cancel()
-            else:
-                checks.push(now + min(1.0, self.idle_timeout), connection_id, watches)
+        watches = self._idle_watches
+        for connection_id in self._silence.silent(
+            now,
+            lambda c: watches[c].ws.last_received,
+            lambda c: not watches[c].receiving,
+        ):
+            watch = watches[connection_id]
+            watch.fired = True
+            watch.scope.cancel()
 
     def _watch_idle(self, connection_id: int, ws: WebSocket, scope: trio.CancelScope) -> _IdleWatch:
-        now = trio.current_time()
-        watch = _IdleWatch(ws=ws, start=now, scope=scope)
+        watch = _IdleWatch(ws=ws, scope=scope)
         self._idle_watches[connection_id] = watch
-        if self._idle_checks.push(now + self.idle_timeout, connection_id, self._idle_watches):
+        if self._silence.watch(connection_id, since=trio.current_time()):
             self._wake()
         return watch
 
@@ -391,6 +384,7 @@ class StreamingEndpoint:
                     dropped = exc.code == ABNORMAL_CLOSURE
                 finally:
                     self._idle_watches.pop(connection_id, None)
+                    self._silence.forget(connection_id)
             if watch is not None and watch.fired and scope.cancelled_caught:
                 log.info("stream %s: %s silent; dropping it", relay.stream_id, role.value)
                 await ws.abort()
