@@ -2,16 +2,20 @@
 
 Test rules: the machine is driven by hand, with no I/O: time is a number the test moves, and
 an adapter's duty (call ``timer`` at each ``next_deadline``, report traffic before it) is
-kept by the helpers below. Randomness is a fraction the test picks.
+kept by the helpers below. Randomness is a fraction the test picks. The last tests drive a
+``DeviceClient`` against an in-memory hub on ``autojump_clock`` and assert the virtual time
+at which it pings and reconnects.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import random
 from collections.abc import Callable
 
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -46,6 +50,10 @@ from devstream_core.session import (
 from devstream_trio import device as device_module
 from devstream_trio.device import DeviceClient
 from devstream_trio.hub import HubConfig
+
+from .conftest import HubEnv
+from .test_device_client import Tap, device_with, round_trip
+from .test_hub import echo
 
 S = SessionState
 I = SessionInput  # noqa: E741 - the table's own shorthand
@@ -862,3 +870,70 @@ class SessionWalk(RuleBasedStateMachine):
 
 TestSessionWalk = SessionWalk.TestCase
 TestSessionWalk.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
+
+
+# -- the trio device client, driven by the machine -------------------------------------------
+
+
+class Fixed(random.Random):
+    """An rng whose every fraction is *fraction*: the backoff the machine picks is known."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__(0)
+        self.fraction = fraction
+
+    def random(self) -> float:
+        return self.fraction
+
+
+async def test_device_client_pings_on_the_sessions_schedule(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    cs = await hub_env.create_device("d1")
+    tap = Tap(hub_env)
+    device = device_with(hub_env, cs, tap, ping_interval=7.0, ping_timeout=3.0)
+    with trio.fail_after(200):
+        await hub_env.nursery.start(device.serve, {"echo": echo})
+        start = trio.current_time()
+        for k in range(1, 15):
+            await trio.sleep_until(start + 7 * k - 0.01)
+            assert tap.streams[0].pings_sent() == k - 1
+            await trio.sleep_until(start + 7 * k + 0.01)
+            assert tap.streams[0].pings_sent() == k
+        assert trio.current_time() - start == pytest.approx(98.01)
+        # Past the hub's idle limit (90 s): still the first channel.
+        assert (device.connections, len(tap.attempts)) == (1, 1)
+        await round_trip(hub_env, "d1")
+
+
+async def test_device_client_reconnects_after_the_backoff_the_session_chose(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    cs = await hub_env.create_device("d1")
+    tap = Tap(hub_env, fail_first=6)
+    fraction = 0.75
+    device = device_with(
+        hub_env,
+        cs,
+        tap,
+        ping_interval=5.0,
+        ping_timeout=3.0,
+        backoff_min=1.0,
+        backoff_max=8.0,
+        rng=Fixed(fraction),
+    )
+    with trio.fail_after(200):
+        await hub_env.nursery.start(device.serve, {"echo": echo})
+        gaps = [later - earlier for earlier, later in itertools.pairwise(tap.attempts)]
+        expected = [fraction * backoff_ceiling(k, base=1.0, cap=8.0) for k in range(6)]
+        assert expected == [0.75, 1.5, 3.0, 6.0, 6.0, 6.0]
+        assert gaps == pytest.approx(expected, abs=1e-9)
+        # The hub goes silent at 12.5 s: the ping at 15 s goes unanswered until 18 s, and
+        # the next open comes a first backoff (the registration reset it) later.
+        start = trio.current_time()
+        await trio.sleep_until(start + 12.5)
+        tap.control_channel().silent = True
+        await trio.sleep_until(start + 30)
+        assert tap.attempts[-1] - start == pytest.approx(18.0 + fraction * 1.0, abs=1e-9)
+        assert device.online and device.connections == 2
+        await round_trip(hub_env, "d1")
