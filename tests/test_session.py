@@ -9,8 +9,11 @@ at which it pings and reconnects.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import math
+import os
 import random
 from collections.abc import Callable
 
@@ -20,8 +23,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from devstream_core.credentials import sas_renewal_time
+from devstream_core import control
+from devstream_core.credentials import ConnectionString, sas_renewal_time
 from devstream_core.errors import ErrorCode, LocalProtocolError
+from devstream_core.registry import new_key
 from devstream_core.session import (
     CONTROL_IDLE_TIMEOUT,
     DEFAULT_BACKOFF_BASE,
@@ -48,6 +53,9 @@ from devstream_core.session import (
     is_final,
 )
 from devstream_trio import device as device_module
+from devstream_trio._connect import HubAddress
+from devstream_trio._http import HttpServerConnection
+from devstream_trio._ws import ConnectionClosed, payload
 from devstream_trio.device import DeviceClient
 from devstream_trio.hub import HubConfig
 
@@ -406,6 +414,7 @@ def test_a_renewal_hands_over_and_the_old_channel_drains_for_the_ping_timeout() 
     assert s.serving_channel == 2 and s.attempt == 0
     # The successor's own renewal: 85 s after its token was signed (at 85).
     assert s.next_deadline() == 96.0  # the old one's drain: 86 + ping_timeout
+    assert s.timer(95.9, random_fraction=0.5) == []  # early: nothing is due yet
     assert s.timer(96.0, random_fraction=0.5) == [
         CloseChannel(channel=1, reason=CloseReason.REPLACED)
     ]
@@ -936,4 +945,72 @@ async def test_device_client_reconnects_after_the_backoff_the_session_chose(
         await trio.sleep_until(start + 30)
         assert tap.attempts[-1] - start == pytest.approx(18.0 + fraction * 1.0, abs=1e-9)
         assert device.online and device.connections == 2
+        await round_trip(hub_env, "d1")
+
+
+async def test_device_client_drops_a_channel_whose_register_goes_unanswered(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """A hub that takes the first channel's WebSocket but never answers its Register (it
+    answers pings): the device drops it ``ping_timeout`` after the handshake and opens the
+    next after the backoff, where before it waited there for ever."""
+    opens: list[float] = []
+    registers: list[float] = []
+
+    async def hub(stream: trio.abc.Stream, answer: bool) -> None:
+        http = HttpServerConnection(stream)
+        request = await http.next_request()
+        assert request is not None
+        ws = await http.accept_websocket(request, subprotocol=control.CONTROL_SUBPROTOCOL)
+        machine = control.HubControl()
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                event = await ws.receive()
+                for message in machine.receive(payload(event), message_finished=True):
+                    assert isinstance(message, control.Register)
+                    registers.append(trio.current_time())
+                    if answer:
+                        await ws.send_text(machine.send(control.Registered(names=message.names)))
+
+    async def opener(address: HubAddress) -> trio.abc.Stream:
+        opens.append(trio.current_time())
+        client, server = trio.testing.memory_stream_pair()
+        hub_env.nursery.start_soon(hub, server, len(opens) > 1)
+        return client
+
+    cs = ConnectionString(
+        host_name="hub.test:8080",
+        device_id="d1",
+        shared_access_key=new_key(os.urandom(32)),
+        use_tls=False,
+    )
+    device = DeviceClient(cs, opener=opener, ping_timeout=4.0, backoff_min=1.0, rng=Fixed(0.5))
+    with trio.fail_after(30):
+        start = trio.current_time()
+        await hub_env.nursery.start(device.serve, {"echo": echo})
+        assert device.online and device.connections == 1
+        assert [t - start for t in opens] == [0.0, 4.5]  # 4 s unanswered, then 0.5 * 1 s
+        assert [t - start for t in registers] == [0.0, 4.5]
+        assert trio.current_time() - start == 4.5
+
+
+async def test_device_client_retries_an_opener_that_raises_os_error(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    cs = await hub_env.create_device("d1")
+    opens: list[float] = []
+
+    async def opener(address: HubAddress) -> trio.abc.Stream:
+        opens.append(trio.current_time())
+        if len(opens) == 1:
+            await trio.lowlevel.checkpoint()
+            raise OSError(errno.ECONNREFUSED, "Connection refused")
+        return await hub_env.open(address)
+
+    device = DeviceClient(cs, opener=opener, backoff_min=2.0, rng=Fixed(0.25))
+    with trio.fail_after(30):
+        start = trio.current_time()
+        await hub_env.nursery.start(device.serve, {"echo": echo})
+        assert [t - start for t in opens] == [0.0, 0.5]
+        assert device.online
         await round_trip(hub_env, "d1")

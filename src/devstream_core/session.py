@@ -38,14 +38,15 @@ The adapter's loop, the same for every I/O layer::
                                   actions = session.timer(now, random_fraction=)
 
 The machine, one :class:`SessionState` at a time, moved by :class:`SessionInput`\\ s along
-:data:`SESSION_TRANSITIONS` (a pair missing from it raises :class:`LocalProtocolError`)::
+:data:`SESSION_TRANSITIONS` (a call that would make a move missing from it raises
+:class:`LocalProtocolError`, unless it is about a channel the machine let go: see below)::
 
     IDLE --start--> CONNECTING --opened--> REGISTERING --registered--> ONLINE
     ONLINE --renewal due--> RENEWING --successor opened--> HANDING_OVER --registered--> ONLINE
     CONNECTING / REGISTERING / ONLINE --lost--> WAITING --backoff over--> CONNECTING
     RENEWING / HANDING_OVER --successor lost--> CONNECTING (the old channel closed too)
     RENEWING --serving lost--> CONNECTING;  HANDING_OVER --serving lost--> REGISTERING
-    any but IDLE and WAITING --final error--> FAILED
+    CONNECTING ... HANDING_OVER --final error--> FAILED (nothing leaves it)
 
 Rules every change must keep:
 
