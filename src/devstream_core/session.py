@@ -56,9 +56,11 @@ Rules every change must keep:
   anything else, as :meth:`~DeviceSession.data_received` reports). A ping unanswered for
   ``ping_timeout`` makes the channel dead: it is closed and counts as lost. So a hub silent
   from time ``t`` is found out between ``t + ping_timeout`` and
-  ``t + ping_interval + ping_timeout``, and a live hub hears from the device at least every
-  ``ping_interval``: the hub drops a control channel silent for :data:`CONTROL_IDLE_TIMEOUT`
-  (90 s by default), and the defaults (20 s, 20 s) stay well inside it.
+  ``t + ping_interval + ping_timeout``, and a hub that answers each ping within
+  ``ping_interval`` hears from the device at least that often (one that answers later, at
+  least every ``ping_interval + ping_timeout``): the hub drops a control channel silent for
+  :data:`CONTROL_IDLE_TIMEOUT` (90 s by default), and the defaults (20 s, 20 s) stay well
+  inside it.
 * **Registration.** A channel whose Register is not answered within ``ping_timeout`` of its
   handshake is closed and counts as lost.
 * **Renewal.** Each channel's SAS token is signed with the expiry
