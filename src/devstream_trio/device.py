@@ -9,9 +9,12 @@
     async with devstream_trio.open_device(connection_string) as device:
         await device.serve({"echo": echo})
 
-* The control channel is kept up: the device pings every ``ping_interval`` seconds and treats a
-  hub silent for ``ping_interval + ping_timeout`` as gone; after a drop it reconnects with
-  exponential backoff and full jitter (``backoff_min`` doubling up to ``backoff_max``).
+* Every decision about the control channel is :class:`devstream_core.session.DeviceSession`'s
+  (the rules are written there); this module carries them out with trio. The channel is kept
+  up: the device pings every ``ping_interval`` seconds, one ping in flight at a time, and
+  treats a ping unanswered for ``ping_timeout`` as a dead channel; after a drop it
+  reconnects with exponential backoff and full jitter (a random fraction of ``backoff_min``
+  doubling up to ``backoff_max``).
 * A stream request for a registered name is accepted and its handler runs in its own task; a
   handler that raises is logged and its stream closed, and the device keeps serving. A stream
   that cannot be joined, or that ends under its handler (``trio.BrokenResourceError``: the peer
@@ -33,8 +36,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
+import math
 import random
 import ssl
 import time
@@ -44,9 +50,9 @@ from contextlib import asynccontextmanager
 import trio
 from wsproto.events import BytesMessage, TextMessage
 
-from devstream_core import control
+from devstream_core import control, session
 from devstream_core.common import Role
-from devstream_core.credentials import ConnectionString, sas_renewal_time
+from devstream_core.credentials import ConnectionString
 from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
 from devstream_core.wire import DEFAULT_SAS_LIFETIME, MIN_SAS_LIFETIME, control_target
 
@@ -67,63 +73,22 @@ SAS_LIFETIME = DEFAULT_SAS_LIFETIME
 #: What a device runs for each accepted stream.
 Handler = Callable[[AnyStream], Awaitable[None]]
 
-#: Errors that mean "this device may not connect": retrying would not help.
-PERMANENT = frozenset(
-    {
-        ErrorCode.UNAUTHORIZED,
-        ErrorCode.PERMISSION_DENIED,
-        ErrorCode.DEVICE_NOT_FOUND,
-        ErrorCode.DEVICE_DISABLED,
-        ErrorCode.INVALID_CONNECTION_STRING,
-        # A malformed setting, e.g. an http_proxy / HTTPS_PROXY that is not a proxy URL.
-        ErrorCode.ARGUMENT_INVALID,
-    }
-)
+#: Errors that mean "this device may not connect": retrying would not help (the core's table,
+#: :data:`devstream_core.session.FINAL_AT_OPEN`).
+PERMANENT = session.FINAL_AT_OPEN
 
 
-class _SessionLost(Exception):
-    """The control channel ended; reconnect."""
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Channel:
-    """A control channel just opened (handshake done), registered or not yet."""
+    """The trio side of one control channel the session asked for: the cancel scope of its
+    task, its WebSocket once open, its control machine, and the error it ended with."""
 
-    ws: WebSocket
-    #: When to renew its token, on the trio clock.
-    renew_at: float
-    #: Its control machine once it has registered (the renewal does that), else None.
-    machine: control.DeviceControl | None = None
-
-
-@dataclasses.dataclass
-class _Handover:
-    """A channel's renewal, as its keepalive goes about it."""
-
-    #: The keepalive is opening and registering the successor.
-    started: bool = False
-    #: Set when that is done: ``successor`` is the registered channel, or None if it failed.
-    settled: trio.Event = dataclasses.field(default_factory=trio.Event)
-    successor: _Channel | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Serving:
-    """What a control channel serves: the handlers, the streams' nursery, the ready call."""
-
-    handlers: Mapping[str, Handler]
-    streams: trio.Nursery
-    ready: Callable[[], None]
-
-
-class _Renewal(Exception):
-    """The control channel's SAS token is due for renewal: go on with *successor*, a channel
-    already opened with a fresh token and registered (or, if that failed, open one the usual
-    way)."""
-
-    def __init__(self, successor: _Channel | None) -> None:
-        super().__init__("SAS token renewal")
-        self.successor = successor
+    number: int
+    scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
+    ws: WebSocket | None = None
+    machine: control.DeviceControl = dataclasses.field(default_factory=control.DeviceControl)
+    #: What ``serve`` raises if the session gives up on this channel's error.
+    error: HubError | None = None
 
 
 class DeviceClient:
@@ -134,10 +99,10 @@ class DeviceClient:
         connection_string: str | ConnectionString,
         *,
         ssl_context: ssl.SSLContext | None = None,
-        ping_interval: float = 20.0,
-        ping_timeout: float = 20.0,
-        backoff_min: float = 0.5,
-        backoff_max: float = 30.0,
+        ping_interval: float = session.DEFAULT_PING_INTERVAL,
+        ping_timeout: float = session.DEFAULT_PING_TIMEOUT,
+        backoff_min: float = session.DEFAULT_BACKOFF_BASE,
+        backoff_max: float = session.DEFAULT_BACKOFF_CAP,
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         opener: Opener | None = None,
@@ -158,6 +123,8 @@ class DeviceClient:
         self.ssl_context = ssl_context
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
+        #: The first reconnect's longest wait; it doubles with each failure in a row, up to
+        #: ``backoff_max`` (the wait is a random fraction of that: full jitter).
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.wall_clock = wall_clock
@@ -186,58 +153,42 @@ class DeviceClient:
         if not handlers:
             raise ValueError("serve() needs at least one handler")
         started = False
-        failures = 0
-        successor: _Channel | None = None
 
         def ready() -> None:
-            nonlocal started, failures
-            failures = 0
+            nonlocal started
             if not started:
                 started = True
                 task_status.started()
 
-        # Errors leave the nursery by hand: trio would wrap them in an ExceptionGroup.
-        fatal: HubError | None = None
-        async with trio.open_nursery() as streams:
-            while True:
-                try:
-                    channel, successor = successor, None
-                    await self._session(handlers, streams, ready, channel)
-                except HubError as exc:
-                    if exc.code in PERMANENT:
-                        fatal = exc
-                        streams.cancel_scope.cancel()
-                        break
-                    log.warning("device %r: %s; reconnecting", self.device_id, exc.message)
-                except _SessionLost as exc:
-                    log.info(
-                        "device %r: control channel lost (%s); reconnecting", self.device_id, exc
-                    )
-                except _Renewal as renewal:
-                    # Not a failure: on at once, on the channel opened with a fresh token
-                    # while the old one still served. The streams carry on in their own
-                    # nursery meanwhile.
-                    log.info("device %r: renewed its SAS token on a new channel", self.device_id)
-                    successor = renewal.successor
-                    continue
-                finally:
-                    self.online = False
-                failures += 1
-                ceiling = min(self.backoff_max, self.backoff_min * 2 ** min(failures - 1, 16))
-                await trio.sleep(self._rng.uniform(self.backoff_min / 2, ceiling))
-        if fatal is not None:
-            raise fatal
-
-    async def _open_channel(self) -> _Channel:
-        """Open a control channel with a fresh SAS token (the handshake; no Register yet)."""
-        transport = await open_transport(self.address, self.ssl_context, self.opener)
-        issued_at = self.wall_clock()
-        expiry = int(issued_at) + self.sas_lifetime
-        token = self.connection_string.sas_token(expiry=expiry)
-        # The hub closes the channel at the token's expiry; reconnect with a new one before.
-        renew_at = trio.current_time() + (
-            sas_renewal_time(issued_at=issued_at, expiry=expiry) - issued_at
+        machine = session.DeviceSession(
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            backoff_base=self.backoff_min,
+            backoff_cap=self.backoff_max,
+            sas_lifetime=self.sas_lifetime,
         )
+        try:
+            async with trio.open_nursery() as streams:
+                driver = _SessionDriver(self, machine, self._rng, handlers, streams, ready)
+                await driver.run()
+                # Given up: the streams end with the session. The error leaves the nursery
+                # by hand (trio would wrap it in a group).
+                streams.cancel_scope.cancel()
+        finally:
+            self.online = False
+        if driver.fatal is not None:
+            raise driver.fatal
+
+    async def _open_channel(self, sign: Callable[[float], int]) -> WebSocket:
+        """Open a control channel with a fresh SAS token (the handshake; no Register yet).
+
+        *sign* gives the token's expiry for the Unix time it is signed at.
+        """
+        try:
+            transport = await open_transport(self.address, self.ssl_context, self.opener)
+        except OSError as exc:  # an opener of the caller's that does not map its errors
+            raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, str(exc)) from exc
+        token = self.connection_string.sas_token(expiry=sign(self.wall_clock()))
         try:
             ws = await websocket_connect(
                 transport,
@@ -255,198 +206,7 @@ class DeviceClient:
         except BaseException:
             await trio.aclose_forcefully(transport)
             raise
-        return _Channel(ws=ws, renew_at=renew_at)
-
-    async def _session(
-        self,
-        handlers: Mapping[str, Handler],
-        streams: trio.Nursery,
-        ready: Callable[[], None],
-        channel: _Channel | None = None,
-    ) -> None:
-        """Serve one control channel (*channel*, or one opened now) until it ends."""
-        if channel is None:
-            channel = await self._open_channel()
-        ws = channel.ws
-        machine = channel.machine
-        if machine is not None:
-            self.online = True  # registered by the renewal that opened it
-        serving = _Serving(handlers, streams, ready)
-        handover = _Handover()
-        try:
-            # The reader's error leaves the nursery by hand (trio would wrap it in a group).
-            failure: ConnectionClosed | DevstreamError | None = None
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(
-                        self._keepalive,
-                        ws,
-                        nursery.cancel_scope,
-                        channel.renew_at,
-                        handover,
-                        serving,
-                    )
-                    try:
-                        if machine is None:
-                            machine = control.DeviceControl()
-                            await ws.send_text(
-                                machine.send(control.Register(names=tuple(handlers)))
-                            )
-                        await self._read_loop(ws, machine, serving)
-                    except (ConnectionClosed, DevstreamError) as exc:
-                        failure = exc
-                        if handover.started:
-                            # The hub closes this channel once the successor's Register
-                            # reached it, maybe before the successor hears back: let that
-                            # finish.
-                            await handover.settled.wait()
-                        nursery.cancel_scope.cancel()
-            except BaseException:
-                # Cancelled from outside: the successor goes too.
-                if handover.successor is not None:
-                    await handover.successor.ws.abort()
-                raise
-            if handover.successor is not None:
-                raise _Renewal(handover.successor)
-            if failure is not None:
-                raise failure
-            if handover.settled.is_set():
-                raise _Renewal(None)
-            raise _SessionLost("no answer to keepalive pings")
-        except ConnectionClosed as exc:
-            code, message = parse_close_reason(exc.reason)
-            if code is ErrorCode.UNAUTHORIZED:
-                # The hub closed a channel it had let in: its token expired (this clock runs
-                # behind the hub's) or the device's keys changed. A fresh token settles the
-                # first; the second is refused at the next connect, which ends serve().
-                raise _SessionLost(f"{message} (error {int(code)})") from None
-            if code is not None:
-                raise error_for(code, message) from None
-            raise _SessionLost(f"closed {exc.code} {exc.reason}".rstrip()) from None
-        except DevstreamError as exc:
-            if isinstance(exc, HubError):
-                raise
-            # The hub broke the control protocol: drop the channel and start afresh.
-            raise _SessionLost(exc.message) from exc
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await ws.send_close(1000, "")
-            await ws.abort()
-
-    async def _read_loop(
-        self, ws: WebSocket, machine: control.DeviceControl, serving: _Serving
-    ) -> None:
-        while True:
-            event = await ws.receive()
-            for message in _messages(machine, event):
-                await self._handle(ws, machine, message, serving)
-
-    async def _handle(
-        self,
-        ws: WebSocket,
-        machine: control.DeviceControl,
-        message: control.ControlMessage,
-        serving: _Serving,
-    ) -> None:
-        """Act on one message from the hub on control channel *ws*."""
-        if isinstance(message, control.Registered):
-            self.online = True
-            self.connections += 1
-            log.info("device %r online, serving %s", self.device_id, list(message.names))
-            serving.ready()
-        elif isinstance(message, control.StreamRequest):
-            handler = serving.handlers.get(message.name) or serving.handlers.get("*")
-            if handler is None:
-                await ws.send_text(
-                    machine.send(
-                        control.StreamResponse(
-                            request_id=message.request_id,
-                            accepted=False,
-                            reason=f"no handler for stream name {message.name!r}",
-                        )
-                    )
-                )
-                return
-            await ws.send_text(
-                machine.send(control.StreamResponse(request_id=message.request_id, accepted=True))
-            )
-            serving.streams.start_soon(self._run_stream, message, handler, serving.streams)
-        elif isinstance(message, control.ErrorMessage):
-            # DEVICE_NOT_ONLINE is how the hub ends a channel this device replaced.
-            level = logging.INFO if message.code == ErrorCode.DEVICE_NOT_ONLINE else logging.WARNING
-            log.log(
-                level,
-                "device %r: hub reports error %s: %s",
-                self.device_id,
-                message.code,
-                message.message,
-            )
-
-    async def _keepalive(
-        self,
-        ws: WebSocket,
-        scope: trio.CancelScope,
-        renew_at: float,
-        handover: _Handover,
-        serving: _Serving,
-    ) -> None:
-        # Ping every ping_interval; give up the moment the hub has been silent for
-        # ping_interval + ping_timeout (not at the next ping, which could be later). At
-        # renew_at, open the next channel with a fresh token and register on it while this
-        # one still serves requests; then this one answers what the hub had sent it until
-        # the hub closes it, for at most ping_timeout.
-        next_ping = trio.current_time() + self.ping_interval
-        while True:
-            give_up_at = ws.last_received + self.ping_interval + self.ping_timeout
-            await trio.sleep_until(min(next_ping, give_up_at, renew_at))
-            now = trio.current_time()
-            if now >= renew_at:
-                handover.started = True
-                handover.successor = await self._register_successor(serving)
-                handover.settled.set()
-                if handover.successor is not None:
-                    await trio.sleep(self.ping_timeout)
-                scope.cancel()
-                return
-            if now >= ws.last_received + self.ping_interval + self.ping_timeout:
-                scope.cancel()
-                return
-            if now >= next_ping:
-                next_ping = now + self.ping_interval
-                try:
-                    await ws.ping()
-                except ConnectionClosed:
-                    return
-
-    async def _register_successor(self, serving: _Serving) -> _Channel | None:
-        """Open a channel with a fresh token and register on it; None if that fails (the
-        serve loop then opens one the usual way, and reports what goes wrong)."""
-        try:
-            channel = await self._open_channel()
-        except (DevstreamError, OSError) as exc:
-            log.info("device %r: cannot open a new channel yet: %s", self.device_id, exc)
-            return None
-        ws = channel.ws
-        machine = control.DeviceControl()
-        registered = False
-        try:
-            with trio.move_on_after(self.ping_timeout):
-                await ws.send_text(machine.send(control.Register(names=tuple(serving.handlers))))
-                while not registered:
-                    event = await ws.receive()
-                    for message in _messages(machine, event):
-                        registered = registered or isinstance(message, control.Registered)
-                        await self._handle(ws, machine, message, serving)
-        except (ConnectionClosed, DevstreamError) as exc:
-            log.info("device %r: cannot register on a new channel yet: %s", self.device_id, exc)
-        except BaseException:
-            await ws.abort()
-            raise
-        if not registered:
-            await ws.abort()
-            return None
-        channel.machine = machine
-        return channel
+        return ws
 
     def _options_for(self, request: control.StreamRequest) -> StreamOptions:
         """This device's stream options, with the window the service chose for the stream."""
@@ -498,6 +258,211 @@ class DeviceClient:
         finally:
             await stream.aclose()
             log.debug("device %r: stream %s closed", self.device_id, stream.stream_id)
+
+
+class _SessionDriver:
+    """One call of :meth:`DeviceClient.serve`: a :class:`~devstream_core.session.DeviceSession`
+    decides, and this carries it out: one task per control channel (open, read, answer
+    requests), one loop for the session's deadlines, a task per ping or Register sent."""
+
+    def __init__(
+        self,
+        client: DeviceClient,
+        machine: session.DeviceSession,
+        rng: random.Random,
+        handlers: Mapping[str, Handler],
+        streams: trio.Nursery,
+        ready: Callable[[], None],
+    ) -> None:
+        self.client = client
+        self.session = machine
+        #: Where the session's random fractions (its backoff's jitter) come from.
+        self.rng = rng
+        self.handlers = handlers
+        self.streams = streams
+        self.ready = ready
+        self.channels: dict[int, _Channel] = {}
+        #: Set when the session gave up: what ``serve`` raises.
+        self.fatal: HubError | None = None
+        self._nursery: trio.Nursery | None = None
+        self._wakeup = trio.Event()
+
+    async def run(self) -> None:
+        """Serve until the session gives up (``fatal`` is then set) or this is cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._apply(self.session.start(trio.current_time()))
+            while True:
+                # Wait for the next deadline; a channel's report may move it (``_wakeup``).
+                self._wakeup = trio.Event()
+                deadline = self.session.next_deadline()
+                if deadline is None or trio.current_time() < deadline:
+                    with trio.move_on_at(math.inf if deadline is None else deadline):
+                        await self._wakeup.wait()
+                    continue
+                for channel in self.channels.values():
+                    if channel.ws is not None:
+                        self.session.data_received(channel.number, at=channel.ws.last_received)
+                self._apply(self.session.timer(trio.current_time(), random_fraction=self._random()))
+
+    def _random(self) -> float:
+        return self.rng.random()
+
+    def _apply(self, actions: list[session.Action]) -> None:
+        """Carry out what the session decided (without waiting: sends go in their own tasks)."""
+        nursery = self._nursery
+        assert nursery is not None
+        device_id = self.client.device_id
+        for action in actions:
+            if isinstance(action, session.OpenChannel):
+                channel = _Channel(action.channel)
+                self.channels[action.channel] = channel
+                nursery.start_soon(self._serve_channel, channel)
+            elif isinstance(action, session.SendRegister):
+                channel = self.channels[action.channel]
+                assert channel.ws is not None
+                text = channel.machine.send(control.Register(names=tuple(self.handlers)))
+                nursery.start_soon(_quietly, functools.partial(channel.ws.send_text, text))
+            elif isinstance(action, session.SendPing):
+                ws = self.channels[action.channel].ws
+                assert ws is not None
+                nursery.start_soon(_quietly, ws.ping)
+            elif isinstance(action, session.CloseChannel):
+                channel = self.channels.pop(action.channel)
+                log.log(
+                    logging.DEBUG if action.reason in _QUIET_CLOSES else logging.INFO,
+                    "device %r: closing control channel %d: %s",
+                    device_id,
+                    action.channel,
+                    action.reason.value,
+                )
+                channel.scope.cancel()
+            elif isinstance(action, session.Online):
+                self.client.connections += 1
+                if action.replaced is not None:
+                    log.info("device %r: renewed its SAS token on a new channel", device_id)
+                self.ready()
+            elif isinstance(action, session.Reconnect):
+                log.info(
+                    "device %r: reconnecting in %.3f s (attempt %d)",
+                    device_id,
+                    action.after,
+                    action.attempt,
+                )
+            else:
+                self.fatal = self.channels[action.channel].error
+                assert self.fatal is not None  # a final error has a code, hence an error
+                nursery.cancel_scope.cancel()
+        self.client.online = self.session.online
+        self._wakeup.set()
+
+    def _lost(self, channel: _Channel, code: ErrorCode | None, why: str) -> None:
+        """Tell the session that *channel* ended, for *why*."""
+        actions = self.session.channel_lost(
+            channel.number, trio.current_time(), code=code, random_fraction=self._random()
+        )
+        if actions and not any(isinstance(a, session.GiveUp) for a in actions):
+            warn = code is not None and code is not ErrorCode.UNAUTHORIZED
+            log.log(
+                logging.WARNING if warn else logging.INFO,
+                "device %r: control channel %d lost (%s)",
+                self.client.device_id,
+                channel.number,
+                why,
+            )
+        self._apply(actions)
+
+    async def _serve_channel(self, channel: _Channel) -> None:
+        """Open *channel*, read it and answer its requests until it ends or is closed."""
+        number = channel.number
+
+        def sign(wall_time: float) -> int:
+            return self.session.token_expiry(number, now=trio.current_time(), wall_time=wall_time)
+
+        try:
+            with channel.scope:
+                try:
+                    channel.ws = await self.client._open_channel(sign)
+                except HubError as exc:
+                    channel.error = exc
+                    self._lost(channel, exc.code, exc.message)
+                    return
+                self._apply(self.session.channel_opened(number, trio.current_time()))
+                try:
+                    await self._read_loop(channel)
+                except ConnectionClosed as exc:
+                    code, message = parse_close_reason(exc.reason)
+                    if code is not None:
+                        channel.error = error_for(code, message)
+                        self._lost(channel, code, f"{message} (error {int(code)})")
+                    else:
+                        self._lost(channel, None, f"closed {exc.code} {exc.reason}".rstrip())
+                except DevstreamError as exc:
+                    # The hub broke the control protocol: drop the channel and start afresh.
+                    self._lost(channel, None, exc.message)
+        finally:
+            if self.channels.get(number) is channel:
+                del self.channels[number]
+            ws = channel.ws
+            if ws is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await ws.send_close(1000, "")
+                await ws.abort()
+
+    async def _read_loop(self, channel: _Channel) -> None:
+        ws = channel.ws
+        assert ws is not None
+        while True:
+            event = await ws.receive()
+            for message in _messages(channel.machine, event):
+                await self._handle(channel, ws, message)
+
+    async def _handle(
+        self, channel: _Channel, ws: WebSocket, message: control.ControlMessage
+    ) -> None:
+        """Act on one message from the hub on control channel *channel*."""
+        client = self.client
+        machine = channel.machine
+        if isinstance(message, control.Registered):
+            log.info("device %r online, serving %s", client.device_id, list(message.names))
+            self._apply(self.session.registered(channel.number, trio.current_time()))
+        elif isinstance(message, control.StreamRequest):
+            handler = self.handlers.get(message.name) or self.handlers.get("*")
+            if handler is None:
+                await ws.send_text(
+                    machine.send(
+                        control.StreamResponse(
+                            request_id=message.request_id,
+                            accepted=False,
+                            reason=f"no handler for stream name {message.name!r}",
+                        )
+                    )
+                )
+                return
+            await ws.send_text(
+                machine.send(control.StreamResponse(request_id=message.request_id, accepted=True))
+            )
+            self.streams.start_soon(client._run_stream, message, handler, self.streams)
+        elif isinstance(message, control.ErrorMessage):
+            # DEVICE_NOT_ONLINE is how the hub ends a channel this device replaced.
+            level = logging.INFO if message.code == ErrorCode.DEVICE_NOT_ONLINE else logging.WARNING
+            log.log(
+                level,
+                "device %r: hub reports error %s: %s",
+                client.device_id,
+                message.code,
+                message.message,
+            )
+
+
+#: Closes that are no news: a renewed channel's predecessor, the rest of a session given up.
+_QUIET_CLOSES = frozenset({session.CloseReason.REPLACED, session.CloseReason.GIVEN_UP})
+
+
+async def _quietly(send: Callable[[], Awaitable[None]]) -> None:
+    """Send on a control channel; a closed one says so to its reader, which reports it."""
+    with contextlib.suppress(ConnectionClosed):
+        await send()
 
 
 def _messages(
