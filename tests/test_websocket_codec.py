@@ -14,6 +14,9 @@ from __future__ import annotations
 import itertools
 import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -22,6 +25,7 @@ from wsproto.connection import Connection as WsprotoConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import CloseConnection as WsprotoClose
 
+import devstream_core
 from devstream_core.errors import LocalProtocolError
 from devstream_core.websocket import (
     MAX_BATCH_FRAMES,
@@ -727,3 +731,22 @@ def test_same_decision_on_a_close_as_wsproto(code: int, reason: bytes, server: b
     wire = frame(0x8, struct.pack("!H", code) + reason, masked=server)
     ours, theirs = run_both([wire], server=server)
     assert_same_decisions(ours, theirs)
+
+
+def test_wsproto_is_not_on_the_runtime_path() -> None:
+    """The hub, the clients and the CLI import no other WebSocket protocol library (wsproto
+    is the tests' reference only)."""
+    code = (
+        "import sys, devstream_trio, devstream_trio.hub, devstream_trio.cli, "
+        "devstream_trio.proxy, devstream_trio.framed; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'wsproto'))"
+    )
+    src = str(Path(devstream_core.__file__).resolve().parent.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": src},
+    )
+    assert result.stdout.strip() == "[]"

@@ -89,6 +89,7 @@ __all__ = [
     "is_valid_close_code",
     "native_apply_mask",
     "pure_apply_mask",
+    "sendable_close_code",
 ]
 
 #: The most frames one :meth:`Connection.receive_data` parses; the rest waits for the next
@@ -156,7 +157,7 @@ class BytesMessage:
     """A binary fragment: part of a frame, or all of it (*frame_finished*), maybe the end of
     its message (*message_finished*). Received, *data* may be a view of what a read brought."""
 
-    data: bytes | bytearray | memoryview
+    data: bytes | memoryview
     frame_finished: bool = True
     message_finished: bool = True
 
@@ -209,6 +210,13 @@ def is_valid_close_code(code: int) -> bool:
     defined codes 1000-1003 and 1007-1014, and 3000-4999 (libraries and applications). Never
     1005, 1006 or 1015, which only report what happened."""
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def sendable_close_code(code: int) -> int:
+    """*code* as this side may send it: a code that only reports what happened (1005: the
+    close carried none; 1006: the connection ended without one; 1015: TLS failed) becomes
+    1001 (going away), so a relay can pass on any close it saw."""
+    return 1001 if code in (_NO_STATUS, 1006, 1015) else code
 
 
 # -- the closing handshake ---------------------------------------------------------------------

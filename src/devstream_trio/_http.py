@@ -28,14 +28,12 @@ from dataclasses import dataclass, field
 
 import h11
 import trio
-from wsproto.connection import Connection as WsConnection
-from wsproto.connection import ConnectionType
 
-from devstream_core import handshake
+from devstream_core import handshake, websocket
 from devstream_core.errors import DevstreamError, ErrorCode, RemoteProtocolError
 from devstream_core.handshake import accept_token
 
-from . import _io
+from . import _io, _mask
 from ._ws import WebSocket, close_forcefully
 
 __all__ = [
@@ -410,7 +408,7 @@ class HttpServerConnection:
             trailing = self._after_head
         else:
             trailing, _ = self.conn.trailing_data
-        ws = WsConnection(ConnectionType.SERVER)
+        ws = websocket.Connection(client=False, apply_mask=_mask.masker())
         return WebSocket(self.stream, ws, subprotocol=subprotocol, initial_data=bytes(trailing))
 
 
@@ -658,7 +656,7 @@ async def websocket_connect(
         trailing = bytes(conn.trailing_data[0])
     # The same checks whichever way the 101 was read.
     chosen = handshake.check_response(response_headers, key=key, subprotocols=subprotocols)
-    ws = WsConnection(ConnectionType.CLIENT)
+    ws = websocket.Connection(client=True, apply_mask=_mask.masker())
     return WebSocket(
         stream,
         ws,

@@ -43,12 +43,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import trio
-from wsproto.events import BytesMessage, TextMessage
 
 from devstream_core import control
 from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString, sas_renewal_time
 from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
+from devstream_core.websocket import BytesMessage, TextMessage
 
 from ._connect import HubAddress, Opener, connection_string_for, hub_opener
 from ._http import HttpStatusError, websocket_connect
