@@ -50,8 +50,6 @@ __all__ = [
 ]
 
 _RECEIVE_SIZE = 65536
-#: h11's documented state of a client that asked to switch protocols (not in its ``__all__``).
-_MIGHT_SWITCH_PROTOCOL: object = h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
 #: A header name (RFC 9110 token) and value (visible characters, inner spaces and tabs), for
 #: the headers of a response the hub writes itself.
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
@@ -289,8 +287,8 @@ class HttpServerConnection:
                     raise HttpError(ErrorCode.PAYLOAD_TOO_LARGE, "request body too large")
             elif isinstance(event, h11.EndOfMessage):
                 assert request is not None
-                # A request that asks to switch protocols (h11 pauses after it).
-                self._upgrade_pending = self.conn.their_state is _MIGHT_SWITCH_PROTOCOL
+                # A request that asks to switch protocols: h11 pauses after it.
+                self._upgrade_pending = _proposes_switch(request.method, headers)
                 return _checked(_request(request, headers, body))
             elif isinstance(event, h11.ConnectionClosed):
                 if request is None and not got_bytes:
@@ -437,6 +435,20 @@ def _websocket_key(request: HttpRequest) -> bytes:
         raise HttpError(exc.code, exc.message) from None
 
 
+def _proposes_switch(method: bytes, headers: Headers) -> bool:
+    """True when a request proposes a protocol switch as h11 reads one (its documented rule:
+    a ``CONNECT``, or an ``Upgrade`` header with a value; h11 then pauses after the request
+    until the answer). Decided from the request itself: h11's name for that state is not
+    among the names it exports."""
+    return method == b"CONNECT" or _asks_upgrade(headers)
+
+
+def _asks_upgrade(headers: Headers) -> bool:
+    """True when *headers* hold an ``Upgrade`` with a value (an item that is not empty)."""
+    values = [value for name, value in headers if name == b"upgrade"]
+    return any(token.strip() for value in values for token in value.split(b","))
+
+
 def _has_fields(headers: Headers, *names: bytes) -> bool:
     """True when *headers* hold a field of each of *names*."""
     present = {name for name, _ in headers}
@@ -470,10 +482,7 @@ def _parse_upgrade(data: bytes | bytearray, limit: int) -> tuple[HttpRequest, in
     if fields is None:
         return None
     hosts = sum(1 for name, _ in fields if name == b"host")
-    upgrade = any(
-        token.strip() for name, value in fields if name == b"upgrade" for token in value.split(b",")
-    )
-    if hosts != 1 or not upgrade:
+    if hosts != 1 or not _asks_upgrade(fields):
         return None
     return HttpRequest(method=method, target=target, headers=fields), end + 4
 
