@@ -750,3 +750,19 @@ def test_wsproto_is_not_on_the_runtime_path() -> None:
         env={**os.environ, "PYTHONPATH": src},
     )
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("server", [True, False])
+def test_a_batch_of_whole_messages_one_frame_each(server: bool) -> None:
+    conn = Connection(client=not server)
+    messages = [[b"a", b"b"], [memoryview(b"x" * 70000)], [b""]]
+    keys = b"" if server else b"k1k2k3k4k5k6"
+    wire = b"".join(conn.send_messages(messages, mask_keys=keys))
+    assert wsproto_reads(wire, server=server) == [
+        ("BytesMessage", b"ab", True, True),
+        ("BytesMessage", b"x" * 70000, True, True),
+        ("BytesMessage", b"", True, True),
+    ]
+    with pytest.raises(LocalProtocolError):
+        conn.send_messages(messages, mask_keys=keys[:-1] if keys else b"k1k2")
+    assert conn.send_messages([], mask_keys=b"") == []

@@ -233,6 +233,11 @@ class ConnectionState(enum.Enum):
     CLOSED = "closed"
 
 
+# Enum members looked up once: ``ConnectionState.OPEN`` costs a slow class attribute lookup
+# on every send.
+_OPEN = ConnectionState.OPEN
+
+
 class CloseInput(enum.Enum):
     """What moves the closing handshake."""
 
@@ -359,6 +364,7 @@ class Connection:
     # -- sending ------------------------------------------------------------------------------
 
     def _check_key(self, mask_key: bytes) -> None:
+        """Refuse a *mask_key* that does not suit this side."""
         if self.client:
             if len(mask_key) != 4:
                 raise _misuse("a client masks every frame: mask_key must be 4 bytes")
@@ -375,9 +381,10 @@ class Connection:
         """One data frame, as its header and its payload (text as UTF-8; on a server, *data*
         itself, not copied; on a client, masked with *mask_key*). With
         ``message_finished=False`` the message goes on in the next frames (continuations)."""
-        if self._state is not ConnectionState.OPEN:
+        if self._state is not _OPEN:
             raise _misuse(f"cannot send data in state {self._state.value}")
-        self._check_key(mask_key)
+        if bool(mask_key) is not self.client or (mask_key and len(mask_key) != 4):
+            self._check_key(mask_key)
         payload: bytes | bytearray | memoryview
         if isinstance(data, str):
             opcode, payload = _OP_TEXT, data.encode()
@@ -403,17 +410,36 @@ class Connection:
         """One whole binary message given as its *parts* (joined, they are the message), in
         one frame: the buffers to write, the parts themselves on a server (not copied), one
         masked copy of them on a client."""
-        if self._state is not ConnectionState.OPEN or self._out_opcode is not None:
+        return self.send_messages([parts], mask_keys=mask_key)
+
+    def send_messages(
+        self,
+        messages: Sequence[Sequence[bytes | bytearray | memoryview]],
+        *,
+        mask_keys: bytes = b"",
+    ) -> list[bytes | bytearray | memoryview]:
+        """Whole binary messages, each given as its parts, one frame each, as
+        :meth:`send_message` writes them; a client gives a 4-byte key for each message, one
+        after the other in *mask_keys*. One call for a relay's batch."""
+        if self._state is not _OPEN or self._out_opcode is not None:
             raise _misuse(f"cannot send a message in state {self._state.value}")
-        self._check_key(mask_key)
-        size = 0
-        for part in parts:
-            size += len(part)
-        head = _frame_header(_FIN | _OP_BINARY, size, mask_key)
-        if mask_key:
-            joined = parts[0] if len(parts) == 1 else b"".join(parts)
-            return [head, self._mask(joined, mask_key)]
-        return [head, *parts]
+        if len(mask_keys) != (4 * len(messages) if self.client else 0):
+            raise _misuse("mask_keys: 4 bytes for each message on a client, none on a server")
+        out: list[bytes | bytearray | memoryview] = []
+        append = out.append
+        if mask_keys:
+            mask = self._mask
+            for index, parts in enumerate(messages):
+                key = mask_keys[4 * index : 4 * index + 4]
+                joined = parts[0] if len(parts) == 1 else b"".join(parts)
+                append(_frame_header(_FIN | _OP_BINARY, len(joined), key))
+                append(mask(joined, key))
+        else:
+            extend = out.extend
+            for parts in messages:
+                append(_frame_header(_FIN | _OP_BINARY, sum(map(len, parts)), b""))
+                extend(parts)
+        return out
 
     def _control(self, opcode: int, payload: bytes, mask_key: bytes) -> bytes:
         self._check_key(mask_key)
@@ -424,13 +450,13 @@ class Connection:
 
     def send_ping(self, payload: bytes = b"", *, mask_key: bytes = b"") -> bytes:
         """A ping frame (at most 125 bytes of *payload*)."""
-        if self._state is not ConnectionState.OPEN:
+        if self._state is not _OPEN:
             raise _misuse(f"cannot send a ping in state {self._state.value}")
         return self._control(_OP_PING, bytes(payload), mask_key)
 
     def send_pong(self, payload: bytes = b"", *, mask_key: bytes = b"") -> bytes:
         """A pong frame (at most 125 bytes of *payload*)."""
-        if self._state is not ConnectionState.OPEN:
+        if self._state is not _OPEN:
             raise _misuse(f"cannot send a pong in state {self._state.value}")
         return self._control(_OP_PONG, bytes(payload), mask_key)
 

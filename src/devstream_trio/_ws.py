@@ -17,8 +17,9 @@ Rules:
 * A close from the peer is answered and reported as :class:`ConnectionClosed`; a transport that
   ends without a close is reported as ``ConnectionClosed(1006)``.
 * The codec encodes a data frame as a header and the payload (masked by a client, with the
-  function ``_mask.masker()`` chose), so that a payload is copied at most once on its way
-  out, and parses what arrives handing each payload on as a slice of what arrived.
+  function it was given: ``_http`` gives ``_mask.masker()``'s), so that a payload is copied
+  at most once on its way out, and parses what arrives handing each payload on as a slice of
+  what arrived.
 * Reads ask for 64 KiB, doubling up to 1 MiB while each read fills what it asked for, and
   everything one read brings is parsed before the next. On a plain socket a server (the hub)
   reads into one buffer per trio run and parses it before any other task runs: it copies each
@@ -29,7 +30,7 @@ Rules:
   on a plain socket with ``writev``, payloads of 16 KiB or more as buffers of their own (not
   copied), the frame headers and short payloads between them joined; on TLS with one
   ``send_all`` (payloads of 512 KiB or more with a ``send_all`` of their own).
-* A read's frames are parsed in batches of at most ``MAX_BATCH_FRAMES``: a receive
+* A read's frames are parsed in batches of at most ``websocket.MAX_BATCH_FRAMES``: a receive
   that parses the next batch of what a read brought is a checkpoint, as one that reads is, so
   one connection's flood of tiny frames holds the run for one batch at a time, and what a
   relay takes at once (:meth:`WebSocket.take_queued`) is one batch at most. A message read
@@ -109,6 +110,8 @@ _ALONE_SOCKET = 16384
 _ALONE_STREAM = 1 << 19
 #: The events that carry data (the codec makes exactly these types).
 _DATA_EVENTS = frozenset({BytesMessage, TextMessage})
+#: Looked up once: an enum member is a slow class attribute lookup on every send.
+_OPEN = ConnectionState.OPEN
 
 
 async def close_forcefully(stream: trio.abc.Stream) -> None:
@@ -261,7 +264,7 @@ class WebSocket:
     @property
     def is_open(self) -> bool:
         """True while messages can still be sent."""
-        return self._ws.state is ConnectionState.OPEN
+        return self._ws.state is _OPEN
 
     @property
     def close_sent(self) -> bool:
@@ -298,7 +301,7 @@ class WebSocket:
                     else:
                         raise TypeError(f"not an event of devstream_core.websocket: {event!r}")
             except LocalProtocolError as exc:
-                if ws.state is ConnectionState.OPEN:
+                if ws.state is _OPEN:
                     raise
                 raise self._closing_error() from exc
             await self._write(parts)
@@ -426,7 +429,7 @@ class WebSocket:
             and not self._backlog
             and not self._ws.sending_message
             and self._closed is None
-            and self._ws.state is ConnectionState.OPEN
+            and self._ws.state is _OPEN
         )
 
     @property
@@ -656,17 +659,14 @@ class WebSocket:
             lock.release()
 
     async def _send_whole(self, messages: Sequence[Sequence[bytes | memoryview]]) -> int:
-        ws = self._ws
-        if ws.state is not ConnectionState.OPEN or ws.sending_message:
-            raise self._closing_error()
-        total = 0
-        out: list[bytes | bytearray | memoryview] = []
-        client = self._client
-        for parts in messages:
-            out.extend(ws.send_message(parts, mask_key=os.urandom(4) if client else b""))
-            total += sum(map(len, parts))
+        keys = os.urandom(4 * len(messages)) if self._client else b""
+        try:
+            out = self._ws.send_messages(messages, mask_keys=keys)
+        except LocalProtocolError as exc:
+            # Closing, or a message sent in part is not finished: the keys always suit.
+            raise self._closing_error() from exc
         await self._write(out)
-        return total
+        return sum([sum(map(len, parts)) for parts in messages])
 
     async def _read_more(self) -> None:
         if self._ws.holds_more:
