@@ -44,20 +44,26 @@ Rules every change must keep:
   next read reuses) are never kept: a client then copies its payloads out of them. Text is
   ``str``. A control frame is handed on whole, once it has all arrived.
 * **A refusal ends the reading**: the events before it stand, and the list ends with a
-  :class:`CloseConnection` carrying the close code to send (1002, or 1007 for text that is not
-  UTF-8); :attr:`Connection.failed` then says so. After a close frame, or a refusal, nothing
-  more is read.
+  :class:`CloseConnection` carrying the close code to send (1002, or 1007 for text or a close
+  reason that is not UTF-8); :attr:`Connection.failed` then says so. After a close frame, or
+  a refusal, nothing more is read.
 * **Bounded work per call.** One call parses at most ``max_frames`` frames
   (:data:`MAX_BATCH_FRAMES`), however small (a read of 1 MiB could hold 174,762 empty masked
   frames). What follows the last frame parsed is kept (copied if it was borrowed),
   :attr:`Connection.holds_more` says so, and ``receive_data(b"")`` parses the next batch; the
-  caller lets other work run in between. At most one partial header or control frame
-  (≤ 139 bytes) is kept between reads.
+  caller lets other work run in between. Besides that rest, what is kept between reads is at
+  most one partial header or control frame (131 bytes).
 * **The closing handshake** is one table, :data:`TRANSITIONS`: ``OPEN`` goes to
   ``LOCAL_CLOSING`` when this side sends a close and to ``REMOTE_CLOSING`` when the peer's
   arrives; the other close then leads to ``CLOSED``. Data, pings and pongs are sent only while
   ``OPEN``; a close only while ``OPEN`` or ``REMOTE_CLOSING``. Anything else raises
-  :class:`~devstream_core.errors.LocalProtocolError`.
+  :class:`~devstream_core.errors.LocalProtocolError`, and so does a close code a peer would
+  refuse (:func:`sendable_close_code` turns the ones that only report, 1005/1006/1015, into
+  1001).
+
+Decisions where implementations differ: close code 1014 (registered with IANA after the RFC)
+is taken, as the ``websockets`` package takes it (wsproto refuses it); a header that is bad
+already in its first bytes is refused before the rest of it arrives (wsproto waits for it).
 """
 
 from __future__ import annotations
@@ -309,7 +315,7 @@ class Connection:
             raise _misuse("max_frames must be >= 1")
         #: True when this end is the client: it masks what it sends, and frames arrive
         #: unmasked.
-        self.client = client
+        self.client = bool(client)
         self._mask: MaskFunction = apply_mask or default_apply_mask
         self._max_frames = max_frames
         self._state = ConnectionState.OPEN
