@@ -89,14 +89,12 @@ def machine() -> dict[str, str]:
                 break
     import h11
     import trio
-    import wsproto
 
     return {
         "nproc": str(os.cpu_count()),
         "cpu": model,
         "python": platform.python_version(),
         "trio": trio.__version__,
-        "wsproto": getattr(wsproto, "__version__", "?"),
         "h11": getattr(h11, "__version__", "?"),
         "websockets": websockets_version(),
         "websockets C speedups": "on" if websockets_speedups() else "off",
@@ -263,7 +261,7 @@ def start_hub(
     pure_python_mask: bool = False,
 ) -> Child:
     """A devstream hub in its own process (bench/_hub.py); *pure_python_mask* keeps
-    wsproto's own masker (``DEVSTREAM_PURE_PYTHON_MASK=1``)."""
+    the pure-Python masker (``DEVSTREAM_PURE_PYTHON_MASK=1``)."""
     args = [str(BENCH / "_hub.py"), "--devices", str(devices), "--store", store]
     if profile:
         args += ["--profile", profile]

@@ -165,7 +165,7 @@ async def measure(args: argparse.Namespace, hub: c.Child, peer: c.Child) -> list
 async def measure_masking(
     args: argparse.Namespace, native: c.Child, pure: c.Child
 ) -> list[tuple[str, float, float]]:
-    """The same hub with the native masker and with wsproto's pure-Python one, 64 KiB."""
+    """The same hub with the native masker and with the pure-Python one, 64 KiB."""
     hubs = {"native": native, "pure": pure}
     pairs = {name: DevstreamPairs(c.HubInfo(hub.info)) for name, hub in hubs.items()}
     for name in hubs:
@@ -231,7 +231,7 @@ def main() -> None:
             raise RuntimeError(f"maskers: {native.info['masker']}, {pure.info['masker']}")
         rows = asyncio.run(measure_masking(args, native, pure))
     c.print_table(
-        "Masking: the hub with the native masker and with wsproto's pure-Python one",
+        "Masking: the hub with the native masker and with the pure-Python one",
         "pure-Python masking",
         rows,
         [

@@ -14,8 +14,6 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from wsproto.connection import Connection, ConnectionType
-from wsproto.events import CloseConnection, Message
 
 from devstream_core.common import Role
 from devstream_core.errors import ErrorCode
@@ -29,7 +27,7 @@ from devstream_core.framing import (
     Resume,
     encode_frame,
 )
-from devstream_trio._frames import FrameReader
+from devstream_core.websocket import BytesMessage, CloseConnection, Connection
 from devstream_trio._ws import WebSocket
 from devstream_trio.exceptions import StreamReset
 from devstream_trio.framed import ACK_DELAY, DIRECT_READ_TIME, FramedStream
@@ -44,8 +42,8 @@ def framed_pair(nursery: trio.Nursery, buffer_size: int) -> tuple[FramedStream, 
     for sock in (a, b):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
-    client = WebSocket(trio.SocketStream(a), Connection(ConnectionType.CLIENT))
-    server = WebSocket(trio.SocketStream(b), Connection(ConnectionType.SERVER))
+    client = WebSocket(trio.SocketStream(a), Connection(client=True))
+    server = WebSocket(trio.SocketStream(b), Connection(client=False))
     service = FramedStream(
         client, stream_id="s", role=Role.SERVICE, reconnect=never_reconnect, nursery=nursery
     )
@@ -57,8 +55,8 @@ def framed_pair(nursery: trio.Nursery, buffer_size: int) -> tuple[FramedStream, 
 
 async def test_a_send_the_socket_takes_goes_out_from_the_calling_task() -> None:
     a, b = trio.socket.socketpair()
-    client = WebSocket(trio.SocketStream(a), Connection(ConnectionType.CLIENT))
-    peer = FrameReader(Connection(ConnectionType.SERVER))
+    client = WebSocket(trio.SocketStream(a), Connection(client=True))
+    peer = Connection(client=False)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             service = FramedStream(
@@ -69,7 +67,7 @@ async def test_a_send_the_socket_takes_goes_out_from_the_calling_task() -> None:
             service._endpoint.write(b"hello")
             service._send_now()
             assert not service._send_wanted.is_set()  # nothing left for the writer task
-            events = peer.receive(os.read(b.fileno(), 65536))  # there already: no wait
+            events = peer.receive_data(os.read(b.fileno(), 65536))  # there already: no wait
             [message] = events
             decoder = FrameDecoder()
             [frame] = decoder.feed(bytes(message.data))  # type: ignore[attr-defined]
@@ -128,21 +126,24 @@ class HandDrivenHub:
 
     def __init__(self, nursery: trio.Nursery) -> None:
         a, self.sock = trio.socket.socketpair()
-        self.ws = Connection(ConnectionType.SERVER)
-        self.reader = FrameReader(self.ws)
-        client = WebSocket(trio.SocketStream(a), Connection(ConnectionType.CLIENT))
+        self.ws = Connection(client=False)
+        self.reader = self.ws
+        client = WebSocket(trio.SocketStream(a), Connection(client=True))
         self.device = FramedStream(
             client, stream_id="s", role=Role.DEVICE, reconnect=never_reconnect, nursery=nursery
         )
 
     def send(self, frame: Data | Eof) -> None:
-        os.write(self.sock.fileno(), self.ws.send(Message(data=encode_frame(frame))))
+        os.write(self.sock.fileno(), b"".join(self.ws.send_data(encode_frame(frame))))
 
     def received(self) -> list[list[object]]:
         """The frames of each message the device sent, as far as they have come."""
-        events = self.reader.receive(os.read(self.sock.fileno(), 65536))
-        assert all(isinstance(event, Message) for event in events)
-        return [FrameDecoder().feed(bytes(event.data)) for event in events]  # type: ignore[attr-defined]
+        events = self.reader.receive_data(os.read(self.sock.fileno(), 65536))
+        frames: list[list[object]] = []
+        for event in events:
+            assert isinstance(event, BytesMessage), event
+            frames.append(FrameDecoder().feed(bytes(event.data)))
+        return frames
 
     async def data_then_eof(self) -> None:
         """Two bytes, then, in a message of its own, the EOF; the device reads both."""
@@ -479,14 +480,16 @@ async def test_closing_a_young_stream_waits_for_the_answer_to_its_close(
             assert hub.received() == [[Ack(offset=3), Eof(offset=0)]]
             hub.send(Ack(offset=1))  # the device's EOF: the stream is done, the close goes out
             await trio.testing.wait_all_tasks_blocked()
-            events = hub.reader.receive(os.read(hub.sock.fileno(), 65536))
+            events = hub.reader.receive_data(os.read(hub.sock.fileno(), 65536))
             assert [type(event) for event in events] == [CloseConnection]
             closed_at = trio.current_time()
             await trio.sleep(1)
             assert returned_at == []
             assert not [t for t in nursery.child_tasks if t.name.endswith("FramedStream._run")]
             if answer:
-                os.write(hub.sock.fileno(), hub.ws.send(events[0].response()))  # type: ignore[attr-defined]
+                close = events[0]
+                assert isinstance(close, CloseConnection)
+                os.write(hub.sock.fileno(), hub.ws.send_close(close.code, close.reason))
                 await trio.testing.wait_all_tasks_blocked()
                 assert returned_at == [closed_at + 1]
             else:
@@ -562,14 +565,14 @@ async def test_a_connection_lost_under_a_young_streams_read_is_resumed(
         tokens.append(resume_token)
         a, b = trio.socket.socketpair()
         peers.append(b)
-        return WebSocket(trio.SocketStream(a), Connection(ConnectionType.CLIENT))
+        return WebSocket(trio.SocketStream(a), Connection(client=True))
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             a, b = trio.socket.socketpair()
             ws = WebSocket(
                 trio.SocketStream(a),
-                Connection(ConnectionType.CLIENT),
+                Connection(client=True),
                 handshake_headers=[(b"devstream-resume-token", b"r1.token")],
             )
             device = FramedStream(
@@ -590,9 +593,10 @@ async def test_a_connection_lost_under_a_young_streams_read_is_resumed(
             # At once: the first attempt is immediate, and nothing waits for a ping.
             assert trio.current_time() - lost_at < 0.005
             # On the new connection the device asks the peer where to resume.
-            peer = FrameReader(Connection(ConnectionType.SERVER))
-            [message] = peer.receive(os.read(peers[0].fileno(), 65536))
-            assert isinstance(FrameDecoder().feed(bytes(message.data))[0], Resume)  # type: ignore[attr-defined]
+            peer = Connection(client=False)
+            [message] = peer.receive_data(os.read(peers[0].fileno(), 65536))
+            assert isinstance(message, BytesMessage)
+            assert isinstance(FrameDecoder().feed(bytes(message.data))[0], Resume)
             nursery.cancel_scope.cancel()
     for sock in peers:
         sock.close()
@@ -625,7 +629,7 @@ async def test_streams_whose_tasks_never_started_drop_their_connection_when_canc
             for _ in range(2):
                 a, b = trio.socket.socketpair()
                 peers.append(b)
-                ws = WebSocket(trio.SocketStream(a), Connection(ConnectionType.CLIENT))
+                ws = WebSocket(trio.SocketStream(a), Connection(client=True))
                 streams.append(
                     FramedStream(
                         ws,
@@ -683,13 +687,13 @@ async def test_a_broken_first_message_read_directly_fails_the_stream_cleanly(
         async with trio.open_nursery() as nursery:
             hub = HandDrivenHub(nursery)
             bad = b"\x7f" + (8).to_bytes(4, "big") + bytes(8)  # type 0x7f, 8-byte body
-            os.write(hub.sock.fileno(), hub.ws.send(Message(data=bad)))
+            os.write(hub.sock.fileno(), b"".join(hub.ws.send_data(bad)))
             with pytest.raises(trio.BrokenResourceError):
                 await hub.device.receive_some()
             await trio.testing.wait_all_tasks_blocked()
-            events = hub.reader.receive(os.read(hub.sock.fileno(), 65536))
-            data = [e for e in events if isinstance(e, Message)]
-            [frame] = FrameDecoder().feed(bytes(data[0].data))  # type: ignore[attr-defined]
+            events = hub.reader.receive_data(os.read(hub.sock.fileno(), 65536))
+            data = [e for e in events if isinstance(e, BytesMessage)]
+            [frame] = FrameDecoder().feed(bytes(data[0].data))
             assert frame.code == int(ErrorCode.PROTOCOL_ERROR)  # type: ignore[attr-defined]
             [close] = [e for e in events if isinstance(e, CloseConnection)]
             assert close.code == ErrorCode.PROTOCOL_ERROR.close_code

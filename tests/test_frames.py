@@ -1,9 +1,10 @@
-"""The frame reader gives the events wsproto gives for the same bytes, split the same way.
+"""The codec's frame parser gives the events wsproto gives for the same bytes, split the same
+way.
 
 wsproto's own ``Connection.receive_data`` + ``events()`` is the reference: every test feeds the
 same reads to both and compares what comes out, for well-formed streams (any frames, any
 splits, both roles) and for bytes that break the protocol (same events, then the same close
-code).
+code). ``test_websocket_codec`` tests the codec rule by rule.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import (
+from wsproto.events import CloseConnection as WsprotoClose
+
+from devstream_core.websocket import (
+    MAX_BATCH_FRAMES,
     BytesMessage,
     CloseConnection,
-    Event,
     TextMessage,
+    default_apply_mask,
 )
-
-from devstream_trio import _mask
-from devstream_trio._frames import MAX_BATCH_FRAMES, FrameReader
+from devstream_core.websocket import Connection as Codec
 
 from ._helpers import load_fuzz_harness
 
@@ -52,7 +54,7 @@ def frame(
         head = struct.pack("!BBQ", first, mask_bit | 127, length)
     if masked:
         key = key if key is not None else os.urandom(4)
-        return head + key + _mask.apply_mask(payload, key)
+        return head + key + default_apply_mask(payload, key)
     return head + payload
 
 
@@ -68,8 +70,8 @@ def run_both(
     server: bool,
     borrowed: bool = False,
     max_frames: int = MAX_BATCH_FRAMES,
-) -> tuple[list[Event], list[Event]]:
-    """Feed *reads* to a FrameReader and to wsproto; return both event lists.
+) -> tuple[list[object], list[object]]:
+    """Feed *reads* to the codec and to wsproto; return both event lists.
 
     *borrowed*: each read reaches the reader as a view of one buffer, lent for the call and
     scribbled over afterwards, as the WebSocket's reads on a plain socket are. The reader
@@ -77,21 +79,21 @@ def run_both(
     as the WebSocket does.
     """
     kind = ConnectionType.SERVER if server else ConnectionType.CLIENT
-    reader = FrameReader(Connection(kind), max_frames=max_frames)
+    reader = Codec(client=not server, max_frames=max_frames)
     reference = Connection(kind)
-    ours: list[Event] = []
-    theirs: list[Event] = []
+    ours: list[object] = []
+    theirs: list[object] = []
     buffer = bytearray(max(map(len, reads), default=0))
     for data in reads:
         if borrowed:
             buffer[: len(data)] = data
-            ours.extend(reader.receive(memoryview(buffer)[: len(data)], borrowed=True))
+            ours.extend(reader.receive_data(memoryview(buffer)[: len(data)], borrowed=True))
             buffer[:] = b"\xee" * len(buffer)
         else:
-            ours.extend(reader.receive(data))
+            ours.extend(reader.receive_data(data))
         while reader.holds_more:
-            ours.extend(reader.receive(b""))
-        if not any(isinstance(e, CloseConnection) for e in theirs):
+            ours.extend(reader.receive_data(b""))
+        if not any(isinstance(e, WsprotoClose) for e in theirs):
             reference.receive_data(data)
             theirs.extend(reference.events())
     return ours, theirs
@@ -182,18 +184,18 @@ def test_a_large_masked_frame_split_at_every_offset_in_the_key() -> None:
 def test_a_whole_read_of_payload_is_handed_on_without_a_copy_on_a_client() -> None:
     payload = b"x" * 100_000
     wire = frame(0x2, payload, masked=False)
-    reader = FrameReader(Connection(ConnectionType.CLIENT))
+    reader = Codec(client=True)
     header, body = wire[:10], wire[10:]
-    assert reader.receive(header) == []
-    [event] = reader.receive(body)
+    assert reader.receive_data(header) == []
+    [event] = reader.receive_data(body)
     assert isinstance(event, BytesMessage)
     assert event.data is body
 
 
 def test_payloads_on_a_client_are_views_of_the_read_not_copies() -> None:
     wire = frame(0x2, b"first", masked=False) + frame(0x2, b"second" * 1000, masked=False)
-    reader = FrameReader(Connection(ConnectionType.CLIENT))
-    events = reader.receive(wire)
+    reader = Codec(client=True)
+    events = reader.receive_data(wire)
     assert [bytes(e.data) for e in events if isinstance(e, BytesMessage)] == [
         b"first",
         b"second" * 1000,
@@ -242,19 +244,19 @@ def test_protocol_errors_end_with_the_close_code_wsproto_gives(wire: bytes, code
 
 
 def test_nothing_is_read_after_a_close() -> None:
-    reader = FrameReader(Connection(ConnectionType.SERVER))
+    reader = Codec(client=False)
     wire = frame(0x2, b"before", masked=True) + frame(0x8, struct.pack("!H", 1001), masked=True)
-    events = reader.receive(wire + frame(0x2, b"after", masked=True))
+    events = reader.receive_data(wire + frame(0x2, b"after", masked=True))
     assert describe(events) == [("BytesMessage", b"before", True, True), ("close", 1001)]
-    assert reader.receive(frame(0x2, b"later", masked=True)) == []
+    assert reader.receive_data(frame(0x2, b"later", masked=True)) == []
 
 
 def test_an_unmasked_frame_to_a_client_and_a_masked_one_refused() -> None:
-    client = FrameReader(Connection(ConnectionType.CLIENT))
-    assert describe(client.receive(frame(0x2, b"ok", masked=False))) == [
+    client = Codec(client=True)
+    assert describe(client.receive_data(frame(0x2, b"ok", masked=False))) == [
         ("BytesMessage", b"ok", True, True)
     ]
-    assert describe(client.receive(frame(0x2, b"no", masked=True))) == [("close", 1002)]
+    assert describe(client.receive_data(frame(0x2, b"no", masked=True))) == [("close", 1002)]
 
 
 @pytest.mark.parametrize("length", [0, 125, 126, 65535, 65536])
@@ -290,12 +292,12 @@ def test_a_read_of_many_frames_is_parsed_in_batches(borrowed: bool) -> None:
     the read is kept (a borrowed read is scribbled over at once) and parsed by the next calls."""
     count = 2 * MAX_BATCH_FRAMES + 100
     wire, pieces = fragments(count, masked=True)
-    reader = FrameReader(Connection(ConnectionType.SERVER))
+    reader = Codec(client=False)
     buffer = bytearray(wire)
-    batches = [reader.receive(memoryview(buffer) if borrowed else wire, borrowed=borrowed)]
+    batches = [reader.receive_data(memoryview(buffer) if borrowed else wire, borrowed=borrowed)]
     buffer[:] = b"\xee" * len(buffer)
     while reader.holds_more:
-        batches.append(reader.receive(b""))
+        batches.append(reader.receive_data(b""))
     assert [len(batch) for batch in batches] == [MAX_BATCH_FRAMES, MAX_BATCH_FRAMES, 100]
     events = [event for batch in batches for event in batch]
     assert [bytes(event.data) for event in events] == pieces  # type: ignore[attr-defined]
@@ -305,13 +307,13 @@ def test_a_read_of_many_frames_is_parsed_in_batches(borrowed: bool) -> None:
 
 def test_bytes_that_arrive_while_a_batch_waits_come_after_it() -> None:
     wire, pieces = fragments(9, masked=True)
-    reader = FrameReader(Connection(ConnectionType.SERVER), max_frames=2)
+    reader = Codec(client=False, max_frames=2)
     cut = len(wire) - 5  # inside the last frame
-    events = reader.receive(wire[:cut])
+    events = reader.receive_data(wire[:cut])
     assert len(events) == 2 and reader.holds_more
-    events += reader.receive(wire[cut:])
+    events += reader.receive_data(wire[cut:])
     while reader.holds_more:
-        events += reader.receive(b"")
+        events += reader.receive_data(b"")
     assert b"".join(bytes(event.data) for event in events) == b"".join(pieces)  # type: ignore[attr-defined]
     assert events[-1].message_finished  # type: ignore[attr-defined]
 

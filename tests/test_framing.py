@@ -306,7 +306,7 @@ def test_chunking_equivalence(stream: list[Frame], data: st.DataObject) -> None:
 def test_views_of_a_larger_buffer_decode_like_bytes(
     stream: list[Frame], data: st.DataObject
 ) -> None:
-    # A client hands the decoder views of what its reads brought (devstream_trio._frames).
+    # A client hands the decoder views of what its reads brought (devstream_core.websocket).
     wire = b"".join(map(encode_frame, stream))
     read = b"before" + wire + b"after"
     view = memoryview(read)[6 : 6 + len(wire)]

@@ -1395,3 +1395,36 @@ async def test_a_request_that_comes_in_two_reads_goes_through_h11(
     assert request is not None and request.header(b"authorization") == b"Bearer abc.def"
     assert http.conn.their_state is not h11.IDLE  # h11 read it
     assert got == b"later"
+
+
+def h11_pauses_after(raw: bytes) -> bool:
+    """True when h11, reading the request *raw*, pauses after it for a protocol switch (its
+    documented behaviour: a client that proposed a switch gets PAUSED until the answer)."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(raw)
+    while not isinstance(conn.next_event(), h11.EndOfMessage):
+        pass
+    return conn.next_event() is h11.PAUSED
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        PLAIN_UPGRADE,
+        b"GET /x HTTP/1.1\r\nHost: h\r\nUpgrade: h2c\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: h\r\nUpgrade:\r\nUpgrade: websocket\r\n\r\n",
+        b"CONNECT h:443 HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: h\r\nUpgrade: ,\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: h\r\nUpgrade: \t \r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n",
+    ],
+)
+async def test_a_request_read_by_h11_is_taken_as_a_switch_exactly_when_h11_pauses(
+    autojump_clock: trio.abc.Clock, raw: bytes
+) -> None:
+    """In two reads, so h11 reads it: declined, it closes the connection exactly when h11
+    waits for a protocol switch after it (a CONNECT, or an Upgrade with a value)."""
+    _, request, got = await serve_one([raw[:20], raw[20:]], "404")
+    assert request is not None
+    head = got.split(b"\r\n\r\n")[0].lower()
+    assert (b"connection: close" in head) is h11_pauses_after(raw)

@@ -22,7 +22,7 @@ from devstream_core.credentials import ConnectionString, device_resource, make_s
 from devstream_core.errors import ErrorCode
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 from devstream_core.registry import Permission, new_key, new_policy
-from devstream_trio._frames import MAX_BATCH_FRAMES
+from devstream_core.websocket import MAX_BATCH_FRAMES
 from devstream_trio._http import HttpStatusError, websocket_connect
 from devstream_trio._ws import MAX_MESSAGE_FRAGMENTS, ConnectionClosed, WebSocket, payload
 from devstream_trio.exceptions import Unauthorized

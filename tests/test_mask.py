@@ -1,4 +1,5 @@
-"""The native masker gives wsproto the same bytes as its own, at any split, both ways."""
+"""Masking: the native and pure-Python functions give the same bytes, at any split, both ways;
+the adapter picks one without touching any other library."""
 
 from __future__ import annotations
 
@@ -8,24 +9,27 @@ import pytest
 import wsproto.frame_protocol
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage
+from wsproto.connection import Connection as WsprotoConnection
+from wsproto.connection import ConnectionType
+from wsproto.events import BytesMessage as WsprotoBytes
 
+import devstream_trio
+from devstream_core.websocket import BytesMessage, Connection, pure_apply_mask
 from devstream_trio import _mask
 
 
-@pytest.fixture
-def restore_masker() -> object:
-    before = wsproto.frame_protocol.XorMaskerSimple
-    yield before
-    wsproto.frame_protocol.XorMaskerSimple = before  # type: ignore[misc]
-
-
 def test_native_masker_is_in_use() -> None:
-    # websockets (with its C part) is a dependency: importing devstream_trio installs it.
+    # websockets (with its C part) is a dependency: the adapter's WebSockets use it.
     assert _mask.native_apply_mask is not None
+    assert _mask.masker() is _mask.native_apply_mask
     assert _mask.masker_in_use() == "native"
-    assert wsproto.frame_protocol.XorMaskerSimple is _mask.NativeMasker
+
+
+def test_no_library_is_patched() -> None:
+    """wsproto (a test dependency only) keeps its own masker once devstream is imported."""
+    assert devstream_trio is not None
+    masker = wsproto.frame_protocol.XorMaskerSimple
+    assert masker.__module__ == "wsproto.frame_protocol"
 
 
 @settings(max_examples=200)
@@ -35,41 +39,42 @@ def test_native_masker_is_in_use() -> None:
     cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=6),
 )
 def test_same_bytes_as_pure_python_at_any_split(key: bytes, data: bytes, cuts: list[int]) -> None:
-    bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
-    chunks = [data[a:b] for a, b in itertools.pairwise(bounds)]
-    native = _mask.NativeMasker(key)
-    pure = _mask._original_masker(bytearray(key))
-    native_out = b"".join(native.process(chunk) for chunk in chunks)
-    pure_out = b"".join(bytes(pure.process(bytearray(chunk))) for chunk in chunks)
-    assert native_out == pure_out
-    assert len(native_out) == len(data)
-    # Masking twice with the same key from the start gives the data back.
-    assert _mask.NativeMasker(key).process(native_out) == data
+    """A frame in reads cut anywhere: both functions unmask it into the same payload (the
+    codec turns the key between pieces), the one wsproto's own masker wrote."""
+    assert _mask.native_apply_mask is not None
+    size = len(data)
+    length = bytes((0x80 | size,)) if size < 126 else bytes((0x80 | 126,)) + size.to_bytes(2, "big")
+    wire = b"\x82" + length + key
+    wire += bytes(wsproto.frame_protocol.XorMaskerSimple(key).process(bytearray(data)))
+    bounds = sorted({0, len(wire), *(c for c in cuts if c <= len(wire))})
+    reads = [wire[a:b] for a, b in itertools.pairwise(bounds)]
+    for function in (_mask.native_apply_mask, pure_apply_mask):
+        server = Connection(client=False, apply_mask=function)
+        events = [event for read in reads for event in server.receive_data(read)]
+        assert b"".join(bytes(e.data) for e in events if isinstance(e, BytesMessage)) == data
+    assert _mask.native_apply_mask(data, key) == pure_apply_mask(data, key)
 
 
-def test_environment_keeps_pure_python(
-    monkeypatch: pytest.MonkeyPatch, restore_masker: object
-) -> None:
-    _mask.uninstall()
+def test_environment_keeps_pure_python(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(_mask.PURE_PYTHON_ENV, "1")
-    assert _mask.install() == "pure-python"
-    assert wsproto.frame_protocol.XorMaskerSimple is _mask._original_masker
+    assert _mask.masker() is pure_apply_mask
+    assert _mask.masker_in_use() == "pure-python"
     monkeypatch.setenv(_mask.PURE_PYTHON_ENV, "0")
-    assert _mask.install() == "native"
+    assert _mask.masker_in_use() == "native"
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_wsproto_round_trip(native: bool, restore_masker: object) -> None:
-    if not native:
-        _mask.uninstall()
-    client = Connection(ConnectionType.CLIENT)
-    server = Connection(ConnectionType.SERVER)
+def test_wsproto_reads_what_the_codec_masks(native: bool) -> None:
+    function = _mask.native_apply_mask if native else pure_apply_mask
+    client = Connection(client=True, apply_mask=function)
+    server = WsprotoConnection(ConnectionType.SERVER)
     payload = bytes(range(256)) * 301 + b"odd"
-    wire = client.send(BytesMessage(data=payload[:1001], message_finished=False))
-    wire += client.send(BytesMessage(data=payload[1001:], message_finished=True))
+    wire = b"".join(client.send_data(payload[:1001], message_finished=False, mask_key=b"k3y!"))
+    wire += b"".join(client.send_data(payload[1001:], mask_key=b"\x00\xff\x10\x7f"))
     # The masked bytes on the wire are not the payload.
     assert payload[:64] not in wire
     for start in range(0, len(wire), 7000):
         server.receive_data(wire[start : start + 7000])
-    received = b"".join(bytes(event.data) for event in server.events())
-    assert received == payload
+    events = list(server.events())
+    assert all(isinstance(event, WsprotoBytes) for event in events)
+    assert b"".join(bytes(event.data) for event in events) == payload

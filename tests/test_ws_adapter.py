@@ -1,9 +1,10 @@
 """The WebSocket adapter (``devstream_trio._ws``) and the raw-mode ``HubStream`` over it.
 
-Test rules: no sockets; pairs are built on ``trio.testing.memory_stream_pair()`` with wsproto
-connections already open (the opening handshake has its own tests in ``test_http_adapter``), and
-anything that waits runs on the ``autojump_clock``. Where a test needs to see the exact frames on
-the wire, one side is a bare wsproto connection (:class:`RawPeer`) instead of a ``WebSocket``.
+Test rules: no sockets; pairs are built on ``trio.testing.memory_stream_pair()`` with codecs
+already open (the opening handshake has its own tests in ``test_http_adapter``), and anything
+that waits runs on the ``autojump_clock``. Where a test needs to see the exact frames on the
+wire, one side is a bare wsproto connection (:class:`RawPeer`, an independent implementation)
+instead of a ``WebSocket``; it takes and gives the codec's event classes.
 """
 
 from __future__ import annotations
@@ -13,12 +14,22 @@ import itertools
 import pytest
 import trio
 import trio.testing
-from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
+import wsproto.events
+from wsproto.connection import Connection as WsprotoConnection
+from wsproto.connection import ConnectionType
 
 from devstream_core.common import Role
-from devstream_core.errors import ErrorCode, close_reason_for
-from devstream_trio._frames import MAX_BATCH_FRAMES
+from devstream_core.errors import ErrorCode, LocalProtocolError, close_reason_for
+from devstream_core.websocket import (
+    MAX_BATCH_FRAMES,
+    BytesMessage,
+    CloseConnection,
+    Connection,
+    Event,
+    Ping,
+    Pong,
+    TextMessage,
+)
 from devstream_trio._ws import (
     ABNORMAL_CLOSURE,
     MAX_MESSAGE_FRAGMENTS,
@@ -34,8 +45,8 @@ def ws_pair() -> tuple[WebSocket, WebSocket]:
     """A connected (client, server) pair of WebSockets."""
     a, b = trio.testing.memory_stream_pair()
     return (
-        WebSocket(a, Connection(ConnectionType.CLIENT)),
-        WebSocket(b, Connection(ConnectionType.SERVER)),
+        WebSocket(a, Connection(client=True)),
+        WebSocket(b, Connection(client=False)),
     )
 
 
@@ -45,21 +56,61 @@ def sides(client_sends: bool) -> tuple[WebSocket, WebSocket]:
     return (client, server) if client_sends else (server, client)
 
 
+def to_wsproto(event: Event) -> wsproto.events.Event:
+    """The wsproto event for one of the codec's."""
+    if isinstance(event, BytesMessage):
+        return wsproto.events.BytesMessage(
+            data=bytes(event.data),
+            frame_finished=event.frame_finished,
+            message_finished=event.message_finished,
+        )
+    if isinstance(event, TextMessage):
+        return wsproto.events.TextMessage(
+            data=event.data,
+            frame_finished=event.frame_finished,
+            message_finished=event.message_finished,
+        )
+    if isinstance(event, Ping):
+        return wsproto.events.Ping(payload=event.payload)
+    if isinstance(event, Pong):
+        return wsproto.events.Pong(payload=event.payload)
+    return wsproto.events.CloseConnection(code=event.code, reason=event.reason)
+
+
+def from_wsproto(event: wsproto.events.Event) -> Event:
+    """The codec's event for one of wsproto's."""
+    if isinstance(event, wsproto.events.BytesMessage):
+        return BytesMessage(bytes(event.data), event.frame_finished, event.message_finished)
+    if isinstance(event, wsproto.events.TextMessage):
+        return TextMessage(event.data, event.frame_finished, event.message_finished)
+    if isinstance(event, wsproto.events.Ping):
+        return Ping(payload=bytes(event.payload))
+    if isinstance(event, wsproto.events.Pong):
+        return Pong(payload=bytes(event.payload))
+    assert isinstance(event, wsproto.events.CloseConnection), event
+    return CloseConnection(code=int(event.code), reason=event.reason or "")
+
+
 class RawPeer:
-    """The other end of a ``WebSocket`` as a bare wsproto connection, frame by frame."""
+    """The other end of a ``WebSocket`` as a bare wsproto connection, frame by frame; it
+    takes and gives the codec's events."""
 
     def __init__(self, stream: trio.abc.Stream, kind: ConnectionType) -> None:
         self.stream = stream
-        self.ws = Connection(kind)
+        self.ws = WsprotoConnection(kind)
+
+    def wire(self, *events: Event) -> bytes:
+        """The bytes wsproto sends for *events*."""
+        return b"".join(self.ws.send(to_wsproto(e)) for e in events)
 
     async def send(self, *events: Event) -> None:
         """Send *events* in one write, so they reach the other side in one chunk."""
-        await self.stream.send_all(b"".join(self.ws.send(e) for e in events))
+        await self.stream.send_all(self.wire(*events))
 
     async def next_events(self) -> list[Event]:
         """Read until wsproto has at least one event; return all it has."""
         while True:
-            events = list(self.ws.events())
+            events = [from_wsproto(e) for e in self.ws.events()]
             if events:
                 return events
             self.ws.receive_data(bytes(await self.stream.receive_some()))
@@ -69,7 +120,7 @@ def raw_pair(kind: ConnectionType = ConnectionType.SERVER) -> tuple[RawPeer, Web
     """A ``WebSocket`` of type *kind* and a raw peer of the opposite type."""
     a, b = trio.testing.memory_stream_pair()
     other = ConnectionType.CLIENT if kind is ConnectionType.SERVER else ConnectionType.SERVER
-    return RawPeer(a, other), WebSocket(b, Connection(kind))
+    return RawPeer(a, other), WebSocket(b, Connection(client=kind is ConnectionType.CLIENT))
 
 
 async def receive_message(ws: WebSocket) -> tuple[bytes | str, list[bool]]:
@@ -583,7 +634,7 @@ async def test_mixing_text_into_a_binary_message_is_refused(
 ) -> None:
     _peer, ws = raw_pair(ConnectionType.CLIENT)
     await ws.send_bytes(b"ab", message_finished=False)
-    with pytest.raises(TypeError):
+    with pytest.raises(LocalProtocolError):
         await ws.send_text("no")
 
 
@@ -660,7 +711,7 @@ async def test_receive_messages_says_when_a_message_stops_half_way(
     part is kept, and the message comes whole once the rest arrives. With nothing in part, it
     waits as before."""
     peer, client = raw_pair(ConnectionType.CLIENT)
-    frame = peer.ws.send(BytesMessage(data=b"0123456789", message_finished=True))
+    frame = peer.wire(BytesMessage(data=b"0123456789", message_finished=True))
     with trio.fail_after(60):
         with trio.move_on_after(10) as idle:
             await client.receive_messages(100, stall_timeout=1)
@@ -714,8 +765,8 @@ async def socket_ws_pair(buffer_size: int = 8192) -> tuple[WebSocket, WebSocket]
         sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, buffer_size)
         sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, buffer_size)
     return (
-        WebSocket(trio.SocketStream(a), Connection(ConnectionType.CLIENT)),
-        WebSocket(trio.SocketStream(b), Connection(ConnectionType.SERVER)),
+        WebSocket(trio.SocketStream(a), Connection(client=True)),
+        WebSocket(trio.SocketStream(b), Connection(client=False)),
     )
 
 
@@ -848,7 +899,7 @@ async def test_aclose_is_bounded_even_when_its_close_cannot_be_written(
 ) -> None:
     # A peer that never reads: with a lockstep stream the close frame never goes out.
     a, b = trio.testing.lockstep_stream_pair()
-    ws = WebSocket(a, Connection(ConnectionType.SERVER))
+    ws = WebSocket(a, Connection(client=False))
     start = trio.current_time()
     await ws.aclose(timeout=3.0)
     assert trio.current_time() - start == pytest.approx(3.0)
@@ -1308,7 +1359,7 @@ async def test_one_frame_in_many_small_reads_is_one_fragment(
     the reads are joined, not all kept."""
     peer, ws = raw_pair()
     data = bytes(range(256)) * 4096
-    wire = peer.ws.send(BytesMessage(data=data, message_finished=True))
+    wire = peer.wire(BytesMessage(data=data, message_finished=True))
     assert len(wire) // 200 > MAX_MESSAGE_FRAGMENTS
     received: list[bytes] = []
 

@@ -28,15 +28,13 @@ from dataclasses import dataclass, field
 
 import h11
 import trio
-from wsproto.connection import Connection as WsConnection
-from wsproto.connection import ConnectionType
 
-from devstream_core import handshake
+from devstream_core import handshake, websocket
 from devstream_core.errors import DevstreamError, ErrorCode, RemoteProtocolError
 from devstream_core.handshake import accept_token
 from devstream_core.wire import JSON_CONTENT_TYPE, build_error_body, parse_error_body
 
-from . import _io
+from . import _io, _mask
 from ._ws import WebSocket, close_forcefully
 
 __all__ = [
@@ -53,8 +51,6 @@ __all__ = [
 ]
 
 _RECEIVE_SIZE = 65536
-#: h11's documented state of a client that asked to switch protocols (not in its ``__all__``).
-_MIGHT_SWITCH_PROTOCOL: object = h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
 #: A header name (RFC 9110 token) and value (visible characters, inner spaces and tabs), for
 #: the headers of a response the hub writes itself.
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
@@ -289,8 +285,8 @@ class HttpServerConnection:
                     raise HttpError(ErrorCode.PAYLOAD_TOO_LARGE, "request body too large")
             elif isinstance(event, h11.EndOfMessage):
                 assert request is not None
-                # A request that asks to switch protocols (h11 pauses after it).
-                self._upgrade_pending = self.conn.their_state is _MIGHT_SWITCH_PROTOCOL
+                # A request that asks to switch protocols: h11 pauses after it.
+                self._upgrade_pending = _proposes_switch(request.method, headers)
                 return _checked(_request(request, headers, body))
             elif isinstance(event, h11.ConnectionClosed):
                 if request is None and not got_bytes:
@@ -408,7 +404,7 @@ class HttpServerConnection:
             trailing = self._after_head
         else:
             trailing, _ = self.conn.trailing_data
-        ws = WsConnection(ConnectionType.SERVER)
+        ws = websocket.Connection(client=False, apply_mask=_mask.masker())
         return WebSocket(self.stream, ws, subprotocol=subprotocol, initial_data=bytes(trailing))
 
 
@@ -435,6 +431,20 @@ def _websocket_key(request: HttpRequest) -> bytes:
         return handshake.check_request(request.method, request.http_version, request.headers)
     except RemoteProtocolError as exc:
         raise HttpError(exc.code, exc.message) from None
+
+
+def _proposes_switch(method: bytes, headers: Headers) -> bool:
+    """True when a request proposes a protocol switch as h11 reads one (its documented rule:
+    a ``CONNECT``, or an ``Upgrade`` header with a value; h11 then pauses after the request
+    until the answer). Decided from the request itself: h11's name for that state is not
+    among the names it exports."""
+    return method == b"CONNECT" or _asks_upgrade(headers)
+
+
+def _asks_upgrade(headers: Headers) -> bool:
+    """True when *headers* hold an ``Upgrade`` with a value (an item that is not empty)."""
+    values = [value for name, value in headers if name == b"upgrade"]
+    return any(token.strip() for value in values for token in value.split(b","))
 
 
 def _has_fields(headers: Headers, *names: bytes) -> bool:
@@ -470,10 +480,7 @@ def _parse_upgrade(data: bytes | bytearray, limit: int) -> tuple[HttpRequest, in
     if fields is None:
         return None
     hosts = sum(1 for name, _ in fields if name == b"host")
-    upgrade = any(
-        token.strip() for name, value in fields if name == b"upgrade" for token in value.split(b",")
-    )
-    if hosts != 1 or not upgrade:
+    if hosts != 1 or not _asks_upgrade(fields):
         return None
     return HttpRequest(method=method, target=target, headers=fields), end + 4
 
@@ -646,7 +653,7 @@ async def websocket_connect(
         trailing = bytes(conn.trailing_data[0])
     # The same checks whichever way the 101 was read.
     chosen = handshake.check_response(response_headers, key=key, subprotocols=subprotocols)
-    ws = WsConnection(ConnectionType.CLIENT)
+    ws = websocket.Connection(client=True, apply_mask=_mask.masker())
     return WebSocket(
         stream,
         ws,

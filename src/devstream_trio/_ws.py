@@ -1,23 +1,25 @@
-"""A small WebSocket connection over any ``trio.abc.Stream``, driven by wsproto.
+"""A small WebSocket connection over any ``trio.abc.Stream``, driving the core's codec.
 
-The opening handshake is done elsewhere (``_http``) with h11; this module takes over once the
-``101 Switching Protocols`` has been exchanged, with a ``wsproto.connection.Connection`` and any
-bytes that arrived after the handshake.
+The opening handshake is done elsewhere (``_http``); this module takes over once the
+``101 Switching Protocols`` has been exchanged, with a
+:class:`devstream_core.websocket.Connection` (the codec: every frame in and out, the closing
+handshake, masking) and any bytes that arrived after the handshake. What is left here is I/O:
+reads, writes, the send lock, cancellation, and the random masking keys a client gives the
+codec.
 
 Rules:
 
 * One task reads (``receive``); any number of tasks may send: sends are serialised by a lock.
-* ``receive`` is safe to cancel: events already parsed by wsproto wait in a queue, and bytes are
-  only read from the transport when that queue is empty.
+* ``receive`` is safe to cancel: events already parsed wait in a queue, and bytes are only
+  read from the transport when that queue is empty.
 * Pings are answered by the reader. The time of the last byte received is kept, so a keepalive
   task can tell a silent peer from a live one.
 * A close from the peer is answered and reported as :class:`ConnectionClosed`; a transport that
   ends without a close is reported as ``ConnectionClosed(1006)``.
-* wsproto checks and encodes control frames (ping, pong, close: it keeps the closing
-  handshake's state). Data frames are encoded here, a header and the payload (masked by a
-  client, see ``_mask``), so that a payload is copied at most once on its way out, and parsed
-  by ``_frames.FrameReader``, which hands each payload on as a slice of what arrived; no
-  extension is ever negotiated, so a data frame is a header and its payload.
+* The codec encodes a data frame as a header and the payload (masked by a client, with the
+  function it was given: ``_http`` gives ``_mask.masker()``'s), so that a payload is copied
+  at most once on its way out, and parses what arrives handing each payload on as a slice of
+  what arrived.
 * Reads ask for 64 KiB, doubling up to 1 MiB while each read fills what it asked for, and
   everything one read brings is parsed before the next. On a plain socket a server (the hub)
   reads into one buffer per trio run and parses it before any other task runs: it copies each
@@ -28,7 +30,7 @@ Rules:
   on a plain socket with ``writev``, payloads of 16 KiB or more as buffers of their own (not
   copied), the frame headers and short payloads between them joined; on TLS with one
   ``send_all`` (payloads of 512 KiB or more with a ``send_all`` of their own).
-* A read's frames are parsed in batches of at most ``_frames.MAX_BATCH_FRAMES``: a receive
+* A read's frames are parsed in batches of at most ``websocket.MAX_BATCH_FRAMES``: a receive
   that parses the next batch of what a read brought is a checkpoint, as one that reads is, so
   one connection's flood of tiny frames holds the run for one batch at a time, and what a
   relay takes at once (:meth:`WebSocket.take_queued`) is one batch at most. A message read
@@ -46,23 +48,25 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import struct
 from collections.abc import Sequence
 from typing import NoReturn
 
 import trio
-from wsproto.connection import Connection, ConnectionState
-from wsproto.events import (
+
+from devstream_core.errors import LocalProtocolError
+from devstream_core.websocket import (
     BytesMessage,
     CloseConnection,
+    Connection,
+    ConnectionState,
     Event,
     Ping,
+    Pong,
     TextMessage,
+    sendable_close_code,
 )
-from wsproto.utilities import ProtocolError as WsProtocolError
 
-from . import _io, _mask
-from ._frames import FrameReader
+from . import _io
 
 __all__ = [
     "ABNORMAL_CLOSURE",
@@ -104,15 +108,10 @@ _RECEIVE_SIZE_MAX = 1024 * 1024
 #: for long parts.
 _ALONE_SOCKET = 16384
 _ALONE_STREAM = 1 << 19
-_FIN = 0x80
-_OPCODE_TEXT = 0x1
-_OPCODE_BINARY = 0x2
-_HEAD16 = struct.Struct("!BBH")
-_HEAD64 = struct.Struct("!BBQ")
-#: The events that carry data (the frame reader makes exactly these types).
+#: The events that carry data (the codec makes exactly these types).
 _DATA_EVENTS = frozenset({BytesMessage, TextMessage})
-
-_mask.install()
+#: Looked up once: an enum member is a slow class attribute lookup on every send.
+_OPEN = ConnectionState.OPEN
 
 
 async def close_forcefully(stream: trio.abc.Stream) -> None:
@@ -126,18 +125,6 @@ async def close_forcefully(stream: trio.abc.Stream) -> None:
         stream.socket.close()
     else:
         await trio.aclose_forcefully(stream)
-
-
-def _frame_header(first: int, length: int, mask_key: bytes) -> bytes:
-    """The header of a frame: FIN/opcode byte *first*, payload *length*, mask key if any."""
-    mask_bit = 0x80 if mask_key else 0
-    if length < 126:
-        head = bytes((first, mask_bit | length))
-    elif length < 65536:
-        head = _HEAD16.pack(first, mask_bit | 126, length)
-    else:
-        head = _HEAD64.pack(first, mask_bit | 127, length)
-    return head + mask_key
 
 
 def _gather(
@@ -246,15 +233,12 @@ class WebSocket:
         self._parts_size = 0
         self._frames = 0
         self._ws = connection
-        self._reader = FrameReader(connection)
         self._client = connection.client
         self._receive_size = _RECEIVE_SIZE
         #: The last read brought less than a quarter of what it asked for.
         self._small_read = False
         #: The last read brought less than it asked for: the next one waits for data first.
         self._drained = False
-        #: The opcode of a data message sent in part, while its last fragment is still to come.
-        self._out_opcode: int | None = None
         self._events: collections.deque[Event] = collections.deque()
         self._send_lock = _SendLock()
         #: The part of a message send_bytes_nowait could not write at once: written first by
@@ -270,7 +254,7 @@ class WebSocket:
         self.last_received = trio.current_time()
         # Bytes that came in with the handshake, after it.
         if initial_data:
-            self._events.extend(self._reader.receive(initial_data))
+            self._events.extend(connection.receive_data(initial_data))
 
     @property
     def closed(self) -> ConnectionClosed | None:
@@ -280,7 +264,7 @@ class WebSocket:
     @property
     def is_open(self) -> bool:
         """True while messages can still be sent."""
-        return self._ws.state is ConnectionState.OPEN
+        return self._ws.state is _OPEN
 
     @property
     def close_sent(self) -> bool:
@@ -291,53 +275,36 @@ class WebSocket:
         await self._send_events([event])
 
     async def _send_events(self, events: Sequence[Event]) -> None:
-        """Encode *events* and write them out, small frames together in one write.
-
-        Data frames are encoded here (no extension is ever negotiated, so a frame is a header
-        and the payload, masked on a client) so that a payload is copied at most once on its
-        way out; control frames go through wsproto, which keeps the closing handshake's state.
-        """
+        """Encode *events* with the codec and write them out, small frames together in one
+        write. Refused because the connection is closing, they raise
+        :class:`ConnectionClosed`; refused otherwise (text inside a binary message), the
+        codec's ``LocalProtocolError``."""
         async with self._send_lock:
             parts: list[bytes | bytearray | memoryview] = []
+            ws = self._ws
             try:
                 for event in events:
-                    if isinstance(event, (BytesMessage, TextMessage)):
-                        if self._ws.state is not ConnectionState.OPEN:
-                            raise WsProtocolError("the connection is closing")
-                        self._encode_data(event.data, event.message_finished, parts)
+                    key = os.urandom(4) if self._client else b""
+                    if type(event) is BytesMessage or type(event) is TextMessage:
+                        parts.extend(
+                            ws.send_data(
+                                event.data, message_finished=event.message_finished, mask_key=key
+                            )
+                        )
+                    elif type(event) is Ping:
+                        parts.append(ws.send_ping(event.payload, mask_key=key))
+                    elif type(event) is Pong:
+                        parts.append(ws.send_pong(event.payload, mask_key=key))
+                    elif type(event) is CloseConnection:
+                        code = sendable_close_code(event.code)
+                        parts.append(ws.send_close(code, event.reason, mask_key=key))
                     else:
-                        parts.append(self._ws.send(event))
-            except WsProtocolError as exc:
+                        raise TypeError(f"not an event of devstream_core.websocket: {event!r}")
+            except LocalProtocolError as exc:
+                if ws.state is _OPEN:
+                    raise
                 raise self._closing_error() from exc
             await self._write(parts)
-
-    def _encode_data(
-        self,
-        data: bytes | bytearray | memoryview | str,
-        finished: bool,
-        parts: list[bytes | bytearray | memoryview],
-    ) -> None:
-        payload: bytes | bytearray | memoryview
-        if isinstance(data, str):
-            opcode, payload = _OPCODE_TEXT, data.encode()
-        else:
-            opcode, payload = _OPCODE_BINARY, data
-        if self._out_opcode is None:
-            first = opcode
-        elif self._out_opcode != opcode:
-            raise TypeError("one message cannot mix text and binary fragments")
-        else:
-            first = 0  # a continuation frame
-        self._out_opcode = None if finished else opcode
-        if finished:
-            first |= _FIN
-        if self._client:
-            key = os.urandom(4)
-            parts.append(_frame_header(first, len(payload), key))
-            parts.append(_mask.apply_mask(payload, key))
-        else:
-            parts.append(_frame_header(first, len(payload), b""))
-            parts.append(payload)
 
     def _closing_error(self) -> ConnectionClosed:
         """What a send raises once the connection is closing or closed."""
@@ -439,9 +406,8 @@ class WebSocket:
         """
         if not self.can_send_nowait:
             return False
-        parts: list[bytes | bytearray | memoryview] = []
-        self._encode_data(data, True, parts)
-        self._write_nowait(parts)
+        key = os.urandom(4) if self._client else b""
+        self._write_nowait(list(self._ws.send_data(data, mask_key=key)))
         return True
 
     def send_close_nowait(self, code: int = 1000, reason: str = "") -> bool:
@@ -450,7 +416,8 @@ class WebSocket:
         with the next write), False when the caller must use :meth:`send_close`."""
         if not self.can_send_nowait:
             return False
-        self._write_nowait([self._ws.send(CloseConnection(code=code, reason=reason))])
+        key = os.urandom(4) if self._client else b""
+        self._write_nowait([self._ws.send_close(sendable_close_code(code), reason, mask_key=key)])
         return True
 
     @property
@@ -460,9 +427,9 @@ class WebSocket:
             type(self.stream) is trio.SocketStream
             and not self._send_lock.locked()
             and not self._backlog
-            and self._out_opcode is None
+            and not self._ws.sending_message
             and self._closed is None
-            and self._ws.state is ConnectionState.OPEN
+            and self._ws.state is _OPEN
         )
 
     @property
@@ -521,13 +488,14 @@ class WebSocket:
         await self._send(Ping(payload=payload))
 
     async def send_close(self, code: int = 1000, reason: str = "") -> None:
-        """Start (or answer) the closing handshake; does nothing if already closed."""
-        if code == ABNORMAL_CLOSURE or code == 1005 or code == 1015:
-            code = 1001
+        """Start (or answer) the closing handshake; does nothing if already closed. A code
+        that only reports what happened (1005, 1006, 1015) is sent as 1001."""
+        code = sendable_close_code(code)
         async with self._send_lock:
             if self._ws.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
                 return
-            data = self._ws.send(CloseConnection(code=code, reason=reason))
+            key = os.urandom(4) if self._client else b""
+            data = self._ws.send_close(code, reason, mask_key=key)
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self._write_parts([data])
 
@@ -539,7 +507,7 @@ class WebSocket:
                 raise self._closed
             while events:
                 event = events.popleft()
-                # By type, not isinstance: wsproto's events are ABCs, slow to isinstance.
+                # By type, not isinstance: a relay's every fragment passes here.
                 if type(event) is BytesMessage or type(event) is TextMessage:
                     return event
                 await self._handle_control(event)
@@ -555,9 +523,9 @@ class WebSocket:
                 with contextlib.suppress(ConnectionClosed):
                     await self._send(event.response())
             elif isinstance(event, CloseConnection):
-                self._closed = ConnectionClosed(event.code, event.reason or "")
-                # Answers the peer's close, or closes on a frame wsproto refused.
-                await self.send_close(event.code, event.reason or "")
+                self._closed = ConnectionClosed(event.code, event.reason)
+                # Answers the peer's close, or closes on a frame the codec refused.
+                await self.send_close(event.code, event.reason)
                 raise self._closed
         except trio.Cancelled:
             self._events.appendleft(event)
@@ -599,12 +567,11 @@ class WebSocket:
         while True:
             while events:
                 event = events[0]
-                kind = type(event)
                 chunk: bytes | memoryview
-                if kind is BytesMessage:
-                    chunk = event.data  # type: ignore[attr-defined]  # bytes or a view
-                elif kind is TextMessage:
-                    chunk = event.data.encode()  # type: ignore[attr-defined]
+                if type(event) is BytesMessage:
+                    chunk = event.data  # bytes or a view
+                elif type(event) is TextMessage:
+                    chunk = event.data.encode()
                 elif messages:
                     return messages  # the control event waits for the next call
                 else:
@@ -612,12 +579,10 @@ class WebSocket:
                     await self._handle_control(event)
                     continue
                 size = self._parts_size + len(chunk)
-                finished = event.message_finished  # type: ignore[attr-defined]
+                finished = event.message_finished
                 # Frames are counted, not reads: a frame that came in many reads is one.
                 if size > max_size or (
-                    not finished
-                    and event.frame_finished  # type: ignore[attr-defined]
-                    and self._frames + 1 >= max_fragments
+                    not finished and event.frame_finished and self._frames + 1 >= max_fragments
                 ):
                     if messages:
                         return messages  # the next call refuses it
@@ -629,7 +594,7 @@ class WebSocket:
                 if finished:
                     messages.append(self._parts)
                     self._parts, self._parts_size, self._frames = [], 0, 0
-                elif event.frame_finished:  # type: ignore[attr-defined]
+                elif event.frame_finished:
                     self._frames += 1
                 elif len(self._parts) > max_fragments:
                     # Pieces of frames, one per read: joined once there are more of them than
@@ -641,7 +606,7 @@ class WebSocket:
                 return messages
             if self._closed is not None:
                 raise self._closed
-            if stall_timeout is not None and (self._parts or self._reader.in_message):
+            if stall_timeout is not None and (self._parts or self._ws.in_message):
                 # Reading is safe to cancel: nothing read is lost.
                 with trio.move_on_at(max(self.last_received, called) + stall_timeout):
                     await self._read_more()
@@ -694,25 +659,17 @@ class WebSocket:
             lock.release()
 
     async def _send_whole(self, messages: Sequence[Sequence[bytes | memoryview]]) -> int:
-        if self._ws.state is not ConnectionState.OPEN or self._out_opcode is not None:
-            raise self._closing_error()
-        total = 0
-        out: list[bytes | bytearray | memoryview] = []
-        for parts in messages:
-            size = sum(map(len, parts))
-            total += size
-            if self._client:
-                key = os.urandom(4)
-                out.append(_frame_header(_FIN | _OPCODE_BINARY, size, key))
-                out.append(_mask.apply_mask(b"".join(parts), key))
-            else:
-                out.append(_frame_header(_FIN | _OPCODE_BINARY, size, b""))
-                out.extend(parts)
+        keys = os.urandom(4 * len(messages)) if self._client else b""
+        try:
+            out = self._ws.send_messages(messages, mask_keys=keys)
+        except LocalProtocolError as exc:
+            # Closing, or a message sent in part is not finished: the keys always suit.
+            raise self._closing_error() from exc
         await self._write(out)
-        return total
+        return sum([sum(map(len, parts)) for parts in messages])
 
     async def _read_more(self) -> None:
-        if self._reader.holds_more:
+        if self._ws.holds_more:
             await self._parse_held()
             return
         if self._server_plain:
@@ -748,11 +705,7 @@ class WebSocket:
             # _parse's work, inline: this is every read of the hub's.
             self.last_received = trio.current_time()
             self._drained = count < _RECEIVE_SIZE_MAX  # the shared buffer's size
-            try:
-                events = self._reader.receive(buffer[:count], borrowed=True)
-            except WsProtocolError as exc:
-                await self._protocol_error(exc)
-            self._events.extend(events)
+            self._events.extend(self._ws.receive_data(buffer[:count], borrowed=True))
         else:
             await self._parse(b"", borrowed=True)  # raises the loss
         if not waited:
@@ -768,28 +721,14 @@ class WebSocket:
             self._drained = len(data) < _RECEIVE_SIZE_MAX  # the shared buffer's size
         else:
             self._adapt_receive_size(len(data))
-        try:
-            events = self._reader.receive(data, borrowed=borrowed)
-        except WsProtocolError as exc:
-            await self._protocol_error(exc)
-        self._events.extend(events)
+        self._events.extend(self._ws.receive_data(data, borrowed=borrowed))
 
     async def _parse_held(self) -> None:
         """Parse the next batch of frames the last read brought, once other tasks had their
         turn (a checkpoint): one connection's burst of small frames never holds the run for
-        longer than a batch takes (``_frames.MAX_BATCH_FRAMES``)."""
+        longer than a batch takes (``MAX_BATCH_FRAMES``)."""
         await trio.lowlevel.checkpoint()
-        try:
-            events = self._reader.receive(b"")
-        except WsProtocolError as exc:
-            await self._protocol_error(exc)
-        self._events.extend(events)
-
-    async def _protocol_error(self, exc: WsProtocolError) -> NoReturn:
-        """Close with 1002: wsproto refused what the peer sent."""
-        self._closed = ConnectionClosed(1002, "protocol error")
-        await self.send_close(1002, "protocol error")
-        raise self._closed from exc
+        self._events.extend(self._ws.receive_data(b""))
 
     def _adapt_receive_size(self, count: int) -> None:
         """Size a client's next read after one that brought *count* bytes."""
@@ -838,14 +777,10 @@ def _joined(run: list[BytesMessage | TextMessage]) -> BytesMessage | TextMessage
     if any(type(event) is not kind for event in run):
         raise TypeError("one message cannot mix text and binary fragments")
     if kind is TextMessage:
-        return TextMessage(
-            data="".join([event.data for event in run]),  # type: ignore[misc]
-            message_finished=last.message_finished,
-        )
-    return BytesMessage(
-        data=b"".join([event.data for event in run]),  # type: ignore[misc]
-        message_finished=last.message_finished,
-    )
+        text = "".join([event.data for event in run if type(event) is TextMessage])
+        return TextMessage(text, True, last.message_finished)
+    data = b"".join([event.data for event in run if type(event) is BytesMessage])
+    return BytesMessage(data, True, last.message_finished)
 
 
 def _part(data: bytes | bytearray | memoryview | str) -> bytes | memoryview:

@@ -48,12 +48,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import trio
-from wsproto.events import BytesMessage, TextMessage
 
 from devstream_core import control, session
 from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
+from devstream_core.websocket import BytesMessage, TextMessage
 from devstream_core.wire import DEFAULT_SAS_LIFETIME, MIN_SAS_LIFETIME, control_target
 
 from ._connect import HubAddress, Opener, connection_string_for, hub_opener

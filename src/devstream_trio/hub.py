@@ -37,7 +37,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
-from wsproto.events import BytesMessage, TextMessage
 
 from devstream_core import control, wire
 from devstream_core.admission import Admission, ConnectionLimits, Tally
@@ -87,6 +86,7 @@ from devstream_core.routes import (
     Metrics as MetricsRoute,
 )
 from devstream_core.silence import SilenceWatch
+from devstream_core.websocket import BytesMessage, TextMessage
 
 from ._http import HttpError, HttpRequest, HttpServerConnection, close_forcefully
 from ._ws import ConnectionClosed, WebSocket, payload
