@@ -877,3 +877,28 @@ async def test_a_stream_keeps_flowing_while_bad_inputs_are_handled(
         "lonely": 4504,
     }
     await assert_serving(env)
+
+
+@pytest.mark.parametrize(
+    ("request_line", "allow"),
+    [
+        (b"DELETE /healthz HTTP/1.1", b"GET"),
+        (b"PATCH /devices/d1 HTTP/1.1", b"DELETE, GET, PUT"),
+        (b"PUT /twins/d1/streams/ssh HTTP/1.1", b"GET, POST"),
+    ],
+)
+async def test_a_method_a_path_does_not_answer_gets_405_with_allow(
+    env: HubEnv, autojump_clock: trio.abc.Clock, request_line: bytes, allow: bytes
+) -> None:
+    """RFC 9110 §15.5.6: a 405 names the methods the path answers in an Allow header."""
+    stream = await env.open(HUB)
+    await stream.send_all(request_line + b"\r\nhost: hub\r\ncontent-length: 0\r\n\r\n")
+    answer = bytearray()
+    while chunk := await stream.receive_some():
+        answer += chunk
+    head, _, body = bytes(answer).partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert lines[0].startswith(b"http/1.1 405 ")
+    assert [line for line in lines if line.startswith(b"allow:")] == [b"allow: " + allow.lower()]
+    assert json.loads(body)["errorCode"] == ErrorCode.METHOD_NOT_ALLOWED
+    await assert_serving(env)

@@ -25,6 +25,7 @@ from devstream_core.routes import (
     DeviceList,
     Health,
     Initiate,
+    MethodNotAllowed,
     Metrics,
     Route,
     is_valid_device_id,
@@ -167,7 +168,10 @@ def test_method_not_allowed(target: bytes, kind: type[Route]) -> None:
         if method in ALLOWED_METHODS[kind]:
             assert isinstance(parse_route(method, target), kind)
         else:
-            assert refused(method, target).code is ErrorCode.METHOD_NOT_ALLOWED
+            error = refused(method, target)
+            assert error.code is ErrorCode.METHOD_NOT_ALLOWED
+            assert isinstance(error, MethodNotAllowed)
+            assert set(error.allow.split(b", ")) == ALLOWED_METHODS[kind]
 
 
 def test_method_is_checked_before_arguments() -> None:

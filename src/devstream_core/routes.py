@@ -51,6 +51,7 @@ __all__ = [
     "DeviceList",
     "Health",
     "Initiate",
+    "MethodNotAllowed",
     "Metrics",
     "Route",
     "is_valid_device_id",
@@ -233,9 +234,20 @@ def _role(query: str) -> Role | None:
     raise _error(ErrorCode.ARGUMENT_INVALID, "query parameter role must be device or service")
 
 
+class MethodNotAllowed(RemoteProtocolError):
+    """``METHOD_NOT_ALLOWED``: the path exists, but not for this method. :attr:`allow` is the
+    value of the ``Allow`` header a ``405`` must carry (RFC 9110 §15.5.6)."""
+
+    def __init__(self, allowed: frozenset[bytes]) -> None:
+        super().__init__(ErrorCode.METHOD_NOT_ALLOWED, "method not allowed for this path")
+        #: The methods the path answers, comma-separated, in a fixed order.
+        self.allow = b", ".join(sorted(allowed))
+
+
 def _check_method(method: bytes, kind: type[Route]) -> None:
-    if method not in ALLOWED_METHODS[kind]:
-        raise _error(ErrorCode.METHOD_NOT_ALLOWED, "method not allowed for this path")
+    allowed = ALLOWED_METHODS[kind]
+    if method not in allowed:
+        raise MethodNotAllowed(allowed)
 
 
 def parse_route(method: bytes, target: bytes) -> Route:

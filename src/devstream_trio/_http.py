@@ -98,7 +98,18 @@ Headers = list[tuple[bytes, bytes]]
 
 
 class HttpError(DevstreamError):
-    """A request the server refuses; answered with the code's status and a JSON body."""
+    """A request the server refuses; answered with the code's status and a JSON body, and
+    *headers* (an ``Allow`` for a ``405``)."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str | None = None,
+        *,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        super().__init__(code, message)
+        self.headers = headers
 
 
 #: The JSON body of an error response (the hub's and every client's shape, from the core).
@@ -350,7 +361,12 @@ class HttpServerConnection:
             content_type=JSON_CONTENT_TYPE,
         )
 
-    async def send_error(self, code: ErrorCode, message: str | None = None) -> None:
+    async def send_error(
+        self,
+        code: ErrorCode,
+        message: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
         """Answer with an error response and close the connection afterwards.
 
         Works in any state, including after h11 refused the request: the response is written
@@ -360,10 +376,11 @@ class HttpServerConnection:
         """
         body = error_body(code, message)
         status = code.http_status
+        extra = "".join(f"{name.decode()}: {value.decode()}\r\n" for name, value in headers)
         head = (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
             f"content-type: {JSON_CONTENT_TYPE.decode()}\r\n"
-            f"content-length: {len(body)}\r\n"
+            f"content-length: {len(body)}\r\n{extra}"
             f"connection: close{_UPGRADE_REQUIRED if status == 426 else ''}\r\n\r\n"
         ).encode()
         self._first = False

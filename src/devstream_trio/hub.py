@@ -80,6 +80,7 @@ from devstream_core.routes import (
     DeviceList,
     Health,
     Initiate,
+    MethodNotAllowed,
     parse_route,
 )
 from devstream_core.routes import (
@@ -461,7 +462,7 @@ class Hub:
             )
         except HttpError as exc:
             self.metrics.http_errors[int(exc.code)] += 1
-            await http.send_error(exc.code, exc.message)
+            await http.send_error(exc.code, exc.message, exc.headers)
 
     async def _serve_http(self, stream: trio.abc.Stream, connection_id: int) -> _Session | None:
         """Answer requests until the connection closes or becomes a WebSocket.
@@ -484,7 +485,7 @@ class Hub:
             except HttpError as exc:
                 self.metrics.http_errors[int(exc.code)] += 1
                 log.info("HTTP error %d: %s", exc.code, exc.message)
-                await http.send_error(exc.code, exc.message)
+                await http.send_error(exc.code, exc.message, exc.headers)
                 return None
             except StoreError as exc:
                 # The registry failed under this request (damage, disk full, I/O error): one
@@ -509,6 +510,8 @@ class Hub:
         """
         try:
             route = parse_route(request.method, request.target)
+        except MethodNotAllowed as exc:
+            raise HttpError(exc.code, exc.message, headers=[(b"allow", exc.allow)]) from exc
         except DevstreamError as exc:
             raise HttpError(exc.code, exc.message) from exc
         if isinstance(route, (ControlChannel, BridgeJoin)):
