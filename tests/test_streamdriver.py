@@ -498,6 +498,17 @@ def test_the_other_ends_close(code: int, reason: str, outcome: Outcome) -> None:
     assert not link.a.connected and link.a.next_deadline(0.0) == math.inf
 
 
+def test_a_close_behind_much_data_goes_out_in_growing_messages() -> None:
+    link = Link(StreamOptions(window=1 << 20))
+    a = link.a
+    a.endpoint.write(bytes(300_000))
+    a.close(1.0)
+    sizes = [len(message) for message in link.flush(a)]
+    assert sizes[:2] == [64 * 1024, 128 * 1024]  # whole frames, each within message_size
+    assert sum(sizes) == 300_000 + 5 * 13 + 13  # the Data frames' headers and the EOF
+    assert a.phase is P.CLOSING
+
+
 def test_a_close_after_send_eof_writes_no_second_eof() -> None:
     link = Link()
     a = link.a

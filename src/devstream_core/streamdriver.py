@@ -317,10 +317,11 @@ class CloseConnection:
 #: Anything :meth:`StreamDriver.timer` asks for.
 Action = Flush | SendPing | DropConnection | Connect | CloseConnection
 
+_OPEN: Final = StreamPhase.OPEN
+_INF: Final = math.inf
 _FLUSH: Final = Flush()
 _PING: Final = SendPing()
 _DROP: Final = DropConnection()
-_DATA_ONLY: Final[list[Event]] = [DataAvailable()]
 
 
 def _invalid(message: str) -> LocalProtocolError:
@@ -336,10 +337,19 @@ class StreamDriver:
 
     def __init__(self, options: StreamOptions | None = None, *, now: float) -> None:
         options = options or StreamOptions()
-        for name in ("ping_interval", "ping_timeout", "resume_timeout", "close_timeout"):
-            value = getattr(options, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise _invalid(f"{name} must be a positive number")
+        try:
+            valid = (
+                options.ping_interval > 0
+                and options.ping_timeout > 0
+                and options.resume_timeout > 0
+                and options.close_timeout > 0
+            )
+        except TypeError:
+            valid = False
+        if not valid:
+            raise _invalid(
+                "ping_interval, ping_timeout, resume_timeout and close_timeout must be > 0"
+            )
         #: The settings; replacing them applies to every deadline set afterwards.
         self.options = options
         #: The framing endpoint this driver owns.
@@ -617,8 +627,8 @@ class StreamDriver:
             self._close = CloseConnection(code=exc.code.close_code, reason=exc.message[:100])
             self._move(PhaseInput.FAIL)
             raise
-        if events != _DATA_ONLY or self._phase is not StreamPhase.OPEN:
-            self._settle()
+        if self._phase is not _OPEN or len(events) != 1 or type(events[0]) is not DataAvailable:
+            self._settle()  # (new bytes alone, the usual case, change no phase)
         return events
 
     def next_message(self) -> bytes:
@@ -626,9 +636,9 @@ class StreamDriver:
         endpoint's ``message_size``. The close may be due once none is left (:attr:`closing`)."""
         endpoint = self.endpoint
         data = endpoint.data_to_send(endpoint.message_size)
-        if not endpoint.has_output:
-            self._ack_at = math.inf
-        if self._phase is not StreamPhase.OPEN or endpoint.done:
+        if self._phase is not _OPEN or self._ack_at != _INF or endpoint.done:
+            if not endpoint.has_output:
+                self._ack_at = math.inf
             self._settle()
         return data
 

@@ -108,6 +108,7 @@ def resume_token_of(ws: WebSocket) -> str:
 
 
 _DEFAULT_OPTIONS: Final = StreamOptions()
+_OPEN: Final = StreamPhase.OPEN
 
 #: Resume delays' jitter, for streams not given a generator of their own.
 _JITTER = random.Random()
@@ -532,7 +533,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
             ws.send_bytes_nowait(driver.next_message())
             output = endpoint.has_output
         phase = driver.phase
-        if phase is StreamPhase.OPEN:
+        if phase is _OPEN:
             # The usual case, in fewer steps: nothing to close.
             wake = output or ws.has_backlog
         else:
