@@ -714,6 +714,13 @@ class LossyLink(RuleBasedStateMachine):
             self.written[i] += side.endpoint.write(STREAM[start : start + size])
         self.send(i)
 
+    @rule(i=st.integers(0, 1))
+    def write_eof(self, i: int) -> None:
+        side = self.sides[i]
+        if not side.eof_written and side.endpoint.state is EndpointState.OPEN:
+            side.write_eof()
+            self.send(i)
+
     @rule(i=st.integers(0, 1), size=st.one_of(st.none(), st.integers(1, 100_000)))
     def read_some(self, i: int, size: int | None) -> None:
         side = self.sides[i]
@@ -788,9 +795,12 @@ class LossyLink(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         """Reconnect whatever is down and exchange everything: every byte written arrives."""
-        if any(side.phase is P.CLOSED for side in self.sides):
+        if any(
+            side.outcome is not None and side.outcome.kind is OutcomeKind.FAILED
+            for side in self.sides
+        ):
             return  # gave up (time passed beyond resume_timeout): nothing more to check
-        for _ in range(50):
+        for _ in range(100):
             for i, side in enumerate(self.sides):
                 if side.wants_connection:
                     if not self.attempt[i]:
@@ -802,10 +812,16 @@ class LossyLink(RuleBasedStateMachine):
                 self.send(i)
             for i in range(2):
                 self.deliver(i, len(self.queue[i]))
-            if all(len(self.read[i]) == self.written[1 - i] for i in range(2)):
-                break
+            quiet = not any(self.queue) and not any(s.endpoint.has_output for s in self.sides)
+            if quiet and all(s.endpoint.at_eof or not s.endpoint.readable for s in self.sides):
+                break  # nothing in flight, nothing left to read
         for i in range(2):
             assert bytes(self.read[i]) == STREAM[: self.written[1 - i]]
+        if all(side.eof_written for side in self.sides):
+            # Both EOFs written and everything read: the stream completed on both sides.
+            for side in self.sides:
+                assert side.phase in (P.FINISHING, P.CLOSED)
+                assert side.outcome == Outcome(kind=OutcomeKind.COMPLETED)
 
 
 TestLossyLink = LossyLink.TestCase

@@ -1,10 +1,14 @@
 """devstream.v1 streams for application code: half-close, flow control, resume.
 
-:class:`FramedStream` is a ``trio.abc.HalfCloseableStream`` driven by the core's
-:class:`~devstream_core.framing.StreamEndpoint`. One background task (in the nursery the client
-owns) keeps the WebSocket under it: it reads frames, pings, and when the WebSocket drops without
-a close it reconnects to the streaming endpoint with the stream's resume credential and lets the
-endpoint resend what the peer is missing. That task starts only when something needs it: while
+:class:`FramedStream` is a ``trio.abc.HalfCloseableStream`` that carries out what the core's
+:class:`~devstream_core.streamdriver.StreamDriver` decides (the driver owns the
+:class:`~devstream_core.framing.StreamEndpoint`): when acknowledgements go, when to ping, when a
+connection counts as lost, when to reconnect and when to give up, how a close proceeds, how
+big each message is. This module holds the trio side only: the WebSocket, the tasks, the
+timers. One background task (in the nursery the client owns) keeps the WebSocket under it: it
+reads frames, pings, and when the WebSocket drops without a close it reconnects to the
+streaming endpoint with the stream's resume credential and lets the endpoint resend what the
+peer is missing. That task starts only when something needs it: while
 a stream is young (``DIRECT_READ_TIME``, 100 ms), the application's own ``receive_some`` and
 ``aclose`` read the socket, so a stream's first bytes reach the application without a task
 start or a trip through the scheduler, and a short stream (a request, its answer, the close)
