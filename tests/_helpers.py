@@ -19,7 +19,9 @@ import trio
 
 from devstream_core.credentials import ConnectionString
 from devstream_core.registry import Policy
+from devstream_core.streamdriver import StreamPhase
 from devstream_trio.cli import main
+from devstream_trio.framed import FramedStream
 from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub
 from devstream_trio.store import RegistryStore
 
@@ -188,3 +190,10 @@ def run_checking_harness(harness: ModuleType, *, at_least: int) -> str:
         assert harness.main(["--iterations", "200", "--seed", "2"]) == 0
     assert "ok: " in out.getvalue()
     return out.getvalue()
+
+
+async def until_closed(stream: FramedStream, step: float = 0.001) -> None:
+    """Wait, polling every *step* seconds of (virtual) time, until *stream* is closed:
+    nothing more travels and its WebSocket is let go."""
+    while stream.phase is not StreamPhase.CLOSED:
+        await trio.sleep(step)

@@ -20,13 +20,13 @@ from devstream_core.errors import ErrorCode
 from devstream_core.framing import (
     Ack,
     Data,
-    EndpointState,
     Eof,
     FrameDecoder,
     RecvState,
     Resume,
     encode_frame,
 )
+from devstream_core.streamdriver import Outcome, OutcomeKind, StreamPhase
 from devstream_core.websocket import BytesMessage, CloseConnection, Connection
 from devstream_trio._ws import WebSocket
 from devstream_trio.exceptions import StreamReset
@@ -204,7 +204,7 @@ async def test_a_stream_the_socket_keeps_up_with_needs_no_writer_task(
                 closing.start_soon(device.aclose)
             assert trio.current_time() - start < ACK_DELAY / 10
             for stream in (service, device):
-                assert stream._endpoint.state is EndpointState.DONE
+                assert stream.outcome == Outcome(kind=OutcomeKind.COMPLETED)
     assert writer_starts == []
 
 
@@ -278,9 +278,8 @@ async def test_both_sides_closing_without_reading_the_eof_finish_at_once(
             for stream in (service, device):
                 # Finished without a reset; each side's EOF was acknowledged, or answered by
                 # the peer's normal close.
-                assert stream._endpoint.reset_info is None
-                assert stream._endpoint.eof_acked or stream._peer_closed
-                assert stream._failure is None
+                assert stream.outcome is not None
+                assert stream.outcome.kind in (OutcomeKind.COMPLETED, OutcomeKind.PEER_CLOSED)
 
 
 async def test_closing_with_unread_bytes_leaves_the_peers_eof_unacknowledged(
@@ -433,27 +432,24 @@ async def test_a_short_stream_starts_no_task(
     and closes: a stream exchanged and closed within DIRECT_READ_TIME never starts one. One
     task starts, for all of the nursery's streams, those still open by then, and ends."""
 
-    def names(nursery: trio.Nursery) -> list[str]:
-        return sorted(task.name.rsplit(".", 1)[-1] for task in nursery.child_tasks)
-
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             pairs = [framed_pair(nursery, 1 << 20) for _ in range(3)]
             await trio.testing.wait_all_tasks_blocked()
-            assert names(nursery) == ["_run"]  # the starter; no stream's own task
+            assert len(nursery.child_tasks) == 1  # the starter; no stream's own task
             service, device = pairs[0]
             await exchange(service, device, b"ping", b"pong")
             async with trio.open_nursery() as closing:
                 closing.start_soon(service.aclose)
                 closing.start_soon(device.aclose)
-            assert names(nursery) == ["_run"]
+            assert len(nursery.child_tasks) == 1
             for side in (service, device):
-                assert side._finished.is_set() and side._failure is None
-                assert side._endpoint.state is not EndpointState.RESET
+                assert side.phase is StreamPhase.CLOSED
+                assert side.outcome == Outcome(kind=OutcomeKind.COMPLETED)
             await trio.sleep(DIRECT_READ_TIME * 2)
             # The starter started the other streams' tasks, and ended.
-            assert names(nursery) == ["_run"] * 4
-            assert all(side._task_started for pair in pairs for side in pair)
+            assert len(nursery.child_tasks) == 4
+            assert all(side.background_started for pair in pairs for side in pair)
             nursery.cancel_scope.cancel()
 
 
@@ -496,7 +492,7 @@ async def test_closing_a_young_stream_waits_for_the_answer_to_its_close(
                 await trio.sleep(device.close_timeout)
                 assert returned_at == [closed_at + device.close_timeout]
             assert await hub.sock.recv(10) == b""  # dropped
-            assert device._endpoint.state is EndpointState.DONE and device._failure is None
+            assert device.outcome == Outcome(kind=OutcomeKind.COMPLETED)
     hub.sock.close()
 
 
@@ -513,7 +509,7 @@ async def test_a_young_streams_close_cancelled_drops_the_connection_at_once(
             with trio.move_on_after(DIRECT_READ_TIME / 2):  # still young then
                 await device.aclose()  # the hub never acknowledges the device's EOF
             assert trio.current_time() == DIRECT_READ_TIME / 2
-            assert device._finished.is_set()
+            assert device.phase is StreamPhase.CLOSED
             assert hub.received() == [[Ack(offset=3), Eof(offset=0)]]
             assert await hub.sock.recv(10) == b""  # dropped, without a close
             assert not [t for t in nursery.child_tasks if t.name.endswith("FramedStream._run")]
@@ -546,9 +542,8 @@ async def test_a_young_stream_closed_while_another_task_reads_it(
                 await trio.testing.wait_all_tasks_blocked()
                 await device.aclose()
             assert got == [b"late"]
-            assert device._task_started
-            assert device._failure is None
-            assert device._endpoint.state is not EndpointState.RESET
+            assert device.background_started
+            assert device.outcome is None or device.outcome.kind is OutcomeKind.COMPLETED
             assert trio.current_time() < ACK_DELAY * 2
             nursery.cancel_scope.cancel()
 
@@ -585,7 +580,7 @@ async def test_a_connection_lost_under_a_young_streams_read_is_resumed(
 
             nursery.start_soon(receive)
             await trio.testing.wait_all_tasks_blocked()
-            assert not device._task_started  # the application's task is reading
+            assert not device.background_started  # the application's task is reading
             b.close()  # the connection is lost
             lost_at = trio.current_time()
             await trio.testing.wait_all_tasks_blocked()
@@ -641,7 +636,7 @@ async def test_streams_whose_tasks_never_started_drop_their_connection_when_canc
                 )
             nursery.cancel_scope.cancel()
         for stream in streams:
-            assert stream._finished.is_set()
+            assert stream.phase is StreamPhase.CLOSED
         for peer in peers:
             assert await peer.recv(10) == b""  # closed: end of file
             peer.close()
@@ -697,7 +692,8 @@ async def test_a_broken_first_message_read_directly_fails_the_stream_cleanly(
             assert frame.code == int(ErrorCode.PROTOCOL_ERROR)  # type: ignore[attr-defined]
             [close] = [e for e in events if isinstance(e, CloseConnection)]
             assert close.code == ErrorCode.PROTOCOL_ERROR.close_code
-            assert hub.device._failure is not None
-            assert hub.device._failure.code is ErrorCode.PROTOCOL_ERROR
+            assert hub.device.outcome is not None
+            assert hub.device.outcome.kind is OutcomeKind.BROKEN
+            assert hub.device.outcome.code == ErrorCode.PROTOCOL_ERROR
             nursery.cancel_scope.cancel()
     hub.sock.close()

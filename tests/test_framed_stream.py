@@ -21,6 +21,7 @@ import trio.testing
 from devstream_core.common import Role
 from devstream_core.errors import ErrorCode
 from devstream_core.framing import DEFAULT_WINDOW, EndpointState
+from devstream_core.streamdriver import StreamPhase
 from devstream_trio import framed, streaming
 from devstream_trio._connect import HubAddress
 from devstream_trio._http import HttpStatusError, http_request, websocket_connect
@@ -39,6 +40,7 @@ from devstream_trio.service import AnyStream, ServiceClient, join_stream, open_s
 from devstream_trio.store import RegistryStore
 from devstream_trio.stream import HubStream
 
+from ._helpers import until_closed
 from .conftest import PUBLIC_URL, HubEnv, random_payload
 
 HUB = HubAddress.from_url(PUBLIC_URL)
@@ -937,10 +939,10 @@ async def test_a_closed_stream_waits_for_the_close_answer_and_never_resumes(
         tap.stall(outgoing=False)  # the hub's answer to the close never arrives
         await pair.service.aclose()
         closed_at = trio.current_time()
-        assert not pair.service._finished.is_set()
+        assert pair.service.phase is StreamPhase.FINISHING
         if then == "cut":
             tap.cut()
-        await pair.service._finished.wait()
+        await until_closed(pair.service)
         took = trio.current_time() - closed_at
         if then == "cut":
             assert took < 0.1
@@ -1292,7 +1294,7 @@ async def test_closing_a_finished_stream_while_it_resumes_stops_the_resume(
             await trio.sleep(0.01)
         await pair.service.aclose()
         closed_at = trio.current_time()
-        await pair.service._finished.wait()
+        await until_closed(pair.service)
         assert trio.current_time() - closed_at < 0.01
         count = len(attempts)
         await trio.sleep(30)

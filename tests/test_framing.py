@@ -621,6 +621,27 @@ def test_data_to_send_with_a_limit_gives_whole_frames() -> None:
         a.data_to_send(MIN_SEND_LIMIT - 1)
 
 
+@pytest.mark.parametrize("max_bytes", [None, MAX_MESSAGE_SIZE, 2 * MAX_MESSAGE_SIZE, 2**40])
+def test_no_message_exceeds_the_hubs_limit_whatever_the_argument(max_bytes: int | None) -> None:
+    """The hub refuses a WebSocket message over MAX_MESSAGE_SIZE (close 1009): a full 2 MiB
+    window, with its EOF, comes out in messages within it, whole frames each, whether the
+    caller gives no limit or a larger one."""
+    window = 2 * MAX_MESSAGE_SIZE
+    pipe = Pipe(window=window, max_payload=MAX_FRAME_PAYLOAD)
+    a, b = pipe.ep[A], pipe.ep[B]
+    data = pattern(window)
+    assert a.write(data) == window
+    a.write_eof()
+    sizes = []
+    while out := a.data_to_send(max_bytes):
+        sizes.append(len(out))
+        b.receive_data(out)
+    assert sizes and max(sizes) <= MAX_MESSAGE_SIZE
+    assert len(sizes) == 3  # two full messages and the rest (headers, the EOF)
+    assert not a.has_output
+    assert b.read() == data and b.at_eof
+
+
 def test_duplicates_and_gaps_are_ignored() -> None:
     pipe = Pipe()
     b = pipe.ep[B]

@@ -1162,15 +1162,18 @@ class StreamEndpoint:
         return events
 
     def data_to_send(self, max_bytes: int | None = None) -> bytes:
-        """Every frame ready now, concatenated (``b""`` if none).
+        """The frames ready now, concatenated (``b""`` if none): one WebSocket message.
 
         Resume, Ack and Reset come first, then Data from :attr:`next_send` up to
         ``min(written_end, acked + window)`` in payloads of at most ``max_payload``, then the
-        Eof once everything before it is out. With *max_bytes* (at least
-        :data:`MIN_SEND_LIMIT`) the result is whole frames totalling at most that many bytes;
-        call again for the rest.
+        Eof once everything before it is out. The result is whole frames totalling at most
+        *max_bytes* (at least :data:`MIN_SEND_LIMIT`) and never more than
+        :data:`MAX_MESSAGE_SIZE`, the largest message the hub takes, whatever *max_bytes*
+        says (None means that limit); call again while :attr:`has_output` for the rest.
         """
-        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < MIN_SEND_LIMIT):
+        if max_bytes is None or (type(max_bytes) is int and max_bytes > MAX_MESSAGE_SIZE):
+            max_bytes = MAX_MESSAGE_SIZE
+        elif not isinstance(max_bytes, int) or max_bytes < MIN_SEND_LIMIT:
             raise LocalProtocolError(
                 ErrorCode.ARGUMENT_INVALID, f"max_bytes must be >= {MIN_SEND_LIMIT}"
             )
@@ -1192,7 +1195,7 @@ class StreamEndpoint:
             self._reset_pending = None
             self._reset_sent_in_epoch = True
         if conn is ConnectionState.CONNECTED and not is_reset:
-            room = None if max_bytes is None else max_bytes - sum(map(len, out))
+            room = max_bytes - sum(map(len, out))
             # Payloads go from the send queue into the result in one copy, through views that
             # are all let go before the queue can change again.
             try:

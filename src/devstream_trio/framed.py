@@ -1,10 +1,14 @@
 """devstream.v1 streams for application code: half-close, flow control, resume.
 
-:class:`FramedStream` is a ``trio.abc.HalfCloseableStream`` driven by the core's
-:class:`~devstream_core.framing.StreamEndpoint`. One background task (in the nursery the client
-owns) keeps the WebSocket under it: it reads frames, pings, and when the WebSocket drops without
-a close it reconnects to the streaming endpoint with the stream's resume credential and lets the
-endpoint resend what the peer is missing. That task starts only when something needs it: while
+:class:`FramedStream` is a ``trio.abc.HalfCloseableStream`` that carries out what the core's
+:class:`~devstream_core.streamdriver.StreamDriver` decides (the driver owns the
+:class:`~devstream_core.framing.StreamEndpoint`): when acknowledgements go, when to ping, when a
+connection counts as lost, when to reconnect and when to give up, how a close proceeds, how
+big each message is. This module holds the trio side only: the WebSocket, the tasks, the
+timers. One background task (in the nursery the client owns) keeps the WebSocket under it: it
+reads frames, pings, and when the WebSocket drops without a close it reconnects to the
+streaming endpoint with the stream's resume credential and lets the endpoint resend what the
+peer is missing. That task starts only when something needs it: while
 a stream is young (``DIRECT_READ_TIME``, 100 ms), the application's own ``receive_some`` and
 ``aclose`` read the socket, so a stream's first bytes reach the application without a task
 start or a trip through the scheduler, and a short stream (a request, its answer, the close)
@@ -44,32 +48,47 @@ Meaning of the trio methods:
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import math
 import random
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Final
 
 import trio
 
 from devstream_core.common import Role
-from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
-from devstream_core.framing import (
-    DEFAULT_WINDOW,
-    MAX_MESSAGE_SIZE,
-    EndpointState,
-    RecvState,
-    StreamEndpoint,
+from devstream_core.errors import DevstreamError, ErrorCode, RemoteProtocolError
+from devstream_core.framing import MAX_MESSAGE_SIZE, EndpointState
+from devstream_core.streamdriver import (
+    ACK_DELAY,
+    DIRECT_READ_TIME,
+    STALL_PROBE,
+    Action,
+    DropConnection,
+    Flush,
+    Outcome,
+    OutcomeKind,
+    SendPing,
+    StreamDriver,
+    StreamOptions,
+    StreamPhase,
 )
 from devstream_core.wire import HEADER_RESUME_TOKEN, MAX_FRAMED_MESSAGE_SIZE
 
-from ._ws import ABNORMAL_CLOSURE, NORMAL_CLOSURE, ConnectionClosed, WebSocket
-from .exceptions import HubError, HubUnreachable, StreamReset, error_for
+from ._ws import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket
+from .exceptions import HubError, StreamReset, error_for
 
-__all__ = ["FramedStream", "Reconnect", "StreamOptions"]
+__all__ = [
+    "ACK_DELAY",
+    "DIRECT_READ_TIME",
+    "STALL_PROBE",
+    "FramedStream",
+    "Reconnect",
+    "StreamOptions",
+]
 
 log = logging.getLogger("devstream.stream")
 
@@ -83,20 +102,6 @@ MAX_MESSAGE = MAX_FRAMED_MESSAGE_SIZE
 #: ``handshake_headers``.
 Reconnect = Callable[[str], Awaitable[WebSocket]]
 
-#: Errors that end resuming at once: the hub will never take this stream back.
-_FINAL = frozenset(
-    {
-        ErrorCode.NOT_FOUND,
-        ErrorCode.STREAM_TOKEN_INVALID,
-        ErrorCode.STREAM_TOKEN_REUSED,
-        ErrorCode.STREAM_TOKEN_WRONG_ROLE,
-        ErrorCode.STREAM_TOKEN_WRONG_STREAM,
-        ErrorCode.STREAM_TOKEN_EXPIRED,
-        ErrorCode.ARGUMENT_INVALID,
-        ErrorCode.UNAUTHORIZED,
-    }
-)
-
 
 def resume_token_of(ws: WebSocket) -> str:
     """The resume token the hub sent with the handshake, or ``""``."""
@@ -106,54 +111,21 @@ def resume_token_of(ws: WebSocket) -> str:
     return ""
 
 
-@dataclass(frozen=True, kw_only=True)
-class StreamOptions:
-    """Settings of devstream.v1 streams, shared by every stream a client opens."""
-
-    #: The most unacknowledged bytes in flight towards the peer, and the most this side
-    #: buffers from the peer. Both sides of a stream use one window: the service's, sent at
-    #: initiation (``devstream-stream-window``); a device adopts it for that stream.
-    window: int = DEFAULT_WINDOW
-    #: Ping the hub this often; a WebSocket silent for ``ping_interval + ping_timeout``
-    #: counts as dropped and the stream resumes over a new one.
-    ping_interval: float = 10.0
-    ping_timeout: float = 10.0
-    #: Give up resuming after this long (the hub holds a stream 30 s by default).
-    resume_timeout: float = 30.0
-    #: How long ``aclose`` waits for the peer to acknowledge everything.
-    close_timeout: float = 5.0
-
-
 _DEFAULT_OPTIONS: Final = StreamOptions()
-
-#: How long an acknowledgement of the peer's EOF may wait for this side's own EOF (or other
-#: frames) to go out with it.
-ACK_DELAY = 0.005
-
-#: How long a stream stays young: its application's own tasks read the socket while they wait
-#: on it, and no connection task of its own runs unless something needs one (see
-#: FramedStream._read_directly). Most request-and-answer streams end within it without ever
-#: starting that task; past it, the stream reads and pings from its task as usual.
-DIRECT_READ_TIME = 0.1
-
-#: How long a WebSocket message may stop arriving half-way before the stream pings the hub
-#: to find out whether its connection still works. The hub writes each message whole, so on
-#: a healthy connection its rest follows at once; a message cut off means a connection lost
-#: on the way, and where only the hub's end was reset (a relay, a middlebox) this end would
-#: otherwise hear of it only with its next ping, up to ``ping_interval`` later. The ping's
-#: write meets the reset (and resumes the stream), or its answer shows the connection alive.
-STALL_PROBE = 0.05
+_OPEN: Final = StreamPhase.OPEN
 
 #: Resume delays' jitter, for streams not given a generator of their own.
 _JITTER = random.Random()
 
 
-class _Dropped(Exception):
-    """The WebSocket under the stream ended without a close: resume."""
-
-
 class FramedStream(trio.abc.HalfCloseableStream):
-    """One side of a devstream.v1 stream."""
+    """One side of a devstream.v1 stream.
+
+    Every decision of the stream's life (acknowledgement delay, keepalive, stall probe,
+    resume attempts and when to give up, the close procedure, message sizes) is made by its
+    :class:`~devstream_core.streamdriver.StreamDriver`; this class carries them out with
+    trio: the WebSocket, the tasks, the timers.
+    """
 
     def __init__(
         self,
@@ -173,22 +145,18 @@ class FramedStream(trio.abc.HalfCloseableStream):
         self.name = ""
         #: How many times the stream resumed over a new WebSocket.
         self.resumes = 0
-        self.ping_interval = options.ping_interval
-        self.ping_timeout = options.ping_timeout
-        self.resume_timeout = options.resume_timeout
-        self.close_timeout = options.close_timeout
-        self._endpoint = StreamEndpoint(window=options.window)
+        now = trio.current_time()
+        self._driver = driver = StreamDriver(options, now=now)
+        self._endpoint = driver.endpoint
         self._reconnect = reconnect
         self._resume_token = resume_token_of(ws)
         self._rng = rng or _JITTER
         self._ws = ws
         self._changed = trio.lowlevel.ParkingLot()
         self._send_wanted = trio.Event()
+        #: The exception the stream's end is reported with, once made (see _error).
         self._failure: DevstreamError | None = None
-        self._peer_closed = False
-        self._finished = trio.Event()
         self._local_closed = False
-        self._eof_sent = False
         self._sending = False
         self._receiving = False
         self._scope = trio.CancelScope()
@@ -196,27 +164,58 @@ class FramedStream(trio.abc.HalfCloseableStream):
         #: The writer task runs only once something needs it (see _wake_writer).
         self._writer_running = False
         self._writer_nursery: trio.Nursery | None = None
-        #: The connection task's timer while it reads, and its keepalive deadline; whether
-        #: an acknowledgement waits for it (see _defer_ack).
+        #: The connection task's timer while it reads, the deadline it was armed for, and
+        #: whether a deferred acknowledgement brought it forward (see _defer_ack).
         self._read_timer: trio.CancelScope | None = None
         self._read_wake = math.inf
         self._ack_due = False
-        self._closing = False
         #: Until the connection task starts, the application's own tasks read (see
-        #: _read_directly). It starts when something needs it, or DIRECT_READ_TIME after the
-        #: stream opened (see _need_reader, _Starter), and never for a stream over sooner.
+        #: _read_directly). It starts when something needs it, or when the driver's
+        #: direct_read_until passes (see _need_reader, _Starter), and never for a stream over
+        #: sooner.
         self._nursery = nursery
         self._task_started = False
-        self._dormant_until = trio.current_time() + DIRECT_READ_TIME
         self._app_reading = False
         self._direct_read: trio.CancelScope | None = None
-        #: A frame the application's own read found broken, for the connection task to act on.
-        self._early_failure: DevstreamError | None = None
         # Connected from the start: what the application sends before the connection task
         # first runs goes out at once (see _send_now).
-        self._endpoint.connection_made(resumed=False)
+        driver.connection_made(now)
         self._starter = _starter_for(nursery)
-        self._starter.add(self, self._dormant_until)
+        self._starter.add(self, driver.direct_read_until)
+
+    # -- settings (the driver's options; a change applies to deadlines set after it) -----------
+
+    @property
+    def ping_interval(self) -> float:
+        return self._driver.options.ping_interval
+
+    @ping_interval.setter
+    def ping_interval(self, value: float) -> None:
+        self._driver.options = dataclasses.replace(self._driver.options, ping_interval=value)
+
+    @property
+    def ping_timeout(self) -> float:
+        return self._driver.options.ping_timeout
+
+    @ping_timeout.setter
+    def ping_timeout(self, value: float) -> None:
+        self._driver.options = dataclasses.replace(self._driver.options, ping_timeout=value)
+
+    @property
+    def resume_timeout(self) -> float:
+        return self._driver.options.resume_timeout
+
+    @resume_timeout.setter
+    def resume_timeout(self, value: float) -> None:
+        self._driver.options = dataclasses.replace(self._driver.options, resume_timeout=value)
+
+    @property
+    def close_timeout(self) -> float:
+        return self._driver.options.close_timeout
+
+    @close_timeout.setter
+    def close_timeout(self, value: float) -> None:
+        self._driver.options = dataclasses.replace(self._driver.options, close_timeout=value)
 
     # -- application side --------------------------------------------------------------------
 
@@ -224,6 +223,17 @@ class FramedStream(trio.abc.HalfCloseableStream):
     def window(self) -> int:
         """The flow-control window: the most bytes in flight towards the peer."""
         return self._endpoint.window
+
+    @property
+    def phase(self) -> StreamPhase:
+        """Where the stream is in its life (see :class:`~devstream_core.streamdriver.StreamPhase`):
+        ``CLOSED`` once nothing more travels and the WebSocket is let go."""
+        return self._driver.phase
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """How the stream ended (completed, reset, closed by the peer, failed), once known."""
+        return self._driver.outcome
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Hand *data* to the stream, waiting while the window is full."""
@@ -262,10 +272,9 @@ class FramedStream(trio.abc.HalfCloseableStream):
     async def send_eof(self) -> None:
         """Half-close: the peer reads EOF after the last byte; this side can still receive."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        if not self._eof_sent:
+        if not self._driver.eof_written:
             self._check_can_send()
-            self._eof_sent = True
-            self._endpoint.write_eof()
+            self._driver.write_eof()
             self._send_now()
         # Other tasks run after the EOF went out, not before (an acknowledgement waiting for
         # it goes with it).
@@ -307,35 +316,34 @@ class FramedStream(trio.abc.HalfCloseableStream):
 
     async def _read_directly(self) -> None:
         """Read the next message from the calling task (a receive_some's, or aclose's), while
-        no connection task has started, and feed it to the endpoint. A young stream's bytes
+        no connection task has started, and feed it to the driver. A young stream's bytes
         thus reach the application with no trip through the scheduler and no task start:
         the connection task starts only when a second task waits on the stream, a send needs
-        the writer, or ``DIRECT_READ_TIME`` after the stream opened (a read still waiting
-        then stops, and the task takes over). A stream that ends sooner never starts it.
+        the writer, or the driver's ``direct_read_until`` passes (a read still waiting then
+        stops, and the task takes over). A stream that ends sooner never starts it.
 
-        The peer's close ends the stream here as the connection task would end it. A lost
-        connection is left on the WebSocket, and a broken frame for the connection task
-        (``_early_failure``): it starts at once, finds them and resumes or fails."""
+        The other end's close is given to the driver as the connection task would give it;
+        a lost connection, or a broken frame, starts the task (it resumes, or closes)."""
         ws = self._ws
+        driver = self._driver
         self._app_reading = True
         try:
-            with trio.move_on_at(self._dormant_until) as self._direct_read:
+            with trio.move_on_at(driver.direct_read_until) as self._direct_read:
                 try:
                     messages = await ws.receive_messages(MAX_MESSAGE)
                 except ConnectionClosed as exc:
-                    if exc.code == ABNORMAL_CLOSURE:
+                    driver.connection_closed(exc.code, exc.reason, trio.current_time())
+                    if driver.wants_connection:
                         self._need_reader()  # resume
-                    else:
-                        self._on_close(exc)
                     return
+                now = trio.current_time()
                 try:
                     for parts in messages:
                         for part in parts:
-                            self._endpoint.receive_data(part)
-                except DevstreamError as exc:
-                    self._early_failure = exc
+                            driver.receive(part, now)
+                except RemoteProtocolError:
                     self._need_reader()  # it closes the WebSocket with the error
-                if self._endpoint.has_output:
+                if self._endpoint.has_output or driver.closing is not None:
                     self._send_now()
         finally:
             self._app_reading = False
@@ -362,8 +370,8 @@ class FramedStream(trio.abc.HalfCloseableStream):
 
     def _start_task(self) -> None:
         """Start the connection task, once. It starts only when something needs it (most
-        streams read their first message without it) or DIRECT_READ_TIME after the stream
-        opened: a new stream pays for no task start on its way to its first bytes."""
+        streams read their first message without it) or when the stream stops being young:
+        a new stream pays for no task start on its way to its first bytes."""
         if not self._task_started:
             self._task_started = True
             self._nursery.start_soon(self._run)
@@ -378,12 +386,12 @@ class FramedStream(trio.abc.HalfCloseableStream):
         there is nothing yet. Raises ``trio.BrokenResourceError`` once the stream is broken."""
         endpoint = self._endpoint
         if endpoint.state is not EndpointState.RESET:
-            data = endpoint.read(max_bytes)
+            data = self._driver.read(max_bytes, trio.current_time())
             if endpoint.at_eof:
-                # Read up to the peer's EOF: the acknowledgement waits a moment, so that the
-                # send_eof() or aclose() that usually follows takes it along, in one message
-                # with this side's EOF.
-                if endpoint.has_output:
+                # Read up to the peer's EOF: the driver defers the acknowledgement a moment,
+                # so that the send_eof() or aclose() that usually follows takes it along, in
+                # one message with this side's EOF.
+                if self._driver.ack_deferred:
                     self._defer_ack()
                 self._changed.unpark_all()
                 return data
@@ -392,7 +400,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
                     self._send_now()  # an acknowledgement that is due
                 return data
         self._check_broken()
-        if self._peer_closed:
+        if self._peer_closed():
             raise trio.BrokenResourceError("the peer closed the stream before its EOF")
         return None
 
@@ -400,7 +408,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
         """Abort the stream; the peer sees a reset with *code* and *reason*."""
         await trio.lowlevel.checkpoint()
         if self._endpoint.state is EndpointState.OPEN:
-            self._endpoint.reset(int(code), reason)
+            self._driver.reset(int(code), reason, trio.current_time())
             self._send_now()
 
     async def aclose(self) -> None:
@@ -425,20 +433,23 @@ class FramedStream(trio.abc.HalfCloseableStream):
                     if closing:
                         await self._read_until_closed()
                 finally:
-                    self._finished.set()
-                    self._changed.unpark_all()
-                    await self._ws.abort()
+                    await self._end()
             elif closing:
                 # The connection task reads the peer's answer to the close, then drops the
-                # transport: no cancellation. It gives up waiting after close_timeout, and
-                # a transport lost meanwhile is not resumed.
-                self._closing = True
+                # transport: no cancellation. It gives up waiting at the driver's deadline,
+                # and a transport lost meanwhile is not resumed.
                 self._scope.deadline = min(
                     self._scope.deadline, trio.current_time() + self.close_timeout
                 )
             else:
                 self._scope.cancel()
                 self._start_task()  # its end drops the WebSocket
+
+    async def _end(self) -> None:
+        """The stream is over for this side: nothing more travels; drop the transport."""
+        self._driver.abort(trio.current_time())
+        self._changed.unpark_all()
+        await self._ws.abort()
 
     async def _read_until_closed(self) -> None:
         """Read (and drop) what comes until the WebSocket's closing handshake is over, for up
@@ -448,104 +459,98 @@ class FramedStream(trio.abc.HalfCloseableStream):
             while ws.closed is None:
                 try:
                     await ws.receive_messages(MAX_MESSAGE)
-                except ConnectionClosed:
+                except ConnectionClosed as exc:
+                    self._driver.connection_closed(exc.code, exc.reason, trio.current_time())
                     return
 
-    def _over(self) -> bool:
-        """True once nothing more can travel: failed, closed by the peer, or no task left."""
-        return self._failure is not None or self._peer_closed or self._finished.is_set()
+    def _peer_closed(self) -> bool:
+        outcome = self._driver.outcome
+        return outcome is not None and outcome.kind is OutcomeKind.PEER_CLOSED
 
     async def _finish(self) -> bool:
-        """Finish the stream; True when the connection task ends by itself: the closing
-        handshake is under way (this side's close went out on a connection not known to be
-        lost; a lost one is being resumed), or the peer closed."""
-        endpoint = self._endpoint
-        with trio.move_on_after(self.close_timeout):
-            if endpoint.state is EndpointState.OPEN and not self._over():
-                # The acknowledgement, if any, goes out with this side's EOF.
-                to_send = self._take_peer_eof()
-                if not self._eof_sent:
-                    self._eof_sent = to_send = True
-                    endpoint.write_eof()
-                if to_send:
-                    self._send_now()
-                while not (endpoint.eof_acked or self._over()):
-                    if endpoint.state is not EndpointState.OPEN and not endpoint.done:
-                        break
+        """Finish the stream as the driver's close procedure says; True when the connection
+        task ends by itself: the closing handshake is under way (this side's close went out
+        on a connection not known to be lost), or the peer closed."""
+        driver = self._driver
+        # The acknowledgement of a peer's EOF, if any, goes out with this side's EOF.
+        driver.close(trio.current_time())
+        self._send_now()
+        if driver.phase is StreamPhase.CLOSING:
+            with trio.move_on_at(driver.close_deadline):
+                while driver.phase is StreamPhase.CLOSING:
                     await self._wait_or_read()
-                    # Acknowledged while this side still waits for its own (the peer may be
-                    # waiting too); after that, the close that follows tells the peer all it
-                    # needs, in one message.
-                    if not endpoint.eof_acked and self._take_peer_eof():
-                        self._send_now()
-        if endpoint.state is EndpointState.OPEN and not endpoint.eof_acked and not self._over():
-            # Not acknowledged in time: the peer learns that not all was read.
-            endpoint.reset(int(ErrorCode.STREAM_RESET), "closed before the peer read all")
-        with trio.move_on_after(self.close_timeout):
+            if driver.phase is StreamPhase.CLOSING:
+                # Not acknowledged in time: the driver resets the stream.
+                self._carry_out(driver.timer(trio.current_time(), self._ws.last_received))
+        if driver.phase is not StreamPhase.FINISHING:
+            return self._peer_closed()
+        with trio.move_on_at(driver.close_deadline):
             # The last frames go out (what the socket does not take, by the writer task),
             # then the close.
             self._send_now()
-            while not self._over() and endpoint.has_output:
+            while not driver.over and self._endpoint.has_output:
                 await self._wait_changed()
             ws = self._ws
-            if ws.is_open:
-                await ws.send_close(NORMAL_CLOSURE, "")
+            close = driver.closing
+            if close is not None and ws.is_open:
+                await ws.send_close(close.code, close.reason)
+                driver.close_sent(trio.current_time())
             lost = ws.closed is not None and ws.closed.code == ABNORMAL_CLOSURE
-            return (ws.close_sent and not lost) or self._peer_closed
-        return False
-
-    def _take_peer_eof(self) -> bool:
-        """While closing: read the peer's EOF if it came after the last byte the application
-        read (True: its acknowledgement is to be sent). The application reads no more and
-        missed nothing, so the EOF is acknowledged, as reading it would have done: a peer
-        closing at the same time, which did not read this side's EOF either, is not left
-        waiting for ``close_timeout``. An EOF behind unread bytes stays unacknowledged, as an
-        acknowledgement means "read"."""
-        endpoint = self._endpoint
-        if (
-            endpoint.state is EndpointState.OPEN
-            and endpoint.recv_state is RecvState.EOF_RECEIVED
-            and endpoint.consumed == endpoint.received
-        ):
-            endpoint.read()
-            return True
+            return (ws.close_sent and not lost) or self._peer_closed()
         return False
 
     def _check_can_send(self) -> None:
-        if self._eof_sent or self._local_closed:
+        if self._driver.eof_written or self._local_closed:
             raise trio.ClosedResourceError("send_eof() or aclose() was called")
         self._check_broken()
-        if self._peer_closed:
+        if self._peer_closed():
             raise trio.BrokenResourceError("the peer closed the stream")
 
     def _check_broken(self) -> None:
-        if self._endpoint.state is EndpointState.RESET and self._failure is None:
-            info = self._endpoint.reset_info
-            code, reason = info if info is not None else (int(ErrorCode.STREAM_RESET), "")
-            self._failure = _reset_error(code, reason)
-        if self._failure is not None:
-            raise trio.BrokenResourceError(f"the stream ended: {self._failure}") from self._failure
+        error = self._failure
+        if error is None:
+            error = self._failure = self._error()
+        if error is not None:
+            raise trio.BrokenResourceError(f"the stream ended: {error}") from error
+
+    def _error(self) -> DevstreamError | None:
+        """The exception a broken stream is reported with, from the driver's outcome."""
+        outcome = self._driver.outcome
+        if outcome is not None:
+            if outcome.kind is OutcomeKind.FAILED:
+                return error_for(ErrorCode(outcome.code), outcome.reason)
+            if outcome.kind is OutcomeKind.BROKEN:
+                return RemoteProtocolError(ErrorCode(outcome.code), outcome.reason)
+        info = self._endpoint.reset_info
+        if info is not None:
+            return _reset_error(*info)
+        return None
 
     def _send_now(self) -> None:
-        """Put what the endpoint has to send on the wire from the calling task, where the
+        """Put what the driver has to send on the wire from the calling task, where the
         WebSocket takes it at once (no hand-off to the writer task, and nothing a
-        cancellation could cut), and the close once the stream is done; wake the writer task
+        cancellation could cut), and the close once the driver owes it; wake the writer task
         only for the rest (a full socket, a send in progress, TLS); wake waiting callers."""
-        ws, endpoint = self._ws, self._endpoint
+        ws, driver, endpoint = self._ws, self._driver, self._endpoint
         output = endpoint.has_output
         while output and ws.can_send_nowait:
-            ws.send_bytes_nowait(endpoint.data_to_send(endpoint.message_size))
+            ws.send_bytes_nowait(driver.next_message())
             output = endpoint.has_output
-        state = endpoint.state
-        if state is EndpointState.OPEN:
+        phase = driver.phase
+        if phase is _OPEN:
             # The usual case, in fewer steps: nothing to close.
             wake = output or ws.has_backlog
         else:
-            reset = state is EndpointState.RESET
-            finished = state is EndpointState.DONE or (reset and endpoint.reset_settled)
-            if finished and ws.is_open and not output:
-                ws.send_close_nowait(NORMAL_CLOSURE)  # the stream is over: close the WebSocket
-            wake = output or ws.has_backlog or (finished and ws.is_open) or (reset and not finished)
+            close = driver.closing
+            if close is not None and ws.is_open and ws.send_close_nowait(close.code, close.reason):
+                driver.close_sent(trio.current_time())
+                close = None
+            wake = (
+                output
+                or ws.has_backlog
+                or (close is not None and ws.is_open)
+                or phase is StreamPhase.RESETTING
+            )
         if wake:
             self._wake_writer()
         elif self._ack_due:
@@ -557,22 +562,23 @@ class FramedStream(trio.abc.HalfCloseableStream):
         self._changed.unpark_all()
 
     def _defer_ack(self) -> None:
-        """Leave what the endpoint has to send for up to ``ACK_DELAY``: the connection task
-        sends it then, unless a send from the application took it along first."""
+        """Leave what the driver has to send until its acknowledgement deadline: the
+        connection task sends it then, unless a send from the application took it first."""
         timer = self._read_timer
+        deadline = self._driver.ack_deadline
         if timer is None:
             if self._task_started:
                 self._wake_writer()  # no connection task reading: the writer sends it
             else:
-                # A young stream: its task starts in ACK_DELAY, unless a send took the
+                # A young stream: its task starts at the deadline, unless a send took the
                 # acknowledgement along first, and sends what is due first.
-                self._starter.add(self, trio.current_time() + ACK_DELAY)
+                self._starter.add(self, deadline)
             return
         self._ack_due = True
-        timer.deadline = min(timer.deadline, trio.current_time() + ACK_DELAY)
+        timer.deadline = min(timer.deadline, deadline)
 
     def _wake_writer(self) -> None:
-        """Have the writer task write what the endpoint has; start it if it is not running.
+        """Have the writer task write what the driver has; start it if it is not running.
         Most streams never need it: what they send goes out from the calling task."""
         self._send_wanted.set()
         if self._writer_nursery is None:
@@ -582,35 +588,67 @@ class FramedStream(trio.abc.HalfCloseableStream):
             self._writer_idle = False
             self._writer_nursery.start_soon(self._write_loop, self._ws)
 
+    def _carry_out(self, actions: list[Action]) -> bool:
+        """Do what the driver's timer asked; True when it asked to drop the connection."""
+        drop = False
+        for action in actions:
+            if isinstance(action, Flush):
+                self._send_now()
+            elif isinstance(action, SendPing):
+                self._ping_wanted = True
+                self._wake_writer()
+            elif isinstance(action, DropConnection):
+                drop = True
+        return drop
+
+    # -- the nursery's starter ---------------------------------------------------------------
+
+    @property
+    def background_started(self) -> bool:
+        """Whether the stream's connection task started (or will never start)."""
+        return self._task_started
+
+    def start_if_due(self, when: float) -> None:
+        """The nursery's starter calls this at *when*, a time this stream asked for: start the
+        connection task, unless it started already, or what it was asked for went out
+        meanwhile (a deferred acknowledgement taken along by a send)."""
+        if self._task_started:
+            return
+        if when < self._driver.direct_read_until and not self._endpoint.has_output:
+            return
+        self._need_reader()
+
+    async def abandon(self) -> None:
+        """The nursery's starter calls this when it is cancelled (the nursery is): a stream
+        whose connection task never started is over, as that task's end would have made it."""
+        if not self._task_started:
+            self._task_started = True
+            await self._end()
+
     # -- the connection task -----------------------------------------------------------------
 
     async def _run(self) -> None:
-        first = True
+        driver = self._driver
         try:
             with self._scope:
                 while self._app_reading:  # a read of the application's, told to stop
                     await self._changed.park()
+                if self._endpoint.has_output or driver.closing is not None:
+                    self._send_now()  # (the application's tasks sent the rest)
                 while True:
-                    if not first:
-                        self._endpoint.connection_made(resumed=True)
-                        self._send_now()
-                    elif self._endpoint.has_output:
-                        self._send_now()  # (the application's tasks sent the rest)
-                    first = False
-                    try:
-                        await self._serve(self._ws)
+                    await self._serve(self._ws)
+                    if not driver.wants_connection:
                         return
-                    except _Dropped:
-                        if self._closing:
-                            return  # lost while closing: nothing left to resume for
-                    self._endpoint.connection_lost()
                     await self._ws.abort()  # release the dead transport before the next one
                     log.info(
                         "stream %s (%s): connection dropped; resuming",
                         self.stream_id,
                         self.role.value,
                     )
-                    self._ws = await self._resume()
+                    ws = await self._resume()
+                    if ws is None:
+                        return
+                    self._ws = ws
                     self.resumes += 1
                     log.info(
                         "stream %s (%s): resumed (%d)",
@@ -618,35 +656,29 @@ class FramedStream(trio.abc.HalfCloseableStream):
                         self.role.value,
                         self.resumes,
                     )
-        except DevstreamError as exc:
-            self._failure = exc
+                    self._send_now()
         finally:
-            self._finished.set()
-            self._changed.unpark_all()
-            await self._ws.abort()
+            await self._end()
 
     async def _serve(self, ws: WebSocket) -> None:
-        """Run one WebSocket until the stream ends (return) or the WebSocket drops.
+        """Run one WebSocket until the stream ends or the WebSocket drops (the driver knows
+        which).
 
-        This task reads, and keeps the WebSocket alive: it pings every ``ping_interval`` (by
-        way of the writer task) and drops a WebSocket silent for ``ping_interval +
-        ping_timeout``. The writer task, started when first needed, writes what the calling
-        tasks could not write at once. A stream that ends normally ends both tasks without a
-        cancellation."""
-        # The drop leaves the nursery by hand: trio would wrap it in an ExceptionGroup.
-        dropped = False
+        This task reads, and keeps the WebSocket alive as the driver's deadlines say (pings
+        by way of the writer task; a WebSocket silent too long is dropped). The writer task,
+        started when first needed, writes what the calling tasks could not write at once. A
+        stream that ends normally ends both tasks without a cancellation."""
+        if not self._driver.connected:
+            return  # lost before this task started: resume
         self._stop_writer = self._ping_wanted = False
         async with trio.open_nursery() as nursery:
             self._writer_nursery = nursery
             if self._send_wanted.is_set():
                 self._wake_writer()  # wanted before this connection was up
             try:
-                dropped = await self._read_loop(ws)
+                await self._read_loop(ws)
             except ConnectionClosed as exc:
-                if exc.code == ABNORMAL_CLOSURE:
-                    dropped = True
-                else:
-                    self._on_close(exc)
+                self._driver.connection_closed(exc.code, exc.reason, trio.current_time())
             finally:
                 self._writer_nursery = None
                 if self._writer_running and self._writer_idle:
@@ -654,82 +686,58 @@ class FramedStream(trio.abc.HalfCloseableStream):
                     self._send_wanted.set()
                 elif self._writer_running:
                     nursery.cancel_scope.cancel()  # stop a write in progress
-        if dropped:
-            raise _Dropped
 
-    async def _read_loop(self, ws: WebSocket) -> bool:
-        """Feed what arrives to the endpoint until the WebSocket closes (ConnectionClosed) or
-        the endpoint fails (return False); return True when the WebSocket went silent."""
-        limit = self.ping_interval + self.ping_timeout
-        failure, self._early_failure = self._early_failure, None
-        next_ping = trio.current_time() + self.ping_interval
-        # When a message stopped half-way, the connection is probed once (a ping), and again
-        # only after more bytes came (see STALL_PROBE).
-        probed = -math.inf
-        while failure is None:
-            self._read_wake = min(ws.last_received + limit, next_ping)
-            # One timer per ping interval, not per read: a read cancelled while it waits
-            # loses nothing. A deferred acknowledgement brings it forward (_defer_ack).
+    async def _read_loop(self, ws: WebSocket) -> None:
+        """Feed what arrives to the driver until the WebSocket closes (ConnectionClosed), the
+        peer breaks the protocol (the error's close goes out), or the driver's timer says
+        the WebSocket went silent (dropped)."""
+        driver = self._driver
+        while not driver.over:
+            self._read_wake = driver.next_deadline(ws.last_received)
+            # One timer per deadline, not per read: a read cancelled while it waits loses
+            # nothing. A deferred acknowledgement brings it forward (_defer_ack).
             try:
                 with trio.move_on_at(self._read_wake) as self._read_timer:
-                    if self._ack_due:
-                        self._read_timer.deadline = trio.current_time() + ACK_DELAY
                     while True:
                         messages = await ws.receive_messages(
-                            MAX_MESSAGE,
-                            stall_timeout=STALL_PROBE if ws.last_received != probed else None,
+                            MAX_MESSAGE, stall_timeout=driver.stall_timeout(ws.last_received)
                         )
+                        now = trio.current_time()
                         if not messages:
                             # A message stopped half-way: is the connection still there?
-                            probed = ws.last_received
-                            self._ping_wanted = True
-                            self._wake_writer()
+                            self._carry_out(driver.message_stalled(ws.last_received, now))
                             continue
                         try:
                             for parts in messages:
                                 for part in parts:
-                                    self._endpoint.receive_data(part)
-                        except DevstreamError as exc:
-                            failure = exc
+                                    driver.receive(part, now)
+                        except RemoteProtocolError:
                             break
                         self._send_now()  # acknowledgements, from this task where it can
             finally:
                 self._read_timer = None
-            if failure is not None:
-                break
-            if self._ack_due:
                 self._ack_due = False
-                self._send_now()
-            now = trio.current_time()
-            if now >= ws.last_received + limit:
-                log.info(
-                    "stream %s (%s): no answer to pings; dropping the connection",
-                    self.stream_id,
-                    self.role.value,
-                )
+            if driver.over:
+                break
+            if self._carry_out(driver.timer(trio.current_time(), ws.last_received)):
+                if driver.phase is not StreamPhase.CLOSED:
+                    log.info(
+                        "stream %s (%s): no answer to pings; dropping the connection",
+                        self.stream_id,
+                        self.role.value,
+                    )
                 await ws.abort()
-                return True
-            if now >= next_ping:
-                next_ping = now + self.ping_interval
-                self._ping_wanted = True
-                self._wake_writer()
-        self._failure = failure
-        await ws.send_close(failure.code.close_code, failure.message[:100])
-        return False
-
-    def _on_close(self, exc: ConnectionClosed) -> None:
-        if exc.code == NORMAL_CLOSURE:
-            self._peer_closed = True
-            return
-        code, message = parse_close_reason(exc.reason)
-        if code is not None:
-            self._failure = error_for(code, message)
-        else:
-            self._failure = HubError(
-                ErrorCode.PROTOCOL_ERROR, f"stream closed: {exc.code} {exc.reason}".rstrip()
-            )
+                driver.connection_lost(trio.current_time())
+                return
+        # Broken by the peer: the Reset goes out if it can, then the error's close.
+        self._send_now()
+        close = driver.closing
+        if close is not None and ws.is_open:
+            await ws.send_close(close.code, close.reason)
+            driver.close_sent(trio.current_time())
 
     async def _write_loop(self, ws: WebSocket) -> None:
+        driver = self._driver
         try:
             while True:
                 self._writer_idle = True
@@ -741,10 +749,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
                 try:
                     if ws.has_backlog:
                         await ws.flush()  # what _send_now could not write at once
-                    while True:
-                        data = self._endpoint.data_to_send(self._endpoint.message_size)
-                        if not data:
-                            break
+                    while data := driver.next_message():
                         await ws.send_bytes(data)
                     if self._ping_wanted:
                         self._ping_wanted = False
@@ -752,59 +757,54 @@ class FramedStream(trio.abc.HalfCloseableStream):
                 except ConnectionClosed:
                     return  # the reader sees the drop and resumes
                 self._changed.unpark_all()
-                if self._endpoint.done or (
-                    self._endpoint.state is EndpointState.RESET and self._endpoint.reset_settled
-                ):
-                    await ws.send_close(NORMAL_CLOSURE, "")
+                close = driver.closing
+                if close is not None:
+                    await ws.send_close(close.code, close.reason)
+                    driver.close_sent(trio.current_time())
                     return
         finally:
             self._writer_running = False
             self._writer_idle = True  # nothing left to stop
 
-    async def _resume(self) -> WebSocket:
-        """A new WebSocket to the stream. Each attempt waits up to ``ping_timeout`` for its
-        answer (a connection lost on the way may never end on this side: one reset only at
-        the hub's end, a relay that stopped forwarding); the next one starts after a short,
-        growing delay, until ``resume_timeout`` has passed."""
-        deadline = trio.current_time() + self.resume_timeout
-        delay = 0.05
+    async def _resume(self) -> WebSocket | None:
+        """A new WebSocket to the stream, with attempts, their deadlines and the delays
+        between them as the driver says; None when the driver gave up."""
+        driver = self._driver
         while True:
+            deadline = driver.connect_started(trio.current_time())
             ws: WebSocket | None = None
+            code: ErrorCode | None = None
             try:
-                with trio.move_on_at(min(trio.current_time() + self.ping_timeout, deadline)):
+                with trio.move_on_at(deadline):
                     ws = await self._reconnect(self._resume_token)
             except HubError as exc:
-                if exc.code in _FINAL:
-                    raise
-                problem: DevstreamError = exc
+                code, message = exc.code, exc.message
             except DevstreamError as exc:
-                problem = exc
+                message = exc.message
             else:
                 if ws is not None:
                     self._resume_token = resume_token_of(ws)
+                    driver.connection_made(trio.current_time())
                     return ws
-                problem = HubUnreachable(ErrorCode.HUB_UNREACHABLE, "no answer from the hub")
-            if trio.current_time() >= deadline:
-                raise HubUnreachable(
-                    ErrorCode.HUB_UNREACHABLE, f"could not resume the stream: {problem.message}"
-                )
-            await trio.sleep(
-                min(self._rng.uniform(delay / 2, delay), max(0.0, deadline - trio.current_time()))
+                message = "no answer from the hub"
+            retry_at = driver.connect_failed(
+                trio.current_time(), self._rng.random(), code=code, message=message
             )
-            delay = min(delay * 2, 5.0)
+            if retry_at is None:
+                return None
+            await trio.sleep_until(retry_at)
 
 
 class _Starter:
     """Starts the connection tasks of one nursery's young streams when they are due: one
     task for all of them, running while any wait.
 
-    A stream is due ``DIRECT_READ_TIME`` after it opened, and earlier when an
-    acknowledgement it deferred is still waiting ``ACK_DELAY`` later (see
+    A stream is due when it stops being young (its driver's ``direct_read_until``), and
+    earlier when an acknowledgement it deferred is still waiting at its deadline (see
     FramedStream._defer_ack); a stream whose task started meanwhile, or that ended, is
     skipped. A task that wakes starts every stream due within the next half ``ACK_DELAY``,
     so under many streams it wakes at most about once per half ``ACK_DELAY``. Cancelled (its
-    nursery is), it drops the WebSockets of the streams it never started, as their own tasks
-    would have.
+    nursery is), it abandons the streams it never started, as their own tasks would have.
     """
 
     __slots__ = ("_added", "_due", "_nursery", "_running", "_sleep")
@@ -836,7 +836,7 @@ class _Starter:
         due = self._due
         try:
             while due:
-                if due[0][2]._task_started:
+                if due[0][2].background_started:
                     heapq.heappop(due)
                     continue
                 with trio.CancelScope(deadline=due[0][0]) as self._sleep:
@@ -845,21 +845,12 @@ class _Starter:
                 soon = trio.current_time() + ACK_DELAY / 2
                 while due and due[0][0] <= soon:
                     when, _, stream = heapq.heappop(due)
-                    if stream._task_started:
-                        continue
-                    if when < stream._dormant_until and not stream._endpoint.has_output:
-                        continue  # the acknowledgement went out with a send meanwhile
-                    stream._need_reader()
+                    stream.start_if_due(when)
         finally:
             self._running = False
             self._sleep = None
             while due:
-                stream = heapq.heappop(due)[2]
-                if not stream._task_started:
-                    stream._task_started = True
-                    stream._finished.set()
-                    stream._changed.unpark_all()
-                    await stream._ws.abort()
+                await heapq.heappop(due)[2].abandon()
 
 
 #: Each nursery's starter (see _Starter), for as long as the nursery lives.

@@ -1,0 +1,833 @@
+"""Tests of the stream driver: one devstream.v1 stream's life, decided in the core.
+
+Rules: pure core tests, no I/O and no clock: time is a number each call is given, and a
+reconnection's jitter is a number too, so every deadline is asserted exactly. Two drivers talk
+through :class:`Link`, which holds each side's messages until a test delivers them (whole, as
+the hub relays them) and loses what a dropped connection had in flight. The phase table is
+walked pair by pair through the public API; a pair missing from it raises, or is one of the few
+documented no-ops. A hypothesis state machine drives two drivers over a link that drops
+connections at random and checks the driver's promises after every step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from collections.abc import Callable
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from devstream_core.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from devstream_core.framing import (
+    MAX_MESSAGE_SIZE,
+    EndpointState,
+)
+from devstream_core.streamdriver import (
+    ACK_DELAY,
+    DIRECT_READ_TIME,
+    FINAL_ERRORS,
+    FIRST_RESUME_DELAY,
+    MAX_RESUME_DELAY,
+    PHASE_TRANSITIONS,
+    STALL_PROBE,
+    CloseConnection,
+    Connect,
+    DropConnection,
+    Flush,
+    Outcome,
+    OutcomeKind,
+    PhaseInput,
+    SendPing,
+    StreamDriver,
+    StreamOptions,
+    StreamPhase,
+)
+
+P = StreamPhase
+I = PhaseInput  # noqa: E741
+OPTIONS = StreamOptions(
+    window=4096, ping_interval=10, ping_timeout=4, resume_timeout=30, close_timeout=5
+)
+GARBAGE = b"\x7f" + (8).to_bytes(4, "big") + bytes(8)  # an unknown frame type
+
+
+class Link:
+    """Two connected drivers, ``a`` and ``b``; messages wait in a queue per direction."""
+
+    def __init__(self, options: StreamOptions = OPTIONS, now: float = 0.0) -> None:
+        self.a = StreamDriver(options, now=now)
+        self.b = StreamDriver(options, now=now)
+        self.a.connection_made(now)
+        self.b.connection_made(now)
+        self.queue: dict[StreamDriver, list[bytes]] = {self.a: [], self.b: []}
+
+    def peer(self, side: StreamDriver) -> StreamDriver:
+        return self.b if side is self.a else self.a
+
+    def flush(self, side: StreamDriver) -> list[bytes]:
+        """Take every message *side* has to send, checking each against the hub's limit."""
+        out = []
+        while message := side.next_message():
+            assert len(message) <= MAX_MESSAGE_SIZE
+            out.append(message)
+        self.queue[side] += out
+        return out
+
+    def deliver(self, side: StreamDriver, now: float) -> None:
+        """Deliver what *side* sent to its peer."""
+        peer = self.peer(side)
+        queued, self.queue[side] = self.queue[side], []
+        for message in queued:
+            peer.receive(message, now)
+
+    def pump(self, now: float, *, read: bool = True) -> None:
+        """Exchange everything (reading what arrives when *read*) until both are quiet."""
+        for _ in range(100):
+            moved = False
+            for side in (self.a, self.b):
+                if read and side.endpoint.state is EndpointState.OPEN:
+                    side.read(None, now)
+                if self.flush(side):
+                    moved = True
+                self.deliver(side, now)
+            if not moved:
+                return
+        raise AssertionError("the drivers never went quiet")
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_table_is_the_documented_one() -> None:
+    """The module docstring's picture, pair by pair (a change to one is a change to both)."""
+    assert {
+        (P.OPENING, I.CONNECTED): P.OPEN,
+        (P.OPENING, I.ABORT): P.CLOSED,
+        (P.OPEN, I.LOST): P.RESUMING,
+        (P.OPEN, I.CLOSE): P.CLOSING,
+        (P.OPEN, I.RESET): P.RESETTING,
+        (P.OPEN, I.FINISHED): P.FINISHING,
+        (P.OPEN, I.FAIL): P.FINISHING,
+        (P.OPEN, I.PEER_CLOSED): P.CLOSED,
+        (P.OPEN, I.ABORT): P.CLOSED,
+        (P.RESUMING, I.CONNECTED): P.OPEN,
+        (P.RESUMING, I.CLOSE): P.CLOSING,
+        (P.RESUMING, I.RESET): P.RESETTING,
+        (P.RESUMING, I.GIVE_UP): P.CLOSED,
+        (P.RESUMING, I.ABORT): P.CLOSED,
+        (P.CLOSING, I.CONNECTED): P.CLOSING,
+        (P.CLOSING, I.LOST): P.CLOSING,
+        (P.CLOSING, I.RESET): P.FINISHING,
+        (P.CLOSING, I.FINISHED): P.FINISHING,
+        (P.CLOSING, I.FAIL): P.FINISHING,
+        (P.CLOSING, I.CLOSE_TIMEOUT): P.FINISHING,
+        (P.CLOSING, I.GIVE_UP): P.CLOSED,
+        (P.CLOSING, I.PEER_CLOSED): P.CLOSED,
+        (P.CLOSING, I.ABORT): P.CLOSED,
+        (P.RESETTING, I.CONNECTED): P.RESETTING,
+        (P.RESETTING, I.LOST): P.RESETTING,
+        (P.RESETTING, I.RESET): P.RESETTING,
+        (P.RESETTING, I.CLOSE): P.FINISHING,
+        (P.RESETTING, I.FINISHED): P.FINISHING,
+        (P.RESETTING, I.FAIL): P.FINISHING,
+        (P.RESETTING, I.GIVE_UP): P.CLOSED,
+        (P.RESETTING, I.PEER_CLOSED): P.CLOSED,
+        (P.RESETTING, I.ABORT): P.CLOSED,
+        (P.FINISHING, I.CLOSE): P.FINISHING,
+        (P.FINISHING, I.RESET): P.FINISHING,
+        (P.FINISHING, I.FAIL): P.FINISHING,
+        (P.FINISHING, I.LOST): P.CLOSED,
+        (P.FINISHING, I.CLOSE_TIMEOUT): P.CLOSED,
+        (P.FINISHING, I.PEER_CLOSED): P.CLOSED,
+        (P.FINISHING, I.ABORT): P.CLOSED,
+        (P.CLOSED, I.CLOSE): P.CLOSED,
+        (P.CLOSED, I.RESET): P.CLOSED,
+        (P.CLOSED, I.LOST): P.CLOSED,
+        (P.CLOSED, I.PEER_CLOSED): P.CLOSED,
+        (P.CLOSED, I.ABORT): P.CLOSED,
+    } == PHASE_TRANSITIONS
+
+
+def test_closed_is_final() -> None:
+    assert all(
+        after is P.CLOSED for (before, _), after in PHASE_TRANSITIONS.items() if before is P.CLOSED
+    )
+
+
+def in_phase(phase: StreamPhase, *, connected: bool = True) -> tuple[Link, StreamDriver]:
+    """A link whose side ``a`` is in *phase* (with or without a connection, where it may be
+    either), reached through the public API only."""
+    link = Link()
+    a = link.a
+    if phase is P.OPENING:
+        link.a = a = StreamDriver(OPTIONS, now=0.0)
+        return link, a
+    if phase is P.RESUMING:
+        a.connection_lost(1.0)
+    elif phase is P.CLOSING:
+        a.endpoint.write(b"unacknowledged")
+        a.close(1.0)
+    elif phase is P.RESETTING:
+        a.reset(9, "stop", 1.0)
+    elif phase is P.FINISHING:
+        a.write_eof()
+        link.b.write_eof()
+        link.pump(1.0)
+    elif phase is P.CLOSED:
+        a.abort(1.0)
+    if not connected:
+        a.connection_lost(1.0)
+    assert a.phase is phase
+    return link, a
+
+
+def finish(link: Link, a: StreamDriver) -> bool:
+    """Make *a* finish as its phase can: both EOFs acknowledged, its own EOF acknowledged, or
+    its reset confirmed. False when its phase has nothing to finish."""
+    if a.phase is P.OPEN:
+        a.write_eof()
+        link.b.write_eof()
+    elif a.phase not in (P.CLOSING, P.RESETTING) or not a.connected:
+        return False
+    link.pump(2.0)
+    return True
+
+
+def give_up(link: Link, a: StreamDriver) -> bool:
+    if not a.wants_connection:
+        return False
+    a.connect_started(2.0)
+    assert a.connect_failed(2.0, 0.5, code=ErrorCode.UNAUTHORIZED, message="no") is None
+    return True
+
+
+def close_timeout(link: Link, a: StreamDriver) -> bool:
+    if a.close_deadline == math.inf:
+        return False
+    a.timer(a.close_deadline, a.close_deadline)
+    return True
+
+
+def fail(link: Link, a: StreamDriver) -> bool:
+    with pytest.raises(RemoteProtocolError):
+        a.receive(GARBAGE, 2.0)
+    return True
+
+
+#: How each input is given through the public API; False: it cannot be in this phase.
+APPLY: dict[PhaseInput, Callable[[Link, StreamDriver], bool | None]] = {
+    I.CONNECTED: lambda link, a: a.connection_made(2.0),
+    I.LOST: lambda link, a: a.connection_lost(2.0),
+    I.CLOSE: lambda link, a: a.close(2.0),
+    I.RESET: lambda link, a: a.reset(7, "reset", 2.0),
+    I.FINISHED: finish,
+    I.FAIL: fail,
+    I.CLOSE_TIMEOUT: close_timeout,
+    I.GIVE_UP: give_up,
+    I.PEER_CLOSED: lambda link, a: a.connection_closed(1000, "", 2.0),
+    I.ABORT: lambda link, a: a.abort(2.0),
+}
+
+#: Pairs the table leaves out that the API takes without a change: a drop reported when no
+#: connection is up (as StreamEndpoint.connection_lost).
+NO_OPS = {(P.OPENING, I.LOST), (P.RESUMING, I.LOST)}
+#: Pairs the table leaves out that no call can produce: the driver never asks for them.
+UNREACHABLE = {
+    (P.OPENING, I.FINISHED),
+    (P.OPENING, I.CLOSE_TIMEOUT),
+    (P.OPENING, I.GIVE_UP),
+    (P.OPEN, I.CLOSE_TIMEOUT),
+    (P.OPEN, I.GIVE_UP),
+    (P.RESUMING, I.FINISHED),
+    (P.RESUMING, I.CLOSE_TIMEOUT),
+    (P.RESETTING, I.CLOSE_TIMEOUT),
+    (P.FINISHING, I.FINISHED),
+    (P.FINISHING, I.GIVE_UP),
+    (P.CLOSED, I.FINISHED),
+    (P.CLOSED, I.CLOSE_TIMEOUT),
+    (P.CLOSED, I.GIVE_UP),
+}
+#: Where the input needs the stream without a connection.
+DISCONNECTED = {
+    (P.CLOSING, I.CONNECTED),
+    (P.CLOSING, I.GIVE_UP),
+    (P.RESETTING, I.CONNECTED),
+    (P.RESETTING, I.GIVE_UP),
+}
+
+
+@pytest.mark.parametrize(("phase", "event"), list(itertools.product(P, I)))
+def test_table_walk(phase: StreamPhase, event: PhaseInput) -> None:
+    """Every pair, through the public API: a pair in the table moves to its phase; a pair
+    missing from it raises LocalProtocolError and changes nothing, but for the documented
+    no-ops and the pairs no call can produce."""
+    pair = (phase, event)
+    link, a = in_phase(phase, connected=pair not in DISCONNECTED)
+    outcome = a.outcome
+    try:
+        applied = APPLY[event](link, a)
+    except LocalProtocolError:
+        assert pair not in PHASE_TRANSITIONS
+        assert pair not in NO_OPS | UNREACHABLE
+        assert a.phase is phase and a.outcome == outcome
+        return
+    if applied is False:
+        assert pair in UNREACHABLE
+        return
+    if pair in PHASE_TRANSITIONS:
+        assert a.phase is PHASE_TRANSITIONS[pair]
+    else:
+        assert pair in NO_OPS and a.phase is phase, pair
+
+
+def test_every_pair_of_the_table_is_reached() -> None:
+    """No pair of the table is among those the walk cannot produce."""
+    assert not UNREACHABLE & set(PHASE_TRANSITIONS)
+    assert not NO_OPS & set(PHASE_TRANSITIONS)
+
+
+# --------------------------------------------------------------------------------------------
+# Deadlines
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_new_stream_waits_for_its_keepalive() -> None:
+    driver = StreamDriver(OPTIONS, now=3.0)
+    assert driver.phase is P.OPENING and driver.next_deadline(0.0) == math.inf
+    assert driver.timer(100.0, 0.0) == []
+    assert driver.direct_read_until == 3.0 + DIRECT_READ_TIME
+    driver.connection_made(3.0)
+    assert driver.phase is P.OPEN and driver.connected
+    assert driver.next_deadline(3.0) == 13.0  # the ping, before the silence limit (17)
+
+
+def test_keepalive_pings_and_a_silent_connection_is_dropped() -> None:
+    link = Link()
+    a = link.a
+    assert a.timer(9.99, 0.0) == []
+    assert a.timer(10.0, 9.0) == [SendPing()]
+    assert a.next_deadline(9.0) == 20.0
+    assert a.next_deadline(2.0) == 16.0  # silent since 2: ping_interval + ping_timeout
+    assert a.timer(16.0, 2.0) == [DropConnection()]
+    a.connection_lost(16.0)
+    assert a.phase is P.RESUMING
+
+
+def test_the_ack_of_the_peers_eof_waits_ack_delay() -> None:
+    link = Link()
+    a, b = link.a, link.b
+    b.write_eof()
+    link.flush(b)
+    link.deliver(b, 1.0)
+    assert a.read(None, 1.0) == b""
+    assert a.endpoint.at_eof and a.ack_deferred
+    assert a.ack_deadline == 1.0 + ACK_DELAY
+    assert a.next_deadline(1.0) == 1.0 + ACK_DELAY
+    assert a.read(None, 1.001) == b""  # read again: the deadline stays
+    assert a.ack_deadline == 1.0 + ACK_DELAY
+    assert a.timer(1.0 + ACK_DELAY, 1.0) == [Flush()]
+    assert not a.ack_deferred and a.next_deadline(1.0) == 10.0
+    assert link.flush(a)
+
+
+def test_a_send_takes_the_deferred_ack_along() -> None:
+    link = Link()
+    a, b = link.a, link.b
+    b.write_eof()
+    link.flush(b)
+    link.deliver(b, 1.0)
+    a.read(None, 1.0)
+    a.write_eof()
+    assert len(link.flush(a)) == 1  # the Ack and the EOF, in one message
+    assert not a.ack_deferred
+
+
+def test_close_waits_close_timeout_then_resets() -> None:
+    link = Link()
+    a, b = link.a, link.b
+    a.endpoint.write(b"never read")
+    a.close(3.0)
+    assert a.phase is P.CLOSING and a.eof_written
+    assert a.close_deadline == 8.0 and a.next_deadline(3.0) == 8.0
+    link.flush(a)
+    link.deliver(a, 3.5)  # the peer does not read
+    assert a.timer(7.99, 7.0) == []
+    assert a.timer(8.0, 7.0) == [Flush()]
+    assert a.phase is P.FINISHING
+    assert a.outcome == Outcome(
+        kind=OutcomeKind.RESET,
+        code=int(ErrorCode.STREAM_RESET),
+        reason="closed before the peer read all",
+    )
+    assert a.close_deadline == 13.0
+    assert a.closing is None  # the Reset goes first
+    link.flush(a)
+    assert a.closing == CloseConnection(code=1000)
+    a.close_sent(9.0)
+    assert a.closing is None and a.close_deadline == 14.0
+    assert a.timer(14.0, 9.0) == [DropConnection()]
+    assert a.phase is P.CLOSED and a.next_deadline(9.0) == math.inf
+    link.deliver(a, 9.5)
+    assert b.endpoint.state is EndpointState.RESET
+
+
+def test_a_close_acknowledged_finishes_and_takes_the_peers_eof_along() -> None:
+    """Both close at once without reading the other's EOF: each acknowledges the other's EOF
+    that came right after what it read, so both finish without waiting."""
+    link = Link()
+    a, b = link.a, link.b
+    a.close(1.0)
+    link.flush(a)
+    link.deliver(a, 1.0)
+    b.close(1.0)  # the acknowledgement of a's EOF goes with b's own
+    link.flush(b)
+    link.deliver(b, 1.0)
+    assert a.phase is P.FINISHING and a.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+    link.flush(a)
+    link.deliver(a, 1.0)
+    assert b.phase is P.FINISHING and b.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+    a.connection_closed(1000, "", 1.1)
+    assert a.phase is P.CLOSED and a.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+
+
+def test_an_eof_behind_unread_bytes_is_not_acknowledged_while_closing() -> None:
+    link = Link()
+    a, b = link.a, link.b
+    b.endpoint.write(b"unread")
+    b.write_eof()
+    link.flush(b)
+    a.close(1.0)
+    link.deliver(b, 1.0)
+    link.flush(a)
+    link.deliver(a, 1.0)
+    assert a.phase is P.CLOSING and not b.endpoint.eof_acked
+
+
+def test_both_eofs_acknowledged_finish_an_open_stream() -> None:
+    link = Link()
+    a, b = link.a, link.b
+    a.write_eof()
+    b.write_eof()
+    link.pump(1.0)
+    assert a.phase is P.FINISHING and b.phase is P.FINISHING
+    assert a.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+    assert a.closing == CloseConnection(code=1000)
+    a.close(1.5)  # the application's close changes nothing more
+    assert a.phase is P.FINISHING
+    a.connection_lost(2.0)
+    assert a.phase is P.CLOSED and a.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+
+
+def test_a_reset_finishes_once_confirmed() -> None:
+    link = Link()
+    a, b = link.a, link.b
+    a.reset(42, "enough", 1.0)
+    assert a.phase is P.RESETTING and a.outcome is None
+    assert a.next_deadline(1.0) == 10.0  # the keepalive; a reset waits for no deadline
+    link.pump(1.0)
+    assert b.phase is P.FINISHING and a.phase is P.FINISHING
+    for side in (a, b):
+        assert side.outcome == Outcome(kind=OutcomeKind.RESET, code=42, reason="enough")
+    b.reset(1, "again", 1.5)  # over already: nothing changes
+    assert b.outcome == Outcome(kind=OutcomeKind.RESET, code=42, reason="enough")
+
+
+def test_closing_a_reset_stream_finishes_it() -> None:
+    _, a = in_phase(P.RESETTING)
+    a.close(2.0)
+    assert a.phase is P.FINISHING and a.close_deadline == 7.0
+
+
+def test_a_reset_arriving_while_closing_finishes() -> None:
+    link, a = in_phase(P.CLOSING)
+    link.b.reset(5, "no", 2.0)
+    link.flush(link.b)
+    link.deliver(link.b, 2.0)
+    assert a.phase is P.FINISHING
+    assert a.outcome == Outcome(kind=OutcomeKind.RESET, code=5, reason="no")
+
+
+def test_a_protocol_error_finishes_with_the_errors_close() -> None:
+    link = Link()
+    a = link.a
+    with pytest.raises(RemoteProtocolError):
+        a.receive(GARBAGE, 1.0)
+    assert a.phase is P.FINISHING and a.over
+    assert a.outcome is not None and a.outcome.kind is OutcomeKind.BROKEN
+    assert a.outcome.code == ErrorCode.PROTOCOL_ERROR
+    assert a.closing is None  # the Reset first
+    [message] = link.flush(a)
+    assert message.startswith(bytes([0x04]))
+    close = a.closing
+    assert close is not None and close.code == ErrorCode.PROTOCOL_ERROR.close_code
+    with pytest.raises(LocalProtocolError):
+        a.receive(b"more", 1.1)  # the connection is broken until it is lost
+    assert a.phase is P.FINISHING
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "outcome"),
+    [
+        (1000, "", Outcome(kind=OutcomeKind.PEER_CLOSED)),
+        (
+            4404,
+            "404001 no such device",
+            Outcome(kind=OutcomeKind.FAILED, code=404001, reason="no such device"),
+        ),
+        (
+            4999,
+            "odd",
+            Outcome(
+                kind=OutcomeKind.FAILED,
+                code=int(ErrorCode.PROTOCOL_ERROR),
+                reason="stream closed: 4999 odd",
+            ),
+        ),
+    ],
+)
+def test_the_other_ends_close(code: int, reason: str, outcome: Outcome) -> None:
+    link = Link()
+    link.a.connection_closed(code, reason, 1.0)
+    assert link.a.phase is P.CLOSED and link.a.outcome == outcome and link.a.over
+    assert not link.a.connected and link.a.next_deadline(0.0) == math.inf
+
+
+def test_a_close_behind_much_data_goes_out_in_growing_messages() -> None:
+    link = Link(StreamOptions(window=1 << 20))
+    a = link.a
+    a.endpoint.write(bytes(300_000))
+    a.close(1.0)
+    sizes = [len(message) for message in link.flush(a)]
+    assert sizes[:2] == [64 * 1024, 128 * 1024]  # whole frames, each within message_size
+    assert sum(sizes) == 300_000 + 5 * 13 + 13  # the Data frames' headers and the EOF
+    assert a.phase is P.CLOSING
+
+
+def test_a_close_after_send_eof_writes_no_second_eof() -> None:
+    link = Link()
+    a = link.a
+    a.write_eof()
+    a.close(1.0)
+    assert a.phase is P.CLOSING and a.close_deadline == 6.0
+    link.pump(1.0)
+    assert a.phase is P.FINISHING and a.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+
+
+def test_a_second_close_from_the_other_end_changes_nothing() -> None:
+    link = Link()
+    link.a.connection_closed(1000, "", 1.0)
+    link.a.connection_closed(4404, "404001 gone", 1.5)
+    assert link.a.outcome == Outcome(kind=OutcomeKind.PEER_CLOSED)
+    assert link.a.phase is P.CLOSED
+
+
+def test_a_normal_close_after_a_reset_reports_the_reset() -> None:
+    link = Link()
+    link.a.reset(3, "x", 1.0)
+    link.a.connection_closed(1000, "", 1.0)
+    assert link.a.outcome == Outcome(kind=OutcomeKind.RESET, code=3, reason="x")
+
+
+def test_an_abnormal_close_is_a_drop() -> None:
+    link = Link()
+    link.a.connection_closed(1006, "", 4.0)
+    assert link.a.phase is P.RESUMING and link.a.wants_connection
+    assert link.a.next_deadline(0.0) == 4.0
+
+
+def test_resume_attempts_back_off_with_jitter_and_give_up() -> None:
+    link = Link()
+    a = link.a
+    a.connection_lost(10.0)
+    assert a.wants_connection and a.next_deadline(0.0) == 10.0
+    assert a.timer(10.0, 0.0) == [Connect(deadline=14.0)]  # each attempt: ping_timeout
+    assert a.next_deadline(0.0) == 40.0  # while it runs: only the give-up deadline
+    assert a.timer(11.0, 0.0) == []
+    delays = []
+    now = 11.0
+    for rand in (0.0, 0.5, 0.999, 0.5, 0.5, 0.5, 0.5):
+        retry = a.connect_failed(now, rand, code=None, message="refused")
+        assert retry is not None
+        delays.append(retry - now)
+        now = retry
+        assert a.timer(now, 0.0) == [Connect(deadline=min(now + 4.0, 40.0))]
+    expected = []
+    delay = FIRST_RESUME_DELAY
+    for rand in (0.0, 0.5, 0.999, 0.5, 0.5, 0.5, 0.5):
+        expected.append(delay / 2 + rand * delay / 2)
+        delay = min(delay * 2, MAX_RESUME_DELAY)
+    assert delays == pytest.approx(expected)
+    # The last attempt's deadline and the delays stop at the give-up time.
+    assert a.connect_started(39.0) == 40.0
+    assert a.connect_failed(39.5, 0.99, code=None, message="refused") == 40.0
+    assert a.timer(40.0, 0.0) == []
+    assert a.phase is P.CLOSED
+    assert a.outcome == Outcome(
+        kind=OutcomeKind.FAILED,
+        code=int(ErrorCode.HUB_UNREACHABLE),
+        reason="could not resume the stream",
+    )
+
+
+def test_a_failed_attempt_past_the_give_up_time_gives_up() -> None:
+    link = Link()
+    a = link.a
+    a.connection_lost(0.0)
+    a.connect_started(29.0)
+    assert a.connect_failed(30.0, 0.1, code=ErrorCode.DEVICE_NOT_ONLINE, message="x") is None
+    assert a.outcome == Outcome(
+        kind=OutcomeKind.FAILED,
+        code=int(ErrorCode.HUB_UNREACHABLE),
+        reason="could not resume the stream: x",
+    )
+
+
+@pytest.mark.parametrize("code", sorted(FINAL_ERRORS))
+def test_a_final_answer_gives_up_at_once(code: ErrorCode) -> None:
+    link = Link()
+    link.a.connection_lost(0.0)
+    link.a.connect_started(0.0)
+    assert link.a.connect_failed(0.1, 0.5, code=code, message="refused") is None
+    assert link.a.outcome == Outcome(kind=OutcomeKind.FAILED, code=int(code), reason="refused")
+
+
+def test_a_resumed_connection_starts_a_new_keepalive() -> None:
+    link = Link()
+    a = link.a
+    a.connection_lost(5.0)
+    a.connect_started(5.0)
+    a.connection_made(6.0)
+    assert a.phase is P.OPEN and a.next_deadline(6.0) == 16.0
+    assert not a.wants_connection
+
+
+def test_a_close_timing_out_while_resuming_ends_the_stream() -> None:
+    link = Link()
+    a = link.a
+    a.endpoint.write(b"x")
+    a.connection_lost(1.0)
+    a.close(2.0)
+    assert a.phase is P.CLOSING and a.wants_connection
+    assert a.next_deadline(0.0) == 2.0  # the first attempt, due (never in the past)
+    a.connect_started(2.0)
+    assert a.next_deadline(0.0) == 7.0  # the close deadline comes before the give-up
+    assert a.timer(7.0, 0.0) == [DropConnection()]
+    assert a.phase is P.CLOSED and not a.wants_connection
+    assert a.outcome is not None and a.outcome.kind is OutcomeKind.RESET
+
+
+def test_a_stalled_message_is_probed_once() -> None:
+    link = Link()
+    a = link.a
+    assert a.stall_timeout(5.0) == STALL_PROBE
+    assert a.message_stalled(5.0, 5.05) == [SendPing()]
+    assert a.stall_timeout(5.0) is None  # probed: wait for more bytes
+    assert a.stall_timeout(5.2) == STALL_PROBE
+
+
+def test_time_never_goes_back() -> None:
+    link = Link()
+    a = link.a
+    assert a.timer(10.0, 9.0) == [SendPing()]
+    assert a.timer(5.0, 9.0) == []  # an earlier now is taken as the latest one
+    assert a.next_deadline(0.0) >= 10.0
+
+
+def test_abort_before_the_first_connection() -> None:
+    driver = StreamDriver(now=0.0)
+    assert driver.options == StreamOptions()
+    driver.abort(1.0)
+    assert driver.phase is P.CLOSED
+    assert driver.outcome == Outcome(kind=OutcomeKind.ABORTED)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(LocalProtocolError):
+        StreamDriver(StreamOptions(close_timeout=0), now=0.0)
+    with pytest.raises(LocalProtocolError):
+        StreamDriver(StreamOptions(ping_interval="10"), now=0.0)  # type: ignore[arg-type]
+    link = Link()
+    with pytest.raises(LocalProtocolError):
+        link.a.connect_started(1.0)  # connected: no attempt is wanted
+    link.a.connection_lost(1.0)
+    with pytest.raises(LocalProtocolError):
+        link.a.connect_failed(1.0, 1.0, code=None, message="x")
+
+
+def test_close_sent_without_a_close_owed_changes_nothing() -> None:
+    link = Link()
+    link.a.close_sent(1.0)
+    assert link.a.close_deadline == math.inf
+
+
+# --------------------------------------------------------------------------------------------
+# Two drivers over a lossy link
+# --------------------------------------------------------------------------------------------
+
+STREAM = b"".join(hashlib.blake2b(bytes([n]), digest_size=64).digest() for n in range(256)) * 64
+LOSSY_OPTIONS = StreamOptions(
+    window=2 * MAX_MESSAGE_SIZE, ping_interval=2, ping_timeout=1, resume_timeout=60, close_timeout=5
+)
+
+
+class LossyLink(RuleBasedStateMachine):
+    """Two drivers, a hub between them that forwards whole messages, and connections that
+    drop (what was on its way to the dropped side is lost; of what it sent, the hub got a
+    prefix). Time moves forward by steps; each side carries out what its timer asks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.sides = [StreamDriver(LOSSY_OPTIONS, now=0.0) for _ in range(2)]
+        for side in self.sides:
+            side.connection_made(0.0)
+        self.queue: list[list[bytes]] = [[], []]  # messages from each side
+        self.heard = [0.0, 0.0]
+        self.written = [0, 0]
+        self.read = [bytearray(), bytearray()]
+        self.attempt = [False, False]
+
+    def send(self, i: int) -> None:
+        side = self.sides[i]
+        while message := side.next_message():
+            assert len(message) <= MAX_MESSAGE_SIZE
+            if self.sides[1 - i].connected:
+                self.queue[i].append(message)  # the hub drops what the absent side misses
+
+    def drop(self, i: int, kept: int) -> None:
+        side = self.sides[i]
+        self.queue[1 - i].clear()  # on its way to the dropped side: lost
+        del self.queue[i][kept:]
+        side.connection_lost(self.now)
+
+    @rule(i=st.integers(0, 1), size=st.integers(1, 300_000))
+    def write(self, i: int, size: int) -> None:
+        side = self.sides[i]
+        if side.endpoint.send_capacity:
+            start = self.written[i]
+            self.written[i] += side.endpoint.write(STREAM[start : start + size])
+        self.send(i)
+
+    @rule(i=st.integers(0, 1))
+    def write_eof(self, i: int) -> None:
+        side = self.sides[i]
+        if not side.eof_written and side.endpoint.state is EndpointState.OPEN:
+            side.write_eof()
+            self.send(i)
+
+    @rule(i=st.integers(0, 1), size=st.one_of(st.none(), st.integers(1, 100_000)))
+    def read_some(self, i: int, size: int | None) -> None:
+        side = self.sides[i]
+        if side.endpoint.state is EndpointState.OPEN:
+            self.read[i] += side.read(size, self.now)
+            self.send(i)
+
+    @rule(i=st.integers(0, 1), count=st.integers(1, 4))
+    def deliver(self, i: int, count: int) -> None:
+        peer = self.sides[1 - i]
+        for message in self.queue[i][:count]:
+            if peer.connected:
+                try:
+                    peer.receive(message, self.now)
+                except RemoteProtocolError:  # pragma: no cover - the invariant below fails
+                    raise AssertionError("a driver broke the protocol") from None
+                self.heard[1 - i] = self.now
+        del self.queue[i][:count]
+        self.send(1 - i)
+
+    @precondition(lambda self: any(side.connected for side in self.sides))
+    @rule(i=st.integers(0, 1), kept=st.integers(0, 3))
+    def drop_connection(self, i: int, kept: int) -> None:
+        if self.sides[i].connected:
+            self.drop(i, kept)
+
+    @rule(step=st.sampled_from([0.001, ACK_DELAY, 0.5, 1.5, 3.0]))
+    def time_passes(self, step: float) -> None:
+        self.now += step
+        for i, side in enumerate(self.sides):
+            for action in side.timer(self.now, self.heard[i]):
+                if isinstance(action, SendPing):
+                    self.heard[i] = self.now  # the hub answers the ping
+                elif isinstance(action, DropConnection):
+                    if side.connected:
+                        self.drop(i, 0)
+                elif isinstance(action, Connect):
+                    self.attempt[i] = True
+            self.send(i)
+
+    @rule(i=st.integers(0, 1), works=st.booleans(), rand=st.floats(0, 0.999))
+    def reconnect(self, i: int, works: bool, rand: float) -> None:
+        side = self.sides[i]
+        if not side.wants_connection:
+            return
+        if not self.attempt[i]:
+            side.connect_started(self.now)
+        self.attempt[i] = False
+        if works:
+            side.connection_made(self.now)
+            self.heard[i] = self.now
+            self.send(i)
+        else:
+            side.connect_failed(self.now, rand, code=None, message="refused")
+
+    @invariant()
+    def every_byte_once_in_order(self) -> None:
+        for i in range(2):
+            got = self.read[i]
+            assert got == STREAM[: len(got)]
+            assert len(got) <= self.written[1 - i]
+
+    @invariant()
+    def deadlines_never_in_the_past(self) -> None:
+        for i, side in enumerate(self.sides):
+            assert side.next_deadline(self.heard[i]) >= self.now
+
+    @invariant()
+    def flow_control_holds(self) -> None:
+        for side in self.sides:
+            assert side.endpoint.unacked <= side.endpoint.window
+
+    def teardown(self) -> None:
+        """Reconnect whatever is down and exchange everything: every byte written arrives."""
+        if any(
+            side.outcome is not None and side.outcome.kind is OutcomeKind.FAILED
+            for side in self.sides
+        ):
+            return  # gave up (time passed beyond resume_timeout): nothing more to check
+        for _ in range(100):
+            for i, side in enumerate(self.sides):
+                if side.wants_connection:
+                    if not self.attempt[i]:
+                        side.connect_started(self.now)
+                    self.attempt[i] = False
+                    side.connection_made(self.now)
+            for i in range(2):
+                self.read_some(i, None)
+                self.send(i)
+            for i in range(2):
+                self.deliver(i, len(self.queue[i]))
+            quiet = not any(self.queue) and not any(s.endpoint.has_output for s in self.sides)
+            if quiet and all(s.endpoint.at_eof or not s.endpoint.readable for s in self.sides):
+                break  # nothing in flight, nothing left to read
+        for i in range(2):
+            assert bytes(self.read[i]) == STREAM[: self.written[1 - i]]
+        if all(side.eof_written for side in self.sides):
+            # Both EOFs written and everything read: the stream completed on both sides.
+            for side in self.sides:
+                assert side.phase in (P.FINISHING, P.CLOSED)
+                assert side.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+
+
+TestLossyLink = LossyLink.TestCase
+TestLossyLink.settings = settings(
+    max_examples=150,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
