@@ -34,7 +34,7 @@ from devstream_core import control
 from devstream_core.credentials import ConnectionString, device_resource, make_sas_token
 from devstream_core.framing import SUBPROTOCOL as FRAMED
 from devstream_core.framing import StreamEndpoint
-from devstream_trio.framed import MESSAGE_LIMIT
+from devstream_trio.client.framed import MESSAGE_LIMIT
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent

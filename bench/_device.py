@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import HubInfo, device_id, json_line, raise_fd_limit
 
-from devstream_trio.device import DeviceClient
-from devstream_trio.service import AnyStream
+from devstream_trio.client.device import DeviceClient
+from devstream_trio.client.service import AnyStream
 
 
 async def echo(stream: AnyStream) -> None:

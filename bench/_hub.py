@@ -29,9 +29,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import json_line, raise_fd_limit
 
 from devstream_core.registry import new_device
-from devstream_trio._mask import masker_in_use
-from devstream_trio.hub import Hub, HubConfig, ensure_owner_policy, serve_hub, tune_gc_for_hub
-from devstream_trio.store import RegistryStore
+from devstream_trio.server.hub import (
+    Hub,
+    HubConfig,
+    ensure_owner_policy,
+    serve_hub,
+    tune_gc_for_hub,
+)
+from devstream_trio.server.store import RegistryStore
+from devstream_trio.transport.mask import masker_in_use
 
 
 async def stdin_closed() -> None:

@@ -13,7 +13,7 @@ A cut resets both ends of the connection, or (the "one end" settings) only the s
 byte was read from, as a middlebox that notices a cut while reading one side does: the other
 end stays open and hears nothing more until it next sends something. The stream has to notice
 that silence itself (a message that stops half-way makes it ping at once, see
-``devstream_trio.framed.STALL_PROBE``); before it did, each such cut waited for the next ping.
+``devstream_core.streamdriver.STALL_PROBE``); before it did, each such cut waited for the next ping.
 
 The hub runs in a process of its own (``_hub.py``); the relays, the two proxies (the library's
 ``serve_service_proxy`` and ``serve_device_proxy``), the client and the sink run in this one.
@@ -42,10 +42,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as c
 
 from devstream_core.credentials import ConnectionString
-from devstream_trio._connect import HubAddress
-from devstream_trio.device import DeviceClient
-from devstream_trio.proxy import Forward, Target, serve_device_proxy, serve_service_proxy
-from devstream_trio.service import ServiceClient
+from devstream_trio.client.device import DeviceClient
+from devstream_trio.client.proxy import Forward, Target, serve_device_proxy, serve_service_proxy
+from devstream_trio.client.service import ServiceClient
+from devstream_trio.transport.connect import HubAddress
 
 MIB = 1024 * 1024
 CHUNK = 256 * 1024

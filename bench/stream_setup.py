@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common as c
 
-from devstream_trio._connect import open_tcp
-from devstream_trio._http import websocket_connect
-from devstream_trio.service import ServiceClient, open_service
+from devstream_trio.client.service import ServiceClient, open_service
+from devstream_trio.transport.connect import open_tcp
+from devstream_trio.transport.http import websocket_connect
 
 TIMEOUT = 60
 

@@ -70,7 +70,7 @@ from wsproto.events import Request
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as WsprotoRefusal
 
-from devstream_trio._http import HttpError, HttpServerConnection, _parse_upgrade
+from devstream_trio.transport.http import HttpError, HttpServerConnection, _parse_upgrade
 
 #: The head size limit the fuzzed reader is given (small, so that the limit is reached).
 LIMIT = 600

@@ -70,7 +70,7 @@ from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as WsprotoRefusal
 
 from devstream_core.errors import DevstreamError
-from devstream_trio._http import (
+from devstream_trio.transport.http import (
     _BLANK_LINE,
     HttpStatusError,
     _parse_101,

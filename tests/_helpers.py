@@ -21,9 +21,9 @@ from devstream_core.credentials import ConnectionString
 from devstream_core.registry import Policy
 from devstream_core.streamdriver import StreamPhase
 from devstream_trio.cli import main
-from devstream_trio.framed import FramedStream
-from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub
-from devstream_trio.store import RegistryStore
+from devstream_trio.client.framed import FramedStream
+from devstream_trio.server.hub import Hub, ensure_owner_policy, serve_hub
+from devstream_trio.server.store import RegistryStore
 
 # -- ports, hubs and TCP servers --------------------------------------------------------------
 

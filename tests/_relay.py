@@ -13,7 +13,7 @@ import struct
 
 import trio
 
-from devstream_trio._connect import HubAddress
+from devstream_trio.transport.connect import HubAddress
 
 
 class Relay:

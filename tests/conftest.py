@@ -20,11 +20,11 @@ import trio.testing
 
 from devstream_core.credentials import ConnectionString
 from devstream_core.registry import Policy
-from devstream_trio._connect import HubAddress
-from devstream_trio.device import DeviceClient
-from devstream_trio.hub import Hub, HubConfig, ensure_owner_policy, load_or_create_secret
-from devstream_trio.service import ServiceClient
-from devstream_trio.store import RegistryStore
+from devstream_trio.client.device import DeviceClient
+from devstream_trio.client.service import ServiceClient
+from devstream_trio.server.hub import Hub, HubConfig, ensure_owner_policy, load_or_create_secret
+from devstream_trio.server.store import RegistryStore
+from devstream_trio.transport.connect import HubAddress
 
 PUBLIC_URL = "http://hub.test:8080"
 

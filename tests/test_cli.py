@@ -22,11 +22,11 @@ import pytest
 import trio
 
 from devstream_core.credentials import ConnectionString
-from devstream_trio.device import DeviceClient
+from devstream_trio.client.device import DeviceClient
+from devstream_trio.client.stream import HubStream
 from devstream_trio.exceptions import DeviceDisabled
-from devstream_trio.hub import Hub
-from devstream_trio.store import RegistryStore
-from devstream_trio.stream import HubStream
+from devstream_trio.server.hub import Hub
+from devstream_trio.server.store import RegistryStore
 
 from ._helpers import free_port, one_error_line, run_cli, start_child, start_hub
 

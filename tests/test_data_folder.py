@@ -27,9 +27,9 @@ import trio
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import DevstreamError, ErrorCode
 from devstream_core.registry import DEVICE_RANDOM_BYTES, new_device
-from devstream_trio.datafolder import DB_NAME, LOCK_NAME, lock_data_folder, open_data_folder
-from devstream_trio.hub import ensure_owner_policy, load_or_create_secret
-from devstream_trio.store import RegistryStore
+from devstream_trio.server.datafolder import DB_NAME, LOCK_NAME, lock_data_folder, open_data_folder
+from devstream_trio.server.hub import ensure_owner_policy, load_or_create_secret
+from devstream_trio.server.store import RegistryStore
 
 from ._helpers import one_error_line, run_cli, start_child
 

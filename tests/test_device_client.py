@@ -23,10 +23,9 @@ from devstream_core import control
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import ErrorCode
 from devstream_core.registry import Permission, new_key, new_policy
-from devstream_trio._connect import HubAddress
-from devstream_trio._http import HttpServerConnection
-from devstream_trio._ws import payload
-from devstream_trio.device import DeviceClient, Handler
+from devstream_trio.client.device import DeviceClient, Handler
+from devstream_trio.client.service import ServiceClient
+from devstream_trio.client.stream import HubStream
 from devstream_trio.exceptions import (
     DeviceDisabled,
     DeviceNotFound,
@@ -39,8 +38,9 @@ from devstream_trio.exceptions import (
     StreamRejected,
     Unauthorized,
 )
-from devstream_trio.service import ServiceClient
-from devstream_trio.stream import HubStream
+from devstream_trio.transport.connect import HubAddress
+from devstream_trio.transport.http import HttpServerConnection
+from devstream_trio.transport.websocket import payload
 
 from .conftest import HubEnv
 from .test_hub import ManualDevice, echo, read_exactly

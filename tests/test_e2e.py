@@ -25,13 +25,13 @@ import websockets.sync.client
 
 from devstream_core.credentials import ConnectionString, make_sas_token
 from devstream_core.registry import Policy
-from devstream_trio._connect import client_ssl_context
-from devstream_trio.device import DeviceClient
+from devstream_trio.client.device import DeviceClient
+from devstream_trio.client.service import ServiceClient
+from devstream_trio.client.stream import HubStream
 from devstream_trio.exceptions import DeviceDisabled, HubUnreachable
-from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub
-from devstream_trio.service import ServiceClient
-from devstream_trio.store import RegistryStore
-from devstream_trio.stream import HubStream
+from devstream_trio.server.hub import Hub, ensure_owner_policy, serve_hub
+from devstream_trio.server.store import RegistryStore
+from devstream_trio.transport.connect import client_ssl_context
 
 from .conftest import random_payload
 

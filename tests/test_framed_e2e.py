@@ -18,12 +18,12 @@ import pytest
 import trio
 
 from devstream_core.framing import DEFAULT_WINDOW, EndpointState
-from devstream_trio.device import DeviceClient
-from devstream_trio.framed import FramedStream, StreamOptions
-from devstream_trio.hub import Hub
-from devstream_trio.service import AnyStream, ServiceClient
-from devstream_trio.store import RegistryStore
-from devstream_trio.streaming import MAX_FRAMED_MESSAGE
+from devstream_trio.client.device import DeviceClient
+from devstream_trio.client.framed import FramedStream, StreamOptions
+from devstream_trio.client.service import AnyStream, ServiceClient
+from devstream_trio.server.hub import Hub
+from devstream_trio.server.store import RegistryStore
+from devstream_trio.server.streaming import MAX_FRAMED_MESSAGE
 
 from ._helpers import start_hub
 from ._relay import Relay

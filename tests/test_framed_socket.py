@@ -28,9 +28,9 @@ from devstream_core.framing import (
 )
 from devstream_core.streamdriver import Outcome, OutcomeKind, StreamPhase
 from devstream_core.websocket import BytesMessage, CloseConnection, Connection
-from devstream_trio._ws import WebSocket
+from devstream_trio.client.framed import ACK_DELAY, DIRECT_READ_TIME, FramedStream
 from devstream_trio.exceptions import StreamReset
-from devstream_trio.framed import ACK_DELAY, DIRECT_READ_TIME, FramedStream
+from devstream_trio.transport.websocket import WebSocket
 
 
 async def never_reconnect(resume_token: str) -> WebSocket:

@@ -22,11 +22,11 @@ from devstream_core.common import Role
 from devstream_core.errors import ErrorCode
 from devstream_core.framing import DEFAULT_WINDOW, EndpointState
 from devstream_core.streamdriver import StreamPhase
-from devstream_trio import framed, streaming
-from devstream_trio._connect import HubAddress
-from devstream_trio._http import HttpStatusError, http_request, websocket_connect
-from devstream_trio._ws import WebSocket
-from devstream_trio.device import DeviceClient
+from devstream_trio.client import framed
+from devstream_trio.client.device import DeviceClient
+from devstream_trio.client.framed import FramedStream, StreamOptions
+from devstream_trio.client.service import AnyStream, ServiceClient, join_stream, open_service
+from devstream_trio.client.stream import HubStream
 from devstream_trio.exceptions import (
     HubError,
     HubUnreachable,
@@ -34,11 +34,12 @@ from devstream_trio.exceptions import (
     PeerNeverConnected,
     StreamReset,
 )
-from devstream_trio.framed import FramedStream, StreamOptions
-from devstream_trio.hub import Hub, HubConfig, ensure_owner_policy, load_or_create_secret
-from devstream_trio.service import AnyStream, ServiceClient, join_stream, open_service
-from devstream_trio.store import RegistryStore
-from devstream_trio.stream import HubStream
+from devstream_trio.server import streaming
+from devstream_trio.server.hub import Hub, HubConfig, ensure_owner_policy, load_or_create_secret
+from devstream_trio.server.store import RegistryStore
+from devstream_trio.transport.connect import HubAddress
+from devstream_trio.transport.http import HttpStatusError, http_request, websocket_connect
+from devstream_trio.transport.websocket import WebSocket
 
 from ._helpers import until_closed
 from .conftest import PUBLIC_URL, HubEnv, random_payload

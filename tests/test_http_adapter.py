@@ -1,4 +1,4 @@
-"""The HTTP/1.1 adapter (``devstream_trio._http``) over in-memory streams.
+"""The HTTP/1.1 adapter (``devstream_trio.transport.http``) over in-memory streams.
 
 Test rules: no sockets; every test runs on ``trio.testing.memory_stream_pair()`` and anything that
 waits runs on the ``autojump_clock`` (the hypothesis test drives its own ``MockClock``), so the
@@ -25,7 +25,7 @@ from wsproto.events import BytesMessage
 
 from devstream_core import handshake
 from devstream_core.errors import DevstreamError, ErrorCode
-from devstream_trio._http import (
+from devstream_trio.transport.http import (
     HttpError,
     HttpRequest,
     HttpResponse,
@@ -38,7 +38,7 @@ from devstream_trio._http import (
     http_request,
     websocket_connect,
 )
-from devstream_trio._ws import payload
+from devstream_trio.transport.websocket import payload
 
 from ._helpers import load_fuzz_harness, run_checking_harness
 

@@ -40,7 +40,14 @@ from hypothesis import strategies as st
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import ErrorCode
 from devstream_core.registry import Policy
-from devstream_trio._connect import (
+from devstream_trio.cli import main
+from devstream_trio.client.device import DeviceClient
+from devstream_trio.client.framed import FramedStream
+from devstream_trio.client.service import AnyStream, ServiceClient
+from devstream_trio.exceptions import HubError, HubUnreachable
+from devstream_trio.server.hub import Hub, ensure_owner_policy, serve_hub
+from devstream_trio.server.store import RegistryStore
+from devstream_trio.transport.connect import (
     HubAddress,
     ProxyConfig,
     _connect_tunnel,
@@ -48,13 +55,6 @@ from devstream_trio._connect import (
     open_hub_stream,
     resolve_proxy,
 )
-from devstream_trio.cli import main
-from devstream_trio.device import DeviceClient
-from devstream_trio.exceptions import HubError, HubUnreachable
-from devstream_trio.framed import FramedStream
-from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub
-from devstream_trio.service import AnyStream, ServiceClient
-from devstream_trio.store import RegistryStore
 
 from ._helpers import one_error_line
 from .conftest import random_payload, require_tool

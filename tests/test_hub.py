@@ -20,13 +20,13 @@ import trio
 from devstream_core import control
 from devstream_core.credentials import ConnectionString
 from devstream_core.registry import Permission, new_policy
-from devstream_trio._connect import HubAddress
-from devstream_trio._http import HttpResponse, http_request, websocket_connect
-from devstream_trio._ws import ConnectionClosed, WebSocket, payload
-from devstream_trio.device import DeviceClient
+from devstream_trio.client.device import DeviceClient
+from devstream_trio.client.service import API_VERSION
+from devstream_trio.client.stream import HubStream
 from devstream_trio.exceptions import DeviceDisabled, DeviceNotFound, HubError
-from devstream_trio.service import API_VERSION
-from devstream_trio.stream import HubStream
+from devstream_trio.transport.connect import HubAddress
+from devstream_trio.transport.http import HttpResponse, http_request, websocket_connect
+from devstream_trio.transport.websocket import ConnectionClosed, WebSocket, payload
 
 from .conftest import PUBLIC_URL, HubEnv
 
@@ -797,7 +797,7 @@ def test_tune_gc_for_hub_sets_the_documented_thresholds() -> None:
     import gc
 
     from devstream_trio import tune_gc_for_hub
-    from devstream_trio.hub import HUB_GC_THRESHOLDS
+    from devstream_trio.server.hub import HUB_GC_THRESHOLDS
 
     before = gc.get_threshold()
     try:

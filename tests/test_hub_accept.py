@@ -19,8 +19,8 @@ import pytest
 import trio
 import trustme
 
-from devstream_trio import hub as hub_module
-from devstream_trio.hub import _accept_loop
+from devstream_trio.server import hub as hub_module
+from devstream_trio.server.hub import _accept_loop
 
 
 class Greeter:
@@ -108,7 +108,7 @@ async def test_running_out_of_descriptors_is_logged_and_waited_out(
     assert isinstance(sock, FlakyListener)
     sock.failures = [OSError(errno.EMFILE, "Too many open files")] * 2
     greeter = Greeter()
-    with caplog.at_level(logging.ERROR, logger="devstream_trio.hub"):
+    with caplog.at_level(logging.ERROR, logger="devstream_trio.server.hub"):
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_accept_loop, sock, None, greeter, nursery)

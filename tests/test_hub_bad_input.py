@@ -23,9 +23,14 @@ from devstream_core.errors import ErrorCode
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 from devstream_core.registry import Permission, new_key, new_policy
 from devstream_core.websocket import MAX_BATCH_FRAMES
-from devstream_trio._http import HttpStatusError, websocket_connect
-from devstream_trio._ws import MAX_MESSAGE_FRAGMENTS, ConnectionClosed, WebSocket, payload
 from devstream_trio.exceptions import Unauthorized
+from devstream_trio.transport.http import HttpStatusError, websocket_connect
+from devstream_trio.transport.websocket import (
+    MAX_MESSAGE_FRAGMENTS,
+    ConnectionClosed,
+    WebSocket,
+    payload,
+)
 
 from .conftest import HubEnv
 from .test_hub import (

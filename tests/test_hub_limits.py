@@ -25,15 +25,15 @@ from devstream_core import control
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import ErrorCode
 from devstream_core.tokens import STREAM_TOKEN_LIFETIME
-from devstream_trio._connect import HubAddress
-from devstream_trio._http import HttpResponse, websocket_connect
-from devstream_trio._ws import WebSocket
-from devstream_trio.device import DeviceClient
+from devstream_trio.client.device import DeviceClient
+from devstream_trio.client.service import API_VERSION
+from devstream_trio.client.stream import HubStream
 from devstream_trio.exceptions import HubError
-from devstream_trio.hub import Hub, HubConfig, default_max_connections
-from devstream_trio.service import API_VERSION
-from devstream_trio.store import RegistryStore
-from devstream_trio.stream import HubStream
+from devstream_trio.server.hub import Hub, HubConfig, default_max_connections
+from devstream_trio.server.store import RegistryStore
+from devstream_trio.transport.connect import HubAddress
+from devstream_trio.transport.http import HttpResponse, websocket_connect
+from devstream_trio.transport.websocket import WebSocket
 
 from .conftest import PUBLIC_URL, HubEnv
 from .test_framed_stream import env_with

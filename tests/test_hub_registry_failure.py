@@ -18,8 +18,8 @@ import pytest
 import trio
 
 from devstream_core.errors import ErrorCode
-from devstream_trio.hub import Hub, HubConfig, ensure_owner_policy, load_or_create_secret
-from devstream_trio.store import RegistryStore
+from devstream_trio.server.hub import Hub, HubConfig, ensure_owner_policy, load_or_create_secret
+from devstream_trio.server.store import RegistryStore
 
 from .conftest import PUBLIC_URL, HubEnv
 from .test_hub import auth, call, error_code

@@ -30,10 +30,10 @@ from devstream_core.coordinator import (
 )
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import ErrorCode
-from devstream_trio._connect import HubAddress
-from devstream_trio._http import websocket_connect
-from devstream_trio._ws import ConnectionClosed, WebSocket, payload
-from devstream_trio.hub import HubConfig
+from devstream_trio.server.hub import HubConfig
+from devstream_trio.transport.connect import HubAddress
+from devstream_trio.transport.http import websocket_connect
+from devstream_trio.transport.websocket import ConnectionClosed, WebSocket, payload
 
 from .conftest import PUBLIC_URL, HubEnv
 

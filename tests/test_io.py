@@ -1,4 +1,5 @@
-"""The plain-socket reads and writes (``devstream_trio._io``) over a connected socket pair."""
+"""The plain-socket reads and writes (``devstream_trio.transport.io``) over a connected
+socket pair."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from devstream_trio import _io
+from devstream_trio.transport import io as _io
 
 
 def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:

@@ -15,7 +15,7 @@ from wsproto.events import BytesMessage as WsprotoBytes
 
 import devstream_trio
 from devstream_core.websocket import BytesMessage, Connection, pure_apply_mask
-from devstream_trio import _mask
+from devstream_trio.transport import mask as _mask
 
 
 def test_native_masker_is_in_use() -> None:

@@ -18,9 +18,9 @@ import pytest
 import trio
 
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
-from devstream_trio._http import HttpStatusError, websocket_connect
-from devstream_trio._ws import WebSocket
-from devstream_trio.service import API_VERSION
+from devstream_trio.client.service import API_VERSION
+from devstream_trio.transport.http import HttpStatusError, websocket_connect
+from devstream_trio.transport.websocket import WebSocket
 
 from .conftest import HubEnv
 from .test_hub import (

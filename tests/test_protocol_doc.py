@@ -25,9 +25,9 @@ import trio
 from devstream_core import control, framing, routes, wire
 from devstream_core.credentials import ConnectionString, verify_sas_token
 from devstream_core.errors import ErrorCode, RemoteProtocolError
-from devstream_trio._connect import HubAddress
-from devstream_trio._http import HttpResponse, websocket_connect
-from devstream_trio._ws import WebSocket
+from devstream_trio.transport.connect import HubAddress
+from devstream_trio.transport.http import HttpResponse, websocket_connect
+from devstream_trio.transport.websocket import WebSocket
 
 from .conftest import HubEnv
 

@@ -28,11 +28,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from devstream_trio.device import DeviceClient
-from devstream_trio.hub import Hub
-from devstream_trio.proxy import Forward, Target, serve_device_proxy, serve_service_proxy
-from devstream_trio.service import ServiceClient
-from devstream_trio.store import RegistryStore
+from devstream_trio.client.device import DeviceClient
+from devstream_trio.client.proxy import Forward, Target, serve_device_proxy, serve_service_proxy
+from devstream_trio.client.service import ServiceClient
+from devstream_trio.server.hub import Hub
+from devstream_trio.server.store import RegistryStore
 
 from ._helpers import (
     Output,

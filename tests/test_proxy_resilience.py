@@ -39,12 +39,12 @@ import trio
 from devstream_core.errors import ErrorCode
 from devstream_core.framing import DEFAULT_WINDOW
 from devstream_core.registry import Policy
-from devstream_trio.device import DeviceClient, Handler
-from devstream_trio.framed import FramedStream, StreamOptions
-from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub
-from devstream_trio.proxy import Forward, Target, serve_device_proxy, serve_service_proxy
-from devstream_trio.service import AnyStream, ServiceClient
-from devstream_trio.store import RegistryStore
+from devstream_trio.client.device import DeviceClient, Handler
+from devstream_trio.client.framed import FramedStream, StreamOptions
+from devstream_trio.client.proxy import Forward, Target, serve_device_proxy, serve_service_proxy
+from devstream_trio.client.service import AnyStream, ServiceClient
+from devstream_trio.server.hub import Hub, ensure_owner_policy, serve_hub
+from devstream_trio.server.store import RegistryStore
 
 from ._helpers import closed_promptly, free_port, policy_cs, start_tcp_server
 from ._relay import CuttingRelay, Relay

@@ -26,13 +26,13 @@ import trio
 import trustme
 
 from devstream_core.credentials import ConnectionString, make_sas_token
-from devstream_trio._http import http_request
-from devstream_trio.device import DeviceClient
+from devstream_trio.client.device import DeviceClient
+from devstream_trio.client.service import ServiceClient
+from devstream_trio.client.stream import HubStream
 from devstream_trio.exceptions import Unauthorized
-from devstream_trio.hub import Hub, ensure_owner_policy, serve_hub
-from devstream_trio.service import ServiceClient
-from devstream_trio.store import RegistryStore
-from devstream_trio.stream import HubStream
+from devstream_trio.server.hub import Hub, ensure_owner_policy, serve_hub
+from devstream_trio.server.store import RegistryStore
+from devstream_trio.transport.http import http_request
 
 from ._helpers import one_error_line, policy_cs, run_cli, start_child
 from .conftest import random_payload

@@ -26,11 +26,11 @@ import trio.testing
 
 from devstream_core.errors import ErrorCode
 from devstream_core.framing import DEFAULT_WINDOW, EndpointState
-from devstream_trio._connect import HubAddress
-from devstream_trio._http import HttpStatusError, websocket_connect
-from devstream_trio.device import DeviceClient
-from devstream_trio.framed import FramedStream
-from devstream_trio.service import AnyStream, ServiceClient
+from devstream_trio.client.device import DeviceClient
+from devstream_trio.client.framed import FramedStream
+from devstream_trio.client.service import AnyStream, ServiceClient
+from devstream_trio.transport.connect import HubAddress
+from devstream_trio.transport.http import HttpStatusError, websocket_connect
 
 from .conftest import PUBLIC_URL, HubEnv
 

@@ -52,12 +52,12 @@ from devstream_core.session import (
     backoff_ceiling,
     is_final,
 )
-from devstream_trio import device as device_module
-from devstream_trio._connect import HubAddress
-from devstream_trio._http import HttpServerConnection
-from devstream_trio._ws import ConnectionClosed, payload
-from devstream_trio.device import DeviceClient
-from devstream_trio.hub import HubConfig
+from devstream_trio.client import device as device_module
+from devstream_trio.client.device import DeviceClient
+from devstream_trio.server.hub import HubConfig
+from devstream_trio.transport.connect import HubAddress
+from devstream_trio.transport.http import HttpServerConnection
+from devstream_trio.transport.websocket import ConnectionClosed, payload
 
 from .conftest import HubEnv
 from .test_device_client import Tap, device_with, round_trip

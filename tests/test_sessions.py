@@ -25,10 +25,9 @@ from devstream_core import control
 from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import ErrorCode
-from devstream_trio._connect import HubAddress
-from devstream_trio._http import HttpRequest, HttpServerConnection, websocket_connect
-from devstream_trio._ws import ConnectionClosed, WebSocket, payload
-from devstream_trio.device import DeviceClient
+from devstream_trio.client.device import DeviceClient
+from devstream_trio.client.framed import FramedStream
+from devstream_trio.client.service import AnyStream, ServiceClient, join_stream
 from devstream_trio.exceptions import (
     DeviceDisabled,
     DeviceNotFound,
@@ -37,10 +36,11 @@ from devstream_trio.exceptions import (
     HubError,
     Unauthorized,
 )
-from devstream_trio.framed import FramedStream
-from devstream_trio.hub import Hub, HubConfig, ensure_owner_policy, load_or_create_secret
-from devstream_trio.service import AnyStream, ServiceClient, join_stream
-from devstream_trio.store import RegistryStore
+from devstream_trio.server.hub import Hub, HubConfig, ensure_owner_policy, load_or_create_secret
+from devstream_trio.server.store import RegistryStore
+from devstream_trio.transport.connect import HubAddress
+from devstream_trio.transport.http import HttpRequest, HttpServerConnection, websocket_connect
+from devstream_trio.transport.websocket import ConnectionClosed, WebSocket, payload
 
 from .conftest import PUBLIC_URL, HubEnv
 from .test_hub import echo, read_exactly

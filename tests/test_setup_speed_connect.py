@@ -11,8 +11,8 @@ import pytest
 import trio
 import trio.testing
 
-from devstream_trio import _connect
-from devstream_trio._connect import open_tcp
+from devstream_trio.transport import connect as _connect
+from devstream_trio.transport.connect import open_tcp
 
 
 async def echo_listener(

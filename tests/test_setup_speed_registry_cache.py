@@ -24,14 +24,14 @@ import trio
 from devstream_core import authorization, credentials
 from devstream_core.credentials import ConnectionString
 from devstream_core.registry import Device, Permission, Policy, new_device, new_key
-from devstream_trio import store as store_module
 from devstream_trio.exceptions import (
     DeviceDisabled,
     DeviceNotFound,
     PermissionDenied,
     Unauthorized,
 )
-from devstream_trio.store import RegistryStore
+from devstream_trio.server import store as store_module
+from devstream_trio.server.store import RegistryStore
 
 from .conftest import HubEnv
 

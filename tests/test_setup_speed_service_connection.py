@@ -25,14 +25,14 @@ import trio
 import trio.testing
 
 from devstream_core.credentials import ConnectionString
-from devstream_trio._connect import HubAddress
-from devstream_trio.device import DeviceClient
+from devstream_trio.client.device import DeviceClient
+from devstream_trio.client.framed import FramedStream
+from devstream_trio.client.service import ServiceClient
+from devstream_trio.client.stream import HubStream
 from devstream_trio.exceptions import DeviceNotOnline, StreamRejected
-from devstream_trio.framed import FramedStream
-from devstream_trio.hub import Hub, HubConfig, ensure_owner_policy, load_or_create_secret
-from devstream_trio.service import ServiceClient
-from devstream_trio.store import RegistryStore
-from devstream_trio.stream import HubStream
+from devstream_trio.server.hub import Hub, HubConfig, ensure_owner_policy, load_or_create_secret
+from devstream_trio.server.store import RegistryStore
+from devstream_trio.transport.connect import HubAddress
 
 from .conftest import HubEnv
 

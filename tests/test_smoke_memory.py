@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from devstream_trio.stream import HubStream
+from devstream_trio.client.stream import HubStream
 
 from .conftest import HubEnv
 

@@ -1,4 +1,4 @@
-"""Tests for devstream_trio.store: the SQLite registry, used from trio.
+"""Tests for devstream_trio.server.store: the SQLite registry, used from trio.
 
 Rules: in-memory databases unless the test is about files (then ``tmp_path``); no wall-clock
 sleeps; the event-loop test proves progress with a lock held by another connection, so the
@@ -30,7 +30,7 @@ from devstream_core.registry import (
     new_device,
     new_policy,
 )
-from devstream_trio.store import SCHEMA_VERSION, RegistryStore, StoreError
+from devstream_trio.server.store import SCHEMA_VERSION, RegistryStore, StoreError
 
 
 def make_device(device_id: str, seed: int = 0, **changes: object) -> Device:

@@ -737,8 +737,8 @@ def test_wsproto_is_not_on_the_runtime_path() -> None:
     """The hub, the clients and the CLI import no other WebSocket protocol library (wsproto
     is the tests' reference only)."""
     code = (
-        "import sys, devstream_trio, devstream_trio.hub, devstream_trio.cli, "
-        "devstream_trio.proxy, devstream_trio.framed; "
+        "import sys, devstream_trio, devstream_trio.server.hub, devstream_trio.cli, "
+        "devstream_trio.client.proxy, devstream_trio.client.framed; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'wsproto'))"
     )
     src = str(Path(devstream_core.__file__).resolve().parent.parent)

@@ -12,8 +12,8 @@ import trio
 
 from devstream_core import control
 from devstream_core.errors import ErrorCode, RemoteProtocolError
-from devstream_trio.framed import FramedStream, StreamOptions
-from devstream_trio.service import AnyStream, ServiceClient
+from devstream_trio.client.framed import FramedStream, StreamOptions
+from devstream_trio.client.service import AnyStream, ServiceClient
 
 from .conftest import HubEnv, random_payload
 

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import devstream_trio._connect
-import devstream_trio._http
-import devstream_trio._wire
+import devstream_core.wire
 import devstream_trio.exceptions
+import devstream_trio.transport.connect
+import devstream_trio.transport.http
 from devstream_core import exceptions, wire
 from devstream_core.common import Role
 from devstream_core.control import MAX_WINDOW, MIN_WINDOW, MODE_FRAMED, MODE_RAW
@@ -93,10 +93,10 @@ def test_trio_modules_name_the_core_objects() -> None:
     # Same objects, so every existing import and ``except`` keeps working.
     for name in devstream_trio.exceptions.__all__:
         assert getattr(devstream_trio.exceptions, name) is getattr(exceptions, name)
-    for name in devstream_trio._wire.__all__:
-        assert getattr(devstream_trio._wire, name) is getattr(wire, name)
-    assert devstream_trio._connect.HubAddress is HubAddress
-    assert devstream_trio._http.error_body is wire.build_error_body
+    for name in devstream_core.wire.__all__:
+        assert getattr(devstream_core.wire, name) is getattr(wire, name)
+    assert devstream_trio.transport.connect.HubAddress is HubAddress
+    assert devstream_trio.transport.http.error_body is wire.build_error_body
 
 
 # --- the exceptions --------------------------------------------------------------------------

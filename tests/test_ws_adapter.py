@@ -1,4 +1,5 @@
-"""The WebSocket adapter (``devstream_trio._ws``) and the raw-mode ``HubStream`` over it.
+"""The WebSocket adapter (``devstream_trio.transport.websocket``) and the raw-mode
+``HubStream`` over it.
 
 Test rules: no sockets; pairs are built on ``trio.testing.memory_stream_pair()`` with codecs
 already open (the opening handshake has its own tests in ``test_http_adapter``), and anything
@@ -30,15 +31,15 @@ from devstream_core.websocket import (
     Pong,
     TextMessage,
 )
-from devstream_trio._ws import (
+from devstream_trio.client.stream import HubStream
+from devstream_trio.exceptions import HubError
+from devstream_trio.transport.websocket import (
     ABNORMAL_CLOSURE,
     MAX_MESSAGE_FRAGMENTS,
     ConnectionClosed,
     WebSocket,
     payload,
 )
-from devstream_trio.exceptions import HubError
-from devstream_trio.stream import HubStream
 
 
 def ws_pair() -> tuple[WebSocket, WebSocket]:
@@ -1030,7 +1031,7 @@ async def test_send_bytes_nowait_to_a_lost_transport_marks_the_websocket_closed(
 
 def count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
     """Count the calls of ``_io.<name>`` the WebSocket adapter makes."""
-    from devstream_trio import _io
+    from devstream_trio.transport import io as _io
 
     calls: list[int] = []
     real = getattr(_io, name)
@@ -1066,7 +1067,7 @@ async def test_a_client_read_shrinks_again_after_small_reads(
 ) -> None:
     client, server = await socket_ws_pair(buffer_size=1 << 20)
     sizes: list[int] = []
-    from devstream_trio import _io
+    from devstream_trio.transport import io as _io
 
     real = _io.receive_plain
 
@@ -1109,7 +1110,7 @@ async def test_a_server_reads_all_that_arrived_at_once(monkeypatch: pytest.Monke
 async def test_the_send_lock_serves_writers_in_arrival_order(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    from devstream_trio._ws import _SendLock
+    from devstream_trio.transport.websocket import _SendLock
 
     lock = _SendLock()
     order: list[str] = []
@@ -1134,7 +1135,7 @@ async def test_the_send_lock_serves_writers_in_arrival_order(
 async def test_a_writer_cancelled_while_waiting_never_holds_the_send_lock(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    from devstream_trio._ws import _SendLock
+    from devstream_trio.transport.websocket import _SendLock
 
     lock = _SendLock()
     order: list[str] = []

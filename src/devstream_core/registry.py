@@ -3,7 +3,7 @@
 This module knows what a device identity and a shared-access policy *are*, how they look in
 the Azure IoT Hub device-identity JSON that ``PUT/GET /devices/{id}`` and ``GET /devices``
 speak, and which values are legal. It does not know where they are stored (that is
-``devstream_trio.store``) or who may change them (that is the hub's job).
+``devstream_trio.server.store``) or who may change them (that is the hub's job).
 
 Rules:
 

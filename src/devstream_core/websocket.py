@@ -21,8 +21,8 @@ Why devstream has a codec of its own, and how it is split:
   on the runtime path, and none is patched. wsproto stays the reference the tests and fuzz
   harnesses compare these decisions with.
 * **Any I/O layer.** Nothing here reads a socket, a clock or a random source: the trio
-  adapter (``devstream_trio._ws``) and an asyncio one drive the same object, and a client
-  passes the 4-byte masking key of each frame in (``mask_key``).
+  adapter (``devstream_trio.transport.websocket``) and an asyncio one drive the same
+  object, and a client passes the 4-byte masking key of each frame in (``mask_key``).
 * **Masking is a function the codec calls**, given to :class:`Connection` or, by default,
   :data:`default_apply_mask`: the C ``apply_mask`` of the ``websockets`` wheel where it is
   installed (importing a pure function is not I/O), else :func:`pure_apply_mask`. The bytes

@@ -11,7 +11,11 @@
     await nursery.start(devstream_trio.serve_hub, store)
 """
 
-from .device import DeviceClient, Handler, open_device
+from .client.device import DeviceClient, Handler, open_device
+from .client.framed import FramedStream, StreamOptions
+from .client.proxy import serve_device_proxy, serve_service_proxy
+from .client.service import AnyStream, ServiceClient, open_service
+from .client.stream import HubStream
 from .exceptions import (
     DeviceDisabled,
     DeviceNotFound,
@@ -29,12 +33,8 @@ from .exceptions import (
     TargetUnreachable,
     Unauthorized,
 )
-from .framed import FramedStream, StreamOptions
-from .hub import Hub, HubConfig, serve_hub, tune_gc_for_hub
-from .proxy import serve_device_proxy, serve_service_proxy
-from .service import AnyStream, ServiceClient, open_service
-from .store import RegistryStore
-from .stream import HubStream
+from .server.hub import Hub, HubConfig, serve_hub, tune_gc_for_hub
+from .server.store import RegistryStore
 
 __all__ = [
     "AnyStream",

@@ -25,20 +25,20 @@ from devstream_core.credentials import ConnectionString
 from devstream_core.errors import DevstreamError
 from devstream_core.registry import OWNER_POLICY, Policy
 
-from ._connect import ProxyConfig, client_ssl_context
-from .datafolder import DB_NAME, open_data_folder
-from .device import DeviceClient
-from .framed import FramedStream
-from .hub import (
+from .client.device import DeviceClient
+from .client.framed import FramedStream
+from .client.proxy import parse_forward, parse_map, serve_device_proxy, serve_service_proxy
+from .client.service import SAS_LIFETIME, AnyStream, ServiceClient
+from .server.datafolder import DB_NAME, open_data_folder
+from .server.hub import (
     HubConfig,
     ensure_owner_policy,
     raise_open_files_limit,
     serve_hub,
     tune_gc_for_hub,
 )
-from .proxy import parse_forward, parse_map, serve_device_proxy, serve_service_proxy
-from .service import SAS_LIFETIME, AnyStream, ServiceClient
-from .store import RegistryStore
+from .server.store import RegistryStore
+from .transport.connect import ProxyConfig, client_ssl_context
 
 __all__ = ["main"]
 

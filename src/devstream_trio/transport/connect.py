@@ -20,7 +20,7 @@ from devstream_core.credentials import ConnectionString
 from devstream_core.errors import ErrorCode
 from devstream_core.wire import HubAddress
 
-from .exceptions import HubError, HubUnreachable
+from ..exceptions import HubError, HubUnreachable
 
 __all__ = [
     "HubAddress",
@@ -35,7 +35,7 @@ __all__ = [
 
 
 #: How a client opens a transport to the hub. The default is :func:`open_hub_stream`; tests
-#: pass one that returns an in-memory stream served by a :class:`~devstream_trio.hub.Hub`.
+#: pass one that returns an in-memory stream served by a :class:`~devstream_trio.server.hub.Hub`.
 Opener = Callable[[HubAddress], Awaitable[trio.abc.Stream]]
 
 

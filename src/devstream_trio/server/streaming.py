@@ -56,8 +56,8 @@ from devstream_core.silence import SilenceWatch
 from devstream_core.tokens import is_resume_token
 from devstream_core.wire import HEADER_RESUME_TOKEN, MAX_FRAMED_MESSAGE_SIZE, parse_bearer
 
-from ._http import HttpError, HttpRequest, HttpServerConnection
-from ._ws import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket, close_forcefully
+from ..transport.http import HttpError, HttpRequest, HttpServerConnection
+from ..transport.websocket import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket, close_forcefully
 from .metrics import Metrics
 
 __all__ = ["MAX_FRAMED_MESSAGE", "StreamingEndpoint"]

@@ -2,7 +2,7 @@
 
 Server side: :class:`HttpServerConnection` reads requests with hard limits (header size, body
 size, time to receive a whole request), answers them, and upgrades a request to a
-:class:`~devstream_trio._ws.WebSocket`. Client side: :func:`http_request` and
+:class:`~devstream_trio.transport.websocket.WebSocket`. Client side: :func:`http_request` and
 :func:`websocket_connect` speak to a hub over a stream the caller opened.
 
 The messages of a WebSocket handshake that go as expected skip h11: the hub reads a plain
@@ -34,8 +34,9 @@ from devstream_core.errors import DevstreamError, ErrorCode, RemoteProtocolError
 from devstream_core.handshake import accept_token
 from devstream_core.wire import JSON_CONTENT_TYPE, build_error_body, parse_error_body
 
-from . import _io, _mask
-from ._ws import WebSocket, close_forcefully
+from . import io as _io
+from . import mask as _mask
+from .websocket import WebSocket, close_forcefully
 
 __all__ = [
     "HttpError",

@@ -89,8 +89,8 @@ from devstream_core.routes import (
 from devstream_core.silence import SilenceWatch
 from devstream_core.websocket import BytesMessage, TextMessage
 
-from ._http import HttpError, HttpRequest, HttpServerConnection, close_forcefully
-from ._ws import ConnectionClosed, WebSocket, payload
+from ..transport.http import HttpError, HttpRequest, HttpServerConnection, close_forcefully
+from ..transport.websocket import ConnectionClosed, WebSocket, payload
 from .metrics import Metrics
 from .store import RegistryStore, StoreError
 from .streaming import StreamingEndpoint

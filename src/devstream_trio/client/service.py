@@ -29,7 +29,6 @@ import trio
 from devstream_core.common import Role
 from devstream_core.control import MODE_RAW
 from devstream_core.credentials import ConnectionString
-from devstream_core.errors import DevstreamError, ErrorCode
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 from devstream_core.wire import (
     API_VERSION,
@@ -39,7 +38,6 @@ from devstream_core.wire import (
     MIN_SAS_LIFETIME,
     InitiateRejected,
     OneStepUnsupported,
-    bearer,
     build_initiate_request,
     device_target,
     error_from_response,
@@ -47,23 +45,19 @@ from devstream_core.wire import (
     parse_stream_url,
 )
 
-from ._connect import HubAddress, Opener, connection_string_for, hub_opener
-from ._http import (
+from ..exceptions import HubError
+from ..transport.connect import HubAddress, Opener, connection_string_for, hub_opener
+from ..transport.http import (
     HttpResponse,
     HttpStatusError,
     close_forcefully,
     http_request,
     websocket_connect,
 )
-from ._ws import WebSocket
-from .exceptions import HubError, HubUnreachable, error_for
-from .framed import FramedStream, StreamOptions
-from .stream import HubStream
+from .framed import StreamOptions
+from .join import AnyStream, closed_on_failure, join_stream, open_transport, stream_over
 
 __all__ = ["API_VERSION", "AnyStream", "ServiceClient", "join_stream", "open_service"]
-
-#: What ``open_stream`` returns and device handlers receive.
-AnyStream = HubStream | FramedStream
 
 #: How long the SAS tokens a client signs live, by default (seconds).
 SAS_LIFETIME = DEFAULT_SAS_LIFETIME
@@ -140,7 +134,7 @@ class ServiceClient:
     ) -> tuple[HttpResponse, trio.abc.Stream | None]:
         """Like :meth:`request`; with *keep*, also the open connection when it can be reused."""
         stream = await open_transport(self.address, self.ssl_context, self.opener)
-        async with _closed_on_failure(stream):
+        async with closed_on_failure(stream):
             response = await http_request(
                 stream,
                 method=method,
@@ -234,7 +228,7 @@ class ServiceClient:
         """Initiate with a WebSocket upgrade; the stream, or None if the hub cannot."""
         transport = await open_transport(self.address, self.ssl_context, self.opener)
         try:
-            async with _closed_on_failure(transport):
+            async with closed_on_failure(transport):
                 ws = await websocket_connect(
                     transport,
                     host=self.address.host_header,
@@ -259,7 +253,7 @@ class ServiceClient:
             await ws.abort()
             raise
         assert not isinstance(answer, (InitiateRejected, OneStepUnsupported))
-        return await _stream_over(
+        return await stream_over(
             ws,
             answer.url,
             role=Role.SERVICE,
@@ -312,133 +306,6 @@ class ServiceClient:
             shared_access_key=key,
             use_tls=self.connection_string.use_tls,
         )
-
-
-async def open_transport(
-    address: HubAddress, ssl_context: ssl.SSLContext | None, opener: Opener | None
-) -> trio.abc.Stream:
-    """Open a transport to *address* with *opener*, or directly (TLS with *ssl_context*)."""
-    return await (opener or hub_opener(ssl_context))(address)
-
-
-async def join_stream(
-    url: str,
-    token: str,
-    *,
-    role: Role,
-    ssl_context: ssl.SSLContext | None = None,
-    opener: Opener | None = None,
-    mode: str = MODE_RAW,
-    nursery: trio.Nursery | None = None,
-    options: StreamOptions | None = None,
-    transport: trio.abc.Stream | None = None,
-) -> AnyStream:
-    """Join a stream on the streaming endpoint.
-
-    Raw mode gives a :class:`HubStream`; ``devstream.v1`` a :class:`FramedStream` whose
-    connection task runs in *nursery* and resumes over a new WebSocket after a drop.
-    *transport*, if given, is an open connection to the hub that *url* names, to join over
-    instead of a new one; it is closed if joining fails.
-    """
-    if mode == MODE_RAW:
-        ws = await _stream_websocket(url, token, ssl_context, opener, [], transport)
-    elif mode != FRAMED_SUBPROTOCOL or nursery is None:
-        if transport is not None:
-            await close_forcefully(transport)
-        if mode != FRAMED_SUBPROTOCOL:
-            raise HubError(ErrorCode.ARGUMENT_INVALID, f"unknown stream mode {mode!r}")
-        raise HubError(
-            ErrorCode.ARGUMENT_INVALID,
-            f"{FRAMED_SUBPROTOCOL} streams need a nursery (use open_service / open_device)",
-        )
-    else:
-        ws = await _stream_websocket(
-            url, token, ssl_context, opener, [FRAMED_SUBPROTOCOL], transport
-        )
-    return await _stream_over(
-        ws,
-        url,
-        role=role,
-        ssl_context=ssl_context,
-        opener=opener,
-        mode=mode,
-        nursery=nursery,
-        options=options,
-    )
-
-
-async def _stream_over(
-    ws: WebSocket,
-    url: str,
-    *,
-    role: Role,
-    ssl_context: ssl.SSLContext | None,
-    opener: Opener | None,
-    mode: str,
-    nursery: trio.Nursery | None,
-    options: StreamOptions | None,
-) -> AnyStream:
-    """The stream a WebSocket just joined carries; *url* is where a devstream.v1 side resumes."""
-    stream_id = parse_stream_url(url).stream_id
-    if mode == MODE_RAW:
-        return HubStream(ws, stream_id=stream_id, role=role)
-    if ws.subprotocol != FRAMED_SUBPROTOCOL or nursery is None:
-        await ws.abort()
-        raise HubError(ErrorCode.PROTOCOL_ERROR, f"the hub did not accept {FRAMED_SUBPROTOCOL}")
-
-    async def reconnect(resume_token: str) -> WebSocket:
-        return await _stream_websocket(url, resume_token, ssl_context, opener, [FRAMED_SUBPROTOCOL])
-
-    return FramedStream(
-        ws, stream_id=stream_id, role=role, reconnect=reconnect, nursery=nursery, options=options
-    )
-
-
-async def _stream_websocket(
-    url: str,
-    token: str,
-    ssl_context: ssl.SSLContext | None,
-    opener: Opener | None,
-    subprotocols: list[str],
-    transport: trio.abc.Stream | None = None,
-) -> WebSocket:
-    """Open a WebSocket to the streaming endpoint with ``Authorization: Bearer <token>``.
-
-    Over *transport* if given (it is closed on failure), else over a new connection.
-    """
-    try:
-        address, target, _ = parse_stream_url(url)
-    except BaseException:
-        if transport is not None:
-            await close_forcefully(transport)
-        raise
-    if transport is None:
-        transport = await open_transport(address, ssl_context, opener)
-    try:
-        async with _closed_on_failure(transport):
-            return await websocket_connect(
-                transport,
-                host=address.host_header,
-                target=target,
-                headers=[("authorization", bearer(token))],
-                subprotocols=subprotocols,
-            )
-    except HttpStatusError as exc:
-        raise error_for(exc.code or ErrorCode.SERVER_ERROR, exc.message) from None
-
-
-@asynccontextmanager
-async def _closed_on_failure(transport: trio.abc.Stream) -> AsyncIterator[None]:
-    """Close *transport* if the block fails. A failed exchange (the connection lost, an answer
-    that is not HTTP) is raised as :class:`HubUnreachable`; the hub's own answer (a
-    :class:`HubError`) and anything else go on as they are."""
-    try:
-        yield
-    except BaseException as exc:
-        await close_forcefully(transport)
-        if isinstance(exc, DevstreamError) and not isinstance(exc, HubError):
-            raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, exc.message) from exc
-        raise
 
 
 @asynccontextmanager

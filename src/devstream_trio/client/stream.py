@@ -27,8 +27,8 @@ import trio
 from devstream_core.common import Role
 from devstream_core.errors import parse_close_reason
 
-from ._ws import NORMAL_CLOSURE, ConnectionClosed, WebSocket
-from .exceptions import HubError, error_for
+from ..exceptions import HubError, error_for
+from ..transport.websocket import NORMAL_CLOSURE, ConnectionClosed, WebSocket
 
 __all__ = ["HubStream"]
 

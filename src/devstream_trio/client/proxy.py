@@ -31,8 +31,8 @@ import trio
 
 from devstream_core.errors import DevstreamError, ErrorCode
 
-from . import _io
-from ._connect import open_tcp
+from ..transport import io as _io
+from ..transport.connect import open_tcp
 from .device import DeviceClient, Handler
 from .framed import FramedStream
 from .service import AnyStream, ServiceClient

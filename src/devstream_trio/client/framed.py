@@ -78,8 +78,8 @@ from devstream_core.streamdriver import (
 )
 from devstream_core.wire import HEADER_RESUME_TOKEN, MAX_FRAMED_MESSAGE_SIZE
 
-from ._ws import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket
-from .exceptions import HubError, StreamReset, error_for
+from ..exceptions import HubError, StreamReset, error_for
+from ..transport.websocket import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket
 
 __all__ = [
     "ACK_DELAY",

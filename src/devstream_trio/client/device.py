@@ -56,12 +56,12 @@ from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
 from devstream_core.websocket import BytesMessage, TextMessage
 from devstream_core.wire import DEFAULT_SAS_LIFETIME, MIN_SAS_LIFETIME, control_target
 
-from ._connect import HubAddress, Opener, connection_string_for, hub_opener
-from ._http import HttpStatusError, websocket_connect
-from ._ws import ConnectionClosed, WebSocket, payload
-from .exceptions import HubError, HubUnreachable, error_for
+from ..exceptions import HubError, HubUnreachable, error_for
+from ..transport.connect import HubAddress, Opener, connection_string_for, hub_opener
+from ..transport.http import HttpStatusError, websocket_connect
+from ..transport.websocket import ConnectionClosed, WebSocket, payload
 from .framed import StreamOptions
-from .service import AnyStream, join_stream, open_transport
+from .join import AnyStream, join_stream, open_transport
 
 __all__ = ["DeviceClient", "Handler", "open_device"]
 

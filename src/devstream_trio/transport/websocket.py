@@ -66,7 +66,7 @@ from devstream_core.websocket import (
     sendable_close_code,
 )
 
-from . import _io
+from . import io as _io
 
 __all__ = [
     "ABNORMAL_CLOSURE",

@@ -1,0 +1,160 @@
+"""Joining a stream on the hub's streaming endpoint, for either side.
+
+The device joins a stream it accepted, the service one it initiated: both open a WebSocket to
+the stream's URL with ``Authorization: Bearer <stream token>`` and get a raw
+:class:`~devstream_trio.client.stream.HubStream` or a devstream.v1
+:class:`~devstream_trio.client.framed.FramedStream` over it.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from devstream_core.common import Role
+from devstream_core.control import MODE_RAW
+from devstream_core.errors import DevstreamError, ErrorCode
+from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
+from devstream_core.wire import bearer, parse_stream_url
+
+from ..exceptions import HubError, HubUnreachable, error_for
+from ..transport.connect import HubAddress, Opener, hub_opener
+from ..transport.http import HttpStatusError, close_forcefully, websocket_connect
+from ..transport.websocket import WebSocket
+from .framed import FramedStream, StreamOptions
+from .stream import HubStream
+
+__all__ = ["AnyStream", "join_stream", "open_transport"]
+
+#: A stream of either mode.
+AnyStream = HubStream | FramedStream
+
+
+async def open_transport(
+    address: HubAddress, ssl_context: ssl.SSLContext | None, opener: Opener | None
+) -> trio.abc.Stream:
+    """Open a transport to *address* with *opener*, or directly (TLS with *ssl_context*)."""
+    return await (opener or hub_opener(ssl_context))(address)
+
+
+async def join_stream(
+    url: str,
+    token: str,
+    *,
+    role: Role,
+    ssl_context: ssl.SSLContext | None = None,
+    opener: Opener | None = None,
+    mode: str = MODE_RAW,
+    nursery: trio.Nursery | None = None,
+    options: StreamOptions | None = None,
+    transport: trio.abc.Stream | None = None,
+) -> AnyStream:
+    """Join a stream on the streaming endpoint.
+
+    Raw mode gives a :class:`HubStream`; ``devstream.v1`` a :class:`FramedStream` whose
+    connection task runs in *nursery* and resumes over a new WebSocket after a drop.
+    *transport*, if given, is an open connection to the hub that *url* names, to join over
+    instead of a new one; it is closed if joining fails.
+    """
+    if mode == MODE_RAW:
+        ws = await _stream_websocket(url, token, ssl_context, opener, [], transport)
+    elif mode != FRAMED_SUBPROTOCOL or nursery is None:
+        if transport is not None:
+            await close_forcefully(transport)
+        if mode != FRAMED_SUBPROTOCOL:
+            raise HubError(ErrorCode.ARGUMENT_INVALID, f"unknown stream mode {mode!r}")
+        raise HubError(
+            ErrorCode.ARGUMENT_INVALID,
+            f"{FRAMED_SUBPROTOCOL} streams need a nursery (use open_service / open_device)",
+        )
+    else:
+        ws = await _stream_websocket(
+            url, token, ssl_context, opener, [FRAMED_SUBPROTOCOL], transport
+        )
+    return await stream_over(
+        ws,
+        url,
+        role=role,
+        ssl_context=ssl_context,
+        opener=opener,
+        mode=mode,
+        nursery=nursery,
+        options=options,
+    )
+
+
+async def stream_over(
+    ws: WebSocket,
+    url: str,
+    *,
+    role: Role,
+    ssl_context: ssl.SSLContext | None,
+    opener: Opener | None,
+    mode: str,
+    nursery: trio.Nursery | None,
+    options: StreamOptions | None,
+) -> AnyStream:
+    """The stream a WebSocket just joined carries; *url* is where a devstream.v1 side resumes."""
+    stream_id = parse_stream_url(url).stream_id
+    if mode == MODE_RAW:
+        return HubStream(ws, stream_id=stream_id, role=role)
+    if ws.subprotocol != FRAMED_SUBPROTOCOL or nursery is None:
+        await ws.abort()
+        raise HubError(ErrorCode.PROTOCOL_ERROR, f"the hub did not accept {FRAMED_SUBPROTOCOL}")
+
+    async def reconnect(resume_token: str) -> WebSocket:
+        return await _stream_websocket(url, resume_token, ssl_context, opener, [FRAMED_SUBPROTOCOL])
+
+    return FramedStream(
+        ws, stream_id=stream_id, role=role, reconnect=reconnect, nursery=nursery, options=options
+    )
+
+
+async def _stream_websocket(
+    url: str,
+    token: str,
+    ssl_context: ssl.SSLContext | None,
+    opener: Opener | None,
+    subprotocols: list[str],
+    transport: trio.abc.Stream | None = None,
+) -> WebSocket:
+    """Open a WebSocket to the streaming endpoint with ``Authorization: Bearer <token>``.
+
+    Over *transport* if given (it is closed on failure), else over a new connection.
+    """
+    try:
+        address, target, _ = parse_stream_url(url)
+    except BaseException:
+        if transport is not None:
+            await close_forcefully(transport)
+        raise
+    if transport is None:
+        transport = await open_transport(address, ssl_context, opener)
+    try:
+        async with closed_on_failure(transport):
+            return await websocket_connect(
+                transport,
+                host=address.host_header,
+                target=target,
+                headers=[("authorization", bearer(token))],
+                subprotocols=subprotocols,
+            )
+    except HttpStatusError as exc:
+        raise error_for(exc.code or ErrorCode.SERVER_ERROR, exc.message) from None
+
+
+@asynccontextmanager
+async def closed_on_failure(transport: trio.abc.Stream) -> AsyncIterator[None]:
+    """Close *transport* if the block fails. A failed exchange (the connection lost, an answer
+    that is not HTTP) is raised as :class:`HubUnreachable`; the hub's own answer (a
+    :class:`HubError`) and anything else go on as they are."""
+    try:
+        yield
+    except BaseException as exc:
+        await close_forcefully(transport)
+        if isinstance(exc, DevstreamError) and not isinstance(exc, HubError):
+            raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, exc.message) from exc
+        raise
