@@ -1,19 +1,25 @@
-"""The hub server: registry API, initiate API, device control channels and the streaming endpoint.
+"""The hub server: one port for the registry API, the initiate API, device control channels
+and the streaming endpoint.
 
-The hub drives the sans-IO core (``Coordinator``, ``Bridge``, ``HubControl``) from trio:
+The hub drives the sans-IO core from trio; :class:`Hub` holds the core machines and the
+parts that carry out their decisions, each in a module of its own:
 
 * each accepted connection is read by one task (:meth:`Hub.handle_connection`), which answers
-  plain HTTP requests and, for a WebSocket path, keeps the WebSocket for its lifetime;
+  plain HTTP requests and routes the rest: a device's control channel to
+  :class:`~.control_channels.ControlChannels` (kept for the channel's lifetime), an initiate
+  to :class:`~.initiation.Initiations`, the registry routes to
+  :class:`~.registry_api.RegistryApi`, a stream's WebSocket to
+  :class:`~.streaming.StreamingEndpoint`;
 * one timer task (:meth:`Hub.run`) sleeps until the core's next deadline and feeds the expired
-  deadlines back in, so every timeout is a core decision; the same task drops control channels
-  that went silent (one heap of checks for all of them, not a watchdog task each);
+  deadlines back in (:meth:`Hub.dispatch` carries out the coordinator's events), so every
+  timeout is a core decision; the same task closes control channels that went silent;
 * time for the core is ``trio.current_time()`` (so tests run on an autojump clock); SAS
   expiry uses the wall clock passed in (``wall_clock``), since SAS ``se`` is a Unix time. A
   control channel's token expiry is handed to the coordinator on the timer's clock, and the
   coordinator's deadline closes the channel;
 * a registry change (a key replaced, a device disabled or deleted) asks the registry's
   ``check_device_access`` again for each of the device's channels, and revokes the device's
-  streams in the bridge when the device may no longer connect.
+  streams in the bridge when the device may no longer connect (:meth:`Hub.device_changed`).
 
 A failure on one connection never reaches another: every handler catches what its peer causes
 and answers it with the documented error code.
@@ -21,7 +27,6 @@ and answers it with the documented error code.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import gc
@@ -34,20 +39,18 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
-from devstream_core import control, wire
+from devstream_core import control
 from devstream_core.admission import Admission, ConnectionLimits, Tally
 from devstream_core.authorization import (
-    authorize_control_channel,
     authorize_policy,
     check_device_usable,
     read_credential,
 )
 from devstream_core.bridge import DEFAULT_MAX_STREAMS_PER_DEVICE, Bridge
-from devstream_core.common import Role
 from devstream_core.coordinator import (
     Coordinator,
     CoordinatorEvent,
@@ -57,20 +60,14 @@ from devstream_core.coordinator import (
     InitiationAccepted,
     InitiationFailed,
     InitiationRejected,
-    SendStreamRequest,
 )
-from devstream_core.credentials import SasToken, SasVerifier, device_resource
-from devstream_core.errors import DevstreamError, ErrorCode, RemoteProtocolError, close_reason_for
-from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
+from devstream_core.credentials import SasVerifier
+from devstream_core.errors import DevstreamError, ErrorCode
 from devstream_core.registry import (
     OWNER_POLICY,
     Device,
     Permission,
     Policy,
-    check_device_access,
-    check_put_precondition,
-    device_from_json,
-    device_to_json,
     new_key,
 )
 from devstream_core.routes import (
@@ -86,12 +83,12 @@ from devstream_core.routes import (
 from devstream_core.routes import (
     Metrics as MetricsRoute,
 )
-from devstream_core.silence import SilenceWatch
-from devstream_core.websocket import BytesMessage, TextMessage
 
 from ..transport.http import HttpError, HttpRequest, HttpServerConnection, close_forcefully
-from ..transport.websocket import ConnectionClosed, WebSocket, payload
+from .control_channels import ControlChannels, Session
+from .initiation import Initiations
 from .metrics import Metrics
+from .registry_api import RegistryApi
 from .store import RegistryStore, StoreError
 from .streaming import StreamingEndpoint
 
@@ -219,44 +216,6 @@ def default_max_connections() -> int:
     return max(soft // 2, soft - _RESERVED_DESCRIPTORS, 1)
 
 
-@dataclass
-class _Outcome:
-    event: trio.Event = field(default_factory=trio.Event)
-    result: CoordinatorEvent | None = None
-    request_id: str = ""
-    stream_id: str = ""
-    service_token: str = ""
-
-
-@dataclass(slots=True)
-class _Session:
-    """One device's control channel."""
-
-    device_id: str
-    connection_id: int
-    ws: WebSocket
-    machine: control.HubControl
-    #: When the SAS token that opened it expires, in ``trio.current_time()``'s clock.
-    expires_at: float
-    #: That token, if it was the device's own (checked again when the device changes); None
-    #: when it was a policy's.
-    device_token: SasToken | None
-    #: The device's change count (Hub._device_changes) before its access was checked.
-    changes_seen: int = 0
-    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    close_code: ErrorCode | None = None
-    close_message: str | None = None
-
-    def close(self, code: ErrorCode, message: str | None = None) -> None:
-        """End the channel: its task tells the device *code* (and *message*) and closes."""
-        self.close_code = code
-        self.close_message = message
-        self.cancel_scope.cancel()
-
-    async def send(self, message: control.ControlMessage) -> None:
-        await self.ws.send_text(self.machine.send(message))
-
-
 class Hub:
     """A hub's state and request handlers; serve it with :func:`serve_hub`."""
 
@@ -296,21 +255,14 @@ class Hub:
             random_bytes=random_bytes,
             close_timeout=self.config.close_timeout,
             idle_timeout=self.config.stream_idle_timeout,
-            wake=self._wake,
+            wake=self.wake,
         )
-        self._sessions: dict[int, _Session] = {}
-        #: How many times each device's registry record changed (see _device_changed): a
-        #: channel whose handshake spanned a change is checked again once it is listed.
-        self._device_changes: dict[str, int] = {}
+        self.channels = ControlChannels(self)
+        self.initiations = Initiations(self)
+        self.registry = RegistryApi(self)
         #: Policy SAS tokens that verified (services send one token with every initiate).
         self._policy_tokens = SasVerifier()
-        #: The control channels' silence, watched from one schedule, not a task each.
-        self._silence = SilenceWatch(self.config.control_idle_timeout)
-        self._outcomes: dict[str, _Outcome] = {}
         self._next_connection_id = 0
-        #: Held by every registry write (PUT, DELETE of a device), so that an If-Match is
-        #: checked against the etag its write replaces.
-        self._registry_writes = trio.Lock()
         self._timer_wakeup = trio.Event()
         #: When the timer wakes up on its own (the earliest deadline when it went to sleep).
         self._timer_alarm = math.inf
@@ -341,10 +293,10 @@ class Hub:
                 await self._timer_wakeup.wait()
             self._timer_wakeup = trio.Event()
             now = trio.current_time()
-            self._dispatch(self.coordinator.advance(now))
+            self.dispatch(self.coordinator.advance(now))
             self.streaming.handle(self.bridge.advance(now))
             self.streaming.check_idle(now)
-            self._drop_idle_control_channels(now)
+            self.channels.drop_idle(now)
 
     def _next_deadline(self) -> float:
         deadlines = [
@@ -356,12 +308,12 @@ class Hub:
             )
             if d is not None
         ]
-        idle_due = self._silence.next_deadline()
+        idle_due = self.channels.silence.next_deadline()
         if idle_due is not None:
             deadlines.append(idle_due)
         return min(deadlines, default=math.inf)
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         """Call after adding a deadline: the timer looks again if it is due before its alarm.
 
         (Most are not: an initiate's or a join's deadline is a minute away, behind others.)
@@ -369,23 +321,22 @@ class Hub:
         if self._next_deadline() < self._timer_alarm:
             self._timer_wakeup.set()
 
-    def _dispatch(self, events: list[CoordinatorEvent]) -> None:
+    def dispatch(self, events: list[CoordinatorEvent]) -> None:
+        """Carry out what the coordinator decided."""
+        sessions = self.channels.sessions
         for event in events:
             if isinstance(event, (InitiationAccepted, InitiationRejected, InitiationFailed)):
-                outcome = self._outcomes.get(event.request_id)
-                if outcome is not None:
-                    outcome.result = event
-                    outcome.event.set()
+                self.initiations.settle(event)
             elif isinstance(event, ForgetRequest):
-                session = self._sessions.get(event.connection_id)
+                session = sessions.get(event.connection_id)
                 if session is not None:
                     session.machine.forget_request(event.request_id)
             elif isinstance(event, DeviceReplaced):
-                session = self._sessions.get(event.connection_id)
+                session = sessions.get(event.connection_id)
                 if session is not None:
                     session.close(ErrorCode.DEVICE_NOT_ONLINE)
             elif isinstance(event, CredentialsExpired):
-                session = self._sessions.get(event.connection_id)
+                session = sessions.get(event.connection_id)
                 if session is not None:
                     log.info(
                         "control channel %d: SAS token expired; closing it", event.connection_id
@@ -419,7 +370,7 @@ class Hub:
                 if session is not None:
                     # The HTTP side (h11's state, the request and its headers) went with
                     # _serve_http's frame: a device's control channel holds only its session.
-                    await self._run_control_channel(session)
+                    await self.channels.run(session)
             elif admission is Admission.ANSWER:
                 await self._answer_over_limit(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -464,7 +415,7 @@ class Hub:
             self.metrics.http_errors[int(exc.code)] += 1
             await http.send_error(exc.code, exc.message, exc.headers)
 
-    async def _serve_http(self, stream: trio.abc.Stream, connection_id: int) -> _Session | None:
+    async def _serve_http(self, stream: trio.abc.Stream, connection_id: int) -> Session | None:
         """Answer requests until the connection closes or becomes a WebSocket.
 
         Returns the session of a device control channel just opened, for the caller to run.
@@ -494,14 +445,14 @@ class Hub:
                 log.error("connection %d: %s", connection_id, exc.message)
                 await http.send_error(ErrorCode.SERVER_ERROR, "the hub's registry database failed")
                 return None
-            if isinstance(result, _Session):
+            if isinstance(result, Session):
                 return result
             if result:
                 return None
 
     async def _handle_request(
         self, http: HttpServerConnection, request: HttpRequest, connection_id: int
-    ) -> bool | _Session:
+    ) -> bool | Session:
         """Answer one request.
 
         Returns False when the connection may carry another request, True when it became a
@@ -518,13 +469,13 @@ class Hub:
             if not request.is_websocket_upgrade:
                 raise HttpError(ErrorCode.UPGRADE_REQUIRED)
             if isinstance(route, ControlChannel):
-                return await self._open_control_channel(http, request, route, connection_id)
+                return await self.channels.open(http, request, route, connection_id)
             await self.streaming.join(http, request, route, connection_id)
             return True
         if isinstance(route, Initiate) and request.method == b"GET":
             if not request.is_websocket_upgrade:
                 raise HttpError(ErrorCode.UPGRADE_REQUIRED)
-            await self._initiate(http, request, route, connection_id=connection_id)
+            await self.initiations.answer(http, request, route, connection_id=connection_id)
             return True
         if request.is_websocket_upgrade:
             raise HttpError(ErrorCode.NOT_FOUND, "no WebSocket endpoint at this path")
@@ -541,24 +492,16 @@ class Hub:
                 200, body=text.encode(), content_type=b"text/plain; version=0.0.4"
             )
         elif isinstance(route, Initiate):
-            await self._initiate(http, request, route)
+            await self.initiations.answer(http, request, route)
         elif isinstance(route, DeviceList):
-            await self._authorize_policy(request, Permission.REGISTRY_READ)
-            devices = await self.store.list_devices()
-            await http.send_json(
-                200,
-                [
-                    device_to_json(d, connected=self.coordinator.is_online(d.device_id))
-                    for d in devices
-                ],
-            )
+            await self.registry.device_list(http, request)
         elif isinstance(route, DeviceItem):
-            await self._device_item(http, request, route)
+            await self.registry.device_item(http, request, route)
         return False
 
     # -- authorisation -----------------------------------------------------------------------
 
-    async def _authorize_policy(self, request: HttpRequest, needed: Permission) -> Policy:
+    async def authorize_policy(self, request: HttpRequest, needed: Permission) -> Policy:
         """Check a policy SAS token for *needed* (the core's :func:`authorize_policy`); raise
         HttpError otherwise.
 
@@ -583,7 +526,7 @@ class Hub:
         except DevstreamError as exc:
             raise HttpError(exc.code, exc.message) from None
 
-    async def _usable_device(self, device_id: str) -> Device:
+    async def usable_device(self, device_id: str) -> Device:
         try:
             return check_device_usable(device_id, await self.store.get_device(device_id))
         except HttpError:
@@ -591,437 +534,32 @@ class Hub:
         except DevstreamError as exc:
             raise HttpError(exc.code, exc.message) from None
 
-    # -- registry ----------------------------------------------------------------------------
+    # -- registry changes --------------------------------------------------------------------
 
-    async def _device_item(
-        self, http: HttpServerConnection, request: HttpRequest, route: DeviceItem
-    ) -> None:
-        if request.method == b"GET":
-            await self._authorize_policy(request, Permission.REGISTRY_READ)
-            device = await self.store.get_device(route.device_id)
-            if device is None:
-                raise HttpError(ErrorCode.DEVICE_NOT_FOUND, f"device {route.device_id!r} not found")
-            await http.send_json(
-                200, device_to_json(device, connected=self.coordinator.is_online(device.device_id))
-            )
-            return
-        await self._authorize_policy(request, Permission.REGISTRY_WRITE)
-        # One write at a time: an If-Match is checked against the etag the write replaces.
-        async with self._registry_writes:
-            if request.method == b"DELETE":
-                if not await self.store.delete_device(route.device_id):
-                    raise HttpError(
-                        ErrorCode.DEVICE_NOT_FOUND, f"device {route.device_id!r} not found"
-                    )
-                self._device_changed(route.device_id, None)
-                await http.send_response(204)
-                return
-            existing = await self.store.get_device(route.device_id)
-            raw_if_match = request.header(b"if-match")
-            try:
-                check_put_precondition(
-                    device_id=route.device_id,
-                    existing=existing,
-                    if_match=None if raw_if_match is None else raw_if_match.decode("latin-1"),
-                )
-                device = device_from_json(
-                    request.body or b"{}",
-                    device_id=route.device_id,
-                    random_bytes=self.random_bytes(96),
-                    existing=existing,
-                )
-            except DevstreamError as exc:
-                raise HttpError(exc.code, exc.message) from exc
-            await self.store.put_device(device)
-            self._device_changed(device.device_id, device)
-        await http.send_json(
-            200, device_to_json(device, connected=self.coordinator.is_online(device.device_id))
-        )
-
-    def _device_changed(self, device_id: str, device: Device | None) -> None:
+    def device_changed(self, device_id: str, device: Device | None) -> None:
         """The registry's record of *device_id* changed to *device* (None: deleted).
 
-        Every control channel of the device is asked again whether it may stay open (the
-        registry's :func:`check_device_access`: its token verifies under the device's keys,
-        the device exists and is enabled), and closed with the error if not. A device
-        disabled or deleted loses its streams too: the bridge ends them, and their sides are
-        reset with the same error at once.
+        Every control channel of the device is asked again whether it may stay open, and
+        closed with the error if not. A device disabled or deleted loses its streams too: the
+        bridge ends them, and their sides are reset with the same error at once.
         """
-        self._device_changes[device_id] = self._device_changes.get(device_id, 0) + 1
-        self._check_device(device_id, device)
+        changes = self.channels.device_changes
+        changes[device_id] = changes.get(device_id, 0) + 1
+        self.check_device(device_id, device)
 
-    def _check_device(self, device_id: str, device: Device | None) -> None:
+    def check_device(self, device_id: str, device: Device | None) -> None:
         """Close each control channel of *device_id* that *device* (its registry record, None
         when deleted) no longer lets in, and end the device's streams if it may no longer
         connect at all."""
-        now = self.wall_clock()
-        resource = device_resource(self.host_name, device_id)
-        for session in list(self._sessions.values()):
-            if session.device_id != device_id:
-                continue
-            try:
-                check_device_access(
-                    device,
-                    device_id=device_id,
-                    token=session.device_token,
-                    resource=resource,
-                    now=now,
-                    established=True,
-                )
-            except DevstreamError as exc:
-                log.info("control channel %d: %s; closing it", session.connection_id, exc.message)
-                session.close(exc.code, exc.message)
-                # Offline from now on, not when its task gets to run: no request goes to it.
-                self._dispatch(
-                    self.coordinator.device_disconnected(
-                        connection_id=session.connection_id, now=trio.current_time()
-                    )
-                )
+        self.channels.close_refused(device_id, device)
         try:
-            check_device_access(device, device_id=device_id, token=None, resource=resource, now=now)
+            check_device_usable(device_id, device)
         except DevstreamError as exc:
             self.streaming.handle(
                 self.bridge.revoke_device(
                     device_id=device_id, code=exc.code, now=trio.current_time()
                 )
             )
-
-    # -- initiate ----------------------------------------------------------------------------
-
-    async def _initiate(
-        self,
-        http: HttpServerConnection,
-        request: HttpRequest,
-        route: Initiate,
-        *,
-        connection_id: int | None = None,
-    ) -> None:
-        """Initiate a stream and answer: a ``POST`` with the stream's URL and token, a
-        one-step open (``GET`` upgrade, *connection_id* given) by joining the stream as its
-        service side over this connection. Refusals and errors are answered alike."""
-        outcome_name = "error"
-        try:
-            await self._authorize_policy(request, Permission.SERVICE_CONNECT)
-            await self._usable_device(route.device_id)
-            try:
-                asked = wire.parse_initiate_headers(
-                    request.headers,
-                    default_timeout=self.config.default_timeout,
-                    max_timeout=self.config.max_timeout,
-                )
-            except RemoteProtocolError as exc:
-                raise HttpError(exc.code, exc.message) from None
-            mode, window = asked.mode, asked.window
-            if (
-                connection_id is not None
-                and mode == FRAMED_SUBPROTOCOL
-                and FRAMED_SUBPROTOCOL not in request.subprotocols
-            ):
-                # Refused before the device hears of it: this connection could not carry it.
-                raise HttpError(
-                    ErrorCode.ARGUMENT_INVALID,
-                    f"a {FRAMED_SUBPROTOCOL} stream needs that WebSocket subprotocol offered",
-                )
-            outcome = await self._run_initiation(route, asked.response_timeout, mode, window)
-            result = outcome.result
-            if isinstance(result, InitiationAccepted):
-                outcome_name = "accepted"
-                headers = wire.accepted_headers(
-                    wire.stream_url(self.ws_url, outcome.stream_id, Role.SERVICE),
-                    outcome.service_token if connection_id is None else None,
-                    mode,
-                    window,
-                )
-                if connection_id is not None:
-                    # Counted now: the join below lasts as long as the stream.
-                    self.metrics.initiations[outcome_name] += 1
-                    outcome_name = ""
-                    await self.streaming.join(
-                        http,
-                        request,
-                        BridgeJoin(stream_id=outcome.stream_id, role=Role.SERVICE),
-                        connection_id,
-                        token=outcome.service_token,
-                        extra_headers=headers,
-                    )
-                    return
-                await http.send_response(200, headers)
-            elif isinstance(result, InitiationRejected):
-                outcome_name = _OUTCOME_NAMES.get(result.code, "rejected")
-                await http.send_response(
-                    *wire.build_initiate_answer(
-                        wire.InitiateRejected(
-                            code=result.code, message=result.reason or result.code.message
-                        )
-                    )
-                )
-            else:
-                assert isinstance(result, InitiationFailed)
-                raise HttpError(
-                    result.code,
-                    result.message or f"device {route.device_id!r}: {result.code.message}",
-                )
-        except HttpError as exc:
-            outcome_name = _OUTCOME_NAMES.get(exc.code, "error")
-            raise
-        finally:
-            if outcome_name:
-                self.metrics.initiations[outcome_name] += 1
-
-    async def _run_initiation(
-        self, route: Initiate, response_timeout: float, mode: str, window: int | None
-    ) -> _Outcome:
-        now = trio.current_time()
-        events = self.coordinator.initiate(
-            device_id=route.device_id,
-            name=route.stream_name,
-            now=now,
-            response_timeout=response_timeout,
-            stream_nonce=self.random_bytes(16),
-        )
-        self._wake()
-        outcome = _Outcome()
-        for event in events:
-            if isinstance(event, SendStreamRequest):
-                try:
-                    device_token, service_token = self.bridge.create_stream(
-                        stream_id=event.stream_id,
-                        device_id=event.device_id,
-                        now=now,
-                        device_nonce=self.random_bytes(16),
-                        service_nonce=self.random_bytes(16),
-                        mode=mode,
-                    )
-                except DevstreamError as exc:  # too many streams (THROTTLED)
-                    self._dispatch(self.coordinator.withdraw(request_id=event.request_id, now=now))
-                    raise HttpError(exc.code, exc.message) from exc
-                self._wake()  # the stream's tokens expire: a deadline of the bridge's
-                outcome.request_id = event.request_id
-                outcome.stream_id = event.stream_id
-                outcome.service_token = service_token
-                self._outcomes[event.request_id] = outcome
-                session = self._sessions.get(event.connection_id)
-                if session is None:  # pragma: no cover - the coordinator only names live ones
-                    raise HttpError(ErrorCode.DEVICE_NOT_ONLINE)
-                # The response deadline covers the send: a device that does not read its
-                # control channel holds the request no longer than one that does not answer.
-                with trio.move_on_at(event.deadline) as sending:
-                    # If the device vanished while we wrote, its disconnect fails the request.
-                    with contextlib.suppress(ConnectionClosed, DevstreamError):
-                        await session.send(
-                            control.StreamRequest(
-                                request_id=event.request_id,
-                                name=event.name,
-                                url=wire.stream_url(self.ws_url, event.stream_id, Role.DEVICE),
-                                token=device_token,
-                                mode=mode,
-                                window=window,
-                            )
-                        )
-                if sending.cancelled_caught:
-                    if session.ws.closed is not None:
-                        # The request was cut part way: the channel cannot carry another.
-                        log.info(
-                            "control channel %d: the device did not take a stream request "
-                            "within its response timeout (%g s); dropping the channel",
-                            session.connection_id,
-                            response_timeout,
-                        )
-                        session.cancel_scope.cancel()
-                    # (Cancelled while it waited its turn to write, nothing of it went out:
-                    # the channel goes on, with the requests queued before it.)
-                    # Due now: the coordinator fails it (504101) before the drop is noticed.
-                    self._dispatch(self.coordinator.advance(trio.current_time()))
-            else:
-                outcome.result = event
-                outcome.event.set()
-        try:
-            await outcome.event.wait()
-        finally:
-            self._outcomes.pop(outcome.request_id, None)
-        if outcome.stream_id and not isinstance(outcome.result, InitiationAccepted):
-            # Refused or failed: no service will join, and the stream stops counting now.
-            self.streaming.handle(
-                self.bridge.cancel(stream_id=outcome.stream_id, now=trio.current_time())
-            )
-        return outcome
-
-    # -- control channel ---------------------------------------------------------------------
-
-    async def _open_control_channel(
-        self,
-        http: HttpServerConnection,
-        request: HttpRequest,
-        route: ControlChannel,
-        connection_id: int,
-    ) -> _Session:
-        """Check the device's credentials, answer the upgrade, and return the new session."""
-        changes_seen = self._device_changes.get(route.device_id, 0)
-        try:
-            credential = read_credential(request.header(b"authorization"))
-            name = credential.policy_name
-            grant = authorize_control_channel(
-                credential,
-                device_id=route.device_id,
-                device=await self.store.get_device(route.device_id),
-                policy=None if name is None else await self.store.get_policy(name),
-                host_name=self.host_name,
-                now=self.wall_clock(),
-                max_lifetime=self.config.max_sas_lifetime,
-            )
-        except HttpError:
-            raise
-        except DevstreamError as exc:
-            raise HttpError(exc.code, exc.message) from None
-        # The channel lives until its token expires: se is Unix time, the timer's clock is not.
-        expires_at = trio.current_time() + (grant.expires_at - self.wall_clock())
-        offered = request.subprotocols
-        ws = await http.accept_websocket(
-            request,
-            subprotocol=control.CONTROL_SUBPROTOCOL
-            if control.CONTROL_SUBPROTOCOL in offered
-            else None,
-        )
-        return _Session(
-            device_id=route.device_id,
-            connection_id=connection_id,
-            ws=ws,
-            machine=control.HubControl(max_message_size=self.config.max_control_message_size),
-            expires_at=expires_at,
-            device_token=grant.device_token,
-            changes_seen=changes_seen,
-        )
-
-    async def _run_control_channel(self, session: _Session) -> None:
-        """Read control messages until the device leaves, is dropped or replaced; then close.
-
-        An idle channel is this one task waiting in ``ws.receive()`` and nothing else: its
-        silence is watched by :meth:`run` (:meth:`_drop_idle_control_channels`), which cancels
-        ``session.cancel_scope`` once the device has been silent for ``control_idle_timeout``.
-        """
-        connection_id = session.connection_id
-        ws = session.ws
-        self._sessions[connection_id] = session
-        self.coordinator.channel_opened(
-            device_id=session.device_id,
-            connection_id=connection_id,
-            expires_at=session.expires_at,
-            now=trio.current_time(),
-        )
-        self._wake()  # its expiry is a deadline of the coordinator's
-        if self._silence.watch(connection_id, since=ws.last_received):
-            self._wake()  # the earliest look now: the timer may have to look sooner
-        self.metrics.control_connections_total += 1
-        log.info("device %r connected (control channel %d)", session.device_id, connection_id)
-        close_code: ErrorCode | None = None
-        try:
-            with session.cancel_scope:
-                try:
-                    if self._device_changes.get(session.device_id, 0) != session.changes_seen:
-                        # The device changed (keys, status, deleted) after its access was
-                        # checked, while the handshake went on: check again, now that a
-                        # further change would find this channel.
-                        device = await self.store.get_device(session.device_id)
-                        self._check_device(session.device_id, device)
-                    while True:
-                        # No local keeps the last fragment or message alive while idle.
-                        await self._control_fragment(session, await ws.receive())
-                except ConnectionClosed:
-                    pass
-                except DevstreamError as exc:
-                    log.info("control channel %d: %s", connection_id, exc.message)
-                    close_code = exc.code
-            close_message: str | None = None
-            if session.close_code is not None:
-                close_code, close_message = session.close_code, session.close_message
-        finally:
-            del self._sessions[connection_id]
-            self._silence.forget(connection_id)
-            self._dispatch(
-                self.coordinator.device_disconnected(
-                    connection_id=connection_id, now=trio.current_time()
-                )
-            )
-            log.info(
-                "device %r disconnected (control channel %d)", session.device_id, connection_id
-            )
-        if close_code is not None:
-            with trio.move_on_after(self.config.close_timeout):
-                with contextlib.suppress(ConnectionClosed, DevstreamError):
-                    # Encoded directly: after the device broke the protocol the machine is
-                    # poisoned and would refuse to send the error that explains why.
-                    await ws.send_text(
-                        control.encode_message(
-                            control.ErrorMessage.from_code(close_code, close_message)
-                        )
-                    )
-                await ws.aclose(close_code.close_code, close_reason_for(close_code, close_message))
-        else:
-            await ws.aclose(timeout=self.config.close_timeout)
-
-    def _drop_idle_control_channels(self, now: float) -> None:
-        """Close every control channel silent (no message, no ping) for
-        ``control_idle_timeout`` with ``CONNECTION_IDLE``."""
-        timeout = self._silence.timeout
-        sessions = self._sessions
-        for connection_id in self._silence.silent(now, lambda c: sessions[c].ws.last_received):
-            log.info("control channel %d idle; dropping it", connection_id)
-            sessions[connection_id].close(
-                ErrorCode.CONNECTION_IDLE, f"no message or ping for {timeout:g} s; closing"
-            )
-
-    async def _control_fragment(self, session: _Session, event: BytesMessage | TextMessage) -> None:
-        """Feed one received fragment to the machine and act on the messages it completes."""
-        messages = session.machine.receive(
-            payload(event),
-            message_finished=event.message_finished,
-            frame_finished=event.frame_finished,
-        )
-        for message in messages:
-            await self._control_message(session, message)
-
-    async def _control_message(self, session: _Session, message: control.ControlMessage) -> None:
-        now = trio.current_time()
-        if isinstance(message, control.Register):
-            self._dispatch(
-                self.coordinator.device_registered(
-                    device_id=session.device_id,
-                    connection_id=session.connection_id,
-                    names=message.names,
-                    now=now,
-                )
-            )
-            await session.send(control.Registered(names=message.names))
-        elif isinstance(message, control.StreamResponse):
-            self._dispatch(
-                self.coordinator.device_responded(
-                    connection_id=session.connection_id,
-                    request_id=message.request_id,
-                    accepted=message.accepted,
-                    reason=message.reason,
-                    now=now,
-                )
-            )
-        elif isinstance(message, control.ErrorMessage):
-            log.info(
-                "device %r reports error %s: %s",
-                session.device_id,
-                message.code,
-                message.message,
-            )
-
-
-_OUTCOME_NAMES = {
-    ErrorCode.UNAUTHORIZED: "unauthorized",
-    ErrorCode.PERMISSION_DENIED: "unauthorized",
-    ErrorCode.DEVICE_NOT_FOUND: "device_not_found",
-    ErrorCode.DEVICE_DISABLED: "device_disabled",
-    ErrorCode.DEVICE_NOT_ONLINE: "device_not_online",
-    ErrorCode.DEVICE_RESPONSE_TIMEOUT: "timeout",
-    ErrorCode.THROTTLED: "throttled",
-    ErrorCode.STREAM_REJECTED: "rejected",
-    ErrorCode.STREAM_NAME_NOT_REGISTERED: "name_not_registered",
-}
 
 
 async def load_or_create_secret(store: RegistryStore) -> bytes:

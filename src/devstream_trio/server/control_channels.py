@@ -1,0 +1,270 @@
+"""The devices' control channels at the hub: opening one, reading it, closing it.
+
+A device's control channel is one task reading its WebSocket (:meth:`ControlChannels.run`);
+what the device says goes to the core's ``HubControl`` machine and the coordinator. The
+channel's silence is watched by the core's ``SilenceWatch`` from the hub's timer; its token's
+expiry is a deadline of the coordinator's; a registry change asks the registry again whether
+it may stay open (:meth:`ControlChannels.close_refused`). Every close for an error sends an
+``error`` message, then closes with ``4000 + status`` and the code in the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from devstream_core import control
+from devstream_core.authorization import authorize_control_channel, read_credential
+from devstream_core.credentials import SasToken, device_resource
+from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for
+from devstream_core.registry import Device, check_device_access
+from devstream_core.routes import ControlChannel
+from devstream_core.silence import SilenceWatch
+from devstream_core.websocket import BytesMessage, TextMessage
+
+from ..transport.http import HttpError, HttpRequest, HttpServerConnection
+from ..transport.websocket import ConnectionClosed, WebSocket, payload
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+__all__ = ["ControlChannels", "Session"]
+
+log = logging.getLogger("devstream.hub")
+
+
+@dataclass(slots=True)
+class Session:
+    """One device's control channel."""
+
+    device_id: str
+    connection_id: int
+    ws: WebSocket
+    machine: control.HubControl
+    #: When the SAS token that opened it expires, in ``trio.current_time()``'s clock.
+    expires_at: float
+    #: That token, if it was the device's own (checked again when the device changes); None
+    #: when it was a policy's.
+    device_token: SasToken | None
+    #: The device's change count (ControlChannels.device_changes) before its access was checked.
+    changes_seen: int = 0
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    close_code: ErrorCode | None = None
+    close_message: str | None = None
+
+    def close(self, code: ErrorCode, message: str | None = None) -> None:
+        """End the channel: its task tells the device *code* (and *message*) and closes."""
+        self.close_code = code
+        self.close_message = message
+        self.cancel_scope.cancel()
+
+    async def send(self, message: control.ControlMessage) -> None:
+        await self.ws.send_text(self.machine.send(message))
+
+
+class ControlChannels:
+    """Every device control channel of one hub."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.sessions: dict[int, Session] = {}
+        #: The channels' silence, watched from one schedule, not a task each.
+        self.silence = SilenceWatch(hub.config.control_idle_timeout)
+        #: How many times each device's registry record changed (see Hub.device_changed): a
+        #: channel whose handshake spanned a change is checked again once it is listed.
+        self.device_changes: dict[str, int] = {}
+
+    async def open(
+        self,
+        http: HttpServerConnection,
+        request: HttpRequest,
+        route: ControlChannel,
+        connection_id: int,
+    ) -> Session:
+        """Check the device's credentials, answer the upgrade, and return the new session."""
+        changes_seen = self.device_changes.get(route.device_id, 0)
+        try:
+            credential = read_credential(request.header(b"authorization"))
+            name = credential.policy_name
+            grant = authorize_control_channel(
+                credential,
+                device_id=route.device_id,
+                device=await self.hub.store.get_device(route.device_id),
+                policy=None if name is None else await self.hub.store.get_policy(name),
+                host_name=self.hub.host_name,
+                now=self.hub.wall_clock(),
+                max_lifetime=self.hub.config.max_sas_lifetime,
+            )
+        except HttpError:
+            raise
+        except DevstreamError as exc:
+            raise HttpError(exc.code, exc.message) from None
+        # The channel lives until its token expires: se is Unix time, the timer's clock is not.
+        expires_at = trio.current_time() + (grant.expires_at - self.hub.wall_clock())
+        offered = request.subprotocols
+        ws = await http.accept_websocket(
+            request,
+            subprotocol=control.CONTROL_SUBPROTOCOL
+            if control.CONTROL_SUBPROTOCOL in offered
+            else None,
+        )
+        return Session(
+            device_id=route.device_id,
+            connection_id=connection_id,
+            ws=ws,
+            machine=control.HubControl(max_message_size=self.hub.config.max_control_message_size),
+            expires_at=expires_at,
+            device_token=grant.device_token,
+            changes_seen=changes_seen,
+        )
+
+    async def run(self, session: Session) -> None:
+        """Read control messages until the device leaves, is dropped or replaced; then close.
+
+        An idle channel is this one task waiting in ``ws.receive()`` and nothing else: its
+        silence is watched by the hub's timer (:meth:`drop_idle`), which cancels
+        ``session.cancel_scope`` once the device has been silent for ``control_idle_timeout``.
+        """
+        connection_id = session.connection_id
+        ws = session.ws
+        self.sessions[connection_id] = session
+        self.hub.coordinator.channel_opened(
+            device_id=session.device_id,
+            connection_id=connection_id,
+            expires_at=session.expires_at,
+            now=trio.current_time(),
+        )
+        self.hub.wake()  # its expiry is a deadline of the coordinator's
+        if self.silence.watch(connection_id, since=ws.last_received):
+            self.hub.wake()  # the earliest look now: the timer may have to look sooner
+        self.hub.metrics.control_connections_total += 1
+        log.info("device %r connected (control channel %d)", session.device_id, connection_id)
+        close_code: ErrorCode | None = None
+        try:
+            with session.cancel_scope:
+                try:
+                    if self.device_changes.get(session.device_id, 0) != session.changes_seen:
+                        # The device changed (keys, status, deleted) after its access was
+                        # checked, while the handshake went on: check again, now that a
+                        # further change would find this channel.
+                        device = await self.hub.store.get_device(session.device_id)
+                        self.hub.check_device(session.device_id, device)
+                    while True:
+                        # No local keeps the last fragment or message alive while idle.
+                        await self._fragment(session, await ws.receive())
+                except ConnectionClosed:
+                    pass
+                except DevstreamError as exc:
+                    log.info("control channel %d: %s", connection_id, exc.message)
+                    close_code = exc.code
+            close_message: str | None = None
+            if session.close_code is not None:
+                close_code, close_message = session.close_code, session.close_message
+        finally:
+            del self.sessions[connection_id]
+            self.silence.forget(connection_id)
+            self.hub.dispatch(
+                self.hub.coordinator.device_disconnected(
+                    connection_id=connection_id, now=trio.current_time()
+                )
+            )
+            log.info(
+                "device %r disconnected (control channel %d)", session.device_id, connection_id
+            )
+        if close_code is not None:
+            with trio.move_on_after(self.hub.config.close_timeout):
+                with contextlib.suppress(ConnectionClosed, DevstreamError):
+                    # Encoded directly: after the device broke the protocol the machine is
+                    # poisoned and would refuse to send the error that explains why.
+                    await ws.send_text(
+                        control.encode_message(
+                            control.ErrorMessage.from_code(close_code, close_message)
+                        )
+                    )
+                await ws.aclose(close_code.close_code, close_reason_for(close_code, close_message))
+        else:
+            await ws.aclose(timeout=self.hub.config.close_timeout)
+
+    def drop_idle(self, now: float) -> None:
+        """Close every control channel silent (no message, no ping) for
+        ``control_idle_timeout`` with ``CONNECTION_IDLE``."""
+        timeout = self.silence.timeout
+        sessions = self.sessions
+        for connection_id in self.silence.silent(now, lambda c: sessions[c].ws.last_received):
+            log.info("control channel %d idle; dropping it", connection_id)
+            sessions[connection_id].close(
+                ErrorCode.CONNECTION_IDLE, f"no message or ping for {timeout:g} s; closing"
+            )
+
+    async def _fragment(self, session: Session, event: BytesMessage | TextMessage) -> None:
+        """Feed one received fragment to the machine and act on the messages it completes."""
+        messages = session.machine.receive(
+            payload(event),
+            message_finished=event.message_finished,
+            frame_finished=event.frame_finished,
+        )
+        for message in messages:
+            await self._message(session, message)
+
+    async def _message(self, session: Session, message: control.ControlMessage) -> None:
+        now = trio.current_time()
+        if isinstance(message, control.Register):
+            self.hub.dispatch(
+                self.hub.coordinator.device_registered(
+                    device_id=session.device_id,
+                    connection_id=session.connection_id,
+                    names=message.names,
+                    now=now,
+                )
+            )
+            await session.send(control.Registered(names=message.names))
+        elif isinstance(message, control.StreamResponse):
+            self.hub.dispatch(
+                self.hub.coordinator.device_responded(
+                    connection_id=session.connection_id,
+                    request_id=message.request_id,
+                    accepted=message.accepted,
+                    reason=message.reason,
+                    now=now,
+                )
+            )
+        elif isinstance(message, control.ErrorMessage):
+            log.info(
+                "device %r reports error %s: %s",
+                session.device_id,
+                message.code,
+                message.message,
+            )
+
+    def close_refused(self, device_id: str, device: Device | None) -> None:
+        """Close each channel of *device_id* that *device* (its registry record, None when
+        deleted) no longer lets in (the registry's :func:`check_device_access`: its token
+        verifies under the device's keys, the device exists and is enabled)."""
+        hub = self.hub
+        now = hub.wall_clock()
+        resource = device_resource(hub.host_name, device_id)
+        for session in list(self.sessions.values()):
+            if session.device_id != device_id:
+                continue
+            try:
+                check_device_access(
+                    device,
+                    device_id=device_id,
+                    token=session.device_token,
+                    resource=resource,
+                    now=now,
+                    established=True,
+                )
+            except DevstreamError as exc:
+                log.info("control channel %d: %s; closing it", session.connection_id, exc.message)
+                session.close(exc.code, exc.message)
+                # Offline from now on, not when its task gets to run: no request goes to it.
+                hub.dispatch(
+                    hub.coordinator.device_disconnected(
+                        connection_id=session.connection_id, now=trio.current_time()
+                    )
+                )
