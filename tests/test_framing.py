@@ -1027,6 +1027,27 @@ def test_resume_on_a_connection_that_never_dropped() -> None:
     finish(pipe, {A: b"x" * 30 + b"y" * 10, B: b""}, got)
 
 
+def test_a_resume_moves_where_sending_restarts_but_not_how_far_it_went() -> None:
+    """next_send goes back to what the peer says it received; sent_end keeps the furthest
+    offset ever sent, and sending picks up from next_send."""
+    pipe = Pipe(window=64, max_payload=10)
+    sender = pipe.ep[A]
+    sender.write(b"z" * 40)
+    pipe.flush(A)
+    assert (sender.next_send, sender.sent_end) == (40, 40)
+    pipe.deliver(A, 23 + 1)  # the first Data frame (5 + 8 + 10 bytes) and a byte of the next
+    pipe.drop(A, B)
+    pipe.reconnect(A, B)
+    pipe.flush(A)
+    pipe.flush(B)
+    pipe.deliver(B)  # B's Resume says it received 10 (the first frame; the second was cut)
+    assert sender.next_send == 10
+    assert sender.sent_end == 40
+    pipe.pump()
+    assert sender.next_send == sender.sent_end == 40
+    assert pipe.read_all(B) == b"z" * 40
+
+
 def message_sizes(endpoint: StreamEndpoint) -> list[int]:
     """The sizes of the messages *endpoint* hands out, each of at most its message_size."""
     sizes = []

@@ -280,6 +280,10 @@ def test_close_codes_a_peer_may_send(code: int) -> None:
     events = conn.receive_data(close_frame(code, "bye ✓".encode()))
     assert events == [CloseConnection(code=code, reason="bye ✓")]
     assert not conn.failed
+    # Answered with the same code and reason, as RFC 6455 §5.5.1 suggests.
+    (close,) = events
+    assert isinstance(close, CloseConnection)
+    assert close.response() == CloseConnection(code=code, reason="bye ✓")
 
 
 def test_nothing_is_read_after_a_close() -> None:

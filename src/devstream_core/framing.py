@@ -459,9 +459,7 @@ def _frame_at(view: memoryview, pos: int, kind: int, end: int) -> Frame:
 
 
 def _decode_body(kind: int, body: bytes) -> Frame:
-    if kind == FrameType.DATA:
-        (offset,) = _U64.unpack_from(body)
-        return Data(offset=offset, payload=body[8:])
+    """Any frame but Data, which the caller decodes without a copy of its body."""
     if kind == FrameType.ACK:
         return Ack(offset=_U64.unpack(body)[0])
     if kind == FrameType.EOF:
@@ -707,20 +705,15 @@ class _SendQueue:
     write of ``_SMALL_WRITE`` bytes or more.
     """
 
-    __slots__ = ("_chunks", "_head", "_size")
+    __slots__ = ("_chunks", "_head")
 
     def __init__(self) -> None:
         self._chunks: collections.deque[bytes | bytearray | memoryview] = collections.deque()
         self._head = 0  # bytes of the first chunk already dropped
-        self._size = 0
-
-    def __len__(self) -> int:
-        return self._size
 
     def append(self, data: memoryview) -> None:
-        size = len(data)
         chunks = self._chunks
-        if size < _SMALL_WRITE:
+        if len(data) < _SMALL_WRITE:
             last = chunks[-1] if chunks else None
             if isinstance(last, bytearray) and len(last) < _GATHER_LIMIT:
                 last += data
@@ -730,11 +723,9 @@ class _SendQueue:
             chunks.append(data)  # immutable: a view of it is as good as a copy
         else:
             chunks.append(bytes(data))
-        self._size += size
 
     def drop(self, size: int) -> None:
         """Forget the first *size* bytes."""
-        self._size -= size
         head = self._head + size
         chunks = self._chunks
         while chunks and head >= len(chunks[0]):
@@ -745,7 +736,9 @@ class _SendQueue:
         """Append views of bytes ``[start, start + size)`` to *out*; the caller drops them
         before the queue changes again."""
         pos = start + self._head
-        for chunk in self._chunks:
+        chunks = iter(self._chunks)
+        while size:
+            chunk = next(chunks)
             length = len(chunk)
             if pos >= length:
                 pos -= length
@@ -753,14 +746,11 @@ class _SendQueue:
             part = min(length - pos, size)
             out.append(memoryview(chunk)[pos : pos + part])
             size -= part
-            if not size:
-                return
             pos = 0
 
     def clear(self) -> None:
         self._chunks.clear()
         self._head = 0
-        self._size = 0
 
 
 class StreamEndpoint:
@@ -1226,7 +1216,7 @@ class StreamEndpoint:
             self._move_recv(RecvInput.ACK_EOF)
         return _encode_offset(FrameType.ACK, offset)
 
-    def _take_data(self, out: list[bytes | memoryview], room: int | None) -> None:
+    def _take_data(self, out: list[bytes | memoryview], room: int) -> None:
         written = self._written_end
         base = self._acked if self._acked < written else written
         limit = min(written, base + self.window)
@@ -1235,11 +1225,10 @@ class StreamEndpoint:
             max_payload = self.max_payload
             while next_send < limit:
                 size = min(max_payload, limit - next_send)
-                if room is not None:
-                    size = min(size, room - _DATA_OVERHEAD)
-                    if size <= 0:
-                        break  # no room left: the EOF (not due yet) waits too
-                    room -= _DATA_OVERHEAD + size
+                size = min(size, room - _DATA_OVERHEAD)
+                if size <= 0:
+                    break  # no room left: the EOF (not due yet) waits too
+                room -= _DATA_OVERHEAD + size
                 out.append(_DATA_HEAD.pack(_DATA_KIND, 8 + size, next_send))
                 self._send_queue.take(next_send - base, size, out)
                 next_send += size
@@ -1248,7 +1237,7 @@ class StreamEndpoint:
             self._next_send = next_send
             if next_send > self._sent_end:
                 self._sent_end = next_send
-        if self._eof_due() and (room is None or room >= _EOF_SIZE):
+        if self._eof_due() and room >= _EOF_SIZE:
             out.append(_encode_offset(FrameType.EOF, self._written_end))
             self._eof_sent = True
             self._eof_ever_sent = True

@@ -141,7 +141,7 @@ def pure_apply_mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
 def _native_apply_mask() -> MaskFunction | None:
     try:
         from websockets.speedups import apply_mask
-    except ImportError:
+    except ImportError:  # pragma: no cover - where the optional C part is missing
         return None
     function: MaskFunction = apply_mask
     return function
