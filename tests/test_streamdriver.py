@@ -439,6 +439,13 @@ def test_a_reset_finishes_once_confirmed() -> None:
     assert b.outcome == Outcome(kind=OutcomeKind.RESET, code=42, reason="enough")
 
 
+def test_a_device_adopts_the_window_its_service_chose() -> None:
+    assert OPTIONS.for_window(None) is OPTIONS
+    assert OPTIONS.for_window(OPTIONS.window) is OPTIONS
+    adopted = OPTIONS.for_window(1 << 16)
+    assert adopted.window == 1 << 16 and adopted.ping_timeout == OPTIONS.ping_timeout
+
+
 def test_error_names_how_a_stream_broke() -> None:
     link = Link()
     a, b = link.a, link.b

@@ -254,20 +254,18 @@ class DeviceClient:
         if isinstance(message, control.Registered):
             self._apply(self._session.registered(channel.number, self._now()))
         elif isinstance(message, control.StreamRequest):
-            handler = self._handlers.get(message.name) or self._handlers.get("*")
-            if handler is None:
-                answer = message.reject(f"no handler for stream name {message.name!r}")
+            key = message.handler_key(self._handlers)
+            if key is None:
+                answer = message.unhandled()
             else:
                 answer = message.accept()
-                self._spawn(self._run_stream(message, handler))
+                self._spawn(self._run_stream(message, self._handlers[key]))
             ws.send_nowait(channel.machine.send(answer))
         elif isinstance(message, control.ErrorMessage):
             log.info("device %r: hub reports %s: %s", self.device_id, message.code, message.message)
 
     async def _run_stream(self, request: control.StreamRequest, handler: Handler) -> None:
-        options = self.stream_options
-        if request.window is not None and request.window != options.window:
-            options = dataclasses.replace(options, window=request.window)
+        options = self.stream_options.for_window(request.window)
         try:
             stream = await join_stream(
                 request.url, request.token, request.mode, self.ssl_context, options

@@ -65,7 +65,7 @@ Decisions:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 from .common import IdentityEnum
@@ -156,6 +156,13 @@ class StreamOptions:
     resume_timeout: float = 30.0
     #: How long a close waits for the peer to acknowledge everything.
     close_timeout: float = 5.0
+
+    def for_window(self, window: int | None) -> StreamOptions:
+        """These options with the *window* a stream's service chose (a device adopts it, so
+        both ends agree); unchanged for None (the protocol's default window was chosen)."""
+        if window is None or window == self.window:
+            return self
+        return replace(self, window=window)
 
 
 class StreamPhase(IdentityEnum):
