@@ -157,6 +157,7 @@ class HubThread:
         self.tap = Tap()
         self.service_cs: ConnectionString | None = None
         self.devices: list[ConnectionString] = []
+        self.readme_device: ConnectionString | None = None
         self._ids = itertools.count()
         self._ready = threading.Event()
         self._token: trio.lowlevel.TrioToken | None = None
@@ -194,6 +195,8 @@ class HubThread:
                 for number in range(DEVICE_POOL):
                     device = await service.create_device(f"dev-{number}")
                     self.devices.append(service.device_connection_string(device))
+                readme = await service.create_device("my-device")  # the README's example
+                self.readme_device = service.device_connection_string(readme)
                 self._token = trio.lowlevel.current_trio_token()
                 self._ready.set()
                 await trio.sleep_forever()

@@ -10,9 +10,12 @@ received, reconnections), never how long it took. Every test body runs under a 1
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +29,9 @@ from devstream_core.exceptions import (
     Unauthorized,
 )
 
-from ._conformance import DRIVERS, Body, Driver, HubThread
+from ._conformance import DRIVERS, AsyncioDriver, Body, Driver, HubThread
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 MODES = ["raw", "devstream.v1"]
 
@@ -232,3 +237,28 @@ def test_device_reconnects_after_its_channel_is_closed(run: Any) -> None:
                 await stream.aclose()
 
     run(body)
+
+
+def test_the_readmes_asyncio_example_runs(hub: HubThread) -> None:
+    [code] = re.findall(
+        r"```python\n(import asyncio, devstream_asyncio\n.*?)```", README.read_text(), re.DOTALL
+    )
+    example: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), example)
+    device_cs, service_cs = str(hub.readme_device), str(hub.service_cs)
+
+    async def body(d: Driver) -> None:
+        device = asyncio.ensure_future(example["device_main"](device_cs))
+        try:
+            for _ in range(500):  # until the device is online
+                try:
+                    reply = await example["service_main"](service_cs)
+                    break
+                except DeviceNotOnline:
+                    await d.sleep(0.01)
+            assert reply == b"hello"
+        finally:
+            device.cancel()
+            await asyncio.gather(device, return_exceptions=True)
+
+    AsyncioDriver(hub).run(body, timeout=15)
