@@ -17,7 +17,6 @@ from devstream_core.exceptions import HubError, error_for
 from devstream_core.framing import EndpointState
 from devstream_core.streamdriver import (
     DropConnection,
-    Flush,
     OutcomeKind,
     SendPing,
     StreamDriver,
@@ -82,7 +81,8 @@ class RawStream:
         return chunk
 
     async def reset(self, code: int = ErrorCode.STREAM_RESET, reason: str = "") -> None:
-        """Abort: the WebSocket closes with the reset's close code and reason."""
+        """Abort: the WebSocket closes with ``STREAM_RESET`` and *reason*. Raw mode carries
+        no reset code: the peer sees ``StreamReset`` whatever *code*."""
         self._ws.shutdown(
             ErrorCode.STREAM_RESET.close_code,
             close_reason_for(ErrorCode.STREAM_RESET, reason or None),
@@ -285,18 +285,19 @@ class FramedStream:
                         self._flush()  # the Reset, then the error's close
                         return
                     self._flush()
-                elif not done:
-                    for action in driver.timer(self._now(), ws.last_received):
-                        if isinstance(action, SendPing):
-                            with contextlib.suppress(ConnectionClosed):
-                                ws.ping_nowait()
-                        elif isinstance(action, DropConnection):
-                            ws.abort()
-                            driver.connection_lost(self._now())
-                            return
-                        elif isinstance(action, Flush):
-                            pass
-                    self._flush()
+                if driver.over or self._now() < driver.next_deadline(ws.last_received):
+                    continue
+                # Due (also while bytes keep coming): pings, a deferred acknowledgement
+                # (Flush), a silent connection dropped, a close's deadline.
+                for action in driver.timer(self._now(), ws.last_received):
+                    if isinstance(action, SendPing):
+                        with contextlib.suppress(ConnectionClosed):
+                            ws.ping_nowait()
+                    elif isinstance(action, DropConnection):
+                        ws.abort()
+                        driver.connection_lost(self._now())
+                        return
+                self._flush()
         finally:
             receiving.cancel()
 
