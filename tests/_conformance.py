@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
+import ssl
 import struct
 import threading
 from collections import Counter
@@ -27,13 +29,14 @@ from functools import partial
 from typing import Any
 
 import trio
+import trustme
 
 import devstream_asyncio
 import devstream_trio
 from devstream_core.credentials import ConnectionString
 from devstream_core.streamdriver import StreamOptions
 from devstream_trio.device import DeviceClient as TrioDevice
-from devstream_trio.hub import ensure_owner_policy, serve_hub
+from devstream_trio.hub import HubConfig, ensure_owner_policy, serve_hub
 from devstream_trio.service import ServiceClient as TrioService
 from devstream_trio.store import RegistryStore
 
@@ -151,9 +154,23 @@ class Tap:
 
 
 class HubThread:
-    """A hub behind a tap, in a thread of its own; devices ``dev-0`` … registered."""
+    """A hub behind a tap, in a thread of its own; devices ``dev-0`` … registered. With
+    *tls*, the hub speaks TLS with a certificate of a test CA that ``client_ssl`` trusts."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, config: HubConfig | None = None, tls: bool = False, devices: int = DEVICE_POOL
+    ) -> None:
+        self.config = config
+        self.pool = devices
+        self.server_ssl: ssl.SSLContext | None = None
+        #: The context clients verify the hub with (None: plain TCP).
+        self.client_ssl: ssl.SSLContext | None = None
+        if tls:
+            ca = trustme.CA()
+            self.server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ca.issue_cert("127.0.0.1").configure_cert(self.server_ssl)
+            self.client_ssl = ssl.create_default_context()
+            ca.configure_trust(self.client_ssl)
         self.tap = Tap()
         self.service_cs: ConnectionString | None = None
         self.devices: list[ConnectionString] = []
@@ -185,14 +202,24 @@ class HubThread:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.tap.run)
                 owner, _ = await ensure_owner_policy(store)
-                public = f"http://127.0.0.1:{self.tap.port}"
+                tls = self.server_ssl is not None
+                public = f"{'https' if tls else 'http'}://127.0.0.1:{self.tap.port}"
                 hub = await nursery.start(
-                    partial(serve_hub, store, host="127.0.0.1", port=0, public_url=public)
+                    partial(
+                        serve_hub,
+                        store,
+                        host="127.0.0.1",
+                        port=0,
+                        public_url=public,
+                        ssl_context=self.server_ssl,
+                        config=self.config,
+                    )
                 )
                 self.tap.target_port = hub.listen_address[1]
-                self.service_cs = policy_cs(f"127.0.0.1:{self.tap.port}", owner)
-                service = TrioService(self.service_cs)
-                for number in range(DEVICE_POOL):
+                cs = policy_cs(f"127.0.0.1:{self.tap.port}", owner)
+                self.service_cs = dataclasses.replace(cs, use_tls=tls)
+                service = TrioService(self.service_cs, ssl_context=self.client_ssl)
+                for number in range(self.pool):
                     device = await service.create_device(f"dev-{number}")
                     self.devices.append(service.device_connection_string(device))
                 readme = await service.create_device("my-device")  # the README's example
@@ -342,7 +369,7 @@ class TrioDriver(Driver):
     async def device(
         self, cs: ConnectionString, handlers: Mapping[str, Any], **options: Any
     ) -> AsyncIterator[Any]:
-        client = TrioDevice(cs, **options)
+        client = TrioDevice(cs, ssl_context=self.hub.client_ssl, **options)
         async with trio.open_nursery() as nursery:
             await nursery.start(client.serve, handlers)
             yield client
@@ -351,7 +378,7 @@ class TrioDriver(Driver):
     async def serve_error(self, cs: ConnectionString, handlers: Mapping[str, Any]) -> Exception:
         with trio.fail_after(5):
             try:
-                await TrioDevice(cs).serve(handlers)
+                await TrioDevice(cs, ssl_context=self.hub.client_ssl).serve(handlers)
             except Exception as exc:
                 return exc
         raise AssertionError("serve returned")
@@ -361,7 +388,9 @@ class TrioDriver(Driver):
         self, cs: ConnectionString | None = None, window: int | None = None
     ) -> AsyncIterator[Any]:
         async with devstream_trio.open_service(
-            cs or self.hub.service_cs, stream_options=_options(window)
+            cs or self.hub.service_cs,
+            stream_options=_options(window),
+            ssl_context=self.hub.client_ssl,
         ) as service:
             yield service
 
@@ -402,7 +431,9 @@ class AsyncioDriver(Driver):
     async def device(
         self, cs: ConnectionString, handlers: Mapping[str, Any], **options: Any
     ) -> AsyncIterator[Any]:
-        async with devstream_asyncio.open_device(cs, **options) as client:
+        async with devstream_asyncio.open_device(
+            cs, ssl_context=self.hub.client_ssl, **options
+        ) as client:
             serving = asyncio.ensure_future(client.serve(handlers))
             online = asyncio.ensure_future(client.wait_online())
             try:
@@ -417,7 +448,8 @@ class AsyncioDriver(Driver):
 
     async def serve_error(self, cs: ConnectionString, handlers: Mapping[str, Any]) -> Exception:
         try:
-            await asyncio.wait_for(devstream_asyncio.DeviceClient(cs).serve(handlers), 5)
+            client = devstream_asyncio.DeviceClient(cs, ssl_context=self.hub.client_ssl)
+            await asyncio.wait_for(client.serve(handlers), 5)
         except Exception as exc:
             return exc
         raise AssertionError("serve returned")
@@ -427,7 +459,9 @@ class AsyncioDriver(Driver):
         self, cs: ConnectionString | None = None, window: int | None = None
     ) -> AsyncIterator[Any]:
         async with devstream_asyncio.open_service(
-            cs or self.hub.service_cs, stream_options=_options(window)
+            cs or self.hub.service_cs,
+            stream_options=_options(window),
+            ssl_context=self.hub.client_ssl,
         ) as service:
             yield service
 

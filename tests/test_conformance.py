@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import re
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from devstream_core.exceptions import (
     StreamReset,
     Unauthorized,
 )
+from devstream_trio.hub import HubConfig
 
 from ._conformance import DRIVERS, AsyncioDriver, Body, Driver, HubThread
 
@@ -43,14 +45,35 @@ def hub() -> Iterator[HubThread]:
     thread.stop()
 
 
+@pytest.fixture(scope="module")
+def tls_hub() -> Iterator[HubThread]:
+    thread = HubThread(tls=True, devices=4).start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture(scope="module")
+def idle_hub() -> Iterator[HubThread]:
+    """A hub that closes a control channel silent for 0.3 s."""
+    thread = HubThread(config=HubConfig(control_idle_timeout=0.3), devices=4).start()
+    yield thread
+    thread.stop()
+
+
 @pytest.fixture(params=sorted(DRIVERS))
-def run(request: pytest.FixtureRequest, hub: HubThread) -> Any:
-    """Run a test body with one driver (``trio.run`` or ``asyncio.run``)."""
+def driver(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
 
-    def runner(body: Body) -> None:
-        DRIVERS[request.param](hub).run(body, timeout=15)
 
-    return runner
+def run_with(driver: str, hub: HubThread, body: Body) -> None:
+    """Run a test body with one driver (``trio.run`` or ``asyncio.run``) against *hub*."""
+    DRIVERS[driver](hub).run(body, timeout=15)
+
+
+@pytest.fixture
+def run(driver: str, hub: HubThread) -> Any:
+    return partial(run_with, driver, hub)
 
 
 async def read_all(stream: Any) -> bytes:
@@ -212,6 +235,22 @@ def test_framed_stream_resumes_across_cut_connections(run: Any) -> None:
     run(body)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_streams_over_tls(driver: str, tls_hub: HubThread, mode: str) -> None:
+    async def body(d: Driver) -> None:
+        cs = d.hub.new_device()
+        async with d.device(cs, {"echo": echo}), d.service() as service:
+            stream = await service.open_stream(cs.device_id, "echo", mode=mode)
+            await stream.send_all(b"over TLS")
+            received = b""
+            while len(received) < 8:
+                received += await stream.receive_some()
+            assert received == b"over TLS"
+            await stream.aclose()
+
+    run_with(driver, tls_hub, body)
+
+
 def test_keepalive_pings_reach_the_hub(run: Any) -> None:
     async def body(d: Driver) -> None:
         cs = d.hub.new_device()
@@ -221,7 +260,21 @@ def test_keepalive_pings_reach_the_hub(run: Any) -> None:
     run(body)
 
 
-def test_device_reconnects_after_its_channel_is_closed(run: Any) -> None:
+def test_device_comes_back_after_the_hub_closes_its_channel(
+    driver: str, idle_hub: HubThread
+) -> None:
+    async def body(d: Driver) -> None:
+        cs = d.hub.new_device()
+        options = {"ping_interval": 30.0, "backoff_min": 0.05, "backoff_max": 0.2}
+        async with d.device(cs, {"echo": echo}, **options) as device:
+            # Silent for the hub's 0.3 s: it closes the channel (CONNECTION_IDLE); the
+            # device registers again on a new one.
+            await d.wait_for(lambda: device.connections >= 2)
+
+    run_with(driver, idle_hub, body)
+
+
+def test_device_reconnects_after_its_connection_is_cut(run: Any) -> None:
     async def body(d: Driver) -> None:
         cs = d.hub.new_device()
         options = {"backoff_min": 0.05, "backoff_max": 0.2}
