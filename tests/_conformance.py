@@ -408,7 +408,8 @@ class AsyncioDriver(Driver):
         async def main() -> None:
             self._tasks: set[asyncio.Task[None]] = set()
             try:
-                await asyncio.wait_for(body(self), timeout)
+                async with asyncio.timeout(timeout):
+                    await body(self)
             finally:
                 for task in self._tasks:
                     task.cancel()
@@ -449,7 +450,8 @@ class AsyncioDriver(Driver):
     async def serve_error(self, cs: ConnectionString, handlers: Mapping[str, Any]) -> Exception:
         try:
             client = devstream_asyncio.DeviceClient(cs, ssl_context=self.hub.client_ssl)
-            await asyncio.wait_for(client.serve(handlers), 5)
+            async with asyncio.timeout(5):
+                await client.serve(handlers)
         except Exception as exc:
             return exc
         raise AssertionError("serve returned")

@@ -138,8 +138,11 @@ class DeviceClient:
                 now = self._now()
                 if deadline is None or now < deadline:
                     timeout = None if deadline is None else deadline - now
+                    # asyncio.timeout, not wait_for: a wake-up that comes with a cancellation
+                    # must not swallow it (Python 3.11's wait_for can).
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), timeout)
+                        async with asyncio.timeout(timeout):
+                            await self._wakeup.wait()
                     continue
                 for channel in self._channels.values():
                     if channel.ws is not None:
@@ -275,12 +278,14 @@ class DeviceClient:
             return
         try:
             await handler(stream)
+        except asyncio.CancelledError:
+            stream.abort()  # serve() ends: no graceful close to wait for
+            raise
         except DevstreamError as exc:
             log.warning("device %r: stream %r ended: %s", self.device_id, request.name, exc)
         except Exception:
             log.exception("device %r: handler for %r failed", self.device_id, request.name)
-        finally:
-            await stream.aclose()
+        await stream.aclose()
 
 
 @asynccontextmanager

@@ -224,10 +224,9 @@ class FramedStream:
         self._flush()
         limit = 2 * self._driver.options.close_timeout + 1
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), limit)
-        except (TimeoutError, asyncio.CancelledError):
-            self._task.cancel()
-            raise
+            await asyncio.wait({self._task}, timeout=limit)
+        finally:
+            self._task.cancel()  # over by now, or given up on (or this call cancelled)
 
     def abort(self) -> None:
         """Drop the stream at once (its task stops, the WebSocket is dropped)."""
@@ -308,9 +307,8 @@ class FramedStream:
             deadline = driver.connect_started(self._now())
             code: ErrorCode | None = None
             try:
-                ws = await asyncio.wait_for(
-                    self._reconnect(self._token), max(0.0, deadline - self._now())
-                )
+                async with asyncio.timeout(max(0.0, deadline - self._now())):
+                    ws = await self._reconnect(self._token)
             except HubError as exc:
                 code, message = exc.code, exc.message
             except DevstreamError as exc:
