@@ -92,17 +92,20 @@ def wrong_key(cs: Any) -> Any:
     return dataclasses.replace(cs, shared_access_key="d3Jvbmcga2V5IHdyb25nIGtleQ==")
 
 
+@pytest.mark.parametrize("one_step", [True, False], ids=["one-step", "post"])
 @pytest.mark.parametrize("mode", MODES)
-def test_stream_opens_and_carries_bytes_both_ways(run: Any, mode: str) -> None:
+def test_stream_opens_and_carries_bytes_both_ways(run: Any, mode: str, one_step: bool) -> None:
     async def body(d: Driver) -> None:
         cs = d.hub.new_device()
         async with d.device(cs, {"echo": echo}), d.service() as service:
+            service.one_step = None if one_step else False  # False: POST, then join
             stream = await service.open_stream(cs.device_id, "echo", mode=mode)
             await stream.send_all(b"hello, device")
             received = b""
             while len(received) < 13:
                 received += await stream.receive_some()
             assert received == b"hello, device"
+            assert service.one_step is one_step
             await stream.aclose()
 
     run(body)

@@ -62,6 +62,9 @@ class ServiceClient:
         self.stream_options = stream_options or StreamOptions()
         self.sas_lifetime = sas_lifetime
         self._streams: list[Stream] = []
+        #: Whether the hub opens streams in one step (None until the first stream says;
+        #: False: initiate with a POST, the Azure way).
+        self.one_step: bool | None = None
 
     def _authorization(self) -> tuple[str, str]:
         expiry = int(time.time()) + self.sas_lifetime
@@ -93,21 +96,8 @@ class ServiceClient:
             window=None if mode == MODE_RAW else self.stream_options.window,
         )
         headers = [self._authorization(), *initiate.headers]
-        protocols = [] if mode == MODE_RAW else [MODE_FRAMED]
-        got = await websocket_connect(
-            self.address, self.ssl_context, initiate.target, headers, protocols
-        )
-        if isinstance(got, WebSocket):
-            answer = parse_initiate_answer(101, got.headers, b"", one_step=True, mode=mode)
-            assert isinstance(answer, InitiateAccepted)
-            stream = stream_over(got, answer.url, mode, self.ssl_context, self.stream_options)
-        else:
-            refusal = parse_initiate_answer(
-                got.status, got.headers, got.body, one_step=True, mode=mode
-            )
-            if isinstance(refusal, InitiateRejected):
-                raise refusal.error()
-            assert isinstance(refusal, OneStepUnsupported)
+        stream = await self._open_in_one_step(initiate.target, headers, mode)
+        if stream is None:
             response = await request(
                 self.address, self.ssl_context, "POST", initiate.target, headers, b""
             )
@@ -120,6 +110,28 @@ class ServiceClient:
             )
         self._streams.append(stream)
         return stream
+
+    async def _open_in_one_step(
+        self, target: str, headers: list[tuple[str, str]], mode: str
+    ) -> Stream | None:
+        """Initiate with a WebSocket upgrade: the stream, or None when the hub cannot."""
+        if self.one_step is False:
+            return None
+        protocols = [] if mode == MODE_RAW else [MODE_FRAMED]
+        got = await websocket_connect(self.address, self.ssl_context, target, headers, protocols)
+        if not isinstance(got, WebSocket):
+            refusal = parse_initiate_answer(
+                got.status, got.headers, got.body, one_step=True, mode=mode
+            )
+            if isinstance(refusal, InitiateRejected):
+                raise refusal.error()
+            assert isinstance(refusal, OneStepUnsupported)
+            self.one_step = False
+            return None
+        self.one_step = True
+        answer = parse_initiate_answer(101, got.headers, b"", one_step=True, mode=mode)
+        assert isinstance(answer, InitiateAccepted)
+        return stream_over(got, answer.url, mode, self.ssl_context, self.stream_options)
 
     def close(self) -> None:
         """Drop the streams still open."""
