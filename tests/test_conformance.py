@@ -172,6 +172,23 @@ def test_reset_reaches_the_peer_with_its_code(run: Any) -> None:
     run(body)
 
 
+def test_a_device_reset_reaches_the_service(run: Any) -> None:
+    async def refuse(stream: Any) -> None:
+        assert await stream.receive_some() == b"please"
+        await stream.reset(7, "not today")
+
+    async def body(d: Driver) -> None:
+        cs = d.hub.new_device()
+        async with d.device(cs, {"refuse": refuse}), d.service() as service:
+            stream = await service.open_stream(cs.device_id, "refuse", mode="devstream.v1")
+            await stream.send_all(b"please")
+            error = await d.error_of(read_all(stream))
+            assert isinstance(error, StreamReset) and error.reset_code == 7, error
+            await stream.aclose()
+
+    run(body)
+
+
 def test_flow_control_blocks_a_writer_while_the_reader_does_not_read(run: Any) -> None:
     window, total = 4096, 256 * 1024
 
@@ -259,6 +276,23 @@ def test_keepalive_pings_reach_the_hub(run: Any) -> None:
         cs = d.hub.new_device()
         async with d.device(cs, {"echo": echo}, ping_interval=0.05, ping_timeout=2.0):
             await d.wait_for(lambda: d.hub.pings(cs.device_id) >= 3)
+
+    run(body)
+
+
+def test_the_device_renews_its_token_on_a_new_channel_and_serves_on(run: Any) -> None:
+    async def body(d: Driver) -> None:
+        cs = d.hub.new_device()
+        # A 2 s token: renewed at 85 %, on a second channel registered while the first serves.
+        async with d.device(cs, {"echo": echo}, sas_lifetime=2) as device:
+            await d.wait_for(lambda: device.connections >= 2)
+            assert device.online
+            async with d.service() as service:
+                stream = await service.open_stream(cs.device_id, "echo", mode="devstream.v1")
+                await stream.send_all(b"renewed")
+                await stream.send_eof()
+                assert await read_all(stream) == b"renewed"
+                await stream.aclose()
 
     run(body)
 
