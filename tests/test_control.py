@@ -155,6 +155,21 @@ def test_stream_request_repr_hides_token() -> None:
     assert "r1" in repr(req)
 
 
+@pytest.mark.parametrize(
+    ("names", "key"),
+    [(["ssh", "*"], "ssh"), (["echo", "*"], "*"), (["echo"], None), ({"ssh": 1}, "ssh")],
+)
+def test_handler_key_prefers_the_name_then_the_wildcard(names: object, key: str | None) -> None:
+    assert request(name="ssh").handler_key(names) == key  # type: ignore[arg-type]
+
+
+def test_an_unhandled_request_is_rejected_with_its_name() -> None:
+    response = request(name="ssh").unhandled()
+    assert response == StreamResponse(
+        request_id="r1", accepted=False, reason="no handler for stream name 'ssh'"
+    )
+
+
 def test_defaults_when_optional_members_are_absent() -> None:
     msg = decode_message(
         '{"type":"streamRequest","requestId":"r","name":"n","url":"ws://h/","authorizationToken":"t"}'

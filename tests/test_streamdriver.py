@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from devstream_core.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from devstream_core.exceptions import DeviceNotFound, StreamReset
 from devstream_core.framing import (
     MAX_MESSAGE_SIZE,
     EndpointState,
@@ -436,6 +437,36 @@ def test_a_reset_finishes_once_confirmed() -> None:
         assert side.outcome == Outcome(kind=OutcomeKind.RESET, code=42, reason="enough")
     b.reset(1, "again", 1.5)  # over already: nothing changes
     assert b.outcome == Outcome(kind=OutcomeKind.RESET, code=42, reason="enough")
+
+
+def test_a_device_adopts_the_window_its_service_chose() -> None:
+    assert OPTIONS.for_window(None) is OPTIONS
+    assert OPTIONS.for_window(OPTIONS.window) is OPTIONS
+    adopted = OPTIONS.for_window(1 << 16)
+    assert adopted.window == 1 << 16 and adopted.ping_timeout == OPTIONS.ping_timeout
+
+
+def test_error_names_how_a_stream_broke() -> None:
+    link = Link()
+    a, b = link.a, link.b
+    assert a.error() is None and b.error() is None
+    a.reset(4242, "enough", 1.0)
+    link.flush(a)
+    link.deliver(a, 1.0)
+    error = b.error()  # before the outcome: the Reset has arrived
+    assert isinstance(error, StreamReset) and error.reset_code == 4242
+    assert error.message == "enough"
+    failed = Link().a
+    failed.connection_closed(4404, "404001 no such device", 1.0)
+    assert isinstance(failed.error(), DeviceNotFound)
+    broken = Link().a
+    with pytest.raises(RemoteProtocolError):
+        broken.receive(GARBAGE, 1.0)
+    error = broken.error()
+    assert type(error) is RemoteProtocolError and error.code is ErrorCode.PROTOCOL_ERROR
+    peer_closed = Link().a
+    peer_closed.connection_closed(1000, "", 1.0)
+    assert peer_closed.error() is None  # no code says it: the adapter's to report
 
 
 def test_closing_a_reset_stream_finishes_it() -> None:

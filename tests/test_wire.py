@@ -142,6 +142,45 @@ def test_stream_reset_carries_the_peers_number() -> None:
     assert StreamReset(ErrorCode.STREAM_RESET, "x", reset_code=7).reset_code == 7
 
 
+@pytest.mark.parametrize(
+    ("code", "reason", "cls", "error_code", "reset_code"),
+    [
+        (4242, "changed my mind", StreamReset, ErrorCode.STREAM_RESET, 4242),
+        (0, "", StreamReset, ErrorCode.STREAM_RESET, 0),
+        (int(ErrorCode.STREAM_RESET), "x", StreamReset, ErrorCode.STREAM_RESET, 410901),
+        (int(ErrorCode.PEER_LOST), "gone", HubError, ErrorCode.PEER_LOST, None),
+    ],
+)
+def test_reset_error_is_the_class_for_a_resets_code(
+    code: int, reason: str, cls: type[HubError], error_code: ErrorCode, reset_code: int | None
+) -> None:
+    error = exceptions.reset_error(code, reason)
+    assert isinstance(error, cls) and error.code is error_code
+    assert type(error) is type(error_for(error_code))
+    if reset_code is not None:
+        assert isinstance(error, StreamReset) and error.reset_code == reset_code
+    assert error.message == (reason or error_code.message)
+
+
+def test_connection_string_for_checks_the_role() -> None:
+    device = "HostName=hub.test;DeviceId=d1;SharedAccessKey=a2V5"
+    service = "HostName=hub.test;SharedAccessKeyName=owner;SharedAccessKey=a2V5"
+    assert wire.connection_string_for(Role.DEVICE, device).device_id == "d1"
+    parsed = wire.connection_string_for(Role.SERVICE, service)
+    assert wire.connection_string_for(Role.SERVICE, parsed) is parsed
+    for role, value in ((Role.DEVICE, service), (Role.SERVICE, device)):
+        with pytest.raises(HubError) as caught:
+            wire.connection_string_for(role, value)
+        assert caught.value.code is ErrorCode.INVALID_CONNECTION_STRING
+    assert devstream_trio.transport.connect.connection_string_for is wire.connection_string_for
+
+
+def test_resume_token_is_read_from_the_101() -> None:
+    headers = [(b"upgrade", b"websocket"), (wire.HEADER_RESUME_TOKEN, b"tok.en-1")]
+    assert wire.resume_token(headers) == "tok.en-1"
+    assert wire.resume_token([(b"upgrade", b"websocket")]) == ""
+
+
 # --- where the hub is ------------------------------------------------------------------------
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -250,6 +250,17 @@ class StreamRequest:
     def reject(self, reason: str = "") -> StreamResponse:
         """The response that rejects this request, with an optional *reason*."""
         return StreamResponse(request_id=self.request_id, accepted=False, reason=reason)
+
+    def handler_key(self, names: Collection[str]) -> str | None:
+        """Which of a device's registered *names* serves this request: its own name, else
+        the wildcard ``"*"`` (every name not listed), else None (:meth:`unhandled`)."""
+        if self.name in names:
+            return self.name
+        return "*" if "*" in names else None
+
+    def unhandled(self) -> StreamResponse:
+        """The rejection of a request no handler serves, with a reason the service reads."""
+        return self.reject(f"no handler for stream name {self.name!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -30,6 +30,7 @@ __all__ = [
     "TargetUnreachable",
     "Unauthorized",
     "error_for",
+    "reset_error",
 ]
 
 
@@ -124,3 +125,16 @@ _CLASSES: dict[ErrorCode, type[HubError]] = {
 def error_for(code: ErrorCode, message: str | None = None) -> HubError:
     """The exception for *code*: a specific class where there is one, else :class:`HubError`."""
     return _CLASSES.get(code, HubError)(code, message)
+
+
+def reset_error(code: int, reason: str = "") -> HubError:
+    """The exception for a devstream.v1 Reset with *code* and *reason*: :class:`StreamReset`
+    (``reset_code`` the number sent) for ``STREAM_RESET`` or a code of the application's own,
+    the class for the code when it is one of devstream's errors."""
+    try:
+        known = ErrorCode(code)
+    except ValueError:
+        return StreamReset(ErrorCode.STREAM_RESET, reason or None, reset_code=code)
+    if known is ErrorCode.STREAM_RESET:
+        return StreamReset(ErrorCode.STREAM_RESET, reason or None, reset_code=code)
+    return error_for(known, reason or None)

@@ -65,11 +65,18 @@ Decisions:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 from .common import IdentityEnum
-from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError, parse_close_reason
+from .errors import (
+    DevstreamError,
+    ErrorCode,
+    LocalProtocolError,
+    RemoteProtocolError,
+    parse_close_reason,
+)
+from .exceptions import error_for, reset_error
 from .framing import (
     DEFAULT_WINDOW,
     ConnectionState,
@@ -149,6 +156,13 @@ class StreamOptions:
     resume_timeout: float = 30.0
     #: How long a close waits for the peer to acknowledge everything.
     close_timeout: float = 5.0
+
+    def for_window(self, window: int | None) -> StreamOptions:
+        """These options with the *window* a stream's service chose (a device adopts it, so
+        both ends agree); unchanged for None (the protocol's default window was chosen)."""
+        if window is None or window == self.window:
+            return self
+        return replace(self, window=window)
 
 
 class StreamPhase(IdentityEnum):
@@ -432,6 +446,23 @@ class StreamDriver:
         if self._close is None or self.endpoint.has_output:
             return None
         return self._close
+
+    def error(self) -> DevstreamError | None:
+        """The exception a broken stream is reported with to the application, or None while
+        it is not broken: the hub's error or a failed resume (``FAILED``), the peer's
+        protocol error (``BROKEN``), a reset by either side (also before the outcome is
+        known: the Reset has arrived). A stream the peer closed before its EOF is the
+        adapter's to report (no error code says it)."""
+        outcome = self._outcome
+        if outcome is not None:
+            if outcome.kind is OutcomeKind.FAILED:
+                return error_for(ErrorCode(outcome.code), outcome.reason)
+            if outcome.kind is OutcomeKind.BROKEN:
+                return RemoteProtocolError(ErrorCode(outcome.code), outcome.reason)
+        info = self.endpoint.reset_info
+        if info is not None:
+            return reset_error(*info)
+        return None
 
     def stall_timeout(self, last_received: float) -> float | None:
         """How long a message may stop half-way before :meth:`message_stalled` is due (None:

@@ -86,6 +86,7 @@ __all__ = [
     "build_error_body",
     "build_initiate_answer",
     "build_initiate_request",
+    "connection_string_for",
     "control_target",
     "device_target",
     "error_from_response",
@@ -95,6 +96,7 @@ __all__ = [
     "parse_initiate_answer",
     "parse_initiate_headers",
     "parse_stream_url",
+    "resume_token",
     "stream_url",
 ]
 
@@ -146,6 +148,19 @@ _SCHEMES: Final = {"http": False, "ws": False, "https": True, "wss": True}
 
 
 # --- where the hub is ------------------------------------------------------------------------
+
+
+def connection_string_for(role: Role, value: str | ConnectionString) -> ConnectionString:
+    """Parse *value* if needed and check that it is a *role* connection string (raises
+    :class:`HubError` ``INVALID_CONNECTION_STRING`` if not)."""
+    cs = value if isinstance(value, ConnectionString) else ConnectionString.parse(value)
+    if cs.role is not role:
+        needs = "DeviceId" if role is Role.DEVICE else "SharedAccessKeyName, not DeviceId"
+        raise HubError(
+            ErrorCode.INVALID_CONNECTION_STRING,
+            f"a {role.value} needs a connection string with {needs}",
+        )
+    return cs
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -230,6 +245,15 @@ def parse_stream_url(url: str) -> StreamUrl:
     parts = urllib.parse.urlsplit(url)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
     return StreamUrl(address, target, parts.path.rsplit("/", 1)[-1])
+
+
+def resume_token(headers: Sequence[tuple[bytes, bytes]]) -> str:
+    """The resume credential a devstream.v1 side's ``101`` carries
+    (``devstream-resume-token``; names lower-case), or ``""`` when it has none."""
+    for name, value in headers:
+        if name == HEADER_RESUME_TOKEN:
+            return value.decode("ascii", "replace")
+    return ""
 
 
 def bearer(token: str) -> str:

@@ -210,10 +210,7 @@ class DeviceClient:
 
     def _options_for(self, request: control.StreamRequest) -> StreamOptions:
         """This device's stream options, with the window the service chose for the stream."""
-        options = self.stream_options or StreamOptions()
-        if request.window is not None and request.window != options.window:
-            options = dataclasses.replace(options, window=request.window)
-        return options
+        return (self.stream_options or StreamOptions()).for_window(request.window)
 
     async def _run_stream(
         self, request: control.StreamRequest, handler: Handler, streams: trio.Nursery
@@ -427,21 +424,12 @@ class _SessionDriver:
             log.info("device %r online, serving %s", client.device_id, list(message.names))
             self._apply(self.session.registered(channel.number, trio.current_time()))
         elif isinstance(message, control.StreamRequest):
-            handler = self.handlers.get(message.name) or self.handlers.get("*")
-            if handler is None:
-                await ws.send_text(
-                    machine.send(
-                        control.StreamResponse(
-                            request_id=message.request_id,
-                            accepted=False,
-                            reason=f"no handler for stream name {message.name!r}",
-                        )
-                    )
-                )
+            key = message.handler_key(self.handlers)
+            if key is None:
+                await ws.send_text(machine.send(message.unhandled()))
                 return
-            await ws.send_text(
-                machine.send(control.StreamResponse(request_id=message.request_id, accepted=True))
-            )
+            handler = self.handlers[key]
+            await ws.send_text(machine.send(message.accept()))
             self.streams.start_soon(client._run_stream, message, handler, self.streams)
         elif isinstance(message, control.ErrorMessage):
             # DEVICE_NOT_ONLINE is how the hub ends a channel this device replaced.

@@ -76,9 +76,9 @@ from devstream_core.streamdriver import (
     StreamOptions,
     StreamPhase,
 )
-from devstream_core.wire import HEADER_RESUME_TOKEN, MAX_FRAMED_MESSAGE_SIZE
+from devstream_core.wire import MAX_FRAMED_MESSAGE_SIZE, resume_token
 
-from ..exceptions import HubError, StreamReset, error_for
+from ..exceptions import HubError
 from ..transport.websocket import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket
 
 __all__ = [
@@ -105,10 +105,7 @@ Reconnect = Callable[[str], Awaitable[WebSocket]]
 
 def resume_token_of(ws: WebSocket) -> str:
     """The resume token the hub sent with the handshake, or ``""``."""
-    for key, value in ws.handshake_headers:
-        if key == HEADER_RESUME_TOKEN:
-            return value.decode("ascii", "replace")
-    return ""
+    return resume_token(ws.handshake_headers)
 
 
 _DEFAULT_OPTIONS: Final = StreamOptions()
@@ -514,17 +511,8 @@ class FramedStream(trio.abc.HalfCloseableStream):
             raise trio.BrokenResourceError(f"the stream ended: {error}") from error
 
     def _error(self) -> DevstreamError | None:
-        """The exception a broken stream is reported with, from the driver's outcome."""
-        outcome = self._driver.outcome
-        if outcome is not None:
-            if outcome.kind is OutcomeKind.FAILED:
-                return error_for(ErrorCode(outcome.code), outcome.reason)
-            if outcome.kind is OutcomeKind.BROKEN:
-                return RemoteProtocolError(ErrorCode(outcome.code), outcome.reason)
-        info = self._endpoint.reset_info
-        if info is not None:
-            return _reset_error(*info)
-        return None
+        """The exception a broken stream is reported with (the driver's)."""
+        return self._driver.error()
 
     def _send_now(self) -> None:
         """Put what the driver has to send on the wire from the calling task, where the
@@ -862,13 +850,3 @@ def _starter_for(nursery: trio.Nursery) -> _Starter:
     if starter is None:
         starter = _STARTERS[nursery] = _Starter(nursery)
     return starter
-
-
-def _reset_error(code: int, reason: str) -> DevstreamError:
-    try:
-        known = ErrorCode(code)
-    except ValueError:
-        return StreamReset(ErrorCode.STREAM_RESET, reason or None, reset_code=code)
-    if known is ErrorCode.STREAM_RESET:
-        return StreamReset(ErrorCode.STREAM_RESET, reason or None, reset_code=code)
-    return error_for(known, reason or None)

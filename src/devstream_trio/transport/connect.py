@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
-from devstream_core.common import Role
-from devstream_core.credentials import ConnectionString
 from devstream_core.errors import ErrorCode
-from devstream_core.wire import HubAddress
+from devstream_core.wire import HubAddress, connection_string_for
 
 from ..exceptions import HubError, HubUnreachable
 
@@ -37,18 +35,6 @@ __all__ = [
 #: How a client opens a transport to the hub. The default is :func:`open_hub_stream`; tests
 #: pass one that returns an in-memory stream served by a :class:`~devstream_trio.server.hub.Hub`.
 Opener = Callable[[HubAddress], Awaitable[trio.abc.Stream]]
-
-
-def connection_string_for(role: Role, value: str | ConnectionString) -> ConnectionString:
-    """Parse *value* if needed and check it is a *role* connection string."""
-    cs = value if isinstance(value, ConnectionString) else ConnectionString.parse(value)
-    if cs.role is not role:
-        needs = "DeviceId" if role is Role.DEVICE else "SharedAccessKeyName, not DeviceId"
-        raise HubError(
-            ErrorCode.INVALID_CONNECTION_STRING,
-            f"a {role.value} needs a connection string with {needs}",
-        )
-    return cs
 
 
 def client_ssl_context(ca_file: str | None = None) -> ssl.SSLContext:

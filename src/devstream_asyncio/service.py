@@ -1,0 +1,197 @@
+"""The service client over asyncio: initiate streams to devices.
+
+::
+
+    async with devstream_asyncio.open_service(connection_string) as service:
+        stream = await service.open_stream("my-device", "echo")
+
+A stream opens in one step where the hub offers it (the initiate is a WebSocket upgrade; the
+``101`` comes once the device accepted); a hub that does not is asked the Azure way (``POST``,
+then a WebSocket to the streaming endpoint).
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from devstream_core.common import Role
+from devstream_core.control import MODE_FRAMED, MODE_RAW
+from devstream_core.credentials import ConnectionString
+from devstream_core.errors import ErrorCode
+from devstream_core.exceptions import HubError
+from devstream_core.streamdriver import StreamOptions
+from devstream_core.wire import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_RESPONSE_TIMEOUT,
+    DEFAULT_SAS_LIFETIME,
+    HubAddress,
+    InitiateAccepted,
+    InitiateRejected,
+    OneStepUnsupported,
+    bearer,
+    build_initiate_request,
+    connection_string_for,
+    error_from_response,
+    parse_initiate_answer,
+    parse_stream_url,
+)
+
+from ._ws import WebSocket, request, websocket_connect
+from .stream import FramedStream, RawStream, Stream
+
+__all__ = ["ServiceClient", "join_stream", "open_service"]
+
+
+class ServiceClient:
+    """A service's handle on a hub, holding a policy connection string."""
+
+    def __init__(
+        self,
+        connection_string: str | ConnectionString,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        stream_options: StreamOptions | None = None,
+        sas_lifetime: int = DEFAULT_SAS_LIFETIME,
+    ) -> None:
+        self.connection_string = connection_string_for(Role.SERVICE, connection_string)
+        self.address = HubAddress.from_connection_string(self.connection_string)
+        self.ssl_context = ssl_context
+        self.stream_options = stream_options or StreamOptions()
+        self.sas_lifetime = sas_lifetime
+        self._streams: list[Stream] = []
+        #: Whether the hub opens streams in one step (None until the first stream says;
+        #: False: initiate with a POST, the Azure way).
+        self.one_step: bool | None = None
+
+    def _authorization(self) -> tuple[str, str]:
+        expiry = int(time.time()) + self.sas_lifetime
+        return ("authorization", self.connection_string.sas_token(expiry=expiry))
+
+    async def open_stream(
+        self,
+        device_id: str,
+        name: str,
+        *,
+        mode: str = MODE_FRAMED,
+        connect_timeout: int = DEFAULT_CONNECT_TIMEOUT,
+        response_timeout: int = DEFAULT_RESPONSE_TIMEOUT,
+    ) -> Stream:
+        """Initiate a stream to *device_id*'s *name*; return it once both sides are in.
+
+        *mode* is ``"devstream.v1"`` (half-close, flow control, resume) or ``"raw"``.
+        Raises ``StreamRejected`` when the device says no, and the exception for the hub's
+        error code otherwise (``DeviceNotOnline``, ``DeviceNotFound``, ``Unauthorized``, …).
+        """
+        if mode not in (MODE_RAW, MODE_FRAMED):
+            raise HubError(ErrorCode.ARGUMENT_INVALID, f"unknown stream mode {mode!r}")
+        initiate = build_initiate_request(
+            device_id,
+            name,
+            connect_timeout=connect_timeout,
+            response_timeout=response_timeout,
+            mode=mode,
+            window=None if mode == MODE_RAW else self.stream_options.window,
+        )
+        headers = [self._authorization(), *initiate.headers]
+        stream = await self._open_in_one_step(initiate.target, headers, mode)
+        if stream is None:
+            response = await request(
+                self.address, self.ssl_context, "POST", initiate.target, headers, b""
+            )
+            answer = parse_initiate_answer(response.status, response.headers, response.body)
+            if isinstance(answer, InitiateRejected):
+                raise answer.error()
+            assert isinstance(answer, InitiateAccepted) and answer.token is not None
+            stream = await join_stream(
+                answer.url, answer.token, answer.mode, self.ssl_context, self.stream_options
+            )
+        self._streams.append(stream)
+        return stream
+
+    async def _open_in_one_step(
+        self, target: str, headers: list[tuple[str, str]], mode: str
+    ) -> Stream | None:
+        """Initiate with a WebSocket upgrade: the stream, or None when the hub cannot."""
+        if self.one_step is False:
+            return None
+        protocols = [] if mode == MODE_RAW else [MODE_FRAMED]
+        got = await websocket_connect(self.address, self.ssl_context, target, headers, protocols)
+        if not isinstance(got, WebSocket):
+            refusal = parse_initiate_answer(
+                got.status, got.headers, got.body, one_step=True, mode=mode
+            )
+            if isinstance(refusal, InitiateRejected):
+                raise refusal.error()
+            assert isinstance(refusal, OneStepUnsupported)
+            self.one_step = False
+            return None
+        self.one_step = True
+        answer = parse_initiate_answer(101, got.headers, b"", one_step=True, mode=mode)
+        assert isinstance(answer, InitiateAccepted)
+        return stream_over(got, answer.url, mode, self.ssl_context, self.stream_options)
+
+    def close(self) -> None:
+        """Drop the streams still open."""
+        for stream in self._streams:
+            stream.abort()
+        self._streams.clear()
+
+
+async def _stream_websocket(
+    url: str, token: str, mode: str, ssl_context: ssl.SSLContext | None
+) -> WebSocket:
+    address, target, _ = parse_stream_url(url)
+    protocols = [] if mode == MODE_RAW else [MODE_FRAMED]
+    got = await websocket_connect(
+        address, ssl_context, target, [("authorization", bearer(token))], protocols
+    )
+    if not isinstance(got, WebSocket):
+        raise error_from_response(got.status, got.body)
+    return got
+
+
+def stream_over(
+    ws: WebSocket, url: str, mode: str, ssl_context: ssl.SSLContext | None, options: StreamOptions
+) -> Stream:
+    """The stream a joined WebSocket carries; a devstream.v1 side resumes at *url*."""
+    stream_id = parse_stream_url(url).stream_id
+    if mode == MODE_RAW:
+        return RawStream(ws, stream_id)
+    if ws.subprotocol != MODE_FRAMED:
+        ws.abort()
+        raise HubError(ErrorCode.PROTOCOL_ERROR, f"the hub did not accept {MODE_FRAMED}")
+
+    async def reconnect(token: str) -> WebSocket:
+        return await _stream_websocket(url, token, mode, ssl_context)
+
+    return FramedStream(ws, stream_id, reconnect, options)
+
+
+async def join_stream(
+    url: str, token: str, mode: str, ssl_context: ssl.SSLContext | None, options: StreamOptions
+) -> Stream:
+    """Join a stream at *url* with its stream *token*."""
+    if mode not in (MODE_RAW, MODE_FRAMED):
+        raise HubError(ErrorCode.ARGUMENT_INVALID, f"unknown stream mode {mode!r}")
+    ws = await _stream_websocket(url, token, mode, ssl_context)
+    return stream_over(ws, url, mode, ssl_context, options)
+
+
+@asynccontextmanager
+async def open_service(
+    connection_string: str | ConnectionString,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    stream_options: StreamOptions | None = None,
+) -> AsyncIterator[ServiceClient]:
+    """A :class:`ServiceClient` for the block; streams still open at its end are dropped."""
+    client = ServiceClient(
+        connection_string, ssl_context=ssl_context, stream_options=stream_options
+    )
+    try:
+        yield client
+    finally:
+        client.close()

@@ -1,0 +1,354 @@
+"""The client conformance suite: each behaviour written once, run with the trio clients and
+with the asyncio clients, against one real trio hub (in a thread, behind a tap; see
+``tests/_conformance.py``).
+
+Rules: loopback only, port 0; nothing sleeps for a fixed time to let something happen: tests
+wait for a predicate with a timeout, with short intervals configured where time must pass,
+and assert what happened (bytes and their SHA-256, error classes and codes, pings the hub
+received, reconnections), never how long it took. Every test body runs under a 15 s limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import re
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devstream_core.exceptions import (
+    DeviceNotFound,
+    DeviceNotOnline,
+    StreamNameNotRegistered,
+    StreamRejected,
+    StreamReset,
+    Unauthorized,
+)
+from devstream_trio.server.hub import HubConfig
+
+from ._conformance import DRIVERS, AsyncioDriver, Body, Driver, HubThread
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+MODES = ["raw", "devstream.v1"]
+
+
+@pytest.fixture(scope="module")
+def hub() -> Iterator[HubThread]:
+    thread = HubThread().start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_hub() -> Iterator[HubThread]:
+    thread = HubThread(tls=True, devices=4).start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture(scope="module")
+def idle_hub() -> Iterator[HubThread]:
+    """A hub that closes a control channel silent for 0.3 s."""
+    thread = HubThread(config=HubConfig(control_idle_timeout=0.3), devices=4).start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture(params=sorted(DRIVERS))
+def driver(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+def run_with(driver: str, hub: HubThread, body: Body) -> None:
+    """Run a test body with one driver (``trio.run`` or ``asyncio.run``) against *hub*."""
+    DRIVERS[driver](hub).run(body, timeout=15)
+
+
+@pytest.fixture
+def run(driver: str, hub: HubThread) -> Any:
+    return partial(run_with, driver, hub)
+
+
+async def read_all(stream: Any) -> bytes:
+    received = bytearray()
+    while data := await stream.receive_some():
+        received += data
+    return bytes(received)
+
+
+async def echo(stream: Any) -> None:
+    while data := await stream.receive_some():
+        await stream.send_all(data)
+
+
+def wrong_key(cs: Any) -> Any:
+    return dataclasses.replace(cs, shared_access_key="d3Jvbmcga2V5IHdyb25nIGtleQ==")
+
+
+@pytest.mark.parametrize("one_step", [True, False], ids=["one-step", "post"])
+@pytest.mark.parametrize("mode", MODES)
+def test_stream_opens_and_carries_bytes_both_ways(run: Any, mode: str, one_step: bool) -> None:
+    async def body(d: Driver) -> None:
+        cs = d.hub.new_device()
+        async with d.device(cs, {"echo": echo}), d.service() as service:
+            service.one_step = None if one_step else False  # False: POST, then join
+            stream = await service.open_stream(cs.device_id, "echo", mode=mode)
+            await stream.send_all(b"hello, device")
+            received = b""
+            while len(received) < 13:
+                received += await stream.receive_some()
+            assert received == b"hello, device"
+            assert service.one_step is one_step
+            await stream.aclose()
+
+    run(body)
+
+
+def test_errors_carry_the_hub_codes(run: Any) -> None:
+    async def body(d: Driver) -> None:
+        cs = d.hub.new_device()
+        async with d.service() as service:
+            error = await d.error_of(service.open_stream("no-such-device", "echo"))
+            assert isinstance(error, DeviceNotFound) and error.code == 404001
+            error = await d.error_of(service.open_stream(cs.device_id, "echo"))
+            assert isinstance(error, DeviceNotOnline) and error.code == 404103
+        assert d.hub.service_cs is not None
+        async with d.service(wrong_key(d.hub.service_cs)) as service:
+            error = await d.error_of(service.open_stream(cs.device_id, "echo"))
+            assert isinstance(error, Unauthorized) and error.code == 401002
+        error = await d.serve_error(wrong_key(cs), {"echo": echo})
+        assert isinstance(error, Unauthorized) and error.code == 401002
+        async with d.device(cs, {"echo": echo}), d.service() as service:
+            error = await d.error_of(service.open_stream(cs.device_id, "ssh"))
+            assert isinstance(error, StreamRejected)
+            assert isinstance(error, StreamNameNotRegistered) and error.code == 404901
+
+    run(body)
+
+
+def test_half_close_still_receives(run: Any) -> None:
+    async def reply_after_eof(stream: Any) -> None:
+        data = await read_all(stream)
+        await stream.send_all(b"got %d bytes" % len(data))
+        await stream.send_all(data[::-1])
+
+    async def body(d: Driver) -> None:
+        cs = d.hub.new_device()
+        async with d.device(cs, {"rev": reply_after_eof}), d.service() as service:
+            stream = await service.open_stream(cs.device_id, "rev", mode="devstream.v1")
+            await stream.send_all(b"abc" * 1000)
+            await stream.send_eof()
+            assert await read_all(stream) == b"got 3000 bytes" + b"cba" * 1000
+            await stream.aclose()
+
+    run(body)
+
+
+def test_reset_reaches_the_peer_with_its_code(run: Any) -> None:
+    async def body(d: Driver) -> None:
+        seen: list[BaseException] = []
+
+        async def victim(stream: Any) -> None:
+            seen.append(await d.error_of(read_all(stream)))
+
+        cs = d.hub.new_device()
+        async with d.device(cs, {"victim": victim}), d.service() as service:
+            stream = await service.open_stream(cs.device_id, "victim", mode="devstream.v1")
+            await stream.send_all(b"some bytes first")
+            await stream.reset(4242, "changed my mind")
+            await d.wait_for(lambda: seen)
+            error = seen[0]
+            assert isinstance(error, StreamReset), error
+            assert error.reset_code == 4242 and "changed my mind" in str(error)
+            await stream.aclose()
+
+    run(body)
+
+
+def test_a_device_reset_reaches_the_service(run: Any) -> None:
+    async def refuse(stream: Any) -> None:
+        assert await stream.receive_some() == b"please"
+        await stream.reset(7, "not today")
+
+    async def body(d: Driver) -> None:
+        cs = d.hub.new_device()
+        async with d.device(cs, {"refuse": refuse}), d.service() as service:
+            stream = await service.open_stream(cs.device_id, "refuse", mode="devstream.v1")
+            await stream.send_all(b"please")
+            error = await d.error_of(read_all(stream))
+            assert isinstance(error, StreamReset) and error.reset_code == 7, error
+            await stream.aclose()
+
+    run(body)
+
+
+def test_flow_control_blocks_a_writer_while_the_reader_does_not_read(run: Any) -> None:
+    window, total = 4096, 256 * 1024
+
+    async def body(d: Driver) -> None:
+        go = d.event()
+
+        async def slow_reader(stream: Any) -> None:
+            await go.wait()
+            data = await read_all(stream)
+            await stream.send_all(hashlib.sha256(data).hexdigest().encode())
+
+        payload = bytes(range(256)) * (total // 256)
+        cs = d.hub.new_device()
+        async with d.device(cs, {"slow": slow_reader}), d.service(window=window) as service:
+            stream = await service.open_stream(cs.device_id, "slow", mode="devstream.v1")
+            sent = [0]
+
+            async def write() -> None:
+                for start in range(0, total, 1024):
+                    await stream.send_all(payload[start : start + 1024])
+                    sent[0] = start + 1024
+                await stream.send_eof()
+
+            writer = d.start(write)
+            stalled_at = await d.wait_quiet(lambda: sent[0], quiet=0.2)
+            assert not writer.done
+            assert 0 < stalled_at <= 4 * window, stalled_at
+            go.set()
+            await d.wait_for(lambda: writer.done)
+            assert writer.error is None
+            assert await read_all(stream) == hashlib.sha256(payload).hexdigest().encode()
+            await stream.aclose()
+
+    run(body)
+
+
+def test_framed_stream_resumes_across_cut_connections(run: Any) -> None:
+    total, chunk = 1024 * 1024, 16 * 1024
+
+    async def digest(stream: Any) -> None:
+        await stream.send_all(b"R")  # joined: cuts from now on hit a stream, not a join
+        data = await read_all(stream)
+        await stream.send_all(b"%d:" % len(data) + hashlib.sha256(data).hexdigest().encode())
+
+    async def body(d: Driver) -> None:
+        payload = hashlib.sha256(b"seed").digest() * (total // 32)
+        cs = d.hub.new_device()
+        options = {"backoff_min": 0.05, "backoff_max": 0.2}
+        async with d.device(cs, {"sha": digest}, **options), d.service() as service:
+            stream = await service.open_stream(cs.device_id, "sha", mode="devstream.v1")
+            assert await stream.receive_some(1) == b"R"
+            for start in range(0, total, chunk):
+                if start in (total // 3 // chunk * chunk, 2 * total // 3 // chunk * chunk):
+                    cuts = d.hub.tap.cuts
+                    d.hub.cut()
+                    await d.wait_for(lambda cuts=cuts: d.hub.tap.cuts > cuts)
+                await stream.send_all(payload[start : start + chunk])
+            await stream.send_eof()
+            answer = await read_all(stream)
+            assert answer == b"%d:" % total + hashlib.sha256(payload).hexdigest().encode()
+            assert stream.resumes >= 1
+            await stream.aclose()
+
+    run(body)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_streams_over_tls(driver: str, tls_hub: HubThread, mode: str) -> None:
+    async def body(d: Driver) -> None:
+        cs = d.hub.new_device()
+        async with d.device(cs, {"echo": echo}), d.service() as service:
+            stream = await service.open_stream(cs.device_id, "echo", mode=mode)
+            await stream.send_all(b"over TLS")
+            received = b""
+            while len(received) < 8:
+                received += await stream.receive_some()
+            assert received == b"over TLS"
+            await stream.aclose()
+
+    run_with(driver, tls_hub, body)
+
+
+def test_keepalive_pings_reach_the_hub(run: Any) -> None:
+    async def body(d: Driver) -> None:
+        cs = d.hub.new_device()
+        async with d.device(cs, {"echo": echo}, ping_interval=0.05, ping_timeout=2.0):
+            await d.wait_for(lambda: d.hub.pings(cs.device_id) >= 3)
+
+    run(body)
+
+
+def test_the_device_renews_its_token_on_a_new_channel_and_serves_on(run: Any) -> None:
+    async def body(d: Driver) -> None:
+        cs = d.hub.new_device()
+        # A 2 s token: renewed at 85 %, on a second channel registered while the first serves.
+        async with d.device(cs, {"echo": echo}, sas_lifetime=2) as device:
+            await d.wait_for(lambda: device.connections >= 2)
+            assert device.online
+            async with d.service() as service:
+                stream = await service.open_stream(cs.device_id, "echo", mode="devstream.v1")
+                await stream.send_all(b"renewed")
+                await stream.send_eof()
+                assert await read_all(stream) == b"renewed"
+                await stream.aclose()
+
+    run(body)
+
+
+def test_device_comes_back_after_the_hub_closes_its_channel(
+    driver: str, idle_hub: HubThread
+) -> None:
+    async def body(d: Driver) -> None:
+        cs = d.hub.new_device()
+        options = {"ping_interval": 30.0, "backoff_min": 0.05, "backoff_max": 0.2}
+        async with d.device(cs, {"echo": echo}, **options) as device:
+            # Silent for the hub's 0.3 s: it closes the channel (CONNECTION_IDLE); the
+            # device registers again on a new one.
+            await d.wait_for(lambda: device.connections >= 2)
+
+    run_with(driver, idle_hub, body)
+
+
+def test_device_reconnects_after_its_connection_is_cut(run: Any) -> None:
+    async def body(d: Driver) -> None:
+        cs = d.hub.new_device()
+        options = {"backoff_min": 0.05, "backoff_max": 0.2}
+        async with d.device(cs, {"echo": echo}, **options) as device:
+            assert device.connections == 1
+            d.hub.cut()
+            await d.wait_for(lambda: device.connections >= 2 and device.online)
+            async with d.service() as service:
+                stream = await service.open_stream(cs.device_id, "echo", mode="devstream.v1")
+                await stream.send_all(b"back again")
+                await stream.send_eof()
+                assert await read_all(stream) == b"back again"
+                await stream.aclose()
+
+    run(body)
+
+
+def test_the_readmes_asyncio_example_runs(hub: HubThread) -> None:
+    [code] = re.findall(
+        r"```python\n(import asyncio, devstream_asyncio\n.*?)```", README.read_text(), re.DOTALL
+    )
+    example: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), example)
+    device_cs, service_cs = str(hub.readme_device), str(hub.service_cs)
+
+    async def body(d: Driver) -> None:
+        device = asyncio.ensure_future(example["device_main"](device_cs))
+        try:
+            for _ in range(500):  # until the device is online
+                try:
+                    reply = await example["service_main"](service_cs)
+                    break
+                except DeviceNotOnline:
+                    await d.sleep(0.01)
+            assert reply == b"hello"
+        finally:
+            device.cancel()
+            await asyncio.gather(device, return_exceptions=True)
+
+    AsyncioDriver(hub).run(body, timeout=15)
