@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import os
 import re
@@ -152,12 +153,22 @@ class HttpRequest(_HttpMessage):
         """The WebSocket subprotocols the client offers, in its order and spelling."""
         return self.header_tokens(b"sec-websocket-protocol", lower=False)
 
-    @property
+    @functools.cached_property
     def is_websocket_upgrade(self) -> bool:
         """True when the request asks to open a WebSocket (``Upgrade: websocket`` and
         ``Connection: Upgrade``); :meth:`HttpServerConnection.next_request` has then checked
-        the rest of its handshake."""
+        the rest of its handshake. (Worked out once: the hub asks more than once.)"""
         return handshake.asks_for_websocket(self.headers)
+
+    @functools.cached_property
+    def websocket_key(self) -> bytes:
+        """The key of a WebSocket handshake the hub takes (the core's
+        :func:`~devstream_core.handshake.check_request`, worked out once);
+        :class:`HttpError` if it refuses it."""
+        try:
+            return handshake.check_request(self.method, self.http_version, self.headers)
+        except RemoteProtocolError as exc:
+            raise HttpError(exc.code, exc.message) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -406,7 +417,7 @@ class HttpServerConnection:
                 ErrorCode.MALFORMED_REQUEST,
                 "WebSocket request needs Connection: Upgrade and Upgrade: websocket",
             )
-        key = _websocket_key(request)
+        key = request.websocket_key
         head = [
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
             b"sec-websocket-accept: " + accept_token(key) + b"\r\n"
@@ -439,16 +450,8 @@ def _request(request: h11.Request, headers: Headers, body: bytearray) -> HttpReq
 def _checked(request: HttpRequest) -> HttpRequest:
     """*request*, once a WebSocket handshake in it has passed the hub's checks."""
     if request.is_websocket_upgrade:
-        _websocket_key(request)
+        request.websocket_key  # noqa: B018 - raises HttpError if the hub refuses it
     return request
-
-
-def _websocket_key(request: HttpRequest) -> bytes:
-    """The key of a WebSocket handshake the hub takes; :class:`HttpError` if it refuses it."""
-    try:
-        return handshake.check_request(request.method, request.http_version, request.headers)
-    except RemoteProtocolError as exc:
-        raise HttpError(exc.code, exc.message) from None
 
 
 def _proposes_switch(method: bytes, headers: Headers) -> bool:
