@@ -355,7 +355,7 @@ def test_reuse_is_reported_as_reuse_after_the_stream_ended(first: Role) -> None:
         )
     # Past the token's expiry the nonce is forgotten and the answer is "expired".
     bridge.advance(EXPIRES)
-    assert bridge._used == {}
+    assert bridge.table_sizes()["used_nonces"] == 0
     for role in Role:
         assert (
             refused(bridge, tokens[role], role=role, now=EXPIRES) is ErrorCode.STREAM_TOKEN_EXPIRED
@@ -548,12 +548,12 @@ def test_memory_stays_bounded() -> None:
             now=now,
         )  # fmt: skip
         bridge.leave(stream_id=f"s{i}", connection_id=2 * i, now=now)
-        assert len(bridge._expiries) <= 2 * bridge.stream_count() + 67
+        assert bridge.table_sizes()["expiries"] <= 2 * bridge.stream_count() + 67
         # Used nonces are kept only for one token lifetime (600 streams at 10 per second).
-        assert len(bridge._used) <= 2 * 601
+        assert bridge.table_sizes()["used_nonces"] <= 2 * 601
     assert bridge.stream_count() == 0
     bridge.advance(now + 60)
-    assert bridge._used == {}
+    assert bridge.table_sizes()["used_nonces"] == 0
 
 
 # == devstream.v1: drop, hold, resume ===========================================================
@@ -1366,13 +1366,13 @@ def test_lost_answer_bookkeeping_stays_bounded() -> None:
             # Now and then the answer arrives and the side proves itself.
             confirm(bridge, conn, now=now)
             token = back.resume_token
-        stream = bridge._streams["s1"]
+        unconfirmed = bridge.unconfirmed_roles("s1")
         # At most one previous token per role; every other token issued is latest or spent.
-        assert len(stream.previous) <= 1
-        assert len(stream.spent_resume_nonces) + len(stream.previous) == i + 1
-        assert len(bridge._holds) <= 2 * bridge.stream_count() + 65
+        assert len(unconfirmed) <= 1
+        assert bridge.retired_resume_token_count("s1") + len(unconfirmed) == i + 1
+        assert bridge.table_sizes()["holds"] <= 2 * bridge.stream_count() + 65
     confirm(bridge, conn, now=DROP_AT + 300)
-    assert bridge._streams["s1"].previous == {}
+    assert bridge.unconfirmed_roles("s1") == frozenset()
     bridge.leave(stream_id="s1", connection_id=conn, now=DROP_AT + 301)
     assert bridge.stream_count() == 0
 
@@ -1420,7 +1420,7 @@ def test_hold_bookkeeping_stays_bounded() -> None:
         bridge.drop(stream_id="s1", connection_id=conn, now=now)
         conn = 1000 + i
         token = resume(bridge, token, role=Role.DEVICE, conn=conn, now=now).resume_token
-        assert len(bridge._holds) <= 2 * bridge.stream_count() + 65
+        assert bridge.table_sizes()["holds"] <= 2 * bridge.stream_count() + 65
     assert bridge.next_deadline() is None
 
 

@@ -659,7 +659,7 @@ def test_answered_requests_do_not_grow_memory() -> None:
             connection_id=1, request_id=request.request_id, accepted=True, reason="", now=NOW
         )
         # Entries of answered requests are dropped lazily but never pile up.
-        assert len(coordinator._deadlines) <= 2 * coordinator.pending_count() + 67
+        assert coordinator.deadline_entries() <= 2 * coordinator.pending_count() + 67
     assert coordinator.pending_count() == 0
     assert coordinator.next_deadline() is None
 

@@ -1032,8 +1032,8 @@ class HubMachine(RuleBasedStateMachine):
                 assert self.conn_stream[conn] == stream.stream_id
             if stream.state != "ended":
                 # The bridge keeps exactly the model's earlier tokens: one per role at most.
-                kept = self.bridge._streams[stream.stream_id].previous
-                assert set(kept) == set(stream.previous)
+                kept = self.bridge.unconfirmed_roles(stream.stream_id)
+                assert kept == set(stream.previous)
 
     @invariant()
     def streams_pair_only_the_named_device_and_an_authorised_initiator(self) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 import trio
 
+from devstream_core.common import Role
 from devstream_core.framing import DEFAULT_WINDOW, EndpointState
 from devstream_trio.client.device import DeviceClient
 from devstream_trio.client.framed import FramedStream, StreamOptions
@@ -93,7 +94,7 @@ async def close_both(one: FramedStream, other: FramedStream) -> None:
     await one.aclose()
     await other.aclose()
     for stream in (one, other):
-        assert stream._endpoint.state is EndpointState.DONE
+        assert stream.endpoint.state is EndpointState.DONE
 
 
 @pytest.mark.parametrize("relay_side", ["service", "device"])
@@ -194,24 +195,24 @@ async def test_a_stalled_reader_holds_memory_bounded(store: RegistryStore) -> No
             finally:
                 tracemalloc.stop()
 
-            sender = service._endpoint
-            receiver = device._endpoint
+            sender = service.endpoint
+            receiver = device.endpoint
             assert handed_over <= window
             assert sender.written_end == window
             assert sender.acked == 0
             assert sender.unacked <= window
             assert sender.written_end - sender.acked <= window  # what its send queue holds
-            assert sum(map(len, receiver._recv_chunks)) <= window
+            # What the device's receive buffer holds: received and not yet read.
             assert receiver.received - receiver.consumed <= window
             # The whole window made it to the device: nothing is parked on the way.
             assert receiver.received == window
             assert peak - before <= 4 * window, (peak - before) / MIB
             # And the hub's WebSockets of the stream hold nothing back (one message at most).
-            (relay,) = pair.hub.streaming._framed.values()
-            for ws in relay.sides.values():
+            sides = pair.hub.streaming.framed_sides(service.stream_id)
+            assert set(sides) == {Role.SERVICE, Role.DEVICE}
+            for ws in sides.values():
                 assert ws is not None
-                held = ws._parts_size + sum(len(event.data) for event in ws._events)
-                assert held <= MAX_FRAMED_MESSAGE
+                assert ws.buffered <= MAX_FRAMED_MESSAGE
 
             digest = hashlib.sha256()
             while chunk := await device.receive_some():

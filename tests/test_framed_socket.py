@@ -37,13 +37,21 @@ async def never_reconnect(resume_token: str) -> WebSocket:
     raise AssertionError("no resume in these tests")
 
 
-def framed_pair(nursery: trio.Nursery, buffer_size: int) -> tuple[FramedStream, FramedStream]:
+def websocket_pair(buffer_size: int) -> tuple[WebSocket, WebSocket]:
+    """A client and a server WebSocket over a socket pair with *buffer_size* buffers."""
     a, b = trio.socket.socketpair()
     for sock in (a, b):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
     client = WebSocket(trio.SocketStream(a), Connection(client=True))
     server = WebSocket(trio.SocketStream(b), Connection(client=False))
+    return client, server
+
+
+def framed_pair(
+    nursery: trio.Nursery, buffer_size: int, sockets: tuple[WebSocket, WebSocket] | None = None
+) -> tuple[FramedStream, FramedStream]:
+    client, server = sockets or websocket_pair(buffer_size)
     service = FramedStream(
         client, stream_id="s", role=Role.SERVICE, reconnect=never_reconnect, nursery=nursery
     )
@@ -62,11 +70,11 @@ async def test_a_send_the_socket_takes_goes_out_from_the_calling_task() -> None:
             service = FramedStream(
                 client, stream_id="s", role=Role.SERVICE, reconnect=never_reconnect, nursery=nursery
             )
-            # What send_all does before its schedule point: the endpoint takes the bytes and
-            # they are written by this task, before the stream's own tasks have even started.
-            service._endpoint.write(b"hello")
-            service._send_now()
-            assert not service._send_wanted.is_set()  # nothing left for the writer task
+            # The bytes are written by this task: the stream's own tasks (connection task,
+            # writer task) never started, and the bytes are on the socket when it returns.
+            await service.send_all(b"hello")
+            assert not service.background_started
+            assert not service.writer_started
             events = peer.receive_data(os.read(b.fileno(), 65536))  # there already: no wait
             [message] = events
             decoder = FrameDecoder()
@@ -76,9 +84,7 @@ async def test_a_send_the_socket_takes_goes_out_from_the_calling_task() -> None:
     b.close()
 
 
-async def test_a_full_socket_leaves_the_rest_to_the_writer_and_loses_nothing(
-    writer_starts: list[FramedStream],
-) -> None:
+async def test_a_full_socket_leaves_the_rest_to_the_writer_and_loses_nothing() -> None:
     # Small socket buffers: sends from the calling task write part of a message and leave the
     # rest to the writer task, both ways at once.
     payload = {Role.SERVICE: bytes(range(251)) * 9000, Role.DEVICE: bytes(range(241)) * 7000}
@@ -106,7 +112,8 @@ async def test_a_full_socket_leaves_the_rest_to_the_writer_and_loses_nothing(
             await service.aclose()
             await device.aclose()
     # The writer task started where the socket was full: on both sides.
-    assert {stream.role for stream in writer_starts} == {Role.SERVICE, Role.DEVICE}
+    assert service.writer_started
+    assert device.writer_started
 
 
 async def exchange(
@@ -170,22 +177,8 @@ async def test_the_ack_of_the_peers_eof_goes_out_with_this_sides_eof() -> None:
     hub.sock.close()
 
 
-@pytest.fixture
-def writer_starts(monkeypatch: pytest.MonkeyPatch) -> list[FramedStream]:
-    """The streams whose writer task started, in order."""
-    started: list[FramedStream] = []
-    write_loop = FramedStream._write_loop
-
-    async def counted(self: FramedStream, ws: WebSocket) -> None:
-        started.append(self)
-        await write_loop(self, ws)
-
-    monkeypatch.setattr(FramedStream, "_write_loop", counted)
-    return started
-
-
 async def test_a_stream_the_socket_keeps_up_with_needs_no_writer_task(
-    autojump_clock: trio.abc.Clock, writer_starts: list[FramedStream]
+    autojump_clock: trio.abc.Clock,
 ) -> None:
     """Data both ways, EOF both ways, close: every frame goes out from the calling task or
     the connection task, so the writer task never starts, and nothing waits on a timer (an
@@ -205,7 +198,7 @@ async def test_a_stream_the_socket_keeps_up_with_needs_no_writer_task(
             assert trio.current_time() - start < ACK_DELAY / 10
             for stream in (service, device):
                 assert stream.outcome == Outcome(kind=OutcomeKind.COMPLETED)
-    assert writer_starts == []
+                assert not stream.writer_started
 
 
 async def test_an_eof_the_application_does_not_answer_is_acknowledged_soon(
@@ -233,9 +226,6 @@ async def test_an_acknowledgement_taken_along_by_a_send_starts_no_task(
     takes it along, so the connection task is not started for it (it starts only when the
     stream is no longer young)."""
 
-    def stream_tasks(nursery: trio.Nursery) -> list[trio.lowlevel.Task]:
-        return [t for t in nursery.child_tasks if t.name.endswith("FramedStream._run")]
-
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             hub = HandDrivenHub(nursery)
@@ -243,9 +233,9 @@ async def test_an_acknowledgement_taken_along_by_a_send_starts_no_task(
             await hub.device.send_all(b"late answer")
             assert hub.received() == [[Ack(offset=3), Data(offset=0, payload=b"late answer")]]
             await trio.sleep(ACK_DELAY * 2)
-            assert stream_tasks(nursery) == []
+            assert not hub.device.background_started
             await trio.sleep(DIRECT_READ_TIME)
-            assert len(stream_tasks(nursery)) == 1
+            assert hub.device.background_started
             nursery.cancel_scope.cancel()
     hub.sock.close()
 
@@ -295,10 +285,10 @@ async def test_closing_with_unread_bytes_leaves_the_peers_eof_unacknowledged(
             async with trio.open_nursery() as closing:
                 closing.start_soon(service.aclose)
                 closing.start_soon(device.aclose)
-            assert service._endpoint.recv_state is RecvState.EOF_RECEIVED
-            assert service._endpoint.consumed == 0
-            assert device._endpoint.eof_acked is False
-            assert service._endpoint.eof_acked is True
+            assert service.endpoint.recv_state is RecvState.EOF_RECEIVED
+            assert service.endpoint.consumed == 0
+            assert device.endpoint.eof_acked is False
+            assert service.endpoint.eof_acked is True
 
 
 async def test_a_close_the_peer_never_acknowledges_resets_the_stream(
@@ -315,7 +305,7 @@ async def test_a_close_the_peer_never_acknowledges_resets_the_stream(
             start = trio.current_time()
             await service.aclose()
             assert 2.0 <= trio.current_time() - start < 2.1
-            assert service._endpoint.reset_info == (
+            assert service.endpoint.reset_info == (
                 int(ErrorCode.STREAM_RESET),
                 "closed before the peer read all",
             )
@@ -346,15 +336,15 @@ async def test_receive_some_is_a_checkpoint_and_waits_with_one_schedule_point(
                 await device.receive_some()
             assert scope.cancelled_caught
 
-            steps: list[str] = []
-
-            class Steps(trio.abc.Instrument):
-                def before_task_step(self, task: trio.lowlevel.Task) -> None:
-                    if task.name.endswith(".receive"):
-                        steps.append(task.name)
+            steps: list[trio.lowlevel.Task] = []
 
             async def receive() -> None:
                 assert await device.receive_some() == b"later"
+
+            class Steps(trio.abc.Instrument):
+                def before_task_step(self, task: trio.lowlevel.Task) -> None:
+                    if getattr(task.coro, "cr_code", None) is receive.__code__:
+                        steps.append(task)
 
             instrument = Steps()
             trio.lowlevel.add_instrument(instrument)
@@ -379,20 +369,23 @@ async def test_a_young_streams_messages_are_read_by_the_receiving_task(
     readers: list[str] = []
     real = WebSocket.receive_messages
 
+    async def receive(*expected: bytes) -> None:
+        for data in expected:
+            assert await device.receive_some() == data
+
     async def recorded(
         self: WebSocket, max_size: int, **options: Any
     ) -> list[list[bytes | memoryview]]:
-        readers.append(trio.lowlevel.current_task().name.rsplit(".", 1)[-1])
+        task = trio.lowlevel.current_task()
+        by_receiver = getattr(task.coro, "cr_code", None) is receive.__code__
+        readers.append("receiver" if by_receiver else "stream's own task")
         return await real(self, max_size, **options)
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            service, device = framed_pair(nursery, 1 << 20)
-            device._ws.receive_messages = types.MethodType(recorded, device._ws)  # type: ignore[method-assign]
-
-            async def receive(*expected: bytes) -> None:
-                for data in expected:
-                    assert await device.receive_some() == data
+            client, server = websocket_pair(1 << 20)
+            server.receive_messages = types.MethodType(recorded, server)  # type: ignore[method-assign]
+            service, device = framed_pair(nursery, 1 << 20, (client, server))
 
             async with trio.open_nursery() as inner:
                 inner.start_soon(receive, b"first", b"second")
@@ -400,13 +393,15 @@ async def test_a_young_streams_messages_are_read_by_the_receiving_task(
                 await service.send_all(b"first")
                 await trio.testing.wait_all_tasks_blocked()
                 await service.send_all(b"second")
-            assert readers == ["receive", "receive"]
+            assert readers == ["receiver", "receiver"]
+            assert not device.background_started
             await trio.sleep(DIRECT_READ_TIME * 1.5)
             async with trio.open_nursery() as inner:
                 inner.start_soon(receive, b"third")
                 await trio.testing.wait_all_tasks_blocked()
                 await service.send_all(b"third")
-            assert set(readers[2:]) == {"_run"}
+            assert set(readers[2:]) == {"stream's own task"}
+            assert device.background_started
             nursery.cancel_scope.cancel()
 
 
@@ -420,7 +415,7 @@ async def test_the_connection_task_reads_soon_when_the_application_does_not(
             service, device = framed_pair(nursery, 1 << 20)
             await service.send_all(b"unread for now")
             await trio.sleep(DIRECT_READ_TIME * 2)
-            assert device._endpoint.received == len(b"unread for now")
+            assert device.endpoint.received == len(b"unread for now")
             assert await device.receive_some() == b"unread for now"
             nursery.cancel_scope.cancel()
 
@@ -467,10 +462,14 @@ async def test_closing_a_young_stream_waits_for_the_answer_to_its_close(
             await hub.data_then_eof()
             returned_at = []
 
+            closing: list[trio.lowlevel.Task] = []
+
             async def close() -> None:
+                closing.append(trio.lowlevel.current_task())
                 await device.aclose()
                 returned_at.append(trio.current_time())
 
+            before = set(nursery.child_tasks)
             nursery.start_soon(close)
             await trio.testing.wait_all_tasks_blocked()
             assert hub.received() == [[Ack(offset=3), Eof(offset=0)]]
@@ -481,7 +480,8 @@ async def test_closing_a_young_stream_waits_for_the_answer_to_its_close(
             closed_at = trio.current_time()
             await trio.sleep(1)
             assert returned_at == []
-            assert not [t for t in nursery.child_tasks if t.name.endswith("FramedStream._run")]
+            # No task started but the one closing (the stream's connection task never did).
+            assert [t for t in nursery.child_tasks if t not in before] == closing
             if answer:
                 close = events[0]
                 assert isinstance(close, CloseConnection)
@@ -506,13 +506,14 @@ async def test_a_young_streams_close_cancelled_drops_the_connection_at_once(
             hub = HandDrivenHub(nursery)
             device = hub.device
             await hub.data_then_eof()
+            before = set(nursery.child_tasks)
             with trio.move_on_after(DIRECT_READ_TIME / 2):  # still young then
                 await device.aclose()  # the hub never acknowledges the device's EOF
             assert trio.current_time() == DIRECT_READ_TIME / 2
             assert device.phase is StreamPhase.CLOSED
             assert hub.received() == [[Ack(offset=3), Eof(offset=0)]]
             assert await hub.sock.recv(10) == b""  # dropped, without a close
-            assert not [t for t in nursery.child_tasks if t.name.endswith("FramedStream._run")]
+            assert set(nursery.child_tasks) <= before  # no stream task started meanwhile
             nursery.cancel_scope.cancel()
     hub.sock.close()
 

@@ -238,6 +238,8 @@ class Opener:
     taps: list[Tap] = field(default_factory=list)
     #: When set, new connections are refused as if the hub were unreachable.
     refuse: bool = False
+    #: When each refused connection was asked for.
+    refused_at: list[float] = field(default_factory=list)
     #: When set, the hub learns that a stream connection ended only while it takes the
     #: client's next connection, between accepting the resume and switching to it.
     late_drops: bool = False
@@ -262,6 +264,7 @@ class Opener:
 
     async def __call__(self, address: HubAddress) -> trio.abc.Stream:
         if self.refuse:
+            self.refused_at.append(trio.current_time())
             await trio.lowlevel.checkpoint()
             raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, "refused by the test")
         assert (address.host, address.port) == (HUB.host, HUB.port), address
@@ -423,8 +426,8 @@ async def test_half_close_each_way_then_clean_finish(
         await pair.device.aclose()
         await pair.service.aclose()
         for stream in (pair.service, pair.device):
-            assert stream._endpoint.state is EndpointState.DONE
-            assert stream._endpoint.reset_info is None
+            assert stream.endpoint.state is EndpointState.DONE
+            assert stream.endpoint.reset_info is None
             assert stream.resumes == 0
         while (await metrics(hub_env))["devstream_streams_open"] != 0:
             await trio.sleep(0.1)
@@ -505,8 +508,8 @@ async def test_a_reader_that_stops_stops_the_writer(
                 handed_over = start + 4096
             await pair.service.send_eof()
 
-        sender = pair.service._endpoint
-        receiver = pair.device._endpoint
+        sender = pair.service.endpoint
+        receiver = pair.device.endpoint
         async with trio.open_nursery() as nursery:
             nursery.start_soon(write)
             # The device reads nothing: once everything is blocked, the writer is stuck with
@@ -600,7 +603,7 @@ async def test_resume_after_many_drops_loses_nothing(
         values = await metrics(hub_env)
         assert values["devstream_resumes_total"] == len(cuts)
         for stream in (pair.service, pair.device):
-            assert stream._endpoint.state is EndpointState.DONE
+            assert stream.endpoint.state is EndpointState.DONE
         # Every dead connection was released by its client, whichever end was cut.
         for opener in (pair.service_opener, pair.device_opener):
             assert all(tap.closed for tap in opener.stream_taps())
@@ -726,7 +729,7 @@ async def finish_closing(pair: Streams) -> None:
     await pair.service.aclose()
     await pair.device.aclose()
     for stream in (pair.service, pair.device):
-        assert stream._endpoint.state is EndpointState.DONE
+        assert stream.endpoint.state is EndpointState.DONE
 
 
 # -- grace period ------------------------------------------------------------------------------
@@ -823,7 +826,7 @@ async def finish(pair: Streams) -> None:
     await pair.service.aclose()
     await pair.device.aclose()
     for stream in (pair.service, pair.device):
-        assert stream._endpoint.state is EndpointState.DONE
+        assert stream.endpoint.state is EndpointState.DONE
 
 
 async def wait_for_resume(stream: FramedStream, count: int = 1) -> float:
@@ -934,7 +937,7 @@ async def test_a_closed_stream_waits_for_the_close_answer_and_never_resumes(
         await pair.service.send_all(b"last words")
         await pair.service.send_eof()
         assert await read_all(pair.device) == b"last words"
-        while not pair.service._endpoint.eof_acked:
+        while not pair.service.endpoint.eof_acked:
             await trio.sleep(0.01)
         tap = pair.service_opener.latest_stream()
         tap.stall(outgoing=False)  # the hub's answer to the close never arrives
@@ -1011,7 +1014,7 @@ async def test_open_service_gives_framed_streams_by_default(
             await stream.send_eof()
             assert await stream.receive_some() == b""
             await stream.aclose()
-            assert stream._endpoint.state is EndpointState.DONE
+            assert stream.endpoint.state is EndpointState.DONE
     assert kinds == [FramedStream]
 
 
@@ -1130,7 +1133,7 @@ async def test_a_resume_that_overtakes_the_drop_replaces_the_connection(
         assert await pair.service.receive_some() == b""
         await pair.service.aclose()
         await pair.device.aclose()
-        assert pair.service._endpoint.state is EndpointState.DONE
+        assert pair.service.endpoint.state is EndpointState.DONE
 
 
 async def test_a_replaced_connection_never_cuts_a_message_in_half(
@@ -1282,14 +1285,8 @@ async def test_closing_a_finished_stream_while_it_resumes_stops_the_resume(
         assert await pair.device.receive_some() == b""
         await pair.device.send_eof()
         assert await pair.service.receive_some() == b""
-        attempts: list[float] = []
-
-        async def refuse(token: str) -> WebSocket:
-            attempts.append(trio.current_time())
-            await trio.lowlevel.checkpoint()
-            raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, "refused by the test")
-
-        pair.service._reconnect = refuse
+        attempts = pair.service_opener.refused_at
+        pair.service_opener.refuse = True
         pair.service_opener.latest_stream().cut()
         while len(attempts) < 2:
             await trio.sleep(0.01)

@@ -321,5 +321,5 @@ async def test_the_stream_survives_resume_answers_lost_on_the_way(
         await service_stream.aclose()
         await device_stream.aclose()
         for stream in (service_stream, device_stream):
-            assert stream._endpoint.state is EndpointState.DONE
+            assert stream.endpoint.state is EndpointState.DONE
         assert (cut_side.resumes, other_side.resumes) == (1, 0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -214,17 +215,20 @@ async def test_rotated_device_keys_take_effect_at_once(
         await assert_echoes(hub_env, "d1")  # device and policy now cached by the hub
         stop()
         new_key_text = new_key(b"\x05" * 32)
-        updated = await service._json(
+        body = {
+            "deviceId": "d1",
+            "authentication": {
+                "symmetricKey": {"primaryKey": new_key_text, "secondaryKey": new_key_text}
+            },
+        }
+        response = await service.request(
             "PUT",
             "/devices/d1",
-            {
-                "deviceId": "d1",
-                "authentication": {
-                    "symmetricKey": {"primaryKey": new_key_text, "secondaryKey": new_key_text}
-                },
-            },
-            headers=[("if-match", "*")],
+            headers=[("content-type", "application/json"), ("if-match", "*")],
+            body=json.dumps(body).encode(),
         )
+        assert response.status == 200, response.body
+        updated = json.loads(response.body)
         new_cs = service.device_connection_string(updated)
         assert new_cs.shared_access_key == new_key_text
         with pytest.raises(Unauthorized):

@@ -751,6 +751,29 @@ class Bridge:
         stream = self._streams.get(stream_id)
         return StreamState.ENDED if stream is None else stream.state
 
+    def unconfirmed_roles(self, stream_id: str) -> frozenset[Role]:
+        """The roles of stream ``stream_id`` whose current connection is not confirmed yet,
+        so the resume token that opened it still works (empty when the stream is unknown).
+        For observability (tests, diagnostics): at most one earlier token per role is kept."""
+        stream = self._streams.get(stream_id)
+        return frozenset() if stream is None else frozenset(stream.previous)
+
+    def retired_resume_token_count(self, stream_id: str) -> int:
+        """How many resume tokens of stream ``stream_id`` are spent or retired (0 when the
+        stream is unknown). For observability (tests, diagnostics)."""
+        stream = self._streams.get(stream_id)
+        return 0 if stream is None else len(stream.spent_resume_nonces)
+
+    def table_sizes(self) -> dict[str, int]:
+        """For observability (memory accounting, tests): the entries the bridge's bookkeeping
+        holds: ``expiries`` and ``holds`` (timer entries, stale ones included until they
+        surface) and ``used_nonces`` (spent stream tokens, remembered until they expire)."""
+        return {
+            "expiries": len(self._expiries),
+            "holds": len(self._holds),
+            "used_nonces": len(self._used),
+        }
+
     # -- internals -------------------------------------------------------------------------
 
     def _move(self, stream: _Stream, event: StreamInput) -> None:

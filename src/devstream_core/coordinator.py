@@ -561,6 +561,11 @@ class Coordinator:
         """How many stream requests wait for a device's answer."""
         return len(self._pending)
 
+    def deadline_entries(self) -> int:
+        """For observability (memory accounting, tests): the entries of the requests' deadline
+        schedule, those of answered requests included until they are dropped."""
+        return len(self._deadlines)
+
     # -- internals -------------------------------------------------------------------------
 
     def _failed(self, pending: _Pending, code: ErrorCode) -> InitiationFailed:

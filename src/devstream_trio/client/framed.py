@@ -61,7 +61,7 @@ import trio
 
 from devstream_core.common import Role
 from devstream_core.errors import DevstreamError, ErrorCode, RemoteProtocolError
-from devstream_core.framing import MAX_MESSAGE_SIZE, EndpointState
+from devstream_core.framing import MAX_MESSAGE_SIZE, EndpointState, StreamEndpoint
 from devstream_core.streamdriver import (
     ACK_DELAY,
     DIRECT_READ_TIME,
@@ -160,6 +160,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
         self._writer_idle = self._stop_writer = self._ping_wanted = False
         #: The writer task runs only once something needs it (see _wake_writer).
         self._writer_running = False
+        self._writer_ever_started = False
         self._writer_nursery: trio.Nursery | None = None
         #: The connection task's timer while it reads, the deadline it was armed for, and
         #: whether a deferred acknowledgement brought it forward (see _defer_ack).
@@ -572,7 +573,7 @@ class FramedStream(trio.abc.HalfCloseableStream):
         if self._writer_nursery is None:
             self._need_reader()  # the writer starts with the connection task's first read
         elif not self._writer_running:
-            self._writer_running = True
+            self._writer_running = self._writer_ever_started = True
             self._writer_idle = False
             self._writer_nursery.start_soon(self._write_loop, self._ws)
 
@@ -590,6 +591,20 @@ class FramedStream(trio.abc.HalfCloseableStream):
         return drop
 
     # -- the nursery's starter ---------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> StreamEndpoint:
+        """For observability (tests, diagnostics): the core endpoint this stream drives, to
+        read its state and counters (``state``, ``received``, ``eof_acked``...). Only its
+        read-only properties are meant for use here: calling its methods would bypass the
+        stream, which sends and wakes tasks for what the endpoint does."""
+        return self._endpoint
+
+    @property
+    def writer_started(self) -> bool:
+        """For observability (tests, diagnostics): whether the writer task ever started.
+        Most streams never need it; what they send goes out from the calling task."""
+        return self._writer_ever_started
 
     @property
     def background_started(self) -> bool:

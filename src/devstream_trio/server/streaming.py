@@ -137,6 +137,13 @@ class StreamingEndpoint:
         self._silence = SilenceWatch(idle_timeout)
         self._idle_watches: dict[int, _IdleWatch] = {}
 
+    def framed_sides(self, stream_id: str) -> dict[Role, WebSocket | None]:
+        """For observability (tests, diagnostics): the WebSocket each side of devstream.v1
+        stream *stream_id* is attached by now (``None`` for a side not attached); empty for
+        a stream the hub does not know. A copy: changing it changes nothing."""
+        relay = self._framed.get(stream_id)
+        return {} if relay is None else dict(relay.sides)
+
     # -- events from the bridge's timer ------------------------------------------------------
 
     def handle(self, events: list[BridgeEvent]) -> None:

@@ -271,6 +271,17 @@ class WebSocket:
         """True once this side's close went out (the peer's answer may be on its way)."""
         return self._ws.state in (ConnectionState.LOCAL_CLOSING, ConnectionState.CLOSED)
 
+    @property
+    def buffered(self) -> int:
+        """For observability (memory accounting, tests): the bytes of messages this side
+        read from the socket and holds, not yet handed to the application (the parts of a
+        message being put together, and the fragments decoded but not yet taken)."""
+        held = self._parts_size
+        for event in self._events:
+            if isinstance(event, (BytesMessage, TextMessage)):
+                held += len(event.data)
+        return held
+
     async def _send(self, event: Event) -> None:
         await self._send_events([event])
 
