@@ -55,6 +55,8 @@ _OUTCOME_NAMES = {
 
 @dataclass
 class Outcome:
+    """One initiation waiting for its device's answer (``result``, set with ``event``)."""
+
     event: trio.Event = field(default_factory=trio.Event)
     result: CoordinatorEvent | None = None
     request_id: str = ""
