@@ -1,0 +1,260 @@
+"""devstream.v1 streams at the hub: each side's connection task reads *whole* messages (each
+holds whole frames; at most ``MAX_FRAMED_MESSAGE`` bytes) and forwards them to the other side's
+current WebSocket without parsing them; a side that drops is held for the grace period (the
+bridge decides), and its silence is watched from the hub's timer (the core's SilenceWatch)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from devstream_core.bridge import SideHeld, StreamState
+from devstream_core.common import Role
+from devstream_core.errors import ErrorCode
+from devstream_core.silence import SilenceWatch
+from devstream_core.wire import MAX_FRAMED_MESSAGE_SIZE
+
+from ..transport.websocket import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket
+from .sides import close_with
+
+if TYPE_CHECKING:
+    from .streaming import StreamingEndpoint
+
+__all__ = ["LONE_PING_INTERVAL", "MAX_FRAMED_MESSAGE", "FramedRelay", "FramedRelays"]
+
+log = logging.getLogger("devstream.hub")
+
+#: The largest devstream.v1 WebSocket message the hub relays. It may come in at most
+#: ``MAX_MESSAGE_FRAGMENTS`` fragments (the default of ``receive_messages``).
+MAX_FRAMED_MESSAGE = MAX_FRAMED_MESSAGE_SIZE
+#: How often the hub pings a devstream.v1 side that waits for its peer (clients give up on a
+#: silent hub after ``ping_interval + ping_timeout``, 20 s by default).
+LONE_PING_INTERVAL = 5.0
+
+
+@dataclass
+class FramedRelay:
+    """One devstream.v1 stream: the current WebSocket of each side, if attached."""
+
+    stream_id: str
+    sides: dict[Role, WebSocket | None] = field(
+        default_factory=lambda: {Role.DEVICE: None, Role.SERVICE: None}
+    )
+    scopes: dict[int, trio.CancelScope] = field(default_factory=dict)
+    paired: trio.Event = field(default_factory=trio.Event)
+    ended: bool = False
+    #: Why the hub ends the stream on its own (a peer that never came back, never came).
+    end_code: ErrorCode | None = None
+
+
+@dataclass(slots=True)
+class _IdleWatch:
+    """A devstream.v1 side whose silence the hub's timer watches (instead of a task each)."""
+
+    ws: WebSocket
+    #: The side's scope, cancelled to end its read when it has been silent too long.
+    scope: trio.CancelScope
+    #: True while the side's task waits for bytes (a send in progress is never cut).
+    receiving: bool = False
+    #: Set when the silence cancelled the scope (which a resume or the stream's end may too).
+    fired: bool = False
+
+
+class FramedRelays:
+    """The devstream.v1 streams of one hub, by stream id, and their sides' silence."""
+
+    def __init__(self, endpoint: StreamingEndpoint, idle_timeout: float) -> None:
+        self.endpoint = endpoint
+        self.bridge = endpoint.bridge
+        self.metrics = endpoint.metrics
+        self.close_timeout = endpoint.close_timeout
+        self.relays: dict[str, FramedRelay] = {}
+        #: The sides' silence, watched from one schedule, not a task each.
+        self._silence = SilenceWatch(idle_timeout)
+        self._idle_watches: dict[int, _IdleWatch] = {}
+
+    def relay(self, stream_id: str) -> FramedRelay:
+        """Stream *stream_id*'s relay, made on its first side's arrival."""
+        return self.relays.setdefault(stream_id, FramedRelay(stream_id=stream_id))
+
+    def end(self, stream_id: str, code: ErrorCode) -> None:
+        """The hub ends devstream.v1 stream *stream_id* with *code* (a Reset, then the close)."""
+        relay = self.relays.get(stream_id)
+        if relay is not None:
+            relay.ended = True
+            relay.end_code = code
+            for scope in relay.scopes.values():
+                scope.cancel()
+
+    def next_idle_check(self) -> float | None:
+        """When :meth:`check_idle` has something to look at next, if ever."""
+        return self._silence.next_deadline()
+
+    def check_idle(self, now: float) -> None:
+        """End the read of every devstream.v1 side silent (no frame, no ping) for
+        ``idle_timeout``; the side then counts as dropped. A side in the middle of sending to
+        its peer is looked at again later: the send is never cut."""
+        watches = self._idle_watches
+        for connection_id in self._silence.silent(
+            now,
+            lambda c: watches[c].ws.last_received,
+            lambda c: not watches[c].receiving,
+        ):
+            watch = watches[connection_id]
+            watch.fired = True
+            watch.scope.cancel()
+
+    def _watch_idle(self, connection_id: int, ws: WebSocket, scope: trio.CancelScope) -> _IdleWatch:
+        watch = _IdleWatch(ws=ws, scope=scope)
+        self._idle_watches[connection_id] = watch
+        if self._silence.watch(connection_id, since=trio.current_time()):
+            self.endpoint.wake()
+        return watch
+
+    async def serve_side(
+        self, relay: FramedRelay, role: Role, ws: WebSocket, connection_id: int
+    ) -> None:
+        """Relay one side's messages to the other side's current WebSocket."""
+        relay.sides[role] = ws
+        if relay.sides[role.other] is not None and not relay.paired.is_set():
+            relay.paired.set()
+            self.metrics.streams_total += 1
+        # One scope for the side: a resume that replaces it, the stream's end and the side's
+        # silence (the idle watch's ``fired``) all cancel it.
+        scope = relay.scopes[connection_id] = trio.CancelScope()
+        dropped = False
+        closed: ConnectionClosed | None = None
+        watch: _IdleWatch | None = None
+        try:
+            with scope:
+                await self._wait_for_peer(relay, ws)
+                # Nothing was read before the pairing: silence counts from when reading starts.
+                watch = self._watch_idle(connection_id, ws, scope)
+                try:
+                    await self._pump_framed(relay, role, ws, connection_id, watch)
+                except ConnectionClosed as exc:
+                    closed = exc
+                    dropped = exc.code == ABNORMAL_CLOSURE
+                finally:
+                    self._idle_watches.pop(connection_id, None)
+                    self._silence.forget(connection_id)
+            if watch is not None and watch.fired and scope.cancelled_caught:
+                log.info("stream %s: %s silent; dropping it", relay.stream_id, role.value)
+                await ws.abort()
+                dropped = True
+        finally:
+            del relay.scopes[connection_id]
+            current = relay.sides[role] is ws
+            if current:
+                relay.sides[role] = None
+            await self._after_framed_side(
+                relay, role, ws, connection_id, current=current, dropped=dropped, closed=closed
+            )
+
+    async def _pump_framed(
+        self,
+        relay: FramedRelay,
+        role: Role,
+        ws: WebSocket,
+        connection_id: int,
+        watch: _IdleWatch,
+    ) -> None:
+        watch.receiving = True
+        messages = await ws.receive_messages(MAX_FRAMED_MESSAGE)
+        watch.receiving = False
+        # The side sends nothing before it read the 101 and the resume token in it: from now on
+        # the token that opened this connection is spent (see Bridge.confirm).
+        self.bridge.confirm(
+            stream_id=relay.stream_id, connection_id=connection_id, now=trio.current_time()
+        )
+        sides = relay.sides
+        other = role.other
+        metrics = self.metrics
+        while True:
+            if sides[role] is not ws:
+                return  # replaced by a resume: what this connection still brings is stale
+            # A peer that is away gets nothing: it asks for this again when it resumes.
+            peer = sides[other]
+            if peer is not None:
+                # Not contextlib.suppress: that is an object and two calls on every write.
+                try:  # noqa: SIM105
+                    # Every whole message already received goes out in one write.
+                    metrics.bytes_relayed += await peer.send_whole_messages(messages)
+                except ConnectionClosed:
+                    pass  # a peer that vanished mid-write is noticed by its own connection task
+            watch.receiving = True
+            messages = await ws.receive_messages(MAX_FRAMED_MESSAGE)
+            watch.receiving = False
+
+    async def _after_framed_side(
+        self,
+        relay: FramedRelay,
+        role: Role,
+        ws: WebSocket,
+        connection_id: int,
+        *,
+        current: bool,
+        dropped: bool,
+        closed: ConnectionClosed | None,
+    ) -> None:
+        now = trio.current_time()
+        if not current:
+            # Replaced by a resume: the new connection carries on.
+            await ws.abort()
+            return
+        if relay.end_code is not None:
+            # The hub ends the stream: the peer never came (back).
+            self.bridge.leave(stream_id=relay.stream_id, connection_id=connection_id, now=now)
+            await close_with(ws, relay.end_code, self.close_timeout, reset=relay.paired.is_set())
+        elif dropped and not relay.ended:
+            self._handle_drop(relay, role, connection_id, now)
+            await ws.abort()
+        else:
+            relay.ended = True
+            self.bridge.leave(stream_id=relay.stream_id, connection_id=connection_id, now=now)
+            peer = relay.sides[role.other]
+            if peer is not None and closed is not None:
+                code, reason = closed.code, closed.reason
+                with trio.move_on_after(self.close_timeout):
+                    await peer.send_close(code, reason)
+            await ws.aclose(timeout=self.close_timeout)
+        if (
+            relay.sides[Role.DEVICE] is None
+            and relay.sides[Role.SERVICE] is None
+            and (relay.ended or relay.end_code is not None)
+        ):
+            self.relays.pop(relay.stream_id, None)
+
+    def _handle_drop(self, relay: FramedRelay, role: Role, connection_id: int, now: float) -> None:
+        events = self.bridge.drop(stream_id=relay.stream_id, connection_id=connection_id, now=now)
+        self.endpoint.wake()
+        if any(isinstance(event, SideHeld) for event in events):
+            log.info("stream %s: %s dropped; holding the stream", relay.stream_id, role.value)
+        elif self.bridge.stream_state(relay.stream_id) is not StreamState.ENDED:
+            # The bridge ignored the drop: a resume replaced this connection before its end
+            # was noticed here, and the new connection carries on.
+            pass
+        else:
+            # Not held (the stream was not paired yet, or already over): it ends here.
+            relay.ended = True
+            peer = relay.sides[role.other]
+            if peer is not None:
+                for scope in relay.scopes.values():
+                    scope.cancel()
+
+    async def _wait_for_peer(self, relay: FramedRelay, ws: WebSocket) -> None:
+        """Wait for the pairing, pinging the side every ``LONE_PING_INTERVAL``: nothing is read
+        from it before then, so its own pings go unanswered, and without a sign of life it
+        would drop and resume. No task of its own: most peers come within milliseconds."""
+        pinging = True
+        while not relay.paired.is_set():
+            with trio.move_on_after(LONE_PING_INTERVAL):
+                await relay.paired.wait()
+            if pinging and not relay.paired.is_set():
+                try:
+                    await ws.ping()
+                except ConnectionClosed:
+                    pinging = False  # its connection task finds out when it reads
