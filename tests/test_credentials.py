@@ -24,6 +24,7 @@ from devstream_core.common import Role
 from devstream_core.credentials import (
     MAX_SAS_TOKEN_LENGTH,
     ConnectionString,
+    RequestTokens,
     SasToken,
     SasVerifier,
     device_resource,
@@ -905,3 +906,26 @@ def test_verifier_parse_refuses_what_is_no_text_as_parse_sas_token_does() -> Non
             verifier.parse(value)  # type: ignore[arg-type]
         assert info.value.code is ErrorCode.ARGUMENT_INVALID
     assert len(verifier) == 0
+
+
+# -- RequestTokens: one token for many requests ---------------------------------------------
+
+
+def test_request_tokens_sign_again_at_half_the_lifetime_or_when_the_clock_went_back() -> None:
+    cs = ConnectionString.parse(
+        f"HostName={HOST};SharedAccessKeyName=service;SharedAccessKey={KEY}"
+    )
+    tokens = RequestTokens(cs, 3600)
+    first = tokens.token(NOW)
+    assert parse_sas_token(first).se == int(NOW) + 3600
+    verify_sas_token(first, keys=[KEY], resource=HOST, now=NOW)
+    assert tokens.token(NOW + 1799.9) is first  # the same text: the hub remembers it
+    second = tokens.token(NOW + 1800)  # half its life gone: signed again
+    assert parse_sas_token(second).se == int(NOW) + 1800 + 3600
+    assert tokens.token(NOW + 1801) is second
+    back = tokens.token(NOW - 10)  # the clock went back before it was signed
+    assert parse_sas_token(back).se == int(NOW) - 10 + 3600
+    assert "sig" not in repr(tokens)
+    for lifetime in (1, 0, 2.5, True):
+        with pytest.raises(LocalProtocolError):
+            RequestTokens(cs, lifetime)  # type: ignore[arg-type]

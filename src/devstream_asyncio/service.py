@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 
 from devstream_core.common import Role
 from devstream_core.control import MODE_FRAMED, MODE_RAW
-from devstream_core.credentials import ConnectionString
+from devstream_core.credentials import ConnectionString, RequestTokens
 from devstream_core.errors import ErrorCode
 from devstream_core.exceptions import HubError
 from devstream_core.streamdriver import StreamOptions
@@ -61,14 +61,15 @@ class ServiceClient:
         self.ssl_context = ssl_context
         self.stream_options = stream_options or StreamOptions()
         self.sas_lifetime = sas_lifetime
+        #: The SAS token requests carry (one for many requests).
+        self._tokens = RequestTokens(self.connection_string, sas_lifetime)
         self._streams: list[Stream] = []
         #: Whether the hub opens streams in one step (None until the first stream says;
         #: False: initiate with a POST, the Azure way).
         self.one_step: bool | None = None
 
     def _authorization(self) -> tuple[str, str]:
-        expiry = int(time.time()) + self.sas_lifetime
-        return ("authorization", self.connection_string.sas_token(expiry=expiry))
+        return ("authorization", self._tokens.token(time.time()))
 
     async def open_stream(
         self,

@@ -34,6 +34,7 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ __all__ = [
     "SAS_PREFIX",
     "SAS_RENEW_FRACTION",
     "ConnectionString",
+    "RequestTokens",
     "SasToken",
     "SasVerifier",
     "device_resource",
@@ -422,6 +424,40 @@ def sas_renewal_time(
     if not issued_at < expiry:
         raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "a token must expire after it is made")
     return issued_at + fraction * (expiry - issued_at)
+
+
+class RequestTokens:
+    """The SAS token a client sends with each request (a service's initiates and registry
+    calls): one token for many requests, signed again once half of its *lifetime* has passed,
+    or when the clock went back before it was signed.
+
+    Signing costs about as much as the rest of a request's head, and the hub verifies a token
+    it saw before for next to nothing (:class:`SasVerifier` remembers it by its text), so a
+    fresh token per request would cost both sides. Time (Unix seconds) comes in as ``now``.
+    """
+
+    __slots__ = ("_connection_string", "_expiry", "_lifetime", "_token")
+
+    def __init__(self, connection_string: ConnectionString, lifetime: int) -> None:
+        if isinstance(lifetime, bool) or not isinstance(lifetime, int) or lifetime < 2:
+            raise LocalProtocolError(
+                ErrorCode.ARGUMENT_INVALID, "lifetime must be a whole number of seconds >= 2"
+            )
+        self._connection_string = connection_string
+        self._lifetime = lifetime
+        self._token = ""
+        self._expiry = -math.inf
+
+    def token(self, now: float) -> str:
+        """The token to send at *now*."""
+        expiry, lifetime = self._expiry, self._lifetime
+        if not expiry - lifetime <= now < expiry - lifetime / 2:
+            self._expiry = int(now) + lifetime
+            self._token = self._connection_string.sas_token(expiry=int(now) + lifetime)
+        return self._token
+
+    def __repr__(self) -> str:
+        return f"RequestTokens(lifetime={self._lifetime})"
 
 
 def device_resource(host_name: str, device_id: str) -> str:

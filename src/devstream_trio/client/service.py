@@ -17,7 +17,6 @@ streaming endpoint.
 from __future__ import annotations
 
 import json
-import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +27,7 @@ import trio
 
 from devstream_core.common import Role
 from devstream_core.control import MODE_RAW
-from devstream_core.credentials import ConnectionString
+from devstream_core.credentials import ConnectionString, RequestTokens
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 from devstream_core.wire import (
     API_VERSION,
@@ -96,20 +95,12 @@ class ServiceClient:
         self.stream_options = stream_options
         #: Whether the hub opens streams in one step: None until the first stream says.
         self.one_step: bool | None = None
-        #: The SAS token requests carry, and when it expires.
-        self._sas: tuple[str, float] = ("", -math.inf)
+        #: The SAS token requests carry (one for many requests).
+        self._tokens = RequestTokens(self.connection_string, self.sas_lifetime)
 
     def _authorization(self) -> tuple[str, str]:
-        """The Authorization header: one SAS token for many requests, renewed at half its
-        lifetime (signing one costs about as much as the rest of a request's head)."""
-        now = self.wall_clock()
-        token, expiry = self._sas
-        lifetime = self.sas_lifetime
-        if not expiry - lifetime <= now < expiry - lifetime / 2:
-            expiry = int(now) + lifetime
-            token = self.connection_string.sas_token(expiry=expiry)
-            self._sas = (token, expiry)
-        return ("authorization", token)
+        """The Authorization header (the core's :class:`RequestTokens` decides when to sign)."""
+        return ("authorization", self._tokens.token(self.wall_clock()))
 
     async def request(
         self,

@@ -78,7 +78,6 @@ class StreamingEndpoint:
         self.metrics = metrics
         self.random_bytes = random_bytes
         self.close_timeout = close_timeout
-        self.idle_timeout = idle_timeout
         self.wake = wake
         self._raw = RawRelays(self)
         self._framed = FramedRelays(self, idle_timeout)
