@@ -1,0 +1,114 @@
+"""``devstream hub`` and ``devstream connection-string``: run a hub, show its owner credential."""
+
+from __future__ import annotations
+
+import argparse
+import ssl
+from pathlib import Path
+
+import trio
+
+from devstream_core.registry import OWNER_POLICY
+
+from ..client.service import SAS_LIFETIME
+from ..server.datafolder import DB_NAME, open_data_folder
+from ..server.hub import (
+    HubConfig,
+    ensure_owner_policy,
+    raise_open_files_limit,
+    serve_hub,
+    tune_gc_for_hub,
+)
+from ..server.store import RegistryStore
+from .options import UsageError, default_data_dir, owner_connection_string, parse_listen, seconds
+
+
+async def cmd_hub(args: argparse.Namespace) -> int:
+    host, port = parse_listen(args.listen)
+    ssl_context = None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if args.tls_cert:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"cannot load the TLS certificate or key: {exc}") from exc
+    if args.public_url and not args.public_url.startswith(("http://", "https://")):
+        raise UsageError("--public-url must start with http:// or https://")
+    data = Path(args.data) if args.data else default_data_dir()
+    tune_gc_for_hub()
+    raise_open_files_limit()
+    async with open_data_folder(data) as store:
+        policy, created = await ensure_owner_policy(store)
+        async with trio.open_nursery() as nursery:
+            try:
+                hub = await nursery.start(
+                    lambda task_status: serve_hub(
+                        store,
+                        host=host,
+                        port=port,
+                        public_url=args.public_url,
+                        ssl_context=ssl_context,
+                        config=HubConfig(max_sas_lifetime=args.max_sas_lifetime),
+                        task_status=task_status,
+                    )
+                )
+            except OSError as exc:
+                raise UsageError(f"cannot listen on {args.listen}: {exc.strerror}") from exc
+            await store.set_setting("public_url", hub.public_url.encode())
+            listen_host, listen_port = hub.listen_address or (host, port)
+            print(
+                f"devstream hub listening on {listen_host}:{listen_port}; "
+                f"clients reach it at {hub.public_url}",
+                flush=True,
+            )
+            print(f"data folder: {data}", flush=True)
+            if created:
+                cs = owner_connection_string(policy, hub.public_url)
+                print(
+                    "first start: created the owner policy. Its service connection string "
+                    "(shown once; `devstream connection-string` shows it again):",
+                    flush=True,
+                )
+                print(cs, flush=True)
+    return 0
+
+
+async def cmd_connection_string(args: argparse.Namespace) -> int:
+    data = Path(args.data) if args.data else default_data_dir()
+    if not (data / DB_NAME).exists():
+        raise UsageError(f"no hub data in {str(data)!r}: run `devstream hub` first")
+    async with await RegistryStore.open(data / DB_NAME) as store:
+        policy = await store.get_policy(OWNER_POLICY)
+        stored_url = await store.get_setting("public_url")
+    url = args.public_url or (stored_url.decode() if stored_url else None)
+    if policy is None or url is None:
+        raise UsageError(f"the hub in {str(data)!r} has not started yet: run `devstream hub`")
+    print(owner_connection_string(policy, url))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``hub`` and ``connection-string`` to the command line."""
+    hub = sub.add_parser("hub", help="run a hub")
+    hub.add_argument(
+        "--data", help="data folder (default: $DEVSTREAM_DATA or ~/.local/share/devstream)"
+    )
+    hub.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default %(default)s)")
+    hub.add_argument("--public-url", help="address clients use, e.g. https://hub.example.com")
+    hub.add_argument("--tls-cert", help="certificate chain (PEM) to serve https/wss")
+    hub.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
+    hub.add_argument(
+        "--max-sas-lifetime",
+        type=seconds(1),
+        metavar="SECONDS",
+        help="refuse SAS tokens that expire further out than this (default: no limit; "
+        f"devstream's clients sign for {SAS_LIFETIME} s unless given --sas-lifetime)",
+    )
+    hub.set_defaults(func=cmd_hub)
+
+    cs = sub.add_parser("connection-string", help="print the hub's owner connection string")
+    cs.add_argument("--data")
+    cs.add_argument("--public-url", help="print it for this address instead")
+    cs.set_defaults(func=cmd_connection_string)
