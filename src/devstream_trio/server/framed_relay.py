@@ -111,7 +111,7 @@ class FramedRelays:
         watch = _IdleWatch(ws=ws, scope=scope)
         self._idle_watches[connection_id] = watch
         if self._silence.watch(connection_id, since=trio.current_time()):
-            self.endpoint.wake()
+            self.endpoint.wake(self._silence.next_deadline())
         return watch
 
     async def serve_side(
@@ -230,7 +230,7 @@ class FramedRelays:
 
     def _handle_drop(self, relay: FramedRelay, role: Role, connection_id: int, now: float) -> None:
         events = self.bridge.drop(stream_id=relay.stream_id, connection_id=connection_id, now=now)
-        self.endpoint.wake()
+        self.endpoint.wake(self.bridge.next_deadline())
         if any(isinstance(event, SideHeld) for event in events):
             log.info("stream %s: %s dropped; holding the stream", relay.stream_id, role.value)
         elif self.bridge.stream_state(relay.stream_id) is not StreamState.ENDED:

@@ -313,12 +313,17 @@ class Hub:
             deadlines.append(idle_due)
         return min(deadlines, default=math.inf)
 
-    def wake(self) -> None:
+    def wake(self, due: float | None = math.inf) -> None:
         """Call after adding a deadline: the timer looks again if it is due before its alarm.
 
-        (Most are not: an initiate's or a join's deadline is a minute away, behind others.)
+        *due* is the next deadline of the one machine that added it, when the caller has it
+        (the others' are where they were): the earliest of all is only worked out without it.
+        (Most are not due before the alarm: an initiate's or a join's deadline is a minute
+        away, behind others.)
         """
-        if self._next_deadline() < self._timer_alarm:
+        if due == math.inf:
+            due = self._next_deadline()
+        if due is not None and due < self._timer_alarm:
             self._timer_wakeup.set()
 
     def dispatch(self, events: list[CoordinatorEvent]) -> None:

@@ -169,7 +169,7 @@ class Initiations:
             response_timeout=response_timeout,
             stream_nonce=self.hub.random_bytes(16),
         )
-        self.hub.wake()
+        self.hub.wake(self.hub.coordinator.next_deadline())
         outcome = Outcome()
         for event in events:
             if isinstance(event, SendStreamRequest):
@@ -187,7 +187,8 @@ class Initiations:
                         self.hub.coordinator.withdraw(request_id=event.request_id, now=now)
                     )
                     raise HttpError(exc.code, exc.message) from exc
-                self.hub.wake()  # the stream's tokens expire: a deadline of the bridge's
+                # The stream's tokens expire: a deadline of the bridge's.
+                self.hub.wake(self.hub.bridge.next_deadline())
                 outcome.request_id = event.request_id
                 outcome.stream_id = event.stream_id
                 outcome.service_token = service_token

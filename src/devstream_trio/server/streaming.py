@@ -72,7 +72,7 @@ class StreamingEndpoint:
         random_bytes: Callable[[int], bytes],
         close_timeout: float,
         idle_timeout: float,
-        wake: Callable[[], None],
+        wake: Callable[[float | None], None],
     ) -> None:
         self.bridge = bridge
         self.metrics = metrics
@@ -158,7 +158,7 @@ class StreamingEndpoint:
                 replaced = None
         except DevstreamError as exc:
             raise HttpError(exc.code, exc.message) from exc
-        self.wake()
+        self.wake(self.bridge.next_deadline())
         extra = extra_headers or []
         if mode == MODE_RAW:
             await self._raw.join(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import functools
 import json
 import os
 import re
@@ -59,6 +58,14 @@ _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 # (Runs of visible characters with spaces or tabs between them: one way to match each value,
 # so a long line that does not match fails in linear time.)
 _FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff]+(?:[\t ]+[\x21-\x7e\x80-\xff]+)*)?")
+#: One header line as :func:`_plain_fields` takes it: a name, a colon, the value with the
+#: spaces and tabs around it left out (one regular expression for what the two above check
+#: of a stripped value: a line is read in one call).
+#: (Trailing spaces only after a value, so a line of spaces that fails, fails in linear time.)
+_FIELD_LINE = re.compile(
+    rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[\t ]*"
+    rb"(?:([\x21-\x7e\x80-\xff]+(?:[\t ]+[\x21-\x7e\x80-\xff]+)*)[\t ]*)?"
+)
 #: The target of a request the client writes itself (visible ASCII, as h11 requires).
 _REQUEST_TARGET = re.compile(rb"[\x21-\x7e]+")
 #: The status line and the header lines of a ``101`` the client reads itself; anything else
@@ -148,27 +155,42 @@ class HttpRequest(_HttpMessage):
                 tokens.extend(t.strip() for t in value.decode("latin-1").split(","))
         return [t.lower() if lower else t for t in tokens if t]
 
+    # The three below are worked out once (the hub asks more than once) and kept in the
+    # instance's dictionary: functools.cached_property takes a lock on each first look in
+    # Python 3.11, and the hub looks at every request.
+
     @property
     def subprotocols(self) -> list[str]:
         """The WebSocket subprotocols the client offers, in its order and spelling."""
-        return self.header_tokens(b"sec-websocket-protocol", lower=False)
+        found: list[str] | None = self.__dict__.get("_subprotocols")
+        if found is None:
+            found = self.header_tokens(b"sec-websocket-protocol", lower=False)
+            self.__dict__["_subprotocols"] = found
+        return found
 
-    @functools.cached_property
+    @property
     def is_websocket_upgrade(self) -> bool:
         """True when the request asks to open a WebSocket (``Upgrade: websocket`` and
         ``Connection: Upgrade``); :meth:`HttpServerConnection.next_request` has then checked
-        the rest of its handshake. (Worked out once: the hub asks more than once.)"""
-        return handshake.asks_for_websocket(self.headers)
+        the rest of its handshake."""
+        asks: bool | None = self.__dict__.get("_asks")
+        if asks is None:
+            asks = self.__dict__["_asks"] = handshake.asks_for_websocket(self.headers)
+        return asks
 
-    @functools.cached_property
+    @property
     def websocket_key(self) -> bytes:
         """The key of a WebSocket handshake the hub takes (the core's
-        :func:`~devstream_core.handshake.check_request`, worked out once);
-        :class:`HttpError` if it refuses it."""
-        try:
-            return handshake.check_request(self.method, self.http_version, self.headers)
-        except RemoteProtocolError as exc:
-            raise HttpError(exc.code, exc.message) from None
+        :func:`~devstream_core.handshake.check_request`); :class:`HttpError` if it refuses
+        it."""
+        key: bytes | None = self.__dict__.get("_key")
+        if key is None:
+            try:
+                key = handshake.check_request(self.method, self.http_version, self.headers)
+            except RemoteProtocolError as exc:
+                raise HttpError(exc.code, exc.message) from None
+            self.__dict__["_key"] = key
+        return key
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -735,13 +757,13 @@ def _plain_fields(lines: Sequence[bytes]) -> Headers | None:
     or is a ``Content-Length`` or ``Transfer-Encoding`` (which h11 checks, in a request or a
     response, and which the plain readers leave to it)."""
     fields: Headers = []
+    line_match = _FIELD_LINE.fullmatch
     for line in lines:
-        name, colon, value = line.partition(b":")
-        value = value.strip(b" \t")
-        if not colon or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+        match = line_match(line)
+        if match is None:
             return None
-        name = name.lower()
+        name = match[1].lower()
         if name in _FRAMING_FIELDS:
             return None
-        fields.append((name, value))
+        fields.append((name, match[2] or b""))
     return fields
