@@ -48,25 +48,27 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-from collections.abc import Sequence
 from typing import NoReturn
 
 import trio
 
-from devstream_core.errors import LocalProtocolError
 from devstream_core.websocket import (
     BytesMessage,
     CloseConnection,
     Connection,
-    ConnectionState,
     Event,
     Ping,
-    Pong,
     TextMessage,
-    sendable_close_code,
 )
 
 from . import io as _io
+from .websocket_send import (
+    ABNORMAL_CLOSURE,
+    NORMAL_CLOSURE,
+    ConnectionClosed,
+    WebSocketSender,
+    close_forcefully,
+)
 
 __all__ = [
     "ABNORMAL_CLOSURE",
@@ -79,12 +81,9 @@ __all__ = [
     "payload",
 ]
 
-#: The close code of a normal end.
-NORMAL_CLOSURE = 1000
-#: The close code reported when the transport ended without a close frame (never sent).
-ABNORMAL_CLOSURE = 1006
 #: The close code for a message larger than the receiver takes, or in too many fragments.
 MESSAGE_TOO_BIG = 1009
+
 #: The most fragments (frames, empty ones too) a message read whole may come in (the default
 #: of ``max_fragments``, for devstream.v1 on the hub and in the clients): one that has come
 #: in this many without its end is refused with 1009, as one too big is. Bytes are not all a
@@ -93,6 +92,7 @@ MESSAGE_TOO_BIG = 1009
 #: small reads is one fragment (its pieces, one per read, are joined whenever more than this
 #: many are kept).
 MAX_MESSAGE_FRAGMENTS = 4096
+
 #: Bytes a client asks of the transport per read, at first and at most. A read that fills
 #: what it asked for doubles the next one (a busy stream then moves up to 1 MiB per scheduler
 #: pass); two in a row that bring less than a quarter halve it (a chatty connection does not
@@ -100,54 +100,11 @@ MAX_MESSAGE_FRAGMENTS = 4096
 #: leaves a short tail for the next, and halving on that tail would split every such message
 #: in two reads. A server reads into the run's shared buffer, always up to its whole size.
 _RECEIVE_SIZE = 65536
+
 _RECEIVE_SIZE_MAX = 1024 * 1024
 
-#: Parts at least this long are handed on as they are, not copied into one buffer with their
-#: neighbours (frame headers, small payloads): on a plain socket as a buffer of their own in
-#: one ``writev``; on other streams (TLS) with a ``send_all`` of their own, which only pays
-#: for long parts.
-_ALONE_SOCKET = 16384
-_ALONE_STREAM = 1 << 19
 #: The events that carry data (the codec makes exactly these types).
 _DATA_EVENTS = frozenset({BytesMessage, TextMessage})
-#: Looked up once: an enum member is a slow class attribute lookup on every send.
-_OPEN = ConnectionState.OPEN
-
-
-async def close_forcefully(stream: trio.abc.Stream) -> None:
-    """Close *stream* at once, as :func:`trio.aclose_forcefully` does.
-
-    A plain :class:`trio.SocketStream` has nothing to flush: its socket is closed directly,
-    which spares the cancelled scope (and the ``Cancelled`` raised and caught in it) that
-    ``aclose_forcefully`` costs on every connection. That path is not a checkpoint.
-    """
-    if type(stream) is trio.SocketStream:
-        stream.socket.close()
-    else:
-        await trio.aclose_forcefully(stream)
-
-
-def _gather(
-    parts: Sequence[bytes | bytearray | memoryview], alone: int
-) -> list[bytes | bytearray | memoryview]:
-    """*parts* as the buffers to write: parts of *alone* bytes or more by themselves, runs of
-    shorter ones joined."""
-    if len(parts) == 2 and len(parts[1]) >= alone:
-        # One long payload and its frame header (a relay's usual write): nothing to join.
-        return [parts[0], parts[1]] if parts[0] else [parts[1]]
-    buffers: list[bytes | bytearray | memoryview] = []
-    run: list[bytes | bytearray | memoryview] = []
-    for part in parts:
-        if len(part) >= alone:
-            if run:
-                buffers.append(b"".join(run) if len(run) > 1 else run[0])
-                run = []
-            buffers.append(part)
-        elif part:
-            run.append(part)
-    if run:
-        buffers.append(b"".join(run) if len(run) > 1 else run[0])
-    return buffers
 
 
 _READ_BUFFER: trio.lowlevel.RunVar[memoryview] = trio.lowlevel.RunVar("devstream_read_buffer")
@@ -163,56 +120,9 @@ def _read_buffer() -> memoryview:
         return buffer
 
 
-class _SendLock:
-    """The lock that serialises a WebSocket's writers, first come first served. Taking it
-    while it is free is a cancellation point but not a schedule point: the write that follows
-    usually completes at once, and the loops that send also read, which always is one.
-
-    Lighter than ``trio.StrictFIFOLock``, which it replaces on every send: a flag while no one
-    waits, and a parking lot made only when a second writer has to wait. A releasing writer
-    hands the lock straight to the first one waiting.
-    """
-
-    __slots__ = ("_busy", "_waiters")
-
-    def __init__(self) -> None:
-        self._busy = False
-        self._waiters: trio.lowlevel.ParkingLot | None = None
-
-    async def __aenter__(self) -> None:
-        if self._busy:
-            if self._waiters is None:
-                self._waiters = trio.lowlevel.ParkingLot()
-            # Woken holding the lock; cancelled while waiting, never holding it.
-            await self._waiters.park()
-        else:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._busy = True
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.release()
-
-    def release(self) -> None:
-        if self._waiters:
-            self._waiters.unpark()  # the first waiter now holds it
-        else:
-            self._busy = False
-
-    def locked(self) -> bool:
-        return self._busy
-
-
-class ConnectionClosed(Exception):
-    """The WebSocket is closed; ``code`` and ``reason`` are the peer's (or 1006)."""
-
-    def __init__(self, code: int, reason: str = "") -> None:
-        super().__init__(f"WebSocket closed: {code} {reason}".rstrip())
-        self.code = code
-        self.reason = reason
-
-
-class WebSocket:
-    """One open WebSocket: messages in and out, pings, close."""
+class WebSocket(WebSocketSender):
+    """One open WebSocket: messages in and out, pings, close (the sending half is
+    :class:`~devstream_trio.transport.websocket_send.WebSocketSender`'s)."""
 
     def __init__(
         self,
@@ -223,7 +133,7 @@ class WebSocket:
         handshake_headers: list[tuple[bytes, bytes]] | None = None,
         initial_data: bytes = b"",
     ) -> None:
-        self.stream = stream
+        super().__init__(stream, connection)
         self.subprotocol = subprotocol
         #: The headers of the handshake's other half (the 101 response, on a client).
         self.handshake_headers = handshake_headers or []
@@ -232,19 +142,12 @@ class WebSocket:
         self._parts: list[bytes | memoryview] = []
         self._parts_size = 0
         self._frames = 0
-        self._ws = connection
-        self._client = connection.client
         self._receive_size = _RECEIVE_SIZE
         #: The last read brought less than a quarter of what it asked for.
         self._small_read = False
         #: The last read brought less than it asked for: the next one waits for data first.
         self._drained = False
         self._events: collections.deque[Event] = collections.deque()
-        self._send_lock = _SendLock()
-        #: The part of a message send_bytes_nowait could not write at once: written first by
-        #: the next send.
-        self._backlog: list[memoryview] = []
-        self._closed: ConnectionClosed | None = None
         #: A server on a plain socket: reads go into the run's shared buffer (_read_plain).
         self._server_plain = type(stream) is trio.SocketStream and not self._client
         #: The run's read buffer, as the list ``readv`` takes (a server's plain-socket reads),
@@ -257,21 +160,6 @@ class WebSocket:
             self._events.extend(connection.receive_data(initial_data))
 
     @property
-    def closed(self) -> ConnectionClosed | None:
-        """Why the connection closed, or ``None`` while it is open."""
-        return self._closed
-
-    @property
-    def is_open(self) -> bool:
-        """True while messages can still be sent."""
-        return self._ws.state is _OPEN
-
-    @property
-    def close_sent(self) -> bool:
-        """True once this side's close went out (the peer's answer may be on its way)."""
-        return self._ws.state in (ConnectionState.LOCAL_CLOSING, ConnectionState.CLOSED)
-
-    @property
     def buffered(self) -> int:
         """For observability (memory accounting, tests): the bytes of messages this side
         read from the socket and holds, not yet handed to the application (the parts of a
@@ -282,189 +170,11 @@ class WebSocket:
                 held += len(event.data)
         return held
 
-    async def _send(self, event: Event) -> None:
-        await self._send_events([event])
-
-    async def _send_events(self, events: Sequence[Event]) -> None:
-        """Encode *events* with the codec and write them out, small frames together in one
-        write. Refused because the connection is closing, they raise
-        :class:`ConnectionClosed`; refused otherwise (text inside a binary message), the
-        codec's ``LocalProtocolError``."""
-        async with self._send_lock:
-            parts: list[bytes | bytearray | memoryview] = []
-            ws = self._ws
-            try:
-                for event in events:
-                    key = os.urandom(4) if self._client else b""
-                    if type(event) is BytesMessage or type(event) is TextMessage:
-                        parts.extend(
-                            ws.send_data(
-                                event.data, message_finished=event.message_finished, mask_key=key
-                            )
-                        )
-                    elif type(event) is Ping:
-                        parts.append(ws.send_ping(event.payload, mask_key=key))
-                    elif type(event) is Pong:
-                        parts.append(ws.send_pong(event.payload, mask_key=key))
-                    elif type(event) is CloseConnection:
-                        code = sendable_close_code(event.code)
-                        parts.append(ws.send_close(code, event.reason, mask_key=key))
-                    else:
-                        raise TypeError(f"not an event of devstream_core.websocket: {event!r}")
-            except LocalProtocolError as exc:
-                if ws.state is _OPEN:
-                    raise
-                raise self._closing_error() from exc
-            await self._write(parts)
-
-    def _closing_error(self) -> ConnectionClosed:
-        """What a send raises once the connection is closing or closed."""
-        return ConnectionClosed(self._closed.code if self._closed else ABNORMAL_CLOSURE, "closed")
-
-    async def _write(self, parts: list[bytes | bytearray | memoryview]) -> None:
-        """Write *parts* in order, the small ones joined, the large ones on their own; a lost
-        transport is reported as ``ConnectionClosed(1006)``. Call with the send lock held."""
-        try:
-            await self._write_parts(parts)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._mark_lost()
-            raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
-
-    def _mark_lost(self) -> None:
-        """The transport is gone: the WebSocket counts as closed (1006) unless it already is."""
-        self._closed = self._closed or ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
-
-    def _write_nowait(self, parts: list[bytes | bytearray | memoryview]) -> None:
-        """Write *parts* from the calling task as far as the socket takes them now, keeping
-        the rest as the backlog the next send writes first (callers checked
-        :attr:`can_send_nowait`). A transport that is gone marks the WebSocket closed, for the
-        reader to find out."""
-        stream = self.stream
-        assert type(stream) is trio.SocketStream  # can_send_nowait says so
-        try:
-            self._backlog = _io.write_nowait(stream, _gather(parts, _ALONE_SOCKET))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._mark_lost()
-
-    async def _write_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
-        if type(self.stream) is trio.SocketStream:
-            own = _gather(parts, _ALONE_SOCKET)
-            buffers = own
-            if self._backlog:
-                # What a send_bytes_nowait left goes first.
-                buffers, self._backlog = [*self._backlog, *own], []
-            rest = _io.write_nowait(self.stream, buffers)
-            if rest:
-                await self._write_rest(self.stream, own, rest)
-        else:
-            buffers = _gather(parts, _ALONE_STREAM)
-            try:
-                for buffer in buffers:
-                    await self.stream.send_all(buffer)
-            except trio.Cancelled:
-                # How much of the frames went out is unknown (a TLS stream is broken after
-                # this): the connection ends, as a socket's does when its frame is cut.
-                self._closed = self._closed or ConnectionClosed(
-                    ABNORMAL_CLOSURE, "a send was cancelled part way through a frame"
-                )
-                raise
-            if not buffers:
-                await trio.lowlevel.checkpoint()
-
-    async def _write_rest(
-        self,
-        stream: trio.SocketStream,
-        own: list[bytes | bytearray | memoryview],
-        rest: list[memoryview],
-    ) -> None:
-        """Write *rest*, what the socket did not take at once, as it drains; *own* are this
-        send's buffers, which come after any backlog of an earlier send_bytes_nowait.
-
-        Cancelled once part of *own* went out, the frames on the wire are cut, and the peer
-        would read the next frame's bytes as the rest of the cut one: the connection ends
-        instead (the transport is closed; sends and receives then raise
-        ``ConnectionClosed(1006)``). Cancelled before any of *own* went out, this send is
-        dropped whole and what is left of the backlog stays for the next send.
-        """
-        try:
-            while rest:
-                await trio.lowlevel.wait_writable(stream.socket)
-                rest = _io.write_nowait(stream, rest)
-        except trio.Cancelled:
-            if sum(map(len, rest)) < sum(map(len, own)):
-                self._closed = self._closed or ConnectionClosed(
-                    ABNORMAL_CLOSURE, "a send was cancelled part way through a frame"
-                )
-                stream.socket.close()
-            else:
-                self._backlog = rest[: len(rest) - len(own)]
-            raise
-
-    async def send_bytes(self, data: bytes, *, message_finished: bool = True) -> None:
-        """Send binary data; ``message_finished=False`` sends a fragment of a longer message."""
-        await self._send(BytesMessage(data=data, message_finished=message_finished))
-
-    def send_bytes_nowait(self, data: bytes) -> bool:
-        """Send *data* as one binary message from the calling task, without waiting and
-        without a checkpoint, when that can be done: on a plain socket, with no other send in
-        progress. True when the WebSocket took the message: written, or its end kept to go
-        out first with the next send or :meth:`flush`, as the kernel allowed (or dropped with
-        a transport that is gone, which the reader finds out). False when the caller must
-        send it the usual way.
-
-        For a writer that must not wait (a task that also reads, or one that must not be
-        cancelled mid-frame): nothing is ever cut by a cancellation here.
-        """
-        if not self.can_send_nowait:
-            return False
-        key = os.urandom(4) if self._client else b""
-        self._write_nowait(list(self._ws.send_data(data, mask_key=key)))
-        return True
-
-    def send_close_nowait(self, code: int = 1000, reason: str = "") -> bool:
-        """Start the closing handshake from the calling task, as :meth:`send_bytes_nowait`
-        sends a message: True when the close went out (or its end was kept to go out first
-        with the next write), False when the caller must use :meth:`send_close`."""
-        if not self.can_send_nowait:
-            return False
-        key = os.urandom(4) if self._client else b""
-        self._write_nowait([self._ws.send_close(sendable_close_code(code), reason, mask_key=key)])
-        return True
-
-    @property
-    def can_send_nowait(self) -> bool:
-        """True when :meth:`send_bytes_nowait` would take a message now."""
-        return (
-            type(self.stream) is trio.SocketStream
-            and not self._send_lock.locked()
-            and not self._backlog
-            and not self._ws.sending_message
-            and self._closed is None
-            and self._ws.state is _OPEN
-        )
-
     @property
     def has_queued_events(self) -> bool:
         """True when the next receive starts from what was already read and parsed (it may
         then return without reading, and without a checkpoint)."""
         return bool(self._events)
-
-    @property
-    def has_backlog(self) -> bool:
-        """True while part of a message :meth:`send_bytes_nowait` took waits to be written."""
-        return bool(self._backlog)
-
-    async def flush(self) -> None:
-        """Write what :meth:`send_bytes_nowait` left, if anything."""
-        if not self._backlog:
-            await trio.lowlevel.checkpoint()
-            return
-        async with self._send_lock:
-            await self._write([])
-
-    async def send_text(self, text: str, *, message_finished: bool = True) -> None:
-        """Send text data."""
-        await self._send(TextMessage(data=text, message_finished=message_finished))
 
     def take_queued(self) -> list[BytesMessage | TextMessage]:
         """The data fragments already received and parsed, without waiting for more.
@@ -476,39 +186,6 @@ class WebSocket:
         while events and type(events[0]) in _DATA_EVENTS:
             taken.append(events.popleft())  # type: ignore[arg-type]  # a data event
         return taken
-
-    async def send_messages(self, events: Sequence[BytesMessage | TextMessage]) -> None:
-        """Relay several received fragments with one write.
-
-        Adjacent fragments of one message are joined into one frame, each byte copied once;
-        message boundaries are kept exactly.
-        """
-        merged: list[BytesMessage | TextMessage] = []
-        run: list[BytesMessage | TextMessage] = []
-        for event in events:
-            run.append(event)
-            if event.message_finished:
-                merged.append(_joined(run))
-                run = []
-        if run:
-            merged.append(_joined(run))
-        await self._send_events(merged)
-
-    async def ping(self, payload: bytes = b"") -> None:
-        """Send a ping; the peer's pong updates :attr:`last_received`."""
-        await self._send(Ping(payload=payload))
-
-    async def send_close(self, code: int = 1000, reason: str = "") -> None:
-        """Start (or answer) the closing handshake; does nothing if already closed. A code
-        that only reports what happened (1005, 1006, 1015) is sent as 1001."""
-        code = sendable_close_code(code)
-        async with self._send_lock:
-            if self._ws.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-                return
-            key = os.urandom(4) if self._client else b""
-            data = self._ws.send_close(code, reason, mask_key=key)
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._write_parts([data])
 
     async def receive(self) -> BytesMessage | TextMessage:
         """Return the next data fragment; raise :class:`ConnectionClosed` at the end."""
@@ -654,31 +331,6 @@ class WebSocket:
             if not event.frame_finished and len(self._parts) > max_fragments:
                 self._parts = [b"".join(self._parts)]  # as in receive_messages
 
-    async def send_whole_messages(self, messages: Sequence[Sequence[bytes | memoryview]]) -> int:
-        """Send binary messages, each given as its fragments (see :meth:`receive_messages`),
-        as one frame each, with as few writes as possible; return their total size."""
-        lock = self._send_lock
-        if lock._busy:
-            async with lock:
-                return await self._send_whole(messages)
-        # The lock is free (the usual case on a relay): taken without ``async with``.
-        await trio.lowlevel.checkpoint_if_cancelled()
-        lock._busy = True
-        try:
-            return await self._send_whole(messages)
-        finally:
-            lock.release()
-
-    async def _send_whole(self, messages: Sequence[Sequence[bytes | memoryview]]) -> int:
-        keys = os.urandom(4 * len(messages)) if self._client else b""
-        try:
-            out = self._ws.send_messages(messages, mask_keys=keys)
-        except LocalProtocolError as exc:
-            # Closing, or a message sent in part is not finished: the keys always suit.
-            raise self._closing_error() from exc
-        await self._write(out)
-        return sum([sum(map(len, parts)) for parts in messages])
-
     async def _read_more(self) -> None:
         if self._ws.holds_more:
             await self._parse_held()
@@ -777,21 +429,6 @@ class WebSocket:
     async def abort(self) -> None:
         """Drop the transport without a closing handshake."""
         await close_forcefully(self.stream)
-
-
-def _joined(run: list[BytesMessage | TextMessage]) -> BytesMessage | TextMessage:
-    """The fragments *run* (of one message, the last one ending it or not) as one."""
-    last = run[-1]
-    if len(run) == 1:
-        return last
-    kind = type(last)
-    if any(type(event) is not kind for event in run):
-        raise TypeError("one message cannot mix text and binary fragments")
-    if kind is TextMessage:
-        text = "".join([event.data for event in run if type(event) is TextMessage])
-        return TextMessage(text, True, last.message_finished)
-    data = b"".join([event.data for event in run if type(event) is BytesMessage])
-    return BytesMessage(data, True, last.message_finished)
 
 
 def _part(data: bytes | bytearray | memoryview | str) -> bytes | memoryview:
