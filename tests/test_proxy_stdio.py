@@ -239,8 +239,20 @@ class BrokenOutput(trio.abc.SendStream):
         await trio.lowlevel.checkpoint()
 
 
-async def test_stdout_gone_resets_the_stream(
-    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+class BrokenInput(trio.abc.ReceiveStream):
+    """Standard input that fails to read (EIO on a terminal that went away)."""
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        raise trio.BrokenResourceError("EIO")
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("broken", ["stdin", "stdout"])
+async def test_stdin_or_stdout_failing_resets_the_stream(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock, broken: str
 ) -> None:
     device_saw: list[BaseException | None] = []
     seen = trio.Event()
@@ -255,13 +267,17 @@ async def test_stdout_gone_resets_the_stream(
 
     await start_device(hub_env, {"talk": talk})
     io = stdio()
+    stdin, stdout = (BrokenInput(), io.stdout) if broken == "stdin" else (io.stdin, BrokenOutput())
+    expected = "standard input failed" if broken == "stdin" else "standard output was closed"
     with trio.fail_after(TIMEOUT):
-        with pytest.raises(StdioError, match="standard output was closed"):
-            await serve_stdio(service_of(hub_env), DEVICE_ID, "talk", io.stdin, BrokenOutput())
+        start = trio.current_time()
+        with pytest.raises(StdioError, match=expected):
+            await serve_stdio(service_of(hub_env), DEVICE_ID, "talk", stdin, stdout)
         await seen.wait()
+        assert trio.current_time() - start < 1.0
     [cause] = device_saw
     assert isinstance(cause, StreamReset)
-    assert "standard output was closed" in cause.message
+    assert expected in cause.message
 
 
 async def test_a_stream_that_cannot_open_is_an_error(

@@ -327,12 +327,12 @@ async def join_stdio(
     without error, and the caller's close of the stream tells the other side.
     """
     counts = [0, 0]
-    failures: list[BaseException] = []
-    local_failure: list[str] = []
+    #: The first failure, and the reason to reset the stream with when it was local.
+    failure: list[tuple[BaseException, str | None]] = []
 
-    def fail(error: BaseException, cancel: trio.CancelScope) -> None:
-        if not failures:
-            failures.append(error)
+    def fail(cancel: trio.CancelScope, error: BaseException, reset: str | None = None) -> None:
+        if not failure:
+            failure.append((error, reset))
         cancel.cancel()
 
     async def stdin_to_stream(cancel: trio.CancelScope) -> None:
@@ -341,17 +341,13 @@ async def join_stdio(
                 data = await stdin.receive_some(_CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 reason = f"standard input failed: {exc.__cause__ or exc}"
-                local_failure.append(reason)
-                fail(StdioError(reason), cancel)
-                return
+                return fail(cancel, StdioError(reason), reason)
             try:
                 if not data:
-                    await stream.send_eof()
-                    return
+                    return await stream.send_eof()
                 await stream.send_all(data)
             except trio.BrokenResourceError as exc:
-                fail(_stream_failure(exc), cancel)
-                return
+                return fail(cancel, _stream_failure(exc))
             counts[0] += len(data)
 
     async def stream_to_stdout(cancel: trio.CancelScope) -> None:
@@ -359,18 +355,14 @@ async def join_stdio(
             try:
                 data = await stream.receive_some(_CHUNK)
             except trio.BrokenResourceError as exc:
-                fail(_stream_failure(exc), cancel)
-                return
+                return fail(cancel, _stream_failure(exc))
             try:
                 if not data:
-                    await stdout.aclose()
-                    return
+                    return await stdout.aclose()
                 await stdout.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 reason = "standard output was closed before the stream's end"
-                local_failure.append(reason)
-                fail(StdioError(reason), cancel)
-                return
+                return fail(cancel, StdioError(reason), reason)
             counts[1] += len(data)
 
     async def watch(event: trio.Event, cancel: trio.CancelScope) -> None:
@@ -378,17 +370,17 @@ async def join_stdio(
         cancel.cancel()
 
     async with trio.open_nursery() as nursery:
-        with trio.CancelScope() as copying:
-            async with trio.open_nursery() as directions:
-                directions.start_soon(stdin_to_stream, directions.cancel_scope)
-                directions.start_soon(stream_to_stdout, directions.cancel_scope)
-                if hangup is not None:
-                    nursery.start_soon(watch, hangup, copying)
+        async with trio.open_nursery() as directions:
+            directions.start_soon(stdin_to_stream, directions.cancel_scope)
+            directions.start_soon(stream_to_stdout, directions.cancel_scope)
+            if hangup is not None:
+                nursery.start_soon(watch, hangup, directions.cancel_scope)
         nursery.cancel_scope.cancel()
-    if failures:
-        if local_failure:
-            await stream.reset(ErrorCode.STREAM_RESET, local_failure[0])
-        raise failures[0]
+    if failure:
+        error, reset = failure[0]
+        if reset is not None:
+            await stream.reset(ErrorCode.STREAM_RESET, reset)
+        raise error
     return counts[0], counts[1]
 
 
