@@ -1,16 +1,65 @@
-"""``devstream proxy device|service``: local TCP proxies through device streams."""
+"""``devstream proxy device|service|stdio``: local proxies through device streams.
+
+``proxy stdio`` joins one stream to standard input and output, for OpenSSH's
+``ProxyCommand``; it writes nothing else to standard output. ``--config FILE`` reads a
+proxy's settings from a TOML file (see :mod:`.config`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
 
 import trio
 
-from ..client.proxy import parse_forward, parse_map, serve_device_proxy, serve_service_proxy
+from ..client.proxy import (
+    StdioError,
+    parse_forward,
+    parse_map,
+    serve_device_proxy,
+    serve_service_proxy,
+    serve_stdio,
+)
+from ..client.stdio import open_standard_streams
+from .config import apply_config
 from .options import UsageError, client_options, connection_string, device_client, service_client
 
 
+async def cmd_stdio(args: argparse.Namespace) -> int:
+    """One stream joined to standard input and output; 0 when both directions ended."""
+    if not args.device or not args.name:
+        raise UsageError("`devstream proxy stdio` needs --device ID and --name NAME")
+    # OpenSSH hangs up on its ProxyCommand (SIGHUP) as it exits: the stream is then closed
+    # properly rather than dropped, so the device's end is not left waiting for a resume.
+    hangup = trio.Event()
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+
+        async def on_hangup() -> None:
+            async for _ in signals:
+                hangup.set()
+
+        async with trio.open_nursery() as nursery:
+            service = service_client(args)
+            service.nursery = nursery
+            async with trio.open_nursery() as watcher:
+                watcher.start_soon(on_hangup)
+                try:
+                    async with open_standard_streams() as (stdin, stdout):
+                        await serve_stdio(
+                            service, args.device, args.name, stdin, stdout, hangup=hangup
+                        )
+                except StdioError as exc:
+                    raise UsageError(str(exc)) from exc
+                except OSError as exc:
+                    raise UsageError(f"standard input or output: {exc.strerror or exc}") from exc
+                watcher.cancel_scope.cancel()
+    return 0
+
+
 async def cmd_proxy(args: argparse.Namespace) -> int:
+    apply_config(args)
+    if args.role == "stdio":
+        return await cmd_stdio(args)
     cs = connection_string(args)
     if args.role == "device":
         if not args.map:
@@ -59,8 +108,20 @@ async def cmd_proxy(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``proxy`` to the command line."""
-    proxy = sub.add_parser("proxy", help="local TCP proxies through device streams")
-    proxy.add_argument("role", choices=["device", "service"])
+    proxy = sub.add_parser(
+        "proxy",
+        help="local proxies through device streams",
+        description="device: serve stream names from local targets; service: listen on local "
+        "ports, one stream per connection; stdio: one stream on standard input and output, "
+        "e.g. ssh -o ProxyCommand='devstream proxy stdio --device %h --name ssh' user@my-device",
+    )
+    proxy.add_argument("role", choices=["device", "service", "stdio"])
+    proxy.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read settings from the [device], [service] or [stdio] table of this TOML file "
+        "(flags win; --map and --forward add to its lists)",
+    )
     proxy.add_argument(
         "--map",
         action="append",
@@ -68,7 +129,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="NAME=HOST:PORT",
         help="device side: send streams named NAME to HOST:PORT (repeatable)",
     )
-    proxy.add_argument("--device", help="service side: the device id")
+    proxy.add_argument("--device", help="service and stdio: the device id")
+    proxy.add_argument("--name", help="stdio: the stream name to open (as the device's --map)")
     proxy.add_argument(
         "--forward",
         action="append",

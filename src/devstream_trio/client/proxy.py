@@ -9,6 +9,9 @@
   TCP connection it accepts opens its own stream, so any number of connections are open at
   once, each independent of the others. When the stream cannot be opened (device offline,
   rejected, …) the TCP connection is closed at once and one log line says why.
+* The **standard-I/O proxy** (:func:`serve_stdio`) opens one stream and joins it to a pair of
+  streams, the process's standard input and output in ``devstream proxy stdio`` (see
+  :mod:`.stdio`): what OpenSSH's ``ProxyCommand`` runs, so no local port is needed at all.
 
 Both use devstream.v1 streams, so a TCP half-close on either end reaches the other end as a
 half-close, a TCP reset as a stream reset (and back as a TCP reset), and a dropped WebSocket
@@ -39,12 +42,15 @@ from .service import AnyStream, ServiceClient
 
 __all__ = [
     "Forward",
+    "StdioError",
     "Target",
+    "join_stdio",
     "parse_forward",
     "parse_map",
     "pipe",
     "serve_device_proxy",
     "serve_service_proxy",
+    "serve_stdio",
 ]
 
 log = logging.getLogger("devstream.proxy")
@@ -280,3 +286,140 @@ def _connection_handler(
         )
 
     return handle
+
+
+# -- standard input and output ---------------------------------------------------------------
+
+
+class StdioError(Exception):
+    """Standard input or output failed while the stream was open (the reader of standard
+    output went away, a read error on standard input); the stream was reset."""
+
+
+def _stream_failure(exc: trio.BrokenResourceError) -> DevstreamError:
+    """Why a stream broke: the error it carries (a reset, a peer lost, …)."""
+    cause = exc.__cause__
+    if isinstance(cause, DevstreamError):
+        return cause
+    return DevstreamError(ErrorCode.STREAM_RESET, str(exc) or ErrorCode.STREAM_RESET.message)
+
+
+async def join_stdio(
+    stream: FramedStream,
+    stdin: trio.abc.ReceiveStream,
+    stdout: trio.abc.SendStream,
+    *,
+    hangup: trio.Event | None = None,
+) -> tuple[int, int]:
+    """Copy *stdin* to *stream* and *stream* to *stdout* until both directions have ended.
+
+    EOF on *stdin* becomes the stream's half-close (``send_eof``), and reading goes on until
+    the stream's EOF, which closes *stdout* (``aclose``); the other order works the same way.
+    Returns ``(stdin_to_stream, stream_to_stdout)`` byte counts once both ended cleanly.
+
+    Raises the stream's :class:`~devstream_core.errors.DevstreamError` when the stream breaks
+    (reset by the other side, peer lost, …), and :class:`StdioError` after resetting the
+    stream when *stdin* or *stdout* fails. *stdin* is left open, and so is *stdout* unless the
+    stream's EOF closed it: the caller owns them.
+
+    *hangup*, once set, means the program at the other end of *stdin* and *stdout* has gone
+    (OpenSSH sends its ``ProxyCommand`` a SIGHUP as it exits): both directions stop at once,
+    without error, and the caller's close of the stream tells the other side.
+    """
+    counts = [0, 0]
+    #: The first failure, and the reason to reset the stream with when it was local.
+    failure: list[tuple[BaseException, str | None]] = []
+
+    def fail(cancel: trio.CancelScope, error: BaseException, reset: str | None = None) -> None:
+        if not failure:
+            failure.append((error, reset))
+        cancel.cancel()
+
+    async def stdin_to_stream(cancel: trio.CancelScope) -> None:
+        while True:
+            try:
+                data = await stdin.receive_some(_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                reason = f"standard input failed: {exc.__cause__ or exc}"
+                return fail(cancel, StdioError(reason), reason)
+            try:
+                if not data:
+                    return await stream.send_eof()
+                await stream.send_all(data)
+            except trio.BrokenResourceError as exc:
+                return fail(cancel, _stream_failure(exc))
+            counts[0] += len(data)
+
+    async def stream_to_stdout(cancel: trio.CancelScope) -> None:
+        while True:
+            try:
+                data = await stream.receive_some(_CHUNK)
+            except trio.BrokenResourceError as exc:
+                return fail(cancel, _stream_failure(exc))
+            try:
+                if not data:
+                    return await stdout.aclose()
+                await stdout.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                reason = "standard output was closed before the stream's end"
+                return fail(cancel, StdioError(reason), reason)
+            counts[1] += len(data)
+
+    async def watch(event: trio.Event, cancel: trio.CancelScope) -> None:
+        await event.wait()
+        cancel.cancel()
+
+    async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as directions:
+            directions.start_soon(stdin_to_stream, directions.cancel_scope)
+            directions.start_soon(stream_to_stdout, directions.cancel_scope)
+            if hangup is not None:
+                nursery.start_soon(watch, hangup, directions.cancel_scope)
+        nursery.cancel_scope.cancel()
+    if failure:
+        error, reset = failure[0]
+        if reset is not None:
+            await stream.reset(ErrorCode.STREAM_RESET, reset)
+        raise error
+    return counts[0], counts[1]
+
+
+async def serve_stdio(
+    service: ServiceClient,
+    device_id: str,
+    name: str,
+    stdin: trio.abc.ReceiveStream,
+    stdout: trio.abc.SendStream,
+    *,
+    hangup: trio.Event | None = None,
+) -> tuple[int, int]:
+    """Open one devstream.v1 stream to *device_id*'s *name* and join it to *stdin* and
+    *stdout* as :func:`join_stdio` says (*hangup* too); close the stream when both directions
+    have ended.
+
+    *service* needs a nursery (as from :func:`~devstream_trio.client.service.open_service`):
+    half-close exists only on devstream.v1 streams. Raises the service client's error when
+    the stream cannot be opened (``DeviceNotOnline``, ``StreamNameNotRegistered``, …).
+    """
+    if service.nursery is None:
+        raise ValueError("serve_stdio needs a service client with a nursery")
+    started = trio.current_time()
+    stream = await service.open_stream(device_id, name)
+    if not isinstance(stream, FramedStream):
+        await stream.aclose()
+        raise DevstreamError(
+            ErrorCode.PROTOCOL_ERROR, "the hub opened a raw stream: no half-close, no stdio proxy"
+        )
+    log.debug("stream %s (%s): opened for standard input and output", stream.stream_id, name)
+    async with stream:
+        sent, received = await join_stdio(stream, stdin, stdout, hangup=hangup)
+    log.info(
+        "stream %s (%s) on %r: closed; %d bytes sent, %d bytes received, %.1f s",
+        stream.stream_id,
+        name,
+        device_id,
+        sent,
+        received,
+        trio.current_time() - started,
+    )
+    return sent, received
