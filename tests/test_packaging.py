@@ -543,14 +543,14 @@ async def test_hub_unit_command_serves_and_its_owner_string_can_be_read_again(
     argv = [sys.executable, "-m", "devstream_trio.cli", *on_port_zero(argv)[1:]]
     lines = await run_until_healthy(argv, env, "SharedAccessKey=")
     owner = lines[-1]
-    (again,) = re.findall(
-        r"^#\s+sudo -u \S+ (DEVSTREAM_DATA=\S+) devstream (.+)$", HUB_UNIT.read_text(), re.M
-    )
-    assert again[0] == f"DEVSTREAM_DATA={unit_env['DEVSTREAM_DATA']}"
+    (again,) = re.findall(r"^#\s+sudo -u \S+ devstream (.+)$", HUB_UNIT.read_text(), re.M)
+    command = again.split()
+    assert command[:3] == ["connection-string", "--data", unit_env["DEVSTREAM_DATA"]]
+    command[2] = str(data)
     with trio.fail_after(TIMEOUT):
         result = await trio.run_process(
-            [sys.executable, "-m", "devstream_trio.cli", *again[1].split()],
-            env=env,
+            [sys.executable, "-m", "devstream_trio.cli", *command],
+            env=child_env(tmp_path),
             capture_stdout=True,
             check=False,
         )
