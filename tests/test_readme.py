@@ -1,15 +1,22 @@
 """The README says what the code does: every error code exactly as the core defines it, the
 quick start's two commands, and a walk-through whose every line a new user can paste: each
 ``devstream`` command parses, each variable is defined before use, no two steps listen on one
-port, no example runs two clients under one device id, and ssh hands the ProxyCommand the
-device id and the connection string."""
+port, no example runs two clients under one device id, ssh hands the ProxyCommand the device
+id and the connection string, and the walk-through, pasted into bash, serves a page through
+the hub.
+
+Child processes use 127.0.0.1 only (the walk-through's ports replaced by free ones), each wait
+under a trio ``fail_after``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +30,7 @@ from devstream_trio.cli import build_parser
 from devstream_trio.cli.options import parse_listen
 from devstream_trio.client.proxy import parse_forward, parse_map
 
+from ._helpers import Output, free_port, start_process
 from .conftest import require_tool
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -153,14 +161,23 @@ def proxy_commands(text: str) -> list[tuple[str, list[str]]]:
     return result
 
 
+def unwrapped(words: list[str]) -> list[str]:
+    """*words* without ``sudo [-u USER]`` or ``docker exec CONTAINER`` in front."""
+    if words[:1] == ["sudo"]:
+        words = words[3:] if words[1:2] == ["-u"] else words[1:]
+    if words[:2] == ["docker", "exec"]:
+        words = words[3:]
+    return words
+
+
 def devstream_argvs(text: str) -> list[list[str]]:
     """The arguments of every ``devstream`` command line in *text*'s shell blocks, including
-    those in ``$(…)`` and in ssh ProxyCommands."""
+    those in ``$(…)``, after ``sudo`` or ``docker exec``, and in ssh ProxyCommands."""
     argvs = [
-        c.words[1:]
+        unwrapped(c.words)[1:]
         for block in fenced(text)
         for c in commands(block)
-        if c.words[:1] == ["devstream"]
+        if unwrapped(c.words)[:1] == ["devstream"]
     ]
     argvs += [words[1:] for _, words in proxy_commands(text) if words[:1] == ["devstream"]]
     return argvs
@@ -199,6 +216,56 @@ def test_walkthrough_command_parses(argv: list[str], capsys: pytest.CaptureFixtu
     if "--connection-string" in argv:
         # The shell's quotes kept the variable whole: one word, expanded at run time.
         assert re.fullmatch(r"\$CS_[A-Z]+", args.connection_string)
+
+
+def readme_examples() -> str:
+    """Every shell block of the README but the command-line synopsis (``[--flag …]``)."""
+    blocks = [b for b in fenced(README.read_text()) if "[--" not in b]
+    return "\n".join(f"```sh\n{b}\n```" for b in blocks)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [_argv_param(a) for a in devstream_argvs(readme_examples()) if a[:1] != ["demo"]],
+)
+def test_readme_example_parses(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"devstream {' '.join(argv)}: {capsys.readouterr().err}")
+    assert args.command == argv[0]
+
+
+def test_readme_deploys_the_files_the_repository_has() -> None:
+    text = section("Operating it")
+    paths = set(re.findall(r"packaging/[\w./@-]+\w", text))
+    assert "packaging/systemd/devstream-hub.service" in paths
+    for path in paths:
+        assert (README.parent / path).exists(), path
+    for name in re.findall(r"`(devstream[\w.@-]*\.(?:service|sysusers))`", text):
+        assert (README.parent / "packaging" / "systemd" / name).exists(), name
+
+
+def test_readme_docker_run_matches_the_image() -> None:
+    """``docker run`` publishes the port the image exposes, mounts its volume, and what follows
+    the image name is accepted after the image's entrypoint."""
+    text = section("Operating it")
+    (build,) = [
+        c.words for b in fenced(text) for c in commands(b) if c.words[:2] == ["docker", "build"]
+    ]
+    (run,) = [
+        c.words for b in fenced(text) for c in commands(b) if c.words[:2] == ["docker", "run"]
+    ]
+    image = build[build.index("-t") + 1]
+    dockerfile = (README.parent / "Dockerfile").read_text()
+    (entrypoint,) = re.findall(r"^ENTRYPOINT (.+)$", dockerfile, re.MULTILINE)
+    (exposed,) = re.findall(r"^EXPOSE (\d+)$", dockerfile, re.MULTILINE)
+    (volume,) = re.findall(r"^VOLUME (.+)$", dockerfile, re.MULTILINE)
+    assert run[run.index("-p") + 1].endswith(f":{exposed}")
+    assert run[run.index("-v") + 1].split(":")[1] == json.loads(volume)[0]
+    extra = run[len(run) - run[::-1].index(image) :]  # after the image (the last such word)
+    args = build_parser().parse_args(json.loads(entrypoint)[1:] + extra)
+    assert args.command == "hub" and args.public_url == "http://hub.example.com:8080"
 
 
 def test_walkthrough_defines_each_variable_before_it_is_used() -> None:
@@ -321,3 +388,77 @@ async def test_proxy_command_reaches_devstream_as_written(tmp_path: Path) -> Non
     expected = ["proxy", "stdio", "--device", "my-device", "--name", "ssh"]
     recorded = [json.loads(line) for line in out.read_text().splitlines()]
     assert recorded == [[*expected, "--connection-string", owner]] * 2
+
+
+async def test_walkthrough_runs_as_written(tmp_path: Path) -> None:
+    """Steps 1, 2, 3, 5 and 6 of the walk-through, pasted line by line into one bash (the hub
+    in a process of its own, as in its own terminal), each port replaced by a free one and the
+    hub given ``--listen`` for it: a page comes back from the "device" through the hub and the
+    local forward, and step 6 stops every background job. The ssh lines need an sshd on port
+    22 (and ``proxy stdio``); the ProxyCommand test above covers what they hand to devstream."""
+    require_tool("bash", "curl")
+    blocks = fenced(section(WALKTHROUGH))
+    ports = {port: free_port() for port in (8080, 8000, 2222, 8081)}
+
+    def local(text: str) -> str:
+        return re.sub(r"\b(8080|8000|2222|8081)\b", lambda m: str(ports[int(m[1])]), text)
+
+    def block_with(needle: str) -> str:
+        (block,) = [b for b in blocks if needle in b]
+        return block
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "devstream"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m devstream_trio.cli "$@"\n')
+    wrapper.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVSTREAM_")}
+    env |= {
+        "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}",
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(README.parent / "src"),
+        "NO_PROXY": "*",
+    }
+    hub_argv = shlex.split(block_with("devstream hub"))
+    assert hub_argv[:2] == ["devstream", "hub"] and "--listen" not in hub_argv
+    hub_argv = [str(wrapper), *hub_argv[1:], "--listen", f"127.0.0.1:{ports[8080]}"]
+    bash = await trio.lowlevel.open_process(
+        ["bash"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,  # its background jobs in a group of their own, for cleanup
+    )
+    assert bash.stdin is not None and bash.stdout is not None
+    shell = Output(bash.stdout)
+
+    async def paste(block: str, until: str) -> str:
+        assert bash.stdin is not None
+        await bash.stdin.send_all(local(block).encode() + b"\n")
+        try:
+            return await shell.until(until)
+        except trio.Cancelled:
+            print("the shell printed:", *shell.lines, sep="\n  ")
+            raise
+
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(60):
+                in_folder = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', str(tmp_path)]
+                _, hub = await start_process(nursery, in_folder + hub_argv, env)
+                await hub.until("devstream hub listening on")
+                await paste(block_with("export CS_OWNER") + "\necho defined", "defined")
+                await paste(block_with("proxy device"), "device 'my-device' online")
+                await paste(block_with("proxy service"), "'web' on device 'my-device'")
+                curl = next(
+                    line for line in block_with("curl").splitlines() if line.startswith("curl ")
+                )
+                assert await paste(curl, "hello") == "hello from my-device"
+                await paste(block_with("kill $(jobs -p)") + "\nwait\necho stopped", "stopped")
+            nursery.cancel_scope.cancel()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(bash.pid, signal.SIGKILL)
+        await bash.wait()
