@@ -391,10 +391,11 @@ async def test_proxy_command_reaches_devstream_as_written(tmp_path: Path) -> Non
 
 
 async def test_walkthrough_runs_as_written(tmp_path: Path) -> None:
-    """Steps 1, 2, 3, 5 and 6 of the walk-through, pasted line by line into one bash (the hub
-    in a process of its own, as in its own terminal), each port replaced by a free one and the
-    hub given ``--listen`` for it: a page comes back from the "device" through the hub and the
-    local forward, and step 6 stops every background job. The ssh lines need an sshd on port
+    """Steps 1, 2, 3, 5 and 6 of the walk-through, and the echo check, pasted line by line
+    into one bash (the hub in a process of its own, as in its own terminal), each port replaced
+    by a free one and the hub given ``--listen`` for it: the echo comes back, a page comes back
+    from the "device" through the hub and the local forward, and step 6 stops every
+    background job. The ssh lines need an sshd on port
     22 (and ``proxy stdio``); the ProxyCommand test above covers what they hand to devstream."""
     require_tool("bash", "curl")
     blocks = fenced(section(WALKTHROUGH))
@@ -406,6 +407,10 @@ async def test_walkthrough_runs_as_written(tmp_path: Path) -> None:
     def block_with(needle: str) -> str:
         (block,) = [b for b in blocks if needle in b]
         return block
+
+    echo_blocks = fenced(section("Command line"))
+    (start_echo,) = [b for b in echo_blocks if "echo device --connection-string" in b]
+    (use_echo,) = [b for b in echo_blocks if "echo service --device echo-box" in b]
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -451,6 +456,9 @@ async def test_walkthrough_runs_as_written(tmp_path: Path) -> None:
                 await hub.until("devstream hub listening on")
                 await paste(block_with("export CS_OWNER") + "\necho defined", "defined")
                 await paste(block_with("proxy device"), "device 'my-device' online")
+                # The echo check beside it, under an id of its own, stopped after.
+                await paste(start_echo, "device 'echo-box' online")
+                assert await paste(use_echo, "received: ") == "received: hello"
                 await paste(block_with("proxy service"), "'web' on device 'my-device'")
                 curl = next(
                     line for line in block_with("curl").splitlines() if line.startswith("curl ")
