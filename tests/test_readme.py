@@ -60,8 +60,6 @@ def test_quick_start_has_exactly_two_commands() -> None:
 # -- the walk-through: shell commands as a user pastes them ------------------------------------
 
 WALKTHROUGH = "SSH to a device"
-#: Subcommands the walk-through shows that this build's parser may not know yet.
-NOT_YET_PARSED = {("proxy", "stdio"): "`devstream proxy stdio` is not in this build yet"}
 SEPARATORS = {"&&", "||", ";", "|", "&"}
 REDIRECTS = {">", ">>", "<", "2>"}
 SUBSTITUTION = re.compile(r"\$\(([^()]*)\)")
@@ -184,9 +182,7 @@ def devstream_argvs(text: str) -> list[list[str]]:
 
 
 def _argv_param(argv: list[str]) -> Any:
-    reason = NOT_YET_PARSED.get(tuple(argv[:2])) or NOT_YET_PARSED.get(tuple(argv[:1]))
-    marks = [pytest.mark.xfail(strict=False, reason=reason)] if reason else []
-    return pytest.param(argv, marks=marks, id=" ".join(argv[:3]))
+    return pytest.param(argv, id=" ".join(argv[:3]))
 
 
 def test_walkthrough_has_the_steps_a_new_user_needs() -> None:
