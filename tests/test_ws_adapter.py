@@ -1110,9 +1110,9 @@ async def test_a_server_reads_all_that_arrived_at_once(monkeypatch: pytest.Monke
 async def test_the_send_lock_serves_writers_in_arrival_order(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    from devstream_trio.transport.websocket import _SendLock
+    from devstream_trio.transport.websocket import SendLock
 
-    lock = _SendLock()
+    lock = SendLock()
     order: list[str] = []
     holding: list[str] = []
 
@@ -1135,9 +1135,9 @@ async def test_the_send_lock_serves_writers_in_arrival_order(
 async def test_a_writer_cancelled_while_waiting_never_holds_the_send_lock(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    from devstream_trio.transport.websocket import _SendLock
+    from devstream_trio.transport.websocket import SendLock
 
-    lock = _SendLock()
+    lock = SendLock()
     order: list[str] = []
 
     async def writer(name: str, scope: trio.CancelScope | None = None) -> None:

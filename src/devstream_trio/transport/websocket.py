@@ -74,6 +74,7 @@ __all__ = [
     "MESSAGE_TOO_BIG",
     "NORMAL_CLOSURE",
     "ConnectionClosed",
+    "SendLock",
     "WebSocket",
     "close_forcefully",
     "payload",
@@ -163,7 +164,7 @@ def _read_buffer() -> memoryview:
         return buffer
 
 
-class _SendLock:
+class SendLock:
     """The lock that serialises a WebSocket's writers, first come first served. Taking it
     while it is free is a cancellation point but not a schedule point: the write that follows
     usually completes at once, and the loops that send also read, which always is one.
@@ -240,7 +241,7 @@ class WebSocket:
         #: The last read brought less than it asked for: the next one waits for data first.
         self._drained = False
         self._events: collections.deque[Event] = collections.deque()
-        self._send_lock = _SendLock()
+        self._send_lock = SendLock()
         #: The part of a message send_bytes_nowait could not write at once: written first by
         #: the next send.
         self._backlog: list[memoryview] = []
