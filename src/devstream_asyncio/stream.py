@@ -12,9 +12,10 @@ import contextlib
 import random
 from collections.abc import Awaitable, Callable
 
-from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for, parse_close_reason
+from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for
 from devstream_core.exceptions import HubError, error_for
 from devstream_core.framing import EndpointState
+from devstream_core.initiator import attempt_failure, close_error
 from devstream_core.streamdriver import (
     DropConnection,
     OutcomeKind,
@@ -34,10 +35,9 @@ RAW_MESSAGE_SIZE = 64 * 1024
 
 
 def _closed_error(exc: ConnectionClosed) -> DevstreamError:
-    code, message = parse_close_reason(exc.reason)
-    if code is not None:
-        return error_for(code, message)
-    return HubError(ErrorCode.PEER_LOST, f"the stream ended: {exc.code} {exc.reason}".rstrip())
+    return close_error(exc.reason) or HubError(
+        ErrorCode.PEER_LOST, f"the stream ended: {exc.code} {exc.reason}".rstrip()
+    )
 
 
 class RawStream:
@@ -305,20 +305,19 @@ class FramedStream:
         driver = self._driver
         while True:
             deadline = driver.connect_started(self._now())
-            code: ErrorCode | None = None
+            error: DevstreamError | None = None
             try:
                 async with asyncio.timeout(max(0.0, deadline - self._now())):
                     ws = await self._reconnect(self._token)
-            except HubError as exc:
-                code, message = exc.code, exc.message
             except DevstreamError as exc:
-                message = exc.message
+                error = exc
             except TimeoutError:
-                message = "no answer from the hub"
+                pass
             else:
                 self._token = resume_token(ws.headers)
                 driver.connection_made(self._now())
                 return ws
+            code, message = attempt_failure(error)
             retry_at = driver.connect_failed(
                 self._now(), self._rng.random(), code=code, message=message
             )

@@ -62,6 +62,7 @@ import trio
 from devstream_core.common import Role
 from devstream_core.errors import DevstreamError, ErrorCode, RemoteProtocolError
 from devstream_core.framing import MAX_MESSAGE_SIZE, EndpointState, StreamEndpoint
+from devstream_core.initiator import attempt_failure
 from devstream_core.streamdriver import (
     ACK_DELAY,
     DIRECT_READ_TIME,
@@ -78,7 +79,6 @@ from devstream_core.streamdriver import (
 )
 from devstream_core.wire import MAX_FRAMED_MESSAGE_SIZE, resume_token
 
-from ..exceptions import HubError
 from ..transport.websocket import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket
 
 __all__ = [
@@ -776,20 +776,17 @@ class FramedStream(trio.abc.HalfCloseableStream):
         while True:
             deadline = driver.connect_started(trio.current_time())
             ws: WebSocket | None = None
-            code: ErrorCode | None = None
+            error: DevstreamError | None = None
             try:
                 with trio.move_on_at(deadline):
                     ws = await self._reconnect(self._resume_token)
-            except HubError as exc:
-                code, message = exc.code, exc.message
             except DevstreamError as exc:
-                message = exc.message
-            else:
-                if ws is not None:
-                    self._resume_token = resume_token_of(ws)
-                    driver.connection_made(trio.current_time())
-                    return ws
-                message = "no answer from the hub"
+                error = exc
+            if ws is not None:
+                self._resume_token = resume_token_of(ws)
+                driver.connection_made(trio.current_time())
+                return ws
+            code, message = attempt_failure(error)
             retry_at = driver.connect_failed(
                 trio.current_time(), self._rng.random(), code=code, message=message
             )

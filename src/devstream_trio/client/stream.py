@@ -25,9 +25,9 @@ from __future__ import annotations
 import trio
 
 from devstream_core.common import Role
-from devstream_core.errors import parse_close_reason
+from devstream_core.initiator import close_error
 
-from ..exceptions import HubError, error_for
+from ..exceptions import HubError
 from ..transport.websocket import NORMAL_CLOSURE, ConnectionClosed, WebSocket
 
 __all__ = ["HubStream"]
@@ -145,7 +145,4 @@ class HubStream(trio.abc.HalfCloseableStream):
         return broken
 
     def _error(self, exc: ConnectionClosed) -> HubError | ConnectionClosed:
-        code, message = parse_close_reason(exc.reason)
-        if code is not None:
-            return error_for(code, message)
-        return exc
+        return close_error(exc.reason) or exc
