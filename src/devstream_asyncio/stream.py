@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for
 from devstream_core.exceptions import HubError, error_for
-from devstream_core.framing import EndpointState
+from devstream_core.framing import EndpointState, StreamEndpoint
 from devstream_core.initiator import attempt_failure, close_error
 from devstream_core.streamdriver import (
     DropConnection,
@@ -125,6 +125,13 @@ class FramedStream:
         self._wake = asyncio.Event()
         self._closed = False
         self._task = loop.create_task(self._run())
+
+    @property
+    def endpoint(self) -> StreamEndpoint:
+        """For observability (tests, diagnostics): the core endpoint this stream drives, to
+        read its state and counters (``send_capacity``, ``received``...); calling its
+        methods would bypass the stream."""
+        return self._endpoint
 
     def _now(self) -> float:
         return self._loop.time()
