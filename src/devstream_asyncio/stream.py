@@ -13,16 +13,14 @@ import random
 from collections.abc import Awaitable, Callable
 
 from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for
-from devstream_core.exceptions import HubError, error_for
+from devstream_core.exceptions import HubError
 from devstream_core.framing import EndpointState, StreamEndpoint
 from devstream_core.initiator import attempt_failure, close_error
 from devstream_core.streamdriver import (
     DropConnection,
-    OutcomeKind,
     SendPing,
     StreamDriver,
     StreamOptions,
-    StreamPhase,
 )
 from devstream_core.wire import resume_token
 
@@ -162,18 +160,12 @@ class FramedStream:
 
     # -- the application's side ----------------------------------------------------------
 
-    def _check_broken(self) -> None:
-        error = self._driver.error()
-        if error is not None:
-            raise error
-        outcome = self._driver.outcome
-        if outcome is not None and outcome.kind is OutcomeKind.PEER_CLOSED:
-            raise error_for(ErrorCode.PEER_LOST, "the peer closed the stream before its EOF")
-
     def _check_can_send(self) -> None:
         if self._driver.eof_written or self._closed:
             raise HubError(ErrorCode.ARGUMENT_INVALID, "send_eof() or aclose() was called")
-        self._check_broken()
+        error = self._driver.failure()
+        if error is not None:
+            raise error
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Hand *data* to the stream, waiting while the flow-control window is full."""
@@ -200,20 +192,13 @@ class FramedStream:
         """Received bytes, or ``b""`` after the peer's EOF."""
         if max_bytes is not None and max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
-        while True:
-            if self._endpoint.state is not EndpointState.RESET:
-                data = self._driver.read(max_bytes, self._now())
-                if self._endpoint.at_eof:
-                    self._notify()  # the acknowledgement's deadline (deferred)
-                    return data
-                if data:
-                    if self._endpoint.has_output:
-                        self._flush()
-                    return data
-            self._check_broken()
-            if self._driver.phase is StreamPhase.CLOSED:
-                raise HubError(ErrorCode.PEER_LOST, "the stream is over")
+        while (data := self._driver.take(max_bytes, self._now())) is None:
             await self._wait_changed()
+        if self._endpoint.at_eof:
+            self._notify()  # the acknowledgement's deadline (deferred)
+        elif self._endpoint.has_output:
+            self._flush()
+        return data
 
     async def reset(self, code: int = ErrorCode.STREAM_RESET, reason: str = "") -> None:
         """Abort the stream; the peer sees a reset with *code* and *reason*."""
