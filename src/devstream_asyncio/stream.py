@@ -22,14 +22,11 @@ from devstream_core.streamdriver import (
     StreamDriver,
     StreamOptions,
 )
-from devstream_core.wire import resume_token
+from devstream_core.wire import RAW_MESSAGE_SIZE, resume_token
 
 from ._ws import ConnectionClosed, WebSocket
 
 __all__ = ["FramedStream", "RawStream", "Stream"]
-
-#: Raw mode's largest message.
-RAW_MESSAGE_SIZE = 64 * 1024
 
 
 def _closed_error(exc: ConnectionClosed) -> DevstreamError:

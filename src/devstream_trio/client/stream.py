@@ -26,6 +26,7 @@ import trio
 
 from devstream_core.common import Role
 from devstream_core.initiator import close_error
+from devstream_core.wire import RAW_MESSAGE_SIZE
 
 from ..exceptions import HubError
 from ..transport.websocket import NORMAL_CLOSURE, ConnectionClosed, WebSocket
@@ -42,7 +43,7 @@ class HubStream(trio.abc.HalfCloseableStream):
         *,
         stream_id: str,
         role: Role,
-        max_message_size: int = 64 * 1024,
+        max_message_size: int = RAW_MESSAGE_SIZE,
     ) -> None:
         self._ws = ws
         self.stream_id = stream_id
