@@ -23,7 +23,6 @@ import dataclasses
 import itertools
 import json
 import ssl
-import struct
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -112,10 +111,11 @@ class _Frames:
         while len(self.buffer) >= 2:
             first, second = self.buffer[0], self.buffer[1]
             length, at = second & 0x7F, 2
-            if length == 126:
-                length, at = struct.unpack("!H", self.buffer[2:4])[0], 4
-            elif length == 127:
-                length, at = struct.unpack("!Q", self.buffer[2:10])[0], 10
+            if length >= 126:
+                at = 4 if length == 126 else 10
+                if len(self.buffer) < at:
+                    return
+                length = int.from_bytes(self.buffer[2:at], "big")
             at += 4 if second & 0x80 else 0
             if len(self.buffer) < at + length:
                 return
