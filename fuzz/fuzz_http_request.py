@@ -12,7 +12,7 @@ seed corpus::
 
 An input is the first bytes a client sends on a connection to the hub. Two invariants:
 
-* **The reading.** The hub's ``_http._parse_upgrade`` reads a request from them or returns
+* **The reading.** The hub's ``_http.parse_upgrade_request`` reads a request from them or returns
   ``None`` to hand them to h11; whenever it reads one, h11 must read the same request
   (method, target, header fields), end it there, wait for the protocol switch, and leave the
   same bytes after it.
@@ -70,7 +70,7 @@ from wsproto.events import Request
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as WsprotoRefusal
 
-from devstream_trio.transport.http import HttpError, HttpServerConnection, _parse_upgrade
+from devstream_trio.transport.http import HttpError, HttpServerConnection, parse_upgrade_request
 
 #: The head size limit the fuzzed reader is given (small, so that the limit is reached).
 LIMIT = 600
@@ -167,8 +167,8 @@ def h11_reads(data: bytes) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], byt
 
 
 def _check_reading(data: bytes) -> None:
-    """Where ``_parse_upgrade`` reads a request, h11 must read the same."""
-    read = _parse_upgrade(data, LIMIT)
+    """Where ``parse_upgrade_request`` reads a request, h11 must read the same."""
+    read = parse_upgrade_request(data, LIMIT)
     if read is None:
         return
     ACCEPTED[0] += 1

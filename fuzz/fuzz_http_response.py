@@ -12,7 +12,7 @@ seed corpus::
 
 An input is the bytes a hub answers a WebSocket upgrade with. Two invariants:
 
-* **The reading.** The client's ``_http._parse_101`` reads the head (everything before the
+* **The reading.** The client's ``_http.parse_101`` reads the head (everything before the
   first ``\\r\\n\\r\\n``) or returns ``None`` to hand the answer to h11; whenever it reads a
   head, h11 must read the same answer as a ``101`` with the same header fields, and the
   WebSocket bytes after the head must be the same for both.
@@ -73,8 +73,8 @@ from devstream_core.errors import DevstreamError
 from devstream_trio.transport.http import (
     _BLANK_LINE,
     HttpStatusError,
-    _parse_101,
     accept_token,
+    parse_101,
     websocket_connect,
 )
 
@@ -154,7 +154,7 @@ _SINGLE = (b"upgrade", b"sec-websocket-accept", b"sec-websocket-protocol")
 _HANDSHAKE = frozenset({*_SINGLE, b"connection", b"sec-websocket-extensions"})
 
 
-def _h11_reads(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
+def h11_reads(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
     """The header fields and trailing bytes h11 reads from *data* as the answer to an
     upgrade, or None if it reads no 101 there."""
     conn = h11.Connection(h11.CLIENT)
@@ -177,17 +177,17 @@ def _h11_reads(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
 
 
 def _check_reading(data: bytes) -> None:
-    """Where ``_parse_101`` reads a head, h11 must read the same."""
-    _parse_101(data)  # must not raise on any bytes
+    """Where ``parse_101`` reads a head, h11 must read the same."""
+    parse_101(data)  # must not raise on any bytes
     blank = _BLANK_LINE.search(data)
     if blank is None or blank[0] != b"\n\r\n" or data[blank.start() - 1 : blank.start()] != b"\r":
         return  # as the client does: no head yet, or one that h11 reads
     end = blank.start() - 1
-    ours = _parse_101(data[:end])
+    ours = parse_101(data[:end])
     if ours is None:
         return
     ACCEPTED[0] += 1
-    theirs = _h11_reads(data)
+    theirs = h11_reads(data)
     if theirs is None:
         raise AssertionError("the client read a 101 that h11 refuses")
     if theirs != (ours, data[end + 4 :]):
@@ -258,7 +258,7 @@ def _check_decision(
     wsproto's, the documented differences aside."""
     if theirs is None:
         return
-    read = _h11_reads(data)
+    read = h11_reads(data)
     if read is None:  # not a 101 (or not one h11 reads): a refusal for both
         if not isinstance(ours, str) or isinstance(theirs, tuple):
             raise AssertionError(f"offering {offered}: no 101, yet {ours!r} / {theirs!r}")

@@ -98,7 +98,7 @@ _TOKENS: list[bytes] = [
 ]
 
 
-def _describe(events: Sequence[object]) -> list[tuple[object, ...]]:
+def describe(events: Sequence[object]) -> list[tuple[object, ...]]:
     """Events of the codec or of wsproto (the same class names) as comparable tuples."""
     out: list[tuple[object, ...]] = []
     for event in events:
@@ -189,7 +189,7 @@ def check(data: bytes) -> None:
             break
         reference.receive_data(chunk)
         theirs.extend(reference.events())
-    mine, reference_events = _describe(ours), _describe(theirs)
+    mine, reference_events = describe(ours), describe(theirs)
     last = theirs[-1] if theirs else None
     unknown_code = isinstance(last, WsprotoClose) and last.reason == _WSPROTO_UNKNOWN_CODE
     if not _same_decisions(mine, reference_events, unknown_code):
@@ -198,7 +198,7 @@ def check(data: bytes) -> None:
     if codec.failed != refused:
         raise AssertionError(f"failed is {codec.failed} after {mine!r}")
     whole = Codec(client=not server)
-    at_once = _describe(_codec_reads(whole, [wire], borrowed=False, lent_size=0))
+    at_once = describe(_codec_reads(whole, [wire], borrowed=False, lent_size=0))
     if whole.failed != codec.failed or (at_once[-1:] if whole.failed else _joined(at_once)) != (
         mine[-1:] if codec.failed else _joined(mine)
     ):

@@ -5,12 +5,14 @@ and one small facade per client driver (trio, asyncio) that the tests are writte
   background thread, on 127.0.0.1 port 0, behind a :class:`Tap`: every client connects to
   the tap (the hub's public URL names it, so stream URLs do too). A pool of devices is
   registered at start, so a test never has to reach into the hub's thread to create one.
-* :class:`Tap` relays TCP to the hub, counts the WebSocket pings each device sends on its
-  control channel (frames are read client to hub, after an upgrade request's head), and cuts
-  every connection through it on :meth:`HubThread.cut`.
+* :class:`Tap` relays TCP to the hub and reads the devices' control channels both ways (after
+  the request head and the 101): it counts the WebSocket pings each device sends and the
+  hub's confirmations of its registration, and cuts every connection through it on
+  :meth:`HubThread.cut`. Each of those wakes the tests' waits (:meth:`HubThread.watch`).
 * :class:`TrioDriver` and :class:`AsyncioDriver` give the tests one vocabulary: devices that
-  serve in the background, services, background tasks, waiting on a predicate with a
-  timeout (never a fixed sleep), and the core exception a failed call raised.
+  serve in the background, services, background tasks, waiting on a predicate that is
+  checked again at each change a test can see (never a sleep, never a poll), and the core
+  exception a failed call raised.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import json
 import ssl
-import struct
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -45,69 +47,94 @@ from ._helpers import policy_cs
 DEVICE_POOL = 48
 
 
-class _PingCounter:
-    """Reads one client-to-hub byte stream: the request head, then WebSocket frames."""
+class _Connection:
+    """What the tap reads of one connection: its request head, whether it is a device's
+    control channel (and whose), and that channel's WebSocket frames both ways."""
 
     def __init__(self, tap: Tap) -> None:
         self.tap = tap
-        self.head = b""
-        self.key: str | None = None  # the device id of a control channel, once known
-        self.frames = False
+        #: The device id of a control channel, once its request head is read.
+        self.device: str | None = None
+        self.to_hub = _Frames(self._request_head, self._from_device)
+        self.to_device = _Frames(self._answer_head, self._from_hub)
+
+    def _request_head(self, head: bytes) -> bool:
+        target = head.split(b" ", 2)[1].decode() if b" " in head else ""
+        parts = target.split("/")
+        if b"upgrade: websocket" in head.lower() and len(parts) == 4 and parts[1] == "devices":
+            self.device = parts[2]
+        return self.device is not None
+
+    def _answer_head(self, head: bytes) -> bool:
+        return self.device is not None
+
+    def _from_device(self, opcode: int, payload: bytes) -> None:
+        if opcode == 0x9 and self.device is not None:
+            self.tap.pings[self.device] += 1
+            self.tap.changed()
+
+    def _from_hub(self, opcode: int, payload: bytes) -> None:
+        if opcode == 0x1 and self.device is not None:
+            with contextlib.suppress(ValueError):
+                if json.loads(payload).get("type") == "registered":
+                    self.tap.registered[self.device] += 1
+                    self.tap.changed()
+
+
+class _Frames:
+    """Reads one direction of a connection: the HTTP head (``on_head`` says whether to read
+    on), then WebSocket frames, each given whole to ``on_frame(opcode, payload)`` (a masked
+    payload is passed as it came: only the hub's, unmasked, are read)."""
+
+    def __init__(
+        self, on_head: Callable[[bytes], bool], on_frame: Callable[[int, bytes], None]
+    ) -> None:
+        self.on_head = on_head
+        self.on_frame = on_frame
+        self.head: bytes | None = b""
         self.buffer = b""
-        self.skip = 0
+        self.done = False
 
     def feed(self, data: bytes) -> None:
-        if not self.frames:
+        if self.done:
+            return
+        if self.head is not None:
             self.head += data
             end = self.head.find(b"\r\n\r\n")
             if end < 0:
                 return
-            head, data = self.head[:end], self.head[end + 4 :]
-            target = head.split(b" ", 2)[1].decode() if b" " in head else ""
-            if b"upgrade: websocket" not in head.lower():
-                self.frames, self.skip = True, 1 << 62  # not a WebSocket: count nothing
+            head, data, self.head = self.head[:end], self.head[end + 4 :], None
+            if not self.on_head(head):
+                self.done = True  # not a control channel: nothing to read
                 return
-            parts = target.split("/")
-            if len(parts) == 4 and parts[1] == "devices" and parts[3] == "streams":
-                self.key = parts[2]
-            self.frames = True
         self.buffer += data
-        while True:
-            if self.skip:
-                taken = min(self.skip, len(self.buffer))
-                self.skip -= taken
-                self.buffer = self.buffer[taken:]
-                if self.skip:
-                    return
-            if len(self.buffer) < 2:
-                return
+        while len(self.buffer) >= 2:
             first, second = self.buffer[0], self.buffer[1]
             length, at = second & 0x7F, 2
-            if length == 126:
-                if len(self.buffer) < 4:
+            if length >= 126:
+                at = 4 if length == 126 else 10
+                if len(self.buffer) < at:
                     return
-                length, at = struct.unpack("!H", self.buffer[2:4])[0], 4
-            elif length == 127:
-                if len(self.buffer) < 10:
-                    return
-                length, at = struct.unpack("!Q", self.buffer[2:10])[0], 10
+                length = int.from_bytes(self.buffer[2:at], "big")
             at += 4 if second & 0x80 else 0
-            if len(self.buffer) < at:
+            if len(self.buffer) < at + length:
                 return
-            if first & 0x0F == 0x9 and self.key is not None:
-                self.tap.pings[self.key] += 1
-            self.buffer = self.buffer[at:]
-            self.skip = length
+            self.on_frame(first & 0x0F, self.buffer[at : at + length])
+            self.buffer = self.buffer[at + length :]
 
 
 class Tap:
-    """A TCP relay on 127.0.0.1 in front of the hub: counts control-channel pings, cuts."""
+    """A TCP relay on 127.0.0.1 in front of the hub: counts control-channel pings and the
+    hub's confirmations of a device's registration, cuts every connection on demand, and
+    calls ``changed`` (from the hub's thread) after each of those."""
 
     def __init__(self) -> None:
         self.target_port = 0
         self.port = 0
         self.pings: Counter[str] = Counter()
+        self.registered: Counter[str] = Counter()
         self.cuts = 0
+        self.changed: Callable[[], None] = lambda: None
         self._live: set[trio.CancelScope] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -123,9 +150,9 @@ class Tap:
                 hub = await trio.open_tcp_stream("127.0.0.1", self.target_port)
                 try:
                     async with trio.open_nursery() as nursery:
-                        counter = _PingCounter(self)
-                        nursery.start_soon(self._pipe, client, hub, nursery, counter.feed)
-                        nursery.start_soon(self._pipe, hub, client, nursery, None)
+                        seen = _Connection(self)
+                        nursery.start_soon(self._pipe, client, hub, nursery, seen.to_hub.feed)
+                        nursery.start_soon(self._pipe, hub, client, nursery, seen.to_device.feed)
                 finally:
                     await trio.aclose_forcefully(hub)
         finally:
@@ -137,12 +164,11 @@ class Tap:
         source: trio.SocketStream,
         sink: trio.SocketStream,
         nursery: trio.Nursery,
-        tap: Callable[[bytes], None] | None,
+        tap: Callable[[bytes], None],
     ) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             while data := await source.receive_some(256 * 1024):
-                if tap is not None:
-                    tap(data)
+                tap(data)
                 await sink.send_all(data)
         nursery.cancel_scope.cancel()
 
@@ -151,6 +177,7 @@ class Tap:
         self.cuts += 1
         for scope in list(self._live):
             scope.cancel()
+        self.changed()
 
 
 class HubThread:
@@ -181,6 +208,9 @@ class HubThread:
         self._scope: trio.CancelScope | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, daemon=True)
+        self._watchers: set[Callable[[], None]] = set()
+        self._watchers_lock = threading.Lock()
+        self.tap.changed = self._changed
 
     def start(self) -> HubThread:
         self._thread.start()
@@ -238,7 +268,30 @@ class HubThread:
         self._token.run_sync_soon(self.tap.cut)
 
     def pings(self, device_id: str) -> int:
+        """How many pings the device sent on its control channels."""
         return self.tap.pings[device_id]
+
+    def registered(self, device_id: str) -> int:
+        """How many times the hub confirmed the device's registration (it is online then)."""
+        return self.tap.registered[device_id]
+
+    def watch(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """Have *wake* called (from the hub's thread) whenever the tap counts something or
+        cuts; return the call that stops it."""
+        with self._watchers_lock:
+            self._watchers.add(wake)
+
+        def stop() -> None:
+            with self._watchers_lock:
+                self._watchers.discard(wake)
+
+        return stop
+
+    def _changed(self) -> None:
+        with self._watchers_lock:
+            watchers = list(self._watchers)
+        for wake in watchers:
+            wake()
 
     def stop(self) -> None:
         if self._token is not None and self._scope is not None:
@@ -249,10 +302,11 @@ class HubThread:
 class Task:
     """A background task's end: ``done``, and its result or the exception it raised."""
 
-    def __init__(self) -> None:
+    def __init__(self, notify: Callable[[], None]) -> None:
         self.done = False
         self.result: Any = None
         self.error: Exception | None = None
+        self._notify = notify
 
     async def run(self, work: Callable[[], Awaitable[Any]]) -> None:
         try:
@@ -261,47 +315,81 @@ class Task:
             self.error = exc
         finally:
             self.done = True
+            self._notify()
+
+
+class _Notifying:
+    """A client's public attribute (``connections``, ``online``) that, when the client sets
+    it, wakes the test's waits (``notify`` of the class :func:`observed` made)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = f"observed {name}"  # a key no attribute access reaches
+
+    def __get__(self, client: Any, owner: type | None = None) -> Any:
+        return self if client is None else client.__dict__[self.key]
+
+    def __set__(self, client: Any, value: Any) -> None:
+        client.__dict__[self.key] = value
+        type(client).notify()
+
+
+def observed(client_class: type, notify: Callable[[], None]) -> Any:
+    """*client_class* (a device client) whose ``connections`` and ``online`` call *notify*
+    when they change: a test waits for them without polling."""
+    return type(
+        f"Observed{client_class.__name__}",
+        (client_class,),
+        {"connections": _Notifying(), "online": _Notifying(), "notify": staticmethod(notify)},
+    )
 
 
 Body = Callable[["Driver"], Awaitable[None]]
 
 
 class Driver:
-    """What a conformance test may do, the same for every client driver."""
+    """What a conformance test may do, the same for every client driver.
+
+    Nothing waits by sleeping: :meth:`wait_for` checks its predicate again at each change a
+    test can see (the tap counting or cutting, in the hub's thread; a device client's
+    ``connections`` or ``online`` changing; a background task ending; :meth:`notify`). Its
+    *timeout* is real time, only a bound on failure: the hub runs in a thread with its own
+    event loop and real sockets, so no virtual clock spans both sides.
+    """
 
     name = ""
 
     def __init__(self, hub: HubThread) -> None:
         self.hub = hub
 
-    # -- time ---------------------------------------------------------------------------
+    # -- waiting ----------------------------------------------------------------------------
 
-    async def sleep(self, seconds: float) -> None:
+    def notify(self) -> None:
+        """Wake every :meth:`wait_for` (call from the test's own event loop)."""
+        raise NotImplementedError
+
+    def notify_threadsafe(self) -> None:
+        """:meth:`notify`, from any thread."""
+        raise NotImplementedError
+
+    async def changed(self) -> None:
+        """Return at the next :meth:`notify`."""
         raise NotImplementedError
 
     def event(self) -> Any:
         """An event with ``set()`` and ``await wait()``."""
         raise NotImplementedError
 
+    def time_limit(self, seconds: float) -> contextlib.AbstractAsyncContextManager[Any]:
+        raise NotImplementedError
+
     async def wait_for(self, predicate: Callable[[], object], timeout: float = 5.0) -> None:
         """Return once *predicate* holds; fail after *timeout* seconds."""
-        for _ in range(int(timeout / 0.005)):
-            if predicate():
-                return
-            await self.sleep(0.005)
-        assert predicate(), f"still false after {timeout} s"
-
-    async def wait_quiet(self, value: Callable[[], int], quiet: float, timeout: float = 5.0) -> int:
-        """The value once it has not changed for *quiet* seconds."""
-        last, still = value(), 0
-        for _ in range(int(timeout / 0.01)):
-            await self.sleep(0.01)
-            now = value()
-            still = still + 1 if now == last else 0
-            last = now
-            if still * 0.01 >= quiet:
-                return now
-        raise AssertionError(f"still changing after {timeout} s")
+        try:
+            async with self.time_limit(timeout):
+                while not predicate():
+                    await self.changed()
+        except (TimeoutError, trio.TooSlowError):
+            raise AssertionError(f"still false after {timeout} s") from None
 
     def start(self, work: Callable[[], Awaitable[Any]]) -> Task:
         raise NotImplementedError
@@ -337,6 +425,12 @@ class Driver:
         raise AssertionError("no exception raised")
 
 
+@asynccontextmanager
+async def _async_of(scope: contextlib.AbstractContextManager[Any]) -> AsyncIterator[None]:
+    with scope:
+        yield
+
+
 def _options(window: int | None) -> StreamOptions | None:
     return None if window is None else StreamOptions(window=window)
 
@@ -347,21 +441,37 @@ class TrioDriver(Driver):
 
     def run(self, body: Body, timeout: float) -> None:
         async def main() -> None:
-            with trio.fail_after(timeout):
-                async with trio.open_nursery() as self.nursery:
-                    await body(self)
-                    self.nursery.cancel_scope.cancel()
+            self._waiting = trio.lowlevel.ParkingLot()
+            self._token = trio.lowlevel.current_trio_token()
+            stop = self.hub.watch(self.notify_threadsafe)
+            try:
+                with trio.fail_after(timeout):
+                    async with trio.open_nursery() as self.nursery:
+                        await body(self)
+                        self.nursery.cancel_scope.cancel()
+            finally:
+                stop()
 
         trio.run(main)
 
-    async def sleep(self, seconds: float) -> None:
-        await trio.sleep(seconds)
+    def notify(self) -> None:
+        self._waiting.unpark_all()
+
+    def notify_threadsafe(self) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self.notify)
+
+    async def changed(self) -> None:
+        await self._waiting.park()
+
+    def time_limit(self, seconds: float) -> contextlib.AbstractAsyncContextManager[Any]:
+        return _async_of(trio.fail_after(seconds))
 
     def event(self) -> Any:
         return trio.Event()
 
     def start(self, work: Callable[[], Awaitable[Any]]) -> Task:
-        task = Task()
+        task = Task(self.notify)
         self.nursery.start_soon(task.run, work)
         return task
 
@@ -369,7 +479,7 @@ class TrioDriver(Driver):
     async def device(
         self, cs: ConnectionString, handlers: Mapping[str, Any], **options: Any
     ) -> AsyncIterator[Any]:
-        client = TrioDevice(cs, ssl_context=self.hub.client_ssl, **options)
+        client = observed(TrioDevice, self.notify)(cs, ssl_context=self.hub.client_ssl, **options)
         async with trio.open_nursery() as nursery:
             await nursery.start(client.serve, handlers)
             yield client
@@ -407,24 +517,39 @@ class AsyncioDriver(Driver):
     def run(self, body: Body, timeout: float) -> None:
         async def main() -> None:
             self._tasks: set[asyncio.Task[None]] = set()
+            self._waiting = asyncio.Event()
+            self._loop = asyncio.get_running_loop()
+            stop = self.hub.watch(self.notify_threadsafe)
             try:
                 async with asyncio.timeout(timeout):
                     await body(self)
             finally:
+                stop()
                 for task in self._tasks:
                     task.cancel()
                 await asyncio.gather(*self._tasks, return_exceptions=True)
 
         asyncio.run(main())
 
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+    def notify(self) -> None:
+        self._waiting.set()
+        self._waiting = asyncio.Event()
+
+    def notify_threadsafe(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed
+            self._loop.call_soon_threadsafe(self.notify)
+
+    async def changed(self) -> None:
+        await self._waiting.wait()
+
+    def time_limit(self, seconds: float) -> contextlib.AbstractAsyncContextManager[Any]:
+        return asyncio.timeout(seconds)
 
     def event(self) -> Any:
         return asyncio.Event()
 
     def start(self, work: Callable[[], Awaitable[Any]]) -> Task:
-        task = Task()
+        task = Task(self.notify)
         self._tasks.add(asyncio.ensure_future(task.run(work)))
         return task
 
@@ -432,20 +557,20 @@ class AsyncioDriver(Driver):
     async def device(
         self, cs: ConnectionString, handlers: Mapping[str, Any], **options: Any
     ) -> AsyncIterator[Any]:
-        async with devstream_asyncio.open_device(
+        client = observed(devstream_asyncio.DeviceClient, self.notify)(
             cs, ssl_context=self.hub.client_ssl, **options
-        ) as client:
-            serving = asyncio.ensure_future(client.serve(handlers))
-            online = asyncio.ensure_future(client.wait_online())
-            try:
-                await asyncio.wait({serving, online}, return_when=asyncio.FIRST_COMPLETED)
-                if serving.done():
-                    serving.result()  # raises what serve raised
-                yield client
-            finally:
-                online.cancel()
-                serving.cancel()
-                await asyncio.gather(serving, online, return_exceptions=True)
+        )
+        serving = asyncio.ensure_future(client.serve(handlers))
+        online = asyncio.ensure_future(client.wait_online())
+        try:
+            await asyncio.wait({serving, online}, return_when=asyncio.FIRST_COMPLETED)
+            if serving.done():
+                serving.result()  # raises what serve raised
+            yield client
+        finally:
+            online.cancel()
+            serving.cancel()
+            await asyncio.gather(serving, online, return_exceptions=True)
 
     async def serve_error(self, cs: ConnectionString, handlers: Mapping[str, Any]) -> Exception:
         try:

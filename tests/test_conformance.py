@@ -2,10 +2,14 @@
 with the asyncio clients, against one real trio hub (in a thread, behind a tap; see
 ``tests/_conformance.py``).
 
-Rules: loopback only, port 0; nothing sleeps for a fixed time to let something happen: tests
-wait for a predicate with a timeout, with short intervals configured where time must pass,
-and assert what happened (bytes and their SHA-256, error classes and codes, pings the hub
-received, reconnections), never how long it took. Every test body runs under a 15 s limit.
+Rules: loopback only, port 0; nothing sleeps or polls: a test waits for a predicate that is
+checked again at each change it can see (the tap counting pings, registrations and cuts in
+the hub's thread, a device client's ``connections`` and ``online``, a task's end, the test's
+own ``notify``), with short intervals configured where time must pass, and asserts what
+happened (bytes and their SHA-256, error classes and codes, pings the hub received,
+reconnections, the window that stopped a writer), never how long it took. Every test body
+runs under a 15 s limit (real time: the hub runs in a thread of its own, with real sockets,
+so no virtual clock spans both sides; the limit only bounds a failure).
 """
 
 from __future__ import annotations
@@ -157,6 +161,7 @@ def test_reset_reaches_the_peer_with_its_code(run: Any) -> None:
 
         async def victim(stream: Any) -> None:
             seen.append(await d.error_of(read_all(stream)))
+            d.notify()
 
         cs = d.hub.new_device()
         async with d.device(cs, {"victim": victim}), d.service() as service:
@@ -204,18 +209,23 @@ def test_flow_control_blocks_a_writer_while_the_reader_does_not_read(run: Any) -
         cs = d.hub.new_device()
         async with d.device(cs, {"slow": slow_reader}), d.service(window=window) as service:
             stream = await service.open_stream(cs.device_id, "slow", mode="devstream.v1")
-            sent = [0]
+            stalled_at: list[int] = []
 
             async def write() -> None:
                 for start in range(0, total, 1024):
+                    if stream.endpoint.send_capacity == 0 and not stalled_at:
+                        # The window is full and the reader reads nothing: this send
+                        # waits until it does.
+                        stalled_at.append(start)
+                        d.notify()
                     await stream.send_all(payload[start : start + 1024])
-                    sent[0] = start + 1024
                 await stream.send_eof()
 
             writer = d.start(write)
-            stalled_at = await d.wait_quiet(lambda: sent[0], quiet=0.2)
+            await d.wait_for(lambda: stalled_at or writer.done)
             assert not writer.done
-            assert 0 < stalled_at <= 4 * window, stalled_at
+            assert stalled_at == [window], stalled_at
+            assert stream.endpoint.send_capacity == 0
             go.set()
             await d.wait_for(lambda: writer.done)
             assert writer.error is None
@@ -338,14 +348,12 @@ def test_the_readmes_asyncio_example_runs(hub: HubThread) -> None:
     device_cs, service_cs = str(hub.readme_device), str(hub.service_cs)
 
     async def body(d: Driver) -> None:
+        registered = d.hub.registered("my-device")
         device = asyncio.ensure_future(example["device_main"](device_cs))
         try:
-            for _ in range(500):  # until the device is online
-                try:
-                    reply = await example["service_main"](service_cs)
-                    break
-                except DeviceNotOnline:
-                    await d.sleep(0.01)
+            # Online once the hub confirmed its registration.
+            await d.wait_for(lambda: d.hub.registered("my-device") > registered)
+            reply = await example["service_main"](service_cs)
             assert reply == b"hello"
         finally:
             device.cancel()

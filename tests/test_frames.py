@@ -61,7 +61,7 @@ def frame(
 #: The fuzz harness, whose comparison of the two parsers these tests share.
 WS_FRAMES_HARNESS = load_fuzz_harness("fuzz_ws_frames")
 #: Events as comparable tuples (payload bytes, flags; a close by its code).
-describe = WS_FRAMES_HARNESS._describe
+describe = WS_FRAMES_HARNESS.describe
 
 
 def run_both(

@@ -19,6 +19,9 @@ from devstream_core.handshake import (
     asks_for_websocket,
     check_request,
     check_response,
+    client_key,
+    request_head,
+    upgrade_fields,
 )
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -316,3 +319,34 @@ def test_every_check_of_a_101_refuses(fields: Fields, offered: list[str], words:
     assert info.value.code is ErrorCode.HUB_UNREACHABLE
     assert info.value.message.startswith("bad answer to the WebSocket handshake: ")
     assert words in info.value.message
+
+
+# -- the client's request --------------------------------------------------------------------
+
+
+def test_the_clients_request_is_one_the_hub_takes_and_its_answer_one_the_client_takes() -> None:
+    key = client_key(b"the sample nonce")
+    assert key == KEY  # RFC 6455 section 1.3's example
+    for offered in ([], ["devstream.v1"]):
+        fields = upgrade_fields("hub.test", key, [("authorization", "Bearer t")], offered)
+        head = request_head("/bridges/s1", fields)
+        assert head.startswith(b"GET /bridges/s1 HTTP/1.1\r\nhost: hub.test\r\n")
+        assert b"authorization: Bearer t\r\n" in head
+        raw = [(k.encode(), v.encode()) for k, v in fields]
+        assert check_request(b"GET", b"1.1", raw) == key
+        answer = [
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", accept_token(key)),
+            *[(b"sec-websocket-protocol", name.encode()) for name in offered],
+        ]
+        assert check_response(answer, key=key, subprotocols=offered) == (
+            offered[0] if offered else None
+        )
+        assert (b"sec-websocket-protocol" in dict(raw)) is bool(offered)
+
+
+@pytest.mark.parametrize("size", [0, 15, 17])
+def test_a_key_is_made_of_sixteen_random_bytes(size: int) -> None:
+    with pytest.raises(ValueError):
+        client_key(bytes(size))

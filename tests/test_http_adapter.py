@@ -31,11 +31,10 @@ from devstream_trio.transport.http import (
     HttpResponse,
     HttpServerConnection,
     HttpStatusError,
-    _parse_101,
-    _parse_upgrade,
-    _request_head,
     accept_token,
     http_request,
+    parse_101,
+    parse_upgrade_request,
     websocket_connect,
 )
 from devstream_trio.transport.websocket import payload
@@ -981,7 +980,7 @@ def test_the_client_request_head_is_what_h11_would_write() -> None:
     target = "/twins/d%201/streams/ssh?api-version=2020-09-30&x=~!$'()*"
     conn = h11.Connection(h11.CLIENT)
     expected = conn.send(h11.Request(method="GET", target=target, headers=headers))
-    assert _request_head(target, headers) == expected
+    assert handshake.request_head(target, headers) == expected
 
 
 @pytest.mark.parametrize(
@@ -998,7 +997,7 @@ def test_the_client_request_head_is_what_h11_would_write() -> None:
 )
 def test_a_client_request_h11_would_refuse_is_refused(target: str, header: tuple[str, str]) -> None:
     with pytest.raises(ValueError):
-        _request_head(target, [header])
+        handshake.request_head(target, [header])
     with pytest.raises((h11.LocalProtocolError, ValueError)):
         h11.Connection(h11.CLIENT).send(h11.Request(method="GET", target=target, headers=[header]))
 
@@ -1010,7 +1009,7 @@ HTTP_RESPONSE_HARNESS = load_fuzz_harness("fuzz_http_response")
 def h11_101(head: bytes) -> list[tuple[bytes, bytes]] | None:
     """The header fields h11 reads from *head* + blank line as the answer to an upgrade, or
     None if it reads no 101 there."""
-    read = HTTP_RESPONSE_HARNESS._h11_reads(head + b"\r\n\r\n")
+    read = HTTP_RESPONSE_HARNESS.h11_reads(head + b"\r\n\r\n")
     return None if read is None else read[0]
 
 
@@ -1023,7 +1022,7 @@ def h11_101(head: bytes) -> list[tuple[bytes, bytes]] | None:
     ],
 )
 def test_a_plain_101_is_read_as_h11_reads_it(head: bytes) -> None:
-    fields = _parse_101(head)
+    fields = parse_101(head)
     assert fields is not None
     assert fields == h11_101(head)
 
@@ -1043,7 +1042,7 @@ def test_a_plain_101_is_read_as_h11_reads_it(head: bytes) -> None:
     ],
 )
 def test_anything_else_is_left_to_h11(head: bytes) -> None:
-    assert _parse_101(head) is None
+    assert parse_101(head) is None
 
 
 _VISIBLE = st.binary(min_size=1, max_size=6).map(
@@ -1071,7 +1070,7 @@ def test_whenever_the_client_reads_a_101_h11_reads_the_same(
     fields: list[tuple[bytes, bytes]], reason: bytes
 ) -> None:
     head = b"HTTP/1.1 101" + reason + b"".join(b"\r\n" + k + b":" + v for k, v in fields)
-    ours = _parse_101(head)
+    ours = parse_101(head)
     if ours is not None:
         assert ours == h11_101(head)
 
@@ -1160,7 +1159,7 @@ def test_fuzz_harness_fallback_loop(monkeypatch: pytest.MonkeyPatch) -> None:
         lines = (line.partition(b":") for line in head.split(b"\r\n")[1:])
         return [(name, value.strip()) for name, _, value in lines]
 
-    monkeypatch.setattr(harness, "_parse_101", keeps_case)
+    monkeypatch.setattr(harness, "parse_101", keeps_case)
     with pytest.raises(harness.Crash):
         harness.run_fallback(2000, seed=1)
 
@@ -1212,7 +1211,7 @@ PLAIN_UPGRADE = (
 
 @pytest.mark.parametrize("after", [b"", b"\x82\x85abcdefghi"])
 def test_a_plain_upgrade_request_is_read_as_h11_reads_it(after: bytes) -> None:
-    read = _parse_upgrade(PLAIN_UPGRADE + after, 16384)
+    read = parse_upgrade_request(PLAIN_UPGRADE + after, 16384)
     assert read is not None
     request, end = read
     assert end == len(PLAIN_UPGRADE)
@@ -1246,12 +1245,12 @@ def test_a_plain_upgrade_request_is_read_as_h11_reads_it(after: bytes) -> None:
     ],
 )
 def test_anything_else_in_a_request_is_left_to_h11(data: bytes) -> None:
-    assert _parse_upgrade(data, 16384) is None
+    assert parse_upgrade_request(data, 16384) is None
 
 
 def test_a_request_head_over_the_limit_is_left_to_h11() -> None:
-    assert _parse_upgrade(PLAIN_UPGRADE, len(PLAIN_UPGRADE) - 4) is not None
-    assert _parse_upgrade(PLAIN_UPGRADE, len(PLAIN_UPGRADE) - 5) is None
+    assert parse_upgrade_request(PLAIN_UPGRADE, len(PLAIN_UPGRADE) - 4) is not None
+    assert parse_upgrade_request(PLAIN_UPGRADE, len(PLAIN_UPGRADE) - 5) is None
 
 
 _NAMES = st.one_of(
@@ -1286,7 +1285,7 @@ def test_whenever_the_hub_reads_an_upgrade_request_h11_reads_the_same(
     head = method + b" " + target + b" " + version
     head += b"".join(b"\r\n" + name + sep + value for name, sep, value in fields)
     data = head + end + after
-    read = _parse_upgrade(data, 16384)
+    read = parse_upgrade_request(data, 16384)
     if read is not None:
         request, head_end = read
         assert (request.method, request.target, request.headers, data[head_end:]) == (
@@ -1303,10 +1302,10 @@ def test_the_request_fuzz_harness_runs_and_catches_a_disagreement(
 
     # A reader that let a body slip through (a Content-Length it ignores) would be caught.
     def ignores_length(data: bytes, limit: int) -> tuple[HttpRequest, int] | None:
-        read = _parse_upgrade(data.replace(b"content-length", b"x-length"), limit)
+        read = parse_upgrade_request(data.replace(b"content-length", b"x-length"), limit)
         return read
 
-    monkeypatch.setattr(harness, "_parse_upgrade", ignores_length)
+    monkeypatch.setattr(harness, "parse_upgrade_request", ignores_length)
     monkeypatch.setattr(
         harness,
         "SEEDS",
@@ -1323,7 +1322,7 @@ def test_the_request_fuzz_harness_compares_decisions_with_wsproto(
     takes_handshakes(harness)  # handshakes the hub took
 
     # A hub that took any Sec-WebSocket-Key (wsproto does) would be caught.
-    monkeypatch.setattr(handshake, "_is_key", lambda key: True)
+    monkeypatch.setattr(handshake, "is_websocket_key", lambda key: True)
     with pytest.raises(harness.Crash, match="not-base64") as info:
         harness.run_fallback(0)
     assert "the hub took a handshake it must refuse" in str(info.value.__cause__)

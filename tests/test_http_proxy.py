@@ -1,7 +1,7 @@
 """Clients reaching the hub through an HTTP ``CONNECT`` proxy.
 
 Three layers: :func:`resolve_proxy` / :meth:`ProxyConfig.from_url` as pure functions; the
-tunnel (:func:`_connect_tunnel`, :func:`open_hub_stream`) against a small fake proxy written
+tunnel (:func:`connect_tunnel`, :func:`open_hub_stream`) against a small fake proxy written
 here, which records what the client sends and answers as each test tells it; and a real
 tinyproxy between a real hub and both clients (and the ``devstream`` command line).
 
@@ -50,7 +50,7 @@ from devstream_trio.server.store import RegistryStore
 from devstream_trio.transport.connect import (
     HubAddress,
     ProxyConfig,
-    _connect_tunnel,
+    connect_tunnel,
     hub_opener,
     open_hub_stream,
     resolve_proxy,
@@ -315,7 +315,7 @@ async def test_tunnel_sends_connect_and_host_without_credentials() -> None:
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             proxy = await start_fake_proxy(nursery, accept_and_echo)
-            stream = await _connect_tunnel(proxy.config, HUB)
+            stream = await connect_tunnel(proxy.config, HUB)
             assert await ping(stream) == b"ping"  # the stream is the tunnel
             await stream.aclose()
             line, headers = proxy.request()
@@ -354,7 +354,7 @@ async def test_tunnel_to_an_ipv6_hub_brackets_the_address() -> None:
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             proxy = await start_fake_proxy(nursery, accept_and_echo)
-            stream = await _connect_tunnel(proxy.config, HubAddress.from_url("http://[::1]:8080"))
+            stream = await connect_tunnel(proxy.config, HubAddress.from_url("http://[::1]:8080"))
             await stream.aclose()
             line, headers = proxy.request()
             assert line == "CONNECT [::1]:8080 HTTP/1.1"
@@ -425,7 +425,7 @@ async def test_proxy_that_closes_early_or_babbles(data: bytes, expected: str) ->
         async with trio.open_nursery() as nursery:
             proxy = await start_fake_proxy(nursery, send_then_close(data))
             with pytest.raises(HubUnreachable) as info:
-                await _connect_tunnel(proxy.config, HUB)
+                await connect_tunnel(proxy.config, HUB)
             assert expected in info.value.message
             assert f"127.0.0.1:{proxy.port}" in info.value.message
             assert len(proxy.heads) == 1

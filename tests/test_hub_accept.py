@@ -13,14 +13,14 @@ import logging
 import re
 import socket
 import ssl
+from functools import partial
 from typing import Any
 
 import pytest
 import trio
 import trustme
 
-from devstream_trio.server import hub as hub_module
-from devstream_trio.server.hub import _accept_loop
+from devstream_trio.server.hub import accept_loop
 
 
 class Greeter:
@@ -75,7 +75,7 @@ async def test_every_connection_waiting_is_served() -> None:
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_accept_loop, sock, None, greeter, nursery)
+            nursery.start_soon(accept_loop, sock, None, greeter, nursery)
             async with trio.open_nursery() as clients:
                 # Three batches' worth, and 400 descriptors: within a default limit of 1,024.
                 for _ in range(200):
@@ -94,16 +94,15 @@ async def test_an_error_about_one_connection_is_skipped() -> None:
     greeter = Greeter()
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_accept_loop, sock, None, greeter, nursery)
+            nursery.start_soon(accept_loop, sock, None, greeter, nursery)
             assert await greeting(sock.getsockname()[1]) == b"connection 1\n"
             nursery.cancel_scope.cancel()
     assert sock.failures == []
 
 
 async def test_running_out_of_descriptors_is_logged_and_waited_out(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(hub_module, "_ACCEPT_RETRY_DELAY", 0)
     sock = listening_socket(FlakyListener)
     assert isinstance(sock, FlakyListener)
     sock.failures = [OSError(errno.EMFILE, "Too many open files")] * 2
@@ -111,7 +110,9 @@ async def test_running_out_of_descriptors_is_logged_and_waited_out(
     with caplog.at_level(logging.ERROR, logger="devstream_trio.server.hub"):
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_accept_loop, sock, None, greeter, nursery)
+                nursery.start_soon(
+                    partial(accept_loop, sock, None, greeter, nursery, retry_delay=0)
+                )
                 assert await greeting(sock.getsockname()[1]) == b"connection 1\n"
                 nursery.cancel_scope.cancel()
     # Two failures within the log interval: one line.
@@ -133,7 +134,7 @@ async def test_at_the_open_files_limit_accept_backs_off_and_logs_once_per_interv
     try:
         with trio.move_on_after(25):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_accept_loop, sock, None, greeter, nursery)
+                nursery.start_soon(accept_loop, sock, None, greeter, nursery)
     finally:
         client.close()
     # It tried again every 0.1 s of (virtual) time, neither spinning nor giving up.
@@ -152,7 +153,7 @@ async def test_any_other_accept_error_stops_the_loop() -> None:
     greeter = Greeter()
     with trio.fail_after(30), pytest.raises(ExceptionGroup) as info:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_accept_loop, sock, None, greeter, nursery)
+            nursery.start_soon(accept_loop, sock, None, greeter, nursery)
             async with await trio.open_tcp_stream("127.0.0.1", sock.getsockname()[1]):
                 await trio.sleep_forever()  # until the loop's failure cancels the nursery
     [error] = info.value.exceptions
@@ -173,7 +174,7 @@ async def test_the_hub_accepts_over_tls_too() -> None:
     greeter = Greeter()
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_accept_loop, sock, server_context, greeter, nursery)
+            nursery.start_soon(accept_loop, sock, server_context, greeter, nursery)
             tcp = await trio.open_tcp_stream("127.0.0.1", sock.getsockname()[1])
             tls = trio.SSLStream(tcp, client_context, server_hostname="127.0.0.1")
             assert await tls.receive_some(100) == b"connection 1\n"

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from devstream_core.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from devstream_core.exceptions import DeviceNotFound, StreamReset
+from devstream_core.exceptions import DeviceNotFound, HubError, StreamReset
 from devstream_core.framing import (
     MAX_MESSAGE_SIZE,
     EndpointState,
@@ -895,3 +895,70 @@ def test_the_last_ack_lost_after_the_peer_left_leaves_the_side_resuming() -> Non
     assert link.sides[0].phase is P.RESUMING and link.sides[0].outcome is None
     link.teardown()
     assert link.read[0] == link.read[1] == b""
+
+
+# --------------------------------------------------------------------------------------------
+# What the application's reads get, and what its calls raise
+# --------------------------------------------------------------------------------------------
+
+
+def test_take_gives_bytes_then_nothing_yet_then_the_eof() -> None:
+    link = Link()
+    a, b = link.a, link.b
+    assert b.take(None, 0.0) is None and b.failure() is None
+    a.endpoint.write(b"hello")
+    link.flush(a)
+    link.deliver(a, 0.0)
+    assert b.take(2, 0.0) == b"he"
+    assert b.take(None, 0.0) == b"llo"
+    assert b.take(None, 0.0) is None
+    a.write_eof()
+    link.flush(a)
+    link.deliver(a, 0.0)
+    assert b.take(None, 0.0) == b""
+    assert b.ack_deferred  # the acknowledgement of the EOF waits for company
+    assert b.take(None, 0.0) == b""
+    assert b.failure() is None and not b.peer_closed
+
+
+def test_take_raises_the_reset_once_nothing_is_left_to_read() -> None:
+    link = Link()
+    a, b = link.a, link.b
+    a.endpoint.write(b"last words")
+    a.reset(4242, "changed my mind", 0.0)
+    link.flush(a)
+    link.deliver(a, 0.0)
+    with pytest.raises(StreamReset) as info:
+        b.take(None, 0.0)
+    assert info.value.reset_code == 4242
+    assert b.failure() is not None
+
+
+def test_a_peer_that_closes_before_its_eof_is_a_lost_peer() -> None:
+    link = Link()
+    b = link.b
+    b.connection_closed(1000, "", 1.0)
+    assert b.peer_closed and b.phase is P.CLOSED
+    with pytest.raises(HubError) as info:
+        b.take(None, 1.0)
+    assert info.value.code is ErrorCode.PEER_LOST
+    assert "before its EOF" in info.value.message
+
+
+def test_an_abandoned_stream_is_over_for_the_application() -> None:
+    link = Link()
+    link.a.abort(1.0)
+    failure = link.a.failure()
+    assert isinstance(failure, HubError) and failure.code is ErrorCode.PEER_LOST
+    assert failure.message == "the stream is over"
+    assert not link.a.peer_closed
+
+
+def test_a_completed_stream_reads_its_eof_and_fails_nothing() -> None:
+    link = Link()
+    a, b = link.a, link.b
+    a.write_eof()
+    b.write_eof()
+    link.pump(0.0)
+    assert a.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+    assert a.take(None, 0.0) == b"" and a.failure() is None

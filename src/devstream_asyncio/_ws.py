@@ -9,7 +9,6 @@ errors the core's classes.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import ssl
@@ -77,14 +76,13 @@ async def exchange(
     writer: asyncio.StreamWriter,
     *,
     method: str,
-    host: str,
     target: str,
-    headers: Sequence[tuple[str, str]],
+    fields: list[tuple[str, str]],
     body: bytes | None = None,
 ) -> Response:
-    """Send one request and read its answer (a ``101`` ends it at its head)."""
+    """Send one request (*fields*: ``Host`` first) and read its answer (a ``101`` ends it
+    at its head)."""
     conn = h11.Connection(h11.CLIENT)
-    fields = [("host", host), *headers]
     if body is not None:
         fields.append(("content-length", str(len(body))))
     data = conn.send(h11.Request(method=method, target=target, headers=fields)) or b""
@@ -130,15 +128,9 @@ async def request(
     """One request on a connection of its own."""
     reader, writer = await open_connection(address, ssl_context)
     try:
-        fields = [("connection", "close"), *headers]
+        fields = [("host", address.host_header), ("connection", "close"), *headers]
         return await exchange(
-            reader,
-            writer,
-            method=method,
-            host=address.host_header,
-            target=target,
-            headers=fields,
-            body=body,
+            reader, writer, method=method, target=target, fields=fields, body=body
         )
     finally:
         writer.transport.abort()
@@ -153,20 +145,10 @@ async def websocket_connect(
 ) -> WebSocket | Response:
     """A WebSocket to *target*, or the hub's answer when it is not a ``101``."""
     reader, writer = await open_connection(address, ssl_context)
-    key = base64.b64encode(os.urandom(16))
-    fields = [
-        ("upgrade", "websocket"),
-        ("connection", "Upgrade"),
-        ("sec-websocket-key", key.decode()),
-        ("sec-websocket-version", "13"),
-        *headers,
-    ]
-    if subprotocols:
-        fields.append(("sec-websocket-protocol", ", ".join(subprotocols)))
+    key = handshake.client_key(os.urandom(16))
+    fields = handshake.upgrade_fields(address.host_header, key, headers, subprotocols)
     try:
-        answer = await exchange(
-            reader, writer, method="GET", host=address.host_header, target=target, headers=fields
-        )
+        answer = await exchange(reader, writer, method="GET", target=target, fields=fields)
         if answer.status != 101:
             writer.transport.abort()
             return answer
@@ -284,8 +266,7 @@ class WebSocket:
                 elif isinstance(event, Pong):
                     pass
                 else:  # the peer's close, or one to send for a frame refused
-                    code = 1000 if event.code == 1005 else event.code
-                    self.shutdown(websocket.sendable_close_code(code), event.reason)
+                    self.shutdown(websocket.sendable_close_code(event.code), event.reason)
                     self.closed = ConnectionClosed(event.code, event.reason)
             if out:
                 return out

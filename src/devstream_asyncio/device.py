@@ -33,8 +33,9 @@ from contextlib import asynccontextmanager
 from devstream_core import control, session
 from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString
-from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
-from devstream_core.exceptions import HubError, error_for
+from devstream_core.errors import DevstreamError, ErrorCode
+from devstream_core.exceptions import HubError
+from devstream_core.initiator import close_error
 from devstream_core.streamdriver import StreamOptions
 from devstream_core.wire import (
     DEFAULT_SAS_LIFETIME,
@@ -241,10 +242,8 @@ class DeviceClient:
                         ):
                             self._handle(channel, got, message)
             except ConnectionClosed as exc:
-                code, text = parse_close_reason(exc.reason)
-                if code is not None:
-                    channel.error = error_for(code, text)
-                self._lost(channel, code)
+                channel.error = close_error(exc.reason)
+                self._lost(channel, None if channel.error is None else channel.error.code)
             except DevstreamError:  # the hub broke the control protocol: start afresh
                 self._lost(channel, None)
         finally:

@@ -18,24 +18,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from devstream_core.common import Role
-from devstream_core.control import MODE_FRAMED, MODE_RAW
+from devstream_core.control import MODE_FRAMED
 from devstream_core.credentials import ConnectionString, RequestTokens
-from devstream_core.errors import ErrorCode
-from devstream_core.exceptions import HubError
+from devstream_core.initiator import Initiator, check_joined, stream_subprotocols
 from devstream_core.streamdriver import StreamOptions
 from devstream_core.wire import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_RESPONSE_TIMEOUT,
     DEFAULT_SAS_LIFETIME,
     HubAddress,
-    InitiateAccepted,
-    InitiateRejected,
-    OneStepUnsupported,
     bearer,
-    build_initiate_request,
     connection_string_for,
     error_from_response,
-    parse_initiate_answer,
     parse_stream_url,
 )
 
@@ -64,9 +58,18 @@ class ServiceClient:
         #: The SAS token requests carry (one for many requests).
         self._tokens = RequestTokens(self.connection_string, sas_lifetime)
         self._streams: list[Stream] = []
-        #: Whether the hub opens streams in one step (None until the first stream says;
-        #: False: initiate with a POST, the Azure way).
-        self.one_step: bool | None = None
+        #: How initiates go (in one step or with a POST) and what their answers mean.
+        self.initiator = Initiator()
+
+    @property
+    def one_step(self) -> bool | None:
+        """Whether the hub opens streams in one step (None until the first stream says;
+        False: initiate with a POST, the Azure way)."""
+        return self.initiator.one_step
+
+    @one_step.setter
+    def one_step(self, value: bool | None) -> None:
+        self.initiator.one_step = value
 
     def _authorization(self) -> tuple[str, str]:
         return ("authorization", self._tokens.token(time.time()))
@@ -86,53 +89,42 @@ class ServiceClient:
         Raises ``StreamRejected`` when the device says no, and the exception for the hub's
         error code otherwise (``DeviceNotOnline``, ``DeviceNotFound``, ``Unauthorized``, …).
         """
-        if mode not in (MODE_RAW, MODE_FRAMED):
-            raise HubError(ErrorCode.ARGUMENT_INVALID, f"unknown stream mode {mode!r}")
-        initiate = build_initiate_request(
+        initiator = self.initiator
+        initiate = initiator.request(
             device_id,
             name,
+            mode=mode,
+            window=self.stream_options.window,
             connect_timeout=connect_timeout,
             response_timeout=response_timeout,
-            mode=mode,
-            window=None if mode == MODE_RAW else self.stream_options.window,
         )
         headers = [self._authorization(), *initiate.headers]
-        stream = await self._open_in_one_step(initiate.target, headers, mode)
+        stream: Stream | None = None
+        if initiator.tries_one_step:
+            got = await websocket_connect(
+                self.address, self.ssl_context, initiate.target, headers, stream_subprotocols(mode)
+            )
+            if isinstance(got, WebSocket):
+                try:
+                    answer = initiator.one_step_answer(101, got.headers, b"", mode=mode)
+                except BaseException:
+                    got.abort()
+                    raise
+                assert answer is not None
+                stream = stream_over(got, answer.url, mode, self.ssl_context, self.stream_options)
+            else:
+                initiator.one_step_answer(got.status, got.headers, got.body, mode=mode)
         if stream is None:
             response = await request(
                 self.address, self.ssl_context, "POST", initiate.target, headers, b""
             )
-            answer = parse_initiate_answer(response.status, response.headers, response.body)
-            if isinstance(answer, InitiateRejected):
-                raise answer.error()
-            assert isinstance(answer, InitiateAccepted) and answer.token is not None
+            answer = initiator.post_answer(response.status, response.headers, response.body)
+            assert answer.token is not None
             stream = await join_stream(
                 answer.url, answer.token, answer.mode, self.ssl_context, self.stream_options
             )
         self._streams.append(stream)
         return stream
-
-    async def _open_in_one_step(
-        self, target: str, headers: list[tuple[str, str]], mode: str
-    ) -> Stream | None:
-        """Initiate with a WebSocket upgrade: the stream, or None when the hub cannot."""
-        if self.one_step is False:
-            return None
-        protocols = [] if mode == MODE_RAW else [MODE_FRAMED]
-        got = await websocket_connect(self.address, self.ssl_context, target, headers, protocols)
-        if not isinstance(got, WebSocket):
-            refusal = parse_initiate_answer(
-                got.status, got.headers, got.body, one_step=True, mode=mode
-            )
-            if isinstance(refusal, InitiateRejected):
-                raise refusal.error()
-            assert isinstance(refusal, OneStepUnsupported)
-            self.one_step = False
-            return None
-        self.one_step = True
-        answer = parse_initiate_answer(101, got.headers, b"", one_step=True, mode=mode)
-        assert isinstance(answer, InitiateAccepted)
-        return stream_over(got, answer.url, mode, self.ssl_context, self.stream_options)
 
     def close(self) -> None:
         """Drop the streams still open."""
@@ -141,44 +133,47 @@ class ServiceClient:
         self._streams.clear()
 
 
+def stream_over(
+    ws: WebSocket, url: str, mode: str, ssl_context: ssl.SSLContext | None, options: StreamOptions
+) -> Stream:
+    """The stream a joined WebSocket carries; a devstream.v1 side resumes at *url*."""
+    address, target, stream_id = parse_stream_url(url)
+    try:
+        check_joined(mode, ws.subprotocol)
+    except BaseException:
+        ws.abort()
+        raise
+    if mode != MODE_FRAMED:
+        return RawStream(ws, stream_id)
+
+    async def reconnect(token: str) -> WebSocket:
+        return await _stream_websocket(address, target, token, ssl_context)
+
+    return FramedStream(ws, stream_id, reconnect, options)
+
+
 async def _stream_websocket(
-    url: str, token: str, mode: str, ssl_context: ssl.SSLContext | None
+    address: HubAddress, target: str, token: str, ssl_context: ssl.SSLContext | None
 ) -> WebSocket:
-    address, target, _ = parse_stream_url(url)
-    protocols = [] if mode == MODE_RAW else [MODE_FRAMED]
     got = await websocket_connect(
-        address, ssl_context, target, [("authorization", bearer(token))], protocols
+        address, ssl_context, target, [("authorization", bearer(token))], [MODE_FRAMED]
     )
     if not isinstance(got, WebSocket):
         raise error_from_response(got.status, got.body)
     return got
 
 
-def stream_over(
-    ws: WebSocket, url: str, mode: str, ssl_context: ssl.SSLContext | None, options: StreamOptions
-) -> Stream:
-    """The stream a joined WebSocket carries; a devstream.v1 side resumes at *url*."""
-    stream_id = parse_stream_url(url).stream_id
-    if mode == MODE_RAW:
-        return RawStream(ws, stream_id)
-    if ws.subprotocol != MODE_FRAMED:
-        ws.abort()
-        raise HubError(ErrorCode.PROTOCOL_ERROR, f"the hub did not accept {MODE_FRAMED}")
-
-    async def reconnect(token: str) -> WebSocket:
-        return await _stream_websocket(url, token, mode, ssl_context)
-
-    return FramedStream(ws, stream_id, reconnect, options)
-
-
 async def join_stream(
     url: str, token: str, mode: str, ssl_context: ssl.SSLContext | None, options: StreamOptions
 ) -> Stream:
     """Join a stream at *url* with its stream *token*."""
-    if mode not in (MODE_RAW, MODE_FRAMED):
-        raise HubError(ErrorCode.ARGUMENT_INVALID, f"unknown stream mode {mode!r}")
-    ws = await _stream_websocket(url, token, mode, ssl_context)
-    return stream_over(ws, url, mode, ssl_context, options)
+    address, target, _ = parse_stream_url(url)
+    got = await websocket_connect(
+        address, ssl_context, target, [("authorization", bearer(token))], stream_subprotocols(mode)
+    )
+    if not isinstance(got, WebSocket):
+        raise error_from_response(got.status, got.body)
+    return stream_over(got, url, mode, ssl_context, options)
 
 
 @asynccontextmanager

@@ -12,32 +12,27 @@ import contextlib
 import random
 from collections.abc import Awaitable, Callable
 
-from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for, parse_close_reason
-from devstream_core.exceptions import HubError, error_for
-from devstream_core.framing import EndpointState
+from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for
+from devstream_core.exceptions import HubError
+from devstream_core.framing import EndpointState, StreamEndpoint
+from devstream_core.initiator import attempt_failure, close_error
 from devstream_core.streamdriver import (
     DropConnection,
-    OutcomeKind,
     SendPing,
     StreamDriver,
     StreamOptions,
-    StreamPhase,
 )
-from devstream_core.wire import resume_token
+from devstream_core.wire import RAW_MESSAGE_SIZE, resume_token
 
 from ._ws import ConnectionClosed, WebSocket
 
 __all__ = ["FramedStream", "RawStream", "Stream"]
 
-#: Raw mode's largest message.
-RAW_MESSAGE_SIZE = 64 * 1024
-
 
 def _closed_error(exc: ConnectionClosed) -> DevstreamError:
-    code, message = parse_close_reason(exc.reason)
-    if code is not None:
-        return error_for(code, message)
-    return HubError(ErrorCode.PEER_LOST, f"the stream ended: {exc.code} {exc.reason}".rstrip())
+    return close_error(exc.reason) or HubError(
+        ErrorCode.PEER_LOST, f"the stream ended: {exc.code} {exc.reason}".rstrip()
+    )
 
 
 class RawStream:
@@ -126,6 +121,13 @@ class FramedStream:
         self._closed = False
         self._task = loop.create_task(self._run())
 
+    @property
+    def endpoint(self) -> StreamEndpoint:
+        """For observability (tests, diagnostics): the core endpoint this stream drives, to
+        read its state and counters (``send_capacity``, ``received``...); calling its
+        methods would bypass the stream."""
+        return self._endpoint
+
     def _now(self) -> float:
         return self._loop.time()
 
@@ -155,18 +157,12 @@ class FramedStream:
 
     # -- the application's side ----------------------------------------------------------
 
-    def _check_broken(self) -> None:
-        error = self._driver.error()
-        if error is not None:
-            raise error
-        outcome = self._driver.outcome
-        if outcome is not None and outcome.kind is OutcomeKind.PEER_CLOSED:
-            raise error_for(ErrorCode.PEER_LOST, "the peer closed the stream before its EOF")
-
     def _check_can_send(self) -> None:
         if self._driver.eof_written or self._closed:
             raise HubError(ErrorCode.ARGUMENT_INVALID, "send_eof() or aclose() was called")
-        self._check_broken()
+        error = self._driver.failure()
+        if error is not None:
+            raise error
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Hand *data* to the stream, waiting while the flow-control window is full."""
@@ -193,20 +189,13 @@ class FramedStream:
         """Received bytes, or ``b""`` after the peer's EOF."""
         if max_bytes is not None and max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
-        while True:
-            if self._endpoint.state is not EndpointState.RESET:
-                data = self._driver.read(max_bytes, self._now())
-                if self._endpoint.at_eof:
-                    self._notify()  # the acknowledgement's deadline (deferred)
-                    return data
-                if data:
-                    if self._endpoint.has_output:
-                        self._flush()
-                    return data
-            self._check_broken()
-            if self._driver.phase is StreamPhase.CLOSED:
-                raise HubError(ErrorCode.PEER_LOST, "the stream is over")
+        while (data := self._driver.take(max_bytes, self._now())) is None:
             await self._wait_changed()
+        if self._endpoint.at_eof:
+            self._notify()  # the acknowledgement's deadline (deferred)
+        elif self._endpoint.has_output:
+            self._flush()
+        return data
 
     async def reset(self, code: int = ErrorCode.STREAM_RESET, reason: str = "") -> None:
         """Abort the stream; the peer sees a reset with *code* and *reason*."""
@@ -305,20 +294,19 @@ class FramedStream:
         driver = self._driver
         while True:
             deadline = driver.connect_started(self._now())
-            code: ErrorCode | None = None
+            error: DevstreamError | None = None
             try:
                 async with asyncio.timeout(max(0.0, deadline - self._now())):
                     ws = await self._reconnect(self._token)
-            except HubError as exc:
-                code, message = exc.code, exc.message
             except DevstreamError as exc:
-                message = exc.message
+                error = exc
             except TimeoutError:
-                message = "no answer from the hub"
+                pass
             else:
                 self._token = resume_token(ws.headers)
                 driver.connection_made(self._now())
                 return ws
+            code, message = attempt_failure(error)
             retry_at = driver.connect_failed(
                 self._now(), self._rng.random(), code=code, message=message
             )

@@ -53,17 +53,26 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from collections.abc import Sequence
 from typing import Final
 
 from .errors import ErrorCode, RemoteProtocolError
 
 __all__ = [
+    "FIELD_NAME",
+    "FIELD_VALUE",
+    "REQUEST_TARGET",
     "WEBSOCKET_VERSION",
     "accept_token",
     "asks_for_websocket",
     "check_request",
     "check_response",
+    "client_key",
+    "header_line",
+    "is_websocket_key",
+    "request_head",
+    "upgrade_fields",
 ]
 
 #: The only WebSocket version devstream speaks (RFC 6455).
@@ -73,11 +82,74 @@ _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 Fields = Sequence[tuple[bytes, bytes]]
 
+#: A header name (RFC 9110 token) and value (visible characters, inner spaces and tabs), as
+#: h11 checks them in what it writes. (Runs of visible characters with spaces or tabs between
+#: them: one way to match each value, so a long line that does not match fails in linear time.)
+FIELD_NAME: Final = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+FIELD_VALUE: Final = re.compile(rb"(?:[\x21-\x7e\x80-\xff]+(?:[\t ]+[\x21-\x7e\x80-\xff]+)*)?")
+#: A request's target as h11 takes it (visible ASCII).
+REQUEST_TARGET: Final = re.compile(rb"[\x21-\x7e]+")
+
 
 def accept_token(key: bytes) -> bytes:
     """The ``Sec-WebSocket-Accept`` value for a ``Sec-WebSocket-Key``."""
     return base64.b64encode(hashlib.sha1(key + _GUID).digest())
 
+
+# -- the client's request ------------------------------------------------------------------
+
+
+def client_key(nonce: bytes) -> bytes:
+    """The ``Sec-WebSocket-Key`` of a client's request: the base64 of *nonce*, 16 random
+    bytes the caller draws (a new one for each request)."""
+    if len(nonce) != 16:
+        raise ValueError("a WebSocket key is made of 16 random bytes")
+    return base64.b64encode(nonce)
+
+
+def upgrade_fields(
+    host: str,
+    key: bytes,
+    headers: Sequence[tuple[str, str]] = (),
+    subprotocols: Sequence[str] = (),
+) -> list[tuple[str, str]]:
+    """The header fields of a client's upgrade request to *host*: the handshake's own, then
+    *headers* (``Authorization``, the initiate's), then the *subprotocols* offered, if any.
+    :func:`check_response` takes the answer with the same *key* and *subprotocols*."""
+    fields = [
+        ("host", host),
+        ("upgrade", "websocket"),
+        ("connection", "Upgrade"),
+        ("sec-websocket-key", key.decode()),
+        ("sec-websocket-version", "13"),
+        *headers,
+    ]
+    if subprotocols:
+        fields.append(("sec-websocket-protocol", ", ".join(subprotocols)))
+    return fields
+
+
+def header_line(name: bytes, value: bytes) -> bytes:
+    """``name: value`` and its line break, checked as h11 checks what it writes
+    (``ValueError`` if not)."""
+    if not FIELD_NAME.fullmatch(name) or not FIELD_VALUE.fullmatch(value):
+        raise ValueError(f"not a valid header: {name!r}: {value!r}")
+    return name + b": " + value + b"\r\n"
+
+
+def request_head(target: str, fields: Sequence[tuple[str, str]]) -> bytes:
+    """The head of a ``GET`` request for *target* with *fields*, byte for byte what h11
+    writes, and checked as h11 checks one (``ValueError`` if not)."""
+    raw_target = target.encode("ascii")
+    if not REQUEST_TARGET.fullmatch(raw_target):
+        raise ValueError(f"not a valid request target: {target!r}")
+    lines = [b"GET " + raw_target + b" HTTP/1.1\r\n"]
+    lines.extend(header_line(name.encode("ascii"), value.encode("ascii")) for name, value in fields)
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+# -- reading the fields ----------------------------------------------------------------------
 
 #: The fields a request's handshake reads, and those of a 101.
 _REQUEST_FIELDS = (
@@ -170,14 +242,14 @@ def check_request(method: bytes, http_version: bytes, fields: Fields) -> bytes:
         )
     if version != WEBSOCKET_VERSION:
         raise RemoteProtocolError(ErrorCode.WEBSOCKET_VERSION_UNSUPPORTED)
-    if key is None or not _is_key(key):
+    if key is None or not is_websocket_key(key):
         raise RemoteProtocolError(
             ErrorCode.MALFORMED_REQUEST, "Sec-WebSocket-Key must be the base64 of 16 bytes"
         )
     return key
 
 
-def _is_key(key: bytes) -> bool:
+def is_websocket_key(key: bytes) -> bool:
     """True when *key* is the base64 (with its padding) of 16 bytes."""
     try:
         return len(base64.b64decode(key, validate=True)) == 16

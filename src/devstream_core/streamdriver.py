@@ -464,6 +464,28 @@ class StreamDriver:
             return reset_error(*info)
         return None
 
+    @property
+    def peer_closed(self) -> bool:
+        """The peer closed the connection before the stream completed (outcome
+        ``PEER_CLOSED``)."""
+        outcome = self._outcome
+        return outcome is not None and outcome.kind is OutcomeKind.PEER_CLOSED
+
+    def failure(self) -> DevstreamError | None:
+        """The exception the application's reads and writes raise once the stream cannot
+        carry on, or None while it can: :meth:`error`; else ``PEER_LOST`` when the peer
+        closed before its EOF, or when the stream was abandoned (``ABORTED``).
+        A completed stream has none: reads give ``b""`` and this side's EOF is written."""
+        error = self.error()
+        if error is not None:
+            return error
+        outcome = self._outcome
+        if outcome is None or outcome.kind is OutcomeKind.COMPLETED:
+            return None
+        if outcome.kind is OutcomeKind.PEER_CLOSED:
+            return error_for(ErrorCode.PEER_LOST, "the peer closed the stream before its EOF")
+        return error_for(ErrorCode.PEER_LOST, "the stream is over")  # abandoned (ABORTED)
+
     def stall_timeout(self, last_received: float) -> float | None:
         """How long a message may stop half-way before :meth:`message_stalled` is due (None:
         already probed for this stall, wait for more bytes)."""
@@ -555,6 +577,22 @@ class StreamDriver:
             self._now = now
             self._ack_at = now + ACK_DELAY
         return data
+
+    def take(self, max_bytes: int | None, now: float) -> bytes | None:
+        """What the application's receive gets now: received bytes (:meth:`read`), ``b""``
+        at the peer's EOF, or None while nothing has come; raises :meth:`failure` once the
+        stream cannot carry on and nothing is left to read. After bytes, the adapter sends
+        what :attr:`~StreamEndpoint.has_output` says is due (an acknowledgement), or, at the
+        EOF, leaves it for :attr:`ack_deadline`."""
+        endpoint = self.endpoint
+        if endpoint.state is not EndpointState.RESET:
+            data = self.read(max_bytes, now)
+            if data or endpoint.at_eof:
+                return data
+        failure = self.failure()
+        if failure is not None:
+            raise failure
+        return None
 
     def write_eof(self) -> None:
         """No more data (see :meth:`StreamEndpoint.write_eof`)."""

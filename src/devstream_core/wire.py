@@ -73,6 +73,7 @@ __all__ = [
     "MAX_FRAMED_MESSAGE_SIZE",
     "MIN_SAS_LIFETIME",
     "NOT_ACCEPTED",
+    "RAW_MESSAGE_SIZE",
     "HubAddress",
     "InitiateAccepted",
     "InitiateAnswer",
@@ -138,6 +139,9 @@ MIN_SAS_LIFETIME: Final = 2
 #: The largest devstream.v1 WebSocket message (whole frames) the hub relays and a client
 #: accepts; what a side sends (:data:`devstream_core.framing.MAX_MESSAGE_SIZE`) fits it.
 MAX_FRAMED_MESSAGE_SIZE: Final = MAX_MESSAGE_SIZE
+#: The largest message a client sends on a raw stream: a ``send_all`` goes out in messages
+#: of at most this many bytes (the peer sees message boundaries: Azure's data plane).
+RAW_MESSAGE_SIZE: Final = 64 * 1024
 # MAX_CONTROL_MESSAGE_SIZE (named here too): the largest control-channel message, in bytes of
 # UTF-8, from devstream_core.control.
 #: How much of an error body that is not the JSON shape :func:`parse_error_body` keeps, in bytes.

@@ -52,7 +52,8 @@ import trio
 from devstream_core import control, session
 from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString
-from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
+from devstream_core.errors import DevstreamError, ErrorCode
+from devstream_core.initiator import close_error
 from devstream_core.websocket import BytesMessage, TextMessage
 from devstream_core.wire import DEFAULT_SAS_LIFETIME, MIN_SAS_LIFETIME, control_target
 
@@ -388,10 +389,11 @@ class _SessionDriver:
                 try:
                     await self._read_loop(channel)
                 except ConnectionClosed as exc:
-                    code, message = parse_close_reason(exc.reason)
-                    if code is not None:
-                        channel.error = error_for(code, message)
-                        self._lost(channel, code, f"{message} (error {int(code)})")
+                    error = channel.error = close_error(exc.reason)
+                    if error is not None:
+                        self._lost(
+                            channel, error.code, f"{error.message} (error {int(error.code)})"
+                        )
                     else:
                         self._lost(channel, None, f"closed {exc.code} {exc.reason}".rstrip())
                 except DevstreamError as exc:

@@ -59,7 +59,6 @@ from devstream_core.streamdriver import (
     DIRECT_READ_TIME,
     STALL_PROBE,
     Outcome,
-    OutcomeKind,
     StreamOptions,
     StreamPhase,
 )
@@ -274,24 +273,23 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
         """What ``receive_some`` returns now: bytes, or ``b""`` at the peer's EOF; None while
         there is nothing yet. Raises ``trio.BrokenResourceError`` once the stream is broken."""
         endpoint = self._endpoint
-        if endpoint.state is not EndpointState.RESET:
-            data = self._driver.read(max_bytes, trio.current_time())
-            if endpoint.at_eof:
-                # Read up to the peer's EOF: the driver defers the acknowledgement a moment,
-                # so that the send_eof() or aclose() that usually follows takes it along, in
-                # one message with this side's EOF.
-                if self._driver.ack_deferred:
-                    self._defer_ack()
-                self._changed.unpark_all()
-                return data
-            if data:
-                if endpoint.has_output:
-                    self._send_now()  # an acknowledgement that is due
-                return data
-        self._check_broken()
-        if self._peer_closed():
-            raise trio.BrokenResourceError("the peer closed the stream before its EOF")
-        return None
+        try:
+            data = self._driver.take(max_bytes, trio.current_time())
+        except DevstreamError:
+            self._check_broken()  # raises, with the first failure reported
+            raise
+        if data is None:
+            return None
+        if endpoint.at_eof:
+            # Read up to the peer's EOF: the driver defers the acknowledgement a moment, so
+            # that the send_eof() or aclose() that usually follows takes it along, in one
+            # message with this side's EOF.
+            if self._driver.ack_deferred:
+                self._defer_ack()
+            self._changed.unpark_all()
+        elif endpoint.has_output:
+            self._send_now()  # an acknowledgement that is due
+        return data
 
     async def reset(self, code: int = ErrorCode.STREAM_RESET, reason: str = "") -> None:
         """Abort the stream; the peer sees a reset with *code* and *reason*."""
@@ -346,10 +344,6 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
                     self._driver.connection_closed(exc.code, exc.reason, trio.current_time())
                     return
 
-    def _peer_closed(self) -> bool:
-        outcome = self._driver.outcome
-        return outcome is not None and outcome.kind is OutcomeKind.PEER_CLOSED
-
     async def _finish(self) -> bool:
         """Finish the stream as the driver's close procedure says; True when the connection
         task ends by itself: the closing handshake is under way (this side's close went out
@@ -366,7 +360,7 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
                 # Not acknowledged in time: the driver resets the stream.
                 self._carry_out(driver.timer(trio.current_time(), self._ws.last_received))
         if driver.phase is not StreamPhase.FINISHING:
-            return self._peer_closed()
+            return self._driver.peer_closed
         with trio.move_on_at(driver.close_deadline):
             # The last frames go out (what the socket does not take, by the writer task),
             # then the close.
@@ -379,23 +373,20 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
                 await ws.send_close(close.code, close.reason)
                 driver.close_sent(trio.current_time())
             lost = ws.closed is not None and ws.closed.code == ABNORMAL_CLOSURE
-            return (ws.close_sent and not lost) or self._peer_closed()
+            return (ws.close_sent and not lost) or self._driver.peer_closed
         return False
 
     def _check_can_send(self) -> None:
         if self._driver.eof_written or self._local_closed:
             raise trio.ClosedResourceError("send_eof() or aclose() was called")
         self._check_broken()
-        if self._peer_closed():
-            raise trio.BrokenResourceError("the peer closed the stream")
 
     def _check_broken(self) -> None:
+        """Raise ``trio.BrokenResourceError`` once the stream cannot carry on; its cause is
+        the driver's :meth:`~devstream_core.streamdriver.StreamDriver.failure` (the first
+        one, on every later call too)."""
         error = self._failure
         if error is None:
-            error = self._failure = self._error()
+            error = self._failure = self._driver.failure()
         if error is not None:
             raise trio.BrokenResourceError(f"the stream ended: {error}") from error
-
-    def _error(self) -> DevstreamError | None:
-        """The exception a broken stream is reported with (the driver's)."""
-        return self._driver.error()

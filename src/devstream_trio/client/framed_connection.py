@@ -28,8 +28,9 @@ from typing import Final
 import trio
 
 from devstream_core.common import Role
-from devstream_core.errors import DevstreamError, ErrorCode, RemoteProtocolError
+from devstream_core.errors import DevstreamError, RemoteProtocolError
 from devstream_core.framing import MAX_MESSAGE_SIZE, StreamEndpoint
+from devstream_core.initiator import attempt_failure
 from devstream_core.streamdriver import (
     ACK_DELAY,
     Action,
@@ -42,7 +43,6 @@ from devstream_core.streamdriver import (
 )
 from devstream_core.wire import MAX_FRAMED_MESSAGE_SIZE, resume_token
 
-from ..exceptions import HubError
 from ..transport.websocket import ConnectionClosed, WebSocket
 
 __all__ = ["MAX_MESSAGE", "MESSAGE_LIMIT", "FramedConnection", "Reconnect", "resume_token_of"]
@@ -536,19 +536,16 @@ async def resume_connection(
     while True:
         deadline = driver.connect_started(trio.current_time())
         ws: WebSocket | None = None
-        code: ErrorCode | None = None
+        error: DevstreamError | None = None
         try:
             with trio.move_on_at(deadline):
                 ws = await reconnect(token)
-        except HubError as exc:
-            code, message = exc.code, exc.message
         except DevstreamError as exc:
-            message = exc.message
-        else:
-            if ws is not None:
-                driver.connection_made(trio.current_time())
-                return ws
-            message = "no answer from the hub"
+            error = exc
+        if ws is not None:
+            driver.connection_made(trio.current_time())
+            return ws
+        code, message = attempt_failure(error)
         retry_at = driver.connect_failed(
             trio.current_time(), rng.random(), code=code, message=message
         )

@@ -9,7 +9,7 @@ the stream's URL with ``Authorization: Bearer <stream token>`` and get a raw
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import trio
@@ -18,6 +18,7 @@ from devstream_core.common import Role
 from devstream_core.control import MODE_RAW
 from devstream_core.errors import DevstreamError, ErrorCode
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
+from devstream_core.initiator import check_joined, stream_subprotocols
 from devstream_core.wire import bearer, parse_stream_url
 
 from ..exceptions import HubError, HubUnreachable, error_for
@@ -31,6 +32,8 @@ __all__ = ["AnyStream", "join_stream", "open_transport"]
 
 #: A stream of either mode.
 AnyStream = HubStream | FramedStream
+
+_FRAMED = stream_subprotocols(FRAMED_SUBPROTOCOL)
 
 
 async def open_transport(
@@ -59,21 +62,18 @@ async def join_stream(
     *transport*, if given, is an open connection to the hub that *url* names, to join over
     instead of a new one; it is closed if joining fails.
     """
-    if mode == MODE_RAW:
-        ws = await _stream_websocket(url, token, ssl_context, opener, [], transport)
-    elif mode != FRAMED_SUBPROTOCOL or nursery is None:
+    try:
+        subprotocols = stream_subprotocols(mode)
+        if mode != MODE_RAW and nursery is None:
+            raise HubError(
+                ErrorCode.ARGUMENT_INVALID,
+                f"{FRAMED_SUBPROTOCOL} streams need a nursery (use open_service / open_device)",
+            )
+    except HubError:
         if transport is not None:
             await close_forcefully(transport)
-        if mode != FRAMED_SUBPROTOCOL:
-            raise HubError(ErrorCode.ARGUMENT_INVALID, f"unknown stream mode {mode!r}")
-        raise HubError(
-            ErrorCode.ARGUMENT_INVALID,
-            f"{FRAMED_SUBPROTOCOL} streams need a nursery (use open_service / open_device)",
-        )
-    else:
-        ws = await _stream_websocket(
-            url, token, ssl_context, opener, [FRAMED_SUBPROTOCOL], transport
-        )
+        raise
+    ws = await _stream_websocket(url, token, ssl_context, opener, subprotocols, transport)
     return await stream_over(
         ws,
         url,
@@ -99,14 +99,17 @@ async def stream_over(
 ) -> AnyStream:
     """The stream a WebSocket just joined carries; *url* is where a devstream.v1 side resumes."""
     stream_id = parse_stream_url(url).stream_id
+    try:
+        check_joined(mode, ws.subprotocol)
+    except HubError:
+        await ws.abort()
+        raise
     if mode == MODE_RAW:
         return HubStream(ws, stream_id=stream_id, role=role)
-    if ws.subprotocol != FRAMED_SUBPROTOCOL or nursery is None:
-        await ws.abort()
-        raise HubError(ErrorCode.PROTOCOL_ERROR, f"the hub did not accept {FRAMED_SUBPROTOCOL}")
+    assert nursery is not None  # (join_stream's check)
 
     async def reconnect(resume_token: str) -> WebSocket:
-        return await _stream_websocket(url, resume_token, ssl_context, opener, [FRAMED_SUBPROTOCOL])
+        return await _stream_websocket(url, resume_token, ssl_context, opener, _FRAMED)
 
     return FramedStream(
         ws, stream_id=stream_id, role=role, reconnect=reconnect, nursery=nursery, options=options
@@ -118,7 +121,7 @@ async def _stream_websocket(
     token: str,
     ssl_context: ssl.SSLContext | None,
     opener: Opener | None,
-    subprotocols: list[str],
+    subprotocols: Sequence[str],
     transport: trio.abc.Stream | None = None,
 ) -> WebSocket:
     """Open a WebSocket to the streaming endpoint with ``Authorization: Bearer <token>``.

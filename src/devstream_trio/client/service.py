@@ -29,18 +29,15 @@ from devstream_core.common import Role
 from devstream_core.control import MODE_RAW
 from devstream_core.credentials import ConnectionString, RequestTokens
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
+from devstream_core.initiator import Initiator, stream_subprotocols
 from devstream_core.wire import (
     API_VERSION,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_RESPONSE_TIMEOUT,
     DEFAULT_SAS_LIFETIME,
     MIN_SAS_LIFETIME,
-    InitiateRejected,
-    OneStepUnsupported,
-    build_initiate_request,
     device_target,
     error_from_response,
-    parse_initiate_answer,
     parse_stream_url,
 )
 
@@ -60,6 +57,8 @@ __all__ = ["API_VERSION", "AnyStream", "ServiceClient", "join_stream", "open_ser
 
 #: How long the SAS tokens a client signs live, by default (seconds).
 SAS_LIFETIME = DEFAULT_SAS_LIFETIME
+
+_DEFAULT_OPTIONS = StreamOptions()
 
 
 class ServiceClient:
@@ -93,10 +92,19 @@ class ServiceClient:
         #: Where devstream.v1 streams run their connection tasks; without one, streams are raw.
         self.nursery = nursery
         self.stream_options = stream_options
-        #: Whether the hub opens streams in one step: None until the first stream says.
-        self.one_step: bool | None = None
+        #: How initiates go (in one step or with a POST) and what their answers mean.
+        self.initiator = Initiator()
         #: The SAS token requests carry (one for many requests).
         self._tokens = RequestTokens(self.connection_string, self.sas_lifetime)
+
+    @property
+    def one_step(self) -> bool | None:
+        """Whether the hub opens streams in one step: None until the first stream says."""
+        return self.initiator.one_step
+
+    @one_step.setter
+    def one_step(self, value: bool | None) -> None:
+        self.initiator.one_step = value
 
     def _authorization(self) -> tuple[str, str]:
         """The Authorization header (the core's :class:`RequestTokens` decides when to sign)."""
@@ -170,32 +178,28 @@ class ServiceClient:
         """
         if mode is None:
             mode = FRAMED_SUBPROTOCOL if self.nursery is not None else MODE_RAW
+        initiator = self.initiator
         # The device adopts this side's window, so both ends agree on it.
-        window = None if mode == MODE_RAW else (self.stream_options or StreamOptions()).window
-        initiate = build_initiate_request(
+        initiate = initiator.request(
             device_id,
             name,
+            mode=mode,
+            window=(self.stream_options or _DEFAULT_OPTIONS).window,
             connect_timeout=connect_timeout,
             response_timeout=response_timeout,
-            mode=mode,
-            window=window,
         )
         target, headers = initiate.target, initiate.headers
-        if self.one_step is not False and (mode == MODE_RAW or self.nursery is not None):
+        if initiator.tries_one_step and (mode == MODE_RAW or self.nursery is not None):
             stream = await self._open_in_one_step(target, headers, mode)
             if stream is not None:
-                self.one_step = True
                 return stream
-            self.one_step = False
         # The initiate's connection is kept: when the stream's URL names the same hub, the
         # service side joins over it (one connection, one TCP handshake, per stream).
         response, spare = await self._exchange("POST", target, headers=headers, body=b"", keep=True)
         transport: trio.abc.Stream | None = None
         try:
-            answer = parse_initiate_answer(response.status, response.headers, response.body)
-            if isinstance(answer, InitiateRejected):
-                raise answer.error()
-            assert not isinstance(answer, OneStepUnsupported) and answer.token is not None
+            answer = initiator.post_answer(response.status, response.headers, response.body)
+            assert answer.token is not None
             if spare is not None and parse_stream_url(answer.url).address == self.address:
                 transport, spare = spare, None
         finally:
@@ -225,25 +229,23 @@ class ServiceClient:
                     host=self.address.host_header,
                     target=target,
                     headers=[self._authorization(), *headers],
-                    subprotocols=[FRAMED_SUBPROTOCOL] if mode != MODE_RAW else [],
+                    subprotocols=stream_subprotocols(mode),
                 )
         except HttpStatusError as exc:
-            response = exc.response
+            refusal: HttpResponse | None = exc.response
+        else:
+            refusal = None
+        if refusal is not None:
             # Refused the Azure way (200: iothub-streaming-is-accepted: False and the
-            # reason), an error, or a hub that cannot open streams in one step.
-            refusal = parse_initiate_answer(
-                response.status, response.headers, response.body, one_step=True, mode=mode
-            )
-            if isinstance(refusal, OneStepUnsupported):
-                return None
-            assert isinstance(refusal, InitiateRejected)
-            raise refusal.error() from None
+            # reason), an error (both raise), or a hub that cannot open streams in one step.
+            self.initiator.one_step_answer(refusal.status, refusal.headers, refusal.body, mode=mode)
+            return None
         try:
-            answer = parse_initiate_answer(101, ws.handshake_headers, b"", one_step=True, mode=mode)
+            answer = self.initiator.one_step_answer(101, ws.handshake_headers, b"", mode=mode)
         except HubError:
             await ws.abort()
             raise
-        assert not isinstance(answer, (InitiateRejected, OneStepUnsupported))
+        assert answer is not None
         return await stream_over(
             ws,
             answer.url,

@@ -25,9 +25,10 @@ from __future__ import annotations
 import trio
 
 from devstream_core.common import Role
-from devstream_core.errors import parse_close_reason
+from devstream_core.initiator import close_error
+from devstream_core.wire import RAW_MESSAGE_SIZE
 
-from ..exceptions import HubError, error_for
+from ..exceptions import HubError
 from ..transport.websocket import NORMAL_CLOSURE, ConnectionClosed, WebSocket
 
 __all__ = ["HubStream"]
@@ -42,7 +43,7 @@ class HubStream(trio.abc.HalfCloseableStream):
         *,
         stream_id: str,
         role: Role,
-        max_message_size: int = 64 * 1024,
+        max_message_size: int = RAW_MESSAGE_SIZE,
     ) -> None:
         self._ws = ws
         self.stream_id = stream_id
@@ -145,7 +146,4 @@ class HubStream(trio.abc.HalfCloseableStream):
         return broken
 
     def _error(self, exc: ConnectionClosed) -> HubError | ConnectionClosed:
-        code, message = parse_close_reason(exc.reason)
-        if code is not None:
-            return error_for(code, message)
-        return exc
+        return close_error(exc.reason) or exc

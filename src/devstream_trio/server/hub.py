@@ -93,9 +93,11 @@ from .store import RegistryStore, StoreError
 from .streaming import StreamingEndpoint
 
 __all__ = [
+    "ACCEPT_RETRY_DELAY",
     "HUB_GC_THRESHOLDS",
     "Hub",
     "HubConfig",
+    "accept_loop",
     "default_max_connections",
     "serve_hub",
     "tune_gc_for_hub",
@@ -597,7 +599,7 @@ async def ensure_owner_policy(store: RegistryStore) -> tuple[Policy, bool]:
 #: ``accept`` failures that mean "out of file descriptors or memory for now": wait and retry.
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: How long to wait before accepting again after one of those.
-_ACCEPT_RETRY_DELAY = 0.1
+ACCEPT_RETRY_DELAY = 0.1
 #: ``accept`` failures that concern only the connection being taken (it was gone, or refused,
 #: before the hub took it): skip it and take the next.
 _ACCEPT_SKIP_ERRNOS = frozenset(
@@ -620,18 +622,19 @@ _ACCEPT_SKIP_ERRNOS = frozenset(
 _ACCEPT_BATCH = 64
 
 
-async def _accept_loop(
+async def accept_loop(
     sock: socket.socket,
     ssl_context: ssl.SSLContext | None,
     hub: Hub,
     nursery: trio.Nursery,
     *,
     log_interval: float = 10.0,
+    retry_delay: float = ACCEPT_RETRY_DELAY,
 ) -> None:
     """Accept connections on the listening socket *sock* (non-blocking, owned by this task)
     for as long as the hub runs, each served in a task of its own.
 
-    Out of descriptors (or memory), ``accept`` is tried again every ``_ACCEPT_RETRY_DELAY``;
+    Out of descriptors (or memory), ``accept`` is tried again every *retry_delay* seconds;
     the failures are logged at most once per *log_interval*, with their count.
 
     Like :func:`trio.serve_listeners`, with two differences: no second, forced close of every
@@ -661,9 +664,9 @@ async def _accept_loop(
                             errno.errorcode.get(exc.errno or 0, exc.errno),
                             failed,
                             "" if failed == 1 else "s",
-                            _ACCEPT_RETRY_DELAY,
+                            retry_delay,
                         )
-                    await trio.sleep(_ACCEPT_RETRY_DELAY)
+                    await trio.sleep(retry_delay)
                     break
                 stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
                 if ssl_context is not None:
@@ -710,7 +713,7 @@ async def serve_hub(
             for sock in sockets:
                 nursery.start_soon(
                     functools.partial(
-                        _accept_loop,
+                        accept_loop,
                         sock,
                         ssl_context,
                         hub,

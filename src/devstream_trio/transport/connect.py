@@ -25,6 +25,7 @@ __all__ = [
     "Opener",
     "ProxyConfig",
     "client_ssl_context",
+    "connect_tunnel",
     "connection_string_for",
     "hub_opener",
     "open_hub_stream",
@@ -145,7 +146,7 @@ async def open_tcp(host: str, port: int) -> trio.SocketStream:
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
-async def _connect_tunnel(proxy: ProxyConfig, address: HubAddress) -> trio.abc.Stream:
+async def connect_tunnel(proxy: ProxyConfig, address: HubAddress) -> trio.abc.Stream:
     """A TCP connection to the proxy, tunnelled to *address* with ``CONNECT``."""
     via = f"[{proxy.host}]:{proxy.port}" if ":" in proxy.host else f"{proxy.host}:{proxy.port}"
     try:
@@ -211,7 +212,7 @@ async def open_hub_stream(
     """Connect to the hub, through *proxy* if given; raise :class:`HubUnreachable` on failure."""
     where = f"{address.host}:{address.port}"
     if proxy is not None:
-        tcp = await _connect_tunnel(proxy, address)
+        tcp = await connect_tunnel(proxy, address)
     else:
         try:
             tcp = await open_tcp(address.host, address.port)

@@ -18,7 +18,6 @@ them with a JSON body ``{"errorCode": …, "message": …}`` and the status take
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -31,7 +30,9 @@ import trio
 
 from devstream_core import handshake, websocket
 from devstream_core.errors import DevstreamError, ErrorCode, RemoteProtocolError
-from devstream_core.handshake import accept_token
+from devstream_core.handshake import REQUEST_TARGET as _REQUEST_TARGET
+from devstream_core.handshake import accept_token, request_head
+from devstream_core.handshake import header_line as _header_line
 from devstream_core.wire import JSON_CONTENT_TYPE, build_error_body, parse_error_body
 
 from . import io as _io
@@ -48,26 +49,20 @@ __all__ = [
     "close_forcefully",
     "error_body",
     "http_request",
+    "parse_101",
+    "parse_upgrade_request",
     "websocket_connect",
 ]
 
 _RECEIVE_SIZE = 65536
-#: A header name (RFC 9110 token) and value (visible characters, inner spaces and tabs), for
-#: the headers of a response the hub writes itself.
-_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
-# (Runs of visible characters with spaces or tabs between them: one way to match each value,
-# so a long line that does not match fails in linear time.)
-_FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff]+(?:[\t ]+[\x21-\x7e\x80-\xff]+)*)?")
 #: One header line as :func:`_plain_fields` takes it: a name, a colon, the value with the
-#: spaces and tabs around it left out (one regular expression for what the two above check
-#: of a stripped value: a line is read in one call).
-#: (Trailing spaces only after a value, so a line of spaces that fails, fails in linear time.)
+#: spaces and tabs around it left out (one regular expression for what ``FIELD_NAME`` and
+#: ``FIELD_VALUE`` check of a stripped value: a line is read in one call). Trailing spaces
+#: only after a value, so a line of spaces that fails, fails in linear time.
 _FIELD_LINE = re.compile(
     rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[\t ]*"
     rb"(?:([\x21-\x7e\x80-\xff]+(?:[\t ]+[\x21-\x7e\x80-\xff]+)*)[\t ]*)?"
 )
-#: The target of a request the client writes itself (visible ASCII, as h11 requires).
-_REQUEST_TARGET = re.compile(rb"[\x21-\x7e]+")
 #: The status line and the header lines of a ``101`` the client reads itself; anything else
 #: (another status, another HTTP version, a line these refuse) goes to h11.
 _STATUS_101 = re.compile(rb"HTTP/1\.1 101(?: [\t\x20-\x7e\x80-\xff]*)?")
@@ -221,7 +216,7 @@ class HttpServerConnection:
     _first: bool = field(default=True, init=False)
     _done: bool = field(default=False, init=False)
     _upgrade_pending: bool = field(default=False, init=False)
-    #: The head of a request read without h11 (see _parse_upgrade), until h11 is given it:
+    #: The head of a request read without h11 (see parse_upgrade_request), until h11 is given it:
     #: only an answer that is not a ``101`` needs h11 to have seen the request.
     _unseen_head: bytes | None = field(default=None, init=False)
     #: What came after that head (the client's first WebSocket frames, if any).
@@ -297,7 +292,7 @@ class HttpServerConnection:
                 if started and self._received == len(data):
                     # The connection's first read: a plain WebSocket upgrade that came whole,
                     # the usual case, is read here; anything else goes to h11.
-                    plain = _parse_upgrade(data, self.max_header_size)
+                    plain = parse_upgrade_request(data, self.max_header_size)
                     if plain is not None:
                         request_read, head_end = plain
                         self._unseen_head = bytes(data[:head_end])
@@ -373,7 +368,7 @@ class HttpServerConnection:
         if head is None:
             return
         self.conn.receive_data(head)
-        # _parse_upgrade takes only requests that h11 reads whole (tests hold it to that);
+        # parse_upgrade_request takes only requests that h11 reads whole (tests hold it to that);
         # were h11 to refuse one, the client gets the error h11's reading would have given.
         try:
             request = self.conn.next_event()
@@ -496,7 +491,7 @@ def _has_fields(headers: Headers, *names: bytes) -> bool:
     return all(name in present for name in names)
 
 
-def _parse_upgrade(data: bytes | bytearray, limit: int) -> tuple[HttpRequest, int] | None:
+def parse_upgrade_request(data: bytes | bytearray, limit: int) -> tuple[HttpRequest, int] | None:
     """A plain WebSocket upgrade request at the start of *data*: the request (names
     lower-cased) and where its head ends; None for anything else, which h11 reads.
 
@@ -526,13 +521,6 @@ def _parse_upgrade(data: bytes | bytearray, limit: int) -> tuple[HttpRequest, in
     if hosts != 1 or not _asks_upgrade(fields):
         return None
     return HttpRequest(method=method, target=target, headers=fields), end + 4
-
-
-def _header_line(name: bytes, value: bytes) -> bytes:
-    """``name: value`` and its line break, for a response the hub writes itself."""
-    if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
-        raise ValueError(f"not a valid header: {name!r}: {value!r}")
-    return name + b": " + value + b"\r\n"
 
 
 def _head_size(request: h11.Request, headers: Headers) -> int:
@@ -657,24 +645,15 @@ async def websocket_connect(
     :class:`~devstream_core.errors.RemoteProtocolError` with ``HUB_UNREACHABLE`` and a
     message naming the field at fault.
     """
-    key = base64.b64encode(nonce if nonce is not None else os.urandom(16))
-    all_headers = [
-        ("host", host),
-        ("upgrade", "websocket"),
-        ("connection", "Upgrade"),
-        ("sec-websocket-key", key.decode()),
-        ("sec-websocket-version", "13"),
-        *headers,
-    ]
-    if subprotocols:
-        all_headers.append(("sec-websocket-protocol", ", ".join(subprotocols)))
-    request = _request_head(target, all_headers)
+    key = handshake.client_key(nonce if nonce is not None else os.urandom(16))
+    all_headers = handshake.upgrade_fields(host, key, headers, subprotocols)
+    request = request_head(target, all_headers)
     try:
         await _io.send_all(stream, request)
     except trio.BrokenResourceError as exc:
         raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
     received, end, hung_up = await _receive_head(stream)
-    response_headers = _parse_101(received[:end]) if end >= 0 else None
+    response_headers = parse_101(received[:end]) if end >= 0 else None
     if response_headers is not None:
         trailing = received[end + 4 :]  # the first WebSocket frames, if any came with it
     else:
@@ -706,19 +685,6 @@ async def websocket_connect(
     )
 
 
-def _request_head(target: str, headers: Sequence[tuple[str, str]]) -> bytes:
-    """The head of a ``GET`` request, checked as h11 checks one (``ValueError`` if not)."""
-    raw_target = target.encode("ascii")
-    if not _REQUEST_TARGET.fullmatch(raw_target):
-        raise ValueError(f"not a valid request target: {target!r}")
-    lines = [b"GET " + raw_target + b" HTTP/1.1\r\n"]
-    lines.extend(
-        _header_line(name.encode("ascii"), value.encode("ascii")) for name, value in headers
-    )
-    lines.append(b"\r\n")
-    return b"".join(lines)
-
-
 async def _receive_head(stream: trio.abc.Stream) -> tuple[bytes, int, bool]:
     """Read until a response head has ended; return what was read, where the head's
     ``\\r\\n\\r\\n`` starts, and whether the hub hung up. The place is -1 when the hub hung up
@@ -742,7 +708,7 @@ async def _receive_head(stream: trio.abc.Stream) -> tuple[bytes, int, bool]:
             return bytes(received), -1, False
 
 
-def _parse_101(head: bytes) -> Headers | None:
+def parse_101(head: bytes) -> Headers | None:
     """The header fields of a well-formed ``HTTP/1.1 101`` head (names lower-cased), or None
     for anything else."""
     lines = head.split(b"\r\n")

@@ -66,6 +66,7 @@ from .websocket_send import (
     ABNORMAL_CLOSURE,
     NORMAL_CLOSURE,
     ConnectionClosed,
+    SendLock,
     WebSocketSender,
     close_forcefully,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "MESSAGE_TOO_BIG",
     "NORMAL_CLOSURE",
     "ConnectionClosed",
+    "SendLock",
     "WebSocket",
     "close_forcefully",
     "payload",
