@@ -28,7 +28,8 @@ The adapter's loop, the same for every I/O layer::
             CloseChannel(n)  close channel n (and report nothing more about it)
             Online(n)        the device is online on channel n (``replaced`` drains)
             Reconnect(after) offline; the next OpenChannel comes from timer() after that long
-            GiveUp(n, code)  stop, with the error that channel n met
+                             (``code``: why it is a long wait, a replacement or a refusal)
+            GiveUp(n, code)  stop, with the error that channel n met (or ``message``, if any)
         wait for an event on a channel, or for next_deadline():
             handshake done        actions = session.channel_opened(n, now)
             Registered arrived    actions = session.registered(n, now)
