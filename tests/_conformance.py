@@ -207,6 +207,7 @@ class HubThread:
         self._token: trio.lowlevel.TrioToken | None = None
         self._scope: trio.CancelScope | None = None
         self._error: BaseException | None = None
+        self._service: TrioService | None = None
         self._thread = threading.Thread(target=self._main, daemon=True)
         self._watchers: set[Callable[[], None]] = set()
         self._watchers_lock = threading.Lock()
@@ -248,7 +249,7 @@ class HubThread:
                 self.tap.target_port = hub.listen_address[1]
                 cs = policy_cs(f"127.0.0.1:{self.tap.port}", owner)
                 self.service_cs = dataclasses.replace(cs, use_tls=tls)
-                service = TrioService(self.service_cs, ssl_context=self.client_ssl)
+                service = self._service = TrioService(self.service_cs, ssl_context=self.client_ssl)
                 for number in range(self.pool):
                     device = await service.create_device(f"dev-{number}")
                     self.devices.append(service.device_connection_string(device))
@@ -266,6 +267,14 @@ class HubThread:
         """Cut every connection through the tap (from any thread; takes effect soon)."""
         assert self._token is not None
         self._token.run_sync_soon(self.tap.cut)
+
+    def set_device_status(self, device_id: str, status: str) -> None:
+        """Enable or disable a device (from a thread with no event loop: ``Driver.in_thread``;
+        waits for the answer)."""
+        assert self._token is not None and self._service is not None
+        trio.from_thread.run(
+            self._service.set_device_status, device_id, status, trio_token=self._token
+        )
 
     def pings(self, device_id: str) -> int:
         """How many pings the device sent on its control channels."""
@@ -394,6 +403,10 @@ class Driver:
     def start(self, work: Callable[[], Awaitable[Any]]) -> Task:
         raise NotImplementedError
 
+    async def in_thread(self, work: Callable[..., Any], *args: Any) -> Any:
+        """``work(*args)`` in a worker thread (a blocking call, such as one into the hub's)."""
+        raise NotImplementedError
+
     # -- clients ------------------------------------------------------------------------
 
     def device(
@@ -404,6 +417,10 @@ class Driver:
 
     async def serve_error(self, cs: ConnectionString, handlers: Mapping[str, Any]) -> Exception:
         """What ``serve`` raised (it must end, within 5 s)."""
+        raise NotImplementedError
+
+    def client(self, cs: ConnectionString, **options: Any) -> Any:
+        """A device client with *options*, not serving yet (``serve(handlers)``, ``online``)."""
         raise NotImplementedError
 
     def service(
@@ -470,6 +487,9 @@ class TrioDriver(Driver):
     def event(self) -> Any:
         return trio.Event()
 
+    async def in_thread(self, work: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(work, *args)
+
     def start(self, work: Callable[[], Awaitable[Any]]) -> Task:
         task = Task(self.notify)
         self.nursery.start_soon(task.run, work)
@@ -484,6 +504,9 @@ class TrioDriver(Driver):
             await nursery.start(client.serve, handlers)
             yield client
             nursery.cancel_scope.cancel()
+
+    def client(self, cs: ConnectionString, **options: Any) -> Any:
+        return observed(TrioDevice, self.notify)(cs, ssl_context=self.hub.client_ssl, **options)
 
     async def serve_error(self, cs: ConnectionString, handlers: Mapping[str, Any]) -> Exception:
         with trio.fail_after(5):
@@ -548,6 +571,9 @@ class AsyncioDriver(Driver):
     def event(self) -> Any:
         return asyncio.Event()
 
+    async def in_thread(self, work: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.to_thread(work, *args)
+
     def start(self, work: Callable[[], Awaitable[Any]]) -> Task:
         task = Task(self.notify)
         self._tasks.add(asyncio.ensure_future(task.run(work)))
@@ -571,6 +597,11 @@ class AsyncioDriver(Driver):
             online.cancel()
             serving.cancel()
             await asyncio.gather(serving, online, return_exceptions=True)
+
+    def client(self, cs: ConnectionString, **options: Any) -> Any:
+        return observed(devstream_asyncio.DeviceClient, self.notify)(
+            cs, ssl_context=self.hub.client_ssl, **options
+        )
 
     async def serve_error(self, cs: ConnectionString, handlers: Mapping[str, Any]) -> Exception:
         try:

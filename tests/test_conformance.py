@@ -28,11 +28,13 @@ import pytest
 from devstream_core.exceptions import (
     DeviceNotFound,
     DeviceNotOnline,
+    DeviceReplaced,
     StreamNameNotRegistered,
     StreamRejected,
     StreamReset,
     Unauthorized,
 )
+from devstream_core.session import RefusalBackoff
 from devstream_trio.server.hub import HubConfig
 
 from ._conformance import DRIVERS, AsyncioDriver, Body, Driver, HubThread
@@ -135,6 +137,67 @@ def test_errors_carry_the_hub_codes(run: Any) -> None:
             assert isinstance(error, StreamNameNotRegistered) and error.code == 404901
 
     run(body)
+
+
+async def echoes(d: Driver, device_id: str, data: bytes) -> None:
+    """A stream to *device_id*'s echo carries *data* there and back."""
+    async with d.service() as service:
+        stream = await service.open_stream(device_id, "echo")
+        await stream.send_all(data)
+        received = b""
+        while len(received) < len(data):
+            received += await stream.receive_some()
+        assert received == data
+        await stream.aclose()
+
+
+def test_of_two_clients_with_one_device_id_the_older_gives_way_and_stops(run: Any) -> None:
+    """The hub closes the older channel with 409902; replaced, a client waits (half to all of
+    ``backoff_max``), takes the device back once, and stops when replaced again; the newer one
+    stays online."""
+
+    async def body(d: Driver) -> None:
+        cs = d.hub.new_device()
+        older = d.client(cs, backoff_min=0.1, backoff_max=0.4)
+        newer = d.client(cs, backoff_min=0.1, backoff_max=0.4)
+        older_task = d.start(lambda: older.serve({"echo": echo}))
+        await d.wait_for(lambda: older.online)
+        newer_task = d.start(lambda: newer.serve({"echo": echo}))
+        await d.wait_for(lambda: older_task.done, timeout=10)
+        error = d.core_error(older_task.error) if older_task.error else None
+        assert isinstance(error, DeviceReplaced) and error.code == 409902
+        assert "another client uses this device id" in error.message
+        await d.wait_for(lambda: newer.online)
+        assert not newer_task.done
+        await echoes(d, cs.device_id, b"the newer one")
+        assert newer.online and not newer_task.done
+
+    run(body)
+
+
+def test_a_refused_device_with_a_refusal_backoff_comes_back_once_enabled(
+    run: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refusals() -> int:
+        return sum("the hub refuses it" in r.getMessage() for r in list(caplog.records))
+
+    async def body(d: Driver) -> None:
+        cs = d.hub.new_device()
+        await d.in_thread(d.hub.set_device_status, cs.device_id, "disabled")
+        try:
+            client = d.client(cs, refusal_backoff=RefusalBackoff(base=0.05, cap=0.2))
+            task = d.start(lambda: client.serve({"echo": echo}))
+            await d.wait_for(lambda: refusals() >= 3)
+            assert not task.done and not client.online
+        finally:
+            await d.in_thread(d.hub.set_device_status, cs.device_id, "enabled")
+        await d.wait_for(lambda: client.online)
+        await echoes(d, cs.device_id, b"back again")
+        assert not task.done
+
+    caplog.clear()
+    run(body)
+    assert all("403902" in r.getMessage() for r in caplog.records if "refuses" in r.getMessage())
 
 
 def test_half_close_still_receives(run: Any) -> None:

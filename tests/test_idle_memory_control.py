@@ -229,8 +229,9 @@ async def test_a_replaced_channel_gets_its_error_and_the_new_one_its_own_deadlin
         heard_at = trio.current_time()
         await first.closed.wait()
         assert first.closed_at == pytest.approx(heard_at)
-        assert first.messages == [control.ErrorMessage.from_code(ErrorCode.DEVICE_NOT_ONLINE)]
-        assert first.close_code == ErrorCode.DEVICE_NOT_ONLINE.close_code
+        assert first.messages == [control.ErrorMessage.from_code(ErrorCode.DEVICE_REPLACED)]
+        assert first.close_code == ErrorCode.DEVICE_REPLACED.close_code == 4409
+        assert first.close_reason == "409902 replaced by a newer connection"
         assert hub_env.hub.coordinator.is_online("d1")
         await second.closed.wait()
     assert second.closed_at == pytest.approx(heard_at + IDLE)

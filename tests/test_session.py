@@ -33,6 +33,7 @@ from devstream_core.session import (
     DEFAULT_BACKOFF_CAP,
     DEFAULT_PING_INTERVAL,
     DEFAULT_PING_TIMEOUT,
+    DEFAULT_REFUSALS,
     DEFAULT_SAS_LIFETIME,
     FINAL_AT_OPEN,
     FINAL_ONCE_OPEN,
@@ -45,6 +46,7 @@ from devstream_core.session import (
     Online,
     OpenChannel,
     Reconnect,
+    RefusalBackoff,
     SendPing,
     SendRegister,
     SessionInput,
@@ -556,8 +558,9 @@ def test_backoff_ceiling_does_not_overflow() -> None:
 # -- final errors ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", list(ErrorCode))
+@pytest.mark.parametrize("code", [c for c in ErrorCode if c is not ErrorCode.DEVICE_REPLACED])
 def test_which_errors_are_final(code: ErrorCode) -> None:
+    """(A replacement is no loss like the others: its tests are below.)"""
     at_open = code in {
         ErrorCode.UNAUTHORIZED,
         ErrorCode.PERMISSION_DENIED,
@@ -606,6 +609,210 @@ def test_giving_up_closes_every_other_channel_and_ends_the_session() -> None:
     assert s.timer(1000.0, random_fraction=0.5) == []
 
 
+# -- replaced by another connection ----------------------------------------------------------
+
+REPLACED = ErrorCode.DEVICE_REPLACED
+
+
+def back_online(s: DeviceSession, now: float) -> int:
+    """Wait out the backoff *s* chose, then open and register the next channel: its number."""
+    deadline = s.next_deadline()
+    assert deadline is not None and deadline > now
+    opened = s.timer(deadline, random_fraction=0.5)
+    assert len(opened) == 1 and isinstance(opened[0], OpenChannel)
+    channel = opened[0].channel
+    open_channel(s, channel, deadline)
+    assert s.registered(channel, deadline) == [Online(channel=channel)]
+    return channel
+
+
+def test_a_replaced_device_waits_half_to_all_of_the_backoff_cap_never_at_once() -> None:
+    for fraction, wait in [(0.0, 4.0), (0.5, 6.0), (1.0, 8.0)]:  # the cap is 8 s
+        s = online()
+        actions = s.channel_lost(1, 10.0, code=REPLACED, random_fraction=fraction)
+        assert actions == [Reconnect(after=wait, attempt=1, code=REPLACED)]
+        assert s.state is S.WAITING and not s.online
+        assert s.next_deadline() == 10.0 + wait
+        assert s.timer(10.0 + wait - 0.001, random_fraction=0.5) == []
+        assert s.timer(10.0 + wait, random_fraction=0.5) == [OpenChannel(channel=2)]
+
+
+def test_replaced_again_within_the_window_gives_up_with_a_clear_error() -> None:
+    s = online(replaced_window=600.0, sas_lifetime=10**6)
+    s.channel_lost(1, 10.0, code=REPLACED, random_fraction=0.0)
+    channel = back_online(s, 10.0)  # registered again at 14: that resets no count
+    actions = s.channel_lost(channel, 610.0, code=REPLACED, random_fraction=0.0)
+    assert len(actions) == 1 and isinstance(actions[0], GiveUp)
+    assert (actions[0].channel, actions[0].code) == (channel, REPLACED)
+    assert actions[0].message == (
+        "replaced by a newer connection again, 600 s after the last time: "
+        "another client uses this device id"
+    )
+    assert s.state is S.FAILED and s.next_deadline() is None
+
+
+def test_replaced_again_after_the_window_waits_again() -> None:
+    s = online(replaced_window=60.0, sas_lifetime=10**6)
+    s.channel_lost(1, 10.0, code=REPLACED, random_fraction=0.0)
+    channel = back_online(s, 10.0)
+    actions = s.channel_lost(channel, 70.5, code=REPLACED, random_fraction=1.0)
+    assert actions == [Reconnect(after=8.0, attempt=1, code=REPLACED)]
+    # ... and that replacement starts the window again.
+    channel = back_online(s, 70.5)
+    assert isinstance(s.channel_lost(channel, 130.0, code=REPLACED, random_fraction=1.0)[0], GiveUp)
+
+
+def test_keep_trying_when_replaced_waits_out_every_replacement() -> None:
+    s = online(keep_trying_when_replaced=True, sas_lifetime=10**6)
+    now = 10.0
+    for _ in range(5):
+        channel = s.serving_channel
+        assert channel is not None
+        actions = s.channel_lost(channel, now, code=REPLACED, random_fraction=0.0)
+        assert actions == [Reconnect(after=4.0, attempt=1, code=REPLACED)]
+        back_online(s, now)
+        now += 5.0
+
+
+def test_a_channel_replaced_before_its_register_was_answered_counts_too() -> None:
+    s = machine()
+    s.start(0.0)
+    open_channel(s, 1, 0.0)  # REGISTERING: the hub took the Register, then another came
+    actions = s.channel_lost(1, 1.0, code=REPLACED, random_fraction=0.0)
+    assert actions == [Reconnect(after=4.0, attempt=1, code=REPLACED)]
+    deadline = s.next_deadline()
+    assert deadline == 5.0
+    assert s.timer(deadline, random_fraction=0.5) == [OpenChannel(channel=2)]
+    open_channel(s, 2, deadline)
+    actions = s.channel_lost(2, 6.0, code=REPLACED, random_fraction=0.0)
+    assert isinstance(actions[0], GiveUp) and actions[0].code is REPLACED
+
+
+@pytest.mark.parametrize("state", [S.RENEWING, S.HANDING_OVER])
+def test_the_renewed_channel_replacing_the_old_one_is_no_replacement(
+    state: SessionState,
+) -> None:
+    """The hub closes the predecessor of a renewed channel with DEVICE_REPLACED: that is this
+    session's own successor taking over, and counts for nothing."""
+    s, now = in_state(state)
+    assert s.channel_lost(1, now + 0.1, code=REPLACED, random_fraction=0.0) == []
+    if state is S.RENEWING:
+        open_channel(s, 2, now + 0.2)
+    assert s.registered(2, now + 0.3) == [Online(channel=2)]
+    # A replacement by another client later is the first one: waited out, not final.
+    actions = s.channel_lost(2, now + 1, code=REPLACED, random_fraction=0.0)
+    assert actions == [Reconnect(after=4.0, attempt=1, code=REPLACED)]
+
+
+def test_the_successor_replaced_during_its_hand_over_fails_the_renewal_as_usual() -> None:
+    s, now = in_state(S.HANDING_OVER)
+    actions = s.channel_lost(2, now + 0.1, code=REPLACED, random_fraction=0.0)
+    assert actions == [
+        CloseChannel(channel=1, reason=CloseReason.RENEWAL_FAILED),
+        OpenChannel(channel=3),
+    ]
+
+
+# -- refusals, retried -------------------------------------------------------------------------
+
+
+def refused_again(s: DeviceSession, code: ErrorCode, fraction: float, times: int) -> list[float]:
+    """Refuse every open of *s* (started at 0, channel 1 on its way) with *code*, *times*
+    times, each when it is asked for: the waits it chose."""
+    waits = []
+    now, channel = 0.0, 1
+    for _ in range(times):
+        actions = s.channel_lost(channel, now, code=code, random_fraction=fraction)
+        assert len(actions) == 1 and isinstance(actions[0], Reconnect)
+        assert actions[0].code is code
+        waits.append(actions[0].after)
+        now += actions[0].after
+        assert s.timer(now, random_fraction=fraction) == [OpenChannel(channel=channel + 1)]
+        channel += 1
+    return waits
+
+
+def test_a_refusal_backoff_grows_from_5_s_to_5_minutes() -> None:
+    for fraction, scale in [(1.0, 1.0), (0.0, 0.5)]:
+        s = DeviceSession(refusal_backoff=RefusalBackoff())
+        s.start(0.0)
+        waits = refused_again(s, ErrorCode.DEVICE_DISABLED, fraction, 9)
+        assert waits == [scale * w for w in (5, 10, 20, 40, 80, 160, 300, 300, 300)]
+
+
+@pytest.mark.parametrize("code", sorted(DEFAULT_REFUSALS))
+def test_each_default_refusal_is_retried_at_the_opening(code: ErrorCode) -> None:
+    s = DeviceSession(refusal_backoff=RefusalBackoff(base=1.0, cap=2.0))
+    s.start(0.0)
+    assert refused_again(s, code, 0.5, 3) == [0.75, 1.5, 1.5]
+    assert s.state is S.CONNECTING
+
+
+def test_a_refusal_backoff_retries_only_its_codes() -> None:
+    retry = RefusalBackoff(codes=frozenset({ErrorCode.DEVICE_DISABLED}))
+    s = machine()
+    s.refusal_backoff = retry
+    s.start(0.0)
+    actions = s.channel_lost(1, 0.0, code=ErrorCode.DEVICE_NOT_FOUND, random_fraction=0.5)
+    assert actions == [GiveUp(channel=1, code=ErrorCode.DEVICE_NOT_FOUND)]
+    s = machine(refusal_backoff=RefusalBackoff())  # type: ignore[arg-type]
+    s.start(0.0)
+    actions = s.channel_lost(1, 0.0, code=ErrorCode.PERMISSION_DENIED, random_fraction=0.5)
+    assert actions == [GiveUp(channel=1, code=ErrorCode.PERMISSION_DENIED)]
+
+
+def test_a_device_disabled_while_online_comes_back_once_enabled() -> None:
+    s = online(refusal_backoff=RefusalBackoff(), sas_lifetime=10**6)  # type: ignore[arg-type]
+    actions = s.channel_lost(1, 10.0, code=ErrorCode.DEVICE_DISABLED, random_fraction=1.0)
+    assert actions == [Reconnect(after=5.0, attempt=1, code=ErrorCode.DEVICE_DISABLED)]
+    assert s.timer(15.0, random_fraction=1.0) == [OpenChannel(channel=2)]
+    actions = s.channel_lost(2, 15.0, code=ErrorCode.DEVICE_DISABLED, random_fraction=1.0)
+    assert actions == [Reconnect(after=10.0, attempt=2, code=ErrorCode.DEVICE_DISABLED)]
+    assert s.timer(25.0, random_fraction=1.0) == [OpenChannel(channel=3)]
+    open_channel(s, 3, 25.0)  # enabled meanwhile
+    assert s.registered(3, 25.0) == [Online(channel=3)]
+    assert s.attempt == 0  # the next refusal starts from 5 s again
+    actions = s.channel_lost(3, 30.0, code=ErrorCode.DEVICE_NOT_FOUND, random_fraction=1.0)
+    assert actions == [Reconnect(after=5.0, attempt=1, code=ErrorCode.DEVICE_NOT_FOUND)]
+
+
+def test_an_expired_token_is_no_refusal_even_with_a_refusal_backoff() -> None:
+    """401002 closing an open channel is retried at once with a fresh token, as always; only
+    a refused opening waits the long backoff."""
+    s = online(refusal_backoff=RefusalBackoff())  # type: ignore[arg-type]
+    actions = s.channel_lost(1, 10.0, code=ErrorCode.UNAUTHORIZED, random_fraction=1.0)
+    assert actions == [Reconnect(after=1.0, attempt=1)]
+
+
+def test_a_refusal_of_the_renewed_channel_retries_the_usual_way() -> None:
+    s, now = in_state(S.RENEWING)
+    s.refusal_backoff = RefusalBackoff()
+    actions = s.channel_lost(2, now, code=ErrorCode.DEVICE_DISABLED, random_fraction=1.0)
+    assert actions == [
+        CloseChannel(channel=1, reason=CloseReason.RENEWAL_FAILED),
+        OpenChannel(channel=3),
+    ]
+    actions = s.channel_lost(3, now, code=ErrorCode.DEVICE_DISABLED, random_fraction=1.0)
+    assert actions == [Reconnect(after=5.0, attempt=1, code=ErrorCode.DEVICE_DISABLED)]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"base": 0},
+        {"base": math.nan},
+        {"base": 10.0, "cap": 5.0},
+        {"cap": math.inf},
+        {"codes": {ErrorCode.DEVICE_DISABLED}},
+        {"codes": frozenset({403902})},
+    ],
+)
+def test_bad_refusal_backoffs_are_refused(options: dict[str, object]) -> None:
+    with pytest.raises(LocalProtocolError) as raised:
+        RefusalBackoff(**options)  # type: ignore[arg-type]
+    assert raised.value.code is ErrorCode.ARGUMENT_INVALID
+
+
 # -- misuse ----------------------------------------------------------------------------------
 
 
@@ -622,6 +829,9 @@ def test_giving_up_closes_every_other_channel_and_ends_the_session() -> None:
         {"backoff_base": 2.0, "backoff_cap": 1.0},
         {"sas_lifetime": 1},
         {"sas_lifetime": 100.5},
+        {"refusal_backoff": 5.0},
+        {"keep_trying_when_replaced": 1},
+        {"replaced_window": 0},
     ],
 )
 def test_bad_settings_are_refused(options: dict[str, float]) -> None:
@@ -681,9 +891,20 @@ class SessionWalk(RuleBasedStateMachine):
         base=st.sampled_from([0.1, 0.5, 2.0]),
         cap_factor=st.sampled_from([1, 4, 60]),
         lifetime=st.sampled_from([2, 10, 100]),
+        retry=st.booleans(),
+        keep=st.booleans(),
+        window=st.sampled_from([5.0, 600.0]),
     )
     def start(
-        self, interval: float, timeout: float, base: float, cap_factor: int, lifetime: int
+        self,
+        interval: float,
+        timeout: float,
+        base: float,
+        cap_factor: int,
+        lifetime: int,
+        retry: bool,
+        keep: bool,
+        window: float,
     ) -> None:
         self.s = DeviceSession(
             ping_interval=interval,
@@ -691,7 +912,12 @@ class SessionWalk(RuleBasedStateMachine):
             backoff_base=base,
             backoff_cap=base * cap_factor,
             sas_lifetime=lifetime,
+            refusal_backoff=RefusalBackoff(base=1.0, cap=8.0) if retry else None,
+            keep_trying_when_replaced=keep,
+            replaced_window=window,
         )
+        #: When the last replacement was that the session waited out.
+        self.replaced_at: float | None = None
         self.now = 0.0
         #: Channels by state, as the actions told: opening, open (registering), serving.
         self.opening: int | None = None
@@ -738,12 +964,22 @@ class SessionWalk(RuleBasedStateMachine):
             elif isinstance(action, Reconnect):
                 assert self.serving is None and self.opening is None
                 assert self.registering is None
-                ceiling = min(self.s.backoff_cap, self.s.backoff_base * 2 ** (action.attempt - 1))
-                assert 0 <= action.after <= ceiling * (1 + 1e-12)
-                assert action.after <= self.s.backoff_cap
+                if action.code is None:
+                    base, cap, least = self.s.backoff_base, self.s.backoff_cap, 0.0
+                elif action.code is ErrorCode.DEVICE_REPLACED:  # never at once
+                    base = cap = self.s.backoff_cap
+                    least = cap / 2
+                else:
+                    retry = self.s.refusal_backoff
+                    assert retry is not None and action.code in retry.codes
+                    base, cap = retry.base, retry.cap
+                    least = min(cap, base * 2 ** (action.attempt - 1)) / 2
+                ceiling = min(cap, base * 2 ** (action.attempt - 1))
+                assert least * (1 - 1e-12) <= action.after <= ceiling * (1 + 1e-12)
+                assert action.after <= cap
             else:
                 assert isinstance(action, GiveUp)
-                assert action.code in FINAL_AT_OPEN
+                assert action.code in FINAL_AT_OPEN or action.code is ErrorCode.DEVICE_REPLACED
                 self.failed = True
                 self.opening = self.registering = self.serving = self.ping_sent = None
                 self.draining.clear()
@@ -816,11 +1052,29 @@ class SessionWalk(RuleBasedStateMachine):
         n = data.draw(st.sampled_from(self.opened))
         was_open = n != self.opening
         live = n in (self.opening, self.registering, self.serving)
+        # Whether the loss leaves the device offline, no other channel carrying on.
+        if n == self.serving:
+            waits = self.opening is None and self.registering is None
+        else:
+            waits = self.serving is None
         actions = self.s.channel_lost(n, self.now, code=code, random_fraction=fraction)
-        if live and is_final(code, opened=was_open):
+        retried = self.s.refusal_backoff is not None and code in self.s.refusal_backoff.codes
+        if live and waits and code is ErrorCode.DEVICE_REPLACED:
+            last, self.replaced_at = self.replaced_at, self.now
+            again = last is not None and self.now - last <= self.s.replaced_window
+            if again and not self.s.keep_trying_when_replaced:
+                assert isinstance(actions[-1], GiveUp) and actions[-1].code == code
+                assert "another client uses this device id" in actions[-1].message
+            else:
+                assert actions[0] == Reconnect(
+                    after=actions[0].after, attempt=self.s.attempt, code=code
+                )
+        elif live and is_final(code, opened=was_open) and not retried:
             assert isinstance(actions[-1], GiveUp) and actions[-1].code == code
         else:
             assert not any(isinstance(a, GiveUp) for a in actions)
+            if live and waits and is_final(code, opened=was_open):
+                assert isinstance(actions[0], Reconnect) and actions[0].code == code
         if not live:
             assert actions == []
         self.lost(n)

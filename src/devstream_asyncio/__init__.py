@@ -9,6 +9,7 @@ asyncio side: streams, tasks, timers. Errors are the core's classes
 
 from devstream_core.exceptions import *  # noqa: F403
 from devstream_core.exceptions import __all__ as _exceptions
+from devstream_core.session import RefusalBackoff
 from devstream_core.streamdriver import StreamOptions
 
 from .device import DeviceClient, Handler, open_device
@@ -21,6 +22,7 @@ __all__ = [
     "FramedStream",
     "Handler",
     "RawStream",
+    "RefusalBackoff",
     "ServiceClient",
     "Stream",
     "StreamOptions",

@@ -11,7 +11,8 @@
         await device.serve({"echo": echo})
 
 Every decision about the control channel (pings, a dead channel, SAS renewal and its
-hand-over, reconnect backoff, which errors are final) is
+hand-over, reconnect backoff, which errors are final, which refusals are retried, what a
+replacement by another client with the same device id does) is
 :class:`devstream_core.session.DeviceSession`'s; this module runs its loop (see that module's
 docstring) with asyncio: one task per control channel, one loop for the session's deadlines,
 one task per stream.
@@ -34,7 +35,7 @@ from devstream_core import control, session
 from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import DevstreamError, ErrorCode
-from devstream_core.exceptions import HubError
+from devstream_core.exceptions import HubError, error_for
 from devstream_core.initiator import close_error
 from devstream_core.streamdriver import StreamOptions
 from devstream_core.wire import (
@@ -82,6 +83,9 @@ class DeviceClient:
         sas_lifetime: int = DEFAULT_SAS_LIFETIME,
         stream_options: StreamOptions | None = None,
         rng: random.Random | None = None,
+        refusal_backoff: session.RefusalBackoff | None = None,
+        keep_trying_when_replaced: bool = False,
+        replaced_window: float = session.DEFAULT_REPLACED_WINDOW,
     ) -> None:
         self.connection_string = connection_string_for(Role.DEVICE, connection_string)
         assert self.connection_string.device_id is not None
@@ -96,6 +100,9 @@ class DeviceClient:
             backoff_base=backoff_min,
             backoff_cap=backoff_max,
             sas_lifetime=sas_lifetime,
+            refusal_backoff=refusal_backoff,
+            keep_trying_when_replaced=keep_trying_when_replaced,
+            replaced_window=replaced_window,
         )
         self._rng = rng or random.Random()
         #: True while the control channel is up and registered.
@@ -188,7 +195,10 @@ class DeviceClient:
                 self.connections += 1
                 self._online.set()
             elif isinstance(action, session.Reconnect):
-                log.info("device %r: reconnecting in %.3f s", self.device_id, action.after)
+                if action.code is None:  # a long wait is told by _lost, in one line
+                    log.info("device %r: reconnecting in %.3f s", self.device_id, action.after)
+            elif action.message:  # GiveUp, with the session's own word on it
+                self._fatal = error_for(action.code, action.message)
             else:  # GiveUp
                 self._fatal = self._channels[action.channel].error
                 assert self._fatal is not None
@@ -199,11 +209,25 @@ class DeviceClient:
 
     def _lost(self, channel: _Channel, code: ErrorCode | None) -> None:
         assert self._session is not None
-        self._apply(
-            self._session.channel_lost(
-                channel.number, self._now(), code=code, random_fraction=self._rng.random()
-            )
+        actions = self._session.channel_lost(
+            channel.number, self._now(), code=code, random_fraction=self._rng.random()
         )
+        wait = next((a for a in actions if isinstance(a, session.Reconnect)), None)
+        if wait is not None and wait.code is not None:
+            if wait.code is ErrorCode.DEVICE_REPLACED:
+                why = "replaced by a newer connection (another client uses this device id)"
+            else:
+                error = channel.error
+                message = wait.code.message if error is None else error.message
+                why = f"the hub refuses it: {message} (error {int(wait.code)})"
+            log.warning(
+                "device %r: %s; connecting again in %.1f s (attempt %d)",
+                self.device_id,
+                why,
+                wait.after,
+                wait.attempt,
+            )
+        self._apply(actions)
 
     async def _run_channel(self, channel: _Channel) -> None:
         """Open *channel*, read it and answer its requests until it ends or is closed."""

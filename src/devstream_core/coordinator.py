@@ -20,7 +20,10 @@ Rules:
   first: new requests go to the new one at once. Requests already sent on the old one stay
   answerable there until they are answered or time out (a device renewing its credential
   answers them while its new channel registers); then :class:`DeviceReplaced` tells the caller
-  to close the old one (at once, if nothing was pending on it). Should the old one end or its
+  to close the old one (at once, if nothing was pending on it) with ``DEVICE_REPLACED``, an
+  error of its own: a device client told so knows that another connection with its device
+  id took over (its own renewed channel, or another client) and must not take the device
+  back at once (:mod:`.session` decides what it does). Should the old one end or its
   credential expire first, its pending requests fail with ``DEVICE_NOT_ONLINE``.
 * Every :meth:`~Coordinator.initiate` is answered by exactly one of :class:`InitiationAccepted`,
   :class:`InitiationRejected` or :class:`InitiationFailed`, carrying the request id it was
@@ -138,10 +141,13 @@ class ForgetRequest:
 
 @dataclass(frozen=True, kw_only=True)
 class DeviceReplaced:
-    """Device ``device_id`` registered on a new connection; close the old ``connection_id``."""
+    """Device ``device_id`` registered on a new connection; close the old ``connection_id``
+    with ``code`` (``DEVICE_REPLACED``: close code 4409, reason ``"409902 replaced by a newer
+    connection"``), so that the client it belonged to can tell a replacement from a drop."""
 
     device_id: str
     connection_id: int
+    code: ErrorCode = ErrorCode.DEVICE_REPLACED
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -84,6 +84,9 @@ class ErrorCode(enum.IntEnum):
     DEVICE_ALREADY_EXISTS = 409001
     #: Another hub holds the data folder's lock (``devstream hub`` refuses to start).
     DATA_FOLDER_IN_USE = 409901
+    #: The device registered on a newer control channel, and the hub closed this older one
+    #: (another client uses the same device id, or this one reconnected).
+    DEVICE_REPLACED = 409902
     #: ``If-Match`` names an etag that is not the current one (Azure ``PreconditionFailed``).
     PRECONDITION_FAILED = 412002
     #: A request body, control message or frame is larger than the limit.
@@ -156,6 +159,7 @@ MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.CONNECTION_IDLE: "no message or ping received in time",
     ErrorCode.DEVICE_ALREADY_EXISTS: "device already exists",
     ErrorCode.DATA_FOLDER_IN_USE: "the data folder is in use by another hub",
+    ErrorCode.DEVICE_REPLACED: "replaced by a newer connection",
     ErrorCode.PRECONDITION_FAILED: "If-Match does not match the current etag",
     ErrorCode.PAYLOAD_TOO_LARGE: "payload too large",
     ErrorCode.HEADERS_TOO_LARGE: "request headers too large",

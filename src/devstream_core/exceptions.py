@@ -17,6 +17,7 @@ __all__ = [
     "DeviceDisabled",
     "DeviceNotFound",
     "DeviceNotOnline",
+    "DeviceReplaced",
     "DeviceResponseTimeout",
     "HubError",
     "HubUnreachable",
@@ -60,6 +61,11 @@ class DeviceDisabled(HubError):
 
 class DeviceNotOnline(HubError):
     """The device has no control channel open to the hub."""
+
+
+class DeviceReplaced(HubError):
+    """The device's control channel was replaced by a newer one with the same device id: the
+    hub closed the older (another client uses this device id)."""
 
 
 class DeviceResponseTimeout(HubError):
@@ -107,6 +113,7 @@ _CLASSES: dict[ErrorCode, type[HubError]] = {
     ErrorCode.DEVICE_NOT_FOUND: DeviceNotFound,
     ErrorCode.DEVICE_DISABLED: DeviceDisabled,
     ErrorCode.DEVICE_NOT_ONLINE: DeviceNotOnline,
+    ErrorCode.DEVICE_REPLACED: DeviceReplaced,
     ErrorCode.DEVICE_RESPONSE_TIMEOUT: DeviceResponseTimeout,
     ErrorCode.STREAM_REJECTED: StreamRejected,
     ErrorCode.STREAM_NAME_NOT_REGISTERED: StreamNameNotRegistered,

@@ -28,7 +28,8 @@ The adapter's loop, the same for every I/O layer::
             CloseChannel(n)  close channel n (and report nothing more about it)
             Online(n)        the device is online on channel n (``replaced`` drains)
             Reconnect(after) offline; the next OpenChannel comes from timer() after that long
-            GiveUp(n, code)  stop, with the error that channel n met
+                             (``code``: why it is a long wait, a replacement or a refusal)
+            GiveUp(n, code)  stop, with the error that channel n met (or ``message``, if any)
         wait for an event on a channel, or for next_deadline():
             handshake done        actions = session.channel_opened(n, now)
             Registered arrived    actions = session.registered(n, now)
@@ -84,6 +85,26 @@ Rules every change must keep:
   retried. The two tables differ by ``UNAUTHORIZED`` alone: an open channel the hub closes
   with it had a token that expired (this device's clock runs behind the hub's) or a key that
   was replaced; a fresh token settles the first, and the second is refused at the next open.
+* **Refusals, retried.** With a :class:`RefusalBackoff` (``refusal_backoff``; none by
+  default), a final error among its ``codes`` (by default ``401002``, ``403902``, ``404001``:
+  a wrong key, a disabled or a deleted device) does not end the session: the next channel
+  opens after ``(1 + random_fraction) / 2 * min(cap, base * 2 ** attempt)`` seconds (half
+  the ceiling, plus a random half: 5 s growing to 300 s by default), ``attempt`` counting the
+  losses since the last registration as above. An agent far away then comes back by itself
+  once the device is enabled, created again or given its key back.
+* **Replacement.** The hub closes a registered channel with ``DEVICE_REPLACED`` when another
+  channel with the same device id registers. During a renewal that is this session's own
+  successor, and no news: the successor carries on (the old channel drains or is lost the
+  usual way). Otherwise (no channel of this session carries on: states ``REGISTERING`` and
+  ``ONLINE``) another client uses this device id. The first time, the next channel opens
+  after ``(1 + random_fraction) / 2 * backoff_cap`` seconds (15 to 30 s by default), never at
+  once, and :class:`Reconnect` says why (``code``). Replaced again no more than
+  ``replaced_window`` seconds (:data:`DEFAULT_REPLACED_WINDOW`, 10 minutes) after the last
+  replacement, the session ends (:class:`GiveUp` with ``DEVICE_REPLACED`` and a message saying
+  so), unless ``keep_trying_when_replaced``: then each replacement is waited out the same
+  way. So of two clients with one device id, the older one gives way, comes back once, and
+  stops; the newer one is disturbed once, for one backoff. Registrations do not reset the
+  count (a replaced client registers every time it comes back); time does.
 * **Deadlines.** Every deadline a call sets is later than its ``now``, and :meth:`timer`
   does whatever is due by its ``now``: an adapter that calls :meth:`timer` at each
   :meth:`next_deadline` never finds one in the past. ``now`` never goes back.
@@ -112,6 +133,8 @@ __all__ = [
     "DEFAULT_BACKOFF_CAP",
     "DEFAULT_PING_INTERVAL",
     "DEFAULT_PING_TIMEOUT",
+    "DEFAULT_REFUSALS",
+    "DEFAULT_REPLACED_WINDOW",
     "DEFAULT_SAS_LIFETIME",
     "FINAL_AT_OPEN",
     "FINAL_ONCE_OPEN",
@@ -125,6 +148,7 @@ __all__ = [
     "Online",
     "OpenChannel",
     "Reconnect",
+    "RefusalBackoff",
     "SendPing",
     "SendRegister",
     "SessionInput",
@@ -148,6 +172,10 @@ MIN_TIMEOUT: Final = 0.001
 #: by default: a device's ``ping_interval`` must stay well inside it.
 CONTROL_IDLE_TIMEOUT: Final = 90.0
 
+#: Two replacements (``DEVICE_REPLACED``) no more than this far apart (seconds) end a device's
+#: session, by default.
+DEFAULT_REPLACED_WINDOW: Final = 600.0
+
 #: Errors refusing a channel's opening that retrying would not cure: the device may not
 #: connect (wrong key, unknown or disabled device, a credential without the permission), or
 #: its settings are malformed (a connection string, a proxy URL).
@@ -164,6 +192,13 @@ FINAL_AT_OPEN: Final = frozenset(
 #: Errors closing an open channel that end the session: those of :data:`FINAL_AT_OPEN` but
 #: ``UNAUTHORIZED`` (an expired token or a replaced key: the next open tells which).
 FINAL_ONCE_OPEN: Final = FINAL_AT_OPEN - {ErrorCode.UNAUTHORIZED}
+
+
+#: The refusals a :class:`RefusalBackoff` retries by default: a wrong key, a disabled device,
+#: a deleted one (an operator can put each right at the hub, far from the device).
+DEFAULT_REFUSALS: Final = frozenset(
+    {ErrorCode.UNAUTHORIZED, ErrorCode.DEVICE_DISABLED, ErrorCode.DEVICE_NOT_FOUND}
+)
 
 
 def is_final(code: ErrorCode | None, *, opened: bool) -> bool:
@@ -183,6 +218,37 @@ def backoff_ceiling(attempt: int, *, base: float, cap: float) -> float:
             break
         ceiling *= 2
     return min(cap, ceiling)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefusalBackoff:
+    """Keep trying a device the hub refuses for good (one of ``codes``, each final by
+    :func:`is_final`), waiting half of ``min(cap, base * 2 ** attempt)`` plus a random half
+    before each try (seconds). Bad values raise :class:`LocalProtocolError`."""
+
+    codes: frozenset[ErrorCode] = DEFAULT_REFUSALS
+    #: The first wait's ceiling; it doubles with every loss in a row.
+    base: float = 5.0
+    #: The longest wait's ceiling.
+    cap: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.codes, frozenset) or not all(
+            isinstance(code, ErrorCode) for code in self.codes
+        ):
+            raise _invalid("codes must be a frozenset of ErrorCode")
+        _at_least("base", self.base, MIN_TIMEOUT)
+        _at_least("cap", self.cap, self.base)
+
+    def delay(self, attempt: int, random_fraction: float) -> float:
+        """The wait before try number *attempt* (from 0)."""
+        ceiling = backoff_ceiling(attempt, base=self.base, cap=self.cap)
+        return _half_jitter(ceiling, random_fraction)
+
+
+def _half_jitter(ceiling: float, fraction: float) -> float:
+    """Half of *ceiling*, plus *fraction* of the other half."""
+    return ceiling / 2 + fraction * ceiling / 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,18 +314,24 @@ class Online:
 class Reconnect:
     """The device is offline; the next :class:`OpenChannel` comes after ``after`` seconds
     (from :meth:`DeviceSession.timer` at :meth:`DeviceSession.next_deadline`, or at once in
-    the same list when ``after`` is 0). ``attempt`` counts the losses in a row, from 1."""
+    the same list when ``after`` is 0). ``attempt`` counts the losses in a row, from 1.
+    ``code`` says why the wait is a long one: ``DEVICE_REPLACED`` (another connection took
+    the device over) or the refusal a :class:`RefusalBackoff` retries; None for any other
+    loss (a drop, a timeout, an error that a reconnect may cure)."""
 
     after: float
     attempt: int
+    code: ErrorCode | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class GiveUp:
-    """The session is over: ``code``, met by ``channel``, is final. Raise it."""
+    """The session is over: ``code``, met by ``channel``, is final. Raise it, with
+    ``message`` when there is one (else the hub's own message for it)."""
 
     channel: int
     code: ErrorCode
+    message: str = ""
 
 
 #: Anything the machine asks the adapter to do.
@@ -388,7 +460,10 @@ class DeviceSession:
     ``ping_interval`` and ``ping_timeout`` rule the keepalive (and the time a Register and a
     draining channel get); ``backoff_base`` and ``backoff_cap`` the waits before reconnects;
     ``sas_lifetime`` (whole seconds, at least 2) the tokens' expiry and so their renewal.
-    Bad arguments raise :class:`LocalProtocolError` (``ARGUMENT_INVALID``).
+    ``refusal_backoff`` (None: refusals are final) retries the refusals it names;
+    ``keep_trying_when_replaced`` and ``replaced_window`` rule what a replacement by another
+    connection does (see the module's rules). Bad arguments raise
+    :class:`LocalProtocolError` (``ARGUMENT_INVALID``).
     """
 
     def __init__(
@@ -399,6 +474,9 @@ class DeviceSession:
         backoff_base: float = DEFAULT_BACKOFF_BASE,
         backoff_cap: float = DEFAULT_BACKOFF_CAP,
         sas_lifetime: int = DEFAULT_SAS_LIFETIME,
+        refusal_backoff: RefusalBackoff | None = None,
+        keep_trying_when_replaced: bool = False,
+        replaced_window: float = DEFAULT_REPLACED_WINDOW,
     ) -> None:
         self.ping_interval = _at_least("ping_interval", ping_interval, MIN_TIMEOUT)
         self.ping_timeout = _at_least("ping_timeout", ping_timeout, MIN_TIMEOUT)
@@ -409,6 +487,13 @@ class DeviceSession:
         if not isinstance(sas_lifetime, int) or isinstance(sas_lifetime, bool) or sas_lifetime < 2:
             raise _invalid("sas_lifetime must be an integer >= 2")
         self.sas_lifetime = sas_lifetime
+        if refusal_backoff is not None and not isinstance(refusal_backoff, RefusalBackoff):
+            raise _invalid("refusal_backoff must be a RefusalBackoff or None")
+        self.refusal_backoff = refusal_backoff
+        if not isinstance(keep_trying_when_replaced, bool):
+            raise _invalid("keep_trying_when_replaced must be a bool")
+        self.keep_trying_when_replaced = keep_trying_when_replaced
+        self.replaced_window = _at_least("replaced_window", replaced_window, MIN_TIMEOUT)
         self._state = SessionState.IDLE
         self._now = -math.inf
         #: The last channel number given out (0: none yet).
@@ -423,6 +508,8 @@ class DeviceSession:
         #: Losses since the last registration, and when the next channel opens (WAITING).
         self._attempt = 0
         self._reconnect_at: float | None = None
+        #: When a channel was last replaced by another connection (None: never).
+        self._replaced_at: float | None = None
 
     # -- what the adapter reads ---------------------------------------------------------------
 
@@ -564,17 +651,36 @@ class DeviceSession:
         pending, serving = self._pending, self._serving
         if pending is not None and pending.number == number:
             opened = self._state in _PENDING_OPEN_STATES
-            if is_final(code, opened=opened):
-                assert code is not None
-                return self._give_up(channel, code)
-            return self._pending_lost(now, fraction, closing=None)
-        if serving is not None and serving.number == number:
-            if is_final(code, opened=True):
-                assert code is not None
-                return self._give_up(channel, code)
-            return self._serving_lost(now, fraction, closing=None)
-        self._draining.pop(number, None)
-        return []
+            waits = serving is None
+        elif serving is not None and serving.number == number:
+            opened, waits = True, pending is None
+        else:
+            self._draining.pop(number, None)
+            return []
+        cause: ErrorCode | None = None
+        if code is not None:
+            if code is ErrorCode.DEVICE_REPLACED and waits:
+                replaced_at, self._replaced_at = self._replaced_at, now
+                if (
+                    not self.keep_trying_when_replaced
+                    and replaced_at is not None
+                    and now - replaced_at <= self.replaced_window
+                ):
+                    return self._give_up(
+                        channel,
+                        code,
+                        f"{code.message} again, {now - replaced_at:.0f} s after the last time: "
+                        "another client uses this device id",
+                    )
+                cause = code
+            elif is_final(code, opened=opened):
+                retry = self.refusal_backoff
+                if retry is None or code not in retry.codes:
+                    return self._give_up(channel, code)
+                cause = code
+        if pending is not None and pending.number == number:
+            return self._pending_lost(now, fraction, closing=None, cause=cause)
+        return self._serving_lost(now, fraction, closing=None, cause=cause)
 
     def timer(self, now: float, *, random_fraction: float) -> list[Action]:
         """Do what is due by *now*: close drained channels, reconnect after the backoff, give
@@ -657,21 +763,34 @@ class DeviceSession:
         self._reconnect_at = None
         return [self._open_next()]
 
-    def _wait(self, now: float, fraction: float) -> list[Action]:
-        """Offline after a loss: the backoff, or the next channel at once if it is 0."""
-        ceiling = backoff_ceiling(self._attempt, base=self.backoff_base, cap=self.backoff_cap)
-        delay = fraction * ceiling
+    def _wait(self, now: float, fraction: float, cause: ErrorCode | None) -> list[Action]:
+        """Offline after a loss: the backoff, or the next channel at once if it is 0. A
+        *cause* (a replacement, a refusal retried) makes the wait a long one."""
+        if cause is ErrorCode.DEVICE_REPLACED:
+            delay = _half_jitter(self.backoff_cap, fraction)
+        elif cause is not None:
+            assert self.refusal_backoff is not None
+            delay = self.refusal_backoff.delay(self._attempt, fraction)
+        else:
+            ceiling = backoff_ceiling(self._attempt, base=self.backoff_base, cap=self.backoff_cap)
+            delay = fraction * ceiling
         self._attempt += 1
-        actions: list[Action] = [Reconnect(after=delay, attempt=self._attempt)]
+        actions: list[Action] = [Reconnect(after=delay, attempt=self._attempt, code=cause)]
         self._reconnect_at = now + delay
         if self._reconnect_at <= now:  # no wait (or one too small to tell from now)
             actions += self._reconnect()
         return actions
 
     def _pending_lost(
-        self, now: float, fraction: float, *, closing: CloseReason | None
+        self,
+        now: float,
+        fraction: float,
+        *,
+        closing: CloseReason | None,
+        cause: ErrorCode | None = None,
     ) -> list[Action]:
-        """The channel on its way failed (and is closed for *closing*, if given)."""
+        """The channel on its way failed (and is closed for *closing*, if given; *cause* as
+        :meth:`_wait` takes it)."""
         pending = self._pending
         assert pending is not None
         self._move(SessionInput.PENDING_LOST)
@@ -681,16 +800,22 @@ class DeviceSession:
             actions.append(CloseChannel(channel=pending.number, reason=closing))
         serving = self._serving
         if serving is None:
-            return actions + self._wait(now, fraction)
+            return actions + self._wait(now, fraction, cause)
         # A renewal failed: the old channel goes too, and a new one opens the usual way.
         self._drop_serving()
         actions.append(CloseChannel(channel=serving.number, reason=CloseReason.RENEWAL_FAILED))
         return [*actions, self._open_next()]
 
     def _serving_lost(
-        self, now: float, fraction: float, *, closing: CloseReason | None
+        self,
+        now: float,
+        fraction: float,
+        *,
+        closing: CloseReason | None,
+        cause: ErrorCode | None = None,
     ) -> list[Action]:
-        """The serving channel ended (and is closed for *closing*, if given)."""
+        """The serving channel ended (and is closed for *closing*, if given; *cause* as
+        :meth:`_wait` takes it)."""
         serving = self._serving
         assert serving is not None
         self._move(SessionInput.SERVING_LOST)
@@ -700,13 +825,13 @@ class DeviceSession:
             actions.append(CloseChannel(channel=serving.number, reason=closing))
         if self._pending is not None:
             return actions  # the successor carries on
-        return actions + self._wait(now, fraction)
+        return actions + self._wait(now, fraction, cause)
 
     def _drop_serving(self) -> None:
         self._serving = None
         self._next_ping = self._ping_sent = None
 
-    def _give_up(self, channel: int, code: ErrorCode) -> list[Action]:
+    def _give_up(self, channel: int, code: ErrorCode, message: str = "") -> list[Action]:
         self._move(SessionInput.FINAL_ERROR)
         others = [c.number for c in (self._pending, self._serving) if c is not None]
         others += self._draining
@@ -718,5 +843,5 @@ class DeviceSession:
             for number in sorted(others)
             if number != channel
         ]
-        actions.append(GiveUp(channel=channel, code=code))
+        actions.append(GiveUp(channel=channel, code=code, message=message))
         return actions

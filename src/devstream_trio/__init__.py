@@ -11,6 +11,8 @@
     await nursery.start(devstream_trio.serve_hub, store)
 """
 
+from devstream_core.session import RefusalBackoff
+
 from .client.device import DeviceClient, Handler, open_device
 from .client.framed import FramedStream, StreamOptions
 from .client.proxy import serve_device_proxy, serve_service_proxy
@@ -20,6 +22,7 @@ from .exceptions import (
     DeviceDisabled,
     DeviceNotFound,
     DeviceNotOnline,
+    DeviceReplaced,
     DeviceResponseTimeout,
     HubError,
     HubUnreachable,
@@ -42,6 +45,7 @@ __all__ = [
     "DeviceDisabled",
     "DeviceNotFound",
     "DeviceNotOnline",
+    "DeviceReplaced",
     "DeviceResponseTimeout",
     "FramedStream",
     "Handler",
@@ -53,6 +57,7 @@ __all__ = [
     "PeerLost",
     "PeerNeverConnected",
     "PermissionDenied",
+    "RefusalBackoff",
     "RegistryStore",
     "ServiceClient",
     "StreamJoinRefused",

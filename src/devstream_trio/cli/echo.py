@@ -18,7 +18,9 @@ from .options import (
     client_options,
     connection_string,
     device_client,
+    device_options,
     owner_connection_string,
+    replaced_hint,
     service_client,
 )
 
@@ -40,7 +42,8 @@ async def cmd_echo(args: argparse.Namespace) -> int:
         device = device_client(args, cs)
 
         async def serve(task_status: trio.TaskStatus[None]) -> None:
-            await device.serve({args.name: echo_handler}, task_status=task_status)
+            with replaced_hint():
+                await device.serve({args.name: echo_handler}, task_status=task_status)
 
         async with trio.open_nursery() as nursery:
             await nursery.start(serve)
@@ -130,6 +133,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     echo.add_argument("--name", default="echo", help="stream name (default %(default)s)")
     echo.add_argument("--raw", action="store_true", help="raw mode (Azure) instead of devstream.v1")
     client_options(echo)
+    device_options(echo)
     echo.set_defaults(func=cmd_echo)
 
     demo = sub.add_parser("demo", help="run a hub, a device and a service in one process")

@@ -4,14 +4,18 @@ data, and the options and clients of the commands that talk to a hub."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import DevstreamError
+from devstream_core.exceptions import DeviceReplaced
 from devstream_core.registry import Policy
+from devstream_core.session import DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP, RefusalBackoff
 
 from ..client.device import DeviceClient
 from ..client.service import SAS_LIFETIME, ServiceClient
@@ -87,6 +91,57 @@ def client_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError("must be a number of seconds > 0")
+    return value
+
+
+def device_options(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that run a device agent (``echo device``, ``proxy
+    device``): what it does when the hub refuses it, or another client takes its id over."""
+    p.add_argument(
+        "--exit-on-auth-error",
+        action="store_true",
+        help="device side: exit (status 1) when the hub refuses the device (401002 wrong key, "
+        "403902 disabled, 404001 deleted); by default it tries again, waiting longer each "
+        "time up to 5 minutes, so it comes back by itself once the device is enabled",
+    )
+    p.add_argument(
+        "--keep-trying-when-replaced",
+        action="store_true",
+        help="device side: when another client with the same device id takes the device over "
+        "(409902), keep coming back every 15-30 s; by default it comes back once, and exits "
+        "if it is replaced again within 10 minutes",
+    )
+    # For tests and the impatient: the first wait after a refusal (it doubles up to 300 s),
+    # and the longest wait before a reconnect (a replacement waits half to all of it).
+    p.add_argument(
+        "--auth-retry-first", type=_positive_seconds, default=5.0, help=argparse.SUPPRESS
+    )
+    p.add_argument(
+        "--reconnect-max",
+        type=_positive_seconds,
+        default=DEFAULT_BACKOFF_CAP,
+        help=argparse.SUPPRESS,
+    )
+
+
+@contextlib.contextmanager
+def replaced_hint() -> Iterator[None]:
+    """A device agent that stops because another client took its id over says what to do."""
+    try:
+        yield
+    except DeviceReplaced as exc:
+        raise DeviceReplaced(
+            exc.code, f"{exc.message}; stop it, or pass --keep-trying-when-replaced"
+        ) from None
+
+
 def connection_string(args: argparse.Namespace) -> ConnectionString:
     """The connection string from ``--connection-string`` or the environment."""
     text = args.connection_string or os.environ.get(CS_ENV)
@@ -130,12 +185,22 @@ def service_client(args: argparse.Namespace) -> ServiceClient:
 
 
 def device_client(args: argparse.Namespace, cs: ConnectionString) -> DeviceClient:
-    """A device client for *cs*; a service connection string is a mistake."""
+    """A device client for *cs* with the :func:`device_options`; a service connection string
+    is a mistake. Unlike the library's default, it retries refusals (a disabled, deleted
+    device, a wrong key) unless ``--exit-on-auth-error``."""
     if cs.device_id is None:
         raise UsageError("this command needs a device connection string, not a service's")
+    first: float = args.auth_retry_first
+    reconnect_max: float = args.reconnect_max
     return DeviceClient(
         cs,
         ssl_context=ssl_context(args),
         http_proxy=http_proxy(args),
         sas_lifetime=args.sas_lifetime,
+        backoff_min=min(DEFAULT_BACKOFF_BASE, reconnect_max),
+        backoff_max=reconnect_max,
+        refusal_backoff=None
+        if args.exit_on_auth_error
+        else RefusalBackoff(base=first, cap=max(first, 300.0)),
+        keep_trying_when_replaced=args.keep_trying_when_replaced,
     )

@@ -22,7 +22,15 @@ from ..client.proxy import (
 )
 from ..client.stdio import open_standard_streams
 from .config import apply_config
-from .options import UsageError, client_options, connection_string, device_client, service_client
+from .options import (
+    UsageError,
+    client_options,
+    connection_string,
+    device_client,
+    device_options,
+    replaced_hint,
+    service_client,
+)
 
 
 async def cmd_stdio(args: argparse.Namespace) -> int:
@@ -71,7 +79,8 @@ async def cmd_proxy(args: argparse.Namespace) -> int:
         device = device_client(args, cs)
 
         async def serve(task_status: trio.TaskStatus[None]) -> None:
-            await serve_device_proxy(device, targets, task_status=task_status)
+            with replaced_hint():
+                await serve_device_proxy(device, targets, task_status=task_status)
 
         async with trio.open_nursery() as nursery:
             await nursery.start(serve)
@@ -139,4 +148,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="service side: listen on LOCALPORT, one stream NAME per connection (repeatable)",
     )
     client_options(proxy)
+    device_options(proxy)
     proxy.set_defaults(func=cmd_proxy)

@@ -32,6 +32,14 @@
   ``serve`` raises the matching exception (``Unauthorized``, ``DeviceNotFound``,
   ``DeviceDisabled``). A channel the hub closes with 401002 once open (an expired token, a
   key replaced) is reconnected with a fresh token, and ``serve`` raises if that is refused.
+  With ``refusal_backoff`` (a :class:`~devstream_core.session.RefusalBackoff`) the refusals
+  it names are retried instead, after a long backoff (5 s growing to 5 minutes by default),
+  one warning line per try: the device comes back by itself once it is enabled again.
+* Another client registering with the same device id replaces this one: the hub closes its
+  channel with 409902 (``DEVICE_REPLACED``). The device logs one warning line and connects
+  again after ``(0.5 .. 1) * backoff_max`` seconds, never at once; replaced again within
+  ``replaced_window`` (10 minutes), ``serve`` raises ``DeviceReplaced``, unless
+  ``keep_trying_when_replaced``.
 """
 
 from __future__ import annotations
@@ -110,6 +118,9 @@ class DeviceClient:
         http_proxy: str | None = None,
         stream_options: StreamOptions | None = None,
         sas_lifetime: int = SAS_LIFETIME,
+        refusal_backoff: session.RefusalBackoff | None = None,
+        keep_trying_when_replaced: bool = False,
+        replaced_window: float = session.DEFAULT_REPLACED_WINDOW,
     ) -> None:
         cs = connection_string_for(Role.DEVICE, connection_string)
         if sas_lifetime < MIN_SAS_LIFETIME:
@@ -135,6 +146,14 @@ class DeviceClient:
         #: environment; ``""`` means no proxy).
         self.opener = opener or hub_opener(ssl_context, http_proxy)
         self.stream_options = stream_options
+        #: Which refusals (a disabled, deleted device, a wrong key) are retried, and how
+        #: patiently (None: ``serve`` raises them).
+        self.refusal_backoff = refusal_backoff
+        #: Whether a device replaced again by another connection with its id keeps coming
+        #: back (else ``serve`` raises ``DeviceReplaced``), and how close two replacements
+        #: must come to count as "again" (seconds).
+        self.keep_trying_when_replaced = keep_trying_when_replaced
+        self.replaced_window = replaced_window
         #: True while the control channel is up and registered.
         self.online = False
         #: How many times the control channel has been (re)established.
@@ -167,6 +186,9 @@ class DeviceClient:
             backoff_base=self.backoff_min,
             backoff_cap=self.backoff_max,
             sas_lifetime=self.sas_lifetime,
+            refusal_backoff=self.refusal_backoff,
+            keep_trying_when_replaced=self.keep_trying_when_replaced,
+            replaced_window=self.replaced_window,
         )
         try:
             async with trio.open_nursery() as streams:
@@ -341,14 +363,18 @@ class _SessionDriver:
                     log.info("device %r: renewed its SAS token on a new channel", device_id)
                 self.ready()
             elif isinstance(action, session.Reconnect):
-                log.info(
-                    "device %r: reconnecting in %.3f s (attempt %d)",
-                    device_id,
-                    action.after,
-                    action.attempt,
-                )
+                if action.code is None:  # a long wait is told by _lost, in one line
+                    log.info(
+                        "device %r: reconnecting in %.3f s (attempt %d)",
+                        device_id,
+                        action.after,
+                        action.attempt,
+                    )
             else:
-                self.fatal = self.channels[action.channel].error
+                if action.message:
+                    self.fatal = error_for(action.code, action.message)
+                else:
+                    self.fatal = self.channels[action.channel].error
                 assert self.fatal is not None  # a final error has a code, hence an error
                 nursery.cancel_scope.cancel()
         self.client.online = self.session.online
@@ -359,7 +385,16 @@ class _SessionDriver:
         actions = self.session.channel_lost(
             channel.number, trio.current_time(), code=code, random_fraction=self._random()
         )
-        if actions and not any(isinstance(a, session.GiveUp) for a in actions):
+        wait = next((a for a in actions if isinstance(a, session.Reconnect)), None)
+        if wait is not None and wait.code is not None:
+            log.warning(
+                "device %r: %s; connecting again in %.1f s (attempt %d)",
+                self.client.device_id,
+                _LONG_WAITS.get(wait.code, "the hub refuses it: {why}").format(why=why),
+                wait.after,
+                wait.attempt,
+            )
+        elif actions and not any(isinstance(a, session.GiveUp) for a in actions):
             warn = code is not None and code is not ErrorCode.UNAUTHORIZED
             log.log(
                 logging.WARNING if warn else logging.INFO,
@@ -383,7 +418,7 @@ class _SessionDriver:
                     channel.ws = await self.client._open_channel(sign)
                 except HubError as exc:
                     channel.error = exc
-                    self._lost(channel, exc.code, exc.message)
+                    self._lost(channel, exc.code, f"{exc.message} (error {int(exc.code)})")
                     return
                 self._apply(self.session.channel_opened(number, trio.current_time()))
                 try:
@@ -434,8 +469,10 @@ class _SessionDriver:
             await ws.send_text(machine.send(message.accept()))
             self.streams.start_soon(client._run_stream, message, handler, self.streams)
         elif isinstance(message, control.ErrorMessage):
-            # DEVICE_NOT_ONLINE is how the hub ends a channel this device replaced.
-            level = logging.INFO if message.code == ErrorCode.DEVICE_NOT_ONLINE else logging.WARNING
+            # DEVICE_REPLACED (DEVICE_NOT_ONLINE from older hubs) is how the hub ends a channel
+            # that this device renewed, or that another client took over: the close that
+            # follows is told in one line if it matters.
+            level = logging.INFO if message.code in _REPLACED else logging.WARNING
             log.log(
                 level,
                 "device %r: hub reports error %s: %s",
@@ -444,6 +481,15 @@ class _SessionDriver:
                 message.message,
             )
 
+
+#: The error codes a hub closes a replaced channel with.
+_REPLACED = frozenset({int(ErrorCode.DEVICE_REPLACED), int(ErrorCode.DEVICE_NOT_ONLINE)})
+
+#: What the warning says for a long wait, by its cause (a refusal retried: the default).
+_LONG_WAITS = {
+    ErrorCode.DEVICE_REPLACED: "replaced by a newer connection (another client uses this "
+    "device id)",
+}
 
 #: Closes that are no news: a renewed channel's predecessor, the rest of a session given up.
 _QUIET_CLOSES = frozenset({session.CloseReason.REPLACED, session.CloseReason.GIVEN_UP})
@@ -477,6 +523,8 @@ async def open_device(
     http_proxy: str | None = None,
     stream_options: StreamOptions | None = None,
     sas_lifetime: int = SAS_LIFETIME,
+    refusal_backoff: session.RefusalBackoff | None = None,
+    keep_trying_when_replaced: bool = False,
 ) -> AsyncIterator[DeviceClient]:
     """A :class:`DeviceClient` for the block; call ``serve`` on it to go online."""
     yield DeviceClient(
@@ -488,4 +536,6 @@ async def open_device(
         http_proxy=http_proxy,
         stream_options=stream_options,
         sas_lifetime=sas_lifetime,
+        refusal_backoff=refusal_backoff,
+        keep_trying_when_replaced=keep_trying_when_replaced,
     )

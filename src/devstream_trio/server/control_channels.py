@@ -19,6 +19,7 @@ import trio
 
 from devstream_core import control
 from devstream_core.authorization import authorize_control_channel, read_credential
+from devstream_core.coordinator import DeviceReplaced
 from devstream_core.credentials import SasToken, device_resource
 from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for
 from devstream_core.registry import Device, check_device_access
@@ -188,6 +189,18 @@ class ControlChannels:
                 await ws.aclose(close_code.close_code, close_reason_for(close_code, close_message))
         else:
             await ws.aclose(timeout=self.hub.config.close_timeout)
+
+    def close_replaced(self, event: DeviceReplaced) -> None:
+        """Close the control channel the coordinator found replaced by a newer one of the same
+        device, with the code it chose (``DEVICE_REPLACED``)."""
+        session = self.sessions.get(event.connection_id)
+        if session is not None:
+            log.info(
+                "device %r: control channel %d replaced by a newer connection; closing it",
+                event.device_id,
+                event.connection_id,
+            )
+            session.close(event.code)
 
     def drop_idle(self, now: float) -> None:
         """Close every control channel silent (no message, no ping) for

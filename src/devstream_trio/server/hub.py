@@ -339,9 +339,7 @@ class Hub:
                 if session is not None:
                     session.machine.forget_request(event.request_id)
             elif isinstance(event, DeviceReplaced):
-                session = sessions.get(event.connection_id)
-                if session is not None:
-                    session.close(ErrorCode.DEVICE_NOT_ONLINE)
+                self.channels.close_replaced(event)
             elif isinstance(event, CredentialsExpired):
                 session = sessions.get(event.connection_id)
                 if session is not None:
