@@ -21,6 +21,7 @@ from devstream_core.exceptions import (
     StreamRejected,
     StreamReset,
     TargetUnreachable,
+    TlsMismatch,
     Unauthorized,
     error_for,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "StreamRejected",
     "StreamReset",
     "TargetUnreachable",
+    "TlsMismatch",
     "Unauthorized",
     "error_for",
 ]
