@@ -66,6 +66,7 @@ async def mistake(argv: Sequence[str]) -> str:
     with trio.fail_after(TIMEOUT):
         status, out, err = await devstream(argv)
     assert status == 1, (out, err)
+    assert out == ""
     return one_error_line(err)
 
 
@@ -208,6 +209,16 @@ async def test_tls_cert_or_key_that_is_not_one(which: str, tmp_path: Path) -> No
         f"devstream: error: cannot load the TLS certificate {str(cert)!r} with the key "
         f"{str(key)!r} (not PEM): --tls-cert takes the certificate chain and --tls-key its "
         "private key, both PEM"
+    )
+
+
+async def test_data_folder_that_is_a_file(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.write_text("not a folder\n")
+    line = await mistake(["hub", "--data", str(data), "--listen", "127.0.0.1:0"])
+    assert line == (
+        f"devstream: error: cannot use the data folder {str(data)!r}: it is a file, not a "
+        "folder: give --data a folder (error 500901)"
     )
 
 

@@ -57,8 +57,8 @@ def connect_failure(where: str, errnos: Collection[int], detail: str) -> HubUnre
     if errnos and all(number == _errno.ECONNREFUSED for number in errnos):
         return HubUnreachable(
             ErrorCode.HUB_UNREACHABLE,
-            f"cannot reach the hub at {where}: connection refused, no hub is running there "
-            "(start `devstream hub`, or check HostName and its port in the connection string)",
+            f"cannot reach the hub at {where}: connection refused, no hub is running there; "
+            "start `devstream hub` or check HostName and its port in the connection string",
         )
     return HubUnreachable(ErrorCode.HUB_UNREACHABLE, f"cannot reach the hub at {where}: {detail}")
 
