@@ -551,13 +551,26 @@ def test_wrong_device() -> None:
     _refused(text, "SAS token is for another resource")
 
 
-@pytest.mark.parametrize(
-    "token_resource",
-    [f"{HOST}/devices/d", f"{HOST}/devices/d1x", "hub.example.com/devices/d1", "other:8080"],
-)
+@pytest.mark.parametrize("token_resource", [f"{HOST}/devices/d", f"{HOST}/devices/d1x"])
 def test_other_resources_are_refused(token_resource: str) -> None:
     text = make_sas_token(resource=token_resource, key=KEY, expiry=LATER)
     _refused(text, "SAS token is for another resource")
+
+
+@pytest.mark.parametrize(
+    ("token_resource", "token_host"),
+    [("hub.example.com/devices/d1", "hub.example.com"), ("other:8080", "other:8080")],
+)
+def test_a_token_for_another_host_names_both_hosts(token_resource: str, token_host: str) -> None:
+    """The usual cause is a HostName that names the hub another way than its public URL
+    (``localhost`` for ``127.0.0.1``); the message shows both names and that fix."""
+    text = make_sas_token(resource=token_resource, key=KEY, expiry=LATER)
+    _refused(
+        text,
+        f"SAS token is for another resource: it is signed for host {token_host!r} but this "
+        f"hub signs for {HOST!r}; HostName in the connection string must be the host of the "
+        "hub's --public-url",
+    )
 
 
 @pytest.mark.parametrize("token_resource", [HOST, f"{HOST}/devices", f"{HOST}/devices/"])

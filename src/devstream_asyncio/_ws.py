@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import h11
 
-from devstream_core import handshake, websocket
+from devstream_core import diagnosis, handshake, websocket
 from devstream_core.errors import ErrorCode
 from devstream_core.exceptions import HubUnreachable
 from devstream_core.websocket import BytesMessage, Ping, Pong, TextMessage
@@ -60,6 +60,7 @@ async def open_connection(
     """A TCP connection to the hub (TLS when *address* says so); :class:`HubUnreachable`
     if it cannot be made."""
     context = (ssl_context or ssl.create_default_context()) if address.tls else None
+    where = f"{address.host}:{address.port}"
     try:
         return await asyncio.open_connection(
             address.host,
@@ -67,8 +68,16 @@ async def open_connection(
             ssl=context,
             server_hostname=address.host if context is not None else None,
         )
-    except (OSError, ssl.SSLError) as exc:
-        raise _unreachable(f"cannot reach the hub at {address.host}:{address.port}: {exc}") from exc
+    except ssl.SSLError as exc:
+        raise diagnosis.tls_handshake_failure(
+            where,
+            reason=exc.reason,
+            verify_message=getattr(exc, "verify_message", None),
+            detail=str(exc),
+        ) from exc
+    except OSError as exc:
+        numbers = [exc.errno] if exc.errno else []
+        raise diagnosis.connect_failure(where, numbers, exc.strerror or str(exc)) from exc
 
 
 async def exchange(
@@ -83,6 +92,7 @@ async def exchange(
     """Send one request (*fields*: ``Host`` first) and read its answer (a ``101`` ends it
     at its head)."""
     conn = h11.Connection(h11.CLIENT)
+    host = next((value for name, value in fields if name.lower() == "host"), "")
     if body is not None:
         fields.append(("content-length", str(len(body))))
     data = conn.send(h11.Request(method=method, target=target, headers=fields)) or b""
@@ -91,13 +101,22 @@ async def exchange(
     data += conn.send(h11.EndOfMessage()) or b""
     head: h11.Response | None = None
     content = bytearray()
+    first = bytearray()  # the answer's first bytes, to say what it was if not HTTP
     try:
         writer.write(data)
         await writer.drain()
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                if head is None:
+                    raise _no_http_answer(writer, host, first, str(exc)) from exc
+                raise
             if event is h11.NEED_DATA:
-                conn.receive_data(await reader.read(_READ))
+                chunk = await reader.read(_READ)
+                if len(first) < diagnosis.QUOTED_BYTES:
+                    first += chunk[: diagnosis.QUOTED_BYTES - len(first)]
+                conn.receive_data(chunk)
             elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
                 fields_in = [(bytes(k).lower(), bytes(v)) for k, v in event.headers]
                 return Response(101, fields_in, b"", bytes(conn.trailing_data[0]))
@@ -112,9 +131,18 @@ async def exchange(
                 fields_in = [(bytes(k).lower(), bytes(v)) for k, v in head.headers]
                 return Response(head.status_code, fields_in, bytes(content), b"")
             elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                if head is None and isinstance(event, h11.ConnectionClosed):
+                    raise _no_http_answer(writer, host, first, "")
                 raise _unreachable("connection closed by the hub")
     except (OSError, h11.ProtocolError) as exc:
         raise _unreachable(f"bad answer from the hub: {exc}") from exc
+
+
+def _no_http_answer(
+    writer: asyncio.StreamWriter, host: str, first: bytearray, detail: str
+) -> HubUnreachable:
+    tls = writer.get_extra_info("sslcontext") is not None
+    return diagnosis.no_http_answer(host, bytes(first), tls=tls, detail=detail)
 
 
 async def request(

@@ -633,6 +633,26 @@ def _resource_covers(token_resource: str, expected: str) -> bool:
     return token_path.endswith("/") or expected_path[len(token_path)] == "/"
 
 
+#: The longest host name of a refused token that an error message quotes.
+_QUOTED_HOST = 64
+
+
+def _other_resource(token_resource: str, expected: str) -> str:
+    """Why a token for *token_resource* does not cover *expected*. When the hosts differ, the
+    likely cause is a connection string whose ``HostName`` names the hub another way than
+    the hub's public URL does (``localhost`` for ``127.0.0.1``): the message says both."""
+    message = "SAS token is for another resource"
+    token_host = token_resource.partition("/")[0]
+    hub_host = expected.partition("/")[0]
+    if token_host.lower() == hub_host.lower():
+        return message
+    quoted = token_host if len(token_host) <= _QUOTED_HOST else token_host[:_QUOTED_HOST] + "…"
+    return (
+        f"{message}: it is signed for host {quoted!r} but this hub signs for {hub_host!r}; "
+        "HostName in the connection string must be the host of the hub's --public-url"
+    )
+
+
 def verify_sas_token(
     token: SasToken | str,
     *,
@@ -669,7 +689,7 @@ def verify_sas_token(
         raise CredentialError(ErrorCode.UNAUTHORIZED, "SAS token expired")
     _check_lifetime(parsed, now, max_lifetime)
     if not _resource_covers(parsed.resource, resource):
-        raise CredentialError(ErrorCode.UNAUTHORIZED, "SAS token is for another resource")
+        raise CredentialError(ErrorCode.UNAUTHORIZED, _other_resource(parsed.resource, resource))
     # sr and se are printable ASCII (checked by SasToken), so this encoding cannot fail.
     message = f"{parsed.sr}\n{parsed.se}".encode("ascii")
     presented = unquote(parsed.sig).encode("utf-8")

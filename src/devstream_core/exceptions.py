@@ -29,6 +29,7 @@ __all__ = [
     "StreamRejected",
     "StreamReset",
     "TargetUnreachable",
+    "TlsMismatch",
     "Unauthorized",
     "error_for",
     "reset_error",
@@ -41,6 +42,12 @@ class HubError(DevstreamError):
 
 class HubUnreachable(HubError):
     """No connection to the hub (refused, TLS failure, dropped)."""
+
+
+class TlsMismatch(HubUnreachable):
+    """The client and the hub disagree on TLS: a plain-HTTP client reached a hub that serves
+    https (``UseTls=false`` against a TLS hub), or a TLS client one that serves plain http;
+    the message says which and how to fix the connection string."""
 
 
 class Unauthorized(HubError):

@@ -22,6 +22,7 @@ from devstream_core.exceptions import (
     StreamRejected,
     StreamReset,
     TargetUnreachable,
+    TlsMismatch,
     Unauthorized,
     error_for,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "StreamRejected",
     "StreamReset",
     "TargetUnreachable",
+    "TlsMismatch",
     "Unauthorized",
     "error_for",
 ]

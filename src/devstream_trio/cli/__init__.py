@@ -12,25 +12,38 @@ its ``cmd_*`` coroutines run under ``trio.run``.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import sys
 from collections.abc import Sequence
 
 import trio
 
-from devstream_core.errors import DevstreamError
-
 from . import echo, hub, proxy, registry
-from .options import UsageError
+from .failures import error_line
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "version"]
+
+EXAMPLE = """\
+example (a hub, a device and a service, all on this machine):
+  devstream hub --listen 127.0.0.1:8080 &
+  CS_OWNER=$(devstream connection-string)
+  CS_DEVICE=$(devstream device create my-device --connection-string "$CS_OWNER")
+  devstream echo device --connection-string "$CS_DEVICE" &
+  devstream echo service --device my-device --connection-string "$CS_OWNER"
+
+`devstream COMMAND --help` shows each command's options and an example."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
-        prog="devstream", description="Device streams: reach a device behind a NAT via a hub."
+        prog="devstream",
+        description="Device streams: reach a device behind a NAT via a hub.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
     )
@@ -54,13 +67,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         exc = _sole_error(raised)
         if isinstance(exc, KeyboardInterrupt):
             return 130
-        if isinstance(exc, UsageError):
-            print(f"devstream: error: {exc}", file=sys.stderr)
-            return 1
-        if isinstance(exc, DevstreamError):
-            print(f"devstream: error: {exc.message} (error {int(exc.code)})", file=sys.stderr)
-            return 1
-        raise
+        line = error_line(exc)
+        if line is None:
+            raise  # a bug: its traceback is what a report needs
+        print(f"devstream: error: {line}", file=sys.stderr)
+        return 1
+
+
+def version() -> str:
+    """The installed distribution's version (``0+unknown`` when run from a source tree that
+    was never installed)."""
+    try:
+        return importlib.metadata.version("devstream")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def _sole_error(exc: BaseException) -> BaseException:

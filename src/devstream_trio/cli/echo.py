@@ -126,7 +126,16 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``echo`` and ``demo`` to the command line."""
-    echo = sub.add_parser("echo", help="the echo sample: a device that echoes, a service that asks")
+    echo = sub.add_parser(
+        "echo",
+        help="the echo sample: a device that echoes, a service that asks",
+        epilog="""\
+example (CS_DEVICE from `devstream device create`, CS_OWNER from `devstream connection-string`):
+  devstream echo device --connection-string "$CS_DEVICE" &
+  devstream echo service --device my-device --connection-string "$CS_OWNER"
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     echo.add_argument("role", choices=["device", "service"])
     echo.add_argument("--device", help="device id (service side)")
     echo.add_argument("--message", default="hello from the service")
@@ -136,5 +145,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     device_options(echo)
     echo.set_defaults(func=cmd_echo)
 
-    demo = sub.add_parser("demo", help="run a hub, a device and a service in one process")
+    demo = sub.add_parser(
+        "demo",
+        help="run a hub, a device and a service in one process",
+        epilog="example (nothing to set up; it prints each step):\n  devstream demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     demo.set_defaults(func=cmd_demo)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ssl
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ..server.hub import (
     tune_gc_for_hub,
 )
 from ..server.store import RegistryStore
+from .failures import listen_hint
 from .options import UsageError, default_data_dir, owner_connection_string, parse_listen, seconds
 
 
@@ -30,10 +32,20 @@ async def cmd_hub(args: argparse.Namespace) -> int:
         raise UsageError("--tls-cert and --tls-key go together")
     if args.tls_cert:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+            if not Path(path).is_file():
+                raise UsageError(f"cannot load the TLS certificate: {flag} {path!r} is no file")
         try:
             ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise UsageError(f"cannot load the TLS certificate or key: {exc}") from exc
+        except ssl.SSLError as exc:
+            why = "they do not match" if exc.reason == "KEY_VALUES_MISMATCH" else "not PEM"
+            raise UsageError(
+                f"cannot load the TLS certificate {args.tls_cert!r} with the key "
+                f"{args.tls_key!r} ({why}): --tls-cert takes the certificate chain and "
+                "--tls-key its private key, both PEM"
+            ) from exc
+        except OSError as exc:
+            raise UsageError(f"cannot load the TLS certificate or key: {exc.strerror}") from exc
     if args.public_url and not args.public_url.startswith(("http://", "https://")):
         raise UsageError("--public-url must start with http:// or https://")
     data = Path(args.data) if args.data else default_data_dir()
@@ -55,7 +67,13 @@ async def cmd_hub(args: argparse.Namespace) -> int:
                     )
                 )
             except OSError as exc:
-                raise UsageError(f"cannot listen on {args.listen}: {exc.strerror}") from exc
+                hint = listen_hint(exc.errno)
+                if exc.errno == errno.EADDRINUSE and 0 < port < 65535:
+                    hint += f", e.g. --listen {args.listen.rpartition(':')[0]}:{port + 1}"
+                raise UsageError(
+                    f"cannot listen on {args.listen}: {exc.strerror}"
+                    + (f"; {hint}" if hint else "")
+                ) from exc
             await store.set_setting("public_url", hub.public_url.encode())
             listen_host, listen_port = hub.listen_address or (host, port)
             print(
@@ -91,7 +109,16 @@ async def cmd_connection_string(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``hub`` and ``connection-string`` to the command line."""
-    hub = sub.add_parser("hub", help="run a hub")
+    hub = sub.add_parser(
+        "hub",
+        help="run a hub",
+        epilog="""\
+examples:
+  devstream hub --listen 127.0.0.1:8080
+  devstream hub --listen 0.0.0.0:8443 --public-url https://hub.example.com:8443 \\
+      --tls-cert chain.pem --tls-key key.pem""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     hub.add_argument(
         "--data", help="data folder (default: $DEVSTREAM_DATA or ~/.local/share/devstream)"
     )
@@ -108,7 +135,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     hub.set_defaults(func=cmd_hub)
 
-    cs = sub.add_parser("connection-string", help="print the hub's owner connection string")
+    cs = sub.add_parser(
+        "connection-string",
+        help="print the hub's owner connection string",
+        epilog="""\
+example (on the hub's machine, with the hub's --data folder):
+  CS_OWNER=$(devstream connection-string)""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     cs.add_argument("--data")
     cs.add_argument("--public-url", help="print it for this address instead")
     cs.set_defaults(func=cmd_connection_string)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from devstream_core.credentials import ConnectionString
-from devstream_core.errors import DevstreamError
+from devstream_core.errors import CredentialError, DevstreamError
 from devstream_core.exceptions import DeviceReplaced
 from devstream_core.registry import Policy
 from devstream_core.session import DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP, RefusalBackoff
@@ -147,7 +147,16 @@ def connection_string(args: argparse.Namespace) -> ConnectionString:
     text = args.connection_string or os.environ.get(CS_ENV)
     if not text:
         raise UsageError(f"no connection string: pass --connection-string or set {CS_ENV}")
-    return ConnectionString.parse(text)
+    try:
+        return ConnectionString.parse(text)
+    except CredentialError as exc:
+        source = "--connection-string" if args.connection_string else f"${CS_ENV}"
+        raise UsageError(
+            f"{source}: {exc.message.removeprefix('connection string: ')}; expected "
+            "HostName=HOST:PORT;SharedAccessKeyName=NAME;SharedAccessKey=KEY (a service's, "
+            "from `devstream connection-string`) or HostName=HOST:PORT;DeviceId=ID;"
+            "SharedAccessKey=KEY (a device's, from `devstream device create`)"
+        ) from exc
 
 
 def ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -156,7 +165,16 @@ def ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     if ca_file:
         if not Path(ca_file).is_file():
             raise UsageError(f"CA file {ca_file!r} does not exist")
-        return client_ssl_context(ca_file)
+        try:
+            return client_ssl_context(ca_file)
+        except ssl.SSLError as exc:
+            source = "--ca-file" if args.ca_file else f"${CA_ENV}"
+            raise UsageError(
+                f"{source} {ca_file!r} holds no certificate ({exc.reason or exc}): give the "
+                "PEM certificate of the CA that signed the hub's certificate"
+            ) from exc
+        except OSError as exc:
+            raise UsageError(f"cannot read the CA file {ca_file!r}: {exc.strerror}") from exc
     return None
 
 

@@ -8,11 +8,14 @@ proxy's settings from a TOML file (see :mod:`.config`).
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
+from collections.abc import Sequence
 
 import trio
 
 from ..client.proxy import (
+    Forward,
     StdioError,
     parse_forward,
     parse_map,
@@ -22,6 +25,7 @@ from ..client.proxy import (
 )
 from ..client.stdio import open_standard_streams
 from .config import apply_config
+from .failures import listen_hint
 from .options import (
     UsageError,
     client_options,
@@ -96,6 +100,7 @@ async def cmd_proxy(args: argparse.Namespace) -> int:
         forwards = [parse_forward(text) for text in args.forward]
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    check_local_ports(forwards)
     async with trio.open_nursery() as nursery:
         service = service_client(args)
         service.nursery = nursery
@@ -106,7 +111,9 @@ async def cmd_proxy(args: argparse.Namespace) -> int:
         try:
             bound = await nursery.start(listen)
         except OSError as exc:
-            raise UsageError(f"cannot listen: {exc.strerror or exc}") from exc
+            hint = listen_hint(exc.errno)
+            hint = f"{hint} in --forward" if exc.errno == errno.EADDRINUSE else hint
+            raise UsageError(f"{exc.strerror or exc}" + (f"; {hint}" if hint else "")) from exc
         for (host, port), forward in zip(bound, forwards, strict=True):
             print(
                 f"listening on {host}:{port} -> {forward.name!r} on device {args.device!r}",
@@ -115,14 +122,37 @@ async def cmd_proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_local_ports(forwards: Sequence[Forward]) -> None:
+    """Two forwards may not listen on one local port (port 0, any free one, excepted)."""
+    seen: dict[tuple[str, int], Forward] = {}
+    for forward in forwards:
+        key = (forward.bind, forward.port)
+        first = seen.setdefault(key, forward)
+        if forward.port and first is not forward:
+            raise UsageError(
+                f"--forward {forward.port}={first.name} and --forward {forward.port}="
+                f"{forward.name} both listen on {forward.bind}:{forward.port}: give each "
+                "forward a LOCALPORT of its own"
+            )
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``proxy`` to the command line."""
     proxy = sub.add_parser(
         "proxy",
         help="local proxies through device streams",
         description="device: serve stream names from local targets; service: listen on local "
-        "ports, one stream per connection; stdio: one stream on standard input and output, "
-        "e.g. ssh -o ProxyCommand='devstream proxy stdio --device %h --name ssh' user@my-device",
+        "ports, one stream per connection; stdio: one stream on standard input and output",
+        epilog="""\
+example: SSH to a device (one `proxy device` per device id; repeat --map for more names)
+  on the device:   devstream proxy device --map ssh=127.0.0.1:22 --connection-string "$CS_DEVICE"
+  on your machine: devstream proxy service --device my-device --forward 2222=ssh \\
+                       --connection-string "$CS_OWNER"
+                   ssh -p 2222 user@127.0.0.1
+  or, with no local port:
+                   ssh -o ProxyCommand='devstream proxy stdio --device %h --name ssh' \\
+                       user@my-device""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     proxy.add_argument("role", choices=["device", "service", "stdio"])
     proxy.add_argument(

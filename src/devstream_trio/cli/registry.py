@@ -41,7 +41,16 @@ async def cmd_device(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``device`` to the command line."""
-    device = sub.add_parser("device", help="manage the device registry")
+    device = sub.add_parser(
+        "device",
+        help="manage the device registry",
+        epilog="""\
+examples (CS_OWNER: the output of `devstream connection-string`):
+  CS_DEVICE=$(devstream device create my-device --connection-string "$CS_OWNER")
+  devstream device show my-device --connection-string "$CS_OWNER"
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     device.add_argument("action", choices=["create", "show", "list", "delete", "disable", "enable"])
     device.add_argument("id", nargs="?")
     client_options(device)

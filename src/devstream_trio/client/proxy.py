@@ -23,6 +23,7 @@ debug level, failures at warning level.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -228,12 +229,24 @@ async def serve_service_proxy(
     """Listen on every forward's port; each accepted connection gets its own stream.
 
     ``task_status.started()`` receives the bound ``(host, port)`` of every forward, in order
-    (useful with port 0).
+    (useful with port 0). A port that cannot be listened on raises ``OSError`` (its
+    ``strerror`` names the address), before any forward serves.
     """
+    opened: list[list[trio.SocketListener]] = []
+    try:
+        for forward in forwards:
+            try:
+                opened.append(await trio.open_tcp_listeners(forward.port, host=forward.bind))
+            except OSError as exc:
+                where = f"{forward.bind}:{forward.port}"
+                raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from exc
+    except BaseException:
+        for listener in itertools.chain.from_iterable(opened):
+            await trio.aclose_forcefully(listener)
+        raise
     async with trio.open_nursery() as nursery:
         bound: list[tuple[str, int]] = []
-        for forward in forwards:
-            listeners = await trio.open_tcp_listeners(forward.port, host=forward.bind)
+        for forward, listeners in zip(forwards, opened, strict=True):
             sockname = listeners[0].socket.getsockname()
             bound.append((sockname[0], sockname[1]))
             log.info(

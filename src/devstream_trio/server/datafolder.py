@@ -106,6 +106,8 @@ async def open_data_folder(folder: Path) -> AsyncIterator[RegistryStore]:
     block."""
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError as exc:  # a file, or a link to one, where the folder should be
+        raise _unusable(folder, "it is a file, not a folder: give --data a folder") from exc
     except OSError as exc:
         raise _unusable(folder, f"cannot create it: {exc.strerror}") from exc
     with lock_data_folder(folder):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
+from devstream_core import diagnosis
 from devstream_core.errors import ErrorCode
 from devstream_core.wire import HubAddress, connection_string_for
 
@@ -217,10 +218,7 @@ async def open_hub_stream(
         try:
             tcp = await open_tcp(address.host, address.port)
         except OSError as exc:
-            raise HubUnreachable(
-                ErrorCode.HUB_UNREACHABLE,
-                f"cannot reach the hub at {where}: {exc.strerror or exc}",
-            ) from exc
+            raise diagnosis.connect_failure(where, _errnos(exc), exc.strerror or str(exc)) from exc
     if not address.tls:
         return tcp
     context = ssl_context or client_ssl_context()
@@ -230,14 +228,27 @@ async def open_hub_stream(
     except trio.BrokenResourceError as exc:
         await trio.aclose_forcefully(tcp)
         cause = exc.__cause__
-        detail = getattr(cause, "verify_message", None) or str(cause or exc)
-        raise HubUnreachable(
-            ErrorCode.HUB_UNREACHABLE, f"TLS handshake with the hub at {where} failed: {detail}"
+        raise diagnosis.tls_handshake_failure(
+            where,
+            reason=getattr(cause, "reason", None),
+            verify_message=getattr(cause, "verify_message", None),
+            detail=str(cause or exc),
         ) from exc
     except BaseException:  # cancelled (a resume attempt that timed out): no socket left open
         await trio.aclose_forcefully(tcp)
         raise
     return stream
+
+
+def _errnos(exc: OSError) -> list[int]:
+    """The error numbers of a failed connection: its own, or those of every attempt (trio
+    gives a name's several addresses one ``OSError`` whose cause groups them)."""
+    if exc.errno:
+        return [exc.errno]
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        return [e.errno for e in cause.exceptions if isinstance(e, OSError) and e.errno]
+    return []
 
 
 def hub_opener(ssl_context: ssl.SSLContext | None = None, http_proxy: str | None = None) -> Opener:

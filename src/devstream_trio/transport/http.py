@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
-from devstream_core import handshake, websocket
+from devstream_core import diagnosis, handshake, websocket
 from devstream_core.errors import DevstreamError, ErrorCode, RemoteProtocolError
 from devstream_core.handshake import REQUEST_TARGET as _REQUEST_TARGET
 from devstream_core.handshake import accept_token, request_head
@@ -549,23 +549,38 @@ class HttpStatusError(Exception):
 
 
 async def _read_response(
-    stream: trio.abc.Stream, conn: h11.Connection, max_body: int, *, upgrade: bool = False
+    stream: trio.abc.Stream,
+    conn: h11.Connection,
+    max_body: int,
+    *,
+    host: str,
+    upgrade: bool = False,
+    received: bytes = b"",
 ) -> tuple[h11.Response | h11.InformationalResponse, bytes]:
     """The head and body of the response on *conn*. An interim ``1xx`` answer is skipped,
     unless *upgrade* (the answer to a WebSocket handshake, where it is the answer: RFC 6455
-    §4.1 takes a status other than ``101`` as a refusal, and wsproto does the same)."""
+    §4.1 takes a status other than ``101`` as a refusal, and wsproto does the same).
+
+    *received* is what was read and fed to *conn* before. An answer that is not HTTP at all
+    (the hub at *host* hung up first, or sent something else) raises what
+    :func:`devstream_core.diagnosis.no_http_answer` makes of it."""
     head: h11.Response | h11.InformationalResponse | None = None
     body = bytearray()
+    first = bytearray(received[: diagnosis.QUOTED_BYTES])  # the answer's first bytes
     while True:
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
+            if head is None:
+                raise _no_http_answer(stream, host, first, str(exc)) from exc
             raise DevstreamError(ErrorCode.HUB_UNREACHABLE, f"bad HTTP response: {exc}") from exc
         if event is h11.NEED_DATA:
             try:
                 data = await _io.receive_some(stream, _RECEIVE_SIZE)
             except trio.BrokenResourceError as exc:
                 raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
+            if len(first) < diagnosis.QUOTED_BYTES:
+                first += data[: diagnosis.QUOTED_BYTES - len(first)]
             conn.receive_data(bytes(data))
             continue
         if isinstance(event, h11.InformationalResponse) and (upgrade or event.status_code == 101):
@@ -580,7 +595,17 @@ async def _read_response(
             assert head is not None
             return head, bytes(body)
         elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+            if head is None and isinstance(event, h11.ConnectionClosed):
+                raise _no_http_answer(stream, host, first, "")
             raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection closed by the hub")
+
+
+def _no_http_answer(
+    stream: trio.abc.Stream, host: str, first: bytes | bytearray, detail: str
+) -> Exception:
+    return diagnosis.no_http_answer(
+        host, bytes(first), tls=isinstance(stream, trio.SSLStream), detail=detail
+    )
 
 
 async def http_request(
@@ -611,7 +636,7 @@ async def http_request(
         await _io.send_all(stream, data)
     except trio.BrokenResourceError as exc:
         raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
-    head, content = await _read_response(stream, conn, max_body)
+    head, content = await _read_response(stream, conn, max_body, host=host)
     return HttpResponse(
         status=head.status_code,
         headers=[(bytes(k).lower(), bytes(v)) for k, v in head.headers],
@@ -663,7 +688,9 @@ async def websocket_connect(
         conn.receive_data(received)
         if hung_up:
             conn.receive_data(b"")
-        head, content = await _read_response(stream, conn, 1024 * 1024, upgrade=True)
+        head, content = await _read_response(
+            stream, conn, 1024 * 1024, host=host, upgrade=True, received=received
+        )
         response = HttpResponse(
             status=head.status_code,
             headers=[(bytes(k).lower(), bytes(v)) for k, v in head.headers],
