@@ -33,7 +33,7 @@ from contextlib import asynccontextmanager
 from devstream_core import control, session
 from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString
-from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
+from devstream_core.errors import CredentialError, DevstreamError, ErrorCode, parse_close_reason
 from devstream_core.exceptions import HubError, error_for
 from devstream_core.streamdriver import StreamOptions
 from devstream_core.wire import (
@@ -95,6 +95,7 @@ class DeviceClient:
             backoff_base=backoff_min,
             backoff_cap=backoff_max,
             sas_lifetime=sas_lifetime,
+            token_expires_at=self.connection_string.signature_expiry,
         )
         self._rng = rng or random.Random()
         #: True while the control channel is up and registered.
@@ -209,7 +210,12 @@ class DeviceClient:
         machine = self._session
         assert machine is not None
         number = channel.number
-        expiry = machine.token_expiry(number, now=self._now(), wall_time=time.time())
+        try:
+            expiry = machine.token_expiry(number, now=self._now(), wall_time=time.time())
+        except CredentialError as exc:  # a token given in the connection string expired
+            channel.error = error_for(exc.code, exc.message)
+            self._lost(channel, exc.code)
+            return
         token = self.connection_string.sas_token(expiry=expiry)
         try:
             try:

@@ -72,6 +72,12 @@ Rules every change must keep:
   device ``ping_timeout`` after the hand-over at the latest. The old channel's loss during
   the hand-over is no loss: the successor carries on. The successor's failure closes the old
   channel too and opens a new one at once, the usual way (no backoff: nothing failed twice).
+* **A given token.** A device whose connection string carries a SAS token instead of a key
+  (``token_expires_at``, its ``se``) signs nothing: every channel presents that token and is
+  never renewed. Once the wall time reaches ``se``, :meth:`~DeviceSession.token_expiry`
+  raises :func:`~devstream_core.credentials.expired_signature_error` (``UNAUTHORIZED``); the
+  adapter reports the channel lost with that code, final at an opening: the session ends with
+  an error saying the token expired and cannot be renewed without a key.
 * **Backoff.** After a loss with no other channel to carry on (states ``CONNECTING``,
   ``REGISTERING``, ``ONLINE``), the next channel is opened after
   ``random_fraction * min(backoff_cap, backoff_base * 2 ** attempt)`` seconds (full jitter),
@@ -102,7 +108,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .common import IdentityEnum
-from .credentials import SAS_RENEW_FRACTION, sas_renewal_time
+from .credentials import SAS_RENEW_FRACTION, expired_signature_error, sas_renewal_time
 from .errors import ErrorCode, LocalProtocolError
 from .wire import DEFAULT_SAS_LIFETIME
 
@@ -387,8 +393,10 @@ class DeviceSession:
 
     ``ping_interval`` and ``ping_timeout`` rule the keepalive (and the time a Register and a
     draining channel get); ``backoff_base`` and ``backoff_cap`` the waits before reconnects;
-    ``sas_lifetime`` (whole seconds, at least 2) the tokens' expiry and so their renewal.
-    Bad arguments raise :class:`LocalProtocolError` (``ARGUMENT_INVALID``).
+    ``sas_lifetime`` (whole seconds, at least 2) the tokens' expiry and so their renewal;
+    ``token_expires_at`` (Unix seconds), when the connection string carries a token instead
+    of a key, that token's expiry (see "A given token" above). Bad arguments raise
+    :class:`LocalProtocolError` (``ARGUMENT_INVALID``).
     """
 
     def __init__(
@@ -399,6 +407,7 @@ class DeviceSession:
         backoff_base: float = DEFAULT_BACKOFF_BASE,
         backoff_cap: float = DEFAULT_BACKOFF_CAP,
         sas_lifetime: int = DEFAULT_SAS_LIFETIME,
+        token_expires_at: int | None = None,
     ) -> None:
         self.ping_interval = _at_least("ping_interval", ping_interval, MIN_TIMEOUT)
         self.ping_timeout = _at_least("ping_timeout", ping_timeout, MIN_TIMEOUT)
@@ -409,6 +418,11 @@ class DeviceSession:
         if not isinstance(sas_lifetime, int) or isinstance(sas_lifetime, bool) or sas_lifetime < 2:
             raise _invalid("sas_lifetime must be an integer >= 2")
         self.sas_lifetime = sas_lifetime
+        if token_expires_at is not None and (
+            not isinstance(token_expires_at, int) or isinstance(token_expires_at, bool)
+        ):
+            raise _invalid("token_expires_at must be an integer or None")
+        self.token_expires_at = token_expires_at
         self._state = SessionState.IDLE
         self._now = -math.inf
         #: The last channel number given out (0: none yet).
@@ -482,18 +496,28 @@ class DeviceSession:
         token being signed at *now* (the adapter's clock) and *wall_time* (Unix time). The
         channel's renewal falls due :func:`~devstream_core.credentials.sas_renewal_time` of
         it, counted from *now*. Call it for the channel on its way, before its handshake (for
-        a channel the machine let go meanwhile, it gives an expiry and remembers nothing)."""
+        a channel the machine let go meanwhile, it gives an expiry and remembers nothing).
+
+        With ``token_expires_at`` it gives that expiry and the channel is never renewed, or,
+        once *wall_time* reached it, raises
+        :func:`~devstream_core.credentials.expired_signature_error`."""
         self._clock(now)
         if not isinstance(wall_time, (int, float)) or not math.isfinite(wall_time):
             raise _invalid("wall_time must be finite")
         number = self._known(channel)
-        expiry = int(wall_time) + self.sas_lifetime
+        fixed = self.token_expires_at
+        if fixed is not None and not wall_time < fixed:
+            raise expired_signature_error(fixed)
+        expiry = int(wall_time) + self.sas_lifetime if fixed is None else fixed
         pending = self._pending
         if pending is None or pending.number != number:
             self._ignored(number)
             return expiry  # a channel let go: nothing to remember
         if self._state in _PENDING_OPEN_STATES:
             raise _invalid(f"channel {channel}'s handshake is done already")
+        if fixed is not None:
+            pending.renew_at = math.inf  # nothing to renew it with
+            return expiry
         renewal = sas_renewal_time(issued_at=wall_time, expiry=expiry, fraction=SAS_RENEW_FRACTION)
         pending.renew_at = now + (renewal - wall_time)
         return expiry

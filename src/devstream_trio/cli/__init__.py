@@ -20,7 +20,7 @@ import trio
 
 from devstream_core.errors import DevstreamError
 
-from . import echo, hub, proxy, registry
+from . import echo, hub, policy, proxy, registry, sas
 from .options import UsageError
 
 __all__ = ["build_parser", "main"]
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (hub, registry, echo, proxy):
+    for group in (hub, registry, policy, sas, echo, proxy):
         group.register(sub)
     return parser
 

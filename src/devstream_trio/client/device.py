@@ -52,7 +52,7 @@ import trio
 from devstream_core import control, session
 from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString
-from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
+from devstream_core.errors import CredentialError, DevstreamError, ErrorCode, parse_close_reason
 from devstream_core.websocket import BytesMessage, TextMessage
 from devstream_core.wire import DEFAULT_SAS_LIFETIME, MIN_SAS_LIFETIME, control_target
 
@@ -166,6 +166,7 @@ class DeviceClient:
             backoff_base=self.backoff_min,
             backoff_cap=self.backoff_max,
             sas_lifetime=self.sas_lifetime,
+            token_expires_at=self.connection_string.signature_expiry,
         )
         try:
             async with trio.open_nursery() as streams:
@@ -185,10 +186,13 @@ class DeviceClient:
         *sign* gives the token's expiry for the Unix time it is signed at.
         """
         try:
+            token = self.connection_string.sas_token(expiry=sign(self.wall_clock()))
+        except CredentialError as exc:  # a token given in the connection string expired
+            raise error_for(exc.code, exc.message) from None
+        try:
             transport = await open_transport(self.address, self.ssl_context, self.opener)
         except OSError as exc:  # an opener of the caller's that does not map its errors
             raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, str(exc)) from exc
-        token = self.connection_string.sas_token(expiry=sign(self.wall_clock()))
         try:
             ws = await websocket_connect(
                 transport,
