@@ -33,7 +33,7 @@ from contextlib import asynccontextmanager
 from devstream_core import control, session
 from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString
-from devstream_core.errors import CredentialError, DevstreamError, ErrorCode, parse_close_reason
+from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
 from devstream_core.exceptions import HubError, error_for
 from devstream_core.streamdriver import StreamOptions
 from devstream_core.wire import (
@@ -212,8 +212,8 @@ class DeviceClient:
         number = channel.number
         try:
             expiry = machine.token_expiry(number, now=self._now(), wall_time=time.time())
-        except CredentialError as exc:  # a token given in the connection string expired
-            channel.error = error_for(exc.code, exc.message)
+        except HubError as exc:  # a token given in the connection string expired
+            channel.error = exc
             self._lost(channel, exc.code)
             return
         token = self.connection_string.sas_token(expiry=expiry)

@@ -24,8 +24,9 @@ Rules every change must keep:
    (already url-encoded) and ``se`` as written; parsing keeps both as written.
 4. **A token is used as given.** A connection string that carries a SAS token instead of a
    key sends that token, never changed, until its ``se``; from then on asking it for a token
-   raises :class:`CredentialError` (``UNAUTHORIZED``) saying that it expired and cannot be
-   renewed without a key (:func:`expired_signature_error`).
+   raises :class:`~devstream_core.exceptions.Unauthorized` (``UNAUTHORIZED``, what a client
+   raises for the hub's refusal too) saying that it expired and cannot be renewed without a
+   key (:func:`expired_signature_error`).
 5. **Errors are typed.** Malformed or wrong input raises :class:`CredentialError` (code
    ``INVALID_CONNECTION_STRING`` for connection strings, ``UNAUTHORIZED`` for SAS tokens);
    misuse of the API (a key that is not base64, a negative expiry) raises
@@ -49,6 +50,7 @@ from urllib.parse import quote, unquote
 
 from .common import Role
 from .errors import CredentialError, ErrorCode, LocalProtocolError
+from .exceptions import Unauthorized
 
 __all__ = [
     "MAX_CONNECTION_STRING_LENGTH",
@@ -357,6 +359,12 @@ class ConnectionString:
             for key, value in pairs
             if key.lower() in (_KEY.lower(), _SIGNATURE.lower()) and value
         ]
+        # And a token's signature on its own, as written and url-decoded.
+        for value in list(key_values):
+            for part in value.split("&"):
+                name, _, sig = part.partition("=")
+                if name.strip() == "sig" and sig:
+                    key_values += [sig, unquote(sig)]
 
         for pair in bare:
             # A long pair without '=' may be a key pasted without its name: never quote it.
@@ -521,10 +529,11 @@ def sas_renewal_time(
     return issued_at + fraction * (expiry - issued_at)
 
 
-def expired_signature_error(expiry: int) -> CredentialError:
+def expired_signature_error(expiry: int) -> Unauthorized:
     """The error a client meets when the SAS token its connection string carries (in place of
-    a key) expired at *expiry*: there is no key to sign a new one with."""
-    return CredentialError(
+    a key) expired at *expiry*: there is no key to sign a new one with. The class is the one a
+    client raises when the hub refuses a credential, so one ``except`` covers both."""
+    return Unauthorized(
         ErrorCode.UNAUTHORIZED,
         f"the connection string's SAS token expired (se={expiry}); it carries no key "
         f"({_KEY}), so no new token can be signed: get a new token, or use a connection "

@@ -52,7 +52,7 @@ import trio
 from devstream_core import control, session
 from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString
-from devstream_core.errors import CredentialError, DevstreamError, ErrorCode, parse_close_reason
+from devstream_core.errors import DevstreamError, ErrorCode, parse_close_reason
 from devstream_core.websocket import BytesMessage, TextMessage
 from devstream_core.wire import DEFAULT_SAS_LIFETIME, MIN_SAS_LIFETIME, control_target
 
@@ -185,10 +185,8 @@ class DeviceClient:
 
         *sign* gives the token's expiry for the Unix time it is signed at.
         """
-        try:
-            token = self.connection_string.sas_token(expiry=sign(self.wall_clock()))
-        except CredentialError as exc:  # a token given in the connection string expired
-            raise error_for(exc.code, exc.message) from None
+        # A token given in the connection string that expired raises Unauthorized here.
+        token = self.connection_string.sas_token(expiry=sign(self.wall_clock()))
         try:
             transport = await open_transport(self.address, self.ssl_context, self.opener)
         except OSError as exc:  # an opener of the caller's that does not map its errors
