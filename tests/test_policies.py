@@ -291,8 +291,16 @@ async def test_a_rotated_device_key_closes_its_channel_and_refuses_the_old_key(
         assert await round_trip(owner, "d1") == b"ping"
 
 
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ("rotate", ErrorCode.UNAUTHORIZED),
+        ("delete", ErrorCode.UNAUTHORIZED),
+        ("narrow", ErrorCode.PERMISSION_DENIED),
+    ],
+)
 async def test_a_channel_opened_with_a_policy_token_closes_when_the_policy_changes(
-    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock, change: str, code: ErrorCode
 ) -> None:
     with trio.fail_after(60):
         hub_env.hub.wall_clock = wall
@@ -309,20 +317,30 @@ async def test_a_channel_opened_with_a_policy_token_closes_when_the_policy_chang
             host_name=HOST, device_id="d1", shared_access_signature=token, use_tls=False
         )
         device = DeviceClient(cs, opener=hub_env.open, wall_clock=wall)
-        outcome: list[BaseException] = []
+        outcome: list[HubError] = []
 
         async def serve(task_status: trio.TaskStatus[None]) -> None:
             try:
                 await device.serve({"echo": echo}, task_status=task_status)
-            except Unauthorized as exc:
+            except HubError as exc:
                 outcome.append(exc)
 
         await hub_env.nursery.start(serve)
         assert await round_trip(owner, "d1") == b"ping"
-        await owner.rotate_policy_key("gateway")
+        # Another policy's change leaves the channel open.
+        await owner.create_policy("other", "DeviceConnect")
+        await owner.rotate_policy_key("other")
+        await trio.sleep(5)
+        assert not outcome and hub_env.hub.coordinator.is_online("d1")
+        if change == "rotate":
+            await owner.rotate_policy_key("gateway")
+        elif change == "delete":
+            await owner.delete_policy("gateway")
+        else:
+            await owner.set_policy_rights("gateway", "ServiceConnect")
         while not outcome:
             await trio.sleep(0.1)
-        assert outcome[0].code is ErrorCode.UNAUTHORIZED
+        assert outcome[0].code is code  # refused again at the reconnection: the device stops
         assert not hub_env.hub.coordinator.is_online("d1")
 
 

@@ -61,6 +61,8 @@ class Session:
     policy_credential: Credential | None = None
     #: The device's change count (ControlChannels.device_changes) before its access was checked.
     changes_seen: int = 0
+    #: The same for the policy of a policy token (ControlChannels.policy_changes).
+    policy_changes_seen: int = 0
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     close_code: ErrorCode | None = None
     close_message: str | None = None
@@ -86,6 +88,8 @@ class ControlChannels:
         #: How many times each device's registry record changed (see Hub.device_changed): a
         #: channel whose handshake spanned a change is checked again once it is listed.
         self.device_changes: dict[str, int] = {}
+        #: The same for each policy (see Hub.policy_changed), for channels opened with its token.
+        self.policy_changes: dict[str, int] = {}
 
     async def open(
         self,
@@ -99,6 +103,7 @@ class ControlChannels:
         try:
             credential = read_credential(request.header(b"authorization"))
             name = credential.policy_name
+            policy_changes_seen = 0 if name is None else self.policy_changes.get(name, 0)
             grant = authorize_control_channel(
                 credential,
                 device_id=route.device_id,
@@ -130,6 +135,7 @@ class ControlChannels:
             device_token=grant.device_token,
             changes_seen=changes_seen,
             policy_credential=credential if grant.device_token is None else None,
+            policy_changes_seen=policy_changes_seen,
         )
 
     async def run(self, session: Session) -> None:
@@ -163,6 +169,14 @@ class ControlChannels:
                         # further change would find this channel.
                         device = await self.hub.store.get_device(session.device_id)
                         self.hub.check_device(session.device_id, device)
+                    credential = session.policy_credential
+                    name = None if credential is None else credential.policy_name
+                    if (
+                        name is not None
+                        and self.policy_changes.get(name, 0) != session.policy_changes_seen
+                    ):
+                        # Likewise for the policy whose token opened it.
+                        self.close_refused_by_policy(name, await self.hub.store.get_policy(name))
                     while True:
                         # No local keeps the last fragment or message alive while idle.
                         await self._fragment(session, await ws.receive())

@@ -567,6 +567,8 @@ class Hub:
         verifies under the policy's keys, and the policy still grants ``DeviceConnect``), and
         closed with the error if not.
         """
+        changes = self.channels.policy_changes
+        changes[name] = changes.get(name, 0) + 1
         self.channels.close_refused_by_policy(name, policy)
 
     def check_device(self, device_id: str, device: Device | None) -> None:
