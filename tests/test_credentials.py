@@ -9,6 +9,7 @@ computed here with ``hmac``/``hashlib`` directly, never with ``credentials.sign`
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import itertools
@@ -1090,10 +1091,35 @@ def test_direct_construction_with_a_token_is_validated() -> None:
     assert "another resource" in info.value.message
     with pytest.raises(LocalProtocolError):
         ConnectionString(host_name=HOST, device_id="d1", shared_access_signature=b"x")  # type: ignore[arg-type]
-    with pytest.raises(LocalProtocolError):
-        ConnectionString(
-            host_name=HOST,
-            device_id="d1",
-            shared_access_key=KEY,
-            shared_access_signature=DEVICE_TOKEN,
-        )
+    for key in (KEY, ""):
+        with pytest.raises(LocalProtocolError) as info:
+            ConnectionString(
+                host_name=HOST,
+                device_id="d1",
+                shared_access_key=key,
+                shared_access_signature=DEVICE_TOKEN,
+            )
+        assert "has both" in info.value.message
+    with pytest.raises(LocalProtocolError) as info:
+        ConnectionString(host_name=HOST, device_id="d1", shared_access_signature="")
+    assert "missing SharedAccessKey" in info.value.message
+
+
+@st.composite
+def _token_connection_strings(draw: st.DrawFn) -> ConnectionString:
+    cs = draw(_connection_strings())
+    token = make_sas_token(
+        resource=cs.resource,
+        key=cs.shared_access_key or KEY,
+        expiry=draw(st.integers(0, 10**12)),
+        policy_name=cs.shared_access_key_name,
+    )
+    return dataclasses.replace(cs, shared_access_key=None, shared_access_signature=token)
+
+
+@settings(max_examples=200)
+@given(_token_connection_strings())
+def test_round_trip_with_a_token(cs: ConnectionString) -> None:
+    assert ConnectionString.parse(str(cs)) == cs
+    assert cs.signature_expiry is not None
+    assert cs.sas_token(expiry=cs.signature_expiry) == cs.shared_access_signature

@@ -203,7 +203,7 @@ def _field_problem(
     """
     if not host_name:
         return f"missing {_HOST_NAME}"
-    if shared_access_key and shared_access_signature:
+    if shared_access_key is not None and shared_access_signature is not None:
         return f"has both {_KEY} and {_SIGNATURE}: give one of them"
     if not shared_access_key and not shared_access_signature:
         return f"missing {_KEY}"
