@@ -26,10 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness
 from _harness import Crash as Crash
 
-from devstream_core.credentials import ConnectionString, verify_sas_token
+from devstream_core.credentials import ConnectionString, make_sas_token, verify_sas_token
 from devstream_core.errors import CredentialError
 
 KEY = "ZGV2c3RyZWFtIGZ1enoga2V5IDAwMDE="
+_DEVICE_TOKEN = make_sas_token(resource="h/devices/d", key=KEY, expiry=2_000_000_000)
+_SERVICE_TOKEN = make_sas_token(resource="h", key=KEY, expiry=1, policy_name="s")
 
 SEEDS: list[bytes] = [
     f"HostName=hub.example.com;DeviceId=d1;SharedAccessKey={KEY}".encode(),
@@ -42,6 +44,11 @@ SEEDS: list[bytes] = [
     f"HostName=h;DeviceId=d;SharedAccessKeyName=s;SharedAccessKey={KEY}".encode(),
     f"HostName=h;DeviceId=d;SharedAccessKey={KEY};HostName=h".encode(),
     f"HostName=h;DeviceId=d;SharedAccessKey={KEY};UseTls=maybe".encode(),
+    f"HostName=h;DeviceId=d;SharedAccessSignature={_DEVICE_TOKEN}".encode(),
+    f"HostName=h;SharedAccessKeyName=s;SharedAccessSignature={_SERVICE_TOKEN}".encode(),
+    f"HostName=h;DeviceId=e;SharedAccessSignature={_DEVICE_TOKEN}".encode(),
+    f"HostName=h;DeviceId=d;SharedAccessKey={KEY};SharedAccessSignature={_DEVICE_TOKEN}".encode(),
+    b"HostName=h;DeviceId=d;SharedAccessSignature=SharedAccessSignature sr=h&se=1",
     b"HostName=x y;DeviceId=d;SharedAccessKey=Zm9v",
     b"HostName=[::1;DeviceId=d;SharedAccessKey=Zm9v",
     b"HostName=h:99999;DeviceId=d;SharedAccessKey=Zm9v",
@@ -67,6 +74,10 @@ _TOKENS: list[bytes] = [
     b"DeviceId=",
     b"SharedAccessKey=",
     b"SharedAccessKeyName=",
+    b"SharedAccessSignature=",
+    b"SharedAccessSignature sr=h&sig=",
+    b"&skn=s",
+    b"&se=",
     b"UseTls=",
     b"ModuleId=",
     b"true",
@@ -87,6 +98,11 @@ def check(data: bytes) -> None:
     again = ConnectionString.parse(str(cs))
     if again != cs:
         raise AssertionError("parse(str(cs)) != cs")
+    if cs.shared_access_key is None:  # it carries a token: given as is, never signed
+        expiry = cs.signature_expiry
+        if expiry is None or cs.sas_token(expiry=expiry) != cs.shared_access_signature:
+            raise AssertionError("a given token is not given back as is")
+        return
     token = cs.sas_token(expiry=2_000_000_000)
     verify_sas_token(token, keys=[cs.shared_access_key], resource=cs.resource, now=0.0)
 

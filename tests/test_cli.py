@@ -154,7 +154,8 @@ async def test_device_commands(
         assert device_cs.host_name == cli_hub.hub.host_name
         await cli("create", "dev-2")
 
-        listed = [line.split("\t") for line in (await cli("list")).splitlines()]
+        header, *listed = [line.split() for line in (await cli("list")).splitlines()]
+        assert header == ["DEVICE", "ID", "STATUS", "CONNECTION"]
         assert [row[:2] for row in listed] == [["dev-1", "enabled"], ["dev-2", "enabled"]]
 
         shown = await cli("show", "dev-1")
@@ -180,7 +181,7 @@ async def test_device_commands(
             nursery.cancel_scope.cancel()
 
         assert "dev-1" in await cli("delete", "dev-1")
-        assert [line.split("\t")[0] for line in (await cli("list")).splitlines()] == ["dev-2"]
+        assert [line.split()[0] for line in (await cli("list")).splitlines()[1:]] == ["dev-2"]
         assert await run_cli(["device", "show", "dev-1", *extra]) == 1
         assert "404001" in one_error_line(capsys.readouterr().err)
 
@@ -200,7 +201,7 @@ async def test_enable_or_disable_of_an_unknown_device_fails_and_creates_nothing(
         assert line.endswith("(error 404001)"), line
         assert "dev-l" in line
         assert await run_cli(["device", "list", *extra]) == 0
-        listed = [row.split("\t")[0] for row in capsys.readouterr().out.splitlines()]
+        listed = [row.split()[0] for row in capsys.readouterr().out.splitlines()[1:]]
         assert listed == ["dev-1"]
 
 

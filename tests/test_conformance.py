@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import hashlib
 import re
+import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from devstream_core.credentials import make_sas_token
 from devstream_core.exceptions import (
     DeviceNotFound,
     DeviceNotOnline,
@@ -366,6 +368,40 @@ def test_the_device_renews_its_token_on_a_new_channel_and_serves_on(run: Any) ->
                 await stream.send_eof()
                 assert await read_all(stream) == b"renewed"
                 await stream.aclose()
+
+    run(body)
+
+
+def given_token(cs: Any, expiry: int) -> Any:
+    """*cs* with a SAS token (Azure's ``SharedAccessSignature=…``) in place of its key."""
+    token = make_sas_token(
+        resource=cs.resource,
+        key=cs.shared_access_key,
+        expiry=expiry,
+        policy_name=cs.shared_access_key_name,
+    )
+    return dataclasses.replace(cs, shared_access_key=None, shared_access_signature=token)
+
+
+def test_tokens_given_in_place_of_keys_work_until_they_expire(run: Any) -> None:
+    async def body(d: Driver) -> None:
+        cs = d.hub.new_device()
+        assert d.hub.service_cs is not None
+        later, gone = int(time.time()) + 600, int(time.time()) - 1
+        async with (
+            d.device(given_token(cs, later), {"echo": echo}),
+            d.service(given_token(d.hub.service_cs, later)) as service,
+        ):
+            stream = await service.open_stream(cs.device_id, "echo")
+            await stream.send_all(b"given")
+            assert await stream.receive_some() == b"given"
+            await stream.aclose()
+        # Expired: nothing to sign a new one with, and the error says so.
+        error = await d.serve_error(given_token(cs, gone), {"echo": echo})
+        assert isinstance(error, Unauthorized) and "no key" in error.message
+        async with d.service(given_token(d.hub.service_cs, gone)) as service:
+            error = await d.error_of(service.open_stream(cs.device_id, "echo"))
+            assert isinstance(error, Unauthorized) and "no key" in error.message
 
     run(body)
 

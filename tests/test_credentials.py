@@ -9,11 +9,13 @@ computed here with ``hmac``/``hashlib`` directly, never with ``credentials.sign`
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import itertools
 import random
 import string
+import urllib.parse
 
 import pytest
 from hypothesis import given, settings
@@ -28,12 +30,14 @@ from devstream_core.credentials import (
     SasToken,
     SasVerifier,
     device_resource,
+    expired_signature_error,
     make_sas_token,
     parse_sas_token,
     sign,
     verify_sas_token,
 )
 from devstream_core.errors import CredentialError, ErrorCode, LocalProtocolError
+from devstream_core.exceptions import Unauthorized
 
 from ._helpers import load_fuzz_harness
 
@@ -942,3 +946,193 @@ def test_request_tokens_sign_again_at_half_the_lifetime_or_when_the_clock_went_b
     for lifetime in (1, 0, 2.5, True):
         with pytest.raises(LocalProtocolError):
             RequestTokens(cs, lifetime)  # type: ignore[arg-type]
+
+
+# -- a SAS token in place of the key (SharedAccessSignature=…) -------------------------------
+
+DEVICE_TOKEN = make_sas_token(resource=f"{HOST}/devices/d1", key=KEY, expiry=LATER)
+SERVICE_TOKEN = make_sas_token(resource=HOST, key=KEY, expiry=LATER, policy_name="service")
+
+
+@pytest.mark.parametrize(
+    ("text", "device_id", "key_name", "token"),
+    [
+        (
+            f"HostName={HOST};DeviceId=d1;SharedAccessSignature={DEVICE_TOKEN}",
+            "d1",
+            None,
+            DEVICE_TOKEN,
+        ),
+        (
+            f"HostName={HOST};SharedAccessKeyName=service;SharedAccessSignature={SERVICE_TOKEN}",
+            None,
+            "service",
+            SERVICE_TOKEN,
+        ),
+        # A policy's token for the whole hub covers a device (DeviceConnect, checked by the hub).
+        (
+            f"HostName={HOST};DeviceId=d1;SharedAccessSignature={SERVICE_TOKEN}",
+            "d1",
+            None,
+            SERVICE_TOKEN,
+        ),
+    ],
+)
+def test_a_connection_string_may_carry_a_token_instead_of_the_key(
+    text: str, device_id: str | None, key_name: str | None, token: str
+) -> None:
+    cs = ConnectionString.parse(text + ";UseTls=false")
+    assert cs.shared_access_key is None
+    assert cs.shared_access_signature == token
+    assert (cs.device_id, cs.shared_access_key_name, cs.use_tls) == (device_id, key_name, False)
+    assert cs.signature_expiry == LATER
+    assert ConnectionString.parse(str(cs)) == cs
+    assert "SharedAccessSignature=SharedAccessSignature sr=" in str(cs)
+    assert token not in repr(cs) and "sig" not in repr(cs)
+    # Given as is, for its own expiry; it cannot sign another.
+    assert cs.sas_token(expiry=LATER) == token
+    assert cs.token_at(NOW, expiry=LATER + 99) == token
+    with pytest.raises(LocalProtocolError) as info:
+        cs.sas_token(expiry=LATER + 1)
+    assert "cannot sign" in info.value.message
+
+
+def test_a_key_signs_with_token_at_and_has_no_signature_expiry() -> None:
+    cs = ConnectionString.parse(f"HostName={HOST};DeviceId=d1;SharedAccessKey={KEY}")
+    assert cs.signature_expiry is None and cs.shared_access_signature is None
+    token = cs.token_at(NOW, expiry=LATER)
+    assert token == cs.sas_token(expiry=LATER)
+    verify_sas_token(token, keys=[KEY], resource=cs.resource, now=NOW)
+
+
+@pytest.mark.parametrize("now", [LATER, LATER + 1.5, float("nan")])
+def test_a_given_token_that_expired_fails_saying_there_is_no_key(now: float) -> None:
+    cs = ConnectionString.parse(f"HostName={HOST};DeviceId=d1;SharedAccessSignature={DEVICE_TOKEN}")
+    with pytest.raises(Unauthorized) as info:
+        cs.token_at(now, expiry=LATER)
+    assert info.value.code is ErrorCode.UNAUTHORIZED
+    assert "expired" in info.value.message and "no key" in info.value.message
+    assert "sig" not in info.value.message.replace("signed", "")
+    assert expired_signature_error(LATER).message == info.value.message
+
+
+def test_request_tokens_send_a_given_token_until_it_expires() -> None:
+    cs = ConnectionString.parse(
+        f"HostName={HOST};SharedAccessKeyName=service;SharedAccessSignature={SERVICE_TOKEN}"
+    )
+    tokens = RequestTokens(cs, 60)
+    assert tokens.token(NOW) == SERVICE_TOKEN
+    assert tokens.token(LATER - 0.5) == SERVICE_TOKEN  # never signed again (there is no key)
+    with pytest.raises(Unauthorized) as info:
+        tokens.token(LATER)
+    assert "expired" in info.value.message
+
+
+_OTHER_DEVICE_TOKEN = make_sas_token(resource=f"{HOST}/devices/d2", key=KEY, expiry=LATER)
+_OTHER_POLICY_TOKEN = make_sas_token(resource=HOST, key=KEY, expiry=LATER, policy_name="ops")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            f"HostName={HOST};DeviceId=d1;SharedAccessKey={KEY};SharedAccessSignature={DEVICE_TOKEN}",
+            "connection string: has both SharedAccessKey and SharedAccessSignature: "
+            "give one of them",
+        ),
+        (
+            f"HostName={HOST};DeviceId=d1;SharedAccessSignature=",
+            "connection string: SharedAccessSignature is empty",
+        ),
+        (
+            f"HostName={HOST};DeviceId=d1;SharedAccessSignature=SharedAccessSignature sr=h&se=1",
+            "connection string: SharedAccessSignature is not a SAS token (SAS token: missing sig)",
+        ),
+        (
+            f"HostName={HOST};DeviceId=d1;SharedAccessSignature={_OTHER_DEVICE_TOKEN}",
+            f"connection string: SharedAccessSignature is for another resource (its sr must be "
+            f"'{HOST}/devices/d1')",
+        ),
+        (
+            f"HostName=other.example.com;DeviceId=d1;SharedAccessSignature={DEVICE_TOKEN}",
+            "connection string: SharedAccessSignature is for another resource (its sr must be "
+            "'other.example.com/devices/d1')",
+        ),
+        (
+            f"HostName={HOST};SharedAccessKeyName=service;SharedAccessSignature={DEVICE_TOKEN}",
+            "connection string: SharedAccessSignature is not signed by the policy "
+            "SharedAccessKeyName names (its skn differs)",
+        ),
+        (
+            f"HostName={HOST};SharedAccessKeyName=service;SharedAccessSignature={_OTHER_POLICY_TOKEN}",
+            "connection string: SharedAccessSignature is not signed by the policy "
+            "SharedAccessKeyName names (its skn differs)",
+        ),
+        (
+            f"HostName={HOST};SharedAccessKeyName=service;SharedAccessSignature="
+            + make_sas_token(
+                resource=f"{HOST}/devices/d1", key=KEY, expiry=1, policy_name="service"
+            ),
+            f"connection string: SharedAccessSignature is for another resource (its sr must be "
+            f"'{HOST}')",
+        ),
+    ],
+)
+def test_every_given_token_error(text: str, message: str) -> None:
+    with pytest.raises(CredentialError) as info:
+        ConnectionString.parse(text)
+    assert info.value.code is ErrorCode.INVALID_CONNECTION_STRING
+    assert info.value.message == message
+    for secret in (KEY, parse_sas_token(DEVICE_TOKEN).sig, parse_sas_token(SERVICE_TOKEN).sig):
+        assert secret not in str(info.value)
+
+
+def test_a_bad_host_name_beside_a_token_never_quotes_the_token() -> None:
+    sig = parse_sas_token(DEVICE_TOKEN).sig
+    for host in (f"{sig}:1", f"x{urllib.parse.unquote(sig)}"):
+        text = f"HostName={host};DeviceId=d1;SharedAccessSignature={DEVICE_TOKEN}"
+        with pytest.raises(CredentialError) as info:
+            ConnectionString.parse(text)
+        assert "(value withheld)" in info.value.message
+
+
+def test_direct_construction_with_a_token_is_validated() -> None:
+    cs = ConnectionString(host_name=HOST, device_id="d1", shared_access_signature=DEVICE_TOKEN)
+    assert cs.sas_token(expiry=LATER) == DEVICE_TOKEN
+    with pytest.raises(LocalProtocolError) as info:
+        ConnectionString(host_name=HOST, device_id="d2", shared_access_signature=DEVICE_TOKEN)
+    assert "another resource" in info.value.message
+    with pytest.raises(LocalProtocolError):
+        ConnectionString(host_name=HOST, device_id="d1", shared_access_signature=b"x")  # type: ignore[arg-type]
+    for key in (KEY, ""):
+        with pytest.raises(LocalProtocolError) as info:
+            ConnectionString(
+                host_name=HOST,
+                device_id="d1",
+                shared_access_key=key,
+                shared_access_signature=DEVICE_TOKEN,
+            )
+        assert "has both" in info.value.message
+    with pytest.raises(LocalProtocolError) as info:
+        ConnectionString(host_name=HOST, device_id="d1", shared_access_signature="")
+    assert "missing SharedAccessKey" in info.value.message
+
+
+@st.composite
+def _token_connection_strings(draw: st.DrawFn) -> ConnectionString:
+    cs = draw(_connection_strings())
+    token = make_sas_token(
+        resource=cs.resource,
+        key=cs.shared_access_key or KEY,
+        expiry=draw(st.integers(0, 10**12)),
+        policy_name=cs.shared_access_key_name,
+    )
+    return dataclasses.replace(cs, shared_access_key=None, shared_access_signature=token)
+
+
+@settings(max_examples=200)
+@given(_token_connection_strings())
+def test_round_trip_with_a_token(cs: ConnectionString) -> None:
+    assert ConnectionString.parse(str(cs)) == cs
+    assert cs.signature_expiry is not None
+    assert cs.sas_token(expiry=cs.signature_expiry) == cs.shared_access_signature

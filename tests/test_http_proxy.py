@@ -738,7 +738,10 @@ async def test_cli_device_list_through_tinyproxy(
 
             assert await device_list(proxy.url("user:pass@")) == 0
             captured = capsys.readouterr()
-            assert captured.out.splitlines() == ["d1\tenabled\tDisconnected"]
+            assert [line.split() for line in captured.out.splitlines()] == [
+                ["DEVICE", "ID", "STATUS", "CONNECTION"],
+                ["d1", "enabled", "Disconnected"],
+            ]
             assert proxy.connects(hub.authority) == 1
 
             assert await device_list(proxy.url("user:nope@")) == 1

@@ -333,7 +333,12 @@ def test_every_header_name_is_documented_and_exists() -> None:
     assert documented - in_code == set(), "header names the document has and the code lacks"
 
 
-_SAMPLES = {"{deviceId}": "thermostat-1", "{streamName}": "ssh", "{streamId}": "EBESExQVFhcY"}
+_SAMPLES = {
+    "{deviceId}": "thermostat-1",
+    "{streamName}": "ssh",
+    "{streamId}": "EBESExQVFhcY",
+    "{keyName}": "ops",
+}
 
 
 def test_routes_table_matches_the_router() -> None:

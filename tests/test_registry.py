@@ -23,10 +23,13 @@ from devstream_core.registry import (
     NEVER,
     OWNER_POLICY,
     PERMISSION_NAMES,
+    POLICY_ADMIN,
     Device,
     Permission,
     Policy,
     check_device_access,
+    check_policy_delete,
+    check_policy_put_precondition,
     check_put_precondition,
     device_from_json,
     device_to_json,
@@ -35,7 +38,10 @@ from devstream_core.registry import (
     new_key,
     new_policy,
     parse_permissions,
+    policy_from_json,
     policy_to_json,
+    rotate_device_key,
+    rotate_policy_key,
     validate_device_id,
     validate_policy_name,
 )
@@ -549,3 +555,157 @@ def test_check_device_access_on_open_and_after_a_change() -> None:
             current, device_id="d1", token=signed, resource=resource, now=1000, max_lifetime=60
         )
     assert info.value.code is ErrorCode.UNAUTHORIZED and "60 s" in info.value.message
+
+
+# -- key rotation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("secondary", [False, True])
+def test_rotating_a_device_key_replaces_that_key_alone_and_the_etag(secondary: bool) -> None:
+    device = new_device(device_id="d1", random_bytes=RB)
+    rotated = rotate_device_key(device, secondary=secondary, random_bytes=RB2)
+    changed, kept = (
+        ("secondary_key", "primary_key") if secondary else ("primary_key", "secondary_key")
+    )
+    assert getattr(rotated, kept) == getattr(device, kept)
+    assert getattr(rotated, changed) not in (device.primary_key, device.secondary_key)
+    assert len(base64.b64decode(getattr(rotated, changed))) == 32
+    assert rotated.etag != device.etag
+    assert (rotated.generation_id, rotated.status) == (device.generation_id, device.status)
+    with pytest.raises(LocalProtocolError):
+        rotate_device_key(device, secondary=secondary, random_bytes=RB2[:32])
+
+
+@pytest.mark.parametrize("secondary", [False, True])
+def test_rotating_a_policy_key_replaces_that_key_alone(secondary: bool) -> None:
+    policy = new_policy(name="ops", random_bytes=RB[:64], permissions=Permission.SERVICE_CONNECT)
+    rotated = rotate_policy_key(policy, secondary=secondary, random_bytes=RB2[:32])
+    new, old = (
+        (rotated.secondary_key, rotated.primary_key)
+        if secondary
+        else (rotated.primary_key, rotated.secondary_key)
+    )
+    assert new == new_key(RB2[:32])
+    assert old == (policy.primary_key if secondary else policy.secondary_key)
+    assert rotated.permissions == policy.permissions
+    with pytest.raises(LocalProtocolError):
+        rotate_policy_key(policy, secondary=secondary, random_bytes=RB2)
+
+
+# -- policies: PUT bodies, If-Match, the owner ----------------------------------------------
+
+
+def put_policy(body: object, *, name: str = "ops", existing: Policy | None = None) -> Policy:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return policy_from_json(raw, name=name, random_bytes=RB[:64], existing=existing)
+
+
+def test_a_new_policy_gets_the_rights_and_fresh_keys() -> None:
+    policy = put_policy({"keyName": "ops", "rights": "serviceconnect registryRead"})
+    assert policy.permissions == Permission.SERVICE_CONNECT | Permission.REGISTRY_READ
+    assert policy.primary_key == new_key(RB[:32])
+    assert policy.secondary_key == new_key(RB[32:64])
+    assert policy_to_json(policy)["rights"] == "RegistryRead, ServiceConnect"
+    given = put_policy({"rights": "DeviceConnect", "primaryKey": KEY_16, "secondaryKey": None})
+    assert (given.primary_key, given.secondary_key) == (KEY_16, new_key(RB[32:64]))
+
+
+def test_an_update_keeps_what_the_body_leaves_out() -> None:
+    existing = new_policy(name="ops", random_bytes=RB2[:64], permissions=Permission.SERVICE_CONNECT)
+    same = put_policy({}, existing=existing)
+    assert same == existing
+    wider = put_policy({"rights": "ServiceConnect,RegistryWrite"}, existing=existing)
+    assert wider.permissions == Permission.SERVICE_CONNECT | Permission.REGISTRY_WRITE
+    assert (wider.primary_key, wider.secondary_key) == (
+        existing.primary_key,
+        existing.secondary_key,
+    )
+    rekeyed = put_policy({"secondaryKey": KEY_16}, existing=existing)
+    assert (rekeyed.primary_key, rekeyed.secondary_key) == (existing.primary_key, KEY_16)
+
+
+KEY_16 = base64.b64encode(bytes(16)).decode()
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "words"),
+    [
+        ({}, ErrorCode.ARGUMENT_INVALID, "rights is required"),
+        ({"rights": ""}, ErrorCode.ARGUMENT_INVALID, "rights must name"),
+        ({"rights": "Everything"}, ErrorCode.ARGUMENT_INVALID, "rights may only name"),
+        ({"rights": 3}, ErrorCode.ARGUMENT_INVALID, "rights must be a string"),
+        ({"rights": "ServiceConnect", "keyName": "other"}, ErrorCode.ARGUMENT_INVALID, "keyName"),
+        (
+            {"rights": "ServiceConnect", "primaryKey": "%%"},
+            ErrorCode.ARGUMENT_INVALID,
+            "primaryKey",
+        ),
+        (
+            {"rights": "ServiceConnect", "secondaryKey": base64.b64encode(bytes(8)).decode()},
+            ErrorCode.ARGUMENT_INVALID,
+            "secondaryKey",
+        ),
+        (b"[]", ErrorCode.INVALID_JSON, "JSON object"),
+        (b"{", ErrorCode.INVALID_JSON, "not valid JSON"),
+        (b" " * (64 * 1024 + 1), ErrorCode.PAYLOAD_TOO_LARGE, "larger than"),
+    ],
+)
+def test_bad_policy_bodies(body: object, code: ErrorCode, words: str) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        put_policy(body)
+    assert info.value.code is code
+    assert words in info.value.message
+
+
+def test_policy_from_json_misuse_and_bad_names() -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        put_policy({"rights": "ServiceConnect"}, name="a b")
+    assert info.value.code is ErrorCode.ARGUMENT_INVALID
+    other = new_policy(name="other", random_bytes=RB[:64], permissions=Permission.SERVICE_CONNECT)
+    with pytest.raises(LocalProtocolError):
+        put_policy({}, existing=other)
+    with pytest.raises(LocalProtocolError):
+        policy_from_json(b"{}", name="ops", random_bytes=RB, existing=None)
+
+
+def test_the_owner_policy_keeps_every_permission() -> None:
+    owner = new_policy(name=OWNER_POLICY, random_bytes=RB[:64], permissions=ALL_PERMISSIONS)
+    for rights in ("ServiceConnect", "RegistryRead, RegistryWrite, ServiceConnect"):
+        with pytest.raises(RemoteProtocolError) as info:
+            put_policy({"rights": rights}, name=OWNER_POLICY, existing=owner)
+        assert info.value.code is ErrorCode.OWNER_POLICY_PROTECTED
+    kept = put_policy(
+        {"rights": "DeviceConnect ServiceConnect RegistryWrite RegistryRead"},
+        name=OWNER_POLICY,
+        existing=owner,
+    )
+    assert kept.permissions == ALL_PERMISSIONS
+    rekeyed = put_policy({"primaryKey": KEY_16}, name=OWNER_POLICY, existing=owner)
+    assert rekeyed.primary_key == KEY_16 and rekeyed.permissions == ALL_PERMISSIONS
+    with pytest.raises(RemoteProtocolError) as info:
+        check_policy_delete(OWNER_POLICY)
+    assert info.value.code is ErrorCode.OWNER_POLICY_PROTECTED
+    assert "cannot be deleted" in info.value.message
+    check_policy_delete("ops")
+
+
+def test_if_match_decides_whether_a_policy_put_may_write() -> None:
+    policy = new_policy(name="ops", random_bytes=RB[:64], permissions=Permission.SERVICE_CONNECT)
+
+    def code(existing: Policy | None, if_match: str | None) -> ErrorCode | None:
+        try:
+            check_policy_put_precondition(name="ops", existing=existing, if_match=if_match)
+        except RemoteProtocolError as exc:
+            return exc.code
+        return None
+
+    assert code(None, None) is None  # create
+    assert code(policy, None) is ErrorCode.POLICY_ALREADY_EXISTS
+    assert code(policy, "*") is None and code(policy, " * ") is None  # update
+    assert code(None, "*") is ErrorCode.POLICY_NOT_FOUND
+    assert code(policy, '"etag"') is ErrorCode.ARGUMENT_INVALID
+    assert code(None, '"etag"') is ErrorCode.ARGUMENT_INVALID
+
+
+def test_policy_admin_is_every_permission() -> None:
+    assert POLICY_ADMIN == ALL_PERMISSIONS

@@ -22,11 +22,15 @@ from devstream_core.routes import (
     BridgeJoin,
     ControlChannel,
     DeviceItem,
+    DeviceKeyRotation,
     DeviceList,
     Health,
     Initiate,
     MethodNotAllowed,
     Metrics,
+    PolicyItem,
+    PolicyKeyRotation,
+    PolicyList,
     Route,
     is_valid_device_id,
     parse_route,
@@ -76,6 +80,27 @@ def refused(method: bytes, target: bytes) -> RemoteProtocolError:
         (b"GET", b"/devices?top=10", DeviceList()),
         (b"GET", b"/healthz", Health()),
         (b"GET", b"/metrics", Metrics()),
+        (b"POST", b"/devices/d1/rotate-key", DeviceKeyRotation(device_id="d1", secondary=False)),
+        (
+            b"POST",
+            b"/devices/d1/rotate-key?key=primary",
+            DeviceKeyRotation(device_id="d1", secondary=False),
+        ),
+        (
+            b"POST",
+            b"/devices/d%2B1/rotate-key?key=secondary",
+            DeviceKeyRotation(device_id="d+1", secondary=True),
+        ),
+        (b"PUT", b"/policies/ops", PolicyItem(name="ops")),
+        (b"GET", b"/policies/a-b.c_D9", PolicyItem(name="a-b.c_D9")),
+        (b"DELETE", b"/policies/ops", PolicyItem(name="ops")),
+        (b"GET", b"/policies", PolicyList()),
+        (b"POST", b"/policies/ops/rotate-key", PolicyKeyRotation(name="ops", secondary=False)),
+        (
+            b"POST",
+            b"/policies/ops/rotate-key?x=1&key=secondary",
+            PolicyKeyRotation(name="ops", secondary=True),
+        ),
     ],
 )
 def test_each_route(method: bytes, target: bytes, route: Route) -> None:
@@ -161,6 +186,10 @@ def test_not_found(target: bytes) -> None:
         (b"/devices", DeviceList),
         (b"/healthz", Health),
         (b"/metrics", Metrics),
+        (b"/devices/d/rotate-key", DeviceKeyRotation),
+        (b"/policies/p", PolicyItem),
+        (b"/policies", PolicyList),
+        (b"/policies/p/rotate-key", PolicyKeyRotation),
     ],
 )
 def test_method_not_allowed(target: bytes, kind: type[Route]) -> None:
@@ -208,6 +237,13 @@ def test_method_is_checked_before_arguments() -> None:
         (b"GET", b"/bridges/s?role", "role"),
         (b"GET", b"/bridges/s?role=device&role=device", "role"),
         (b"GET", b"/bridges/s?" + b"&".join([b"k=v"] * 100), "query"),
+        (b"POST", b"/devices/d/rotate-key?key=both", "key"),
+        (b"POST", b"/devices/d/rotate-key?key=Primary", "key"),
+        (b"POST", b"/policies/p/rotate-key?key=primary&key=primary", "key"),
+        (b"GET", b"/policies/a%20b", "keyName"),
+        (b"GET", b"/policies/a:b", "keyName"),
+        (b"GET", b"/policies/" + b"p" * 65, "keyName"),
+        (b"POST", b"/policies/a%zz/rotate-key", "keyName"),
     ],
 )
 def test_argument_invalid_names_the_part(method: bytes, target: bytes, part: str) -> None:

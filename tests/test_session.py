@@ -26,6 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from devstream_core import control
 from devstream_core.credentials import ConnectionString, sas_renewal_time
 from devstream_core.errors import ErrorCode, LocalProtocolError
+from devstream_core.exceptions import Unauthorized
 from devstream_core.registry import new_key
 from devstream_core.session import (
     CONTROL_IDLE_TIMEOUT,
@@ -387,6 +388,58 @@ def test_a_channel_must_be_signed_before_its_handshake() -> None:
     open_channel(s, 1, 0.0)
     with pytest.raises(LocalProtocolError, match="handshake is done"):
         s.token_expiry(1, now=0.0, wall_time=WALL)
+
+
+# -- a token given in the connection string ---------------------------------------------------
+
+
+def test_a_given_token_is_presented_as_is_and_never_renewed() -> None:
+    s = machine(sas_lifetime=100, token_expires_at=int(WALL) + 50)  # type: ignore[arg-type]
+    s.start(0.0)
+    assert s.token_expiry(1, now=0.0, wall_time=WALL) == int(WALL) + 50
+    s.channel_opened(1, 0.0)
+    assert s.registered(1, 0.0) == [Online(channel=1)]
+    # Pings go on; no successor channel is ever opened (there is no key to sign one with).
+    now = 0.0
+    for _ in range(20):
+        deadline = s.next_deadline()
+        assert deadline is not None and deadline < math.inf
+        now = deadline
+        s.data_received(1, at=now)
+        assert all(isinstance(a, SendPing) for a in s.timer(now, random_fraction=0.5))
+    assert now > 10_000 and s.state is S.ONLINE  # renewal would have been due at 85
+
+
+def test_a_given_token_that_expired_ends_the_session_at_the_next_opening() -> None:
+    s = machine(sas_lifetime=100, token_expires_at=int(WALL) + 50)  # type: ignore[arg-type]
+    s.start(0.0)
+    s.token_expiry(1, now=0.0, wall_time=WALL)
+    s.channel_opened(1, 0.0)
+    s.registered(1, 0.0)
+    # The hub closes the channel at the expiry: not final once open, so the session reconnects.
+    actions = s.channel_lost(1, 50.0, code=ErrorCode.UNAUTHORIZED, random_fraction=0.0)
+    assert actions[-1] == OpenChannel(channel=2)
+    with pytest.raises(Unauthorized) as raised:
+        s.token_expiry(2, now=50.0, wall_time=WALL + 50)
+    assert "no key" in raised.value.message
+    # The adapter reports the opening refused with that code: final.
+    assert s.channel_lost(2, 50.0, code=raised.value.code, random_fraction=0.5) == [
+        GiveUp(channel=2, code=ErrorCode.UNAUTHORIZED)
+    ]
+    assert s.state is S.FAILED
+
+
+def test_a_given_token_for_a_channel_let_go_is_its_expiry() -> None:
+    s = machine(token_expires_at=int(WALL) + 50)  # type: ignore[arg-type]
+    s.start(0.0)
+    s.channel_lost(1, 0.0, code=None, random_fraction=1.0)  # let go before it was signed
+    assert s.token_expiry(1, now=0.0, wall_time=WALL) == int(WALL) + 50
+
+
+@pytest.mark.parametrize("bad", [1.5, True, "1"])
+def test_token_expires_at_must_be_an_integer(bad: object) -> None:
+    with pytest.raises(LocalProtocolError):
+        machine(token_expires_at=bad)  # type: ignore[arg-type]
 
 
 # -- renewal ---------------------------------------------------------------------------------

@@ -563,6 +563,46 @@ async def test_a_key_replaced_while_a_channel_opens_closes_it_once_open(
             await svc.open_stream("d1", "echo")
 
 
+async def test_a_policy_rotated_while_a_channel_opens_with_its_token_closes_it_once_open(
+    env: HubEnv, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, for a channel opened with a policy's token (``DeviceConnect``): the policy's
+    key rotated between the check and the answer is seen once the channel is listed."""
+    answer = HttpServerConnection.accept_websocket
+
+    async def slow_answer(
+        self: HttpServerConnection, request: HttpRequest, **options: Any
+    ) -> WebSocket:
+        await trio.sleep(0.01)
+        return await answer(self, request, **options)
+
+    monkeypatch.setattr(HttpServerConnection, "accept_websocket", slow_answer)
+    with trio.fail_after(60):
+        await create_device(env, "d1")
+        svc = service(env)
+        gateway = svc.policy_connection_string(await svc.create_policy("gw", "DeviceConnect"))
+        opened: list[Channel] = []
+
+        async def open_channel() -> None:
+            channel = await Channel.open(
+                env, gateway, se=int(sas_clock()) + 3600, device_id="d1", wait_registered=False
+            )
+            opened.append(channel)
+
+        env.nursery.start_soon(open_channel)
+        await trio.sleep(0.005)  # checked under the old key; the answer is on its way
+        changed_at = trio.current_time()
+        await svc.rotate_policy_key("gw")
+        while not opened:
+            await trio.sleep(0.001)
+        messages, closed, closed_at = await opened[0].until_closed()
+        assert [m.code for m in messages if isinstance(m, control.ErrorMessage)] == [401002]
+        assert closed_at - changed_at < 0.02
+        assert closed.code == 4401
+        with pytest.raises(DeviceNotOnline):
+            await svc.open_stream("d1", "echo")
+
+
 async def test_a_device_client_whose_key_is_replaced_stops_with_unauthorized(
     env: HubEnv, autojump_clock: trio.abc.Clock
 ) -> None:

@@ -39,7 +39,16 @@ from devstream_core.exceptions import (
     error_for,
 )
 from devstream_core.framing import MAX_MESSAGE_SIZE
-from devstream_core.routes import BridgeJoin, ControlChannel, DeviceItem, Initiate, parse_route
+from devstream_core.routes import (
+    BridgeJoin,
+    ControlChannel,
+    DeviceItem,
+    DeviceKeyRotation,
+    Initiate,
+    PolicyItem,
+    PolicyKeyRotation,
+    parse_route,
+)
 from devstream_core.wire import (
     HubAddress,
     InitiateAccepted,
@@ -260,6 +269,20 @@ def test_control_and_device_targets_round_trip_through_the_hubs_routes(device_id
     assert parse_route(b"GET", target) == ControlChannel(device_id=device_id)
     target = wire.device_target(device_id).encode()
     assert parse_route(b"PUT", target) == DeviceItem(device_id=device_id)
+
+
+@given(DEVICE_IDS, st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True), st.booleans())
+def test_policy_and_rotate_key_targets_round_trip_through_the_hubs_routes(
+    device_id: str, name: str, secondary: bool
+) -> None:
+    assert wire.policy_target() == "/policies"
+    assert parse_route(b"GET", wire.policy_target(name).encode()) == PolicyItem(name=name)
+    target = wire.rotate_key_target(wire.policy_target(name), secondary=secondary).encode()
+    assert parse_route(b"POST", target) == PolicyKeyRotation(name=name, secondary=secondary)
+    target = wire.rotate_key_target(wire.device_target(device_id), secondary=secondary).encode()
+    assert parse_route(b"POST", target) == DeviceKeyRotation(
+        device_id=device_id, secondary=secondary
+    )
 
 
 @given(STREAM_IDS, st.sampled_from(list(Role)), st.sampled_from(["ws://h", "wss://[::1]:9"]))

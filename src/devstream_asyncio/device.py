@@ -103,6 +103,7 @@ class DeviceClient:
             refusal_backoff=refusal_backoff,
             keep_trying_when_replaced=keep_trying_when_replaced,
             replaced_window=replaced_window,
+            token_expires_at=self.connection_string.signature_expiry,
         )
         self._rng = rng or random.Random()
         #: True while the control channel is up and registered.
@@ -234,7 +235,12 @@ class DeviceClient:
         machine = self._session
         assert machine is not None
         number = channel.number
-        expiry = machine.token_expiry(number, now=self._now(), wall_time=time.time())
+        try:
+            expiry = machine.token_expiry(number, now=self._now(), wall_time=time.time())
+        except HubError as exc:  # a token given in the connection string expired
+            channel.error = exc
+            self._lost(channel, exc.code)
+            return
         token = self.connection_string.sas_token(expiry=expiry)
         try:
             try:

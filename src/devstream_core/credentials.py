@@ -5,7 +5,10 @@ This module knows two kinds of text and nothing else:
 * A **connection string**: ``;``-separated ``Key=Value`` pairs naming a hub, an identity and
   its base64 key. A device holds ``HostName=…;DeviceId=…;SharedAccessKey=…``; a service holds
   ``HostName=…;SharedAccessKeyName=…;SharedAccessKey=…``. devstream adds one key,
-  ``UseTls=false``, for a hub that speaks plain http/ws.
+  ``UseTls=false``, for a hub that speaks plain http/ws. In place of the key, a connection
+  string may carry a SAS token signed by someone who holds it, as Azure's clients accept:
+  ``SharedAccessSignature=SharedAccessSignature sr=…&sig=…&se=…[&skn=…]``. Such a connection
+  string works until the token expires, and cannot sign another.
 * A **SAS token**: ``SharedAccessSignature sr=…&sig=…&se=…[&skn=…]``, where ``sr`` is the
   url-encoded resource, ``se`` the expiry in Unix seconds, ``skn`` the shared-access policy
   name, and ``sig`` the url-encoded base64 HMAC-SHA256 of ``sr + "\\n" + se`` under the
@@ -19,7 +22,12 @@ Rules every change must keep:
    Validation accepts only values that survive the ``;``/``=`` syntax unchanged.
 3. **Sign what is written.** The signature covers ``sr`` exactly as it appears in the token
    (already url-encoded) and ``se`` as written; parsing keeps both as written.
-4. **Errors are typed.** Malformed or wrong input raises :class:`CredentialError` (code
+4. **A token is used as given.** A connection string that carries a SAS token instead of a
+   key sends that token, never changed, until its ``se``; from then on asking it for a token
+   raises :class:`~devstream_core.exceptions.Unauthorized` (``UNAUTHORIZED``, what a client
+   raises for the hub's refusal too) saying that it expired and cannot be renewed without a
+   key (:func:`expired_signature_error`).
+5. **Errors are typed.** Malformed or wrong input raises :class:`CredentialError` (code
    ``INVALID_CONNECTION_STRING`` for connection strings, ``UNAUTHORIZED`` for SAS tokens);
    misuse of the API (a key that is not base64, a negative expiry) raises
    :class:`LocalProtocolError` with ``ARGUMENT_INVALID``. Anything else escaping is a bug.
@@ -42,6 +50,7 @@ from urllib.parse import quote, unquote
 
 from .common import Role
 from .errors import CredentialError, ErrorCode, LocalProtocolError
+from .exceptions import Unauthorized
 
 __all__ = [
     "MAX_CONNECTION_STRING_LENGTH",
@@ -54,6 +63,7 @@ __all__ = [
     "SasToken",
     "SasVerifier",
     "device_resource",
+    "expired_signature_error",
     "make_sas_token",
     "parse_sas_token",
     "sas_renewal_time",
@@ -74,12 +84,13 @@ _HOST_NAME = "HostName"
 _DEVICE_ID = "DeviceId"
 _KEY_NAME = "SharedAccessKeyName"
 _KEY = "SharedAccessKey"
+_SIGNATURE = "SharedAccessSignature"
 _USE_TLS = "UseTls"
 _MODULE_ID = "ModuleId"
 
 #: Lower-cased key -> canonical spelling, for the keys devstream reads.
 _KNOWN_KEYS: dict[str, str] = {
-    name.lower(): name for name in (_HOST_NAME, _DEVICE_ID, _KEY_NAME, _KEY, _USE_TLS)
+    name.lower(): name for name in (_HOST_NAME, _DEVICE_ID, _KEY_NAME, _KEY, _SIGNATURE, _USE_TLS)
 }
 
 # Azure's rule for device ids: up to 128 ASCII alphanumerics and - . + % _ # * ? ! ( ) , : = @ $ '
@@ -180,25 +191,28 @@ def _host_problem(host_name: str) -> bool:
 def _field_problem(
     *,
     host_name: str,
-    shared_access_key: str,
+    shared_access_key: str | None,
     device_id: str | None,
     shared_access_key_name: str | None,
+    shared_access_signature: str | None = None,
     key_values: Sequence[str] = (),
 ) -> str | None:
     """The first thing wrong with these connection-string fields, or ``None``.
 
-    The returned text never contains the key (rule 1).
+    The returned text never contains the key or the token (rule 1).
     """
     if not host_name:
         return f"missing {_HOST_NAME}"
-    if not shared_access_key:
+    if shared_access_key is not None and shared_access_signature is not None:
+        return f"has both {_KEY} and {_SIGNATURE}: give one of them"
+    if not shared_access_key and not shared_access_signature:
         return f"missing {_KEY}"
     if device_id is not None and shared_access_key_name is not None:
         return f"has both {_DEVICE_ID} and {_KEY_NAME}"
     if device_id is None and shared_access_key_name is None:
         return f"has neither {_DEVICE_ID} nor {_KEY_NAME}"
     if _host_problem(host_name):
-        withheld = (*key_values, shared_access_key)
+        withheld = (*key_values, shared_access_key or "", shared_access_signature or "")
         return f"{_HOST_NAME} {_echo(host_name, withheld)} is not a valid host[:port]"
     if device_id is not None and _ID_RE.fullmatch(device_id) is None:
         return (
@@ -210,8 +224,41 @@ def _field_problem(
             f"{_KEY_NAME} is not a valid policy name "
             "(1 to 128 ASCII letters, digits or - . + % _ # * ? ! ( ) , : = @ $ ')"
         )
-    if _b64decode(shared_access_key) is None:
-        return f"{_KEY} is not valid base64"
+    if shared_access_key:
+        if _b64decode(shared_access_key) is None:
+            return f"{_KEY} is not valid base64"
+        return None
+    assert shared_access_signature is not None
+    return _signature_problem(
+        shared_access_signature,
+        host_name=host_name,
+        device_id=device_id,
+        shared_access_key_name=shared_access_key_name,
+    )
+
+
+def _signature_problem(
+    text: str, *, host_name: str, device_id: str | None, shared_access_key_name: str | None
+) -> str | None:
+    """What is wrong with ``SharedAccessSignature`` *text* for these fields, or ``None``.
+
+    It must be a SAS token for the identity the other fields name: for a device, a token
+    whose resource covers ``host/devices/{id}`` (signed with the device's key, or by a
+    policy); for a service, a token for the host signed by the policy ``SharedAccessKeyName``
+    names (its ``skn``).
+    """
+    try:
+        token = parse_sas_token(text)
+    except CredentialError as exc:
+        return f"{_SIGNATURE} is not a SAS token ({exc.message})"
+    if device_id is not None:
+        resource = device_resource(host_name, device_id)
+    else:
+        resource = host_name
+        if token.skn != shared_access_key_name:
+            return f"{_SIGNATURE} is not signed by the policy {_KEY_NAME} names (its skn differs)"
+    if not _resource_covers(token.resource, resource):
+        return f"{_SIGNATURE} is for another resource (its sr must be {resource!r})"
     return None
 
 
@@ -226,20 +273,28 @@ class ConnectionString:
 
     #: The hub, ``host`` or ``host:port`` (``[ipv6]:port`` for IPv6 literals).
     host_name: str
-    #: The identity's key, standard base64 text.
-    shared_access_key: str = field(repr=False)
+    #: The identity's key, standard base64 text; None when the connection string carries a
+    #: SAS token instead (:attr:`shared_access_signature`).
+    shared_access_key: str | None = field(default=None, repr=False)
     #: The device id, for a device connection string.
     device_id: str | None = None
     #: The shared-access policy name, for a service connection string.
     shared_access_key_name: str | None = None
     #: False when the hub speaks plain http/ws (``UseTls=false``).
     use_tls: bool = True
+    #: A SAS token (``SharedAccessSignature sr=…``) given in place of the key, used as is
+    #: until it expires; None when the connection string holds a key.
+    shared_access_signature: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("host_name", "shared_access_key"):
-            if not isinstance(getattr(self, name), str):
-                raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, f"{name} must be a str")
-        for name in ("device_id", "shared_access_key_name"):
+        if not isinstance(self.host_name, str):
+            raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "host_name must be a str")
+        for name in (
+            "shared_access_key",
+            "device_id",
+            "shared_access_key_name",
+            "shared_access_signature",
+        ):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise LocalProtocolError(
@@ -252,6 +307,7 @@ class ConnectionString:
             shared_access_key=self.shared_access_key,
             device_id=self.device_id,
             shared_access_key_name=self.shared_access_key_name,
+            shared_access_signature=self.shared_access_signature,
         )
         if problem is not None:
             raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, f"connection string: {problem}")
@@ -296,8 +352,19 @@ class ConnectionString:
                 continue
             pairs.append((key.strip(), value.strip()))
 
-        # Every value given for the key, whatever else is wrong, is withheld from messages.
-        key_values = [value for key, value in pairs if key.lower() == _KEY.lower() and value]
+        # Every value given for the key or a token, whatever else is wrong, is withheld from
+        # messages.
+        key_values = [
+            value
+            for key, value in pairs
+            if key.lower() in (_KEY.lower(), _SIGNATURE.lower()) and value
+        ]
+        # And a token's signature on its own, as written and url-decoded.
+        for value in list(key_values):
+            for part in value.split("&"):
+                name, _, sig = part.partition("=")
+                if name.strip() == "sig" and sig:
+                    key_values += [sig, unquote(sig)]
 
         for pair in bare:
             # A long pair without '=' may be a key pasted without its name: never quote it.
@@ -330,29 +397,32 @@ class ConnectionString:
                 raise fail(f"{_USE_TLS} must be true or false")
             use_tls = flag == "true"
 
-        for canonical in (_HOST_NAME, _DEVICE_ID, _KEY_NAME, _KEY):
+        for canonical in (_HOST_NAME, _DEVICE_ID, _KEY_NAME, _KEY, _SIGNATURE):
             if canonical in values and not values[canonical]:
                 raise fail(f"{canonical} is empty")
 
         host_name = values.get(_HOST_NAME, "")
-        key = values.get(_KEY, "")
+        shared_key = values.get(_KEY)
+        signature = values.get(_SIGNATURE)
         device_id = values.get(_DEVICE_ID)
         key_name = values.get(_KEY_NAME)
         problem = _field_problem(
             host_name=host_name,
-            shared_access_key=key,
+            shared_access_key=shared_key,
             device_id=device_id,
             shared_access_key_name=key_name,
+            shared_access_signature=signature,
             key_values=key_values,
         )
         if problem is not None:
             raise fail(problem)
         return cls(
             host_name=host_name,
-            shared_access_key=key,
+            shared_access_key=shared_key,
             device_id=device_id,
             shared_access_key_name=key_name,
             use_tls=use_tls,
+            shared_access_signature=signature,
         )
 
     def __str__(self) -> str:
@@ -362,7 +432,10 @@ class ConnectionString:
             parts.append(f"{_DEVICE_ID}={self.device_id}")
         if self.shared_access_key_name is not None:
             parts.append(f"{_KEY_NAME}={self.shared_access_key_name}")
-        parts.append(f"{_KEY}={self.shared_access_key}")
+        if self.shared_access_key is not None:
+            parts.append(f"{_KEY}={self.shared_access_key}")
+        else:
+            parts.append(f"{_SIGNATURE}={self.shared_access_signature}")
         if not self.use_tls:
             parts.append(f"{_USE_TLS}=false")
         return ";".join(parts)
@@ -387,18 +460,48 @@ class ConnectionString:
             return device_resource(self.host_name, self.device_id)
         return self.host_name
 
+    @property
+    def signature_expiry(self) -> int | None:
+        """The expiry (``se``, Unix seconds) of the SAS token this connection string carries
+        in place of a key; None when it holds a key."""
+        if self.shared_access_signature is None:
+            return None
+        return parse_sas_token(self.shared_access_signature).se
+
     def sas_token(self, *, expiry: int) -> str:
         """A SAS token for this identity that expires at *expiry* (Unix seconds).
 
         A device token is scoped to ``host/devices/{id}``; a service token to the host, with
-        ``skn`` naming the policy.
+        ``skn`` naming the policy. A connection string that carries a token gives that token,
+        and only for its own expiry (:attr:`signature_expiry`): asked for another, it raises
+        :class:`LocalProtocolError` (``ARGUMENT_INVALID``), having no key to sign with.
         """
+        if self.shared_access_key is None:
+            assert self.shared_access_signature is not None
+            if expiry != self.signature_expiry:
+                raise LocalProtocolError(
+                    ErrorCode.ARGUMENT_INVALID,
+                    "this connection string carries a SAS token, not a key: it cannot sign "
+                    "a token with another expiry",
+                )
+            return self.shared_access_signature
         return make_sas_token(
             resource=self.resource,
             key=self.shared_access_key,
             expiry=expiry,
             policy_name=self.shared_access_key_name,
         )
+
+    def token_at(self, now: float, *, expiry: int) -> str:
+        """The SAS token to present at *now* (Unix time): one signed for *expiry*, or, for a
+        connection string that carries a token, that token, as long as it has not expired
+        (else :func:`expired_signature_error` is raised)."""
+        fixed = self.signature_expiry
+        if fixed is None:
+            return self.sas_token(expiry=expiry)
+        if not now < fixed:  # written so that a NaN clock counts as expired
+            raise expired_signature_error(fixed)
+        return self.sas_token(expiry=fixed)
 
 
 # --- SAS tokens ------------------------------------------------------------------------------
@@ -426,6 +529,18 @@ def sas_renewal_time(
     return issued_at + fraction * (expiry - issued_at)
 
 
+def expired_signature_error(expiry: int) -> Unauthorized:
+    """The error a client meets when the SAS token its connection string carries (in place of
+    a key) expired at *expiry*: there is no key to sign a new one with. The class is the one a
+    client raises when the hub refuses a credential, so one ``except`` covers both."""
+    return Unauthorized(
+        ErrorCode.UNAUTHORIZED,
+        f"the connection string's SAS token expired (se={expiry}); it carries no key "
+        f"({_KEY}), so no new token can be signed: get a new token, or use a connection "
+        "string with a key",
+    )
+
+
 class RequestTokens:
     """The SAS token a client sends with each request (a service's initiates and registry
     calls): one token for many requests, signed again once half of its *lifetime* has passed,
@@ -434,6 +549,9 @@ class RequestTokens:
     Signing costs about as much as the rest of a request's head, and the hub verifies a token
     it saw before for next to nothing (:class:`SasVerifier` remembers it by its text), so a
     fresh token per request would cost both sides. Time (Unix seconds) comes in as ``now``.
+
+    A connection string that carries a token (in place of a key) gives that token to every
+    request until it expires, then :func:`expired_signature_error`.
     """
 
     __slots__ = ("_connection_string", "_expiry", "_lifetime", "_token")
@@ -451,6 +569,9 @@ class RequestTokens:
     def token(self, now: float) -> str:
         """The token to send at *now*."""
         expiry, lifetime = self._expiry, self._lifetime
+        fixed = self._connection_string.signature_expiry
+        if fixed is not None:
+            return self._connection_string.token_at(now, expiry=fixed)
         if not expiry - lifetime <= now < expiry - lifetime / 2:
             self._expiry = int(now) + lifetime
             self._token = self._connection_string.sas_token(expiry=int(now) + lifetime)

@@ -62,6 +62,8 @@ class ErrorCode(enum.IntEnum):
     DEVICE_DISABLED = 403902
     #: The device rejected the stream request.
     STREAM_REJECTED = 403903
+    #: The owner policy (``iothubowner``) cannot be deleted or lose a permission.
+    OWNER_POLICY_PROTECTED = 403905
     #: No device with that id is registered (Azure ``DeviceNotFound``).
     DEVICE_NOT_FOUND = 404001
     #: The device exists but has no control channel open (Azure ``DeviceNotOnline``).
@@ -82,6 +84,8 @@ class ErrorCode(enum.IntEnum):
     CONNECTION_IDLE = 408902
     #: The device id is already registered (Azure ``DeviceAlreadyExists``).
     DEVICE_ALREADY_EXISTS = 409001
+    #: A shared-access policy with that name exists already.
+    POLICY_ALREADY_EXISTS = 409905
     #: Another hub holds the data folder's lock (``devstream hub`` refuses to start).
     DATA_FOLDER_IN_USE = 409901
     #: The device registered on a newer control channel, and the hub closed this older one
@@ -148,6 +152,7 @@ MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.PERMISSION_DENIED: "permission denied",
     ErrorCode.DEVICE_DISABLED: "device is disabled",
     ErrorCode.STREAM_REJECTED: "the device rejected the stream",
+    ErrorCode.OWNER_POLICY_PROTECTED: "the owner policy cannot be deleted or lose a permission",
     ErrorCode.DEVICE_NOT_FOUND: "device not found",
     ErrorCode.DEVICE_NOT_ONLINE: "device not online",
     ErrorCode.STREAM_NAME_NOT_REGISTERED: "the device did not register this stream name",
@@ -158,6 +163,7 @@ MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.REQUEST_TIMEOUT: "request headers not received in time",
     ErrorCode.CONNECTION_IDLE: "no message or ping received in time",
     ErrorCode.DEVICE_ALREADY_EXISTS: "device already exists",
+    ErrorCode.POLICY_ALREADY_EXISTS: "shared-access policy already exists",
     ErrorCode.DATA_FOLDER_IN_USE: "the data folder is in use by another hub",
     ErrorCode.DEVICE_REPLACED: "replaced by a newer connection",
     ErrorCode.PRECONDITION_FAILED: "If-Match does not match the current etag",

@@ -28,6 +28,14 @@ Rules:
   (:func:`check_device_access`): the device exists, is enabled, and the SAS token that opened
   the channel verifies under the device's keys. The hub asks when the channel opens and again
   whenever the device's record changes or goes; a ``No`` closes the channel.
+* Shared-access policies are managed the same way (:func:`policy_from_json`,
+  :func:`check_policy_put_precondition`): a ``PUT`` without ``If-Match`` creates
+  (``POLICY_ALREADY_EXISTS`` if the name is taken), with ``If-Match: *`` it updates
+  (``POLICY_NOT_FOUND`` if there is none); policies have no etag. The owner policy
+  (:data:`OWNER_POLICY`) keeps every permission and cannot be deleted
+  (``OWNER_POLICY_PROTECTED``), so the registry always has a credential that can manage it.
+* Rotating a key (:func:`rotate_device_key`, :func:`rotate_policy_key`) replaces one of the
+  two keys with a fresh one and keeps the other, so clients can move to the other key first.
 * A key never appears in an exception message or a ``repr``.
 """
 
@@ -38,7 +46,7 @@ import binascii
 import enum
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from .credentials import SasToken, verify_sas_token
@@ -59,11 +67,14 @@ __all__ = [
     "NEVER",
     "OWNER_POLICY",
     "PERMISSION_NAMES",
+    "POLICY_ADMIN",
     "POLICY_RANDOM_BYTES",
     "Device",
     "Permission",
     "Policy",
     "check_device_access",
+    "check_policy_delete",
+    "check_policy_put_precondition",
     "check_put_precondition",
     "device_from_json",
     "device_to_json",
@@ -72,7 +83,10 @@ __all__ = [
     "new_key",
     "new_policy",
     "parse_permissions",
+    "policy_from_json",
     "policy_to_json",
+    "rotate_device_key",
+    "rotate_policy_key",
     "validate_device_id",
     "validate_policy_name",
 ]
@@ -107,6 +121,10 @@ ALL_PERMISSIONS: Final = (
     | Permission.SERVICE_CONNECT
     | Permission.DEVICE_CONNECT
 )
+
+#: What managing shared-access policies (``/policies``) needs: every permission, as the owner
+#: holds, since a credential that can create policies can grant itself any of them.
+POLICY_ADMIN: Final = ALL_PERMISSIONS
 
 #: The legal values of :attr:`Device.status`.
 DEVICE_STATUSES: Final = ("enabled", "disabled")
@@ -548,3 +566,108 @@ def policy_to_json(policy: Policy) -> dict[str, object]:
         "secondaryKey": policy.secondary_key,
         "rights": format_permissions(policy.permissions),
     }
+
+
+def rotate_device_key(device: Device, *, secondary: bool, random_bytes: bytes) -> Device:
+    """*device* with a fresh primary key (or secondary, with *secondary*) and a new etag, made
+    from 96 *random_bytes* (the layout :data:`DEVICE_RANDOM_BYTES` describes); the other key
+    is kept. Tokens signed with the replaced key no longer verify."""
+    _check_random(random_bytes, DEVICE_RANDOM_BYTES, "rotate_device_key")
+    if secondary:
+        keys = {"secondary_key": new_key(random_bytes[32:64])}
+    else:
+        keys = {"primary_key": new_key(random_bytes[0:32])}
+    return replace(device, **keys, etag=_etag(random_bytes))
+
+
+def rotate_policy_key(policy: Policy, *, secondary: bool, random_bytes: bytes) -> Policy:
+    """*policy* with a fresh primary key (or secondary, with *secondary*) made from 32
+    *random_bytes*; the other key is kept. Tokens signed with the replaced key no longer
+    verify."""
+    key = new_key(random_bytes)
+    if secondary:
+        return replace(policy, secondary_key=key)
+    return replace(policy, primary_key=key)
+
+
+def check_policy_put_precondition(
+    *, name: str, existing: Policy | None, if_match: str | None
+) -> None:
+    """Raise unless a ``PUT /policies/{name}`` with *if_match* may write now.
+
+    * no ``If-Match``: create; an existing policy is ``POLICY_ALREADY_EXISTS``;
+    * ``*``: update a policy that exists, ``POLICY_NOT_FOUND`` otherwise;
+    * anything else: ``ARGUMENT_INVALID`` (policies have no etag).
+
+    The errors are :class:`RemoteProtocolError`.
+    """
+    if if_match is None:
+        if existing is not None:
+            raise RemoteProtocolError(
+                ErrorCode.POLICY_ALREADY_EXISTS,
+                f"policy {name!r} already exists (send If-Match: * to update it)",
+            )
+        return
+    if if_match.strip() != "*":
+        raise _invalid("If-Match on a policy must be * (policies have no etag)")
+    if existing is None:
+        raise RemoteProtocolError(
+            ErrorCode.POLICY_NOT_FOUND,
+            f"policy {name!r} not found (If-Match updates a policy, it never creates one)",
+        )
+
+
+def check_policy_delete(name: str) -> None:
+    """Raise ``OWNER_POLICY_PROTECTED`` if the policy *name* may not be deleted (the owner's)."""
+    if name == OWNER_POLICY:
+        raise RemoteProtocolError(
+            ErrorCode.OWNER_POLICY_PROTECTED,
+            f"the owner policy {OWNER_POLICY!r} cannot be deleted "
+            "(rotate its keys instead: `devstream policy rotate-key`)",
+        )
+
+
+def policy_from_json(
+    body: bytes,
+    *,
+    name: str,
+    random_bytes: bytes,
+    existing: Policy | None,
+    max_size: int = 64 * 1024,
+) -> Policy:
+    """The policy a ``PUT /policies/{name}`` with *body* asks for.
+
+    The body is a JSON object with any of ``keyName`` (must match *name*), ``rights`` (Azure
+    text, such as ``"ServiceConnect, RegistryRead"``: required to create), ``primaryKey`` and
+    ``secondaryKey`` (base64 of 16 to 64 bytes). What it leaves out is kept from *existing*
+    or, for a new policy, made from the 64 *random_bytes*. The owner policy cannot lose a
+    permission (``OWNER_POLICY_PROTECTED``).
+    """
+    _check_random(random_bytes, POLICY_RANDOM_BYTES, "policy_from_json")
+    validate_policy_name(name)
+    if existing is not None and existing.name != name:
+        raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "existing policy has another name")
+    obj = _parse_object(body, max_size)
+    body_name = _optional_str(obj, "keyName", "keyName")
+    if body_name is not None and body_name != name:
+        raise _invalid("keyName in the body does not match the name in the path")
+    rights = _optional_str(obj, "rights", "rights")
+    if rights is not None:
+        permissions = parse_permissions(rights)
+    elif existing is not None:
+        permissions = existing.permissions
+    else:
+        raise _invalid("rights is required to create a policy")
+    if name == OWNER_POLICY and permissions != ALL_PERMISSIONS:
+        raise RemoteProtocolError(
+            ErrorCode.OWNER_POLICY_PROTECTED,
+            f"the owner policy {OWNER_POLICY!r} keeps every permission "
+            f"({format_permissions(ALL_PERMISSIONS)})",
+        )
+    primary = _check_key(_optional_str(obj, "primaryKey", "primaryKey"), "primaryKey")
+    secondary = _check_key(_optional_str(obj, "secondaryKey", "secondaryKey"), "secondaryKey")
+    if primary is None:
+        primary = existing.primary_key if existing is not None else new_key(random_bytes[0:32])
+    if secondary is None:
+        secondary = existing.secondary_key if existing is not None else new_key(random_bytes[32:64])
+    return Policy(name=name, primary_key=primary, secondary_key=secondary, permissions=permissions)

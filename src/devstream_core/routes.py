@@ -12,6 +12,10 @@ The routes::
     GET             /bridges/{streamId}[?role=device|service]                  BridgeJoin
     PUT GET DELETE  /devices/{deviceId}                                        DeviceItem
     GET             /devices                                                   DeviceList
+    POST            /devices/{deviceId}/rotate-key[?key=primary|secondary]     DeviceKeyRotation
+    PUT GET DELETE  /policies/{keyName}                                        PolicyItem
+    GET             /policies                                                  PolicyList
+    POST            /policies/{keyName}/rotate-key[?key=primary|secondary]     PolicyKeyRotation
     GET             /healthz                                                   Health
     GET             /metrics                                                   Metrics
 
@@ -41,6 +45,7 @@ from urllib.parse import parse_qs, unquote_to_bytes
 from .common import Role
 from .control import is_valid_stream_name
 from .errors import ErrorCode, RemoteProtocolError
+from .registry import validate_policy_name
 
 __all__ = [
     "ALLOWED_METHODS",
@@ -48,11 +53,15 @@ __all__ = [
     "BridgeJoin",
     "ControlChannel",
     "DeviceItem",
+    "DeviceKeyRotation",
     "DeviceList",
     "Health",
     "Initiate",
     "MethodNotAllowed",
     "Metrics",
+    "PolicyItem",
+    "PolicyKeyRotation",
+    "PolicyList",
     "Route",
     "is_valid_device_id",
     "is_valid_stream_id",
@@ -111,6 +120,40 @@ class DeviceList:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DeviceKeyRotation:
+    """``POST /devices/{deviceId}/rotate-key``: replace one of a device's keys with a fresh one.
+
+    *secondary* is true for ``?key=secondary``; the primary key is replaced otherwise.
+    """
+
+    device_id: str
+    secondary: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyItem:
+    """``PUT/GET/DELETE /policies/{keyName}``: create or update, read or delete a policy."""
+
+    name: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyList:
+    """``GET /policies``: list the shared-access policies."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyKeyRotation:
+    """``POST /policies/{keyName}/rotate-key``: replace one of a policy's keys with a fresh one.
+
+    *secondary* is true for ``?key=secondary``; the primary key is replaced otherwise.
+    """
+
+    name: str
+    secondary: bool
+
+
+@dataclass(frozen=True, kw_only=True)
 class Health:
     """``GET /healthz``: liveness."""
 
@@ -121,7 +164,19 @@ class Metrics:
 
 
 #: Any route.
-Route = Initiate | ControlChannel | BridgeJoin | DeviceItem | DeviceList | Health | Metrics
+Route = (
+    Initiate
+    | ControlChannel
+    | BridgeJoin
+    | DeviceItem
+    | DeviceList
+    | DeviceKeyRotation
+    | PolicyItem
+    | PolicyList
+    | PolicyKeyRotation
+    | Health
+    | Metrics
+)
 
 #: The methods each route answers; the adapter can send them as an ``Allow`` header.
 ALLOWED_METHODS: Final[Mapping[type[Route], frozenset[bytes]]] = {
@@ -130,6 +185,10 @@ ALLOWED_METHODS: Final[Mapping[type[Route], frozenset[bytes]]] = {
     BridgeJoin: frozenset({b"GET"}),
     DeviceItem: frozenset({b"PUT", b"GET", b"DELETE"}),
     DeviceList: frozenset({b"GET"}),
+    DeviceKeyRotation: frozenset({b"POST"}),
+    PolicyItem: frozenset({b"PUT", b"GET", b"DELETE"}),
+    PolicyList: frozenset({b"GET"}),
+    PolicyKeyRotation: frozenset({b"POST"}),
     Health: frozenset({b"GET"}),
     Metrics: frozenset({b"GET"}),
 }
@@ -194,6 +253,10 @@ def _stream_id(segment: str) -> str:
     return stream_id
 
 
+def _policy_name(segment: str) -> str:
+    return validate_policy_name(_decode_segment(segment, "keyName"))
+
+
 def _query_value(query: str, key: str) -> str | None:
     """The single value of *key* in *query*, or ``None`` when absent.
 
@@ -232,6 +295,16 @@ def _role(query: str) -> Role | None:
         if value == role.value:
             return role
     raise _error(ErrorCode.ARGUMENT_INVALID, "query parameter role must be device or service")
+
+
+def _secondary(query: str) -> bool:
+    """Whether the ``key`` query value names the secondary key (absent: the primary)."""
+    value = _query_value(query, "key")
+    if value is None or value == "primary":
+        return False
+    if value == "secondary":
+        return True
+    raise _error(ErrorCode.ARGUMENT_INVALID, "query parameter key must be primary or secondary")
 
 
 class MethodNotAllowed(RemoteProtocolError):
@@ -289,6 +362,18 @@ def parse_route(method: bytes, target: bytes) -> Route:
         case ["devices"]:
             _check_method(method, DeviceList)
             return DeviceList()
+        case ["devices", device, "rotate-key"]:
+            _check_method(method, DeviceKeyRotation)
+            return DeviceKeyRotation(device_id=_device_id(device), secondary=_secondary(query))
+        case ["policies", name]:
+            _check_method(method, PolicyItem)
+            return PolicyItem(name=_policy_name(name))
+        case ["policies"]:
+            _check_method(method, PolicyList)
+            return PolicyList()
+        case ["policies", name, "rotate-key"]:
+            _check_method(method, PolicyKeyRotation)
+            return PolicyKeyRotation(name=_policy_name(name), secondary=_secondary(query))
         case ["healthz"]:
             _check_method(method, Health)
             return Health()

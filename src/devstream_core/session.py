@@ -73,6 +73,12 @@ Rules every change must keep:
   device ``ping_timeout`` after the hand-over at the latest. The old channel's loss during
   the hand-over is no loss: the successor carries on. The successor's failure closes the old
   channel too and opens a new one at once, the usual way (no backoff: nothing failed twice).
+* **A given token.** A device whose connection string carries a SAS token instead of a key
+  (``token_expires_at``, its ``se``) signs nothing: every channel presents that token and is
+  never renewed. Once the wall time reaches ``se``, :meth:`~DeviceSession.token_expiry`
+  raises :func:`~devstream_core.credentials.expired_signature_error` (``UNAUTHORIZED``); the
+  adapter reports the channel lost with that code, final at an opening: the session ends with
+  an error saying the token expired and cannot be renewed without a key.
 * **Backoff.** After a loss with no other channel to carry on (states ``CONNECTING``,
   ``REGISTERING``, ``ONLINE``), the next channel is opened after
   ``random_fraction * min(backoff_cap, backoff_base * 2 ** attempt)`` seconds (full jitter),
@@ -123,7 +129,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .common import IdentityEnum
-from .credentials import SAS_RENEW_FRACTION, sas_renewal_time
+from .credentials import SAS_RENEW_FRACTION, expired_signature_error, sas_renewal_time
 from .errors import ErrorCode, LocalProtocolError
 from .wire import DEFAULT_SAS_LIFETIME
 
@@ -459,7 +465,9 @@ class DeviceSession:
 
     ``ping_interval`` and ``ping_timeout`` rule the keepalive (and the time a Register and a
     draining channel get); ``backoff_base`` and ``backoff_cap`` the waits before reconnects;
-    ``sas_lifetime`` (whole seconds, at least 2) the tokens' expiry and so their renewal.
+    ``sas_lifetime`` (whole seconds, at least 2) the tokens' expiry and so their renewal;
+    ``token_expires_at`` (Unix seconds), when the connection string carries a token instead
+    of a key, that token's expiry (see "A given token" above).
     ``refusal_backoff`` (None: refusals are final) retries the refusals it names;
     ``keep_trying_when_replaced`` and ``replaced_window`` rule what a replacement by another
     connection does (see the module's rules). Bad arguments raise
@@ -477,6 +485,7 @@ class DeviceSession:
         refusal_backoff: RefusalBackoff | None = None,
         keep_trying_when_replaced: bool = False,
         replaced_window: float = DEFAULT_REPLACED_WINDOW,
+        token_expires_at: int | None = None,
     ) -> None:
         self.ping_interval = _at_least("ping_interval", ping_interval, MIN_TIMEOUT)
         self.ping_timeout = _at_least("ping_timeout", ping_timeout, MIN_TIMEOUT)
@@ -494,6 +503,11 @@ class DeviceSession:
             raise _invalid("keep_trying_when_replaced must be a bool")
         self.keep_trying_when_replaced = keep_trying_when_replaced
         self.replaced_window = _at_least("replaced_window", replaced_window, MIN_TIMEOUT)
+        if token_expires_at is not None and (
+            not isinstance(token_expires_at, int) or isinstance(token_expires_at, bool)
+        ):
+            raise _invalid("token_expires_at must be an integer or None")
+        self.token_expires_at = token_expires_at
         self._state = SessionState.IDLE
         self._now = -math.inf
         #: The last channel number given out (0: none yet).
@@ -569,18 +583,28 @@ class DeviceSession:
         token being signed at *now* (the adapter's clock) and *wall_time* (Unix time). The
         channel's renewal falls due :func:`~devstream_core.credentials.sas_renewal_time` of
         it, counted from *now*. Call it for the channel on its way, before its handshake (for
-        a channel the machine let go meanwhile, it gives an expiry and remembers nothing)."""
+        a channel the machine let go meanwhile, it gives an expiry and remembers nothing).
+
+        With ``token_expires_at`` it gives that expiry and the channel is never renewed, or,
+        once *wall_time* reached it, raises
+        :func:`~devstream_core.credentials.expired_signature_error`."""
         self._clock(now)
         if not isinstance(wall_time, (int, float)) or not math.isfinite(wall_time):
             raise _invalid("wall_time must be finite")
         number = self._known(channel)
-        expiry = int(wall_time) + self.sas_lifetime
+        fixed = self.token_expires_at
+        if fixed is not None and not wall_time < fixed:
+            raise expired_signature_error(fixed)
+        expiry = int(wall_time) + self.sas_lifetime if fixed is None else fixed
         pending = self._pending
         if pending is None or pending.number != number:
             self._ignored(number)
             return expiry  # a channel let go: nothing to remember
         if self._state in _PENDING_OPEN_STATES:
             raise _invalid(f"channel {channel}'s handshake is done already")
+        if fixed is not None:
+            pending.renew_at = math.inf  # nothing to renew it with
+            return expiry
         renewal = sas_renewal_time(issued_at=wall_time, expiry=expiry, fraction=SAS_RENEW_FRACTION)
         pending.renew_at = now + (renewal - wall_time)
         return expiry

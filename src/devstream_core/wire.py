@@ -97,7 +97,9 @@ __all__ = [
     "parse_initiate_answer",
     "parse_initiate_headers",
     "parse_stream_url",
+    "policy_target",
     "resume_token",
+    "rotate_key_target",
     "stream_url",
 ]
 
@@ -217,6 +219,18 @@ def control_target(device_id: str) -> str:
 def device_target(device_id: str | None = None) -> str:
     """The registry's target of one device (``/devices/{deviceId}``), or of the list."""
     return "/devices" if device_id is None else f"/devices/{_quote(device_id)}"
+
+
+def policy_target(name: str | None = None) -> str:
+    """The registry's target of one shared-access policy (``/policies/{keyName}``), or of the
+    list."""
+    return "/policies" if name is None else f"/policies/{_quote(name)}"
+
+
+def rotate_key_target(target: str, *, secondary: bool = False) -> str:
+    """The target that rotates a key of the device or policy at *target* (from
+    :func:`device_target` or :func:`policy_target`): ``…/rotate-key?key=primary|secondary``."""
+    return f"{target}/rotate-key?key={'secondary' if secondary else 'primary'}"
 
 
 def initiate_target(device_id: str, stream_name: str, api_version: str = API_VERSION) -> str:

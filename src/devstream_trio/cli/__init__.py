@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import trio
 
-from . import echo, hub, proxy, registry
+from . import echo, hub, policy, proxy, registry, sas
 from .failures import error_line
 
 __all__ = ["build_parser", "main", "version"]
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (hub, registry, echo, proxy):
+    for group in (hub, registry, policy, sas, echo, proxy):
         group.register(sub)
     return parser
 

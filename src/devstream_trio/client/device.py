@@ -189,6 +189,7 @@ class DeviceClient:
             refusal_backoff=self.refusal_backoff,
             keep_trying_when_replaced=self.keep_trying_when_replaced,
             replaced_window=self.replaced_window,
+            token_expires_at=self.connection_string.signature_expiry,
         )
         try:
             async with trio.open_nursery() as streams:
@@ -207,11 +208,12 @@ class DeviceClient:
 
         *sign* gives the token's expiry for the Unix time it is signed at.
         """
+        # A token given in the connection string that expired raises Unauthorized here.
+        token = self.connection_string.sas_token(expiry=sign(self.wall_clock()))
         try:
             transport = await open_transport(self.address, self.ssl_context, self.opener)
         except OSError as exc:  # an opener of the caller's that does not map its errors
             raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, str(exc)) from exc
-        token = self.connection_string.sas_token(expiry=sign(self.wall_clock()))
         try:
             ws = await websocket_connect(
                 transport,

@@ -39,6 +39,8 @@ from devstream_core.wire import (
     device_target,
     error_from_response,
     parse_stream_url,
+    policy_target,
+    rotate_key_target,
 )
 
 from ..exceptions import HubError
@@ -290,13 +292,78 @@ class ServiceClient:
         """Remove a device from the registry."""
         await self._json("DELETE", device_target(device_id))
 
-    def device_connection_string(self, device: dict[str, Any]) -> ConnectionString:
-        """The connection string a device uses, from its registry entry."""
-        key = device["authentication"]["symmetricKey"]["primaryKey"]
+    async def rotate_device_key(self, device_id: str, *, secondary: bool = False) -> dict[str, Any]:
+        """Replace the device's primary key (or secondary) with a fresh one made by the hub;
+        the answer is its registry entry with the new key. Tokens signed with the old key stop
+        working at once, and a control channel opened with one is closed."""
+        result: dict[str, Any] = await self._json(
+            "POST", rotate_key_target(device_target(device_id), secondary=secondary)
+        )
+        return result
+
+    def device_connection_string(
+        self, device: dict[str, Any], *, secondary: bool = False
+    ) -> ConnectionString:
+        """The connection string a device uses, from its registry entry (with its primary key,
+        or its secondary)."""
+        keys = device["authentication"]["symmetricKey"]
         return ConnectionString(
             host_name=self.connection_string.host_name,
             device_id=device["deviceId"],
-            shared_access_key=key,
+            shared_access_key=keys["secondaryKey" if secondary else "primaryKey"],
+            use_tls=self.connection_string.use_tls,
+        )
+
+    # -- shared-access policies (every permission needed, as the owner policy holds) --------
+
+    async def list_policies(self) -> list[dict[str, Any]]:
+        """Every shared-access policy: ``{"keyName", "primaryKey", "secondaryKey", "rights"}``."""
+        result: list[dict[str, Any]] = await self._json("GET", policy_target())
+        return result
+
+    async def get_policy(self, name: str) -> dict[str, Any]:
+        """One shared-access policy."""
+        result: dict[str, Any] = await self._json("GET", policy_target(name))
+        return result
+
+    async def create_policy(self, name: str, rights: str) -> dict[str, Any]:
+        """Create policy *name* granting *rights* (``"ServiceConnect, RegistryRead"``); the
+        answer holds its generated keys."""
+        result: dict[str, Any] = await self._json(
+            "PUT", policy_target(name), {"keyName": name, "rights": rights}
+        )
+        return result
+
+    async def set_policy_rights(self, name: str, rights: str) -> dict[str, Any]:
+        """Change the rights of the existing policy *name* (its keys are kept)."""
+        result: dict[str, Any] = await self._json(
+            "PUT",
+            policy_target(name),
+            {"keyName": name, "rights": rights},
+            headers=[("if-match", "*")],
+        )
+        return result
+
+    async def delete_policy(self, name: str) -> None:
+        """Remove a shared-access policy (not the owner's)."""
+        await self._json("DELETE", policy_target(name))
+
+    async def rotate_policy_key(self, name: str, *, secondary: bool = False) -> dict[str, Any]:
+        """Replace the policy's primary key (or secondary) with a fresh one made by the hub.
+        Tokens signed with the old key stop working at once."""
+        result: dict[str, Any] = await self._json(
+            "POST", rotate_key_target(policy_target(name), secondary=secondary)
+        )
+        return result
+
+    def policy_connection_string(
+        self, policy: dict[str, Any], *, secondary: bool = False
+    ) -> ConnectionString:
+        """The service connection string of *policy* (as :meth:`get_policy` answers it)."""
+        return ConnectionString(
+            host_name=self.connection_string.host_name,
+            shared_access_key_name=policy["keyName"],
+            shared_access_key=policy["secondaryKey" if secondary else "primaryKey"],
             use_tls=self.connection_string.use_tls,
         )
 

@@ -4,8 +4,10 @@ A device's control channel is one task reading its WebSocket (:meth:`ControlChan
 what the device says goes to the core's ``HubControl`` machine and the coordinator. The
 channel's silence is watched by the core's ``SilenceWatch`` from the hub's timer; its token's
 expiry is a deadline of the coordinator's; a registry change asks the registry again whether
-it may stay open (:meth:`ControlChannels.close_refused`). Every close for an error sends an
-``error`` message, then closes with ``4000 + status`` and the code in the reason.
+it may stay open (:meth:`ControlChannels.close_refused`), and so does a change of the policy
+whose token opened it (:meth:`ControlChannels.close_refused_by_policy`). Every close for an
+error sends an ``error`` message, then closes with ``4000 + status`` and the code in the
+reason.
 """
 
 from __future__ import annotations
@@ -18,11 +20,16 @@ from typing import TYPE_CHECKING
 import trio
 
 from devstream_core import control
-from devstream_core.authorization import authorize_control_channel, read_credential
+from devstream_core.authorization import (
+    Credential,
+    authorize_control_channel,
+    authorize_policy,
+    read_credential,
+)
 from devstream_core.coordinator import DeviceReplaced
 from devstream_core.credentials import SasToken, device_resource
 from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for
-from devstream_core.registry import Device, check_device_access
+from devstream_core.registry import Device, Permission, Policy, check_device_access
 from devstream_core.routes import ControlChannel
 from devstream_core.silence import SilenceWatch
 from devstream_core.websocket import BytesMessage, TextMessage
@@ -51,8 +58,12 @@ class Session:
     #: That token, if it was the device's own (checked again when the device changes); None
     #: when it was a policy's.
     device_token: SasToken | None
+    #: That token, if it was a policy's (checked again when the policy changes).
+    policy_credential: Credential | None = None
     #: The device's change count (ControlChannels.device_changes) before its access was checked.
     changes_seen: int = 0
+    #: The same for the policy of a policy token (ControlChannels.policy_changes).
+    policy_changes_seen: int = 0
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     close_code: ErrorCode | None = None
     close_message: str | None = None
@@ -78,6 +89,8 @@ class ControlChannels:
         #: How many times each device's registry record changed (see Hub.device_changed): a
         #: channel whose handshake spanned a change is checked again once it is listed.
         self.device_changes: dict[str, int] = {}
+        #: The same for each policy (see Hub.policy_changed), for channels opened with its token.
+        self.policy_changes: dict[str, int] = {}
 
     async def open(
         self,
@@ -91,6 +104,7 @@ class ControlChannels:
         try:
             credential = read_credential(request.header(b"authorization"))
             name = credential.policy_name
+            policy_changes_seen = 0 if name is None else self.policy_changes.get(name, 0)
             grant = authorize_control_channel(
                 credential,
                 device_id=route.device_id,
@@ -121,6 +135,8 @@ class ControlChannels:
             expires_at=expires_at,
             device_token=grant.device_token,
             changes_seen=changes_seen,
+            policy_credential=credential if grant.device_token is None else None,
+            policy_changes_seen=policy_changes_seen,
         )
 
     async def run(self, session: Session) -> None:
@@ -154,6 +170,14 @@ class ControlChannels:
                         # further change would find this channel.
                         device = await self.hub.store.get_device(session.device_id)
                         self.hub.check_device(session.device_id, device)
+                    credential = session.policy_credential
+                    name = None if credential is None else credential.policy_name
+                    if (
+                        name is not None
+                        and self.policy_changes.get(name, 0) != session.policy_changes_seen
+                    ):
+                        # Likewise for the policy whose token opened it.
+                        self.close_refused_by_policy(name, await self.hub.store.get_policy(name))
                     while True:
                         # No local keeps the last fragment or message alive while idle.
                         await self._fragment(session, await ws.receive())
@@ -253,6 +277,28 @@ class ControlChannels:
                 message.message,
             )
 
+    def close_refused_by_policy(self, name: str, policy: Policy | None) -> None:
+        """Close each channel opened with a token of policy *name* that *policy* (its registry
+        record, None when deleted) no longer lets in (the core's :func:`authorize_policy` for
+        ``DeviceConnect``: a rotated key or a lost permission)."""
+        hub = self.hub
+        now = hub.wall_clock()
+        for session in list(self.sessions.values()):
+            credential = session.policy_credential
+            if credential is None or credential.policy_name != name:
+                continue
+            try:
+                authorize_policy(
+                    credential,
+                    policy,
+                    Permission.DEVICE_CONNECT,
+                    host_name=hub.host_name,
+                    now=now,
+                )
+            except DevstreamError as exc:
+                message = f"SAS token no longer valid: the policy changed ({exc.message})"
+                self._refuse(session, exc.code, message)
+
     def close_refused(self, device_id: str, device: Device | None) -> None:
         """Close each channel of *device_id* that *device* (its registry record, None when
         deleted) no longer lets in (the registry's :func:`check_device_access`: its token
@@ -273,11 +319,16 @@ class ControlChannels:
                     established=True,
                 )
             except DevstreamError as exc:
-                log.info("control channel %d: %s; closing it", session.connection_id, exc.message)
-                session.close(exc.code, exc.message)
-                # Offline from now on, not when its task gets to run: no request goes to it.
-                hub.dispatch(
-                    hub.coordinator.device_disconnected(
-                        connection_id=session.connection_id, now=trio.current_time()
-                    )
-                )
+                self._refuse(session, exc.code, exc.message)
+
+    def _refuse(self, session: Session, code: ErrorCode, message: str) -> None:
+        """Close *session* for *code*: the registry no longer lets it in."""
+        hub = self.hub
+        log.info("control channel %d: %s; closing it", session.connection_id, message)
+        session.close(code, message)
+        # Offline from now on, not when its task gets to run: no request goes to it.
+        hub.dispatch(
+            hub.coordinator.device_disconnected(
+                connection_id=session.connection_id, now=trio.current_time()
+            )
+        )

@@ -74,10 +74,14 @@ from devstream_core.routes import (
     BridgeJoin,
     ControlChannel,
     DeviceItem,
+    DeviceKeyRotation,
     DeviceList,
     Health,
     Initiate,
     MethodNotAllowed,
+    PolicyItem,
+    PolicyKeyRotation,
+    PolicyList,
     parse_route,
 )
 from devstream_core.routes import (
@@ -502,6 +506,14 @@ class Hub:
             await self.registry.device_list(http, request)
         elif isinstance(route, DeviceItem):
             await self.registry.device_item(http, request, route)
+        elif isinstance(route, DeviceKeyRotation):
+            await self.registry.device_key_rotation(http, request, route)
+        elif isinstance(route, PolicyList):
+            await self.registry.policy_list(http, request)
+        elif isinstance(route, PolicyItem):
+            await self.registry.policy_item(http, request, route)
+        elif isinstance(route, PolicyKeyRotation):
+            await self.registry.policy_key_rotation(http, request, route)
         return False
 
     # -- authorisation -----------------------------------------------------------------------
@@ -551,6 +563,18 @@ class Hub:
         changes = self.channels.device_changes
         changes[device_id] = changes.get(device_id, 0) + 1
         self.check_device(device_id, device)
+
+    def policy_changed(self, name: str, policy: Policy | None) -> None:
+        """The registry's record of policy *name* changed to *policy* (None: deleted).
+
+        Requests are checked against the new record from now on; every control channel opened
+        with a token of that policy is asked again whether it may stay open (its token still
+        verifies under the policy's keys, and the policy still grants ``DeviceConnect``), and
+        closed with the error if not.
+        """
+        changes = self.channels.policy_changes
+        changes[name] = changes.get(name, 0) + 1
+        self.channels.close_refused_by_policy(name, policy)
 
     def check_device(self, device_id: str, device: Device | None) -> None:
         """Close each control channel of *device_id* that *device* (its registry record, None

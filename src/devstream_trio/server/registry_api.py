@@ -1,5 +1,13 @@
 """The hub's registry API (Azure's device-identity shape): list, read, create or replace, and
-delete devices; a change asks every channel of the device again whether it may stay open.
+delete devices, and rotate their keys; a change asks every channel of the device again whether
+it may stay open. The shared-access policies are managed here too (``/policies``), with every
+permission (the owner's, :data:`~devstream_core.registry.POLICY_ADMIN`); a policy's change
+asks every control channel opened with its token again.
+
+The hub verifies each request against the registry's current record (the store drops a record
+from its cache before it writes it, and the hub's remembered tokens are keyed by the keys that
+verified them), so a token signed with a key that was just rotated away, or by a policy just
+deleted, is refused from the next request on.
 """
 
 from __future__ import annotations
@@ -10,12 +18,23 @@ import trio
 
 from devstream_core.errors import DevstreamError, ErrorCode
 from devstream_core.registry import (
+    DEVICE_RANDOM_BYTES,
+    KEY_RANDOM_BYTES,
+    POLICY_ADMIN,
+    POLICY_RANDOM_BYTES,
     Permission,
+    Policy,
+    check_policy_delete,
+    check_policy_put_precondition,
     check_put_precondition,
     device_from_json,
     device_to_json,
+    policy_from_json,
+    policy_to_json,
+    rotate_device_key,
+    rotate_policy_key,
 )
-from devstream_core.routes import DeviceItem
+from devstream_core.routes import DeviceItem, DeviceKeyRotation, PolicyItem, PolicyKeyRotation
 
 from ..transport.http import HttpError, HttpRequest, HttpServerConnection
 
@@ -89,3 +108,93 @@ class RegistryApi:
         await http.send_json(
             200, device_to_json(device, connected=hub.coordinator.is_online(device.device_id))
         )
+
+    async def device_key_rotation(
+        self, http: HttpServerConnection, request: HttpRequest, route: DeviceKeyRotation
+    ) -> None:
+        """``POST /devices/{id}/rotate-key``: a fresh key; channels signed with the old close."""
+        hub = self.hub
+        await hub.authorize_policy(request, Permission.REGISTRY_WRITE)
+        async with self.writes:
+            existing = await hub.store.get_device(route.device_id)
+            if existing is None:
+                raise HttpError(ErrorCode.DEVICE_NOT_FOUND, f"device {route.device_id!r} not found")
+            device = rotate_device_key(
+                existing,
+                secondary=route.secondary,
+                random_bytes=hub.random_bytes(DEVICE_RANDOM_BYTES),
+            )
+            await hub.store.put_device(device)
+            hub.device_changed(device.device_id, device)
+        await http.send_json(
+            200, device_to_json(device, connected=hub.coordinator.is_online(device.device_id))
+        )
+
+    async def policy_list(self, http: HttpServerConnection, request: HttpRequest) -> None:
+        """``GET /policies``: every policy, keys included."""
+        hub = self.hub
+        await hub.authorize_policy(request, POLICY_ADMIN)
+        await http.send_json(200, [policy_to_json(p) for p in await hub.store.list_policies()])
+
+    async def policy_item(
+        self, http: HttpServerConnection, request: HttpRequest, route: PolicyItem
+    ) -> None:
+        """``GET``, ``PUT`` or ``DELETE /policies/{name}``."""
+        hub = self.hub
+        await hub.authorize_policy(request, POLICY_ADMIN)
+        if request.method == b"GET":
+            await http.send_json(200, policy_to_json(await self._policy(route.name)))
+            return
+        async with self.writes:
+            try:
+                if request.method == b"DELETE":
+                    check_policy_delete(route.name)
+                    if not await hub.store.delete_policy(route.name):
+                        raise HttpError(
+                            ErrorCode.POLICY_NOT_FOUND, f"policy {route.name!r} not found"
+                        )
+                    hub.policy_changed(route.name, None)
+                    await http.send_response(204)
+                    return
+                existing = await hub.store.get_policy(route.name)
+                raw_if_match = request.header(b"if-match")
+                check_policy_put_precondition(
+                    name=route.name,
+                    existing=existing,
+                    if_match=None if raw_if_match is None else raw_if_match.decode("latin-1"),
+                )
+                policy = policy_from_json(
+                    request.body or b"{}",
+                    name=route.name,
+                    random_bytes=hub.random_bytes(POLICY_RANDOM_BYTES),
+                    existing=existing,
+                )
+            except HttpError:
+                raise
+            except DevstreamError as exc:
+                raise HttpError(exc.code, exc.message) from exc
+            await hub.store.put_policy(policy)
+            hub.policy_changed(policy.name, policy)
+        await http.send_json(200, policy_to_json(policy))
+
+    async def policy_key_rotation(
+        self, http: HttpServerConnection, request: HttpRequest, route: PolicyKeyRotation
+    ) -> None:
+        """``POST /policies/{name}/rotate-key``: a fresh key; the old one stops at once."""
+        hub = self.hub
+        await hub.authorize_policy(request, POLICY_ADMIN)
+        async with self.writes:
+            policy = rotate_policy_key(
+                await self._policy(route.name),
+                secondary=route.secondary,
+                random_bytes=hub.random_bytes(KEY_RANDOM_BYTES),
+            )
+            await hub.store.put_policy(policy)
+            hub.policy_changed(policy.name, policy)
+        await http.send_json(200, policy_to_json(policy))
+
+    async def _policy(self, name: str) -> Policy:
+        policy = await self.hub.store.get_policy(name)
+        if policy is None:
+            raise HttpError(ErrorCode.POLICY_NOT_FOUND, f"policy {name!r} not found")
+        return policy
