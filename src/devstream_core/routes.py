@@ -12,6 +12,7 @@ The routes::
     GET             /bridges/{streamId}[?role=device|service]                  BridgeJoin
     PUT GET DELETE  /devices/{deviceId}                                        DeviceItem
     GET             /devices                                                   DeviceList
+    GET             /streams                                                   StreamList
     GET             /healthz                                                   Health
     GET             /metrics                                                   Metrics
 
@@ -54,6 +55,7 @@ __all__ = [
     "MethodNotAllowed",
     "Metrics",
     "Route",
+    "StreamList",
     "is_valid_device_id",
     "is_valid_stream_id",
     "parse_route",
@@ -111,6 +113,11 @@ class DeviceList:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StreamList:
+    """``GET /streams``: the devices online and the streams open, for an operator."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Health:
     """``GET /healthz``: liveness."""
 
@@ -121,7 +128,9 @@ class Metrics:
 
 
 #: Any route.
-Route = Initiate | ControlChannel | BridgeJoin | DeviceItem | DeviceList | Health | Metrics
+Route = (
+    Initiate | ControlChannel | BridgeJoin | DeviceItem | DeviceList | StreamList | Health | Metrics
+)
 
 #: The methods each route answers; the adapter can send them as an ``Allow`` header.
 ALLOWED_METHODS: Final[Mapping[type[Route], frozenset[bytes]]] = {
@@ -130,6 +139,7 @@ ALLOWED_METHODS: Final[Mapping[type[Route], frozenset[bytes]]] = {
     BridgeJoin: frozenset({b"GET"}),
     DeviceItem: frozenset({b"PUT", b"GET", b"DELETE"}),
     DeviceList: frozenset({b"GET"}),
+    StreamList: frozenset({b"GET"}),
     Health: frozenset({b"GET"}),
     Metrics: frozenset({b"GET"}),
 }
@@ -289,6 +299,9 @@ def parse_route(method: bytes, target: bytes) -> Route:
         case ["devices"]:
             _check_method(method, DeviceList)
             return DeviceList()
+        case ["streams"]:
+            _check_method(method, StreamList)
+            return StreamList()
         case ["healthz"]:
             _check_method(method, Health)
             return Health()

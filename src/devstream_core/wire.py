@@ -73,6 +73,7 @@ __all__ = [
     "MAX_FRAMED_MESSAGE_SIZE",
     "MIN_SAS_LIFETIME",
     "NOT_ACCEPTED",
+    "STREAMS_TARGET",
     "HubAddress",
     "InitiateAccepted",
     "InitiateAnswer",
@@ -213,6 +214,10 @@ def control_target(device_id: str) -> str:
 def device_target(device_id: str | None = None) -> str:
     """The registry's target of one device (``/devices/{deviceId}``), or of the list."""
     return "/devices" if device_id is None else f"/devices/{_quote(device_id)}"
+
+
+#: The registry's target of the devices online and streams open (``RegistryRead``).
+STREAMS_TARGET: Final = "/streams"
 
 
 def initiate_target(device_id: str, stream_name: str, api_version: str = API_VERSION) -> str:

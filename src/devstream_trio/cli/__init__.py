@@ -12,7 +12,6 @@ its ``cmd_*`` coroutines run under ``trio.run``.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -20,7 +19,7 @@ import trio
 
 from devstream_core.errors import DevstreamError
 
-from . import echo, hub, proxy, registry
+from . import echo, hub, logs, proxy, registry, status
 from .options import UsageError
 
 __all__ = ["build_parser", "main"]
@@ -31,12 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="devstream", description="Device streams: reach a device behind a NAT via a hub."
     )
-    parser.add_argument(
-        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
-    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (hub, registry, echo, proxy):
+    for group in (hub, registry, echo, proxy, status):
         group.register(sub)
+    logs.add_options(parser, sub)
     return parser
 
 
@@ -44,10 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``devstream`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(args)
     try:
         return int(trio.run(args.func, args))
     except BaseException as raised:

@@ -20,6 +20,7 @@ from ..server.hub import (
     tune_gc_for_hub,
 )
 from ..server.store import RegistryStore
+from .logs import set_default_level
 from .options import UsageError, default_data_dir, owner_connection_string, parse_listen, seconds
 
 
@@ -107,6 +108,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         f"devstream's clients sign for {SAS_LIFETIME} s unless given --sas-lifetime)",
     )
     hub.set_defaults(func=cmd_hub)
+    # A hub's info lines (devices that come and go, streams that end, limits reached) are
+    # its operator's record.
+    set_default_level(hub, "info")
 
     cs = sub.add_parser("connection-string", help="print the hub's owner connection string")
     cs.add_argument("--data")

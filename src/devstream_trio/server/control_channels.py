@@ -27,7 +27,7 @@ from devstream_core.silence import SilenceWatch
 from devstream_core.websocket import BytesMessage, TextMessage
 
 from ..transport.http import HttpError, HttpRequest, HttpServerConnection
-from ..transport.websocket import ConnectionClosed, WebSocket, payload
+from ..transport.websocket import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket, payload
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -52,9 +52,15 @@ class Session:
     device_token: SasToken | None
     #: The device's change count (ControlChannels.device_changes) before its access was checked.
     changes_seen: int = 0
+    #: The device's address (``host:port``), or ``"?"`` when the transport has none.
+    peer: str = "?"
+    #: When the channel opened, on the hub's timer clock.
+    opened_at: float = 0.0
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     close_code: ErrorCode | None = None
     close_message: str | None = None
+    #: Why the hub closes the channel, for its "device … left" line (None: it did not).
+    leave_reason: str | None = None
 
     def close(self, code: ErrorCode, message: str | None = None) -> None:
         """End the channel: its task tells the device *code* (and *message*) and closes."""
@@ -64,6 +70,20 @@ class Session:
 
     async def send(self, message: control.ControlMessage) -> None:
         await self.ws.send_text(self.machine.send(message))
+
+
+def peer_address(stream: trio.abc.Stream) -> str:
+    """The address at the other end of *stream* (``host:port``, ``[v6]:port``), or ``"?"``
+    when it is not a socket (or no longer connected)."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        try:
+            host, port = stream.socket.getpeername()[:2]
+        except (OSError, ValueError):
+            return "?"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "?"
 
 
 class ControlChannels:
@@ -120,6 +140,7 @@ class ControlChannels:
             expires_at=expires_at,
             device_token=grant.device_token,
             changes_seen=changes_seen,
+            peer=peer_address(ws.stream),
         )
 
     async def run(self, session: Session) -> None:
@@ -142,8 +163,23 @@ class ControlChannels:
         if self.silence.watch(connection_id, since=ws.last_received):
             self.hub.wake()  # the earliest look now: the timer may have to look sooner
         self.hub.metrics.control_connections_total += 1
-        log.info("device %r connected (control channel %d)", session.device_id, connection_id)
+        session.opened_at = trio.current_time()
+        log.info(
+            "device %r connected from %s (control channel %d)",
+            session.device_id,
+            session.peer,
+            connection_id,
+            extra={
+                "event": "device_connected",
+                "device_id": session.device_id,
+                "peer": session.peer,
+                "connection_id": connection_id,
+            },
+        )
         close_code: ErrorCode | None = None
+        #: Why it left, unless the hub says (session.leave_reason); a cancellation from
+        #: outside is the hub stopping.
+        why = "the hub stopped"
         try:
             with session.cancel_scope:
                 try:
@@ -156,10 +192,14 @@ class ControlChannels:
                     while True:
                         # No local keeps the last fragment or message alive while idle.
                         await self._fragment(session, await ws.receive())
-                except ConnectionClosed:
-                    pass
+                except ConnectionClosed as exc:
+                    why = (
+                        "its connection was lost"
+                        if exc.code == ABNORMAL_CLOSURE
+                        else f"it closed its channel (code {exc.code})"
+                    )
                 except DevstreamError as exc:
-                    log.info("control channel %d: %s", connection_id, exc.message)
+                    why = f"it broke the protocol: {exc.message}"
                     close_code = exc.code
             close_message: str | None = None
             if session.close_code is not None:
@@ -172,8 +212,23 @@ class ControlChannels:
                     connection_id=connection_id, now=trio.current_time()
                 )
             )
+            online = trio.current_time() - session.opened_at
+            reason = session.leave_reason or why
             log.info(
-                "device %r disconnected (control channel %d)", session.device_id, connection_id
+                "device %r left (control channel %d, from %s) after %.1f s online: %s",
+                session.device_id,
+                connection_id,
+                session.peer,
+                online,
+                reason,
+                extra={
+                    "event": "device_left",
+                    "device_id": session.device_id,
+                    "peer": session.peer,
+                    "connection_id": connection_id,
+                    "online_seconds": round(online, 3),
+                    "reason": reason,
+                },
             )
         if close_code is not None:
             with trio.move_on_after(self.hub.config.close_timeout):
@@ -195,7 +250,7 @@ class ControlChannels:
         timeout = self.silence.timeout
         sessions = self.sessions
         for connection_id in self.silence.silent(now, lambda c: sessions[c].ws.last_received):
-            log.info("control channel %d idle; dropping it", connection_id)
+            sessions[connection_id].leave_reason = f"silent for {timeout:g} s"
             sessions[connection_id].close(
                 ErrorCode.CONNECTION_IDLE, f"no message or ping for {timeout:g} s; closing"
             )
@@ -260,7 +315,7 @@ class ControlChannels:
                     established=True,
                 )
             except DevstreamError as exc:
-                log.info("control channel %d: %s; closing it", session.connection_id, exc.message)
+                session.leave_reason = f"refused: {exc.message}"
                 session.close(exc.code, exc.message)
                 # Offline from now on, not when its task gets to run: no request goes to it.
                 hub.dispatch(

@@ -78,6 +78,7 @@ from devstream_core.routes import (
     Health,
     Initiate,
     MethodNotAllowed,
+    StreamList,
     parse_route,
 )
 from devstream_core.routes import (
@@ -260,6 +261,8 @@ class Hub:
         self.channels = ControlChannels(self)
         self.initiations = Initiations(self)
         self.registry = RegistryApi(self)
+        #: Refusals for a limit (429001), reported at most once per ``limit_log_interval``.
+        self._limit_reports = Tally(self.config.limit_log_interval)
         #: Policy SAS tokens that verified (services send one token with every initiate).
         self._policy_tokens = SasVerifier()
         self._next_connection_id = 0
@@ -334,14 +337,27 @@ class Hub:
             elif isinstance(event, DeviceReplaced):
                 session = sessions.get(event.connection_id)
                 if session is not None:
+                    # Its "device … left" line says "replaced".
+                    session.leave_reason = "replaced by a newer connection of the device"
                     session.close(ErrorCode.DEVICE_NOT_ONLINE)
             elif isinstance(event, CredentialsExpired):
                 session = sessions.get(event.connection_id)
                 if session is not None:
-                    log.info(
-                        "control channel %d: SAS token expired; closing it", event.connection_id
-                    )
+                    session.leave_reason = "token expired"
                     session.close(event.code, event.message)
+
+    def limit_reached(self, limit: str, message: str) -> None:
+        """A request was refused for *limit* (``message`` says which, for whom): one warning
+        per ``limit_log_interval`` at most, with the count of refusals since the last one."""
+        count = self._limit_reports.add(trio.current_time())
+        if count is not None:
+            log.warning(
+                "limit reached: %s (%d refusal%s since the last report)",
+                message,
+                count,
+                "" if count == 1 else "s",
+                extra={"event": "limit_reached", "limit": limit, "count": count},
+            )
 
     # -- connections -------------------------------------------------------------------------
 
@@ -361,6 +377,7 @@ class Hub:
                 self.limits.max_connections,
                 refused,
                 "" if refused == 1 else "s",
+                extra={"event": "limit_reached", "limit": "connections", "count": refused},
             )
         self._next_connection_id += 1
         connection_id = self._next_connection_id
@@ -435,7 +452,12 @@ class Hub:
                 result = await self._handle_request(http, request, connection_id)
             except HttpError as exc:
                 self.metrics.http_errors[int(exc.code)] += 1
-                log.info("HTTP error %d: %s", exc.code, exc.message)
+                log.info(
+                    "HTTP error %d: %s",
+                    exc.code,
+                    exc.message,
+                    extra={"event": "http_error", "code": int(exc.code)},
+                )
                 await http.send_error(exc.code, exc.message, exc.headers)
                 return None
             except StoreError as exc:
@@ -487,6 +509,7 @@ class Hub:
                 streams_open=self.bridge.paired_count(),
                 streams_waiting=self.bridge.stream_count() - self.bridge.paired_count(),
                 connections=self.limits.served,
+                bytes_relayed=self.streaming.ledger.bytes_relayed(),
             )
             await http.send_response(
                 200, body=text.encode(), content_type=b"text/plain; version=0.0.4"
@@ -497,6 +520,8 @@ class Hub:
             await self.registry.device_list(http, request)
         elif isinstance(route, DeviceItem):
             await self.registry.device_item(http, request, route)
+        elif isinstance(route, StreamList):
+            await self.registry.stream_list(http, request)
         return False
 
     # -- authorisation -----------------------------------------------------------------------
