@@ -177,9 +177,8 @@ class ControlChannels:
             },
         )
         close_code: ErrorCode | None = None
-        #: Why it left, unless the hub says (session.leave_reason); a cancellation from
-        #: outside is the hub stopping.
-        why = "the hub stopped"
+        #: Why it left, unless the hub says (session.leave_reason).
+        why = "its connection ended"
         try:
             with session.cancel_scope:
                 try:

@@ -191,8 +191,9 @@ class HubConfig:
     #: sends it at once, and a connection that sends nothing holds its slot no longer); past
     #: them a new connection is closed at once.
     max_over_limit_answers: int = 32
-    #: The least time between two log lines about refused connections, or about failed
-    #: ``accept`` calls; each line gives the count since the last one.
+    #: The least time between two log lines about refused connections, about failed
+    #: ``accept`` calls, or about initiations refused for a limit (429001); each line gives
+    #: the count since the last one.
     limit_log_interval: float = 10.0
     #: The longest a SAS token may still have to live when it is presented (its ``se`` at
     #: most this many seconds from now), for devices and services alike; a token signed for

@@ -228,6 +228,7 @@ class Initiations:
                             session.connection_id,
                             response_timeout,
                         )
+                        session.leave_reason = "it did not take a stream request in time"
                         session.cancel_scope.cancel()
                     # (Cancelled while it waited its turn to write, nothing of it went out:
                     # the channel goes on, with the requests queued before it.)

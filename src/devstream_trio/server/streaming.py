@@ -26,6 +26,12 @@ each attached side of a devstream.v1 stream gets a ``Reset`` frame and a close w
 
 Before the first pairing nothing is read from a lone side, so no byte is dropped before both
 sides can hold the other's unacknowledged data.
+
+Each stream has a :class:`~.ledger.StreamRecord` in :attr:`StreamingEndpoint.ledger`, from its
+initiation (or first join) to its end: its name and mode, the bytes relayed each way (counted
+by the relays, one addition per batch forwarded) and how it ended, noted by whoever sees it
+first. Once the bridge says the stream is over (:meth:`StreamingEndpoint.settle`) its
+``stream … ended`` line is written and the record forgotten.
 """
 
 from __future__ import annotations
