@@ -8,6 +8,7 @@ output lines, never on time.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import logging
@@ -21,7 +22,7 @@ import trio
 
 from devstream_core.credentials import ConnectionString
 from devstream_trio.cli import build_parser
-from devstream_trio.cli.logs import JsonFormatter
+from devstream_trio.cli.logs import JsonFormatter, add_options
 from devstream_trio.client.service import ServiceClient
 
 from ._helpers import Output, start_child
@@ -218,3 +219,16 @@ async def test_status_refuses_a_device_connection_string(tmp_path: Path) -> None
         code, out, err = await _script("status", "--connection-string", cs)
     assert code == 1 and out == ""
     assert err.startswith("devstream: error: ") and "service connection string" in err
+
+
+def test_log_options_reach_nested_subcommands() -> None:
+    parser = argparse.ArgumentParser(prog="x")
+    sub = parser.add_subparsers(dest="command")
+    group = sub.add_parser("group")
+    inner = group.add_subparsers(dest="action").add_parser("leaf")
+    inner.set_defaults(leaf=True)
+    add_options(parser)
+    args = parser.parse_args(["--log-level", "error", "group", "leaf", "--log-format", "json"])
+    assert (args.log_level, args.log_format, args.leaf) == ("error", "json", True)
+    args = parser.parse_args(["group", "--log-level", "debug", "leaf"])
+    assert args.log_level == "debug"

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for group in (hub, registry, echo, proxy, status):
         group.register(sub)
-    logs.add_options(parser, sub)
+    logs.add_options(parser)
     return parser
 
 

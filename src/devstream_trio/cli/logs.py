@@ -82,15 +82,17 @@ def _add(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
-def add_options(
-    parser: argparse.ArgumentParser,
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-) -> None:
+def add_options(parser: argparse.ArgumentParser) -> None:
     """Accept ``--log-level`` and ``--log-format`` on *parser* and on each of its
-    subcommands (call after they are all added)."""
+    subcommands, at every depth (call once they are all added)."""
     _add(parser, top=True)
-    for subparser in dict.fromkeys(sub.choices.values()):
-        _add(subparser, top=False)
+    pending = [parser]
+    while pending:
+        for action in pending.pop()._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for subparser in dict.fromkeys(action.choices.values()):
+                    _add(subparser, top=False)
+                    pending.append(subparser)
 
 
 def set_default_level(parser: argparse.ArgumentParser, level: str) -> None:
