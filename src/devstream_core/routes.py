@@ -16,6 +16,7 @@ The routes::
     PUT GET DELETE  /policies/{keyName}                                        PolicyItem
     GET             /policies                                                  PolicyList
     POST            /policies/{keyName}/rotate-key[?key=primary|secondary]     PolicyKeyRotation
+    GET             /streams                                                   StreamList
     GET             /healthz                                                   Health
     GET             /metrics                                                   Metrics
 
@@ -63,6 +64,7 @@ __all__ = [
     "PolicyKeyRotation",
     "PolicyList",
     "Route",
+    "StreamList",
     "is_valid_device_id",
     "is_valid_stream_id",
     "parse_route",
@@ -154,6 +156,11 @@ class PolicyKeyRotation:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StreamList:
+    """``GET /streams``: the devices online and the streams open, for an operator."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Health:
     """``GET /healthz``: liveness."""
 
@@ -170,6 +177,7 @@ Route = (
     | BridgeJoin
     | DeviceItem
     | DeviceList
+    | StreamList
     | DeviceKeyRotation
     | PolicyItem
     | PolicyList
@@ -189,6 +197,7 @@ ALLOWED_METHODS: Final[Mapping[type[Route], frozenset[bytes]]] = {
     PolicyItem: frozenset({b"PUT", b"GET", b"DELETE"}),
     PolicyList: frozenset({b"GET"}),
     PolicyKeyRotation: frozenset({b"POST"}),
+    StreamList: frozenset({b"GET"}),
     Health: frozenset({b"GET"}),
     Metrics: frozenset({b"GET"}),
 }
@@ -374,6 +383,9 @@ def parse_route(method: bytes, target: bytes) -> Route:
         case ["policies", name, "rotate-key"]:
             _check_method(method, PolicyKeyRotation)
             return PolicyKeyRotation(name=_policy_name(name), secondary=_secondary(query))
+        case ["streams"]:
+            _check_method(method, StreamList)
+            return StreamList()
         case ["healthz"]:
             _check_method(method, Health)
             return Health()

@@ -74,6 +74,7 @@ __all__ = [
     "MIN_SAS_LIFETIME",
     "NOT_ACCEPTED",
     "RAW_MESSAGE_SIZE",
+    "STREAMS_TARGET",
     "HubAddress",
     "InitiateAccepted",
     "InitiateAnswer",
@@ -231,6 +232,10 @@ def rotate_key_target(target: str, *, secondary: bool = False) -> str:
     """The target that rotates a key of the device or policy at *target* (from
     :func:`device_target` or :func:`policy_target`): ``…/rotate-key?key=primary|secondary``."""
     return f"{target}/rotate-key?key={'secondary' if secondary else 'primary'}"
+
+
+#: The registry's target of the devices online and streams open (``RegistryRead``).
+STREAMS_TARGET: Final = "/streams"
 
 
 def initiate_target(device_id: str, stream_name: str, api_version: str = API_VERSION) -> str:

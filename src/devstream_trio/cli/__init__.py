@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import logging
 import sys
 from collections.abc import Sequence
 
 import trio
 
-from . import echo, hub, policy, proxy, registry, sas
+from . import echo, hub, logs, policy, proxy, registry, sas, status
 from .failures import error_line
 
 __all__ = ["build_parser", "main", "version"]
@@ -44,12 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
-    parser.add_argument(
-        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
-    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (hub, registry, policy, sas, echo, proxy):
+    for group in (hub, registry, policy, sas, echo, proxy, status):
         group.register(sub)
+    logs.add_options(parser)
     return parser
 
 
@@ -57,10 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``devstream`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(args)
     try:
         return int(trio.run(args.func, args))
     except BaseException as raised:

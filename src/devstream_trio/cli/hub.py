@@ -22,6 +22,7 @@ from ..server.hub import (
 )
 from ..server.store import RegistryStore
 from .failures import listen_hint
+from .logs import set_default_level
 from .options import UsageError, default_data_dir, owner_connection_string, parse_listen, seconds
 
 
@@ -134,6 +135,9 @@ examples:
         f"devstream's clients sign for {SAS_LIFETIME} s unless given --sas-lifetime)",
     )
     hub.set_defaults(func=cmd_hub)
+    # A hub's info lines (devices that come and go, streams that end, limits reached) are
+    # its operator's record.
+    set_default_level(hub, "info")
 
     cs = sub.add_parser(
         "connection-string",

@@ -36,6 +36,7 @@ from devstream_core.wire import (
     DEFAULT_RESPONSE_TIMEOUT,
     DEFAULT_SAS_LIFETIME,
     MIN_SAS_LIFETIME,
+    STREAMS_TARGET,
     device_target,
     error_from_response,
     parse_stream_url,
@@ -276,6 +277,12 @@ class ServiceClient:
     async def list_devices(self) -> list[dict[str, Any]]:
         """Every registered device."""
         result: list[dict[str, Any]] = await self._json("GET", device_target())
+        return result
+
+    async def list_streams(self) -> dict[str, Any]:
+        """The devices online and the streams open (``GET /streams``, ``RegistryRead``):
+        ``{"devices": [...], "streams": [...]}``."""
+        result: dict[str, Any] = await self._json("GET", STREAMS_TARGET)
         return result
 
     async def set_device_status(self, device_id: str, status: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from devstream_core.silence import SilenceWatch
 from devstream_core.websocket import BytesMessage, TextMessage
 
 from ..transport.http import HttpError, HttpRequest, HttpServerConnection
-from ..transport.websocket import ConnectionClosed, WebSocket, payload
+from ..transport.websocket import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket, payload
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -64,9 +64,15 @@ class Session:
     changes_seen: int = 0
     #: The same for the policy of a policy token (ControlChannels.policy_changes).
     policy_changes_seen: int = 0
+    #: The device's address (``host:port``), or ``"?"`` when the transport has none.
+    peer: str = "?"
+    #: When the channel opened, on the hub's timer clock.
+    opened_at: float = 0.0
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     close_code: ErrorCode | None = None
     close_message: str | None = None
+    #: Why the hub closes the channel, for its "device … left" line (None: it did not).
+    leave_reason: str | None = None
 
     def close(self, code: ErrorCode, message: str | None = None) -> None:
         """End the channel: its task tells the device *code* (and *message*) and closes."""
@@ -76,6 +82,20 @@ class Session:
 
     async def send(self, message: control.ControlMessage) -> None:
         await self.ws.send_text(self.machine.send(message))
+
+
+def peer_address(stream: trio.abc.Stream) -> str:
+    """The address at the other end of *stream* (``host:port``, ``[v6]:port``), or ``"?"``
+    when it is not a socket (or no longer connected)."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        try:
+            host, port = stream.socket.getpeername()[:2]
+        except (OSError, ValueError):
+            return "?"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "?"
 
 
 class ControlChannels:
@@ -137,6 +157,7 @@ class ControlChannels:
             changes_seen=changes_seen,
             policy_credential=credential if grant.device_token is None else None,
             policy_changes_seen=policy_changes_seen,
+            peer=peer_address(ws.stream),
         )
 
     async def run(self, session: Session) -> None:
@@ -159,8 +180,22 @@ class ControlChannels:
         if self.silence.watch(connection_id, since=ws.last_received):
             self.hub.wake()  # the earliest look now: the timer may have to look sooner
         self.hub.metrics.control_connections_total += 1
-        log.info("device %r connected (control channel %d)", session.device_id, connection_id)
+        session.opened_at = trio.current_time()
+        log.info(
+            "device %r connected from %s (control channel %d)",
+            session.device_id,
+            session.peer,
+            connection_id,
+            extra={
+                "event": "device_connected",
+                "device_id": session.device_id,
+                "peer": session.peer,
+                "connection_id": connection_id,
+            },
+        )
         close_code: ErrorCode | None = None
+        #: Why it left, unless the hub says (session.leave_reason).
+        why = "its connection ended"
         try:
             with session.cancel_scope:
                 try:
@@ -181,10 +216,14 @@ class ControlChannels:
                     while True:
                         # No local keeps the last fragment or message alive while idle.
                         await self._fragment(session, await ws.receive())
-                except ConnectionClosed:
-                    pass
+                except ConnectionClosed as exc:
+                    why = (
+                        "its connection was lost"
+                        if exc.code == ABNORMAL_CLOSURE
+                        else f"it closed its channel (code {exc.code})"
+                    )
                 except DevstreamError as exc:
-                    log.info("control channel %d: %s", connection_id, exc.message)
+                    why = f"it broke the protocol: {exc.message}"
                     close_code = exc.code
             close_message: str | None = None
             if session.close_code is not None:
@@ -197,8 +236,23 @@ class ControlChannels:
                     connection_id=connection_id, now=trio.current_time()
                 )
             )
+            online = trio.current_time() - session.opened_at
+            reason = session.leave_reason or why
             log.info(
-                "device %r disconnected (control channel %d)", session.device_id, connection_id
+                "device %r left (control channel %d, from %s) after %.1f s online: %s",
+                session.device_id,
+                connection_id,
+                session.peer,
+                online,
+                reason,
+                extra={
+                    "event": "device_left",
+                    "device_id": session.device_id,
+                    "peer": session.peer,
+                    "connection_id": connection_id,
+                    "online_seconds": round(online, 3),
+                    "reason": reason,
+                },
             )
         if close_code is not None:
             with trio.move_on_after(self.hub.config.close_timeout):
@@ -219,11 +273,8 @@ class ControlChannels:
         device, with the code it chose (``DEVICE_REPLACED``)."""
         session = self.sessions.get(event.connection_id)
         if session is not None:
-            log.info(
-                "device %r: control channel %d replaced by a newer connection; closing it",
-                event.device_id,
-                event.connection_id,
-            )
+            # Its "device … left" line says so (once the channel's task is over).
+            session.leave_reason = "replaced by a newer connection of the device"
             session.close(event.code)
 
     def drop_idle(self, now: float) -> None:
@@ -232,7 +283,7 @@ class ControlChannels:
         timeout = self.silence.timeout
         sessions = self.sessions
         for connection_id in self.silence.silent(now, lambda c: sessions[c].ws.last_received):
-            log.info("control channel %d idle; dropping it", connection_id)
+            sessions[connection_id].leave_reason = f"silent for {timeout:g} s"
             sessions[connection_id].close(
                 ErrorCode.CONNECTION_IDLE, f"no message or ping for {timeout:g} s; closing"
             )
@@ -325,6 +376,7 @@ class ControlChannels:
         """Close *session* for *code*: the registry no longer lets it in."""
         hub = self.hub
         log.info("control channel %d: %s; closing it", session.connection_id, message)
+        session.leave_reason = f"refused: {message}"
         session.close(code, message)
         # Offline from now on, not when its task gets to run: no request goes to it.
         hub.dispatch(

@@ -18,6 +18,7 @@ from devstream_core.silence import SilenceWatch
 from devstream_core.wire import MAX_FRAMED_MESSAGE_SIZE
 
 from ..transport.websocket import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket
+from .ledger import StreamRecord
 from .sides import close_with
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ class FramedRelay:
     """One devstream.v1 stream: the current WebSocket of each side, if attached."""
 
     stream_id: str
+    #: What the hub records of the stream (bytes each way, how it ends).
+    record: StreamRecord
     sides: dict[Role, WebSocket | None] = field(
         default_factory=lambda: {Role.DEVICE: None, Role.SERVICE: None}
     )
@@ -76,9 +79,14 @@ class FramedRelays:
         self._silence = SilenceWatch(idle_timeout)
         self._idle_watches: dict[int, _IdleWatch] = {}
 
-    def relay(self, stream_id: str) -> FramedRelay:
-        """Stream *stream_id*'s relay, made on its first side's arrival."""
-        return self.relays.setdefault(stream_id, FramedRelay(stream_id=stream_id))
+    def relay(self, record: StreamRecord) -> FramedRelay:
+        """The relay of *record*'s stream, made on its first side's arrival."""
+        relay = self.relays.get(record.stream_id)
+        if relay is None:
+            relay = self.relays[record.stream_id] = FramedRelay(
+                stream_id=record.stream_id, record=record
+            )
+        return relay
 
     def end(self, stream_id: str, code: ErrorCode) -> None:
         """The hub ends devstream.v1 stream *stream_id* with *code* (a Reset, then the close)."""
@@ -121,6 +129,7 @@ class FramedRelays:
         relay.sides[role] = ws
         if relay.sides[role.other] is not None and not relay.paired.is_set():
             relay.paired.set()
+            relay.record.paired = True
             self.metrics.streams_total += 1
         # One scope for the side: a resume that replaces it, the stream's end and the side's
         # silence (the idle watch's ``fired``) all cancel it.
@@ -142,7 +151,12 @@ class FramedRelays:
                     self._idle_watches.pop(connection_id, None)
                     self._silence.forget(connection_id)
             if watch is not None and watch.fired and scope.cancelled_caught:
-                log.info("stream %s: %s silent; dropping it", relay.stream_id, role.value)
+                log.info(
+                    "stream %s: the %s was silent too long; dropping it",
+                    relay.stream_id,
+                    role.value,
+                    extra={"event": "stream_side_silent", "stream_id": relay.stream_id},
+                )
                 await ws.abort()
                 dropped = True
         finally:
@@ -172,7 +186,7 @@ class FramedRelays:
         )
         sides = relay.sides
         other = role.other
-        metrics = self.metrics
+        flow = relay.record.toward(other)
         while True:
             if sides[role] is not ws:
                 return  # replaced by a resume: what this connection still brings is stale
@@ -182,7 +196,7 @@ class FramedRelays:
                 # Not contextlib.suppress: that is an object and two calls on every write.
                 try:  # noqa: SIM105
                     # Every whole message already received goes out in one write.
-                    metrics.bytes_relayed += await peer.send_whole_messages(messages)
+                    flow.count += await peer.send_whole_messages(messages)
                 except ConnectionClosed:
                     pass  # a peer that vanished mid-write is noticed by its own connection task
             watch.receiving = True
@@ -207,14 +221,16 @@ class FramedRelays:
             return
         if relay.end_code is not None:
             # The hub ends the stream: the peer never came (back).
-            self.bridge.leave(stream_id=relay.stream_id, connection_id=connection_id, now=now)
+            self.endpoint.leave(relay.stream_id, connection_id)
             await close_with(ws, relay.end_code, self.close_timeout, reset=relay.paired.is_set())
         elif dropped and not relay.ended:
             self._handle_drop(relay, role, connection_id, now)
             await ws.abort()
         else:
             relay.ended = True
-            self.bridge.leave(stream_id=relay.stream_id, connection_id=connection_id, now=now)
+            if closed is not None:
+                relay.record.note_close(role, closed.code)
+            self.endpoint.leave(relay.stream_id, connection_id)
             peer = relay.sides[role.other]
             if peer is not None and closed is not None:
                 code, reason = closed.code, closed.reason
@@ -232,7 +248,13 @@ class FramedRelays:
         events = self.bridge.drop(stream_id=relay.stream_id, connection_id=connection_id, now=now)
         self.endpoint.wake(self.bridge.next_deadline())
         if any(isinstance(event, SideHeld) for event in events):
-            log.info("stream %s: %s dropped; holding the stream", relay.stream_id, role.value)
+            relay.record.held = role
+            log.info(
+                "stream %s: the %s dropped; holding the stream for its resume",
+                relay.stream_id,
+                role.value,
+                extra={"event": "stream_held", "stream_id": relay.stream_id, "role": role.value},
+            )
         elif self.bridge.stream_state(relay.stream_id) is not StreamState.ENDED:
             # The bridge ignored the drop: a resume replaced this connection before its end
             # was noticed here, and the new connection carries on.
@@ -240,6 +262,8 @@ class FramedRelays:
         else:
             # Not held (the stream was not paired yet, or already over): it ends here.
             relay.ended = True
+            relay.record.note_close(role, ABNORMAL_CLOSURE)
+            self.endpoint.settle(relay.stream_id)
             peer = relay.sides[role.other]
             if peer is not None:
                 for scope in relay.scopes.values():

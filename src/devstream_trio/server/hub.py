@@ -82,6 +82,7 @@ from devstream_core.routes import (
     PolicyItem,
     PolicyKeyRotation,
     PolicyList,
+    StreamList,
     parse_route,
 )
 from devstream_core.routes import (
@@ -196,8 +197,9 @@ class HubConfig:
     #: sends it at once, and a connection that sends nothing holds its slot no longer); past
     #: them a new connection is closed at once.
     max_over_limit_answers: int = 32
-    #: The least time between two log lines about refused connections, or about failed
-    #: ``accept`` calls; each line gives the count since the last one.
+    #: The least time between two log lines about refused connections, about failed
+    #: ``accept`` calls, or about initiations refused for a limit (429001); each line gives
+    #: the count since the last one.
     limit_log_interval: float = 10.0
     #: The longest a SAS token may still have to live when it is presented (its ``se`` at
     #: most this many seconds from now), for devices and services alike; a token signed for
@@ -266,6 +268,8 @@ class Hub:
         self.channels = ControlChannels(self)
         self.initiations = Initiations(self)
         self.registry = RegistryApi(self)
+        #: Refusals for a limit (429001), reported at most once per ``limit_log_interval``.
+        self._limit_reports = Tally(self.config.limit_log_interval)
         #: Policy SAS tokens that verified (services send one token with every initiate).
         self._policy_tokens = SasVerifier()
         self._next_connection_id = 0
@@ -347,10 +351,21 @@ class Hub:
             elif isinstance(event, CredentialsExpired):
                 session = sessions.get(event.connection_id)
                 if session is not None:
-                    log.info(
-                        "control channel %d: SAS token expired; closing it", event.connection_id
-                    )
+                    session.leave_reason = "token expired"
                     session.close(event.code, event.message)
+
+    def limit_reached(self, limit: str, message: str) -> None:
+        """A request was refused for *limit* (``message`` says which, for whom): one warning
+        per ``limit_log_interval`` at most, with the count of refusals since the last one."""
+        count = self._limit_reports.add(trio.current_time())
+        if count is not None:
+            log.warning(
+                "limit reached: %s (%d refusal%s since the last report)",
+                message,
+                count,
+                "" if count == 1 else "s",
+                extra={"event": "limit_reached", "limit": limit, "count": count},
+            )
 
     # -- connections -------------------------------------------------------------------------
 
@@ -370,6 +385,7 @@ class Hub:
                 self.limits.max_connections,
                 refused,
                 "" if refused == 1 else "s",
+                extra={"event": "limit_reached", "limit": "connections", "count": refused},
             )
         self._next_connection_id += 1
         connection_id = self._next_connection_id
@@ -444,7 +460,12 @@ class Hub:
                 result = await self._handle_request(http, request, connection_id)
             except HttpError as exc:
                 self.metrics.http_errors[int(exc.code)] += 1
-                log.info("HTTP error %d: %s", exc.code, exc.message)
+                log.info(
+                    "HTTP error %d: %s",
+                    exc.code,
+                    exc.message,
+                    extra={"event": "http_error", "code": int(exc.code)},
+                )
                 await http.send_error(exc.code, exc.message, exc.headers)
                 return None
             except StoreError as exc:
@@ -496,6 +517,7 @@ class Hub:
                 streams_open=self.bridge.paired_count(),
                 streams_waiting=self.bridge.stream_count() - self.bridge.paired_count(),
                 connections=self.limits.served,
+                bytes_relayed=self.streaming.ledger.bytes_relayed(),
             )
             await http.send_response(
                 200, body=text.encode(), content_type=b"text/plain; version=0.0.4"
@@ -514,6 +536,8 @@ class Hub:
             await self.registry.policy_item(http, request, route)
         elif isinstance(route, PolicyKeyRotation):
             await self.registry.policy_key_rotation(http, request, route)
+        elif isinstance(route, StreamList):
+            await self.registry.stream_list(http, request)
         return False
 
     # -- authorisation -----------------------------------------------------------------------

@@ -153,6 +153,8 @@ class Initiations:
                 )
         except HttpError as exc:
             outcome_name = _OUTCOME_NAMES.get(exc.code, "error")
+            if exc.code is ErrorCode.THROTTLED:
+                self.hub.limit_reached("streams", exc.message)
             raise
         finally:
             if outcome_name:
@@ -189,6 +191,13 @@ class Initiations:
                     raise HttpError(exc.code, exc.message) from exc
                 # The stream's tokens expire: a deadline of the bridge's.
                 self.hub.wake(self.hub.bridge.next_deadline())
+                self.hub.streaming.ledger.open(
+                    stream_id=event.stream_id,
+                    device_id=event.device_id,
+                    name=event.name,
+                    mode=mode,
+                    now=now,
+                )
                 outcome.request_id = event.request_id
                 outcome.stream_id = event.stream_id
                 outcome.service_token = service_token
@@ -220,6 +229,7 @@ class Initiations:
                             session.connection_id,
                             response_timeout,
                         )
+                        session.leave_reason = "it did not take a stream request in time"
                         session.cancel_scope.cancel()
                     # (Cancelled while it waited its turn to write, nothing of it went out:
                     # the channel goes on, with the requests queued before it.)
@@ -234,6 +244,7 @@ class Initiations:
             self.outcomes.pop(outcome.request_id, None)
         if outcome.stream_id and not isinstance(outcome.result, InitiationAccepted):
             # Refused or failed: no service will join, and the stream stops counting now.
+            self.hub.streaming.ledger.forget(outcome.stream_id)
             self.hub.streaming.handle(
                 self.hub.bridge.cancel(stream_id=outcome.stream_id, now=trio.current_time())
             )

@@ -10,10 +10,10 @@ __all__ = ["Metrics"]
 
 @dataclass
 class Metrics:
-    """What ``GET /metrics`` reports. Gauges are read from the hub when rendered."""
+    """What ``GET /metrics`` reports. Gauges (and the bytes relayed, which each stream counts
+    in the hub's :class:`~.ledger.StreamLedger`) are read from the hub when rendered."""
 
     initiations: collections.Counter[str] = field(default_factory=collections.Counter)
-    bytes_relayed: int = 0
     streams_total: int = 0
     control_connections_total: int = 0
     resumes_total: int = 0
@@ -27,6 +27,7 @@ class Metrics:
         streams_open: int,
         streams_waiting: int,
         connections: int = 0,
+        bytes_relayed: int = 0,
     ) -> str:
         """The Prometheus text exposition of every metric."""
         lines = [
@@ -52,7 +53,7 @@ class Metrics:
         lines += [
             "# HELP devstream_relayed_bytes_total Payload bytes relayed between stream sides.",
             "# TYPE devstream_relayed_bytes_total counter",
-            f"devstream_relayed_bytes_total {self.bytes_relayed}",
+            f"devstream_relayed_bytes_total {bytes_relayed}",
             "# HELP devstream_resumes_total devstream.v1 stream sides that resumed after a drop.",
             "# TYPE devstream_resumes_total counter",
             f"devstream_resumes_total {self.resumes_total}",

@@ -15,6 +15,7 @@ from devstream_core.errors import ErrorCode
 
 from ..transport.http import HttpRequest, HttpServerConnection
 from ..transport.websocket import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket, close_forcefully
+from .ledger import Flow, StreamRecord
 from .sides import close_quietly, close_with
 
 if TYPE_CHECKING:
@@ -60,12 +61,13 @@ class RawRelays:
         self,
         http: HttpServerConnection,
         request: HttpRequest,
-        stream_id: str,
+        record: StreamRecord,
         role: Role,
         connection_id: int,
         offered: list[str],
         extra_headers: list[tuple[bytes, bytes]],
     ) -> None:
+        stream_id = record.stream_id
         slot = self.slots.setdefault(stream_id, _RawSlot())
         try:
             ws = await http.accept_websocket(
@@ -78,14 +80,15 @@ class RawRelays:
             raise
         peer_id = next(iter(slot.sides), None)
         slot.sides[connection_id] = ws
-        log.info("stream %s: %s joined", stream_id, role.value)
+        log.debug("stream %s: %s joined", stream_id, role.value)
         try:
             if peer_id is not None:
                 peer = slot.sides[peer_id]
                 self.metrics.streams_total += 1
+                record.paired = True
                 slot.relay_scope = trio.CancelScope()
                 with slot.relay_scope:
-                    await self._relay(ws, peer)
+                    await self._relay(ws, role, peer, record)
                 if slot.lone_close is not None:
                     # The hub ended the stream (its device was disabled or deleted).
                     async with trio.open_nursery() as nursery:
@@ -104,31 +107,46 @@ class RawRelays:
             if not slot.sides:
                 self.slots.pop(stream_id, None)
 
-    async def _relay(self, one: WebSocket, other: WebSocket) -> None:
-        """Forward fragments both ways until one side closes, then close the other."""
+    async def _relay(
+        self, one: WebSocket, role: Role, other: WebSocket, record: StreamRecord
+    ) -> None:
+        """Forward fragments both ways until one side closes, then close the other. *one* is
+        side *role*'s WebSocket; *record* counts the bytes and notes the end."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump, other, one, nursery.cancel_scope)
+            scope = nursery.cancel_scope
+            nursery.start_soon(self._pump, other, role.other, one, record, scope)
             # This task pumps the other way itself: one task fewer per stream.
-            await self._pump(one, other, nursery.cancel_scope)
+            await self._pump(one, role, other, record, scope)
         for side in (one, other):
             await close_forcefully(side.stream)
 
-    async def _pump(self, source: WebSocket, sink: WebSocket, scope: trio.CancelScope) -> None:
+    async def _pump(
+        self,
+        source: WebSocket,
+        role: Role,
+        sink: WebSocket,
+        record: StreamRecord,
+        scope: trio.CancelScope,
+    ) -> None:
+        """Forward what side *role* sends (on *source*) to its peer's *sink*."""
+        flow: Flow = record.toward(role.other)
         try:
             while True:
                 # Everything already parsed goes out in one write.
                 batch = [await source.receive(), *source.take_queued()]
                 await sink.send_messages(batch)
-                self.metrics.bytes_relayed += sum(len(event.data) for event in batch)
+                flow.count += sum(len(event.data) for event in batch)
         except ConnectionClosed:
             if source.closed is not None:
                 # The source closed (or vanished): pass its close on to the sink.
                 code, reason = source.closed.code, source.closed.reason
                 target = sink
+                record.note_close(role, code)
             else:
                 # The sink vanished while we wrote to it: tell the source.
                 code, reason = ABNORMAL_CLOSURE, ""
                 target = source
+                record.note_close(role.other, code)
             if code == ABNORMAL_CLOSURE:
                 code, reason = 1001, "peer connection lost"
             with trio.move_on_after(self.close_timeout):

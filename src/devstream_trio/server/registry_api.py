@@ -1,6 +1,7 @@
 """The hub's registry API (Azure's device-identity shape): list, read, create or replace, and
 delete devices, and rotate their keys; a change asks every channel of the device again whether
-it may stay open. The shared-access policies are managed here too (``/policies``), with every
+it may stay open. ``GET /streams`` shows an operator the devices online and the
+streams open. The shared-access policies are managed here too (``/policies``), with every
 permission (the owner's, :data:`~devstream_core.registry.POLICY_ADMIN`); a policy's change
 asks every control channel opened with its token again.
 
@@ -61,6 +62,40 @@ class RegistryApi:
             200,
             [device_to_json(d, connected=hub.coordinator.is_online(d.device_id)) for d in devices],
         )
+
+    async def stream_list(self, http: HttpServerConnection, request: HttpRequest) -> None:
+        """``GET /streams`` (``RegistryRead``): the devices online and the live streams."""
+        hub = self.hub
+        await hub.authorize_policy(request, Permission.REGISTRY_READ)
+        now = trio.current_time()
+        coordinator = hub.coordinator
+        devices = [
+            {
+                "deviceId": session.device_id,
+                "address": session.peer,
+                "controlChannel": session.connection_id,
+                "onlineSeconds": round(now - session.opened_at, 3),
+            }
+            for session in sorted(
+                hub.channels.sessions.values(), key=lambda s: (s.device_id, s.connection_id)
+            )
+            if coordinator.is_online(session.device_id)
+        ]
+        bridge = hub.bridge
+        streams = [
+            {
+                "streamId": record.stream_id,
+                "deviceId": record.device_id,
+                "name": record.name,
+                "mode": record.mode,
+                "state": bridge.stream_state(record.stream_id).value,
+                "ageSeconds": round(now - record.created_at, 3),
+                "bytesToDevice": record.to_device.count,
+                "bytesToService": record.to_service.count,
+            }
+            for record in sorted(hub.streaming.ledger.records.values(), key=lambda r: r.created_at)
+        ]
+        await http.send_json(200, {"devices": devices, "streams": streams})
 
     async def device_item(
         self, http: HttpServerConnection, request: HttpRequest, route: DeviceItem

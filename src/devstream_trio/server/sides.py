@@ -22,7 +22,7 @@ async def close_with(
 ) -> None:
     """Close *ws* because of *code* (within *close_timeout*); a framed side gets a Reset frame
     first."""
-    log.info("closing a stream side: %s", code.message)
+    log.debug("closing a stream side: %s", code.message)
     with trio.move_on_after(close_timeout):
         if reset:
             with contextlib.suppress(ConnectionClosed):

@@ -26,6 +26,12 @@ each attached side of a devstream.v1 stream gets a ``Reset`` frame and a close w
 
 Before the first pairing nothing is read from a lone side, so no byte is dropped before both
 sides can hold the other's unacknowledged data.
+
+Each stream has a :class:`~.ledger.StreamRecord` in :attr:`StreamingEndpoint.ledger`, from its
+initiation (or first join) to its end: its name and mode, the bytes relayed each way (counted
+by the relays, one addition per batch forwarded) and how it ended, noted by whoever sees it
+first. Once the bridge says the stream is over (:meth:`StreamingEndpoint.settle`) its
+``stream … ended`` line is written and the record forgotten.
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ from devstream_core.bridge import (
     BridgeEvent,
     CloseLoneSide,
     ResetPeer,
+    StreamExpired,
     StreamRevoked,
+    StreamState,
 )
 from devstream_core.common import Role
 from devstream_core.control import MODE_RAW
@@ -53,6 +61,7 @@ from devstream_core.wire import HEADER_RESUME_TOKEN, parse_bearer
 from ..transport.http import HttpError, HttpRequest, HttpServerConnection
 from ..transport.websocket import WebSocket
 from .framed_relay import LONE_PING_INTERVAL, MAX_FRAMED_MESSAGE, FramedRelays
+from .ledger import END_RESET, END_TIMEOUT, END_VANISHED, StreamLedger
 from .metrics import Metrics
 from .raw_relay import RawRelays
 
@@ -79,6 +88,8 @@ class StreamingEndpoint:
         self.random_bytes = random_bytes
         self.close_timeout = close_timeout
         self.wake = wake
+        #: Every live stream's name, mode and bytes each way; its line when it ends.
+        self.ledger = StreamLedger()
         self._raw = RawRelays(self)
         self._framed = FramedRelays(self, idle_timeout)
         #: When check_idle has something to look at next, if ever.
@@ -96,10 +107,31 @@ class StreamingEndpoint:
     # -- events from the bridge's timer ------------------------------------------------------
 
     def handle(self, events: list[BridgeEvent]) -> None:
-        """Act on what ``Bridge.advance`` returned."""
+        """Act on what ``Bridge.advance`` (or ``revoke_device``, ``cancel``) returned."""
+        records = self.ledger.records
         for event in events:
-            if isinstance(event, (CloseLoneSide, ResetPeer, StreamRevoked)):
+            if not isinstance(event, (CloseLoneSide, ResetPeer, StreamRevoked, StreamExpired)):
+                continue
+            record = records.get(event.stream_id)
+            if record is not None:
+                if isinstance(event, CloseLoneSide):
+                    record.note_end(END_TIMEOUT, "hub", int(event.code))
+                elif isinstance(event, StreamRevoked):
+                    record.note_end(END_RESET, "hub", int(event.code))
+                elif isinstance(event, ResetPeer) or record.paired:
+                    # A held side did not come back in time.
+                    by = record.held.value if record.held is not None else "hub"
+                    record.note_end(END_VANISHED, by, int(ErrorCode.PEER_LOST))
+                else:
+                    record.note_end(END_TIMEOUT, "hub", int(ErrorCode.PEER_NEVER_CONNECTED))
+            if not isinstance(event, StreamExpired):
                 self._end(event.stream_id, event.code)
+            self.settle(event.stream_id)
+
+    def settle(self, stream_id: str) -> None:
+        """Write stream *stream_id*'s line if the bridge says it is over."""
+        if self.bridge.stream_state(stream_id) is StreamState.ENDED:
+            self.ledger.finish(stream_id, trio.current_time())
 
     def _end(self, stream_id: str, code: ErrorCode) -> None:
         self._raw.end(stream_id, code)
@@ -109,6 +141,7 @@ class StreamingEndpoint:
         """A side's connection left (the bridge answers a paired side's leave with ClosePeer;
         the relays close both sides themselves, so there is nothing more to do with it)."""
         self.bridge.leave(stream_id=stream_id, connection_id=connection_id, now=trio.current_time())
+        self.settle(stream_id)
 
     # -- joining -----------------------------------------------------------------------------
 
@@ -145,6 +178,7 @@ class StreamingEndpoint:
                 role, mode = resumed.role, FRAMED_SUBPROTOCOL
                 resume_token: str | None = resumed.resume_token
                 replaced = resumed.replaced_connection_id
+                device_id = ""  # known since its join
             else:
                 joined = self.bridge.join(
                     stream_id=route.stream_id,
@@ -156,16 +190,22 @@ class StreamingEndpoint:
                 )
                 role, resume_token, mode = joined.role, joined.resume_token, joined.mode
                 replaced = None
+                device_id = joined.device_id
         except DevstreamError as exc:
             raise HttpError(exc.code, exc.message) from exc
         self.wake(self.bridge.next_deadline())
+        record = self.ledger.get(
+            route.stream_id,
+            device_id=device_id,
+            mode=mode,
+            now=now,
+        )
         extra = extra_headers or []
         if mode == MODE_RAW:
-            await self._raw.join(
-                http, request, route.stream_id, role, connection_id, offered, extra
-            )
+            await self._raw.join(http, request, record, role, connection_id, offered, extra)
             return
         if FRAMED_SUBPROTOCOL not in offered:
+            record.note_end(END_RESET, "hub", int(ErrorCode.ARGUMENT_INVALID))
             self.leave(route.stream_id, connection_id)
             # The stream is over: a side already in must not wait for a peer that cannot come.
             self._end(route.stream_id, ErrorCode.PEER_NEVER_CONNECTED)
@@ -181,7 +221,7 @@ class StreamingEndpoint:
         except BaseException:
             self.leave(route.stream_id, connection_id)
             raise
-        relay = self._framed.relay(route.stream_id)
+        relay = self._framed.relay(record)
         if resuming:
             self.metrics.resumes_total += 1
         if replaced is not None:
@@ -196,7 +236,7 @@ class StreamingEndpoint:
                 await old_ws.abort()
             elif old is not None:
                 old.cancel()
-        log.info(
+        log.debug(
             "stream %s: %s %s", route.stream_id, role.value, "resumed" if resuming else "joined"
         )
         await self._framed.serve_side(relay, role, ws, connection_id)
