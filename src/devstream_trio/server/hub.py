@@ -4,8 +4,8 @@ and the streaming endpoint.
 The hub drives the sans-IO core from trio; :class:`Hub` holds the core machines and the
 parts that carry out their decisions, each in a module of its own:
 
-* each accepted connection is read by one task (:meth:`Hub.handle_connection`), which answers
-  plain HTTP requests and routes the rest: a device's control channel to
+* each accepted connection is read by one task (:meth:`Hub.handle_connection`), whose
+  requests :class:`~.requests.Requests` answers or routes: a device's control channel to
   :class:`~.control_channels.ControlChannels` (kept for the channel's lifetime), an initiate
   to :class:`~.initiation.Initiations`, the registry routes to
   :class:`~.registry_api.RegistryApi`, a stream's WebSocket to
@@ -62,7 +62,7 @@ from devstream_core.coordinator import (
     InitiationRejected,
 )
 from devstream_core.credentials import SasVerifier
-from devstream_core.errors import DevstreamError, ErrorCode
+from devstream_core.errors import DevstreamError
 from devstream_core.registry import (
     OWNER_POLICY,
     Device,
@@ -70,30 +70,13 @@ from devstream_core.registry import (
     Policy,
     new_key,
 )
-from devstream_core.routes import (
-    BridgeJoin,
-    ControlChannel,
-    DeviceItem,
-    DeviceKeyRotation,
-    DeviceList,
-    Health,
-    Initiate,
-    MethodNotAllowed,
-    PolicyItem,
-    PolicyKeyRotation,
-    PolicyList,
-    StreamList,
-    parse_route,
-)
-from devstream_core.routes import (
-    Metrics as MetricsRoute,
-)
 
-from ..transport.http import HttpError, HttpRequest, HttpServerConnection, close_forcefully
-from .control_channels import ControlChannels, Session
+from ..transport.http import HttpError, HttpRequest, close_forcefully
+from .control_channels import ControlChannels
 from .initiation import Initiations
 from .metrics import Metrics
 from .registry_api import RegistryApi
+from .requests import Requests
 from .store import RegistryStore, StoreError
 from .streaming import StreamingEndpoint
 
@@ -211,8 +194,6 @@ class HubConfig:
 
 #: Descriptors :func:`default_max_connections` leaves for everything but served connections.
 _RESERVED_DESCRIPTORS = 256
-#: The most time a connection past ``max_connections`` has to send the request it is answered.
-_OVER_LIMIT_REQUEST_TIME = 2.0
 
 
 def default_max_connections() -> int:
@@ -268,6 +249,7 @@ class Hub:
         self.channels = ControlChannels(self)
         self.initiations = Initiations(self)
         self.registry = RegistryApi(self)
+        self.requests = Requests(self)
         #: Refusals for a limit (429001), reported at most once per ``limit_log_interval``.
         self._limit_reports = Tally(self.config.limit_log_interval)
         #: Policy SAS tokens that verified (services send one token with every initiate).
@@ -391,13 +373,13 @@ class Hub:
         connection_id = self._next_connection_id
         try:
             if admission is Admission.SERVE:
-                session = await self._serve_http(stream, connection_id)
+                session = await self.requests.serve(stream, connection_id)
                 if session is not None:
                     # The HTTP side (h11's state, the request and its headers) went with
-                    # _serve_http's frame: a device's control channel holds only its session.
+                    # the request's frame: a device's control channel holds only its session.
                     await self.channels.run(session)
             elif admission is Admission.ANSWER:
-                await self._answer_over_limit(stream)
+                await self.requests.answer_over_limit(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except StoreError as exc:  # after the connection became a WebSocket
@@ -407,138 +389,6 @@ class Hub:
         finally:
             await close_forcefully(stream)
             self.limits.release(admission)
-
-    async def _answer_over_limit(self, stream: trio.abc.Stream) -> None:
-        """Answer one request of a connection the hub does not serve (it serves its most):
-        ``GET /healthz`` as usual, anything else with 503901. The caller closes it."""
-        wait = min(self.config.header_timeout, _OVER_LIMIT_REQUEST_TIME)
-        http = HttpServerConnection(
-            stream,
-            max_header_size=self.config.max_header_size,
-            max_body_size=self.config.max_body_size,
-            header_timeout=wait,
-            idle_timeout=wait,
-        )
-        try:
-            request = await http.next_request()
-            if request is None:
-                return
-            if request.method == b"GET" and not request.is_websocket_upgrade:
-                try:
-                    route = parse_route(request.method, request.target)
-                except DevstreamError:
-                    route = None
-                if isinstance(route, Health):
-                    await http.send_json(200, {"status": "ok"})
-                    return
-            raise HttpError(
-                ErrorCode.SERVICE_UNAVAILABLE,
-                f"the hub serves its most connections ({self.limits.max_connections}); "
-                "try again later",
-            )
-        except HttpError as exc:
-            self.metrics.http_errors[int(exc.code)] += 1
-            await http.send_error(exc.code, exc.message, exc.headers)
-
-    async def _serve_http(self, stream: trio.abc.Stream, connection_id: int) -> Session | None:
-        """Answer requests until the connection closes or becomes a WebSocket.
-
-        Returns the session of a device control channel just opened, for the caller to run.
-        """
-        http = HttpServerConnection(
-            stream,
-            max_header_size=self.config.max_header_size,
-            max_body_size=self.config.max_body_size,
-            header_timeout=self.config.header_timeout,
-            idle_timeout=self.config.idle_timeout,
-        )
-        while True:
-            try:
-                request = await http.next_request()
-                if request is None:
-                    return None
-                result = await self._handle_request(http, request, connection_id)
-            except HttpError as exc:
-                self.metrics.http_errors[int(exc.code)] += 1
-                log.info(
-                    "HTTP error %d: %s",
-                    exc.code,
-                    exc.message,
-                    extra={"event": "http_error", "code": int(exc.code)},
-                )
-                await http.send_error(exc.code, exc.message, exc.headers)
-                return None
-            except StoreError as exc:
-                # The registry failed under this request (damage, disk full, I/O error): one
-                # line in the log, 500001 to the client, and every other request goes on.
-                self.metrics.http_errors[int(ErrorCode.SERVER_ERROR)] += 1
-                log.error("connection %d: %s", connection_id, exc.message)
-                await http.send_error(ErrorCode.SERVER_ERROR, "the hub's registry database failed")
-                return None
-            if isinstance(result, Session):
-                return result
-            if result:
-                return None
-
-    async def _handle_request(
-        self, http: HttpServerConnection, request: HttpRequest, connection_id: int
-    ) -> bool | Session:
-        """Answer one request.
-
-        Returns False when the connection may carry another request, True when it became a
-        stream's WebSocket (now closed), or the session of the device control channel it
-        became (not yet run).
-        """
-        try:
-            route = parse_route(request.method, request.target)
-        except MethodNotAllowed as exc:
-            raise HttpError(exc.code, exc.message, headers=[(b"allow", exc.allow)]) from exc
-        except DevstreamError as exc:
-            raise HttpError(exc.code, exc.message) from exc
-        if isinstance(route, (ControlChannel, BridgeJoin)):
-            if not request.is_websocket_upgrade:
-                raise HttpError(ErrorCode.UPGRADE_REQUIRED)
-            if isinstance(route, ControlChannel):
-                return await self.channels.open(http, request, route, connection_id)
-            await self.streaming.join(http, request, route, connection_id)
-            return True
-        if isinstance(route, Initiate) and request.method == b"GET":
-            if not request.is_websocket_upgrade:
-                raise HttpError(ErrorCode.UPGRADE_REQUIRED)
-            await self.initiations.answer(http, request, route, connection_id=connection_id)
-            return True
-        if request.is_websocket_upgrade:
-            raise HttpError(ErrorCode.NOT_FOUND, "no WebSocket endpoint at this path")
-        if isinstance(route, Health):
-            await http.send_json(200, {"status": "ok"})
-        elif isinstance(route, MetricsRoute):
-            text = self.metrics.render(
-                devices_online=self.coordinator.online_count(),
-                streams_open=self.bridge.paired_count(),
-                streams_waiting=self.bridge.stream_count() - self.bridge.paired_count(),
-                connections=self.limits.served,
-                bytes_relayed=self.streaming.ledger.bytes_relayed(),
-            )
-            await http.send_response(
-                200, body=text.encode(), content_type=b"text/plain; version=0.0.4"
-            )
-        elif isinstance(route, Initiate):
-            await self.initiations.answer(http, request, route)
-        elif isinstance(route, DeviceList):
-            await self.registry.device_list(http, request)
-        elif isinstance(route, DeviceItem):
-            await self.registry.device_item(http, request, route)
-        elif isinstance(route, DeviceKeyRotation):
-            await self.registry.device_key_rotation(http, request, route)
-        elif isinstance(route, PolicyList):
-            await self.registry.policy_list(http, request)
-        elif isinstance(route, PolicyItem):
-            await self.registry.policy_item(http, request, route)
-        elif isinstance(route, PolicyKeyRotation):
-            await self.registry.policy_key_rotation(http, request, route)
-        elif isinstance(route, StreamList):
-            await self.registry.stream_list(http, request)
-        return False
 
     # -- authorisation -----------------------------------------------------------------------
 
