@@ -342,3 +342,16 @@ async def test_the_console_script_mints_a_token_that_opens_a_stream(cli: CliHub)
             await serving(nursery, device_cs)
             assert await echo_service(cli, token_cs(streams, token)) == 0
             nursery.cancel_scope.cancel()
+        # The rest of the credential commands, as the script runs them.
+        assert (await run(["device", "connection-string", "d1"])).strip() == device_cs
+        rotated = (await run(["device", "rotate-key", "d1"])).strip()
+        assert ConnectionString.parse(rotated).device_id == "d1" and rotated != device_cs
+        assert (await run(["device", "connection-string", "d1"])).strip() == rotated
+        new_streams = (await run(["policy", "rotate-key", "streams"])).strip()
+        assert ConnectionString.parse(new_streams).shared_access_key_name == "streams"
+        assert new_streams != streams
+        listed = json.loads(await run(["policy", "list", "--json"]))
+        assert "streams" in {policy["keyName"] for policy in listed}
+        await run(["policy", "delete", "streams"])
+        names = [row[0] for row in table(await run(["policy", "list"]))[1:]]
+        assert "streams" not in names and "iothubowner" in names
