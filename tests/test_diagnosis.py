@@ -54,6 +54,14 @@ def test_a_non_tls_answer_to_a_tls_handshake_is_a_tls_mismatch() -> None:
     assert "add UseTls=false" in exc.message
 
 
+def test_another_tls_failure_keeps_its_own_words() -> None:
+    exc = diagnosis.tls_handshake_failure(
+        WHERE, reason="SSLV3_ALERT_HANDSHAKE_FAILURE", verify_message=None, detail="alert 40"
+    )
+    assert not isinstance(exc, TlsMismatch)
+    assert exc.message == f"TLS handshake with the hub at {WHERE} failed: alert 40"
+
+
 @pytest.mark.parametrize(
     ("verify_message", "hint"),
     [
