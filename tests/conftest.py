@@ -27,6 +27,15 @@ from devstream_trio.server.store import RegistryStore
 from devstream_trio.transport.connect import HubAddress
 
 PUBLIC_URL = "http://hub.test:8080"
+#: What the command line and the clients read from the environment: a test sets what it needs.
+CLIENT_ENV = ("DEVSTREAM_CONNECTION_STRING", "DEVSTREAM_CA_FILE", "HTTPS_PROXY", "https_proxy")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing leaks in from the environment running the tests (child processes inherit it)."""
+    for name in CLIENT_ENV:
+        monkeypatch.delenv(name, raising=False)
 
 
 @dataclass

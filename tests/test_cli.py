@@ -34,13 +34,6 @@ TIMEOUT = 20
 CS_ENV = "DEVSTREAM_CONNECTION_STRING"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No connection string or CA file leaks in from the environment running the tests."""
-    monkeypatch.delenv(CS_ENV, raising=False)
-    monkeypatch.delenv("DEVSTREAM_CA_FILE", raising=False)
-
-
 @dataclass
 class CliHub:
     hub: Hub

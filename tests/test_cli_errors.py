@@ -40,14 +40,6 @@ from devstream_trio.server.store import RegistryStore
 from ._helpers import free_port, one_error_line, policy_cs
 
 TIMEOUT = 30
-ENV_NAMES = ("DEVSTREAM_CONNECTION_STRING", "DEVSTREAM_CA_FILE", "HTTPS_PROXY", "https_proxy")
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nothing leaks in from the environment running the tests (children inherit it)."""
-    for name in ENV_NAMES:
-        monkeypatch.delenv(name, raising=False)
 
 
 async def devstream(argv: Sequence[str]) -> tuple[int, str, str]:

@@ -32,12 +32,6 @@ CS_ENV = "DEVSTREAM_CONNECTION_STRING"
 SCRIPT = Path(sys.executable).parent / "devstream"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(CS_ENV, raising=False)
-    monkeypatch.delenv("DEVSTREAM_CA_FILE", raising=False)
-
-
 # -- the options -----------------------------------------------------------------------------
 
 

@@ -44,13 +44,6 @@ CA_ENV = "DEVSTREAM_CA_FILE"
 RECORD_LIMIT = 16 * 1024
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No connection string or CA file leaks in from the environment running the tests."""
-    monkeypatch.delenv(CS_ENV, raising=False)
-    monkeypatch.delenv(CA_ENV, raising=False)
-
-
 # -- the forwarder ----------------------------------------------------------------------------
 
 
