@@ -20,6 +20,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import trio
 
 from devstream_core.errors import ErrorCode
 from devstream_trio.cli import build_parser
+from devstream_trio.cli.config import apply_config
 from devstream_trio.cli.options import parse_listen
 from devstream_trio.client.proxy import parse_forward, parse_map
 
@@ -387,6 +389,41 @@ async def test_proxy_command_reaches_devstream_as_written(tmp_path: Path) -> Non
     expected = ["proxy", "stdio", "--device", "my-device", "--name", "ssh"]
     recorded = [json.loads(line) for line in out.read_text().splitlines()]
     assert recorded == [[*expected, "--connection-string", owner]] * 2
+
+
+def runs_until_stopped(words: list[str]) -> bool:
+    """Whether *words* start a program that serves until it is stopped."""
+    if words[:3] == ["python3", "-m", "http.server"]:
+        return True
+    servers = (["hub"], ["proxy", "device"], ["proxy", "service"], ["echo", "device"])
+    return words[:1] == ["devstream"] and any(words[1 : 1 + len(s)] == s for s in servers)
+
+
+def test_a_server_in_the_foreground_ends_its_block() -> None:
+    """Pasted, a block goes on only once its commands return: a server or proxy followed by
+    more lines for the same machine (a ``# on …`` comment starts another) runs with ``&``."""
+    for block in fenced(readme_examples()):
+        for part in re.split(r"^# on .*$", block, flags=re.MULTILINE):
+            found = commands(part)
+            for command in found[:-1]:
+                assert command.background or not runs_until_stopped(command.words), command.line
+
+
+def test_the_readme_config_file_is_accepted(tmp_path: Path) -> None:
+    """The README's ``--config`` example gives each proxy its settings."""
+    (block,) = re.findall(r"```toml\n(.*?)\n *```", README.read_text(), re.DOTALL)
+    path = tmp_path / "devstream.toml"
+    path.write_text(textwrap.dedent(block) + "\n")
+    settings = {}
+    for role in ("device", "service", "stdio"):
+        args = build_parser().parse_args(["proxy", role, "--config", str(path)])
+        apply_config(args)
+        settings[role] = (args.map, args.device, args.forward, args.name)
+    assert settings == {
+        "device": (["ssh=127.0.0.1:22", "web=127.0.0.1:80"], None, [], None),
+        "service": ([], "my-device", ["127.0.0.1:2222=ssh"], None),
+        "stdio": ([], "my-device", [], "ssh"),
+    }
 
 
 def with_ssh_options(line: str, options: list[str], remote: str) -> str:
