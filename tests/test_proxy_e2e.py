@@ -168,6 +168,8 @@ class Sshd:
     port: int
     client_key: Path
     output: Output
+    #: The server's public host key, for a known-hosts file.
+    host_public_key: str
 
     def ssh_options(self) -> list[str]:
         return [
@@ -189,7 +191,8 @@ class Sshd:
 
 
 async def start_sshd(nursery: trio.Nursery, where: Path) -> Sshd:
-    """An OpenSSH server on 127.0.0.1 with throwaway keys, accepting one client key as root."""
+    """An OpenSSH server on 127.0.0.1 with throwaway keys, accepting one client key (for the
+    user it runs as: a server not run by root logs in only its own user)."""
     where.mkdir()
     host_key, client_key = where / "host_key", where / "client_key"
     for key in (host_key, client_key):
@@ -220,7 +223,8 @@ async def start_sshd(nursery: trio.Nursery, where: Path) -> Sshd:
     _, output = await start_program(
         nursery, [sshd, "-D", "-e", "-f", str(config)], ready="Server listening on"
     )
-    return Sshd(port=port, client_key=client_key, output=output)
+    host_public_key = host_key.with_suffix(".pub").read_text().strip()
+    return Sshd(port=port, client_key=client_key, output=output, host_public_key=host_public_key)
 
 
 async def test_ssh_and_scp_through_the_proxies(tmp_path: Path) -> None:

@@ -2,22 +2,25 @@
 quick start's two commands, and a walk-through whose every line a new user can paste: each
 ``devstream`` command parses, each variable is defined before use, no two steps listen on one
 port, no example runs two clients under one device id, ssh hands the ProxyCommand the device
-id and the connection string, and the walk-through, pasted into bash, serves a page through
-the hub.
+id and the connection string, and the walk-through, pasted into bash with the installed
+console script, logs in with ssh through its ProxyCommand and through a local forward (to a
+throwaway sshd), serves a page through the hub, and stops what it started.
 
-Child processes use 127.0.0.1 only (the walk-through's ports replaced by free ones), each wait
-under a trio ``fail_after``."""
+Child processes use 127.0.0.1 only (the walk-through's ports replaced by free ones; the sshd
+gets a just-released one), each wait under a trio ``fail_after``, none on the clock."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import pwd
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +30,13 @@ import trio
 
 from devstream_core.errors import ErrorCode
 from devstream_trio.cli import build_parser
+from devstream_trio.cli.config import apply_config
 from devstream_trio.cli.options import parse_listen
 from devstream_trio.client.proxy import parse_forward, parse_map
 
 from ._helpers import Output, free_port, start_process
 from .conftest import require_tool
+from .test_proxy_e2e import start_sshd
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -386,43 +391,96 @@ async def test_proxy_command_reaches_devstream_as_written(tmp_path: Path) -> Non
     assert recorded == [[*expected, "--connection-string", owner]] * 2
 
 
+def runs_until_stopped(words: list[str]) -> bool:
+    """Whether *words* start a program that serves until it is stopped."""
+    if words[:3] == ["python3", "-m", "http.server"]:
+        return True
+    servers = (["hub"], ["proxy", "device"], ["proxy", "service"], ["echo", "device"])
+    return words[:1] == ["devstream"] and any(words[1 : 1 + len(s)] == s for s in servers)
+
+
+def test_a_server_in_the_foreground_ends_its_block() -> None:
+    """Pasted, a block goes on only once its commands return: a server or proxy followed by
+    more lines for the same machine (a ``# on …`` comment starts another) runs with ``&``."""
+    for block in fenced(readme_examples()):
+        for part in re.split(r"^# on .*$", block, flags=re.MULTILINE):
+            found = commands(part)
+            for command in found[:-1]:
+                assert command.background or not runs_until_stopped(command.words), command.line
+
+
+def test_the_readme_config_file_is_accepted(tmp_path: Path) -> None:
+    """The README's ``--config`` example gives each proxy its settings."""
+    (block,) = re.findall(r"```toml\n(.*?)\n *```", README.read_text(), re.DOTALL)
+    path = tmp_path / "devstream.toml"
+    path.write_text(textwrap.dedent(block) + "\n")
+    settings = {}
+    for role in ("device", "service", "stdio"):
+        args = build_parser().parse_args(["proxy", role, "--config", str(path)])
+        apply_config(args)
+        settings[role] = (args.map, args.device, args.forward, args.name)
+    assert settings == {
+        "device": (["ssh=127.0.0.1:22", "web=127.0.0.1:80"], None, [], None),
+        "service": ([], "my-device", ["127.0.0.1:2222=ssh"], None),
+        "stdio": ([], "my-device", [], "ssh"),
+    }
+
+
+def with_ssh_options(line: str, options: list[str], remote: str) -> str:
+    """The README's ``ssh …`` *line* with *options* after ``ssh`` and *remote* (a command
+    for the server to run, so that ssh returns) at its end; the rest as written."""
+    assert line.startswith("ssh "), line
+    return f"ssh {shlex.join(options)} {line.removeprefix('ssh ')} {shlex.quote(remote)}"
+
+
 async def test_walkthrough_runs_as_written(tmp_path: Path) -> None:
-    """Steps 1, 2, 3, 5 and 6 of the walk-through, and the echo check, pasted line by line
-    into one bash (the hub in a process of its own, as in its own terminal), each port replaced
-    by a free one and the hub given ``--listen`` for it: the echo comes back, a page comes back
-    from the "device" through the hub and the local forward, and step 6 stops every
-    background job. The ssh lines need an sshd on port
-    22 (and ``proxy stdio``); the ProxyCommand test above covers what they hand to devstream."""
-    require_tool("bash", "curl")
+    """The whole walk-through and the echo check, pasted line by line into one bash (the hub
+    in a process of its own, as in its own terminal), ``devstream`` being the installed
+    console script. Only what this machine forces is changed: each port is a free one (the
+    hub given ``--listen`` for it), the agent's ``ssh`` target is a throwaway sshd, and each
+    ``ssh`` line gets that sshd's client key, its host key as the only known host, batch mode,
+    standard input from ``/dev/null`` and a command to run. The ProxyCommand is the README's
+    own, on the command line and as its ``~/.ssh/config`` block (given with ``-F``). ssh logs
+    in through the ProxyCommand and through the local forward, a page comes back from the
+    "device", step 6 stops every background job, and Ctrl-C stops the hub."""
+    require_tool("bash", "curl", "ssh", "sshd", "ssh-keygen")
     blocks = fenced(section(WALKTHROUGH))
     ports = {port: free_port() for port in (8080, 8000, 2222, 8081)}
-
-    def local(text: str) -> str:
-        return re.sub(r"\b(8080|8000|2222|8081)\b", lambda m: str(ports[int(m[1])]), text)
+    user = pwd.getpwuid(os.geteuid()).pw_name  # the one user a throwaway sshd logs in
+    console_script = Path(sys.executable).parent / "devstream"
+    assert console_script.is_file()
 
     def block_with(needle: str) -> str:
         (block,) = [b for b in blocks if needle in b]
         return block
 
+    def line_with(block: str, start: str) -> str:
+        (line,) = [line for line in block.splitlines() if line.startswith(start)]
+        return line
+
     echo_blocks = fenced(section("Command line"))
     (start_echo,) = [b for b in echo_blocks if "echo device --connection-string" in b]
     (use_echo,) = [b for b in echo_blocks if "echo service --device echo-box" in b]
+    (ssh_config,) = [b for b in fenced(section(WALKTHROUGH), "text") if "ProxyCommand" in b]
+    agent = block_with("proxy device")
+    assert agent.count("--map ssh=127.0.0.1:22 ") == 1
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    wrapper = bin_dir / "devstream"
-    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m devstream_trio.cli "$@"\n')
-    wrapper.chmod(0o755)
+    (bin_dir / "devstream").symlink_to(console_script)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEVSTREAM_")}
     env |= {
         "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}",
         "HOME": str(tmp_path),
+        "USER": user,
+        "SHELL": "/bin/sh",  # what ssh runs a ProxyCommand with
         "PYTHONPATH": str(README.parent / "src"),
         "NO_PROXY": "*",
     }
     hub_argv = shlex.split(block_with("devstream hub"))
     assert hub_argv[:2] == ["devstream", "hub"] and "--listen" not in hub_argv
-    hub_argv = [str(wrapper), *hub_argv[1:], "--listen", f"127.0.0.1:{ports[8080]}"]
+    hub_argv = [*hub_argv, "--listen", f"127.0.0.1:{ports[8080]}"]
+    in_folder = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', str(tmp_path)]
     bash = await trio.lowlevel.open_process(
         ["bash"],
         stdin=subprocess.PIPE,
@@ -435,34 +493,97 @@ async def test_walkthrough_runs_as_written(tmp_path: Path) -> None:
     assert bash.stdin is not None and bash.stdout is not None
     shell = Output(bash.stdout)
 
-    async def paste(block: str, until: str) -> str:
-        assert bash.stdin is not None
-        await bash.stdin.send_all(local(block).encode() + b"\n")
-        try:
-            return await shell.until(until)
-        except trio.Cancelled:
-            print("the shell printed:", *shell.lines, sep="\n  ")
-            raise
-
     try:
         async with trio.open_nursery() as nursery:
             with trio.fail_after(60):
-                in_folder = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', str(tmp_path)]
-                _, hub = await start_process(nursery, in_folder + hub_argv, env)
-                await hub.until("devstream hub listening on")
+                sshd = await start_sshd(nursery, tmp_path / "sshd")
+                known_hosts = tmp_path / "known_hosts"
+                known_hosts.write_text(
+                    f"my-device,[127.0.0.1]:{ports[2222]} {sshd.host_public_key}\n"
+                )
+                ssh_options = [
+                    *("-i", str(sshd.client_key), "-o", "IdentitiesOnly=yes"),
+                    *("-o", f"UserKnownHostsFile={known_hosts}"),
+                    *("-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-n"),
+                ]
+                inline = ["-F", "/dev/null", *ssh_options]  # no ssh configuration file
+                (tmp_path / "ssh_config").write_text(ssh_config + "\n")
+
+                def local(text: str) -> str:
+                    """*text* with the machine's ports for the README's."""
+                    text = text.replace("ssh=127.0.0.1:22 ", f"ssh=127.0.0.1:{sshd.port} ")
+                    return re.sub(
+                        r"\b(8080|8000|2222|8081)\b", lambda m: str(ports[int(m[1])]), text
+                    )
+
+                async def paste(block: str, until: str) -> list[str]:
+                    """Paste *block* into the shell; the lines it printed up to the first
+                    that contains *until*."""
+                    assert bash.stdin is not None
+                    start = len(shell.lines)
+                    await bash.stdin.send_all(local(block).encode() + b"\n")
+                    try:
+                        await shell.until(until)
+                    except trio.Cancelled:
+                        print("the shell printed:", *shell.lines, sep="\n  ")
+                        raise
+                    return shell.lines[start:]
+
+                async def ssh(line: str, expected: str) -> None:
+                    """Run an ``ssh`` line: it prints *expected* and exits 0."""
+                    out = await paste(f"{line}\necho ssh-exit=$?", "ssh-exit=")
+                    assert expected in out and out[-1] == "ssh-exit=0", out
+
+                # 1. The hub, in a terminal of its own.
+                hub, hub_output = await start_process(nursery, in_folder + hub_argv, env)
+                await hub_output.until("devstream hub listening on")
+                # 2. The device and the variables.
                 await paste(block_with("export CS_OWNER") + "\necho defined", "defined")
-                await paste(block_with("proxy device"), "device 'my-device' online")
+                # 3. The agent and the web server.
+                await paste(agent, "device 'my-device' online")
                 # The echo check beside it, under an id of its own, stopped after.
                 await paste(start_echo, "device 'echo-box' online")
-                assert await paste(use_echo, "received: ") == "received: hello"
+                assert (await paste(use_echo, "received: "))[-1] == "received: hello"
+                # 4. ssh with the README's ProxyCommand, on the command line ...
+                step4 = line_with(block_with("ProxyCommand="), "ssh ")
+                line = with_ssh_options(step4, inline, "echo via-pc")
+                await ssh(line, "via-pc")
+                # ... and in an ssh configuration file.
+                options = ["-F", str(tmp_path / "ssh_config"), *ssh_options]
+                line = with_ssh_options('ssh "$USER@my-device"', options, "echo via-config")
+                await ssh(line, "via-config")
+                # 5. The local forwards, then ssh and curl through them.
                 await paste(block_with("proxy service"), "'web' on device 'my-device'")
-                curl = next(
-                    line for line in block_with("curl").splitlines() if line.startswith("curl ")
+                step5 = block_with("curl")
+                line = with_ssh_options(line_with(step5, "ssh "), inline, "echo via-forward")
+                await ssh(line, "via-forward")
+                curl = line_with(step5, "curl ")
+                assert (await paste(curl, "hello"))[-1] == "hello from my-device"
+                # 6. Every background job stops (each killed by the signal, none gone before).
+                running = await paste("pids=$(jobs -pr); jobs -r; echo listed", "listed")
+                assert len(running) == 4, running
+                for command in ("http.server", "proxy device", "proxy service"):
+                    assert sum(command in job for job in running) == 1, running
+                stopped = await paste(
+                    block_with("kill $(jobs -p)")
+                    + '\nfor p in $pids; do wait "$p"; echo "exit $?"; done; jobs -r; echo done',
+                    "done",
                 )
-                assert await paste(curl, "hello") == "hello from my-device"
-                await paste(block_with("kill $(jobs -p)") + "\nwait\necho stopped", "stopped")
+                # Each exits by the signal; no job is left (``jobs -r`` lists none).
+                assert [line for line in stopped if line.startswith(("exit", "["))] == [
+                    "exit 143"
+                ] * 3, stopped
+                # Then the hub, with Ctrl-C.
+                hub.send_signal(signal.SIGINT)
+                await hub_output.drain()
+                assert await hub.wait() == 130
+                assert not [line for line in hub_output.lines if "Traceback" in line]
             nursery.cancel_scope.cancel()
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(bash.pid, signal.SIGKILL)
         await bash.wait()
+    # Three logins, each through the sshd (and nothing else logged in).
+    accepted = [line for line in sshd.output.lines if "Accepted publickey" in line]
+    assert len(accepted) == 3, sshd.output.lines
+    assert all(f" for {user} from 127.0.0.1 " in line for line in accepted), accepted

@@ -25,11 +25,12 @@ __all__ = ["build_parser", "main", "version"]
 
 EXAMPLE = """\
 example (a hub, a device and a service, all on this machine):
-  devstream hub --listen 127.0.0.1:8080 &
+  devstream hub --listen 127.0.0.1:8080 &      # then wait for "listening on"
   CS_OWNER=$(devstream connection-string)
   CS_DEVICE=$(devstream device create my-device --connection-string "$CS_OWNER")
-  devstream echo device --connection-string "$CS_DEVICE" &
+  devstream echo device --connection-string "$CS_DEVICE" &      # then wait for "online"
   devstream echo service --device my-device --connection-string "$CS_OWNER"
+  kill $!      # the echo device: one client per device id, or they push each other off
 
 `devstream COMMAND --help` shows each command's options and an example."""
 

@@ -131,8 +131,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="the echo sample: a device that echoes, a service that asks",
         epilog="""\
 example (CS_DEVICE from `devstream device create`, CS_OWNER from `devstream connection-string`):
-  devstream echo device --connection-string "$CS_DEVICE" &
+  devstream echo device --connection-string "$CS_DEVICE" &      # then wait for "online"
   devstream echo service --device my-device --connection-string "$CS_OWNER"
+  kill $!      # the echo device: one client per device id, or they push each other off
 """,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
