@@ -114,7 +114,10 @@ async def test_a_replaced_device_connection_is_logged_as_replaced(
         with pytest.raises(ConnectionClosed):
             while True:
                 await first.ws.receive()
-    assert left.reason == "replaced by a newer connection of the device"  # type: ignore[attr-defined]
+    assert left.reason == (  # type: ignore[attr-defined]
+        "replaced by a newer connection of the device (its own, renewing its token, "
+        "or another client's)"
+    )
 
 
 async def test_a_device_silent_too_long_is_logged_as_silent(

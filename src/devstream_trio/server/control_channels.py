@@ -273,8 +273,13 @@ class ControlChannels:
         device, with the code it chose (``DEVICE_REPLACED``)."""
         session = self.sessions.get(event.connection_id)
         if session is not None:
-            # Its "device … left" line says so (once the channel's task is over).
-            session.leave_reason = "replaced by a newer connection of the device"
+            # Its "device … left" line says so (once the channel's task is over). The hub
+            # cannot tell a client renewing its token (it opens its next channel before it
+            # leaves this one) from another client with the same id: the line says both.
+            session.leave_reason = (
+                "replaced by a newer connection of the device (its own, renewing its token, "
+                "or another client's)"
+            )
             session.close(event.code)
 
     def drop_idle(self, now: float) -> None:
