@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import trio
 
@@ -19,10 +18,7 @@ from devstream_core.wire import MAX_FRAMED_MESSAGE_SIZE
 
 from ..transport.websocket import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket
 from .ledger import StreamRecord
-from .sides import close_with
-
-if TYPE_CHECKING:
-    from .streaming import StreamingEndpoint
+from .sides import RelayHost, close_with
 
 __all__ = ["LONE_PING_INTERVAL", "MAX_FRAMED_MESSAGE", "FramedRelay", "FramedRelays"]
 
@@ -69,7 +65,7 @@ class _IdleWatch:
 class FramedRelays:
     """The devstream.v1 streams of one hub, by stream id, and their sides' silence."""
 
-    def __init__(self, endpoint: StreamingEndpoint, idle_timeout: float) -> None:
+    def __init__(self, endpoint: RelayHost, idle_timeout: float) -> None:
         self.endpoint = endpoint
         self.bridge = endpoint.bridge
         self.metrics = endpoint.metrics

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import trio
 
@@ -16,10 +15,7 @@ from devstream_core.errors import ErrorCode
 from ..transport.http import HttpRequest, HttpServerConnection
 from ..transport.websocket import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket, close_forcefully
 from .ledger import Flow, StreamRecord
-from .sides import close_quietly, close_with
-
-if TYPE_CHECKING:
-    from .streaming import StreamingEndpoint
+from .sides import RelayHost, close_quietly, close_with
 
 __all__ = ["RawRelays"]
 
@@ -41,7 +37,7 @@ class _RawSlot:
 class RawRelays:
     """The raw streams of one hub, by stream id."""
 
-    def __init__(self, endpoint: StreamingEndpoint) -> None:
+    def __init__(self, endpoint: RelayHost) -> None:
         self.endpoint = endpoint
         self.metrics = endpoint.metrics
         self.close_timeout = endpoint.close_timeout

@@ -1,20 +1,43 @@
-"""Closing one side of a stream at the hub, for a reason (an error code)."""
+"""What the hub's two relays share: closing one side of a stream for a reason (an error
+code), and :class:`RelayHost`, what a relay needs of the streaming endpoint that runs it."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Protocol
 
 import trio
 
+from devstream_core.bridge import Bridge
 from devstream_core.errors import ErrorCode, close_reason_for
 from devstream_core.framing import Reset, encode_frame
 
 from ..transport.websocket import ConnectionClosed, WebSocket
+from .metrics import Metrics
 
-__all__ = ["close_quietly", "close_with"]
+__all__ = ["RelayHost", "close_quietly", "close_with"]
 
 log = logging.getLogger("devstream.hub")
+
+
+class RelayHost(Protocol):
+    """What the raw and devstream.v1 relays use of the streaming endpoint that runs them
+    (:class:`~.streaming.StreamingEndpoint`): its bridge and counters, its close timeout, and
+    what it does when a side leaves, a stream is over, or a deadline was added."""
+
+    bridge: Bridge
+    metrics: Metrics
+    close_timeout: float
+
+    def wake(self, due: float | None) -> None:
+        """A machine added a deadline (*due*: its next one): the hub's timer looks again."""
+
+    def leave(self, stream_id: str, connection_id: int) -> None:
+        """Connection *connection_id*, a side of *stream_id*, left."""
+
+    def settle(self, stream_id: str) -> None:
+        """Stream *stream_id*'s line is written if the bridge says it is over."""
 
 
 async def close_with(
