@@ -314,6 +314,20 @@ def test_any_bytes_after_the_ping_answer_it() -> None:
     assert s.timer(10.0, random_fraction=0.5) == [SendPing(channel=1)]
 
 
+def test_the_timer_takes_the_channels_last_bytes_first() -> None:
+    """What the adapter hands the timer counts as reported before it: bytes after the ping
+    answer it; bytes before it do not."""
+    s = online(ping_interval=5.0, ping_timeout=3.0)
+    assert s.timer(5.0, random_fraction=0.5) == [SendPing(channel=1)]
+    assert s.timer(8.0, random_fraction=0.5, last_received={1: 5.2}) == []
+    assert not s.ping_in_flight and s.online
+    assert s.timer(10.0, random_fraction=0.5, last_received={1: 5.2}) == [SendPing(channel=1)]
+    assert s.timer(13.0, random_fraction=0.25, last_received={1: 9.9}) == [
+        CloseChannel(channel=1, reason=CloseReason.DEAD),
+        Reconnect(after=0.25, attempt=1),
+    ]
+
+
 def test_one_ping_in_flight_at_most() -> None:
     """With the timeout longer than the interval, a ping in flight holds back the next."""
     s = online(ping_interval=2.0, ping_timeout=5.0)

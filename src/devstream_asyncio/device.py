@@ -153,10 +153,11 @@ class DeviceClient:
                         async with asyncio.timeout(timeout):
                             await self._wakeup.wait()
                     continue
-                for channel in self._channels.values():
-                    if channel.ws is not None:
-                        machine.data_received(channel.number, at=channel.ws.last_received)
-                self._apply(machine.timer(now, random_fraction=self._rng.random()))
+                channels = self._channels.values()
+                received = {c.number: c.ws.last_received for c in channels if c.ws is not None}
+                self._apply(
+                    machine.timer(now, random_fraction=self._rng.random(), last_received=received)
+                )
         finally:
             self.online = False
             self._online.clear()

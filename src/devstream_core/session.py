@@ -34,9 +34,9 @@ The adapter's loop, the same for every I/O layer::
             handshake done        actions = session.channel_opened(n, now)
             Registered arrived    actions = session.registered(n, now)
             refused, closed, lost actions = session.channel_lost(n, now, code=, random_fraction=)
-            deadline reached      session.data_received(n, at=<when its last bytes came>)
-                                  for each open channel, then
-                                  actions = session.timer(now, random_fraction=)
+            deadline reached      actions = session.timer(now, random_fraction=,
+                                      last_received={n: <when its last bytes came>, ...})
+                                  (or data_received(n, at=) for each open channel first)
 
 The machine, one :class:`SessionState` at a time, moved by :class:`SessionInput`\\ s along
 :data:`SESSION_TRANSITIONS` (a call that would make a move missing from it raises
@@ -706,10 +706,21 @@ class DeviceSession:
             return self._pending_lost(now, fraction, closing=None, cause=cause)
         return self._serving_lost(now, fraction, closing=None, cause=cause)
 
-    def timer(self, now: float, *, random_fraction: float) -> list[Action]:
+    def timer(
+        self,
+        now: float,
+        *,
+        random_fraction: float,
+        last_received: Mapping[int, float] | None = None,
+    ) -> list[Action]:
         """Do what is due by *now*: close drained channels, reconnect after the backoff, give
         up on a Register or a ping unanswered, renew, ping. *random_fraction* picks the
-        backoff, if a channel is lost here."""
+        backoff, if a channel is lost here. *last_received* (channel -> the time bytes last
+        arrived on it), when given, is reported first as :meth:`data_received` would be: an
+        adapter that only notes the time of each read hands it over here, at the one moment
+        it must be known."""
+        for channel, at in (last_received or {}).items():
+            self.data_received(channel, at=at)
         self._clock(now)
         fraction = _fraction(random_fraction)
         actions: list[Action] = []

@@ -322,10 +322,14 @@ class _SessionDriver:
                     with trio.move_on_at(math.inf if deadline is None else deadline):
                         await self._wakeup.wait()
                     continue
-                for channel in self.channels.values():
-                    if channel.ws is not None:
-                        self.session.data_received(channel.number, at=channel.ws.last_received)
-                self._apply(self.session.timer(trio.current_time(), random_fraction=self._random()))
+                received = {
+                    c.number: c.ws.last_received for c in self.channels.values() if c.ws is not None
+                }
+                self._apply(
+                    self.session.timer(
+                        trio.current_time(), random_fraction=self._random(), last_received=received
+                    )
+                )
 
     def _random(self) -> float:
         return self.rng.random()
