@@ -105,6 +105,7 @@ async def test_a_replaced_device_connection_is_logged_as_replaced(
     with trio.fail_after(TIMEOUT):
         first = await ManualDevice.connect(hub_env, cs)
         old = await next_event(hub_log, "device_connected", device_id="twice")
+        started = trio.current_time()
         await ManualDevice.connect(hub_env, cs)
         left = await next_event(
             hub_log,
@@ -114,6 +115,8 @@ async def test_a_replaced_device_connection_is_logged_as_replaced(
         with pytest.raises(ConnectionClosed):
             while True:
                 await first.ws.receive()
+        # At once: not after a ping, an idle limit or a response timeout.
+        assert trio.current_time() - started < 1.0
     assert left.reason == (  # type: ignore[attr-defined]
         "replaced by a newer connection of the device (its own, renewing its token, "
         "or another client's)"
@@ -185,8 +188,11 @@ async def test_a_devstream_v1_stream_end_line(
                 received += len(await stream.receive_some())
             await stream.send_eof()
             assert await stream.receive_some() == b""
+            closed = trio.current_time()
             await stream.aclose()
         ended = await next_event(hub_log, "stream_ended", device_id="framed")
+        # Written as the stream ends, not at a later timer.
+        assert trio.current_time() - closed < 1.0
     fields = vars(ended)
     assert (fields["mode"], fields["stream_name"], fields["end"]) == (
         "devstream.v1",
@@ -238,8 +244,13 @@ async def test_a_stream_whose_side_vanishes_says_so(
         device_ws, service_ws, _ = await raw_stream(hub_env, device)
         await device_ws.send_bytes(b"last words")
         assert await receive_message(service_ws) == b"last words"
+        aborted = trio.current_time()
         await device_ws.abort()
+        with pytest.raises(ConnectionClosed):  # the service answers the close passed on
+            while True:
+                await service_ws.receive()
         ended = await next_event(hub_log, "stream_ended", device_id="gone")
+        assert trio.current_time() - aborted < 1.0  # a raw side is not held for a resume
     fields = vars(ended)
     assert (fields["end"], fields["by"], fields["code"]) == ("vanished", "device", 1006)
     assert fields["bytes_to_service"] == len(b"last words")
@@ -252,11 +263,14 @@ async def test_a_stream_of_a_disabled_device_is_reset_by_the_hub(
     device = await ManualDevice.connect(hub_env, await hub_env.create_device("revoked"))
     with trio.fail_after(TIMEOUT):
         _, service_ws, _ = await raw_stream(hub_env, device)
+        disabled = trio.current_time()
         await hub_env.service().set_device_status("revoked", "disabled")
         ended = await next_event(hub_log, "stream_ended", device_id="revoked")
         with pytest.raises(ConnectionClosed):
             while True:
                 await service_ws.receive()
+        # At once, not after the 30 s grace a dropped side gets.
+        assert trio.current_time() - disabled < 1.0
         left = await next_event(hub_log, "device_left", device_id="revoked")
     fields = vars(ended)
     assert (fields["end"], fields["by"], fields["code"]) == (

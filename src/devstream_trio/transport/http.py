@@ -56,12 +56,14 @@ __all__ = [
 
 _RECEIVE_SIZE = 65536
 #: One header line as :func:`_plain_fields` takes it: a name, a colon, the value with the
-#: spaces and tabs around it left out (one regular expression for what ``FIELD_NAME`` and
-#: ``FIELD_VALUE`` check of a stripped value: a line is read in one call). Trailing spaces
-#: only after a value, so a line of spaces that fails, fails in linear time.
+#: spaces and tabs around it left out: the core's ``FIELD_NAME`` and ``FIELD_VALUE`` (of a
+#: stripped value) in one regular expression, so that a line is read in one call. Trailing
+#: spaces only after a value (``FIELD_VALUE`` without its final ``?``, which makes it
+#: optional), so a line of spaces that fails, fails in linear time.
+assert handshake.FIELD_VALUE.pattern.endswith(b")?")
 _FIELD_LINE = re.compile(
-    rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[\t ]*"
-    rb"(?:([\x21-\x7e\x80-\xff]+(?:[\t ]+[\x21-\x7e\x80-\xff]+)*)[\t ]*)?"
+    b"(" + handshake.FIELD_NAME.pattern + rb"):[\t ]*"
+    b"(?:(" + handshake.FIELD_VALUE.pattern[:-1] + rb")[\t ]*)?"
 )
 #: The status line and the header lines of a ``101`` the client reads itself; anything else
 #: (another status, another HTTP version, a line these refuse) goes to h11.
