@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
@@ -26,7 +27,7 @@ from devstream_core.authorization import (
     authorize_policy,
     read_credential,
 )
-from devstream_core.coordinator import DeviceReplaced
+from devstream_core.coordinator import Coordinator, CoordinatorEvent, DeviceReplaced
 from devstream_core.credentials import SasToken, device_resource
 from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for
 from devstream_core.registry import Device, Permission, Policy, check_device_access
@@ -36,11 +37,11 @@ from devstream_core.websocket import BytesMessage, TextMessage
 
 from ..transport.http import HttpError, HttpRequest, HttpServerConnection
 from ..transport.websocket import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket, payload
+from .config import HubConfig
+from .metrics import Metrics
+from .store import RegistryStore
 
-if TYPE_CHECKING:
-    from .hub import Hub
-
-__all__ = ["ControlChannels", "Session"]
+__all__ = ["ChannelsHost", "ControlChannels", "Session"]
 
 log = logging.getLogger("devstream.hub")
 
@@ -98,10 +99,34 @@ def peer_address(stream: trio.abc.Stream) -> str:
     return "?"
 
 
+class ChannelsHost(Protocol):
+    """What :class:`ControlChannels` uses of the hub that runs it (:class:`~.hub.Hub`): its
+    configuration, registry, coordinator and counters, the host name and wall clock a SAS
+    token is checked with, and what it does with the coordinator's events, with a device's
+    changed record, and when the coordinator has a new deadline."""
+
+    config: HubConfig
+    store: RegistryStore
+    coordinator: Coordinator
+    metrics: Metrics
+    host_name: str
+    wall_clock: Callable[[], float]
+
+    def wake(self) -> None:
+        """The coordinator has a new deadline: the hub's timer looks again."""
+
+    def dispatch(self, events: list[CoordinatorEvent]) -> None:
+        """Carry out what the coordinator decided."""
+
+    def check_device(self, device_id: str, device: Device | None) -> None:
+        """Close what *device* (the record of *device_id*, None when deleted) no longer lets
+        in."""
+
+
 class ControlChannels:
     """Every device control channel of one hub."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: ChannelsHost) -> None:
         self.hub = hub
         self.sessions: dict[int, Session] = {}
         #: The channels' silence, watched from one schedule, not a task each.

@@ -2,7 +2,9 @@
 and the streaming endpoint.
 
 The hub drives the sans-IO core from trio; :class:`Hub` holds the core machines and the
-parts that carry out their decisions, each in a module of its own:
+parts that carry out their decisions, each in a module of its own (each part names what it
+uses of the hub in a protocol beside it, ``ChannelsHost``, ``InitiationsHost``,
+``RegistryHost``, ``RequestsHost``, and does not import this module):
 
 * each accepted connection is read by one task (:meth:`Hub.handle_connection`), whose
   requests :class:`~.requests.Requests` answers or routes: a device's control channel to

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
 from devstream_core import control, wire
+from devstream_core.bridge import Bridge
 from devstream_core.common import Role
 from devstream_core.coordinator import (
+    Coordinator,
     CoordinatorEvent,
     InitiationAccepted,
     InitiationFailed,
@@ -27,16 +30,17 @@ from devstream_core.coordinator import (
 )
 from devstream_core.errors import DevstreamError, ErrorCode, RemoteProtocolError
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
-from devstream_core.registry import Permission
+from devstream_core.registry import Device, Permission, Policy
 from devstream_core.routes import BridgeJoin, Initiate
 
 from ..transport.http import HttpError, HttpRequest, HttpServerConnection
 from ..transport.websocket import ConnectionClosed
+from .config import HubConfig
+from .control_channels import ControlChannels
+from .metrics import Metrics
+from .streaming import StreamingEndpoint
 
-if TYPE_CHECKING:
-    from .hub import Hub
-
-__all__ = ["Initiations"]
+__all__ = ["Initiations", "InitiationsHost"]
 
 log = logging.getLogger("devstream.hub")
 
@@ -64,10 +68,43 @@ class Outcome:
     service_token: str = ""
 
 
+class InitiationsHost(Protocol):
+    """What :class:`Initiations` uses of the hub that runs it (:class:`~.hub.Hub`): its
+    configuration, coordinator, bridge, streaming endpoint, control channels and counters, the
+    streaming endpoint's URL and a source of random bytes; how it authorises a service and
+    checks a device, what it does with the coordinator's events, with a deadline added and
+    with a refusal for a limit."""
+
+    config: HubConfig
+    coordinator: Coordinator
+    bridge: Bridge
+    streaming: StreamingEndpoint
+    channels: ControlChannels
+    metrics: Metrics
+    ws_url: str
+    random_bytes: Callable[[int], bytes]
+
+    async def authorize_policy(self, request: HttpRequest, needed: Permission) -> Policy:
+        """The policy whose SAS token *request* carries, if it grants *needed*; HttpError
+        otherwise."""
+
+    async def usable_device(self, device_id: str) -> Device:
+        """The device *device_id*, if it exists and is enabled; HttpError otherwise."""
+
+    def dispatch(self, events: list[CoordinatorEvent]) -> None:
+        """Carry out what the coordinator decided."""
+
+    def wake(self, due: float | None) -> None:
+        """A machine added a deadline (*due*: its next one): the hub's timer looks again."""
+
+    def limit_reached(self, limit: str, message: str) -> None:
+        """A request was refused for *limit* (*message* says which, for whom)."""
+
+
 class Initiations:
     """The initiations of one hub that wait for their device's answer."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: InitiationsHost) -> None:
         self.hub = hub
         self.outcomes: dict[str, Outcome] = {}
 

@@ -13,16 +13,20 @@ deleted, is refused from the next request on.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
+from devstream_core.bridge import Bridge
+from devstream_core.coordinator import Coordinator
 from devstream_core.errors import DevstreamError, ErrorCode
 from devstream_core.registry import (
     DEVICE_RANDOM_BYTES,
     KEY_RANDOM_BYTES,
     POLICY_ADMIN,
     POLICY_RANDOM_BYTES,
+    Device,
     Permission,
     Policy,
     check_policy_delete,
@@ -38,17 +42,41 @@ from devstream_core.registry import (
 from devstream_core.routes import DeviceItem, DeviceKeyRotation, PolicyItem, PolicyKeyRotation
 
 from ..transport.http import HttpError, HttpRequest, HttpServerConnection
+from .control_channels import ControlChannels
+from .store import RegistryStore
+from .streaming import StreamingEndpoint
 
-if TYPE_CHECKING:
-    from .hub import Hub
+__all__ = ["RegistryApi", "RegistryHost"]
 
-__all__ = ["RegistryApi"]
+
+class RegistryHost(Protocol):
+    """What :class:`RegistryApi` uses of the hub that runs it (:class:`~.hub.Hub`): its
+    registry, coordinator, control channels, bridge and streaming endpoint (for ``GET
+    /streams``) and a source of random bytes (for new keys); how it authorises a request, and
+    what it does when a device's or a policy's record changed."""
+
+    store: RegistryStore
+    coordinator: Coordinator
+    channels: ControlChannels
+    bridge: Bridge
+    streaming: StreamingEndpoint
+    random_bytes: Callable[[int], bytes]
+
+    async def authorize_policy(self, request: HttpRequest, needed: Permission) -> Policy:
+        """The policy whose SAS token *request* carries, if it grants *needed*; HttpError
+        otherwise."""
+
+    def device_changed(self, device_id: str, device: Device | None) -> None:
+        """The registry's record of *device_id* changed to *device* (None: deleted)."""
+
+    def policy_changed(self, name: str, policy: Policy | None) -> None:
+        """The registry's record of policy *name* changed to *policy* (None: deleted)."""
 
 
 class RegistryApi:
     """The registry routes of one hub."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: RegistryHost) -> None:
         self.hub = hub
         #: Held by every write (PUT, DELETE of a device), so that an If-Match is checked
         #: against the etag its write replaces.

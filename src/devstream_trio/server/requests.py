@@ -14,10 +14,13 @@ neither reaches another connection.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
+from devstream_core.admission import ConnectionLimits
+from devstream_core.bridge import Bridge
+from devstream_core.coordinator import Coordinator
 from devstream_core.errors import DevstreamError, ErrorCode
 from devstream_core.routes import (
     BridgeJoin,
@@ -37,13 +40,15 @@ from devstream_core.routes import (
 from devstream_core.routes import Metrics as MetricsRoute
 
 from ..transport.http import HttpError, HttpRequest, HttpServerConnection
-from .control_channels import Session
+from .config import HubConfig
+from .control_channels import ControlChannels, Session
+from .initiation import Initiations
+from .metrics import Metrics
+from .registry_api import RegistryApi
 from .store import StoreError
+from .streaming import StreamingEndpoint
 
-if TYPE_CHECKING:
-    from .hub import Hub
-
-__all__ = ["OVER_LIMIT_REQUEST_TIME", "Requests"]
+__all__ = ["OVER_LIMIT_REQUEST_TIME", "Requests", "RequestsHost"]
 
 log = logging.getLogger("devstream.hub")
 
@@ -51,10 +56,27 @@ log = logging.getLogger("devstream.hub")
 OVER_LIMIT_REQUEST_TIME = 2.0
 
 
+class RequestsHost(Protocol):
+    """What :class:`Requests` uses of the hub that runs it (:class:`~.hub.Hub`): its
+    configuration, connection limits and counters, the parts that answer the routes (control
+    channels, initiations, registry API, streaming endpoint), and the coordinator and bridge
+    whose figures ``GET /metrics`` shows."""
+
+    config: HubConfig
+    limits: ConnectionLimits
+    metrics: Metrics
+    channels: ControlChannels
+    initiations: Initiations
+    registry: RegistryApi
+    streaming: StreamingEndpoint
+    coordinator: Coordinator
+    bridge: Bridge
+
+
 class Requests:
     """The requests of the hub's connections, each answered by the part its route names."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: RequestsHost) -> None:
         self.hub = hub
 
     async def answer_over_limit(self, stream: trio.abc.Stream) -> None:
