@@ -332,6 +332,74 @@ def test_one_connection_cannot_be_both_sides() -> None:
     assert join(bridge, tokens[Role.SERVICE], role=Role.SERVICE, conn=2).paired
 
 
+@pytest.mark.parametrize("mode", ["raw", "devstream.v1"])
+def test_the_opener_joins_without_its_token_which_is_then_used_up(mode: str) -> None:
+    """A one-step open: the connection that asked for the stream joins as the service without
+    presenting a token. It pairs like a token's join; its token is spent (a copy of it is
+    refused as reused) and the device joins with its own token as usual."""
+    bridge = Bridge(secret=SECRET)
+    tokens = create(bridge, mode=mode)
+    opener = bridge.join_opener(
+        stream_id="s1", role=Role.SERVICE, connection_id=10, now=NOW + 1, resume_nonce=nonce()
+    )
+    assert opener == Joined(
+        stream_id="s1",
+        role=Role.SERVICE,
+        device_id="dev",
+        mode=mode,
+        connection_id=10,
+        paired=False,
+        peer_connection_id=None,
+        resume_token=opener.resume_token,
+    )
+    assert (opener.resume_token is None) == (mode == "raw")
+    if opener.resume_token is not None:  # the side's first resume token works
+        verify_resume_token(
+            opener.resume_token, secret=SECRET, stream_id="s1", role=Role.SERVICE, now=NOW + 1
+        )
+    token = tokens[Role.SERVICE]
+    assert refused(bridge, token, role=Role.SERVICE) is ErrorCode.STREAM_TOKEN_REUSED
+    assert join(bridge, tokens[Role.DEVICE], role=Role.DEVICE, conn=20).paired
+    assert bridge.paired_count() == 1
+
+
+def test_the_opener_is_refused_as_its_token_would_be() -> None:
+    """Once its token was presented: reused. At the token's expiry (not a moment before): expired.
+    After the stream ended: not found. A devstream.v1 join without a resume nonce: refused, and
+    nothing is used up."""
+    bridge = Bridge(secret=SECRET)
+    tokens = create(bridge)
+    join(bridge, tokens[Role.SERVICE], role=Role.SERVICE, conn=1)
+    with pytest.raises(DevstreamError) as info:
+        bridge.join_opener(stream_id="s1", role=Role.SERVICE, connection_id=2, now=NOW + 1)
+    assert info.value.code is ErrorCode.STREAM_TOKEN_REUSED
+
+    bridge = Bridge(secret=SECRET)
+    create(bridge)
+    with pytest.raises(DevstreamError) as info:
+        bridge.join_opener(stream_id="s1", role=Role.SERVICE, connection_id=2, now=EXPIRES)
+    assert info.value.code is ErrorCode.STREAM_TOKEN_EXPIRED
+    joined = bridge.join_opener(
+        stream_id="s1", role=Role.SERVICE, connection_id=2, now=EXPIRES - 1e-9
+    )
+    assert joined.role is Role.SERVICE
+
+    bridge = Bridge(secret=SECRET)
+    create(bridge)
+    bridge.cancel(stream_id="s1", now=NOW + 1)
+    with pytest.raises(DevstreamError) as info:
+        bridge.join_opener(stream_id="s1", role=Role.SERVICE, connection_id=2, now=NOW + 1)
+    assert info.value.code is ErrorCode.NOT_FOUND
+
+    bridge = Bridge(secret=SECRET)
+    tokens = create(bridge, mode="devstream.v1")
+    with pytest.raises(LocalProtocolError):
+        bridge.join_opener(stream_id="s1", role=Role.SERVICE, connection_id=2, now=NOW + 1)
+    assert join(bridge, tokens[Role.SERVICE], role=Role.SERVICE, conn=3).role is Role.SERVICE
+    with pytest.raises(LocalProtocolError):
+        bridge.join_opener(stream_id="s1", role=Role.DEVICE, connection_id=3, now=float("nan"))
+
+
 # -- refusals ----------------------------------------------------------------------------------
 
 

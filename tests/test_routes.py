@@ -370,3 +370,42 @@ def test_fuzz_http_path_main_fallback(capsys: pytest.CaptureFixture[str], tmp_pa
     crash_file = tmp_path / "input"
     crash_file.write_bytes(b"GET /devices/%41")
     assert fuzz.main(["--fallback", str(crash_file)]) == 0
+
+
+def _api_version_as_parse_qs_reads_it(query: str) -> str | ErrorCode | None:
+    """What the ``api-version`` of *query* is by the standard library's reading of it."""
+    from urllib.parse import parse_qs
+
+    from devstream_core.routes import MAX_QUERY_FIELDS
+
+    try:
+        fields = parse_qs(query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
+    except ValueError:
+        return ErrorCode.ARGUMENT_INVALID
+    values = fields.get("api-version")
+    if values is None:
+        return None
+    return values[0] if len(values) == 1 else ErrorCode.ARGUMENT_INVALID
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["api-version", "api", "version", "=", "&", "2020-09-30", "-", "x"]),
+        max_size=12,
+    ).map("".join)
+    | st.integers(60, 70).map(lambda n: "&".join(["a=1"] * n)),
+)
+def test_a_query_with_nothing_to_decode_reads_as_parse_qs_reads_it(query: str) -> None:
+    """Without ``%`` or ``+`` the query is read without decoding (the usual initiate); the
+    value, its absence, a repeated key and too many fields come out as ``parse_qs`` says."""
+    expected = _api_version_as_parse_qs_reads_it(query)
+    target = f"/twins/dev/streams/echo?{query}".encode()
+    if isinstance(expected, ErrorCode):
+        with pytest.raises(RemoteProtocolError) as info:
+            parse_route(b"POST", target)
+        assert info.value.code is expected
+    else:
+        route = parse_route(b"POST", target)
+        assert isinstance(route, Initiate)
+        assert route.api_version == expected

@@ -528,3 +528,15 @@ def test_an_expiry_that_rounds_up_in_milliseconds_is_rounded_down() -> None:
     expires_at = stream_token_expiry(now=0.0, lifetime=just_under)
     assert expires_at == 0.116
     assert expires_at <= just_under
+
+
+def test_b64url_is_unpadded_urlsafe_base64_at_every_length() -> None:
+    import base64
+    import os
+
+    from devstream_core.common import b64url
+
+    for size in range(70):
+        raw = os.urandom(size) if size % 3 else bytes(range(256))[-size:] if size else b""
+        assert b64url(raw) == base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    assert b64url(b"\xfb\xff\xbf") == "-_-_"  # the two characters that differ from base64

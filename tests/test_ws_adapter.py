@@ -753,6 +753,60 @@ async def test_send_whole_messages_one_frame_each(
     assert joined == [b"ab", big, b""]
 
 
+@pytest.mark.parametrize("kind", [ConnectionType.CLIENT, ConnectionType.SERVER])
+async def test_send_whole_messages_then_close_in_one_write(
+    autojump_clock: trio.abc.Clock, kind: ConnectionType
+) -> None:
+    """With ``then_close``, the close follows the messages in the same write: the peer reads
+    the messages and the close at once, in that order; a code only ever reported (1006) goes
+    out as 1001, as send_close sends it. The sender then counts as closing."""
+    peer, ws = raw_pair(kind)
+    writes: list[bytes] = []
+    send_all = ws.stream.send_all
+
+    async def counted(data: bytes | bytearray | memoryview) -> None:
+        writes.append(bytes(data))
+        await send_all(data)
+
+    ws.stream.send_all = counted  # type: ignore[method-assign]
+    sent = await ws.send_whole_messages(
+        [[b"last", b"-ack"]], then_close=CloseConnection(code=1000, reason="done")
+    )
+    assert sent == 8
+    assert len(writes) == 1
+    assert ws.close_sent and not ws.is_open
+    with trio.fail_after(5):
+        first_read = await peer.next_events()
+    assert first_read == [
+        BytesMessage(data=b"last-ack", message_finished=True),
+        CloseConnection(code=1000, reason="done"),
+    ]
+    peer2, ws2 = raw_pair(kind)
+    await ws2.send_whole_messages([[b"x"]], then_close=CloseConnection(code=1006, reason="lost"))
+    with trio.fail_after(5):
+        assert (await peer2.next_events())[-1] == CloseConnection(code=1001, reason="lost")
+
+
+async def test_queued_close_names_the_close_already_read(autojump_clock: trio.abc.Clock) -> None:
+    """A close read in the same batch as messages is queued behind them: ``queued_close``
+    names it once the messages are taken (not before, and not while nothing is queued), and
+    the next receive still answers it and raises."""
+    peer, hub_side = raw_pair()
+    assert hub_side.queued_close is None
+    await peer.send(
+        BytesMessage(data=b"ack", message_finished=True),
+        CloseConnection(code=1000, reason=""),
+    )
+    with trio.fail_after(5):
+        assert await hub_side.receive_messages(100) == [[b"ack"]]
+        assert hub_side.queued_close == CloseConnection(code=1000, reason="")
+        with pytest.raises(ConnectionClosed) as info:
+            await hub_side.receive_messages(100)
+    assert info.value.code == 1000
+    assert hub_side.queued_close is None
+    assert await peer.next_events() == [CloseConnection(code=1000, reason="")]
+
+
 # --- over a real socket: the vectored writes -------------------------------------------------
 
 
@@ -953,6 +1007,23 @@ async def test_send_bytes_nowait_writes_at_once_without_a_checkpoint() -> None:
         assert client.send_bytes_nowait(b"now")
     assert not client.has_backlog
     assert payload(await server.receive()) == b"now"
+    await client.abort()
+    await server.abort()
+
+
+async def test_send_bytes_nowait_then_close_writes_both_at_once() -> None:
+    """A stream's last frames and its close: one write, no checkpoint; the peer gets the
+    message, then the close (1006, only ever reported, goes out as 1001), and answers it."""
+    client, server = await socket_ws_pair(buffer_size=1 << 20)
+    with trio.testing.assert_no_checkpoints():
+        assert client.send_bytes_nowait(b"ack", then_close=CloseConnection(code=1006, reason="bye"))
+    assert client.close_sent and not client.has_backlog
+    assert payload(await server.receive()) == b"ack"
+    with pytest.raises(ConnectionClosed) as info:
+        await server.receive()
+    assert (info.value.code, info.value.reason) == (1001, "bye")
+    with pytest.raises(ConnectionClosed):  # the server's answer completes the handshake
+        await client.receive()
     await client.abort()
     await server.abort()
 
@@ -1384,3 +1455,54 @@ async def test_one_frame_in_many_small_reads_is_one_fragment(
         assert trio.current_time() - began < pieces * 0.001 + 0.01
     assert received == [data]
     assert await nothing_arrives(peer.stream)  # no close
+
+
+async def test_send_text_by_writes_at_once_when_the_kernel_takes_it(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A message the socket takes whole: sent, True, no time passes."""
+    client, server = await socket_ws_pair()
+    start = trio.current_time()
+    assert await client.send_text_by('{"type":"streamRequest"}', start + 2)
+    assert trio.current_time() == start
+    assert await server.receive_message(1 << 20) == b'{"type":"streamRequest"}'
+    await client.abort()
+    await server.abort()
+
+
+async def test_send_text_by_cuts_a_message_the_peer_does_not_read_at_its_deadline(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A peer that reads nothing: the part the socket took went out, the rest cannot. At the
+    deadline (not before, not later) the send gives up and the connection is closed, since
+    the next frame would read as the rest of this one."""
+    client, server = await socket_ws_pair()
+    start = trio.current_time()
+    assert not await client.send_text_by("z" * 400_000, start + 2)
+    assert trio.current_time() - start == pytest.approx(2)
+    assert client.closed is not None and client.closed.code == ABNORMAL_CLOSURE
+    with pytest.raises(ConnectionClosed):
+        await client.send_text("next")
+    with pytest.raises(ConnectionClosed):  # the peer never gets a whole message
+        await server.receive_message(1 << 20)
+    await server.abort()
+
+
+async def test_send_text_by_waiting_its_turn_past_the_deadline_sends_nothing(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Behind another send that waits: at the deadline nothing of the message went out and
+    the connection stays open; the other send's message arrives whole, alone."""
+    client, server = await socket_ws_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_bytes, b"y" * 400_000)  # fills the socket, then waits
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        assert not await client.send_text_by("late", start + 1)
+        assert trio.current_time() - start == pytest.approx(1)
+        assert client.closed is None
+        assert await server.receive_message(1 << 20) == b"y" * 400_000
+    await client.send_text("after")
+    assert await server.receive_message(1 << 20) == b"after"
+    await client.abort()
+    await server.abort()

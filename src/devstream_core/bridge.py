@@ -83,13 +83,12 @@ Rules:
 
 from __future__ import annotations
 
-import base64
 import heapq
 import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .common import IdentityEnum, Role
+from .common import IdentityEnum, Role, b64url
 from .control import MODE_FRAMED, MODE_RAW
 from .errors import DevstreamError, ErrorCode, LocalProtocolError, StreamTokenError
 from .tokens import (
@@ -329,8 +328,7 @@ class _Stream:
     spent_resume_nonces: set[str] = field(default_factory=set)
 
 
-def _nonce_text(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+_nonce_text = b64url
 
 
 def _check_now(now: float) -> None:
@@ -487,6 +485,43 @@ class Bridge:
         if stream.nonces[claims.role] != claims.nonce:
             # Signed by this hub for this stream id, but for an earlier stream of that id.
             raise StreamTokenError(ErrorCode.STREAM_TOKEN_INVALID)
+        return self._join(stream, claims.role, claims.expires_at, connection_id, resume_nonce)
+
+    def join_opener(
+        self,
+        *,
+        stream_id: str,
+        role: Role,
+        connection_id: int,
+        now: float,
+        resume_nonce: bytes | None = None,
+    ) -> Joined:
+        """The connection that asked for stream ``stream_id`` joins it as side ``role`` at once,
+        without a token changing hands (a one-step open: the hub answers the request by
+        joining its connection). Otherwise as :meth:`join` with the side's own token, which
+        is used up: ``STREAM_TOKEN_EXPIRED`` once that token's lifetime is over,
+        ``STREAM_TOKEN_REUSED`` once it was presented, ``DevstreamError(NOT_FOUND)`` once the
+        stream ended."""
+        _check_now(now)
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise DevstreamError(ErrorCode.NOT_FOUND, "stream closed")
+        if now >= stream.expires_at:
+            raise StreamTokenError(ErrorCode.STREAM_TOKEN_EXPIRED)
+        if stream.nonces[role] in self._used:
+            raise StreamTokenError(ErrorCode.STREAM_TOKEN_REUSED)
+        return self._join(stream, role, stream.expires_at, connection_id, resume_nonce)
+
+    def _join(
+        self,
+        stream: _Stream,
+        role: Role,
+        token_expires_at: float,
+        connection_id: int,
+        resume_nonce: bytes | None,
+    ) -> Joined:
+        """Side *role* joins *stream* over *connection_id*, its token (expiring at
+        *token_expires_at*) used up."""
         self._check_connection(stream, connection_id)
         resume_token: str | None = None
         if stream.mode == RESUMABLE_MODE:
@@ -494,20 +529,21 @@ class Bridge:
                 raise LocalProtocolError(
                     ErrorCode.ARGUMENT_INVALID, "a devstream.v1 join needs a resume nonce"
                 )
-            resume_token = self._mint_resume(stream, claims.role, resume_nonce)
+            resume_token = self._mint_resume(stream, role, resume_nonce)
         # Each role's nonce is used at most once, so that side cannot have joined already.
-        assert claims.role not in stream.sides
-        self._used[claims.nonce] = claims.expires_at
-        heapq.heappush(self._used_expiries, (claims.expires_at, claims.nonce))
+        assert role not in stream.sides
+        nonce = stream.nonces[role]
+        self._used[nonce] = token_expires_at
+        heapq.heappush(self._used_expiries, (token_expires_at, nonce))
         self._move(stream, StreamInput.JOIN)
-        stream.sides[claims.role] = connection_id
+        stream.sides[role] = connection_id
         if resume_token is not None:
             assert resume_nonce is not None
-            stream.resume_nonces[claims.role] = _nonce_text(resume_nonce)
-        peer = stream.sides.get(claims.role.other)
+            stream.resume_nonces[role] = _nonce_text(resume_nonce)
+        peer = stream.sides.get(role.other)
         return Joined(
-            stream_id=stream_id,
-            role=claims.role,
+            stream_id=stream.stream_id,
+            role=role,
             device_id=stream.device_id,
             mode=stream.mode,
             connection_id=connection_id,

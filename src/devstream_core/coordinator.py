@@ -45,12 +45,12 @@ Rules:
 
 from __future__ import annotations
 
-import base64
 import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .common import b64url
 from .errors import ErrorCode, LocalProtocolError
 
 __all__ = [
@@ -424,7 +424,7 @@ class Coordinator:
             raise _argument_invalid(
                 f"stream nonce must be {_MIN_STREAM_NONCE} to {_MAX_STREAM_NONCE} bytes"
             )
-        stream_id = base64.urlsafe_b64encode(stream_nonce).rstrip(b"=").decode("ascii")
+        stream_id = b64url(stream_nonce)
         self._counter += 1
         number = self._counter
         request_id = str(number)

@@ -226,6 +226,8 @@ def _error(code: ErrorCode, message: str) -> RemoteProtocolError:
 
 def _decode_segment(segment: str, part: str) -> str:
     """Percent-decode one path segment exactly once; the result must be UTF-8."""
+    if "%" not in segment:
+        return segment  # the request target is ASCII: nothing to decode
     if _BAD_PERCENT_RE.search(segment):
         raise _error(ErrorCode.ARGUMENT_INVALID, f"{part} has invalid percent-encoding")
     try:
@@ -271,6 +273,21 @@ def _query_value(query: str, key: str) -> str | None:
 
     Percent-escapes that are not UTF-8 are an error only in the value asked for.
     """
+    if "%" not in query and "+" not in query:
+        # Nothing to decode (the usual case: ``api-version=…``): the fields as parse_qs
+        # reads them, without its decoding.
+        if query.count("&") >= MAX_QUERY_FIELDS:
+            raise _too_many_fields()
+        values = [
+            value
+            for name, _, value in (field.partition("=") for field in query.split("&") if field)
+            if name == key
+        ]
+        if not values:
+            return None
+        if len(values) != 1:
+            raise _repeated(key)
+        return values[0]
     try:
         fields = parse_qs(
             query,
@@ -279,14 +296,13 @@ def _query_value(query: str, key: str) -> str | None:
             max_num_fields=MAX_QUERY_FIELDS,
         )
     except ValueError:
-        raise _error(
-            ErrorCode.ARGUMENT_INVALID, f"query string has more than {MAX_QUERY_FIELDS} fields"
-        ) from None
-    values = fields.get(key)
-    if values is None:
+        raise _too_many_fields() from None
+    decoded = fields.get(key)
+    if decoded is None:
         return None
-    if len(values) != 1:
-        raise _error(ErrorCode.ARGUMENT_INVALID, f"query parameter {key} appears more than once")
+    if len(decoded) != 1:
+        raise _repeated(key)
+    values = decoded
     try:
         values[0].encode("utf-8")
     except UnicodeEncodeError:
@@ -294,6 +310,16 @@ def _query_value(query: str, key: str) -> str | None:
             ErrorCode.ARGUMENT_INVALID, f"query parameter {key} is not valid UTF-8"
         ) from None
     return values[0]
+
+
+def _too_many_fields() -> RemoteProtocolError:
+    return _error(
+        ErrorCode.ARGUMENT_INVALID, f"query string has more than {MAX_QUERY_FIELDS} fields"
+    )
+
+
+def _repeated(key: str) -> RemoteProtocolError:
+    return _error(ErrorCode.ARGUMENT_INVALID, f"query parameter {key} appears more than once")
 
 
 def _role(query: str) -> Role | None:

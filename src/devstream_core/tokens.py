@@ -44,7 +44,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from .common import Role
+from .common import Role, b64url
 from .errors import ErrorCode, LocalProtocolError, StreamTokenError
 
 __all__ = [
@@ -95,10 +95,6 @@ class StreamTokenClaims:
     nonce: str
 
 
-def _b64url(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
 def _b64url_decode(text: str) -> bytes | None:
     """Decode canonical unpadded base64url, or return None."""
     if not _B64URL_RE.fullmatch(text) or len(text) % 4 == 1:
@@ -106,11 +102,11 @@ def _b64url_decode(text: str) -> bytes | None:
     # The alphabet and the length are right, so this decodes; the round trip refuses a
     # non-canonical text (unused bits set in its last character).
     raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    return raw if _b64url(raw) == text else None
+    return raw if b64url(raw) == text else None
 
 
 def _mac(secret: bytes, payload: str) -> str:
-    return _b64url(hmac.new(secret, payload.encode("ascii"), hashlib.sha256).digest())
+    return b64url(hmac.new(secret, payload.encode("ascii"), hashlib.sha256).digest())
 
 
 def _check_secret(secret: bytes) -> None:
@@ -178,7 +174,7 @@ def mint_stream_token(
     _check_claims(secret=secret, stream_id=stream_id, role=role, nonce=nonce)
     stream_token_expiry(now=now, lifetime=lifetime)  # validates now and lifetime
     expires_ms = _expires_ms(now, lifetime)
-    payload = f"{_VERSION}.{stream_id}.{role.value}.{expires_ms}.{_b64url(nonce)}"
+    payload = f"{_VERSION}.{stream_id}.{role.value}.{expires_ms}.{b64url(nonce)}"
     token = f"{payload}.{_mac(secret, payload)}"
     assert len(token) <= MAX_TOKEN_LENGTH
     return token
@@ -269,7 +265,7 @@ def mint_resume_token(*, secret: bytes, stream_id: str, role: Role, nonce: bytes
     a bad argument.
     """
     _check_claims(secret=secret, stream_id=stream_id, role=role, nonce=nonce)
-    payload = f"{_RESUME_VERSION}.{stream_id}.{role.value}.{_b64url(nonce)}"
+    payload = f"{_RESUME_VERSION}.{stream_id}.{role.value}.{b64url(nonce)}"
     token = f"{payload}.{_mac(secret, payload)}"
     assert len(token) <= MAX_TOKEN_LENGTH
     return token

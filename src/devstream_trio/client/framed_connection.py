@@ -167,8 +167,13 @@ class FramedConnection:
         ws, driver, endpoint = self._ws, self._driver, self._endpoint
         output = endpoint.has_output
         while output and ws.can_send_nowait:
-            ws.send_bytes_nowait(driver.next_message())
+            message = driver.next_message()
             output = endpoint.has_output
+            # The close, once due after the last frames, goes out in the same write.
+            close = None if output or driver.phase is _OPEN else driver.closing
+            ws.send_bytes_nowait(message, then_close=close)
+            if close is not None:
+                driver.close_sent(trio.current_time())
         phase = driver.phase
         if phase is _OPEN:
             # The usual case, in fewer steps: nothing to close.

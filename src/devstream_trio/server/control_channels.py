@@ -84,6 +84,11 @@ class Session:
     async def send(self, message: control.ControlMessage) -> None:
         await self.ws.send_text(self.machine.send(message))
 
+    async def send_by(self, message: control.ControlMessage, deadline: float) -> bool:
+        """Send *message*, giving up at *deadline* (``send_text_by``'s rules): False when it
+        did not go out in time."""
+        return await self.ws.send_text_by(self.machine.send(message), deadline)
+
 
 def peer_address(stream: trio.abc.Stream) -> str:
     """The address at the other end of *stream* (``host:port``, ``[v6]:port``), or ``"?"``

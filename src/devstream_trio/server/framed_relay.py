@@ -191,8 +191,12 @@ class FramedRelays:
             if peer is not None:
                 # Not contextlib.suppress: that is an object and two calls on every write.
                 try:  # noqa: SIM105
-                    # Every whole message already received goes out in one write.
-                    flow.count += await peer.send_whole_messages(messages)
+                    # Every whole message already received goes out in one write, and the
+                    # side's close with them when it came in the same read (a stream's last
+                    # Ack and its close): the peer reads both at once.
+                    flow.count += await peer.send_whole_messages(
+                        messages, then_close=ws.queued_close
+                    )
                 except ConnectionClosed:
                     pass  # a peer that vanished mid-write is noticed by its own connection task
             watch.receiving = True
@@ -228,7 +232,7 @@ class FramedRelays:
                 relay.record.note_close(role, closed.code)
             self.endpoint.leave(relay.stream_id, connection_id)
             peer = relay.sides[role.other]
-            if peer is not None and closed is not None:
+            if peer is not None and closed is not None and not peer.close_sent:
                 code, reason = closed.code, closed.reason
                 with trio.move_on_after(self.close_timeout):
                     await peer.send_close(code, reason)

@@ -168,7 +168,7 @@ class Initiations:
                         request,
                         BridgeJoin(stream_id=outcome.stream_id, role=Role.SERVICE),
                         connection_id,
-                        token=outcome.service_token,
+                        opener=True,
                         extra_headers=headers,
                     )
                     return
@@ -244,20 +244,21 @@ class Initiations:
                     raise HttpError(ErrorCode.DEVICE_NOT_ONLINE)
                 # The response deadline covers the send: a device that does not read its
                 # control channel holds the request no longer than one that does not answer.
-                with trio.move_on_at(event.deadline) as sending:
-                    # If the device vanished while we wrote, its disconnect fails the request.
-                    with contextlib.suppress(ConnectionClosed, DevstreamError):
-                        await session.send(
-                            control.StreamRequest(
-                                request_id=event.request_id,
-                                name=event.name,
-                                url=wire.stream_url(self.hub.ws_url, event.stream_id, Role.DEVICE),
-                                token=device_token,
-                                mode=mode,
-                                window=window,
-                            )
-                        )
-                if sending.cancelled_caught:
+                in_time = True
+                # If the device vanished while we wrote, its disconnect fails the request.
+                with contextlib.suppress(ConnectionClosed, DevstreamError):
+                    in_time = await session.send_by(
+                        control.StreamRequest(
+                            request_id=event.request_id,
+                            name=event.name,
+                            url=wire.stream_url(self.hub.ws_url, event.stream_id, Role.DEVICE),
+                            token=device_token,
+                            mode=mode,
+                            window=window,
+                        ),
+                        event.deadline,
+                    )
+                if not in_time:
                     if session.ws.closed is not None:
                         # The request was cut part way: the channel cannot carry another.
                         log.info(

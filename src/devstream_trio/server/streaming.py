@@ -152,16 +152,16 @@ class StreamingEndpoint:
         route: BridgeJoin,
         connection_id: int,
         *,
-        token: str | None = None,
+        opener: bool = False,
         extra_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         """Serve one side's WebSocket on the streaming endpoint until it ends.
 
-        The side's token is the request's ``Authorization: Bearer``, or *token* (a one-step
-        open, where the hub has just made it); *extra_headers* go into the ``101``.
+        The side's token is the request's ``Authorization: Bearer``; an *opener* (a one-step
+        open: this connection asked for the stream) joins without one. *extra_headers* go into
+        the ``101``.
         """
-        if token is None:
-            token = _bearer(request)
+        token = "" if opener else _bearer(request)
         resuming = is_resume_token(token)
         now = trio.current_time()
         offered = request.subprotocols
@@ -180,14 +180,24 @@ class StreamingEndpoint:
                 replaced = resumed.replaced_connection_id
                 device_id = ""  # known since its join
             else:
-                joined = self.bridge.join(
-                    stream_id=route.stream_id,
-                    token=token,
-                    role=route.role,
-                    connection_id=connection_id,
-                    now=now,
-                    resume_nonce=self.random_bytes(16),
-                )
+                if opener:
+                    assert route.role is not None  # the service's route names its side
+                    joined = self.bridge.join_opener(
+                        stream_id=route.stream_id,
+                        role=route.role,
+                        connection_id=connection_id,
+                        now=now,
+                        resume_nonce=self.random_bytes(16),
+                    )
+                else:
+                    joined = self.bridge.join(
+                        stream_id=route.stream_id,
+                        token=token,
+                        role=route.role,
+                        connection_id=connection_id,
+                        now=now,
+                        resume_nonce=self.random_bytes(16),
+                    )
                 role, resume_token, mode = joined.role, joined.resume_token, joined.mode
                 replaced = None
                 device_id = joined.device_id

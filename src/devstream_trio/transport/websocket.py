@@ -178,6 +178,16 @@ class WebSocket(WebSocketSender):
         then return without reading, and without a checkpoint)."""
         return bool(self._events)
 
+    @property
+    def queued_close(self) -> CloseConnection | None:
+        """The close that ends this WebSocket when it is the next thing already read and
+        parsed (the peer's, or one the codec makes for a frame it refused): the next receive
+        answers it and raises :class:`ConnectionClosed` with its code and reason."""
+        events = self._events
+        if events and type(events[0]) is CloseConnection:
+            return events[0]
+        return None
+
     def take_queued(self) -> list[BytesMessage | TextMessage]:
         """The data fragments already received and parsed, without waiting for more.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
+from typing import Protocol
 
 import trio
 
@@ -34,6 +35,7 @@ from . import io as _io
 __all__ = [
     "ABNORMAL_CLOSURE",
     "NORMAL_CLOSURE",
+    "Close",
     "ConnectionClosed",
     "SendLock",
     "WebSocketSender",
@@ -94,6 +96,17 @@ def _gather(
     if run:
         buffers.append(b"".join(run) if len(run) > 1 else run[0])
     return buffers
+
+
+class Close(Protocol):
+    """A close to send after other frames: its code and reason (the codec's
+    ``CloseConnection`` event, or the stream driver's action of that name)."""
+
+    @property
+    def code(self) -> int: ...
+
+    @property
+    def reason(self) -> str: ...
 
 
 class SendLock:
@@ -296,7 +309,7 @@ class WebSocketSender:
         """Send binary data; ``message_finished=False`` sends a fragment of a longer message."""
         await self._send(BytesMessage(data=data, message_finished=message_finished))
 
-    def send_bytes_nowait(self, data: bytes) -> bool:
+    def send_bytes_nowait(self, data: bytes, *, then_close: Close | None = None) -> bool:
         """Send *data* as one binary message from the calling task, without waiting and
         without a checkpoint, when that can be done: on a plain socket, with no other send in
         progress. True when the WebSocket took the message: written, or its end kept to go
@@ -304,13 +317,22 @@ class WebSocketSender:
         a transport that is gone, which the reader finds out). False when the caller must
         send it the usual way.
 
+        With *then_close*, the close (as :meth:`send_close_nowait` sends it) follows the
+        message in the same write: a stream's last frames and its close.
+
         For a writer that must not wait (a task that also reads, or one that must not be
         cancelled mid-frame): nothing is ever cut by a cancellation here.
         """
         if not self.can_send_nowait:
             return False
+        ws = self._ws
         key = os.urandom(4) if self._client else b""
-        self._write_nowait(list(self._ws.send_data(data, mask_key=key)))
+        parts = list(ws.send_data(data, mask_key=key))
+        if then_close is not None:
+            key = os.urandom(4) if self._client else b""
+            code = sendable_close_code(then_close.code)
+            parts.append(ws.send_close(code, then_close.reason, mask_key=key))
+        self._write_nowait(parts)
         return True
 
     def send_close_nowait(self, code: int = 1000, reason: str = "") -> bool:
@@ -352,6 +374,37 @@ class WebSocketSender:
         """Send text data."""
         await self._send(TextMessage(data=text, message_finished=message_finished))
 
+    async def send_text_by(self, text: str, deadline: float) -> bool:
+        """Send *text* as one message, giving up at *deadline* (trio time): False when it did
+        not go out whole by then. Then either nothing of it went out (it waited its turn behind
+        another send), or the connection was cut part way through it and is closed
+        (:attr:`closed`): the peer would read the next frame as the rest of this one.
+
+        A cancellation point. A message the kernel takes at once, the usual case, is written
+        without a cancel scope; only the rest of one it does not take waits under one.
+        """
+        if not self.can_send_nowait:
+            with trio.move_on_at(deadline):
+                await self.send_text(text)
+                return True
+            return False
+        await trio.lowlevel.checkpoint_if_cancelled()
+        key = os.urandom(4) if self._client else b""
+        self._write_nowait(list(self._ws.send_data(text, mask_key=key)))
+        if self._closed is not None:
+            raise self._closing_error()
+        if not self._backlog:
+            return True
+        with trio.move_on_at(deadline):
+            await self.flush()
+            return True
+        self._closed = self._closed or ConnectionClosed(
+            ABNORMAL_CLOSURE, "a send timed out part way through a frame"
+        )
+        self._backlog = []
+        await close_forcefully(self.stream)
+        return False
+
     async def send_messages(self, events: Sequence[BytesMessage | TextMessage]) -> None:
         """Relay several received fragments with one write.
 
@@ -385,28 +438,46 @@ class WebSocketSender:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self._write_parts([data])
 
-    async def send_whole_messages(self, messages: Sequence[Sequence[bytes | memoryview]]) -> int:
+    async def send_whole_messages(
+        self,
+        messages: Sequence[Sequence[bytes | memoryview]],
+        *,
+        then_close: Close | None = None,
+    ) -> int:
         """Send binary messages, each given as its fragments (see :meth:`receive_messages`),
-        as one frame each, with as few writes as possible; return their total size."""
+        as one frame each, with as few writes as possible; return their total size.
+
+        With *then_close*, the close (its code as :meth:`send_close` sends it) follows the
+        messages in the same write: a relay passing on a peer's last messages and its close
+        together, which the other end then reads at once."""
         lock = self._send_lock
         if lock._busy:
             async with lock:
-                return await self._send_whole(messages)
+                return await self._send_whole(messages, then_close)
         # The lock is free (the usual case on a relay): taken without ``async with``.
         await trio.lowlevel.checkpoint_if_cancelled()
         lock._busy = True
         try:
-            return await self._send_whole(messages)
+            return await self._send_whole(messages, then_close)
         finally:
             lock.release()
 
-    async def _send_whole(self, messages: Sequence[Sequence[bytes | memoryview]]) -> int:
+    async def _send_whole(
+        self,
+        messages: Sequence[Sequence[bytes | memoryview]],
+        then_close: Close | None,
+    ) -> int:
+        ws = self._ws
         keys = os.urandom(4 * len(messages)) if self._client else b""
         try:
-            out = self._ws.send_messages(messages, mask_keys=keys)
+            out = ws.send_messages(messages, mask_keys=keys)
         except LocalProtocolError as exc:
             # Closing, or a message sent in part is not finished: the keys always suit.
             raise self._closing_error() from exc
+        if then_close is not None:
+            key = os.urandom(4) if self._client else b""
+            code = sendable_close_code(then_close.code)
+            out.append(ws.send_close(code, then_close.reason, mask_key=key))
         await self._write(out)
         return sum([sum(map(len, parts)) for parts in messages])
 
