@@ -435,7 +435,10 @@ def test_build_context_builds_the_package(tmp_path: Path) -> None:
         assert entry_points is not None and pkg_info is not None
         scripts = entry_points.read().decode()
         metadata = pkg_info.read().decode()
-    assert "License: MIT" in metadata
+    # The SPDX form (PEP 639); the older license table is deprecated and warned about.
+    assert "License-Expression: MIT" in metadata
+    assert "License-File: LICENSE" in metadata
+    assert "DeprecationWarning" not in result.stderr, result.stderr[-2000:]
     assert "Description-Content-Type: text/markdown" in metadata
     assert "## Quick start" in metadata  # the README is the long description
     assert "src/devstream_trio/cli/__init__.py" in names
