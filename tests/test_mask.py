@@ -78,3 +78,39 @@ def test_wsproto_reads_what_the_codec_masks(native: bool) -> None:
     events = list(server.events())
     assert all(isinstance(event, WsprotoBytes) for event in events)
     assert b"".join(bytes(event.data) for event in events) == payload
+
+
+def test_mask_keys_come_fresh_from_the_pool_and_never_twice() -> None:
+    """Keys are 4 bytes each, taken in order from a pool of os.urandom bytes: across several
+    refills of the pool no key (or run of keys) is handed out twice, and a request larger than
+    the pool is served whole."""
+    from devstream_trio.transport.mask import KEY_POOL_SIZE, mask_keys
+
+    taken = [mask_keys() for _ in range(3 * KEY_POOL_SIZE // 4 + 7)]
+    assert all(len(key) == 4 for key in taken)
+    # 4-byte random keys: a repeat among a few thousand would mean the pool was reused.
+    assert len(set(taken)) == len(taken)
+    batch = mask_keys(5)
+    assert len(batch) == 20 and batch[:4] not in taken
+    big = mask_keys(KEY_POOL_SIZE)  # more than one pool's worth
+    assert len(big) == 4 * KEY_POOL_SIZE
+
+
+def test_mask_keys_are_drawn_afresh_in_a_forked_child() -> None:
+    """A child process after fork does not hand out the keys its parent's pool holds."""
+    import os
+
+    from devstream_trio.transport.mask import mask_keys
+
+    mask_keys()  # the pool is filled
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: send its next key to the parent
+        os.write(write, mask_keys())
+        os._exit(0)
+    os.close(write)
+    child_key = os.read(read, 4)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child_key) == 4
+    assert child_key != mask_keys()  # the parent's next key from the same pool position

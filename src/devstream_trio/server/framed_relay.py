@@ -190,13 +190,15 @@ class FramedRelays:
             peer = sides[other]
             if peer is not None:
                 # Not contextlib.suppress: that is an object and two calls on every write.
+                # Every whole message already received goes out in one write, and the side's
+                # close with them when it came in the same read (a stream's last Ack and its
+                # close): the peer reads both at once. The close is the stream's end from this
+                # side, whatever the peer's answer to it.
+                close = ws.queued_close
+                if close is not None:
+                    relay.record.note_close(role, close.code)
                 try:  # noqa: SIM105
-                    # Every whole message already received goes out in one write, and the
-                    # side's close with them when it came in the same read (a stream's last
-                    # Ack and its close): the peer reads both at once.
-                    flow.count += await peer.send_whole_messages(
-                        messages, then_close=ws.queued_close
-                    )
+                    flow.count += await peer.send_whole_messages(messages, then_close=close)
                 except ConnectionClosed:
                     pass  # a peer that vanished mid-write is noticed by its own connection task
             watch.receiving = True

@@ -201,12 +201,14 @@ class Initiations:
         self, route: Initiate, response_timeout: float, mode: str, window: int | None
     ) -> Outcome:
         now = trio.current_time()
+        # The stream's id and its two tokens' nonces, from one draw.
+        nonces = self.hub.random_bytes(48)
         events = self.hub.coordinator.initiate(
             device_id=route.device_id,
             name=route.stream_name,
             now=now,
             response_timeout=response_timeout,
-            stream_nonce=self.hub.random_bytes(16),
+            stream_nonce=nonces[:16],
         )
         self.hub.wake(self.hub.coordinator.next_deadline())
         outcome = Outcome()
@@ -217,8 +219,8 @@ class Initiations:
                         stream_id=event.stream_id,
                         device_id=event.device_id,
                         now=now,
-                        device_nonce=self.hub.random_bytes(16),
-                        service_nonce=self.hub.random_bytes(16),
+                        device_nonce=nonces[16:32],
+                        service_nonce=nonces[32:],
                         mode=mode,
                     )
                 except DevstreamError as exc:  # too many streams (THROTTLED)

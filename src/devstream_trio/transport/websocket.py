@@ -147,11 +147,14 @@ class WebSocket(WebSocketSender):
         self._receive_size = _RECEIVE_SIZE
         #: The last read brought less than a quarter of what it asked for.
         self._small_read = False
-        #: The last read brought less than it asked for: the next one waits for data first.
-        self._drained = False
-        self._events: collections.deque[Event] = collections.deque()
         #: A server on a plain socket: reads go into the run's shared buffer (_read_plain).
         self._server_plain = type(stream) is trio.SocketStream and not self._client
+        #: The last read brought less than it asked for: the next one waits for data first.
+        #: A server's handshake read took the whole request, and its client sends nothing
+        #: more before it has read the 101: its first read waits, rather than try a read
+        #: bound to fail.
+        self._drained = self._server_plain and not initial_data
+        self._events: collections.deque[Event] = collections.deque()
         #: The run's read buffer, as the list ``readv`` takes (a server's plain-socket reads),
         #: fetched at the first read.
         self._read_buffers: list[memoryview] = []

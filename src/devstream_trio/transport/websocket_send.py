@@ -11,7 +11,6 @@ what a cancellation part way through a frame does. The rules of both halves are 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -31,6 +30,7 @@ from devstream_core.websocket import (
 )
 
 from . import io as _io
+from .mask import mask_keys
 
 __all__ = [
     "ABNORMAL_CLOSURE",
@@ -200,7 +200,7 @@ class WebSocketSender:
             ws = self._ws
             try:
                 for event in events:
-                    key = os.urandom(4) if self._client else b""
+                    key = mask_keys() if self._client else b""
                     if type(event) is BytesMessage or type(event) is TextMessage:
                         parts.extend(
                             ws.send_data(
@@ -326,10 +326,10 @@ class WebSocketSender:
         if not self.can_send_nowait:
             return False
         ws = self._ws
-        key = os.urandom(4) if self._client else b""
+        key = mask_keys() if self._client else b""
         parts = list(ws.send_data(data, mask_key=key))
         if then_close is not None:
-            key = os.urandom(4) if self._client else b""
+            key = mask_keys() if self._client else b""
             code = sendable_close_code(then_close.code)
             parts.append(ws.send_close(code, then_close.reason, mask_key=key))
         self._write_nowait(parts)
@@ -341,7 +341,7 @@ class WebSocketSender:
         with the next write), False when the caller must use :meth:`send_close`."""
         if not self.can_send_nowait:
             return False
-        key = os.urandom(4) if self._client else b""
+        key = mask_keys() if self._client else b""
         self._write_nowait([self._ws.send_close(sendable_close_code(code), reason, mask_key=key)])
         return True
 
@@ -389,7 +389,7 @@ class WebSocketSender:
                 return True
             return False
         await trio.lowlevel.checkpoint_if_cancelled()
-        key = os.urandom(4) if self._client else b""
+        key = mask_keys() if self._client else b""
         self._write_nowait(list(self._ws.send_data(text, mask_key=key)))
         if self._closed is not None:
             raise self._closing_error()
@@ -433,7 +433,7 @@ class WebSocketSender:
         async with self._send_lock:
             if self._ws.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
                 return
-            key = os.urandom(4) if self._client else b""
+            key = mask_keys() if self._client else b""
             data = self._ws.send_close(code, reason, mask_key=key)
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self._write_parts([data])
@@ -468,14 +468,14 @@ class WebSocketSender:
         then_close: Close | None,
     ) -> int:
         ws = self._ws
-        keys = os.urandom(4 * len(messages)) if self._client else b""
+        keys = mask_keys(len(messages)) if self._client else b""
         try:
             out = ws.send_messages(messages, mask_keys=keys)
         except LocalProtocolError as exc:
             # Closing, or a message sent in part is not finished: the keys always suit.
             raise self._closing_error() from exc
         if then_close is not None:
-            key = os.urandom(4) if self._client else b""
+            key = mask_keys() if self._client else b""
             code = sendable_close_code(then_close.code)
             out.append(ws.send_close(code, then_close.reason, mask_key=key))
         await self._write(out)
