@@ -409,3 +409,20 @@ def test_a_query_with_nothing_to_decode_reads_as_parse_qs_reads_it(query: str) -
         route = parse_route(b"POST", target)
         assert isinstance(route, Initiate)
         assert route.api_version == expected
+
+
+@pytest.mark.parametrize("escape", ["%41", "+"])
+def test_too_many_query_fields_are_refused_whether_or_not_they_are_decoded(escape: str) -> None:
+    """More than MAX_QUERY_FIELDS fields: refused with the same error on both readings (the
+    one that decodes, for a query with ``%`` or ``+``, and the one that need not)."""
+    from devstream_core.routes import MAX_QUERY_FIELDS
+
+    for query in (f"a={escape}&" * MAX_QUERY_FIELDS, "a=1&" * MAX_QUERY_FIELDS):
+        with pytest.raises(RemoteProtocolError) as info:
+            parse_route(b"POST", f"/twins/dev/streams/echo?{query}".encode())
+        assert info.value.code is ErrorCode.ARGUMENT_INVALID
+        assert f"more than {MAX_QUERY_FIELDS} fields" in info.value.message
+    fields = "&".join([f"a={escape}"] * (MAX_QUERY_FIELDS - 1))  # exactly the limit: read
+    route = parse_route(b"POST", f"/twins/dev/streams/echo?{fields}&api-version=1".encode())
+    assert isinstance(route, Initiate)
+    assert route.api_version == "1"
