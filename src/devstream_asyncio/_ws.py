@@ -13,20 +13,16 @@ import contextlib
 import os
 import ssl
 from collections.abc import Sequence
-from typing import NamedTuple
-
-import h11
 
 from devstream_core import diagnosis, handshake, websocket
-from devstream_core.errors import ErrorCode
+from devstream_core.errors import ErrorCode, RemoteProtocolError
 from devstream_core.exceptions import HubUnreachable
+from devstream_core.response import Response, ResponseReader
 from devstream_core.websocket import BytesMessage, Ping, Pong, TextMessage
 from devstream_core.wire import HubAddress
 
 Headers = list[tuple[bytes, bytes]]
 
-#: The largest HTTP response body read (an error body is small).
-MAX_BODY = 1024 * 1024
 _READ = 64 * 1024
 
 
@@ -38,20 +34,6 @@ class ConnectionClosed(Exception):
         super().__init__(code, reason)
         self.code = code
         self.reason = reason
-
-
-class Response(NamedTuple):
-    """An HTTP answer: status, header fields (names lower-case), body, and the bytes that
-    followed a ``101`` (the first WebSocket frames, if any)."""
-
-    status: int
-    headers: Headers
-    body: bytes
-    trailing: bytes
-
-
-def _unreachable(message: str) -> HubUnreachable:
-    return HubUnreachable(ErrorCode.HUB_UNREACHABLE, message)
 
 
 async def open_connection(
@@ -81,68 +63,20 @@ async def open_connection(
 
 
 async def exchange(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    *,
-    method: str,
-    target: str,
-    fields: list[tuple[str, str]],
-    body: bytes | None = None,
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: ResponseReader
 ) -> Response:
-    """Send one request (*fields*: ``Host`` first) and read its answer (a ``101`` ends it
-    at its head)."""
-    conn = h11.Connection(h11.CLIENT)
-    host = next((value for name, value in fields if name.lower() == "host"), "")
-    if body is not None:
-        fields.append(("content-length", str(len(body))))
-    data = conn.send(h11.Request(method=method, target=target, headers=fields)) or b""
-    if body:
-        data += conn.send(h11.Data(data=body)) or b""
-    data += conn.send(h11.EndOfMessage()) or b""
-    head: h11.Response | None = None
-    content = bytearray()
-    first = bytearray()  # the answer's first bytes, to say what it was if not HTTP
+    """Write *request* and read its answer (:mod:`devstream_core.response` reads it and
+    raises what an answer that goes wrong means)."""
     try:
-        writer.write(data)
+        writer.write(request.request)
         await writer.drain()
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                if head is None:
-                    raise _no_http_answer(writer, host, first, str(exc)) from exc
-                raise
-            if event is h11.NEED_DATA:
-                chunk = await reader.read(_READ)
-                if len(first) < diagnosis.QUOTED_BYTES:
-                    first += chunk[: diagnosis.QUOTED_BYTES - len(first)]
-                conn.receive_data(chunk)
-            elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
-                fields_in = [(bytes(k).lower(), bytes(v)) for k, v in event.headers]
-                return Response(101, fields_in, b"", bytes(conn.trailing_data[0]))
-            elif isinstance(event, h11.Response):
-                head = event
-            elif isinstance(event, h11.Data):
-                content += event.data
-                if len(content) > MAX_BODY:
-                    raise _unreachable("the hub's answer is too large")
-            elif isinstance(event, h11.EndOfMessage):
-                assert head is not None
-                fields_in = [(bytes(k).lower(), bytes(v)) for k, v in head.headers]
-                return Response(head.status_code, fields_in, bytes(content), b"")
-            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                if head is None and isinstance(event, h11.ConnectionClosed):
-                    raise _no_http_answer(writer, host, first, "")
-                raise _unreachable("connection closed by the hub")
-    except (OSError, h11.ProtocolError) as exc:
-        raise _unreachable(f"bad answer from the hub: {exc}") from exc
-
-
-def _no_http_answer(
-    writer: asyncio.StreamWriter, host: str, first: bytearray, detail: str
-) -> HubUnreachable:
-    tls = writer.get_extra_info("sslcontext") is not None
-    return diagnosis.no_http_answer(host, bytes(first), tls=tls, detail=detail)
+        while (answer := request.receive_data(await reader.read(_READ))) is None:
+            pass
+    except OSError as exc:
+        raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, f"connection lost: {exc}") from exc
+    except RemoteProtocolError as exc:  # an answer too large
+        raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, exc.message) from exc
+    return answer
 
 
 async def request(
@@ -155,10 +89,13 @@ async def request(
 ) -> Response:
     """One request on a connection of its own."""
     reader, writer = await open_connection(address, ssl_context)
+    fields = [("host", address.host_header), ("connection", "close"), *headers]
+    where = address.host_header
     try:
-        fields = [("host", address.host_header), ("connection", "close"), *headers]
         return await exchange(
-            reader, writer, method=method, target=target, fields=fields, body=body
+            reader,
+            writer,
+            ResponseReader(method, target, fields, body, where=where, tls=address.tls),
         )
     finally:
         writer.transport.abort()
@@ -176,7 +113,10 @@ async def websocket_connect(
     key = handshake.client_key(os.urandom(16))
     fields = handshake.upgrade_fields(address.host_header, key, headers, subprotocols)
     try:
-        answer = await exchange(reader, writer, method="GET", target=target, fields=fields)
+        upgrade = ResponseReader(
+            "GET", target, fields, where=address.host_header, tls=address.tls, upgrade=True
+        )
+        answer = await exchange(reader, writer, upgrade)
         if answer.status != 101:
             writer.transport.abort()
             return answer
