@@ -10,30 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import ssl
 from collections.abc import Sequence
 
-from devstream_core import diagnosis, handshake, websocket
+from devstream_core import diagnosis, handshake
+from devstream_core.client_websocket import ABNORMAL_CLOSURE, ClientWebSocket, ConnectionClosed
 from devstream_core.errors import ErrorCode, RemoteProtocolError
 from devstream_core.exceptions import HubUnreachable
 from devstream_core.response import Response, ResponseReader
-from devstream_core.websocket import BytesMessage, Ping, Pong, TextMessage
+from devstream_core.websocket import BytesMessage, TextMessage
 from devstream_core.wire import HubAddress
 
 Headers = list[tuple[bytes, bytes]]
 
 _READ = 64 * 1024
-
-
-class ConnectionClosed(Exception):
-    """The WebSocket ended: the other end's close (its code and reason), or 1006 when the
-    connection was lost without one."""
-
-    def __init__(self, code: int, reason: str = "") -> None:
-        super().__init__(code, reason)
-        self.code = code
-        self.reason = reason
 
 
 async def open_connection(
@@ -130,10 +122,11 @@ async def websocket_connect(
 
 
 class WebSocket:
-    """The client end of one open WebSocket. Writes are buffered by the transport (one
-    ``write`` per frame, so frames from several tasks never interleave); :meth:`drain` waits
-    for the transport's buffer to go down. One task reads (:meth:`receive`); pings are
-    answered there, and the peer's close is answered there too."""
+    """The client end of one open WebSocket, driving a
+    :class:`devstream_core.client_websocket.ClientWebSocket` (which answers pings and the
+    peer's close, and says what may still be sent). Writes are buffered by the transport
+    (one ``write`` per frame, so frames from several tasks never interleave); :meth:`drain`
+    waits for the transport's buffer to go down. One task reads (:meth:`receive`)."""
 
     def __init__(
         self,
@@ -146,40 +139,29 @@ class WebSocket:
     ) -> None:
         self._reader = reader
         self._writer = writer
-        self._conn = websocket.Connection(client=True)
+        self._ws = ClientWebSocket(functools.partial(os.urandom, 4))
         self._pending = initial
         self.subprotocol = subprotocol
         #: The ``101``'s header fields (names lower-case).
         self.headers = headers
         #: When the last bytes arrived (the event loop's clock): a pong counts.
         self.last_received = asyncio.get_running_loop().time()
-        #: How the WebSocket ended, once it has.
-        self.closed: ConnectionClosed | None = None
 
-    def _write(self, data: bytes) -> None:
-        if self.closed is not None:
-            raise self.closed
-        self._writer.write(data)
+    @property
+    def closed(self) -> ConnectionClosed | None:
+        """How the WebSocket ended, once it has."""
+        return self._ws.closed
 
     def send_nowait(self, data: bytes | bytearray | memoryview | str) -> None:
         """Queue one whole message (``str``: a text message)."""
-        if self.closed is not None:
-            raise self.closed
-        head, body = self._conn.send_data(data, mask_key=os.urandom(4))
-        self._write(head + bytes(body))
+        self._writer.write(self._ws.send(data))
 
     def ping_nowait(self) -> None:
-        if self.closed is None and self._conn.state is websocket.ConnectionState.OPEN:
-            self._write(self._conn.send_ping(mask_key=os.urandom(4)))
+        self._writer.write(self._ws.ping())
 
     def close_nowait(self, code: int = 1000, reason: str = "") -> None:
         """Send the close (if this side may still send one)."""
-        state = self._conn.state
-        if self.closed is None and state in (
-            websocket.ConnectionState.OPEN,
-            websocket.ConnectionState.REMOTE_CLOSING,
-        ):
-            self._write(self._conn.send_close(code, reason, mask_key=os.urandom(4)))
+        self._writer.write(self._ws.close(code, reason))
 
     async def drain(self) -> None:
         """Wait until the transport's buffer is low; a lost connection is the reader's news."""
@@ -192,52 +174,41 @@ class WebSocket:
 
     def abort(self) -> None:
         """Drop the connection at once."""
-        if self.closed is None:
-            self.closed = ConnectionClosed(1006, "connection dropped")
+        self._ws.end(ABNORMAL_CLOSURE, "connection dropped")
         self._writer.transport.abort()
 
     def shutdown(self, code: int = 1000, reason: str = "") -> None:
         """Send the close, if one may go, then close the transport once its buffer is out."""
-        with contextlib.suppress(ConnectionClosed):
-            self.close_nowait(code, reason)
-        if self.closed is None:
-            self.closed = ConnectionClosed(code, reason)
+        self.close_nowait(code, reason)
+        self._ws.end(code, reason)
         self._writer.close()
 
     async def receive(self) -> list[BytesMessage | TextMessage]:
         """The data fragments the next read brings; raises :class:`ConnectionClosed` once the
         WebSocket has ended (after every fragment that came before its end)."""
+        ws = self._ws
         while True:
-            if self.closed is not None:
-                raise self.closed
-            if self._pending:
-                data, self._pending = self._pending, b""
-            elif not self._conn.holds_more:
+            if ws.closed is not None:
+                raise ws.closed
+            data, self._pending = self._pending, b""
+            if not data and not ws.holds_more:
                 try:
                     data = await self._reader.read(_READ)
                 except OSError:
                     data = b""
                 if not data:
-                    self.abort()
-                    self.closed = ConnectionClosed(1006, "connection lost")
+                    ws.connection_lost()
+                    self._writer.transport.abort()
                     continue
                 self.last_received = asyncio.get_running_loop().time()
-            else:
-                data = b""
-            out: list[BytesMessage | TextMessage] = []
-            for event in self._conn.receive_data(data):
-                if isinstance(event, (BytesMessage, TextMessage)):
-                    out.append(event)
-                elif isinstance(event, Ping):
-                    if self._conn.state is websocket.ConnectionState.OPEN:
-                        self._write(self._conn.send_pong(event.payload, mask_key=os.urandom(4)))
-                elif isinstance(event, Pong):
-                    pass
-                else:  # the peer's close, or one to send for a frame refused
-                    self.shutdown(websocket.sendable_close_code(event.code), event.reason)
-                    self.closed = ConnectionClosed(event.code, event.reason)
-            if out:
-                return out
+            received = ws.receive_data(data)
+            if ws.closed is not None:  # the peer's close, answered
+                self._writer.write(received.to_send)
+                self._writer.close()
+            elif received.to_send:
+                self._writer.write(received.to_send)
+            if received.messages:
+                return received.messages
 
 
 def payload(event: BytesMessage | TextMessage) -> bytes | str:

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 
 from devstream_core import control, session
+from devstream_core.client_websocket import ConnectionClosed
 from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import DevstreamError, ErrorCode
@@ -46,7 +47,7 @@ from devstream_core.wire import (
     error_from_response,
 )
 
-from ._ws import ConnectionClosed, WebSocket, payload, websocket_connect
+from ._ws import WebSocket, payload, websocket_connect
 from .service import join_stream
 from .stream import Stream
 

@@ -12,6 +12,7 @@ import contextlib
 import random
 from collections.abc import Awaitable, Callable
 
+from devstream_core.client_websocket import ConnectionClosed
 from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for
 from devstream_core.exceptions import HubError
 from devstream_core.framing import EndpointState, StreamEndpoint
@@ -24,7 +25,7 @@ from devstream_core.streamdriver import (
 )
 from devstream_core.wire import RAW_MESSAGE_SIZE, resume_token
 
-from ._ws import ConnectionClosed, WebSocket
+from ._ws import WebSocket
 
 __all__ = ["FramedStream", "RawStream", "Stream"]
 
