@@ -43,15 +43,9 @@ async def open_connection(
             server_hostname=address.host if context is not None else None,
         )
     except ssl.SSLError as exc:
-        raise diagnosis.tls_handshake_failure(
-            where,
-            reason=exc.reason,
-            verify_message=getattr(exc, "verify_message", None),
-            detail=str(exc),
-        ) from exc
+        raise diagnosis.tls_error(where, exc) from exc
     except OSError as exc:
-        numbers = [exc.errno] if exc.errno else []
-        raise diagnosis.connect_failure(where, numbers, exc.strerror or str(exc)) from exc
+        raise diagnosis.connect_error(where, exc) from exc
 
 
 async def exchange(
