@@ -217,16 +217,11 @@ class DeviceClient:
         )
         wait = next((a for a in actions if isinstance(a, session.Reconnect)), None)
         if wait is not None and wait.code is not None:
-            if wait.code is ErrorCode.DEVICE_REPLACED:
-                why = "replaced by a newer connection (another client uses this device id)"
-            else:
-                error = channel.error
-                message = wait.code.message if error is None else error.message
-                why = f"the hub refuses it: {message} (error {int(wait.code)})"
+            message = "" if channel.error is None else channel.error.message
             log.warning(
                 "device %r: %s; connecting again in %.1f s (attempt %d)",
                 self.device_id,
-                why,
+                session.long_wait_cause(wait.code, message),
                 wait.after,
                 wait.attempt,
             )
