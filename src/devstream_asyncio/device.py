@@ -283,13 +283,10 @@ class DeviceClient:
         if isinstance(message, control.Registered):
             self._apply(self._session.registered(channel.number, self._now()))
         elif isinstance(message, control.StreamRequest):
-            key = message.handler_key(self._handlers)
-            if key is None:
-                answer = message.unhandled()
-            else:
-                answer = message.accept()
+            answer, key = channel.machine.answer(message, self._handlers)
+            ws.send_nowait(answer)
+            if key is not None:
                 self._spawn(self._run_stream(message, self._handlers[key]))
-            ws.send_nowait(channel.machine.send(answer))
         elif isinstance(message, control.ErrorMessage):
             log.info("device %r: hub reports %s: %s", self.device_id, message.code, message.message)
 

@@ -468,13 +468,11 @@ class _SessionDriver:
             log.info("device %r online, serving %s", client.device_id, list(message.names))
             self._apply(self.session.registered(channel.number, trio.current_time()))
         elif isinstance(message, control.StreamRequest):
-            key = message.handler_key(self.handlers)
-            if key is None:
-                await ws.send_text(machine.send(message.unhandled()))
-                return
-            handler = self.handlers[key]
-            await ws.send_text(machine.send(message.accept()))
-            self.streams.start_soon(client._run_stream, message, handler, self.streams)
+            answer, key = machine.answer(message, self.handlers)
+            await ws.send_text(answer)
+            if key is not None:
+                handler = self.handlers[key]
+                self.streams.start_soon(client._run_stream, message, handler, self.streams)
         elif isinstance(message, control.ErrorMessage):
             # DEVICE_REPLACED (DEVICE_NOT_ONLINE from older hubs) is how the hub ends a channel
             # that this device renewed, or that another client took over: the close that
