@@ -21,7 +21,7 @@ from devstream_core.errors import ErrorCode, RemoteProtocolError
 from devstream_core.exceptions import HubUnreachable
 from devstream_core.response import Response, ResponseReader
 from devstream_core.websocket import BytesMessage, TextMessage
-from devstream_core.wire import HubAddress
+from devstream_core.wire import HubAddress, error_from_response
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -113,6 +113,20 @@ async def websocket_connect(
     return WebSocket(
         reader, writer, subprotocol=chosen, headers=answer.headers, initial=answer.trailing
     )
+
+
+async def join(
+    address: HubAddress,
+    ssl_context: ssl.SSLContext | None,
+    target: str,
+    headers: Sequence[tuple[str, str]],
+    subprotocols: Sequence[str] = (),
+) -> WebSocket:
+    """A WebSocket to *target*; the hub's error (its class) when it answers otherwise."""
+    got = await websocket_connect(address, ssl_context, target, headers, subprotocols)
+    if not isinstance(got, WebSocket):
+        raise error_from_response(got.status, got.body)
+    return got
 
 
 class WebSocket:

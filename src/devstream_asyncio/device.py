@@ -44,10 +44,9 @@ from devstream_core.wire import (
     HubAddress,
     connection_string_for,
     control_target,
-    error_from_response,
 )
 
-from ._ws import WebSocket, payload, websocket_connect
+from ._ws import WebSocket, join, payload
 from .service import join_stream
 from .stream import Stream
 
@@ -241,15 +240,13 @@ class DeviceClient:
         token = self.connection_string.sas_token(expiry=expiry)
         try:
             try:
-                got = await websocket_connect(
+                got = await join(
                     self.address,
                     self.ssl_context,
                     control_target(self.device_id),
                     [("authorization", token)],
                     [control.CONTROL_SUBPROTOCOL],
                 )
-                if not isinstance(got, WebSocket):
-                    raise error_from_response(got.status, got.body)
             except HubError as exc:
                 channel.error = exc
                 self._lost(channel, exc.code)
