@@ -1,9 +1,10 @@
 """Connections to the hub over asyncio streams: TCP (TLS when the hub's URL says so), one HTTP
-exchange (h11), and a client WebSocket driven by :class:`devstream_core.websocket.Connection`.
+exchange (read by :class:`devstream_core.response.ResponseReader`), and a client WebSocket
+driven by :class:`devstream_core.client_websocket.ClientWebSocket`.
 
 Nothing here decides anything of devstream's: the handshake's checks are
-:mod:`devstream_core.handshake`'s, the frames and the closing handshake the codec's, the
-errors the core's classes.
+:mod:`devstream_core.handshake`'s, the frames and the closing handshake the codec's, what a
+failed connection means :mod:`devstream_core.diagnosis`'s, the errors the core's classes.
 """
 
 from __future__ import annotations
