@@ -12,6 +12,8 @@ from devstream_core.errors import ErrorCode, LocalProtocolError, RemoteProtocolE
 from devstream_core.exceptions import HubUnreachable, TlsMismatch
 from devstream_core.response import Response, ResponseReader
 
+from ._helpers import load_fuzz_harness
+
 WHERE = "hub.example.com:8443"
 FIELDS = [("host", WHERE), ("connection", "close")]
 
@@ -107,9 +109,22 @@ def test_a_hub_that_hangs_up_before_answering() -> None:
     assert f"connection closed by the hub at {WHERE} before it answered" in info.value.message
 
 
-def test_a_tls_answer_to_plain_http_is_a_tls_mismatch() -> None:
+@pytest.mark.parametrize("byte_by_byte", [False, True])
+def test_a_tls_answer_to_plain_http_is_a_tls_mismatch(byte_by_byte: bool) -> None:
+    alert = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46])
+    reader = _reader()
     with pytest.raises(TlsMismatch):
-        _reader().receive_data(bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46]) + b"\n" * 40)
+        assert _feed(reader, alert, byte_by_byte=byte_by_byte) is None
+        reader.receive_data(b"")  # the hub hangs up after its alert
+
+
+def test_an_answer_refused_at_once_is_diagnosed_from_its_first_bytes() -> None:
+    reader = _reader()
+    assert reader.receive_data(b"\x00") is None  # h11 refuses it; its first bytes are awaited
+    assert reader.receive_data(b"x" * 5) is None
+    with pytest.raises(HubUnreachable) as info:
+        reader.receive_data(b"y" * 20)
+    assert "(it answered b'\\x00xxxxxyyyyyyyyyy', not HTTP)" in info.value.message
 
 
 @pytest.mark.parametrize("byte_by_byte", [False, True])
@@ -167,3 +182,22 @@ def test_one_exchange_per_reader() -> None:
         failed.receive_data(b"")
     with pytest.raises(LocalProtocolError):
         failed.receive_data(b"")
+
+
+def test_the_fuzz_harness_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    harness = load_fuzz_harness("fuzz_http_answer")
+    harness.run_fallback(2000, seed=1)
+    assert harness.main(["--iterations", "200", "--seed", "2"]) == 0
+    assert "ok: " in capsys.readouterr().out
+
+
+def test_the_fuzz_harness_finds_a_chunking_difference(monkeypatch: pytest.MonkeyPatch) -> None:
+    harness = load_fuzz_harness("fuzz_http_answer")
+    real = harness._read
+
+    def cut_matters(data: bytes, size: int, upgrade: bool) -> object:
+        return (real(data, size, upgrade), size)
+
+    monkeypatch.setattr(harness, "_read", cut_matters)
+    with pytest.raises(harness.Crash):
+        harness.run_fallback(1)

@@ -50,14 +50,14 @@ async def open_connection(
 
 
 async def exchange(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: ResponseReader
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, http: ResponseReader
 ) -> Response:
-    """Write *request* and read its answer (:mod:`devstream_core.response` reads it and
-    raises what an answer that goes wrong means)."""
+    """Write *http*'s request and read its answer (:mod:`devstream_core.response` reads it
+    and raises what an answer that goes wrong means)."""
     try:
-        writer.write(request.request)
+        writer.write(http.request)
         await writer.drain()
-        while (answer := request.receive_data(await reader.read(_READ))) is None:
+        while (answer := http.receive_data(await reader.read(_READ))) is None:
             pass
     except OSError as exc:
         raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, f"connection lost: {exc}") from exc

@@ -19,6 +19,10 @@ Rules every change must keep:
   :class:`~devstream_core.exceptions.HubUnreachable`; a body longer than ``max_body``, a
   :class:`~devstream_core.errors.RemoteProtocolError` with ``PAYLOAD_TOO_LARGE`` (a client
   reports it as the hub unreachable, with its message).
+* **The same answer however it is cut into reads.** An answer HTTP cannot read is diagnosed
+  from its first :data:`~devstream_core.diagnosis.QUOTED_BYTES` bytes, or all of them if the
+  hub hung up sooner: until they have come, the reader asks for more even when h11 has
+  refused what came (a TLS alert read one byte at a time is still a TLS answer).
 * **Bounded**: the body is kept up to ``max_body`` bytes (the head up to h11's limit), and of
   what arrives only the first :data:`~devstream_core.diagnosis.QUOTED_BYTES` bytes besides.
 * **A WebSocket handshake ends at its answer's head** (``upgrade=True``): an interim ``1xx``
@@ -97,6 +101,9 @@ class ResponseReader:
         self._head: h11.Response | None = None
         self._body = bytearray()
         self._first = b""  # the answer's first bytes, to say what it was if not HTTP
+        #: h11's words on an answer it refused before its head: the diagnosis waits for the
+        #: first bytes (or the hang-up).
+        self._refused: str | None = None
         self._done = False
 
     def receive_data(self, data: bytes) -> Response | None:
@@ -106,9 +113,13 @@ class ResponseReader:
             raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "the answer was already read")
         if len(self._first) < diagnosis.QUOTED_BYTES:
             self._first += data[: diagnosis.QUOTED_BYTES - len(self._first)]
-        self._conn.receive_data(data)
         try:
-            answer = self._next()
+            answer = None
+            if self._refused is None:
+                self._conn.receive_data(data)
+                answer = self._next()
+            if self._refused is not None and (not data or self._quoted):
+                raise self._not_http(self._refused)
         except BaseException:
             self._done = True
             raise
@@ -122,7 +133,8 @@ class ResponseReader:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
                 if self._head is None:
-                    raise self._not_http(str(exc)) from None
+                    self._refused = str(exc)
+                    return None
                 raise HubUnreachable(
                     ErrorCode.HUB_UNREACHABLE,
                     f"bad HTTP answer from the hub at {self._where}: {exc}",
@@ -160,6 +172,11 @@ class ResponseReader:
                     and conn.their_state is h11.DONE
                     and not conn.trailing_data[0],
                 )
+
+    @property
+    def _quoted(self) -> bool:
+        """The first bytes a diagnosis quotes have all arrived."""
+        return len(self._first) >= diagnosis.QUOTED_BYTES
 
     def _not_http(self, detail: str) -> HubUnreachable:
         return diagnosis.no_http_answer(self._where, self._first, tls=self._tls, detail=detail)
