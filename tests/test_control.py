@@ -545,6 +545,19 @@ def registered_pair(names: tuple[str, ...] = ("ssh", "echo")) -> tuple[DeviceCon
     return device, hub
 
 
+def test_the_device_answers_a_request_by_its_names() -> None:
+    device, hub = registered_pair(("ssh", "*"))
+    for rid, name in (("r1", "ssh"), ("r2", "http")):
+        deliver(hub.send(request(rid, name)), device)
+    text, key = device.answer(request("r1", "ssh"), ["ssh", "*"])
+    assert key == "ssh"
+    assert deliver(text, hub) == [StreamResponse(request_id="r1", accepted=True)]
+    text, key = device.answer(request("r2", "http"), ["ssh"])
+    assert key is None
+    assert deliver(text, hub) == [request("r2", "http").unhandled()]
+    assert device.pending_requests == frozenset()
+
+
 def test_conversation() -> None:
     device, hub = registered_pair()
     assert hub.names == ("ssh", "echo") and device.names == ("ssh", "echo")

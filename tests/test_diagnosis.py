@@ -6,6 +6,7 @@ Pure functions: each symptom a driver can see, in, one message and class out.
 from __future__ import annotations
 
 import errno
+import ssl
 
 import pytest
 
@@ -110,3 +111,42 @@ def test_a_long_foreign_answer_is_quoted_only_in_part() -> None:
     exc = diagnosis.no_http_answer(WHERE, b"X" * 1000, tls=False)
     assert repr(b"X" * diagnosis.QUOTED_BYTES) in exc.message
     assert "X" * (diagnosis.QUOTED_BYTES + 1) not in exc.message
+
+
+def test_a_connect_error_with_its_own_number() -> None:
+    exc = diagnosis.connect_error(WHERE, ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
+    assert "connection refused, no hub is running there" in exc.message
+
+
+def test_a_connect_error_whose_cause_groups_every_attempt() -> None:
+    error = OSError("all attempts to connect failed")
+    error.__cause__ = ExceptionGroup(
+        "attempts",
+        [
+            OSError(errno.ECONNREFUSED, "refused"),
+            OSError(errno.ECONNREFUSED, "refused"),
+            ValueError(),
+        ],
+    )
+    assert "no hub is running there" in diagnosis.connect_error(WHERE, error).message
+    error.__cause__ = ExceptionGroup(
+        "attempts", [OSError(errno.ECONNREFUSED, "a"), OSError(errno.EHOSTUNREACH, "b")]
+    )
+    mixed = diagnosis.connect_error(WHERE, error)
+    assert mixed.message == f"cannot reach the hub at {WHERE}: all attempts to connect failed"
+
+
+def test_a_connect_error_without_a_number_says_what_it_says() -> None:
+    exc = diagnosis.connect_error(WHERE, OSError("Multiple exceptions: [...]"))
+    assert exc.message == f"cannot reach the hub at {WHERE}: Multiple exceptions: [...]"
+
+
+def test_a_tls_error_is_read_for_its_reason_and_verify_message() -> None:
+    wrong = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    wrong.reason = "WRONG_VERSION_NUMBER"  # type: ignore[misc]  # as OpenSSL's errors carry it
+    assert type(diagnosis.tls_error(WHERE, wrong)) is TlsMismatch
+    refused = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    refused.verify_message = "self-signed certificate"
+    assert "trust the CA" in diagnosis.tls_error(WHERE, refused).message
+    other = diagnosis.tls_error(WHERE, EOFError("the peer hung up"))
+    assert other.message == f"TLS handshake with the hub at {WHERE} failed: the peer hung up"

@@ -54,6 +54,7 @@ from devstream_core.session import (
     SessionState,
     backoff_ceiling,
     is_final,
+    long_wait_cause,
 )
 from devstream_trio.client import device as device_module
 from devstream_trio.client.device import DeviceClient
@@ -1335,3 +1336,12 @@ async def test_device_client_retries_an_opener_that_raises_os_error(
         assert [t - start for t in opens] == [0.0, 0.5]
         assert device.online
         await round_trip(hub_env, "d1")
+
+
+def test_long_wait_cause_names_a_replacement_or_the_refusal() -> None:
+    replaced = long_wait_cause(ErrorCode.DEVICE_REPLACED, "ignored")
+    assert replaced == "replaced by a newer connection (another client uses this device id)"
+    refused = long_wait_cause(ErrorCode.DEVICE_NOT_FOUND, "device 'd1' not found")
+    assert refused == "the hub refuses it: device 'd1' not found (error 404001)"
+    plain = long_wait_cause(ErrorCode.DEVICE_NOT_FOUND)
+    assert plain == f"the hub refuses it: {ErrorCode.DEVICE_NOT_FOUND.message} (error 404001)"

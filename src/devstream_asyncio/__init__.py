@@ -1,10 +1,10 @@
 """devstream's asyncio clients: a device and a service client driven by ``devstream_core``.
 
 The same machines as the trio clients make every decision (:mod:`devstream_core.session`,
-:mod:`devstream_core.streamdriver`, :mod:`devstream_core.websocket`,
-:mod:`devstream_core.handshake`, :mod:`devstream_core.wire`); this package holds only the
-asyncio side: streams, tasks, timers. Errors are the core's classes
-(:mod:`devstream_core.exceptions`).
+:mod:`devstream_core.streamdriver`, :mod:`devstream_core.client_websocket`,
+:mod:`devstream_core.response`, :mod:`devstream_core.raw`, :mod:`devstream_core.handshake`,
+:mod:`devstream_core.wire`); this package holds only the asyncio side: streams, tasks,
+timers. Errors are the core's classes (:mod:`devstream_core.exceptions`).
 """
 
 from devstream_core.exceptions import *  # noqa: F403

@@ -1,57 +1,32 @@
 """Connections to the hub over asyncio streams: TCP (TLS when the hub's URL says so), one HTTP
-exchange (h11), and a client WebSocket driven by :class:`devstream_core.websocket.Connection`.
+exchange (read by :class:`devstream_core.response.ResponseReader`), and a client WebSocket
+driven by :class:`devstream_core.client_websocket.ClientWebSocket`.
 
 Nothing here decides anything of devstream's: the handshake's checks are
-:mod:`devstream_core.handshake`'s, the frames and the closing handshake the codec's, the
-errors the core's classes.
+:mod:`devstream_core.handshake`'s, the frames and the closing handshake the codec's, what a
+failed connection means :mod:`devstream_core.diagnosis`'s, the errors the core's classes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import ssl
 from collections.abc import Sequence
-from typing import NamedTuple
 
-import h11
-
-from devstream_core import diagnosis, handshake, websocket
-from devstream_core.errors import ErrorCode
+from devstream_core import diagnosis, handshake
+from devstream_core.client_websocket import ABNORMAL_CLOSURE, ClientWebSocket, ConnectionClosed
+from devstream_core.errors import ErrorCode, RemoteProtocolError
 from devstream_core.exceptions import HubUnreachable
-from devstream_core.websocket import BytesMessage, Ping, Pong, TextMessage
-from devstream_core.wire import HubAddress
+from devstream_core.response import Response, ResponseReader
+from devstream_core.websocket import BytesMessage, TextMessage
+from devstream_core.wire import HubAddress, error_from_response
 
 Headers = list[tuple[bytes, bytes]]
 
-#: The largest HTTP response body read (an error body is small).
-MAX_BODY = 1024 * 1024
 _READ = 64 * 1024
-
-
-class ConnectionClosed(Exception):
-    """The WebSocket ended: the other end's close (its code and reason), or 1006 when the
-    connection was lost without one."""
-
-    def __init__(self, code: int, reason: str = "") -> None:
-        super().__init__(code, reason)
-        self.code = code
-        self.reason = reason
-
-
-class Response(NamedTuple):
-    """An HTTP answer: status, header fields (names lower-case), body, and the bytes that
-    followed a ``101`` (the first WebSocket frames, if any)."""
-
-    status: int
-    headers: Headers
-    body: bytes
-    trailing: bytes
-
-
-def _unreachable(message: str) -> HubUnreachable:
-    return HubUnreachable(ErrorCode.HUB_UNREACHABLE, message)
 
 
 async def open_connection(
@@ -69,80 +44,26 @@ async def open_connection(
             server_hostname=address.host if context is not None else None,
         )
     except ssl.SSLError as exc:
-        raise diagnosis.tls_handshake_failure(
-            where,
-            reason=exc.reason,
-            verify_message=getattr(exc, "verify_message", None),
-            detail=str(exc),
-        ) from exc
+        raise diagnosis.tls_error(where, exc) from exc
     except OSError as exc:
-        numbers = [exc.errno] if exc.errno else []
-        raise diagnosis.connect_failure(where, numbers, exc.strerror or str(exc)) from exc
+        raise diagnosis.connect_error(where, exc) from exc
 
 
 async def exchange(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    *,
-    method: str,
-    target: str,
-    fields: list[tuple[str, str]],
-    body: bytes | None = None,
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, http: ResponseReader
 ) -> Response:
-    """Send one request (*fields*: ``Host`` first) and read its answer (a ``101`` ends it
-    at its head)."""
-    conn = h11.Connection(h11.CLIENT)
-    host = next((value for name, value in fields if name.lower() == "host"), "")
-    if body is not None:
-        fields.append(("content-length", str(len(body))))
-    data = conn.send(h11.Request(method=method, target=target, headers=fields)) or b""
-    if body:
-        data += conn.send(h11.Data(data=body)) or b""
-    data += conn.send(h11.EndOfMessage()) or b""
-    head: h11.Response | None = None
-    content = bytearray()
-    first = bytearray()  # the answer's first bytes, to say what it was if not HTTP
+    """Write *http*'s request and read its answer (:mod:`devstream_core.response` reads it
+    and raises what an answer that goes wrong means)."""
     try:
-        writer.write(data)
+        writer.write(http.request)
         await writer.drain()
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                if head is None:
-                    raise _no_http_answer(writer, host, first, str(exc)) from exc
-                raise
-            if event is h11.NEED_DATA:
-                chunk = await reader.read(_READ)
-                if len(first) < diagnosis.QUOTED_BYTES:
-                    first += chunk[: diagnosis.QUOTED_BYTES - len(first)]
-                conn.receive_data(chunk)
-            elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
-                fields_in = [(bytes(k).lower(), bytes(v)) for k, v in event.headers]
-                return Response(101, fields_in, b"", bytes(conn.trailing_data[0]))
-            elif isinstance(event, h11.Response):
-                head = event
-            elif isinstance(event, h11.Data):
-                content += event.data
-                if len(content) > MAX_BODY:
-                    raise _unreachable("the hub's answer is too large")
-            elif isinstance(event, h11.EndOfMessage):
-                assert head is not None
-                fields_in = [(bytes(k).lower(), bytes(v)) for k, v in head.headers]
-                return Response(head.status_code, fields_in, bytes(content), b"")
-            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                if head is None and isinstance(event, h11.ConnectionClosed):
-                    raise _no_http_answer(writer, host, first, "")
-                raise _unreachable("connection closed by the hub")
-    except (OSError, h11.ProtocolError) as exc:
-        raise _unreachable(f"bad answer from the hub: {exc}") from exc
-
-
-def _no_http_answer(
-    writer: asyncio.StreamWriter, host: str, first: bytearray, detail: str
-) -> HubUnreachable:
-    tls = writer.get_extra_info("sslcontext") is not None
-    return diagnosis.no_http_answer(host, bytes(first), tls=tls, detail=detail)
+        while (answer := http.receive_data(await reader.read(_READ))) is None:
+            pass
+    except OSError as exc:
+        raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, f"connection lost: {exc}") from exc
+    except RemoteProtocolError as exc:  # an answer too large
+        raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, exc.message) from exc
+    return answer
 
 
 async def request(
@@ -155,10 +76,13 @@ async def request(
 ) -> Response:
     """One request on a connection of its own."""
     reader, writer = await open_connection(address, ssl_context)
+    fields = [("host", address.host_header), ("connection", "close"), *headers]
+    where = address.host_header
     try:
-        fields = [("host", address.host_header), ("connection", "close"), *headers]
         return await exchange(
-            reader, writer, method=method, target=target, fields=fields, body=body
+            reader,
+            writer,
+            ResponseReader(method, target, fields, body, where=where, tls=address.tls),
         )
     finally:
         writer.transport.abort()
@@ -176,7 +100,10 @@ async def websocket_connect(
     key = handshake.client_key(os.urandom(16))
     fields = handshake.upgrade_fields(address.host_header, key, headers, subprotocols)
     try:
-        answer = await exchange(reader, writer, method="GET", target=target, fields=fields)
+        upgrade = ResponseReader(
+            "GET", target, fields, where=address.host_header, tls=address.tls, upgrade=True
+        )
+        answer = await exchange(reader, writer, upgrade)
         if answer.status != 101:
             writer.transport.abort()
             return answer
@@ -189,11 +116,26 @@ async def websocket_connect(
     )
 
 
+async def join(
+    address: HubAddress,
+    ssl_context: ssl.SSLContext | None,
+    target: str,
+    headers: Sequence[tuple[str, str]],
+    subprotocols: Sequence[str] = (),
+) -> WebSocket:
+    """A WebSocket to *target*; the hub's error (its class) when it answers otherwise."""
+    got = await websocket_connect(address, ssl_context, target, headers, subprotocols)
+    if not isinstance(got, WebSocket):
+        raise error_from_response(got.status, got.body)
+    return got
+
+
 class WebSocket:
-    """The client end of one open WebSocket. Writes are buffered by the transport (one
-    ``write`` per frame, so frames from several tasks never interleave); :meth:`drain` waits
-    for the transport's buffer to go down. One task reads (:meth:`receive`); pings are
-    answered there, and the peer's close is answered there too."""
+    """The client end of one open WebSocket, driving a
+    :class:`devstream_core.client_websocket.ClientWebSocket` (which answers pings and the
+    peer's close, and says what may still be sent). Writes are buffered by the transport
+    (one ``write`` per frame, so frames from several tasks never interleave); :meth:`drain`
+    waits for the transport's buffer to go down. One task reads (:meth:`receive`)."""
 
     def __init__(
         self,
@@ -206,40 +148,29 @@ class WebSocket:
     ) -> None:
         self._reader = reader
         self._writer = writer
-        self._conn = websocket.Connection(client=True)
+        self._ws = ClientWebSocket(functools.partial(os.urandom, 4))
         self._pending = initial
         self.subprotocol = subprotocol
         #: The ``101``'s header fields (names lower-case).
         self.headers = headers
         #: When the last bytes arrived (the event loop's clock): a pong counts.
         self.last_received = asyncio.get_running_loop().time()
-        #: How the WebSocket ended, once it has.
-        self.closed: ConnectionClosed | None = None
 
-    def _write(self, data: bytes) -> None:
-        if self.closed is not None:
-            raise self.closed
-        self._writer.write(data)
+    @property
+    def closed(self) -> ConnectionClosed | None:
+        """How the WebSocket ended, once it has."""
+        return self._ws.closed
 
     def send_nowait(self, data: bytes | bytearray | memoryview | str) -> None:
         """Queue one whole message (``str``: a text message)."""
-        if self.closed is not None:
-            raise self.closed
-        head, body = self._conn.send_data(data, mask_key=os.urandom(4))
-        self._write(head + bytes(body))
+        self._writer.write(self._ws.send(data))
 
     def ping_nowait(self) -> None:
-        if self.closed is None and self._conn.state is websocket.ConnectionState.OPEN:
-            self._write(self._conn.send_ping(mask_key=os.urandom(4)))
+        self._writer.write(self._ws.ping())
 
     def close_nowait(self, code: int = 1000, reason: str = "") -> None:
         """Send the close (if this side may still send one)."""
-        state = self._conn.state
-        if self.closed is None and state in (
-            websocket.ConnectionState.OPEN,
-            websocket.ConnectionState.REMOTE_CLOSING,
-        ):
-            self._write(self._conn.send_close(code, reason, mask_key=os.urandom(4)))
+        self._writer.write(self._ws.close(code, reason))
 
     async def drain(self) -> None:
         """Wait until the transport's buffer is low; a lost connection is the reader's news."""
@@ -252,52 +183,41 @@ class WebSocket:
 
     def abort(self) -> None:
         """Drop the connection at once."""
-        if self.closed is None:
-            self.closed = ConnectionClosed(1006, "connection dropped")
+        self._ws.end(ABNORMAL_CLOSURE, "connection dropped")
         self._writer.transport.abort()
 
     def shutdown(self, code: int = 1000, reason: str = "") -> None:
         """Send the close, if one may go, then close the transport once its buffer is out."""
-        with contextlib.suppress(ConnectionClosed):
-            self.close_nowait(code, reason)
-        if self.closed is None:
-            self.closed = ConnectionClosed(code, reason)
+        self.close_nowait(code, reason)
+        self._ws.end(code, reason)
         self._writer.close()
 
     async def receive(self) -> list[BytesMessage | TextMessage]:
         """The data fragments the next read brings; raises :class:`ConnectionClosed` once the
         WebSocket has ended (after every fragment that came before its end)."""
+        ws = self._ws
         while True:
-            if self.closed is not None:
-                raise self.closed
-            if self._pending:
-                data, self._pending = self._pending, b""
-            elif not self._conn.holds_more:
+            if ws.closed is not None:
+                raise ws.closed
+            data, self._pending = self._pending, b""
+            if not data and not ws.holds_more:
                 try:
                     data = await self._reader.read(_READ)
                 except OSError:
                     data = b""
                 if not data:
-                    self.abort()
-                    self.closed = ConnectionClosed(1006, "connection lost")
+                    ws.connection_lost()
+                    self._writer.transport.abort()
                     continue
                 self.last_received = asyncio.get_running_loop().time()
-            else:
-                data = b""
-            out: list[BytesMessage | TextMessage] = []
-            for event in self._conn.receive_data(data):
-                if isinstance(event, (BytesMessage, TextMessage)):
-                    out.append(event)
-                elif isinstance(event, Ping):
-                    if self._conn.state is websocket.ConnectionState.OPEN:
-                        self._write(self._conn.send_pong(event.payload, mask_key=os.urandom(4)))
-                elif isinstance(event, Pong):
-                    pass
-                else:  # the peer's close, or one to send for a frame refused
-                    self.shutdown(websocket.sendable_close_code(event.code), event.reason)
-                    self.closed = ConnectionClosed(event.code, event.reason)
-            if out:
-                return out
+            received = ws.receive_data(data)
+            if ws.closed is not None:  # the peer's close, answered
+                self._writer.write(received.to_send)
+                self._writer.close()
+            elif received.to_send:
+                self._writer.write(received.to_send)
+            if received.messages:
+                return received.messages
 
 
 def payload(event: BytesMessage | TextMessage) -> bytes | str:

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 
 from devstream_core import control, session
+from devstream_core.client_websocket import ConnectionClosed
 from devstream_core.common import Role
 from devstream_core.credentials import ConnectionString
 from devstream_core.errors import DevstreamError, ErrorCode
@@ -43,10 +44,9 @@ from devstream_core.wire import (
     HubAddress,
     connection_string_for,
     control_target,
-    error_from_response,
 )
 
-from ._ws import ConnectionClosed, WebSocket, payload, websocket_connect
+from ._ws import WebSocket, join, payload
 from .service import join_stream
 from .stream import Stream
 
@@ -216,16 +216,11 @@ class DeviceClient:
         )
         wait = next((a for a in actions if isinstance(a, session.Reconnect)), None)
         if wait is not None and wait.code is not None:
-            if wait.code is ErrorCode.DEVICE_REPLACED:
-                why = "replaced by a newer connection (another client uses this device id)"
-            else:
-                error = channel.error
-                message = wait.code.message if error is None else error.message
-                why = f"the hub refuses it: {message} (error {int(wait.code)})"
+            message = "" if channel.error is None else channel.error.message
             log.warning(
                 "device %r: %s; connecting again in %.1f s (attempt %d)",
                 self.device_id,
-                why,
+                session.long_wait_cause(wait.code, message),
                 wait.after,
                 wait.attempt,
             )
@@ -245,15 +240,13 @@ class DeviceClient:
         token = self.connection_string.sas_token(expiry=expiry)
         try:
             try:
-                got = await websocket_connect(
+                got = await join(
                     self.address,
                     self.ssl_context,
                     control_target(self.device_id),
                     [("authorization", token)],
                     [control.CONTROL_SUBPROTOCOL],
                 )
-                if not isinstance(got, WebSocket):
-                    raise error_from_response(got.status, got.body)
             except HubError as exc:
                 channel.error = exc
                 self._lost(channel, exc.code)
@@ -287,13 +280,10 @@ class DeviceClient:
         if isinstance(message, control.Registered):
             self._apply(self._session.registered(channel.number, self._now()))
         elif isinstance(message, control.StreamRequest):
-            key = message.handler_key(self._handlers)
-            if key is None:
-                answer = message.unhandled()
-            else:
-                answer = message.accept()
+            answer, key = channel.machine.answer(message, self._handlers)
+            ws.send_nowait(answer)
+            if key is not None:
                 self._spawn(self._run_stream(message, self._handlers[key]))
-            ws.send_nowait(channel.machine.send(answer))
         elif isinstance(message, control.ErrorMessage):
             log.info("device %r: hub reports %s: %s", self.device_id, message.code, message.message)
 

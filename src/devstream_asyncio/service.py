@@ -29,11 +29,10 @@ from devstream_core.wire import (
     HubAddress,
     bearer,
     connection_string_for,
-    error_from_response,
     parse_stream_url,
 )
 
-from ._ws import WebSocket, request, websocket_connect
+from ._ws import WebSocket, join, request, websocket_connect
 from .stream import FramedStream, RawStream, Stream
 
 __all__ = ["ServiceClient", "join_stream", "open_service"]
@@ -147,20 +146,16 @@ def stream_over(
         return RawStream(ws, stream_id)
 
     async def reconnect(token: str) -> WebSocket:
-        return await _stream_websocket(address, target, token, ssl_context)
+        return await _join_with(address, target, token, ssl_context, mode)
 
     return FramedStream(ws, stream_id, reconnect, options)
 
 
-async def _stream_websocket(
-    address: HubAddress, target: str, token: str, ssl_context: ssl.SSLContext | None
+async def _join_with(
+    address: HubAddress, target: str, token: str, ssl_context: ssl.SSLContext | None, mode: str
 ) -> WebSocket:
-    got = await websocket_connect(
-        address, ssl_context, target, [("authorization", bearer(token))], [MODE_FRAMED]
-    )
-    if not isinstance(got, WebSocket):
-        raise error_from_response(got.status, got.body)
-    return got
+    headers = [("authorization", bearer(token))]
+    return await join(address, ssl_context, target, headers, stream_subprotocols(mode))
 
 
 async def join_stream(
@@ -168,12 +163,8 @@ async def join_stream(
 ) -> Stream:
     """Join a stream at *url* with its stream *token*."""
     address, target, _ = parse_stream_url(url)
-    got = await websocket_connect(
-        address, ssl_context, target, [("authorization", bearer(token))], stream_subprotocols(mode)
-    )
-    if not isinstance(got, WebSocket):
-        raise error_from_response(got.status, got.body)
-    return stream_over(got, url, mode, ssl_context, options)
+    ws = await _join_with(address, target, token, ssl_context, mode)
+    return stream_over(ws, url, mode, ssl_context, options)
 
 
 @asynccontextmanager

@@ -12,10 +12,12 @@ import contextlib
 import random
 from collections.abc import Awaitable, Callable
 
+from devstream_core.client_websocket import ConnectionClosed
 from devstream_core.errors import DevstreamError, ErrorCode, close_reason_for
 from devstream_core.exceptions import HubError
 from devstream_core.framing import EndpointState, StreamEndpoint
-from devstream_core.initiator import attempt_failure, close_error
+from devstream_core.initiator import attempt_failure
+from devstream_core.raw import RawReceiver, end_error
 from devstream_core.streamdriver import (
     DropConnection,
     SendPing,
@@ -24,25 +26,19 @@ from devstream_core.streamdriver import (
 )
 from devstream_core.wire import RAW_MESSAGE_SIZE, resume_token
 
-from ._ws import ConnectionClosed, WebSocket
+from ._ws import WebSocket
 
 __all__ = ["FramedStream", "RawStream", "Stream"]
 
 
-def _closed_error(exc: ConnectionClosed) -> DevstreamError:
-    return close_error(exc.reason) or HubError(
-        ErrorCode.PEER_LOST, f"the stream ended: {exc.code} {exc.reason}".rstrip()
-    )
-
-
 class RawStream:
-    """One side of a raw stream: each ``send_all`` goes out as binary messages."""
+    """One side of a raw stream: each ``send_all`` goes out as binary messages; what
+    ``receive_some`` returns is :class:`devstream_core.raw.RawReceiver`'s to say."""
 
     def __init__(self, ws: WebSocket, stream_id: str) -> None:
         self._ws = ws
         self.stream_id = stream_id
-        self._buffer = bytearray()
-        self._end: ConnectionClosed | None = None
+        self._received = RawReceiver()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -50,30 +46,21 @@ class RawStream:
             for start in range(0, len(view), RAW_MESSAGE_SIZE):
                 await self._ws.send(view[start : start + RAW_MESSAGE_SIZE])
         except ConnectionClosed as exc:
-            raise _closed_error(exc) from None
+            raise end_error(exc.code, exc.reason) from None
 
     async def send_eof(self) -> None:
         """Raw mode has no half-close: this closes the WebSocket normally; what the peer sent
         before is still delivered."""
-        with contextlib.suppress(ConnectionClosed):
-            self._ws.close_nowait()
+        self._ws.close_nowait()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        while not self._buffer:
-            if self._end is not None:
-                if self._end.code == 1000:
-                    return b""
-                raise _closed_error(self._end)
+        while (data := self._received.take(max_bytes)) is None:
             try:
                 for event in await self._ws.receive():
-                    data = event.data
-                    self._buffer += data.encode() if isinstance(data, str) else data
+                    self._received.data_received(event.data)
             except ConnectionClosed as exc:
-                self._end = exc
-        size = len(self._buffer) if max_bytes is None else min(max_bytes, len(self._buffer))
-        chunk = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return chunk
+                self._received.ended(exc.code, exc.reason)
+        return data
 
     async def reset(self, code: int = ErrorCode.STREAM_RESET, reason: str = "") -> None:
         """Abort: the WebSocket closes with ``STREAM_RESET`` and *reason*. Raw mode carries

@@ -775,6 +775,13 @@ class DeviceControl(_ControlMachine):
         """The names of the latest ``Registered`` received (empty before the first)."""
         return self._names
 
+    def answer(self, request: StreamRequest, names: Collection[str]) -> tuple[str, str | None]:
+        """The text that answers *request*, and which of the device's *names* serves it:
+        accepted when one does (:meth:`StreamRequest.handler_key`), else refused as unhandled
+        (the name is then None)."""
+        key = request.handler_key(names)
+        return self.send(request.unhandled() if key is None else request.accept()), key
+
     def _check_send(self, msg: ControlMessage) -> None:
         if isinstance(msg, StreamResponse) and msg.request_id not in self._pending:
             raise LocalProtocolError(

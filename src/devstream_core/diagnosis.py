@@ -24,9 +24,11 @@ from .errors import ErrorCode
 from .exceptions import HubUnreachable, TlsMismatch
 
 __all__ = [
+    "connect_error",
     "connect_failure",
     "looks_like_tls",
     "no_http_answer",
+    "tls_error",
     "tls_handshake_failure",
 ]
 
@@ -61,6 +63,29 @@ def connect_failure(where: str, errnos: Collection[int], detail: str) -> HubUnre
             "start `devstream hub` or check HostName and its port in the connection string",
         )
     return HubUnreachable(ErrorCode.HUB_UNREACHABLE, f"cannot reach the hub at {where}: {detail}")
+
+
+def connect_error(where: str, exc: OSError) -> HubUnreachable:
+    """:func:`connect_failure` for the ``OSError`` a connection attempt raised: its error
+    number, or those of every attempt when its cause groups them (trio's error for a name
+    with several addresses)."""
+    errnos = [exc.errno] if exc.errno else []
+    cause = exc.__cause__
+    if not errnos and isinstance(cause, BaseExceptionGroup):
+        errnos = [e.errno for e in cause.exceptions if isinstance(e, OSError) and e.errno]
+    return connect_failure(where, errnos, exc.strerror or str(exc))
+
+
+def tls_error(where: str, exc: BaseException) -> HubUnreachable:
+    """:func:`tls_handshake_failure` for the error the TLS library raised (an
+    ``ssl.SSLError`` or ``ssl.SSLCertVerificationError``: its ``reason`` and
+    ``verify_message``, when it has them)."""
+    return tls_handshake_failure(
+        where,
+        reason=getattr(exc, "reason", None),
+        verify_message=getattr(exc, "verify_message", None),
+        detail=str(exc),
+    )
 
 
 def tls_handshake_failure(

@@ -161,6 +161,7 @@ __all__ = [
     "SessionState",
     "backoff_ceiling",
     "is_final",
+    "long_wait_cause",
 ]
 
 #: How often the serving channel is pinged, by default (seconds).
@@ -342,6 +343,15 @@ class GiveUp:
 
 #: Anything the machine asks the adapter to do.
 Action = OpenChannel | SendRegister | SendPing | CloseChannel | Online | Reconnect | GiveUp
+
+
+def long_wait_cause(code: ErrorCode, message: str = "") -> str:
+    """What a device says a long wait (a :class:`Reconnect` with a ``code``) is for, in its
+    log: a replacement by another client with the same device id, or the hub's refusal
+    (*message*: the hub's words for it; else the code's own)."""
+    if code is ErrorCode.DEVICE_REPLACED:
+        return "replaced by a newer connection (another client uses this device id)"
+    return f"the hub refuses it: {message or code.message} (error {int(code)})"
 
 
 # --------------------------------------------------------------------------------------------

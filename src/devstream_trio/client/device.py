@@ -393,10 +393,11 @@ class _SessionDriver:
         )
         wait = next((a for a in actions if isinstance(a, session.Reconnect)), None)
         if wait is not None and wait.code is not None:
+            message = "" if channel.error is None else channel.error.message
             log.warning(
                 "device %r: %s; connecting again in %.1f s (attempt %d)",
                 self.client.device_id,
-                _LONG_WAITS.get(wait.code, "the hub refuses it: {why}").format(why=why),
+                session.long_wait_cause(wait.code, message),
                 wait.after,
                 wait.attempt,
             )
@@ -467,13 +468,11 @@ class _SessionDriver:
             log.info("device %r online, serving %s", client.device_id, list(message.names))
             self._apply(self.session.registered(channel.number, trio.current_time()))
         elif isinstance(message, control.StreamRequest):
-            key = message.handler_key(self.handlers)
-            if key is None:
-                await ws.send_text(machine.send(message.unhandled()))
-                return
-            handler = self.handlers[key]
-            await ws.send_text(machine.send(message.accept()))
-            self.streams.start_soon(client._run_stream, message, handler, self.streams)
+            answer, key = machine.answer(message, self.handlers)
+            await ws.send_text(answer)
+            if key is not None:
+                handler = self.handlers[key]
+                self.streams.start_soon(client._run_stream, message, handler, self.streams)
         elif isinstance(message, control.ErrorMessage):
             # DEVICE_REPLACED (DEVICE_NOT_ONLINE from older hubs) is how the hub ends a channel
             # that this device renewed, or that another client took over: the close that
@@ -490,12 +489,6 @@ class _SessionDriver:
 
 #: The error codes a hub closes a replaced channel with.
 _REPLACED = frozenset({int(ErrorCode.DEVICE_REPLACED), int(ErrorCode.DEVICE_NOT_ONLINE)})
-
-#: What the warning says for a long wait, by its cause (a refusal retried: the default).
-_LONG_WAITS = {
-    ErrorCode.DEVICE_REPLACED: "replaced by a newer connection (another client uses this "
-    "device id)",
-}
 
 #: Closes that are no news: a renewed channel's predecessor, the rest of a session given up.
 _QUIET_CLOSES = frozenset({session.CloseReason.REPLACED, session.CloseReason.GIVEN_UP})

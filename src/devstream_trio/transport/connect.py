@@ -218,7 +218,7 @@ async def open_hub_stream(
         try:
             tcp = await open_tcp(address.host, address.port)
         except OSError as exc:
-            raise diagnosis.connect_failure(where, _errnos(exc), exc.strerror or str(exc)) from exc
+            raise diagnosis.connect_error(where, exc) from exc
     if not address.tls:
         return tcp
     context = ssl_context or client_ssl_context()
@@ -227,28 +227,11 @@ async def open_hub_stream(
         await stream.do_handshake()
     except trio.BrokenResourceError as exc:
         await trio.aclose_forcefully(tcp)
-        cause = exc.__cause__
-        raise diagnosis.tls_handshake_failure(
-            where,
-            reason=getattr(cause, "reason", None),
-            verify_message=getattr(cause, "verify_message", None),
-            detail=str(cause or exc),
-        ) from exc
+        raise diagnosis.tls_error(where, exc.__cause__ or exc) from exc
     except BaseException:  # cancelled (a resume attempt that timed out): no socket left open
         await trio.aclose_forcefully(tcp)
         raise
     return stream
-
-
-def _errnos(exc: OSError) -> list[int]:
-    """The error numbers of a failed connection: its own, or those of every attempt (trio
-    gives a name's several addresses one ``OSError`` whose cause groups them)."""
-    if exc.errno:
-        return [exc.errno]
-    cause = exc.__cause__
-    if isinstance(cause, BaseExceptionGroup):
-        return [e.errno for e in cause.exceptions if isinstance(e, OSError) and e.errno]
-    return []
 
 
 def hub_opener(ssl_context: ssl.SSLContext | None = None, http_proxy: str | None = None) -> Opener:

@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
-from devstream_core import diagnosis, handshake, websocket
+from devstream_core import handshake, websocket
 from devstream_core.errors import DevstreamError, ErrorCode, RemoteProtocolError
 from devstream_core.handshake import REQUEST_TARGET as _REQUEST_TARGET
 from devstream_core.handshake import accept_token, request_head
 from devstream_core.handshake import header_line as _header_line
+from devstream_core.response import Response, ResponseReader
 from devstream_core.wire import JSON_CONTENT_TYPE, build_error_body, parse_error_body
 
 from . import io as _io
@@ -551,63 +552,18 @@ class HttpStatusError(Exception):
 
 
 async def _read_response(
-    stream: trio.abc.Stream,
-    conn: h11.Connection,
-    max_body: int,
-    *,
-    host: str,
-    upgrade: bool = False,
-    received: bytes = b"",
-) -> tuple[h11.Response | h11.InformationalResponse, bytes]:
-    """The head and body of the response on *conn*. An interim ``1xx`` answer is skipped,
-    unless *upgrade* (the answer to a WebSocket handshake, where it is the answer: RFC 6455
-    §4.1 takes a status other than ``101`` as a refusal, and wsproto does the same).
-
-    *received* is what was read and fed to *conn* before. An answer that is not HTTP at all
-    (the hub at *host* hung up first, or sent something else) raises what
-    :func:`devstream_core.diagnosis.no_http_answer` makes of it."""
-    head: h11.Response | h11.InformationalResponse | None = None
-    body = bytearray()
-    first = bytearray(received[: diagnosis.QUOTED_BYTES])  # the answer's first bytes
-    while True:
+    stream: trio.abc.Stream, reader: ResponseReader, answer: Response | None = None
+) -> Response:
+    """Read from *stream* into *reader* until it has the whole answer (*answer*, if it had it
+    already from what was fed before). The reader raises what an answer that goes wrong
+    means (:mod:`devstream_core.response`)."""
+    while answer is None:
         try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            if head is None:
-                raise _no_http_answer(stream, host, first, str(exc)) from exc
-            raise DevstreamError(ErrorCode.HUB_UNREACHABLE, f"bad HTTP response: {exc}") from exc
-        if event is h11.NEED_DATA:
-            try:
-                data = await _io.receive_some(stream, _RECEIVE_SIZE)
-            except trio.BrokenResourceError as exc:
-                raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
-            if len(first) < diagnosis.QUOTED_BYTES:
-                first += data[: diagnosis.QUOTED_BYTES - len(first)]
-            conn.receive_data(bytes(data))
-            continue
-        if isinstance(event, h11.InformationalResponse) and (upgrade or event.status_code == 101):
-            return event, b""
-        if isinstance(event, h11.Response):
-            head = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > max_body:
-                raise DevstreamError(ErrorCode.PAYLOAD_TOO_LARGE, "response body too large")
-        elif isinstance(event, h11.EndOfMessage):
-            assert head is not None
-            return head, bytes(body)
-        elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-            if head is None and isinstance(event, h11.ConnectionClosed):
-                raise _no_http_answer(stream, host, first, "")
-            raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection closed by the hub")
-
-
-def _no_http_answer(
-    stream: trio.abc.Stream, host: str, first: bytes | bytearray, detail: str
-) -> Exception:
-    return diagnosis.no_http_answer(
-        host, bytes(first), tls=isinstance(stream, trio.SSLStream), detail=detail
-    )
+            data = await _io.receive_some(stream, _RECEIVE_SIZE)
+        except trio.BrokenResourceError as exc:
+            raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
+        answer = reader.receive_data(bytes(data))
+    return answer
 
 
 async def http_request(
@@ -626,28 +582,25 @@ async def http_request(
     The request says ``Connection: close`` unless *keep_alive*; then the response's
     ``reusable`` tells whether the connection can carry another request.
     """
-    conn = h11.Connection(h11.CLIENT)
     all_headers = [("host", host), *([] if keep_alive else [("connection", "close")]), *headers]
-    if body is not None:
-        all_headers.append(("content-length", str(len(body))))
-    data = conn.send(h11.Request(method=method, target=target, headers=all_headers))
-    if body:
-        data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
-    data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
+    reader = ResponseReader(
+        method, target, all_headers, body, where=host, tls=_is_tls(stream), max_body=max_body
+    )
     try:
-        await _io.send_all(stream, data)
+        await _io.send_all(stream, reader.request)
     except trio.BrokenResourceError as exc:
         raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
-    head, content = await _read_response(stream, conn, max_body, host=host)
+    answer = await _read_response(stream, reader)
     return HttpResponse(
-        status=head.status_code,
-        headers=[(bytes(k).lower(), bytes(v)) for k, v in head.headers],
-        body=content,
-        reusable=keep_alive
-        and conn.our_state is h11.DONE
-        and conn.their_state is h11.DONE
-        and not conn.trailing_data[0],
+        status=answer.status,
+        headers=answer.headers,
+        body=answer.body,
+        reusable=keep_alive and answer.reusable,
     )
+
+
+def _is_tls(stream: trio.abc.Stream) -> bool:
+    return isinstance(stream, trio.SSLStream)
 
 
 async def websocket_connect(
@@ -684,24 +637,20 @@ async def websocket_connect(
     if response_headers is not None:
         trailing = received[end + 4 :]  # the first WebSocket frames, if any came with it
     else:
-        conn = h11.Connection(h11.CLIENT)
-        conn.send(h11.Request(method="GET", target=target, headers=all_headers))
-        conn.send(h11.EndOfMessage())
-        conn.receive_data(received)
-        if hung_up:
-            conn.receive_data(b"")
-        head, content = await _read_response(
-            stream, conn, 1024 * 1024, host=host, upgrade=True, received=received
+        # The request was written above: the reader's copy of it is not sent.
+        reader = ResponseReader(
+            "GET", target, all_headers, where=host, tls=_is_tls(stream), upgrade=True
         )
-        response = HttpResponse(
-            status=head.status_code,
-            headers=[(bytes(k).lower(), bytes(v)) for k, v in head.headers],
-            body=content,
-        )
-        if head.status_code != 101:
-            raise HttpStatusError(response)
-        response_headers = response.headers
-        trailing = bytes(conn.trailing_data[0])
+        answer = reader.receive_data(received)
+        if answer is None and hung_up:
+            answer = reader.receive_data(b"")
+        answer = await _read_response(stream, reader, answer)
+        if answer.status != 101:
+            raise HttpStatusError(
+                HttpResponse(status=answer.status, headers=answer.headers, body=answer.body)
+            )
+        response_headers = answer.headers
+        trailing = answer.trailing
     # The same checks whichever way the 101 was read.
     chosen = handshake.check_response(response_headers, key=key, subprotocols=subprotocols)
     ws = websocket.Connection(client=True, apply_mask=_mask.masker())
