@@ -698,3 +698,34 @@ async def test_a_broken_first_message_read_directly_fails_the_stream_cleanly(
             assert hub.device.outcome.code == ErrorCode.PROTOCOL_ERROR
             nursery.cancel_scope.cancel()
     hub.sock.close()
+
+
+async def test_young_streams_one_after_another_share_one_background_task(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Streams opened and closed one after another in one nursery, each ending young with an
+    acknowledgement it had deferred (the device reads to the EOF, then closes): one task in
+    the nursery watches them all, the same task from the first stream to the last; it is
+    not started anew for each stream, and it does not wake for an acknowledgement that went
+    out with the stream's close. It leaves once the last stream would have stopped being
+    young."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            watchers: set[trio.lowlevel.Task] = set()
+            for _ in range(5):
+                service, device = framed_pair(nursery, 1 << 20)
+                await exchange(service, device, b"ping", b"pong")
+                await service.send_eof()
+                assert await device.receive_some() == b""  # the Ack of the EOF is deferred
+                async with trio.open_nursery() as closing:
+                    closing.start_soon(service.aclose)
+                    closing.start_soon(device.aclose)
+                watchers |= nursery.child_tasks
+                await trio.sleep(ACK_DELAY * 2)  # past the deferred acknowledgement's time
+                watchers |= nursery.child_tasks
+            assert len(watchers) == 1
+            last_closed = trio.current_time()
+            await trio.testing.wait_all_tasks_blocked()
+            assert nursery.child_tasks == watchers  # still there: streams may follow
+        # The nursery could close once the last stream's young time was over.
+        assert trio.current_time() - last_closed <= DIRECT_READ_TIME

@@ -316,6 +316,7 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
                 # No connection task ever ran: this task ends the stream itself, reading
                 # the peer's answer to the close first (as the task would have).
                 self._task_started = True  # none will start now
+                self._starter.drop_ended()
                 try:
                     if closing:
                         await self._read_until_closed()

@@ -404,7 +404,7 @@ class _Starter:
     nursery is), it abandons the streams it never started, as their own tasks would have.
     """
 
-    __slots__ = ("_added", "_due", "_nursery", "_running", "_sleep")
+    __slots__ = ("_added", "_due", "_linger", "_nursery", "_running", "_sleep")
 
     def __init__(self, nursery: trio.Nursery) -> None:
         #: Weakly: the starter is kept in a WeakKeyDictionary by its nursery, which a
@@ -416,6 +416,9 @@ class _Starter:
         self._running = False
         #: The task's wait for the first one due.
         self._sleep: trio.CancelScope | None = None
+        #: Until when the task stays without a stream to start: the latest time a stream that
+        #: ended young was due (see _run).
+        self._linger = -math.inf
 
     def add(self, stream: FramedConnection, when: float) -> None:
         """Start *stream*'s connection task at *when*, if nothing started it sooner."""
@@ -429,14 +432,32 @@ class _Starter:
         if self._sleep is not None and when < self._sleep.deadline:
             self._sleep.deadline = when
 
+    def drop_ended(self) -> None:
+        """A stream ended young: no wake-up for what it asked (its deferred acknowledgement
+        went out with its end). The streams that ended are dropped from the front, and the
+        task sleeps until the next one due, or lingers (see _run)."""
+        due = self._due
+        while due and due[0][2].background_started:
+            self._linger = max(self._linger, heapq.heappop(due)[0])
+        if self._sleep is not None:
+            self._sleep.deadline = due[0][0] if due else self._linger
+
     async def _run(self) -> None:
         due = self._due
+        # Streams that ended young are dropped as soon as they come first, whenever they were
+        # due; the task stays until the last of them would have been due, so that the next
+        # stream (one after another is the usual case) finds it running instead of starting
+        # a task of its own.
         try:
-            while due:
-                if due[0][2].background_started:
-                    heapq.heappop(due)
-                    continue
-                with trio.CancelScope(deadline=due[0][0]) as self._sleep:
+            while True:
+                self.drop_ended()
+                if due:
+                    wake = due[0][0]
+                elif trio.current_time() < self._linger:
+                    wake = self._linger
+                else:
+                    break
+                with trio.CancelScope(deadline=wake) as self._sleep:
                     await trio.sleep_forever()
                 self._sleep = None
                 soon = trio.current_time() + ACK_DELAY / 2
