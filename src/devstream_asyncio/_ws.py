@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import ssl
+import threading
 from collections.abc import Sequence
 
 from devstream_core import diagnosis, handshake
 from devstream_core.client_websocket import ABNORMAL_CLOSURE, ClientWebSocket, ConnectionClosed
 from devstream_core.errors import ErrorCode, RemoteProtocolError
 from devstream_core.exceptions import HubUnreachable
+from devstream_core.maskkeys import MaskKeyPool
 from devstream_core.response import Response, ResponseReader
 from devstream_core.websocket import BytesMessage, TextMessage
 from devstream_core.wire import HubAddress, error_from_response
@@ -130,6 +131,18 @@ async def join(
     return got
 
 
+class _Keys(threading.local):
+    """Each thread's masking keys: one draw of random bytes per 1,024 frames, not one per
+    frame (:mod:`devstream_core.maskkeys`); a forked child draws afresh."""
+
+    def __init__(self) -> None:
+        self.pool = MaskKeyPool(os.urandom)
+
+
+_keys = _Keys()
+os.register_at_fork(after_in_child=lambda: _keys.pool.forget())
+
+
 class WebSocket:
     """The client end of one open WebSocket, driving a
     :class:`devstream_core.client_websocket.ClientWebSocket` (which answers pings and the
@@ -148,7 +161,7 @@ class WebSocket:
     ) -> None:
         self._reader = reader
         self._writer = writer
-        self._ws = ClientWebSocket(functools.partial(os.urandom, 4))
+        self._ws = ClientWebSocket(_keys.pool.key)
         self._pending = initial
         self.subprotocol = subprotocol
         #: The ``101``'s header fields (names lower-case).

@@ -35,7 +35,8 @@ Rules every change must keep:
   only while ``OPEN`` or ``REMOTE_CLOSING`` (the codec's table).
 * **The first end counts**: :attr:`ClientWebSocket.closed` is set once (the peer's close, a
   loss, or the driver's own :meth:`ClientWebSocket.end`), and never changed after.
-* **A fresh masking key per frame**, from the function the driver gives (``os.urandom(4)``;
+* **A fresh masking key per frame**, from the function the driver gives (a
+  :class:`~devstream_core.maskkeys.MaskKeyPool`'s ``key``, or ``os.urandom(4)``;
   a test gives a fixed one): nothing random here.
 """
 

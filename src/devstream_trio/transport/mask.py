@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import threading
 
+from devstream_core.maskkeys import DEFAULT_BLOCK, MaskKeyPool
 from devstream_core.websocket import MaskFunction, native_apply_mask, pure_apply_mask
 
 __all__ = ["PURE_PYTHON_ENV", "mask_keys", "masker", "masker_in_use", "native_apply_mask"]
@@ -45,33 +46,22 @@ def masker_in_use() -> str:
 
 
 #: How many random bytes the pool of masking keys draws at once.
-KEY_POOL_SIZE = 4096
+KEY_POOL_SIZE = DEFAULT_BLOCK
 
 
-class _KeyPool(threading.local):
-    data = b""
-    used = 0
+class _Pools(threading.local):
+    """Each thread's pool of masking keys."""
+
+    def __init__(self) -> None:
+        self.pool = MaskKeyPool(os.urandom, KEY_POOL_SIZE)
 
 
-_pool = _KeyPool()
-
-
-def _forget_pool() -> None:
-    _pool.data, _pool.used = b"", 0
-
-
-os.register_at_fork(after_in_child=_forget_pool)
+_pools = _Pools()
+os.register_at_fork(after_in_child=lambda: _pools.pool.forget())
 
 
 def mask_keys(count: int = 1) -> bytes:
-    """*count* fresh masking keys of 4 bytes each, one after the other (see the module's
-    rules): no key is ever handed out twice."""
-    size = 4 * count
-    pool = _pool
-    used = pool.used
-    if used + size > len(pool.data):
-        if size > KEY_POOL_SIZE:
-            return os.urandom(size)
-        pool.data, used = os.urandom(KEY_POOL_SIZE), 0
-    pool.used = used + size
-    return pool.data[used : used + size]
+    """*count* fresh masking keys of 4 bytes each, one after the other, from this thread's
+    :class:`~devstream_core.maskkeys.MaskKeyPool` (see the module's rules): no key is ever
+    handed out twice."""
+    return _pools.pool.take(count)
