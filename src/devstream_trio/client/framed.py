@@ -362,20 +362,30 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
                 self._carry_out(driver.timer(trio.current_time(), self._ws.last_received))
         if driver.phase is not StreamPhase.FINISHING:
             return self._driver.peer_closed
+        # The last frames go out (what the socket does not take, by the writer task), then
+        # the close; usually all of it from this task at once, with nothing to wait for.
+        self._send_now()
+        ws = self._ws
+        if (driver.over or not self._endpoint.has_output) and (
+            driver.closing is None or not ws.is_open
+        ):
+            return self._closing_under_way()
         with trio.move_on_at(driver.close_deadline):
-            # The last frames go out (what the socket does not take, by the writer task),
-            # then the close.
-            self._send_now()
             while not driver.over and self._endpoint.has_output:
                 await self._wait_changed()
-            ws = self._ws
             close = driver.closing
             if close is not None and ws.is_open:
                 await ws.send_close(close.code, close.reason)
                 driver.close_sent(trio.current_time())
-            lost = ws.closed is not None and ws.closed.code == ABNORMAL_CLOSURE
-            return (ws.close_sent and not lost) or self._driver.peer_closed
+            return self._closing_under_way()
         return False
+
+    def _closing_under_way(self) -> bool:
+        """_finish's answer once the close is out: this side's close went out on a connection
+        not known to be lost, or the peer closed."""
+        ws = self._ws
+        lost = ws.closed is not None and ws.closed.code == ABNORMAL_CLOSURE
+        return (ws.close_sent and not lost) or self._driver.peer_closed
 
     def _check_can_send(self) -> None:
         if self._driver.eof_written or self._local_closed:
