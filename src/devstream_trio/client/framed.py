@@ -234,12 +234,16 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
         stops, and the task takes over). A stream that ends sooner never starts it.
 
         The other end's close is given to the driver as the connection task would give it;
-        a lost connection, or a broken frame, starts the task (it resumes, or closes)."""
+        a lost connection, or a broken frame, starts the task (it resumes, or closes).
+
+        The read has no deadline of its own: at ``direct_read_until`` the nursery's starter
+        starts the connection task, which stops a read still waiting (``_need_reader``). A
+        timer per read would cost more than the read."""
         ws = self._ws
         driver = self._driver
         self._app_reading = True
         try:
-            with trio.move_on_at(driver.direct_read_until) as self._direct_read:
+            with trio.CancelScope() as self._direct_read:
                 try:
                     messages = await ws.receive_messages(MAX_MESSAGE)
                 except ConnectionClosed as exc:
