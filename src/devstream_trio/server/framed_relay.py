@@ -6,6 +6,7 @@ bridge decides), and its silence is watched from the hub's timer (the core's Sil
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import trio
@@ -44,6 +45,9 @@ class FramedRelay:
     )
     scopes: dict[int, trio.CancelScope] = field(default_factory=dict)
     paired: trio.Event = field(default_factory=trio.Event)
+    #: Where a side waiting for its peer parks: woken by the pairing, or to ping (made when
+    #: a side first waits; most peers come within milliseconds).
+    waiting: trio.lowlevel.ParkingLot | None = None
     ended: bool = False
     #: Why the hub ends the stream on its own (a peer that never came back, never came).
     end_code: ErrorCode | None = None
@@ -74,6 +78,10 @@ class FramedRelays:
         #: The sides' silence, watched from one schedule, not a task each.
         self._silence = SilenceWatch(idle_timeout)
         self._idle_watches: dict[int, _IdleWatch] = {}
+        #: The sides waiting for their peer, by connection: each is woken to ping it every
+        #: LONE_PING_INTERVAL, from the same schedule (no timer of its own).
+        self._lone_watch = SilenceWatch(LONE_PING_INTERVAL)
+        self._lone: dict[int, FramedRelay] = {}
 
     def relay(self, record: StreamRecord) -> FramedRelay:
         """The relay of *record*'s stream, made on its first side's arrival."""
@@ -95,12 +103,20 @@ class FramedRelays:
 
     def next_idle_check(self) -> float | None:
         """When :meth:`check_idle` has something to look at next, if ever."""
-        return self._silence.next_deadline()
+        silence, lone = self._silence.next_deadline(), self._lone_watch.next_deadline()
+        if lone is None or silence is None:
+            return silence if lone is None else lone
+        return min(silence, lone)
 
     def check_idle(self, now: float) -> None:
         """End the read of every devstream.v1 side silent (no frame, no ping) for
         ``idle_timeout``; the side then counts as dropped. A side in the middle of sending to
         its peer is looked at again later: the send is never cut."""
+        lone = self._lone
+        for connection_id in self._lone_watch.silent(now, _never):
+            waiting = lone[connection_id].waiting
+            assert waiting is not None  # it parks there
+            waiting.unpark_all()  # time to ping it
         watches = self._idle_watches
         for connection_id in self._silence.silent(
             now,
@@ -125,6 +141,8 @@ class FramedRelays:
         relay.sides[role] = ws
         if relay.sides[role.other] is not None and not relay.paired.is_set():
             relay.paired.set()
+            if relay.waiting is not None:
+                relay.waiting.unpark_all()
             relay.record.paired = True
             self.metrics.streams_total += 1
         # One scope for the side: a resume that replaces it, the stream's end and the side's
@@ -135,7 +153,7 @@ class FramedRelays:
         watch: _IdleWatch | None = None
         try:
             with scope:
-                await self._wait_for_peer(relay, ws)
+                await self._wait_for_peer(relay, ws, connection_id)
                 # Nothing was read before the pairing: silence counts from when reading starts.
                 watch = self._watch_idle(connection_id, ws, scope)
                 try:
@@ -271,16 +289,31 @@ class FramedRelays:
                 for scope in relay.scopes.values():
                     scope.cancel()
 
-    async def _wait_for_peer(self, relay: FramedRelay, ws: WebSocket) -> None:
+    async def _wait_for_peer(self, relay: FramedRelay, ws: WebSocket, connection_id: int) -> None:
         """Wait for the pairing, pinging the side every ``LONE_PING_INTERVAL``: nothing is read
         from it before then, so its own pings go unanswered, and without a sign of life it
-        would drop and resume. No task of its own: most peers come within milliseconds."""
+        would drop and resume. No task and no timer of its own: the hub's timer wakes it to
+        ping (:meth:`check_idle`), and most peers come within milliseconds."""
         pinging = True
         while not relay.paired.is_set():
-            with trio.move_on_after(LONE_PING_INTERVAL):
-                await relay.paired.wait()
+            if relay.waiting is None:
+                relay.waiting = trio.lowlevel.ParkingLot()
+            self._lone[connection_id] = relay
+            if self._lone_watch.watch(connection_id, since=trio.current_time()):
+                self.endpoint.wake(self._lone_watch.next_deadline())
+            try:
+                await relay.waiting.park()
+            finally:
+                del self._lone[connection_id]
+                self._lone_watch.forget(connection_id)
             if pinging and not relay.paired.is_set():
                 try:
                     await ws.ping()
                 except ConnectionClosed:
                     pinging = False  # its connection task finds out when it reads
+
+
+def _never(connection_id: int) -> float:
+    """A lone side's last received time, for its ping schedule: pings go every interval
+    from when it started waiting, whatever it sends (nothing is read from it meanwhile)."""
+    return -math.inf
