@@ -109,9 +109,10 @@ class FramedRelays:
         return min(silence, lone)
 
     def check_idle(self, now: float) -> None:
-        """End the read of every devstream.v1 side silent (no frame, no ping) for
-        ``idle_timeout``; the side then counts as dropped. A side in the middle of sending to
-        its peer is looked at again later: the send is never cut."""
+        """Wake every side waiting for its peer whose next ping is due (it pings from its own
+        task); end the read of every devstream.v1 side silent (no frame, no ping) for
+        ``idle_timeout``, which then counts as dropped. A side in the middle of sending to its
+        peer is looked at again later: the send is never cut."""
         lone = self._lone
         for connection_id in self._lone_watch.silent(now, _never):
             waiting = lone[connection_id].waiting

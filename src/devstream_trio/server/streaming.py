@@ -94,7 +94,8 @@ class StreamingEndpoint:
         self._framed = FramedRelays(self, idle_timeout)
         #: When check_idle has something to look at next, if ever.
         self.next_idle_check = self._framed.next_idle_check
-        #: End the read of every devstream.v1 side silent for ``idle_timeout``.
+        #: Ping the devstream.v1 sides waiting for their peer when due; end the read of every
+        #: one silent for ``idle_timeout``.
         self.check_idle = self._framed.check_idle
 
     def framed_sides(self, stream_id: str) -> dict[Role, WebSocket | None]:
