@@ -39,6 +39,10 @@ Rules:
   past the expiry it is refused as ``STREAM_TOKEN_EXPIRED`` anyway.
 * A join is checked in a fixed order: the token itself (invalid, wrong stream, wrong role,
   expired), then reuse, then whether the stream still exists (``NOT_FOUND``).
+* The connection that asked for a stream may join it at once as that side, without a token
+  (:meth:`Bridge.join_opener`, a one-step open): its token is used up as a join with it
+  would, and the same refusals apply, the stream's existence first (nothing else says
+  which stream it is).
 * Every join or resume of a ``devstream.v1`` side issues a fresh resume token for that role,
   which reaches the side only in the answer to that join or resume. So a resume token is
   *spent* only once the connection it opened has proven itself: the hub calls
