@@ -769,6 +769,7 @@ async def test_send_whole_messages_then_close_in_one_write(
         await send_all(data)
 
     ws.stream.send_all = counted  # type: ignore[method-assign]
+    start = trio.current_time()
     sent = await ws.send_whole_messages(
         [[b"last", b"-ack"]], then_close=CloseConnection(code=1000, reason="done")
     )
@@ -777,6 +778,7 @@ async def test_send_whole_messages_then_close_in_one_write(
     assert ws.close_sent and not ws.is_open
     with trio.fail_after(5):
         first_read = await peer.next_events()
+    assert trio.current_time() == start  # nothing waited: both were in the one write
     assert first_read == [
         BytesMessage(data=b"last-ack", message_finished=True),
         CloseConnection(code=1000, reason="done"),
@@ -793,6 +795,7 @@ async def test_queued_close_names_the_close_already_read(autojump_clock: trio.ab
     the next receive still answers it and raises."""
     peer, hub_side = raw_pair()
     assert hub_side.queued_close is None
+    start = trio.current_time()
     await peer.send(
         BytesMessage(data=b"ack", message_finished=True),
         CloseConnection(code=1000, reason=""),
@@ -805,6 +808,7 @@ async def test_queued_close_names_the_close_already_read(autojump_clock: trio.ab
     assert info.value.code == 1000
     assert hub_side.queued_close is None
     assert await peer.next_events() == [CloseConnection(code=1000, reason="")]
+    assert trio.current_time() == start  # all of it from what was read at once
 
 
 # --- over a real socket: the vectored writes -------------------------------------------------

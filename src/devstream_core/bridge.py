@@ -332,9 +332,6 @@ class _Stream:
     spent_resume_nonces: set[str] = field(default_factory=set)
 
 
-_nonce_text = b64url
-
-
 def _check_now(now: float) -> None:
     if not isinstance(now, (int, float)) or not math.isfinite(now):
         raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "now must be finite")
@@ -429,7 +426,7 @@ class Bridge:
             for role, nonce in ((Role.DEVICE, device_nonce), (Role.SERVICE, service_nonce))
         }
         self._purge_used(now)
-        nonces = {Role.DEVICE: _nonce_text(device_nonce), Role.SERVICE: _nonce_text(service_nonce)}
+        nonces = {Role.DEVICE: b64url(device_nonce), Role.SERVICE: b64url(service_nonce)}
         if any(nonce in self._used for nonce in nonces.values()):
             raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "nonce already used")
         if len(self._streams) >= self._max_streams:
@@ -543,7 +540,7 @@ class Bridge:
         stream.sides[role] = connection_id
         if resume_token is not None:
             assert resume_nonce is not None
-            stream.resume_nonces[role] = _nonce_text(resume_nonce)
+            stream.resume_nonces[role] = b64url(resume_nonce)
         peer = stream.sides.get(role.other)
         return Joined(
             stream_id=stream.stream_id,
@@ -621,7 +618,7 @@ class Bridge:
         if retired is not None:
             stream.spent_resume_nonces.add(retired)
         stream.previous[claims.role] = (claims.nonce, connection_id)
-        stream.resume_nonces[claims.role] = _nonce_text(resume_nonce)
+        stream.resume_nonces[claims.role] = b64url(resume_nonce)
         return Resumed(
             stream_id=stream_id,
             role=claims.role,
@@ -844,7 +841,7 @@ class Bridge:
         token = mint_resume_token(
             secret=self._secret, stream_id=stream.stream_id, role=role, nonce=nonce
         )
-        text = _nonce_text(nonce)
+        text = b64url(nonce)
         if (
             text in stream.spent_resume_nonces
             or text in stream.resume_nonces.values()
