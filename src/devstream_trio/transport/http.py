@@ -215,7 +215,9 @@ class HttpServerConnection:
     max_body_size: int = 65536
     header_timeout: float = 10.0
     idle_timeout: float = 30.0
-    conn: h11.Connection = field(init=False)
+    #: h11's state of the connection, made when first needed: a WebSocket upgrade read whole
+    #: by :func:`parse_upgrade_request` and accepted never needs it.
+    _h11: h11.Connection | None = field(default=None, init=False)
     _first: bool = field(default=True, init=False)
     _done: bool = field(default=False, init=False)
     _upgrade_pending: bool = field(default=False, init=False)
@@ -228,8 +230,12 @@ class HttpServerConnection:
     #: can be larger, and measuring one is skipped.
     _received: int = field(default=0, init=False)
 
-    def __post_init__(self) -> None:
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_size)
+    @property
+    def conn(self) -> h11.Connection:
+        """h11's state of the connection (made on first use)."""
+        if self._h11 is None:
+            self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_size)
+        return self._h11
 
     async def next_request(self) -> HttpRequest | None:
         """Read the next request; None when the client closed or idled out between requests.
@@ -261,7 +267,8 @@ class HttpServerConnection:
         got_bytes = False
         while True:
             try:
-                event = self.conn.next_event()
+                # Before h11 is made it has been given nothing, and would ask for data.
+                event = h11.NEED_DATA if self._h11 is None else self._h11.next_event()
             except h11.RemoteProtocolError as exc:
                 if exc.error_status_hint == 431:
                     raise HttpError(ErrorCode.HEADERS_TOO_LARGE) from exc
