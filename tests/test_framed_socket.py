@@ -496,6 +496,50 @@ async def test_closing_a_young_stream_waits_for_the_answer_to_its_close(
     hub.sock.close()
 
 
+@pytest.mark.parametrize("young", [True, False])
+async def test_a_close_that_comes_with_the_last_ack_is_answered(
+    autojump_clock: trio.abc.Clock, young: bool
+) -> None:
+    """The hub passes the peer's last Ack and its close on in one write. A device closing its
+    stream reads both at once: the stream is done and the peer has closed, and the device
+    answers that close with its own (RFC 6455 section 5.5.1) before it drops the connection,
+    at once, with no timer to wait out. Likewise when its connection task had started."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            hub = HandDrivenHub(nursery)
+            device = hub.device
+            await hub.data_then_eof()
+            if not young:
+                await trio.sleep(DIRECT_READ_TIME * 2)
+                assert device.background_started
+            returned_at = []
+
+            async def close() -> None:
+                await device.aclose()
+                returned_at.append(trio.current_time())
+
+            nursery.start_soon(close)
+            await trio.testing.wait_all_tasks_blocked()
+            # (Waited past ACK_DELAY, the Ack of the EOF went out on its own before.)
+            frames = [frame for message in hub.received() for frame in message]
+            assert frames == [Ack(offset=3), Eof(offset=0)]
+            sent_at = trio.current_time()
+            os.write(
+                hub.sock.fileno(),
+                b"".join(hub.ws.send_data(encode_frame(Ack(offset=1))))
+                + hub.ws.send_close(1000, ""),
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            events = hub.reader.receive_data(os.read(hub.sock.fileno(), 65536))
+            assert [type(event) for event in events] == [CloseConnection]
+            close_event = events[0]
+            assert isinstance(close_event, CloseConnection) and close_event.code == 1000
+            assert await hub.sock.recv(10) == b""  # then dropped
+            assert returned_at == [sent_at]
+            assert device.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+    hub.sock.close()
+
+
 async def test_a_young_streams_close_cancelled_drops_the_connection_at_once(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -386,10 +386,13 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
 
     def _closing_under_way(self) -> bool:
         """_finish's answer once the close is out: this side's close went out on a connection
-        not known to be lost, or the peer closed."""
+        not known to be lost, or the peer closed (its close may have come with its last
+        frames, read but not yet answered: the read that follows answers it)."""
         ws = self._ws
         lost = ws.closed is not None and ws.closed.code == ABNORMAL_CLOSURE
-        return (ws.close_sent and not lost) or self._driver.peer_closed
+        return (
+            (ws.close_sent and not lost) or self._driver.peer_closed or ws.queued_close is not None
+        )
 
     def _check_can_send(self) -> None:
         if self._driver.eof_written or self._local_closed:
