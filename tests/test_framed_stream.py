@@ -123,24 +123,31 @@ class Tap(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         result: bytes | None = None
-        async with trio.open_nursery() as nursery:
+        try:
+            async with trio.open_nursery() as nursery:
 
-            async def read() -> None:
-                nonlocal result
-                if self.stalled_in:
-                    await trio.sleep_forever()
-                data = await self.inner.receive_some(max_bytes)
-                while self.stalled_in:
-                    await trio.sleep_forever()
-                result = bytes(data)
-                nursery.cancel_scope.cancel()
+                async def read() -> None:
+                    nonlocal result
+                    if self.stalled_in:
+                        await trio.sleep_forever()
+                    data = await self.inner.receive_some(max_bytes)
+                    while self.stalled_in:
+                        await trio.sleep_forever()
+                    result = bytes(data)
+                    nursery.cancel_scope.cancel()
 
-            async def watch() -> None:
-                await self._closed.wait()
-                nursery.cancel_scope.cancel()
+                async def watch() -> None:
+                    await self._closed.wait()
+                    nursery.cancel_scope.cancel()
 
-            nursery.start_soon(read)
-            nursery.start_soon(watch)
+                nursery.start_soon(read)
+                nursery.start_soon(watch)
+        except* trio.Cancelled:
+            # Cancelled from outside once the read had taken its bytes: they are handed over
+            # (as a socket's receive would have), and the cancellation reaches the caller at
+            # its next checkpoint. Dropping them would lose part of the stream.
+            if result is None:
+                raise
         if result is None:
             raise trio.ClosedResourceError("cut")
         result = bytes(self._spend(result))

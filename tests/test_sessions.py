@@ -372,7 +372,10 @@ class Laggy(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self.inner.receive_some(max_bytes)
-        await trio.sleep(self.delay)
+        # Shielded: cancelled in the delay, the bytes read would be lost, which no socket's
+        # receive does.
+        with trio.CancelScope(shield=True):
+            await trio.sleep(self.delay)
         return data
 
     async def aclose(self) -> None:
