@@ -21,7 +21,7 @@ import trio.testing
 from devstream_core.common import Role
 from devstream_core.errors import ErrorCode
 from devstream_core.framing import DEFAULT_WINDOW, EndpointState
-from devstream_core.streamdriver import StreamPhase
+from devstream_core.streamdriver import ACK_PROBE, IDLE_ACK, StreamPhase
 from devstream_trio.client import framed
 from devstream_trio.client.device import DeviceClient
 from devstream_trio.client.framed import FramedStream, StreamOptions
@@ -177,6 +177,13 @@ class Tap(trio.abc.Stream):
             self._half_cut = self.stalled_in = True
         else:
             self.cut()
+        await trio.aclose_forcefully(self.server)
+
+    async def cut_hub_end(self) -> None:
+        """Reset the hub's end now, between messages, as a relay that resets the socket it
+        was reading from: the hub sees the drop; the client hears nothing more, and its end
+        is cut when it next sends something."""
+        self._half_cut = self.stalled_in = True
         await trio.aclose_forcefully(self.server)
 
     async def aclose(self) -> None:
@@ -696,6 +703,69 @@ async def test_a_connection_cut_on_the_hubs_side_only_is_noticed_at_once(
         assert pair.device.resumes == cuts
         # At most the wait before the probe (framed.STALL_PROBE, 50 ms) and a few ms per cut.
         assert took <= 0.06 * cuts, (took, cuts)
+        await finish_closing(pair)
+
+
+@pytest.mark.parametrize("young", [False, True])
+async def test_a_silent_cut_between_messages_to_a_reader_is_found_by_its_acknowledgement(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock, young: bool
+) -> None:
+    """The device reads a message, and its connection is then reset at the hub's end only,
+    between two messages: nothing arrives half-way, and the device hears nothing more. It
+    owes an Ack for what it read (below the Ack rule's quarter window); IDLE_ACK after the
+    arrival it sends it, the write meets the reset, and the device resumes and gets what the
+    service sent meanwhile: within the young stream's first DIRECT_READ_TIME (no connection
+    task yet) or IDLE_ACK, not at the next ping (10 s)."""
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env)
+        if not young:
+            await trio.sleep(2 * framed.DIRECT_READ_TIME)
+        await pair.service.send_all(b"a" * 1000)
+        assert await read_exactly(pair.device, 1000) == b"a" * 1000
+        read_at = trio.current_time()
+        await pair.device_opener.latest_stream().cut_hub_end()
+        await pair.service.send_all(b"b" * 1000)
+        assert await read_exactly(pair.device, 1000) == b"b" * 1000
+        took = trio.current_time() - read_at
+        assert pair.device.resumes == 1
+        assert took <= (framed.DIRECT_READ_TIME if young else IDLE_ACK) + 0.01, took
+        await pair.service.send_eof()
+        await pair.device.send_eof()
+        assert await pair.device.receive_some() == b""
+        assert await pair.service.receive_some() == b""
+        await finish_closing(pair)
+
+
+async def test_a_silent_cut_between_messages_to_a_writer_is_found_by_a_probe(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """The device writes, the service reads; the device's connection is then reset at the
+    hub's end only, before the service's Ack comes back: the Ack is lost with it, and the
+    device hears nothing more. Its bytes wait for their acknowledgement: ACK_PROBE after they
+    went out it pings, the write meets the reset, and the resume learns that the service has
+    them. Not at the next ping (10 s)."""
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env)
+        await trio.sleep(2 * framed.DIRECT_READ_TIME)
+        sent_at = trio.current_time()
+        await pair.device.send_all(b"a" * 1000)
+        assert await read_exactly(pair.service, 1000) == b"a" * 1000
+        assert trio.current_time() == sent_at
+        await pair.device_opener.latest_stream().cut_hub_end()  # before the service's Ack
+        while pair.device.resumes == 0:
+            await trio.sleep(0.001)
+        took = trio.current_time() - sent_at
+        assert ACK_PROBE <= took <= ACK_PROBE + 0.01, took
+        while pair.device.endpoint.awaiting_ack:
+            await trio.sleep(0.001)
+        assert pair.device.endpoint.acked == 1000  # the service's, by way of the resume
+        assert trio.current_time() - sent_at <= ACK_PROBE + IDLE_ACK + 0.01
+        await pair.service.send_all(b"b" * 10)
+        assert await read_exactly(pair.device, 10) == b"b" * 10
+        await pair.service.send_eof()
+        await pair.device.send_eof()
+        assert await pair.device.receive_some() == b""
+        assert await pair.service.receive_some() == b""
         await finish_closing(pair)
 
 

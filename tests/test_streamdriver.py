@@ -25,13 +25,17 @@ from devstream_core.errors import ErrorCode, LocalProtocolError, RemoteProtocolE
 from devstream_core.exceptions import DeviceNotFound, HubError, StreamReset
 from devstream_core.framing import (
     MAX_MESSAGE_SIZE,
+    Ack,
     EndpointState,
+    FrameDecoder,
 )
 from devstream_core.streamdriver import (
     ACK_DELAY,
+    ACK_PROBE,
     DIRECT_READ_TIME,
     FINAL_ERRORS,
     FIRST_RESUME_DELAY,
+    IDLE_ACK,
     MAX_RESUME_DELAY,
     PHASE_TRANSITIONS,
     STALL_PROBE,
@@ -358,7 +362,8 @@ def test_close_waits_close_timeout_then_resets() -> None:
     assert a.close_deadline == 8.0 and a.next_deadline(3.0) == 8.0
     link.flush(a)
     link.deliver(a, 3.5)  # the peer does not read
-    assert a.timer(7.99, 7.0) == []
+    # (Its frames wait for an acknowledgement, with nothing arriving since 7.0: a probe.)
+    assert a.timer(7.99, 7.0) == [SendPing()]
     assert a.timer(8.0, 7.0) == [Flush()]
     assert a.phase is P.FINISHING
     assert a.outcome == Outcome(
@@ -660,6 +665,140 @@ def test_a_stalled_message_is_probed_once() -> None:
     assert a.message_stalled(5.0, 5.05) == [SendPing()]
     assert a.stall_timeout(5.0) is None  # probed: wait for more bytes
     assert a.stall_timeout(5.2) == STALL_PROBE
+
+
+def acks(messages: list[bytes]) -> list[int]:
+    """The offsets of the Acks in *messages*."""
+    frames = [frame for message in messages for frame in FrameDecoder().feed(message)]
+    return [frame.offset for frame in frames if isinstance(frame, Ack)]
+
+
+def test_bytes_read_and_not_yet_acknowledged_are_acknowledged_once_the_arrivals_pause() -> None:
+    """Below a quarter window no Ack goes out at the read; once nothing more has arrived for
+    IDLE_ACK, the timer asks for one, once per arrival: a connection that was cut without a
+    sound is then written to, and found out."""
+    link = Link()
+    a, b = link.a, link.b
+    b.endpoint.write(b"x" * 100)
+    link.flush(b)
+    link.deliver(b, 1.0)
+    assert a.read(None, 1.0) == b"x" * 100
+    assert not a.endpoint.has_output  # 100 bytes: below the Ack rule's quarter window
+    assert a.next_deadline(1.0) == 1.0 + IDLE_ACK
+    assert a.timer(1.0 + IDLE_ACK - 0.001, 1.0) == []
+    assert a.timer(1.0 + IDLE_ACK, 1.0) == [Flush()]
+    assert acks(link.flush(a)) == [100]
+    assert a.next_deadline(1.0) == 10.0  # back to the keepalive
+    assert a.timer(2.0, 1.0) == []
+    # The next arrival counts afresh.
+    b.endpoint.write(b"y" * 10)
+    link.flush(b)
+    link.deliver(b, 3.0)
+    assert a.read(None, 3.0) == b"y" * 10
+    assert a.timer(3.0 + IDLE_ACK, 3.0) == [Flush()]
+    assert acks(link.flush(a)) == [110]
+
+
+def test_bytes_read_after_the_pause_are_acknowledged_by_the_read() -> None:
+    """The timer finds nothing read yet: no Ack, and no deadline left for that arrival (it
+    would be due again at once). The application's read that follows queues the Ack itself;
+    a second read of the same arrival does not."""
+    link = Link()
+    a, b = link.a, link.b
+    b.endpoint.write(b"x" * 100)
+    link.flush(b)
+    link.deliver(b, 1.0)
+    assert a.next_deadline(1.0) == 1.0 + IDLE_ACK
+    assert a.timer(1.0 + IDLE_ACK, 1.0) == []
+    assert a.next_deadline(1.0) == 10.0
+    assert a.read(60, 2.0) == b"x" * 60
+    assert acks(link.flush(a)) == [60]
+    assert a.read(None, 2.5) == b"x" * 40
+    assert not a.endpoint.has_output  # once per arrival
+    assert a.next_deadline(1.0) == 10.0
+
+
+def test_bytes_the_ack_rule_acknowledged_need_no_idle_ack() -> None:
+    link = Link()
+    a, b = link.a, link.b
+    b.endpoint.write(b"x" * 1024)  # a quarter of the window
+    link.flush(b)
+    link.deliver(b, 1.0)
+    assert a.read(None, 1.0) == b"x" * 1024
+    assert acks(link.flush(a)) == [1024]
+    assert a.next_deadline(1.0) == 10.0
+    assert a.timer(1.0 + IDLE_ACK, 1.0) == []
+
+
+def test_frames_waiting_for_their_acknowledgement_are_probed_less_and_less_often() -> None:
+    """Data went out and nothing arrives: a ping ACK_PROBE after it went out, then, after each
+    answer, twice as long after the answer (the keepalive goes on meanwhile); none once the
+    wait reaches the keepalive's interval. The peer's Ack starts the count again; nothing
+    waiting, nothing probed."""
+    link = Link()
+    a, b = link.a, link.b
+    a.endpoint.write(b"x" * 100)
+    assert a.next_deadline(0.0) == 10.0  # written, not yet sent
+    message = a.next_message(1.0)  # the time it goes out, as an adapter gives it
+    assert message and a.endpoint.awaiting_ack
+    assert a.next_deadline(0.5) == 1.0 + ACK_PROBE  # from when it went out
+    assert a.timer(1.0 + ACK_PROBE - 0.001, 0.5) == []
+    pong = 1.0
+    seen = []
+    for _ in range(8):
+        deadline = a.next_deadline(pong)
+        seen.append((round(deadline, 6), a.timer(deadline, pong)))
+        pong = deadline + 0.001  # every ping answered at once
+    # Waits after each answer of 0.2, 0.4, 0.8, 1.6, 3.2, 6.4 s; the keepalive at 10 and 20.
+    assert seen == [
+        (1.2, [SendPing()]),
+        (1.601, [SendPing()]),
+        (2.402, [SendPing()]),
+        (4.003, [SendPing()]),
+        (7.204, [SendPing()]),
+        (10.0, [SendPing()]),
+        (16.401, [SendPing()]),  # 6.4 s after the answer to the keepalive
+        (20.0, [SendPing()]),  # a wait of 12.8 s would pass the keepalive's: none
+    ]
+    assert a.next_deadline(pong) == 30.0
+    # The peer's Ack of part of it: the count starts again, from the Ack's arrival.
+    link.queue[a] = [message]  # it arrives, late
+    link.deliver(a, 20.0)
+    assert b.read(50, 20.0) == b"x" * 50
+    assert b.endpoint.queue_ack()
+    link.flush(b)
+    link.deliver(b, 20.5)
+    assert a.endpoint.acked == 50 and a.endpoint.awaiting_ack
+    assert a.next_deadline(20.5) == 20.5 + ACK_PROBE
+    assert b.read(None, 21.0) == b"x" * 50
+    assert b.endpoint.has_output  # read past IDLE_ACK after the arrival: its Ack is queued
+    link.flush(b)
+    link.deliver(b, 21.0)
+    assert not a.endpoint.awaiting_ack
+    assert a.next_deadline(21.0) == 30.0  # the keepalive alone
+
+
+def test_an_eof_waiting_for_its_acknowledgement_is_probed() -> None:
+    link = Link()
+    a = link.a
+    a.write_eof()
+    assert a.next_message(2.0)
+    assert a.endpoint.awaiting_ack
+    assert a.next_deadline(1.0) == 2.0 + ACK_PROBE
+    assert a.timer(2.0 + ACK_PROBE, 1.0) == [SendPing()]
+
+
+def test_a_resumed_connection_probes_afresh() -> None:
+    link = Link()
+    a = link.a
+    a.endpoint.write(b"x")
+    assert a.next_message(1.0)
+    assert a.timer(1.0 + ACK_PROBE, 0.0) == [SendPing()]
+    assert a.next_deadline(1.0 + ACK_PROBE) == 1.0 + 3 * ACK_PROBE
+    a.connection_lost(2.0)
+    a.connection_made(2.5)
+    assert a.next_message(2.5)  # the Resume, and the byte again
+    assert a.next_deadline(2.5) == 2.5 + ACK_PROBE
 
 
 def test_time_never_goes_back() -> None:

@@ -129,7 +129,7 @@ class FramedStream:
         driver, ws = self._driver, self._ws
         if driver.connected and ws.closed is None:
             try:
-                while data := driver.next_message():
+                while data := driver.next_message(self._now()):
                     ws.send_nowait(data)
                 close = driver.closing
                 if close is not None:

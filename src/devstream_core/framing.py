@@ -672,6 +672,9 @@ CONNECTION_TRANSITIONS: Final[Mapping[tuple[ConnectionState, ConnectionInput], C
 }
 
 _LIVE_CONNECTIONS: Final = frozenset({_C.CONNECTED, _C.RESUMING, _C.BROKEN})
+#: Incoming states in which bytes read may still be acknowledged by the Ack rule's plain Acks
+#: (the Ack of the EOF has rules of its own).
+_ACKABLE: Final = frozenset({RecvState.OPEN, RecvState.EOF_RECEIVED})
 
 
 def _cut_reason(reason: str) -> str:
@@ -901,6 +904,40 @@ class StreamEndpoint:
     def unacked(self) -> int:
         """Bytes sent and not yet acknowledged; never more than :attr:`window`."""
         return self._sent_end - min(self._acked, self._written_end)
+
+    @property
+    def awaiting_ack(self) -> bool:
+        """Something this side sent (data, or its EOF) waits for the peer's acknowledgement
+        (and the stream is not reset)."""
+        if self._reset_info is not None:
+            return False
+        return self._sent_end > self._acked or (self._eof_ever_sent and not self._eof_acked)
+
+    @property
+    def owes_ack(self) -> bool:
+        """Bytes of the peer's arrived that no Ack sent or queued covers yet (the application
+        may not have read them all)."""
+        return (
+            self._received > self._ack_sent
+            and not self._ack_pending
+            and self._recv_state in _ACKABLE
+        )
+
+    def queue_ack(self) -> bool:
+        """Queue an Ack of what the application consumed, if it is past the last Ack sent
+        (the next :meth:`data_to_send` carries it); True when one was queued.
+
+        The Ack rule's own Acks (a quarter window, the EOF) need no call; this is for an Ack
+        the caller wants sooner (see :data:`~devstream_core.streamdriver.IDLE_ACK`)."""
+        if (
+            self._consumed > self._ack_sent
+            and not self._ack_pending
+            and self._recv_state in _ACKABLE
+            and self._conn_state in _LIVE_CONNECTIONS
+        ):
+            self._ack_pending = True
+            return True
+        return False
 
     @property
     def send_capacity(self) -> int:

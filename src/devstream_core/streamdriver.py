@@ -60,6 +60,15 @@ Decisions:
   between half and all of it; a hub answer in :data:`FINAL_ERRORS` gives up at once.
 * A message that stops half-way for :data:`STALL_PROBE` makes the stream ping at once (the
   hub writes messages whole, so the connection was likely lost on the way); once per stall.
+* What the application read and no Ack covers is acknowledged :data:`IDLE_ACK` after the last
+  bytes arrived (by the timer, or by a read made later), once per arrival: the peer learns of
+  it sooner than the Ack rule's quarter window would tell it, and a connection lost without
+  a sound is written to, and found out.
+* Frames that wait for their acknowledgement (data or the EOF) with nothing arriving make the
+  stream ping :data:`ACK_PROBE` after they went out or after the last bytes came, whichever
+  is later, then twice as long after each answer while the peer's Ack stays where it is;
+  none once that wait reaches ``ping_interval`` (the keepalive goes on). A peer that reads
+  acknowledges within ``IDLE_ACK``, so a healthy exchange is not probed.
 """
 
 from __future__ import annotations
@@ -89,9 +98,11 @@ from .framing import (
 
 __all__ = [
     "ACK_DELAY",
+    "ACK_PROBE",
     "DIRECT_READ_TIME",
     "FINAL_ERRORS",
     "FIRST_RESUME_DELAY",
+    "IDLE_ACK",
     "MAX_RESUME_DELAY",
     "PHASE_TRANSITIONS",
     "STALL_PROBE",
@@ -117,6 +128,13 @@ ACK_DELAY: Final = 0.005
 DIRECT_READ_TIME: Final = 0.1
 #: How long a WebSocket message may stop arriving half-way before the stream pings.
 STALL_PROBE: Final = 0.05
+#: How long after the last bytes arrived the application's reads are acknowledged, when the
+#: Ack rule has not sent an Ack for them by then.
+IDLE_ACK: Final = 0.05
+#: How long frames this side sent may wait for their acknowledgement, with nothing arriving
+#: meanwhile, before the stream pings; each answered ping doubles it. Longer than IDLE_ACK and
+#: a round trip: a peer that reads acknowledges within IDLE_ACK.
+ACK_PROBE: Final = 0.2
 #: The delay before the second reconnection attempt; each later one doubles it.
 FIRST_RESUME_DELAY: Final = 0.05
 #: The longest delay between two reconnection attempts.
@@ -378,6 +396,16 @@ class StreamDriver:
         self._ping_at = math.inf
         self._ack_at = math.inf
         self._probed = -math.inf
+        # A connection lost silently while something is in flight: when the last bytes
+        # arrived, the arrival the idle Ack last looked at and the one it acknowledged; when
+        # frames began to wait for an acknowledgement, the peer's Ack offset the probes count
+        # for, and how many went out.
+        self._received_at = now
+        self._idle_checked = -math.inf
+        self._idle_acked = -math.inf
+        self._sent_at = now
+        self._probe_acked = -1
+        self._probes = 0
         # CLOSING's and FINISHING's deadline.
         self._close_at = math.inf
         #: The WebSocket close owed (FINISHING), None once sent or when none is owed.
@@ -576,6 +604,13 @@ class StreamDriver:
         if endpoint.at_eof and endpoint.has_output and self._ack_at == math.inf:
             self._now = now
             self._ack_at = now + ACK_DELAY
+        elif (
+            now >= self._received_at + IDLE_ACK
+            and self._received_at != self._idle_acked
+            and endpoint.queue_ack()
+        ):
+            # Read after the idle Ack's time: acknowledged at once, once per arrival.
+            self._idle_acked = self._received_at
         return data
 
     def take(self, max_bytes: int | None, now: float) -> bytes | None:
@@ -640,6 +675,9 @@ class StreamDriver:
         self.endpoint.connection_made(resumed=not first)
         self._ping_at = now + self.options.ping_interval
         self._probed = -math.inf
+        self._received_at = self._sent_at = now
+        self._idle_checked = self._idle_acked = -math.inf
+        self._probe_acked, self._probes = -1, 0
         self._retry_at = self._attempt_until = self._give_up_at = math.inf
         self._delay = FIRST_RESUME_DELAY
 
@@ -687,7 +725,7 @@ class StreamDriver:
         the protocol raises its :class:`~devstream_core.errors.RemoteProtocolError` after
         moving the stream to ``FINISHING`` (outcome ``BROKEN``; the Reset, then a close with
         the error's code)."""
-        self._now = now
+        self._now = self._received_at = now
         try:
             events = self.endpoint.receive_data(data)
         except RemoteProtocolError as exc:
@@ -700,11 +738,19 @@ class StreamDriver:
             self._settle()  # (new bytes alone, the usual case, change no phase)
         return events
 
-    def next_message(self) -> bytes:
+    def next_message(self, now: float | None = None) -> bytes:
         """The next WebSocket message to send (``b""`` when none): whole frames, at most the
-        endpoint's ``message_size``. The close may be due once none is left (:attr:`closing`)."""
+        endpoint's ``message_size``. The close may be due once none is left (:attr:`closing`).
+
+        *now* (the time it goes out) starts the wait of its frames for their acknowledgement
+        (see :data:`ACK_PROBE`); without it, the driver's last known time is taken."""
         endpoint = self.endpoint
+        if now is not None:
+            self._now = now
+        waiting = endpoint.awaiting_ack
         data = endpoint.data_to_send(endpoint.message_size)
+        if not waiting and data:
+            self._sent_at = self._now
         if self._phase is not _OPEN or self._ack_at != _INF or endpoint.done:
             if not endpoint.has_output:
                 self._ack_at = math.inf
@@ -782,12 +828,37 @@ class StreamDriver:
                 last_received + options.ping_interval + options.ping_timeout,
                 self._ack_at,
                 self._close_at,
+                self._idle_ack_at(),
+                self._probe_at(last_received),
             )
         else:
             # A running attempt ends at its own deadline (Connect.deadline): the adapter
             # reports it with connect_failed.
             deadline = min(self._retry_at, self._give_up_at, self._close_at)
         return max(deadline, self._now)
+
+    def _idle_ack_at(self) -> float:
+        """When the Ack of bytes that arrived last is due, if the Ack rule sends none first."""
+        if self._received_at == self._idle_checked or not self.endpoint.owes_ack:
+            return math.inf
+        return self._received_at + IDLE_ACK
+
+    def _probe_count(self) -> int:
+        """Probes already sent while the peer's Ack offset stayed where it is."""
+        return self._probes if self.endpoint.acked == self._probe_acked else 0
+
+    def _probe_at(self, last_received: float) -> float:
+        """When to ping because frames wait for the peer's acknowledgement: :data:`ACK_PROBE`
+        after they went out or after the last bytes arrived (*last_received*), whichever is
+        later, then twice as long after each answer while the peer's Ack does not move; left
+        to the keepalive once the wait reaches ``ping_interval``."""
+        if not self.endpoint.awaiting_ack:
+            return math.inf
+        wait = ACK_PROBE * (1 << min(self._probe_count(), 30))
+        if wait >= self.options.ping_interval:
+            return math.inf
+        sent_at = self._sent_at
+        return (last_received if last_received > sent_at else sent_at) + wait
 
     def timer(self, now: float, last_received: float) -> list[Action]:
         """Act on every deadline due at *now*; return what the adapter is to do, in order."""
@@ -816,8 +887,18 @@ class StreamDriver:
             if now >= self._ack_at:
                 self._ack_at = math.inf
                 actions.append(_FLUSH)
+            if now >= self._idle_ack_at():
+                self._idle_checked = received_at = self._received_at
+                if received_at != self._idle_acked and self.endpoint.queue_ack():
+                    self._idle_acked = received_at
+                    if _FLUSH not in actions:
+                        actions.append(_FLUSH)
             if now >= self._ping_at:
                 self._ping_at = now + options.ping_interval
+                actions.append(_PING)
+            elif now >= self._probe_at(last_received):
+                self._probe_acked = self.endpoint.acked
+                self._probes = self._probe_count() + 1
                 actions.append(_PING)
         elif self._attempt_until != math.inf:
             pass  # an attempt runs: it ends at its own deadline

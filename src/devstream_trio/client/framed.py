@@ -23,7 +23,12 @@ A connection lost on the way may be reset at the hub's end only (a relay or a mi
 resets the socket it was reading from): the hub holds the stream, and this end, waiting for
 bytes, hears nothing. The hub writes each message whole, so a message that stops half-way for
 ``STALL_PROBE`` (50 ms) makes the connection task ping at once: the write meets the reset and
-the stream resumes, instead of at the next ping, up to ``ping_interval`` later.
+the stream resumes, instead of at the next ping, up to ``ping_interval`` later. A cut between
+two messages is found the same way while something is in flight: what the application read
+is acknowledged ``IDLE_ACK`` (50 ms) after the last bytes arrived, and frames that have waited
+``ACK_PROBE`` (200 ms) for their acknowledgement, with nothing arriving, make it ping (then
+twice as long after each answer). A stream with nothing in flight hears of such a cut at its
+next ping, or when it next writes.
 
 Meaning of the trio methods:
 
@@ -56,7 +61,9 @@ from devstream_core.errors import DevstreamError, ErrorCode, RemoteProtocolError
 from devstream_core.framing import EndpointState
 from devstream_core.streamdriver import (
     ACK_DELAY,
+    ACK_PROBE,
     DIRECT_READ_TIME,
+    IDLE_ACK,
     STALL_PROBE,
     Outcome,
     StreamOptions,
@@ -74,7 +81,9 @@ from .framed_connection import (
 
 __all__ = [
     "ACK_DELAY",
+    "ACK_PROBE",
     "DIRECT_READ_TIME",
+    "IDLE_ACK",
     "MAX_MESSAGE",
     "MESSAGE_LIMIT",
     "STALL_PROBE",

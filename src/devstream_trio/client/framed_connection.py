@@ -110,7 +110,7 @@ class FramedConnection:
         self._receiving = False
         self._scope = trio.CancelScope()
         #: The writer task runs only once something needs it (see _wake_writer).
-        self._writer = _Writer(driver, self._changed)
+        self._writer = _Writer(driver, self._changed, self._timer_forward)
         #: The connection task's timer while it reads, the deadline it was armed for, and
         #: whether a deferred acknowledgement brought it forward (see _defer_ack).
         self._read_timer: trio.CancelScope | None = None
@@ -166,8 +166,9 @@ class FramedConnection:
         only for the rest (a full socket, a send in progress, TLS); wake waiting callers."""
         ws, driver, endpoint = self._ws, self._driver, self._endpoint
         output = endpoint.has_output
+        now = trio.current_time() if output else 0.0
         while output and ws.can_send_nowait:
-            message = driver.next_message()
+            message = driver.next_message(now)
             output = endpoint.has_output
             # The close, once due after the last frames, goes out in the same write.
             close = None if output or driver.phase is _OPEN else driver.closing
@@ -197,7 +198,18 @@ class FramedConnection:
             self._ack_due = False
             if self._read_timer is not None:
                 self._read_timer.deadline = self._read_wake
+        self._timer_forward()
         self._changed.unpark_all()
+
+    def _timer_forward(self) -> None:
+        """Bring the connection task's timer forward to the driver's next deadline, if that
+        is sooner: what arrived or went out may have made one (an idle Ack, a probe of frames
+        waiting for their acknowledgement)."""
+        timer = self._read_timer
+        if timer is not None:
+            due = self._driver.next_deadline(self._ws.last_received)
+            if due < timer.deadline:
+                timer.deadline = due
 
     def _defer_ack(self) -> None:
         """Leave what the driver has to send until its acknowledgement deadline: the
@@ -491,6 +503,7 @@ class _Writer:
     __slots__ = (
         "_changed",
         "_driver",
+        "_sent",
         "ever_started",
         "idle",
         "nursery",
@@ -500,9 +513,16 @@ class _Writer:
         "wanted",
     )
 
-    def __init__(self, driver: StreamDriver, changed: trio.lowlevel.ParkingLot) -> None:
+    def __init__(
+        self,
+        driver: StreamDriver,
+        changed: trio.lowlevel.ParkingLot,
+        sent: Callable[[], None],
+    ) -> None:
         self._driver = driver
         self._changed = changed
+        #: Called after messages went out (the connection task's deadlines may move).
+        self._sent = sent
         #: Set when there is something to write (or the task is to stop).
         self.wanted = trio.Event()
         #: The nursery of the current WebSocket's tasks, while the connection task reads it.
@@ -535,8 +555,12 @@ class _Writer:
                 try:
                     if ws.has_backlog:
                         await ws.flush()  # what _send_now could not write at once
-                    while data := driver.next_message():
+                    sent = False
+                    while data := driver.next_message(trio.current_time()):
                         await ws.send_bytes(data)
+                        sent = True
+                    if sent:
+                        self._sent()
                     if self.ping_wanted:
                         self.ping_wanted = False
                         await ws.ping()
