@@ -829,6 +829,41 @@ async def socket_ws_pair(buffer_size: int = 8192) -> tuple[WebSocket, WebSocket]
     )
 
 
+async def test_a_queued_close_is_answered_from_the_calling_task_on_a_socket(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Over a plain socket, the peer's close read with its last message is answered at once
+    by ``answer_queued_close_nowait``, which returns it as the next receive would raise it;
+    then the WebSocket is closed. Nothing queued, or a stream other than a plain socket:
+    None, and the next receive answers the close as before."""
+    client, server = await socket_ws_pair()
+    assert client.answer_queued_close_nowait() is None  # nothing read yet
+    await server.send_whole_messages([[b"last"]], then_close=CloseConnection(code=1000))
+    with trio.fail_after(5):
+        assert await client.receive_messages(100) == [[b"last"]]
+    start = trio.current_time()
+    closed = client.answer_queued_close_nowait()
+    assert closed is not None and (closed.code, closed.reason) == (1000, "")
+    assert client.closed is closed and not client.has_backlog
+    assert client.queued_close is None
+    with trio.fail_after(5), pytest.raises(ConnectionClosed) as info:
+        await server.receive_messages(100)  # the answer arrived
+    assert info.value.code == 1000
+    assert trio.current_time() == start
+    with pytest.raises(ConnectionClosed):
+        await client.receive_messages(100)
+
+    peer, memory_side = raw_pair()
+    await peer.send(BytesMessage(data=b"x", message_finished=True), CloseConnection(code=1000))
+    with trio.fail_after(5):
+        assert await memory_side.receive_messages(100) == [[b"x"]]
+        assert memory_side.answer_queued_close_nowait() is None  # not a plain socket
+        assert memory_side.queued_close == CloseConnection(code=1000, reason="")
+        with pytest.raises(ConnectionClosed):
+            await memory_side.receive_messages(100)
+    assert await peer.next_events() == [CloseConnection(code=1000, reason="")]
+
+
 @pytest.mark.parametrize("client_sends", [True, False])
 async def test_vectored_writes_keep_every_byte_in_order(client_sends: bool) -> None:
     client, server = await socket_ws_pair()

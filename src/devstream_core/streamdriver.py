@@ -884,15 +884,17 @@ class StreamDriver:
             if now >= last_received + options.ping_interval + options.ping_timeout:
                 actions.append(_DROP)
                 return actions
+            flush = False
             if now >= self._ack_at:
                 self._ack_at = math.inf
-                actions.append(_FLUSH)
+                flush = True
             if now >= self._idle_ack_at():
                 self._idle_checked = received_at = self._received_at
                 if received_at != self._idle_acked and self.endpoint.queue_ack():
                     self._idle_acked = received_at
-                    if _FLUSH not in actions:
-                        actions.append(_FLUSH)
+                    flush = True
+            if flush:
+                actions.append(_FLUSH)
             if now >= self._ping_at:
                 self._ping_at = now + options.ping_interval
                 actions.append(_PING)

@@ -53,6 +53,7 @@ Meaning of the trio methods:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import trio
@@ -350,6 +351,15 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
         """Read (and drop) what comes until the WebSocket's closing handshake is over, for up
         to ``close_timeout``."""
         ws = self._ws
+        # The peer's close may have come with its last frames: answered at once, with no
+        # timer, when the socket takes the answer.
+        closed = ws.answer_queued_close_nowait()
+        if closed is not None:
+            self._driver.connection_closed(closed.code, closed.reason, trio.current_time())
+            if ws.has_backlog:  # the socket took part of the answer: the rest, in time
+                with trio.move_on_after(self.close_timeout), contextlib.suppress(ConnectionClosed):
+                    await ws.flush()
+            return
         with trio.move_on_after(self.close_timeout):
             while ws.closed is None:
                 try:

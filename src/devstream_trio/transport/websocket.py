@@ -191,6 +191,20 @@ class WebSocket(WebSocketSender):
             return events[0]
         return None
 
+    def answer_queued_close_nowait(self) -> ConnectionClosed | None:
+        """Answer the peer's close, when it is the next thing already read (see
+        :attr:`queued_close`), from the calling task without waiting, and return it as the
+        :class:`ConnectionClosed` the next receive would raise. None when there is none, or
+        when the answer cannot go out now (another send in progress, a stream other than a
+        plain socket): the next receive answers it. Should the socket not take all of the
+        answer at once, the rest waits in :attr:`has_backlog` for :meth:`flush`."""
+        close = self.queued_close
+        if close is None or not self._answer_close_nowait(close):
+            return None
+        self._events.popleft()
+        self._closed = ConnectionClosed(close.code, close.reason)
+        return self._closed
+
     def take_queued(self) -> list[BytesMessage | TextMessage]:
         """The data fragments already received and parsed, without waiting for more.
 

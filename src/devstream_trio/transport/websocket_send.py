@@ -345,6 +345,23 @@ class WebSocketSender:
         self._write_nowait([self._ws.send_close(sendable_close_code(code), reason, mask_key=key)])
         return True
 
+    def _answer_close_nowait(self, close: Close) -> bool:
+        """Write the answer to the peer's *close* (read, not yet answered) from the calling
+        task, without waiting, when nothing else is being sent: True when it was written (in
+        whole, or its end kept as the backlog for :meth:`flush`), False when nothing was."""
+        if not (
+            type(self.stream) is trio.SocketStream
+            and not self._send_lock.locked()
+            and not self._backlog
+            and not self._ws.sending_message
+            and self._ws.state is ConnectionState.REMOTE_CLOSING
+        ):
+            return False
+        key = mask_keys() if self._client else b""
+        code = sendable_close_code(close.code)
+        self._write_nowait([self._ws.send_close(code, close.reason, mask_key=key)])
+        return True
+
     @property
     def can_send_nowait(self) -> bool:
         """True when :meth:`send_bytes_nowait` would take a message now."""
