@@ -537,11 +537,13 @@ async def test_a_reader_that_stops_stops_the_writer(
             assert receiver.received == window
             assert receiver.consumed == 0
 
-            # Reading a quarter window sends an Ack, and the writer moves on.
-            first = await read_exactly(pair.device, window // 4)
+            # The bytes came long ago (more than IDLE_ACK): what the first read after the
+            # pause takes is acknowledged at once, and the writer moves on by that much.
+            first = await pair.device.receive_some(window // 4)
             await trio.testing.wait_all_tasks_blocked()
-            assert sender.acked == window // 4
-            assert sender.written_end == window + window // 4
+            assert 0 < len(first) <= window // 4
+            assert sender.acked == len(first)
+            assert sender.written_end == window + len(first)
             assert sender.unacked <= window
 
             rest = await read_all(pair.device)

@@ -721,14 +721,38 @@ async def test_receive_messages_says_when_a_message_stops_half_way(
         started = trio.current_time()
         assert await client.receive_messages(100, stall_timeout=1) == []
         assert trio.current_time() - started == pytest.approx(1)
+        # Reported: the caller reads on without a stall timeout until more bytes come (as
+        # the stream driver has it), and the message comes whole.
         await peer.stream.send_all(frame[6:])
-        assert await client.receive_messages(100, stall_timeout=1) == [[b"0123", b"456789"]]
+        assert await client.receive_messages(100) == [[b"0123", b"456789"]]
         await peer.send(BytesMessage(data=b"ab", message_finished=False))
         started = trio.current_time()
         assert await client.receive_messages(100, stall_timeout=2) == []
         assert trio.current_time() - started == pytest.approx(2)
         await peer.send(BytesMessage(data=b"cd", message_finished=True))
-        assert await client.receive_messages(100, stall_timeout=2) == [[b"ab", b"cd"]]
+        assert await client.receive_messages(100) == [[b"ab", b"cd"]]
+
+
+async def test_a_stall_is_counted_from_the_last_bytes_not_from_the_call(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A read with ``stall_timeout`` cancelled by the caller's own timer, and made again, still
+    reports the stall ``stall_timeout`` after the last bytes: the caller's timers (an idle
+    acknowledgement, say) do not put off the probe of a connection that went silent."""
+    peer, client = raw_pair(ConnectionType.CLIENT)
+    frame = peer.wire(BytesMessage(data=b"0123456789", message_finished=True))
+    with trio.fail_after(60):
+        await peer.stream.send_all(frame[:6])
+        arrived = trio.current_time()
+        with trio.move_on_after(0.4) as timer:
+            await client.receive_messages(100, stall_timeout=1)
+        assert timer.cancelled_caught
+        assert await client.receive_messages(100, stall_timeout=1) == []
+        assert trio.current_time() - arrived == pytest.approx(1)
+        # Reported once: the caller reads on without a stall timeout (as the stream driver
+        # has it until more bytes come), and the message comes whole.
+        await peer.stream.send_all(frame[6:])
+        assert await client.receive_messages(100) == [[b"0123", b"456789"]]
 
 
 @pytest.mark.parametrize("kind", [ConnectionType.CLIENT, ConnectionType.SERVER])

@@ -272,11 +272,12 @@ class WebSocket(WebSocketSender):
 
         What follows them in part is kept for the next call; limits and cancellation as in
         :meth:`receive_message`. With *stall_timeout*, an empty list means that part of a
-        message arrived and then no byte at all for that long (counted from the last bytes, or
-        from the call when they came before it): on a healthy connection the rest follows at
-        once, so the caller may want to find out whether the connection still works.
+        message arrived and then no byte at all for that long (counted from the last bytes
+        read, whenever the call was made: a read cancelled by a timer of the caller's and made
+        again does not put it off; a call made after that time reports it at once): on a
+        healthy connection the rest follows at once, so the caller may want to find out
+        whether the connection still works.
         """
-        called = trio.current_time() if stall_timeout is not None else 0.0
         # One loop over the queue rather than receive() per fragment: a relay's every message
         # passes here.
         events = self._events
@@ -325,7 +326,7 @@ class WebSocket(WebSocketSender):
                 raise self._closed
             if stall_timeout is not None and (self._parts or self._ws.in_message):
                 # Reading is safe to cancel: nothing read is lost.
-                with trio.move_on_at(max(self.last_received, called) + stall_timeout):
+                with trio.move_on_at(self.last_received + stall_timeout):
                     await self._read_more()
                     continue
                 return messages  # none: the message stopped half-way
