@@ -755,6 +755,20 @@ def test_many_channels_that_came_and_went_leave_the_live_ones_expiries_right() -
     assert coordinator.advance(NOW + 500) == [CredentialsExpired(device_id="live", connection_id=0)]
 
 
+def test_an_advance_passes_over_the_expiries_of_channels_that_ended() -> None:
+    """A caller that advances without asking for the next deadline first still hears only of
+    the live channel whose credential expired, not of the ones that ended before theirs."""
+    coordinator = Coordinator()
+    coordinator.channel_opened(device_id="gone", connection_id=1, expires_at=NOW + 5, now=NOW)
+    coordinator.channel_opened(device_id="left", connection_id=2, expires_at=NOW + 6, now=NOW)
+    coordinator.channel_opened(device_id="live", connection_id=3, expires_at=NOW + 8, now=NOW)
+    coordinator.device_registered(device_id="left", connection_id=2, names=["ssh"], now=NOW)
+    assert coordinator.device_disconnected(connection_id=1, now=NOW + 1) == []
+    assert coordinator.device_disconnected(connection_id=2, now=NOW + 1) == []
+    assert coordinator.advance(NOW + 10) == [CredentialsExpired(device_id="live", connection_id=3)]
+    assert coordinator.next_deadline() is None
+
+
 @pytest.mark.parametrize("names", [("ssh", "echo"), ["ssh", "echo"]], ids=["tuple", "list"])
 def test_registered_names_read_alike_whatever_sequence_they_came_in(
     names: tuple[str, ...] | list[str],

@@ -235,6 +235,26 @@ def test_text_split_inside_a_character() -> None:
         (frame(0x8, struct.pack("!H", 999), masked=True), 1002),
         (frame(0x8, struct.pack("!H", 1000) + b"\xff", masked=True), 1007),
     ],
+    # Named, not shown: the frames are masked with random keys, and every process running the
+    # suite must collect the same test ids.
+    ids=[
+        "rsv1",
+        "reserved-opcode",
+        "reserved-control-opcode",
+        "unmasked",
+        "continuation-first",
+        "data-inside-fragmented-message",
+        "fragmented-ping",
+        "ping-over-125",
+        "short-length-in-16-bits",
+        "125-in-16-bits",
+        "65535-in-64-bits",
+        "length-top-bit-set",
+        "text-not-utf8",
+        "close-of-one-byte",
+        "close-code-999",
+        "close-reason-not-utf8",
+    ],
 )
 def test_protocol_errors_end_with_the_close_code_wsproto_gives(wire: bytes, code: int) -> None:
     ours, theirs = run_both([wire, frame(0x2, b"more", masked=True)], server=True)

@@ -41,15 +41,36 @@ def events(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogReco
     return [r for r in caplog.records if getattr(r, "event", None) == event]
 
 
+class _Wake(logging.Handler):
+    """Wakes a waiting test each time the hub writes a record."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.written = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._token.run_sync_soon(self.written.set)
+
+
 async def next_event(
     caplog: pytest.LogCaptureFixture, event: str, **fields: Any
 ) -> logging.LogRecord:
-    """The first record of *event* whose fields match, once it is written."""
+    """The first record of *event* whose fields match, once it is written.
+
+    The test sleeps until the hub writes a record, so the clock jumps straight to the hub's
+    next deadline and the time read after it is the time the record was written."""
+    logger = logging.getLogger("devstream")
     while True:
         for record in events(caplog, event):
             if all(getattr(record, key, None) == value for key, value in fields.items()):
                 return record
-        await trio.sleep(0.001)
+        wake = _Wake()
+        logger.addHandler(wake)
+        try:
+            await wake.written.wait()
+        finally:
+            logger.removeHandler(wake)
 
 
 async def raw_stream(

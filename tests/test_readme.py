@@ -59,7 +59,7 @@ def test_quick_start_has_exactly_two_commands() -> None:
         "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/pytest",
     ]
     ci = (README.parent / ".ci" / "run").read_text()
-    assert "pip\" install --quiet -e '.[test]'" in ci and 'coverage" run -m pytest -q' in ci
+    assert "pip\" install --quiet -e '.[test]'" in ci and 'pytest" -q --cov ' in ci
 
 
 # -- the walk-through: shell commands as a user pastes them ------------------------------------
