@@ -22,7 +22,9 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import socket
 import ssl
+import struct
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -55,10 +57,13 @@ class _Connection:
         self.tap = tap
         #: The device id of a control channel, once its request head is read.
         self.device: str | None = None
+        #: The client's request head, once read.
+        self.head = b""
         self.to_hub = _Frames(self._request_head, self._from_device)
         self.to_device = _Frames(self._answer_head, self._from_hub)
 
     def _request_head(self, head: bytes) -> bool:
+        self.head = head
         target = head.split(b" ", 2)[1].decode() if b" " in head else ""
         parts = target.split("/")
         if b"upgrade: websocket" in head.lower() and len(parts) == 4 and parts[1] == "devices":
@@ -136,6 +141,9 @@ class Tap:
         self.cuts = 0
         self.changed: Callable[[], None] = lambda: None
         self._live: set[trio.CancelScope] = set()
+        #: Each live connection: what is read of it, the hub's socket, and the scope of its
+        #: direction towards the client.
+        self._links: dict[_Connection, tuple[trio.SocketStream, trio.CancelScope]] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -148,12 +156,17 @@ class Tap:
         try:
             with scope:
                 hub = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+                seen = _Connection(self)
+                toward_client = trio.CancelScope()
+                self._links[seen] = (hub, toward_client)
                 try:
                     async with trio.open_nursery() as nursery:
-                        seen = _Connection(self)
                         nursery.start_soon(self._pipe, client, hub, nursery, seen.to_hub.feed)
-                        nursery.start_soon(self._pipe, hub, client, nursery, seen.to_device.feed)
+                        nursery.start_soon(
+                            self._pipe_within, toward_client, hub, client, nursery, seen
+                        )
                 finally:
+                    del self._links[seen]
                     await trio.aclose_forcefully(hub)
         finally:
             self._live.discard(scope)
@@ -171,6 +184,36 @@ class Tap:
                 tap(data)
                 await sink.send_all(data)
         nursery.cancel_scope.cancel()
+
+    async def _pipe_within(
+        self,
+        scope: trio.CancelScope,
+        source: trio.SocketStream,
+        sink: trio.SocketStream,
+        nursery: trio.Nursery,
+        seen: _Connection,
+    ) -> None:
+        with scope:
+            await self._pipe(source, sink, nursery, seen.to_device.feed)
+
+    def cut_at_the_hub(self, match: Callable[[bytes], bool]) -> int:
+        """Reset, at the hub's end only, every connection whose request head *match* takes,
+        as a middlebox that resets the socket it was reading from: the hub
+        sees the reset at once; the client hears nothing more, and its connection ends when
+        it next sends something. Returns how many were cut."""
+        cut = 0
+        for seen, (hub, toward_client) in list(self._links.items()):
+            if match(seen.head):
+                toward_client.cancel()
+                with contextlib.suppress(OSError):
+                    hub.socket.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                hub.socket.close()
+                cut += 1
+        self.cuts += cut
+        self.changed()
+        return cut
 
     def cut(self) -> None:
         """Drop every connection through the tap (clients see them lost, as the hub does)."""
@@ -267,6 +310,11 @@ class HubThread:
         """Cut every connection through the tap (from any thread; takes effect soon)."""
         assert self._token is not None
         self._token.run_sync_soon(self.tap.cut)
+
+    def cut_at_the_hub(self, match: Callable[[bytes], bool]) -> None:
+        """:meth:`Tap.cut_at_the_hub`, from any thread; takes effect soon."""
+        assert self._token is not None
+        self._token.run_sync_soon(self.tap.cut_at_the_hub, match)
 
     def set_device_status(self, device_id: str, status: str) -> None:
         """Enable or disable a device (from a thread with no event loop: ``Driver.in_thread``;

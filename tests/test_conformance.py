@@ -330,6 +330,53 @@ def test_framed_stream_resumes_across_cut_connections(run: Any) -> None:
     run(body)
 
 
+def _a_service_stream(head: bytes) -> bool:
+    """A service's stream connection: a one-step open, or a join as the service."""
+    line = head.split(b"\r\n", 1)[0]
+    return line.startswith(b"GET /twins/") or b"role=service" in line
+
+
+def test_a_framed_stream_finds_a_reset_at_the_hubs_end_between_messages(run: Any) -> None:
+    """The service's stream connection is reset at the hub's end only, right after the hub
+    passed on a message: the hub holds the stream, the service hears nothing more, and its
+    end stays open until it writes. The device's answer, and its acknowledgement, stay at the
+    hub. The service's byte waits for an acknowledgement that cannot come: it pings
+    (ACK_PROBE after the byte went out), the write meets the reset, it resumes, and the answer
+    arrives, well before the next ping would have found the cut (10 s)."""
+
+    async def body(d: Driver) -> None:
+        got_b, go = d.event(), d.event()
+
+        async def answer_when_told(stream: Any) -> None:
+            assert await stream.receive_some(1) == b"a"
+            await stream.send_all(b"A")
+            assert await stream.receive_some(1) == b"b"
+            got_b.set()
+            await go.wait()
+            await stream.send_all(b"B")
+            assert await read_all(stream) == b""
+
+        cs = d.hub.new_device()
+        async with d.device(cs, {"up": answer_when_told}), d.service() as service:
+            stream = await service.open_stream(cs.device_id, "up", mode="devstream.v1")
+            await stream.send_all(b"a")
+            assert await stream.receive_some(1) == b"A"
+            await stream.send_all(b"b")
+            await got_b.wait()  # passed on by the hub: the cut comes between messages
+            cuts = d.hub.tap.cuts
+            d.hub.cut_at_the_hub(_a_service_stream)
+            await d.wait_for(lambda: d.hub.tap.cuts == cuts + 1)
+            go.set()
+            async with d.time_limit(3):
+                assert await stream.receive_some(1) == b"B"
+            assert stream.resumes == 1
+            await stream.send_eof()
+            assert await read_all(stream) == b""
+            await stream.aclose()
+
+    run(body)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_streams_over_tls(driver: str, tls_hub: HubThread, mode: str) -> None:
     async def body(d: Driver) -> None:
