@@ -539,8 +539,10 @@ async def test_a_reader_that_stops_stops_the_writer(
 
             # The bytes came long ago (more than IDLE_ACK): what the first read after the
             # pause takes is acknowledged at once, and the writer moves on by that much.
+            read_at = trio.current_time()
             first = await pair.device.receive_some(window // 4)
             await trio.testing.wait_all_tasks_blocked()
+            assert trio.current_time() == read_at  # at once, not at a timer
             assert 0 < len(first) <= window // 4
             assert sender.acked == len(first)
             assert sender.written_end == window + len(first)

@@ -341,38 +341,37 @@ class WebSocketSender:
         with the next write), False when the caller must use :meth:`send_close`."""
         if not self.can_send_nowait:
             return False
-        key = mask_keys() if self._client else b""
-        self._write_nowait([self._ws.send_close(sendable_close_code(code), reason, mask_key=key)])
+        self._write_close_nowait(code, reason)
         return True
 
     def _answer_close_nowait(self, close: Close) -> bool:
         """Write the answer to the peer's *close* (read, not yet answered) from the calling
         task, without waiting, when nothing else is being sent: True when it was written (in
         whole, or its end kept as the backlog for :meth:`flush`), False when nothing was."""
-        if not (
-            type(self.stream) is trio.SocketStream
-            and not self._send_lock.locked()
-            and not self._backlog
-            and not self._ws.sending_message
-            and self._ws.state is ConnectionState.REMOTE_CLOSING
-        ):
+        if not self._writes_nowait or self._ws.state is not ConnectionState.REMOTE_CLOSING:
             return False
-        key = mask_keys() if self._client else b""
-        code = sendable_close_code(close.code)
-        self._write_nowait([self._ws.send_close(code, close.reason, mask_key=key)])
+        self._write_close_nowait(close.code, close.reason)
         return True
 
+    def _write_close_nowait(self, code: int, reason: str) -> None:
+        key = mask_keys() if self._client else b""
+        self._write_nowait([self._ws.send_close(sendable_close_code(code), reason, mask_key=key)])
+
     @property
-    def can_send_nowait(self) -> bool:
-        """True when :meth:`send_bytes_nowait` would take a message now."""
+    def _writes_nowait(self) -> bool:
+        """A plain socket with no other send in progress or left over: the calling task may
+        write to it at once."""
         return (
             type(self.stream) is trio.SocketStream
             and not self._send_lock.locked()
             and not self._backlog
             and not self._ws.sending_message
-            and self._closed is None
-            and self._ws.state is _OPEN
         )
+
+    @property
+    def can_send_nowait(self) -> bool:
+        """True when :meth:`send_bytes_nowait` would take a message now."""
+        return self._writes_nowait and self._closed is None and self._ws.state is _OPEN
 
     @property
     def has_backlog(self) -> bool:
