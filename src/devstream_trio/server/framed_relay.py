@@ -258,6 +258,8 @@ class FramedRelays:
             # The side's latest messages, when small, are what it said last should it close
             # next: kept with its close (Bridge.close) for a peer that is lost before it
             # answers, or away now. Only the latest: an older one may be stale.
+            if size < 0:  # not passed on: measured here (not on the usual path)
+                size = sum([len(part) for parts in messages for part in parts])
             watch.last_words = messages if size <= MAX_FAREWELL_SIZE else None
             watch.receiving = True
             messages = await ws.receive_messages(MAX_FRAMED_MESSAGE)

@@ -18,7 +18,10 @@ Two relays, chosen by the stream's mode at initiation:
   header of the 101 response. The token it came with is spent only when its first message
   arrives on the new connection (``Bridge.confirm``): a side whose 101 was lost on the way
   tries again with the same token. A held side that does not come back in time makes the hub
-  send the waiting side a ``Reset`` frame (504902) and close it with 4504.
+  send the waiting side a ``Reset`` frame (504902) and close it with 4504. A side's close
+  1000 is passed on, and the stream kept until the other side answers it: a side lost
+  before it answers is held, and its resume gets the closing side's last messages and close
+  (``Bridge.close``).
 
 When the hub revokes a device (disabled or deleted), the bridge ends its streams at once:
 each attached side of a devstream.v1 stream gets a ``Reset`` frame and a close with the code
