@@ -18,6 +18,7 @@ import pytest
 import trio
 import trio.testing
 
+from devstream_core.bridge import StreamState
 from devstream_core.common import Role
 from devstream_core.errors import ErrorCode
 from devstream_core.framing import DEFAULT_WINDOW, EndpointState
@@ -1449,3 +1450,39 @@ async def test_a_side_cut_while_the_peers_close_passes_resumes_and_ends_cleanly(
         while hub_env.hub.bridge.stream_count():
             await trio.sleep(0.001)
         assert trio.current_time() - cut_at - took <= 0.01
+
+
+async def test_a_side_cut_during_the_close_that_never_comes_back_ends_at_the_grace_period(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """As above, but the device cannot reach the hub again: its close times out
+    (``close_timeout``: a reset, as for any close whose EOF is not acknowledged); the hub
+    holds it with the service's last words for the grace period, then forgets the stream
+    (its line written, nothing of it left)."""
+    grace = 8.0
+    env = await env_with(nursery, HubConfig(grace_period=grace))
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(env)
+        await pair.service.send_eof()
+        assert await read_all(pair.device) == b""
+        await pair.device.send_eof()
+        assert await read_all(pair.service) == b""
+        stream_id = pair.service.stream_id
+        pair.device_opener.refuse = True
+        await pair.device_opener.latest_stream().cut_hub_end()
+        cut_at = trio.current_time()
+        await pair.service.aclose()
+        assert pair.service.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+        await pair.device.aclose()
+        closed = trio.current_time() - cut_at
+        assert pair.device.close_timeout <= closed <= pair.device.close_timeout + 0.1, closed
+        assert pair.device.outcome is not None
+        assert pair.device.outcome.kind is OutcomeKind.RESET
+        await trio.sleep_until(cut_at + grace - 0.01)
+        assert env.hub.bridge.stream_state(stream_id) is StreamState.CLOSING_HELD
+        assert env.hub.streaming.framed_sides(stream_id) != {}
+        await trio.sleep(0.02)
+        assert env.hub.bridge.stream_count() == 0
+        assert env.hub.streaming.framed_sides(stream_id) == {}
+        assert (await metrics(env))["devstream_streams_open"] == 0
+    await env.store.aclose()
