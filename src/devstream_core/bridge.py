@@ -163,10 +163,13 @@ DEFAULT_MAX_STREAMS_PER_DEVICE = 1000
 #: The WebSocket close code of a normal close: the one close whose side's last words are kept.
 NORMAL_CLOSURE = 1000
 #: The most bytes of a closing side's last messages a stream keeps for a side that has not
-#: answered the close (the newest whole messages that fit). A side closes once its stream is
-#: done or its reset settled, and what its peer may still lack then is an acknowledgement or
-#: a Reset: a few frames.
-MAX_FAREWELL_SIZE = 64 * 1024
+#: answered the close (the newest whole messages that fit). A side closes normally once its
+#: stream is done (both EOFs acknowledged) or its reset settled: what its peer may still lack
+#: then is an acknowledgement or a Reset sent after the peer's last frames, a few frames of at
+#: most 132 bytes each. Anything carrying Data came before the peer acknowledged it, so the
+#: peer had it. Small, because the hub keeps every attached side's latest messages this size
+#: in case that side closes next.
+MAX_FAREWELL_SIZE = 1024
 
 
 class StreamState(IdentityEnum):
