@@ -17,10 +17,12 @@ import pytest
 
 from devstream_core.bridge import (
     DEFAULT_GRACE_PERIOD,
+    MAX_FAREWELL_SIZE,
     TRANSITIONS,
     Bridge,
     CloseLoneSide,
     ClosePeer,
+    Farewell,
     Joined,
     ResetPeer,
     Resumed,
@@ -1492,11 +1494,141 @@ def test_hold_bookkeeping_stays_bounded() -> None:
     assert bridge.next_deadline() is None
 
 
+# -- a side that closed normally and one that has not answered ----------------------------------
+
+LAST_WORDS = (b"\x02" + b"\x00" * 3 + b"\x08" + b"\x00" * 7 + b"\x2a",)
+
+
+def close(s: V1Stream, closer: Role, *, now: float = DROP_AT, **kwargs: Any) -> list[Any]:
+    arguments: dict[str, Any] = {"code": 1000, "messages": LAST_WORDS, **kwargs}
+    return s.bridge.close(stream_id="s1", connection_id=s.conns[closer], now=now, **arguments)
+
+
+@pytest.mark.parametrize("closer", list(Role))
+def test_a_close_waits_for_the_other_sides_answer_which_ends_the_stream(closer: Role) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    assert close(s, closer) == []
+    assert bridge.stream_state("s1") is StreamState.CLOSING
+    assert (bridge.stream_count(), bridge.paired_count(), bridge.held_count()) == (1, 1, 0)
+    assert bridge.next_deadline() is None
+    # The closed side cannot come back: only the other side is left.
+    assert resume_refused(bridge, s.resume_tokens[closer], role=closer) is ErrorCode.NOT_FOUND
+    assert bridge.leave(stream_id="s1", connection_id=s.conns[closer], now=DROP_AT) == []
+    # The other side answers the close (a close of its own is the same): the stream ends.
+    answer = bridge.close(
+        stream_id="s1", connection_id=s.conns[closer.other], now=DROP_AT, code=1000
+    )
+    assert answer == []
+    assert bridge.stream_state("s1") is StreamState.ENDED
+    assert bridge.stream_count() == 0
+
+
+@pytest.mark.parametrize("closer", list(Role))
+def test_a_side_lost_before_it_answers_a_close_is_held_and_resumes_to_the_last_words(
+    closer: Role,
+) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    other = closer.other
+    close(s, closer, reason="bye")
+    assert bridge.drop(stream_id="s1", connection_id=s.conns[other], now=DROP_AT + 1) == [
+        held(other, s.conns[other], DROP_AT + 1 + GRACE)
+    ]
+    assert bridge.stream_state("s1") is StreamState.CLOSING_HELD
+    assert (bridge.stream_count(), bridge.paired_count(), bridge.held_count()) == (1, 1, 1)
+    assert bridge.next_deadline() == DROP_AT + 1 + GRACE
+    assert resume_refused(bridge, s.resume_tokens[closer], role=closer) is ErrorCode.NOT_FOUND
+    back = resume(bridge, s.resume_tokens[other], role=other, conn=30, now=DROP_AT + 2)
+    assert back.farewell == Farewell(messages=LAST_WORDS, code=1000, reason="bye")
+    assert back.peer_connection_id is None and back.replaced_connection_id is None
+    assert bridge.stream_state("s1") is StreamState.CLOSING
+    assert bridge.next_deadline() is None
+    # Lost again before it answered: held again, and its next resume gets them again.
+    bridge.drop(stream_id="s1", connection_id=30, now=DROP_AT + 3)
+    again = resume(bridge, back.resume_token, role=other, conn=31, now=DROP_AT + 4)
+    assert again.farewell == back.farewell
+    # Resumed while still attached (its drop went unnoticed): the same.
+    replaced = resume(bridge, again.resume_token, role=other, conn=32, now=DROP_AT + 5)
+    assert replaced.replaced_connection_id == 31
+    assert replaced.farewell == back.farewell
+    assert bridge.stream_state("s1") is StreamState.CLOSING
+    assert bridge.leave(stream_id="s1", connection_id=32, now=DROP_AT + 6) == []
+    assert bridge.stream_state("s1") is StreamState.ENDED
+
+
+@pytest.mark.parametrize("closer", list(Role))
+def test_a_side_held_when_the_other_closes_keeps_its_deadline_then_gets_the_last_words(
+    closer: Role,
+) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    other = closer.other
+    bridge.drop(stream_id="s1", connection_id=s.conns[other], now=DROP_AT)
+    assert close(s, closer, now=DROP_AT + 5) == []
+    assert bridge.stream_state("s1") is StreamState.CLOSING_HELD
+    assert bridge.next_deadline() == DEADLINE
+    back = resume(bridge, s.resume_tokens[other], role=other, conn=30, now=DROP_AT + 6)
+    assert back.farewell == Farewell(messages=LAST_WORDS, code=1000, reason="")
+    assert bridge.stream_state("s1") is StreamState.CLOSING
+
+
+@pytest.mark.parametrize("closer", list(Role))
+def test_a_side_that_never_comes_back_for_the_last_words_ends_the_stream(closer: Role) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    other = closer.other
+    close(s, closer)
+    bridge.drop(stream_id="s1", connection_id=s.conns[other], now=DROP_AT)
+    assert bridge.advance(DEADLINE - 0.001) == []
+    assert bridge.advance(DEADLINE) == [StreamExpired(stream_id="s1")]
+    assert bridge.stream_state("s1") is StreamState.ENDED
+    assert bridge.stream_count() == 0
+    assert resume_refused(bridge, s.resume_tokens[other], role=other) is ErrorCode.NOT_FOUND
+
+
+def test_only_the_newest_last_words_that_fit_are_kept() -> None:
+    s = v1_paired()
+    big, small = b"a" * (MAX_FAREWELL_SIZE - 100), b"b" * 60
+    close(s, Role.DEVICE, messages=[b"c" * 200, big, small, bytearray(b"d" * 40)])
+    s.bridge.drop(stream_id="s1", connection_id=s.conns[Role.SERVICE], now=DROP_AT)
+    back = resume(s.bridge, s.resume_tokens[Role.SERVICE], role=Role.SERVICE, conn=30)
+    assert back.farewell is not None
+    assert back.farewell.messages == (big, small, b"d" * 40)
+    assert all(type(message) is bytes for message in back.farewell.messages)
+    assert sum(map(len, back.farewell.messages)) == MAX_FAREWELL_SIZE
+
+
+@pytest.mark.parametrize("closer", list(Role))
+def test_a_close_that_is_not_normal_ends_the_stream_as_a_leave(closer: Role) -> None:
+    s = v1_paired()
+    assert close(s, closer, code=4400) == [
+        ClosePeer(stream_id="s1", connection_id=s.conns[closer.other])
+    ]
+    assert s.bridge.stream_state("s1") is StreamState.ENDED
+    bridge, _, conns = paired_bridge(closer)
+    assert bridge.close(stream_id="s1", connection_id=conns[closer], now=NOW + 2, code=1000) == [
+        ClosePeer(stream_id="s1", connection_id=conns[closer.other])
+    ]
+    assert bridge.stream_state("s1") is StreamState.ENDED
+
+
+def test_a_close_refuses_a_non_finite_now() -> None:
+    s = v1_paired()
+    with pytest.raises(LocalProtocolError):
+        close(s, Role.DEVICE, now=float("nan"))
+    assert s.bridge.stream_state("s1") is StreamState.PAIRED
+
+
 # -- the state table, walked pair by pair -------------------------------------------------------
 
 #: Inputs the table does not name for a state but the bridge accepts under another name: a
-#: drop of an unpaired stream is a leave.
-ALIASES = {(StreamState.HALF, StreamInput.DROP): StreamInput.LEAVE}
+#: drop or a close of an unpaired stream is a leave, and so is the answer to a close.
+ALIASES = {
+    (StreamState.HALF, StreamInput.DROP): StreamInput.LEAVE,
+    (StreamState.HALF, StreamInput.CLOSE): StreamInput.LEAVE,
+    (StreamState.CLOSING, StreamInput.CLOSE): StreamInput.LEAVE,
+}
 
 
 @dataclass
@@ -1528,6 +1660,12 @@ def staged(state: StreamState) -> Staged:
     if state is StreamState.BOTH_HELD:
         bridge.drop(stream_id="s1", connection_id=2, now=DROP_AT)
         stage.attached.discard(Role.SERVICE)
+    if state in (StreamState.CLOSING, StreamState.CLOSING_HELD):
+        bridge.close(stream_id="s1", connection_id=1, now=DROP_AT, code=1000)
+        stage.attached.discard(Role.DEVICE)
+    if state is StreamState.CLOSING_HELD:
+        bridge.drop(stream_id="s1", connection_id=2, now=DROP_AT)
+        stage.attached.discard(Role.SERVICE)
     if state is StreamState.ENDED:
         bridge.leave(stream_id="s1", connection_id=1, now=DROP_AT)
         stage.attached.clear()
@@ -1543,7 +1681,7 @@ def ways(state: StreamState, action: StreamInput) -> list[Role | int | str | Non
         return ["dev", "another-device"]
     if action is StreamInput.JOIN:
         return list(Role)
-    if action in (StreamInput.LEAVE, StreamInput.DROP):
+    if action in (StreamInput.LEAVE, StreamInput.DROP, StreamInput.CLOSE):
         return [*stage.conns, 77]
     if action is StreamInput.EXPIRE:
         return [None]
@@ -1578,6 +1716,9 @@ def feed(stage: Staged, action: StreamInput, way: Role | int | str | None) -> bo
                 events = bridge.revoke_device(
                     device_id=way, code=ErrorCode.DEVICE_DISABLED, now=now
                 )
+            elif action is StreamInput.CLOSE:
+                assert isinstance(way, int)
+                events = bridge.close(stream_id="s1", connection_id=way, now=now, code=1000)
             else:
                 assert isinstance(way, int)
                 method = bridge.leave if action is StreamInput.LEAVE else bridge.drop
@@ -1629,6 +1770,8 @@ def test_counts_follow_the_states() -> None:
         StreamState.PAIRED: (1, 1, 0),
         StreamState.HELD: (1, 1, 1),
         StreamState.BOTH_HELD: (1, 1, 1),
+        StreamState.CLOSING: (1, 1, 0),
+        StreamState.CLOSING_HELD: (1, 1, 1),
         StreamState.ENDED: (0, 0, 0),
     }
     for state, counts in expected.items():

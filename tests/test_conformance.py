@@ -36,6 +36,7 @@ from devstream_core.exceptions import (
     StreamReset,
     Unauthorized,
 )
+from devstream_core.framing import EndpointState, RecvState
 from devstream_core.session import RefusalBackoff
 from devstream_trio.server.hub import HubConfig
 
@@ -373,6 +374,70 @@ def test_a_framed_stream_finds_a_reset_at_the_hubs_end_between_messages(run: Any
             await stream.send_eof()
             assert await read_all(stream) == b""
             await stream.aclose()
+
+    run(body)
+
+
+@pytest.mark.parametrize("ack_alone", [False, True], ids=["ack with the close", "ack alone"])
+def test_a_framed_stream_cut_while_the_peers_close_passes_ends_cleanly(
+    run: Any, ack_alone: bool
+) -> None:
+    """Both sides sent their EOF and the service read the device's. The service's stream
+    connection is then reset at the hub's end only, and the device reads the service's EOF:
+    its Ack of it and its close go to a hub that holds the service (in one message, or
+    *ack_alone*: the Ack on its own, read by the hub before the close comes). The service's
+    EOF waits for that Ack: its ``aclose`` pings (ACK_PROBE), the write meets the reset, it
+    resumes, and the hub sends it the device's last message and close: the stream completes
+    on both sides (the service's resume was refused with 404902 before: the stream had
+    ended). The hub reads every connection into one buffer: the last message it keeps must
+    be its own copy, not a view that the next read overwrites."""
+
+    async def body(d: Driver) -> None:
+        go = d.event()
+        device_streams: list[Any] = []
+
+        async def close_first(stream: Any) -> None:
+            await stream.send_all(b"answer")
+            await stream.send_eof()
+            device_streams.append(stream)
+            d.notify()
+            await go.wait()
+            assert await read_all(stream) == b"request"
+            if ack_alone:
+                # The Ack of the EOF goes out on its own (ACK_DELAY after the read); the
+                # close follows once the hub has had time to read the Ack by itself.
+                while stream.endpoint.owes_ack or stream.endpoint.has_output:
+                    await d.in_thread(time.sleep, 0.002)
+                await d.in_thread(time.sleep, 0.05)
+            await stream.aclose()
+            device_streams.append(stream)
+            d.notify()
+
+        def device_waits() -> bool:
+            if not device_streams:
+                return False
+            endpoint = device_streams[0].endpoint
+            return bool(endpoint.eof_acked and endpoint.recv_state is RecvState.EOF_RECEIVED)
+
+        cs = d.hub.new_device()
+        async with d.device(cs, {"up": close_first}), d.service() as service:
+            stream = await service.open_stream(cs.device_id, "up", mode="devstream.v1")
+            await stream.send_all(b"request")
+            await stream.send_eof()
+            assert await read_all(stream) == b"answer"
+            async with d.time_limit(5):
+                while not device_waits():  # nothing tells of the frames' arrival: polled
+                    await d.in_thread(time.sleep, 0.002)
+            cuts = d.hub.tap.cuts
+            d.hub.cut_at_the_hub(_a_service_stream)
+            await d.wait_for(lambda: d.hub.tap.cuts == cuts + 1)
+            go.set()
+            async with d.time_limit(3):
+                await stream.aclose()
+                await d.wait_for(lambda: len(device_streams) == 2)
+            assert stream.resumes == 1
+            for side in (stream, device_streams[0]):
+                assert side.endpoint.state is EndpointState.DONE
 
     run(body)
 

@@ -18,10 +18,18 @@ import pytest
 import trio
 import trio.testing
 
+from devstream_core.bridge import StreamState
 from devstream_core.common import Role
 from devstream_core.errors import ErrorCode
 from devstream_core.framing import DEFAULT_WINDOW, EndpointState
-from devstream_core.streamdriver import ACK_PROBE, IDLE_ACK, StreamPhase
+from devstream_core.streamdriver import (
+    ACK_DELAY,
+    ACK_PROBE,
+    IDLE_ACK,
+    Outcome,
+    OutcomeKind,
+    StreamPhase,
+)
 from devstream_trio.client import framed
 from devstream_trio.client.device import DeviceClient
 from devstream_trio.client.framed import FramedStream, StreamOptions
@@ -1379,3 +1387,102 @@ async def test_closing_a_finished_stream_while_it_resumes_stops_the_resume(
         await trio.sleep(30)
         assert len(attempts) == count
         assert pair.service.resumes == 0
+
+
+# -- a connection cut during the closing handshake ---------------------------------------------
+
+
+@pytest.mark.parametrize("first", [Role.SERVICE, Role.DEVICE])
+@pytest.mark.parametrize("cut", ["noticed first", "met by the write", "silent"])
+@pytest.mark.parametrize("ack_alone", [False, True])
+async def test_a_side_cut_while_the_peers_close_passes_resumes_and_ends_cleanly(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock, first: Role, cut: str, ack_alone: bool
+) -> None:
+    """Both sides sent their EOF. The side that closes first (*first*) reads the other's EOF
+    and closes: its Ack of that EOF goes out with its close, in one write (or, *ack_alone*,
+    on its own ACK_DELAY after the read, and the close later). The other side's connection
+    is cut right then: reset at the hub's end, which the hub notices before it passes the
+    close on, or which its write meets; or silently (*cut* ``silent``: nothing arrives
+    either way, and the hub does not notice). The other side never hears that its EOF was
+    read. The hub holds it with the closing side's last message and close; the other side
+    finds the cut (its EOF waits for its acknowledgement: ACK_PROBE; a silent one by its
+    pings' timeout), resumes, gets them, and ends cleanly within milliseconds of the resume:
+    not with a failure (404902, the stream ended), and not after a grace period. (A silent
+    cut is found within ``close_timeout`` here: pings every second.)"""
+    options = StreamOptions(ping_interval=1, ping_timeout=1) if cut == "silent" else None
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env, options=options)
+        closer, other = (
+            (pair.service, pair.device) if first is Role.SERVICE else (pair.device, pair.service)
+        )
+        other_opener = pair.device_opener if first is Role.SERVICE else pair.service_opener
+        await closer.send_all(b"request")
+        await closer.send_eof()
+        assert await read_all(other) == b"request"
+        await other.send_all(b"answer")
+        await other.send_eof()
+        assert await read_all(closer) == b"answer"
+        assert closer.endpoint.eof_acked and not other.endpoint.eof_acked
+        if ack_alone:
+            await trio.sleep(ACK_DELAY)
+            assert not closer.endpoint.owes_ack
+        tap = other_opener.latest_stream()
+        cut_at = trio.current_time()
+        if cut == "silent":
+            tap.stall()
+        else:
+            await tap.cut_hub_end()
+            if cut == "noticed first":
+                await trio.testing.wait_all_tasks_blocked()
+        await closer.aclose()
+        await other.aclose()
+        await until_closed(other)
+        took = trio.current_time() - cut_at
+        assert other.resumes == 1
+        for stream in (closer, other):
+            assert stream.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+            assert stream.endpoint.state is EndpointState.DONE
+        if cut == "silent":
+            silence = other.ping_interval + other.ping_timeout
+            assert silence - ACK_DELAY <= took <= silence + 0.01, took
+        else:
+            assert took <= ACK_PROBE + 0.01, took
+        while hub_env.hub.bridge.stream_count():
+            await trio.sleep(0.001)
+        assert trio.current_time() - cut_at - took <= 0.01
+
+
+async def test_a_side_cut_during_the_close_that_never_comes_back_ends_at_the_grace_period(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """As above, but the device cannot reach the hub again: its close times out
+    (``close_timeout``: a reset, as for any close whose EOF is not acknowledged); the hub
+    holds it with the service's last words for the grace period, then forgets the stream
+    (its line written, nothing of it left)."""
+    grace = 8.0
+    env = await env_with(nursery, HubConfig(grace_period=grace))
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(env)
+        await pair.service.send_eof()
+        assert await read_all(pair.device) == b""
+        await pair.device.send_eof()
+        assert await read_all(pair.service) == b""
+        stream_id = pair.service.stream_id
+        pair.device_opener.refuse = True
+        await pair.device_opener.latest_stream().cut_hub_end()
+        cut_at = trio.current_time()
+        await pair.service.aclose()
+        assert pair.service.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+        await pair.device.aclose()
+        closed = trio.current_time() - cut_at
+        assert pair.device.close_timeout <= closed <= pair.device.close_timeout + 0.1, closed
+        assert pair.device.outcome is not None
+        assert pair.device.outcome.kind is OutcomeKind.RESET
+        await trio.sleep_until(cut_at + grace - 0.01)
+        assert env.hub.bridge.stream_state(stream_id) is StreamState.CLOSING_HELD
+        assert env.hub.streaming.framed_sides(stream_id) != {}
+        await trio.sleep(0.02)
+        assert env.hub.bridge.stream_count() == 0
+        assert env.hub.streaming.framed_sides(stream_id) == {}
+        assert (await metrics(env))["devstream_streams_open"] == 0
+    await env.store.aclose()

@@ -18,9 +18,24 @@ A stream's life, with its legal transitions in :data:`TRANSITIONS`::
        v               v               v          v               v
      ENDED           ENDED           ENDED      ENDED           ENDED
 
+                       --drop-->
+    PAIRED --close--> CLOSING     CLOSING_HELD <--close-- HELD
+                       <-resume-
+                          |             |
+                        leave         expire
+                          v             v
+                        ENDED         ENDED
+
     replace (a side resumes while still attached) leaves HALF, PAIRED and HELD as they are;
     confirm (a side's connection proved itself, see below) leaves every state as it is;
     revoke (the device lost its right to stream: disabled or deleted) ends every live state.
+
+``close`` is a ``devstream.v1`` side's normal close (1000) after its last messages: the hub
+passed them and the close on to the other side (or, that side being held, could not), and the
+stream waits in ``CLOSING`` for the other side's answer. A side that loses its connection
+before it answers is held like any dropped side (``CLOSING_HELD``), and its resume gets the
+closing side's last messages and close (:attr:`Resumed.farewell`) before anything else: it
+learns that its peer got everything, and ends cleanly.
 
 ``drop`` and ``resume`` exist only for ``devstream.v1`` streams: a paired side whose WebSocket
 ended without a close is *held* for ``grace_period`` seconds while its peer stays attached, and
@@ -66,10 +81,17 @@ Rules:
   ``NOT_FOUND``).
 * A hold ends at ``deadline = drop time + grace_period``: from ``now >= deadline`` the side
   cannot resume (``NOT_FOUND``), and :meth:`Bridge.advance` resets the attached peer with
-  ``PEER_LOST`` (or, when both sides are held, reports :class:`StreamExpired`); the stream ends.
-* A ``leave`` is a normal close and always ends the stream. A ``drop`` of a raw stream, or of
-  an unpaired one, is a ``leave``. A ``leave`` or ``drop`` for a connection that is not
-  attached (unknown, held already, replaced) is ignored.
+  ``PEER_LOST`` (or, when no side is attached: both held, or the other one closed, reports
+  :class:`StreamExpired`); the stream ends.
+* A ``leave`` always ends the stream. A ``drop`` of a raw stream, or of an unpaired one, is a
+  ``leave``. A ``leave`` or ``drop`` for a connection that is not attached (unknown, held
+  already, replaced) is ignored.
+* A ``close`` (:meth:`Bridge.close`) is a ``leave`` except for a side of a paired
+  ``devstream.v1`` stream (``PAIRED``, or ``HELD`` with the other side held) closing with
+  1000: then the stream keeps the side's :class:`Farewell` (its last messages, at most
+  ``MAX_FAREWELL_SIZE`` bytes of them, the newest kept; and its close) and waits for the other
+  side. The other side's ``leave`` or ``close`` ends it; its ``drop`` holds it (the deadline
+  of a side already held stays). The side that closed cannot resume (``NOT_FOUND``).
 * A device has at most ``max_streams_per_device`` live streams (waiting, half, paired or held):
   creating one more raises ``DevstreamError(THROTTLED)`` with a message that names the limit.
   A stream leaves the count when it ends; the capacity is back at once.
@@ -82,7 +104,8 @@ Rules:
   held side cannot resume (``NOT_FOUND``), and the stream tokens not yet used are worthless.
 * Memory is bounded: at most ``max_streams`` live streams, used stream-token nonces only within
   their tokens' lifetime, and resume nonces (one per join or resume, plus at most one
-  previous token and its connection per role) only within their stream's life.
+  previous token and its connection per role) and a closed side's last messages (at most
+  ``MAX_FAREWELL_SIZE`` bytes) only within their stream's life.
 """
 
 from __future__ import annotations
@@ -90,6 +113,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .common import IdentityEnum, Role, b64url
@@ -107,6 +131,8 @@ from .tokens import (
 __all__ = [
     "DEFAULT_GRACE_PERIOD",
     "DEFAULT_MAX_STREAMS_PER_DEVICE",
+    "MAX_FAREWELL_SIZE",
+    "NORMAL_CLOSURE",
     "RESUMABLE_MODE",
     "STREAM_MODES",
     "TRANSITIONS",
@@ -114,6 +140,7 @@ __all__ = [
     "BridgeEvent",
     "CloseLoneSide",
     "ClosePeer",
+    "Farewell",
     "Joined",
     "ResetPeer",
     "Resumed",
@@ -133,6 +160,16 @@ RESUMABLE_MODE = MODE_FRAMED
 DEFAULT_GRACE_PERIOD = 30.0
 #: The most live streams (waiting, half, paired or held) one device may have.
 DEFAULT_MAX_STREAMS_PER_DEVICE = 1000
+#: The WebSocket close code of a normal close: the one close whose side's last words are kept.
+NORMAL_CLOSURE = 1000
+#: The most bytes of a closing side's last messages a stream keeps for a side that has not
+#: answered the close (the newest whole messages that fit). A side closes normally once its
+#: stream is done (both EOFs acknowledged) or its reset settled: what its peer may still lack
+#: then is an acknowledgement or a Reset sent after the peer's last frames, a few frames of at
+#: most 132 bytes each. Anything carrying Data came before the peer acknowledged it, so the
+#: peer had it. Small, because the hub keeps every attached side's latest messages this size
+#: in case that side closes next.
+MAX_FAREWELL_SIZE = 1024
 
 
 class StreamState(IdentityEnum):
@@ -148,6 +185,12 @@ class StreamState(IdentityEnum):
     HELD = "held"
     #: Paired ``devstream.v1`` stream; both sides dropped and are held.
     BOTH_HELD = "both_held"
+    #: Paired ``devstream.v1`` stream; one side closed normally after its last messages, the
+    #: other is attached and has not answered the close yet.
+    CLOSING = "closing"
+    #: Paired ``devstream.v1`` stream; one side closed normally, the other dropped before it
+    #: answered and is held: its resume gets the closing side's last messages and close.
+    CLOSING_HELD = "closing_held"
     #: Over; the bridge has forgotten it.
     ENDED = "ended"
 
@@ -169,6 +212,8 @@ class StreamInput(IdentityEnum):
     REPLACE = "replace"
     #: The stream's device may no longer stream (disabled or deleted).
     REVOKE = "revoke"
+    #: An attached side of a paired ``devstream.v1`` stream closed normally (1000).
+    CLOSE = "close"
 
 
 #: The legal transitions; any pair missing here is a bug in the bridge.
@@ -194,10 +239,29 @@ TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
     (StreamState.PAIRED, StreamInput.REVOKE): StreamState.ENDED,
     (StreamState.HELD, StreamInput.REVOKE): StreamState.ENDED,
     (StreamState.BOTH_HELD, StreamInput.REVOKE): StreamState.ENDED,
+    (StreamState.PAIRED, StreamInput.CLOSE): StreamState.CLOSING,
+    (StreamState.HELD, StreamInput.CLOSE): StreamState.CLOSING_HELD,
+    (StreamState.CLOSING, StreamInput.LEAVE): StreamState.ENDED,
+    (StreamState.CLOSING, StreamInput.DROP): StreamState.CLOSING_HELD,
+    (StreamState.CLOSING, StreamInput.REPLACE): StreamState.CLOSING,
+    (StreamState.CLOSING, StreamInput.REVOKE): StreamState.ENDED,
+    (StreamState.CLOSING_HELD, StreamInput.RESUME): StreamState.CLOSING,
+    (StreamState.CLOSING_HELD, StreamInput.EXPIRE): StreamState.ENDED,
+    (StreamState.CLOSING_HELD, StreamInput.REVOKE): StreamState.ENDED,
 }
 
 #: The states of a stream whose two sides have joined (whether attached or held).
-_PAIRED_STATES = frozenset({StreamState.PAIRED, StreamState.HELD, StreamState.BOTH_HELD})
+_PAIRED_STATES = frozenset(
+    {
+        StreamState.PAIRED,
+        StreamState.HELD,
+        StreamState.BOTH_HELD,
+        StreamState.CLOSING,
+        StreamState.CLOSING_HELD,
+    }
+)
+#: The states of a stream one of whose sides closed normally and left.
+_CLOSING_STATES = frozenset({StreamState.CLOSING, StreamState.CLOSING_HELD})
 #: The states whose stream-token expiry still matters.
 _UNPAIRED_STATES = frozenset({StreamState.WAITING, StreamState.HALF})
 
@@ -222,6 +286,17 @@ class Joined:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Farewell:
+    """What a side that closed normally last sent (``messages``, each a whole WebSocket
+    message, oldest first) and its close (``code``, ``reason``): a side that resumes after
+    it gets them, in that order, before anything else."""
+
+    messages: tuple[bytes, ...]
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class Resumed:
     """Side ``role`` of stream ``stream_id`` is back, attached on ``connection_id``.
 
@@ -230,6 +305,8 @@ class Resumed:
     connection when it was still attached (close it; the bridge has forgotten it), else None.
     ``resume_token`` is the side's fresh resume token; the one just used is spent once the
     new connection is confirmed (:meth:`Bridge.confirm`), the ones before it at once.
+    ``farewell``, when the other side closed normally and left (``CLOSING``): send the side
+    its messages, then its close, before anything else (None otherwise).
     """
 
     stream_id: str
@@ -238,6 +315,7 @@ class Resumed:
     peer_connection_id: int | None
     replaced_connection_id: int | None
     resume_token: str
+    farewell: Farewell | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -330,6 +408,8 @@ class _Stream:
     previous: dict[Role, tuple[str, int]] = field(default_factory=dict)
     #: The nonces of every other resume token of this stream (spent or retired).
     spent_resume_nonces: set[str] = field(default_factory=set)
+    #: What the side that closed normally last sent (CLOSING, CLOSING_HELD).
+    farewell: Farewell | None = None
 
 
 def _check_now(now: float) -> None:
@@ -592,6 +672,9 @@ class Bridge:
             raise DevstreamError(ErrorCode.NOT_FOUND, "stream closed")
         if stream.mode != RESUMABLE_MODE:
             raise DevstreamError(ErrorCode.ARGUMENT_INVALID, "this stream cannot be resumed")
+        if claims.role not in stream.sides and claims.role not in stream.held:
+            # This side closed normally and left (CLOSING): it has nothing to come back for.
+            raise DevstreamError(ErrorCode.NOT_FOUND, "stream closed")
         if claims.nonce in stream.spent_resume_nonces:
             raise StreamTokenError(ErrorCode.STREAM_TOKEN_REUSED)
         latest = stream.resume_nonces.get(claims.role)
@@ -626,6 +709,7 @@ class Bridge:
             peer_connection_id=stream.sides.get(claims.role.other),
             replaced_connection_id=replaced,
             resume_token=fresh,
+            farewell=stream.farewell,
         )
 
     def confirm(self, *, stream_id: str, connection_id: int, now: float) -> None:
@@ -648,7 +732,8 @@ class Bridge:
                 stream.spent_resume_nonces.add(nonce)
 
     def leave(self, *, stream_id: str, connection_id: int, now: float) -> list[BridgeEvent]:
-        """Side ``connection_id`` of stream ``stream_id`` closed normally; the stream ends.
+        """Side ``connection_id`` of stream ``stream_id`` closed (or answered the other side's
+        close, ``CLOSING``); the stream ends.
 
         After pairing this returns :class:`ClosePeer` for the other side when it is attached
         (once: the stream is gone afterwards); a held other side just ends with the stream.
@@ -665,6 +750,54 @@ class Bridge:
             return []
         peer = next(conn for conn in stream.sides.values() if conn != connection_id)
         return [ClosePeer(stream_id=stream_id, connection_id=peer)]
+
+    def close(
+        self,
+        *,
+        stream_id: str,
+        connection_id: int,
+        now: float,
+        code: int,
+        reason: str = "",
+        messages: Sequence[bytes] = (),
+    ) -> list[BridgeEvent]:
+        """Side ``connection_id`` of stream ``stream_id`` closed with ``code`` and ``reason``,
+        after ``messages`` (its last WebSocket messages, oldest first, each whole: those that
+        came with the close, which the caller passed on to the other side with it, or could
+        not pass on because that side is held).
+
+        An attached side of a paired ``devstream.v1`` stream (``PAIRED``, or ``HELD`` with
+        the other side held) closing with 1000: the stream is not over until the other side
+        answers (``CLOSING``) or, held, comes back for the messages and the close
+        (``CLOSING_HELD``; see :attr:`Resumed.farewell`), or its grace period ends. At most
+        ``MAX_FAREWELL_SIZE`` bytes of ``messages`` are kept: the newest whole messages that
+        fit. Returns ``[]``. Anything else (another code, a raw or unpaired stream, the other
+        side's answer to a close, an unknown stream or connection) is exactly :meth:`leave`.
+        """
+        _check_now(now)
+        stream = self._streams.get(stream_id)
+        if (
+            code != NORMAL_CLOSURE
+            or stream is None
+            or stream.mode != RESUMABLE_MODE
+            or (stream.state is not StreamState.PAIRED and stream.state is not StreamState.HELD)
+            or connection_id not in stream.sides.values()
+        ):
+            return self.leave(stream_id=stream_id, connection_id=connection_id, now=now)
+        kept: list[bytes] = []
+        room = MAX_FAREWELL_SIZE
+        for message in reversed(messages):
+            room -= len(message)
+            if room < 0:
+                break
+            kept.append(bytes(message))
+        kept.reverse()
+        (role,) = (r for r, conn in stream.sides.items() if conn == connection_id)
+        self._move(stream, StreamInput.CLOSE)
+        del stream.sides[role]
+        stream.previous.pop(role, None)
+        stream.farewell = Farewell(messages=tuple(kept), code=code, reason=reason)
+        return []
 
     def cancel(self, *, stream_id: str, now: float) -> list[BridgeEvent]:
         """The initiation of stream ``stream_id`` was refused or failed: no service will join.
@@ -777,7 +910,12 @@ class Bridge:
 
     def held_count(self) -> int:
         """How many live streams have at least one side held for a resume."""
-        return self._states[StreamState.HELD] + self._states[StreamState.BOTH_HELD]
+        states = self._states
+        return (
+            states[StreamState.HELD]
+            + states[StreamState.BOTH_HELD]
+            + states[StreamState.CLOSING_HELD]
+        )
 
     def device_stream_count(self, device_id: str) -> int:
         """How many live streams ``device_id`` has (what ``max_streams_per_device`` caps)."""

@@ -1,7 +1,14 @@
 """devstream.v1 streams at the hub: each side's connection task reads *whole* messages (each
 holds whole frames; at most ``MAX_FRAMED_MESSAGE`` bytes) and forwards them to the other side's
 current WebSocket without parsing them; a side that drops is held for the grace period (the
-bridge decides), and its silence is watched from the hub's timer (the core's SilenceWatch)."""
+bridge decides), and its silence is watched from the hub's timer (the core's SilenceWatch).
+
+A side's normal close (1000) goes to the other side, with the messages that came with it in
+one write. The bridge keeps the side's latest messages (when small) and the close
+(``Bridge.close``) until the other side answers. When that side's connection is lost first,
+it is held, and its resume gets them again before anything else (``Resumed.farewell``): it
+learns that its peer got everything.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from devstream_core.bridge import SideHeld, StreamState
+from devstream_core.bridge import MAX_FAREWELL_SIZE, Farewell, SideHeld, StreamState
 from devstream_core.common import Role
 from devstream_core.errors import ErrorCode
 from devstream_core.silence import SilenceWatch
@@ -64,6 +71,9 @@ class _IdleWatch:
     receiving: bool = False
     #: Set when the silence cancelled the scope (which a resume or the stream's end may too).
     fired: bool = False
+    #: The latest messages read from the side, when they were small (at most the bridge's
+    #: MAX_FAREWELL_SIZE in all; the bridge keeps them should the side close next).
+    last_words: list[list[bytes | memoryview]] | None = None
 
 
 class FramedRelays:
@@ -101,6 +111,13 @@ class FramedRelays:
             for scope in relay.scopes.values():
                 scope.cancel()
 
+    def forget(self, stream_id: str) -> None:
+        """Stream *stream_id* ended with no side attached (its holds ran out): let its relay
+        go."""
+        relay = self.relays.get(stream_id)
+        if relay is not None and not any(relay.sides.values()):
+            self.relays.pop(stream_id)
+
     def next_idle_check(self) -> float | None:
         """When :meth:`check_idle` has something to look at next, if ever."""
         silence, lone = self._silence.next_deadline(), self._lone_watch.next_deadline()
@@ -136,9 +153,16 @@ class FramedRelays:
         return watch
 
     async def serve_side(
-        self, relay: FramedRelay, role: Role, ws: WebSocket, connection_id: int
+        self,
+        relay: FramedRelay,
+        role: Role,
+        ws: WebSocket,
+        connection_id: int,
+        farewell: Farewell | None = None,
     ) -> None:
-        """Relay one side's messages to the other side's current WebSocket."""
+        """Relay one side's messages to the other side's current WebSocket. A side that
+        resumed after its peer closed gets the peer's last messages and close (*farewell*)
+        first."""
         relay.sides[role] = ws
         if relay.sides[role.other] is not None and not relay.paired.is_set():
             relay.paired.set()
@@ -154,6 +178,8 @@ class FramedRelays:
         watch: _IdleWatch | None = None
         try:
             with scope:
+                if farewell is not None:
+                    await _send_farewell(ws, farewell)
                 await self._wait_for_peer(relay, ws, connection_id)
                 # Nothing was read before the pairing: silence counts from when reading starts.
                 watch = self._watch_idle(connection_id, ws, scope)
@@ -180,7 +206,14 @@ class FramedRelays:
             if current:
                 relay.sides[role] = None
             await self._after_framed_side(
-                relay, role, ws, connection_id, current=current, dropped=dropped, closed=closed
+                relay,
+                role,
+                ws,
+                connection_id,
+                current=current,
+                dropped=dropped,
+                closed=closed,
+                last_words=watch.last_words if watch is not None else None,
             )
 
     async def _pump_framed(
@@ -205,21 +238,29 @@ class FramedRelays:
         while True:
             if sides[role] is not ws:
                 return  # replaced by a resume: what this connection still brings is stale
+            # Every whole message already received goes out in one write, and the side's close
+            # with them when it came in the same read (a stream's last Ack and its close): the
+            # peer reads both at once. The close is the stream's end from this side, whatever
+            # the peer's answer to it.
+            close = ws.queued_close
+            if close is not None:
+                relay.record.note_close(role, close.code)
             # A peer that is away gets nothing: it asks for this again when it resumes.
             peer = sides[other]
+            size = -1
             if peer is not None:
                 # Not contextlib.suppress: that is an object and two calls on every write.
-                # Every whole message already received goes out in one write, and the side's
-                # close with them when it came in the same read (a stream's last Ack and its
-                # close): the peer reads both at once. The close is the stream's end from this
-                # side, whatever the peer's answer to it.
-                close = ws.queued_close
-                if close is not None:
-                    relay.record.note_close(role, close.code)
-                try:  # noqa: SIM105
-                    flow.count += await peer.send_whole_messages(messages, then_close=close)
+                try:
+                    size = await peer.send_whole_messages(messages, then_close=close)
+                    flow.count += size
                 except ConnectionClosed:
                     pass  # a peer that vanished mid-write is noticed by its own connection task
+            # The side's latest messages, when small, are what it said last should it close
+            # next: kept with its close (Bridge.close) for a peer that is lost before it
+            # answers, or away now. Only the latest: an older one may be stale.
+            if size < 0:  # not passed on: measured here (not on the usual path)
+                size = sum([len(part) for parts in messages for part in parts])
+            watch.last_words = messages if size <= MAX_FAREWELL_SIZE else None
             watch.receiving = True
             messages = await ws.receive_messages(MAX_FRAMED_MESSAGE)
             watch.receiving = False
@@ -234,6 +275,7 @@ class FramedRelays:
         current: bool,
         dropped: bool,
         closed: ConnectionClosed | None,
+        last_words: list[list[bytes | memoryview]] | None,
     ) -> None:
         now = trio.current_time()
         if not current:
@@ -248,10 +290,16 @@ class FramedRelays:
             self._handle_drop(relay, role, connection_id, now)
             await ws.abort()
         else:
-            relay.ended = True
             if closed is not None:
                 relay.record.note_close(role, closed.code)
-            self.endpoint.leave(relay.stream_id, connection_id)
+                # A normal close waits for the other side's answer (or resume) in the bridge.
+                messages = [b"".join(parts) for parts in last_words or ()]
+                self.endpoint.close_side(
+                    relay.stream_id, connection_id, closed.code, closed.reason, messages
+                )
+            else:
+                self.endpoint.leave(relay.stream_id, connection_id)
+            relay.ended = self.bridge.stream_state(relay.stream_id) is StreamState.ENDED
             peer = relay.sides[role.other]
             if peer is not None and closed is not None and not peer.close_sent:
                 code, reason = closed.code, closed.reason
@@ -312,6 +360,17 @@ class FramedRelays:
                     await ws.ping()
                 except ConnectionClosed:
                     pinging = False  # its connection task finds out when it reads
+
+
+async def _send_farewell(ws: WebSocket, farewell: Farewell) -> None:
+    """Send a side that resumed after its peer closed the peer's last messages and close, in
+    one write (a connection lost meanwhile is found by the side's read)."""
+    try:  # noqa: SIM105
+        await ws.send_whole_messages(
+            [[message] for message in farewell.messages], then_close=farewell
+        )
+    except ConnectionClosed:
+        pass
 
 
 def _never(connection_id: int) -> float:

@@ -36,6 +36,12 @@ class RelayHost(Protocol):
     def leave(self, stream_id: str, connection_id: int) -> None:
         """Connection *connection_id*, a side of *stream_id*, left."""
 
+    def close_side(
+        self, stream_id: str, connection_id: int, code: int, reason: str, messages: list[bytes]
+    ) -> None:
+        """Connection *connection_id*, a devstream.v1 side of *stream_id*, closed with *code*
+        and *reason* after *messages* (see ``Bridge.close``)."""
+
     def settle(self, stream_id: str) -> None:
         """Stream *stream_id*'s line is written if the bridge says it is over."""
 

@@ -18,7 +18,10 @@ Two relays, chosen by the stream's mode at initiation:
   header of the 101 response. The token it came with is spent only when its first message
   arrives on the new connection (``Bridge.confirm``): a side whose 101 was lost on the way
   tries again with the same token. A held side that does not come back in time makes the hub
-  send the waiting side a ``Reset`` frame (504902) and close it with 4504.
+  send the waiting side a ``Reset`` frame (504902) and close it with 4504. A side's close
+  1000 is passed on, and the stream kept until the other side answers it: a side lost
+  before it answers is held, and its resume gets the closing side's last messages and close
+  (``Bridge.close``).
 
 When the hub revokes a device (disabled or deleted), the bridge ends its streams at once:
 each attached side of a devstream.v1 stream gets a ``Reset`` frame and a close with the code
@@ -127,6 +130,8 @@ class StreamingEndpoint:
                     record.note_end(END_TIMEOUT, "hub", int(ErrorCode.PEER_NEVER_CONNECTED))
             if not isinstance(event, StreamExpired):
                 self._end(event.stream_id, event.code)
+            else:
+                self._framed.forget(event.stream_id)
             self.settle(event.stream_id)
 
     def settle(self, stream_id: str) -> None:
@@ -137,6 +142,21 @@ class StreamingEndpoint:
     def _end(self, stream_id: str, code: ErrorCode) -> None:
         self._raw.end(stream_id, code)
         self._framed.end(stream_id, code)
+
+    def close_side(
+        self, stream_id: str, connection_id: int, code: int, reason: str, messages: list[bytes]
+    ) -> None:
+        """A devstream.v1 side's connection closed with *code* after *messages*: a normal
+        close keeps the stream (and them) for the other side's answer or resume."""
+        self.bridge.close(
+            stream_id=stream_id,
+            connection_id=connection_id,
+            now=trio.current_time(),
+            code=code,
+            reason=reason,
+            messages=messages,
+        )
+        self.settle(stream_id)
 
     def leave(self, stream_id: str, connection_id: int) -> None:
         """A side's connection left (the bridge answers a paired side's leave with ClosePeer;
@@ -179,6 +199,7 @@ class StreamingEndpoint:
                 role, mode = resumed.role, FRAMED_SUBPROTOCOL
                 resume_token: str | None = resumed.resume_token
                 replaced = resumed.replaced_connection_id
+                farewell = resumed.farewell
                 device_id = ""  # known since its join
             else:
                 if opener:
@@ -200,7 +221,7 @@ class StreamingEndpoint:
                         resume_nonce=self.random_bytes(16),
                     )
                 role, resume_token, mode = joined.role, joined.resume_token, joined.mode
-                replaced = None
+                replaced, farewell = None, None
                 device_id = joined.device_id
         except DevstreamError as exc:
             raise HttpError(exc.code, exc.message) from exc
@@ -250,7 +271,7 @@ class StreamingEndpoint:
         log.debug(
             "stream %s: %s %s", route.stream_id, role.value, "resumed" if resuming else "joined"
         )
-        await self._framed.serve_side(relay, role, ws, connection_id)
+        await self._framed.serve_side(relay, role, ws, connection_id, farewell)
 
 
 def _bearer(request: HttpRequest) -> str:
