@@ -884,6 +884,14 @@ def test_a_stalled_message_probed_without_an_answer_drops_the_connection() -> No
     assert b.timer(5.05 + PROBE_TIMEOUT, 5.06) == []
 
 
+def test_a_stall_probe_after_an_unanswered_probe_does_not_put_the_drop_off() -> None:
+    a = heard_link().a
+    first = 1.0 + ACK_PROBE
+    assert a.timer(first, 0.5) == [Flush(), SendPing()]  # the idle Ack, and the probe
+    assert a.message_stalled(0.5, 2.0) == [SendPing()]  # noticed late, nothing came since
+    assert a.timer(first + PROBE_TIMEOUT, 0.5) == [DropConnection()]
+
+
 def test_the_probe_timeout_is_at_most_the_ping_timeout() -> None:
     link = Link(StreamOptions(window=4096, ping_interval=10, ping_timeout=1, resume_timeout=30))
     a = link.a
