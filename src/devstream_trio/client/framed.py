@@ -393,16 +393,21 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
         # the close; usually all of it from this task at once, with nothing to wait for.
         self._send_now()
         ws = self._ws
-        if (driver.over or not self._endpoint.has_output) and driver.closing is None:
+        if (driver.over or not self._endpoint.has_output) and (
+            driver.closing is None or not (ws.is_open or ws.sending)
+        ):
+            # Nothing owed, or the close is out (or the peer's, read, is answered by the read
+            # that follows, without a timer): nothing to wait for. A close the writer task is
+            # still writing is waited for below: an application that lets the stream's
+            # nursery go once aclose returned would cut it.
             return self._closing_under_way()
         with trio.move_on_at(driver.close_deadline):
             while not driver.over and self._endpoint.has_output:
                 await self._wait_changed()
             close = driver.closing
             if close is not None:
-                # Sends the close, or (the writer task writing it) waits until it is written:
-                # an application that lets the stream's nursery go once aclose returned does
-                # not cut it (the other side would wait for it, or be held for its resume).
+                # Sends the close, or (the writer task writing it) waits until it is written
+                # (the other side would wait for it, or be held for its resume).
                 await ws.send_close(close.code, close.reason)
                 driver.close_sent(trio.current_time())
             return self._closing_under_way()

@@ -374,6 +374,12 @@ class WebSocketSender:
         return self._writes_nowait and self._closed is None and self._ws.state is _OPEN
 
     @property
+    def sending(self) -> bool:
+        """True while a send is under way (another task writing, or part of a message left
+        to be written first): what it writes is not yet out."""
+        return self._send_lock.locked() or bool(self._backlog)
+
+    @property
     def has_backlog(self) -> bool:
         """True while part of a message :meth:`send_bytes_nowait` took waits to be written."""
         return bool(self._backlog)
