@@ -260,8 +260,6 @@ _PAIRED_STATES = frozenset(
         StreamState.CLOSING_HELD,
     }
 )
-#: The states of a stream one of whose sides closed normally and left.
-_CLOSING_STATES = frozenset({StreamState.CLOSING, StreamState.CLOSING_HELD})
 #: The states whose stream-token expiry still matters.
 _UNPAIRED_STATES = frozenset({StreamState.WAITING, StreamState.HALF})
 
