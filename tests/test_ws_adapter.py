@@ -1117,15 +1117,16 @@ async def test_what_send_bytes_nowait_cannot_write_goes_out_first_with_the_next_
 
 async def test_flush_writes_the_backlog_alone() -> None:
     client, server = await socket_ws_pair()
+    assert not client.sending
     big = b"z" * 300_000
     assert client.send_bytes_nowait(big)
-    assert client.has_backlog
+    assert client.has_backlog and client.sending  # part of the message is not out yet
     got: list[bytes] = []
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.flush)
             got.append(await server.receive_message(1 << 20))
-    assert got == [big] and not client.has_backlog
+    assert got == [big] and not client.has_backlog and not client.sending
     await client.abort()
     await server.abort()
 
@@ -1135,9 +1136,10 @@ async def test_send_bytes_nowait_declines_while_another_send_waits() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.send_bytes, b"y" * 400_000)  # fills the socket, then waits
         await trio.testing.wait_all_tasks_blocked()
-        assert not client.can_send_nowait
+        assert not client.can_send_nowait and client.sending  # another task writes
         assert not client.send_bytes_nowait(b"declined")
         assert await server.receive_message(1 << 20) == b"y" * 400_000
+    assert not client.sending
     await client.abort()
     await server.abort()
 
