@@ -741,11 +741,7 @@ async def test_a_silent_cut_between_messages_to_a_reader_is_found_by_its_acknowl
         took = trio.current_time() - read_at
         assert pair.device.resumes == 1
         assert took <= (framed.DIRECT_READ_TIME if young else IDLE_ACK) + 0.01, took
-        await pair.service.send_eof()
-        await pair.device.send_eof()
-        assert await pair.device.receive_some() == b""
-        assert await pair.service.receive_some() == b""
-        await finish_closing(pair)
+        await finish(pair)
 
 
 async def test_a_silent_cut_between_messages_to_a_writer_is_found_by_a_probe(
@@ -774,11 +770,7 @@ async def test_a_silent_cut_between_messages_to_a_writer_is_found_by_a_probe(
         assert trio.current_time() - sent_at <= ACK_PROBE + IDLE_ACK + 0.01
         await pair.service.send_all(b"b" * 10)
         assert await read_exactly(pair.device, 10) == b"b" * 10
-        await pair.service.send_eof()
-        await pair.device.send_eof()
-        assert await pair.device.receive_some() == b""
-        assert await pair.service.receive_some() == b""
-        await finish_closing(pair)
+        await finish(pair)
 
 
 async def test_a_resume_whose_answer_stops_half_way_is_tried_again(
@@ -806,11 +798,7 @@ async def test_a_resume_whose_answer_stops_half_way_is_tried_again(
         assert first_attempt.cut_by_budget and first_attempt.closed  # released, not leaked
         assert not second_attempt.closed
         assert options.ping_timeout <= took <= options.ping_timeout + 0.1, took
-        await pair.service.send_eof()
-        await pair.device.send_eof()
-        assert await pair.device.receive_some() == b""
-        assert await pair.service.receive_some() == b""
-        await finish_closing(pair)
+        await finish(pair)
 
 
 async def finish_closing(pair: Streams) -> None:
