@@ -9,6 +9,7 @@ around every connection, so a test decides which WebSocket drops and when.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -87,6 +88,8 @@ class Tap(trio.abc.Stream):
         self.incoming_budget: int | None = None
         self._half_cut = False
         self._closed = trio.Event()
+        #: When each read of the client's took bytes from the hub.
+        self.arrivals: list[float] = []
 
     @property
     def closed(self) -> bool:
@@ -159,6 +162,7 @@ class Tap(trio.abc.Stream):
         if result is None:
             raise trio.ClosedResourceError("cut")
         result = bytes(self._spend(result))
+        self.arrivals.append(trio.current_time())
         if self.incoming_budget is not None:
             result = result[: self.incoming_budget]
             self.incoming_budget -= len(result)
@@ -227,6 +231,8 @@ class HubEnd(trio.abc.Stream):
         hook, self._before_answer = self._before_answer, None
         if hook is not None:
             await hook()
+        if self.opener.link_rate is not None:
+            await trio.sleep(len(data) / self.opener.link_rate)  # the write waits its turn
         if self.slow and len(data) > 1:
             half = len(data) // 2
             await self.inner.send_all(data[:half])
@@ -273,6 +279,9 @@ class Opener:
     in_pause: Callable[[], None] | None = None
     #: Slow writes of the hub cancelled half-way (half of their bytes went out).
     cut_writes: int = 0
+    #: When set, the hub's writes to this client's connections take as long as this many bytes
+    #: a second would (a slow link to the client; each write waits, then goes out whole).
+    link_rate: float | None = None
     #: When set, every new stream connection is cut once it has carried this many bytes (see
     #: :attr:`Tap.budget`); the first one after ``first_budget`` bytes, when that is set. After
     #: ``max_budget_cuts`` such cuts, new connections are left alone.
@@ -999,6 +1008,48 @@ async def test_pings_keep_a_quiet_stream_without_losing_a_byte(
         assert len(pair.service_opener.stream_taps()) == 1
         assert len(pair.device_opener.stream_taps()) == 1
         await finish(pair)
+
+
+async def test_a_writer_whose_peer_is_on_a_slow_link_hears_from_the_hub_while_it_waits(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """The hub's writes to the device take as long as a 1 Mbit/s link would. The service's
+    messages wait for them, and the hub reads nothing more from the service meanwhile (its
+    pings wait too; the device acknowledges once per quarter window, 4 s apart at that rate).
+    The hub sends the service a pong of its own every ``WRITE_WAIT_PONG_INTERVAL`` while a
+    write waits: the service hears from the hub at least that often, and the transfer goes at
+    the link's pace on its first connections."""
+    rate = 125_000.0
+    size = 3 * 1024 * 1024
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env)
+        pair.device_opener.link_rate = rate
+        tap = pair.service_opener.latest_stream()
+        data = random_payload(size)
+        start = trio.current_time()
+
+        async def send() -> None:
+            await pair.service.send_all(data)
+            await pair.service.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            got = await read_all(pair.device)
+        took = trio.current_time() - start
+        assert got == data
+        assert size / rate <= took <= size / rate + 2
+        # From the first write to the last byte's arrival, the service heard from the hub
+        # every second or sooner (a pong, or an Ack).
+        heard = [start, *[t for t in tap.arrivals if t > start]]
+        last = max(t for t in heard if t <= start + took)
+        gaps = [b - a for a, b in itertools.pairwise(heard) if b <= last]
+        assert max(gaps) <= streaming.WRITE_WAIT_PONG_INTERVAL + 0.01
+        assert pair.service.resumes == 0 and pair.device.resumes == 0
+        pair.device_opener.link_rate = None
+        await pair.device.send_eof()
+        assert await pair.service.receive_some() == b""
+        await pair.service.aclose()
+        await pair.device.aclose()
 
 
 @pytest.mark.parametrize("then", ["cut", "stall"])

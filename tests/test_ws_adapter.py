@@ -1571,3 +1571,92 @@ async def test_send_text_by_waiting_its_turn_past_the_deadline_sends_nothing(
     assert await server.receive_message(1 << 20) == b"after"
     await client.abort()
     await server.abort()
+
+
+# --- a write that waits, and pongs of the WebSocket's own ------------------------------------
+
+
+class WaitLog:
+    """A :class:`~devstream_trio.transport.websocket_send.WriteWaits` that notes its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def write_waits(self) -> None:
+        self.calls.append("waits")
+
+    def write_done(self) -> None:
+        self.calls.append("done")
+
+
+async def test_a_write_the_socket_takes_at_once_tells_nothing(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    client, server = await socket_ws_pair(buffer_size=1 << 20)
+    log = WaitLog()
+    await server.send_whole_messages([[b"x" * 1000]], waits=log)
+    assert log.calls == []
+    assert await client.receive_message(2000) == b"x" * 1000
+
+
+async def test_a_write_that_waits_for_the_socket_says_so_once_and_when_it_is_done(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    client, server = await socket_ws_pair()
+    log = WaitLog()
+    message = bytes(range(256)) * 2048  # 512 KiB: far more than the socket buffers hold
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: server.send_whole_messages([[message]], waits=log))
+        await trio.testing.wait_all_tasks_blocked()
+        assert log.calls == ["waits"]  # the socket is full, the peer reads nothing yet
+        assert await client.receive_message(len(message)) == message
+    assert log.calls == ["waits", "done"]
+
+
+async def test_a_write_to_another_stream_says_it_may_wait(autojump_clock: trio.abc.Clock) -> None:
+    # A stream other than a plain socket (TLS, memory) may wait in any write: each is told.
+    client, server = ws_pair()
+    log = WaitLog()
+    await server.send_whole_messages([[b"hello"]], waits=log)
+    assert log.calls == ["waits", "done"]
+    assert await client.receive_message(100) == b"hello"
+
+
+@pytest.mark.parametrize("client_sends", [True, False])
+async def test_a_pong_of_its_own_goes_out_at_once_on_a_free_socket(
+    autojump_clock: trio.abc.Clock, client_sends: bool
+) -> None:
+    client, server = await socket_ws_pair()
+    sender, receiver = (client, server) if client_sends else (server, client)
+    before = receiver.last_received
+    await trio.sleep(1)
+    assert sender.pong_nowait()
+    # The peer reads the pong (nothing to answer) and counts it as bytes received.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: receiver.receive_message(100))
+        await trio.testing.wait_all_tasks_blocked()
+        assert receiver.last_received > before
+        await sender.send_bytes(b"after")
+    # It was not answered: nothing came back to the sender but what it reads now.
+    await receiver.send_bytes(b"reply")
+    assert await sender.receive_message(100) == b"reply"
+
+
+async def test_a_pong_of_its_own_waits_its_turn_where_it_cannot_go_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Not a plain socket, or another send under way: the caller sends it with pong().
+    peer, ws = raw_pair()
+    assert not ws.pong_nowait()
+    await ws.pong()
+    assert await peer.next_events() == [Pong(payload=b"")]
+    client, server = await socket_ws_pair()
+    message = b"z" * 500_000
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: server.send_whole_messages([[message]]))
+        await trio.testing.wait_all_tasks_blocked()
+        assert not server.pong_nowait()  # a send is under way: the pong must not cut into it
+        nursery.start_soon(server.pong)
+        assert await client.receive_message(len(message)) == message
+        await client.send_bytes(b"next")
+        assert await server.receive_message(100) == b"next"

@@ -8,6 +8,11 @@ one write. The bridge keeps the side's latest messages (when small) and the clos
 (``Bridge.close``) until the other side answers. When that side's connection is lost first,
 it is held, and its resume gets them again before anything else (``Resumed.farewell``): it
 learns that its peer got everything.
+
+A side's task reads it between its writes to the other side: while such a write waits (a slow
+link to the other side), the side's pings wait too. So that the side still hears from the hub,
+the hub's timer sends it a pong of its own every ``WRITE_WAIT_PONG_INTERVAL`` for as long as
+the write waits (``FramedRelays.check_idle``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,13 @@ from ..transport.websocket import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket
 from .ledger import StreamRecord
 from .sides import RelayHost, close_with
 
-__all__ = ["LONE_PING_INTERVAL", "MAX_FRAMED_MESSAGE", "FramedRelay", "FramedRelays"]
+__all__ = [
+    "LONE_PING_INTERVAL",
+    "MAX_FRAMED_MESSAGE",
+    "WRITE_WAIT_PONG_INTERVAL",
+    "FramedRelay",
+    "FramedRelays",
+]
 
 log = logging.getLogger("devstream.hub")
 
@@ -38,6 +49,11 @@ MAX_FRAMED_MESSAGE = MAX_FRAMED_MESSAGE_SIZE
 #: How often the hub pings a devstream.v1 side that waits for its peer (clients give up on a
 #: silent hub after ``ping_interval + ping_timeout``, 20 s by default).
 LONE_PING_INTERVAL = 5.0
+#: How often the hub sends a devstream.v1 side a pong of its own (RFC 6455 §5.5.3: a
+#: heartbeat, not answered) while its write of that side's messages to the other side waits:
+#: the side's own pings are read, and answered, only once the write is through, and a client
+#: that hears nothing for a few seconds after a probe ping takes its connection as lost.
+WRITE_WAIT_PONG_INTERVAL = 1.0
 
 
 @dataclass
@@ -67,6 +83,8 @@ class _IdleWatch:
     ws: WebSocket
     #: The side's scope, cancelled to end its read when it has been silent too long.
     scope: trio.CancelScope
+    connection_id: int
+    relays: FramedRelays
     #: True while the side's task waits for bytes (a send in progress is never cut).
     receiving: bool = False
     #: Set when the silence cancelled the scope (which a resume or the stream's end may too).
@@ -74,6 +92,16 @@ class _IdleWatch:
     #: The latest messages read from the side, when they were small (at most the bridge's
     #: MAX_FAREWELL_SIZE in all; the bridge keeps them should the side close next).
     last_words: list[list[bytes | memoryview]] | None = None
+    #: True while a task sends the side a pong (a stream that cannot take one at once).
+    ponging: bool = False
+
+    def write_waits(self) -> None:
+        """The side's write of its messages to the other side waits for that side's
+        transport: the hub's timer sends the side a pong while it does."""
+        self.relays.write_waits(self)
+
+    def write_done(self) -> None:
+        self.relays.write_done(self.connection_id)
 
 
 class FramedRelays:
@@ -92,6 +120,10 @@ class FramedRelays:
         #: LONE_PING_INTERVAL, from the same schedule (no timer of its own).
         self._lone_watch = SilenceWatch(LONE_PING_INTERVAL)
         self._lone: dict[int, FramedRelay] = {}
+        #: The sides whose write to the other side waits, by connection: each gets a pong
+        #: every WRITE_WAIT_PONG_INTERVAL, from the same schedule.
+        self._write_watch = SilenceWatch(WRITE_WAIT_PONG_INTERVAL)
+        self._writers: dict[int, _IdleWatch] = {}
 
     def relay(self, record: StreamRecord) -> FramedRelay:
         """The relay of *record*'s stream, made on its first side's arrival."""
@@ -120,16 +152,27 @@ class FramedRelays:
 
     def next_idle_check(self) -> float | None:
         """When :meth:`check_idle` has something to look at next, if ever."""
-        silence, lone = self._silence.next_deadline(), self._lone_watch.next_deadline()
-        if lone is None or silence is None:
-            return silence if lone is None else lone
-        return min(silence, lone)
+        due = [
+            deadline
+            for deadline in (
+                self._silence.next_deadline(),
+                self._lone_watch.next_deadline(),
+                self._write_watch.next_deadline(),
+            )
+            if deadline is not None
+        ]
+        return min(due) if due else None
 
     def check_idle(self, now: float) -> None:
         """Wake every side waiting for its peer whose next ping is due (it pings from its own
         task); end the read of every devstream.v1 side silent (no frame, no ping) for
         ``idle_timeout``, which then counts as dropped. A side in the middle of sending to its
-        peer is looked at again later: the send is never cut."""
+        peer is looked at again later: the send is never cut; once that send has waited
+        ``WRITE_WAIT_PONG_INTERVAL``, and every interval after, the side gets a pong."""
+        writers = self._writers
+        for connection_id in self._write_watch.silent(now, _never):
+            self._write_watch.watch(connection_id, since=now)
+            self._pong(writers[connection_id])
         lone = self._lone
         for connection_id in self._lone_watch.silent(now, _never):
             waiting = lone[connection_id].waiting
@@ -145,8 +188,29 @@ class FramedRelays:
             watch.fired = True
             watch.scope.cancel()
 
+    def write_waits(self, watch: _IdleWatch) -> None:
+        """*watch*'s side's write to the other side waits: pong the side while it does."""
+        self._writers[watch.connection_id] = watch
+        if self._write_watch.watch(watch.connection_id, since=trio.current_time()):
+            self.endpoint.wake(self._write_watch.next_deadline())
+
+    def write_done(self, connection_id: int) -> None:
+        """The write that waited is over."""
+        del self._writers[connection_id]
+        self._write_watch.forget(connection_id)
+
+    def _pong(self, watch: _IdleWatch) -> None:
+        """Send *watch*'s side a pong: at once on a plain socket with nothing else being sent
+        to it, else from a task of its own (one at a time)."""
+        if watch.ws.pong_nowait() or watch.ponging:
+            return
+        tasks = self.endpoint.tasks
+        if tasks is not None:
+            watch.ponging = True
+            tasks.start_soon(_send_pong, watch)
+
     def _watch_idle(self, connection_id: int, ws: WebSocket, scope: trio.CancelScope) -> _IdleWatch:
-        watch = _IdleWatch(ws=ws, scope=scope)
+        watch = _IdleWatch(ws=ws, scope=scope, connection_id=connection_id, relays=self)
         self._idle_watches[connection_id] = watch
         if self._silence.watch(connection_id, since=trio.current_time()):
             self.endpoint.wake(self._silence.next_deadline())
@@ -251,7 +315,7 @@ class FramedRelays:
             if peer is not None:
                 # Not contextlib.suppress: that is an object and two calls on every write.
                 try:
-                    size = await peer.send_whole_messages(messages, then_close=close)
+                    size = await peer.send_whole_messages(messages, then_close=close, waits=watch)
                     flow.count += size
                 except ConnectionClosed:
                     pass  # a peer that vanished mid-write is noticed by its own connection task
@@ -371,6 +435,16 @@ async def _send_farewell(ws: WebSocket, farewell: Farewell) -> None:
         )
     except ConnectionClosed:
         pass
+
+
+async def _send_pong(watch: _IdleWatch) -> None:
+    """Send *watch*'s side a pong from a task (its stream takes none at once)."""
+    try:
+        await watch.ws.pong()
+    except ConnectionClosed:
+        pass  # its own task finds out
+    finally:
+        watch.ponging = False
 
 
 def _never(connection_id: int) -> float:

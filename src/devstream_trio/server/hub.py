@@ -217,18 +217,24 @@ class Hub:
     # -- the timer ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Fire the core's deadlines for as long as the hub runs."""
-        task_status.started()
-        while True:
-            self._timer_alarm = self._next_deadline()
-            with trio.move_on_at(self._timer_alarm):
-                await self._timer_wakeup.wait()
-            self._timer_wakeup = trio.Event()
-            now = trio.current_time()
-            self.dispatch(self.coordinator.advance(now))
-            self.streaming.handle(self.bridge.advance(now))
-            self.streaming.check_idle(now)
-            self.channels.drop_idle(now)
+        """Fire the core's deadlines for as long as the hub runs (and hold the short tasks
+        the relays start meanwhile)."""
+        async with trio.open_nursery() as tasks:
+            self.streaming.tasks = tasks
+            task_status.started()
+            try:
+                while True:
+                    self._timer_alarm = self._next_deadline()
+                    with trio.move_on_at(self._timer_alarm):
+                        await self._timer_wakeup.wait()
+                    self._timer_wakeup = trio.Event()
+                    now = trio.current_time()
+                    self.dispatch(self.coordinator.advance(now))
+                    self.streaming.handle(self.bridge.advance(now))
+                    self.streaming.check_idle(now)
+                    self.channels.drop_idle(now)
+            finally:
+                self.streaming.tasks = None
 
     def _next_deadline(self) -> float:
         deadlines = [

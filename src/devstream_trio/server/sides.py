@@ -29,6 +29,9 @@ class RelayHost(Protocol):
     bridge: Bridge
     metrics: Metrics
     close_timeout: float
+    #: Where a relay starts a short task of its own (a pong the side's stream does not take
+    #: at once); None while the hub's timer does not run.
+    tasks: trio.Nursery | None
 
     def wake(self, due: float | None) -> None:
         """A machine added a deadline (*due*: its next one): the hub's timer looks again."""

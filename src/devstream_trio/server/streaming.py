@@ -63,12 +63,22 @@ from devstream_core.wire import HEADER_RESUME_TOKEN, parse_bearer
 
 from ..transport.http import HttpError, HttpRequest, HttpServerConnection
 from ..transport.websocket import WebSocket
-from .framed_relay import LONE_PING_INTERVAL, MAX_FRAMED_MESSAGE, FramedRelays
+from .framed_relay import (
+    LONE_PING_INTERVAL,
+    MAX_FRAMED_MESSAGE,
+    WRITE_WAIT_PONG_INTERVAL,
+    FramedRelays,
+)
 from .ledger import END_RESET, END_TIMEOUT, END_VANISHED, StreamLedger
 from .metrics import Metrics
 from .raw_relay import RawRelays
 
-__all__ = ["LONE_PING_INTERVAL", "MAX_FRAMED_MESSAGE", "StreamingEndpoint"]
+__all__ = [
+    "LONE_PING_INTERVAL",
+    "MAX_FRAMED_MESSAGE",
+    "WRITE_WAIT_PONG_INTERVAL",
+    "StreamingEndpoint",
+]
 
 log = logging.getLogger("devstream.hub")
 
@@ -91,6 +101,9 @@ class StreamingEndpoint:
         self.random_bytes = random_bytes
         self.close_timeout = close_timeout
         self.wake = wake
+        #: Where the relays start short tasks of their own: the hub's timer's nursery, while
+        #: it runs (``Hub.run``).
+        self.tasks: trio.Nursery | None = None
         #: Every live stream's name, mode and bytes each way; its line when it ends.
         self.ledger = StreamLedger()
         self._raw = RawRelays(self)

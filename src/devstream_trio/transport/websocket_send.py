@@ -39,6 +39,7 @@ __all__ = [
     "ConnectionClosed",
     "SendLock",
     "WebSocketSender",
+    "WriteWaits",
     "close_forcefully",
 ]
 
@@ -107,6 +108,19 @@ class Close(Protocol):
 
     @property
     def reason(self) -> str: ...
+
+
+class WriteWaits(Protocol):
+    """Told when a write waits for the transport to take it, and when that wait ends: a relay
+    that stops reading one side while it writes that side's messages to the other keeps the
+    first side hearing from it meanwhile (see ``FramedRelays``)."""
+
+    def write_waits(self) -> None:
+        """The write waits: the transport did not take it at once (a plain socket), or it
+        may wait (any other stream: called before each write)."""
+
+    def write_done(self) -> None:
+        """The write that waited is over (written, failed or cancelled)."""
 
 
 class SendLock:
@@ -226,11 +240,14 @@ class WebSocketSender:
         """What a send raises once the connection is closing or closed."""
         return ConnectionClosed(self._closed.code if self._closed else ABNORMAL_CLOSURE, "closed")
 
-    async def _write(self, parts: list[bytes | bytearray | memoryview]) -> None:
+    async def _write(
+        self, parts: list[bytes | bytearray | memoryview], waits: WriteWaits | None = None
+    ) -> None:
         """Write *parts* in order, the small ones joined, the large ones on their own; a lost
-        transport is reported as ``ConnectionClosed(1006)``. Call with the send lock held."""
+        transport is reported as ``ConnectionClosed(1006)``. Call with the send lock held.
+        *waits* is told when the write waits for the transport, and when it is done."""
         try:
-            await self._write_parts(parts)
+            await self._write_parts(parts, waits)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._mark_lost()
             raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost") from exc
@@ -251,7 +268,9 @@ class WebSocketSender:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._mark_lost()
 
-    async def _write_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
+    async def _write_parts(
+        self, parts: list[bytes | bytearray | memoryview], waits: WriteWaits | None = None
+    ) -> None:
         if type(self.stream) is trio.SocketStream:
             own = _gather(parts, _ALONE_SOCKET)
             buffers = own
@@ -260,9 +279,19 @@ class WebSocketSender:
                 buffers, self._backlog = [*self._backlog, *own], []
             rest = _io.write_nowait(self.stream, buffers)
             if rest:
-                await self._write_rest(self.stream, own, rest)
+                if waits is None:
+                    await self._write_rest(self.stream, own, rest)
+                else:
+                    waits.write_waits()
+                    try:
+                        await self._write_rest(self.stream, own, rest)
+                    finally:
+                        waits.write_done()
         else:
             buffers = _gather(parts, _ALONE_STREAM)
+            # Whether this stream's send_all waits is not known beforehand.
+            if waits is not None:
+                waits.write_waits()
             try:
                 for buffer in buffers:
                     await self.stream.send_all(buffer)
@@ -273,6 +302,9 @@ class WebSocketSender:
                     ABNORMAL_CLOSURE, "a send was cancelled part way through a frame"
                 )
                 raise
+            finally:
+                if waits is not None:
+                    waits.write_done()
             if not buffers:
                 await trio.lowlevel.checkpoint()
 
@@ -448,6 +480,20 @@ class WebSocketSender:
         """Send a ping; the peer's pong updates :attr:`last_received`."""
         await self._send(Ping(payload=payload))
 
+    async def pong(self) -> None:
+        """Send an unsolicited pong: a heartbeat the peer does not answer (RFC 6455 §5.5.3)."""
+        await self._send(Pong(payload=b""))
+
+    def pong_nowait(self) -> bool:
+        """Send an unsolicited pong from the calling task, as :meth:`send_bytes_nowait` sends
+        a message: True when it went out (or its end was kept to go out first with the next
+        write), False when the caller must use :meth:`pong`."""
+        if not self.can_send_nowait:
+            return False
+        key = mask_keys() if self._client else b""
+        self._write_nowait([self._ws.send_pong(b"", mask_key=key)])
+        return True
+
     async def send_close(self, code: int = 1000, reason: str = "") -> None:
         """Start (or answer) the closing handshake; does nothing if already closed. A code
         that only reports what happened (1005, 1006, 1015) is sent as 1001."""
@@ -465,22 +511,24 @@ class WebSocketSender:
         messages: Sequence[Sequence[bytes | memoryview]],
         *,
         then_close: Close | None = None,
+        waits: WriteWaits | None = None,
     ) -> int:
         """Send binary messages, each given as its fragments (see :meth:`receive_messages`),
         as one frame each, with as few writes as possible; return their total size.
 
         With *then_close*, the close (its code as :meth:`send_close` sends it) follows the
         messages in the same write: a relay passing on a peer's last messages and its close
-        together, which the other end then reads at once."""
+        together, which the other end then reads at once. *waits* is told when the write
+        waits for the transport, and when that wait is over (see :class:`WriteWaits`)."""
         lock = self._send_lock
         if lock._busy:
             async with lock:
-                return await self._send_whole(messages, then_close)
+                return await self._send_whole(messages, then_close, waits)
         # The lock is free (the usual case on a relay): taken without ``async with``.
         await trio.lowlevel.checkpoint_if_cancelled()
         lock._busy = True
         try:
-            return await self._send_whole(messages, then_close)
+            return await self._send_whole(messages, then_close, waits)
         finally:
             lock.release()
 
@@ -488,6 +536,7 @@ class WebSocketSender:
         self,
         messages: Sequence[Sequence[bytes | memoryview]],
         then_close: Close | None,
+        waits: WriteWaits | None,
     ) -> int:
         ws = self._ws
         keys = mask_keys(len(messages)) if self._client else b""
@@ -500,7 +549,7 @@ class WebSocketSender:
             key = mask_keys() if self._client else b""
             code = sendable_close_code(then_close.code)
             out.append(ws.send_close(code, then_close.reason, mask_key=key))
-        await self._write(out)
+        await self._write(out, waits)
         return sum([sum(map(len, parts)) for parts in messages])
 
 
