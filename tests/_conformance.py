@@ -59,6 +59,9 @@ class _Connection:
         self.device: str | None = None
         #: The client's request head, once read.
         self.head = b""
+        #: Set when the network under this connection goes silent: nothing more is passed on,
+        #: either way (what comes is swallowed), and neither end hears of it.
+        self.silent = False
         self.to_hub = _Frames(self._request_head, self._from_device)
         self.to_device = _Frames(self._answer_head, self._from_hub)
 
@@ -161,7 +164,7 @@ class Tap:
                 self._links[seen] = (hub, toward_client)
                 try:
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._pipe, client, hub, nursery, seen.to_hub.feed)
+                        nursery.start_soon(self._pipe, client, hub, nursery, seen, seen.to_hub.feed)
                         nursery.start_soon(
                             self._pipe_within, toward_client, hub, client, nursery, seen
                         )
@@ -177,10 +180,13 @@ class Tap:
         source: trio.SocketStream,
         sink: trio.SocketStream,
         nursery: trio.Nursery,
+        seen: _Connection,
         tap: Callable[[bytes], None],
     ) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             while data := await source.receive_some(256 * 1024):
+                if seen.silent:
+                    continue
                 tap(data)
                 await sink.send_all(data)
         nursery.cancel_scope.cancel()
@@ -194,7 +200,7 @@ class Tap:
         seen: _Connection,
     ) -> None:
         with scope:
-            await self._pipe(source, sink, nursery, seen.to_device.feed)
+            await self._pipe(source, sink, nursery, seen, seen.to_device.feed)
 
     def cut_at_the_hub(self, match: Callable[[bytes], bool]) -> int:
         """Reset, at the hub's end only, every connection whose request head *match* takes,
@@ -214,6 +220,18 @@ class Tap:
         self.cuts += cut
         self.changed()
         return cut
+
+    def silence(self, match: Callable[[bytes], bool]) -> int:
+        """Make the network go silent under every connection whose request head *match*
+        takes (a NAT that forgot it): nothing more passes either way, and no end hears of
+        it. Returns how many."""
+        silenced = 0
+        for seen in list(self._links):
+            if match(seen.head):
+                seen.silent = True
+                silenced += 1
+        self.changed()
+        return silenced
 
     def cut(self) -> None:
         """Drop every connection through the tap (clients see them lost, as the hub does)."""
@@ -315,6 +333,11 @@ class HubThread:
         """:meth:`Tap.cut_at_the_hub`, from any thread; takes effect soon."""
         assert self._token is not None
         self._token.run_sync_soon(self.tap.cut_at_the_hub, match)
+
+    def silence(self, match: Callable[[bytes], bool]) -> int:
+        """:meth:`Tap.silence`, from a thread with no event loop (``Driver.in_thread``)."""
+        assert self._token is not None
+        return trio.from_thread.run_sync(self.tap.silence, match, trio_token=self._token)
 
     def set_device_status(self, device_id: str, status: str) -> None:
         """Enable or disable a device (from a thread with no event loop: ``Driver.in_thread``;
@@ -472,7 +495,10 @@ class Driver:
         raise NotImplementedError
 
     def service(
-        self, cs: ConnectionString | None = None, window: int | None = None
+        self,
+        cs: ConnectionString | None = None,
+        window: int | None = None,
+        ping_timeout: float | None = None,
     ) -> contextlib.AbstractAsyncContextManager[Any]:
         raise NotImplementedError
 
@@ -496,8 +522,13 @@ async def _async_of(scope: contextlib.AbstractContextManager[Any]) -> AsyncItera
         yield
 
 
-def _options(window: int | None) -> StreamOptions | None:
-    return None if window is None else StreamOptions(window=window)
+def _options(window: int | None, ping_timeout: float | None = None) -> StreamOptions | None:
+    if window is None and ping_timeout is None:
+        return None
+    options = StreamOptions() if window is None else StreamOptions(window=window)
+    if ping_timeout is not None:
+        options = dataclasses.replace(options, ping_timeout=ping_timeout)
+    return options
 
 
 class TrioDriver(Driver):
@@ -566,11 +597,14 @@ class TrioDriver(Driver):
 
     @asynccontextmanager
     async def service(
-        self, cs: ConnectionString | None = None, window: int | None = None
+        self,
+        cs: ConnectionString | None = None,
+        window: int | None = None,
+        ping_timeout: float | None = None,
     ) -> AsyncIterator[Any]:
         async with devstream_trio.open_service(
             cs or self.hub.service_cs,
-            stream_options=_options(window),
+            stream_options=_options(window, ping_timeout),
             ssl_context=self.hub.client_ssl,
         ) as service:
             yield service
@@ -662,11 +696,14 @@ class AsyncioDriver(Driver):
 
     @asynccontextmanager
     async def service(
-        self, cs: ConnectionString | None = None, window: int | None = None
+        self,
+        cs: ConnectionString | None = None,
+        window: int | None = None,
+        ping_timeout: float | None = None,
     ) -> AsyncIterator[Any]:
         async with devstream_asyncio.open_service(
             cs or self.hub.service_cs,
-            stream_options=_options(window),
+            stream_options=_options(window, ping_timeout),
             ssl_context=self.hub.client_ssl,
         ) as service:
             yield service

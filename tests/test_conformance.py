@@ -378,6 +378,39 @@ def test_a_framed_stream_finds_a_reset_at_the_hubs_end_between_messages(run: Any
     run(body)
 
 
+def test_a_framed_stream_leaves_a_silent_connection_after_its_probe(run: Any) -> None:
+    """The network under the service's stream connection goes silent both ways (a NAT that
+    forgot it): neither end hears of it. The service's next byte is swallowed and waits for
+    its acknowledgement; its probe ping (ACK_PROBE) goes unanswered, and once the probe
+    timeout passes (here ``ping_timeout``, 1 s, below PROBE_TIMEOUT) it drops the connection
+    and resumes: the byte goes again, and the answer arrives, long before the keepalive's
+    rule would have dropped the connection (11 s of silence here)."""
+
+    async def body(d: Driver) -> None:
+        async def answer(stream: Any) -> None:
+            assert await stream.receive_some(1) == b"a"
+            await stream.send_all(b"A")
+            assert await stream.receive_some(1) == b"b"
+            await stream.send_all(b"B")
+            assert await read_all(stream) == b""
+
+        cs = d.hub.new_device()
+        async with d.device(cs, {"up": answer}), d.service(ping_timeout=1.0) as service:
+            stream = await service.open_stream(cs.device_id, "up", mode="devstream.v1")
+            await stream.send_all(b"a")
+            assert await stream.receive_some(1) == b"A"  # a message came: the hub reads it
+            assert await d.in_thread(d.hub.silence, _a_service_stream) == 1
+            async with d.time_limit(4):
+                await stream.send_all(b"b")
+                assert await stream.receive_some(1) == b"B"
+            assert stream.resumes == 1
+            await stream.send_eof()
+            assert await read_all(stream) == b""
+            await stream.aclose()
+
+    run(body)
+
+
 @pytest.mark.parametrize("ack_alone", [False, True], ids=["ack with the close", "ack alone"])
 def test_a_framed_stream_cut_while_the_peers_close_passes_ends_cleanly(
     run: Any, ack_alone: bool

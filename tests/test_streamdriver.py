@@ -38,6 +38,7 @@ from devstream_core.streamdriver import (
     IDLE_ACK,
     MAX_RESUME_DELAY,
     PHASE_TRANSITIONS,
+    PROBE_TIMEOUT,
     STALL_PROBE,
     CloseConnection,
     Connect,
@@ -799,6 +800,104 @@ def test_a_resumed_connection_probes_afresh() -> None:
     a.connection_made(2.5)
     assert a.next_message(2.5)  # the Resume, and the byte again
     assert a.next_deadline(2.5) == 2.5 + ACK_PROBE
+
+
+def run_timer(driver: StreamDriver, last_received: float, until: float) -> list[tuple]:
+    """Follow *driver*'s deadlines up to *until* (nothing arriving after *last_received*):
+    each deadline (rounded) and what the timer did there, up to a DropConnection."""
+    seen: list[tuple] = []
+    while (deadline := driver.next_deadline(last_received)) <= until:
+        actions = driver.timer(deadline, last_received)
+        seen.append((round(deadline, 6), actions))
+        if DropConnection() in actions:
+            break
+    return seen
+
+
+def heard_link() -> Link:
+    """A link whose ``a`` has had a message from its peer (the hub relays, so it answers
+    pings), then sent 100 bytes at 1.0 that wait for their acknowledgement."""
+    link = Link()
+    a, b = link.a, link.b
+    b.endpoint.write(b"y")
+    link.flush(b)
+    link.deliver(b, 0.5)
+    assert a.read(None, 0.5) == b"y"
+    a.endpoint.write(b"x" * 100)
+    assert a.next_message(1.0)
+    return link
+
+
+def test_a_probe_left_unanswered_drops_the_connection() -> None:
+    """Frames wait for their acknowledgement, a message came on this connection, and nothing
+    arrives after the first probe: PROBE_TIMEOUT after it the connection is dropped (the
+    stream resumes), long before the keepalive's rule (14 s here). The probes sent meanwhile
+    do not put it off."""
+    a = heard_link().a
+    first = 1.0 + ACK_PROBE
+    assert run_timer(a, 0.5, 30.0) == [
+        (1.0, [Flush()]),  # the idle Ack of the byte read
+        (first, [SendPing()]),
+        (1.0 + 2 * ACK_PROBE, [SendPing()]),
+        (1.0 + 4 * ACK_PROBE, [SendPing()]),
+        (1.0 + 8 * ACK_PROBE, [SendPing()]),
+        (round(first + PROBE_TIMEOUT, 6), [DropConnection()]),
+    ]
+
+
+def test_an_answered_probe_keeps_the_connection() -> None:
+    """Every probe answered (a pong arrives): no drop, the probes thin out as before."""
+    a = heard_link().a
+    pong = 0.5
+    for _ in range(6):
+        deadline = a.next_deadline(pong)
+        assert DropConnection() not in a.timer(deadline, pong)
+        pong = deadline + 0.001
+    assert pong > 1.0 + ACK_PROBE + PROBE_TIMEOUT
+    assert a.phase is P.OPEN
+
+
+def test_a_probe_before_anything_came_waits_for_the_keepalive() -> None:
+    """Nothing came on the connection yet: the hub may not read this side (its peer has not
+    joined) and leaves its pings unanswered; the probes go out, but only the keepalive's
+    rule (ping_interval + ping_timeout of silence) drops the connection."""
+    link = Link()
+    a = link.a
+    a.endpoint.write(b"x" * 100)
+    assert a.next_message(1.0)
+    seen = run_timer(a, 0.0, 30.0)
+    assert seen[-1] == (14.0, [DropConnection()])
+    assert [actions for _, actions in seen[:-1]] == [[SendPing()]] * (len(seen) - 1)
+
+
+def test_a_stalled_message_probed_without_an_answer_drops_the_connection() -> None:
+    link = Link()
+    a = link.a
+    assert a.message_stalled(5.0, 5.05) == [SendPing()]
+    assert a.next_deadline(5.0) == 5.05 + PROBE_TIMEOUT
+    assert a.timer(5.05 + PROBE_TIMEOUT - 0.001, 5.0) == []
+    assert a.timer(5.05 + PROBE_TIMEOUT, 5.0) == [DropConnection()]
+    # Answered: the connection stays.
+    b = Link().a
+    assert b.message_stalled(5.0, 5.05) == [SendPing()]
+    assert b.next_deadline(5.06) == 10.0  # the keepalive's ping, as before
+    assert b.timer(5.05 + PROBE_TIMEOUT, 5.06) == []
+
+
+def test_a_stall_probe_after_an_unanswered_probe_does_not_put_the_drop_off() -> None:
+    a = heard_link().a
+    first = 1.0 + ACK_PROBE
+    assert a.timer(first, 0.5) == [Flush(), SendPing()]  # the idle Ack, and the probe
+    assert a.message_stalled(0.5, 2.0) == [SendPing()]  # noticed late, nothing came since
+    assert a.timer(first + PROBE_TIMEOUT, 0.5) == [DropConnection()]
+
+
+def test_the_probe_timeout_is_at_most_the_ping_timeout() -> None:
+    link = Link(StreamOptions(window=4096, ping_interval=10, ping_timeout=1, resume_timeout=30))
+    a = link.a
+    assert a.message_stalled(5.0, 5.05) == [SendPing()]
+    assert a.next_deadline(5.0) == 6.05
+    assert a.timer(6.05, 5.0) == [DropConnection()]
 
 
 def test_time_never_goes_back() -> None:

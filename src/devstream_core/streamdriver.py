@@ -37,7 +37,8 @@ Rules every change must keep:
   least that, or ``inf`` when nothing is waited for; :meth:`timer` acts on every deadline due
   and moves each one forward (or clears it).
 * **Bounded everywhere.** An acknowledgement waits at most :data:`ACK_DELAY`; a connection
-  silent for ``ping_interval + ping_timeout`` is dropped; a reconnection attempt lasts at most
+  silent for ``ping_interval + ping_timeout`` is dropped, and one silent for
+  :data:`PROBE_TIMEOUT` after a probe ping; a reconnection attempt lasts at most
   ``ping_timeout`` and resuming at most ``resume_timeout`` after the drop; a close waits
   ``close_timeout`` for its acknowledgement, then resets; ``FINISHING`` lasts at most
   ``close_timeout`` after the close went out.
@@ -69,6 +70,11 @@ Decisions:
   is later, then twice as long after each answer while the peer's Ack stays where it is;
   none once that wait reaches ``ping_interval`` (the keepalive goes on). A peer that reads
   acknowledges within ``IDLE_ACK``, so a healthy exchange is not probed.
+* A probe ping (a stalled message's, or one for frames waiting for their acknowledgement,
+  once a message came on the connection) followed by :data:`PROBE_TIMEOUT` (at most
+  ``ping_timeout``) without a byte arriving drops the connection, and the stream resumes: a
+  connection that went silent both ways while something waits is left within seconds, not
+  after the keepalive's ``ping_interval + ping_timeout``.
 """
 
 from __future__ import annotations
@@ -105,6 +111,7 @@ __all__ = [
     "IDLE_ACK",
     "MAX_RESUME_DELAY",
     "PHASE_TRANSITIONS",
+    "PROBE_TIMEOUT",
     "STALL_PROBE",
     "Action",
     "CloseConnection",
@@ -135,6 +142,12 @@ IDLE_ACK: Final = 0.05
 #: meanwhile, before the stream pings; each answered ping doubles it. Longer than IDLE_ACK and
 #: a round trip: a peer that reads acknowledges within IDLE_ACK.
 ACK_PROBE: Final = 0.2
+#: How long a ping the stream sent because something waits (:data:`STALL_PROBE`,
+#: :data:`ACK_PROBE`) may go without a byte arriving before the connection counts as lost (at
+#: most ``ping_timeout``). The hub answers a ping at once when it reads the side, as it does
+#: once the stream is paired: a connection lost without a sound (a NAT that forgot it, a
+#: middlebox's lost state) is left much sooner than by the keepalive's rule.
+PROBE_TIMEOUT: Final = 3.0
 #: The delay before the second reconnection attempt; each later one doubles it.
 FIRST_RESUME_DELAY: Final = 0.05
 #: The longest delay between two reconnection attempts.
@@ -406,6 +419,11 @@ class StreamDriver:
         self._sent_at = now
         self._probe_acked = -1
         self._probes = 0
+        # When the last probe ping went out (inf: none yet on this connection), and whether a
+        # message came on this connection (the hub relays the peer's only once the stream is
+        # paired, and then answers pings: before, a probe's silence means nothing).
+        self._probe_sent = math.inf
+        self._heard = False
         # CLOSING's and FINISHING's deadline.
         self._close_at = math.inf
         #: The WebSocket close owed (FINISHING), None once sent or when none is owed.
@@ -678,6 +696,7 @@ class StreamDriver:
         self._received_at = self._sent_at = now
         self._idle_checked = self._idle_acked = -math.inf
         self._probe_acked, self._probes = -1, 0
+        self._probe_sent, self._heard = math.inf, False
         self._retry_at = self._attempt_until = self._give_up_at = math.inf
         self._delay = FIRST_RESUME_DELAY
 
@@ -726,6 +745,7 @@ class StreamDriver:
         moving the stream to ``FINISHING`` (outcome ``BROKEN``; the Reset, then a close with
         the error's code)."""
         self._now = self._received_at = now
+        self._heard = True
         try:
             events = self.endpoint.receive_data(data)
         except RemoteProtocolError as exc:
@@ -768,6 +788,8 @@ class StreamDriver:
         """A message stopped half-way for :meth:`stall_timeout`: ping, once per stall."""
         self._now = now
         self._probed = last_received
+        if self._probe_lost_at(last_received) == _INF:
+            self._probe_sent = now  # the first probe of those not answered
         return [_PING]
 
     # -- reconnection --------------------------------------------------------------------------
@@ -830,6 +852,7 @@ class StreamDriver:
                 self._close_at,
                 self._idle_ack_at(),
                 self._probe_at(last_received),
+                self._probe_lost_at(last_received),
             )
         else:
             # A running attempt ends at its own deadline (Connect.deadline): the adapter
@@ -860,6 +883,14 @@ class StreamDriver:
         sent_at = self._sent_at
         return (last_received if last_received > sent_at else sent_at) + wait
 
+    def _probe_lost_at(self, last_received: float) -> float:
+        """When the connection counts as lost because the last probe ping went without a byte
+        arriving since (*last_received*): :data:`PROBE_TIMEOUT` after it went out."""
+        sent = self._probe_sent
+        if last_received >= sent:
+            return math.inf  # answered, or something else came: the connection works
+        return sent + min(PROBE_TIMEOUT, self.options.ping_timeout)
+
     def timer(self, now: float, last_received: float) -> list[Action]:
         """Act on every deadline due at *now*; return what the adapter is to do, in order."""
         if now < self._now:
@@ -881,7 +912,10 @@ class StreamDriver:
             return actions
         if self.connected:
             options = self.options
-            if now >= last_received + options.ping_interval + options.ping_timeout:
+            if (
+                now >= last_received + options.ping_interval + options.ping_timeout
+                or now >= self._probe_lost_at(last_received)
+            ):
                 actions.append(_DROP)
                 return actions
             flush = False
@@ -901,6 +935,8 @@ class StreamDriver:
             elif now >= self._probe_at(last_received):
                 self._probe_acked = self.endpoint.acked
                 self._probes = self._probe_count() + 1
+                if self._heard and self._probe_lost_at(last_received) == _INF:
+                    self._probe_sent = now  # the first probe of those not answered
                 actions.append(_PING)
         elif self._attempt_until != math.inf:
             pass  # an attempt runs: it ends at its own deadline

@@ -28,7 +28,9 @@ two messages is found the same way while something is in flight: what the applic
 is acknowledged ``IDLE_ACK`` (50 ms) after the last bytes arrived, and frames that have waited
 ``ACK_PROBE`` (200 ms) for their acknowledgement, with nothing arriving, make it ping (then
 twice as long after each answer). A stream with nothing in flight hears of such a cut at its
-next ping, or when it next writes.
+next ping, or when it next writes. A probe ping answered by nothing at all for
+``PROBE_TIMEOUT`` (3 s) drops the connection, and the stream resumes: a connection that
+went silent both ways (a NAT that forgot it) is left within seconds of the write that waits.
 
 Meaning of the trio methods:
 
@@ -65,6 +67,7 @@ from devstream_core.streamdriver import (
     ACK_PROBE,
     DIRECT_READ_TIME,
     IDLE_ACK,
+    PROBE_TIMEOUT,
     STALL_PROBE,
     Outcome,
     StreamOptions,
@@ -87,6 +90,7 @@ __all__ = [
     "IDLE_ACK",
     "MAX_MESSAGE",
     "MESSAGE_LIMIT",
+    "PROBE_TIMEOUT",
     "STALL_PROBE",
     "FramedStream",
     "Reconnect",
