@@ -1660,3 +1660,20 @@ async def test_a_pong_of_its_own_waits_its_turn_where_it_cannot_go_at_once(
         assert await client.receive_message(len(message)) == message
         await client.send_bytes(b"next")
         assert await server.receive_message(100) == b"next"
+
+
+async def test_a_write_that_waits_for_another_send_says_so_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    client, server = await socket_ws_pair()
+    log = WaitLog()
+    message = b"q" * 500_000
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: server.send_whole_messages([[message]]))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(lambda: server.send_whole_messages([[b"next"]], waits=log))
+        await trio.testing.wait_all_tasks_blocked()
+        assert log.calls == ["waits"]  # behind the first send, which waits for the socket
+        assert await client.receive_message(len(message)) == message
+        assert await client.receive_message(100) == b"next"
+    assert log.calls == ["waits", "done"]

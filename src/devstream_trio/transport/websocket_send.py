@@ -116,8 +116,8 @@ class WriteWaits(Protocol):
     first side hearing from it meanwhile (see ``FramedRelays``)."""
 
     def write_waits(self) -> None:
-        """The write waits: the transport did not take it at once (a plain socket), or it
-        may wait (any other stream: called before each write)."""
+        """The write waits: for another send to end, or for the transport, which did not take
+        it at once (a plain socket) or may not (any other stream: called before each write)."""
 
     def write_done(self) -> None:
         """The write that waited is over (written, failed or cancelled)."""
@@ -522,8 +522,16 @@ class WebSocketSender:
         waits for the transport, and when that wait is over (see :class:`WriteWaits`)."""
         lock = self._send_lock
         if lock._busy:
-            async with lock:
-                return await self._send_whole(messages, then_close, waits)
+            if waits is None:
+                async with lock:
+                    return await self._send_whole(messages, then_close, None)
+            # Waiting for another send is waiting for the transport too.
+            waits.write_waits()
+            try:
+                async with lock:
+                    return await self._send_whole(messages, then_close, None)
+            finally:
+                waits.write_done()
         # The lock is free (the usual case on a relay): taken without ``async with``.
         await trio.lowlevel.checkpoint_if_cancelled()
         lock._busy = True
