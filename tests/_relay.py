@@ -17,10 +17,16 @@ from devstream_trio.transport.connect import HubAddress
 
 
 class Relay:
-    """A TCP relay on 127.0.0.1 in front of the hub that can cut every connection through it."""
+    """A TCP relay on 127.0.0.1 in front of the hub that can cut every connection through it.
 
-    def __init__(self, target_port: int) -> None:
+    With *to_client_rate*, it carries the hub's bytes to the client at that many bytes a
+    second, 4 KiB at a time, reading them from a socket with a small receive buffer: a slow
+    link, whose writes make the hub wait.
+    """
+
+    def __init__(self, target_port: int, *, to_client_rate: float | None = None) -> None:
         self.target_port = target_port
+        self.to_client_rate = to_client_rate
         self.port = 0
         self.connections = 0
         self.cuts = 0
@@ -42,10 +48,14 @@ class Relay:
         try:
             with scope:
                 hub = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+                if self.to_client_rate is not None:
+                    hub.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._pipe, client, hub, nursery.cancel_scope)
-                        nursery.start_soon(self._pipe, hub, client, nursery.cancel_scope)
+                        nursery.start_soon(
+                            self._pipe, hub, client, nursery.cancel_scope, self.to_client_rate
+                        )
                 finally:
                     await trio.aclose_forcefully(hub)
         finally:
@@ -54,10 +64,18 @@ class Relay:
 
     @staticmethod
     async def _pipe(
-        source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope
+        source: trio.SocketStream,
+        sink: trio.SocketStream,
+        scope: trio.CancelScope,
+        rate: float | None = None,
     ) -> None:
+        start, carried = trio.current_time(), 0
         try:
-            while data := await source.receive_some(256 * 1024):
+            while data := await source.receive_some(256 * 1024 if rate is None else 16384):
+                if rate is not None:
+                    # No sooner than the link would have carried them.
+                    carried += len(data)
+                    await trio.sleep_until(start + carried / rate)
                 await sink.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass

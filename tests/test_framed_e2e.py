@@ -9,6 +9,7 @@ buffer it can reach; the test asserts on what it found, not on how long it took.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -24,7 +25,8 @@ from devstream_trio.client.framed import FramedStream, StreamOptions
 from devstream_trio.client.service import AnyStream, ServiceClient
 from devstream_trio.server.hub import Hub
 from devstream_trio.server.store import RegistryStore
-from devstream_trio.server.streaming import MAX_FRAMED_MESSAGE
+from devstream_trio.server.streaming import MAX_FRAMED_MESSAGE, WRITE_WAIT_PONG_INTERVAL
+from devstream_trio.transport.connect import HubAddress, Opener
 
 from ._helpers import start_hub
 from ._relay import Relay
@@ -55,11 +57,17 @@ async def open_pair(
     *,
     relay_side: str | None = None,
     options: StreamOptions | None = None,
+    relay: Relay | None = None,
+    service_opener: Opener | None = None,
 ) -> Pair:
+    """A stream over a real hub; *relay_side*'s connections go through a :class:`Relay`
+    (*relay*, or a new one)."""
     hub, service_cs = await start_hub(nursery, store)
     assert hub.listen_address is not None
-    relay: Relay | None = None
-    if relay_side is not None:
+    if relay is not None:
+        relay.target_port = hub.listen_address[1]
+        await nursery.start(relay.run)
+    elif relay_side is not None:
         relay = Relay(hub.listen_address[1])
         await nursery.start(relay.run)
     admin = ServiceClient(service_cs)
@@ -78,7 +86,7 @@ async def open_pair(
     await nursery.start(device.serve, {"pipe": hand_over})
     service = ServiceClient(
         service_cs,
-        opener=relay.open if relay and relay_side == "service" else None,
+        opener=relay.open if relay and relay_side == "service" else service_opener,
         nursery=nursery,
         stream_options=options,
     )
@@ -95,6 +103,40 @@ async def close_both(one: FramedStream, other: FramedStream) -> None:
     await other.aclose()
     for stream in (one, other):
         assert stream.endpoint.state is EndpointState.DONE
+
+
+class Heard(trio.abc.Stream):
+    """A client's connection to the hub that notes when bytes arrived from it."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+        self.arrivals: list[float] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.inner.receive_some(max_bytes)
+        self.arrivals.append(trio.current_time())
+        return bytes(data)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class HeardOpener:
+    """A service's opener: every connection a :class:`Heard`."""
+
+    def __init__(self) -> None:
+        self.connections: list[Heard] = []
+
+    async def __call__(self, address: HubAddress) -> trio.abc.Stream:
+        heard = Heard(await trio.open_tcp_stream(address.host, address.port))
+        self.connections.append(heard)
+        return heard
 
 
 @pytest.mark.parametrize("relay_side", ["service", "device"])
@@ -223,4 +265,55 @@ async def test_a_stalled_reader_holds_memory_bounded(store: RegistryStore) -> No
             await device.send_eof()
             assert await service.receive_some() == b""
             await close_both(service, device)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_writer_whose_peer_is_on_a_slow_link_keeps_hearing_from_the_hub(
+    store: RegistryStore,
+) -> None:
+    """The device's connections come through a relay that carries the hub's bytes at 400 kB/s,
+    over real sockets: the hub's writes of the service's messages wait for it, and the hub
+    reads nothing from the service meanwhile. The window (16 MiB) is larger than the transfer,
+    so the device's Acks do not come while the bytes move. The hub's own pongs, written on
+    the service's socket from the timer every ``WRITE_WAIT_PONG_INTERVAL``, are what the
+    service hears: never 1.8 s without a byte (real time, on a shared machine), and no
+    resume. Without them, the service hears from the hub only between its writes of a MiB
+    each, 2.6 s apart."""
+    size = 2 * MIB
+    payload = os.urandom(size)
+    options = StreamOptions(window=16 * MIB)
+    heard = HeardOpener()
+    relay = Relay(0, to_client_rate=400_000)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            pair = await open_pair(
+                nursery,
+                store,
+                relay_side="device",
+                relay=relay,
+                options=options,
+                service_opener=heard,
+            )
+            connection = heard.connections[-1]
+            start = trio.current_time()
+
+            async def send() -> None:
+                await pair.service.send_all(payload)
+                await pair.service.send_eof()
+
+            got = bytearray()
+            async with trio.open_nursery() as transfer:
+                transfer.start_soon(send)
+                while chunk := await pair.device.receive_some():
+                    got += chunk
+            end = trio.current_time()
+            assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+            assert end - start >= 2.5  # the link's pace: the hub's writes waited
+            times = [start, *[t for t in connection.arrivals if start < t < end], end]
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            assert max(gaps) < WRITE_WAIT_PONG_INTERVAL + 0.8, gaps
+            assert pair.service.resumes == 0 and pair.device.resumes == 0
+            await pair.device.send_eof()
+            assert await pair.service.receive_some() == b""
+            await close_both(pair.service, pair.device)
             nursery.cancel_scope.cancel()
