@@ -18,6 +18,13 @@ Rules:
 * Memory stays proportional to the connections watched: a connection forgotten leaves its
   scheduled look behind, which is skipped when it comes up, and dropped with the others when
   the schedule grows past twice the connections watched (plus 64).
+
+The other way round, :class:`WaitingWriters` says when to send a connection something of the
+hub's own: a relay that reads one side between its writes to the other reads nothing from
+that side while such a write waits, so the side hears nothing either, unless the hub sends it
+a heartbeat (a pong) every ``interval`` for as long as the write waits. Writes wait often for a
+moment in a fast transfer and seldom for long, so a wait costs two dictionary operations and
+the adapter's timer wakes at most once per ``interval`` for all of them.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from collections.abc import Callable
 
 from .errors import ErrorCode, LocalProtocolError
 
-__all__ = ["SilenceWatch"]
+__all__ = ["SilenceWatch", "WaitingWriters"]
 
 
 class SilenceWatch:
@@ -113,3 +120,70 @@ class SilenceWatch:
             heapq.heapify(heap)
         heapq.heappush(heap, (due, connection_id))
         return heap[0] == (due, connection_id)
+
+
+class WaitingWriters:
+    """Connections whose writes wait (for the transport, or for another send), each owed a
+    heartbeat once its wait is *interval* old and every *interval* after that, while it waits.
+
+    The adapter calls :meth:`waits` when a write starts to wait and :meth:`done` when it is
+    over, and at :meth:`next_deadline` takes :meth:`due` and sends each connection there its
+    heartbeat.
+    """
+
+    __slots__ = ("_due", "_since", "interval")
+
+    def __init__(self, interval: float) -> None:
+        if not interval > 0:
+            raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "interval must be positive")
+        self.interval = interval
+        #: When each waiting write started to wait, or got its last heartbeat.
+        self._since: dict[int, float] = {}
+        #: When :meth:`due` next has something to look at (None: nothing waits).
+        self._due: float | None = None
+
+    def __len__(self) -> int:
+        return len(self._since)
+
+    def __contains__(self, connection_id: object) -> bool:
+        return connection_id in self._since
+
+    def waits(self, connection_id: int, now: float) -> bool:
+        """A write on *connection_id* started to wait at *now*. True when the adapter's timer
+        must now wake sooner than it would have (and take :meth:`next_deadline`): only when
+        nothing else was waiting to be looked at."""
+        self._since[connection_id] = now
+        if self._due is None:
+            self._due = now + self.interval
+            return True
+        return False
+
+    def done(self, connection_id: int) -> None:
+        """The write on *connection_id* no longer waits (nothing if it did not)."""
+        self._since.pop(connection_id, None)
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`due` may next find something, if ever (it may find nothing: a write
+        that stopped waiting leaves this as it was)."""
+        return self._due
+
+    def due(self, now: float) -> list[int]:
+        """The connections owed a heartbeat at *now* (the adapter sends each one); their next
+        one is owed ``interval`` from now, if they still wait then."""
+        due = self._due
+        if due is None or now < due:
+            return []
+        found: list[int] = []
+        interval = self.interval
+        next_due = None
+        for connection_id, since in self._since.items():
+            at = since + interval
+            if at <= now:
+                found.append(connection_id)
+                at = now + interval
+            if next_due is None or at < next_due:
+                next_due = at
+        for connection_id in found:
+            self._since[connection_id] = now
+        self._due = next_due
+        return found

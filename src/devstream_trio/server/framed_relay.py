@@ -26,7 +26,7 @@ import trio
 from devstream_core.bridge import MAX_FAREWELL_SIZE, Farewell, SideHeld, StreamState
 from devstream_core.common import Role
 from devstream_core.errors import ErrorCode
-from devstream_core.silence import SilenceWatch
+from devstream_core.silence import SilenceWatch, WaitingWriters
 from devstream_core.wire import MAX_FRAMED_MESSAGE_SIZE
 
 from ..transport.websocket import ABNORMAL_CLOSURE, ConnectionClosed, WebSocket
@@ -122,7 +122,7 @@ class FramedRelays:
         self._lone: dict[int, FramedRelay] = {}
         #: The sides whose write to the other side waits, by connection: each gets a pong
         #: every WRITE_WAIT_PONG_INTERVAL, from the same schedule.
-        self._write_watch = SilenceWatch(WRITE_WAIT_PONG_INTERVAL)
+        self._waiting = WaitingWriters(WRITE_WAIT_PONG_INTERVAL)
         self._writers: dict[int, _IdleWatch] = {}
 
     def relay(self, record: StreamRecord) -> FramedRelay:
@@ -157,7 +157,7 @@ class FramedRelays:
             for deadline in (
                 self._silence.next_deadline(),
                 self._lone_watch.next_deadline(),
-                self._write_watch.next_deadline(),
+                self._waiting.next_deadline(),
             )
             if deadline is not None
         ]
@@ -170,8 +170,7 @@ class FramedRelays:
         peer is looked at again later: the send is never cut; once that send has waited
         ``WRITE_WAIT_PONG_INTERVAL``, and every interval after, the side gets a pong."""
         writers = self._writers
-        for connection_id in self._write_watch.silent(now, _never):
-            self._write_watch.watch(connection_id, since=now)
+        for connection_id in self._waiting.due(now):
             self._pong(writers[connection_id])
         lone = self._lone
         for connection_id in self._lone_watch.silent(now, _never):
@@ -191,13 +190,13 @@ class FramedRelays:
     def write_waits(self, watch: _IdleWatch) -> None:
         """*watch*'s side's write to the other side waits: pong the side while it does."""
         self._writers[watch.connection_id] = watch
-        if self._write_watch.watch(watch.connection_id, since=trio.current_time()):
-            self.endpoint.wake(self._write_watch.next_deadline())
+        if self._waiting.waits(watch.connection_id, trio.current_time()):
+            self.endpoint.wake(self._waiting.next_deadline())
 
     def write_done(self, connection_id: int) -> None:
         """The write that waited is over."""
         del self._writers[connection_id]
-        self._write_watch.forget(connection_id)
+        self._waiting.done(connection_id)
 
     def _pong(self, watch: _IdleWatch) -> None:
         """Send *watch*'s side a pong: at once on a plain socket with nothing else being sent
