@@ -203,7 +203,7 @@ class StreamState(IdentityEnum):
     #: Paired ``devstream.v1`` stream; both sides dropped and are held.
     BOTH_HELD = "both_held"
     #: Paired ``devstream.v1`` stream; one side closed normally after its last messages, the
-    #: other is attached and has not answered the close yet.
+    #: other is attached and has not answered the close yet (it has ``close_timeout`` to).
     CLOSING = "closing"
     #: Paired ``devstream.v1`` stream; one side closed normally, the other dropped before it
     #: answered and is held: its resume gets the closing side's last messages and close.
@@ -705,8 +705,9 @@ class Bridge:
 
         Raises, in this order: :class:`StreamTokenError` ``STREAM_TOKEN_INVALID``,
         ``_WRONG_STREAM``, ``_WRONG_ROLE`` (the token itself); ``DevstreamError(NOT_FOUND)``
-        when the stream has ended, or a held side's grace period is over (``now >= deadline``,
-        even before :meth:`advance`: the stream is lost); ``DevstreamError(ARGUMENT_INVALID)``
+        when the stream has ended, or a held side's grace period or (``CLOSING``) the attached
+        side's time to answer the close is over (``now >= deadline``, even before
+        :meth:`advance`: the stream is lost); ``DevstreamError(ARGUMENT_INVALID)``
         for a stream that is not ``devstream.v1``; ``STREAM_TOKEN_REUSED`` for a spent resume
         token of this stream; ``STREAM_TOKEN_INVALID`` for one of an earlier stream with the
         same id. A bad ``resume_nonce`` or a connection already attached to the stream is a
