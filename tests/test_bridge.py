@@ -16,12 +16,14 @@ from typing import Any
 import pytest
 
 from devstream_core.bridge import (
+    DEFAULT_CLOSE_TIMEOUT,
     DEFAULT_GRACE_PERIOD,
     MAX_FAREWELL_SIZE,
     TRANSITIONS,
     Bridge,
     CloseLoneSide,
     ClosePeer,
+    CloseUnanswered,
     Farewell,
     Joined,
     ResetPeer,
@@ -1497,6 +1499,7 @@ def test_hold_bookkeeping_stays_bounded() -> None:
 # -- a side that closed normally and one that has not answered ----------------------------------
 
 LAST_WORDS = (b"\x02" + b"\x00" * 3 + b"\x08" + b"\x00" * 7 + b"\x2a",)
+CLOSE_TIMEOUT = DEFAULT_CLOSE_TIMEOUT
 
 
 def close(s: V1Stream, closer: Role, *, now: float = DROP_AT, **kwargs: Any) -> list[Any]:
@@ -1511,7 +1514,8 @@ def test_a_close_waits_for_the_other_sides_answer_which_ends_the_stream(closer: 
     assert close(s, closer) == []
     assert bridge.stream_state("s1") is StreamState.CLOSING
     assert (bridge.stream_count(), bridge.paired_count(), bridge.held_count()) == (1, 1, 0)
-    assert bridge.next_deadline() is None
+    # The other side has close_timeout to answer.
+    assert bridge.next_deadline() == DROP_AT + CLOSE_TIMEOUT
     # The closed side cannot come back: only the other side is left.
     assert resume_refused(bridge, s.resume_tokens[closer], role=closer) is ErrorCode.NOT_FOUND
     assert bridge.leave(stream_id="s1", connection_id=s.conns[closer], now=DROP_AT) == []
@@ -1522,6 +1526,7 @@ def test_a_close_waits_for_the_other_sides_answer_which_ends_the_stream(closer: 
     assert answer == []
     assert bridge.stream_state("s1") is StreamState.ENDED
     assert bridge.stream_count() == 0
+    assert bridge.next_deadline() is None
 
 
 @pytest.mark.parametrize("closer", list(Role))
@@ -1543,7 +1548,8 @@ def test_a_side_lost_before_it_answers_a_close_is_held_and_resumes_to_the_last_w
     assert back.farewell == Farewell(messages=LAST_WORDS, code=1000, reason="bye")
     assert back.peer_connection_id is None and back.replaced_connection_id is None
     assert bridge.stream_state("s1") is StreamState.CLOSING
-    assert bridge.next_deadline() is None
+    # The resumed side got the close just now: its time to answer starts.
+    assert bridge.next_deadline() == DROP_AT + 2 + CLOSE_TIMEOUT
     # Lost again before it answered: held again, and its next resume gets them again.
     bridge.drop(stream_id="s1", connection_id=30, now=DROP_AT + 3)
     again = resume(bridge, back.resume_token, role=other, conn=31, now=DROP_AT + 4)
@@ -1618,6 +1624,165 @@ def test_a_close_refuses_a_non_finite_now() -> None:
     with pytest.raises(LocalProtocolError):
         close(s, Role.DEVICE, now=float("nan"))
     assert s.bridge.stream_state("s1") is StreamState.PAIRED
+
+
+# -- a side that never answers the close ------------------------------------------------------
+
+
+def unanswered(s: V1Stream, role: Role, conn: int | None = None) -> CloseUnanswered:
+    connection_id = s.conns[role] if conn is None else conn
+    return CloseUnanswered(stream_id="s1", connection_id=connection_id, role=role)
+
+
+@pytest.mark.parametrize("closer", list(Role))
+def test_a_close_left_unanswered_ends_the_stream_at_the_close_timeout(closer: Role) -> None:
+    """A side that keeps its connection without answering the other side's close holds the
+    stream (and its device's count) for ``close_timeout``, then the stream ends and the hub
+    is told to drop that side's connection."""
+    s = v1_paired()
+    bridge = s.bridge
+    other = closer.other
+    assert DEFAULT_CLOSE_TIMEOUT == 5.0
+    close(s, closer)
+    assert bridge.next_deadline() == DROP_AT + CLOSE_TIMEOUT
+    assert bridge.advance(DROP_AT + CLOSE_TIMEOUT - 0.001) == []
+    assert bridge.stream_state("s1") is StreamState.CLOSING
+    assert bridge.device_stream_count("dev") == 1
+    assert bridge.advance(DROP_AT + CLOSE_TIMEOUT) == [unanswered(s, other)]
+    assert bridge.stream_state("s1") is StreamState.ENDED
+    assert (bridge.stream_count(), bridge.paired_count(), bridge.held_count()) == (0, 0, 0)
+    assert bridge.device_stream_count("dev") == 0
+    assert bridge.next_deadline() is None
+    # Its answer, coming later, changes nothing; nor can it come back.
+    assert (
+        bridge.close(stream_id="s1", connection_id=s.conns[other], now=DROP_AT + 6, code=1000) == []
+    )
+    assert resume_refused(bridge, s.resume_tokens[other], role=other, now=DROP_AT + 6) is (
+        ErrorCode.NOT_FOUND
+    )
+    assert bridge.advance(DROP_AT + 1000) == []
+
+
+@pytest.mark.parametrize("answer", ["close", "leave", "drop then resume then close"])
+def test_an_answer_before_the_close_timeout_ends_the_stream_on_its_own(answer: str) -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    close(s, Role.SERVICE)
+    conn = s.conns[Role.DEVICE]
+    answer_by = DROP_AT + CLOSE_TIMEOUT
+    if answer == "drop then resume then close":
+        bridge.drop(stream_id="s1", connection_id=conn, now=DROP_AT + 1)
+        conn = 30
+        resume(bridge, s.resume_tokens[Role.DEVICE], role=Role.DEVICE, conn=conn, now=DROP_AT + 2)
+        answer_by = DROP_AT + 2 + CLOSE_TIMEOUT
+    assert bridge.next_deadline() == answer_by
+    just_before = answer_by - 0.001
+    assert bridge.advance(just_before) == []
+    if answer == "leave":
+        assert bridge.leave(stream_id="s1", connection_id=conn, now=just_before) == []
+    else:
+        assert bridge.close(stream_id="s1", connection_id=conn, now=just_before, code=1000) == []
+    assert bridge.stream_state("s1") is StreamState.ENDED
+    assert bridge.next_deadline() is None
+    assert bridge.advance(DROP_AT + 1000) == []
+
+
+def test_the_close_timeout_is_configurable_and_checked() -> None:
+    s = v1_paired(close_timeout=0.25)
+    close(s, Role.DEVICE)
+    assert s.bridge.next_deadline() == DROP_AT + 0.25
+    assert s.bridge.advance(DROP_AT + 0.25) == [unanswered(s, Role.SERVICE)]
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(LocalProtocolError) as info:
+            Bridge(secret=SECRET, close_timeout=bad)
+        assert info.value.code is ErrorCode.ARGUMENT_INVALID
+
+
+@pytest.mark.parametrize("closer", list(Role))
+def test_a_side_resumed_into_closing_gets_a_fresh_close_timeout(closer: Role) -> None:
+    """Held, the side has the grace period, not the close's time; once it is back (resumed
+    after a drop, or a new connection replacing one still attached) it was given the close
+    again and has ``close_timeout`` from then."""
+    s = v1_paired()
+    bridge = s.bridge
+    other = closer.other
+    close(s, closer)
+    bridge.drop(stream_id="s1", connection_id=s.conns[other], now=DROP_AT + 1)
+    assert bridge.next_deadline() == DROP_AT + 1 + GRACE
+    # The close's time no longer counts while the side is held.
+    assert bridge.advance(DROP_AT + CLOSE_TIMEOUT + 1) == []
+    assert bridge.stream_state("s1") is StreamState.CLOSING_HELD
+    back = resume(bridge, s.resume_tokens[other], role=other, conn=30, now=DROP_AT + 20)
+    assert back.farewell is not None
+    assert bridge.next_deadline() == DROP_AT + 20 + CLOSE_TIMEOUT
+    # A replace is given the close too: its time starts afresh.
+    again = resume(bridge, back.resume_token, role=other, conn=31, now=DROP_AT + 23)
+    assert again.replaced_connection_id == 30 and again.farewell == back.farewell
+    assert bridge.next_deadline() == DROP_AT + 23 + CLOSE_TIMEOUT
+    assert bridge.advance(DROP_AT + 23 + CLOSE_TIMEOUT - 0.001) == []
+    assert bridge.stream_state("s1") is StreamState.CLOSING
+    assert bridge.advance(DROP_AT + 23 + CLOSE_TIMEOUT) == [unanswered(s, other, 31)]
+    assert bridge.stream_state("s1") is StreamState.ENDED
+
+
+def test_a_side_held_when_the_other_closes_has_its_grace_period_then_the_close_timeout() -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    bridge.drop(stream_id="s1", connection_id=s.conns[Role.SERVICE], now=DROP_AT)
+    close(s, Role.DEVICE, now=DROP_AT + 1)
+    assert bridge.next_deadline() == DEADLINE
+    assert bridge.advance(DEADLINE - 0.001) == []
+    back = resume(
+        bridge, s.resume_tokens[Role.SERVICE], role=Role.SERVICE, conn=30, now=DEADLINE - 1
+    )
+    assert back.farewell is not None
+    assert bridge.next_deadline() == DEADLINE - 1 + CLOSE_TIMEOUT
+    assert bridge.advance(DEADLINE - 1 + CLOSE_TIMEOUT) == [unanswered(s, Role.SERVICE, 30)]
+
+
+def test_no_new_connection_once_the_time_to_answer_is_over() -> None:
+    """As with a hold: at the deadline the stream is lost, whether the timer ran or not."""
+    s = v1_paired()
+    close(s, Role.DEVICE)
+    token = s.resume_tokens[Role.SERVICE]
+    at = DROP_AT + CLOSE_TIMEOUT
+    assert resume_refused(s.bridge, token, role=Role.SERVICE, now=at) is ErrorCode.NOT_FOUND
+    assert resume(s.bridge, token, role=Role.SERVICE, conn=30, now=at - 0.001).farewell
+    assert s.bridge.next_deadline() == at - 0.001 + CLOSE_TIMEOUT
+
+
+def test_advance_orders_closes_holds_and_token_expiries_by_deadline() -> None:
+    bridge = Bridge(secret=SECRET, grace_period=30.0, close_timeout=10.0)
+    tokens = {name: create(bridge, name, mode=V1) for name in ("a", "b", "d")}
+    for name in ("a", "b", "d"):
+        join(bridge, tokens[name][Role.DEVICE], role=Role.DEVICE, conn=ord(name), stream_id=name)
+        join(bridge, tokens[name][Role.SERVICE], role=Role.SERVICE, conn=-ord(name), stream_id=name)
+    create(bridge, "c", now=NOW + 15)  # tokens expire at NOW + 75
+    bridge.drop(stream_id="a", connection_id=ord("a"), now=NOW + 50)  # held until NOW + 80
+    bridge.close(stream_id="b", connection_id=-ord("b"), now=NOW + 60, code=1000)  # NOW + 70
+    bridge.close(stream_id="d", connection_id=ord("d"), now=NOW + 65, code=1000)  # NOW + 75
+    assert bridge.next_deadline() == NOW + 70
+    assert bridge.advance(NOW + 100) == [
+        CloseUnanswered(stream_id="b", connection_id=ord("b"), role=Role.DEVICE),
+        StreamExpired(stream_id="c"),
+        CloseUnanswered(stream_id="d", connection_id=-ord("d"), role=Role.SERVICE),
+        ResetPeer(stream_id="a", connection_id=-ord("a"), code=ErrorCode.PEER_LOST),
+    ]
+    assert bridge.stream_count() == 0
+
+
+def test_close_bookkeeping_stays_bounded() -> None:
+    s = v1_paired()
+    bridge = s.bridge
+    close(s, Role.DEVICE)
+    token = s.resume_tokens[Role.SERVICE]
+    for i in range(300):
+        now = DROP_AT + i
+        token = resume(bridge, token, role=Role.SERVICE, conn=100 + i, now=now).resume_token
+        assert bridge.table_sizes()["closings"] <= 2 * bridge.stream_count() + 65
+    assert bridge.next_deadline() == DROP_AT + 299 + CLOSE_TIMEOUT
+    assert bridge.leave(stream_id="s1", connection_id=399, now=DROP_AT + 300) == []
+    assert bridge.next_deadline() is None
 
 
 # -- the state table, walked pair by pair -------------------------------------------------------

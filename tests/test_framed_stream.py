@@ -8,9 +8,12 @@ around every connection, so a test decides which WebSocket drops and when.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
+import logging
 import math
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ import pytest
 import trio
 import trio.testing
 
+from devstream_core import control
 from devstream_core.bridge import StreamState
 from devstream_core.common import Role
 from devstream_core.errors import ErrorCode
@@ -49,7 +53,7 @@ from devstream_trio.server.hub import Hub, HubConfig, ensure_owner_policy, load_
 from devstream_trio.server.store import RegistryStore
 from devstream_trio.transport.connect import HubAddress
 from devstream_trio.transport.http import HttpStatusError, http_request, websocket_connect
-from devstream_trio.transport.websocket import WebSocket
+from devstream_trio.transport.websocket import ConnectionClosed, WebSocket
 
 from ._helpers import until_closed
 from .conftest import PUBLIC_URL, HubEnv, random_payload
@@ -1564,4 +1568,143 @@ async def test_a_side_cut_during_the_close_that_never_comes_back_ends_at_the_gra
         assert env.hub.bridge.stream_count() == 0
         assert env.hub.streaming.framed_sides(stream_id) == {}
         assert (await metrics(env))["devstream_streams_open"] == 0
+    await env.store.aclose()
+
+
+# -- a side that never answers the close -------------------------------------------------------
+
+
+async def control_channel(env: HubEnv, device_id: str) -> WebSocket:
+    """A device's control channel, made by hand, registered for ``echo``."""
+    cs = await env.create_device(device_id)
+    channel = await websocket_connect(
+        await env.open(HUB),
+        host=HUB.host_header,
+        target=f"/devices/{device_id}/streams",
+        headers=[("authorization", cs.sas_token(expiry=int(time.time()) + 3600))],
+        subprotocols=[control.CONTROL_SUBPROTOCOL],
+    )
+    await channel.send_text(control.encode_message(control.Register(names=("echo",))))
+    registered = control.decode_message(await channel.receive_message(1 << 16))
+    assert isinstance(registered, control.Registered)
+    return channel
+
+
+@dataclass
+class PlainPair:
+    """Both sides of one devstream.v1 stream as plain WebSockets (no devstream client: the
+    hub relays whole messages without reading them), and the service side's transport."""
+
+    stream_id: str
+    device: WebSocket
+    service: WebSocket
+    service_transport: trio.abc.Stream
+
+
+async def plain_pair(env: HubEnv, channel: WebSocket) -> PlainPair:
+    answers: list[tuple[str, str]] = []
+
+    async def ask() -> None:
+        answers.append(await initiate(env, [("devstream-stream-mode", "devstream.v1")]))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        request = control.decode_message(await channel.receive_message(1 << 16))
+        assert isinstance(request, control.StreamRequest)
+        await channel.send_text(control.encode_message(request.accept()))
+    ((url, token),) = answers
+    device = await connect(env, request.url, request.token, ["devstream.v1"])
+    parts = urllib.parse.urlsplit(url)
+    transport = await env.open(HubAddress.from_url(url))
+    service = await websocket_connect(
+        transport,
+        host=HUB.host_header,
+        target=f"{parts.path}?{parts.query}",
+        headers=[("authorization", f"Bearer {token}")],
+        subprotocols=["devstream.v1"],
+    )
+    return PlainPair(parts.path.rsplit("/", 1)[-1], device, service, transport)
+
+
+def logged(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", "") == event]
+
+
+async def test_a_side_that_never_answers_a_close_is_dropped_after_close_timeout(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The device's side closes normally after a last message; the service's side keeps its
+    connection up (a ping every second) and never reads, so never answers the close. The
+    hub gives it ``close_timeout`` from the close, then aborts its connection (it was sent
+    everything, the close last) and forgets the stream: the device's one stream slot
+    (``max_streams_per_device=1``) is free for the next stream, which works."""
+    caplog.set_level(logging.INFO, logger="devstream")
+    close_timeout = 3.0
+    env = await env_with(nursery, HubConfig(close_timeout=close_timeout, max_streams_per_device=1))
+    with trio.fail_after(TIMEOUT):
+        channel = await control_channel(env, "d1")
+        pair = await plain_pair(env, channel)
+        received = bytearray()
+        cut = trio.Event()
+        cut_at: list[float] = []
+
+        async def read_below_the_websocket() -> None:
+            # Reads the transport, never the WebSocket: nothing answers the hub's close.
+            while chunk := await pair.service_transport.receive_some():
+                received.extend(chunk)
+            cut_at.append(trio.current_time())
+            cut.set()
+
+        async def keep_pinging() -> None:
+            with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError):
+                while not cut.is_set():
+                    await pair.service.ping()
+                    await trio.sleep(1)
+
+        nursery.start_soon(read_below_the_websocket)
+        nursery.start_soon(keep_pinging)
+        await trio.sleep(2)
+        await pair.device.send_bytes(b"last")
+        closed_at = trio.current_time()
+        await pair.device.aclose()  # the hub answers it at once
+        assert trio.current_time() == closed_at
+        with trio.move_on_after(close_timeout + 2):
+            await cut.wait()
+        assert cut.is_set(), "the hub kept the side that never answered the close"
+        took = cut_at[0] - closed_at
+        assert close_timeout <= took <= close_timeout + 0.01, took
+        # Sent everything: the device's last message, then its close, and nothing after.
+        assert b"\x82\x04last" in received
+        assert received.endswith(b"\x88\x02\x03\xe8")
+        await trio.testing.wait_all_tasks_blocked()  # the hub's task lets the stream go
+        assert trio.current_time() == cut_at[0]
+        hub = env.hub
+        assert hub.bridge.stream_state(pair.stream_id) is StreamState.ENDED
+        assert hub.bridge.stream_count() == 0
+        assert hub.streaming.framed_sides(pair.stream_id) == {}
+        listed = await env.service().list_streams()
+        assert [s["streamId"] for s in listed["streams"]] == []
+        (dropped,) = logged(caplog, "stream_close_unanswered")
+        assert dropped.levelno == logging.INFO
+        assert dropped.getMessage() == (
+            f"stream {pair.stream_id}: the service did not answer the close within 3 s; "
+            "dropping its connection"
+        )
+        (ended,) = logged(caplog, "stream_ended")
+        assert (ended.end, ended.by, ended.code) == ("closed", "device", 1000)  # type: ignore[attr-defined]
+
+        # The device's slot is free: the next stream works, and ends at once when answered.
+        again = await plain_pair(env, channel)
+        await again.device.send_bytes(b"again")
+        assert await again.service.receive_message(100) == b"again"
+        closed_at = trio.current_time()
+        await again.device.aclose()
+        with pytest.raises(ConnectionClosed) as info:
+            await again.service.receive_message(100)
+        assert info.value.code == 1000
+        while hub.bridge.stream_count():
+            await trio.sleep(0.001)
+        assert trio.current_time() - closed_at <= 0.01
+        await again.service.aclose()
+        await channel.aclose()
     await env.store.aclose()

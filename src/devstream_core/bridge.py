@@ -5,8 +5,8 @@ What the bridge knows: every stream the hub created and not yet ended, which of 
 (dropped, within their grace period), when its tokens and holds expire, the nonces of stream
 tokens already used, and the resume tokens it issued. It does not relay bytes, parse frames or
 own a clock: every input takes ``now``, and the earliest deadline (a token expiry of an
-unpaired stream, or the end of a hold) goes out as data through :meth:`Bridge.next_deadline`,
-answered by :meth:`Bridge.advance`.
+unpaired stream, the end of a hold, or the end of a side's time to answer a close) goes out as
+data through :meth:`Bridge.next_deadline`, answered by :meth:`Bridge.advance`.
 
 A stream's life, with its legal transitions in :data:`TRANSITIONS`::
 
@@ -22,7 +22,7 @@ A stream's life, with its legal transitions in :data:`TRANSITIONS`::
     PAIRED --close--> CLOSING     CLOSING_HELD <--close-- HELD
                        <-resume-
                           |             |
-                        leave         expire
+                    leave, expire     expire
                           v             v
                         ENDED         ENDED
 
@@ -35,7 +35,9 @@ passed them and the close on to the other side (or, that side being held, could 
 stream waits in ``CLOSING`` for the other side's answer. A side that loses its connection
 before it answers is held like any dropped side (``CLOSING_HELD``), and its resume gets the
 closing side's last messages and close (:attr:`Resumed.farewell`) before anything else: it
-learns that its peer got everything, and ends cleanly.
+learns that its peer got everything, and ends cleanly. An attached side has ``close_timeout``
+to answer (``expire`` from ``CLOSING``): a side that keeps its connection up without ever
+answering would otherwise hold the stream, and its device's count, for as long as it likes.
 
 ``drop`` and ``resume`` exist only for ``devstream.v1`` streams: a paired side whose WebSocket
 ended without a close is *held* for ``grace_period`` seconds while its peer stays attached, and
@@ -48,7 +50,8 @@ Rules:
   :meth:`Bridge.create_stream` (rounded down to the millisecond, see
   :func:`~devstream_core.tokens.stream_token_expiry`). A stream that is not paired by then
   ends; a lone side is closed with ``PEER_NEVER_CONNECTED``. A paired stream lives until a side
-  leaves (or, for ``devstream.v1``, until a held side's grace period ends).
+  leaves (or, for ``devstream.v1``, until a held side's grace period ends, or a side's time to
+  answer the other side's close).
 * A stream token is accepted at most once. Its nonce is remembered until the token's own
   expiry, even after its stream ended, so a second use is refused as ``STREAM_TOKEN_REUSED``;
   past the expiry it is refused as ``STREAM_TOKEN_EXPIRED`` anyway.
@@ -92,6 +95,15 @@ Rules:
   ``MAX_FAREWELL_SIZE`` bytes of them, the newest kept; and its close) and waits for the other
   side. The other side's ``leave`` or ``close`` ends it; its ``drop`` holds it (the deadline
   of a side already held stays). The side that closed cannot resume (``NOT_FOUND``).
+* In ``CLOSING`` the attached side has until ``answer_by = now + close_timeout`` to answer,
+  ``now`` being when its current connection was given the close: the close itself, or the
+  resume (from ``CLOSING_HELD``) or replace that hands it the closing side's last messages
+  and close (:attr:`Resumed.farewell`), which starts the time afresh. A drop stops the time
+  (``CLOSING_HELD`` has the grace deadline instead). From ``now >= answer_by`` the side
+  cannot replace its connection (``NOT_FOUND``), and :meth:`Bridge.advance` ends the stream
+  with :class:`CloseUnanswered` for the attached side, which had the close already and is
+  owed nothing more: drop its connection. Nothing is lost by it: the closing side closed
+  normally, its stream done.
 * A device has at most ``max_streams_per_device`` live streams (waiting, half, paired or held):
   creating one more raises ``DevstreamError(THROTTLED)`` with a message that names the limit.
   A stream leaves the count when it ends; the capacity is back at once.
@@ -129,6 +141,7 @@ from .tokens import (
 )
 
 __all__ = [
+    "DEFAULT_CLOSE_TIMEOUT",
     "DEFAULT_GRACE_PERIOD",
     "DEFAULT_MAX_STREAMS_PER_DEVICE",
     "MAX_FAREWELL_SIZE",
@@ -140,6 +153,7 @@ __all__ = [
     "BridgeEvent",
     "CloseLoneSide",
     "ClosePeer",
+    "CloseUnanswered",
     "Farewell",
     "Joined",
     "ResetPeer",
@@ -158,6 +172,9 @@ STREAM_MODES = frozenset({MODE_RAW, MODE_FRAMED})
 RESUMABLE_MODE = MODE_FRAMED
 #: How long a dropped ``devstream.v1`` side is held for its resume, in seconds.
 DEFAULT_GRACE_PERIOD = 30.0
+#: How long an attached ``devstream.v1`` side has to answer the other side's normal close,
+#: in seconds (the hub's ``close_timeout``).
+DEFAULT_CLOSE_TIMEOUT = 5.0
 #: The most live streams (waiting, half, paired or held) one device may have.
 DEFAULT_MAX_STREAMS_PER_DEVICE = 1000
 #: The WebSocket close code of a normal close: the one close whose side's last words are kept.
@@ -186,7 +203,7 @@ class StreamState(IdentityEnum):
     #: Paired ``devstream.v1`` stream; both sides dropped and are held.
     BOTH_HELD = "both_held"
     #: Paired ``devstream.v1`` stream; one side closed normally after its last messages, the
-    #: other is attached and has not answered the close yet.
+    #: other is attached and has not answered the close yet (it has ``close_timeout`` to).
     CLOSING = "closing"
     #: Paired ``devstream.v1`` stream; one side closed normally, the other dropped before it
     #: answered and is held: its resume gets the closing side's last messages and close.
@@ -202,7 +219,8 @@ class StreamInput(IdentityEnum):
     JOIN = "join"
     #: An attached side closed (or dropped on a stream that cannot hold it).
     LEAVE = "leave"
-    #: The tokens of an unpaired stream, or a held side's grace period, ran out.
+    #: The tokens of an unpaired stream, a held side's grace period, or an attached side's time
+    #: to answer the other side's close ran out.
     EXPIRE = "expire"
     #: An attached side of a paired ``devstream.v1`` stream dropped without a close.
     DROP = "drop"
@@ -245,6 +263,7 @@ TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
     (StreamState.CLOSING, StreamInput.DROP): StreamState.CLOSING_HELD,
     (StreamState.CLOSING, StreamInput.REPLACE): StreamState.CLOSING,
     (StreamState.CLOSING, StreamInput.REVOKE): StreamState.ENDED,
+    (StreamState.CLOSING, StreamInput.EXPIRE): StreamState.ENDED,
     (StreamState.CLOSING_HELD, StreamInput.RESUME): StreamState.CLOSING,
     (StreamState.CLOSING_HELD, StreamInput.EXPIRE): StreamState.ENDED,
     (StreamState.CLOSING_HELD, StreamInput.REVOKE): StreamState.ENDED,
@@ -382,7 +401,27 @@ class StreamRevoked:
     code: ErrorCode
 
 
-BridgeEvent = ClosePeer | CloseLoneSide | StreamExpired | SideHeld | ResetPeer | StreamRevoked
+@dataclass(frozen=True, kw_only=True)
+class CloseUnanswered:
+    """Side ``role`` of ``devstream.v1`` stream ``stream_id``, attached on ``connection_id``,
+    did not answer the other side's normal close within ``close_timeout``. It was sent that
+    close (and the messages before it) already and is owed nothing more: drop its connection.
+    The stream has ended; it ended normally, by the other side's close."""
+
+    stream_id: str
+    connection_id: int
+    role: Role
+
+
+BridgeEvent = (
+    ClosePeer
+    | CloseLoneSide
+    | StreamExpired
+    | SideHeld
+    | ResetPeer
+    | StreamRevoked
+    | CloseUnanswered
+)
 
 
 @dataclass(kw_only=True)
@@ -408,6 +447,8 @@ class _Stream:
     spent_resume_nonces: set[str] = field(default_factory=set)
     #: What the side that closed normally last sent (CLOSING, CLOSING_HELD).
     farewell: Farewell | None = None
+    #: CLOSING: when the attached side's time to answer the close ends (None otherwise).
+    answer_by: float | None = None
 
 
 def _check_now(now: float) -> None:
@@ -421,7 +462,8 @@ class Bridge:
     ``secret`` is the hub secret the tokens are signed with. ``max_streams`` caps the live
     streams, ``max_streams_per_device`` those of one device; creating one more raises
     ``DevstreamError(THROTTLED)``. ``grace_period`` is how long a dropped ``devstream.v1``
-    side is held for its resume.
+    side is held for its resume; ``close_timeout`` how long an attached one has to answer the
+    other side's normal close (the hub's own close timeout).
     """
 
     def __init__(
@@ -432,10 +474,15 @@ class Bridge:
         max_streams: int = 100_000,
         grace_period: float = DEFAULT_GRACE_PERIOD,
         max_streams_per_device: int = DEFAULT_MAX_STREAMS_PER_DEVICE,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
         if not isinstance(secret, bytes) or not secret:
             raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "the hub secret is empty")
-        for name, value in (("token lifetime", token_lifetime), ("grace period", grace_period)):
+        for name, value in (
+            ("token lifetime", token_lifetime),
+            ("grace period", grace_period),
+            ("close timeout", close_timeout),
+        ):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, f"{name} must be > 0")
         for name, limit in (
@@ -447,6 +494,7 @@ class Bridge:
         self._secret = secret
         self._lifetime = float(token_lifetime)
         self._grace = float(grace_period)
+        self._close_timeout = float(close_timeout)
         self._max_streams = max_streams
         self._max_per_device = max_streams_per_device
         self._streams: dict[str, _Stream] = {}
@@ -459,6 +507,8 @@ class Bridge:
         self._expiries: list[tuple[float, int, str]] = []
         #: (deadline, serial, stream id, role value) of every hold; stale entries are skipped.
         self._holds: list[tuple[float, int, str, str]] = []
+        #: (answer_by, serial, stream id) of every CLOSING stream; stale entries are skipped.
+        self._closings: list[tuple[float, int, str]] = []
         #: nonce -> the used token's expiry, and the same as a heap for purging.
         self._used: dict[str, float] = {}
         self._used_expiries: list[tuple[float, str]] = []
@@ -655,8 +705,9 @@ class Bridge:
 
         Raises, in this order: :class:`StreamTokenError` ``STREAM_TOKEN_INVALID``,
         ``_WRONG_STREAM``, ``_WRONG_ROLE`` (the token itself); ``DevstreamError(NOT_FOUND)``
-        when the stream has ended, or a held side's grace period is over (``now >= deadline``,
-        even before :meth:`advance`: the stream is lost); ``DevstreamError(ARGUMENT_INVALID)``
+        when the stream has ended, or a held side's grace period or (``CLOSING``) the attached
+        side's time to answer the close is over (``now >= deadline``, even before
+        :meth:`advance`: the stream is lost); ``DevstreamError(ARGUMENT_INVALID)``
         for a stream that is not ``devstream.v1``; ``STREAM_TOKEN_REUSED`` for a spent resume
         token of this stream; ``STREAM_TOKEN_INVALID`` for one of an earlier stream with the
         same id. A bad ``resume_nonce`` or a connection already attached to the stream is a
@@ -666,7 +717,11 @@ class Bridge:
             token, secret=self._secret, stream_id=stream_id, role=role, now=now
         )
         stream = self._streams.get(stream_id)
-        if stream is None or any(deadline <= now for deadline in stream.held.values()):
+        if (
+            stream is None
+            or any(deadline <= now for deadline in stream.held.values())
+            or (stream.answer_by is not None and stream.answer_by <= now)
+        ):
             raise DevstreamError(ErrorCode.NOT_FOUND, "stream closed")
         if stream.mode != RESUMABLE_MODE:
             raise DevstreamError(ErrorCode.ARGUMENT_INVALID, "this stream cannot be resumed")
@@ -700,6 +755,9 @@ class Bridge:
             stream.spent_resume_nonces.add(retired)
         stream.previous[claims.role] = (claims.nonce, connection_id)
         stream.resume_nonces[claims.role] = b64url(resume_nonce)
+        if stream.state is StreamState.CLOSING:
+            # The new connection gets the close (Resumed.farewell): its time to answer starts.
+            self._start_answer(stream, now)
         return Resumed(
             stream_id=stream_id,
             role=claims.role,
@@ -766,8 +824,9 @@ class Bridge:
 
         An attached side of a paired ``devstream.v1`` stream (``PAIRED``, or ``HELD`` with
         the other side held) closing with 1000: the stream is not over until the other side
-        answers (``CLOSING``) or, held, comes back for the messages and the close
-        (``CLOSING_HELD``; see :attr:`Resumed.farewell`), or its grace period ends. At most
+        answers (``CLOSING``; or fails to within ``close_timeout``, see :meth:`advance`) or,
+        held, comes back for the messages and the close (``CLOSING_HELD``; see
+        :attr:`Resumed.farewell`), or its grace period ends. At most
         ``MAX_FAREWELL_SIZE`` bytes of ``messages`` are kept: the newest whole messages that
         fit. Returns ``[]``. Anything else (another code, a raw or unpaired stream, the other
         side's answer to a close, an unknown stream or connection) is exactly :meth:`leave`.
@@ -795,6 +854,8 @@ class Bridge:
         del stream.sides[role]
         stream.previous.pop(role, None)
         stream.farewell = Farewell(messages=tuple(kept), code=code, reason=reason)
+        if not stream.held:  # CLOSING: the other side is attached and was sent the close
+            self._start_answer(stream, now)
         return []
 
     def cancel(self, *, stream_id: str, now: float) -> list[BridgeEvent]:
@@ -831,6 +892,7 @@ class Bridge:
         self._move(stream, StreamInput.DROP)
         del stream.sides[role]
         stream.held[role] = deadline
+        stream.answer_by = None  # CLOSING_HELD: the grace deadline instead
         heapq.heappush(self._holds, (deadline, stream.serial, stream_id, role.value))
         self._compact()
         return [
@@ -863,36 +925,47 @@ class Bridge:
     # -- time ------------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        """When the next thing is due: the earliest token expiry of an unpaired stream or end
-        of a hold; None when nothing waits."""
+        """When the next thing is due: the earliest token expiry of an unpaired stream, end
+        of a hold, or end of a side's time to answer a close; None when nothing waits."""
         self._drop_stale_heads()
-        heads = [heap[0][0] for heap in (self._expiries, self._holds) if heap]
+        heads = [
+            *(entry[0] for entry in self._expiries[:1]),
+            *(entry[0] for entry in self._holds[:1]),
+            *(entry[0] for entry in self._closings[:1]),
+        ]
         return min(heads) if heads else None
 
     def advance(self, now: float) -> list[BridgeEvent]:
-        """Time is ``now``: end every stream whose tokens or hold expired (``<= now``).
+        """Time is ``now``: end every stream whose tokens, hold or time to answer a close
+        expired (``<= now``).
 
         An unpaired stream with one side in gives :class:`CloseLoneSide`
         (``PEER_NEVER_CONNECTED``); one with no side gives :class:`StreamExpired`. A stream
         whose held side was not resumed in time gives :class:`ResetPeer` (``PEER_LOST``) for
-        its attached side, or :class:`StreamExpired` when both sides are held. Events come
-        earliest deadline first. Used nonces past their expiry are forgotten.
+        its attached side, or :class:`StreamExpired` when both sides are held. A ``CLOSING``
+        stream whose attached side did not answer in time gives :class:`CloseUnanswered`.
+        Events come earliest deadline first (on a tie: token expiries, holds, closes). Used
+        nonces past their expiry are forgotten.
         """
         _check_now(now)
         events: list[BridgeEvent] = []
         while True:
             self._drop_stale_heads()
-            due = [heap for heap in (self._expiries, self._holds) if heap and heap[0][0] <= now]
-            if not due:
+            expiry = self._expiries[0][0] if self._expiries else math.inf
+            hold = self._holds[0][0] if self._holds else math.inf
+            closing = self._closings[0][0] if self._closings else math.inf
+            first = min(expiry, hold, closing)
+            if first > now:
                 break
-            if len(due) == 2 and self._holds[0][0] < self._expiries[0][0]:
-                due.reverse()
-            if due[0] is self._expiries:
+            if expiry == first:
                 _, _, stream_id = heapq.heappop(self._expiries)
                 events.append(self._expire_tokens(self._streams[stream_id]))
-            else:
+            elif hold == first:
                 _, _, stream_id, _ = heapq.heappop(self._holds)
                 events.append(self._expire_hold(self._streams[stream_id]))
+            else:
+                _, _, stream_id = heapq.heappop(self._closings)
+                events.append(self._expire_answer(self._streams[stream_id]))
         self._purge_used(now)
         return events
 
@@ -939,11 +1012,13 @@ class Bridge:
 
     def table_sizes(self) -> dict[str, int]:
         """For observability (memory accounting, tests): the entries the bridge's bookkeeping
-        holds: ``expiries`` and ``holds`` (timer entries, stale ones included until they
-        surface) and ``used_nonces`` (spent stream tokens, remembered until they expire)."""
+        holds: ``expiries``, ``holds`` and ``closings`` (timer entries, stale ones included
+        until they surface) and ``used_nonces`` (spent stream tokens, remembered until they
+        expire)."""
         return {
             "expiries": len(self._expiries),
             "holds": len(self._holds),
+            "closings": len(self._closings),
             "used_nonces": len(self._used),
         }
 
@@ -1010,6 +1085,19 @@ class Bridge:
             stream_id=stream.stream_id, connection_id=connection_id, code=ErrorCode.PEER_LOST
         )
 
+    def _start_answer(self, stream: _Stream, now: float) -> None:
+        """The attached side of CLOSING *stream* was given the close at *now*: its time to
+        answer starts afresh."""
+        stream.answer_by = answer_by = now + self._close_timeout
+        heapq.heappush(self._closings, (answer_by, stream.serial, stream.stream_id))
+        self._compact()
+
+    def _expire_answer(self, stream: _Stream) -> BridgeEvent:
+        self._move(stream, StreamInput.EXPIRE)
+        self._end(stream)
+        ((role, connection_id),) = stream.sides.items()
+        return CloseUnanswered(stream_id=stream.stream_id, connection_id=connection_id, role=role)
+
     def _purge_used(self, now: float) -> None:
         while self._used_expiries and self._used_expiries[0][0] <= now:
             _, nonce = heapq.heappop(self._used_expiries)
@@ -1028,11 +1116,17 @@ class Bridge:
             or stream.held.get(Role(role_value)) != deadline
         )
 
+    def _is_stale_closing(self, entry: tuple[float, int, str]) -> bool:
+        stream = self._streams.get(entry[2])
+        return stream is None or stream.serial != entry[1] or stream.answer_by != entry[0]
+
     def _drop_stale_heads(self) -> None:
         while self._expiries and self._is_stale(self._expiries[0]):
             heapq.heappop(self._expiries)
         while self._holds and self._is_stale_hold(self._holds[0]):
             heapq.heappop(self._holds)
+        while self._closings and self._is_stale_closing(self._closings[0]):
+            heapq.heappop(self._closings)
 
     def _compact(self) -> None:
         # Lazy deletion leaves entries of paired and ended streams behind; rebuild a heap when
@@ -1043,3 +1137,6 @@ class Bridge:
         if len(self._holds) > 2 * len(self._streams) + 64:
             self._holds = [entry for entry in self._holds if not self._is_stale_hold(entry)]
             heapq.heapify(self._holds)
+        if len(self._closings) > 2 * len(self._streams) + 64:
+            self._closings = [e for e in self._closings if not self._is_stale_closing(e)]
+            heapq.heapify(self._closings)

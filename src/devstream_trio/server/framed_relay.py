@@ -7,7 +7,9 @@ A side's normal close (1000) goes to the other side, with the messages that came
 one write. The bridge keeps the side's latest messages (when small) and the close
 (``Bridge.close``) until the other side answers. When that side's connection is lost first,
 it is held, and its resume gets them again before anything else (``Resumed.farewell``): it
-learns that its peer got everything.
+learns that its peer got everything. A side that stays connected without answering the close
+is dropped once the bridge says its time is over (``CloseUnanswered``, ``close_timeout``
+after it was given the close): it was sent everything, so its connection is aborted.
 
 A side's task reads it between its writes to the other side: while such a write waits (a slow
 link to the other side), the side's pings wait too. So that the side still hears from the hub,
@@ -74,6 +76,9 @@ class FramedRelay:
     ended: bool = False
     #: Why the hub ends the stream on its own (a peer that never came back, never came).
     end_code: ErrorCode | None = None
+    #: The bridge ended the stream because the side left did not answer its peer's close in
+    #: time: that side's connection, sent everything already, is aborted.
+    unanswered: bool = False
 
 
 @dataclass(slots=True)
@@ -142,6 +147,25 @@ class FramedRelays:
             relay.end_code = code
             for scope in relay.scopes.values():
                 scope.cancel()
+
+    def drop_unanswered(self, stream_id: str, role: Role) -> None:
+        """Side *role* of devstream.v1 stream *stream_id* did not answer its peer's close
+        within ``close_timeout`` (the bridge ended the stream): abort its connection, which
+        was sent the close already and is owed nothing more."""
+        relay = self.relays.get(stream_id)
+        if relay is None:
+            return
+        log.info(
+            "stream %s: the %s did not answer the close within %g s; dropping its connection",
+            stream_id,
+            role.value,
+            self.close_timeout,
+            extra={"event": "stream_close_unanswered", "stream_id": stream_id, "role": role.value},
+        )
+        relay.ended = True
+        relay.unanswered = True
+        for scope in relay.scopes.values():
+            scope.cancel()
 
     def forget(self, stream_id: str) -> None:
         """Stream *stream_id* ended with no side attached (its holds ran out): let its relay
@@ -236,6 +260,8 @@ class FramedRelays:
         # One scope for the side: a resume that replaces it, the stream's end and the side's
         # silence (the idle watch's ``fired``) all cancel it.
         scope = relay.scopes[connection_id] = trio.CancelScope()
+        if relay.unanswered:
+            scope.cancel()  # a resume whose time to answer the close ran out before it got here
         dropped = False
         closed: ConnectionClosed | None = None
         watch: _IdleWatch | None = None
@@ -345,7 +371,10 @@ class FramedRelays:
             # Replaced by a resume: the new connection carries on.
             await ws.abort()
             return
-        if relay.end_code is not None:
+        if relay.unanswered:
+            # Sent the close, it never answered; the bridge has ended the stream.
+            await ws.abort()
+        elif relay.end_code is not None:
             # The hub ends the stream: the peer never came (back).
             self.endpoint.leave(relay.stream_id, connection_id)
             await close_with(ws, relay.end_code, self.close_timeout, reset=relay.paired.is_set())

@@ -171,6 +171,7 @@ class Hub:
         self.bridge = Bridge(
             secret=secret,
             grace_period=self.config.grace_period,
+            close_timeout=self.config.close_timeout,
             max_streams_per_device=self.config.max_streams_per_device,
         )
         self.limits = ConnectionLimits(

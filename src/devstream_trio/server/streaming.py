@@ -21,7 +21,10 @@ Two relays, chosen by the stream's mode at initiation:
   send the waiting side a ``Reset`` frame (504902) and close it with 4504. A side's close
   1000 is passed on, and the stream kept until the other side answers it: a side lost
   before it answers is held, and its resume gets the closing side's last messages and close
-  (``Bridge.close``).
+  (``Bridge.close``). A side that stays connected without answering the close gets
+  ``close_timeout``, from when it was given the close (the close, or its resume), then the
+  hub drops its connection (``CloseUnanswered``): the stream ended normally, by the closing
+  side, and is recorded so.
 
 When the hub revokes a device (disabled or deleted), the bridge ends its streams at once:
 each attached side of a devstream.v1 stream gets a ``Reset`` frame and a close with the code
@@ -45,9 +48,11 @@ from collections.abc import Callable
 import trio
 
 from devstream_core.bridge import (
+    NORMAL_CLOSURE,
     Bridge,
     BridgeEvent,
     CloseLoneSide,
+    CloseUnanswered,
     ResetPeer,
     StreamExpired,
     StreamRevoked,
@@ -69,7 +74,7 @@ from .framed_relay import (
     WRITE_WAIT_PONG_INTERVAL,
     FramedRelays,
 )
-from .ledger import END_RESET, END_TIMEOUT, END_VANISHED, StreamLedger
+from .ledger import END_CLOSED, END_RESET, END_TIMEOUT, END_VANISHED, StreamLedger
 from .metrics import Metrics
 from .raw_relay import RawRelays
 
@@ -127,6 +132,15 @@ class StreamingEndpoint:
         """Act on what ``Bridge.advance`` (or ``revoke_device``, ``cancel``) returned."""
         records = self.ledger.records
         for event in events:
+            if isinstance(event, CloseUnanswered):
+                record = records.get(event.stream_id)
+                if record is not None:
+                    # Everything the closing side sent was passed on with its close: the
+                    # stream ended normally, by that side (noted at its close already).
+                    record.note_end(END_CLOSED, event.role.other.value, NORMAL_CLOSURE)
+                self._framed.drop_unanswered(event.stream_id, event.role)
+                self.settle(event.stream_id)
+                continue
             if not isinstance(event, (CloseLoneSide, ResetPeer, StreamRevoked, StreamExpired)):
                 continue
             record = records.get(event.stream_id)
