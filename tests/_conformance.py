@@ -62,6 +62,9 @@ class _Connection:
         #: Set when the network under this connection goes silent: nothing more is passed on,
         #: either way (what comes is swallowed), and neither end hears of it.
         self.silent = False
+        #: When set, the hub's bytes go on to the client at this many bytes a second (a slow
+        #: link): the tap reads them from the hub only as fast, so the hub's writes wait.
+        self.rate: float | None = None
         self.to_hub = _Frames(self._request_head, self._from_device)
         self.to_device = _Frames(self._answer_head, self._from_hub)
 
@@ -182,11 +185,23 @@ class Tap:
         nursery: trio.Nursery,
         seen: _Connection,
         tap: Callable[[bytes], None],
+        *,
+        toward_client: bool = False,
     ) -> None:
+        carried, since = 0, 0.0
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            while data := await source.receive_some(256 * 1024):
+            while data := await source.receive_some(
+                2048 if toward_client and seen.rate is not None else 256 * 1024
+            ):
                 if seen.silent:
                     continue
+                if toward_client and seen.rate is not None:
+                    # No sooner than the slow link would have carried them, a little at a
+                    # time: the bytes keep coming, with no pause a client would act on.
+                    if not carried:
+                        since = trio.current_time()
+                    carried += len(data)
+                    await trio.sleep_until(since + carried / seen.rate)
                 tap(data)
                 await sink.send_all(data)
         nursery.cancel_scope.cancel()
@@ -200,7 +215,7 @@ class Tap:
         seen: _Connection,
     ) -> None:
         with scope:
-            await self._pipe(source, sink, nursery, seen, seen.to_device.feed)
+            await self._pipe(source, sink, nursery, seen, seen.to_device.feed, toward_client=True)
 
     def cut_at_the_hub(self, match: Callable[[bytes], bool]) -> int:
         """Reset, at the hub's end only, every connection whose request head *match* takes,
@@ -232,6 +247,18 @@ class Tap:
                 silenced += 1
         self.changed()
         return silenced
+
+    def slow_down(self, match: Callable[[bytes], bool], rate: float) -> int:
+        """Carry the hub's bytes to every client whose request head *match* takes at *rate*
+        bytes a second, read from a hub socket with a small receive buffer (a slow link).
+        Returns how many."""
+        slowed = 0
+        for seen, (hub, _) in list(self._links.items()):
+            if match(seen.head):
+                hub.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+                seen.rate = rate
+                slowed += 1
+        return slowed
 
     def cut(self) -> None:
         """Drop every connection through the tap (clients see them lost, as the hub does)."""
@@ -338,6 +365,11 @@ class HubThread:
         """:meth:`Tap.silence`, from a thread with no event loop (``Driver.in_thread``)."""
         assert self._token is not None
         return trio.from_thread.run_sync(self.tap.silence, match, trio_token=self._token)
+
+    def slow_down(self, match: Callable[[bytes], bool], rate: float) -> int:
+        """:meth:`Tap.slow_down`, from a thread with no event loop (``Driver.in_thread``)."""
+        assert self._token is not None
+        return trio.from_thread.run_sync(self.tap.slow_down, match, rate, trio_token=self._token)
 
     def set_device_status(self, device_id: str, status: str) -> None:
         """Enable or disable a device (from a thread with no event loop: ``Driver.in_thread``;

@@ -411,6 +411,54 @@ def test_a_framed_stream_leaves_a_silent_connection_after_its_probe(run: Any) ->
     run(body)
 
 
+def _a_device_stream(head: bytes) -> bool:
+    """A device's stream connection: its join."""
+    line = head.split(b"\r\n", 1)[0]
+    return line.startswith(b"GET /bridges/") and b"role=device" in line
+
+
+def test_a_framed_stream_whose_peer_is_on_a_slow_link_keeps_its_connection(run: Any) -> None:
+    """The device's stream connection carries the hub's bytes at 100 kB/s, a little at a
+    time, and the window is larger than the transfer: the hub's writes to the device wait
+    seconds each, and meanwhile it reads nothing from the service, whose probe pings wait
+    unanswered. The probe timeout is 1.5 s here (``ping_timeout``), and counts once a message
+    came from the device. The hub's own pongs, every second while a write waits, keep the
+    service from taking its connection as lost: the 512 KiB arrive with no resume on either
+    side (both drivers resumed without them)."""
+
+    size = 512 * 1024
+    payload = bytes(range(256)) * (size // 256)
+
+    async def body(d: Driver) -> None:
+        joined = d.event()
+
+        async def check_then_answer(stream: Any) -> None:
+            await stream.send_all(b"ready")
+            joined.set()
+            assert await read_all(stream) == payload
+            await stream.send_all(b"ok")
+            await stream.send_eof()
+
+        cs = d.hub.new_device()
+        async with (
+            d.device(cs, {"up": check_then_answer}),
+            d.service(window=16 * 1024 * 1024, ping_timeout=1.5) as service,
+        ):
+            stream = await service.open_stream(cs.device_id, "up", mode="devstream.v1")
+            # A message came from the device: the service's probes count from here on.
+            assert await stream.receive_some(5) == b"ready"
+            await joined.wait()  # the device's join went through the tap
+            assert await d.in_thread(d.hub.slow_down, _a_device_stream, 100_000) == 1
+            async with d.time_limit(30):
+                await stream.send_all(payload)
+                await stream.send_eof()
+                assert await read_all(stream) == b"ok"
+            assert stream.resumes == 0
+            await stream.aclose()
+
+    run(body)
+
+
 @pytest.mark.parametrize("ack_alone", [False, True], ids=["ack with the close", "ack alone"])
 def test_a_framed_stream_cut_while_the_peers_close_passes_ends_cleanly(
     run: Any, ack_alone: bool
