@@ -928,12 +928,11 @@ class Bridge:
         """When the next thing is due: the earliest token expiry of an unpaired stream, end
         of a hold, or end of a side's time to answer a close; None when nothing waits."""
         self._drop_stale_heads()
-        heads = [
-            *(entry[0] for entry in self._expiries[:1]),
-            *(entry[0] for entry in self._holds[:1]),
-            *(entry[0] for entry in self._closings[:1]),
-        ]
-        return min(heads) if heads else None
+        first: float | None = None
+        for heap in (self._expiries, self._holds, self._closings):
+            if heap and (first is None or heap[0][0] < first):
+                first = heap[0][0]
+        return first
 
     def advance(self, now: float) -> list[BridgeEvent]:
         """Time is ``now``: end every stream whose tokens, hold or time to answer a close

@@ -176,16 +176,11 @@ class FramedRelays:
 
     def next_idle_check(self) -> float | None:
         """When :meth:`check_idle` has something to look at next, if ever."""
-        due = [
-            deadline
-            for deadline in (
-                self._silence.next_deadline(),
-                self._lone_watch.next_deadline(),
-                self._waiting.next_deadline(),
-            )
-            if deadline is not None
-        ]
-        return min(due) if due else None
+        first = self._silence.next_deadline()
+        for due in (self._lone_watch.next_deadline(), self._waiting.next_deadline()):
+            if due is not None and (first is None or due < first):
+                first = due
+        return first
 
     def check_idle(self, now: float) -> None:
         """Wake every side waiting for its peer whose next ping is due (it pings from its own
