@@ -62,9 +62,12 @@ class _Connection:
         #: Set when the network under this connection goes silent: nothing more is passed on,
         #: either way (what comes is swallowed), and neither end hears of it.
         self.silent = False
-        #: When set, the hub's bytes go on to the client at this many bytes a second (a slow
-        #: link): the tap reads them from the hub only as fast, so the hub's writes wait.
-        self.rate: float | None = None
+        #: When set, the hub's bytes go on to the client (``to_client``), or the client's to
+        #: the hub (``to_hub``), at this many bytes a second (a slow link): the tap reads them
+        #: only as fast, so the writes of the end that sends them wait.
+        self.rate: dict[str, float] = {}
+        #: The client's socket, once the tap has it.
+        self.client: trio.SocketStream | None = None
         self.to_hub = _Frames(self._request_head, self._from_device)
         self.to_device = _Frames(self._answer_head, self._from_hub)
 
@@ -163,6 +166,7 @@ class Tap:
             with scope:
                 hub = await trio.open_tcp_stream("127.0.0.1", self.target_port)
                 seen = _Connection(self)
+                seen.client = client
                 toward_client = trio.CancelScope()
                 self._links[seen] = (hub, toward_client)
                 try:
@@ -189,19 +193,19 @@ class Tap:
         toward_client: bool = False,
     ) -> None:
         carried, since = 0, 0.0
+        direction = "to_client" if toward_client else "to_hub"
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            while data := await source.receive_some(
-                2048 if toward_client and seen.rate is not None else 256 * 1024
-            ):
+            while data := await source.receive_some(2048 if direction in seen.rate else 256 * 1024):
                 if seen.silent:
                     continue
-                if toward_client and seen.rate is not None:
+                rate = seen.rate.get(direction)
+                if rate is not None:
                     # No sooner than the slow link would have carried them, a little at a
                     # time: the bytes keep coming, with no pause a client would act on.
                     if not carried:
                         since = trio.current_time()
                     carried += len(data)
-                    await trio.sleep_until(since + carried / seen.rate)
+                    await trio.sleep_until(since + carried / rate)
                 tap(data)
                 await sink.send_all(data)
         nursery.cancel_scope.cancel()
@@ -248,15 +252,18 @@ class Tap:
         self.changed()
         return silenced
 
-    def slow_down(self, match: Callable[[bytes], bool], rate: float) -> int:
-        """Carry the hub's bytes to every client whose request head *match* takes at *rate*
-        bytes a second, read from a hub socket with a small receive buffer (a slow link).
-        Returns how many."""
+    def slow_down(self, match: Callable[[bytes], bool], rate: float, direction: str) -> int:
+        """Carry the bytes of every connection whose request head *match* takes at *rate*
+        bytes a second one way (*direction*: ``to_client``, the hub's; ``to_hub``, the
+        client's), read from a socket with a small receive buffer (a slow link). Returns how
+        many."""
         slowed = 0
         for seen, (hub, _) in list(self._links.items()):
             if match(seen.head):
-                hub.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-                seen.rate = rate
+                source = hub if direction == "to_client" else seen.client
+                assert source is not None
+                source.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+                seen.rate[direction] = rate
                 slowed += 1
         return slowed
 
@@ -366,10 +373,12 @@ class HubThread:
         assert self._token is not None
         return trio.from_thread.run_sync(self.tap.silence, match, trio_token=self._token)
 
-    def slow_down(self, match: Callable[[bytes], bool], rate: float) -> int:
+    def slow_down(self, match: Callable[[bytes], bool], rate: float, direction: str) -> int:
         """:meth:`Tap.slow_down`, from a thread with no event loop (``Driver.in_thread``)."""
         assert self._token is not None
-        return trio.from_thread.run_sync(self.tap.slow_down, match, rate, trio_token=self._token)
+        return trio.from_thread.run_sync(
+            self.tap.slow_down, match, rate, direction, trio_token=self._token
+        )
 
     def set_device_status(self, device_id: str, status: str) -> None:
         """Enable or disable a device (from a thread with no event loop: ``Driver.in_thread``;

@@ -448,7 +448,44 @@ def test_a_framed_stream_whose_peer_is_on_a_slow_link_keeps_its_connection(run: 
             # A message came from the device: the service's probes count from here on.
             assert await stream.receive_some(5) == b"ready"
             await joined.wait()  # the device's join went through the tap
-            assert await d.in_thread(d.hub.slow_down, _a_device_stream, 100_000) == 1
+            assert await d.in_thread(d.hub.slow_down, _a_device_stream, 100_000, "to_client") == 1
+            async with d.time_limit(30):
+                await stream.send_all(payload)
+                await stream.send_eof()
+                assert await read_all(stream) == b"ok"
+            assert stream.resumes == 0
+            await stream.aclose()
+
+    run(body)
+
+
+def test_a_framed_stream_on_a_slow_uplink_keeps_its_connection(run: Any) -> None:
+    """What the service sends reaches the hub at 100 kB/s, a little at a time: its probe
+    pings come after what it sent before them, seconds late, and nothing else comes back
+    while the device reads (the window is larger than the transfer: no Acks on the way). The
+    probe timeout is 1.5 s here. The hub's own pongs, every second while the service's bytes
+    keep arriving, keep it from taking its connection as lost: the 512 KiB arrive with no
+    resume on either side (both drivers resumed without them)."""
+
+    size = 512 * 1024
+    payload = bytes(range(256)) * (size // 256)
+
+    async def body(d: Driver) -> None:
+        async def check_then_answer(stream: Any) -> None:
+            await stream.send_all(b"ready")
+            assert await read_all(stream) == payload
+            await stream.send_all(b"ok")
+            await stream.send_eof()
+
+        cs = d.hub.new_device()
+        async with (
+            d.device(cs, {"up": check_then_answer}),
+            d.service(window=16 * 1024 * 1024, ping_timeout=1.5) as service,
+        ):
+            stream = await service.open_stream(cs.device_id, "up", mode="devstream.v1")
+            # A message came from the device: the service's probes count from here on.
+            assert await stream.receive_some(5) == b"ready"
+            assert await d.in_thread(d.hub.slow_down, _a_service_stream, 100_000, "to_hub") == 1
             async with d.time_limit(30):
                 await stream.send_all(payload)
                 await stream.send_eof()

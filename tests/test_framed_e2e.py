@@ -25,7 +25,7 @@ from devstream_trio.client.framed import FramedStream, StreamOptions
 from devstream_trio.client.service import AnyStream, ServiceClient
 from devstream_trio.server.hub import Hub
 from devstream_trio.server.store import RegistryStore
-from devstream_trio.server.streaming import MAX_FRAMED_MESSAGE, WRITE_WAIT_PONG_INTERVAL
+from devstream_trio.server.streaming import HUB_PONG_INTERVAL, MAX_FRAMED_MESSAGE
 from devstream_trio.transport.connect import HubAddress, Opener
 
 from ._helpers import start_hub
@@ -275,7 +275,7 @@ async def test_a_writer_whose_peer_is_on_a_slow_link_keeps_hearing_from_the_hub(
     over real sockets: the hub's writes of the service's messages wait for it, and the hub
     reads nothing from the service meanwhile. The window (16 MiB) is larger than the transfer,
     so the device's Acks do not come while the bytes move. The hub's own pongs, written on
-    the service's socket from the timer every ``WRITE_WAIT_PONG_INTERVAL``, are what the
+    the service's socket from the timer every ``HUB_PONG_INTERVAL``, are what the
     service hears: never 1.8 s without a byte (real time, on a shared machine), and no
     resume. Without them, the service hears from the hub only between its writes of a MiB
     each, 2.6 s apart."""
@@ -311,7 +311,7 @@ async def test_a_writer_whose_peer_is_on_a_slow_link_keeps_hearing_from_the_hub(
             assert end - start >= 2.5  # the link's pace: the hub's writes waited
             times = [start, *[t for t in connection.arrivals if start < t < end], end]
             gaps = [b - a for a, b in itertools.pairwise(times)]
-            assert max(gaps) < WRITE_WAIT_PONG_INTERVAL + 0.8, gaps
+            assert max(gaps) < HUB_PONG_INTERVAL + 0.8, gaps
             assert pair.service.resumes == 0 and pair.device.resumes == 0
             await pair.device.send_eof()
             assert await pair.service.receive_some() == b""

@@ -95,6 +95,8 @@ class Tap(trio.abc.Stream):
         self._closed = trio.Event()
         #: When each read of the client's took bytes from the hub.
         self.arrivals: list[float] = []
+        #: When set, what the client sends goes at this many bytes a second (a slow uplink).
+        self.uplink_rate: float | None = None
 
     @property
     def closed(self) -> bool:
@@ -130,6 +132,15 @@ class Tap(trio.abc.Stream):
             await trio.lowlevel.checkpoint()
             return
         data = self._spend(data)
+        rate = self.uplink_rate
+        if rate is not None:
+            # The bytes go out as a slow link carries them: a few KiB at a time.
+            view = memoryview(data)
+            for start in range(0, len(view), 4096):
+                piece = view[start : start + 4096]
+                await trio.sleep(len(piece) / rate)
+                await self.inner.send_all(piece)
+            return
         await self.inner.send_all(data)
         if self.budget == 0:
             await self._cut_at_budget()
@@ -291,6 +302,8 @@ class Opener:
     in_pause: Callable[[], None] | None = None
     #: Slow writes of the hub cancelled half-way (half of their bytes went out).
     cut_writes: int = 0
+    #: When set, what the client sends on a new connection goes at this many bytes a second.
+    uplink_rate: float | None = None
     #: When set, the hub's writes to this client's connections go at this many bytes a second
     #: (a slow link to the client: 4 KiB at a time, each after its time on the link).
     link_rate: float | None = None
@@ -327,6 +340,7 @@ class Opener:
             if self.first_budget is not None:
                 tap.budget, self.first_budget = self.first_budget, None
         tap.incoming_budget, self.next_incoming_budget = self.next_incoming_budget, None
+        tap.uplink_rate = self.uplink_rate
         self.taps.append(tap)
         self.env.nursery.start_soon(self.env.hub.handle_connection, hub_end)
         return tap
@@ -1055,13 +1069,55 @@ async def test_pings_keep_a_quiet_stream_without_losing_a_byte(
         await finish(pair)
 
 
+async def test_a_writer_on_a_slow_uplink_keeps_its_connection(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """What the service sends goes to the hub at 1 Mbit/s (its pings too, after what it sent
+    before them: a message of up to 1 MiB takes 8 s), and nothing comes back but the device's
+    Acks, once per message. The hub sends the service a pong of its own every
+    ``HUB_PONG_INTERVAL`` while its bytes keep arriving: its probe pings, unanswered for
+    seconds, do not make it take a working connection as lost. The transfer goes at the
+    link's pace, on its first connection (before the pongs, five resumes and 41 s)."""
+    rate = 125_000.0
+    size = 3 * 1024 * 1024
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env)
+        await pair.device.send_all(b"hi")
+        assert await read_exactly(pair.service, 2) == b"hi"
+        pair.service_opener.uplink_rate = rate
+        pair.service_opener.latest_stream().uplink_rate = rate
+        data = random_payload(size)
+        start = trio.current_time()
+
+        async def send() -> None:
+            await pair.service.send_all(data)
+            await pair.service.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            got = await read_all(pair.device)
+        took = trio.current_time() - start
+        assert got == data
+        assert pair.service.resumes == 0 and pair.device.resumes == 0
+        assert size / rate <= took <= size / rate + 1
+        heard = [t for t in pair.service_opener.latest_stream().arrivals if t > start]
+        gaps = [b - a for a, b in itertools.pairwise([start, *heard]) if b <= start + took]
+        # A pong goes with the first bytes read once the interval is over (33 ms apart here).
+        assert max(gaps) <= streaming.HUB_PONG_INTERVAL + 0.04
+        pair.service_opener.uplink_rate = pair.service_opener.latest_stream().uplink_rate = None
+        await pair.device.send_eof()
+        assert await pair.service.receive_some() == b""
+        await pair.service.aclose()
+        await pair.device.aclose()
+
+
 async def test_a_writer_whose_peer_is_on_a_slow_link_hears_from_the_hub_while_it_waits(
     hub_env: HubEnv, autojump_clock: trio.abc.Clock
 ) -> None:
     """The hub's writes to the device take as long as a 1 Mbit/s link would. The service's
     messages wait for them, and the hub reads nothing more from the service meanwhile (its
     pings wait too; the device acknowledges once per quarter window, 4 s apart at that rate).
-    The hub sends the service a pong of its own every ``WRITE_WAIT_PONG_INTERVAL`` while a
+    The hub sends the service a pong of its own every ``HUB_PONG_INTERVAL`` while a
     write waits: the service hears from the hub at least that often, and the transfer goes at
     the link's pace on its first connections."""
     rate = 125_000.0
@@ -1088,7 +1144,7 @@ async def test_a_writer_whose_peer_is_on_a_slow_link_hears_from_the_hub_while_it
         heard = [start, *[t for t in tap.arrivals if t > start]]
         last = max(t for t in heard if t <= start + took)
         gaps = [b - a for a, b in itertools.pairwise(heard) if b <= last]
-        assert max(gaps) <= streaming.WRITE_WAIT_PONG_INTERVAL + 0.01
+        assert max(gaps) <= streaming.HUB_PONG_INTERVAL + 0.01
         assert pair.service.resumes == 0 and pair.device.resumes == 0
         pair.device_opener.link_rate = None
         await pair.device.send_eof()

@@ -1677,3 +1677,33 @@ async def test_a_write_that_waits_for_another_send_says_so_once(
         assert await client.receive_message(len(message)) == message
         assert await client.receive_message(100) == b"next"
     assert log.calls == ["waits", "done"]
+
+
+@pytest.mark.parametrize("plain_socket", [True, False])
+async def test_a_beat_comes_at_most_every_interval_while_bytes_keep_arriving(
+    autojump_clock: trio.abc.Clock, plain_socket: bool
+) -> None:
+    """Bytes every 0.3 s for 3 s: the beat comes with the first read at least an interval
+    after the last beat (or the start), so every 1.2 s; none while nothing arrives; none
+    once stopped. The hub's plain-socket reads and other streams' reads both count."""
+    if plain_socket:
+        client, server = await socket_ws_pair(buffer_size=1 << 16)
+    else:
+        client, server = ws_pair()
+    beats: list[float] = []
+    start = trio.current_time()
+    server.beat_while_receiving(1.0, lambda: beats.append(trio.current_time() - start))
+    for _ in range(10):
+        await trio.sleep(0.3)
+        await client.send_bytes(b"x")
+        assert await server.receive_message(10) == b"x"
+    assert [round(t, 6) for t in beats] == [1.2, 2.4]
+    await trio.sleep(5)  # nothing arrives: no beat
+    await client.send_bytes(b"y")
+    assert await server.receive_message(10) == b"y"
+    assert len(beats) == 3  # the first bytes after the quiet spell
+    server.beat_while_receiving(1.0, None)
+    await trio.sleep(2)
+    await client.send_bytes(b"z")
+    assert await server.receive_message(10) == b"z"
+    assert len(beats) == 3

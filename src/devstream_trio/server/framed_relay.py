@@ -11,10 +11,12 @@ learns that its peer got everything. A side that stays connected without answeri
 is dropped once the bridge says its time is over (``CloseUnanswered``, ``close_timeout``
 after it was given the close): it was sent everything, so its connection is aborted.
 
-A side's task reads it between its writes to the other side: while such a write waits (a slow
-link to the other side), the side's pings wait too. So that the side still hears from the hub,
-the hub's timer sends it a pong of its own every ``WRITE_WAIT_PONG_INTERVAL`` for as long as
-the write waits (``FramedRelays.check_idle``).
+A side's pings are read, and answered, after what it sent before them: behind a slow uplink
+they come late, and while the hub's write of the side's messages to the other side waits (a
+slow link to the other side), the hub reads nothing from the side at all. So that a side
+whose connection works hears from the hub, the hub sends it a pong of its own every
+``HUB_PONG_INTERVAL`` while bytes keep arriving from it (``WebSocket.beat_while_receiving``)
+and while such a write waits (the hub's timer, ``FramedRelays.check_idle``).
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ from .ledger import StreamRecord
 from .sides import RelayHost, close_with
 
 __all__ = [
+    "HUB_PONG_INTERVAL",
     "LONE_PING_INTERVAL",
     "MAX_FRAMED_MESSAGE",
-    "WRITE_WAIT_PONG_INTERVAL",
     "FramedRelay",
     "FramedRelays",
 ]
@@ -52,10 +54,11 @@ MAX_FRAMED_MESSAGE = MAX_FRAMED_MESSAGE_SIZE
 #: silent hub after ``ping_interval + ping_timeout``, 20 s by default).
 LONE_PING_INTERVAL = 5.0
 #: How often the hub sends a devstream.v1 side a pong of its own (RFC 6455 §5.5.3: a
-#: heartbeat, not answered) while its write of that side's messages to the other side waits:
-#: the side's own pings are read, and answered, only once the write is through, and a client
-#: that hears nothing for a few seconds after a probe ping takes its connection as lost.
-WRITE_WAIT_PONG_INTERVAL = 1.0
+#: heartbeat, not answered) while bytes keep arriving from it, and while its write of that
+#: side's messages to the other side waits: the side's own pings are answered only once what
+#: came before them is read (behind a slow uplink, or after such a write), and a client that
+#: hears nothing for a few seconds after a probe ping takes its connection as lost.
+HUB_PONG_INTERVAL = 1.0
 
 
 @dataclass
@@ -108,6 +111,10 @@ class _IdleWatch:
     def write_done(self) -> None:
         self.relays.write_done(self.connection_id)
 
+    def beat(self) -> None:
+        """Bytes keep arriving from the side: it gets a pong (see HUB_PONG_INTERVAL)."""
+        self.relays.pong(self)
+
 
 class FramedRelays:
     """The devstream.v1 streams of one hub, by stream id, and their sides' silence."""
@@ -126,8 +133,8 @@ class FramedRelays:
         self._lone_watch = SilenceWatch(LONE_PING_INTERVAL)
         self._lone: dict[int, FramedRelay] = {}
         #: The sides whose write to the other side waits, by connection: each gets a pong
-        #: every WRITE_WAIT_PONG_INTERVAL, from the same schedule.
-        self._waiting = WaitingWriters(WRITE_WAIT_PONG_INTERVAL)
+        #: every HUB_PONG_INTERVAL, from the same schedule.
+        self._waiting = WaitingWriters(HUB_PONG_INTERVAL)
         self._writers: dict[int, _IdleWatch] = {}
 
     def relay(self, record: StreamRecord) -> FramedRelay:
@@ -187,10 +194,10 @@ class FramedRelays:
         task); end the read of every devstream.v1 side silent (no frame, no ping) for
         ``idle_timeout``, which then counts as dropped. A side in the middle of sending to its
         peer is looked at again later: the send is never cut; once that send has waited
-        ``WRITE_WAIT_PONG_INTERVAL``, and every interval after, the side gets a pong."""
+        ``HUB_PONG_INTERVAL``, and every interval after, the side gets a pong."""
         writers = self._writers
         for connection_id in self._waiting.due(now):
-            self._pong(writers[connection_id])
+            self.pong(writers[connection_id])
         lone = self._lone
         for connection_id in self._lone_watch.silent(now, _never):
             waiting = lone[connection_id].waiting
@@ -217,10 +224,12 @@ class FramedRelays:
         del self._writers[connection_id]
         self._waiting.done(connection_id)
 
-    def _pong(self, watch: _IdleWatch) -> None:
+    def pong(self, watch: _IdleWatch) -> None:
         """Send *watch*'s side a pong: at once on a plain socket with nothing else being sent
-        to it, else from a task of its own (one at a time)."""
-        if watch.ws.pong_nowait() or watch.ponging:
+        to it; nothing while something else is (the side hears that); else from a task of
+        its own (a TLS stream; one at a time)."""
+        ws = watch.ws
+        if ws.pong_nowait() or ws.sending or watch.ponging:
             return
         tasks = self.endpoint.tasks
         if tasks is not None:
@@ -230,6 +239,7 @@ class FramedRelays:
     def _watch_idle(self, connection_id: int, ws: WebSocket, scope: trio.CancelScope) -> _IdleWatch:
         watch = _IdleWatch(ws=ws, scope=scope, connection_id=connection_id, relays=self)
         self._idle_watches[connection_id] = watch
+        ws.beat_while_receiving(HUB_PONG_INTERVAL, watch.beat)
         if self._silence.watch(connection_id, since=trio.current_time()):
             self.endpoint.wake(self._silence.next_deadline())
         return watch
@@ -275,6 +285,7 @@ class FramedRelays:
                 finally:
                     self._idle_watches.pop(connection_id, None)
                     self._silence.forget(connection_id)
+                    ws.beat_while_receiving(HUB_PONG_INTERVAL, None)
             if watch is not None and watch.fired and scope.cancelled_caught:
                 log.info(
                     "stream %s: the %s was silent too long; dropping it",

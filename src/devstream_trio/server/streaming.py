@@ -69,9 +69,9 @@ from devstream_core.wire import HEADER_RESUME_TOKEN, parse_bearer
 from ..transport.http import HttpError, HttpRequest, HttpServerConnection
 from ..transport.websocket import WebSocket
 from .framed_relay import (
+    HUB_PONG_INTERVAL,
     LONE_PING_INTERVAL,
     MAX_FRAMED_MESSAGE,
-    WRITE_WAIT_PONG_INTERVAL,
     FramedRelays,
 )
 from .ledger import END_CLOSED, END_RESET, END_TIMEOUT, END_VANISHED, StreamLedger
@@ -79,9 +79,9 @@ from .metrics import Metrics
 from .raw_relay import RawRelays
 
 __all__ = [
+    "HUB_PONG_INTERVAL",
     "LONE_PING_INTERVAL",
     "MAX_FRAMED_MESSAGE",
-    "WRITE_WAIT_PONG_INTERVAL",
     "StreamingEndpoint",
 ]
 

@@ -47,7 +47,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
+from collections.abc import Callable
 from typing import NoReturn
 
 import trio
@@ -160,9 +162,26 @@ class WebSocket(WebSocketSender):
         self._read_buffers: list[memoryview] = []
         #: trio time of the last bytes received from the peer.
         self.last_received = trio.current_time()
+        #: See beat_while_receiving: when the next beat is due (inf: none), how often, what.
+        self._beat_due = math.inf
+        self._beat_every = math.inf
+        self._beat: Callable[[], None] | None = None
         # Bytes that came in with the handshake, after it.
         if initial_data:
             self._events.extend(connection.receive_data(initial_data))
+
+    def beat_while_receiving(self, interval: float, beat: Callable[[], None] | None) -> None:
+        """While bytes keep arriving, call *beat* (from the reading task, which must not wait
+        in it) once *interval* seconds have passed since this call or the last beat; *beat*
+        None stops it. A relay's heartbeat to a side that sends (see ``FramedRelays``)."""
+        self._beat = beat
+        self._beat_every = interval
+        self._beat_due = trio.current_time() + interval if beat is not None else math.inf
+
+    def _beat_now(self, now: float) -> None:
+        self._beat_due = now + self._beat_every
+        assert self._beat is not None  # a beat is due only while one is set
+        self._beat()
 
     @property
     def buffered(self) -> int:
@@ -396,7 +415,9 @@ class WebSocket(WebSocketSender):
             count, waited = 0, True  # _parse raises the loss: no schedule point owed
         if count:
             # _parse's work, inline: this is every read of the hub's.
-            self.last_received = trio.current_time()
+            now = self.last_received = trio.current_time()
+            if now >= self._beat_due:
+                self._beat_now(now)
             self._drained = count < _RECEIVE_SIZE_MAX  # the shared buffer's size
             self._events.extend(self._ws.receive_data(buffer[:count], borrowed=True))
         else:
@@ -409,7 +430,9 @@ class WebSocket(WebSocketSender):
         if not data:
             self._closed = ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
             raise self._closed
-        self.last_received = trio.current_time()
+        now = self.last_received = trio.current_time()
+        if now >= self._beat_due:
+            self._beat_now(now)
         if borrowed:
             self._drained = len(data) < _RECEIVE_SIZE_MAX  # the shared buffer's size
         else:
