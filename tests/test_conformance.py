@@ -421,7 +421,7 @@ def test_a_framed_stream_whose_peer_is_on_a_slow_link_keeps_its_connection(run: 
     """The device's stream connection carries the hub's bytes at 100 kB/s, a little at a
     time, and the window is larger than the transfer: the hub's writes to the device wait
     seconds each, and meanwhile it reads nothing from the service, whose probe pings wait
-    unanswered. The probe timeout is 1.5 s here (``ping_timeout``), and counts once a message
+    unanswered. The probe timeout is 2 s here (``ping_timeout``), and counts once a message
     came from the device. The hub's own pongs, every second while a write waits, keep the
     service from taking its connection as lost: the 512 KiB arrive with no resume on either
     side (both drivers resumed without them)."""
@@ -442,7 +442,7 @@ def test_a_framed_stream_whose_peer_is_on_a_slow_link_keeps_its_connection(run: 
         cs = d.hub.new_device()
         async with (
             d.device(cs, {"up": check_then_answer}),
-            d.service(window=16 * 1024 * 1024, ping_timeout=1.5) as service,
+            d.service(window=16 * 1024 * 1024, ping_timeout=2.0) as service,
         ):
             stream = await service.open_stream(cs.device_id, "up", mode="devstream.v1")
             # A message came from the device: the service's probes count from here on.
@@ -463,7 +463,7 @@ def test_a_framed_stream_on_a_slow_uplink_keeps_its_connection(run: Any) -> None
     """What the service sends reaches the hub at 100 kB/s, a little at a time: its probe
     pings come after what it sent before them, seconds late, and nothing else comes back
     while the device reads (the window is larger than the transfer: no Acks on the way). The
-    probe timeout is 1.5 s here. The hub's own pongs, every second while the service's bytes
+    probe timeout is 2 s here. The hub's own pongs, every second while the service's bytes
     keep arriving, keep it from taking its connection as lost: the 512 KiB arrive with no
     resume on either side (both drivers resumed without them)."""
 
@@ -480,7 +480,7 @@ def test_a_framed_stream_on_a_slow_uplink_keeps_its_connection(run: Any) -> None
         cs = d.hub.new_device()
         async with (
             d.device(cs, {"up": check_then_answer}),
-            d.service(window=16 * 1024 * 1024, ping_timeout=1.5) as service,
+            d.service(window=16 * 1024 * 1024, ping_timeout=2.0) as service,
         ):
             stream = await service.open_stream(cs.device_id, "up", mode="devstream.v1")
             # A message came from the device: the service's probes count from here on.
