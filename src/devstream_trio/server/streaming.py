@@ -24,7 +24,9 @@ Two relays, chosen by the stream's mode at initiation:
   (``Bridge.close``). A side that stays connected without answering the close gets
   ``close_timeout``, from when it was given the close (the close, or its resume), then the
   hub drops its connection (``CloseUnanswered``): the stream ended normally, by the closing
-  side, and is recorded so.
+  side, and is recorded so. While a side's bytes keep arriving, and while the hub's write of
+  its messages to the other side waits, the hub sends it a pong of its own every
+  ``HUB_PONG_INTERVAL``: its pings are answered only once what came before them is read.
 
 When the hub revokes a device (disabled or deleted), the bridge ends its streams at once:
 each attached side of a devstream.v1 stream gets a ``Reset`` frame and a close with the code
