@@ -45,6 +45,7 @@ from devstream_trio.server.hub import HubConfig, ensure_owner_policy, serve_hub
 from devstream_trio.server.store import RegistryStore
 
 from ._helpers import policy_cs
+from ._relay import Pace
 
 DEVICE_POOL = 48
 
@@ -192,8 +193,8 @@ class Tap:
         *,
         toward_client: bool = False,
     ) -> None:
-        carried, since = 0, 0.0
         direction = "to_client" if toward_client else "to_hub"
+        pace: Pace | None = None
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             while data := await source.receive_some(2048 if direction in seen.rate else 256 * 1024):
                 if seen.silent:
@@ -202,10 +203,8 @@ class Tap:
                 if rate is not None:
                     # No sooner than the slow link would have carried them, a little at a
                     # time: the bytes keep coming, with no pause a client would act on.
-                    if not carried:
-                        since = trio.current_time()
-                    carried += len(data)
-                    await trio.sleep_until(since + carried / rate)
+                    pace = pace or Pace(rate)
+                    await pace.carry(len(data))
                 tap(data)
                 await sink.send_all(data)
         nursery.cancel_scope.cancel()

@@ -16,6 +16,22 @@ import trio
 from devstream_trio.transport.connect import HubAddress
 
 
+class Pace:
+    """A slow link's pace: :meth:`carry` returns no sooner than *rate* bytes a second would
+    have carried everything handed to it since the first call."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._since: float | None = None
+        self._carried = 0
+
+    async def carry(self, size: int) -> None:
+        if self._since is None:
+            self._since = trio.current_time()
+        self._carried += size
+        await trio.sleep_until(self._since + self._carried / self.rate)
+
+
 class Relay:
     """A TCP relay on 127.0.0.1 in front of the hub that can cut every connection through it.
 
@@ -69,13 +85,11 @@ class Relay:
         scope: trio.CancelScope,
         rate: float | None = None,
     ) -> None:
-        start, carried = trio.current_time(), 0
+        pace = None if rate is None else Pace(rate)
         try:
-            while data := await source.receive_some(256 * 1024 if rate is None else 16384):
-                if rate is not None:
-                    # No sooner than the link would have carried them.
-                    carried += len(data)
-                    await trio.sleep_until(start + carried / rate)
+            while data := await source.receive_some(256 * 1024 if pace is None else 16384):
+                if pace is not None:
+                    await pace.carry(len(data))  # no sooner than the link would have
                 await sink.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass

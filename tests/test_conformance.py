@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -417,14 +417,27 @@ def _a_device_stream(head: bytes) -> bool:
     return line.startswith(b"GET /bridges/") and b"role=device" in line
 
 
-def test_a_framed_stream_whose_peer_is_on_a_slow_link_keeps_its_connection(run: Any) -> None:
-    """The device's stream connection carries the hub's bytes at 100 kB/s, a little at a
-    time, and the window is larger than the transfer: the hub's writes to the device wait
-    seconds each, and meanwhile it reads nothing from the service, whose probe pings wait
-    unanswered. The probe timeout is 2 s here (``ping_timeout``), and counts once a message
-    came from the device. The hub's own pongs, every second while a write waits, keep the
-    service from taking its connection as lost: the 512 KiB arrive with no resume on either
-    side (both drivers resumed without them)."""
+@pytest.mark.parametrize(
+    ("slow", "direction"),
+    [(_a_device_stream, "to_client"), (_a_service_stream, "to_hub")],
+    ids=["peer on a slow link", "slow uplink"],
+)
+def test_a_framed_stream_on_a_slow_link_keeps_its_connection(
+    run: Any, slow: Callable[[bytes], bool], direction: str
+) -> None:
+    """The window is larger than the transfer (no Acks on the way), the service's probe
+    timeout is 2 s (``ping_timeout``; it counts once a message came from the device), and one
+    link carries its bytes at 100 kB/s, a little at a time:
+
+    * the device's stream connection, the hub's bytes to it: the hub's writes to the device
+      wait seconds each, and meanwhile it reads nothing from the service, whose probe pings
+      wait unanswered;
+    * the service's, its bytes to the hub: its probe pings come after what it sent before
+      them, seconds late.
+
+    The hub's own pongs, every second while a write waits and while the service's bytes keep
+    arriving, keep the service from taking its connection as lost: the 512 KiB arrive with no
+    resume on either side (both drivers resumed without them, both ways)."""
 
     size = 512 * 1024
     payload = bytes(range(256)) * (size // 256)
@@ -448,44 +461,7 @@ def test_a_framed_stream_whose_peer_is_on_a_slow_link_keeps_its_connection(run: 
             # A message came from the device: the service's probes count from here on.
             assert await stream.receive_some(5) == b"ready"
             await joined.wait()  # the device's join went through the tap
-            assert await d.in_thread(d.hub.slow_down, _a_device_stream, 100_000, "to_client") == 1
-            async with d.time_limit(30):
-                await stream.send_all(payload)
-                await stream.send_eof()
-                assert await read_all(stream) == b"ok"
-            assert stream.resumes == 0
-            await stream.aclose()
-
-    run(body)
-
-
-def test_a_framed_stream_on_a_slow_uplink_keeps_its_connection(run: Any) -> None:
-    """What the service sends reaches the hub at 100 kB/s, a little at a time: its probe
-    pings come after what it sent before them, seconds late, and nothing else comes back
-    while the device reads (the window is larger than the transfer: no Acks on the way). The
-    probe timeout is 2 s here. The hub's own pongs, every second while the service's bytes
-    keep arriving, keep it from taking its connection as lost: the 512 KiB arrive with no
-    resume on either side (both drivers resumed without them)."""
-
-    size = 512 * 1024
-    payload = bytes(range(256)) * (size // 256)
-
-    async def body(d: Driver) -> None:
-        async def check_then_answer(stream: Any) -> None:
-            await stream.send_all(b"ready")
-            assert await read_all(stream) == payload
-            await stream.send_all(b"ok")
-            await stream.send_eof()
-
-        cs = d.hub.new_device()
-        async with (
-            d.device(cs, {"up": check_then_answer}),
-            d.service(window=16 * 1024 * 1024, ping_timeout=2.0) as service,
-        ):
-            stream = await service.open_stream(cs.device_id, "up", mode="devstream.v1")
-            # A message came from the device: the service's probes count from here on.
-            assert await stream.receive_some(5) == b"ready"
-            assert await d.in_thread(d.hub.slow_down, _a_service_stream, 100_000, "to_hub") == 1
+            assert await d.in_thread(d.hub.slow_down, slow, 100_000, direction) == 1
             async with d.time_limit(30):
                 await stream.send_all(payload)
                 await stream.send_eof()

@@ -65,6 +65,18 @@ TIMEOUT = 600
 # -- transports a test can cut, stall or refuse ------------------------------------------------
 
 
+async def send_paced(
+    stream: trio.abc.SendStream, data: bytes | bytearray | memoryview, rate: float
+) -> None:
+    """Send *data* as a slow link of *rate* bytes a second carries it: 4 KiB at a time, each
+    after its time on the link."""
+    view = memoryview(data)
+    for start in range(0, len(view), 4096):
+        piece = view[start : start + 4096]
+        await trio.sleep(len(piece) / rate)
+        await stream.send_all(piece)
+
+
 class Tap(trio.abc.Stream):
     """A client's connection to the hub that a test can cut or stall."""
 
@@ -132,14 +144,8 @@ class Tap(trio.abc.Stream):
             await trio.lowlevel.checkpoint()
             return
         data = self._spend(data)
-        rate = self.uplink_rate
-        if rate is not None:
-            # The bytes go out as a slow link carries them: a few KiB at a time.
-            view = memoryview(data)
-            for start in range(0, len(view), 4096):
-                piece = view[start : start + 4096]
-                await trio.sleep(len(piece) / rate)
-                await self.inner.send_all(piece)
+        if self.uplink_rate is not None:
+            await send_paced(self.inner, data, self.uplink_rate)
             return
         await self.inner.send_all(data)
         if self.budget == 0:
@@ -247,14 +253,8 @@ class HubEnd(trio.abc.Stream):
         hook, self._before_answer = self._before_answer, None
         if hook is not None:
             await hook()
-        rate = self.opener.link_rate
-        if rate is not None:
-            # The bytes go out as a slow link carries them: a few KiB at a time.
-            view = memoryview(data)
-            for start in range(0, len(view), 4096):
-                piece = view[start : start + 4096]
-                await trio.sleep(len(piece) / rate)
-                await self.inner.send_all(piece)
+        if self.opener.link_rate is not None:
+            await send_paced(self.inner, data, self.opener.link_rate)
             return
         if self.slow and len(data) > 1:
             half = len(data) // 2
@@ -1069,6 +1069,30 @@ async def test_pings_keep_a_quiet_stream_without_losing_a_byte(
         await finish(pair)
 
 
+async def send_to_device_timed(pair: Streams, size: int) -> tuple[float, float]:
+    """The service sends *size* random bytes and its EOF; the device reads them all, which
+    must be what was sent. Returns when the sending started and how long it took."""
+    data = random_payload(size)
+    start = trio.current_time()
+
+    async def send() -> None:
+        await pair.service.send_all(data)
+        await pair.service.send_eof()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        got = await read_all(pair.device)
+    assert got == data
+    return start, trio.current_time() - start
+
+
+def longest_silence(tap: Tap, start: float, end: float) -> float:
+    """The longest time between *start* and the last read before *end* during which *tap*'s
+    client read nothing from the hub."""
+    heard = [start, *[t for t in tap.arrivals if start < t <= end]]
+    return max(b - a for a, b in itertools.pairwise(heard))
+
+
 async def test_a_writer_on_a_slow_uplink_keeps_its_connection(
     hub_env: HubEnv, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -1086,24 +1110,12 @@ async def test_a_writer_on_a_slow_uplink_keeps_its_connection(
         assert await read_exactly(pair.service, 2) == b"hi"
         pair.service_opener.uplink_rate = rate
         pair.service_opener.latest_stream().uplink_rate = rate
-        data = random_payload(size)
-        start = trio.current_time()
-
-        async def send() -> None:
-            await pair.service.send_all(data)
-            await pair.service.send_eof()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send)
-            got = await read_all(pair.device)
-        took = trio.current_time() - start
-        assert got == data
+        start, took = await send_to_device_timed(pair, size)
         assert pair.service.resumes == 0 and pair.device.resumes == 0
         assert size / rate <= took <= size / rate + 1
-        heard = [t for t in pair.service_opener.latest_stream().arrivals if t > start]
-        gaps = [b - a for a, b in itertools.pairwise([start, *heard]) if b <= start + took]
         # A pong goes with the first bytes read once the interval is over (33 ms apart here).
-        assert max(gaps) <= streaming.HUB_PONG_INTERVAL + 0.04
+        silence = longest_silence(pair.service_opener.latest_stream(), start, start + took)
+        assert silence <= streaming.HUB_PONG_INTERVAL + 0.04
         pair.service_opener.uplink_rate = pair.service_opener.latest_stream().uplink_rate = None
         await pair.device.send_eof()
         assert await pair.service.receive_some() == b""
@@ -1125,26 +1137,12 @@ async def test_a_writer_whose_peer_is_on_a_slow_link_hears_from_the_hub_while_it
     with trio.fail_after(TIMEOUT):
         pair = await open_streams(hub_env)
         pair.device_opener.link_rate = rate
-        tap = pair.service_opener.latest_stream()
-        data = random_payload(size)
-        start = trio.current_time()
-
-        async def send() -> None:
-            await pair.service.send_all(data)
-            await pair.service.send_eof()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send)
-            got = await read_all(pair.device)
-        took = trio.current_time() - start
-        assert got == data
+        start, took = await send_to_device_timed(pair, size)
         assert size / rate <= took <= size / rate + 2
         # From the first write to the last byte's arrival, the service heard from the hub
         # every second or sooner (a pong, or an Ack).
-        heard = [start, *[t for t in tap.arrivals if t > start]]
-        last = max(t for t in heard if t <= start + took)
-        gaps = [b - a for a, b in itertools.pairwise(heard) if b <= last]
-        assert max(gaps) <= streaming.HUB_PONG_INTERVAL + 0.01
+        silence = longest_silence(pair.service_opener.latest_stream(), start, start + took)
+        assert silence <= streaming.HUB_PONG_INTERVAL + 0.01
         assert pair.service.resumes == 0 and pair.device.resumes == 0
         pair.device_opener.link_rate = None
         await pair.device.send_eof()
