@@ -41,6 +41,7 @@ from devstream_core.session import RefusalBackoff
 from devstream_trio.server.hub import HubConfig
 
 from ._conformance import DRIVERS, AsyncioDriver, Body, Driver, HubThread
+from .test_no_cycles import collector_off
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -665,3 +666,29 @@ def test_the_readmes_asyncio_example_runs(hub: HubThread) -> None:
             await asyncio.gather(device, return_exceptions=True)
 
     AsyncioDriver(hub).run(body, timeout=15)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_streams_that_end_leave_no_cycle(run: Any, mode: str) -> None:
+    """A stream's objects are freed by reference counting when it ends (tests/test_no_cycles.py
+    says why that matters), in both drivers: streams run with the cyclic collector off, and
+    it then finds none of devstream's objects to free (the hub's included: it runs in this
+    process)."""
+
+    async def body(d: Driver) -> None:
+        cs = d.hub.new_device()
+        async with d.device(cs, {"echo": echo}), d.service() as service:
+
+            async def one_stream() -> None:
+                stream = await service.open_stream(cs.device_id, "echo", mode=mode)
+                await stream.send_all(b"x")
+                assert await stream.receive_some() == b"x"
+                await stream.aclose()
+
+            await one_stream()
+            with collector_off() as found:
+                for _ in range(3):
+                    await one_stream()
+            assert found == []
+
+    run(body)

@@ -210,8 +210,11 @@ class WebSocket:
         WebSocket has ended (after every fragment that came before its end)."""
         ws = self._ws
         while True:
-            if ws.closed is not None:
-                raise ws.closed
+            closed = ws.closed
+            if closed is not None:
+                # A new one each time: the one kept would, raised, hold this connection's
+                # frames in its traceback, and they hold it (a cycle for the cyclic collector).
+                raise ConnectionClosed(closed.code, closed.reason)
             data, self._pending = self._pending, b""
             if not data and not ws.holds_more:
                 try:

@@ -244,11 +244,14 @@ class FramedStream:
                 )
                 waking.cancel()
                 if receiving in done:
-                    try:
-                        events = receiving.result()
-                    except ConnectionClosed as exc:
-                        driver.connection_closed(exc.code, exc.reason, self._now())
+                    # The end is taken without raising it: raised here, its traceback would
+                    # hold this frame, which holds it (in *receiving*): a cycle that leaves
+                    # the stream to Python's cyclic collector.
+                    ended = receiving.exception()
+                    if isinstance(ended, ConnectionClosed):
+                        driver.connection_closed(ended.code, ended.reason, self._now())
                         return
+                    events = receiving.result()  # raises any other error
                     receiving = asyncio.ensure_future(ws.receive())
                     try:
                         for event in events:

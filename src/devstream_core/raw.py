@@ -49,7 +49,10 @@ class RawReceiver:
 
     def __init__(self) -> None:
         self._buffer = bytearray()
-        self._end: DevstreamError | None = None
+        #: The close that ended it, unless a normal one: a new error is raised from it on
+        #: each receive (one kept and raised would hold, by its traceback, the frames that
+        #: hold this receiver: a cycle only Python's cyclic collector frees).
+        self._end: tuple[int, str] | None = None
         self._ended = False
 
     def data_received(self, data: bytes | bytearray | memoryview | str) -> None:
@@ -60,7 +63,7 @@ class RawReceiver:
         """The WebSocket ended with *code* and *reason* (1006: lost without a close)."""
         if not self._ended:
             self._ended = True
-            self._end = None if code == NORMAL_CLOSURE else end_error(code, reason)
+            self._end = None if code == NORMAL_CLOSURE else (code, reason)
 
     def take(self, max_bytes: int | None = None) -> bytes | None:
         """What a receive returns now: received bytes (at most *max_bytes*), ``b""`` after a
@@ -70,7 +73,7 @@ class RawReceiver:
             if not self._ended:
                 return None
             if self._end is not None:
-                raise self._end
+                raise end_error(*self._end)
             return b""
         size = len(buffer) if max_bytes is None else min(max_bytes, len(buffer))
         chunk = bytes(buffer[:size])

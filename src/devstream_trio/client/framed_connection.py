@@ -110,7 +110,7 @@ class FramedConnection:
         self._receiving = False
         self._scope = trio.CancelScope()
         #: The writer task runs only once something needs it (see _wake_writer).
-        self._writer = _Writer(driver, self._changed, self._timer_forward)
+        self._writer = _Writer(driver, self._changed)
         #: The connection task's timer while it reads, the deadline it was armed for, and
         #: whether a deferred acknowledgement brought it forward (see _defer_ack).
         self._read_timer: trio.CancelScope | None = None
@@ -235,7 +235,7 @@ class FramedConnection:
         if writer.nursery is None:
             self._need_reader()  # the writer starts with the connection task's first read
         else:
-            writer.start(self._ws)
+            writer.start(self._ws, self._timer_forward)
 
     def _carry_out(self, actions: list[Action]) -> bool:
         """Do what the driver's timer asked; True when it asked to drop the connection."""
@@ -503,7 +503,6 @@ class _Writer:
     __slots__ = (
         "_changed",
         "_driver",
-        "_sent",
         "ever_started",
         "idle",
         "nursery",
@@ -513,16 +512,9 @@ class _Writer:
         "wanted",
     )
 
-    def __init__(
-        self,
-        driver: StreamDriver,
-        changed: trio.lowlevel.ParkingLot,
-        sent: Callable[[], None],
-    ) -> None:
+    def __init__(self, driver: StreamDriver, changed: trio.lowlevel.ParkingLot) -> None:
         self._driver = driver
         self._changed = changed
-        #: Called after messages went out (the connection task's deadlines may move).
-        self._sent = sent
         #: Set when there is something to write (or the task is to stop).
         self.wanted = trio.Event()
         #: The nursery of the current WebSocket's tasks, while the connection task reads it.
@@ -532,17 +524,20 @@ class _Writer:
         self.idle = False
         self.stop = self.ping_wanted = False
 
-    def start(self, ws: WebSocket) -> None:
-        """Start the task on *ws*, unless it runs already."""
+    def start(self, ws: WebSocket, sent: Callable[[], None]) -> None:
+        """Start the task on *ws*, unless it runs already; it calls *sent* after messages
+        went out (the connection task's deadlines may move)."""
         if not self.running:
             assert self.nursery is not None
             self.running = self.ever_started = True
             self.idle = False
-            self.nursery.start_soon(self.run, ws)
+            self.nursery.start_soon(self.run, ws, sent)
 
-    async def run(self, ws: WebSocket) -> None:
+    async def run(self, ws: WebSocket, sent_messages: Callable[[], None]) -> None:
         """Write what is wanted on *ws* until the close went out, *ws* dropped, or told to
-        stop."""
+        stop. (*sent_messages* is the stream's: held by the task while it runs, never by
+        the writer, which the stream holds: that cycle would leave every stream to Python's
+        cyclic collector.)"""
         driver = self._driver
         try:
             while True:
@@ -560,7 +555,7 @@ class _Writer:
                         await ws.send_bytes(data)
                         sent = True
                     if sent:
-                        self._sent()
+                        sent_messages()
                     if self.ping_wanted:
                         self.ping_wanted = False
                         await ws.ping()

@@ -280,7 +280,8 @@ class FramedRelays:
                 try:
                     await self._pump_framed(relay, role, ws, connection_id, watch)
                 except ConnectionClosed as exc:
-                    closed = exc
+                    # Kept without its traceback, whose frames (this one too) would hold it.
+                    closed = exc.with_traceback(None)
                     dropped = exc.code == ABNORMAL_CLOSURE
                 finally:
                     self._idle_watches.pop(connection_id, None)

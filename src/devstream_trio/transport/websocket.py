@@ -240,7 +240,7 @@ class WebSocket(WebSocketSender):
         events = self._events
         while True:
             if self._closed is not None and not events:
-                raise self._closed
+                self._raise_closed()
             while events:
                 event = events.popleft()
                 # By type, not isinstance: a relay's every fragment passes here.
@@ -262,7 +262,7 @@ class WebSocket(WebSocketSender):
                 self._closed = ConnectionClosed(event.code, event.reason)
                 # Answers the peer's close, or closes on a frame the codec refused.
                 await self.send_close(event.code, event.reason)
-                raise self._closed
+                self._raise_closed()
         except trio.Cancelled:
             self._events.appendleft(event)
             raise
@@ -342,7 +342,7 @@ class WebSocket(WebSocketSender):
             if messages:
                 return messages
             if self._closed is not None:
-                raise self._closed
+                self._raise_closed()
             if stall_timeout is not None and (self._parts or self._ws.in_message):
                 # Reading is safe to cancel: nothing read is lost.
                 with trio.move_on_at(self.last_received + stall_timeout):
@@ -358,7 +358,7 @@ class WebSocket(WebSocketSender):
         self._parts, self._parts_size, self._frames = [], 0, 0
         self._closed = ConnectionClosed(MESSAGE_TOO_BIG, reason)
         await self.send_close(MESSAGE_TOO_BIG, reason)
-        raise self._closed
+        self._raise_closed()
 
     async def _receive_parts(self, max_size: int, max_fragments: int) -> list[bytes | memoryview]:
         while True:
@@ -429,7 +429,7 @@ class WebSocket(WebSocketSender):
         """Queue the events of what a read brought (nothing once the transport ended)."""
         if not data:
             self._closed = ConnectionClosed(ABNORMAL_CLOSURE, "connection lost")
-            raise self._closed
+            self._raise_closed()
         now = self.last_received = trio.current_time()
         if now >= self._beat_due:
             self._beat_now(now)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import trio
 
@@ -190,6 +190,16 @@ class WebSocketSender:
     def closed(self) -> ConnectionClosed | None:
         """Why the connection closed, or ``None`` while it is open."""
         return self._closed
+
+    def _raise_closed(self) -> NoReturn:
+        """Raise a :class:`ConnectionClosed` like :attr:`closed`: a new one each time. The
+        one kept here is never raised: a raised exception holds its traceback, whose frames
+        hold this WebSocket, which holds the exception: a cycle that only Python's cyclic
+        collector frees, and with it the socket, the codec and the buffers of every closed
+        connection (on a hub, thousands a second)."""
+        closed = self._closed
+        assert closed is not None
+        raise ConnectionClosed(closed.code, closed.reason)
 
     @property
     def is_open(self) -> bool:

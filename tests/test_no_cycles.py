@@ -1,0 +1,190 @@
+"""A stream's objects are freed by reference counting when it ends, not by the cyclic collector.
+
+A hub sets up and ends thousands of streams a second. Whatever a stream leaves in a reference
+cycle (a WebSocket holding the exception it raised, whose traceback holds the WebSocket's own
+frames; a stream holding a bound method of itself) stays in memory, sockets and buffers
+included, until Python's cyclic collector walks it, and that walk cost the hub about a twentieth
+of its CPU time in ``bench/stream_setup.py``. These tests run streams with the collector off and
+then ask it what it would have had to free.
+
+Test rules: loopback only (127.0.0.1), port 0; real sockets on the real clock, every test body
+under ``trio.fail_after``; the end of the hub's work is awaited with
+``trio.testing.wait_all_tasks_blocked``, never with a sleep.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from devstream_core.errors import DevstreamError
+from devstream_core.raw import RawReceiver
+from devstream_core.websocket import Connection
+from devstream_trio.client.device import DeviceClient
+from devstream_trio.client.service import AnyStream, ServiceClient
+from devstream_trio.server.store import RegistryStore
+from devstream_trio.transport.websocket import ConnectionClosed, WebSocket
+
+from ._helpers import start_hub
+
+TIMEOUT = 60
+
+
+def _ours(obj: object) -> str | None:
+    """What *obj* is, when it is devstream's: an instance of one of its classes, or a frame
+    or coroutine of its code."""
+    code = getattr(obj, "f_code", None) or getattr(obj, "cr_code", None)
+    if code is not None and "devstream" in code.co_filename:
+        return f"{type(obj).__name__} {code.co_name}"
+    module = type(obj).__module__
+    if module.startswith("devstream"):
+        return f"{module}.{type(obj).__qualname__}"
+    return None
+
+
+@contextmanager
+def collector_off() -> Iterator[list[str]]:
+    """Run the block with the cyclic collector off; then fill the list with devstream's
+    objects that only the collector could free (found in reference cycles)."""
+    found: list[str] = []
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield found
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        found.extend(name for name in map(_ours, gc.garbage) if name is not None)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if was_enabled:
+            gc.enable()
+
+
+async def echo(stream: AnyStream) -> None:
+    while data := await stream.receive_some(65536):
+        await stream.send_all(data)
+    await stream.aclose()
+
+
+async def hang_up(stream: AnyStream) -> None:
+    """A device application that drops its stream's connection as soon as it has it."""
+    ws = stream._ws  # type: ignore[union-attr]  # a raw stream's WebSocket
+    assert isinstance(ws, WebSocket)
+    await ws.abort()
+
+
+@pytest.mark.parametrize("mode", ["raw", "devstream.v1"])
+async def test_a_stream_that_ends_leaves_no_cycle_in_the_hub_or_the_clients(mode: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with await RegistryStore.open(None) as store, trio.open_nursery() as nursery:
+            hub, service_cs = await start_hub(nursery, store)
+            admin = ServiceClient(service_cs)
+            device_cs = admin.device_connection_string(await admin.create_device("d1"))
+            await nursery.start(DeviceClient(device_cs).serve, {"echo": echo})
+            service = ServiceClient(service_cs, nursery=nursery)
+
+            async def one_stream() -> None:
+                stream = await service.open_stream("d1", "echo", mode=mode)
+                await stream.send_all(b"x")
+                assert await stream.receive_some(1) == b"x"
+                await stream.aclose()
+
+            await one_stream()  # the first stream makes what stays for later ones
+            await trio.testing.wait_all_tasks_blocked()
+            with collector_off() as found:
+                for _ in range(5):
+                    await one_stream()
+                await trio.testing.wait_all_tasks_blocked()  # the hub's side of them too
+            assert found == []
+            assert hub.bridge.stream_count() == 0  # all ended in the hub too
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_raw_stream_whose_peer_vanished_leaves_no_cycle() -> None:
+    """The error path: the service's reads raise the stream's end, again and again."""
+    with trio.fail_after(TIMEOUT):
+        async with await RegistryStore.open(None) as store, trio.open_nursery() as nursery:
+            _hub, service_cs = await start_hub(nursery, store)
+            admin = ServiceClient(service_cs)
+            device_cs = admin.device_connection_string(await admin.create_device("d1"))
+            await nursery.start(DeviceClient(device_cs).serve, {"gone": hang_up})
+            service = ServiceClient(service_cs, nursery=nursery)
+            with collector_off() as found:
+                stream = await service.open_stream("d1", "gone", mode="raw")
+                for _ in range(2):
+                    with pytest.raises(trio.BrokenResourceError):
+                        await stream.receive_some(1)
+                await stream.aclose()
+                del stream
+                await trio.testing.wait_all_tasks_blocked()
+            assert found == []
+            nursery.cancel_scope.cancel()
+
+
+def test_a_raw_receiver_that_raised_its_end_is_freed_without_the_collector() -> None:
+    receiver = RawReceiver()
+    receiver.ended(1011, "504901 the other side never connected")
+    for _ in range(2):
+        with pytest.raises(DevstreamError) as info:
+            receiver.take()
+        assert info.value.code == 504901
+    del info
+    alive = weakref.ref(receiver)
+    with collector_off() as found:
+        del receiver
+        assert alive() is None
+    assert found == []
+
+
+async def _socket_pair() -> tuple[WebSocket, WebSocket]:
+    a, b = trio.socket.socketpair()
+    return (
+        WebSocket(trio.SocketStream(a), Connection(client=True)),
+        WebSocket(trio.SocketStream(b), Connection(client=False)),
+    )
+
+
+async def _peer_closes(client: WebSocket) -> None:
+    await client.send_close(4000, "done for today")
+
+
+async def _connection_lost(client: WebSocket) -> None:
+    await client.abort()
+
+
+async def _message_too_big(client: WebSocket) -> None:
+    await client.send_bytes(b"x" * 100)
+
+
+@pytest.mark.parametrize(
+    "end",
+    [_peer_closes, _connection_lost, _message_too_big],
+    ids=["peer-closes", "connection-lost", "message-too-big"],
+)
+async def test_a_websocket_that_raised_its_end_is_freed_without_the_collector(
+    end: Callable[[WebSocket], Awaitable[None]],
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        client, server = await _socket_pair()
+        await end(client)
+        codes = []
+        for _ in range(2):  # the end is raised on every read after it
+            with pytest.raises(ConnectionClosed) as info:
+                await server.receive_message(10)
+            codes.append(info.value.code)
+        del info
+        assert server.closed is not None and codes == [server.closed.code] * 2
+        alive = weakref.ref(server)
+        with collector_off() as found:
+            del server
+            assert alive() is None
+        assert found == []
+        await client.abort()
