@@ -13,7 +13,6 @@ import hashlib
 import itertools
 import logging
 import math
-import struct
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -1500,43 +1499,6 @@ def test_messages_sent_fit_what_every_receiver_takes() -> None:
     # to MAX_FRAMED_MESSAGE) to the peer's FramedStream (MAX_MESSAGE): a larger one is a 1009.
     assert framed.MESSAGE_LIMIT <= streaming.MAX_FRAMED_MESSAGE
     assert framed.MESSAGE_LIMIT <= framed.MAX_MESSAGE
-
-
-async def test_a_1_mib_message_of_an_earlier_sender_still_arrives(
-    hub_env: HubEnv, autojump_clock: trio.abc.Clock
-) -> None:
-    """devstream's clients send messages of at most 256 KiB; they sent up to 1 MiB before, and
-    the hub and a FramedStream still take such a message whole."""
-    received: list[bytes] = []
-
-    async def handler(stream: AnyStream) -> None:
-        received.append(await read_all(stream))
-        await stream.aclose()
-
-    await start_device(hub_env, handler)
-    # One WebSocket message of 1 MiB: the payload in sixteen Data frames (of up to 64 KiB,
-    # 13 bytes of head each), then the Eof (13 bytes).
-    chunk = 64 * 1024
-    payload = random_payload(framed.MAX_MESSAGE - 17 * 13)
-    message = b"".join(
-        struct.pack(">BIQ", 1, 8 + len(part), offset) + part
-        for offset in range(0, len(payload), chunk)
-        for part in [payload[offset : offset + chunk]]
-    ) + struct.pack(">BIQ", 3, 8, len(payload))
-    assert len(message) == framed.MAX_MESSAGE == 4 * framed.MESSAGE_LIMIT
-    with trio.fail_after(TIMEOUT):
-        url, token = await initiate(hub_env, [("devstream-stream-mode", "devstream.v1")])
-        ws = await connect(hub_env, url, token, ["devstream.v1"])
-        await ws.send_bytes(message)
-        # The device's application read it all, its EOF included: its acknowledgement says so.
-        acked = 0
-        while acked < len(payload) + 1:
-            frames = await ws.receive_message(1 << 20)
-            kind, _, offset = struct.unpack_from(">BIQ", frames)
-            if kind == 2:
-                acked = offset
-        assert received == [payload]
-        await ws.abort()
 
 
 async def test_closing_a_finished_stream_while_it_resumes_stops_the_resume(

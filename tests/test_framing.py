@@ -1059,7 +1059,7 @@ def message_sizes(endpoint: StreamEndpoint) -> list[int]:
 def test_messages_start_small_on_every_new_connection() -> None:
     """The hub relays whole messages, so a connection that drops mid-message delivers none
     of it: after a (re)connection, and after the peer's Resume, messages start at 64 KiB and
-    double up to 256 KiB, and a connection that lives for less than that still brings some."""
+    double up to 1 MiB, and a connection that lives for less than 1 MiB still brings some."""
     window = 4 * MAX_MESSAGE_SIZE
     pipe = Pipe(window=window, max_payload=MAX_FRAME_PAYLOAD)
     sender = pipe.ep[A]
@@ -1067,8 +1067,8 @@ def test_messages_start_small_on_every_new_connection() -> None:
     sender.write(bytes(window))
     sizes = message_sizes(sender)
     kib = 1024
-    assert sizes[:3] == [64 * kib, 128 * kib, 256 * kib]
-    assert set(sizes[3:-1]) == {MAX_MESSAGE_SIZE}
+    assert sizes[:5] == [64 * kib, 128 * kib, 256 * kib, 512 * kib, MAX_MESSAGE_SIZE]
+    assert set(sizes[5:-1]) == {MAX_MESSAGE_SIZE}
     assert sender.message_size == MAX_MESSAGE_SIZE
 
     # Dropped and back: this side's messages start small again, and so do the peer's once

@@ -91,10 +91,8 @@ def test_header_names_are_lower_case_and_spelled_as_azure_and_devstream_do() -> 
 
 
 def test_limits_are_the_core_modules_own() -> None:
-    # The hub relays, and a client accepts, every message a side may send, and the 1 MiB
-    # messages devstream's clients sent before they stopped at 256 KiB.
-    assert wire.MAX_FRAMED_MESSAGE_SIZE == 1024 * 1024
-    assert MAX_MESSAGE_SIZE == 256 * 1024
+    # The hub relays, and a client accepts, every message a side may send.
+    assert wire.MAX_FRAMED_MESSAGE_SIZE == MAX_MESSAGE_SIZE == 1024 * 1024
     assert wire.MAX_CONTROL_MESSAGE_SIZE == 64 * 1024
     assert (wire.DEFAULT_CONNECT_TIMEOUT, wire.DEFAULT_RESPONSE_TIMEOUT) == (60, 60)
     assert wire.DEFAULT_SAS_LIFETIME == 3600

@@ -63,7 +63,7 @@ Rules every change must keep:
   messages this side sends start at :data:`FIRST_MESSAGE_SIZE` and double with every message
   that carries Data, up to :data:`MAX_MESSAGE_SIZE` (:attr:`StreamEndpoint.message_size`). A
   connection that lives for only a few hundred KiB thus still moves the stream forward,
-  where a window resent in large messages would never arrive whole.
+  where a window resent in 1 MiB messages would never arrive whole.
 * **Reset is confirmed.** A reset side sends ``Reset`` and keeps sending it again on every new
   connection (and on every Resume of the peer) until a Reset from the peer has arrived
   (:attr:`StreamEndpoint.reset_confirmed`). A side that receives a Reset answers it with a Reset
@@ -159,13 +159,8 @@ DEFAULT_WINDOW: Final = 2 * 1024 * 1024
 MAX_FRAME_PAYLOAD: Final = 64 * 1024
 #: The largest frame body the decoder accepts (a Data body is 8 + payload).
 MAX_FRAME_SIZE: Final = MAX_FRAME_PAYLOAD + 16
-#: The largest WebSocket message (whole frames) :attr:`StreamEndpoint.message_size` asks for:
-#: the most a side sends. A receiver, and the hub, take up to 1 MiB
-#: (:data:`devstream_core.wire.MAX_FRAMED_MESSAGE_SIZE`), but the hub holds each message whole
-#: before it passes it on, and 256 KiB stays in a core's cache where 1 MiB does not: at 1 MiB
-#: writes the hub spent about 0.5 CPU-s per GB relayed with this limit, about 0.85 with 1 MiB
-#: (``bench/relay_cost.py``, docs/benchmarks.md run 10).
-MAX_MESSAGE_SIZE: Final = 256 * 1024
+#: The largest WebSocket message (whole frames) :attr:`StreamEndpoint.message_size` asks for.
+MAX_MESSAGE_SIZE: Final = 1024 * 1024
 #: The first message's size on a new connection (and after the peer's Resume); each message
 #: that carries Data doubles it, up to MAX_MESSAGE_SIZE.
 FIRST_MESSAGE_SIZE: Final = 64 * 1024
@@ -1200,7 +1195,7 @@ class StreamEndpoint:
         ``min(written_end, acked + window)`` in payloads of at most ``max_payload``, then the
         Eof once everything before it is out. The result is whole frames totalling at most
         *max_bytes* (at least :data:`MIN_SEND_LIMIT`) and never more than
-        :data:`MAX_MESSAGE_SIZE`, the largest message a side sends, whatever *max_bytes*
+        :data:`MAX_MESSAGE_SIZE`, the largest message the hub takes, whatever *max_bytes*
         says (None means that limit); call again while :attr:`has_output` for the rest.
         """
         if max_bytes is None or (type(max_bytes) is int and max_bytes > MAX_MESSAGE_SIZE):

@@ -51,6 +51,7 @@ from .control import MAX_CONTROL_MESSAGE_SIZE, MAX_WINDOW, MIN_WINDOW, MODE_RAW
 from .credentials import ConnectionString
 from .errors import ErrorCode, RemoteProtocolError
 from .exceptions import HubError, HubUnreachable, error_for
+from .framing import MAX_MESSAGE_SIZE
 
 __all__ = [
     "ACCEPTED",
@@ -139,9 +140,8 @@ DEFAULT_RESPONSE_TIMEOUT: Final = 60
 DEFAULT_SAS_LIFETIME: Final = 3600
 MIN_SAS_LIFETIME: Final = 2
 #: The largest devstream.v1 WebSocket message (whole frames) the hub relays and a client
-#: accepts: 1 MiB, four times what devstream's own sides send
-#: (:data:`devstream_core.framing.MAX_MESSAGE_SIZE`), which sent up to 1 MiB before.
-MAX_FRAMED_MESSAGE_SIZE: Final = 1024 * 1024
+#: accepts; what a side sends (:data:`devstream_core.framing.MAX_MESSAGE_SIZE`) fits it.
+MAX_FRAMED_MESSAGE_SIZE: Final = MAX_MESSAGE_SIZE
 #: The largest message a client sends on a raw stream: a ``send_all`` goes out in messages
 #: of at most this many bytes (the peer sees message boundaries: Azure's data plane).
 RAW_MESSAGE_SIZE: Final = 64 * 1024
