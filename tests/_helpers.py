@@ -6,6 +6,7 @@ for output lines, servers report their port once they listen.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import socket
 import subprocess
@@ -28,8 +29,31 @@ from devstream_trio.server.store import RegistryStore
 # -- ports, hubs and TCP servers --------------------------------------------------------------
 
 
+#: The sockets that hold the ports :func:`refused_port` handed out, for the tests' lifetime.
+_HELD: list[socket.socket] = []
+
+
+@atexit.register
+def _release_held_ports() -> None:
+    for sock in _HELD:
+        sock.close()
+
+
+def refused_port() -> int:
+    """A loopback port where a connection is refused, for as long as the tests run: a socket
+    is bound to it and never listens, so no other program (another test worker's server, say)
+    can take the port meanwhile, as it could one of :func:`free_port`'s."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    port: int = sock.getsockname()[1]
+    return port
+
+
 def free_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
+    """A loopback port nobody listens on (bound, then released), for a server to bind: another
+    program may take it first. A test that only needs a connection refused uses
+    :func:`refused_port`."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]

@@ -28,7 +28,7 @@ from devstream_trio.exceptions import DeviceDisabled
 from devstream_trio.server.hub import Hub
 from devstream_trio.server.store import RegistryStore
 
-from ._helpers import free_port, one_error_line, run_cli, start_child, start_hub
+from ._helpers import one_error_line, refused_port, run_cli, start_child, start_hub
 
 TIMEOUT = 20
 CS_ENV = "DEVSTREAM_CONNECTION_STRING"
@@ -276,7 +276,7 @@ MISTAKES: list[tuple[str, Callable[[str, Path], list[str]], str]] = [
             "device",
             "list",
             "--connection-string",
-            f"HostName=127.0.0.1:{free_port()};SharedAccessKeyName=owner;"
+            f"HostName=127.0.0.1:{refused_port()};SharedAccessKeyName=owner;"
             f"SharedAccessKey={OTHER_KEY};UseTls=false",
         ],
         "cannot reach",

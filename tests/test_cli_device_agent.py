@@ -19,7 +19,7 @@ import trio
 from devstream_trio.server.hub import Hub
 from devstream_trio.server.store import RegistryStore
 
-from ._helpers import Output, free_port, run_cli, start_child, start_hub
+from ._helpers import Output, refused_port, run_cli, start_child, start_hub
 
 TIMEOUT = 30
 CS_ENV = "DEVSTREAM_CONNECTION_STRING"
@@ -103,7 +103,7 @@ async def test_proxy_device_of_a_disabled_device_retries_until_it_is_enabled(
                 "proxy",
                 "device",
                 "--map",
-                f"ssh=127.0.0.1:{free_port()}",
+                f"ssh=127.0.0.1:{refused_port()}",
                 "--auth-retry-first",
                 "0.2",
             ]
@@ -134,7 +134,7 @@ async def test_exit_on_auth_error_keeps_the_one_line_exit(
         await cli_hub.cli(capsys, "device", "disable", "off")
         argv = [command, "device", "--exit-on-auth-error"]
         if command == "proxy":
-            argv += ["--map", f"ssh=127.0.0.1:{free_port()}"]
+            argv += ["--map", f"ssh=127.0.0.1:{refused_port()}"]
         async with trio.open_nursery() as nursery:
             process, out = await start_child(nursery, argv, env=agent_env(device_cs))
             assert await rest_of(process, out) == 1

@@ -37,7 +37,7 @@ from devstream_trio.cli import main
 from devstream_trio.server.hub import Hub, ensure_owner_policy, serve_hub
 from devstream_trio.server.store import RegistryStore
 
-from ._helpers import free_port, one_error_line, policy_cs
+from ._helpers import free_port, one_error_line, policy_cs, refused_port
 
 TIMEOUT = 30
 
@@ -227,7 +227,7 @@ async def test_connection_string_that_does_not_parse() -> None:
 
 
 async def test_no_hub_running_there() -> None:
-    port = free_port()
+    port = refused_port()
     cs = f"HostName=127.0.0.1:{port};SharedAccessKeyName=owner;SharedAccessKey=a2V5;UseTls=false"
     line = await mistake(["device", "list", "--connection-string", cs])
     assert line.startswith(

@@ -21,7 +21,6 @@ import hashlib
 import os
 import re
 import shutil
-import socket
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -56,7 +55,7 @@ from devstream_trio.transport.connect import (
     resolve_proxy,
 )
 
-from ._helpers import one_error_line
+from ._helpers import free_port, one_error_line, refused_port
 from .conftest import random_payload, require_tool
 
 TIMEOUT = 15
@@ -432,16 +431,8 @@ async def test_proxy_that_closes_early_or_babbles(data: bytes, expected: str) ->
             nursery.cancel_scope.cancel()
 
 
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (the kernel just handed it out)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def test_proxy_down_names_the_proxy() -> None:
-    port = free_port()
+    port = refused_port()
     with trio.fail_after(TIMEOUT):
         with pytest.raises(HubUnreachable) as info:
             await open_hub_stream(HUB, proxy=ProxyConfig(host="127.0.0.1", port=port))
@@ -465,7 +456,7 @@ async def test_default_opener_follows_the_environment(monkeypatch: pytest.Monkey
             await stream.aclose()
             assert len(proxy.heads) == 1
             # "" means no proxy even when the environment names one.
-            port = free_port()
+            port = refused_port()
             with pytest.raises(HubUnreachable, match=f"cannot reach the hub at 127.0.0.1:{port}"):
                 await hub_opener(http_proxy="")(HubAddress.from_url(f"http://127.0.0.1:{port}"))
             assert len(proxy.heads) == 1

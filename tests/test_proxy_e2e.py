@@ -38,6 +38,7 @@ from ._helpers import (
     Output,
     closed_promptly,
     free_port,
+    refused_port,
     start_hub,
     start_process,
     start_tcp_server,
@@ -409,7 +410,7 @@ async def test_target_down_closes_the_connection_and_the_proxy_keeps_serving(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="devstream.proxy")
-    down = free_port()
+    down = refused_port()
     with trio.fail_after(20):
         async with trio.open_nursery() as servers:
             live = await start_tcp_server(servers, echo)

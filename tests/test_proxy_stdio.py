@@ -46,7 +46,7 @@ from devstream_trio.exceptions import (
 )
 from devstream_trio.server.store import RegistryStore
 
-from ._helpers import free_port, one_error_line, start_child, start_hub, start_tcp_server
+from ._helpers import one_error_line, refused_port, start_child, start_hub, start_tcp_server
 from .conftest import HubEnv, random_payload, require_tool
 from .test_proxy_e2e import Sshd, sha256_of, start_sshd, write_random_file
 
@@ -485,7 +485,7 @@ async def test_cli_stdin_on_a_terminal_stays_blocking() -> None:
 
 
 async def test_cli_errors_are_one_line_and_exit_1() -> None:
-    dead = free_port()
+    dead = refused_port()
     with trio.fail_after(30):
         async with open_loopback({"down": dead}) as hub:
             env = hub.env(hub.service_cs)
@@ -610,7 +610,7 @@ async def test_ssh_and_scp_with_proxy_command(tmp_path: Path) -> None:
 async def test_cli_proxies_configured_by_a_file(tmp_path: Path) -> None:
     """``proxy device``, ``proxy service`` and ``proxy stdio`` each read their table; a flag
     replaces the file's entry of the same name."""
-    dead = free_port()
+    dead = refused_port()
     with trio.fail_after(30):
         async with trio.open_nursery() as programs:
             echo_port = await start_tcp_server(programs, echo_tcp)
