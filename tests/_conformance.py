@@ -47,7 +47,7 @@ from devstream_trio.server.store import RegistryStore
 from ._helpers import policy_cs
 from ._relay import Pace
 
-DEVICE_POOL = 48
+DEVICE_POOL = 64
 
 
 class _Connection:

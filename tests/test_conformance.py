@@ -692,3 +692,38 @@ def test_streams_that_end_leave_no_cycle(run: Any, mode: str) -> None:
             assert found == []
 
     run(body)
+
+
+def test_a_reset_stream_leaves_no_cycle(run: Any) -> None:
+    """As above, for a stream the service resets while the device reads: its reads and its
+    write after the reset each raise, in both drivers."""
+
+    async def body(d: Driver) -> None:
+        seen: list[BaseException] = []
+
+        async def victim(stream: Any) -> None:
+            seen.append(await d.error_of(read_all(stream)))
+            seen.append(await d.error_of(read_all(stream)))
+            seen.append(await d.error_of(stream.send_all(b"too late")))
+            await stream.aclose()
+            d.notify()
+
+        cs = d.hub.new_device()
+        async with d.device(cs, {"victim": victim}), d.service() as service:
+
+            async def one_stream() -> None:
+                seen.clear()
+                stream = await service.open_stream(cs.device_id, "victim", mode="devstream.v1")
+                await stream.send_all(b"x")
+                await stream.reset(4242, "changed my mind")
+                await d.wait_for(lambda: len(seen) == 3)
+                assert all(isinstance(error, StreamReset) for error in seen[:2]), seen
+                await stream.aclose()
+
+            await one_stream()
+            with collector_off() as found:
+                for _ in range(3):
+                    await one_stream()
+            assert found == []
+
+    run(body)

@@ -23,15 +23,20 @@ import pytest
 import trio
 import trio.testing
 
+from devstream_core.client_websocket import ClientWebSocket
+from devstream_core.client_websocket import ConnectionClosed as ClientConnectionClosed
 from devstream_core.errors import DevstreamError
+from devstream_core.exceptions import StreamReset
 from devstream_core.raw import RawReceiver
 from devstream_core.websocket import Connection
 from devstream_trio.client.device import DeviceClient
+from devstream_trio.client.framed import FramedStream
 from devstream_trio.client.service import AnyStream, ServiceClient
 from devstream_trio.server.store import RegistryStore
 from devstream_trio.transport.websocket import ConnectionClosed, WebSocket
 
 from ._helpers import start_hub
+from .test_streamdriver import Link
 
 TIMEOUT = 60
 
@@ -188,3 +193,77 @@ async def test_a_websocket_that_raised_its_end_is_freed_without_the_collector(
             assert alive() is None
         assert found == []
         await client.abort()
+
+
+# -- the core's sans-IO objects, on the error paths an adapter reports again and again --------
+
+
+def test_a_driver_whose_reads_raised_its_reset_is_freed_without_the_collector() -> None:
+    link = Link()
+    link.a.reset(4242, "changed my mind", 0.0)
+    link.flush(link.a)
+    link.deliver(link.a, 0.0)
+    reader = link.b
+    alive = weakref.ref(reader)
+    with collector_off() as found:  # raised with the collector off: it frees nothing between
+        for _ in range(2):
+            with pytest.raises(StreamReset):
+                reader.take(None, 0.0)
+        del link, reader
+        assert alive() is None
+    assert found == []
+
+
+def test_a_client_websocket_that_raised_its_end_is_freed_without_the_collector() -> None:
+    ws = ClientWebSocket(lambda: b"\x01\x02\x03\x04")
+    ws.end(1006, "connection lost")
+    alive = weakref.ref(ws)
+    with collector_off() as found:
+        for _ in range(2):
+            with pytest.raises(ClientConnectionClosed):
+                ws.send(b"more")
+            with pytest.raises(ClientConnectionClosed) as info:
+                ws.receive_data(b"")
+            assert (info.value.code, info.value.reason) == (1006, "connection lost")
+        del info, ws
+        assert alive() is None
+    assert found == []
+
+
+async def reads_until_reset(stream: AnyStream) -> None:
+    """A device application that reads until its stream fails, then tries once more each way
+    (each attempt raises again), and closes."""
+    for attempt in (stream.receive_some, stream.receive_some):
+        with pytest.raises(trio.BrokenResourceError):
+            while await attempt(100):
+                pass
+    with pytest.raises(trio.BrokenResourceError):
+        await stream.send_all(b"too late")
+    await stream.aclose()
+
+
+async def test_a_reset_stream_leaves_no_cycle() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with await RegistryStore.open(None) as store, trio.open_nursery() as nursery:
+            hub, service_cs = await start_hub(nursery, store)
+            admin = ServiceClient(service_cs)
+            device_cs = admin.device_connection_string(await admin.create_device("d1"))
+            await nursery.start(DeviceClient(device_cs).serve, {"read": reads_until_reset})
+            service = ServiceClient(service_cs, nursery=nursery)
+
+            async def one_stream() -> None:
+                stream = await service.open_stream("d1", "read", mode="devstream.v1")
+                assert isinstance(stream, FramedStream)
+                await stream.send_all(b"x")
+                await stream.reset(4242, "changed my mind")
+                await stream.aclose()
+
+            await one_stream()
+            await trio.testing.wait_all_tasks_blocked()
+            with collector_off() as found:
+                for _ in range(3):
+                    await one_stream()
+                await trio.testing.wait_all_tasks_blocked()
+            assert found == []
+            assert hub.bridge.stream_count() == 0
+            nursery.cancel_scope.cancel()

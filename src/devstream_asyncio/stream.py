@@ -149,7 +149,10 @@ class FramedStream:
             raise HubError(ErrorCode.ARGUMENT_INVALID, "send_eof() or aclose() was called")
         error = self._driver.failure()
         if error is not None:
-            raise error
+            try:
+                raise error
+            finally:
+                del error  # this frame would hold it, and its traceback this frame: a cycle
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Hand *data* to the stream, waiting while the flow-control window is full."""

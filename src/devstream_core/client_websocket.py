@@ -107,7 +107,7 @@ class ClientWebSocket:
         """The bytes of one whole message (``str``: a text message); raises :attr:`closed`
         once the WebSocket has ended."""
         if self.closed is not None:
-            raise self.closed
+            raise self._closed_error()
         head, body = self._conn.send_data(data, mask_key=self._mask_key())
         return head + bytes(body)
 
@@ -130,6 +130,14 @@ class ClientWebSocket:
         if self.closed is None:
             self.closed = ConnectionClosed(code, reason)
 
+    def _closed_error(self) -> ConnectionClosed:
+        """A new exception like :attr:`closed`, to raise: the one kept is never raised (its
+        traceback would hold frames that hold this object: a cycle that only Python's cyclic
+        collector frees)."""
+        closed = self.closed
+        assert closed is not None
+        return ConnectionClosed(closed.code, closed.reason)
+
     def connection_lost(self) -> None:
         """The transport ended (a read brought nothing, or failed)."""
         self.end(ABNORMAL_CLOSURE, "connection lost")
@@ -138,7 +146,7 @@ class ClientWebSocket:
         """Parse what a read brought (``b""``: the rest of the last one, when
         :attr:`holds_more`); raises :attr:`closed` once the WebSocket has ended."""
         if self.closed is not None:
-            raise self.closed
+            raise self._closed_error()
         messages: list[BytesMessage | TextMessage] = []
         answers = bytearray()
         for event in self._conn.receive_data(data):

@@ -643,9 +643,12 @@ class StreamDriver:
             if data or endpoint.at_eof:
                 return data
         failure = self.failure()
-        if failure is not None:
+        if failure is None:
+            return None
+        try:
             raise failure
-        return None
+        finally:
+            del failure  # this frame would hold it, and its traceback this frame: a cycle
 
     def write_eof(self) -> None:
         """No more data (see :meth:`StreamEndpoint.write_eof`)."""
