@@ -41,7 +41,7 @@ from devstream_core.session import RefusalBackoff
 from devstream_trio.server.hub import HubConfig
 
 from ._conformance import DRIVERS, AsyncioDriver, Body, Driver, HubThread
-from .test_no_cycles import collector_off
+from .test_no_cycles import cycles_left_by
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -685,11 +685,7 @@ def test_streams_that_end_leave_no_cycle(run: Any, mode: str) -> None:
                 assert await stream.receive_some() == b"x"
                 await stream.aclose()
 
-            await one_stream()
-            with collector_off() as found:
-                for _ in range(3):
-                    await one_stream()
-            assert found == []
+            assert await cycles_left_by(one_stream, 3) == []
 
     run(body)
 
@@ -720,10 +716,6 @@ def test_a_reset_stream_leaves_no_cycle(run: Any) -> None:
                 assert all(isinstance(error, StreamReset) for error in seen[:2]), seen
                 await stream.aclose()
 
-            await one_stream()
-            with collector_off() as found:
-                for _ in range(3):
-                    await one_stream()
-            assert found == []
+            assert await cycles_left_by(one_stream, 3) == []
 
     run(body)

@@ -941,6 +941,19 @@ async def finish(pair: Streams) -> None:
         assert stream.endpoint.state is EndpointState.DONE
 
 
+async def service_resume_across(pair: Streams, event: Callable[[], Awaitable[None]]) -> float:
+    """:func:`transfer_across` *event* while watching the service; return when it resumed."""
+    resumed_at: list[float] = []
+
+    async def watch() -> None:
+        resumed_at.append(await wait_for_resume(pair.service))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        await transfer_across(pair, event)
+    return resumed_at[0]
+
+
 async def wait_for_resume(stream: FramedStream, count: int = 1) -> float:
     """Wait (on the test's clock) until *stream* has resumed *count* times; return when."""
     while stream.resumes < count:
@@ -964,15 +977,8 @@ async def test_client_detects_a_silent_connection_and_resumes(
             pair.service_opener.latest_stream().stall()
             stalled_at = trio.current_time()
 
-        async with trio.open_nursery() as nursery:
-            resumed_at: list[float] = []
-
-            async def watch() -> None:
-                resumed_at.append(await wait_for_resume(pair.service))
-
-            nursery.start_soon(watch)
-            await transfer_across(pair, stall)
-        assert 0 < resumed_at[0] - stalled_at <= 5 + 0.1
+        resumed_at = await service_resume_across(pair, stall)
+        assert 0 < resumed_at - stalled_at <= 5 + 0.1
         assert pair.service.resumes == 1 and pair.device.resumes == 0
         assert (await metrics(hub_env))["devstream_resumes_total"] == 1
 
@@ -997,15 +1003,7 @@ async def test_a_writer_leaves_a_silent_connection_within_the_probe_timeout(
             pair.service_opener.latest_stream().stall()
             stalled_at = trio.current_time()
 
-        async with trio.open_nursery() as nursery:
-            resumed_at: list[float] = []
-
-            async def watch() -> None:
-                resumed_at.append(await wait_for_resume(pair.service))
-
-            nursery.start_soon(watch)
-            await transfer_across(pair, stall)
-        took = resumed_at[0] - stalled_at
+        took = await service_resume_across(pair, stall) - stalled_at
         assert PROBE_TIMEOUT <= took <= ACK_PROBE + PROBE_TIMEOUT + 0.1, took
         assert pair.service.resumes == 1 and pair.device.resumes == 0
 

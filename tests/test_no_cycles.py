@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import pytest
 import trio
@@ -32,6 +32,7 @@ from devstream_core.websocket import Connection
 from devstream_trio.client.device import DeviceClient
 from devstream_trio.client.framed import FramedStream
 from devstream_trio.client.service import AnyStream, ServiceClient
+from devstream_trio.server.hub import Hub
 from devstream_trio.server.store import RegistryStore
 from devstream_trio.transport.websocket import ConnectionClosed, WebSocket
 
@@ -73,6 +74,41 @@ def collector_off() -> Iterator[list[str]]:
             gc.enable()
 
 
+async def cycles_left_by(
+    one_stream: Callable[[], Awaitable[None]],
+    count: int,
+    settle: Callable[[], Awaitable[None]] | None = None,
+) -> list[str]:
+    """Run *one_stream* once (what stays for later streams is made then), then *count* times
+    with the collector off; return devstream's objects the collector would then have had to
+    free. *settle*, after each part, lets the other tasks finish their share of the streams
+    (trio's ``wait_all_tasks_blocked`` on loopback)."""
+    await one_stream()
+    if settle is not None:
+        await settle()
+    with collector_off() as found:
+        for _ in range(count):
+            await one_stream()
+        if settle is not None:
+            await settle()
+    return found
+
+
+@asynccontextmanager
+async def hub_and_clients(
+    handlers: dict[str, Callable[[AnyStream], Awaitable[None]]],
+) -> AsyncIterator[tuple[Hub, ServiceClient]]:
+    """A hub on loopback, device ``d1`` serving *handlers* with devstream's trio client, and
+    a service client; all stopped when the block ends."""
+    async with await RegistryStore.open(None) as store, trio.open_nursery() as nursery:
+        hub, service_cs = await start_hub(nursery, store)
+        admin = ServiceClient(service_cs)
+        device_cs = admin.device_connection_string(await admin.create_device("d1"))
+        await nursery.start(DeviceClient(device_cs).serve, handlers)
+        yield hub, ServiceClient(service_cs, nursery=nursery)
+        nursery.cancel_scope.cancel()
+
+
 async def echo(stream: AnyStream) -> None:
     while data := await stream.receive_some(65536):
         await stream.send_all(data)
@@ -89,12 +125,7 @@ async def hang_up(stream: AnyStream) -> None:
 @pytest.mark.parametrize("mode", ["raw", "devstream.v1"])
 async def test_a_stream_that_ends_leaves_no_cycle_in_the_hub_or_the_clients(mode: str) -> None:
     with trio.fail_after(TIMEOUT):
-        async with await RegistryStore.open(None) as store, trio.open_nursery() as nursery:
-            hub, service_cs = await start_hub(nursery, store)
-            admin = ServiceClient(service_cs)
-            device_cs = admin.device_connection_string(await admin.create_device("d1"))
-            await nursery.start(DeviceClient(device_cs).serve, {"echo": echo})
-            service = ServiceClient(service_cs, nursery=nursery)
+        async with hub_and_clients({"echo": echo}) as (hub, service):
 
             async def one_stream() -> None:
                 stream = await service.open_stream("d1", "echo", mode=mode)
@@ -102,26 +133,15 @@ async def test_a_stream_that_ends_leaves_no_cycle_in_the_hub_or_the_clients(mode
                 assert await stream.receive_some(1) == b"x"
                 await stream.aclose()
 
-            await one_stream()  # the first stream makes what stays for later ones
-            await trio.testing.wait_all_tasks_blocked()
-            with collector_off() as found:
-                for _ in range(5):
-                    await one_stream()
-                await trio.testing.wait_all_tasks_blocked()  # the hub's side of them too
-            assert found == []
+            # Settled: the hub's side of the streams ends too.
+            assert await cycles_left_by(one_stream, 5, trio.testing.wait_all_tasks_blocked) == []
             assert hub.bridge.stream_count() == 0  # all ended in the hub too
-            nursery.cancel_scope.cancel()
 
 
 async def test_a_raw_stream_whose_peer_vanished_leaves_no_cycle() -> None:
     """The error path: the service's reads raise the stream's end, again and again."""
     with trio.fail_after(TIMEOUT):
-        async with await RegistryStore.open(None) as store, trio.open_nursery() as nursery:
-            _hub, service_cs = await start_hub(nursery, store)
-            admin = ServiceClient(service_cs)
-            device_cs = admin.device_connection_string(await admin.create_device("d1"))
-            await nursery.start(DeviceClient(device_cs).serve, {"gone": hang_up})
-            service = ServiceClient(service_cs, nursery=nursery)
+        async with hub_and_clients({"gone": hang_up}) as (_hub, service):
             with collector_off() as found:
                 stream = await service.open_stream("d1", "gone", mode="raw")
                 for _ in range(2):
@@ -131,7 +151,6 @@ async def test_a_raw_stream_whose_peer_vanished_leaves_no_cycle() -> None:
                 del stream
                 await trio.testing.wait_all_tasks_blocked()
             assert found == []
-            nursery.cancel_scope.cancel()
 
 
 def test_a_raw_receiver_that_raised_its_end_is_freed_without_the_collector() -> None:
@@ -244,12 +263,7 @@ async def reads_until_reset(stream: AnyStream) -> None:
 
 async def test_a_reset_stream_leaves_no_cycle() -> None:
     with trio.fail_after(TIMEOUT):
-        async with await RegistryStore.open(None) as store, trio.open_nursery() as nursery:
-            hub, service_cs = await start_hub(nursery, store)
-            admin = ServiceClient(service_cs)
-            device_cs = admin.device_connection_string(await admin.create_device("d1"))
-            await nursery.start(DeviceClient(device_cs).serve, {"read": reads_until_reset})
-            service = ServiceClient(service_cs, nursery=nursery)
+        async with hub_and_clients({"read": reads_until_reset}) as (hub, service):
 
             async def one_stream() -> None:
                 stream = await service.open_stream("d1", "read", mode="devstream.v1")
@@ -258,12 +272,5 @@ async def test_a_reset_stream_leaves_no_cycle() -> None:
                 await stream.reset(4242, "changed my mind")
                 await stream.aclose()
 
-            await one_stream()
-            await trio.testing.wait_all_tasks_blocked()
-            with collector_off() as found:
-                for _ in range(3):
-                    await one_stream()
-                await trio.testing.wait_all_tasks_blocked()
-            assert found == []
+            assert await cycles_left_by(one_stream, 3, trio.testing.wait_all_tasks_blocked) == []
             assert hub.bridge.stream_count() == 0
-            nursery.cancel_scope.cancel()

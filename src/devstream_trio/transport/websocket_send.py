@@ -532,16 +532,15 @@ class WebSocketSender:
         waits for the transport, and when that wait is over (see :class:`WriteWaits`)."""
         lock = self._send_lock
         if lock._busy:
-            if waits is None:
-                async with lock:
-                    return await self._send_whole(messages, then_close, None)
             # Waiting for another send is waiting for the transport too.
-            waits.write_waits()
+            if waits is not None:
+                waits.write_waits()
             try:
                 async with lock:
                     return await self._send_whole(messages, then_close, None)
             finally:
-                waits.write_done()
+                if waits is not None:
+                    waits.write_done()
         # The lock is free (the usual case on a relay): taken without ``async with``.
         await trio.lowlevel.checkpoint_if_cancelled()
         lock._busy = True
