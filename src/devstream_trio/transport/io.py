@@ -13,29 +13,56 @@ write the socket's file descriptor themselves (``os.read``, ``os.writev``):
 Other streams (TLS, memory streams in tests) go through their own ``send_all`` and
 ``receive_some``. A socket closed meanwhile has ``fileno() == -1``, so a descriptor number a
 newer socket reuses is never read or written.
+
+:class:`UnsentLimit` sizes what a socket that carries bulk data may hold written but not
+yet sent (``TCP_NOTSENT_LOWAT``) to what it sends in a moment, rather than trio's fixed
+16 KiB.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import trio
 
 __all__ = [
+    "MAX_NOTSENT_LOWAT",
+    "RATE_SPAN",
+    "TRIO_NOTSENT_LOWAT",
+    "UNSENT_TIME",
+    "UnsentLimit",
     "read_when_ready",
     "receive_plain",
     "receive_ready",
     "receive_some",
     "send_all",
     "send_vectored",
+    "set_unsent_limit",
     "write_nowait",
 ]
 
 #: The most buffers one writev takes (Linux's IOV_MAX is 1024).
 _IOV_MAX = 512
+
+#: What trio sets ``TCP_NOTSENT_LOWAT`` to on every socket it makes: the bytes a socket may
+#: hold written but not yet sent before a write waits.
+TRIO_NOTSENT_LOWAT = 16 * 1024
+
+#: The most :class:`UnsentLimit` lets a socket hold unsent: one whole WebSocket message.
+MAX_NOTSENT_LOWAT = 1024 * 1024
+
+#: Seconds of sending that :class:`UnsentLimit` lets a socket hold unsent: how long a frame
+#: written now (a pong, a close) may wait behind the bytes written before it.
+UNSENT_TIME = 0.05
+
+#: The shortest time (the socket full) over which :class:`UnsentLimit` measures a rate.
+RATE_SPAN = 0.02
+
+_TCP_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -46,6 +73,76 @@ def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourc
     if exc.errno == errno.EBADF:
         return trio.ClosedResourceError("socket was already closed")
     return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+def set_unsent_limit(stream: trio.SocketStream, limit: int) -> bool:
+    """Let *stream*'s TCP socket hold up to *limit* bytes written and not yet sent
+    (``TCP_NOTSENT_LOWAT``). True when it was set; False on a platform without the option, or
+    for a socket that refused it (not TCP, or already closed)."""
+    if _TCP_NOTSENT_LOWAT is None:
+        return False
+    try:
+        stream.socket.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, limit)
+    except OSError:
+        return False
+    return True
+
+
+class UnsentLimit:
+    """Sizes a socket's ``TCP_NOTSENT_LOWAT`` to the bytes it sends in :data:`UNSENT_TIME`,
+    between trio's 16 KiB and :data:`MAX_NOTSENT_LOWAT`, from how fast it drains.
+
+    Why: with trio's 16 KiB, a socket takes what the receiver has room for plus 16 KiB, and
+    a relay's 1 MiB message went out on loopback in about seven writes, each after a wait
+    for the socket (a wake-up and an epoll registration). A fixed larger limit would let a
+    slow link hold seconds of bytes ahead of a pong, and a peer probing the connection would
+    take it for lost. So the limit follows the rate: on loopback it reaches 1 MiB within the
+    first few dozen milliseconds of a transfer; on a link of 320 kB/s or slower it stays at
+    16 KiB.
+
+    The writer calls :meth:`filled` when a write left bytes over, and :meth:`sent` after each
+    write that followed a wait for the socket. The socket was full before and after such a
+    wait, so what the write took is what went out in between. The rate is measured over
+    spans of at least :data:`RATE_SPAN` seconds of that (time the socket was not full does
+    not count). The limit rises only when two spans in a row ask for it (a link that
+    catches up in a burst after a stall does not raise it) and falls after one; it moves
+    only for a rate that says half or twice as much (one system call then).
+    """
+
+    __slots__ = ("_asked", "_full_since", "_span_bytes", "_span_time", "limit")
+
+    def __init__(self) -> None:
+        #: The socket's limit now (trio's, until the first change).
+        self.limit = TRIO_NOTSENT_LOWAT
+        self._full_since: float | None = None
+        self._span_bytes = 0
+        self._span_time = 0.0
+        #: What the last whole span asked for.
+        self._asked = TRIO_NOTSENT_LOWAT
+
+    def filled(self, now: float) -> None:
+        """A write at *now* left bytes over: the socket is full."""
+        self._full_since = now
+
+    def sent(self, stream: trio.SocketStream, count: int, now: float, *, full: bool) -> None:
+        """A write after a wait for the socket took *count* bytes at *now*; *full*: it left
+        bytes over (the socket is full again)."""
+        since = self._full_since
+        self._full_since = now if full else None
+        if since is None or now <= since:
+            return  # no full interval to measure (or a clock that did not move)
+        self._span_bytes += count
+        self._span_time += now - since
+        if self._span_time < RATE_SPAN:
+            return
+        asked = round(self._span_bytes / self._span_time * UNSENT_TIME)
+        asked = min(max(asked, TRIO_NOTSENT_LOWAT), MAX_NOTSENT_LOWAT)
+        self._span_bytes, self._span_time = 0, 0.0
+        wanted = min(asked, self._asked)  # up: both spans asked for it; down: this one did
+        self._asked = asked
+        limit = self.limit
+        if (wanted >= 2 * limit or 2 * wanted <= limit) and set_unsent_limit(stream, wanted):
+            self.limit = wanted
 
 
 async def send_vectored(

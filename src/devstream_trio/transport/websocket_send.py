@@ -176,6 +176,10 @@ class WebSocketSender:
     written as the module says; :class:`~devstream_trio.transport.websocket.WebSocket` adds
     the receiving half."""
 
+    #: Sizes the socket's limit on bytes written and not yet sent, made at the first write
+    #: that the socket did not take whole (see _write_rest): most sockets never fill.
+    _unsent: _io.UnsentLimit | None = None
+
     def __init__(self, stream: trio.abc.Stream, connection: Connection) -> None:
         self.stream = stream
         self._ws = connection
@@ -333,10 +337,18 @@ class WebSocketSender:
         ``ConnectionClosed(1006)``). Cancelled before any of *own* went out, this send is
         dropped whole and what is left of the backlog stays for the next send.
         """
+        unsent = self._unsent
+        if unsent is None:
+            unsent = self._unsent = _io.UnsentLimit()
+        unsent.filled(trio.current_time())
         try:
             while rest:
                 await trio.lowlevel.wait_writable(stream.socket)
+                left = sum(map(len, rest))
                 rest = _io.write_nowait(stream, rest)
+                # The socket's pace sizes how much it may hold unsent (see UnsentLimit).
+                count = left - sum(map(len, rest)) if rest else left
+                unsent.sent(stream, count, trio.current_time(), full=bool(rest))
         except trio.Cancelled:
             if sum(map(len, rest)) < sum(map(len, own)):
                 self._closed = self._closed or ConnectionClosed(
