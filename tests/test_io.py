@@ -1,5 +1,5 @@
 """The plain-socket reads and writes (``devstream_trio.transport.io``) over a connected
-socket pair."""
+socket pair, and the limit on bytes a socket holds unsent (``UnsentLimit``), over loopback TCP."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import pytest
 import trio
 import trio.testing
 
+from devstream_core.websocket import Connection
 from devstream_trio.transport import io as _io
+from devstream_trio.transport.websocket import WebSocket
 
 
 def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
@@ -173,9 +175,9 @@ async def test_set_unsent_limit_sets_tcp_notsent_lowat_on_a_tcp_socket_only() ->
     assert _io.set_unsent_limit(a, 65536)
     assert unsent_limit(a) == 65536
     assert unsent_limit(b) == 16384
-    unix_a, _ = socket_pair()
+    unix_a, unix_b = socket_pair()
     assert not _io.set_unsent_limit(unix_a, 65536)  # no TCP under it: refused
-    for stream in (a, b, unix_a):
+    for stream in (a, b, unix_a, unix_b):
         await stream.aclose()
 
 
@@ -225,9 +227,6 @@ async def test_a_websocket_sizes_the_unsent_limit_once_its_socket_fills() -> Non
     messages, faster than the peer reads), the limit follows how fast the socket drains: on
     loopback, far more than 16 KiB within a few dozen milliseconds of full socket. Every
     byte still arrives, in order."""
-    from devstream_core.websocket import Connection
-    from devstream_trio.transport.websocket import WebSocket
-
     a, b = await tcp_pair()
     sender, receiver = WebSocket(a, Connection(client=False)), WebSocket(b, Connection(client=True))
     await sender.send_bytes(b"small")
