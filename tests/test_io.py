@@ -69,6 +69,8 @@ async def test_send_all_waits_while_the_peer_is_full_and_keeps_every_byte() -> N
             nursery.start_soon(read_all)
             await _io.send_all(a, memoryview(data))
     assert got == data
+    await a.aclose()
+    await b.aclose()
 
 
 async def test_send_all_to_a_closed_or_vanished_socket_raises_trios_errors() -> None:
