@@ -93,15 +93,15 @@ class UnsentLimit:
     between trio's 16 KiB and :data:`MAX_NOTSENT_LOWAT`, from how fast it drains.
 
     Why: with trio's 16 KiB, a socket takes what the receiver has room for plus 16 KiB, and
-    a relay's 1 MiB message went out on loopback in about seven writes, each after a wait
-    for the socket (a wake-up and an epoll registration). A fixed larger limit would let a
-    slow link hold seconds of bytes ahead of a pong, and a peer probing the connection would
-    take it for lost. So the limit follows the rate: on loopback it reaches 1 MiB within the
-    first few dozen milliseconds of a transfer; on a link slower than about 650 kB/s (where
-    50 ms of sending is less than twice 16 KiB) it stays at 16 KiB. A frame written waits
-    behind about 50 ms of sending at the measured rate, up to twice that before a slower
-    rate brings the limit down; a link that turns far slower at once holds what the limit
-    let in until it drains.
+    a hub relaying 1 MiB messages on loopback made about seven writes per message, most of
+    them after a wait for the socket (a wake-up and an epoll registration). A fixed larger
+    limit would let a slow link hold seconds of bytes ahead of a pong, and a peer probing the
+    connection would take it for lost. So the limit follows the rate: on loopback it reaches
+    1 MiB within the first few dozen milliseconds of a transfer; on a link slower than about
+    650 kB/s (where 50 ms of sending is less than twice 16 KiB) it stays at 16 KiB. A frame
+    written waits behind about 50 ms of sending at the measured rate, up to twice that before
+    a slower rate brings the limit down; a link that turns far slower at once holds what the
+    limit let in until it drains.
 
     The writer calls :meth:`filled` when a write left bytes over, and :meth:`sent` after each
     write that followed a wait for the socket. The socket was full before and after such a
