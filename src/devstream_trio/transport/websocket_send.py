@@ -341,16 +341,17 @@ class WebSocketSender:
         if unsent is None:
             unsent = self._unsent = _io.UnsentLimit()
         unsent.filled(trio.current_time())
+        left = sum(map(len, rest))
         try:
             while rest:
                 await trio.lowlevel.wait_writable(stream.socket)
-                left = sum(map(len, rest))
                 rest = _io.write_nowait(stream, rest)
                 # The socket's pace sizes how much it may hold unsent (see UnsentLimit).
-                count = left - sum(map(len, rest)) if rest else left
-                unsent.sent(stream, count, trio.current_time(), full=bool(rest))
+                still = sum(map(len, rest))
+                unsent.sent(stream, left - still, trio.current_time(), full=still > 0)
+                left = still
         except trio.Cancelled:
-            if sum(map(len, rest)) < sum(map(len, own)):
+            if left < sum(map(len, own)):
                 self._closed = self._closed or ConnectionClosed(
                     ABNORMAL_CLOSURE, "a send was cancelled part way through a frame"
                 )
