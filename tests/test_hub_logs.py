@@ -25,7 +25,7 @@ from devstream_trio.transport.websocket import ConnectionClosed, WebSocket
 
 from .conftest import HubEnv
 from .test_framed_stream import env_with
-from .test_hub import ManualDevice, auth, call, echo, initiate, join_raw, receive_message
+from .test_hub import HUB, ManualDevice, auth, call, echo, initiate, join_raw, receive_message
 
 TIMEOUT = 300
 
@@ -409,6 +409,78 @@ async def test_no_key_or_token_reaches_the_log(
         assert secret not in text
         assert secret[:16] not in text
     assert "sig=" not in text
+
+
+async def raw_request(env: HubEnv, data: bytes) -> bytes:
+    """Write *data* on a new connection; return everything the hub answers until it closes."""
+    stream = await env.open(HUB)
+    try:
+        await stream.send_all(data)
+        answer = bytearray()
+        while chunk := await stream.receive_some():
+            answer += chunk
+        return bytes(answer)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        b"GET /devices HTTP/1.1\r\nhost: hub.test\r\nAuthorization : %s\r\n\r\n",
+        b"GET /devices HTTP/1.1\r\nhost: hub.test\r\nAuthorization: %s\x00\r\n\r\n",
+        b"GET /devices?%s\x01 HTTP/1.1\r\nhost: hub.test\r\n\r\n",
+    ],
+    ids=["space-before-colon", "nul-after-token", "token-in-request-line"],
+)
+async def test_a_request_the_parser_refuses_is_answered_without_repeating_it(
+    hub_env: HubEnv,
+    hub_log: pytest.LogCaptureFixture,
+    autojump_clock: trio.abc.Clock,
+    template: bytes,
+) -> None:
+    # A line the HTTP parser refuses may carry a valid SAS token: neither the answer nor the
+    # log may repeat it (the parser's own account of the error quotes the line).
+    token = auth(hub_env)[1]
+    signature = token.partition("sig=")[2].partition("&")[0]
+    assert len(signature) > 20
+    with trio.fail_after(TIMEOUT):
+        answer = await raw_request(hub_env, template % token.encode())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    message = json.loads(body)
+    assert message["errorCode"] == ErrorCode.MALFORMED_REQUEST
+    assert message["message"].startswith("malformed HTTP request")
+    (record,) = events(hub_log, "http_error")
+    logged = record.getMessage() + json.dumps(vars(record), default=str)
+    for text in (answer.decode("latin-1"), logged):
+        assert signature not in text
+        assert "sig=" not in text
+        assert "SharedAccessSignature" not in text
+
+
+async def test_refused_requests_are_logged_at_most_once_per_interval_per_code(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, autojump_clock: trio.abc.Clock
+) -> None:
+    # Anyone can send requests the hub refuses: a line for each would let them fill the disk.
+    caplog.set_level(logging.INFO, logger="devstream")
+    env = await env_with(nursery, HubConfig(limit_log_interval=10))
+    garbage = b"GARBAGE\r\n\r\n"
+    with trio.fail_after(TIMEOUT):
+        start = trio.current_time()
+        for _ in range(50):
+            assert b'"errorCode": 400901' in await raw_request(env, garbage)
+        for _ in range(3):
+            assert (await call(env, "GET", "/nowhere")).status == 404
+        assert trio.current_time() - start < 1
+        logged = events(caplog, "http_error")
+        assert [(r.code, r.count) for r in logged] == [(400901, 1), (404902, 1)]  # type: ignore[attr-defined]
+        assert env.hub.metrics.http_errors[400901] == 50
+        await trio.sleep(10 - (trio.current_time() - start))
+        assert b'"errorCode": 400901' in await raw_request(env, garbage)
+    logged = events(caplog, "http_error")
+    assert [(r.code, r.count) for r in logged] == [(400901, 1), (404902, 1), (400901, 50)]  # type: ignore[attr-defined]
+    assert "(50 requests refused with 400901 since the last report)" in logged[-1].getMessage()
 
 
 # -- GET /streams ----------------------------------------------------------------------------

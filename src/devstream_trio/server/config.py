@@ -62,8 +62,8 @@ class HubConfig:
     #: them a new connection is closed at once.
     max_over_limit_answers: int = 32
     #: The least time between two log lines about refused connections, about failed
-    #: ``accept`` calls, or about initiations refused for a limit (429001); each line gives
-    #: the count since the last one.
+    #: ``accept`` calls, about initiations refused for a limit (429001), or about requests
+    #: refused with one error code; each line gives the count since the last one.
     limit_log_interval: float = 10.0
     #: The longest a SAS token may still have to live when it is presented (its ``se`` at
     #: most this many seconds from now), for devices and services alike; a token signed for

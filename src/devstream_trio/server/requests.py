@@ -18,7 +18,7 @@ from typing import Protocol
 
 import trio
 
-from devstream_core.admission import ConnectionLimits
+from devstream_core.admission import ConnectionLimits, Tally
 from devstream_core.bridge import Bridge
 from devstream_core.coordinator import Coordinator
 from devstream_core.errors import DevstreamError, ErrorCode
@@ -78,6 +78,27 @@ class Requests:
 
     def __init__(self, hub: RequestsHost) -> None:
         self.hub = hub
+        #: Refused requests, logged per error code at most once per ``limit_log_interval``.
+        self._error_reports: dict[int, Tally] = {}
+
+    def _log_error(self, exc: HttpError) -> None:
+        """Log a refused request: the first of its error code at once, then at most one line
+        per ``limit_log_interval`` with the count since the last. Anyone can send requests the
+        hub refuses, so a line per request would let them fill the disk."""
+        code = int(exc.code)
+        tally = self._error_reports.get(code)
+        if tally is None:
+            tally = self._error_reports[code] = Tally(self.hub.config.limit_log_interval)
+        count = tally.add(trio.current_time())
+        if count is None:
+            return
+        log.info(
+            "HTTP error %d: %s%s",
+            code,
+            exc.message,
+            "" if count == 1 else f" ({count} requests refused with {code} since the last report)",
+            extra={"event": "http_error", "code": code, "count": count},
+        )
 
     async def answer_over_limit(self, stream: trio.abc.Stream) -> None:
         """Answer one request of a connection the hub does not serve (it serves its most):
@@ -131,12 +152,7 @@ class Requests:
                 result = await self._handle(http, request, connection_id)
             except HttpError as exc:
                 self.hub.metrics.http_errors[int(exc.code)] += 1
-                log.info(
-                    "HTTP error %d: %s",
-                    exc.code,
-                    exc.message,
-                    extra={"event": "http_error", "code": int(exc.code)},
-                )
+                self._log_error(exc)
                 await http.send_error(exc.code, exc.message, exc.headers)
                 return None
             except StoreError as exc:

@@ -122,6 +122,22 @@ class HttpError(DevstreamError):
 #: The JSON body of an error response (the hub's and every client's shape, from the core).
 error_body = build_error_body
 
+#: Where h11's account of a malformed request starts quoting the request's own bytes
+#: (``illegal header line: bytearray(b'...')``, ``Illegal header value b'...'``).
+_QUOTED_BYTES = re.compile(r":?\s*(?:bytearray\()?b['\"]")
+#: The longest account of what was malformed that an error repeats.
+_MAX_REASON = 100
+
+
+def _malformed_request(exc: h11.ProtocolError) -> HttpError:
+    """``MALFORMED_REQUEST`` for a request h11 refused: what was wrong, in h11's words, but
+    none of the request's bytes. The answer and the hub's log repeat the message, and a line
+    h11 refuses may be an ``Authorization`` header carrying a valid SAS token."""
+    reason = _QUOTED_BYTES.split(str(exc), maxsplit=1)[0].strip()
+    if not reason or len(reason) > _MAX_REASON or "'" in reason or '"' in reason:
+        return HttpError(ErrorCode.MALFORMED_REQUEST, "malformed HTTP request")
+    return HttpError(ErrorCode.MALFORMED_REQUEST, f"malformed HTTP request: {reason}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class _HttpMessage:
@@ -272,9 +288,7 @@ class HttpServerConnection:
             except h11.RemoteProtocolError as exc:
                 if exc.error_status_hint == 431:
                     raise HttpError(ErrorCode.HEADERS_TOO_LARGE) from exc
-                raise HttpError(
-                    ErrorCode.MALFORMED_REQUEST, f"malformed HTTP request: {exc}"
-                ) from exc
+                raise _malformed_request(exc) from exc
             if event is h11.NEED_DATA:
                 data: bytes | bytearray | None = None
                 tried = self._received == 0
@@ -384,7 +398,7 @@ class HttpServerConnection:
             request = self.conn.next_event()
             end = self.conn.next_event()
         except h11.RemoteProtocolError as exc:
-            raise HttpError(ErrorCode.MALFORMED_REQUEST, f"malformed HTTP request: {exc}") from exc
+            raise _malformed_request(exc) from exc
         if not isinstance(request, h11.Request) or not isinstance(end, h11.EndOfMessage):
             raise HttpError(ErrorCode.MALFORMED_REQUEST, "malformed HTTP request")
         if self._after_head:
