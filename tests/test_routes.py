@@ -426,3 +426,34 @@ def test_too_many_query_fields_are_refused_whether_or_not_they_are_decoded(escap
     route = parse_route(b"POST", f"/twins/dev/streams/echo?{fields}&api-version=1".encode())
     assert isinstance(route, Initiate)
     assert route.api_version == "1"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        (b"GET", "/devices"),
+        (b"GET", "/devices/dev"),
+        (b"PUT", "/devices/dev"),
+        (b"GET", "/devices/dev/streams"),
+        (b"GET", "/bridges/abc"),
+        (b"GET", "/policies"),
+        (b"GET", "/policies/iothubowner"),
+        (b"GET", "/streams"),
+        (b"GET", "/healthz"),
+        (b"GET", "/metrics"),
+        (b"POST", "/devices/dev/rotate-key"),
+    ],
+)
+def test_the_query_field_limit_holds_on_every_route(method: bytes, path: str) -> None:
+    """Routes that read no query refuse too many fields as those that do (400004), after
+    the path and method checks."""
+    from devstream_core.routes import MAX_QUERY_FIELDS
+
+    route = parse_route(method, f"{path}?{'&'.join(['x=1'] * MAX_QUERY_FIELDS)}".encode())
+    assert route == parse_route(method, path.encode())
+    with pytest.raises(RemoteProtocolError) as info:
+        parse_route(method, f"{path}?{'x=1&' * MAX_QUERY_FIELDS}x=1".encode())
+    assert info.value.code is ErrorCode.ARGUMENT_INVALID
+    assert f"more than {MAX_QUERY_FIELDS} fields" in info.value.message
+    with pytest.raises(MethodNotAllowed):
+        parse_route(b"PATCH", f"{path}?{'x=1&' * MAX_QUERY_FIELDS}x=1".encode())

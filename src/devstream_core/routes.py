@@ -373,10 +373,16 @@ def parse_route(method: bytes, target: bytes) -> Route:
         raise _error(ErrorCode.MALFORMED_REQUEST, "request target must start with /")
     if _TARGET_RE.fullmatch(target) is None:
         raise _error(ErrorCode.MALFORMED_REQUEST, "request target holds invalid characters")
-    text = target.decode("ascii")
-    path, _, query = text.partition("?")
-    segments = path[1:].split("/")
+    path, _, query = target.decode("ascii").partition("?")
+    route = _route(method, path[1:].split("/"), query)
+    # Every route, whether it reads its query or not (those that do checked already).
+    if query.count("&") >= MAX_QUERY_FIELDS:
+        raise _too_many_fields()
+    return route
 
+
+def _route(method: bytes, segments: list[str], query: str) -> Route:
+    """parse_route's answer for a target split into its path *segments* and *query*."""
     match segments:
         case ["twins", device, "streams", name]:
             _check_method(method, Initiate)
