@@ -780,8 +780,26 @@ async def test_a_raw_message_in_tiny_fragments_goes_on_a_batch_at_a_time(
 
 @pytest.mark.parametrize(
     "body",
-    [b"{not json", b"[]", b'"device"', b"\xff\xfe", b'{"deviceId": "x", "deviceId": "y"'],
-    ids=["broken", "array", "string", "not-utf8", "truncated"],
+    [
+        b"{not json",
+        b"[]",
+        b'"device"',
+        b"\xff\xfe",
+        b'{"deviceId": "x", "deviceId": "y"',
+        b'{"status": "enabled", "status": "disabled"}',
+        b'{"authentication": {"symmetricKey": {}, "symmetricKey": {}}}',
+        b'{"statusReason": NaN}',
+    ],
+    ids=[
+        "broken",
+        "array",
+        "string",
+        "not-utf8",
+        "truncated",
+        "repeated-member",
+        "repeated-nested-member",
+        "nan",
+    ],
 )
 async def test_invalid_json_in_a_registry_put(
     env: HubEnv, autojump_clock: trio.abc.Clock, body: bytes

@@ -463,11 +463,12 @@ def test_initiate_headers_absent_take_the_defaults() -> None:
     )
 
 
-def test_initiate_headers_first_value_counts_and_mode_is_stripped() -> None:
+def test_initiate_headers_are_read_among_others_and_mode_is_stripped() -> None:
     asked = wire.parse_initiate_headers(
         [
+            (b"x-other", b"1"),
             (wire.HEADER_RESPONSE_TIMEOUT, b"5"),
-            (wire.HEADER_RESPONSE_TIMEOUT, b"999"),
+            (b"x-other", b"2"),
             (wire.HEADER_STREAM_MODE, b" devstream.v1 "),
         ],
         default_timeout=60.0,
@@ -524,6 +525,28 @@ SECONDS = "must be a whole number of seconds from 1 to 300"
             # The checks run in order: the connect timeout is named first.
             [(wire.HEADER_STREAM_MODE, b"tcp"), (wire.HEADER_CONNECT_TIMEOUT, b"-1")],
             f"{wire.HEADER_CONNECT_TIMEOUT.decode()} {SECONDS}",
+        ),
+        *(
+            # Given twice, even with the same value: which one counts is no one's guess.
+            (
+                [(name, value), (b"x-other", b"1"), (name, value)],
+                f"{name.decode()} may appear once",
+            )
+            for name, value in (
+                (wire.HEADER_CONNECT_TIMEOUT, b"5"),
+                (wire.HEADER_RESPONSE_TIMEOUT, b"5"),
+                (wire.HEADER_STREAM_MODE, b"raw"),
+                (wire.HEADER_STREAM_WINDOW, b"65536"),
+            )
+        ),
+        (
+            # A repeat is found before any value is read.
+            [
+                (wire.HEADER_CONNECT_TIMEOUT, b"-1"),
+                (wire.HEADER_STREAM_MODE, b"raw"),
+                (wire.HEADER_STREAM_MODE, b"devstream.v1"),
+            ],
+            "devstream-stream-mode may appear once",
         ),
     ],
 )

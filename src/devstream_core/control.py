@@ -44,7 +44,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from .common import IdentityEnum
+from .common import IdentityEnum, strict_json
 from .errors import DevstreamError, ErrorCode, LocalProtocolError, RemoteProtocolError
 from .framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 
@@ -355,21 +355,6 @@ def encode_message(msg: ControlMessage) -> str:
     return json.dumps(_to_json(msg), separators=(",", ":"), ensure_ascii=False)
 
 
-class _JSONRefused(ValueError):
-    """Raised inside the JSON parser for input that is not strict JSON."""
-
-
-def _refuse_constant(name: str) -> object:
-    raise _JSONRefused("NaN and Infinity are not JSON")
-
-
-def _unique_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise _JSONRefused("duplicate member name")
-    return obj
-
-
 def _too_large() -> RemoteProtocolError:
     return RemoteProtocolError(ErrorCode.PAYLOAD_TOO_LARGE, "control message too large")
 
@@ -485,7 +470,7 @@ def decode_message(
         except UnicodeDecodeError:
             raise _bad_json("control message is not valid UTF-8") from None
     try:
-        obj = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_object)
+        obj = strict_json(text)
     except (ValueError, RecursionError):
         raise _bad_json("control message is not valid JSON") from None
     if type(obj) is not dict:

@@ -44,11 +44,11 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import json
 import re
 from dataclasses import dataclass, field, replace
 from typing import Final
 
+from .common import strict_json
 from .credentials import SasToken, verify_sas_token
 from .errors import (
     CredentialError,
@@ -303,7 +303,7 @@ def _parse_object(body: bytes, max_size: int) -> dict[str, object]:
             ErrorCode.PAYLOAD_TOO_LARGE, f"request body is larger than {max_size} bytes"
         )
     try:
-        value = json.loads(body.decode("utf-8"))
+        value = strict_json(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise RemoteProtocolError(
             ErrorCode.INVALID_JSON, "request body is not valid JSON"

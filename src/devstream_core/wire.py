@@ -387,6 +387,26 @@ def _first_values(headers: Sequence[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
     return dict(reversed(headers))
 
 
+#: The headers of an initiate that the hub reads (names lower-case).
+_INITIATE_HEADERS: Final = frozenset(
+    (HEADER_CONNECT_TIMEOUT, HEADER_RESPONSE_TIMEOUT, HEADER_STREAM_MODE, HEADER_STREAM_WINDOW)
+)
+
+
+def _initiate_values(headers: Sequence[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """The value of each initiate header present. One given twice is ``ARGUMENT_INVALID``: no
+    reading of two would be the obvious one (a proxy may take the other)."""
+    found: dict[bytes, bytes] = {}
+    for name, value in headers:
+        if name in _INITIATE_HEADERS:
+            if name in found:
+                raise RemoteProtocolError(
+                    ErrorCode.ARGUMENT_INVALID, f"{name.decode()} may appear once"
+                )
+            found[name] = value
+    return found
+
+
 def _timeout(raw: bytes | None, name: bytes, default: float, maximum: float) -> float:
     if raw is None:
         return default
@@ -408,11 +428,11 @@ def parse_initiate_headers(
     """Read an initiate's headers (names lower-case), as the hub does.
 
     A timeout header absent gives *default_timeout*; present, it must be a whole number from
-    1 to *max_timeout*. The checks run in a fixed order (connect timeout, response timeout,
-    mode, window), and the first that fails raises :class:`RemoteProtocolError`
-    (``ARGUMENT_INVALID``) naming the header.
+    1 to *max_timeout*. Each may appear once. The checks run in a fixed order (a header
+    repeated, connect timeout, response timeout, mode, window), and the first that fails
+    raises :class:`RemoteProtocolError` (``ARGUMENT_INVALID``) naming the header.
     """
-    found = _first_values(headers)
+    found = _initiate_values(headers)
     connect = _timeout(
         found.get(HEADER_CONNECT_TIMEOUT), HEADER_CONNECT_TIMEOUT, default_timeout, max_timeout
     )
