@@ -333,6 +333,21 @@ def test_protocol_errors_end_with_the_close_code_to_send(wire: bytes, code: int)
     assert ours[-1] == ("close", code)
 
 
+@pytest.mark.parametrize(
+    ("wire", "reason"),
+    [
+        (frame(0x1, b"ok \xff", masked=True), "text that is not UTF-8"),
+        (close_frame(1000, b"bye \xff"), "a close reason that is not UTF-8"),
+    ],
+    ids=["text", "close-reason"],
+)
+def test_the_reason_for_refusing_bad_utf8_is_plain(wire: bytes, reason: str) -> None:
+    """The close reason goes to the peer (and to the other side of a stream): plain words,
+    not the decoder's account of the bytes."""
+    conn = Connection(client=False)
+    assert conn.receive_data(wire)[-1] == CloseConnection(code=1007, reason=reason)
+
+
 @pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535])
 def test_close_codes_a_peer_must_not_send(code: int) -> None:
     conn = Connection(client=False)

@@ -662,9 +662,7 @@ class Connection:
             try:
                 reason = payload[2:].decode()
             except UnicodeDecodeError as exc:
-                raise _Refused(
-                    f"a close reason that is not UTF-8: {exc}", _INVALID_PAYLOAD
-                ) from exc
+                raise _Refused("a close reason that is not UTF-8", _INVALID_PAYLOAD) from exc
         self._step(CloseInput.RECEIVE_CLOSE)
         self._done = True
         return CloseConnection(code=code, reason=reason)
@@ -678,7 +676,9 @@ class Connection:
         try:
             text = self._decoder.decode(chunk, finished)
         except UnicodeDecodeError as exc:
-            raise _Refused(f"text that is not UTF-8: {exc}", _INVALID_PAYLOAD) from exc
+            # Not the decoder's own words ("'utf-8' codec can't decode byte..."): the reason
+            # goes to the peer, and to the other side of a stream.
+            raise _Refused("text that is not UTF-8", _INVALID_PAYLOAD) from exc
         events.append(TextMessage(text, frame_finished, finished))
         if finished:
             self._message_opcode = None
