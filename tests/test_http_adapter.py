@@ -158,6 +158,48 @@ async def test_post_request_with_body(autojump_clock: trio.abc.Clock) -> None:
     assert request.body == b'{"hello": "hub"}\n'
 
 
+async def test_a_client_that_expects_100_continue_is_told_to_send_its_body(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server, header_timeout=10)
+    head = (
+        b"PUT /devices/d1 HTTP/1.1\r\nhost: hub.test\r\ncontent-length: 9\r\n"
+        b"expect: 100-continue\r\n\r\n"
+    )
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+
+        async def client_side() -> None:
+            await client.send_all(head)
+            interim = await client.receive_some()
+            assert interim == b"HTTP/1.1 100 \r\n\r\n"
+            await client.send_all(b"hello hub")
+
+        nursery.start_soon(client_side)
+        request = await http.next_request()
+    assert request is not None
+    assert request.body == b"hello hub"
+    assert trio.current_time() - start < 0.01  # not the client's wait for a 100 that never came
+    await http.send_response(204)
+    assert (await client.receive_some()).startswith(b"HTTP/1.1 204 ")
+
+
+async def test_a_body_too_large_gets_413_without_a_100(autojump_clock: trio.abc.Clock) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    http = HttpServerConnection(server, max_body_size=1000)
+    await client.send_all(
+        b"PUT /devices/d1 HTTP/1.1\r\nhost: hub.test\r\ncontent-length: 1001\r\n"
+        b"expect: 100-continue\r\n\r\n"
+    )
+    with pytest.raises(HttpError) as info:
+        await http.next_request()
+    assert info.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+    with trio.move_on_after(1) as waited:
+        await client.receive_some()  # no 100: the body is refused before it is sent
+    assert waited.cancelled_caught
+
+
 async def test_chunked_body_is_joined(autojump_clock: trio.abc.Clock) -> None:
     (request,) = await parse_in_chunks([CHUNKED])
     assert request.method == b"PUT"

@@ -343,6 +343,11 @@ class HttpServerConnection:
                 length = _content_length(headers)
                 if length is not None and length > self.max_body_size:
                     raise HttpError(ErrorCode.PAYLOAD_TOO_LARGE, "request body too large")
+                if self.conn.they_are_waiting_for_100_continue:
+                    # ``Expect: 100-continue``: the client sends the body once told to (curl
+                    # waits a second for it, others until they give up).
+                    interim = h11.InformationalResponse(status_code=100, headers=[])
+                    await _io.send_all(self.stream, self.conn.send(interim) or b"")
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > self.max_body_size:
