@@ -472,6 +472,35 @@ async def test_malformed_http(env: HubEnv, autojump_clock: trio.abc.Clock, data:
     await assert_serving(env)
 
 
+@pytest.mark.parametrize("upgrade", [False, True], ids=["get", "websocket-upgrade"])
+async def test_a_request_with_two_authorization_headers_is_refused(
+    env: HubEnv, autojump_clock: trio.abc.Clock, upgrade: bool
+) -> None:
+    # The first one is good: without the check, the hub would serve the request on it.
+    cs = await env.create_device("twice")
+    good = cs.sas_token(expiry=hour_from_now(env)).encode()
+    head = b"GET /devices/twice/streams HTTP/1.1\r\n" if upgrade else b"GET /healthz HTTP/1.1\r\n"
+    if upgrade:
+        head += (
+            b"upgrade: websocket\r\nconnection: Upgrade\r\n"
+            b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n"
+        )
+    request = (
+        head + b"host: hub.test:8080\r\nauthorization: " + good + b"\r\n"
+        b"authorization: SharedAccessSignature sr=other\r\n\r\n"
+    )
+    with trio.fail_after(10):
+        assert await raw_exchange(env, request) == (400, 400901)
+        one = request.replace(b"authorization: SharedAccessSignature sr=other\r\n", b"")
+        stream = await env.open(HUB)
+        await stream.send_all(one)
+        assert (await stream.receive_some()).startswith(
+            b"HTTP/1.1 101 " if upgrade else b"HTTP/1.1 200 "
+        )
+        await trio.aclose_forcefully(stream)
+    await assert_serving(env)
+
+
 async def test_a_request_with_both_body_lengths_closes_the_connection(
     env: HubEnv, autojump_clock: trio.abc.Clock
 ) -> None:

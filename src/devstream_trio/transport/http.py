@@ -494,7 +494,11 @@ def _request(request: h11.Request, headers: Headers, body: bytearray) -> HttpReq
 
 
 def _checked(request: HttpRequest) -> HttpRequest:
-    """*request*, once a WebSocket handshake in it has passed the hub's checks."""
+    """*request*, once a WebSocket handshake in it has passed the hub's checks and it has at
+    most one ``Authorization``: the hub would read the first, and a proxy in front of it may
+    have checked the other."""
+    if sum(name == b"authorization" for name, _ in request.headers) > 1:
+        raise HttpError(ErrorCode.MALFORMED_REQUEST, "more than one Authorization header")
     if request.is_websocket_upgrade:
         request.websocket_key  # noqa: B018 - raises HttpError if the hub refuses it
     return request
