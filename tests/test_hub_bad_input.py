@@ -954,3 +954,19 @@ async def test_a_method_a_path_does_not_answer_gets_405_with_allow(
     assert [line for line in lines if line.startswith(b"allow:")] == [b"allow: " + allow.lower()]
     assert json.loads(body)["errorCode"] == ErrorCode.METHOD_NOT_ALLOWED
     await assert_serving(env)
+
+
+async def test_a_request_in_absolute_form_is_served(
+    env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    # RFC 9112 §3.2.2: what a client sends to a proxy, a server accepts too.
+    with trio.fail_after(10):
+        stream = await env.open(HUB)
+        await stream.send_all(
+            b"GET http://hub.test:8080/healthz HTTP/1.1\r\nhost: hub.test\r\n\r\n"
+        )
+        answer = await stream.receive_some()
+        await trio.aclose_forcefully(stream)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert b'"status": "ok"' in answer
+    await assert_serving(env)

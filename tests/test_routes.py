@@ -267,7 +267,9 @@ def test_messages_do_not_echo_values() -> None:
         b"",
         b"*",
         b"devices",
-        b"http://hub/devices",
+        b"ftp://hub/devices",
+        b"http:/hub/devices",
+        b"http://hub devices",
         b"/devices/a#b",
         b"/devices/a b",
         b"/devices/\xc3\xa9",
@@ -280,6 +282,33 @@ def test_messages_do_not_echo_values() -> None:
 def test_malformed_request(target: bytes) -> None:
     for method in METHODS:
         assert refused(method, target).code is ErrorCode.MALFORMED_REQUEST
+
+
+@pytest.mark.parametrize(
+    ("absolute", "origin"),
+    [
+        (b"http://hub.test/devices/d1", b"/devices/d1"),
+        (
+            b"HTTPS://hub.test:8080/twins/d1/streams/ssh?api-version=1",
+            b"/twins/d1/streams/ssh?api-version=1",
+        ),
+        (b"http://[::1]:8080/healthz", b"/healthz"),
+        (b"http://user@hub.test/streams", b"/streams"),
+        (b"http://hub.test?x=1", b"/?x=1"),
+    ],
+)
+def test_a_target_in_absolute_form_is_read_as_its_path(absolute: bytes, origin: bytes) -> None:
+    """RFC 9112 §3.2.2: a server accepts the absolute form (what a client sends a proxy)."""
+    for method in METHODS:
+        try:
+            expected: object = parse_route(method, origin)
+        except RemoteProtocolError as exc:
+            expected = (exc.code, exc.message)
+        try:
+            got: object = parse_route(method, absolute)
+        except RemoteProtocolError as exc:
+            got = (exc.code, exc.message)
+        assert got == expected
 
 
 def test_target_length_limit_is_exact() -> None:

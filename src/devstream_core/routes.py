@@ -207,6 +207,10 @@ _DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9\-.+%_#*?!(),:=@$']{1,128}")
 _STREAM_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # RFC 3986 characters of a request target in origin form (pchar, "/", "?", and "%").
 _TARGET_RE: Final = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*")
+#: The scheme and authority of a target in absolute form (``http://hub.example:8080``).
+_ABSOLUTE_FORM_RE: Final = re.compile(
+    rb"[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9\-._~!$&'()*+,;=:@%\[\]]*"
+)
 _BAD_PERCENT_RE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
@@ -361,16 +365,26 @@ def _check_method(method: bytes, kind: type[Route]) -> None:
 def parse_route(method: bytes, target: bytes) -> Route:
     """The route that *method* and request *target* name.
 
+    A target in absolute form (``http://host/path``) is read as its path and query.
+
     Raises :class:`RemoteProtocolError` with ``MALFORMED_REQUEST`` (target longer than
-    :data:`MAX_TARGET_LENGTH` bytes, not starting with ``/``, or holding characters a
-    request target may not), ``NOT_FOUND`` (no such path), ``METHOD_NOT_ALLOWED`` (path
+    :data:`MAX_TARGET_LENGTH` bytes, not starting with ``/`` or ``http(s)://``, or holding
+    characters a request target may not), ``NOT_FOUND`` (no such path), ``METHOD_NOT_ALLOWED`` (path
     known, method not; see :data:`ALLOWED_METHODS`) or ``ARGUMENT_INVALID`` (a bad id, name,
     role, query or percent-encoding; the message names which).
     """
     if len(target) > MAX_TARGET_LENGTH:
         raise _error(ErrorCode.MALFORMED_REQUEST, "request target too long")
     if not target.startswith(b"/"):
-        raise _error(ErrorCode.MALFORMED_REQUEST, "request target must start with /")
+        # RFC 9112 §3.2.2: a server accepts the absolute form too (what a client sends to a
+        # proxy); its host is not the hub's to check, as the Host header's is not.
+        absolute = _ABSOLUTE_FORM_RE.match(target)
+        if absolute is None:
+            raise _error(
+                ErrorCode.MALFORMED_REQUEST, "request target must start with / or http(s)://"
+            )
+        rest = target[absolute.end() :]
+        target = rest if rest.startswith(b"/") else b"/" + rest
     if _TARGET_RE.fullmatch(target) is None:
         raise _error(ErrorCode.MALFORMED_REQUEST, "request target holds invalid characters")
     path, _, query = target.decode("ascii").partition("?")
