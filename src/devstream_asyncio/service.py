@@ -12,6 +12,7 @@ then a WebSocket to the streaming endpoint).
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,14 @@ from contextlib import asynccontextmanager
 from devstream_core.common import Role
 from devstream_core.control import MODE_FRAMED
 from devstream_core.credentials import ConnectionString, RequestTokens
-from devstream_core.initiator import Initiator, check_joined, stream_subprotocols
+from devstream_core.initiator import (
+    JOIN_TIMEOUT,
+    Initiator,
+    answer_timeout,
+    check_joined,
+    no_answer,
+    stream_subprotocols,
+)
 from devstream_core.streamdriver import StreamOptions
 from devstream_core.wire import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -99,10 +107,20 @@ class ServiceClient:
         )
         headers = [self._authorization(), *initiate.headers]
         stream: Stream | None = None
+        # The device has response_timeout to answer; a hub silent past that is given up.
+        waited = answer_timeout(response_timeout)
         if initiator.tries_one_step:
-            got = await websocket_connect(
-                self.address, self.ssl_context, initiate.target, headers, stream_subprotocols(mode)
-            )
+            try:
+                async with asyncio.timeout(waited):
+                    got = await websocket_connect(
+                        self.address,
+                        self.ssl_context,
+                        initiate.target,
+                        headers,
+                        stream_subprotocols(mode),
+                    )
+            except TimeoutError:
+                raise no_answer("initiate", waited) from None
             if isinstance(got, WebSocket):
                 try:
                     answer = initiator.one_step_answer(101, got.headers, b"", mode=mode)
@@ -114,9 +132,13 @@ class ServiceClient:
             else:
                 initiator.one_step_answer(got.status, got.headers, got.body, mode=mode)
         if stream is None:
-            response = await request(
-                self.address, self.ssl_context, "POST", initiate.target, headers, b""
-            )
+            try:
+                async with asyncio.timeout(waited):
+                    response = await request(
+                        self.address, self.ssl_context, "POST", initiate.target, headers, b""
+                    )
+            except TimeoutError:
+                raise no_answer("initiate", waited) from None
             answer = initiator.post_answer(response.status, response.headers, response.body)
             assert answer.token is not None
             stream = await join_stream(
@@ -163,7 +185,12 @@ async def join_stream(
 ) -> Stream:
     """Join a stream at *url* with its stream *token*."""
     address, target, _ = parse_stream_url(url)
-    ws = await _join_with(address, target, token, ssl_context, mode)
+    try:
+        # The hub answers a join at once: a connection silent past JOIN_TIMEOUT went dead.
+        async with asyncio.timeout(JOIN_TIMEOUT):
+            ws = await _join_with(address, target, token, ssl_context, mode)
+    except TimeoutError:
+        raise no_answer("join", JOIN_TIMEOUT) from None
     return stream_over(ws, url, mode, ssl_context, options)
 
 

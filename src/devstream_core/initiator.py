@@ -10,6 +10,9 @@ The same decisions for every I/O layer, so that a driver only moves bytes:
   stream of a mode, and whether the ``101`` it got carries that mode.
 * :func:`close_error`: the exception for a WebSocket the hub closed with a devstream error.
 * :func:`attempt_failure`: what a stream driver is told about a failed reconnection.
+* :data:`JOIN_TIMEOUT` and :func:`answer_timeout`: how long a side waits for the hub's answer
+  when it joins a stream, and a service for the answer to its initiate. A connection that
+  goes silent during a handshake (no reset, no close) is given up, not waited on for ever.
 
 Rules every change must keep:
 
@@ -29,7 +32,7 @@ from typing import Final
 
 from .control import MODE_FRAMED, MODE_RAW
 from .errors import DevstreamError, ErrorCode, parse_close_reason
-from .exceptions import HubError, error_for
+from .exceptions import HubError, HubUnreachable, error_for
 from .wire import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_RESPONSE_TIMEOUT,
@@ -42,12 +45,34 @@ from .wire import (
 )
 
 __all__ = [
+    "JOIN_TIMEOUT",
     "Initiator",
+    "answer_timeout",
     "attempt_failure",
     "check_joined",
     "close_error",
+    "no_answer",
     "stream_subprotocols",
 ]
+
+#: Seconds a side waits for the ``101`` when it joins a stream (the hub answers a join at
+#: once), as a resume attempt waits its ``ping_timeout`` (10 s by default).
+JOIN_TIMEOUT: Final = 10.0
+
+
+def answer_timeout(response_timeout: float) -> float:
+    """Seconds a service waits for the answer to an initiate that gave the device
+    *response_timeout* seconds to answer: that, then :data:`JOIN_TIMEOUT` for the hub's."""
+    return response_timeout + JOIN_TIMEOUT
+
+
+def no_answer(what: str, seconds: float) -> HubUnreachable:
+    """The error for a handshake (*what*: ``"initiate"``, ``"join"``) the hub left without an
+    answer for *seconds*."""
+    return HubUnreachable(
+        ErrorCode.HUB_UNREACHABLE, f"no answer from the hub to the {what} within {seconds:g} s"
+    )
+
 
 _RAW_OFFER: Final[tuple[str, ...]] = ()
 _FRAMED_OFFER: Final = (MODE_FRAMED,)

@@ -18,7 +18,12 @@ from devstream_core.common import Role
 from devstream_core.control import MODE_RAW
 from devstream_core.errors import DevstreamError, ErrorCode
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
-from devstream_core.initiator import check_joined, stream_subprotocols
+from devstream_core.initiator import (
+    JOIN_TIMEOUT,
+    check_joined,
+    no_answer,
+    stream_subprotocols,
+)
 from devstream_core.wire import bearer, parse_stream_url
 
 from ..exceptions import HubError, HubUnreachable, error_for
@@ -73,7 +78,11 @@ async def join_stream(
         if transport is not None:
             await close_forcefully(transport)
         raise
-    ws = await _stream_websocket(url, token, ssl_context, opener, subprotocols, transport)
+    # The hub answers a join at once: a connection silent past JOIN_TIMEOUT went dead.
+    with trio.move_on_after(JOIN_TIMEOUT) as scope:
+        ws = await _stream_websocket(url, token, ssl_context, opener, subprotocols, transport)
+    if scope.cancelled_caught:
+        raise no_answer("join", JOIN_TIMEOUT)
     return await stream_over(
         ws,
         url,

@@ -29,7 +29,7 @@ from devstream_core.common import Role
 from devstream_core.control import MODE_RAW
 from devstream_core.credentials import ConnectionString, RequestTokens
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
-from devstream_core.initiator import Initiator, stream_subprotocols
+from devstream_core.initiator import Initiator, answer_timeout, no_answer, stream_subprotocols
 from devstream_core.wire import (
     API_VERSION,
     DEFAULT_CONNECT_TIMEOUT,
@@ -192,13 +192,24 @@ class ServiceClient:
             response_timeout=response_timeout,
         )
         target, headers = initiate.target, initiate.headers
+        # The device has response_timeout to answer; a hub silent past that (a connection
+        # that went dead without a reset) is given up.
+        waited = answer_timeout(response_timeout)
         if initiator.tries_one_step and (mode == MODE_RAW or self.nursery is not None):
-            stream = await self._open_in_one_step(target, headers, mode)
+            with trio.move_on_after(waited) as scope:
+                stream = await self._open_in_one_step(target, headers, mode)
+            if scope.cancelled_caught:
+                raise no_answer("initiate", waited)
             if stream is not None:
                 return stream
         # The initiate's connection is kept: when the stream's URL names the same hub, the
         # service side joins over it (one connection, one TCP handshake, per stream).
-        response, spare = await self._exchange("POST", target, headers=headers, body=b"", keep=True)
+        with trio.move_on_after(waited) as scope:
+            response, spare = await self._exchange(
+                "POST", target, headers=headers, body=b"", keep=True
+            )
+        if scope.cancelled_caught:
+            raise no_answer("initiate", waited)
         transport: trio.abc.Stream | None = None
         try:
             answer = initiator.post_answer(response.status, response.headers, response.body)
