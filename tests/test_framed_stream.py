@@ -1154,8 +1154,9 @@ async def test_a_closed_stream_waits_for_the_close_answer_and_never_resumes(
     hub_env: HubEnv, autojump_clock: trio.abc.Clock, then: str
 ) -> None:
     """``aclose`` returns once its close went out; the stream's connection task then waits
-    for the hub's answer. A connection lost meanwhile ends it without a resume, and an answer
-    that never comes ends it after ``close_timeout``."""
+    for the hub's answer. A connection lost meanwhile makes one attempt to resume (the close
+    may not have arrived), which the hub, having the close, refuses (``404902``): the stream
+    ends at once, completed. An answer that never comes ends it after ``close_timeout``."""
     options = StreamOptions(close_timeout=3)
     with trio.fail_after(TIMEOUT):
         pair = await open_streams(hub_env, options=options)
@@ -1179,7 +1180,52 @@ async def test_a_closed_stream_waits_for_the_close_answer_and_never_resumes(
             assert 3 - 0.01 <= took <= 3 + 0.1
         await trio.sleep(10)
         assert pair.service.resumes == 0
-        assert len(pair.service_opener.stream_taps()) == 1
+        assert len(pair.service_opener.stream_taps()) == (2 if then == "cut" else 1)
+        assert pair.service.outcome is not None
+        assert pair.service.outcome.kind is OutcomeKind.COMPLETED
+
+
+@pytest.mark.parametrize("first_side", ["service", "device"])
+async def test_a_last_acknowledgement_lost_with_its_connection_is_sent_again(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock, first_side: str
+) -> None:
+    """The side that closes first finishes when the peer's EOF comes with the Ack of its own;
+    it owes one message then, the Ack of the peer's EOF, with its close. Lost with the
+    connection before the hub read it, the peer would wait its close_timeout and reset the
+    stream ("closed before the peer read all"), and the hub would hold the stream 30 s for a
+    resume. The side resumes once more and sends them again: both ends complete at once."""
+    options = StreamOptions(close_timeout=5)
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env, options=options, device_options=options)
+        first, last = (
+            (pair.service, pair.device) if first_side == "service" else (pair.device, pair.service)
+        )
+        opener = pair.service_opener if first_side == "service" else pair.device_opener
+        tap = opener.latest_stream()
+        await first.send_all(b"first words")
+        async with trio.open_nursery() as nursery:
+            first_closed = trio.Event()
+
+            async def close_first() -> None:
+                await first.aclose()  # its EOF; then, once acknowledged, the Ack and close
+                first_closed.set()
+
+            nursery.start_soon(close_first)
+            assert await read_all(last) == b"first words"
+            tap.stall(incoming=False)  # what `first` sends from now on is lost...
+            start = trio.current_time()
+            nursery.start_soon(last.aclose)  # its EOF and the Ack of first's
+            await first_closed.wait()
+            tap.cut()  # ...with the connection, before the hub read it
+        for stream in (first, last):
+            await until_closed(stream)
+            assert stream.outcome is not None
+            assert stream.outcome.kind is OutcomeKind.COMPLETED, stream.outcome
+        took = trio.current_time() - start
+        assert took < 0.5  # not last's close_timeout (5 s)
+        assert first.resumes == 1 and last.resumes == 0
+        await trio.sleep(0.1)
+        assert hub_env.hub.bridge.device_stream_count("d1") == 0  # not held for a resume
 
 
 # -- raw mode and the subprotocol --------------------------------------------------------------

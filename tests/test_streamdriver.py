@@ -149,6 +149,8 @@ def test_the_table_is_the_documented_one() -> None:
         (P.FINISHING, I.RESET): P.FINISHING,
         (P.FINISHING, I.FAIL): P.FINISHING,
         (P.FINISHING, I.LOST): P.CLOSED,
+        (P.FINISHING, I.CONNECTED): P.FINISHING,
+        (P.FINISHING, I.GIVE_UP): P.CLOSED,
         (P.FINISHING, I.CLOSE_TIMEOUT): P.CLOSED,
         (P.FINISHING, I.PEER_CLOSED): P.CLOSED,
         (P.FINISHING, I.ABORT): P.CLOSED,
@@ -166,9 +168,13 @@ def test_closed_is_final() -> None:
     )
 
 
-def in_phase(phase: StreamPhase, *, connected: bool = True) -> tuple[Link, StreamDriver]:
+def in_phase(
+    phase: StreamPhase, *, connected: bool = True, broken: bool = False
+) -> tuple[Link, StreamDriver]:
     """A link whose side ``a`` is in *phase* (with or without a connection, where it may be
-    either), reached through the public API only."""
+    either), reached through the public API only. ``FINISHING`` is reached by both EOFs
+    acknowledged, or with *broken* by the peer breaking the protocol (a stream that ended
+    badly: a drop then ends it)."""
     link = Link()
     a = link.a
     if phase is P.OPENING:
@@ -181,6 +187,9 @@ def in_phase(phase: StreamPhase, *, connected: bool = True) -> tuple[Link, Strea
         a.close(1.0)
     elif phase is P.RESETTING:
         a.reset(9, "stop", 1.0)
+    elif phase is P.FINISHING and broken:
+        with pytest.raises(RemoteProtocolError):
+            a.receive(GARBAGE, 1.0)
     elif phase is P.FINISHING:
         a.write_eof()
         link.b.write_eof()
@@ -254,18 +263,22 @@ UNREACHABLE = {
     (P.RESUMING, I.CLOSE_TIMEOUT),
     (P.RESETTING, I.CLOSE_TIMEOUT),
     (P.FINISHING, I.FINISHED),
-    (P.FINISHING, I.GIVE_UP),
     (P.CLOSED, I.FINISHED),
     (P.CLOSED, I.CLOSE_TIMEOUT),
     (P.CLOSED, I.GIVE_UP),
 }
-#: Where the input needs the stream without a connection.
+#: Where the input needs the stream without a connection (FINISHING: a stream that ended
+#: well and lost its connection, resuming to deliver its last frames).
 DISCONNECTED = {
     (P.CLOSING, I.CONNECTED),
     (P.CLOSING, I.GIVE_UP),
     (P.RESETTING, I.CONNECTED),
     (P.RESETTING, I.GIVE_UP),
+    (P.FINISHING, I.CONNECTED),
+    (P.FINISHING, I.GIVE_UP),
 }
+#: Where the input needs a stream that ended badly: one that ended well resumes instead.
+BROKEN = {(P.FINISHING, I.LOST)}
 
 
 @pytest.mark.parametrize(("phase", "event"), list(itertools.product(P, I)))
@@ -274,7 +287,7 @@ def test_table_walk(phase: StreamPhase, event: PhaseInput) -> None:
     missing from it raises LocalProtocolError and changes nothing, but for the documented
     no-ops and the pairs no call can produce."""
     pair = (phase, event)
-    link, a = in_phase(phase, connected=pair not in DISCONNECTED)
+    link, a = in_phase(phase, connected=pair not in DISCONNECTED, broken=pair in BROKEN)
     outcome = a.outcome
     try:
         applied = APPLY[event](link, a)
@@ -427,8 +440,92 @@ def test_both_eofs_acknowledged_finish_an_open_stream() -> None:
     assert a.closing == CloseConnection(code=1000)
     a.close(1.5)  # the application's close changes nothing more
     assert a.phase is P.FINISHING
-    a.connection_lost(2.0)
+    a.connection_closed(1000, "", 2.0)  # the answer to its close
     assert a.phase is P.CLOSED and a.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+
+
+def finishing_pair() -> tuple[Link, StreamDriver, StreamDriver]:
+    """``a`` closed first; ``b`` read its EOF and closed, acknowledging it: ``a`` finished (its
+    last message, the Ack of ``b``'s EOF, still to go), ``b`` closing and waiting for that Ack."""
+    link = Link()
+    a, b = link.a, link.b
+    a.close(1.0)  # a's EOF goes to b
+    link.flush(a)
+    link.deliver(a, 1.0)
+    assert b.read(None, 1.0) == b""
+    b.close(1.0)  # b's EOF, with the Ack of a's EOF: a finishes, owing the Ack of b's
+    link.flush(b)
+    link.deliver(b, 1.0)
+    assert a.phase is P.FINISHING and b.phase is P.CLOSING
+    return link, a, b
+
+
+def test_a_finished_side_that_loses_its_connection_resumes_to_deliver_its_last_frames() -> None:
+    """The last Ack (of the peer's EOF) and the close may not have reached the hub: the peer
+    would wait close_timeout for them, then reset. The side resumes once more and sends them
+    again, then its close."""
+    _, a, b = finishing_pair()
+    lost = a.next_message(1.0)  # the Ack b waits for, lost with the connection
+    assert lost and a.closing == CloseConnection(code=1000)
+    a.close_sent(1.0)
+    a.connection_lost(1.2)
+    assert a.phase is P.FINISHING and a.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+    assert a.wants_connection
+    assert a.next_deadline(1.2) == 1.2  # at once
+    [connect] = a.timer(1.2, 1.2)
+    assert isinstance(connect, Connect)
+    a.connection_made(1.25)
+    # Resume and the Ack again, then the close.
+    resend = a.next_message(1.25)
+    assert resend and a.closing == CloseConnection(code=1000)
+    b.connection_lost(1.25)  # (b's connection is untouched in the hub's eyes: a Resume
+    b.connection_made(1.25)  # reaches it on a connection that carries on)
+    b.receive(resend, 1.3)
+    assert b.phase is P.FINISHING and b.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+    a.close_sent(1.3)
+    a.connection_closed(1000, "", 1.35)
+    assert a.phase is P.CLOSED and a.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+
+
+def test_a_finished_side_whose_close_the_hub_had_ends_at_the_refusal() -> None:
+    _, a, _ = finishing_pair()
+    a.next_message(1.0)
+    a.close_sent(1.0)
+    a.connection_lost(1.1)
+    a.connect_started(1.1)
+    done = a.connect_failed(1.15, 0.5, code=ErrorCode.NOT_FOUND, message="stream closed")
+    assert done is None
+    assert a.phase is P.CLOSED and a.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+
+
+def test_a_finished_side_that_cannot_resume_ends_after_close_timeout() -> None:
+    _, a, _ = finishing_pair()
+    a.next_message(1.0)
+    a.close_sent(1.0)
+    a.connection_lost(2.0)
+    assert a.close_deadline == 2.0 + OPTIONS.close_timeout  # a fresh one, from the drop
+    now, attempts = 2.0, 0
+    while True:
+        for action in a.timer(now, now):
+            if isinstance(action, Connect):
+                attempts += 1
+                a.connect_failed(now, 0.5, code=None, message="refused")
+        if a.phase is P.CLOSED:
+            break
+        now = a.next_deadline(now)
+    assert now == 2.0 + OPTIONS.close_timeout and attempts > 3
+    assert a.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+
+
+def test_a_side_that_ended_badly_does_not_resume_after_its_close() -> None:
+    link = Link()
+    a = link.a
+    with pytest.raises(RemoteProtocolError):
+        a.receive(GARBAGE, 1.0)
+    assert a.phase is P.FINISHING and a.outcome is not None
+    assert a.outcome.kind is OutcomeKind.BROKEN
+    a.connection_lost(1.1)
+    assert a.phase is P.CLOSED and not a.wants_connection
 
 
 def test_a_reset_finishes_once_confirmed() -> None:

@@ -20,13 +20,19 @@ The stream's life is one table, :data:`PHASE_TRANSITIONS` (:class:`StreamPhase` 
     CLOSING --finished (EOF acknowledged), reset, close timeout--> FINISHING
     OPEN / RESUMING --reset--> RESETTING --finished (reset confirmed), close--> FINISHING
     OPEN --finished (both EOFs acknowledged), fail--> FINISHING
-    FINISHING --peer closed, lost, close timeout--> CLOSED
+    FINISHING --peer closed, lost, close timeout, give up--> CLOSED
+    FINISHING --connected--> FINISHING (a resume that delivers the last frames, see below)
     RESUMING / CLOSING / RESETTING --give up--> CLOSED; OPEN / ... --peer closed--> CLOSED
     anything --abort--> CLOSED
 
 A pair missing from the table raises :class:`LocalProtocolError` (every input comes from the
 adapter). ``CLOSING`` and ``RESETTING`` are held whether or not a connection is up: a drop
 while in them is resumed as in ``RESUMING`` (:attr:`StreamDriver.connected` says which).
+``FINISHING`` is held over a drop too when the stream ended well (completed, or reset and
+settled): the last frames (the acknowledgement of the peer's EOF, the answer to its Reset)
+and the close may not have reached the hub, and the peer waits for them. The side resumes
+once more to send them and its close again; a hub that had its close answers ``404902``, and
+the stream is over. The drop does not count as an answer: it is not the peer's close.
 
 Rules every change must keep:
 
@@ -55,7 +61,8 @@ Decisions:
 * A close whose EOF is not acknowledged within ``close_timeout`` resets the stream with
   ``STREAM_RESET`` ("closed before the peer read all"): the peer learns not all was read.
 * ``FINISHING`` entered without a connection (a close timing out while resuming) ends at
-  once: there is nothing left to resume for.
+  once: there is nothing left to resume for. Entered with one that then drops, it resumes as
+  above, within a fresh ``close_timeout``; a stream that ended badly (broken, failed) ends.
 * Reconnection: the first attempt at once, then after a delay growing from
   :data:`FIRST_RESUME_DELAY` (doubling, at most :data:`MAX_RESUME_DELAY`), each jittered to
   between half and all of it; a hub answer in :data:`FINAL_ERRORS` gives up at once.
@@ -282,6 +289,8 @@ PHASE_TRANSITIONS: Final = {
     (_P.FINISHING, _I.RESET): _P.FINISHING,
     (_P.FINISHING, _I.FAIL): _P.FINISHING,
     (_P.FINISHING, _I.LOST): _P.CLOSED,
+    (_P.FINISHING, _I.CONNECTED): _P.FINISHING,
+    (_P.FINISHING, _I.GIVE_UP): _P.CLOSED,
     (_P.FINISHING, _I.CLOSE_TIMEOUT): _P.CLOSED,
     (_P.FINISHING, _I.PEER_CLOSED): _P.CLOSED,
     (_P.FINISHING, _I.ABORT): _P.CLOSED,
@@ -295,7 +304,8 @@ PHASE_TRANSITIONS: Final = {
 _LIVE: Final = frozenset(
     {ConnectionState.CONNECTED, ConnectionState.RESUMING, ConnectionState.BROKEN}
 )
-#: Phases in which a dropped connection is resumed.
+#: Phases in which a dropped connection is resumed (FINISHING too, when it ended well: see
+#: StreamDriver.connection_lost).
 _RESUMABLE: Final = frozenset({_P.RESUMING, _P.CLOSING, _P.RESETTING})
 
 
@@ -428,6 +438,9 @@ class StreamDriver:
         self._close_at = math.inf
         #: The WebSocket close owed (FINISHING), None once sent or when none is owed.
         self._close: CloseConnection | None = None
+        #: FINISHING lost its connection before the peer's close came: resume to deliver
+        #: the last frames and the close again.
+        self._redeliver = False
         # Disconnected: the next attempt, the running attempt's end, when to give up.
         self._retry_at = math.inf
         self._attempt_until = math.inf
@@ -560,6 +573,7 @@ class StreamDriver:
         elif phase is StreamPhase.CLOSED:
             self._decide()
             self._close = None
+            self._redeliver = False
             self._close_at = self._ping_at = self._ack_at = math.inf
             self._retry_at = self._attempt_until = self._give_up_at = math.inf
 
@@ -692,7 +706,14 @@ class StreamDriver:
             raise LocalProtocolError(ErrorCode.PROTOCOL_ERROR, "a connection is already up")
         self._now = now
         first = self._phase is StreamPhase.OPENING
-        self._move(PhaseInput.CONNECTED)
+        if self._phase is StreamPhase.FINISHING:
+            # Back to deliver the last frames: the close goes out again after them.
+            self._next(PhaseInput.CONNECTED)
+            self._redeliver = False
+            self._close = CloseConnection(code=NORMAL_CLOSURE)
+            self._close_at = now + self.options.close_timeout
+        else:
+            self._move(PhaseInput.CONNECTED)
         self.endpoint.connection_made(resumed=not first)
         self._ping_at = now + self.options.ping_interval
         self._probed = -math.inf
@@ -712,8 +733,14 @@ class StreamDriver:
         self._now = now
         self.endpoint.connection_lost()
         self._ping_at = self._ack_at = math.inf
-        self._move(PhaseInput.LOST)
-        if self._phase in _RESUMABLE:
+        if self._phase is StreamPhase.FINISHING and self._ended_well():
+            # The last frames and the close may not have reached the hub: resume to send
+            # them again, within a fresh close_timeout (see the module docstring).
+            self._redeliver = True
+            self._close_at = now + self.options.close_timeout
+        else:
+            self._move(PhaseInput.LOST)
+        if self._redeliver or self._phase in _RESUMABLE:
             self._retry_at = now
             self._give_up_at = now + self.options.resume_timeout
             self._delay = FIRST_RESUME_DELAY
@@ -800,7 +827,13 @@ class StreamDriver:
     @property
     def wants_connection(self) -> bool:
         """A reconnection is wanted: no connection, and the stream resumes."""
-        return self._phase in _RESUMABLE and not self.connected
+        return (self._redeliver or self._phase in _RESUMABLE) and not self.connected
+
+    def _ended_well(self) -> bool:
+        """The outcome is one whose last frames the peer waits for: completed, or reset (and
+        the reset settled)."""
+        outcome = self._outcome
+        return outcome is not None and outcome.kind in (OutcomeKind.COMPLETED, OutcomeKind.RESET)
 
     def connect_started(self, now: float) -> float:
         """An attempt starts now; return when to give up waiting for it."""

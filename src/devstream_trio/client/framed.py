@@ -335,11 +335,21 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
                 # the peer's answer to the close first (as the task would have).
                 self._task_started = True  # none will start now
                 self._starter.drop_ended()
+                redeliver = False
                 try:
                     if closing:
                         await self._read_until_closed()
+                        # Lost before the answer: the last frames and the close may not have
+                        # reached the hub. The connection task resumes to send them again,
+                        # within the driver's close deadline (aclose does not wait for it).
+                        redeliver = self._driver.wants_connection
                 finally:
-                    await self._end()
+                    if redeliver:
+                        self._task_started = False
+                        self._start_task()
+                        self._scope.deadline = self._driver.close_deadline
+                    else:
+                        await self._end()
             elif closing:
                 # The connection task reads the peer's answer to the close, then drops the
                 # transport: no cancellation. It gives up waiting at the driver's deadline,
