@@ -1999,3 +1999,117 @@ def test_revoking_a_device_ends_its_streams_in_every_state() -> None:
     assert bridge.next_deadline() is None
     assert bridge.advance(NOW + 10_000) == []
     assert bridge.revoke_device(device_id="dev", code=ErrorCode.DEVICE_NOT_FOUND, now=NOW + 2) == []
+
+
+# -- a join whose 101 was lost: the stream token again ------------------------------------------
+
+
+def rejoin(
+    bridge: Bridge, token: str, *, role: Role | None, conn: int, now: float = NOW + 2
+) -> Resumed:
+    return bridge.rejoin(
+        stream_id="s1",
+        token=token,
+        role=role,
+        connection_id=conn,
+        now=now,
+        resume_nonce=nonce(),
+    )
+
+
+def rejoin_refused(bridge: Bridge, token: str, role: Role, *, now: float = NOW + 2) -> ErrorCode:
+    with pytest.raises(DevstreamError) as info:
+        rejoin(bridge, token, role=role, conn=50, now=now)
+    return info.value.code
+
+
+@pytest.mark.parametrize("side", list(Role))
+def test_a_side_whose_join_answer_was_lost_joins_again_with_its_stream_token(side: Role) -> None:
+    """Until a message comes on the connection its join opened, the side may present its
+    stream token again: its connection is replaced, with a fresh resume token; the one the
+    lost 101 carried is spent."""
+    bridge = Bridge(secret=SECRET)
+    tokens = create(bridge, mode="devstream.v1")
+    conns = {side: 1, side.other: 2}
+    lost = join(bridge, tokens[side], role=side, conn=1)
+    join(bridge, tokens[side.other], role=side.other, conn=2)
+    assert lost.resume_token is not None
+    again = rejoin(bridge, tokens[side], role=side, conn=3)
+    assert again.replaced_connection_id == conns[side]
+    assert again.peer_connection_id == conns[side.other]
+    assert again.resume_token != lost.resume_token
+    assert bridge.stream_state("s1") is StreamState.PAIRED
+    # The lost 101's resume token is spent; the fresh one works.
+    with pytest.raises(DevstreamError) as info:
+        bridge.resume(
+            stream_id="s1",
+            token=lost.resume_token,
+            role=side,
+            connection_id=4,
+            now=NOW + 3,
+            resume_nonce=nonce(),
+        )
+    assert info.value.code is ErrorCode.STREAM_TOKEN_REUSED
+    # Once a message came on the new connection, the stream token is spent for good.
+    bridge.confirm(stream_id="s1", connection_id=3, now=NOW + 3)
+    assert rejoin_refused(bridge, tokens[side], side) is ErrorCode.STREAM_TOKEN_REUSED
+    assert refused(bridge, tokens[side], role=side) is ErrorCode.STREAM_TOKEN_REUSED
+
+
+def test_a_held_side_whose_join_answer_was_lost_comes_back_with_its_stream_token() -> None:
+    bridge = Bridge(secret=SECRET)
+    tokens = create(bridge, mode="devstream.v1")
+    join(bridge, tokens[Role.SERVICE], role=Role.SERVICE, conn=1)
+    join(bridge, tokens[Role.DEVICE], role=Role.DEVICE, conn=2)
+    [held] = bridge.drop(stream_id="s1", connection_id=2, now=NOW + 1.5)
+    assert isinstance(held, SideHeld)
+    back = rejoin(bridge, tokens[Role.DEVICE], role=Role.DEVICE, conn=3)
+    assert back.replaced_connection_id is None and back.peer_connection_id == 1
+    assert bridge.stream_state("s1") is StreamState.PAIRED
+
+
+def test_the_stream_token_is_spent_once_the_side_resumed() -> None:
+    bridge = Bridge(secret=SECRET)
+    tokens = create(bridge, mode="devstream.v1")
+    first = join(bridge, tokens[Role.DEVICE], role=Role.DEVICE, conn=1)
+    join(bridge, tokens[Role.SERVICE], role=Role.SERVICE, conn=2)
+    assert first.resume_token is not None
+    bridge.resume(
+        stream_id="s1",
+        token=first.resume_token,
+        role=Role.DEVICE,
+        connection_id=3,
+        now=NOW + 2,
+        resume_nonce=nonce(),
+    )
+    # It had its resume token: the answer to its join came.
+    assert rejoin_refused(bridge, tokens[Role.DEVICE], Role.DEVICE) is (
+        ErrorCode.STREAM_TOKEN_REUSED
+    )
+
+
+def test_a_raw_streams_token_is_never_taken_twice() -> None:
+    bridge = Bridge(secret=SECRET)
+    tokens = create(bridge)
+    join(bridge, tokens[Role.DEVICE], role=Role.DEVICE, conn=1)
+    assert rejoin_refused(bridge, tokens[Role.DEVICE], Role.DEVICE) is (
+        ErrorCode.STREAM_TOKEN_REUSED
+    )
+    # Nor a token never presented, nor one of a stream that ended.
+    assert rejoin_refused(bridge, tokens[Role.SERVICE], Role.SERVICE) is (
+        ErrorCode.STREAM_TOKEN_REUSED
+    )
+
+
+def test_a_rejoin_after_the_stream_ended_or_the_side_left_is_refused() -> None:
+    bridge = Bridge(secret=SECRET)
+    tokens = create(bridge, mode="devstream.v1")
+    join(bridge, tokens[Role.DEVICE], role=Role.DEVICE, conn=1)
+    join(bridge, tokens[Role.SERVICE], role=Role.SERVICE, conn=2)
+    bridge.close(stream_id="s1", connection_id=1, now=NOW + 1.5, code=1000)
+    # The device closed normally and left: it has nothing to come back for.
+    assert rejoin_refused(bridge, tokens[Role.DEVICE], Role.DEVICE) is ErrorCode.NOT_FOUND
+    bridge.leave(stream_id="s1", connection_id=2, now=NOW + 1.6)
+    assert rejoin_refused(bridge, tokens[Role.SERVICE], Role.SERVICE) is (
+        ErrorCode.STREAM_TOKEN_REUSED
+    )

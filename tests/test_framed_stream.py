@@ -1228,6 +1228,53 @@ async def test_a_last_acknowledgement_lost_with_its_connection_is_sent_again(
         assert hub_env.hub.bridge.device_stream_count("d1") == 0  # not held for a resume
 
 
+@pytest.mark.parametrize("cut_at", [200, 400], ids=["request-lost", "101-lost"])
+async def test_a_join_lost_on_the_way_is_tried_again_and_the_stream_goes_on(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock, cut_at: int
+) -> None:
+    """The device's join is cut after *cut_at* bytes both ways: in its request (the hub never
+    read it), or in the 101 (the hub joined it, and the device lost its answer and first
+    resume token). The device tries again with the same stream token: a join, or a rejoin
+    the hub takes while the lost connection brought nothing. What the service sent in the
+    meantime arrives, once."""
+    device_opener, service_opener = Opener(hub_env), Opener(hub_env)
+    cs = await hub_env.create_device("d1")
+    inbox_send, inbox_receive = trio.open_memory_channel[AnyStream](1)
+
+    async def hand_over(stream: AnyStream) -> None:
+        await inbox_send.send(stream)
+        await trio.sleep_forever()
+
+    with trio.fail_after(TIMEOUT):
+        device = DeviceClient(cs, opener=device_opener)
+        await hub_env.nursery.start(device.serve, {"pipe": hand_over})
+        device_opener.budget, device_opener.max_budget_cuts = cut_at, 1
+        service = ServiceClient(
+            hub_env.service_cs(), opener=service_opener, nursery=hub_env.nursery
+        )
+        start = trio.current_time()
+        service_stream = await service.open_stream("d1", "pipe")
+        assert isinstance(service_stream, FramedStream)
+        await service_stream.send_all(b"sent while the device joined")
+        await service_stream.send_eof()
+        device_stream = await inbox_receive.receive()
+        assert isinstance(device_stream, FramedStream)
+        assert await read_all(device_stream) == b"sent while the device joined"
+        await device_stream.send_all(b"and back")
+        await device_stream.send_eof()
+        assert await read_all(service_stream) == b"and back"
+        took = trio.current_time() - start
+        await service_stream.aclose()
+        await device_stream.aclose()
+    joins = device_opener.stream_taps()
+    assert len(joins) == 2 and joins[0].cut_by_budget and not joins[1].cut_by_budget
+    # The hub took the second as a join (it never read the first), or as a rejoin.
+    assert hub_env.hub.metrics.resumes_total == (1 if cut_at == 400 else 0)
+    assert took < 1  # a retry 25-50 ms later, not a timeout
+    assert device_stream.outcome is not None
+    assert device_stream.outcome.kind is OutcomeKind.COMPLETED
+
+
 # -- raw mode and the subprotocol --------------------------------------------------------------
 
 

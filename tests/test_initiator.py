@@ -136,3 +136,29 @@ def test_what_a_stream_driver_is_told_about_a_failed_reconnection() -> None:
     assert attempt_failure(hub) == (ErrorCode.STREAM_TOKEN_EXPIRED, "too late")
     broken = DevstreamError(ErrorCode.HUB_UNREACHABLE, "bad 101")
     assert attempt_failure(broken) == (None, "bad 101")
+
+
+def test_a_lost_join_is_tried_again_after_a_resumes_delays() -> None:
+    from devstream_core.initiator import join_retry_delay
+    from devstream_core.streamdriver import FIRST_RESUME_DELAY, MAX_RESUME_DELAY
+
+    assert join_retry_delay(1, 0.0) == FIRST_RESUME_DELAY / 2
+    assert join_retry_delay(1, 0.999) < FIRST_RESUME_DELAY
+    assert join_retry_delay(2, 0.0) == FIRST_RESUME_DELAY
+    assert join_retry_delay(50, 0.0) == MAX_RESUME_DELAY / 2
+    for bad in ((0, 0.5), (1, 1.0), (1, -0.1)):
+        with pytest.raises(HubError):
+            join_retry_delay(*bad)
+
+
+def test_only_a_join_lost_before_any_answer_is_tried_again() -> None:
+    from devstream_core.exceptions import HubUnreachable, TlsMismatch, Unauthorized
+    from devstream_core.initiator import join_may_retry
+
+    assert join_may_retry(HubUnreachable(ErrorCode.HUB_UNREACHABLE, "connection lost"))
+    assert join_may_retry(ConnectionResetError())
+    assert join_may_retry(ConnectionRefusedError())
+    assert not join_may_retry(TlsMismatch(ErrorCode.HUB_UNREACHABLE, "TLS"))
+    assert not join_may_retry(Unauthorized(ErrorCode.STREAM_TOKEN_REUSED, "used"))
+    assert not join_may_retry(HubError(ErrorCode.NOT_FOUND, "stream closed"))
+    assert not join_may_retry(ValueError())

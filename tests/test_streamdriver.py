@@ -26,8 +26,10 @@ from devstream_core.exceptions import DeviceNotFound, HubError, StreamReset
 from devstream_core.framing import (
     MAX_MESSAGE_SIZE,
     Ack,
+    Data,
     EndpointState,
     FrameDecoder,
+    Resume,
 )
 from devstream_core.streamdriver import (
     ACK_DELAY,
@@ -1297,3 +1299,26 @@ def test_a_completed_stream_reads_its_eof_and_fails_nothing() -> None:
     link.pump(0.0)
     assert a.outcome == Outcome(kind=OutcomeKind.COMPLETED)
     assert a.take(None, 0.0) == b"" and a.failure() is None
+
+
+def test_a_rejoined_first_connection_starts_as_a_resumed_one() -> None:
+    """A join tried again may have reached the hub the first time, and the peer sent to that
+    connection meanwhile: the stream starts with Resume(0), and sends no data before the
+    peer's Resume. The peer sends again from the start; nothing is lost or doubled."""
+    link = Link()
+    a, b = link.a, link.b
+    b.endpoint.write(b"sent to the lost connection")
+    lost = link.flush(b)  # to a connection of a's that the hub dropped
+    assert lost
+    link.queue[b].clear()
+    a = link.a = StreamDriver(OPTIONS, now=1.0)
+    link.queue[a] = []
+    a.connection_made(1.0, rejoined=True)
+    a.endpoint.write(b"hello")
+    [first] = link.flush(a)
+    frames = FrameDecoder().feed(first)
+    assert frames[0] == Resume(received=0, reply=True)
+    assert not any(isinstance(frame, Data) for frame in frames)  # not before b's Resume
+    link.pump(1.1, read=False)
+    assert a.read(None, 1.1) == b"sent to the lost connection"
+    assert b.read(None, 1.1) == b"hello"

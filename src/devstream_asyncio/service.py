@@ -13,6 +13,7 @@ then a WebSocket to the streaming endpoint).
 from __future__ import annotations
 
 import asyncio
+import random
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -21,11 +22,14 @@ from contextlib import asynccontextmanager
 from devstream_core.common import Role
 from devstream_core.control import MODE_FRAMED
 from devstream_core.credentials import ConnectionString, RequestTokens
+from devstream_core.errors import DevstreamError
 from devstream_core.initiator import (
     JOIN_TIMEOUT,
     Initiator,
     answer_timeout,
     check_joined,
+    join_may_retry,
+    join_retry_delay,
     no_answer,
     stream_subprotocols,
 )
@@ -44,6 +48,9 @@ from ._ws import WebSocket, join, request, websocket_connect
 from .stream import FramedStream, RawStream, Stream
 
 __all__ = ["ServiceClient", "join_stream", "open_service"]
+
+#: Join retries' jitter.
+_JITTER = random.Random()
 
 
 class ServiceClient:
@@ -155,9 +162,16 @@ class ServiceClient:
 
 
 def stream_over(
-    ws: WebSocket, url: str, mode: str, ssl_context: ssl.SSLContext | None, options: StreamOptions
+    ws: WebSocket,
+    url: str,
+    mode: str,
+    ssl_context: ssl.SSLContext | None,
+    options: StreamOptions,
+    *,
+    rejoined: bool = False,
 ) -> Stream:
-    """The stream a joined WebSocket carries; a devstream.v1 side resumes at *url*."""
+    """The stream a joined WebSocket carries; a devstream.v1 side resumes at *url*.
+    *rejoined*: the join was tried again (see StreamDriver.connection_made)."""
     address, target, stream_id = parse_stream_url(url)
     try:
         check_joined(mode, ws.subprotocol)
@@ -170,7 +184,7 @@ def stream_over(
     async def reconnect(token: str) -> WebSocket:
         return await _join_with(address, target, token, ssl_context, mode)
 
-    return FramedStream(ws, stream_id, reconnect, options)
+    return FramedStream(ws, stream_id, reconnect, options, rejoined=rejoined)
 
 
 async def _join_with(
@@ -185,13 +199,26 @@ async def join_stream(
 ) -> Stream:
     """Join a stream at *url* with its stream *token*."""
     address, target, _ = parse_stream_url(url)
+    # The hub answers a join at once: a connection silent past JOIN_TIMEOUT went dead. One
+    # lost on the way is tried again (the hub takes the token again while the connection it
+    # opened has brought nothing), until then.
+    attempts = 0
+    lost: BaseException | None = None
     try:
-        # The hub answers a join at once: a connection silent past JOIN_TIMEOUT went dead.
         async with asyncio.timeout(JOIN_TIMEOUT):
-            ws = await _join_with(address, target, token, ssl_context, mode)
+            while True:
+                attempts += 1
+                try:
+                    ws = await _join_with(address, target, token, ssl_context, mode)
+                    break
+                except (DevstreamError, OSError) as exc:
+                    if not join_may_retry(exc):
+                        raise
+                    lost = exc
+                await asyncio.sleep(join_retry_delay(attempts, _JITTER.random()))
     except TimeoutError:
-        raise no_answer("join", JOIN_TIMEOUT) from None
-    return stream_over(ws, url, mode, ssl_context, options)
+        raise (lost or no_answer("join", JOIN_TIMEOUT)) from None
+    return stream_over(ws, url, mode, ssl_context, options, rejoined=attempts > 1)
 
 
 @asynccontextmanager

@@ -90,6 +90,8 @@ class FramedStream:
         stream_id: str,
         reconnect: Callable[[str], Awaitable[WebSocket]],
         options: StreamOptions | None = None,
+        *,
+        rejoined: bool = False,
     ) -> None:
         self.stream_id = stream_id
         #: How many times the stream resumed over a new WebSocket.
@@ -97,7 +99,7 @@ class FramedStream:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._driver = StreamDriver(options, now=loop.time())
-        self._driver.connection_made(loop.time())
+        self._driver.connection_made(loop.time(), rejoined=rejoined)
         self._endpoint = self._driver.endpoint
         self._ws = ws
         self._token = resume_token(ws.headers)

@@ -54,7 +54,10 @@ Rules:
   answer the other side's close).
 * A stream token is accepted at most once. Its nonce is remembered until the token's own
   expiry, even after its stream ended, so a second use is refused as ``STREAM_TOKEN_REUSED``;
-  past the expiry it is refused as ``STREAM_TOKEN_EXPIRED`` anyway.
+  past the expiry it is refused as ``STREAM_TOKEN_EXPIRED`` anyway. One allowance, for a
+  ``devstream.v1`` side whose ``101`` was lost (and with it its first resume token):
+  :meth:`Bridge.rejoin` takes the token again, as a resume, until the connection it opened
+  is confirmed or the side resumes.
 * A join is checked in a fixed order: the token itself (invalid, wrong stream, wrong role,
   expired), then reuse, then whether the stream still exists (``NOT_FOUND``).
 * The connection that asked for a stream may join it at once as that side, without a token
@@ -445,6 +448,9 @@ class _Stream:
     previous: dict[Role, tuple[str, int]] = field(default_factory=dict)
     #: The nonces of every other resume token of this stream (spent or retired).
     spent_resume_nonces: set[str] = field(default_factory=set)
+    #: Per role of a devstream.v1 stream whose joining connection is not confirmed yet: the
+    #: nonce of its stream token, and that connection (see Bridge.rejoin).
+    rejoin: dict[Role, tuple[str, int]] = field(default_factory=dict)
     #: What the side that closed normally last sent (CLOSING, CLOSING_HELD).
     farewell: Farewell | None = None
     #: CLOSING: when the attached side's time to answer the close ends (None otherwise).
@@ -669,6 +675,7 @@ class Bridge:
         if resume_token is not None:
             assert resume_nonce is not None
             stream.resume_nonces[role] = b64url(resume_nonce)
+            stream.rejoin[role] = (nonce, connection_id)
         peer = stream.sides.get(role.other)
         return Joined(
             stream_id=stream.stream_id,
@@ -755,8 +762,74 @@ class Bridge:
             stream.spent_resume_nonces.add(retired)
         stream.previous[claims.role] = (claims.nonce, connection_id)
         stream.resume_nonces[claims.role] = b64url(resume_nonce)
+        # It held a resume token: the answer to its join came, and its stream token is spent.
+        stream.rejoin.pop(claims.role, None)
         if stream.state is StreamState.CLOSING:
             # The new connection gets the close (Resumed.farewell): its time to answer starts.
+            self._start_answer(stream, now)
+        return Resumed(
+            stream_id=stream_id,
+            role=claims.role,
+            connection_id=connection_id,
+            peer_connection_id=stream.sides.get(claims.role.other),
+            replaced_connection_id=replaced,
+            resume_token=fresh,
+            farewell=stream.farewell,
+        )
+
+    def rejoin(
+        self,
+        *,
+        stream_id: str,
+        token: str,
+        role: Role | None,
+        connection_id: int,
+        now: float,
+        resume_nonce: bytes,
+    ) -> Resumed:
+        """Connection ``connection_id`` presents again the stream ``token`` a side of
+        ``devstream.v1`` stream ``stream_id`` joined with, before any message came on the
+        connection it opened: the side may have lost the ``101`` and, with it, its first
+        resume token. Taken as a resume (:meth:`resume`): the side comes back (held) or its
+        connection is replaced (attached), with a fresh resume token; the one the lost ``101``
+        carried is spent.
+
+        Raises, in this order: the errors of :func:`verify_stream_token`;
+        ``STREAM_TOKEN_REUSED`` when the token is not one whose joining connection is
+        unconfirmed (a raw stream's, or once a message came or the side resumed);
+        ``DevstreamError(NOT_FOUND)`` when the stream has ended, its held side's grace period
+        or the attached side's time to answer a close is over, or the side left. A bad
+        ``resume_nonce`` or a connection already attached is a :class:`LocalProtocolError`.
+        Any refusal leaves the stream and the token as they were.
+        """
+        claims = verify_stream_token(
+            token, secret=self._secret, stream_id=stream_id, role=role, now=now
+        )
+        stream = self._streams.get(stream_id)
+        pending = None if stream is None else stream.rejoin.get(claims.role)
+        if stream is None or pending is None or pending[0] != claims.nonce:
+            raise StreamTokenError(ErrorCode.STREAM_TOKEN_REUSED)
+        if (
+            any(deadline <= now for deadline in stream.held.values())
+            or (stream.answer_by is not None and stream.answer_by <= now)
+            or (claims.role not in stream.sides and claims.role not in stream.held)
+        ):
+            raise DevstreamError(ErrorCode.NOT_FOUND, "stream closed")
+        self._check_connection(stream, connection_id)
+        fresh = self._mint_resume(stream, claims.role, resume_nonce)
+        replaced = stream.sides.get(claims.role)
+        if replaced is None:
+            self._move(stream, StreamInput.RESUME)
+            del stream.held[claims.role]
+        else:
+            self._move(stream, StreamInput.REPLACE)
+        stream.sides[claims.role] = connection_id
+        lost = stream.resume_nonces.get(claims.role)
+        if lost is not None:
+            stream.spent_resume_nonces.add(lost)
+        stream.resume_nonces[claims.role] = b64url(resume_nonce)
+        stream.rejoin[claims.role] = (claims.nonce, connection_id)
+        if stream.state is StreamState.CLOSING:
             self._start_answer(stream, now)
         return Resumed(
             stream_id=stream_id,
@@ -786,6 +859,9 @@ class Bridge:
             if connection == connection_id and stream.sides.get(role) == connection_id:
                 del stream.previous[role]
                 stream.spent_resume_nonces.add(nonce)
+        for role in list(stream.rejoin):
+            if stream.rejoin[role][1] == connection_id:
+                del stream.rejoin[role]
 
     def leave(self, *, stream_id: str, connection_id: int, now: float) -> list[BridgeEvent]:
         """Side ``connection_id`` of stream ``stream_id`` closed (or answered the other side's

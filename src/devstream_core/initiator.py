@@ -33,6 +33,7 @@ from typing import Final
 from .control import MODE_FRAMED, MODE_RAW
 from .errors import DevstreamError, ErrorCode, parse_close_reason
 from .exceptions import HubError, HubUnreachable, error_for
+from .streamdriver import FIRST_RESUME_DELAY, MAX_RESUME_DELAY
 from .wire import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_RESPONSE_TIMEOUT,
@@ -64,6 +65,26 @@ def answer_timeout(response_timeout: float) -> float:
     """Seconds a service waits for the answer to an initiate that gave the device
     *response_timeout* seconds to answer: that, then :data:`JOIN_TIMEOUT` for the hub's."""
     return response_timeout + JOIN_TIMEOUT
+
+
+def join_retry_delay(attempt: int, rand: float) -> float:
+    """How long to wait before trying a join again after *attempt* tries (1: the first) were
+    lost on the way (no answer from the hub: :func:`join_may_retry`), *rand* drawn in
+    ``[0, 1)``: as a resume's delays (50 ms doubling up to 5 s, each jittered to between half
+    and all of it). The caller gives up at :data:`JOIN_TIMEOUT` after the first try."""
+    if not 0.0 <= rand < 1.0 or attempt < 1:
+        raise HubError(ErrorCode.ARGUMENT_INVALID, "attempt >= 1 and rand in [0, 1)")
+    delay: float = min(FIRST_RESUME_DELAY * 2 ** min(attempt - 1, 16), MAX_RESUME_DELAY)
+    return delay / 2 + rand * delay / 2
+
+
+def join_may_retry(error: BaseException) -> bool:
+    """Whether a join that failed with *error* may be tried again with the same token: the
+    connection was lost or refused before any answer (the request may not have reached the
+    hub, or its ``101`` may have been lost; the hub takes the token again until a message
+    comes on the connection it opened). Never after an answer of the hub's, or a TLS
+    mismatch."""
+    return type(error) is HubUnreachable or isinstance(error, ConnectionError)
 
 
 def no_answer(what: str, seconds: float) -> HubUnreachable:

@@ -700,8 +700,13 @@ class StreamDriver:
 
     # -- the transport side --------------------------------------------------------------------
 
-    def connection_made(self, now: float) -> None:
-        """A connection is up: the stream's first, or a resumed one."""
+    def connection_made(self, now: float, *, rejoined: bool = False) -> None:
+        """A connection is up: the stream's first, or a resumed one.
+
+        *rejoined*, for the first: it came from a join tried again, and the first try may
+        have reached the hub (whose ``101`` was lost), the peer sending to it meanwhile. The
+        connection then starts as a resumed one (``Resume(0)`` first): the peer sends again
+        from where this side is, the start."""
         if self.connected:
             raise LocalProtocolError(ErrorCode.PROTOCOL_ERROR, "a connection is already up")
         self._now = now
@@ -715,6 +720,9 @@ class StreamDriver:
         else:
             self._move(PhaseInput.CONNECTED)
         self.endpoint.connection_made(resumed=not first)
+        if first and rejoined:
+            self.endpoint.connection_lost()
+            self.endpoint.connection_made(resumed=True)
         self._ping_at = now + self.options.ping_interval
         self._probed = -math.inf
         self._received_at = self._sent_at = now

@@ -87,6 +87,7 @@ class FramedConnection:
         nursery: trio.Nursery,
         options: StreamOptions | None = None,
         rng: random.Random | None = None,
+        rejoined: bool = False,
     ) -> None:
         options = options or _DEFAULT_OPTIONS
         self.stream_id = stream_id
@@ -126,7 +127,7 @@ class FramedConnection:
         self._direct_read: trio.CancelScope | None = None
         # Connected from the start: what the application sends before the connection task
         # first runs goes out at once (see _send_now).
-        driver.connection_made(now)
+        driver.connection_made(now, rejoined=rejoined)
         self._starter = _starter_for(nursery)
         self._starter.add(self, driver.direct_read_until)
 

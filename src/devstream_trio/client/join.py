@@ -8,6 +8,7 @@ the stream's URL with ``Authorization: Bearer <stream token>`` and get a raw
 
 from __future__ import annotations
 
+import random
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -21,6 +22,8 @@ from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 from devstream_core.initiator import (
     JOIN_TIMEOUT,
     check_joined,
+    join_may_retry,
+    join_retry_delay,
     no_answer,
     stream_subprotocols,
 )
@@ -39,6 +42,8 @@ __all__ = ["AnyStream", "join_stream", "open_transport"]
 AnyStream = HubStream | FramedStream
 
 _FRAMED = stream_subprotocols(FRAMED_SUBPROTOCOL)
+#: Join retries' jitter.
+_JITTER = random.Random()
 
 
 async def open_transport(
@@ -78,11 +83,26 @@ async def join_stream(
         if transport is not None:
             await close_forcefully(transport)
         raise
-    # The hub answers a join at once: a connection silent past JOIN_TIMEOUT went dead.
-    with trio.move_on_after(JOIN_TIMEOUT) as scope:
-        ws = await _stream_websocket(url, token, ssl_context, opener, subprotocols, transport)
-    if scope.cancelled_caught:
-        raise no_answer("join", JOIN_TIMEOUT)
+    # The hub answers a join at once: a connection silent past JOIN_TIMEOUT went dead. One
+    # lost on the way is tried again (the hub takes the token again while the connection it
+    # opened has brought nothing), until then.
+    attempts = 0
+    lost: DevstreamError | OSError | None = None
+    ws: WebSocket | None = None
+    with trio.move_on_after(JOIN_TIMEOUT):
+        while ws is None:
+            attempts += 1
+            try:
+                ws = await _stream_websocket(
+                    url, token, ssl_context, opener, subprotocols, transport
+                )
+            except (DevstreamError, OSError) as exc:
+                if not join_may_retry(exc):
+                    raise
+                lost, transport = exc, None  # (closed with the failed attempt)
+                await trio.sleep(join_retry_delay(attempts, _JITTER.random()))
+    if ws is None:
+        raise lost if lost is not None else no_answer("join", JOIN_TIMEOUT)
     return await stream_over(
         ws,
         url,
@@ -92,6 +112,7 @@ async def join_stream(
         mode=mode,
         nursery=nursery,
         options=options,
+        rejoined=attempts > 1,
     )
 
 
@@ -105,8 +126,10 @@ async def stream_over(
     mode: str,
     nursery: trio.Nursery | None,
     options: StreamOptions | None,
+    rejoined: bool = False,
 ) -> AnyStream:
-    """The stream a WebSocket just joined carries; *url* is where a devstream.v1 side resumes."""
+    """The stream a WebSocket just joined carries; *url* is where a devstream.v1 side resumes.
+    *rejoined*: the join was tried again (see StreamDriver.connection_made)."""
     stream_id = parse_stream_url(url).stream_id
     try:
         check_joined(mode, ws.subprotocol)
@@ -121,7 +144,13 @@ async def stream_over(
         return await _stream_websocket(url, resume_token, ssl_context, opener, _FRAMED)
 
     return FramedStream(
-        ws, stream_id=stream_id, role=role, reconnect=reconnect, nursery=nursery, options=options
+        ws,
+        stream_id=stream_id,
+        role=role,
+        reconnect=reconnect,
+        nursery=nursery,
+        options=options,
+        rejoined=rejoined,
     )
 
 

@@ -55,14 +55,16 @@ from devstream_core.bridge import (
     BridgeEvent,
     CloseLoneSide,
     CloseUnanswered,
+    Joined,
     ResetPeer,
+    Resumed,
     StreamExpired,
     StreamRevoked,
     StreamState,
 )
 from devstream_core.common import Role
 from devstream_core.control import MODE_RAW
-from devstream_core.errors import DevstreamError, ErrorCode
+from devstream_core.errors import DevstreamError, ErrorCode, StreamTokenError
 from devstream_core.framing import SUBPROTOCOL as FRAMED_SUBPROTOCOL
 from devstream_core.routes import BridgeJoin
 from devstream_core.tokens import is_resume_token
@@ -195,6 +197,32 @@ class StreamingEndpoint:
 
     # -- joining -----------------------------------------------------------------------------
 
+    def _join_or_rejoin(
+        self, route: BridgeJoin, token: str, connection_id: int, now: float
+    ) -> Joined | Resumed:
+        """A side's join with its stream token; the same token again, while the connection it
+        opened has not brought a message, is a rejoin (:meth:`Bridge.rejoin`)."""
+        try:
+            return self.bridge.join(
+                stream_id=route.stream_id,
+                token=token,
+                role=route.role,
+                connection_id=connection_id,
+                now=now,
+                resume_nonce=self.random_bytes(16),
+            )
+        except StreamTokenError as exc:
+            if exc.code is not ErrorCode.STREAM_TOKEN_REUSED:
+                raise
+        return self.bridge.rejoin(
+            stream_id=route.stream_id,
+            token=token,
+            role=route.role,
+            connection_id=connection_id,
+            now=now,
+            resume_nonce=self.random_bytes(16),
+        )
+
     async def join(
         self,
         http: HttpServerConnection,
@@ -231,6 +259,7 @@ class StreamingEndpoint:
                 farewell = resumed.farewell
                 device_id = ""  # known since its join
             else:
+                joined: Joined | Resumed
                 if opener:
                     assert route.role is not None  # the service's route names its side
                     joined = self.bridge.join_opener(
@@ -241,17 +270,18 @@ class StreamingEndpoint:
                         resume_nonce=self.random_bytes(16),
                     )
                 else:
-                    joined = self.bridge.join(
-                        stream_id=route.stream_id,
-                        token=token,
-                        role=route.role,
-                        connection_id=connection_id,
-                        now=now,
-                        resume_nonce=self.random_bytes(16),
-                    )
-                role, resume_token, mode = joined.role, joined.resume_token, joined.mode
-                replaced, farewell = None, None
-                device_id = joined.device_id
+                    joined = self._join_or_rejoin(route, token, connection_id, now)
+                if isinstance(joined, Resumed):
+                    # The side joined before, and lost the 101 (and its resume token).
+                    resuming = True
+                    role, mode = joined.role, FRAMED_SUBPROTOCOL
+                    resume_token = joined.resume_token
+                    replaced, farewell = joined.replaced_connection_id, joined.farewell
+                    device_id = ""  # known since its join
+                else:
+                    role, resume_token, mode = joined.role, joined.resume_token, joined.mode
+                    replaced, farewell = None, None
+                    device_id = joined.device_id
         except DevstreamError as exc:
             raise HttpError(exc.code, exc.message) from exc
         self.wake(self.bridge.next_deadline())

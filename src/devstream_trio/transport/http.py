@@ -660,7 +660,7 @@ async def websocket_connect(
     request = request_head(target, all_headers)
     try:
         await _io.send_all(stream, request)
-    except trio.BrokenResourceError as exc:
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
     received, end, hung_up = await _receive_head(stream)
     response_headers = parse_101(received[:end]) if end >= 0 else None
@@ -701,7 +701,8 @@ async def _receive_head(stream: trio.abc.Stream) -> tuple[bytes, int, bool]:
     while True:
         try:
             data = await _io.receive_some(stream, _RECEIVE_SIZE)
-        except trio.BrokenResourceError as exc:
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # (Closed: a transport that a proxy or wrapper closed under the handshake.)
             raise DevstreamError(ErrorCode.HUB_UNREACHABLE, "connection lost") from exc
         if not data:
             return bytes(received), -1, True
