@@ -35,6 +35,7 @@ from ..transport.http import HttpStatusError, close_forcefully, websocket_connec
 from ..transport.websocket import WebSocket
 from .framed import FramedStream, StreamOptions
 from .stream import HubStream
+from .watchdog import handshake_deadline
 
 __all__ = ["AnyStream", "join_stream", "open_transport"]
 
@@ -44,6 +45,10 @@ AnyStream = HubStream | FramedStream
 _FRAMED = stream_subprotocols(FRAMED_SUBPROTOCOL)
 #: Join retries' jitter.
 _JITTER = random.Random()
+
+
+def _no_answer_to_join() -> HubUnreachable:
+    return no_answer("join", JOIN_TIMEOUT)
 
 
 async def open_transport(
@@ -86,23 +91,23 @@ async def join_stream(
     # The hub answers a join at once: a connection silent past JOIN_TIMEOUT went dead. One
     # lost on the way is tried again (the hub takes the token again while the connection it
     # opened has brought nothing), until then.
+    deadline = trio.current_time() + JOIN_TIMEOUT
     attempts = 0
-    lost: DevstreamError | OSError | None = None
-    ws: WebSocket | None = None
-    with trio.move_on_after(JOIN_TIMEOUT):
-        while ws is None:
-            attempts += 1
-            try:
-                ws = await _stream_websocket(
-                    url, token, ssl_context, opener, subprotocols, transport
-                )
-            except (DevstreamError, OSError) as exc:
-                if not join_may_retry(exc):
-                    raise
-                lost, transport = exc, None  # (closed with the failed attempt)
-                await trio.sleep(join_retry_delay(attempts, _JITTER.random()))
-    if ws is None:
-        raise lost if lost is not None else no_answer("join", JOIN_TIMEOUT)
+    while True:
+        attempts += 1
+        try:
+            ws = await _stream_websocket(
+                url, token, ssl_context, opener, subprotocols, transport, deadline, nursery
+            )
+            break
+        except (DevstreamError, OSError) as exc:
+            if not join_may_retry(exc):
+                raise
+            pause = join_retry_delay(attempts, _JITTER.random())
+            if trio.current_time() + pause >= deadline:
+                raise
+        transport = None  # (closed with the failed attempt)
+        await trio.sleep(pause)
     return await stream_over(
         ws,
         url,
@@ -161,10 +166,13 @@ async def _stream_websocket(
     opener: Opener | None,
     subprotocols: Sequence[str],
     transport: trio.abc.Stream | None = None,
+    deadline: float | None = None,
+    nursery: trio.Nursery | None = None,
 ) -> WebSocket:
     """Open a WebSocket to the streaming endpoint with ``Authorization: Bearer <token>``.
 
-    Over *transport* if given (it is closed on failure), else over a new connection.
+    Over *transport* if given (it is closed on failure), else over a new connection. With a
+    *deadline*, the hub's answer is given up then (by *nursery*'s watchdog, when given).
     """
     try:
         address, target, _ = parse_stream_url(url)
@@ -176,13 +184,22 @@ async def _stream_websocket(
         transport = await open_transport(address, ssl_context, opener)
     try:
         async with closed_on_failure(transport):
-            return await websocket_connect(
-                transport,
-                host=address.host_header,
-                target=target,
-                headers=[("authorization", bearer(token))],
-                subprotocols=subprotocols,
-            )
+            if deadline is None:
+                return await websocket_connect(
+                    transport,
+                    host=address.host_header,
+                    target=target,
+                    headers=[("authorization", bearer(token))],
+                    subprotocols=subprotocols,
+                )
+            with handshake_deadline(nursery, transport, deadline, _no_answer_to_join):
+                return await websocket_connect(
+                    transport,
+                    host=address.host_header,
+                    target=target,
+                    headers=[("authorization", bearer(token))],
+                    subprotocols=subprotocols,
+                )
     except HttpStatusError as exc:
         raise error_for(exc.code or ErrorCode.SERVER_ERROR, exc.message) from None
 

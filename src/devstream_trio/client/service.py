@@ -55,6 +55,7 @@ from ..transport.http import (
 )
 from .framed import StreamOptions
 from .join import AnyStream, closed_on_failure, join_stream, open_transport, stream_over
+from .watchdog import handshake_deadline
 
 __all__ = ["API_VERSION", "AnyStream", "ServiceClient", "join_stream", "open_service"]
 
@@ -196,10 +197,7 @@ class ServiceClient:
         # that went dead without a reset) is given up.
         waited = answer_timeout(response_timeout)
         if initiator.tries_one_step and (mode == MODE_RAW or self.nursery is not None):
-            with trio.move_on_after(waited) as scope:
-                stream = await self._open_in_one_step(target, headers, mode)
-            if scope.cancelled_caught:
-                raise no_answer("initiate", waited)
+            stream = await self._open_in_one_step(target, headers, mode, waited)
             if stream is not None:
                 return stream
         # The initiate's connection is kept: when the stream's URL names the same hub, the
@@ -232,19 +230,24 @@ class ServiceClient:
         )
 
     async def _open_in_one_step(
-        self, target: str, headers: list[tuple[str, str]], mode: str
+        self, target: str, headers: list[tuple[str, str]], mode: str, waited: float
     ) -> AnyStream | None:
-        """Initiate with a WebSocket upgrade; the stream, or None if the hub cannot."""
+        """Initiate with a WebSocket upgrade; the stream, or None if the hub cannot. The hub
+        has *waited* seconds to answer once connected."""
         transport = await open_transport(self.address, self.ssl_context, self.opener)
+        deadline = trio.current_time() + waited
         try:
             async with closed_on_failure(transport):
-                ws = await websocket_connect(
-                    transport,
-                    host=self.address.host_header,
-                    target=target,
-                    headers=[self._authorization(), *headers],
-                    subprotocols=stream_subprotocols(mode),
-                )
+                with handshake_deadline(
+                    self.nursery, transport, deadline, lambda: no_answer("initiate", waited)
+                ):
+                    ws = await websocket_connect(
+                        transport,
+                        host=self.address.host_header,
+                        target=target,
+                        headers=[self._authorization(), *headers],
+                        subprotocols=stream_subprotocols(mode),
+                    )
         except HttpStatusError as exc:
             refusal: HttpResponse | None = exc.response
         else:
