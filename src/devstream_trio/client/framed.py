@@ -326,40 +326,63 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint()
             return
         self._local_closed = True
-        closing = False
+        closing = finished = redeliver = False
         try:
             closing = await self._finish()
+            finished = True
         finally:
             if not self._task_started:
                 # No connection task ever ran: this task ends the stream itself, reading
                 # the peer's answer to the close first (as the task would have).
                 self._task_started = True  # none will start now
                 self._starter.drop_ended()
-                redeliver = False
                 try:
                     if closing:
                         await self._read_until_closed()
-                        # Lost before the answer: the last frames and the close may not have
-                        # reached the hub. The connection task resumes to send them again,
-                        # within the driver's close deadline (aclose does not wait for it).
-                        redeliver = self._driver.wants_connection
+                    redeliver = finished and self._lost_under_close()
                 finally:
                     if redeliver:
                         self._task_started = False
-                        self._start_task()
-                        self._scope.deadline = self._driver.close_deadline
+                        self._start_task()  # it resumes (see _await_closed)
                     else:
                         await self._end()
             elif closing:
                 # The connection task reads the peer's answer to the close, then drops the
                 # transport: no cancellation. It gives up waiting at the driver's deadline,
-                # and a transport lost meanwhile is not resumed.
+                # and a transport lost meanwhile is resumed once to send the last frames
+                # again (see StreamDriver.connection_lost). This call returns now: the close
+                # is out, and a slow answer does not hold the application.
                 self._scope.deadline = min(
                     self._scope.deadline, trio.current_time() + self.close_timeout
                 )
+            elif finished and self._lost_under_close():
+                redeliver = True  # the connection task finds the loss too, and resumes
             else:
                 self._scope.cancel()
                 self._start_task()  # its end drops the WebSocket
+        if redeliver:
+            await self._await_closed()
+
+    def _lost_under_close(self) -> bool:
+        """Whether the connection was lost under the close (the driver is told), and the
+        driver resumes to send its last frames and its close again."""
+        driver, closed = self._driver, self._ws.closed
+        if driver.connected and closed is not None and closed.code == ABNORMAL_CLOSURE:
+            driver.connection_lost(trio.current_time())
+        return driver.wants_connection
+
+    async def _await_closed(self) -> None:
+        """Wait, until the driver's close deadline, while the connection task resumes to
+        send the last frames and the close again (the connection was found lost under the
+        close). ``aclose`` waits, as it waits for the peer's acknowledgement: a program that
+        ends once it returned would cut the resume short, and the peer would wait its
+        close_timeout, then reset a stream that completed."""
+        driver = self._driver
+        deadline = driver.close_deadline
+        self._scope.deadline = min(self._scope.deadline, deadline)
+        with trio.move_on_at(deadline):
+            while driver.phase is not StreamPhase.CLOSED:
+                await self._changed.park()
 
     async def _read_until_closed(self) -> None:
         """Read (and drop) what comes until the WebSocket's closing handshake is over, for up
