@@ -2113,3 +2113,19 @@ def test_a_rejoin_after_the_stream_ended_or_the_side_left_is_refused() -> None:
     assert rejoin_refused(bridge, tokens[Role.SERVICE], Role.SERVICE) is (
         ErrorCode.STREAM_TOKEN_REUSED
     )
+
+
+def test_a_rejoin_while_the_other_side_closes_gets_its_close_and_the_time_to_answer() -> None:
+    bridge = Bridge(secret=SECRET)
+    tokens = create(bridge, mode="devstream.v1")
+    join(bridge, tokens[Role.SERVICE], role=Role.SERVICE, conn=1)
+    join(bridge, tokens[Role.DEVICE], role=Role.DEVICE, conn=2)
+    bridge.close(
+        stream_id="s1", connection_id=1, now=NOW + 1.5, code=1000, messages=[b"last acks"]
+    )
+    assert bridge.stream_state("s1") is StreamState.CLOSING
+    back = rejoin(bridge, tokens[Role.DEVICE], role=Role.DEVICE, conn=3, now=NOW + 2)
+    assert back.replaced_connection_id == 2 and back.peer_connection_id is None
+    assert back.farewell is not None and back.farewell.messages == (b"last acks",)
+    # Its time to answer the close runs from the rejoin.
+    assert bridge.next_deadline() == NOW + 2 + DEFAULT_CLOSE_TIMEOUT

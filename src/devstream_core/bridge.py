@@ -824,9 +824,8 @@ class Bridge:
         else:
             self._move(stream, StreamInput.REPLACE)
         stream.sides[claims.role] = connection_id
-        lost = stream.resume_nonces.get(claims.role)
-        if lost is not None:
-            stream.spent_resume_nonces.add(lost)
+        # The resume token the lost answer carried is spent.
+        stream.spent_resume_nonces.add(stream.resume_nonces[claims.role])
         stream.resume_nonces[claims.role] = b64url(resume_nonce)
         stream.rejoin[claims.role] = (claims.nonce, connection_id)
         if stream.state is StreamState.CLOSING:
