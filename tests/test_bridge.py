@@ -2120,9 +2120,7 @@ def test_a_rejoin_while_the_other_side_closes_gets_its_close_and_the_time_to_ans
     tokens = create(bridge, mode="devstream.v1")
     join(bridge, tokens[Role.SERVICE], role=Role.SERVICE, conn=1)
     join(bridge, tokens[Role.DEVICE], role=Role.DEVICE, conn=2)
-    bridge.close(
-        stream_id="s1", connection_id=1, now=NOW + 1.5, code=1000, messages=[b"last acks"]
-    )
+    bridge.close(stream_id="s1", connection_id=1, now=NOW + 1.5, code=1000, messages=[b"last acks"])
     assert bridge.stream_state("s1") is StreamState.CLOSING
     back = rejoin(bridge, tokens[Role.DEVICE], role=Role.DEVICE, conn=3, now=NOW + 2)
     assert back.replaced_connection_id == 2 and back.peer_connection_id is None
