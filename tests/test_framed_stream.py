@@ -1153,10 +1153,10 @@ async def test_a_writer_whose_peer_is_on_a_slow_link_hears_from_the_hub_while_it
 async def test_a_closed_stream_waits_for_the_close_answer_and_never_resumes(
     hub_env: HubEnv, autojump_clock: trio.abc.Clock, then: str
 ) -> None:
-    """``aclose`` returns once its close went out; the stream's connection task then waits
-    for the hub's answer. A connection lost meanwhile makes one attempt to resume (the close
-    may not have arrived), which the hub, having the close, refuses (``404902``): the stream
-    ends at once, completed. An answer that never comes ends it after ``close_timeout``."""
+    """``aclose`` waits for the hub's answer to its close, for up to ``close_timeout``. A
+    connection lost meanwhile makes one attempt to resume (the close may not have arrived),
+    which the hub, having the close, refuses (``404902``): the stream ends at once,
+    completed. An answer that never comes ends it after ``close_timeout``."""
     options = StreamOptions(close_timeout=3)
     with trio.fail_after(TIMEOUT):
         pair = await open_streams(hub_env, options=options)
@@ -1167,11 +1167,13 @@ async def test_a_closed_stream_waits_for_the_close_answer_and_never_resumes(
             await trio.sleep(0.01)
         tap = pair.service_opener.latest_stream()
         tap.stall(outgoing=False)  # the hub's answer to the close never arrives
-        await pair.service.aclose()
         closed_at = trio.current_time()
-        assert pair.service.phase is StreamPhase.FINISHING
-        if then == "cut":
-            tap.cut()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pair.service.aclose)
+            while pair.service.phase is not StreamPhase.FINISHING:
+                await trio.sleep(0.001)
+            if then == "cut":
+                tap.cut()
         await until_closed(pair.service)
         took = trio.current_time() - closed_at
         if then == "cut":
@@ -1221,8 +1223,11 @@ async def test_a_last_acknowledgement_lost_with_its_connection_is_sent_again(
                 tap.incoming_budget = 28
             start = trio.current_time()
             nursery.start_soon(last.aclose)  # its EOF and the Ack of first's
+            if how == "lost-on-the-way":
+                while first.phase is not StreamPhase.FINISHING:
+                    await trio.sleep(0.001)
+                tap.cut()  # ...with the connection, before the hub read it
             await first_closed.wait()
-            tap.cut()  # ...with the connection, before the hub read it
         for stream in (first, last):
             await until_closed(stream)
             assert stream.outcome is not None
@@ -1232,6 +1237,39 @@ async def test_a_last_acknowledgement_lost_with_its_connection_is_sent_again(
         assert first.resumes == 1 and last.resumes == 0
         await trio.sleep(0.1)
         assert hub_env.hub.bridge.device_stream_count("d1") == 0  # not held for a resume
+
+
+@pytest.mark.parametrize("first_side", ["service", "device"])
+async def test_a_stream_closed_after_its_connection_dropped_still_sends_its_last_ack(
+    hub_env: HubEnv, autojump_clock: trio.abc.Clock, first_side: str
+) -> None:
+    """The drop comes right after the peer's EOF (and the Ack of this side's) arrived, before
+    the application closes: the stream completes while resuming, and the resume under way
+    sends the Ack of the peer's EOF and the close."""
+    with trio.fail_after(TIMEOUT):
+        pair = await open_streams(hub_env)
+        first, last = (
+            (pair.service, pair.device) if first_side == "service" else (pair.device, pair.service)
+        )
+        opener = pair.service_opener if first_side == "service" else pair.device_opener
+        tap = opener.latest_stream()
+        await first.send_all(b"first words")
+        await first.send_eof()
+        assert await read_all(last) == b"first words"
+        tap.incoming_budget = 28  # cut right after `last`'s EOF and Ack reach `first`
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(last.aclose)  # waits for the Ack of its EOF
+            assert await read_all(first) == b""
+            await first.aclose()
+        for stream in (first, last):
+            await until_closed(stream)
+            assert stream.outcome is not None
+            assert stream.outcome.kind is OutcomeKind.COMPLETED, stream.outcome
+        assert trio.current_time() - start < 0.5  # not last's close_timeout
+        assert tap.cut_by_budget and first.resumes == 1
+        await trio.sleep(0.1)
+        assert hub_env.hub.bridge.device_stream_count("d1") == 0
 
 
 @pytest.mark.parametrize("cut_at", [200, 400], ids=["request-lost", "101-lost"])

@@ -1322,3 +1322,28 @@ def test_a_rejoined_first_connection_starts_as_a_resumed_one() -> None:
     link.pump(1.1, read=False)
     assert a.read(None, 1.1) == b"sent to the lost connection"
     assert b.read(None, 1.1) == b"hello"
+
+
+def test_a_stream_that_completes_while_resuming_resumes_to_send_its_last_ack() -> None:
+    """The drop came after the peer's EOF and the Ack of this side's arrived, and the
+    application closes only then: completed, but the Ack of the peer's EOF and the close have
+    yet to go. The resume under way goes on to send them (a close that timed out while
+    resuming, by contrast, ends at once)."""
+    link = Link()
+    a, b = link.a, link.b
+    a.write_eof()
+    link.pump(1.0)  # b reads a's EOF and acknowledges it
+    b.write_eof()
+    link.flush(b)
+    link.deliver(b, 1.0)  # a has b's EOF, unread
+    a.connection_lost(1.1)
+    assert a.phase is P.RESUMING
+    assert a.read(None, 1.2) == b""
+    a.close(1.2)
+    assert a.phase is P.FINISHING and a.outcome == Outcome(kind=OutcomeKind.COMPLETED)
+    assert a.wants_connection and a.close_deadline == 1.2 + OPTIONS.close_timeout
+    a.connection_made(1.3)
+    frames = FrameDecoder().feed(a.next_message(1.3))
+    # b's EOF (at offset 0) arrived and was read: the Resume and the Ack say 1.
+    assert frames == [Resume(received=1, reply=True), Ack(offset=1)]
+    assert a.closing == CloseConnection(code=1000)

@@ -60,9 +60,12 @@ Decisions:
   the EOF finish at once. An EOF behind unread bytes is never acknowledged.
 * A close whose EOF is not acknowledged within ``close_timeout`` resets the stream with
   ``STREAM_RESET`` ("closed before the peer read all"): the peer learns not all was read.
-* ``FINISHING`` entered without a connection (a close timing out while resuming) ends at
-  once: there is nothing left to resume for. Entered with one that then drops, it resumes as
-  above, within a fresh ``close_timeout``; a stream that ended badly (broken, failed) ends.
+* ``FINISHING`` entered without a connection ends at once when a close timed out while
+  resuming (the reset is all there is to say, and the peer learns of the drop from the hub);
+  when the stream completed while resuming (the application closed after the drop), the
+  resume under way goes on, to send the Ack of the peer's EOF and the close. Entered with a
+  connection that then drops, it resumes as above, within a fresh ``close_timeout``; a stream
+  that ended badly (broken, failed) ends.
 * Reconnection: the first attempt at once, then after a delay growing from
   :data:`FIRST_RESUME_DELAY` (doubling, at most :data:`MAX_RESUME_DELAY`), each jittered to
   between half and all of it; a hub answer in :data:`FINAL_ERRORS` gives up at once.
@@ -568,8 +571,15 @@ class StreamDriver:
             if self._close is None:
                 self._close = CloseConnection(code=NORMAL_CLOSURE)
             self._close_at = self._now + self.options.close_timeout
-            if not self.connected:
-                self._move(PhaseInput.LOST)  # nothing can go out: nothing to wait for
+            if self.connected or self._redeliver:
+                pass
+            elif self._outcome is not None and self._outcome.kind is OutcomeKind.COMPLETED:
+                # Completed while resuming (the peer's EOF and the Ack of this side's came
+                # before the drop): the Ack of the peer's EOF and the close have yet to go.
+                # The resume under way delivers them (see connection_lost).
+                self._redeliver = True
+            else:
+                self._move(PhaseInput.LOST)  # a close timed out while resuming: it ends
         elif phase is StreamPhase.CLOSED:
             self._decide()
             self._close = None

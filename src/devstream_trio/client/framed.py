@@ -350,11 +350,12 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
                 # The connection task reads the peer's answer to the close, then drops the
                 # transport: no cancellation. It gives up waiting at the driver's deadline,
                 # and a transport lost meanwhile is resumed once to send the last frames
-                # again (see StreamDriver.connection_lost). This call returns now: the close
-                # is out, and a slow answer does not hold the application.
+                # again (see StreamDriver.connection_lost). This call waits for that, as it
+                # waits where no task runs (_read_until_closed).
                 self._scope.deadline = min(
                     self._scope.deadline, trio.current_time() + self.close_timeout
                 )
+                redeliver = finished
             elif finished and self._lost_under_close():
                 redeliver = True  # the connection task finds the loss too, and resumes
             else:
@@ -372,10 +373,10 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
         return driver.wants_connection
 
     async def _await_closed(self) -> None:
-        """Wait, until the driver's close deadline, while the connection task resumes to
-        send the last frames and the close again (the connection was found lost under the
-        close). ``aclose`` waits, as it waits for the peer's acknowledgement: a program that
-        ends once it returned would cut the resume short, and the peer would wait its
+        """Wait, until the driver's close deadline, while the connection task reads the
+        answer to the close, or resumes to send the last frames and the close again.
+        ``aclose`` waits, as it waits for the peer's acknowledgement: a program that ends
+        once it returned would cut a resume short, and the peer would wait its
         close_timeout, then reset a stream that completed."""
         driver = self._driver
         deadline = driver.close_deadline
