@@ -8,6 +8,7 @@ the stream's URL with ``Authorization: Bearer <stream token>`` and get a raw
 
 from __future__ import annotations
 
+import contextlib
 import random
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -184,15 +185,11 @@ async def _stream_websocket(
         transport = await open_transport(address, ssl_context, opener)
     try:
         async with closed_on_failure(transport):
-            if deadline is None:
-                return await websocket_connect(
-                    transport,
-                    host=address.host_header,
-                    target=target,
-                    headers=[("authorization", bearer(token))],
-                    subprotocols=subprotocols,
-                )
-            with handshake_deadline(nursery, transport, deadline, _no_answer_to_join):
+            with (
+                contextlib.nullcontext()
+                if deadline is None
+                else handshake_deadline(nursery, transport, deadline, _no_answer_to_join)
+            ):
                 return await websocket_connect(
                     transport,
                     host=address.host_header,
