@@ -750,30 +750,48 @@ class Bridge:
             raise StreamTokenError(ErrorCode.STREAM_TOKEN_INVALID)
         self._check_connection(stream, connection_id)
         fresh = self._mint_resume(stream, claims.role, resume_nonce)
-        replaced = stream.sides.get(claims.role)
-        if replaced is None:
-            assert claims.role in stream.held
-            self._move(stream, StreamInput.RESUME)
-            del stream.held[claims.role]
-        else:
-            self._move(stream, StreamInput.REPLACE)
-        stream.sides[claims.role] = connection_id
+        replaced = self._take_back(stream, claims.role, connection_id)
         if retired is not None:
             stream.spent_resume_nonces.add(retired)
         stream.previous[claims.role] = (claims.nonce, connection_id)
         stream.resume_nonces[claims.role] = b64url(resume_nonce)
         # It held a resume token: the answer to its join came, and its stream token is spent.
         stream.rejoin.pop(claims.role, None)
+        return self._resumed(stream, claims.role, connection_id, replaced, fresh, now)
+
+    def _take_back(self, stream: _Stream, role: Role, connection_id: int) -> int | None:
+        """Attach side *role* on *connection_id* again: a held side comes back, an attached
+        one has its connection replaced (returned; None for a held side)."""
+        replaced = stream.sides.get(role)
+        if replaced is None:
+            assert role in stream.held
+            self._move(stream, StreamInput.RESUME)
+            del stream.held[role]
+        else:
+            self._move(stream, StreamInput.REPLACE)
+        stream.sides[role] = connection_id
+        return replaced
+
+    def _resumed(
+        self,
+        stream: _Stream,
+        role: Role,
+        connection_id: int,
+        replaced: int | None,
+        resume_token: str,
+        now: float,
+    ) -> Resumed:
+        """What a side taken back (:meth:`resume`, :meth:`rejoin`) is told."""
         if stream.state is StreamState.CLOSING:
             # The new connection gets the close (Resumed.farewell): its time to answer starts.
             self._start_answer(stream, now)
         return Resumed(
-            stream_id=stream_id,
-            role=claims.role,
+            stream_id=stream.stream_id,
+            role=role,
             connection_id=connection_id,
-            peer_connection_id=stream.sides.get(claims.role.other),
+            peer_connection_id=stream.sides.get(role.other),
             replaced_connection_id=replaced,
-            resume_token=fresh,
+            resume_token=resume_token,
             farewell=stream.farewell,
         )
 
@@ -817,28 +835,12 @@ class Bridge:
             raise DevstreamError(ErrorCode.NOT_FOUND, "stream closed")
         self._check_connection(stream, connection_id)
         fresh = self._mint_resume(stream, claims.role, resume_nonce)
-        replaced = stream.sides.get(claims.role)
-        if replaced is None:
-            self._move(stream, StreamInput.RESUME)
-            del stream.held[claims.role]
-        else:
-            self._move(stream, StreamInput.REPLACE)
-        stream.sides[claims.role] = connection_id
+        replaced = self._take_back(stream, claims.role, connection_id)
         # The resume token the lost answer carried is spent.
         stream.spent_resume_nonces.add(stream.resume_nonces[claims.role])
         stream.resume_nonces[claims.role] = b64url(resume_nonce)
         stream.rejoin[claims.role] = (claims.nonce, connection_id)
-        if stream.state is StreamState.CLOSING:
-            self._start_answer(stream, now)
-        return Resumed(
-            stream_id=stream_id,
-            role=claims.role,
-            connection_id=connection_id,
-            peer_connection_id=stream.sides.get(claims.role.other),
-            replaced_connection_id=replaced,
-            resume_token=fresh,
-            farewell=stream.farewell,
-        )
+        return self._resumed(stream, claims.role, connection_id, replaced, fresh, now)
 
     def confirm(self, *, stream_id: str, connection_id: int, now: float) -> None:
         """The first message arrived on side connection ``connection_id`` of ``stream_id``.

@@ -571,15 +571,15 @@ class StreamDriver:
             if self._close is None:
                 self._close = CloseConnection(code=NORMAL_CLOSURE)
             self._close_at = self._now + self.options.close_timeout
-            if self.connected or self._redeliver:
-                pass
-            elif self._outcome is not None and self._outcome.kind is OutcomeKind.COMPLETED:
-                # Completed while resuming (the peer's EOF and the Ack of this side's came
-                # before the drop): the Ack of the peer's EOF and the close have yet to go.
-                # The resume under way delivers them (see connection_lost).
-                self._redeliver = True
-            else:
-                self._move(PhaseInput.LOST)  # a close timed out while resuming: it ends
+            if not (self.connected or self._redeliver):
+                assert self._outcome is not None  # (decided above)
+                if self._outcome.kind is OutcomeKind.COMPLETED:
+                    # Completed while resuming (the peer's EOF and the Ack of this side's
+                    # came before the drop): the Ack of the peer's EOF and the close have yet
+                    # to go. The resume under way delivers them (see connection_lost).
+                    self._redeliver = True
+                else:
+                    self._move(PhaseInput.LOST)  # a close timed out while resuming: it ends
         elif phase is StreamPhase.CLOSED:
             self._decide()
             self._close = None

@@ -29,11 +29,10 @@ __all__ = ["LINGER", "Handshake", "Watchdog", "handshake_deadline", "watchdog_fo
 class Handshake:
     """One handshake the watchdog keeps a deadline for."""
 
-    __slots__ = ("deadline", "done", "expired", "transport")
+    __slots__ = ("done", "expired", "transport")
 
-    def __init__(self, transport: trio.abc.Stream, deadline: float) -> None:
+    def __init__(self, transport: trio.abc.Stream) -> None:
         self.transport = transport
-        self.deadline = deadline
         #: The handshake ended (either way): the watchdog forgets it.
         self.done = False
         #: The deadline passed first: the watchdog closed the transport.
@@ -68,7 +67,7 @@ class Watchdog:
     def watch(self, transport: trio.abc.Stream, deadline: float) -> Handshake:
         """Keep *deadline* for a handshake over *transport* (past it, the transport is
         closed) until :meth:`end`."""
-        handshake = Handshake(transport, deadline)
+        handshake = Handshake(transport)
         heap = self._heap
         if not self._running:
             nursery = self._nursery()
