@@ -264,10 +264,20 @@ def parse_stream_url(url: str) -> StreamUrl:
     """The hub, the request target and the stream id of a stream's URL (raises
     :class:`HubUnreachable` if it names no hub). Cached: a side parses its stream's URL for
     the join and again for each resume soon after."""
-    address = HubAddress.from_url(url)  # first: it refuses what urlsplit cannot split
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)  # ValueError for an unclosed [IPv6 literal]
+        address = _hub_of(parts.scheme, parts.netloc)
+    except (ValueError, HubUnreachable):
+        raise HubUnreachable(ErrorCode.HUB_UNREACHABLE, f"not a hub URL: {url!r}") from None
     target = parts.path + (f"?{parts.query}" if parts.query else "")
     return StreamUrl(address, target, parts.path.rsplit("/", 1)[-1])
+
+
+@functools.lru_cache(maxsize=16)
+def _hub_of(scheme: str, netloc: str) -> HubAddress:
+    """The hub of a URL with *scheme* and *netloc* (every stream of a hub has the same):
+    what :meth:`HubAddress.from_url` says of it, worked out once."""
+    return HubAddress.from_url(f"{scheme}://{netloc}")
 
 
 def resume_token(headers: Sequence[tuple[bytes, bytes]]) -> str:

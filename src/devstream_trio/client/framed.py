@@ -277,7 +277,8 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
         finally:
             self._app_reading = False
             self._direct_read = None
-            self._changed.unpark_all()
+            if self._changed:
+                self._changed.unpark_all()
 
     async def _wait_or_read(self) -> None:
         """Wait for the stream to change: read the next message from this task while no
@@ -304,7 +305,8 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
             # message with this side's EOF.
             if self._driver.ack_deferred:
                 self._defer_ack()
-            self._changed.unpark_all()
+            if self._changed:
+                self._changed.unpark_all()
         elif endpoint.has_output:
             self._send_now()  # an acknowledgement that is due
         return data

@@ -157,7 +157,8 @@ class FramedConnection:
     async def _end(self) -> None:
         """The stream is over for this side: nothing more travels; drop the transport."""
         self._driver.abort(trio.current_time())
-        self._changed.unpark_all()
+        if self._changed:
+            self._changed.unpark_all()
         await self._ws.abort()
 
     def _send_now(self) -> None:
@@ -200,7 +201,8 @@ class FramedConnection:
             if self._read_timer is not None:
                 self._read_timer.deadline = self._read_wake
         self._timer_forward()
-        self._changed.unpark_all()
+        if self._changed:  # (an empty lot's unpark_all costs more than this look)
+            self._changed.unpark_all()
 
     def _timer_forward(self) -> None:
         """Bring the connection task's timer forward to the driver's next deadline, if that

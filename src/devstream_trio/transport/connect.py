@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -112,6 +113,18 @@ def resolve_proxy(
     return ProxyConfig.from_url(url)
 
 
+@functools.lru_cache(maxsize=256)
+def _address_family(host: str) -> int | None:
+    """The address family of *host* when it is an IP address, else None (a name). Cached:
+    a client connects to the same hub for every stream, and parsing the address costs
+    about as much as the rest of the connect's Python."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
 async def open_tcp(host: str, port: int) -> trio.SocketStream:
     """A TCP connection to *host*:*port*.
 
@@ -122,11 +135,9 @@ async def open_tcp(host: str, port: int) -> trio.SocketStream:
     turn writable: a cancellation point then, not a schedule point (the caller's next read
     is one). A name goes through ``open_tcp_stream``. A failure raises ``OSError`` either way.
     """
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    family = _address_family(host)
+    if family is None:
         return await trio.open_tcp_stream(host, port)
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
