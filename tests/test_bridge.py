@@ -153,6 +153,9 @@ def test_token_lifetime_is_configurable() -> None:
          ErrorCode.ARGUMENT_INVALID),
         ({"device_nonce": b"short"}, ErrorCode.ARGUMENT_INVALID),
         ({"service_nonce": b"short"}, ErrorCode.ARGUMENT_INVALID),
+        ({"service_nonce": b"short", "service_token": False}, ErrorCode.ARGUMENT_INVALID),
+        ({"service_nonce": "not bytes, 16 long", "service_token": False},
+         ErrorCode.ARGUMENT_INVALID),
         ({"now": float("nan")}, ErrorCode.ARGUMENT_INVALID),
     ],
 )  # fmt: skip
@@ -365,6 +368,32 @@ def test_the_opener_joins_without_its_token_which_is_then_used_up(mode: str) -> 
     assert refused(bridge, token, role=Role.SERVICE) is ErrorCode.STREAM_TOKEN_REUSED
     assert join(bridge, tokens[Role.DEVICE], role=Role.DEVICE, conn=20).paired
     assert bridge.paired_count() == 1
+
+
+def test_a_one_step_stream_has_no_service_token_and_its_opener_joins_once() -> None:
+    """``service_token=False`` (the hub's one-step open): no service token is made, ``""``
+    stands in for it; the opener joins without one, once, and the device as usual."""
+    bridge = Bridge(secret=SECRET)
+    device_token, service_token = bridge.create_stream(
+        stream_id="s1",
+        device_id="dev",
+        now=NOW,
+        device_nonce=nonce(),
+        service_nonce=nonce(),
+        mode="devstream.v1",
+        service_token=False,
+    )
+    assert service_token == ""
+    joined = bridge.join_opener(
+        stream_id="s1", role=Role.SERVICE, connection_id=2, now=NOW + 1, resume_nonce=nonce()
+    )
+    assert joined.resume_token is not None and not joined.paired
+    with pytest.raises(DevstreamError) as info:
+        bridge.join_opener(
+            stream_id="s1", role=Role.SERVICE, connection_id=3, now=NOW + 1, resume_nonce=nonce()
+        )
+    assert info.value.code is ErrorCode.STREAM_TOKEN_REUSED
+    assert join(bridge, device_token, role=Role.DEVICE, conn=4, stream_id="s1").paired
 
 
 def test_the_opener_is_refused_as_its_token_would_be() -> None:

@@ -26,6 +26,7 @@ a race with the peer) almost never happen. About 800 runs of 50 steps take a few
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 from hypothesis import HealthCheck, settings
@@ -286,6 +287,13 @@ class FramedStreams(RuleBasedStateMachine):
                 endpoint.window
             )
             assert endpoint.connection_state is not ConnectionState.BROKEN
+
+    @invariant()
+    def has_output_says_whether_there_is_output(self) -> None:
+        # The adapters ask has_output after every message and stop sending when it says no:
+        # it must say exactly whether data_to_send gives bytes (tried on a copy).
+        for endpoint in self.ep.values():
+            assert endpoint.has_output == bool(copy.deepcopy(endpoint).data_to_send())
 
     def teardown(self) -> None:
         if not self.ep:

@@ -135,6 +135,8 @@ from .common import IdentityEnum, Role, b64url
 from .control import MODE_FRAMED, MODE_RAW
 from .errors import DevstreamError, ErrorCode, LocalProtocolError, StreamTokenError
 from .tokens import (
+    MAX_NONCE_BYTES,
+    MIN_NONCE_BYTES,
     STREAM_TOKEN_LIFETIME,
     mint_resume_token,
     mint_stream_token,
@@ -457,6 +459,15 @@ class _Stream:
     answer_by: float | None = None
 
 
+def _check_nonce(nonce: bytes) -> None:
+    """Refuse what a token's minting would refuse as its nonce."""
+    if not isinstance(nonce, bytes) or not MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES:
+        raise LocalProtocolError(
+            ErrorCode.ARGUMENT_INVALID,
+            f"nonce must be {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes",
+        )
+
+
 def _check_now(now: float) -> None:
     if not isinstance(now, (int, float)) or not math.isfinite(now):
         raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "now must be finite")
@@ -530,11 +541,15 @@ class Bridge:
         device_nonce: bytes,
         service_nonce: bytes,
         mode: str = MODE_RAW,
+        service_token: bool = True,
     ) -> tuple[str, str]:
         """Create stream ``stream_id`` to ``device_id``; return ``(device_token, service_token)``.
 
         The nonces must be fresh random bytes (16 to 64 each, different from each other). Both
-        tokens expire ``token_lifetime`` after ``now``. Raises :class:`LocalProtocolError`
+        tokens expire ``token_lifetime`` after ``now``. With ``service_token=False`` (a one-step
+        open: the service side joins with :meth:`join_opener`, no token changing hands) the
+        service's token is not made, and ``""`` stands in for it; its nonce still marks the
+        side's single use. Raises :class:`LocalProtocolError`
         (``ARGUMENT_INVALID``) on a bad argument or a stream id that is live already, and
         ``DevstreamError(THROTTLED)`` when ``max_streams`` streams are live, or
         ``max_streams_per_device`` of ``device_id``'s.
@@ -548,6 +563,7 @@ class Bridge:
         if stream_id in self._streams:
             raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "stream id already in use")
         expires_at = stream_token_expiry(now=now, lifetime=self._lifetime)
+        sides = ((Role.DEVICE, device_nonce), (Role.SERVICE, service_nonce))
         tokens = {
             role: mint_stream_token(
                 secret=self._secret,
@@ -557,8 +573,12 @@ class Bridge:
                 nonce=nonce,
                 lifetime=self._lifetime,
             )
-            for role, nonce in ((Role.DEVICE, device_nonce), (Role.SERVICE, service_nonce))
+            for role, nonce in (sides if service_token else sides[:1])
         }
+        if not service_token:
+            # (Its nonce must still be a nonce: as a minted token's would have been checked.)
+            _check_nonce(service_nonce)
+            tokens[Role.SERVICE] = ""
         self._purge_used(now)
         nonces = {Role.DEVICE: b64url(device_nonce), Role.SERVICE: b64url(service_nonce)}
         if any(nonce in self._used for nonce in nonces.values()):

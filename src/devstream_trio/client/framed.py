@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 
 import trio
 
@@ -239,7 +240,7 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
-    async def _read_directly(self) -> None:
+    async def _read_directly(self, deadline: float = math.inf) -> None:
         """Read the next message from the calling task (a receive_some's, or aclose's), while
         no connection task has started, and feed it to the driver. A young stream's bytes
         thus reach the application with no trip through the scheduler and no task start:
@@ -252,12 +253,14 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
 
         The read has no deadline of its own: at ``direct_read_until`` the nursery's starter
         starts the connection task, which stops a read still waiting (``_need_reader``). A
-        timer per read would cost more than the read."""
+        timer per read would cost more than the read. A caller that waits with a deadline
+        of its own (aclose's, for the peer's acknowledgement) gives it as *deadline*: one
+        cancel scope, not two (each costs about as much as the read's own Python)."""
         ws = self._ws
         driver = self._driver
         self._app_reading = True
         try:
-            with trio.CancelScope() as self._direct_read:
+            with trio.CancelScope(deadline=deadline) as self._direct_read:
                 try:
                     messages = await ws.receive_messages(MAX_MESSAGE)
                 except ConnectionClosed as exc:
@@ -279,14 +282,6 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
             self._direct_read = None
             if self._changed:
                 self._changed.unpark_all()
-
-    async def _wait_or_read(self) -> None:
-        """Wait for the stream to change: read the next message from this task while no
-        connection task runs (see _read_directly), else wait for what it reads."""
-        if not self._task_started and not self._app_reading:
-            await self._read_directly()
-        else:
-            await self._wait_changed()
 
     def _take_received(self, max_bytes: int | None) -> bytes | None:
         """What ``receive_some`` returns now: bytes, or ``b""`` at the peer's EOF; None while
@@ -417,9 +412,19 @@ class FramedStream(FramedConnection, trio.abc.HalfCloseableStream):
         driver.close(trio.current_time())
         self._send_now()
         if driver.phase is StreamPhase.CLOSING:
-            with trio.move_on_at(driver.close_deadline):
-                while driver.phase is StreamPhase.CLOSING:
-                    await self._wait_or_read()
+            deadline = driver.close_deadline
+            while driver.phase is StreamPhase.CLOSING:
+                if self._task_started or self._app_reading:
+                    # The connection task reads (or another task of the application's does,
+                    # and the task takes over): wait for what it reads.
+                    with trio.move_on_at(deadline):
+                        while driver.phase is StreamPhase.CLOSING:
+                            await self._wait_changed()
+                    break
+                # Read from this task (see _read_directly), until the deadline.
+                await self._read_directly(deadline)
+                if trio.current_time() >= deadline:
+                    break
             if driver.phase is StreamPhase.CLOSING:
                 # Not acknowledged in time: the driver resets the stream.
                 self._carry_out(driver.timer(trio.current_time(), self._ws.last_received))

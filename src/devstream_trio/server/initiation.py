@@ -149,7 +149,9 @@ class Initiations:
                     ErrorCode.ARGUMENT_INVALID,
                     f"a {FRAMED_SUBPROTOCOL} stream needs that WebSocket subprotocol offered",
                 )
-            outcome = await self._run(route, asked.response_timeout, mode, window)
+            outcome = await self._run(
+                route, asked.response_timeout, mode, window, one_step=connection_id is not None
+            )
             result = outcome.result
             if isinstance(result, InitiationAccepted):
                 outcome_name = "accepted"
@@ -198,7 +200,13 @@ class Initiations:
                 self.hub.metrics.initiations[outcome_name] += 1
 
     async def _run(
-        self, route: Initiate, response_timeout: float, mode: str, window: int | None
+        self,
+        route: Initiate,
+        response_timeout: float,
+        mode: str,
+        window: int | None,
+        *,
+        one_step: bool,
     ) -> Outcome:
         now = trio.current_time()
         # The stream's id and its two tokens' nonces, from one draw.
@@ -222,6 +230,8 @@ class Initiations:
                         device_nonce=nonces[16:32],
                         service_nonce=nonces[32:],
                         mode=mode,
+                        # A one-step open's service joins over this connection, tokenless.
+                        service_token=not one_step,
                     )
                 except DevstreamError as exc:  # too many streams (THROTTLED)
                     self.hub.dispatch(
