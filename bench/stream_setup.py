@@ -71,9 +71,15 @@ async def sequential(count: int, run: object) -> list[float]:
     return times
 
 
-async def concurrent(tasks: int, seconds: float, run: object, pid: int) -> tuple[int, float, float]:
-    """Run *tasks* loops of *run* for *seconds*; return (runs done, wall s, server CPU-s)."""
+async def concurrent(
+    tasks: int, seconds: float, run: object, pid: int, device_pid: int | None = None
+) -> tuple[int, float, float, float, float]:
+    """Run *tasks* loops of *run* for *seconds*; return (runs done, wall s, server CPU-s,
+    device CPU-s, this process's CPU-s). The device's is 0 without *device_pid*."""
     done = 0
+    me = os.getpid()
+    device0 = c.cpu_seconds(device_pid) if device_pid else 0.0
+    own0 = c.cpu_seconds(me)
     cpu0, start = c.cpu_seconds(pid), trio.current_time()
     deadline = start + seconds
 
@@ -86,10 +92,14 @@ async def concurrent(tasks: int, seconds: float, run: object, pid: int) -> tuple
     async with trio.open_nursery() as nursery:
         for _ in range(tasks):
             nursery.start_soon(loop)
-    return done, trio.current_time() - start, c.cpu_seconds(pid) - cpu0
+    wall, cpu = trio.current_time() - start, c.cpu_seconds(pid) - cpu0
+    device = c.cpu_seconds(device_pid) - device0 if device_pid else 0.0
+    return done, wall, cpu, device, c.cpu_seconds(me) - own0
 
 
-async def measure(args: argparse.Namespace, hub: c.Child, peer: c.Child) -> list[object]:
+async def measure(
+    args: argparse.Namespace, hub: c.Child, peer: c.Child, device: c.Child, notes: list[str]
+) -> list[object]:
     info = c.HubInfo(hub.info)
     bare_host, bare_port = peer.info["host"].rsplit(":", 1)
     devices = [c.device_id(i) for i in range(args.devices)]
@@ -118,17 +128,21 @@ async def measure(args: argparse.Namespace, hub: c.Child, peer: c.Child) -> list
                 share = args.count // args.rounds + (i < args.count % args.rounds)
                 for kind, (run, _pid) in kinds.items():
                     times[kind] += await sequential(share, run)
-            totals = {kind: [0, 0.0, 0.0] for kind in kinds}
+            totals = {kind: [0, 0.0, 0.0, 0.0, 0.0] for kind in kinds}
             for _ in range(args.rounds):
                 for kind, (run, pid) in kinds.items():
-                    done, wall, cpu = await concurrent(
-                        args.concurrency, args.seconds / args.rounds, run, pid
+                    figures = await concurrent(
+                        args.concurrency,
+                        args.seconds / args.rounds,
+                        run,
+                        pid,
+                        None if kind == "bare" else device.pid,
                     )
-                    for i, value in enumerate((done, wall, cpu)):
+                    for i, value in enumerate(figures):
                         totals[kind][i] += value
 
             def rates(kind: str) -> tuple[float, float]:
-                done, wall, cpu = totals[kind]
+                done, wall, cpu = totals[kind][:3]
                 return done / wall, done / cpu if cpu else float("nan")
 
             bare_rate, bare_per_cpu = rates("bare")
@@ -145,6 +159,21 @@ async def measure(args: argparse.Namespace, hub: c.Child, peer: c.Child) -> list
                 rate, per_cpu = rates(mode)
                 rows.append((f"{mode} streams/s, wall", rate, bare_rate))
                 rows.append((f"{mode} streams per hub CPU-second", per_cpu, bare_per_cpu))
+
+            def per_run(kind: str, i: int) -> str:
+                return f"{totals[kind][i] / max(1, totals[kind][0]) * 1e6:,.0f}"
+
+            # Where a set-up's CPU goes: the three processes share the machine's cores, so
+            # the wall rate is at most (cores) / (their sum), whatever the hub's share.
+            notes.append(
+                "CPU µs per set-up in the runs at once (hub / device / service): "
+                + "; ".join(
+                    f"{mode} {per_run(mode, 2)} / {per_run(mode, 3)} / {per_run(mode, 4)}"
+                    for mode in c.MODES
+                )
+                + f"; the bare connect: echo server {per_run('bare', 2)}, client "
+                f"{per_run('bare', 4)}."
+            )
     return rows
 
 
@@ -167,14 +196,15 @@ def main() -> None:
     args.seconds = args.seconds or (0.3 if args.tiny else 15.0)
     args.rounds = args.rounds or c.tiny_or(args, 2, 10)
     c.raise_fd_limit()
+    notes: list[str] = []
     with (
         c.start_hub(devices=args.devices, store=args.store) as hub,
         c.Child(
             [str(c.BENCH / "_device.py"), json.dumps(hub.info), "--devices", str(args.devices)]
-        ),
+        ) as device,
         c.start_peer("echo") as peer,
     ):
-        rows = trio.run(measure, args, hub, peer)
+        rows = trio.run(measure, args, hub, peer, device, notes)
     c.print_table(
         "Stream setup: initiate -> accepted -> both joined -> first byte echoed",
         "bare WS connect + echo",
@@ -184,6 +214,7 @@ def main() -> None:
             f"{args.seconds:g} s per kind; both in {args.rounds} rounds taking turns between "
             f"the kinds. The peer's per-CPU-second figure is the websockets echo server's. Hub "
             f"registry: {args.store} (SQLite).",
+            *notes,
         ],
     )
 
