@@ -446,7 +446,7 @@ class _SessionDriver:
                 del self.channels[number]
             ws = channel.ws
             if ws is not None:
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
                     await ws.send_close(1000, "")
                 await ws.abort()
 
