@@ -15,6 +15,11 @@ The hub (bench/_hub.py) runs in a process of its own; this process runs the clie
    reason the hub answered with (if it did), and the hub's resident memory before, after the
    writes and after the close.
 
+3. **Ping flood.** The service side of a raw stream (a client with credentials) writes
+   ``--pings`` masked empty pings straight to the socket, then one binary message, while the
+   echo stream of case 1 runs. Printed: the hub's CPU-seconds until the message reached the
+   device side, and the echo's round trips meanwhile.
+
 Run from the repository root: ``python bench/fragment_flood.py`` (``--tiny`` for a quick
 functional run).
 """
@@ -163,6 +168,60 @@ async def fragmented_raw(args: argparse.Namespace, hub: c.Child) -> dict[str, An
     }
 
 
+async def ping_flood(args: argparse.Namespace, hub: c.Child) -> dict[str, Any]:
+    """A raw stream's service side writes ``args.pings`` pings, then a message (case 3)."""
+    streams = Streams(c.HubInfo(hub.info))
+    await streams.start()
+    echo_service, echo_device = await streams.open()
+    echo_task = asyncio.create_task(echo(echo_device))
+    flood_service, flood_device = await streams.open()
+    done = asyncio.Event()
+    round_trips: list[float] = []
+
+    async def probe() -> None:
+        data = os.urandom(64)
+        while not done.is_set():
+            sent = time.perf_counter()
+            await echo_service.send(data)
+            if await echo_service.recv() != data:
+                raise RuntimeError("echo stream: wrong bytes")
+            round_trips.append(time.perf_counter() - sent)
+            await asyncio.sleep(0.01)
+
+    probing = asyncio.create_task(probe())
+    await asyncio.sleep(0.2)
+    round_trips.clear()
+    ping = frame(0x89, b"")
+    batch = ping * 100_000
+    cpu0, t0 = hub.cpu(), time.perf_counter()
+    sent = 0
+    while sent < args.pings:
+        count = min(100_000, args.pings - sent)
+        flood_service.transport.write(batch if count == 100_000 else ping * count)
+        sent += count
+        while flood_service.transport.get_write_buffer_size() > 1 << 20:
+            await asyncio.sleep(0.001)
+    flood_service.transport.write(frame(0x82, b"end"))
+    received = await flood_device.recv()
+    cpu1, t1 = hub.cpu(), time.perf_counter()
+    done.set()
+    await probing
+    for ws in (flood_service, flood_device, echo_service):
+        await ws.close()
+    echo_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await echo_task
+    await streams.stop()
+    return {
+        "cpu": cpu1 - cpu0,
+        "wall": t1 - t0,
+        "intact": received == b"end",
+        "rtt_median": c.median(round_trips),
+        "rtt_max": max(round_trips, default=float("nan")),
+        "probes": len(round_trips),
+    }
+
+
 async def empty_continuations(
     args: argparse.Namespace, hub: c.Child, target: str
 ) -> dict[str, Any]:
@@ -222,11 +281,15 @@ def main() -> None:
     parser.add_argument("--fragments", type=int, help="fragments of the raw message")
     parser.add_argument("--size", type=int, default=6, help="bytes per fragment (1 to 125)")
     parser.add_argument("--empty", type=int, help="empty continuations on a control channel")
+    parser.add_argument("--pings", type=int, help="pings a raw stream's service side floods")
     args = parser.parse_args()
     args.fragments = args.fragments or c.tiny_or(args, 10_000, 1_000_000)
     args.empty = args.empty or c.tiny_or(args, 10_000, 5_000_000)
+    args.pings = args.pings or c.tiny_or(args, 10_000, 1_000_000)
     with c.start_hub() as hub:
         raw = asyncio.run(fragmented_raw(args, hub))
+    with c.start_hub() as hub:
+        pings = asyncio.run(ping_flood(args, hub))
     floods = {}
     for target in ("control", "framed"):
         with c.start_hub() as hub:
@@ -241,6 +304,14 @@ def main() -> None:
     print(f"| echo round trip during, median ms | {c.fmt(raw['rtt_median'] * ms)} |")
     print(f"| echo round trip during, max ms | {c.fmt(raw['rtt_max'] * ms)} |")
     print(f"| echo round trips during | {raw['probes']} |")
+    print(f"\n## {args.pings:,} pings from a raw stream's service side, then a message\n")
+    print("| metric | value |\n|---|---|")
+    print(f"| hub CPU-s until the message arrived | {c.fmt(pings['cpu'])} |")
+    print(f"| wall s until it arrived | {c.fmt(pings['wall'])} |")
+    print(f"| arrived intact | {'yes' if pings['intact'] else 'NO'} |")
+    print(f"| echo round trip during, median ms | {c.fmt(pings['rtt_median'] * ms)} |")
+    print(f"| echo round trip during, max ms | {c.fmt(pings['rtt_max'] * ms)} |")
+    print(f"| echo round trips during | {pings['probes']} |")
     titles = {
         "control": "A control message: a text frame",
         "framed": "A devstream.v1 message: a binary frame",

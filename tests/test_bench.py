@@ -113,10 +113,12 @@ def test_fragment_flood_prints_its_tables() -> None:
     """A hostile-peer run, not a comparison: one table per flood, metric and value."""
     output = run("fragment_flood.py")
     found = tables(output)
-    assert [header for header, _ in found] == [["metric", "value"]] * 3
-    raw, control, framed = (rows for _, rows in found)
+    assert [header for header, _ in found] == [["metric", "value"]] * 4
+    raw, pings, control, framed = (rows for _, rows in found)
     assert raw["arrived intact"] == ["yes"]
     assert number(raw["echo round trips during"][0]) >= 0
+    assert pings["arrived intact"] == ["yes"]
+    assert number(pings["hub CPU-s until the message arrived"][0]) >= 0
     assert control["hub's close"][0].startswith("4413 413901")
     assert framed["hub's close"] == ["1009 message in too many fragments"]
 

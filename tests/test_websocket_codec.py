@@ -261,6 +261,29 @@ def test_pings_and_pongs_between_fragments(server: bool) -> None:
     assert isinstance(ping, Ping) and ping.response() == Pong(payload=b"p" * 125)
 
 
+@pytest.mark.parametrize("server", [True, False])
+def test_pings_one_after_another_come_as_the_last(server: bool) -> None:
+    """A run of pings in one call is handed on as its last ping (the one a pong answers,
+    RFC 6455 §5.5.3); pings apart (data or a pong between) each come."""
+    pings = b"".join(frame(0x9, b"%d" % i, masked=server) for i in range(100))
+    wire = (
+        pings
+        + frame(0x2, b"a", masked=server)
+        + frame(0x9, b"x", masked=server)
+        + frame(0xA, b"", masked=server)
+        + frame(0x9, b"y", masked=server)
+        + frame(0x9, b"z", masked=server)
+    )
+    events = Connection(client=not server).receive_data(wire)
+    assert describe(events) == [
+        ("Ping", b"99"),
+        ("BytesMessage", b"a", True, True),
+        ("Ping", b"x"),
+        ("Pong", b""),
+        ("Ping", b"z"),
+    ]
+
+
 def test_a_control_frame_in_pieces_comes_whole() -> None:
     conn = Connection(client=False)
     wire = frame(0x9, b"hello", masked=True)
@@ -415,10 +438,12 @@ def test_a_read_of_many_frames_is_parsed_in_batches(borrowed: bool) -> None:
 def test_control_frames_count_in_a_batch() -> None:
     conn = Connection(client=False, max_frames=2)
     wire = b"".join(frame(0x9, bytes([i]), masked=True) for i in range(5))
-    sizes = [len(conn.receive_data(wire))]
+    batches = [conn.receive_data(wire)]
     while conn.holds_more:
-        sizes.append(len(conn.receive_data(b"")))
-    assert sizes == [2, 2, 1]
+        batches.append(conn.receive_data(b""))
+    # Two frames a call: pings 0 and 1, 2 and 3, then 4 (each call's run of pings comes as
+    # its last).
+    assert batches == [[Ping(payload=b"\x01")], [Ping(payload=b"\x03")], [Ping(payload=b"\x04")]]
 
 
 def test_a_batch_of_no_frames_is_refused() -> None:

@@ -234,6 +234,28 @@ async def test_ping_is_answered_by_the_reader(
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("kind", [ConnectionType.SERVER, ConnectionType.CLIENT])
+async def test_pings_read_together_get_one_pong_for_the_last(
+    autojump_clock: trio.abc.Clock, kind: ConnectionType
+) -> None:
+    """A flood of pings costs a parse apiece, not a write apiece: those read one after
+    another are answered once, with the last one's payload (RFC 6455 §5.5.3); a ping after
+    data is answered on its own, and the data is not held back."""
+    peer, ws = raw_pair(kind)
+    count = MAX_BATCH_FRAMES // 2
+    pings = [Ping(payload=b"p%d" % i) for i in range(count)]
+    await peer.send(*pings, BytesMessage(data=b"data"), Ping(payload=b"after"))
+    event = await ws.receive()
+    assert payload(event) == b"data"
+    assert await peer.next_events() == [Pong(payload=b"p%d" % (count - 1))]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ws.receive)  # reads (and answers) the ping that came after
+        assert await peer.next_events() == [Pong(payload=b"after")]
+        await trio.testing.wait_all_tasks_blocked()
+        assert await nothing_arrives(peer.stream, 1)
+        nursery.cancel_scope.cancel()
+
+
 async def test_ping_between_two_websockets(autojump_clock: trio.abc.Clock) -> None:
     client, server = ws_pair()
     start = trio.current_time()

@@ -42,7 +42,9 @@ Rules every change must keep:
   server; on a client, a read that held nothing else) or a ``memoryview`` of the ``bytes`` a
   read brought (on a client, not copied). Bytes only *borrowed* for the call (a buffer the
   next read reuses) are never kept: a client then copies its payloads out of them. Text is
-  ``str``. A control frame is handed on whole, once it has all arrived.
+  ``str``. A control frame is handed on whole, once it has all arrived. Pings that follow
+  one another in a call's events are handed on as one, the last (RFC 6455 §5.5.3 lets an
+  endpoint answer only the most recent): a flood of pings costs a parse apiece, not a pong.
 * **A refusal ends the reading**: the events before it stand, and the list ends with a
   :class:`CloseConnection` carrying the close code to send (1002, or 1007 for text or a close
   reason that is not UTF-8); :attr:`Connection.failed` then says so. After a close frame, or
@@ -644,7 +646,13 @@ class Connection:
 
     def _control_frame(self, opcode: int, payload: bytes, events: list[Event]) -> None:
         if opcode == _OP_PING:
-            events.append(Ping(payload=payload))
+            if events and type(events[-1]) is Ping:
+                # Pings one after another: only the last is reported, and answered (RFC 6455
+                # §5.5.3 allows a pong for the most recent only). A peer that floods pings
+                # costs a parse apiece, not an answer apiece.
+                events[-1] = Ping(payload=payload)
+            else:
+                events.append(Ping(payload=payload))
         elif opcode == _OP_PONG:
             events.append(Pong(payload=payload))
         else:
