@@ -769,6 +769,27 @@ async def test_a_framed_message_in_too_many_fragments_is_refused_with_1009(
     await assert_serving(env)
 
 
+async def test_a_text_message_on_a_framed_stream_is_refused_with_1003(
+    env: HubEnv, autojump_clock: trio.abc.Clock
+) -> None:
+    """devstream.v1 messages are binary: a side that sends a text message is closed with 1003
+    at once, its peer gets the same close (not the text as binary, to read as frames), and
+    the hub serves everyone else."""
+    with trio.fail_after(30):
+        device_ws, service_ws = await framed_stream_sides(env)
+        start = trio.current_time()
+        await service_ws.send_text("\x01\x00\x00\x00\x09\x00\x00\x00\x00\x00\x00\x00\x00x")
+        with pytest.raises(ConnectionClosed) as closed:
+            await service_ws.receive()
+        with pytest.raises(ConnectionClosed) as peer_closed:
+            await device_ws.receive()
+    assert trio.current_time() - start < 0.01
+    expected = (1003, "a text message where only binary ones are taken")
+    assert (closed.value.code, closed.value.reason) == expected
+    assert (peer_closed.value.code, peer_closed.value.reason) == expected
+    await assert_serving(env)
+
+
 async def test_a_raw_message_in_tiny_fragments_goes_on_a_batch_at_a_time(
     env: HubEnv, autojump_clock: trio.abc.Clock
 ) -> None:

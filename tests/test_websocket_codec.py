@@ -284,6 +284,33 @@ def test_pings_one_after_another_come_as_the_last(server: bool) -> None:
     ]
 
 
+def test_binary_only_refuses_a_text_message_with_1003() -> None:
+    """``binary_only`` (a devstream.v1 side): binary messages, pings and pongs come as ever; a
+    text frame starting a message is refused with 1003 and nothing after it is read."""
+    conn = Connection(client=False, binary_only=True)
+    wire = (
+        frame(0x2, b"ab", fin=False, masked=True)
+        + frame(0x9, b"p", masked=True)
+        + frame(0x0, b"cd", masked=True)
+        + frame(0x1, b"text", masked=True)
+        + frame(0x2, b"after", masked=True)
+    )
+    events = conn.receive_data(wire)
+    assert describe(events[:-1]) == [
+        ("BytesMessage", b"ab", True, False),
+        ("Ping", b"p"),
+        ("BytesMessage", b"cd", True, True),
+    ]
+    assert events[-1] == CloseConnection(
+        code=1003, reason="a text message where only binary ones are taken"
+    )
+    assert conn.failed
+    assert conn.receive_data(frame(0x2, b"more", masked=True)) == []
+    # Without it, the same text is taken.
+    text = Connection(client=False).receive_data(frame(0x1, b"text", masked=True))
+    assert describe(text) == [("TextMessage", "text", True, True)]
+
+
 def test_a_control_frame_in_pieces_comes_whole() -> None:
     conn = Connection(client=False)
     wire = frame(0x9, b"hello", masked=True)

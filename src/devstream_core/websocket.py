@@ -117,6 +117,7 @@ _OP_PING = 0x9
 _OP_PONG = 0xA
 _FIN = 0x80
 _PROTOCOL_ERROR = 1002
+_UNSUPPORTED = 1003
 _NO_STATUS = 1005
 _INVALID_PAYLOAD = 1007
 _U16 = struct.Struct("!H")
@@ -302,6 +303,7 @@ class Connection:
         "_pending_start",
         "_remaining",
         "_state",
+        "binary_only",
         "client",
         "holds_more",
     )
@@ -312,9 +314,13 @@ class Connection:
         client: bool,
         apply_mask: MaskFunction | None = None,
         max_frames: int = MAX_BATCH_FRAMES,
+        binary_only: bool = False,
     ) -> None:
         if max_frames < 1:
             raise _misuse("max_frames must be >= 1")
+        #: A text message from the peer is refused with 1003 (a protocol whose messages are
+        #: all binary: devstream.v1).
+        self.binary_only = binary_only
         #: True when this end is the client: it masks what it sends, and frames arrive
         #: unmasked.
         self.client = bool(client)
@@ -637,9 +643,11 @@ class Connection:
         elif self._message_opcode is not None:
             raise _Refused(f"a new message (opcode {opcode:#x}) inside a message")
         else:
-            self._message_opcode = opcode
             if opcode == _OP_TEXT:
+                if self.binary_only:
+                    raise _Refused("a text message where only binary ones are taken", _UNSUPPORTED)
                 self._decoder = codecs.getincrementaldecoder("utf-8")()
+            self._message_opcode = opcode
         self._fin = bool(first & _FIN)
         self._remaining = length
         return start

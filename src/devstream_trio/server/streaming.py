@@ -306,8 +306,10 @@ class StreamingEndpoint:
             )
         headers = [(HEADER_RESUME_TOKEN, (resume_token or "").encode()), *extra]
         try:
+            # devstream.v1 messages are binary: a text one is refused (1003), not relayed as
+            # binary for the peer to read as frames.
             ws = await http.accept_websocket(
-                request, subprotocol=FRAMED_SUBPROTOCOL, extra_headers=headers
+                request, subprotocol=FRAMED_SUBPROTOCOL, extra_headers=headers, binary_only=True
             )
         except BaseException:
             self.leave(route.stream_id, connection_id)

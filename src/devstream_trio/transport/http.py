@@ -452,11 +452,14 @@ class HttpServerConnection:
         *,
         subprotocol: str | None = None,
         extra_headers: Headers | None = None,
+        binary_only: bool = False,
     ) -> WebSocket:
         """Answer ``101 Switching Protocols`` and return the open WebSocket.
 
         The WebSocket keeps no handshake headers (the caller has *request*): a server may hold
         many idle WebSockets, and the request's headers are not needed once it is open.
+        *binary_only*: a text message from the client closes it with 1003 (see
+        :class:`devstream_core.websocket.Connection`).
         """
         if not self._upgrade_pending:  # h11 saw no Upgrade header in the request
             raise HttpError(
@@ -479,7 +482,7 @@ class HttpServerConnection:
             trailing = self._after_head
         else:
             trailing, _ = self.conn.trailing_data
-        ws = websocket.Connection(client=False, apply_mask=_mask.masker())
+        ws = websocket.Connection(client=False, apply_mask=_mask.masker(), binary_only=binary_only)
         return WebSocket(self.stream, ws, subprotocol=subprotocol, initial_data=bytes(trailing))
 
 
