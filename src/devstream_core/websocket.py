@@ -158,10 +158,12 @@ default_apply_mask: MaskFunction = native_apply_mask or pure_apply_mask
 
 # -- events ------------------------------------------------------------------------------------
 # Data events are made for every fragment on the relay's path, positionally: they are the
-# only events whose fields are not keyword-only (a keyword call costs 40 % more there).
+# only events whose fields are not keyword-only (a keyword call costs 40 % more there), and
+# the only ones not frozen (a frozen dataclass sets each field through object.__setattr__:
+# three times the cost of making one, 0.76 µs against 0.23). Nothing changes them once made.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BytesMessage:
     """A binary fragment: part of a frame, or all of it (*frame_finished*), maybe the end of
     its message (*message_finished*). Received, *data* may be a view of what a read brought."""
@@ -171,7 +173,7 @@ class BytesMessage:
     message_finished: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TextMessage:
     """A text fragment, as :class:`BytesMessage` (sent as UTF-8)."""
 
