@@ -121,105 +121,94 @@ async def echo(ws: Any) -> None:
             await ws.send(message)
 
 
-async def fragmented_raw(args: argparse.Namespace, hub: c.Child) -> dict[str, Any]:
-    streams = Streams(c.HubInfo(hub.info))
-    await streams.start()
-    echo_service, echo_device = await streams.open()
-    echo_task = asyncio.create_task(echo(echo_device))
-    flood_service, flood_device = await streams.open()
-    wire, message = fragmented_message(args.fragments, args.size)
-    done = asyncio.Event()
-    round_trips: list[float] = []
+class EchoProbe:
+    """Two raw streams on the bench hub: one that echoes 64 bytes every 10 ms (its round trips
+    are kept), and one for the flood (``flood_service`` writes, ``flood_device`` reads)."""
 
-    async def probe() -> None:
-        ping = os.urandom(64)
-        while not done.is_set():
+    def __init__(self, hub: c.Child) -> None:
+        self.streams = Streams(c.HubInfo(hub.info))
+        self.round_trips: list[float] = []
+        self.done = asyncio.Event()
+
+    async def __aenter__(self) -> EchoProbe:
+        await self.streams.start()
+        self.echo_service, echo_device = await self.streams.open()
+        self.echo_task = asyncio.create_task(echo(echo_device))
+        self.flood_service, self.flood_device = await self.streams.open()
+        self.probing = asyncio.create_task(self._probe())
+        await asyncio.sleep(0.2)
+        return self
+
+    async def _probe(self) -> None:
+        data = os.urandom(64)
+        while not self.done.is_set():
             sent = time.perf_counter()
-            await echo_service.send(ping)
-            if await echo_service.recv() != ping:
+            await self.echo_service.send(data)
+            if await self.echo_service.recv() != data:
                 raise RuntimeError("echo stream: wrong bytes")
-            round_trips.append(time.perf_counter() - sent)
+            self.round_trips.append(time.perf_counter() - sent)
             await asyncio.sleep(0.01)
 
-    probing = asyncio.create_task(probe())
-    await asyncio.sleep(0.2)
-    idle = list(round_trips)
-    round_trips.clear()
-    cpu0, t0 = hub.cpu(), time.perf_counter()
-    flood_service.transport.write(wire)  # the frames as they are, straight to the socket
-    received = await flood_device.recv()
-    cpu1, t1 = hub.cpu(), time.perf_counter()
-    done.set()
-    await probing
-    for ws in (flood_service, flood_device, echo_service):
-        await ws.close()
-    echo_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await echo_task
-    await streams.stop()
+    def idle(self) -> list[float]:
+        """The round trips so far (before the flood); the list starts again."""
+        idle = list(self.round_trips)
+        self.round_trips.clear()
+        return idle
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.done.set()
+        await self.probing
+        for ws in (self.flood_service, self.flood_device, self.echo_service):
+            await ws.close()
+        self.echo_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.echo_task
+        await self.streams.stop()
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "rtt_median": c.median(self.round_trips),
+            "rtt_max": max(self.round_trips, default=float("nan")),
+            "probes": len(self.round_trips),
+        }
+
+
+async def fragmented_raw(args: argparse.Namespace, hub: c.Child) -> dict[str, Any]:
+    wire, message = fragmented_message(args.fragments, args.size)
+    async with EchoProbe(hub) as probe:
+        idle = probe.idle()
+        cpu0, t0 = hub.cpu(), time.perf_counter()
+        probe.flood_service.transport.write(wire)  # the frames as they are, to the socket
+        received = await probe.flood_device.recv()
+        cpu1, t1 = hub.cpu(), time.perf_counter()
     return {
         "cpu": cpu1 - cpu0,
         "wall": t1 - t0,
         "intact": received == message,
         "idle_rtt": c.median(idle),
-        "rtt_median": c.median(round_trips),
-        "rtt_max": max(round_trips, default=float("nan")),
-        "probes": len(round_trips),
+        **probe.figures(),
     }
 
 
 async def ping_flood(args: argparse.Namespace, hub: c.Child) -> dict[str, Any]:
     """A raw stream's service side writes ``args.pings`` pings, then a message (case 3)."""
-    streams = Streams(c.HubInfo(hub.info))
-    await streams.start()
-    echo_service, echo_device = await streams.open()
-    echo_task = asyncio.create_task(echo(echo_device))
-    flood_service, flood_device = await streams.open()
-    done = asyncio.Event()
-    round_trips: list[float] = []
-
-    async def probe() -> None:
-        data = os.urandom(64)
-        while not done.is_set():
-            sent = time.perf_counter()
-            await echo_service.send(data)
-            if await echo_service.recv() != data:
-                raise RuntimeError("echo stream: wrong bytes")
-            round_trips.append(time.perf_counter() - sent)
-            await asyncio.sleep(0.01)
-
-    probing = asyncio.create_task(probe())
-    await asyncio.sleep(0.2)
-    round_trips.clear()
     ping = frame(0x89, b"")
     batch = ping * 100_000
-    cpu0, t0 = hub.cpu(), time.perf_counter()
-    sent = 0
-    while sent < args.pings:
-        count = min(100_000, args.pings - sent)
-        flood_service.transport.write(batch if count == 100_000 else ping * count)
-        sent += count
-        while flood_service.transport.get_write_buffer_size() > 1 << 20:
-            await asyncio.sleep(0.001)
-    flood_service.transport.write(frame(0x82, b"end"))
-    received = await flood_device.recv()
-    cpu1, t1 = hub.cpu(), time.perf_counter()
-    done.set()
-    await probing
-    for ws in (flood_service, flood_device, echo_service):
-        await ws.close()
-    echo_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await echo_task
-    await streams.stop()
-    return {
-        "cpu": cpu1 - cpu0,
-        "wall": t1 - t0,
-        "intact": received == b"end",
-        "rtt_median": c.median(round_trips),
-        "rtt_max": max(round_trips, default=float("nan")),
-        "probes": len(round_trips),
-    }
+    async with EchoProbe(hub) as probe:
+        probe.idle()
+        transport = probe.flood_service.transport
+        cpu0, t0 = hub.cpu(), time.perf_counter()
+        sent = 0
+        while sent < args.pings:
+            count = min(100_000, args.pings - sent)
+            transport.write(batch if count == 100_000 else ping * count)
+            sent += count
+            while transport.get_write_buffer_size() > 1 << 20:
+                await asyncio.sleep(0.001)
+        transport.write(frame(0x82, b"end"))
+        received = await probe.flood_device.recv()
+        cpu1, t1 = hub.cpu(), time.perf_counter()
+    return {"cpu": cpu1 - cpu0, "wall": t1 - t0, "intact": received == b"end", **probe.figures()}
 
 
 async def empty_continuations(

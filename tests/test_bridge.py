@@ -53,17 +53,23 @@ def nonce() -> bytes:
 
 
 def create(
-    bridge: Bridge, stream_id: str = "s1", *, now: float = NOW, mode: str = "raw"
+    bridge: Bridge,
+    stream_id: str = "s1",
+    *,
+    now: float = NOW,
+    mode: str = "raw",
+    service_token: bool = True,
 ) -> dict[Role, str]:
-    device_token, service_token = bridge.create_stream(
+    device_token, service_token_text = bridge.create_stream(
         stream_id=stream_id,
         device_id="dev",
         now=now,
         device_nonce=nonce(),
         service_nonce=nonce(),
         mode=mode,
+        service_token=service_token,
     )
-    return {Role.DEVICE: device_token, Role.SERVICE: service_token}
+    return {Role.DEVICE: device_token, Role.SERVICE: service_token_text}
 
 
 def join(
@@ -374,16 +380,8 @@ def test_a_one_step_stream_has_no_service_token_and_its_opener_joins_once() -> N
     """``service_token=False`` (the hub's one-step open): no service token is made, ``""``
     stands in for it; the opener joins without one, once, and the device as usual."""
     bridge = Bridge(secret=SECRET)
-    device_token, service_token = bridge.create_stream(
-        stream_id="s1",
-        device_id="dev",
-        now=NOW,
-        device_nonce=nonce(),
-        service_nonce=nonce(),
-        mode="devstream.v1",
-        service_token=False,
-    )
-    assert service_token == ""
+    tokens = create(bridge, mode="devstream.v1", service_token=False)
+    assert tokens[Role.SERVICE] == ""
     joined = bridge.join_opener(
         stream_id="s1", role=Role.SERVICE, connection_id=2, now=NOW + 1, resume_nonce=nonce()
     )
@@ -393,7 +391,7 @@ def test_a_one_step_stream_has_no_service_token_and_its_opener_joins_once() -> N
             stream_id="s1", role=Role.SERVICE, connection_id=3, now=NOW + 1, resume_nonce=nonce()
         )
     assert info.value.code is ErrorCode.STREAM_TOKEN_REUSED
-    assert join(bridge, device_token, role=Role.DEVICE, conn=4, stream_id="s1").paired
+    assert join(bridge, tokens[Role.DEVICE], role=Role.DEVICE, conn=4, stream_id="s1").paired
 
 
 def test_the_opener_is_refused_as_its_token_would_be() -> None:

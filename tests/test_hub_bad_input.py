@@ -746,45 +746,37 @@ async def framed_stream_sides(env: HubEnv) -> tuple[WebSocket, WebSocket]:
     return sides["device"], sides["service"]
 
 
-async def test_a_framed_message_in_too_many_fragments_is_refused_with_1009(
-    env: HubEnv, autojump_clock: trio.abc.Clock
+@pytest.mark.parametrize(
+    ("wire", "expected"),
+    [
+        (
+            masked_frame(0x02, b"\x01") + masked_frame(0x00, b"") * (MAX_MESSAGE_FRAGMENTS + 100),
+            (1009, "message in too many fragments"),
+        ),
+        (
+            masked_frame(0x81, b"\x01\x00\x00\x00\x09\x00\x00\x00\x00\x00\x00\x00\x00x"),
+            (1003, "a text message where only binary ones are taken"),
+        ),
+    ],
+    ids=["too-many-fragments", "text"],
+)
+async def test_a_framed_side_that_breaks_the_rules_of_messages_is_closed_and_so_is_its_peer(
+    env: HubEnv, autojump_clock: trio.abc.Clock, wire: bytes, expected: tuple[int, str]
 ) -> None:
     """A devstream.v1 side that sends a binary frame without FIN and then empty continuations
-    is closed with 1009 once MAX_MESSAGE_FRAGMENTS fragments came without the end; its peer
-    gets the same close, and the hub serves everyone else."""
+    is closed with 1009 once MAX_MESSAGE_FRAGMENTS fragments came without the end; one that
+    sends a text message (devstream.v1 messages are binary), with 1003. Either way at once,
+    its peer gets the same close (not the text as binary, to read as frames), and the hub
+    serves everyone else."""
     with trio.fail_after(30):
         device_ws, service_ws = await framed_stream_sides(env)
         start = trio.current_time()
-        await service_ws.stream.send_all(
-            masked_frame(0x02, b"\x01") + masked_frame(0x00, b"") * (MAX_MESSAGE_FRAGMENTS + 100)
-        )
+        await service_ws.stream.send_all(wire)
         with pytest.raises(ConnectionClosed) as closed:
             await service_ws.receive()
         with pytest.raises(ConnectionClosed) as peer_closed:
             await device_ws.receive()
     assert trio.current_time() - start < 0.01
-    expected = (1009, "message in too many fragments")
-    assert (closed.value.code, closed.value.reason) == expected
-    assert (peer_closed.value.code, peer_closed.value.reason) == expected
-    await assert_serving(env)
-
-
-async def test_a_text_message_on_a_framed_stream_is_refused_with_1003(
-    env: HubEnv, autojump_clock: trio.abc.Clock
-) -> None:
-    """devstream.v1 messages are binary: a side that sends a text message is closed with 1003
-    at once, its peer gets the same close (not the text as binary, to read as frames), and
-    the hub serves everyone else."""
-    with trio.fail_after(30):
-        device_ws, service_ws = await framed_stream_sides(env)
-        start = trio.current_time()
-        await service_ws.send_text("\x01\x00\x00\x00\x09\x00\x00\x00\x00\x00\x00\x00\x00x")
-        with pytest.raises(ConnectionClosed) as closed:
-            await service_ws.receive()
-        with pytest.raises(ConnectionClosed) as peer_closed:
-            await device_ws.receive()
-    assert trio.current_time() - start < 0.01
-    expected = (1003, "a text message where only binary ones are taken")
     assert (closed.value.code, closed.value.reason) == expected
     assert (peer_closed.value.code, peer_closed.value.reason) == expected
     await assert_serving(env)

@@ -46,8 +46,9 @@ Rules every change must keep:
   one another in a call's events are handed on as one, the last (RFC 6455 §5.5.3 lets an
   endpoint answer only the most recent): a flood of pings costs a parse apiece, not a pong.
 * **A refusal ends the reading**: the events before it stand, and the list ends with a
-  :class:`CloseConnection` carrying the close code to send (1002, or 1007 for text or a close
-  reason that is not UTF-8); :attr:`Connection.failed` then says so. After a close frame, or
+  :class:`CloseConnection` carrying the close code to send (1002; 1007 for text or a close
+  reason that is not UTF-8; 1003 for a text message on a ``binary_only`` connection);
+  :attr:`Connection.failed` then says so. After a close frame, or
   a refusal, nothing more is read.
 * **Bounded work per call.** One call parses at most ``max_frames`` frames
   (:data:`MAX_BATCH_FRAMES`), however small (a read of 1 MiB could hold 174,762 empty masked
