@@ -244,6 +244,7 @@ async def test_pings_read_together_get_one_pong_for_the_last(
     peer, ws = raw_pair(kind)
     count = MAX_BATCH_FRAMES // 2
     pings = [Ping(payload=b"p%d" % i) for i in range(count)]
+    start = trio.current_time()
     await peer.send(*pings, BytesMessage(data=b"data"), Ping(payload=b"after"))
     event = await ws.receive()
     assert payload(event) == b"data"
@@ -251,6 +252,7 @@ async def test_pings_read_together_get_one_pong_for_the_last(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ws.receive)  # reads (and answers) the ping that came after
         assert await peer.next_events() == [Pong(payload=b"after")]
+        assert trio.current_time() == start  # answered at once, not at some timer
         await trio.testing.wait_all_tasks_blocked()
         assert await nothing_arrives(peer.stream, 1)
         nursery.cancel_scope.cancel()

@@ -468,6 +468,14 @@ def _check_nonce(nonce: bytes) -> None:
         )
 
 
+def _is_lost(stream: _Stream, now: float) -> bool:
+    """A held side's grace period or (``CLOSING``) the attached side's time to answer the
+    close is over: the stream is lost, even before :meth:`Bridge.advance` says so."""
+    return any(deadline <= now for deadline in stream.held.values()) or (
+        stream.answer_by is not None and stream.answer_by <= now
+    )
+
+
 def _check_now(now: float) -> None:
     if not isinstance(now, (int, float)) or not math.isfinite(now):
         raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "now must be finite")
@@ -744,11 +752,7 @@ class Bridge:
             token, secret=self._secret, stream_id=stream_id, role=role, now=now
         )
         stream = self._streams.get(stream_id)
-        if (
-            stream is None
-            or any(deadline <= now for deadline in stream.held.values())
-            or (stream.answer_by is not None and stream.answer_by <= now)
-        ):
+        if stream is None or _is_lost(stream, now):
             raise DevstreamError(ErrorCode.NOT_FOUND, "stream closed")
         if stream.mode != RESUMABLE_MODE:
             raise DevstreamError(ErrorCode.ARGUMENT_INVALID, "this stream cannot be resumed")
@@ -847,10 +851,8 @@ class Bridge:
         pending = None if stream is None else stream.rejoin.get(claims.role)
         if stream is None or pending is None or pending[0] != claims.nonce:
             raise StreamTokenError(ErrorCode.STREAM_TOKEN_REUSED)
-        if (
-            any(deadline <= now for deadline in stream.held.values())
-            or (stream.answer_by is not None and stream.answer_by <= now)
-            or (claims.role not in stream.sides and claims.role not in stream.held)
+        if _is_lost(stream, now) or (
+            claims.role not in stream.sides and claims.role not in stream.held
         ):
             raise DevstreamError(ErrorCode.NOT_FOUND, "stream closed")
         self._check_connection(stream, connection_id)
