@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from devstream_core.errors import ErrorCode, RemoteProtocolError
 from devstream_core.handshake import (
@@ -20,6 +22,7 @@ from devstream_core.handshake import (
     check_request,
     check_response,
     client_key,
+    header_line,
     request_head,
     upgrade_fields,
 )
@@ -350,3 +353,25 @@ def test_the_clients_request_is_one_the_hub_takes_and_its_answer_one_the_client_
 def test_a_key_is_made_of_sixteen_random_bytes(size: int) -> None:
     with pytest.raises(ValueError):
         client_key(bytes(size))
+
+
+#: Names and values, good and bad, with the characters that matter to a header line's checks.
+_NAMES = st.sampled_from(["a", "a-Z~", "a:a", "a a", "", "a\n", "a:", "\x7f"])
+_VALUES = st.sampled_from(
+    ["", "v", "v w", " v", "v ", "v\nw", "v\rw", "v\r\nw", "v\tw", "\x00", "a: b"]
+)
+
+
+@given(st.lists(st.tuples(_NAMES, _VALUES), max_size=4))
+def test_a_request_head_takes_the_fields_that_each_pass_on_its_own(
+    fields: list[tuple[str, str]],
+) -> None:
+    """request_head checks all the fields at once; it takes exactly the lists whose every
+    field header_line takes alone, and writes the same lines."""
+    try:
+        lines = [header_line(name.encode(), value.encode()) for name, value in fields]
+    except ValueError:
+        with pytest.raises(ValueError, match="not a valid header: "):
+            request_head("/t", fields)
+    else:
+        assert request_head("/t", fields) == b"GET /t HTTP/1.1\r\n" + b"".join(lines) + b"\r\n"

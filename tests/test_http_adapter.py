@@ -1034,6 +1034,13 @@ def test_the_client_request_head_is_what_h11_would_write() -> None:
         ("/", ("host", "h\r\nx-injected: 1")),
         ("/", ("host", " padded")),
         ("/", ("bad name", "v")),
+        ("/", ("two: names", "v")),
+        ("/", ("name:", "v")),
+        ("/", ("two:names", "v")),
+        ("/", ("host", "h\nx")),
+        ("/", ("host", "h\nx-injected: 1")),
+        ("/", ("host", "h\rx-injected: 1")),
+        ("/", ("", "v")),
         ("/", ("host", "caf\u00e9")),
     ],
 )
