@@ -22,6 +22,7 @@ from devstream_core.handshake import (
     check_request,
     check_response,
     client_key,
+    field_values,
     header_line,
     request_head,
     upgrade_fields,
@@ -206,11 +207,20 @@ def test_lists_are_read_across_their_lines(fields: Fields) -> None:
 def test_every_check_of_a_request_refuses(
     method: bytes, version: bytes, fields: Fields, code: ErrorCode, words: str
 ) -> None:
-    with pytest.raises(RemoteProtocolError) as info:
-        check_request(method, version, fields)
-    assert info.value.code is code
-    assert words in info.value.message
-    assert KEY.decode() not in info.value.message
+    for values in (None, field_values(fields)):  # the caller's lookup table, or none
+        with pytest.raises(RemoteProtocolError) as info:
+            check_request(method, version, fields, values=values)
+        assert info.value.code is code
+        assert words in info.value.message
+        assert KEY.decode() not in info.value.message
+
+
+def test_field_values_keep_every_value_in_order() -> None:
+    fields = [(b"a", b"1"), (b"b", b"2"), (b"a", b"3")]
+    assert field_values(fields) == {b"a": [b"1", b"3"], b"b": [b"2"]}
+    assert check_request(b"GET", b"1.1", REQUEST, values=field_values(REQUEST)) == KEY
+    assert asks_for_websocket(REQUEST, values=field_values(REQUEST))
+    assert not asks_for_websocket(REQUEST, values={})  # the table is what is read
 
 
 def test_the_version_refusal_names_the_version_the_hub_speaks() -> None:

@@ -598,7 +598,7 @@ def sign(key: str, message: str) -> str:
         raise LocalProtocolError(
             ErrorCode.ARGUMENT_INVALID, "message to sign is not encodable as UTF-8"
         ) from None
-    digest = hmac.new(raw_key, raw_message, hashlib.sha256).digest()
+    digest = hmac.digest(raw_key, raw_message, "sha256")
     return base64.b64encode(digest).decode("ascii")
 
 
@@ -816,7 +816,7 @@ def verify_sas_token(
     presented = unquote(parsed.sig).encode("utf-8")
     matched = False
     for raw_key in raw_keys:
-        expected = base64.b64encode(hmac.new(raw_key, message, hashlib.sha256).digest())
+        expected = base64.b64encode(hmac.digest(raw_key, message, "sha256"))
         # No early exit: every key is tried, so timing does not say which one matched.
         matched |= hmac.compare_digest(presented, expected)
     if not matched:

@@ -69,6 +69,7 @@ __all__ = [
     "check_request",
     "check_response",
     "client_key",
+    "field_values",
     "header_line",
     "is_websocket_key",
     "request_head",
@@ -168,31 +169,23 @@ def request_head(target: str, fields: Sequence[tuple[str, str]]) -> bytes:
 
 # -- reading the fields ----------------------------------------------------------------------
 
-#: The fields a request's handshake reads, and those of a 101.
-_REQUEST_FIELDS = (
-    b"host",
-    b"upgrade",
-    b"connection",
-    b"sec-websocket-version",
-    b"sec-websocket-key",
-)
-_RESPONSE_FIELDS = (
-    b"upgrade",
-    b"connection",
-    b"sec-websocket-accept",
-    b"sec-websocket-protocol",
-    b"sec-websocket-extensions",
-)
 
-
-def _values(fields: Fields, names: Sequence[bytes]) -> dict[bytes, list[bytes]]:
-    """The values of each of *names* in *fields*, in order (one pass over the fields)."""
-    found: dict[bytes, list[bytes]] = {name: [] for name in names}
+def field_values(fields: Fields) -> dict[bytes, list[bytes]]:
+    """Each field's values by name (names as given), in order: *fields* read in one pass.
+    The checks below take it as *values* from a caller that made it already, for lookups
+    of its own."""
+    found: dict[bytes, list[bytes]] = {}
     for name, value in fields:
         values = found.get(name)
-        if values is not None:
+        if values is None:
+            found[name] = [value]
+        else:
             values.append(value)
     return found
+
+
+#: No values (what a lookup of a field that is not there finds).
+_NONE: Final[list[bytes]] = []
 
 
 def _has_token(values: list[bytes], token: bytes) -> bool:
@@ -209,23 +202,31 @@ def _single(found: dict[bytes, list[bytes]], name: bytes) -> bytes | None:
 
     Raises ``LookupError`` if there are several.
     """
-    values = found[name]
+    values = found.get(name, _NONE)
     if len(values) > 1:
         raise LookupError(name)
     return values[0] if values else None
 
 
-def asks_for_websocket(fields: Fields) -> bool:
+def asks_for_websocket(fields: Fields, *, values: dict[bytes, list[bytes]] | None = None) -> bool:
     """True when a request's ``Upgrade`` names ``websocket`` and its ``Connection``
-    ``upgrade``: it asks to open a WebSocket (whether it may is :func:`check_request`'s)."""
-    found = _values(fields, (b"upgrade", b"connection"))
-    return _has_token(found[b"upgrade"], b"websocket") and _has_token(
-        found[b"connection"], b"upgrade"
+    ``upgrade``: it asks to open a WebSocket (whether it may is :func:`check_request`'s).
+    *values*: :func:`field_values` of *fields*, if the caller has it."""
+    found = field_values(fields) if values is None else values
+    return _has_token(found.get(b"upgrade", _NONE), b"websocket") and _has_token(
+        found.get(b"connection", _NONE), b"upgrade"
     )
 
 
-def check_request(method: bytes, http_version: bytes, fields: Fields) -> bytes:
-    """The key of an upgrade request the hub may answer with a ``101``.
+def check_request(
+    method: bytes,
+    http_version: bytes,
+    fields: Fields,
+    *,
+    values: dict[bytes, list[bytes]] | None = None,
+) -> bytes:
+    """The key of an upgrade request the hub may answer with a ``101`` (*values*: as
+    :func:`asks_for_websocket`'s).
 
     Raises :class:`RemoteProtocolError` with the code to answer with: ``MALFORMED_REQUEST``,
     ``UPGRADE_REQUIRED`` or ``WEBSOCKET_VERSION_UNSUPPORTED`` (see the module's list).
@@ -238,7 +239,7 @@ def check_request(method: bytes, http_version: bytes, fields: Fields) -> bytes:
         raise RemoteProtocolError(
             ErrorCode.MALFORMED_REQUEST, "a WebSocket handshake needs HTTP/1.1"
         )
-    found = _values(fields, _REQUEST_FIELDS)
+    found = field_values(fields) if values is None else values
     try:
         host = _single(found, b"host")
         version = _single(found, b"sec-websocket-version")
@@ -250,8 +251,8 @@ def check_request(method: bytes, http_version: bytes, fields: Fields) -> bytes:
         ) from None
     if host is None:
         raise RemoteProtocolError(ErrorCode.MALFORMED_REQUEST, "a WebSocket handshake needs a Host")
-    if not _has_token(found[b"upgrade"], b"websocket") or not _has_token(
-        found[b"connection"], b"upgrade"
+    if not _has_token(found.get(b"upgrade", _NONE), b"websocket") or not _has_token(
+        found.get(b"connection", _NONE), b"upgrade"
     ):
         raise RemoteProtocolError(
             ErrorCode.UPGRADE_REQUIRED,
@@ -280,7 +281,7 @@ def check_response(fields: Fields, *, key: bytes, subprotocols: Sequence[str]) -
 
     Raises :class:`RemoteProtocolError` (``HUB_UNREACHABLE``) naming the field at fault.
     """
-    found = _values(fields, _RESPONSE_FIELDS)
+    found = field_values(fields)
     try:
         upgrade = _single(found, b"upgrade")
         accept = _single(found, b"sec-websocket-accept")
@@ -289,13 +290,13 @@ def check_response(fields: Fields, *, key: bytes, subprotocols: Sequence[str]) -
         raise _bad_answer(f"more than one {_field_name(exc.args[0])} field") from None
     if upgrade is None or upgrade.lower() != b"websocket":
         raise _bad_answer("no Upgrade: websocket")
-    if not _has_token(found[b"connection"], b"upgrade"):
+    if not _has_token(found.get(b"connection", _NONE), b"upgrade"):
         raise _bad_answer("no Connection: Upgrade")
     if accept is None:
         raise _bad_answer("no Sec-WebSocket-Accept")
     if accept != accept_token(key):
         raise _bad_answer("a wrong Sec-WebSocket-Accept")
-    if found[b"sec-websocket-extensions"]:
+    if b"sec-websocket-extensions" in found:
         raise _bad_answer("a Sec-WebSocket-Extensions the client did not offer")
     if chosen is None:
         return None

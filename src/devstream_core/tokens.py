@@ -38,7 +38,6 @@ Rules:
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import math
 import re
@@ -106,7 +105,7 @@ def _b64url_decode(text: str) -> bytes | None:
 
 
 def _mac(secret: bytes, payload: str) -> str:
-    return b64url(hmac.new(secret, payload.encode("ascii"), hashlib.sha256).digest())
+    return b64url(hmac.digest(secret, payload.encode("ascii"), "sha256"))
 
 
 def _check_secret(secret: bytes) -> None:

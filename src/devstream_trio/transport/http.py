@@ -161,17 +161,29 @@ class HttpRequest(_HttpMessage):
     #: The HTTP version of the request line, as h11 gives it (``b"1.0"`` or ``b"1.1"``).
     http_version: bytes = b"1.1"
 
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header *name* (lower-case), or None."""
+        values = self.field_values.get(name)
+        return values[0] if values else None
+
     def header_tokens(self, name: bytes, *, lower: bool = True) -> list[str]:
         """Every comma-separated token of every *name* header, stripped (and lower-cased)."""
         tokens: list[str] = []
-        for key, value in self.headers:
-            if key == name:
-                tokens.extend(t.strip() for t in value.decode("latin-1").split(","))
+        for value in self.field_values.get(name, ()):
+            tokens.extend(t.strip() for t in value.decode("latin-1").split(","))
         return [t.lower() if lower else t for t in tokens if t]
 
-    # The three below are worked out once (the hub asks more than once) and kept in the
+    # The four below are worked out once (the hub asks more than once) and kept in the
     # instance's dictionary: functools.cached_property takes a lock on each first look in
     # Python 3.11, and the hub looks at every request.
+
+    @property
+    def field_values(self) -> dict[bytes, list[bytes]]:
+        """Each header's values by name, in order (read in one pass, for every lookup)."""
+        found: dict[bytes, list[bytes]] | None = self.__dict__.get("_values")
+        if found is None:
+            found = self.__dict__["_values"] = handshake.field_values(self.headers)
+        return found
 
     @property
     def subprotocols(self) -> list[str]:
@@ -189,7 +201,9 @@ class HttpRequest(_HttpMessage):
         the rest of its handshake."""
         asks: bool | None = self.__dict__.get("_asks")
         if asks is None:
-            asks = self.__dict__["_asks"] = handshake.asks_for_websocket(self.headers)
+            asks = self.__dict__["_asks"] = handshake.asks_for_websocket(
+                self.headers, values=self.field_values
+            )
         return asks
 
     @property
@@ -200,7 +214,9 @@ class HttpRequest(_HttpMessage):
         key: bytes | None = self.__dict__.get("_key")
         if key is None:
             try:
-                key = handshake.check_request(self.method, self.http_version, self.headers)
+                key = handshake.check_request(
+                    self.method, self.http_version, self.headers, values=self.field_values
+                )
             except RemoteProtocolError as exc:
                 raise HttpError(exc.code, exc.message) from None
             self.__dict__["_key"] = key
@@ -500,7 +516,7 @@ def _checked(request: HttpRequest) -> HttpRequest:
     """*request*, once a WebSocket handshake in it has passed the hub's checks and it has at
     most one ``Authorization``: the hub would read the first, and a proxy in front of it may
     have checked the other."""
-    if sum(name == b"authorization" for name, _ in request.headers) > 1:
+    if len(request.field_values.get(b"authorization", ())) > 1:
         raise HttpError(ErrorCode.MALFORMED_REQUEST, "more than one Authorization header")
     if request.is_websocket_upgrade:
         request.websocket_key  # noqa: B018 - raises HttpError if the hub refuses it
@@ -517,7 +533,11 @@ def _proposes_switch(method: bytes, headers: Headers) -> bool:
 
 def _asks_upgrade(headers: Headers) -> bool:
     """True when *headers* hold an ``Upgrade`` with a value (an item that is not empty)."""
-    values = [value for name, value in headers if name == b"upgrade"]
+    return _has_upgrade_value([value for name, value in headers if name == b"upgrade"])
+
+
+def _has_upgrade_value(values: Sequence[bytes]) -> bool:
+    """True when an ``Upgrade`` field's *values* hold an item that is not empty."""
     return any(token.strip() for value in values for token in value.split(b","))
 
 
@@ -553,10 +573,12 @@ def parse_upgrade_request(data: bytes | bytearray, limit: int) -> tuple[HttpRequ
     fields = _plain_fields(lines[1:])
     if fields is None:
         return None
-    hosts = sum(1 for name, _ in fields if name == b"host")
-    if hosts != 1 or not _asks_upgrade(fields):
+    values = handshake.field_values(fields)
+    if len(values.get(b"host", ())) != 1 or not _has_upgrade_value(values.get(b"upgrade", ())):
         return None
-    return HttpRequest(method=method, target=target, headers=fields), end + 4
+    request = HttpRequest(method=method, target=target, headers=fields)
+    request.__dict__["_values"] = values  # (made already: see field_values)
+    return request, end + 4
 
 
 def _head_size(request: h11.Request, headers: Headers) -> int:
