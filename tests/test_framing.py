@@ -1190,6 +1190,10 @@ peer_sends = st.one_of(
     st.tuples(st.just("reset"), st.integers(0, 3), st.just(0)),
     st.tuples(st.just("resume"), st.integers(0, 1), st.just(0)),
     st.tuples(st.just("two"), st.integers(0, 4), st.integers(1, 20)),
+    st.tuples(st.just("three"), shifts, st.integers(1, 30)),
+    st.tuples(st.just("gap"), st.integers(0, 4), st.integers(1, 20)),
+    st.tuples(st.just("data+eof"), shifts, st.integers(1, 20)),
+    st.tuples(st.just("data+ack"), shifts, st.integers(1, 20)),
     st.tuples(st.just("extra"), st.integers(0, 4), st.integers(1, 20)),
     st.tuples(st.just("bad"), st.integers(0, 2), st.integers(1, 20)),
     st.tuples(st.just("read"), st.integers(1, 40), st.just(0)),
@@ -1214,6 +1218,15 @@ def peer_message(endpoint: StreamEndpoint, step: tuple[str, int, int]) -> bytes:
     data = encode_frame(Data(offset=at, payload=payload))
     if kind == "two":
         return data + encode_frame(Data(offset=at + size, payload=payload))
+    if kind == "three":  # whole Data frames only, in order (one more byte in each)
+        second = encode_frame(Data(offset=at + size, payload=payload + b"y"))
+        return data + second + encode_frame(Data(offset=at + 2 * size + 1, payload=b"z"))
+    if kind == "gap":  # the second frame a byte past the first's end
+        return data + encode_frame(Data(offset=at + size + 1, payload=payload))
+    if kind == "data+eof":
+        return data + encode_frame(Eof(offset=at + size))
+    if kind == "data+ack":
+        return data + encode_frame(Ack(offset=0))
     if kind == "extra":
         return data + b"\x01"
     return b"\x01" + struct.pack(">I", 8 + size + shift + 1) + data[5:]  # length that lies
@@ -1228,7 +1241,7 @@ def result_or_error(call: Callable[..., object], *args: object) -> object:
 
 class GeneralPathEndpoint(StreamEndpoint):
     """Takes every message by the general path (decode, then one frame at a time), never by
-    the short one for a whole Data frame."""
+    the short one for whole Data frames."""
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         return self._receive_frames(data)
@@ -1241,12 +1254,15 @@ class GeneralPathEndpoint(StreamEndpoint):
 @example(steps=[("data", 0, 60), ("read", 40, 0), ("data", 0, 44)])  # up to its edge
 @example(steps=[("bad", 0, 1), ("data", 0, 1)])  # after a partial frame
 @example(steps=[("resume", 0, 0)])  # not a Data frame
+@example(steps=[("three", 0, 20), ("read", 40, 0), ("three", 0, 20)])  # the last one's edge
+@example(steps=[("three", 0, 21), ("read", 40, 0), ("three", 0, 9)])  # past it
+@example(steps=[("gap", 0, 5), ("data", 0, 5)])
 @settings(max_examples=300)
-def test_a_whole_data_frame_is_taken_as_the_general_path_takes_it(
+def test_whole_data_frames_are_taken_as_the_general_path_takes_them(
     steps: list[tuple[str, int, int]],
 ) -> None:
-    # The usual message, one whole Data frame, has a shorter path: an endpoint that takes it
-    # agrees with one that never does on every event, error, read and state.
+    # The usual message, whole Data frames in order, has a shorter path: an endpoint that
+    # takes it agrees with one that never does on every event, error, read and state.
     short, general = connected(), GeneralPathEndpoint(window=64, max_payload=16)
     general.connection_made(resumed=False)
     for step in steps:

@@ -1086,21 +1086,35 @@ class StreamEndpoint:
         return data
 
     def _take_received(self, max_bytes: int | None) -> bytes:
-        """Up to *max_bytes* of the received chunks: whole chunks as they are when one is all
-        that fits, joined when several do, a chunk split only when the first alone is too big."""
+        """Up to *max_bytes* of the received bytes (all of them when None), as many as there
+        are: a chunk as it is when it is all that is taken, several joined, the last one
+        taken split. (So what a read returns does not depend on how the bytes arrived.)"""
         chunks = self._recv_chunks
         if not chunks:
             return b""
-        first = chunks[0]
-        if max_bytes is not None and len(first) > max_bytes:
-            chunks[0] = first[max_bytes:]
-            return first[:max_bytes]
-        taken = [chunks.popleft()]
-        size = len(first)
-        while chunks and (max_bytes is None or size + len(chunks[0]) <= max_bytes):
-            size += len(chunks[0])
+        first = chunks.popleft()
+        if max_bytes is not None and len(first) >= max_bytes:
+            if len(first) > max_bytes:
+                chunks.appendleft(first[max_bytes:])
+                return first[:max_bytes]
+            return first
+        if not chunks:
+            return first
+        if max_bytes is None:
+            taken = [first, *chunks]
+            chunks.clear()
+            return b"".join(taken)
+        taken = [first]
+        room = max_bytes - len(first)
+        while chunks and room:
+            chunk = chunks[0]
+            if len(chunk) > room:
+                taken.append(chunk[:room])
+                chunks[0] = chunk[room:]
+                break
             taken.append(chunks.popleft())
-        return taken[0] if len(taken) == 1 else b"".join(taken)
+            room -= len(chunk)
+        return b"".join(taken)
 
     def reset(self, code: int, reason: str = "") -> None:
         """Abort the stream with *code* (a u32) and *reason* (cut to 123 bytes of UTF-8).
@@ -1165,23 +1179,47 @@ class StreamEndpoint:
             self._conn_state is ConnectionState.CONNECTED
             and self._recv_state is RecvState.OPEN
             and not self._decoder.buffered
-            and len(data) > _DATA_OVERHEAD
         ):
-            # The usual message: one whole Data frame, the next bytes in order, in the window.
-            # Taken here as the general path below would take it, in fewer steps.
-            kind, length, offset = _DATA_HEAD.unpack_from(data)
-            end = offset + length - 8
-            if (
-                kind == _DATA_KIND
-                and length == len(data) - HEADER_SIZE
-                and length <= _MAX_DATA_BODY
-                and offset == self._received
-                and end <= self._consumed + self.window
-            ):
-                self._recv_chunks.append(bytes(data[_DATA_OVERHEAD:]))
-                self._received = end
+            # The usual message: whole Data frames only, each with the next bytes in order,
+            # in the window. Taken here as the general path below would take it, in fewer
+            # steps, and kept as one chunk (one copy, and none to join them when read).
+            payloads = self._data_frames(data)
+            if payloads is not None:
+                self._recv_chunks.append(
+                    bytes(payloads[0]) if len(payloads) == 1 else b"".join(payloads)
+                )
+                self._received += sum(map(len, payloads))
                 return [_DATA_AVAILABLE]
         return self._receive_frames(data)
+
+    def _data_frames(self, data: bytes | bytearray | memoryview) -> list[memoryview] | None:
+        """The payloads of *data*, when it is whole Data frames only, each with the next
+        bytes in order and all of them in the window; None for anything else (which the
+        general path takes, checks and reports)."""
+        size = len(data)
+        pos = 0
+        received = self._received
+        limit = self._consumed + self.window
+        payloads: list[memoryview] = []
+        view = memoryview(data)
+        while pos < size:
+            if size - pos <= _DATA_OVERHEAD:
+                return None
+            kind, length, offset = _DATA_HEAD.unpack_from(view, pos)
+            stop = pos + HEADER_SIZE + length
+            end = offset + length - 8
+            if (
+                kind != _DATA_KIND
+                or not 8 < length <= _MAX_DATA_BODY
+                or stop > size
+                or offset != received
+                or end > limit
+            ):
+                return None
+            payloads.append(view[pos + _DATA_OVERHEAD : stop])
+            received = end
+            pos = stop
+        return payloads or None
 
     def _receive_frames(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """:meth:`receive_data`'s general path: decode, then take one frame at a time."""
