@@ -799,8 +799,8 @@ class StreamEndpoint:
         self._eof_sent = False
         self._eof_ever_sent = False
         self._eof_acked = False
-        # Incoming: the chunks hold bytes [consumed, received), each as it arrived (read hands
-        # whole chunks on without copying them).
+        # Incoming: the chunks hold bytes [consumed, received), a message's Data payloads in
+        # one chunk where they came in order (read hands a chunk that fits on as it is).
         self._recv_chunks: collections.deque[bytes] = collections.deque()
         self._received = 0
         self._consumed = 0
