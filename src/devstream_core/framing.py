@@ -738,7 +738,7 @@ class _SendQueue:
             head -= len(chunks.popleft())
         self._head = head
 
-    def take(self, start: int, size: int, out: list[bytes | memoryview]) -> None:
+    def take(self, start: int, size: int, out: list[memoryview]) -> None:
         """Append views of bytes ``[start, start + size)`` to *out*; the caller drops them
         before the queue changes again."""
         pos = start + self._head
@@ -757,6 +757,33 @@ class _SendQueue:
     def clear(self) -> None:
         self._chunks.clear()
         self._head = 0
+
+
+#: What is left of the views once they are all in frames.
+_NO_VIEW: Final = memoryview(b"")
+
+
+def _frame_views(
+    views: list[memoryview], sizes: list[int], offset: int, out: list[bytes | memoryview]
+) -> None:
+    """Append Data frames of *sizes* to *out*, their payloads cut from *views* (the bytes
+    from stream offset *offset* on, as many as *sizes* add up to): each frame's header,
+    then the views (or parts of them) its payload is made of."""
+    parts = iter(views)
+    view = next(parts, _NO_VIEW)
+    for size in sizes:
+        out.append(_DATA_HEAD.pack(_DATA_KIND, 8 + size, offset))
+        offset += size
+        while len(view) <= size:  # the view ends in this frame: all of it goes in
+            out.append(view)
+            size -= len(view)
+            if not size:
+                view = next(parts, _NO_VIEW)
+                break
+            view = next(parts)  # (the views hold every byte the sizes ask for)
+        else:  # the frame ends inside the view: the rest of it starts the next frame
+            out.append(view[:size])
+            view = view[size:]
 
 
 class StreamEndpoint:
@@ -1303,16 +1330,21 @@ class StreamEndpoint:
         limit = min(written, base + self.window)
         next_send = self._next_send
         if next_send < limit:
+            # The frames' sizes first, then their payloads from the queue in one pass.
             max_payload = self.max_payload
-            while next_send < limit:
-                size = min(max_payload, limit - next_send)
-                size = min(size, room - _DATA_OVERHEAD)
+            sizes: list[int] = []
+            end = next_send
+            while end < limit:
+                size = min(max_payload, limit - end, room - _DATA_OVERHEAD)
                 if size <= 0:
                     break  # no room left: the EOF (not due yet) waits too
                 room -= _DATA_OVERHEAD + size
-                out.append(_DATA_HEAD.pack(_DATA_KIND, 8 + size, next_send))
-                self._send_queue.take(next_send - base, size, out)
-                next_send += size
+                sizes.append(size)
+                end += size
+            views: list[memoryview] = []
+            self._send_queue.take(next_send - base, end - next_send, views)
+            _frame_views(views, sizes, next_send, out)
+            next_send = end
             if next_send > self._next_send and self._message_size < MAX_MESSAGE_SIZE:
                 self._message_size = min(2 * self._message_size, MAX_MESSAGE_SIZE)
             self._next_send = next_send
