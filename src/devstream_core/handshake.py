@@ -185,10 +185,10 @@ def field_values(fields: Fields) -> dict[bytes, list[bytes]]:
 
 
 #: No values (what a lookup of a field that is not there finds).
-_NONE: Final[list[bytes]] = []
+_NONE: Final[tuple[bytes, ...]] = ()
 
 
-def _has_token(values: list[bytes], token: bytes) -> bool:
+def _has_token(values: Sequence[bytes], token: bytes) -> bool:
     """True when *token* (lower-case) is among the comma-separated items of *values*."""
     return any(
         value.lower() == token
