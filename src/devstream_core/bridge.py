@@ -135,9 +135,8 @@ from .common import IdentityEnum, Role, b64url
 from .control import MODE_FRAMED, MODE_RAW
 from .errors import DevstreamError, ErrorCode, LocalProtocolError, StreamTokenError
 from .tokens import (
-    MAX_NONCE_BYTES,
-    MIN_NONCE_BYTES,
     STREAM_TOKEN_LIFETIME,
+    check_nonce,
     mint_resume_token,
     mint_stream_token,
     stream_token_expiry,
@@ -459,15 +458,6 @@ class _Stream:
     answer_by: float | None = None
 
 
-def _check_nonce(nonce: bytes) -> None:
-    """Refuse what a token's minting would refuse as its nonce."""
-    if not isinstance(nonce, bytes) or not MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES:
-        raise LocalProtocolError(
-            ErrorCode.ARGUMENT_INVALID,
-            f"nonce must be {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes",
-        )
-
-
 def _is_lost(stream: _Stream, now: float) -> bool:
     """A held side's grace period or (``CLOSING``) the attached side's time to answer the
     close is over: the stream is lost, even before :meth:`Bridge.advance` says so."""
@@ -585,7 +575,7 @@ class Bridge:
         }
         if not service_token:
             # (Its nonce must still be a nonce: as a minted token's would have been checked.)
-            _check_nonce(service_nonce)
+            check_nonce(service_nonce)
             tokens[Role.SERVICE] = ""
         self._purge_used(now)
         nonces = {Role.DEVICE: b64url(device_nonce), Role.SERVICE: b64url(service_nonce)}

@@ -51,6 +51,7 @@ __all__ = [
     "MIN_NONCE_BYTES",
     "STREAM_TOKEN_LIFETIME",
     "StreamTokenClaims",
+    "check_nonce",
     "is_resume_token",
     "mint_resume_token",
     "mint_stream_token",
@@ -122,6 +123,12 @@ def _check_claims(*, secret: bytes, stream_id: str, role: Role, nonce: bytes) ->
         )
     if not isinstance(role, Role):
         raise LocalProtocolError(ErrorCode.ARGUMENT_INVALID, "role must be a Role")
+    check_nonce(nonce)
+
+
+def check_nonce(nonce: bytes) -> None:
+    """Refuse (``ARGUMENT_INVALID``) what a token's minting refuses as its nonce: anything
+    but 16 to 64 bytes."""
     if not isinstance(nonce, bytes) or not MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES:
         raise LocalProtocolError(
             ErrorCode.ARGUMENT_INVALID,
